@@ -1,0 +1,3 @@
+from eetool.cli import main
+
+main()

@@ -1,0 +1,254 @@
+"""The one module that writes and reads eetool's artifacts.
+
+Tensors go to safetensors (metadata: string to string, ``format: pt``, plus ``eetool.*`` keys);
+small human-readable results go to YAML with a ``provenance`` mapping. Every artifact records
+the eetool version, its kind and schema version, the checkpoint's sha256, the exits, the
+dataset fingerprint and the arguments that made it. Writes are atomic: a temp file in the
+target folder, fsync, ``os.replace``; an interrupted run leaves the old file (or none).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from eetool import __version__
+from eetool.errors import InputError, OutputError, ProvenanceError
+
+if TYPE_CHECKING:
+    import torch
+
+# Schema version of each artifact kind, and the command that makes it (named in mismatch errors).
+KINDS: dict[str, tuple[int, str]] = {
+    "checkpoint": (1, "eetool train"),
+    "indices": (1, "eetool prune-dataset"),
+    "evaluation": (1, "eetool evaluate"),
+}
+
+STDOUT = "-"
+
+
+@dataclass
+class Provenance:
+    kind: str
+    checkpoint_sha256: str = ""
+    exits: list[str] = field(default_factory=list)
+    dataset: str = ""
+    args: dict[str, Any] = field(default_factory=dict)
+    schema: int = 0
+    version: str = __version__
+
+    def __post_init__(self) -> None:
+        if not self.schema:
+            self.schema = KINDS[self.kind][0]
+
+    def to_metadata(self) -> dict[str, str]:
+        """safetensors metadata: strings only."""
+        return {
+            "format": "pt",
+            "eetool.version": self.version,
+            "eetool.kind": self.kind,
+            "eetool.schema": str(self.schema),
+            "eetool.checkpoint_sha256": self.checkpoint_sha256,
+            "eetool.exits": json.dumps(self.exits),
+            "eetool.dataset": self.dataset,
+            "eetool.args": json.dumps(self.args, sort_keys=True, default=str),
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> Provenance:
+        return cls(
+            kind=meta["eetool.kind"],
+            checkpoint_sha256=meta.get("eetool.checkpoint_sha256", ""),
+            exits=json.loads(meta.get("eetool.exits", "[]")),
+            dataset=meta.get("eetool.dataset", ""),
+            args=json.loads(meta.get("eetool.args", "{}")),
+            schema=int(meta["eetool.schema"]),
+            version=meta.get("eetool.version", ""),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "eetool_version": self.version,
+            "kind": self.kind,
+            "schema": self.schema,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "exits": list(self.exits),
+            "dataset": self.dataset,
+            "args": self.args,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Provenance:
+        return cls(
+            kind=d["kind"],
+            checkpoint_sha256=d.get("checkpoint_sha256", ""),
+            exits=list(d.get("exits", [])),
+            dataset=d.get("dataset", ""),
+            args=dict(d.get("args", {})),
+            schema=int(d["schema"]),
+            version=d.get("eetool_version", ""),
+        )
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Output paths and atomic writes
+
+
+def check_output(path: str, *, force: bool, inputs: tuple[str | None, ...] = ()) -> None:
+    """Refuse an output before any work is done: it exists (without --force), is an input, or its folder is unwritable."""
+    if path == STDOUT:
+        return
+    out = Path(path)
+    for inp in inputs:
+        if inp and inp != STDOUT and Path(inp).exists() and out.exists() and out.resolve() == Path(inp).resolve():
+            raise OutputError(f"output {path} is also an input", "write the result to another file")
+    if out.is_dir():
+        raise OutputError(f"output {path} is a folder", "give a file name")
+    if out.exists() and not force:
+        raise OutputError(f"output {path} already exists", "pass --force to replace it, or choose another name")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"folder {parent} of output {path} does not exist", "create it first (mkdir -p)")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"folder {parent} of output {path} is not writable", "choose a writable folder")
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    if path == STDOUT:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, target)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {path}: {e.strerror}", "check the disk space and permissions") from None
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+
+
+def write_tensors(path: str, tensors: dict[str, torch.Tensor], prov: Provenance, extra: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save
+
+    meta = prov.to_metadata()
+    meta.update(extra or {})
+    atomic_write(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
+
+
+def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load all tensors and the metadata of a safetensors file, with one-line errors for bad files."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{path} does not exist", "check the path")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{path} is not a readable safetensors file ({reason})", "re-create or re-download it") from None
+    return tensors, meta
+
+
+def read_tensors(path: str, kind: str) -> tuple[dict[str, torch.Tensor], Provenance, dict[str, str]]:
+    tensors, meta = read_safetensors(path)
+    prov = _check_kind(path, meta.get("eetool.kind"), meta.get("eetool.schema"), kind)
+    return tensors, Provenance.from_metadata(meta) if prov else Provenance(kind=kind), meta
+
+
+def _check_kind(path: str, found_kind: str | None, found_schema: str | int | None, kind: str) -> bool:
+    schema, maker = KINDS[kind]
+    if found_kind is None:
+        raise ProvenanceError(f"{path} is not an eetool artifact (no eetool.kind)", f"make it with `{maker}`")
+    if found_kind != kind:
+        raise ProvenanceError(f"{path} is a {found_kind} artifact, not {kind}", f"make a {kind} artifact with `{maker}`")
+    if str(found_schema) != str(schema):
+        raise ProvenanceError(
+            f"{path} has {kind} schema {found_schema}, this eetool reads schema {schema}", f"re-make it with `{maker}`"
+        )
+    return True
+
+
+def verify(path: str, prov: Provenance, *, checkpoint_sha256: str | None = None, exits: list[str] | None = None,
+           dataset: str | None = None) -> None:
+    """Refuse an artifact made from another checkpoint, other exits or another dataset."""
+    maker = KINDS[prov.kind][1]
+    if checkpoint_sha256 is not None and prov.checkpoint_sha256 and prov.checkpoint_sha256 != checkpoint_sha256:
+        raise ProvenanceError(
+            f"{path} was made from checkpoint {prov.checkpoint_sha256[:12]}, not {checkpoint_sha256[:12]}",
+            f"re-make it for this checkpoint with `{maker}`",
+        )
+    if exits is not None and prov.exits and list(prov.exits) != list(exits):
+        raise ProvenanceError(
+            f"{path} was made for exits {','.join(prov.exits)}, not {','.join(exits)}",
+            f"pass the same --exits or re-make it with `{maker}`",
+        )
+    if dataset is not None and prov.dataset and prov.dataset != dataset:
+        raise ProvenanceError(
+            f"{path} was made for dataset {prov.dataset}, not {dataset}", f"use the same --data/--split or re-make it with `{maker}`"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML
+
+
+def dump_yaml(data: dict[str, Any], prov: Provenance) -> bytes:
+    doc = {"schema": f"eetool/{prov.kind}@{prov.schema}", **data, "provenance": prov.to_dict()}
+    return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True).encode()
+
+
+def write_yaml(path: str, data: dict[str, Any], prov: Provenance) -> None:
+    atomic_write(path, dump_yaml(data, prov))
+
+
+def read_yaml(path: str, kind: str) -> tuple[dict[str, Any], Provenance]:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{path} does not exist", "check the path")
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid YAML ({type(e).__name__})", "re-create it") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("provenance"), dict):
+        raise ProvenanceError(f"{path} is not an eetool artifact (no provenance)", f"make it with `{KINDS[kind][1]}`")
+    prov_d = doc["provenance"]
+    _check_kind(path, prov_d.get("kind"), prov_d.get("schema"), kind)
+    return doc, Provenance.from_dict(prov_d)

@@ -1,0 +1,26 @@
+"""Subcommands, one thin module each: options in, a library call, data out.
+
+The registry maps a command name to its module; ``load_command`` imports the module, which
+must not import torch at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+# name -> module under eetool.commands; the module defines a function called ``command``.
+COMMANDS: dict[str, str] = {
+    "inspect": "inspect",
+    "evaluate": "evaluate",
+    "train": "train",
+    "archs": "archs",
+    "env": "env",
+}
+
+
+def load_command(name: str) -> Callable[..., Any]:
+    module = importlib.import_module(f"eetool.commands.{COMMANDS[name]}")
+    func: Callable[..., Any] = module.command
+    return func

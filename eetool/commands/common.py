@@ -1,0 +1,42 @@
+"""Helpers the command modules share: turning flags into library objects (imports torch lazily)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from eetool.options import parse_floats, parse_mapping, parse_shape
+
+if TYPE_CHECKING:
+    from eetool.checkpoint import Checkpoint
+
+
+def open_checkpoint(checkpoint: str, arch: str | None = None, arch_args: str | None = None,
+                    num_classes: int | None = None, input_shape: str | None = None, mean: str | None = None,
+                    std: str | None = None) -> Checkpoint:
+    from eetool.checkpoint import load_checkpoint
+
+    return load_checkpoint(
+        checkpoint, arch=arch, arch_args=parse_mapping(arch_args, "--arch-args"), num_classes=num_classes,
+        input_shape=parse_shape(input_shape), mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
+    )
+
+
+def format_table(headers: list[str], rows: list[list[object]]) -> str:
+    """A plain aligned text table that reads well in a terminal and splits well with awk."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "" if v is None else str(v)
+
+
+def format_fields(pairs: list[tuple[str, object]]) -> str:
+    width = max(len(k) for k, _ in pairs)
+    return "\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in pairs)

@@ -1,0 +1,143 @@
+"""eetool inspect: describe a checkpoint (mode, exits, shapes, costs) or any eetool artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from eetool.commands.common import format_fields, format_table, open_checkpoint
+from eetool.options import (
+    ArchArgsOpt,
+    ArchOpt,
+    CountOpt,
+    Count,
+    ExitsOpt,
+    InputShapeOpt,
+    MeanOpt,
+    NumClassesOpt,
+    Run,
+    StdOpt,
+    eetool_command,
+)
+
+
+@eetool_command("inspect")
+def command(
+    run: Run,
+    file: Annotated[str | None, typer.Argument(help="A checkpoint or artifact to describe.", show_default=False)] = None,
+    checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", help="Checkpoint to describe with its "
+                                                   "exits ('demo' for the embedded one).")] = None,
+    exits: ExitsOpt = "every",
+    count: CountOpt = Count.macs,
+    arch: ArchOpt = None,
+    arch_args: ArchArgsOpt = None,
+    num_classes: NumClassesOpt = None,
+    input_shape: InputShapeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+) -> None:
+    """Describe a checkpoint (its exits, output shapes and cumulative costs) or an artifact. Writes nothing."""
+    from eetool.errors import UsageError
+
+    target = checkpoint or file
+    if not target:
+        raise UsageError("nothing to inspect", "give a FILE or --checkpoint (e.g. --checkpoint demo)")
+    if checkpoint is None and not _is_checkpoint(target) and arch is None:
+        _describe_artifact(run, target)
+        return
+    _describe_checkpoint(run, target, exits, count.value, arch, arch_args, num_classes, input_shape, mean, std)
+
+
+def _is_checkpoint(path: str) -> bool:
+    from eetool.artifacts import read_safetensors
+    from eetool.checkpoint import SPEC_KEY
+
+    if path == "demo":
+        return True
+    if not path.endswith(".safetensors"):
+        return Path(path).suffix.lower() in (".pt", ".pth", ".bin", ".ckpt")
+    _, meta = read_safetensors(path)
+    return SPEC_KEY in meta or "eetool.kind" not in meta
+
+
+def _describe_checkpoint(run: Run, ref: str, exits: str, unit: str, *flags: Any) -> None:
+    from eetool.costs import in_unit, measure
+    from eetool.exits import HOOK, build_exit_model
+
+    ckpt = open_checkpoint(ref, *flags)
+    run.torch()
+    em = build_exit_model(ckpt.model, exits)
+    costs = measure(em, ckpt.spec.input_shape)
+    shapes = em.exit_shapes(ckpt.spec.input_shape)
+    cumulative = costs.backbone_cumulative()
+    rows = [
+        {"exit": name, "shape": list(shape), unit: int(in_unit(c, unit)), "normalised": round(c / costs.model_macs, 6)}
+        for name, shape, c in zip(em.exits, shapes, cumulative)
+    ]
+    rows.append({"exit": "head", "shape": [ckpt.spec.num_classes], unit: int(in_unit(costs.model_macs, unit)),
+                 "normalised": 1.0})
+    spec = ckpt.spec
+    doc: dict[str, Any] = {
+        "checkpoint": ckpt.path,
+        "sha256": ckpt.sha256,
+        "arch": spec.arch,
+        "arch_args": spec.arch_args,
+        "num_classes": spec.num_classes,
+        "classes": spec.classes,
+        "input_shape": list(spec.input_shape),
+        "mean": spec.mean,
+        "std": spec.std,
+        "parameters": sum(p.numel() for p in ckpt.model.parameters()),
+        "mode": em.mode,
+        "unit": unit,
+        "model_cost": int(in_unit(costs.model_macs, unit)),
+        "exits": rows,
+        "training": (ckpt.provenance.args.get("training") if ckpt.provenance else None),
+    }
+    note = ("hook mode: the model cannot be split, features are tapped by hooks and exits save compute only "
+            "in the accounting" if em.mode == HOOK else "split mode: inference really stops at an exit")
+
+    def text(d: dict[str, Any]) -> str:
+        head = format_fields([
+            ("checkpoint", d["checkpoint"]), ("sha256", d["sha256"]), ("arch", d["arch"]),
+            ("classes", f"{d['num_classes']}" + (f" ({', '.join(d['classes'][:4])}, ...)" if d["classes"] else "")),
+            ("input", "x".join(map(str, d["input_shape"])) + f", mean {d['mean']}, std {d['std']}"),
+            ("parameters", d["parameters"]), ("mode", note),
+            (f"model cost", f"{d['model_cost']:,} {unit} per sample"),
+        ] + ([("training", ", ".join(f"{k} {v}" for k, v in d["training"].items()))] if d["training"] else []))
+        table = format_table(["exit", "output shape", f"cumulative {unit}", "normalised"],
+                             [[r["exit"], "x".join(map(str, r["shape"])), f"{r[unit]:,}", r["normalised"]]
+                              for r in d["exits"]])
+        return head + "\n\n" + table
+
+    run.emit(doc, text)
+
+
+def _describe_artifact(run: Run, path: str) -> None:
+    from eetool.artifacts import Provenance, read_safetensors
+    from eetool.errors import InputError
+
+    if path.endswith(".safetensors"):
+        tensors, meta = read_safetensors(path)
+        prov = Provenance.from_metadata(meta).to_dict()
+        contents = [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                    for k, v in tensors.items()]
+    else:
+        import yaml
+
+        try:
+            doc = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            raise InputError(f"cannot read {path} as a checkpoint or artifact", "check the path") from None
+        if not isinstance(doc, dict) or "provenance" not in doc:
+            raise InputError(f"{path} is not an eetool artifact", "inspect a checkpoint or an eetool output")
+        prov = doc["provenance"]
+        contents = [{"name": k, "shape": [], "dtype": type(v).__name__} for k, v in doc.items()
+                    if k not in ("provenance", "schema")]
+    out = {"file": path, "provenance": prov, "contents": contents}
+    run.emit(out, lambda d: format_fields([(k, v) for k, v in d["provenance"].items() if k != "args"]
+                                          + [("args", ", ".join(f"{k}={v}" for k, v in d["provenance"]["args"].items()))])
+             + "\n\n" + format_table(["name", "shape", "dtype"],
+                                    [[c["name"], "x".join(map(str, c["shape"])), c["dtype"]] for c in d["contents"]]))

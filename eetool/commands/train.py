@@ -1,0 +1,115 @@
+"""eetool train: train an architecture from scratch, or fine-tune a checkpoint, into an eetool checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from eetool.archs import ALL_ARCHS
+from eetool.options import (
+    ArchArgsOpt,
+    BatchOpt,
+    DataOpt,
+    ForceOpt,
+    IndicesOpt,
+    OutputOpt,
+    Run,
+    SplitOpt,
+    eetool_command,
+)
+from eetool.commands.common import format_fields
+
+TRAINING = "Training"
+
+
+def _complete_arch(incomplete: str) -> list[str]:
+    return [a for a in ALL_ARCHS if a.startswith(incomplete)]
+
+
+@eetool_command("train")
+def command(
+    run: Run,
+    data: DataOpt,
+    output: OutputOpt,
+    arch: Annotated[str, typer.Option("--arch", help="Architecture to train from scratch (see `eetool archs`).",
+                                      autocompletion=_complete_arch)] = "resnet20",
+    arch_args: ArchArgsOpt = None,
+    checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", help="Fine-tune this checkpoint instead of "
+                                                   "training from scratch.")] = None,
+    split: SplitOpt = "train",
+    indices: IndicesOpt = None,
+    eval_split: Annotated[str | None, typer.Option("--eval-split", help="Report accuracy on this split after "
+                                                   "every epoch.")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Epochs.", rich_help_panel=TRAINING)] = 15,
+    batch_size: BatchOpt = 128,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd (Nesterov momentum) or adamw.",
+                                           rich_help_panel=TRAINING)] = "sgd",
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=TRAINING)] = 0.1,
+    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.", rich_help_panel=TRAINING)] = 0.9,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay.",
+                                                rich_help_panel=TRAINING)] = 5e-4,
+    schedule: Annotated[str, typer.Option("--schedule", help="cosine, onecycle or constant.",
+                                          rich_help_panel=TRAINING)] = "cosine",
+    warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up length in epochs.",
+                                                 rich_help_panel=TRAINING)] = 1.0,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing.",
+                                                   rich_help_panel=TRAINING)] = 0.0,
+    mixup: Annotated[float, typer.Option("--mixup", help="Mixup alpha (0 = off).", rich_help_panel=TRAINING)] = 0.0,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop and flip.",
+                                          rich_help_panel=TRAINING)] = True,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT.resume.pt, saved after every "
+                                         "epoch.")] = False,
+    force: ForceOpt = False,
+) -> None:
+    """Train a model (or fine-tune --checkpoint) and write an eetool checkpoint. Reads a dataset; writes -o."""
+    from eetool.artifacts import Provenance, check_output
+    from eetool.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+    from eetool.datasets import Preprocess, check_labels, load_dataset
+    from eetool.options import parse_mapping
+    from eetool.training import TrainConfig, fit
+
+    check_output(output, force=force or resume, inputs=(checkpoint, indices))
+    resume_path = f"{output}.resume.pt"
+    device = run.torch()
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
+                      weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
+                      label_smoothing=label_smoothing, mixup=mixup, augment=augment, seed=run.seed)
+    cfg.validate()
+    train_data = load_dataset(data, split, indices)
+    eval_data = load_dataset(data, eval_split) if eval_split else None
+    parent = ""
+    if checkpoint:
+        ckpt = load_checkpoint(checkpoint)
+        model, spec, parent = ckpt.model, ckpt.spec, ckpt.sha256
+    else:
+        mean, std = train_data.channel_stats()
+        c, h, w = (int(s) for s in train_data.images.shape[1:])
+        spec = ModelSpec(arch=arch, arch_args=parse_mapping(arch_args, "--arch-args"), num_classes=train_data.num_classes,
+                         input_shape=(c, h, w), mean=mean, std=std, classes=list(train_data.classes))
+        model = spec.build()
+    check_labels(train_data, spec.num_classes)
+    run.reporter.log(f"training {spec.arch} on {train_data.spec} ({len(train_data)} samples) for {epochs} epochs "
+                     f"on {device}")
+    result = fit(model, train_data, Preprocess(spec.input_shape, spec.mean, spec.std), cfg, device=device,
+                 eval_data=eval_data, resume_path=resume_path, resume=resume, reporter=run.reporter)
+    training: dict[str, Any] = {
+        "samples_seen": result.samples_seen,
+        "epochs": epochs,
+        "train_accuracy": round(result.last.train_accuracy, 6),
+        "eval_accuracy": None if result.last.eval_accuracy is None else round(result.last.eval_accuracy, 6),
+        "eval_split": eval_split,
+        "seconds": round(result.seconds, 1),
+    }
+    prov = Provenance(kind="checkpoint", checkpoint_sha256=parent, dataset=train_data.fingerprint,
+                      args={**run.args, "training": training})
+    save_checkpoint(output, model.cpu(), spec, prov)
+    Path(resume_path).unlink(missing_ok=True)
+    doc = {"output": output, "arch": spec.arch, **training,
+           "history": [vars(r) for r in result.history]}
+    run.emit(doc, lambda d: format_fields([
+        ("output", d["output"]), ("arch", d["arch"]), ("epochs", d["epochs"]), ("samples seen", d["samples_seen"]),
+        ("train accuracy", d["train_accuracy"]), (f"{eval_split or 'eval'} accuracy", d["eval_accuracy"]),
+        ("seconds", d["seconds"]),
+    ]))

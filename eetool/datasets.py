@@ -1,0 +1,371 @@
+"""The one dataset loader: every source is decoded once into in-memory tensors.
+
+``--data NAME[:PATH]`` names a source: mnist, fashion-mnist, kmnist (IDX files, gzipped or
+not), cifar10, cifar100 (the python pickle batches), folder (torchvision ImageFolder layout),
+safetensors (a file with ``images`` and ``labels``) or demo (the embedded set). Images are
+kept as uint8 N x C x H x W; the checkpoint's preprocessing turns batches into model input.
+Per-sample work is vectorised; accumulations elsewhere are plain sums and counts so that they
+can later be sharded over processes and all-reduced.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from eetool.errors import InputError, ModelMismatchError, UsageError
+from eetool.sources import DATA_ROOT_ENV, DEFAULT_PATHS, IDX_SOURCES, SOURCES, demo_path
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+KMNIST_CLASSES = ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]
+
+
+@dataclass
+class Dataset:
+    """Images (uint8, N x C x H x W), labels (int64, -1 where unlabelled) and where they came from."""
+
+    name: str
+    split: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    source: str
+    fingerprint: str = ""
+    indices: torch.Tensor | None = None  # positions in the full split, when restricted by --indices
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.fingerprint:
+            self.fingerprint = fingerprint(self.name, self.split, self.images, self.labels)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}/{self.split}"
+
+    def subset(self, indices: torch.Tensor) -> Dataset:
+        """The samples at ``indices`` (positions in this dataset); the fingerprint records the subset."""
+        idx = indices.to(torch.int64)
+        base = self.indices[idx] if self.indices is not None else idx
+        h = hashlib.sha256(self.fingerprint.encode())
+        h.update(idx.numpy().tobytes())
+        return Dataset(self.name, self.split, self.images[idx], self.labels[idx], self.classes, self.source,
+                       fingerprint=f"{self.fingerprint}+{h.hexdigest()[:12]}", indices=base)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (uint8 images, labels, positions) batches; positions index this dataset."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for start in range(0, n, batch_size):
+            pos = order[start:start + batch_size]
+            if shuffle:
+                yield self.images[pos], self.labels[pos], pos
+            else:  # contiguous slices avoid a gather copy
+                yield self.images[start:start + batch_size], self.labels[start:start + batch_size], pos
+
+    def channel_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the images in [0, 1], in float64 running sums."""
+        c = self.images.shape[1]
+        total = torch.zeros(c, dtype=torch.float64)
+        total_sq = torch.zeros(c, dtype=torch.float64)
+        count = 0
+        for start in range(0, len(self), 4096):
+            x = self.images[start:start + 4096].to(torch.float64) / 255.0
+            total += x.sum(dim=(0, 2, 3))
+            total_sq += (x * x).sum(dim=(0, 2, 3))
+            count += x.shape[0] * x.shape[2] * x.shape[3]
+        mean = total / count
+        std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
+        return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
+def fingerprint(name: str, split: str, images: torch.Tensor, labels: torch.Tensor) -> str:
+    h = hashlib.sha256(f"{name}|{split}|{tuple(images.shape)}".encode())
+    h.update(images.contiguous().numpy().tobytes())
+    h.update(labels.contiguous().numpy().tobytes())
+    return f"{name}/{split}:{h.hexdigest()[:16]}"
+
+
+class Preprocess:
+    """uint8 batches to model input: channels, size and normalisation from the checkpoint."""
+
+    def __init__(self, input_shape: tuple[int, int, int], mean: list[float], std: list[float]) -> None:
+        self.input_shape = tuple(input_shape)
+        c = self.input_shape[0]
+        self.mean = torch.tensor(_per_channel(mean, c), dtype=torch.float32).view(1, c, 1, 1)
+        self.std = torch.tensor(_per_channel(std, c), dtype=torch.float32).view(1, c, 1, 1)
+
+    def __call__(self, images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        x = images.to(device, non_blocking=True).float().div_(255.0)
+        c, h, w = self.input_shape
+        if x.shape[1] != c:
+            if x.shape[1] == 1:
+                x = x.expand(-1, c, -1, -1)
+            elif c == 1:  # ITU-R 601 luma, as PIL's convert("L")
+                weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+                x = (x[:, :3] * weights).sum(1, keepdim=True)
+            else:
+                raise InputError(f"images have {x.shape[1]} channels, the model takes {c}", "use matching data")
+        if x.shape[-2:] != (h, w):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+def _per_channel(values: list[float], c: int) -> list[float]:
+    if len(values) == c:
+        return list(values)
+    if len(values) == 1:
+        return list(values) * c
+    if c == 1:
+        return [sum(values) / len(values)]
+    raise UsageError(f"normalisation has {len(values)} values for {c} channels", "give one value or one per channel")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """``NAME[:PATH]``; a bare path to a .safetensors file or a folder is accepted too."""
+    name, sep, path = spec.partition(":")
+    if name in SOURCES:
+        return name, (path or None) if sep else None
+    if spec.endswith(".safetensors"):
+        return "safetensors", spec
+    if Path(spec).is_dir():
+        return "folder", spec
+    raise UsageError(f"unknown dataset {spec!r}", f"use one of {', '.join(SOURCES)} as NAME[:PATH]")
+
+
+def load_dataset(spec: str, split: str = "test", indices: str | None = None) -> Dataset:
+    """Load ``--data`` and ``--split``, optionally restricted by an ``--indices`` file."""
+    if split not in ("train", "test"):
+        raise UsageError(f"unknown split {split!r}", "use --split train or --split test")
+    name, path = parse_spec(spec)
+    if name in IDX_SOURCES:
+        ds = _load_idx(name, _root(name, path), split)
+    elif name in ("cifar10", "cifar100"):
+        ds = _load_cifar(name, _root(name, path), split)
+    elif name == "folder":
+        if not path:
+            raise UsageError("--data folder needs a path", "write --data folder:PATH (PATH/train/<class>/*.png ...)")
+        ds = _load_folder(Path(path), split)
+    elif name == "safetensors":
+        if not path:
+            raise UsageError("--data safetensors needs a path", "write --data safetensors:FILE")
+        ds = _load_safetensors(path, split, name="safetensors")
+    else:  # demo
+        ds = _load_safetensors(str(demo_path("demo-data.safetensors")), split, name="demo")
+    if len(ds) == 0:
+        raise InputError(f"dataset {spec} has no {split} samples", "check the path and --split")
+    if indices:
+        ds = ds.subset(load_indices(indices, ds))
+    return ds
+
+
+def _root(name: str, path: str | None) -> Path:
+    if path:
+        root = Path(path)
+    elif os.environ.get(DATA_ROOT_ENV):
+        root = Path(os.environ[DATA_ROOT_ENV]) / name
+    elif name in DEFAULT_PATHS:
+        root = Path(DEFAULT_PATHS[name])
+    else:
+        raise UsageError(f"no folder given for {name}", f"write --data {name}:PATH or set {DATA_ROOT_ENV}")
+    if not root.is_dir():
+        hint = "apt-get install dataset-fashion-mnist" if name == "fashion-mnist" else f"write --data {name}:PATH"
+        raise InputError(f"dataset folder {root} does not exist", hint)
+    return root
+
+
+def _find(root: Path, stems: tuple[str, ...]) -> Path:
+    for stem in stems:
+        for candidate in (root / stem, root / f"{stem}.gz", root / stem.replace("-idx", ".idx")):
+            if candidate.is_file():
+                return candidate
+    raise InputError(f"{root} has no {stems[0]}[.gz]", "point --data NAME:PATH at the folder with the IDX files")
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """IDX (LeCun's MNIST format) of unsigned bytes, gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise InputError(f"cannot read {path}: {e}", "re-download or reinstall the dataset") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise InputError(f"{path} is not an IDX file of unsigned bytes", "check the file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    count = 1
+    for d in dims:
+        count *= d
+    if len(data) - offset != count:
+        raise InputError(f"{path} is truncated ({len(data) - offset} of {count} bytes)", "re-download the dataset")
+    return torch.frombuffer(bytearray(data[offset:]), dtype=torch.uint8).view(*dims)
+
+
+def _load_idx(name: str, root: Path, split: str) -> Dataset:
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx(_find(root, (f"{prefix}-images-idx3-ubyte",)))
+    labels = read_idx(_find(root, (f"{prefix}-labels-idx1-ubyte",))).to(torch.int64)
+    if images.shape[0] != labels.shape[0]:
+        raise InputError(f"{root}: {images.shape[0]} images but {labels.shape[0]} labels", "check the files")
+    classes = {"fashion-mnist": FASHION_MNIST_CLASSES, "kmnist": KMNIST_CLASSES}.get(name, [str(i) for i in range(10)])
+    return Dataset(name, split, images.unsqueeze(1).contiguous(), labels, classes, str(root))
+
+
+def _load_cifar(name: str, root: Path, split: str) -> Dataset:
+    import numpy as np
+
+    folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
+    if (root / folder).is_dir():
+        root = root / folder
+    if name == "cifar10":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        label_key, meta_file, names_key = b"labels", "batches.meta", b"label_names"
+    else:
+        files = ["train" if split == "train" else "test"]
+        label_key, meta_file, names_key = b"fine_labels", "meta", b"fine_label_names"
+    images, labels = [], []
+    for fname in files:
+        batch = _unpickle(root / fname)
+        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(batch[label_key])
+    meta = _unpickle(root / meta_file)
+    classes = [n.decode() for n in meta[names_key]]
+    return Dataset(name, split, torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64),
+                   classes, str(root))
+
+
+def _unpickle(path: Path) -> dict[bytes, Any]:
+    # CIFAR's official format is a pickle of numpy arrays and lists (as torchvision reads it).
+    if not path.is_file():
+        raise InputError(f"{path} does not exist", "point --data cifar10:PATH at the extracted cifar-10-batches-py")
+    try:
+        with open(path, "rb") as f:
+            out: dict[bytes, Any] = pickle.load(f, encoding="bytes")
+            return out
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise InputError(f"{path} is not a CIFAR batch file ({e})", "re-extract the archive") from None
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _load_folder(root: Path, split: str) -> Dataset:
+    """ImageFolder layout: ROOT/<split>/<class>/<image>, or ROOT/<class>/<image> for a single split."""
+    from PIL import Image
+
+    base = root / split if (root / split).is_dir() else root
+    if not base.is_dir():
+        raise InputError(f"image folder {base} does not exist", "use the ImageFolder layout ROOT/<split>/<class>/*.png")
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+    files = [(p, k) for k, c in enumerate(classes) for p in sorted((base / c).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise InputError(f"image folder {base} holds no images", "use the ImageFolder layout ROOT/<split>/<class>/*.png")
+    arrays = []
+    size = None
+    for path, _ in files:
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                size = size or im.size
+                if im.size != size:  # decode once at one size; the model's own size is applied per batch
+                    im = im.resize(size, Image.BILINEAR)
+                arrays.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size[1], size[0], 3))
+        except OSError as e:
+            raise InputError(f"cannot decode image {path}: {e}", "remove or re-encode the file") from None
+    images = torch.stack(arrays).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([k for _, k in files], dtype=torch.int64)
+    return Dataset("folder", split, images, labels, classes, str(base))
+
+
+def _load_safetensors(path: str, split: str, name: str) -> Dataset:
+    """A file with ``images`` (uint8 N[xC]xHxW) and ``labels``, or ``<split>.images`` and ``<split>.labels``."""
+    from eetool.artifacts import read_safetensors
+
+    tensors, meta = read_safetensors(path)
+    for key in (f"{split}.images", "images"):
+        if key in tensors:
+            images = tensors[key]
+            labels = tensors.get(key.replace("images", "labels"))
+            break
+    else:
+        raise InputError(f"{path} has no '{split}.images' or 'images' tensor", "store images as uint8 N x C x H x W")
+    if images.dtype != torch.uint8:
+        raise InputError(f"{path}: images are {images.dtype}, not uint8", "store images as uint8 in [0, 255]")
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    if images.dim() != 4:
+        raise InputError(f"{path}: images have shape {tuple(images.shape)}", "store images as N x C x H x W")
+    if labels is None:
+        labels = torch.full((images.shape[0],), -1, dtype=torch.int64)
+    if labels.shape[0] != images.shape[0]:
+        raise InputError(f"{path}: {images.shape[0]} images but {labels.shape[0]} labels", "store one label per image")
+    labels = labels.to(torch.int64)
+    classes = meta.get("classes", "").split("\n") if meta.get("classes") else []
+    if not classes:
+        classes = [str(i) for i in range(int(labels.max()) + 1 if labels.numel() and labels.max() >= 0 else 0)]
+    return Dataset(meta.get("name", name) if name == "demo" else name, split, images, labels, classes, path)
+
+
+def load_indices(path: str, ds: Dataset) -> torch.Tensor:
+    """An ``--indices`` file: an eetool indices artifact (safetensors) or a text file, one index per line."""
+    if path.endswith(".safetensors"):
+        from eetool.artifacts import read_tensors, verify
+
+        tensors, prov, _ = read_tensors(path, "indices")
+        if "indices" not in tensors:
+            raise InputError(f"{path} has no 'indices' tensor", "make it with `eetool prune-dataset`")
+        verify(path, prov, dataset=ds.fingerprint)
+        idx = tensors["indices"]
+    else:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise InputError(f"cannot read indices file {path}: {e.strerror}", "check the path") from None
+        try:
+            idx = torch.tensor([int(tok) for tok in text.split()], dtype=torch.int64)
+        except ValueError:
+            raise InputError(f"{path} holds something other than integers", "write one index per line") from None
+    if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
+        raise InputError(f"{path}: indices must be a 1-D integer tensor", "make it with `eetool prune-dataset`")
+    if idx.numel() == 0:
+        raise InputError(f"{path} holds no indices", "a subset needs at least one sample")
+    if int(idx.min()) < 0 or int(idx.max()) >= len(ds):
+        raise InputError(
+            f"{path} has indices outside 0..{len(ds) - 1} of {ds.spec}", "use indices made for this dataset and split"
+        )
+    if torch.unique(idx).numel() != idx.numel():
+        raise InputError(f"{path} repeats indices", "list each sample once")
+    return idx.to(torch.int64)
+
+
+def check_labels(ds: Dataset, num_classes: int) -> None:
+    labelled = ds.labels[ds.labels >= 0]
+    if labelled.numel() and int(labelled.max()) >= num_classes:
+        raise ModelMismatchError(
+            f"{ds.spec} has labels up to {int(labelled.max())} but the model has {num_classes} classes",
+            "use the dataset the checkpoint was trained for",
+        )

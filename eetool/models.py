@@ -1,0 +1,112 @@
+"""Building architectures: torchvision's classifiers, eetool's CIFAR-style ResNets, user factories."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from eetool.archs import ALL_ARCHS, CIFAR_RESNET_DEPTHS, TORCHVISION_ARCHS, is_custom_arch
+from eetool.errors import UsageError
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            # Projection shortcut (option B): a 1x1 convolution where the shape changes.
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-6n+2 for small images: a 3x3 stem, three stages of n blocks (16, 32, 64 channels)."""
+
+    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3, width: int = 16) -> None:
+        super().__init__()
+        if (depth - 2) % 6 != 0:
+            raise UsageError(f"CIFAR ResNet depth must be 6n+2, got {depth}", "use 20, 32, 56 or 110")
+        blocks = (depth - 2) // 6
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
+        planes = width
+        stages = []
+        for stage, mult in enumerate((1, 2, 4)):
+            layers = []
+            for b in range(blocks):
+                stride = 2 if stage > 0 and b == 0 else 1
+                layers.append(BasicBlock(planes, width * mult, stride))
+                planes = width * mult
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(planes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def build_model(arch: str, num_classes: int, in_channels: int, arch_args: dict[str, Any] | None = None) -> nn.Module:
+    """Build an untrained model; weights are loaded by ``eetool.checkpoint``."""
+    arch_args = dict(arch_args or {})
+    if arch in CIFAR_RESNET_DEPTHS:
+        return CifarResNet(CIFAR_RESNET_DEPTHS[arch], num_classes=num_classes, in_channels=in_channels, **arch_args)
+    if arch in TORCHVISION_ARCHS:
+        import torchvision
+
+        if in_channels != 3:
+            raise UsageError(
+                f"torchvision's {arch} takes 3 input channels, not {in_channels}",
+                "leave --in-channels at 3; grayscale data is repeated to 3 channels automatically",
+            )
+        try:
+            model: nn.Module = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, **arch_args)
+        except TypeError as e:
+            raise UsageError(f"bad --arch-args for {arch}: {e}", "see torchvision's documentation of the builder") from None
+        return model
+    if is_custom_arch(arch):
+        return _build_custom(arch, num_classes, in_channels, arch_args)
+    raise UsageError(
+        f"unknown architecture {arch!r}",
+        f"choose one of {', '.join(ALL_ARCHS[:6])}, ... (`eetool archs` lists all) or give package.module:callable",
+    )
+
+
+def _build_custom(arch: str, num_classes: int, in_channels: int, arch_args: dict[str, Any]) -> nn.Module:
+    module_name, _, attr = arch.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"cannot import {arch}: {e}", "check that the module is importable (PYTHONPATH)") from None
+    params = inspect.signature(factory).parameters
+    # Pass what eetool knows only where the factory asks for it.
+    for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if name in params and name not in arch_args:
+            arch_args[name] = value
+    try:
+        model = factory(**arch_args)
+    except TypeError as e:
+        raise UsageError(f"bad --arch-args for {arch}: {e}", "pass the factory's arguments as YAML/JSON") from None
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{arch} returned {type(model).__name__}, not a torch.nn.Module", "return the model itself")
+    return model

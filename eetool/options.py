@@ -1,0 +1,281 @@
+"""Options shared by every subcommand, and the decorator that adds them.
+
+``@eetool_command("kind")`` appends the common options (-q, -v, --format, --no-progress, --seed,
+--device, --threads, --config, --debug) to a command's own, applies ``--config FILE`` under the
+explicit flags, builds the ``Run`` the command receives, and turns every error into one line on
+stderr with a documented exit code.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import sys
+import traceback
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from eetool.errors import EetoolError, ExitCode, UsageError
+from eetool.reporting import ConsoleReporter
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Format(str, Enum):
+    text = "text"
+    json = "json"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Count(str, Enum):
+    macs = "macs"
+    flops = "flops"
+
+
+COMMON = "Common options"
+INPUT = "Inputs"
+
+# Options that several commands share, declared once.
+CheckpointOpt = Annotated[str, typer.Option("--checkpoint", "-c", help="Checkpoint file (.safetensors/.pt) or 'demo'.",
+                                            rich_help_panel=INPUT)]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="Dataset NAME[:PATH]: mnist, fashion-mnist, kmnist, cifar10, "
+                                      "cifar100, folder:PATH, safetensors:FILE or demo.", rich_help_panel=INPUT)]
+SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split: train or test.", rich_help_panel=INPUT)]
+IndicesOpt = Annotated[str | None, typer.Option("--indices", help="Restrict the dataset to these sample indices "
+                                                "(indices artifact or a text file).", rich_help_panel=INPUT)]
+ExitsOpt = Annotated[str, typer.Option("--exits", help="Exit points: every, half, quartiles, or module names "
+                                       "separated by commas.", rich_help_panel=INPUT)]
+CountOpt = Annotated[Count, typer.Option("--count", help="Cost unit: macs, or flops (= 2 x MACs).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch.")]
+OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Output file ('-' for stdout where the output is YAML).")]
+OptionalOutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Also write the result as a YAML "
+                                                       "artifact ('-' for stdout).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file.")]
+# For foreign weights that do not record how to build the model.
+ArchOpt = Annotated[str | None, typer.Option("--arch", help="Architecture of foreign weights (see `eetool archs`), "
+                                             "or package.module:callable.", rich_help_panel=INPUT)]
+ArchArgsOpt = Annotated[str | None, typer.Option("--arch-args", help="Builder arguments as YAML/JSON, e.g. "
+                                                 "'{in_channels: 1}'.", rich_help_panel=INPUT)]
+NumClassesOpt = Annotated[int | None, typer.Option("--num-classes", min=1, help="Classes of foreign weights.",
+                                                   rich_help_panel=INPUT)]
+InputShapeOpt = Annotated[str | None, typer.Option("--input-shape", help="Model input C,H,W (e.g. 1,28,28).",
+                                                   rich_help_panel=INPUT)]
+MeanOpt = Annotated[str | None, typer.Option("--mean", help="Normalisation mean per channel, comma-separated.",
+                                             rich_help_panel=INPUT)]
+StdOpt = Annotated[str | None, typer.Option("--std", help="Normalisation std per channel, comma-separated.",
+                                            rich_help_panel=INPUT)]
+
+
+@dataclass
+class Run:
+    """What every command gets: the common options, a reporter on stderr, and the resolved arguments."""
+
+    command: str
+    schema: str
+    quiet: bool = False
+    verbose: bool = False
+    format: Format = Format.text
+    progress: bool = True
+    seed: int = 0
+    device_name: Device = Device.auto
+    threads: int | None = None
+    debug: bool = False
+    args: dict[str, Any] = field(default_factory=dict)
+    reporter: ConsoleReporter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reporter = ConsoleReporter(quiet=self.quiet, verbose=self.verbose, progress=self.progress)
+
+    @property
+    def json(self) -> bool:
+        return self.format == Format.json
+
+    def torch(self) -> torch.device:
+        """Import torch, apply --seed and --threads, and return the --device."""
+        import torch
+
+        torch.manual_seed(self.seed)
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        if self.device_name == Device.cuda and not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for but no CUDA device is available", "use --device cpu or auto")
+        if self.device_name == Device.auto:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device_name.value)
+
+    def emit(self, doc: dict[str, Any], text: Callable[[dict[str, Any]], str]) -> None:
+        """Write the command's result to stdout: JSON led by its schema, or text made by ``text``."""
+        if self.json:
+            sys.stdout.write(json.dumps({"schema": self.schema, **doc}, indent=2, default=str) + "\n")
+        else:
+            out = text(doc)
+            sys.stdout.write(out if out.endswith("\n") else out + "\n")
+        sys.stdout.flush()
+
+
+def _common_parameters() -> list[inspect.Parameter]:
+    def opt(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+    return [
+        opt("quiet", Annotated[bool, typer.Option("--quiet", "-q", help="Only data on stdout and errors on stderr.",
+                                                  rich_help_panel=COMMON)], False),
+        opt("verbose", Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr.",
+                                                    rich_help_panel=COMMON)], False),
+        opt("format", Annotated[Format, typer.Option("--format", help="Output on stdout: text table or JSON.",
+                                                     rich_help_panel=COMMON)], Format.text),
+        opt("no_progress", Annotated[bool, typer.Option("--no-progress", help="Hide progress bars (also hidden when "
+                                                        "stderr is not a terminal).", rich_help_panel=COMMON)], False),
+        opt("seed", Annotated[int, typer.Option("--seed", help="Random seed.", rich_help_panel=COMMON)], 0),
+        opt("device", Annotated[Device, typer.Option("--device", help="Where to run: cpu, cuda or auto.",
+                                                     rich_help_panel=COMMON)], Device.auto),
+        opt("threads", Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for torch.",
+                                                          rich_help_panel=COMMON)], None),
+        opt("config", Annotated[Path | None, typer.Option("--config", help="YAML file of options; explicit flags "
+                                                          "override it.", rich_help_panel=COMMON)], None),
+        opt("debug", Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.",
+                                                  rich_help_panel=COMMON)], False),
+    ]
+
+
+COMMON_NAMES = ("quiet", "verbose", "format", "no_progress", "seed", "device", "threads", "config", "debug")
+
+
+def eetool_command(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Make ``func(run, **options)`` a CLI command whose JSON output has schema ``eetool/<kind>@1``."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(func)
+        hints = typing.get_type_hints(func, include_extras=True)  # resolve `from __future__` string annotations
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(n, p.annotation))
+               for n, p in sig.parameters.items() if n != "run"]
+
+        @functools.wraps(func)
+        def wrapper(**kwargs: Any) -> None:
+            ctx: typer.Context = kwargs.pop("ctx")
+            debug = bool(kwargs.get("debug"))
+            try:
+                kwargs = _apply_config(ctx, kwargs)
+                run = Run(
+                    command=func.__name__ if func.__name__ != "command" else kind,
+                    schema=f"eetool/{kind}@1",
+                    quiet=kwargs["quiet"], verbose=kwargs["verbose"], format=kwargs["format"],
+                    progress=not kwargs["no_progress"], seed=kwargs["seed"], device_name=kwargs["device"],
+                    threads=kwargs["threads"], debug=kwargs["debug"],
+                )
+                own_kwargs = {k: v for k, v in kwargs.items() if k not in COMMON_NAMES}
+                run.args = {k: (v.value if isinstance(v, Enum) else v) for k, v in own_kwargs.items()}
+                run.args["seed"] = run.seed
+                func(run, **own_kwargs)
+            except EetoolError as e:
+                _fail(e.exit_code, f"error: {e}", debug)
+            except KeyboardInterrupt:
+                _fail(ExitCode.INTERRUPTED, "interrupted: no output was written (partial files are removed)", debug)
+            except (typer.Exit, typer.Abort):
+                raise
+            except Exception as e:  # a bug: one line, unless --debug asks for the traceback
+                first = str(e).splitlines()[0] if str(e) else ""
+                _fail(ExitCode.INTERNAL, f"internal error: {type(e).__name__}: {first} "
+                      "(hint: rerun with --debug and report the traceback)", debug)
+
+        ctx_param = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        params = [ctx_param, *own, *_common_parameters()]
+        wrapper.__signature__ = sig.replace(parameters=params, return_annotation=None)  # type: ignore[attr-defined]
+        # typer reads resolved annotations of the new signature, not func's string annotations.
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        del wrapper.__wrapped__  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
+
+
+def _fail(code: ExitCode, line: str, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    sys.stderr.write(line.replace("\n", " ") + "\n")
+    raise typer.Exit(int(code))
+
+
+def _apply_config(ctx: typer.Context, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Fill options that were not given on the command line from ``--config FILE``."""
+    path = kwargs.get("config")
+    if path is None:
+        return kwargs
+    import yaml
+
+    from eetool.errors import InputError
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise InputError(f"cannot read config {path}: {e.strerror}", "check the path") from None
+    except yaml.YAMLError:
+        raise InputError(f"config {path} is not valid YAML", "check its syntax") from None
+    if loaded is None:
+        return kwargs
+    if not isinstance(loaded, dict):
+        raise UsageError(f"config {path} must be a mapping of option names to values", "write e.g. 'epochs: 10'")
+    params = {p.name: p for p in ctx.command.params if p.name}
+    out = dict(kwargs)
+    for raw_key, value in loaded.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in params or key == "config":
+            known = ", ".join(sorted(k.replace("_", "-") for k in params if k != "config"))
+            raise UsageError(f"unknown key {raw_key!r} in config {path}", f"known keys: {known}")
+        source = ctx.get_parameter_source(key)
+        if source is not None and source.name == "COMMANDLINE":
+            continue
+        try:
+            out[key] = params[key].type_cast_value(ctx, value)
+        except Exception as e:  # click's BadParameter and friends
+            raise UsageError(f"bad value {value!r} for {raw_key!r} in config {path}: {e}", "fix the config") from None
+    return out
+
+
+def parse_floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} is not a comma-separated list of numbers", f"write e.g. {flag} 0.5,0.5,0.5") from None
+
+
+def parse_shape(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        dims = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1:
+        raise UsageError(f"--input-shape {text!r} is not C,H,W", "write e.g. --input-shape 3,224,224")
+    return dims  # type: ignore[return-value]
+
+
+def parse_mapping(text: str | None, flag: str) -> dict[str, Any]:
+    """A YAML/JSON mapping given on the command line (JSON is YAML)."""
+    if not text:
+        return {}
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag} {text!r} is not a YAML/JSON mapping", f"write e.g. {flag} '{{width: 32}}'")
+    return value

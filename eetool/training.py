@@ -1,0 +1,256 @@
+"""The one training loop: from scratch, fine-tuning, and (in later commands) exit heads.
+
+``fit`` takes the parameters to optimise and a ``step`` function that turns a batch into a
+loss and the logits to score, so a frozen-backbone or multi-exit loss plugs in without a second
+loop. State is saved atomically after every epoch and a run resumes from it exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eetool.artifacts import atomic_write
+from eetool.datasets import Dataset, Preprocess
+from eetool.errors import InputError, UsageError
+from eetool.reporting import Reporter
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "onecycle", "constant")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 15
+    batch_size: int = 128
+    optimizer: str = "sgd"  # SGD with Nesterov momentum, or AdamW
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    mixup: float = 0.0  # Beta(alpha, alpha) mixing; 0 turns it off
+    augment: bool = True  # random crop (4-pixel padding) and horizontal flip
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"unknown optimizer {self.optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1", "give a positive number")
+        if self.lr <= 0:
+            raise UsageError("--lr must be positive", "e.g. --lr 0.1 for SGD, 1e-3 for AdamW")
+        if not 0 <= self.label_smoothing < 1:
+            raise UsageError("--label-smoothing must be in [0, 1)", "e.g. 0.1")
+
+
+# A step maps (model, inputs, labels, soft targets or None) to (loss, logits used for accuracy).
+Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, "Mix | None"], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Mix:
+    """Mixup of a batch with a permutation of itself: the loss is lam*L(y) + (1-lam)*L(y[perm])."""
+
+    perm: torch.Tensor
+    lam: float
+
+
+def cross_entropy_step(label_smoothing: float = 0.0) -> Step:
+    def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mix: Mix | None) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        if mix is not None:
+            loss = mix.lam * loss + (1 - mix.lam) * F.cross_entropy(logits, y[mix.perm], label_smoothing=label_smoothing)
+        return loss, logits
+
+    return step
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    loss: float
+    train_accuracy: float
+    samples_seen: int
+    seconds: float
+    eval_accuracy: float | None = None
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochRecord] = field(default_factory=list)
+    samples_seen: int = 0
+    seconds: float = 0.0
+
+    @property
+    def last(self) -> EpochRecord:
+        return self.history[-1]
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and a random horizontal flip, vectorised over the uint8 batch."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
+    rows = dy + torch.arange(h)
+    cols = dx + torch.arange(w)
+    flip = torch.rand(n, generator=generator) < 0.5
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise UsageError("nothing to train: every parameter is frozen", "unfreeze at least one module")
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+
+
+def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
+                                                   pct_start=max(warmup, 1) / total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Dataset, preprocess: Preprocess, device: torch.device, batch_size: int = 512) -> float:
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for images, labels, _ in data.batches(batch_size):
+        correct += int((model(preprocess(images, device)).argmax(1).cpu() == labels).sum())
+    model.train(was_training)
+    return correct / len(data)
+
+
+def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfig, *,
+        device: torch.device | str = "cpu", params: Iterable[nn.Parameter] | None = None, step: Step | None = None,
+        eval_data: Dataset | None = None, resume_path: str | None = None, resume: bool = False,
+        reporter: Reporter | None = None, on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainResult:
+    """Train ``model`` in place. With ``resume_path`` the state is saved after every epoch."""
+    cfg.validate()
+    reporter = reporter or Reporter()
+    device = torch.device(device)
+    step = step or cross_entropy_step(cfg.label_smoothing)
+    model.to(device)
+    opt = make_optimizer(params if params is not None else model.parameters(), cfg)
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    sched = make_schedule(opt, cfg, steps_per_epoch)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    result = TrainResult()
+    start_epoch = 0
+    if resume:
+        if not resume_path or not Path(resume_path).is_file():
+            raise InputError(f"no resumable state at {resume_path}", "run without --resume to start afresh")
+        start_epoch = _load_state(resume_path, model, opt, sched, gen, result, cfg, data.fingerprint)
+        reporter.log(f"resuming after epoch {start_epoch} of {cfg.epochs}")
+    started = time.perf_counter() - result.seconds
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        correct = torch.zeros((), dtype=torch.int64)
+        seen = 0
+        with reporter.bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}") as bar:
+            for images, labels, _ in data.batches(cfg.batch_size, shuffle=True, generator=gen):
+                if cfg.augment:
+                    images = augment_batch(images, gen)
+                x, y = preprocess(images, device), labels.to(device)
+                mix = None
+                if cfg.mixup > 0:
+                    lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
+                    mix = Mix(torch.randperm(x.shape[0], generator=gen).to(device), lam)
+                    x = lam * x + (1 - lam) * x[mix.perm]
+                loss, logits = step(model, x, y, mix)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                n = int(y.shape[0])
+                seen += n
+                loss_sum += float(loss.detach()) * n
+                correct += (logits.detach().argmax(1) == y).sum().cpu()
+                bar.advance(1, loss=float(loss_sum) / seen, acc=int(correct) / seen)
+        result.samples_seen += seen
+        record = EpochRecord(epoch + 1, float(loss_sum) / seen, int(correct) / seen, result.samples_seen,
+                             time.perf_counter() - t0)
+        if eval_data is not None:
+            record.eval_accuracy = accuracy(model, eval_data, preprocess, device)
+        result.history.append(record)
+        result.seconds = time.perf_counter() - started
+        msg = f"epoch {record.epoch}/{cfg.epochs}: loss {record.loss:.4f}, train acc {record.train_accuracy:.4f}"
+        if record.eval_accuracy is not None:
+            msg += f", eval acc {record.eval_accuracy:.4f}"
+        reporter.log(msg + f", {record.samples_seen} samples seen, {record.seconds:.1f}s")
+        if resume_path:
+            _save_state(resume_path, model, opt, sched, gen, result, cfg, data.fingerprint, epoch + 1)
+        if on_epoch:
+            on_epoch(record)
+    model.eval()
+    return result
+
+
+def _save_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator,
+                result: TrainResult, cfg: TrainConfig, data_fingerprint: str, epoch: int) -> None:
+    buf = io.BytesIO()
+    torch.save({
+        "epoch": epoch,
+        "config": asdict(cfg),
+        "data": data_fingerprint,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "generator": gen.get_state(),
+        "history": [asdict(r) for r in result.history],
+        "samples_seen": result.samples_seen,
+        "seconds": result.seconds,
+    }, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def _load_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator,
+                result: TrainResult, cfg: TrainConfig, data_fingerprint: str) -> int:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file is the same problem for the user
+        raise InputError(f"cannot read resumable state {path} ({type(e).__name__})", "delete it and start afresh") from None
+    if state.get("config") != asdict(cfg) or state.get("data") != data_fingerprint:
+        raise UsageError(f"{path} was saved by a run with other settings or data",
+                         "resume with the same flags, or delete it to start afresh")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    result.history = [EpochRecord(**r) for r in state["history"]]
+    result.samples_seen = int(state["samples_seen"])
+    result.seconds = float(state["seconds"])
+    return int(state["epoch"])
