@@ -112,7 +112,10 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def check_output(path: str, *, force: bool, inputs: tuple[str | None, ...] = ()) -> None:
-    """Refuse an output before any work is done: it exists (without --force), is an input, or its folder is unwritable."""
+    """Refuse an output before any work is done.
+
+    It exists (without --force), is an input, is a folder, or its folder is missing or unwritable.
+    """
     if path == STDOUT:
         return
     out = Path(path)
@@ -162,7 +165,8 @@ def _umask() -> int:
 # Tensors
 
 
-def write_tensors(path: str, tensors: dict[str, torch.Tensor], prov: Provenance, extra: dict[str, str] | None = None) -> None:
+def write_tensors(path: str, tensors: dict[str, torch.Tensor], prov: Provenance,
+                  extra: dict[str, str] | None = None) -> None:
     from safetensors.torch import save
 
     meta = prov.to_metadata()
@@ -183,7 +187,8 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"{path} is not a readable safetensors file ({reason})", "re-create or re-download it") from None
+        raise InputError(f"{path} is not a readable safetensors file ({reason})",
+                         "re-create or re-download it") from None
     return tensors, meta
 
 
@@ -198,7 +203,8 @@ def _check_kind(path: str, found_kind: str | None, found_schema: str | int | Non
     if found_kind is None:
         raise ProvenanceError(f"{path} is not an eetool artifact (no eetool.kind)", f"make it with `{maker}`")
     if found_kind != kind:
-        raise ProvenanceError(f"{path} is a {found_kind} artifact, not {kind}", f"make a {kind} artifact with `{maker}`")
+        raise ProvenanceError(f"{path} is a {found_kind} artifact, not {kind}",
+                              f"make {'an' if kind[0] in 'aeiou' else 'a'} {kind} artifact with `{maker}`")
     if str(found_schema) != str(schema):
         raise ProvenanceError(
             f"{path} has {kind} schema {found_schema}, this eetool reads schema {schema}", f"re-make it with `{maker}`"
@@ -222,7 +228,8 @@ def verify(path: str, prov: Provenance, *, checkpoint_sha256: str | None = None,
         )
     if dataset is not None and prov.dataset and prov.dataset != dataset:
         raise ProvenanceError(
-            f"{path} was made for dataset {prov.dataset}, not {dataset}", f"use the same --data/--split or re-make it with `{maker}`"
+            f"{path} was made for dataset {prov.dataset}, not {dataset}",
+            f"use the same --data/--split or re-make it with `{maker}`",
         )
 
 

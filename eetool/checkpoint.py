@@ -88,7 +88,8 @@ def load_checkpoint(ref: str, *, arch: str | None = None, arch_args: dict[str, A
     elif suffix in (".pt", ".pth", ".bin", ".ckpt"):
         state = _load_torch_state(path)
     else:
-        raise InputError(f"checkpoint {ref} is neither .safetensors nor .pt/.pth", "save the state dict as .safetensors or .pt")
+        raise InputError(f"checkpoint {ref} is neither .safetensors nor .pt/.pth",
+                         "save the state dict as .safetensors or .pt")
     spec = _resolve_spec(ref, stored, arch, arch_args, num_classes, input_shape, mean, std)
     model = spec.build()
     _load_state(model, state, spec, ref)
@@ -102,10 +103,12 @@ def _resolve_spec(ref: str, stored: ModelSpec | None, arch: str | None, arch_arg
     if stored is not None:
         spec = stored
         if arch and arch != spec.arch:
-            raise ModelMismatchError(f"{ref} holds a {spec.arch}, not {arch}", "drop --arch: eetool checkpoints record it")
+            raise ModelMismatchError(f"{ref} holds a {spec.arch}, not {arch}",
+                                     "drop --arch: eetool checkpoints record it")
         if num_classes and num_classes != spec.num_classes:
             raise ModelMismatchError(
-                f"{ref} has {spec.num_classes} classes, not {num_classes}", "drop --num-classes: eetool checkpoints record it"
+                f"{ref} has {spec.num_classes} classes, not {num_classes}",
+                "drop --num-classes: eetool checkpoints record it",
             )
         spec.input_shape = tuple(input_shape) if input_shape else spec.input_shape  # type: ignore[assignment]
         spec.mean = list(mean) if mean else spec.mean
@@ -131,16 +134,20 @@ def _load_torch_state(path: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        # Only a refused class ("Unsupported class" before torch 2.4) means a pickled object: a corrupt file
+        # is refused with the same weights_only preamble ("Unsupported operand").
+        if "Unsupported global" in str(e) or "Unsupported class" in str(e):
             raise InputError(
                 f"{path} pickles a whole model object, which eetool will not unpickle (it can run arbitrary code)",
                 "convert it once, if you trust it: python -c \"import torch; m = torch.load('IN', weights_only=False); "
                 "torch.save(m.state_dict(), 'OUT.pt')\"",
             ) from None
-        raise InputError(f"{path} is not a readable torch file ({str(e).splitlines()[0]})", "re-save the state dict") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise InputError(f"{path} is not a readable torch file ({str(e).splitlines()[0]})",
+                         "re-save the state dict") from None
+    except Exception as e:  # garbage also raises IndexError, KeyError, ...: all the same problem for the user
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"{path} is not a readable torch file ({msg})", "re-save it with torch.save(model.state_dict())") from None
+        raise InputError(f"{path} is not a readable torch file ({msg})",
+                         "re-save it with torch.save(model.state_dict())") from None
     return _unwrap_state(obj, path)
 
 
@@ -177,7 +184,8 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], spec: ModelSpe
     if missing or unexpected:
         detail = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise ModelMismatchError(
-            f"weights do not fit {spec.arch}: {len(missing)} missing and {len(unexpected)} unexpected tensors ({detail})",
+            f"weights do not fit {spec.arch}: {len(missing)} missing and {len(unexpected)} unexpected tensors "
+            f"({detail})",
             hint,
         )
     model.load_state_dict(state)

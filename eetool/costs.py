@@ -93,10 +93,16 @@ def measure(exit_model: ExitModel, input_shape: tuple[int, int, int]) -> CostMod
     assert exit_model.stages is not None
     macs = []
     x = torch.zeros(1, *input_shape)
-    with torch.no_grad():
-        for stage in exit_model.stages:
-            macs.append(count_macs(stage, tuple(x.shape[1:])))
-            x = stage.eval()(x)
+    # The stages share the model's modules: run them in eval mode and leave a training model training.
+    was_training = exit_model.model.training
+    exit_model.model.eval()
+    try:
+        with torch.no_grad():
+            for stage in exit_model.stages:
+                macs.append(count_macs(stage, tuple(x.shape[1:])))
+                x = stage(x)
+    finally:
+        exit_model.model.train(was_training)
     return CostModel(list(exit_model.exits), macs, mode=exit_model.mode)
 
 
@@ -136,5 +142,5 @@ def _measure_hooked(exit_model: ExitModel, input_shape: tuple[int, int, int]) ->
             h.remove()
         model.train(was_training)
     cumulative = [at_exit[name] for name in exit_model.exits] + [running[0]]
-    stages = [cumulative[0]] + [b - a for a, b in zip(cumulative, cumulative[1:])]
+    stages = [cumulative[0]] + [b - a for a, b in zip(cumulative, cumulative[1:], strict=False)]
     return CostModel(list(exit_model.exits), stages, mode=HOOK)

@@ -222,6 +222,8 @@ def read_idx(path: Path) -> torch.Tensor:
         count *= d
     if len(data) - offset != count:
         raise InputError(f"{path} is truncated ({len(data) - offset} of {count} bytes)", "re-download the dataset")
+    if count == 0:  # torch.frombuffer refuses an empty buffer; the caller reports an empty dataset
+        return torch.empty(dims, dtype=torch.uint8)
     return torch.frombuffer(bytearray(data[offset:]), dtype=torch.uint8).view(*dims)
 
 
@@ -281,19 +283,21 @@ def _load_folder(root: Path, split: str) -> Dataset:
     if not base.is_dir():
         raise InputError(f"image folder {base} does not exist", "use the ImageFolder layout ROOT/<split>/<class>/*.png")
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
-    files = [(p, k) for k, c in enumerate(classes) for p in sorted((base / c).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    files = [(p, k) for k, c in enumerate(classes) for p in sorted((base / c).iterdir())
+             if p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
-        raise InputError(f"image folder {base} holds no images", "use the ImageFolder layout ROOT/<split>/<class>/*.png")
+        raise InputError(f"image folder {base} holds no images",
+                         "use the ImageFolder layout ROOT/<split>/<class>/*.png")
     arrays = []
     size = None
     for path, _ in files:
         try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                size = size or im.size
-                if im.size != size:  # decode once at one size; the model's own size is applied per batch
-                    im = im.resize(size, Image.BILINEAR)
-                arrays.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size[1], size[0], 3))
+            with Image.open(path) as opened:
+                rgb = opened.convert("RGB")
+            size = size or rgb.size
+            if rgb.size != size:  # decode once at one size; the model's own size is applied per batch
+                rgb = rgb.resize(size, Image.Resampling.BILINEAR)
+            arrays.append(torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(size[1], size[0], 3))
         except OSError as e:
             raise InputError(f"cannot decode image {path}: {e}", "remove or re-encode the file") from None
     images = torch.stack(arrays).permute(0, 3, 1, 2).contiguous()

@@ -29,8 +29,9 @@ def chain_units(model: nn.Module) -> list[Unit] | None:
     """The model as a chain ``[(name, module), ..., ("head", head)]``, or None if it cannot be split."""
     import torchvision.models as tvm
 
-    if hasattr(model, "eetool_units"):
-        units: list[Unit] = list(model.eetool_units())
+    own_units = getattr(model, "eetool_units", None)
+    if callable(own_units):
+        units: list[Unit] = list(own_units())
         return units
     if isinstance(model, CifarResNet):
         blocks = _blocks(model, ("layer1", "layer2", "layer3"))
@@ -96,7 +97,8 @@ def select_exits(candidates: list[str], selection: str, model: nn.Module) -> lis
         if _is_split(model):
             order = [candidates.index(n) for n in chosen]
             if order != sorted(order):
-                raise UsageError(f"--exits {selection!r} is not in network order", f"write them as {','.join(sorted(chosen, key=candidates.index))}")
+                raise UsageError(f"--exits {selection!r} is not in network order",
+                                 f"write them as {','.join(sorted(chosen, key=candidates.index))}")
     if not chosen:
         raise UsageError(f"--exits {selection!r} selects no exit", "use every, half, quartiles or module names")
     return chosen
@@ -121,6 +123,7 @@ class ExitModel:
             for stage in self.stages[:-1]:
                 x = stage(x)
                 outs.append(x)
+                x = x.clone()  # the next stage may start in place (ReLU(inplace=True)) and overwrite the exit's output
             return outs, self.stages[-1](x)
         captured: dict[str, torch.Tensor] = {}
         modules = dict(self.model.named_modules())
@@ -133,14 +136,20 @@ class ExitModel:
         return [captured[name] for name in self.exits], logits
 
     def exit_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-        with torch.no_grad():
-            outs, _ = self.features(torch.zeros(1, *input_shape))
+        # In eval mode: a training model's BatchNorm statistics must not learn from this dummy batch.
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                outs, _ = self.features(torch.zeros(1, *input_shape))
+        finally:
+            self.model.train(was_training)
         return [tuple(o.shape[1:]) for o in outs]
 
 
 def _capture(store: dict[str, torch.Tensor], name: str) -> Callable[..., None]:
     def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
-        store[name] = output
+        store[name] = output.clone()  # a later in-place op (ReLU(inplace=True)) would overwrite the output
 
     return hook
 

@@ -62,8 +62,11 @@ def run_early_exit(exit_model: ExitModel, x: torch.Tensor, decide: Decision) -> 
 
 
 def evaluate_exits(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, decide: Decision, *,
-                   batch_size: int = 256, device: torch.device | str = "cpu", reporter: Reporter | None = None) -> ExitRun:
+                   batch_size: int = 256, device: torch.device | str = "cpu",
+                   reporter: Reporter | None = None) -> ExitRun:
     reporter = reporter or Reporter()
+    # As in ``predict``; in training mode BatchNorm would also make a sample's result depend on its batch.
+    exit_model.model.eval().to(device)
     preds, exits = [], []
     start = time.perf_counter()
     with reporter.bar(-(-len(data) // batch_size), "early-exit inference") as bar:

@@ -70,7 +70,10 @@ def build_model(arch: str, num_classes: int, in_channels: int, arch_args: dict[s
     """Build an untrained model; weights are loaded by ``eetool.checkpoint``."""
     arch_args = dict(arch_args or {})
     if arch in CIFAR_RESNET_DEPTHS:
-        return CifarResNet(CIFAR_RESNET_DEPTHS[arch], num_classes=num_classes, in_channels=in_channels, **arch_args)
+        try:
+            return CifarResNet(CIFAR_RESNET_DEPTHS[arch], num_classes=num_classes, in_channels=in_channels, **arch_args)
+        except TypeError as e:
+            raise UsageError(f"bad --arch-args for {arch}: {e}", "eetool's CIFAR ResNets take only width") from None
     if arch in TORCHVISION_ARCHS:
         import torchvision
 
@@ -82,7 +85,8 @@ def build_model(arch: str, num_classes: int, in_channels: int, arch_args: dict[s
         try:
             model: nn.Module = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, **arch_args)
         except TypeError as e:
-            raise UsageError(f"bad --arch-args for {arch}: {e}", "see torchvision's documentation of the builder") from None
+            raise UsageError(f"bad --arch-args for {arch}: {e}",
+                             "see torchvision's documentation of the builder") from None
         return model
     if is_custom_arch(arch):
         return _build_custom(arch, num_classes, in_channels, arch_args)

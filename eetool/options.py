@@ -8,12 +8,15 @@ stderr with a documented exit code.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
+import math
 import sys
 import traceback
 import typing
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.models import OptionInfo
 
 from eetool.errors import EetoolError, ExitCode, UsageError
 from eetool.reporting import ConsoleReporter
@@ -51,8 +55,9 @@ INPUT = "Inputs"
 # Options that several commands share, declared once.
 CheckpointOpt = Annotated[str, typer.Option("--checkpoint", "-c", help="Checkpoint file (.safetensors/.pt) or 'demo'.",
                                             rich_help_panel=INPUT)]
-DataOpt = Annotated[str, typer.Option("--data", "-d", help="Dataset NAME[:PATH]: mnist, fashion-mnist, kmnist, cifar10, "
-                                      "cifar100, folder:PATH, safetensors:FILE or demo.", rich_help_panel=INPUT)]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="Dataset NAME[:PATH]: mnist, fashion-mnist, kmnist, "
+                                      "cifar10, cifar100, folder:PATH, safetensors:FILE or demo.",
+                                      rich_help_panel=INPUT)]
 SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split: train or test.", rich_help_panel=INPUT)]
 IndicesOpt = Annotated[str | None, typer.Option("--indices", help="Restrict the dataset to these sample indices "
                                                 "(indices artifact or a text file).", rich_help_panel=INPUT)]
@@ -60,7 +65,8 @@ ExitsOpt = Annotated[str, typer.Option("--exits", help="Exit points: every, half
                                        "separated by commas.", rich_help_panel=INPUT)]
 CountOpt = Annotated[Count, typer.Option("--count", help="Cost unit: macs, or flops (= 2 x MACs).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch.")]
-OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Output file ('-' for stdout where the output is YAML).")]
+OutputOpt = Annotated[str, typer.Option("--output", "-o",
+                                        help="Output file ('-' for stdout where the output is YAML).")]
 OptionalOutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Also write the result as a YAML "
                                                        "artifact ('-' for stdout).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file.")]
@@ -93,6 +99,7 @@ class Run:
     device_name: Device = Device.auto
     threads: int | None = None
     debug: bool = False
+    config: Path | None = None
     args: dict[str, Any] = field(default_factory=dict)
     reporter: ConsoleReporter = field(init=False)
 
@@ -116,14 +123,32 @@ class Run:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device_name.value)
 
+    def check_output(self, output: str, *, force: bool, inputs: tuple[str | None, ...] = ()) -> None:
+        """Refuse an output that exists (without --force), is an input (--config included) or cannot be written."""
+        from eetool.artifacts import check_output
+
+        check_output(output, force=force, inputs=(*inputs, str(self.config) if self.config else None))
+
     def emit(self, doc: dict[str, Any], text: Callable[[dict[str, Any]], str]) -> None:
         """Write the command's result to stdout: JSON led by its schema, or text made by ``text``."""
         if self.json:
-            sys.stdout.write(json.dumps({"schema": self.schema, **doc}, indent=2, default=str) + "\n")
+            # Strict JSON: NaN and infinities (a diverged loss, an empty class) become null.
+            body = json.dumps(_finite({"schema": self.schema, **doc}), indent=2, default=str, allow_nan=False)
+            sys.stdout.write(body + "\n")
         else:
             out = text(doc)
             sys.stdout.write(out if out.endswith("\n") else out + "\n")
         sys.stdout.flush()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _common_parameters() -> list[inspect.Parameter]:
@@ -162,34 +187,48 @@ def eetool_command(kind: str) -> Callable[[Callable[..., Any]], Callable[..., An
         hints = typing.get_type_hints(func, include_extras=True)  # resolve `from __future__` string annotations
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(n, p.annotation))
                for n, p in sig.parameters.items() if n != "run"]
+        # Required options may come from --config too, so click sees them as optional and they are
+        # checked once the config is applied.
+        required = {p.name for p in own if p.default is inspect.Parameter.empty and _option_info(p.annotation)}
+        own = [_optional(p) if p.name in required else p for p in own]
 
         @functools.wraps(func)
         def wrapper(**kwargs: Any) -> None:
             ctx: typer.Context = kwargs.pop("ctx")
-            debug = bool(kwargs.get("debug"))
-            try:
-                kwargs = _apply_config(ctx, kwargs)
-                run = Run(
-                    command=func.__name__ if func.__name__ != "command" else kind,
-                    schema=f"eetool/{kind}@1",
-                    quiet=kwargs["quiet"], verbose=kwargs["verbose"], format=kwargs["format"],
-                    progress=not kwargs["no_progress"], seed=kwargs["seed"], device_name=kwargs["device"],
-                    threads=kwargs["threads"], debug=kwargs["debug"],
-                )
-                own_kwargs = {k: v for k, v in kwargs.items() if k not in COMMON_NAMES}
-                run.args = {k: (v.value if isinstance(v, Enum) else v) for k, v in own_kwargs.items()}
-                run.args["seed"] = run.seed
-                func(run, **own_kwargs)
-            except EetoolError as e:
-                _fail(e.exit_code, f"error: {e}", debug)
-            except KeyboardInterrupt:
-                _fail(ExitCode.INTERRUPTED, "interrupted: no output was written (partial files are removed)", debug)
-            except (typer.Exit, typer.Abort):
-                raise
-            except Exception as e:  # a bug: one line, unless --debug asks for the traceback
-                first = str(e).splitlines()[0] if str(e) else ""
-                _fail(ExitCode.INTERNAL, f"internal error: {type(e).__name__}: {first} "
-                      "(hint: rerun with --debug and report the traceback)", debug)
+            debug, quiet = bool(kwargs.get("debug")), bool(kwargs.get("quiet"))
+            verbose = debug or bool(kwargs.get("verbose"))
+            # Python warnings (torch's among them) are held back: shown as one line each after a
+            # success (not with -q), and on failure only with -v or --debug, so that an error stays one line.
+            with warnings.catch_warnings(record=True) as caught:
+                try:
+                    kwargs = _apply_config(ctx, kwargs)
+                    debug, verbose = bool(kwargs["debug"]), bool(kwargs["verbose"] or kwargs["debug"])
+                    quiet = bool(kwargs["quiet"])
+                    _check_required(ctx, kwargs, required)
+                    run = Run(
+                        command=func.__name__ if func.__name__ != "command" else kind,
+                        schema=f"eetool/{kind}@1",
+                        quiet=kwargs["quiet"], verbose=kwargs["verbose"], format=kwargs["format"],
+                        progress=not kwargs["no_progress"], seed=kwargs["seed"], device_name=kwargs["device"],
+                        threads=kwargs["threads"], debug=kwargs["debug"], config=kwargs["config"],
+                    )
+                    own_kwargs = {k: v for k, v in kwargs.items() if k not in COMMON_NAMES}
+                    run.args = {k: (v.value if isinstance(v, Enum) else v) for k, v in own_kwargs.items()}
+                    run.args["seed"] = run.seed
+                    func(run, **own_kwargs)
+                except EetoolError as e:
+                    _fail(e.exit_code, f"error: {e}", debug, caught if verbose else [])
+                except KeyboardInterrupt:
+                    _fail(ExitCode.INTERRUPTED, "interrupted: no output was written (partial files are removed)",
+                          debug, caught if verbose else [])
+                except (typer.Exit, typer.Abort):
+                    raise
+                except Exception as e:  # a bug: one line, unless --debug asks for the traceback
+                    first = str(e).splitlines()[0] if str(e).strip() else ""
+                    _fail(ExitCode.INTERNAL, f"internal error: {type(e).__name__}: {first} "
+                          "(hint: rerun with --debug and report the traceback)", debug, caught if verbose else [])
+            if not quiet:
+                _show_warnings(caught)
 
         ctx_param = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
         params = [ctx_param, *own, *_common_parameters()]
@@ -202,10 +241,45 @@ def eetool_command(kind: str) -> Callable[[Callable[..., Any]], Callable[..., An
     return decorate
 
 
-def _fail(code: ExitCode, line: str, debug: bool) -> None:
+def _option_info(annotation: Any) -> OptionInfo | None:
+    for meta in getattr(annotation, "__metadata__", ()):
+        if isinstance(meta, OptionInfo):
+            return meta
+    return None
+
+
+def _optional(p: inspect.Parameter) -> inspect.Parameter:
+    """The same option, without a default for click, and saying in its help that it is required."""
+    info = copy.copy(_option_info(p.annotation))
+    assert info is not None
+    info.help = f"{info.help or ''} Required (on the command line or in --config).".strip()
+    base = typing.get_args(p.annotation)[0]
+    return p.replace(annotation=Annotated[base | None, info], default=None)
+
+
+def _check_required(ctx: typer.Context, kwargs: dict[str, Any], required: set[str]) -> None:
+    for param in ctx.command.params:
+        if param.name in required and kwargs.get(param.name) is None:
+            flag = max(param.opts, key=len)
+            raise UsageError(f"missing option {flag}", f"give {flag} VALUE, or '{param.name.replace('_', '-')}:' "
+                             "in the --config file")
+
+
+def _show_warnings(caught: list[warnings.WarningMessage]) -> None:
+    seen = set()
+    for w in caught:
+        line = f"warning: {w.category.__name__}: {' '.join(str(w.message).split())}"
+        if line not in seen:
+            seen.add(line)
+            sys.stderr.write(line + "\n")
+
+
+def _fail(code: ExitCode, line: str, debug: bool, caught: list[warnings.WarningMessage] | None = None) -> None:
+    _show_warnings(caught or [])
     if debug:
         traceback.print_exc()
     sys.stderr.write(line.replace("\n", " ") + "\n")
+    sys.stderr.flush()
     raise typer.Exit(int(code))
 
 
@@ -222,7 +296,7 @@ def _apply_config(ctx: typer.Context, kwargs: dict[str, Any]) -> dict[str, Any]:
         loaded = yaml.safe_load(Path(path).read_text())
     except OSError as e:
         raise InputError(f"cannot read config {path}: {e.strerror}", "check the path") from None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, UnicodeDecodeError):
         raise InputError(f"config {path} is not valid YAML", "check its syntax") from None
     if loaded is None:
         return kwargs
@@ -238,10 +312,16 @@ def _apply_config(ctx: typer.Context, kwargs: dict[str, Any]) -> dict[str, Any]:
         source = ctx.get_parameter_source(key)
         if source is not None and source.name == "COMMANDLINE":
             continue
+        if isinstance(value, (list, tuple)):  # e.g. mean: [0.5, 0.5, 0.5] or input-shape: [1, 28, 28]
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, dict):  # e.g. arch-args: {width: 32}
+            value = json.dumps(value)
         try:
-            out[key] = params[key].type_cast_value(ctx, value)
+            out[key] = params[key].process_value(ctx, value)  # the type conversion and checks of the flag
         except Exception as e:  # click's BadParameter and friends
-            raise UsageError(f"bad value {value!r} for {raw_key!r} in config {path}: {e}", "fix the config") from None
+            reason = e.format_message() if hasattr(e, "format_message") else str(e)
+            raise UsageError(f"bad value {value!r} for {raw_key!r} in config {path}: {reason}",
+                             "fix the config") from None
     return out
 
 
@@ -251,7 +331,8 @@ def parse_floats(text: str | None, flag: str) -> list[float] | None:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UsageError(f"{flag} {text!r} is not a comma-separated list of numbers", f"write e.g. {flag} 0.5,0.5,0.5") from None
+        raise UsageError(f"{flag} {text!r} is not a comma-separated list of numbers",
+                         f"write e.g. {flag} 0.5,0.5,0.5") from None
 
 
 def parse_shape(text: str | None) -> tuple[int, int, int] | None:

@@ -53,7 +53,8 @@ class ConsoleReporter(Reporter):
     def __init__(self, *, quiet: bool = False, verbose: bool = False, progress: bool = True) -> None:
         from rich.console import Console
 
-        self.console = Console(stderr=True, highlight=False)
+        # soft_wrap: a log line stays one line (grep-able) whatever the terminal width.
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
         self.quiet, self.verbose = quiet, verbose
         self.show_bars = progress and not quiet and sys.stderr.isatty()
 
@@ -66,7 +67,8 @@ class ConsoleReporter(Reporter):
             self.console.print(message, markup=False, style="dim")
 
     def warn(self, message: str) -> None:
-        self.console.print(f"warning: {message}", markup=False, style="yellow")
+        if not self.quiet:  # -q: only data on stdout and errors on stderr
+            self.console.print(f"warning: {message}", markup=False, style="yellow")
 
     @contextmanager
     def bar(self, total: int, description: str) -> Iterator[Bar]:

@@ -74,7 +74,8 @@ def cross_entropy_step(label_smoothing: float = 0.0) -> Step:
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         if mix is not None:
-            loss = mix.lam * loss + (1 - mix.lam) * F.cross_entropy(logits, y[mix.perm], label_smoothing=label_smoothing)
+            mixed_in = F.cross_entropy(logits, y[mix.perm], label_smoothing=label_smoothing)
+            loss = mix.lam * loss + (1 - mix.lam) * mixed_in
         return loss, logits
 
     return step
@@ -121,15 +122,21 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.op
         raise UsageError("nothing to train: every parameter is frozen", "unfreeze at least one module")
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                           weight_decay=cfg.weight_decay)
 
 
-def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig,
+                  steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     total = cfg.epochs * steps_per_epoch
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
     if cfg.schedule == "onecycle":
+        # OneCycleLR peaks at step pct_start * total - 1 and divides by zero if that is the first or last step.
+        if total < 3:
+            raise UsageError(f"--schedule onecycle needs at least 3 steps, not {total}",
+                             "train for more epochs or smaller batches, or use --schedule cosine")
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
-                                                   pct_start=max(warmup, 1) / total)
+                                                   pct_start=max(warmup, 2) / total)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -142,7 +149,8 @@ def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: Dataset, preprocess: Preprocess, device: torch.device, batch_size: int = 512) -> float:
+def accuracy(model: nn.Module, data: Dataset, preprocess: Preprocess, device: torch.device,
+             batch_size: int = 512) -> float:
     was_training = model.training
     model.eval()
     correct = 0
@@ -230,6 +238,9 @@ def _save_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: 
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "generator": gen.get_state(),
+        # Dropout and the mixup weights draw from the global generators: a resumed run continues them too.
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         "history": [asdict(r) for r in result.history],
         "samples_seen": result.samples_seen,
         "seconds": result.seconds,
@@ -242,7 +253,8 @@ def _load_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file is the same problem for the user
-        raise InputError(f"cannot read resumable state {path} ({type(e).__name__})", "delete it and start afresh") from None
+        raise InputError(f"cannot read resumable state {path} ({type(e).__name__})",
+                         "delete it and start afresh") from None
     if state.get("config") != asdict(cfg) or state.get("data") != data_fingerprint:
         raise UsageError(f"{path} was saved by a run with other settings or data",
                          "resume with the same flags, or delete it to start afresh")
@@ -250,6 +262,10 @@ def _load_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: 
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     gen.set_state(state["generator"])
+    if "rng" in state:  # absent from states saved before the global random state was kept
+        torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     result.history = [EpochRecord(**r) for r in state["history"]]
     result.samples_seen = int(state["samples_seen"])
     result.seconds = float(state["seconds"])

@@ -21,11 +21,22 @@ def open_checkpoint(checkpoint: str, arch: str | None = None, arch_args: str | N
     )
 
 
+def data_path(spec: str) -> str | None:
+    """The file or folder a ``--data NAME[:PATH]`` spec reads, so that no output replaces it."""
+    from eetool.sources import SOURCES
+
+    name, sep, path = spec.partition(":")
+    if name in SOURCES:
+        return (path or None) if sep else None
+    return spec
+
+
 def format_table(headers: list[str], rows: list[list[object]]) -> str:
     """A plain aligned text table that reads well in a terminal and splits well with awk."""
     cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
              for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

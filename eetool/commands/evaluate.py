@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from eetool.commands.common import format_fields, format_table, open_checkpoint
+from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
 from eetool.options import (
     ArchArgsOpt,
     ArchOpt,
@@ -45,13 +45,16 @@ def command(
     std: StdOpt = None,
 ) -> None:
     """Evaluate a checkpoint on a dataset: accuracy, per-class accuracy, cost, throughput. Writes -o if given."""
-    from eetool.artifacts import Provenance, check_output, write_yaml
+    from eetool.artifacts import STDOUT, Provenance, write_yaml
     from eetool.costs import count_macs, in_unit
     from eetool.datasets import Preprocess, check_labels, load_dataset
+    from eetool.errors import UsageError
     from eetool.inference import per_class_accuracy, predict
 
+    if output == STDOUT and run.json:
+        raise UsageError("-o - and --format json both ask for stdout", "drop one, or write the YAML to a file")
     if output:
-        check_output(output, force=force, inputs=(checkpoint, indices))
+        run.check_output(output, force=force, inputs=(checkpoint, indices, data_path(data)))
     ckpt = open_checkpoint(checkpoint, arch, arch_args, num_classes, input_shape, mean, std)
     device = run.torch()
     ds = load_dataset(data, split, indices)
@@ -81,11 +84,14 @@ def command(
             "throughput": round(len(ds) / result.seconds, 1),
             "speedup": 1.0,
         }],
-        "per_class": {name: (None if acc != acc else round(float(acc), 6)) for name, acc in zip(classes, per_class)},
+        "per_class": {name: (None if acc != acc else round(float(acc), 6))
+                      for name, acc in zip(classes, per_class, strict=False)},
     }
     if output:
         prov = Provenance(kind="evaluation", checkpoint_sha256=ckpt.sha256, dataset=ds.fingerprint, args=run.args)
         write_yaml(output, {k: v for k, v in doc.items()}, prov)
+        if output == STDOUT:  # the YAML is the data on stdout; nothing else goes there
+            return
         run.reporter.log(f"wrote {output}")
 
     def text(d: dict[str, Any]) -> str:

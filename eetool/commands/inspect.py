@@ -11,8 +11,8 @@ from eetool.commands.common import format_fields, format_table, open_checkpoint
 from eetool.options import (
     ArchArgsOpt,
     ArchOpt,
-    CountOpt,
     Count,
+    CountOpt,
     ExitsOpt,
     InputShapeOpt,
     MeanOpt,
@@ -26,7 +26,8 @@ from eetool.options import (
 @eetool_command("inspect")
 def command(
     run: Run,
-    file: Annotated[str | None, typer.Argument(help="A checkpoint or artifact to describe.", show_default=False)] = None,
+    file: Annotated[str | None, typer.Argument(help="A checkpoint or artifact to describe.",
+                                               show_default=False)] = None,
     checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", help="Checkpoint to describe with its "
                                                    "exits ('demo' for the embedded one).")] = None,
     exits: ExitsOpt = "every",
@@ -74,7 +75,7 @@ def _describe_checkpoint(run: Run, ref: str, exits: str, unit: str, *flags: Any)
     cumulative = costs.backbone_cumulative()
     rows = [
         {"exit": name, "shape": list(shape), unit: int(in_unit(c, unit)), "normalised": round(c / costs.model_macs, 6)}
-        for name, shape, c in zip(em.exits, shapes, cumulative)
+        for name, shape, c in zip(em.exits, shapes, cumulative, strict=False)
     ]
     rows.append({"exit": "head", "shape": [ckpt.spec.num_classes], unit: int(in_unit(costs.model_macs, unit)),
                  "normalised": 1.0})
@@ -105,7 +106,7 @@ def _describe_checkpoint(run: Run, ref: str, exits: str, unit: str, *flags: Any)
             ("classes", f"{d['num_classes']}" + (f" ({', '.join(d['classes'][:4])}, ...)" if d["classes"] else "")),
             ("input", "x".join(map(str, d["input_shape"])) + f", mean {d['mean']}, std {d['std']}"),
             ("parameters", d["parameters"]), ("mode", note),
-            (f"model cost", f"{d['model_cost']:,} {unit} per sample"),
+            ("model cost", f"{d['model_cost']:,} {unit} per sample"),
         ] + ([("training", ", ".join(f"{k} {v}" for k, v in d["training"].items()))] if d["training"] else []))
         table = format_table(["exit", "output shape", f"cumulative {unit}", "normalised"],
                              [[r["exit"], "x".join(map(str, r["shape"])), f"{r[unit]:,}", r["normalised"]]
@@ -127,17 +128,27 @@ def _describe_artifact(run: Run, path: str) -> None:
     else:
         import yaml
 
+        if not Path(path).is_file():
+            raise InputError(f"{path} does not exist", "check the path")
         try:
             doc = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError):
-            raise InputError(f"cannot read {path} as a checkpoint or artifact", "check the path") from None
-        if not isinstance(doc, dict) or "provenance" not in doc:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            raise InputError(f"cannot read {path} as a checkpoint or artifact",
+                             "inspect a .safetensors/.pt checkpoint or an eetool YAML output") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("provenance"), dict):
             raise InputError(f"{path} is not an eetool artifact", "inspect a checkpoint or an eetool output")
         prov = doc["provenance"]
         contents = [{"name": k, "shape": [], "dtype": type(v).__name__} for k, v in doc.items()
                     if k not in ("provenance", "schema")]
     out = {"file": path, "provenance": prov, "contents": contents}
-    run.emit(out, lambda d: format_fields([(k, v) for k, v in d["provenance"].items() if k != "args"]
-                                          + [("args", ", ".join(f"{k}={v}" for k, v in d["provenance"]["args"].items()))])
-             + "\n\n" + format_table(["name", "shape", "dtype"],
-                                    [[c["name"], "x".join(map(str, c["shape"])), c["dtype"]] for c in d["contents"]]))
+
+    def text(d: dict[str, Any]) -> str:
+        p = d["provenance"]
+        args = p.get("args") if isinstance(p.get("args"), dict) else {}
+        head = format_fields([(k, v) for k, v in p.items() if k != "args"]
+                             + [("args", ", ".join(f"{k}={v}" for k, v in args.items()))])
+        table = format_table(["name", "shape", "dtype"],
+                             [[c["name"], "x".join(map(str, c["shape"])), c["dtype"]] for c in d["contents"]])
+        return head + "\n\n" + table
+
+    run.emit(out, text)

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from eetool.archs import ALL_ARCHS
+from eetool.commands.common import data_path, format_fields
 from eetool.options import (
     ArchArgsOpt,
     BatchOpt,
@@ -19,7 +20,6 @@ from eetool.options import (
     SplitOpt,
     eetool_command,
 )
-from eetool.commands.common import format_fields
 
 TRAINING = "Training"
 
@@ -64,14 +64,20 @@ def command(
     force: ForceOpt = False,
 ) -> None:
     """Train a model (or fine-tune --checkpoint) and write an eetool checkpoint. Reads a dataset; writes -o."""
-    from eetool.artifacts import Provenance, check_output
+    from eetool.artifacts import STDOUT, Provenance
     from eetool.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
     from eetool.datasets import Preprocess, check_labels, load_dataset
+    from eetool.errors import InputError, UsageError
     from eetool.options import parse_mapping
     from eetool.training import TrainConfig, fit
 
-    check_output(output, force=force or resume, inputs=(checkpoint, indices))
+    if output == STDOUT:
+        raise UsageError("train writes a binary checkpoint, not to stdout",
+                         "give a file name, e.g. -o model.safetensors")
+    run.check_output(output, force=force or resume, inputs=(checkpoint, indices, data_path(data)))
     resume_path = f"{output}.resume.pt"
+    if resume and not Path(resume_path).is_file():  # before any data is loaded
+        raise InputError(f"no resumable state at {resume_path}", "run without --resume to start afresh")
     device = run.torch()
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
                       weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
@@ -86,8 +92,9 @@ def command(
     else:
         mean, std = train_data.channel_stats()
         c, h, w = (int(s) for s in train_data.images.shape[1:])
-        spec = ModelSpec(arch=arch, arch_args=parse_mapping(arch_args, "--arch-args"), num_classes=train_data.num_classes,
-                         input_shape=(c, h, w), mean=mean, std=std, classes=list(train_data.classes))
+        spec = ModelSpec(arch=arch, arch_args=parse_mapping(arch_args, "--arch-args"),
+                         num_classes=train_data.num_classes, input_shape=(c, h, w), mean=mean, std=std,
+                         classes=list(train_data.classes))
         model = spec.build()
     check_labels(train_data, spec.num_classes)
     run.reporter.log(f"training {spec.arch} on {train_data.spec} ({len(train_data)} samples) for {epochs} epochs "

@@ -1,0 +1,186 @@
+"""Early-exit inference against a brute-force, per-sample re-computation from the full features."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from eetool.datasets import Preprocess, load_dataset
+from eetool.exits import HOOK, ExitModel, build_exit_model
+from eetool.inference import evaluate_exits, per_class_accuracy, run_early_exit
+
+
+def score(f: torch.Tensor) -> torch.Tensor:
+    """What the test rule looks at: each sample's mean activation."""
+    return f.flatten(1).mean(1)
+
+
+def guess(f: torch.Tensor) -> torch.Tensor:
+    """What the test rule predicts: the channel with the largest mean (mod 10)."""
+    return f.mean((2, 3)).argmax(1) % 10
+
+
+def well_separated_threshold(scores: torch.Tensor) -> float:
+    """A threshold in the middle half of the scores, in their widest gap: float noise cannot flip a decision."""
+    s = scores.sort().values
+    lo, hi = len(s) // 4, max(len(s) // 4 + 1, 3 * len(s) // 4)
+    gaps = s[lo + 1:hi + 1] - s[lo:hi]
+    k = lo + int(gaps.argmax())
+    return float((s[k] + s[k + 1]) / 2)
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[ExitModel, torch.Tensor]:
+    from eetool.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 1, {"width": 4})
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    model.eval()
+    return build_exit_model(model, "stem,layer1.2,layer2.1,layer3.0"), torch.randn(40, 1, 12, 12, generator=gen)
+
+
+def thresholds_for(em: ExitModel, x: torch.Tensor) -> list[float]:
+    """Thresholds that let a fair share of the still-remaining samples leave at each exit."""
+    with torch.no_grad():
+        outs, _ = em.features(x)
+    remaining = torch.ones(x.shape[0], dtype=torch.bool)
+    out = []
+    for f in outs:
+        s = score(f)
+        t = well_separated_threshold(s[remaining]) if remaining.sum() >= 2 else math.inf
+        out.append(t)
+        remaining &= ~(s > t)
+    return out
+
+
+def threshold_rule(thresholds: list[float]):  # type: ignore[no-untyped-def]
+    def decide(j: int, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return score(f) > thresholds[j], guess(f)
+
+    return decide
+
+
+def brute_force(em: ExitModel, x: torch.Tensor, thresholds: list[float]) -> tuple[list[int], list[int]]:
+    """Each sample on its own, with every feature computed: the first exit whose test passes takes it."""
+    with torch.no_grad():
+        outs, logits = em.features(x)
+    preds, exits = [], []
+    for i in range(x.shape[0]):
+        for j, f in enumerate(outs):
+            fi = f[i:i + 1]
+            if float(score(fi)) > thresholds[j]:
+                preds.append(int(guess(fi)))
+                exits.append(j)
+                break
+        else:
+            preds.append(int(logits[i].argmax()))
+            exits.append(len(outs))
+    return preds, exits
+
+
+def test_matches_the_brute_force_decisions(setup: tuple[ExitModel, torch.Tensor]) -> None:
+    em, x = setup
+    thresholds = thresholds_for(em, x)
+    want_preds, want_exits = brute_force(em, x, thresholds)
+    assert len(set(want_exits)) >= 3  # the test exercises several exits, the head included
+    preds, exits = run_early_exit(em, x, threshold_rule(thresholds))
+    assert exits.tolist() == want_exits
+    assert preds.tolist() == want_preds
+
+
+def test_never_exiting_gives_the_model_itself(setup: tuple[ExitModel, torch.Tensor]) -> None:
+    em, x = setup
+
+    def never(j: int, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(f.shape[0], dtype=torch.bool), torch.zeros(f.shape[0], dtype=torch.int64)
+
+    preds, exits = run_early_exit(em, x, never)
+    with torch.no_grad():
+        assert preds.tolist() == em.model(x).argmax(1).tolist()
+    assert exits.tolist() == [len(em.exits)] * x.shape[0]
+
+
+def test_always_exiting_first(setup: tuple[ExitModel, torch.Tensor]) -> None:
+    em, x = setup
+    calls = []
+
+    def always(j: int, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(j)
+        return torch.ones(f.shape[0], dtype=torch.bool), guess(f)
+
+    preds, exits = run_early_exit(em, x, always)
+    with torch.no_grad():
+        first = em.model.stem(x)
+    assert exits.tolist() == [0] * x.shape[0]
+    assert preds.tolist() == guess(first).tolist()
+    assert calls == [0]  # nobody is left to decide about later
+
+
+def test_split_and_hook_mode_agree(setup: tuple[ExitModel, torch.Tensor]) -> None:
+    em, x = setup
+    hooked = ExitModel(em.model, HOOK, list(em.exits))
+    thresholds = thresholds_for(em, x)
+    split_preds, split_exits = run_early_exit(em, x, threshold_rule(thresholds))
+    hook_preds, hook_exits = run_early_exit(hooked, x, threshold_rule(thresholds))
+    assert hook_exits.tolist() == split_exits.tolist()
+    assert hook_preds.tolist() == split_preds.tolist()
+
+
+def test_exited_samples_leave_the_batch(setup: tuple[ExitModel, torch.Tensor]) -> None:
+    em, x = setup
+    thresholds = thresholds_for(em, x)
+    _, want_exits = brute_force(em, x, thresholds)
+    seen: list[int] = []
+    handles = [stage.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0])) for stage in em.stages]
+    try:
+        run_early_exit(em, x, threshold_rule(thresholds))
+    finally:
+        for h in handles:
+            h.remove()
+    # Stage k runs on the samples that passed exits 0..k-1.
+    want = [sum(1 for e in want_exits if e >= k) for k in range(len(em.stages))]
+    want = [n for n in want if n > 0]
+    assert seen == want
+    assert seen[-1] < seen[0]
+
+
+def test_evaluate_exits_batches_like_one_big_batch(tiny_checkpoint: str, tiny_data: str) -> None:
+    from eetool.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ds = load_dataset(tiny_data, "test")
+    pre = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
+    em = build_exit_model(ckpt.model, "half")
+    x = pre(ds.images)
+    thresholds = thresholds_for(em, x)
+    want_preds, want_exits = brute_force(em, x, thresholds)
+    ckpt.model.train()  # evaluation must not depend on the mode it was handed the model in
+    run = evaluate_exits(em, ds, pre, threshold_rule(thresholds), batch_size=24)
+    assert run.exit_index.tolist() == want_exits
+    assert run.predictions.tolist() == want_preds
+
+
+def test_per_class_accuracy_against_a_loop() -> None:
+    gen = torch.Generator().manual_seed(3)
+    num_classes = 6
+    labels = torch.randint(-1, num_classes - 1, (200,), generator=gen)  # class 5 never occurs; -1 is unlabelled
+    predictions = torch.randint(0, num_classes, (200,), generator=gen)
+    predictions[labels == 2] = 2  # one class fully right
+    got = per_class_accuracy(predictions, labels, num_classes)
+    assert got.shape == (num_classes,)
+    for k in range(num_classes):
+        total = sum(1 for y in labels.tolist() if y == k)
+        correct = sum(1 for p, y in zip(predictions.tolist(), labels.tolist(), strict=True) if y == k and p == k)
+        if total == 0:
+            assert math.isnan(float(got[k]))
+        else:
+            assert float(got[k]) == pytest.approx(correct / total)
+    assert float(got[2]) == 1.0
