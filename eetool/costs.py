@@ -10,12 +10,13 @@ divide by the whole model's cost (= 1.0).
 from __future__ import annotations
 
 import contextlib
-import sys
+import io
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
+from eetool.errors import UsageError
 from eetool.exits import HOOK, ExitModel
 
 UNITS = ("macs", "flops")
@@ -27,12 +28,23 @@ def count_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
 
     was_training = module.training
     module.eval()
-    with contextlib.redirect_stdout(sys.stderr):
+    # ptflops reports its own failures with print() and a traceback; keep both off the terminal
+    # and raise one error instead.
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report), contextlib.redirect_stderr(report):
+        # Module rules only: with functional counting on, ptflops counts nn.ReLU and pooling modules
+        # twice (module hook and patched F.relu), and hook mode could not agree with split mode.
         macs, _ = get_model_complexity_info(module, tuple(input_shape), as_strings=False,
-                                            print_per_layer_stat=False, verbose=False, backend="pytorch")
-    module.train(was_training)
+                                            print_per_layer_stat=False, verbose=False, backend="pytorch",
+                                            backend_specific_config={"count_functional": False})
     if macs is None:
-        raise RuntimeError(f"ptflops could not count {type(module).__name__}")
+        with torch.no_grad():  # a failing forward pass: raise its own error rather than ptflops' report
+            module(torch.zeros(1, *input_shape))
+        module.train(was_training)
+        lines = [line for line in report.getvalue().splitlines() if line.strip()]
+        reason = lines[-1] if lines else "no reason given"
+        raise RuntimeError(f"ptflops could not count {type(module).__name__}: {reason}")
+    module.train(was_training)
     return int(macs)
 
 
@@ -141,6 +153,12 @@ def _measure_hooked(exit_model: ExitModel, input_shape: tuple[int, int, int]) ->
         for h in handles:
             h.remove()
         model.train(was_training)
+    missing = [name for name in exit_model.exits if name not in at_exit]
+    if missing:
+        raise UsageError(f"exit {missing[0]} does not run in the model's forward pass", "choose modules that run")
     cumulative = [at_exit[name] for name in exit_model.exits] + [running[0]]
+    if any(b < a for a, b in zip(cumulative, cumulative[1:], strict=False)):
+        raise UsageError(f"exits {','.join(exit_model.exits)} are not in execution order",
+                         "list them in the order the model runs them")
     stages = [cumulative[0]] + [b - a for a, b in zip(cumulative, cumulative[1:], strict=False)]
     return CostModel(list(exit_model.exits), stages, mode=HOOK)

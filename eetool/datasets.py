@@ -352,6 +352,10 @@ def load_indices(path: str, ds: Dataset) -> torch.Tensor:
         try:
             idx = torch.tensor([int(tok) for tok in text.split()], dtype=torch.int64)
         except ValueError:
+            if "provenance:" in text:  # another eetool artifact (YAML) given where indices belong
+                from eetool.artifacts import read_yaml
+
+                read_yaml(path, "indices")  # raises the provenance error naming the kind found
             raise InputError(f"{path} holds something other than integers", "write one index per line") from None
     if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
         raise InputError(f"{path}: indices must be a 1-D integer tensor", "make it with `eetool prune-dataset`")

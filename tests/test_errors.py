@@ -145,10 +145,7 @@ CASES = [
     Case("indices-made-for-another-dataset", [*EVAL, "--indices", "{inp}/indices-other-data.safetensors"],
          PROVENANCE, says="mnist/test"),
     Case("indices-artifact-of-wrong-kind", [*EVAL, "--indices", "{ckpt}"], PROVENANCE),
-    Case("indices-given-an-evaluation-yaml", [*EVAL, "--indices", "{inp}/evaluation.yaml"], PROVENANCE,
-         marks=[pytest.mark.xfail(strict=True, reason="eetool/datasets.py load_indices reads any non-.safetensors "
-                                  "file as text: an evaluation YAML gives BAD_INPUT 'holds something other than "
-                                  "integers' instead of PROVENANCE")]),
+    Case("indices-given-an-evaluation-yaml", [*EVAL, "--indices", "{inp}/evaluation.yaml"], PROVENANCE),
     # outputs
     Case("output-exists-without-force", [*EVAL[:-1], "{out}/existing.yaml"], OUTPUT, says="--force"),
     Case("output-folder-missing", [*EVAL[:-1], "{out}/no-such-folder/r.yaml"], OUTPUT),
@@ -332,9 +329,7 @@ def boom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 COMMAND_OF_BOOM = [
     pytest.param(["inspect"], id="inspect"),
-    pytest.param(["evaluate", "-d", "{data}"], id="evaluate", marks=pytest.mark.xfail(
-        strict=True, reason="eetool/costs.py count_macs redirects ptflops' own error report (a traceback) to "
-        "stderr, so a failing forward prints many lines before eetool's one")),
+    pytest.param(["evaluate", "-d", "{data}"], id="evaluate"),
 ]
 
 

@@ -97,8 +97,8 @@ def command(
     def text(d: dict[str, Any]) -> str:
         head = format_fields([("checkpoint", ckpt.label), ("dataset", f"{d['dataset']} ({d['samples']} samples)")])
         points = format_table(["point", "accuracy", "cost", f"{unit}/sample", "samples/s", "speedup"],
-                              [[p["name"], p["accuracy"], p["cost"], f"{p[unit]:,}", p["throughput"], p["speedup"]]
-                               for p in d["points"]])
+                              [[p["name"], p["accuracy"], p["cost"], f"{p[unit]:,}", f"{p['throughput']:.1f}",
+                                f"{p['speedup']:.2f}x"] for p in d["points"]])
         per = format_table(["class", "accuracy"], [[k, v] for k, v in d["per_class"].items()])
         return f"{head}\n\n{points}\n\n{per}"
 

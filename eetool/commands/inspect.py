@@ -103,7 +103,7 @@ def _describe_checkpoint(run: Run, ref: str, exits: str, unit: str, *flags: Any)
     def text(d: dict[str, Any]) -> str:
         head = format_fields([
             ("checkpoint", d["checkpoint"]), ("sha256", d["sha256"]), ("arch", d["arch"]),
-            ("classes", f"{d['num_classes']}" + (f" ({', '.join(d['classes'][:4])}, ...)" if d["classes"] else "")),
+            ("classes", _classes(d["num_classes"], d["classes"])),
             ("input", "x".join(map(str, d["input_shape"])) + f", mean {d['mean']}, std {d['std']}"),
             ("parameters", d["parameters"]), ("mode", note),
             ("model cost", f"{d['model_cost']:,} {unit} per sample"),
@@ -114,6 +114,12 @@ def _describe_checkpoint(run: Run, ref: str, exits: str, unit: str, *flags: Any)
         return head + "\n\n" + table
 
     run.emit(doc, text)
+
+
+def _classes(count: int, names: list[str]) -> str:
+    if not names:
+        return str(count)
+    return f"{count} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
 
 
 def _describe_artifact(run: Run, path: str) -> None:

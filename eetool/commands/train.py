@@ -117,6 +117,7 @@ def command(
            "history": [vars(r) for r in result.history]}
     run.emit(doc, lambda d: format_fields([
         ("output", d["output"]), ("arch", d["arch"]), ("epochs", d["epochs"]), ("samples seen", d["samples_seen"]),
-        ("train accuracy", d["train_accuracy"]), (f"{eval_split or 'eval'} accuracy", d["eval_accuracy"]),
-        ("seconds", d["seconds"]),
+        ("train accuracy", d["train_accuracy"]),
+        *([(f"{eval_split} accuracy", d["eval_accuracy"])] if eval_split else []),
+        ("seconds", f"{d['seconds']:.1f}"),
     ]))
