@@ -31,6 +31,8 @@ KINDS: dict[str, tuple[int, str]] = {
     "checkpoint": (1, "eetool train"),
     "indices": (1, "eetool prune-dataset"),
     "evaluation": (1, "eetool evaluate"),
+    "class-means": (1, "eetool calibrate-means"),
+    "thresholds": (1, "eetool fit-thresholds"),
 }
 
 STDOUT = "-"
@@ -43,6 +45,7 @@ class Provenance:
     exits: list[str] = field(default_factory=list)
     dataset: str = ""
     args: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)  # artifact kind -> sha256 of the artifact it was made from
     schema: int = 0
     version: str = __version__
 
@@ -61,6 +64,7 @@ class Provenance:
             "eetool.exits": json.dumps(self.exits),
             "eetool.dataset": self.dataset,
             "eetool.args": json.dumps(self.args, sort_keys=True, default=str),
+            "eetool.inputs": json.dumps(self.inputs, sort_keys=True),
         }
 
     @classmethod
@@ -71,6 +75,7 @@ class Provenance:
             exits=json.loads(meta.get("eetool.exits", "[]")),
             dataset=meta.get("eetool.dataset", ""),
             args=json.loads(meta.get("eetool.args", "{}")),
+            inputs=json.loads(meta.get("eetool.inputs", "{}")),
             schema=int(meta["eetool.schema"]),
             version=meta.get("eetool.version", ""),
         )
@@ -84,6 +89,7 @@ class Provenance:
             "exits": list(self.exits),
             "dataset": self.dataset,
             "args": self.args,
+            "inputs": dict(self.inputs),
         }
 
     @classmethod
@@ -94,6 +100,7 @@ class Provenance:
             exits=list(d.get("exits", [])),
             dataset=d.get("dataset", ""),
             args=dict(d.get("args", {})),
+            inputs=dict(d.get("inputs", {})),
             schema=int(d["schema"]),
             version=d.get("eetool_version", ""),
         )
@@ -213,9 +220,16 @@ def _check_kind(path: str, found_kind: str | None, found_schema: str | int | Non
 
 
 def verify(path: str, prov: Provenance, *, checkpoint_sha256: str | None = None, exits: list[str] | None = None,
-           dataset: str | None = None) -> None:
-    """Refuse an artifact made from another checkpoint, other exits or another dataset."""
+           dataset: str | None = None, inputs: dict[str, str] | None = None) -> None:
+    """Refuse an artifact made from another checkpoint, other exits, another dataset or other input artifacts."""
     maker = KINDS[prov.kind][1]
+    for kind, sha in (inputs or {}).items():
+        made_from = prov.inputs.get(kind)
+        if made_from is not None and made_from != sha:
+            raise ProvenanceError(
+                f"{path} was made from another {kind} artifact ({made_from[:12]}, not {sha[:12]})",
+                f"re-make it from this one with `{maker}`",
+            )
     if checkpoint_sha256 is not None and prov.checkpoint_sha256 and prov.checkpoint_sha256 != checkpoint_sha256:
         raise ProvenanceError(
             f"{path} was made from checkpoint {prov.checkpoint_sha256[:12]}, not {checkpoint_sha256[:12]}",

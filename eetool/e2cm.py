@@ -12,15 +12,19 @@ spread over processes and combined with an all-reduce.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from eetool.artifacts import Provenance, read_tensors, write_tensors
+from eetool.costs import CostModel
 from eetool.datasets import Dataset, Preprocess
 from eetool.errors import InputError, UsageError
 from eetool.exits import ExitModel
 from eetool.reporting import Reporter
+from eetool.thresholds import ExitStats
 
 
 @dataclass(frozen=True)
@@ -152,3 +156,110 @@ def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_
     t2 = time.perf_counter()
     return Calibration([m.cpu() for m in means], normalisers, sums.counts, conf.view(n, j), pred.view(n, j),
                        final, data.labels.clone(), dims, (t1 - t0, t2 - t1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The class-means artifact and the exit rule that uses it
+
+
+@dataclass
+class ClassMeans:
+    """A class-means artifact: what evaluate needs to exit, and the calibration cache for fit-thresholds."""
+
+    exits: list[str]
+    means: list[torch.Tensor]
+    normalisers: torch.Tensor
+    counts: torch.Tensor
+    pooling: Pooling
+    stage_macs: list[int]
+    calibration: Calibration | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.normalisers.shape[1])
+
+    def cost_model(self) -> CostModel:
+        overheads = [distance_macs(int(m.shape[1]), self.num_classes) for m in self.means]
+        return CostModel(list(self.exits), list(self.stage_macs), overheads)
+
+    def memory_bytes(self) -> list[int]:
+        """Bytes of the stored means (float32) per exit."""
+        return [m.numel() * 4 for m in self.means]
+
+    def exit_stats(self, confidence: torch.Tensor, prediction: torch.Tensor, final_prediction: torch.Tensor,
+                   labels: torch.Tensor) -> ExitStats:
+        correct = torch.cat([prediction == labels[:, None], (final_prediction == labels)[:, None]], 1)
+        costs = torch.tensor(self.cost_model().normalised_exit_costs(), dtype=torch.float64)
+        return ExitStats(confidence, correct, costs)
+
+    def save(self, path: str, prov: Provenance) -> None:
+        tensors = {f"means.{j}": m for j, m in enumerate(self.means)}
+        tensors |= {"normalisers": self.normalisers, "counts": self.counts,
+                    "stage_macs": torch.tensor(self.stage_macs, dtype=torch.int64)}
+        if self.calibration is not None:
+            c = self.calibration
+            tensors |= {"calibration.confidence": c.confidence, "calibration.prediction": c.prediction.to(torch.int32),
+                        "calibration.final_prediction": c.final_prediction, "calibration.labels": c.labels}
+        extra = {"eetool.pooling": json.dumps({"spatial": self.pooling.spatial, "channels": self.pooling.channels})}
+        write_tensors(path, tensors, prov, extra=extra)
+
+    @classmethod
+    def load(cls, path: str) -> tuple[ClassMeans, Provenance]:
+        tensors, prov, meta = read_tensors(path, "class-means")
+        try:
+            j = len(prov.exits)
+            pooling = Pooling(**json.loads(meta.get("eetool.pooling", "{}")))
+            calibration = None
+            if "calibration.confidence" in tensors:
+                labels = tensors["calibration.labels"]
+                calibration = Calibration(
+                    [], tensors["normalisers"], tensors["counts"], tensors["calibration.confidence"],
+                    tensors["calibration.prediction"].to(torch.int64), tensors["calibration.final_prediction"], labels,
+                    [], (0.0, 0.0))
+            cm = cls(list(prov.exits), [tensors[f"means.{e}"] for e in range(j)], tensors["normalisers"],
+                     tensors["counts"], pooling, tensors["stage_macs"].tolist(), calibration)
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{path} is an incomplete class-means artifact ({e})",
+                             "re-make it with `eetool calibrate-means`") from None
+        return cm, prov
+
+
+class MeansRule:
+    """The E²CM exit rule at given thresholds: leave at exit j when max softmax(-d/normaliser) > T_j."""
+
+    def __init__(self, cm: ClassMeans, thresholds: list[float], device: torch.device | str = "cpu") -> None:
+        self.pooling = cm.pooling
+        self.means = [m.to(device) for m in cm.means]
+        self.means_sq = [(m * m).sum(1) for m in self.means]
+        self.normalisers = cm.normalisers.to(device)
+        self.thresholds = list(thresholds)
+
+    def scores(self, j: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = distances(self.pooling.apply(h), self.means[j], self.means_sq[j])
+        return decide(d, self.normalisers[j])
+
+    def __call__(self, j: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        conf, pred = self.scores(j, h)
+        return conf > self.thresholds[j], pred
+
+
+@torch.no_grad()
+def exit_scores(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, cm: ClassMeans, *,
+                batch_size: int = 256, device: torch.device | str = "cpu", reporter: Reporter | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Confidences and predictions at every exit, and the head's prediction, for every sample (one pass)."""
+    reporter = reporter or Reporter()
+    rule = MeansRule(cm, [1.0] * len(cm.exits), device)
+    n, j = len(data), len(cm.exits)
+    conf = torch.empty(n, j)
+    pred = torch.empty(n, j, dtype=torch.int64)
+    final = torch.empty(n, dtype=torch.int64)
+    with reporter.bar(-(-n // batch_size), "exit scores") as bar:
+        for images, _, pos in data.batches(batch_size):
+            feats, logits = exit_model.features(preprocess(images, device))
+            for e, f in enumerate(feats):
+                c, p = rule.scores(e, f)
+                conf[pos, e], pred[pos, e] = c.cpu(), p.cpu()
+            final[pos] = logits.argmax(1).cpu()
+            bar.advance()
+    return conf, pred, final

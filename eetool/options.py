@@ -360,3 +360,9 @@ def parse_mapping(text: str | None, flag: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UsageError(f"{flag} {text!r} is not a YAML/JSON mapping", f"write e.g. {flag} '{{width: 32}}'")
     return value
+
+# Artifacts made by earlier commands, passed by flags named after their kind.
+MeansOpt = Annotated[str, typer.Option("--means", help="Class-means artifact from `eetool calibrate-means`.",
+                                       rich_help_panel=INPUT)]
+ThresholdsOpt = Annotated[str | None, typer.Option("--thresholds", help="Thresholds artifact from "
+                                                   "`eetool fit-thresholds`.", rich_help_panel=INPUT)]

@@ -17,6 +17,7 @@ Both return threshold vectors; ``hull`` keeps the upper concave frontier of accu
 from __future__ import annotations
 
 import heapq
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -99,12 +100,24 @@ class GreedyPath:
     costs: torch.Tensor  # S + 1: mean normalised cost after each step (index 0: nobody exits early)
     accuracies: torch.Tensor  # S + 1
 
-    def thresholds(self, step: int, num_exits: int) -> torch.Tensor:
+    def first_step_within(self, budgets: torch.Tensor) -> torch.Tensor:
+        """For each budget, the first step whose cost is within it (costs only fall along the walk)."""
+        steps = torch.searchsorted(-self.costs, -budgets.double() - 1e-12, side="left")
+        return steps.clamp_max(self.costs.numel() - 1)
+
+    def thresholds_at(self, steps: list[int], num_exits: int) -> list[torch.Tensor]:
+        """Threshold vectors after each of ``steps``, replaying the moves once."""
+        out: dict[int, torch.Tensor] = {}
         t = torch.ones(num_exits)
-        # Later moves of the same exit overwrite earlier ones: keep the last value per exit.
-        for e, v in zip(self.exits[:step].tolist(), self.values[:step].tolist(), strict=True):
-            t[e] = v
-        return t
+        wanted = sorted(set(steps))
+        moves = zip(self.exits.tolist(), self.values.tolist(), strict=True)
+        done = 0
+        for step in wanted:
+            for e, v in itertools.islice(moves, step - done):
+                t[e] = v
+            done = step
+            out[step] = t.clone()
+        return [out[s] for s in steps]
 
 
 def greedy_path(stats: ExitStats) -> GreedyPath:
@@ -180,9 +193,8 @@ def greedy(stats: ExitStats, budget: float, path: GreedyPath | None = None) -> t
     """Thresholds of the first point of the greedy walk whose cost is within the budget."""
     check_budget(stats, budget)
     path = path or greedy_path(stats)
-    within = (path.costs <= budget + 1e-12).nonzero().flatten()
-    step = int(within[0]) if within.numel() else int(path.costs.numel() - 1)
-    return path.thresholds(step, stats.num_exits)
+    step = int(path.first_step_within(torch.tensor([budget]))[0])
+    return path.thresholds_at([step], stats.num_exits)[0]
 
 
 @dataclass
@@ -203,9 +215,9 @@ def sweep(stats: ExitStats, budgets: list[float], search: str = "greedy", *, see
     points = []
     if search == "greedy":
         path = greedy_path(stats)
-        for b in budgets:
-            t = greedy(stats, b, path)
-            points.append(Point(b, *operating_point(stats, t), t.tolist()))
+        steps = path.first_step_within(torch.tensor(budgets, dtype=torch.float64)).tolist()
+        for b, s, t in zip(budgets, steps, path.thresholds_at(steps, stats.num_exits), strict=True):
+            points.append(Point(b, float(path.costs[s]), float(path.accuracies[s]), t.tolist()))
     else:
         gen = torch.Generator().manual_seed(seed)
         for b in budgets:

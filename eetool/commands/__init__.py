@@ -14,6 +14,8 @@ from typing import Any
 COMMANDS: dict[str, str] = {
     "inspect": "inspect",
     "evaluate": "evaluate",
+    "calibrate-means": "calibrate_means",
+    "fit-thresholds": "fit_thresholds",
     "train": "train",
     "archs": "archs",
     "env": "env",

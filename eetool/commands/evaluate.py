@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
 from eetool.options import (
+    INPUT,
     ArchArgsOpt,
     ArchOpt,
     BatchOpt,
@@ -22,6 +25,7 @@ from eetool.options import (
     Run,
     SplitOpt,
     StdOpt,
+    ThresholdsOpt,
     eetool_command,
 )
 
@@ -43,18 +47,29 @@ def command(
     input_shape: InputShapeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    means: Annotated[str | None, typer.Option("--means", help="Class-means artifact (with --thresholds): evaluate "
+                                              "early exits.", rich_help_panel=INPUT)] = None,
+    thresholds: ThresholdsOpt = None,
+    point: Annotated[str, typer.Option("--point", help="Operating point(s) of --thresholds: all, or indices "
+                                       "separated by commas.")] = "all",
 ) -> None:
-    """Evaluate a checkpoint on a dataset: accuracy, per-class accuracy, cost, throughput. Writes -o if given."""
+    """Evaluate a checkpoint, plain or with early exits (--means, --thresholds), on a dataset: accuracy,
+    per-class accuracy, cost, measured throughput. Writes -o if given."""
+    import torch
+
     from eetool.artifacts import STDOUT, Provenance, write_yaml
     from eetool.costs import count_macs, in_unit
     from eetool.datasets import Preprocess, check_labels, load_dataset
+    from eetool.e2cm import MeansRule
     from eetool.errors import UsageError
-    from eetool.inference import per_class_accuracy, predict
+    from eetool.inference import evaluate_exits, per_class_accuracy, predict
 
     if output == STDOUT and run.json:
         raise UsageError("-o - and --format json both ask for stdout", "drop one, or write the YAML to a file")
+    if bool(means) != bool(thresholds):
+        raise UsageError("early exits need both --means and --thresholds", "pass both, or neither for the plain model")
     if output:
-        run.check_output(output, force=force, inputs=(checkpoint, indices, data_path(data)))
+        run.check_output(output, force=force, inputs=(checkpoint, indices, data_path(data), means, thresholds))
     ckpt = open_checkpoint(checkpoint, arch, arch_args, num_classes, input_shape, mean, std)
     device = run.torch()
     ds = load_dataset(data, split, indices)
@@ -65,8 +80,12 @@ def command(
         raise InputError(f"{ds.spec} has unlabelled samples", "evaluate on a labelled dataset")
     unit = count.value
     macs = count_macs(ckpt.model, ckpt.spec.input_shape)
-    result = predict(ckpt.model, ds, Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std),
-                     batch_size=batch_size, device=device, reporter=run.reporter)
+    preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
+    early = _early_exit_setup(ckpt, means, thresholds, point, device) if means and thresholds else None
+    # warm up (allocator, kernels) so the timed runs compare like with like
+    predict(ckpt.model, ds.subset(torch.arange(min(len(ds), batch_size))), preprocess, batch_size=batch_size,
+            device=device)
+    result = predict(ckpt.model, ds, preprocess, batch_size=batch_size, device=device, reporter=run.reporter)
     correct = result.predictions == ds.labels
     classes = ckpt.spec.classes or [str(k) for k in range(ckpt.spec.num_classes)]
     per_class = per_class_accuracy(result.predictions, ds.labels, ckpt.spec.num_classes)
@@ -84,9 +103,30 @@ def command(
             "throughput": round(len(ds) / result.seconds, 1),
             "speedup": 1.0,
         }],
-        "per_class": {name: (None if acc != acc else round(float(acc), 6))
-                      for name, acc in zip(classes, per_class, strict=False)},
+        "per_class": {"plain": _per_class_dict(classes, per_class)},
     }
+    if early is not None:
+        em, cm, chosen = early
+        cost_model = cm.cost_model()
+        for index, p in chosen:
+            rule = MeansRule(cm, p["thresholds"], device)
+            r = evaluate_exits(em, ds, preprocess, rule, batch_size=batch_size, device=device, reporter=run.reporter)
+            counts = torch.bincount(r.exit_index, minlength=len(cm.exits) + 1)
+            cost = cost_model.average(counts)
+            name = f"{index}: budget {p['budget']:g}"
+            doc["points"].append({
+                "name": name,
+                "budget": p["budget"],
+                "accuracy": round(float((r.predictions == ds.labels).double().mean()), 6),
+                "cost": round(cost, 6),
+                unit: int(in_unit(cost * macs, unit)),
+                "throughput": round(len(ds) / r.seconds, 1),
+                "speedup": round(result.seconds / r.seconds, 3),
+                "exit_shares": {e: round(int(c) / len(ds), 6)
+                                for e, c in zip([*cm.exits, "head"], counts.tolist(), strict=True)},
+            })
+            doc["per_class"][name] = _per_class_dict(
+                classes, per_class_accuracy(r.predictions, ds.labels, ckpt.spec.num_classes))
     if output:
         prov = Provenance(kind="evaluation", checkpoint_sha256=ckpt.sha256, dataset=ds.fingerprint, args=run.args)
         write_yaml(output, {k: v for k, v in doc.items()}, prov)
@@ -99,7 +139,42 @@ def command(
         points = format_table(["point", "accuracy", "cost", f"{unit}/sample", "samples/s", "speedup"],
                               [[p["name"], p["accuracy"], p["cost"], f"{p[unit]:,}", f"{p['throughput']:.1f}",
                                 f"{p['speedup']:.2f}x"] for p in d["points"]])
-        per = format_table(["class", "accuracy"], [[k, v] for k, v in d["per_class"].items()])
+        names = list(d["per_class"])
+        per = format_table(["class", *(n.split(":")[0] for n in names)],
+                           [[c, *(d["per_class"][n][c] for n in names)] for c in classes])
         return f"{head}\n\n{points}\n\n{per}"
 
     run.emit(doc, text)
+
+
+def _per_class_dict(classes: list[str], accuracy: Any) -> dict[str, float | None]:
+    return {name: (None if acc != acc else round(float(acc), 6)) for name, acc in zip(classes, accuracy, strict=False)}
+
+
+def _early_exit_setup(ckpt: Any, means: str, thresholds: str, point: str, device: Any) -> tuple[Any, Any, list[Any]]:
+    """Load and cross-check the class means and thresholds; pick the operating points to run."""
+    from eetool.artifacts import read_yaml, sha256_file, verify
+    from eetool.e2cm import ClassMeans
+    from eetool.errors import InputError, UsageError
+    from eetool.exits import build_exit_model
+
+    cm, means_prov = ClassMeans.load(means)
+    verify(means, means_prov, checkpoint_sha256=ckpt.sha256)
+    doc, prov = read_yaml(thresholds, "thresholds")
+    verify(thresholds, prov, checkpoint_sha256=ckpt.sha256, exits=list(cm.exits),
+           inputs={"class-means": sha256_file(means)})
+    points = doc.get("points") or []
+    if not points or any(len(p.get("thresholds", [])) != len(cm.exits) for p in points):
+        raise InputError(f"{thresholds} holds no usable operating points", "re-make it with `eetool fit-thresholds`")
+    if point == "all":
+        chosen = list(enumerate(points))
+    else:
+        try:
+            picked = [int(v) for v in point.split(",")]
+        except ValueError:
+            picked = [-1]
+        if any(not 0 <= i < len(points) for i in picked):
+            raise UsageError(f"--point {point!r} is not all or indices below {len(points)}", "e.g. --point 0,2")
+        chosen = [(i, points[i]) for i in picked]
+    ckpt.model.to(device)
+    return build_exit_model(ckpt.model, ",".join(cm.exits)), cm, chosen

@@ -1,0 +1,113 @@
+"""eetool calibrate-means: E²CM class means at every exit, from one checkpoint and a labelled dataset."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
+from eetool.options import (
+    BatchOpt,
+    CheckpointOpt,
+    Count,
+    CountOpt,
+    DataOpt,
+    ExitsOpt,
+    ForceOpt,
+    IndicesOpt,
+    OutputOpt,
+    Run,
+    SplitOpt,
+    eetool_command,
+)
+
+POOL = "Pooling"
+
+
+@eetool_command("class-means")
+def command(
+    run: Run,
+    checkpoint: CheckpointOpt,
+    data: DataOpt,
+    output: OutputOpt,
+    split: SplitOpt = "train",
+    indices: IndicesOpt = None,
+    exits: ExitsOpt = "every",
+    pool_spatial: Annotated[int | None, typer.Option("--pool-spatial", min=1, help="Max-pool each exit's feature "
+                                                     "maps to at most N x N before the means.",
+                                                     rich_help_panel=POOL)] = None,
+    pool_channels: Annotated[int | None, typer.Option("--pool-channels", min=1, help="Max-pool channels in groups "
+                                                      "down to N (must divide each exit's channels).",
+                                                      rich_help_panel=POOL)] = None,
+    batch_size: BatchOpt = 256,
+    count: CountOpt = Count.macs,
+    force: ForceOpt = False,
+) -> None:
+    """Compute class means, normalisers and calibration confidences at every exit. Writes -o (safetensors)."""
+    from eetool.artifacts import Provenance
+    from eetool.costs import in_unit, measure
+    from eetool.datasets import Preprocess, check_labels, load_dataset
+    from eetool.e2cm import ClassMeans, Pooling, calibrate
+    from eetool.exits import build_exit_model
+
+    run.check_output(output, force=force, inputs=(checkpoint, indices, data_path(data)))
+    ckpt = open_checkpoint(checkpoint)
+    device = run.torch()
+    ds = load_dataset(data, split, indices)
+    check_labels(ds, ckpt.spec.num_classes)
+    ckpt.model.to(device)
+    em = build_exit_model(ckpt.model, exits)
+    pooling = Pooling(pool_spatial, pool_channels)
+    costs = measure(em, ckpt.spec.input_shape)
+    calib = calibrate(em, ds, Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std), ckpt.spec.num_classes,
+                      pooling=pooling, batch_size=batch_size, device=device, reporter=run.reporter)
+    cm = ClassMeans(list(em.exits), calib.means, calib.normalisers, calib.counts, pooling, costs.stage_macs, calib)
+    prov = Provenance(kind="class-means", checkpoint_sha256=ckpt.sha256, exits=list(em.exits),
+                      dataset=ds.fingerprint, args=run.args)
+    cm.save(output, prov)
+    run.reporter.log(f"wrote {output}")
+
+    unit = count.value
+    model_bytes = sum(p.numel() * p.element_size() for p in ckpt.model.parameters())
+    model_macs = costs.model_macs
+    with_overheads = cm.cost_model()
+    correct = calib.prediction == calib.labels[:, None]
+    rows = [{
+        "exit": name,
+        "dim": dim,
+        "means_mb": round(mem / 2**20, 4),
+        "means_fraction_of_model": round(mem / model_bytes, 6),
+        f"overhead_{unit}": int(in_unit(over, unit)),
+        "overhead_normalised": round(over / model_macs, 6),
+        "cost_normalised": round(c, 6),
+        "calibration_accuracy": round(float(acc), 6),
+    } for name, dim, mem, over, c, acc in zip(em.exits, calib.dims, cm.memory_bytes(), with_overheads.overhead_macs,
+                                              with_overheads.normalised_exit_costs(), correct.double().mean(0),
+                                              strict=False)]
+    passes = calib.seconds
+    doc: dict[str, Any] = {
+        "output": output, "checkpoint": ckpt.path, "dataset": ds.fingerprint, "samples": len(ds),
+        "mode": em.mode, "unit": unit, "exits": rows,
+        "total_means_mb": round(sum(cm.memory_bytes()) / 2**20, 4),
+        "total_means_fraction_of_model": round(sum(cm.memory_bytes()) / model_bytes, 6),
+        f"total_overhead_{unit}": int(in_unit(sum(with_overheads.overhead_macs), unit)),
+        "total_overhead_normalised": round(sum(with_overheads.overhead_macs) / model_macs, 6),
+        "head_calibration_accuracy": round(float((calib.final_prediction == calib.labels).double().mean()), 6),
+        "throughput_pass1": round(len(ds) / passes[0], 1), "throughput_pass2": round(len(ds) / passes[1], 1),
+    }
+
+    def text(d: dict[str, Any]) -> str:
+        table = format_table(
+            ["exit", "dim", "means MB", "of model", f"overhead {unit}", "overhead", "exit cost", "calib acc"],
+            [[r["exit"], r["dim"], r["means_mb"], r["means_fraction_of_model"], f"{r[f'overhead_{unit}']:,}",
+              r["overhead_normalised"], r["cost_normalised"], r["calibration_accuracy"]] for r in d["exits"]])
+        return format_fields([
+            ("class means", f"{d['output']} ({d['samples']} samples of {d['dataset']}, {d['mode']} mode)"),
+            ("means memory", f"{d['total_means_mb']:.3f} MB = {d['total_means_fraction_of_model']:.3f} of the model"),
+            ("overhead", f"{d[f'total_overhead_{unit}']:,} {unit} = {d['total_overhead_normalised']:.4f} of the "
+                         "model if a sample passes every exit"),
+            ("head accuracy", d["head_calibration_accuracy"]),
+        ]) + "\n\n" + table
+
+    run.emit(doc, text)
