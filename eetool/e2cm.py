@@ -111,14 +111,14 @@ class Calibration:
     final_prediction: torch.Tensor  # N: the model's own head
     labels: torch.Tensor  # N
     dims: list[int]
-    seconds: tuple[float, float]  # pass 1 (means), pass 2 (normalisers and cache)
+    seconds: tuple[float, float]  # pass 1 (means), the rest (normalisers and confidences)
 
 
 @torch.no_grad()
 def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_classes: int, *,
               pooling: Pooling = Pooling(), batch_size: int = 256, device: torch.device | str = "cpu",
-              reporter: Reporter | None = None) -> Calibration:
-    """Two streaming passes: class means; then normalisers, confidences and predictions."""
+              reporter: Reporter | None = None, raw_cache_bytes: int = 256 * 2**20) -> Calibration:
+    """Streaming passes: class means; then normalisers, confidences and predictions (see below)."""
     import time
 
     reporter = reporter or Reporter()
@@ -139,22 +139,38 @@ def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_
     means_sq = [(m * m).sum(1) for m in means]
     n, j = len(data), len(dims)
     dist_sum = torch.zeros(j, num_classes, dtype=torch.float64)
-    # The raw distances are kept (N x J x K) because the normalisers need every sample first.
-    raw = torch.empty(n, j, num_classes, dtype=torch.float32)
     final = torch.empty(n, dtype=torch.int64)
+    # The normalisers need every sample's distances before any confidence can be computed. Small
+    # caches keep the raw distances (N x J x K); larger ones run a third pass, so that memory stays
+    # at the N x J confidence cache however many classes and samples there are.
+    keep_raw = n * j * num_classes * 4 <= raw_cache_bytes
+    raw = torch.empty(n, j, num_classes, dtype=torch.float32) if keep_raw else None
     with reporter.bar(batches, "distances") as bar:
         for images, _, pos in data.batches(batch_size):
             feats, logits = exit_model.features(preprocess(images, device))
             for e, f in enumerate(feats):
                 d = distances(pooling.apply(f), means[e], means_sq[e])
                 dist_sum[e] += d.double().sum(0).cpu()
-                raw[pos, e] = d.cpu()
+                if raw is not None:
+                    raw[pos, e] = d.cpu()
             final[pos] = logits.argmax(1).cpu()
             bar.advance()
     normalisers = (dist_sum / n).float()
-    conf, pred = decide(raw.view(n * j, num_classes), normalisers.repeat(n, 1))
+    if raw is not None:
+        conf, pred = decide(raw.view(n * j, num_classes), normalisers.repeat(n, 1))
+        conf, pred = conf.view(n, j), pred.view(n, j)
+    else:
+        conf, pred = torch.empty(n, j), torch.empty(n, j, dtype=torch.int64)
+        norm = normalisers.to(device)
+        with reporter.bar(batches, "confidences") as bar:
+            for images, _, pos in data.batches(batch_size):
+                feats, _ = exit_model.features(preprocess(images, device))
+                for e, f in enumerate(feats):
+                    c, p = decide(distances(pooling.apply(f), means[e], means_sq[e]), norm[e])
+                    conf[pos, e], pred[pos, e] = c.cpu(), p.cpu()
+                bar.advance()
     t2 = time.perf_counter()
-    return Calibration([m.cpu() for m in means], normalisers, sums.counts, conf.view(n, j), pred.view(n, j),
+    return Calibration([m.cpu() for m in means], normalisers, sums.counts, conf, pred,
                        final, data.labels.clone(), dims, (t1 - t0, t2 - t1))
 
 

@@ -67,10 +67,11 @@ def _blocks(model: nn.Module, layers: tuple[str, ...]) -> list[Unit]:
 
 
 def candidate_exits(model: nn.Module) -> tuple[str, list[str]]:
-    """The mode and the exit points ``--exits every`` picks (all but the unit that feeds the head)."""
+    """The mode and the exit points ``--exits every`` picks: after every unit (the stem and each block),
+    as the thesis places E²CM exits after every ResNet block."""
     units = chain_units(model)
     if units is not None:
-        return SPLIT, [name for name, _ in units[:-2]]
+        return SPLIT, [name for name, _ in units[:-1]]
     return HOOK, [name for name, _ in list(model.named_children())[:-1]]
 
 

@@ -214,7 +214,7 @@ def test_config_values_apply(tiny_checkpoint: str, workdir: Path) -> None:
     assert result.exit_code == 0, result.stderr
     doc = json_doc(result)
     assert doc["unit"] == "flops"
-    assert [r["exit"] for r in doc["exits"]] == ["layer1.0", "layer1.2", "layer2.1", "layer3.0", "head"]
+    assert [r["exit"] for r in doc["exits"]] == ["layer1.0", "layer1.2", "layer2.1", "layer3.0", "layer3.2", "head"]
 
 
 def test_config_lists_and_mappings_become_flag_values(tiny_checkpoint: str, workdir: Path) -> None:
@@ -361,7 +361,8 @@ def test_evaluate_writes_yaml_with_provenance(evaluation: tuple[Result, Path], t
     assert doc["samples"] == 64
     point = doc["points"][0]
     assert 0 <= point["accuracy"] <= 1 and point["cost"] == 1.0 and point["macs"] > 0
-    assert list(doc["per_class"]) == [f"c{k}" for k in range(10)]
+    assert list(doc["per_class"]) == ["plain"]
+    assert list(doc["per_class"]["plain"]) == [f"c{k}" for k in range(10)]
     assert path.stat().st_mode & 0o777 != 0o600  # not mkstemp's private mode
     assert not [p for p in path.parent.iterdir() if p.name != path.name]  # no temp file left
 

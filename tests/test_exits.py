@@ -133,12 +133,12 @@ def test_fewer_exits_still_chain_to_the_model() -> None:
             assert torch.allclose(out, want, atol=1e-5)
 
 
-def test_resnet20_candidates_are_all_units_but_the_last_block() -> None:
+def test_resnet20_candidates_are_the_stem_and_every_block() -> None:
     model = build_model("resnet20", 10, 1, {"width": 4})
     mode, candidates = candidate_exits(model)
     assert mode == SPLIT
     blocks = [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(3)]
-    assert candidates == ["stem", *blocks[:-1]]  # layer3.2 feeds the head: an exit there saves nothing
+    assert candidates == ["stem", *blocks]  # the thesis puts an exit after every ResNet block
     units = chain_units(model)
     assert units is not None and [n for n, _ in units] == ["stem", *blocks, "head"]
 
@@ -147,14 +147,14 @@ def test_torchvision_resnet_units_follow_its_blocks() -> None:
     model = build_model("resnet18", 10, 3)
     _, candidates = candidate_exits(model)
     blocks = [f"layer{i}.{j}" for i in (1, 2, 3, 4) for j in range(2)]
-    assert candidates == ["stem", *blocks[:-1]]
+    assert candidates == ["stem", *blocks]
 
 
 def test_vgg_units_end_at_pooling_layers() -> None:
     model = build_model("vgg11", 10, 3)
     pools = [f"features.{i}" for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)]
     _, candidates = candidate_exits(model)
-    assert candidates == pools[:-1]
+    assert candidates == pools
 
 
 def test_exit_shapes_of_resnet20() -> None:
@@ -162,7 +162,7 @@ def test_exit_shapes_of_resnet20() -> None:
     model = build_model("resnet20", 10, 1, {"width": width})
     em = build_exit_model(model, "every")
     # The stem and stage 1 keep 28x28 at `width` channels; stages 2 and 3 halve the size and double the channels.
-    want = [(width, 28, 28)] * 4 + [(2 * width, 14, 14)] * 3 + [(4 * width, 7, 7)] * 2
+    want = [(width, 28, 28)] * 4 + [(2 * width, 14, 14)] * 3 + [(4 * width, 7, 7)] * 3
     assert em.exit_shapes((1, 28, 28)) == want
 
 
@@ -208,7 +208,6 @@ def test_explicit_names() -> None:
 
 @pytest.mark.parametrize("selection", [
     "nonsense",  # unknown
-    "layer3.2",  # a unit, but the one feeding the head
     "head",
     "layer1.0.conv1",  # a module inside a unit: cannot be a cut in split mode
     "stem,stem",  # twice
