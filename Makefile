@@ -4,7 +4,10 @@ EETOOL ?= eetool
 FMNIST ?= fashion-mnist
 DEMO_CHECKPOINT := eetool/demo/demo-resnet20-fashion-mnist.safetensors
 
-.PHONY: help test lint bench completions demo-checkpoint demo-data
+RESULTS ?= results
+BUDGETS := --budget 0.25 --budget 0.5 --budget 0.75
+
+.PHONY: help test lint bench completions demo-checkpoint demo-data e2cm-demo e2cm-fashion-mnist e2cm-run
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -18,6 +21,7 @@ lint: ## ruff and mypy
 
 bench: ## benchmarks (ratios within one run)
 	$(PYTHON) bench/startup.py
+	$(PYTHON) bench/e2cm.py
 
 completions: ## regenerate completions/ from the app
 	$(PYTHON) -m eetool.completion_scripts completions
@@ -29,3 +33,23 @@ demo-checkpoint: ## re-make the shipped checkpoint from Debian's Fashion-MNIST (
 
 demo-data: ## re-make the embedded demo images from Debian's Fashion-MNIST
 	$(PYTHON) -m eetool.demo_data $(FMNIST) eetool/demo/demo-data.safetensors
+
+# E²CM on the shipped checkpoint: class means on the training split, thresholds for budgets 0.25,
+# 0.5 and 0.75 (and a full sweep with its convex hull), then the test split with exits that stop.
+e2cm-demo: ## E²CM results on the embedded demo set (a minute)
+	$(MAKE) e2cm-run NAME=demo DATA=demo
+
+e2cm-fashion-mnist: ## E²CM results on the full Fashion-MNIST (60,000 calibration, 10,000 test images)
+	$(MAKE) e2cm-run NAME=fashion-mnist DATA=$(FMNIST)
+
+e2cm-run:
+	@mkdir -p $(RESULTS)
+	$(EETOOL) calibrate-means --checkpoint demo --data $(DATA) --split train --no-progress \
+	  -o $(RESULTS)/$(NAME)-means.safetensors --force > $(RESULTS)/$(NAME)-means.txt
+	$(EETOOL) fit-thresholds --means $(RESULTS)/$(NAME)-means.safetensors $(BUDGETS) \
+	  -o $(RESULTS)/$(NAME)-budgets.yaml --force
+	$(EETOOL) fit-thresholds --means $(RESULTS)/$(NAME)-means.safetensors --sweep \
+	  -o $(RESULTS)/$(NAME)-sweep.yaml --force > $(RESULTS)/$(NAME)-sweep.txt
+	$(EETOOL) evaluate --checkpoint demo --data $(DATA) --split test --no-progress \
+	  --means $(RESULTS)/$(NAME)-means.safetensors --thresholds $(RESULTS)/$(NAME)-budgets.yaml \
+	  -o $(RESULTS)/$(NAME)-evaluation.yaml --force | tee $(RESULTS)/$(NAME)-evaluation.txt

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ import torch
 from eetool.errors import UsageError
 
 SEARCHES = ("greedy", "bisect")
+BISECTION_STEPS = 24  # halvings of [0, 1] down to float32 resolution
 
 
 @dataclass
@@ -66,28 +68,49 @@ def check_budget(stats: ExitStats, budget: float) -> None:
                          "choose a budget in that range (the first exit's cost is the floor)")
 
 
-def bisect(stats: ExitStats, budget: float, *, tol: float = 5e-4, max_rounds: int = 60,
+def bisect(stats: ExitStats, budget: float, *, tol: float = 5e-4, max_rounds: int = 4,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """The thesis's reference: per-component binary search with alternating optimisation."""
+    """The thesis's reference: per-component binary search with alternating optimisation.
+
+    Each round searches each component in turn with the others held; the closest vector seen is
+    returned when no round comes within ``tol``."""
     check_budget(stats, budget)
     j = stats.num_exits
     t = torch.rand(j, generator=generator, dtype=torch.float64).float()
-    lo, hi = torch.zeros(j), torch.ones(j)
-    best, best_gap = t.clone(), float("inf")
+    best, best_gap = t.clone(), math.inf
+
+    def cost_of(thresholds: torch.Tensor) -> float:
+        nonlocal best, best_gap
+        cost, _ = operating_point(stats, thresholds)
+        if abs(cost - budget) < best_gap:
+            best, best_gap = thresholds.clone(), abs(cost - budget)
+        return cost
+
     for _ in range(max_rounds):
         for k in range(j):
-            cost, _ = operating_point(stats, t)
-            gap = abs(cost - budget)
-            if gap < best_gap:
-                best, best_gap = t.clone(), gap
-            if gap <= tol:
+            # Bounds hold only while the others stay put, so each component is searched afresh: T_k goes to
+            # the end of [0, 1] that moves the cost towards the budget, and stays there if even that end
+            # does not reach it; otherwise the budget lies between that end and where T_k was.
+            cost = cost_of(t)
+            if abs(cost - budget) <= tol:
                 return t
-            if cost > budget:  # too dear: lower T_k so that more samples leave at exit k
-                hi[k] = t[k]
-                t[k] = (lo[k] + t[k]) / 2
-            else:
-                lo[k] = t[k]
-                t[k] = (t[k] + hi[k]) / 2
+            too_dear = cost > budget
+            lo, hi = (0.0, float(t[k])) if too_dear else (float(t[k]), 1.0)
+            t[k] = lo if too_dear else hi
+            cost = cost_of(t)
+            if abs(cost - budget) <= tol:
+                return t
+            if (cost > budget) == too_dear:
+                continue
+            for _ in range(BISECTION_STEPS):
+                t[k] = (lo + hi) / 2
+                cost = cost_of(t)
+                if abs(cost - budget) <= tol:
+                    return t
+                if cost > budget:  # too dear: lower T_k so that more samples leave at exit k
+                    hi = float(t[k])
+                else:
+                    lo = float(t[k])
     return best
 
 
@@ -108,7 +131,7 @@ class GreedyPath:
     def thresholds_at(self, steps: list[int], num_exits: int) -> list[torch.Tensor]:
         """Threshold vectors after each of ``steps``, replaying the moves once."""
         out: dict[int, torch.Tensor] = {}
-        t = torch.ones(num_exits)
+        t = torch.ones(num_exits, dtype=self.values.dtype)
         wanted = sorted(set(steps))
         moves = zip(self.exits.tolist(), self.values.tolist(), strict=True)
         done = 0
@@ -125,67 +148,67 @@ def greedy_path(stats: ExitStats) -> GreedyPath:
     conf = stats.confidence
     n, j = conf.shape
     costs = stats.costs.tolist()
-    correct = stats.correct.to(torch.int8)
-    order = torch.argsort(conf, dim=0, descending=True, stable=True).T.contiguous()  # J x N
-    order_l = order.tolist()
+    correct_l = stats.correct.to(torch.int8).tolist()
+    order_l = torch.argsort(conf, dim=0, descending=True, stable=True).T.tolist()  # J x N
     conf_l = conf.T.tolist()
-    correct_l = correct.tolist()
+    # The largest threshold below each confidence, in the confidences' own dtype: replayed, it lets
+    # exactly that sample (and its ties) through and no other.
+    below_l = torch.nextafter(conf, torch.tensor(-1.0, dtype=conf.dtype)).T.tolist()
     current = [j] * n  # each sample's exit
-    pointer = [0] * j
+    pointer = [0] * j  # in exit k's order, every sample before pointer[k] leaves at k or earlier
+    group: list[list[int]] = [[] for _ in range(j)]  # the samples exit k's queued move lets leave there
+    version = [0] * j  # a heap entry is live while its version is its exit's latest
     total_cost = costs[j] * n
-    total_correct = int(correct[:, j].sum())
+    total_correct = sum(row[j] for row in correct_l)
     heap: list[tuple[float, float, int, int]] = []
 
     def push(k: int) -> None:
-        """Queue exit k's next move: its highest-confidence sample that still passes it."""
+        """Queue exit k's next move, replacing its earlier one: lowering T_k just below the highest confidence
+        still passing exit k lets that sample and its ties leave at k."""
         p = pointer[k]
         col = order_l[k]
         while p < n and current[col[p]] <= k:
             p += 1
         pointer[k] = p
-        if p == n:
-            return
-        i = col[p]
-        heapq.heappush(heap, (_key(k, i), costs[k] - costs[current[i]], k, i))
-
-    def _key(k: int, i: int) -> float:
-        """Accuracy lost per cost saved by letting sample i leave at exit k (ties: larger saving first)."""
-        saved = costs[current[i]] - costs[k]
-        lost = correct_l[i][current[i]] - correct_l[i][k]
-        return lost / saved if saved > 0 else float("inf")
+        version[k] += 1
+        members = []
+        saved = lost = 0.0
+        q = p
+        while q < n and conf_l[k][col[q]] == conf_l[k][col[p]]:
+            i = col[q]
+            if current[i] > k:  # a tie that already leaves earlier is not moved
+                members.append(i)
+                saved += costs[current[i]] - costs[k]
+                lost += correct_l[i][current[i]] - correct_l[i][k]
+            q += 1
+        group[k] = members
+        if members:
+            # accuracy lost per cost saved; a move that saves nothing goes first if it gains, else last
+            key = lost / saved if saved > 0 else (-math.inf if lost < 0 else math.inf)
+            heapq.heappush(heap, (key, -saved, k, version[k]))
 
     for k in range(j):
         push(k)
     moved_exit, moved_value, path_cost, path_acc = [], [], [total_cost / n], [total_correct / n]
     while heap:
-        key, _, k, i = heapq.heappop(heap)
-        if pointer[k] >= n or order_l[k][pointer[k]] != i or current[i] <= k or key != _key(k, i):
-            push(k)  # stale entry: the sample or its exit changed since it was queued
-            continue
-        old = current[i]
-        total_cost += costs[k] - costs[old]
-        total_correct += correct_l[i][k] - correct_l[i][old]
-        current[i] = k
-        pointer[k] += 1
-        # T_k just below this sample's confidence: it leaves at k; every sample above already does.
-        value = conf_l[k][i]
-        nxt = pointer[k]
-        while nxt < n and conf_l[k][order_l[k][nxt]] == value and current[order_l[k][nxt]] > k:
-            # ties leave together, since a threshold cannot separate equal confidences
-            i2 = order_l[k][nxt]
-            total_cost += costs[k] - costs[current[i2]]
-            total_correct += correct_l[i2][k] - correct_l[i2][current[i2]]
-            current[i2] = k
-            nxt += 1
-        pointer[k] = nxt
+        _, _, k, ver = heapq.heappop(heap)
+        if ver != version[k]:
+            continue  # replaced by a later entry of the same exit
+        moved = group[k]
+        for i in moved:
+            total_cost += costs[k] - costs[current[i]]
+            total_correct += correct_l[i][k] - correct_l[i][current[i]]
+            current[i] = k
         moved_exit.append(k)
-        moved_value.append(float(torch.nextafter(torch.tensor(value), torch.tensor(-1.0))))
+        moved_value.append(below_l[k][moved[0]])
         path_cost.append(total_cost / n)
         path_acc.append(total_correct / n)
-        push(k)
-        for later in range(k + 1, old):  # exits sample i no longer passes may have a new candidate
-            push(later)
-    return GreedyPath(torch.tensor(moved_exit, dtype=torch.int64), torch.tensor(moved_value),
+        # Other exits whose queued move involved these samples now have another move, or another key.
+        left = set(moved)
+        for m in range(j):
+            if m == k or not left.isdisjoint(group[m]):
+                push(m)
+    return GreedyPath(torch.tensor(moved_exit, dtype=torch.int64), torch.tensor(moved_value, dtype=conf.dtype),
                       torch.tensor(path_cost, dtype=torch.float64), torch.tensor(path_acc, dtype=torch.float64))
 
 

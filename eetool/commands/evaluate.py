@@ -52,6 +52,8 @@ def command(
     thresholds: ThresholdsOpt = None,
     point: Annotated[str, typer.Option("--point", help="Operating point(s) of --thresholds: all, or indices "
                                        "separated by commas.")] = "all",
+    plot: Annotated[str | None, typer.Option("--plot", help="Also draw accuracy against cost to this PNG "
+                                             "(needs the plot extra: matplotlib).")] = None,
 ) -> None:
     """Evaluate a checkpoint, plain or with early exits (--means, --thresholds), on a dataset: accuracy,
     per-class accuracy, cost, measured throughput. Writes -o if given."""
@@ -68,8 +70,11 @@ def command(
         raise UsageError("-o - and --format json both ask for stdout", "drop one, or write the YAML to a file")
     if bool(means) != bool(thresholds):
         raise UsageError("early exits need both --means and --thresholds", "pass both, or neither for the plain model")
+    inputs = (checkpoint, indices, data_path(data), means, thresholds)
     if output:
-        run.check_output(output, force=force, inputs=(checkpoint, indices, data_path(data), means, thresholds))
+        run.check_output(output, force=force, inputs=inputs)
+    if plot:
+        run.check_output(plot, force=force, inputs=inputs)
     ckpt = open_checkpoint(checkpoint, arch, arch_args, num_classes, input_shape, mean, std)
     device = run.torch()
     ds = load_dataset(data, split, indices)
@@ -127,6 +132,11 @@ def command(
             })
             doc["per_class"][name] = _per_class_dict(
                 classes, per_class_accuracy(r.predictions, ds.labels, ckpt.spec.num_classes))
+    if plot:
+        from eetool.plotting import accuracy_cost_png
+
+        accuracy_cost_png(plot, doc["points"], f"{ckpt.spec.arch} on {ds.spec} ({len(ds)} samples)")
+        run.reporter.log(f"wrote {plot}")
     if output:
         prov = Provenance(kind="evaluation", checkpoint_sha256=ckpt.sha256, dataset=ds.fingerprint, args=run.args)
         write_yaml(output, {k: v for k, v in doc.items()}, prov)
