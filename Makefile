@@ -27,8 +27,7 @@ completions: ## regenerate completions/ from the app
 	$(PYTHON) -m eetool.completion_scripts completions
 
 demo-checkpoint: ## re-make the shipped checkpoint from Debian's Fashion-MNIST (about 30 min on 2 CPU cores)
-	$(EETOOL) train --data $(FMNIST) --split train --eval-split test --arch resnet20 --epochs 12 \
-	  --batch-size 128 --lr 0.1 --weight-decay 5e-4 --schedule cosine --seed 0 --no-progress \
+	$(EETOOL) train --config eetool/configs/train-resnet20-fashion-mnist.yaml --data $(FMNIST) --no-progress \
 	  -o $(DEMO_CHECKPOINT) --force
 
 demo-data: ## re-make the embedded demo images from Debian's Fashion-MNIST

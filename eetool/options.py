@@ -312,8 +312,11 @@ def _apply_config(ctx: typer.Context, kwargs: dict[str, Any]) -> dict[str, Any]:
         source = ctx.get_parameter_source(key)
         if source is not None and source.name == "COMMANDLINE":
             continue
-        if isinstance(value, (list, tuple)):  # e.g. mean: [0.5, 0.5, 0.5] or input-shape: [1, 28, 28]
+        repeatable = bool(getattr(params[key], "multiple", False))  # e.g. budget: [0.25, 0.5]
+        if isinstance(value, (list, tuple)) and not repeatable:  # e.g. mean: [0.5, 0.5] or input-shape: [1, 28, 28]
             value = ",".join(str(v) for v in value)
+        elif repeatable and not isinstance(value, (list, tuple)):
+            value = [value]
         elif isinstance(value, dict):  # e.g. arch-args: {width: 32}
             value = json.dumps(value)
         try:
