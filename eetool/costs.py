@@ -26,25 +26,30 @@ def count_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
     """MACs of one forward pass of a single sample, from ptflops (which must not print to stdout)."""
     from ptflops import get_model_complexity_info
 
-    was_training = module.training
+    # Each module gets its own mode back afterwards: module.train(was_training) would give every submodule
+    # the container's mode, and a stage container (in training mode, as nn.Sequential starts) shares the
+    # model's BatchNorm layers, whose running statistics the next forward pass would then overwrite.
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
-    # ptflops reports its own failures with print() and a traceback; keep both off the terminal
-    # and raise one error instead.
-    report = io.StringIO()
-    with contextlib.redirect_stdout(report), contextlib.redirect_stderr(report):
-        # Module rules only: with functional counting on, ptflops counts nn.ReLU and pooling modules
-        # twice (module hook and patched F.relu), and hook mode could not agree with split mode.
-        macs, _ = get_model_complexity_info(module, tuple(input_shape), as_strings=False,
-                                            print_per_layer_stat=False, verbose=False, backend="pytorch",
-                                            backend_specific_config={"count_functional": False})
-    if macs is None:
-        with torch.no_grad():  # a failing forward pass: raise its own error rather than ptflops' report
-            module(torch.zeros(1, *input_shape))
-        module.train(was_training)
-        lines = [line for line in report.getvalue().splitlines() if line.strip()]
-        reason = lines[-1] if lines else "no reason given"
-        raise RuntimeError(f"ptflops could not count {type(module).__name__}: {reason}")
-    module.train(was_training)
+    try:
+        # ptflops reports its own failures with print() and a traceback; keep both off the terminal
+        # and raise one error instead.
+        report = io.StringIO()
+        with contextlib.redirect_stdout(report), contextlib.redirect_stderr(report):
+            # Module rules only: with functional counting on, ptflops counts nn.ReLU and pooling modules
+            # twice (module hook and patched F.relu), and hook mode could not agree with split mode.
+            macs, _ = get_model_complexity_info(module, tuple(input_shape), as_strings=False,
+                                                print_per_layer_stat=False, verbose=False, backend="pytorch",
+                                                backend_specific_config={"count_functional": False})
+        if macs is None:
+            with torch.no_grad():  # a failing forward pass: raise its own error rather than ptflops' report
+                module(torch.zeros(1, *input_shape))
+            lines = [line for line in report.getvalue().splitlines() if line.strip()]
+            reason = lines[-1] if lines else "no reason given"
+            raise RuntimeError(f"ptflops could not count {type(module).__name__}: {reason}")
+    finally:
+        for m, mode in modes:
+            m.training = mode
     return int(macs)
 
 

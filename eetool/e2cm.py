@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from eetool.artifacts import Provenance, read_tensors, write_tensors
+from eetool.artifacts import Provenance, read_tensors, read_yaml, write_tensors
 from eetool.costs import CostModel
 from eetool.datasets import Dataset, Preprocess
 from eetool.errors import InputError, UsageError
@@ -221,6 +221,8 @@ class ClassMeans:
 
     @classmethod
     def load(cls, path: str) -> tuple[ClassMeans, Provenance]:
+        if path.endswith((".yaml", ".yml")):  # another eetool artifact (YAML) given where class means belong
+            read_yaml(path, "class-means")  # raises the provenance error naming the kind found
         tensors, prov, meta = read_tensors(path, "class-means")
         try:
             j = len(prov.exits)

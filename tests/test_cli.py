@@ -148,28 +148,42 @@ def training(tmp_path_factory: pytest.TempPathFactory, tiny_data: str) -> dict[s
 # Common options after the subcommand, and JSON on stdout
 
 
+@pytest.fixture(scope="module")
+def class_means(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: str, tiny_data: str) -> Path:
+    out = tmp_path_factory.mktemp("class-means") / "means.safetensors"
+    result = invoke("calibrate-means", "-c", tiny_checkpoint, "-d", tiny_data, "-o", out, "--batch-size", 48, "-q")
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
 @pytest.fixture()
-def command_args(tiny_checkpoint: str, tiny_data: str) -> dict[str, list[str]]:
+def command_args(tiny_checkpoint: str, tiny_data: str, class_means: Path, tmp_path: Path) -> dict[str, list[str]]:
     return {
         "archs": [],
         "env": [],
         "inspect": ["--checkpoint", tiny_checkpoint],
         "evaluate": ["-c", tiny_checkpoint, "-d", tiny_data],
+        "calibrate-means": ["-c", tiny_checkpoint, "-d", tiny_data, "-o", str(tmp_path / "means.safetensors")],
+        "fit-thresholds": ["--means", str(class_means), "-o", str(tmp_path / "thresholds.yaml"), "--budget", "0.5"],
     }
+
+
+# The kind in each command's JSON schema, where it is not the command's name.
+SCHEMA_KINDS = {"evaluate": "evaluation", "calibrate-means": "class-means", "fit-thresholds": "thresholds"}
 
 
 def test_the_table_below_covers_every_command(command_args: dict[str, list[str]]) -> None:
     assert set(command_args) | {"train"} == set(COMMANDS)
 
 
-@pytest.mark.parametrize("command", ["archs", "env", "inspect", "evaluate"])
+@pytest.mark.parametrize("command", ["archs", "env", "inspect", "evaluate", "calibrate-means", "fit-thresholds"])
 def test_common_options_after_the_subcommand(command: str, command_args: dict[str, list[str]]) -> None:
     result = invoke(command, *command_args[command], "-q", "-v", "--format", "json", "--no-progress", "--seed", "3",
                     "--device", "cpu", "--threads", "1", "--debug")
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""  # -q: nothing but data
     doc = json_doc(result)
-    assert doc["schema"] == f"eetool/{'evaluation' if command == 'evaluate' else command}@1"
+    assert doc["schema"] == f"eetool/{SCHEMA_KINDS.get(command, command)}@1"
 
 
 def test_train_accepts_the_common_options_and_emits_json(training: dict[str, object]) -> None:

@@ -61,6 +61,21 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
     (d / "bad-value.yaml").write_text("threads: 0\n")
     (d / "not-mapping.yaml").write_text("- format\n- json\n")
     (d / "seed.yaml").write_text("seed: 1\n")
+    # E²CM artifacts of the tiny checkpoint, and broken ones
+    save_file({"test.images": u8, "test.labels": torch.tensor([0, 1, 0, 1])}, str(d / "two-classes.safetensors"))
+    means = d / "means.safetensors"
+    made = runner.invoke(app, ["calibrate-means", "-c", tiny_checkpoint, "-d", tiny_data, "-o", str(means), "-q"])
+    assert made.exit_code == 0, made.stderr
+    made = runner.invoke(app, ["fit-thresholds", "--means", str(means), "-o", str(d / "thresholds.yaml"),
+                               "--budget", "0.5", "-q"])
+    assert made.exit_code == 0, made.stderr
+    blob = means.read_bytes()
+    (d / "truncated-means.safetensors").write_bytes(blob[: len(blob) // 2])
+    from eetool.e2cm import ClassMeans
+
+    cm, prov = ClassMeans.load(str(means))
+    cm.calibration = None
+    cm.save(str(d / "means-without-cache.safetensors"), prov)
     return d
 
 
@@ -81,6 +96,9 @@ EVAL = ["evaluate", "-c", "{ckpt}", "-d", "{data}", "-o", "{out}/result.yaml"]
 FOREIGN = ["evaluate", "-d", "{data}", "-o", "{out}/result.yaml", "--input-shape", "1,28,28", "--arch-args",
            "{{width: 4}}"]
 TRAIN = ["train", "-d", "{data}", "-o", "{out}/model.safetensors", "--arch-args", "{{width: 4}}", "--epochs", "1"]
+CALIBRATE = ["calibrate-means", "-c", "{ckpt}", "-d", "{data}", "-o", "{out}/means.safetensors"]
+FIT = ["fit-thresholds", "--means", "{inp}/means.safetensors", "-o", "{out}/thresholds.yaml"]
+MEANS = ["--means", "{inp}/means.safetensors"]
 
 
 def _root_can_write(out: Path) -> str | None:
@@ -200,6 +218,54 @@ CASES = [
     Case("inspect-yaml-without-provenance", ["inspect", "{inp}/plain.yaml"], BAD_INPUT),
     Case("inspect-binary-file", ["inspect", "{inp}/random.dat"], BAD_INPUT),
     Case("inspect-random-safetensors", ["inspect", "{inp}/random.safetensors"], BAD_INPUT),
+    # calibrate-means
+    Case("calibrate-class-without-samples", [*CALIBRATE[:4], "{inp}/two-classes.safetensors", *CALIBRATE[5:],
+                                             "--split", "test"], BAD_INPUT, says="no calibration samples of class 2"),
+    Case("calibrate-labels-beyond-classes", [*CALIBRATE[:4], "{inp}/labels-25.safetensors", *CALIBRATE[5:],
+                                             "--split", "test"], MISMATCH),
+    Case("calibrate-pool-channels-not-dividing", [*CALIBRATE, "--pool-channels", "3"], USAGE, says="does not divide"),
+    Case("calibrate-pool-spatial-zero", [*CALIBRATE, "--pool-spatial", "0"], USAGE),
+    Case("calibrate-unknown-exit", [*CALIBRATE, "--exits", "layer9.0"], USAGE),
+    Case("calibrate-output-exists", [*CALIBRATE[:-1], "{out}/existing.yaml"], OUTPUT, says="--force"),
+    Case("calibrate-output-is-the-checkpoint", [*CALIBRATE[:-1], "{ckpt}", "--force"], OUTPUT, says="also an input"),
+    Case("calibrate-output-missing", ["calibrate-means", "-c", "{ckpt}", "-d", "{data}"], USAGE, says="--output"),
+    # fit-thresholds
+    Case("means-missing", ["fit-thresholds", "--means", "{inp}/missing.safetensors", "-o", "{out}/t.yaml",
+                           "--budget", "0.5"], BAD_INPUT),
+    Case("means-truncated", ["fit-thresholds", "--means", "{inp}/truncated-means.safetensors", "-o", "{out}/t.yaml",
+                             "--budget", "0.5"], BAD_INPUT),
+    Case("means-given-a-checkpoint", ["fit-thresholds", "--means", "{ckpt}", "-o", "{out}/t.yaml", "--budget", "0.5"],
+         PROVENANCE, says="checkpoint artifact, not class-means"),
+    Case("means-given-thresholds", ["fit-thresholds", "--means", "{inp}/thresholds.yaml", "-o", "{out}/t.yaml",
+                                    "--budget", "0.5"], PROVENANCE, says="thresholds artifact, not class-means"),
+    Case("means-without-calibration-cache", ["fit-thresholds", "--means", "{inp}/means-without-cache.safetensors",
+                                             "-o", "{out}/t.yaml", "--budget", "0.5"], USAGE, says="calibration"),
+    Case("fit-without-budget", FIT, USAGE, says="no budget"),
+    Case("fit-unreachable-budget", [*FIT, "--budget", "0.001"], USAGE, says="reachable budgets are"),
+    Case("fit-budget-above-one", [*FIT, "--budget", "1.5"], USAGE, says="reachable budgets are"),
+    Case("fit-unknown-search", [*FIT, "--budget", "0.5", "--search", "anneal"], USAGE, says="unknown search"),
+    Case("fit-step-zero", [*FIT, "--sweep", "--step", "0"], USAGE),
+    Case("fit-checkpoint-without-validation", [*FIT, "--budget", "0.5", "-c", "{ckpt}"], USAGE),
+    Case("fit-validation-without-data", [*FIT, "--budget", "0.5", "--validation", "-c", "{ckpt}"], USAGE),
+    Case("fit-output-is-the-means", [*FIT[:-1], "{inp}/means.safetensors", "--budget", "0.5", "--force"], OUTPUT,
+         says="also an input"),
+    Case("fit-output-exists", [*FIT[:-1], "{out}/existing.yaml", "--budget", "0.5"], OUTPUT, says="--force"),
+    Case("fit-output-to-stdout-and-json", [*FIT[:-1], "-", "--budget", "0.5", "--format", "json"], USAGE),
+    # evaluate with early exits
+    Case("means-without-thresholds", [*EVAL, *MEANS], USAGE, says="--means and --thresholds"),
+    Case("thresholds-without-means", [*EVAL, "--thresholds", "{inp}/thresholds.yaml"], USAGE),
+    Case("thresholds-given-an-evaluation-yaml", [*EVAL, *MEANS, "--thresholds", "{inp}/evaluation.yaml"], PROVENANCE,
+         says="evaluation artifact, not thresholds"),
+    Case("thresholds-given-class-means", [*EVAL, *MEANS, "--thresholds", "{inp}/means.safetensors"], PROVENANCE,
+         says="class-means artifact, not thresholds"),
+    Case("thresholds-given-a-plain-yaml", [*EVAL, *MEANS, "--thresholds", "{inp}/plain.yaml"], PROVENANCE),
+    Case("thresholds-missing", [*EVAL, *MEANS, "--thresholds", "{inp}/missing.yaml"], BAD_INPUT),
+    Case("evaluate-means-truncated", [*EVAL, "--means", "{inp}/truncated-means.safetensors", "--thresholds",
+                                      "{inp}/thresholds.yaml"], BAD_INPUT),
+    Case("evaluate-point-out-of-range", [*EVAL, *MEANS, "--thresholds", "{inp}/thresholds.yaml", "--point", "1"],
+         USAGE, says="--point"),
+    Case("output-is-the-thresholds", [*EVAL[:-1], "{inp}/thresholds.yaml", "--force", *MEANS, "--thresholds",
+                                      "{inp}/thresholds.yaml"], OUTPUT, says="also an input"),
 ]
 
 

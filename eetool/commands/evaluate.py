@@ -163,13 +163,15 @@ def _per_class_dict(classes: list[str], accuracy: Any) -> dict[str, float | None
 
 def _early_exit_setup(ckpt: Any, means: str, thresholds: str, point: str, device: Any) -> tuple[Any, Any, list[Any]]:
     """Load and cross-check the class means and thresholds; pick the operating points to run."""
-    from eetool.artifacts import read_yaml, sha256_file, verify
+    from eetool.artifacts import read_tensors, read_yaml, sha256_file, verify
     from eetool.e2cm import ClassMeans
     from eetool.errors import InputError, UsageError
     from eetool.exits import build_exit_model
 
     cm, means_prov = ClassMeans.load(means)
     verify(means, means_prov, checkpoint_sha256=ckpt.sha256)
+    if thresholds.endswith(".safetensors"):  # another eetool artifact (tensors) given where thresholds belong
+        read_tensors(thresholds, "thresholds")  # raises the provenance error naming the kind found
     doc, prov = read_yaml(thresholds, "thresholds")
     verify(thresholds, prov, checkpoint_sha256=ckpt.sha256, exits=list(cm.exits),
            inputs={"class-means": sha256_file(means)})

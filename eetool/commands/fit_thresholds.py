@@ -84,8 +84,10 @@ def command(
         "fitted_on": dataset,
         "reachable": [round(low, 6), round(min(high, 1.0), 6)],
         "swept": len(swept),
+        # Thresholds are written unrounded: each lies one float32 step below a calibration confidence, and
+        # any rounding could let that sample (or another) through differently from the fitted point.
         "points": [{"budget": round(p.budget, 6), "cost": round(p.cost, 6), "accuracy": round(p.accuracy, 6),
-                    "thresholds": [round(t, 7) for t in p.thresholds]} for p in points],
+                    "thresholds": list(p.thresholds)} for p in points],
     }
     prov = Provenance(kind="thresholds", checkpoint_sha256=means_prov.checkpoint_sha256, exits=list(cm.exits),
                       dataset=dataset, args=run.args, inputs={"class-means": sha256_file(means)})

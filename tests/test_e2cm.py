@@ -1,0 +1,366 @@
+"""E²CM (thesis 2.3): class means, distances, normalisers, confidences and the exit rule, each checked against
+a direct re-computation from the exit features (eqs. 2.2-2.7) on the tiny checkpoint and data."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eetool.artifacts import Provenance
+from eetool.checkpoint import Checkpoint, load_checkpoint
+from eetool.datasets import Dataset, Preprocess, load_dataset
+from eetool.e2cm import (
+    ClassMeans,
+    ClassMeanSums,
+    MeansRule,
+    Pooling,
+    calibrate,
+    decide,
+    distance_macs,
+    distances,
+    exit_scores,
+)
+from eetool.errors import InputError
+from eetool.exits import ExitModel, build_exit_model
+from eetool.inference import run_early_exit
+
+K = 10
+
+
+@dataclasses.dataclass
+class Setup:
+    ckpt: Checkpoint
+    em: ExitModel
+    data: Dataset
+    preprocess: Preprocess
+    features: list[torch.Tensor]  # per exit: N x C x H x W, all samples in one batch
+    logits: torch.Tensor
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint: str, tiny_data: str) -> Setup:
+    ckpt = load_checkpoint(tiny_checkpoint)
+    em = build_exit_model(ckpt.model, "every")
+    data = load_dataset(f"safetensors:{tiny_data}", "train")
+    preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
+    with torch.no_grad():
+        features, logits = em.features(preprocess(data.images))
+    return Setup(ckpt, em, data, preprocess, features, logits)
+
+
+@pytest.fixture(scope="module")
+def calibrated(setup: Setup) -> ClassMeans:
+    calib = calibrate(setup.em, setup.data, setup.preprocess, K, batch_size=32)
+    return ClassMeans(list(setup.em.exits), calib.means, calib.normalisers, calib.counts, Pooling(),
+                      [1000 * (s + 1) for s in range(len(setup.em.exits) + 1)], calib)
+
+
+def brute_means(features: list[torch.Tensor], labels: torch.Tensor) -> list[torch.Tensor]:
+    """Eq. 2.2: per exit, the mean of each class's flattened features."""
+    return [torch.stack([f.flatten(1)[labels == k].double().mean(0) for k in range(K)]) for f in features]
+
+
+def brute_confidences(features: list[torch.Tensor], means: list[torch.Tensor], normalisers: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eqs. 2.3-2.7 sample by sample and class by class, in float64."""
+    n = features[0].shape[0]
+    conf = torch.empty(n, len(features), dtype=torch.float64)
+    pred = torch.empty(n, len(features), dtype=torch.int64)
+    for j, f in enumerate(features):
+        x = f.flatten(1).double()
+        for i in range(n):
+            d = torch.stack([torch.linalg.vector_norm(x[i] - means[j][k].double()) for k in range(K)])
+            p = torch.softmax(-d / normalisers[j].double(), 0)
+            conf[i, j], pred[i, j] = p.max(), p.argmax()
+    return conf, pred
+
+
+# ---------------------------------------------------------------------------------------------
+# Class means (eq. 2.2)
+
+
+def test_class_means_are_per_class_means_of_the_exit_features(setup: Setup, calibrated: ClassMeans) -> None:
+    expected = brute_means(setup.features, setup.data.labels)
+    assert len(calibrated.means) == len(setup.em.exits) == len(expected)
+    for got, want, f in zip(calibrated.means, expected, setup.features, strict=True):
+        assert got.dtype == torch.float32 and got.shape == (K, f[0].numel())
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert calibrated.counts.tolist() == torch.bincount(setup.data.labels, minlength=K).tolist()
+
+
+def test_pooled_class_means_are_means_of_max_pooled_features(setup: Setup) -> None:
+    pooling = Pooling(spatial=2, channels=2)
+    first = torch.arange(40)  # four samples of each class
+    calib = calibrate(setup.em, setup.data.subset(first), setup.preprocess, K, pooling=pooling, batch_size=16)
+    pooled = []
+    for f in setup.features:
+        f = f[first]
+        size = f.shape[1] // 2  # channel groups of consecutive channels, each reduced by its max
+        grouped = torch.stack([f[:, g * size:(g + 1) * size].amax(1) for g in range(2)], 1)
+        pooled.append(F.adaptive_max_pool2d(grouped, 2))
+    for got, want, p in zip(calib.means, brute_means(pooled, setup.data.labels[first]), pooled, strict=True):
+        assert got.shape == (K, 2 * 2 * 2) and p.shape[1:] == (2, 2, 2)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert calib.dims == [8] * len(setup.em.exits)
+
+
+def test_pooling_leaves_small_maps_and_indivisible_requests_alone_or_refuses() -> None:
+    x = torch.randn(3, 4, 2, 2)
+    torch.testing.assert_close(Pooling(spatial=7).apply(x), x.flatten(1))  # already at most 7 x 7
+    torch.testing.assert_close(Pooling(channels=8).apply(x), x.flatten(1))  # fewer channels than asked
+    assert Pooling(spatial=1, channels=1).apply(x).tolist() == x.flatten(1).amax(1, keepdim=True).tolist()
+    assert Pooling(spatial=1).out_dim((4, 5, 5)) == 4
+    from eetool.errors import UsageError
+
+    with pytest.raises(UsageError, match="does not divide"):
+        Pooling(channels=3).apply(x)
+
+
+def test_class_mean_sums_of_shards_merge_to_one_pass() -> None:
+    gen = torch.Generator().manual_seed(1)
+    dims = [5, 3]
+    feats = [torch.randn(50, d, generator=gen) for d in dims]
+    labels = torch.randint(0, 4, (50,), generator=gen)
+    labels[:4] = torch.arange(4)  # every class present
+    whole = ClassMeanSums(dims, 4)
+    whole.update(feats, labels)
+    shards = [ClassMeanSums(dims, 4) for _ in range(3)]
+    for shard, idx in zip(shards, torch.tensor_split(torch.randperm(50, generator=gen), 3), strict=True):
+        shard.update([f[idx] for f in feats], labels[idx])
+    merged = shards[0]
+    merged.merge(shards[1])
+    merged.merge(shards[2])
+    assert torch.equal(merged.counts, whole.counts)
+    for a, b in zip(merged.sums, whole.sums, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for got, f in zip(merged.means(), feats, strict=True):
+        want = torch.stack([f[labels == k].mean(0) for k in range(4)])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_class_without_samples_is_a_bad_input(setup: Setup) -> None:
+    first = setup.data.labels[:20]
+    without_7 = setup.data.subset(torch.nonzero(first != 7).flatten())
+    with pytest.raises(InputError, match="class 7"):
+        calibrate(setup.em, without_7, setup.preprocess, K)
+
+
+def test_unlabelled_data_is_a_bad_input(setup: Setup) -> None:
+    labels = setup.data.labels.clone()
+    labels[::5] = -1
+    unlabelled = dataclasses.replace(setup.data, labels=labels, fingerprint="")
+    with pytest.raises(InputError, match="unlabelled"):
+        calibrate(setup.em, unlabelled, setup.preprocess, K)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distances, normalisers and confidences (eqs. 2.3-2.7)
+
+
+def test_distances_are_euclidean() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x, means = torch.randn(40, 30, generator=gen), torch.randn(6, 30, generator=gen) * 2
+    loops = torch.tensor([[float(torch.linalg.vector_norm(x[i].double() - means[k].double())) for k in range(6)]
+                          for i in range(40)])
+    torch.testing.assert_close(distances(x, means), torch.cdist(x, means), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(distances(x, means), loops.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(distances(x, means, (means * means).sum(1)), distances(x, means))
+    on_a_mean = distances(means[2:3], means)  # ||x||^2 - 2 x.c + ||c||^2 may cancel below zero
+    assert not torch.isnan(on_a_mean).any() and float(on_a_mean[0, 2]) < 1e-2
+
+
+def test_decide_is_max_and_argmax_of_the_softmax_of_normalised_distances() -> None:
+    gen = torch.Generator().manual_seed(3)
+    d = torch.rand(20, 5, generator=gen) * 4
+    normaliser = torch.rand(5, generator=gen) + 0.5
+    conf, pred = decide(d, normaliser)
+    for i in range(20):
+        scores = [-float(d[i, k]) / float(normaliser[k]) for k in range(5)]
+        exps = [torch.exp(torch.tensor(s - max(scores), dtype=torch.float64)) for s in scores]
+        probs = [float(e / sum(exps)) for e in exps]
+        assert float(conf[i]) == pytest.approx(max(probs), rel=1e-5)
+        assert int(pred[i]) == probs.index(max(probs))
+
+
+def test_normalisers_are_mean_distances_over_all_samples(setup: Setup, calibrated: ClassMeans) -> None:
+    assert calibrated.normalisers.shape == (len(setup.em.exits), K)
+    for j, f in enumerate(setup.features):
+        d = torch.cdist(f.flatten(1).double(), calibrated.means[j].double())  # N x K, every sample
+        torch.testing.assert_close(calibrated.normalisers[j].double(), d.mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_calibration_confidences_follow_eqs_2_3_to_2_7(setup: Setup, calibrated: ClassMeans) -> None:
+    calib = calibrated.calibration
+    assert calib is not None
+    n, j = len(setup.data), len(setup.em.exits)
+    assert calib.confidence.shape == calib.prediction.shape == (n, j)
+    assert calib.final_prediction.tolist() == setup.logits.argmax(1).tolist()
+    assert torch.equal(calib.labels, setup.data.labels)
+    few = [0, 1, 17, 50, 95]
+    conf, pred = brute_confidences([f[few] for f in setup.features], calib.means, calib.normalisers)
+    torch.testing.assert_close(calib.confidence[few].double(), conf, rtol=1e-4, atol=1e-6)
+    assert torch.equal(calib.prediction[few], pred)
+    assert bool((calib.confidence >= 1 / K - 1e-6).all()) and bool((calib.confidence <= 1).all())
+
+
+def test_calibration_without_room_for_the_distances_gives_the_same(setup: Setup, calibrated: ClassMeans) -> None:
+    """A raw-distance cache over its memory limit is replaced by a third pass; the results must not change."""
+    third_pass = calibrate(setup.em, setup.data, setup.preprocess, K, batch_size=32, raw_cache_bytes=0)
+    cached = calibrated.calibration
+    assert cached is not None
+    torch.testing.assert_close(third_pass.normalisers, cached.normalisers)
+    torch.testing.assert_close(third_pass.confidence, cached.confidence, rtol=1e-5, atol=1e-6)
+    assert torch.equal(third_pass.prediction, cached.prediction)
+    assert torch.equal(third_pass.final_prediction, cached.final_prediction)
+
+
+def test_exit_scores_agree_with_the_calibration_cache(setup: Setup, calibrated: ClassMeans) -> None:
+    first = torch.arange(30)
+    conf, pred, final = exit_scores(setup.em, setup.data.subset(first), setup.preprocess, calibrated, batch_size=12)
+    c = calibrated.calibration
+    assert c is not None
+    torch.testing.assert_close(conf, c.confidence[first], rtol=1e-5, atol=1e-6)
+    assert torch.equal(pred, c.prediction[first]) and torch.equal(final, c.final_prediction[first])
+
+
+def test_exit_stats_mark_each_exit_and_the_head(calibrated: ClassMeans) -> None:
+    c = calibrated.calibration
+    assert c is not None
+    stats = calibrated.exit_stats(c.confidence, c.prediction, c.final_prediction, c.labels)
+    j = len(calibrated.exits)
+    assert stats.correct.shape == (len(c.labels), j + 1)
+    for i in (0, 5, 60):
+        assert stats.correct[i].tolist() == [int(c.prediction[i, e]) == int(c.labels[i]) for e in range(j)] + [
+            int(c.final_prediction[i]) == int(c.labels[i])]
+    assert stats.costs.tolist() == pytest.approx(calibrated.cost_model().normalised_exit_costs())
+
+
+# ---------------------------------------------------------------------------------------------
+# The artifact
+
+
+def test_class_means_round_trip(calibrated: ClassMeans, tmp_path: Path) -> None:
+    path = str(tmp_path / "means.safetensors")
+    cm = dataclasses.replace(calibrated, pooling=Pooling(spatial=3, channels=None))
+    cm.save(path, Provenance(kind="class-means", checkpoint_sha256="ab" * 32, exits=list(cm.exits),
+                             dataset="safetensors/train:0123456789abcdef", args={"batch_size": 32}))
+    loaded, prov = ClassMeans.load(path)
+    assert prov.kind == "class-means" and prov.checkpoint_sha256 == "ab" * 32
+    assert prov.dataset == "safetensors/train:0123456789abcdef" and prov.args == {"batch_size": 32}
+    assert loaded.exits == cm.exits and prov.exits == cm.exits
+    assert loaded.pooling == Pooling(spatial=3, channels=None)
+    assert loaded.stage_macs == cm.stage_macs
+    assert all(torch.equal(a, b) for a, b in zip(loaded.means, cm.means, strict=True))
+    assert torch.equal(loaded.normalisers, cm.normalisers) and torch.equal(loaded.counts, cm.counts)
+    a, b = loaded.calibration, cm.calibration
+    assert a is not None and b is not None
+    for name in ("confidence", "prediction", "final_prediction", "labels"):
+        got, want = getattr(a, name), getattr(b, name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    assert loaded.cost_model().exit_costs() == cm.cost_model().exit_costs()
+
+
+def test_class_means_without_calibration_cache_round_trip(calibrated: ClassMeans, tmp_path: Path) -> None:
+    path = str(tmp_path / "means.safetensors")
+    dataclasses.replace(calibrated, calibration=None).save(path, Provenance(kind="class-means",
+                                                                            exits=list(calibrated.exits)))
+    loaded, _ = ClassMeans.load(path)
+    assert loaded.calibration is None and loaded.pooling == Pooling()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.means, calibrated.means, strict=True))
+
+
+def test_class_means_missing_a_tensor_is_a_bad_input(calibrated: ClassMeans, tmp_path: Path) -> None:
+    path = str(tmp_path / "means.safetensors")
+    # Provenance naming one exit more than the file holds means for.
+    calibrated.save(path, Provenance(kind="class-means", exits=[*calibrated.exits, "layer9.9"]))
+    with pytest.raises(InputError, match="incomplete class-means"):
+        ClassMeans.load(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The exit rule in real early-exit inference (eq. 2.6)
+
+
+def thresholds_between_confidences(conf: torch.Tensor, quantile: float) -> list[float]:
+    """Per exit, a threshold halfway between two distinct confidences near the quantile, far from any confidence
+    so that float rounding of the two implementations cannot put a sample on the other side."""
+    out = []
+    for col in conf.T:
+        values = torch.unique(col)
+        gaps = values[1:] - values[:-1]
+        start = int(quantile * (len(values) - 1))
+        gap_at = start + int(torch.argmax((gaps[start:] > 1e-5).to(torch.uint8)))
+        assert gaps[gap_at] > 1e-5
+        out.append(float((values[gap_at] + values[gap_at + 1]) / 2))
+    return out
+
+
+def test_means_rule_exits_where_eq_2_6_says(setup: Setup, calibrated: ClassMeans) -> None:
+    conf, pred = brute_confidences(setup.features, calibrated.means, calibrated.normalisers)
+    thresholds = thresholds_between_confidences(conf, 0.7)
+    x = setup.preprocess(setup.data.images)
+    got_pred, got_exit = run_early_exit(setup.em, x, MeansRule(calibrated, thresholds))
+    j = len(setup.em.exits)
+    head = setup.logits.argmax(1)
+    for i in range(len(setup.data)):
+        passed = [e for e in range(j) if float(conf[i, e]) > thresholds[e]]
+        want_exit = passed[0] if passed else j
+        want_pred = int(pred[i, want_exit]) if passed else int(head[i])
+        assert (int(got_exit[i]), int(got_pred[i])) == (want_exit, want_pred), i
+    counts = torch.bincount(got_exit, minlength=j + 1)
+    assert (counts[:j] > 0).sum() >= 3, "the thresholds should spread the samples over several exits"
+
+
+def test_thresholds_of_one_give_the_plain_model(setup: Setup, calibrated: ClassMeans) -> None:
+    x = setup.preprocess(setup.data.images)
+    j = len(setup.em.exits)
+    got_pred, got_exit = run_early_exit(setup.em, x, MeansRule(calibrated, [1.0] * j))
+    with torch.no_grad():
+        plain = setup.ckpt.model(x).argmax(1)
+    assert got_exit.tolist() == [j] * len(setup.data)
+    assert got_pred.tolist() == plain.tolist()
+
+
+def test_thresholds_of_zero_exit_everyone_at_the_first_exit(setup: Setup, calibrated: ClassMeans) -> None:
+    x = setup.preprocess(setup.data.images)
+    got_pred, got_exit = run_early_exit(setup.em, x, MeansRule(calibrated, [0.0] * len(setup.em.exits)))
+    assert got_exit.tolist() == [0] * len(setup.data)
+    # argmax of softmax(-d / normaliser): the class nearest after each class's normalisation, not the nearest
+    d = torch.cdist(setup.features[0].flatten(1).double(), calibrated.means[0].double())
+    assert got_pred.tolist() == (d / calibrated.normalisers[0].double()).argmin(1).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost model
+
+
+def test_cost_model_adds_the_distance_overhead_of_each_exit(setup: Setup, calibrated: ClassMeans) -> None:
+    from eetool.costs import measure
+
+    cm = dataclasses.replace(calibrated, stage_macs=measure(setup.em, setup.ckpt.spec.input_shape).stage_macs)
+    model = cm.cost_model()
+    dims = [f[0].numel() for f in setup.features]
+    assert model.overhead_macs == [distance_macs(d, K) for d in dims]
+    assert all(o > K * d for o, d in zip(model.overhead_macs, dims, strict=True))  # at least the dot products
+    costs = model.normalised_exit_costs()
+    assert len(costs) == len(cm.exits) + 1
+    assert all(a <= b for a, b in zip(costs, costs[1:], strict=False))
+    assert costs[-1] == pytest.approx(1 + sum(model.overhead_macs) / model.model_macs)
+    assert cm.memory_bytes() == [K * d * 4 for d in dims]
+
+
+def test_measuring_costs_leaves_the_model_as_it_was(setup: Setup, tiny_checkpoint: str) -> None:
+    """Counting MACs stage by stage must not touch the shared BatchNorm statistics the class means depend on."""
+    from eetool.costs import measure
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    em = build_exit_model(ckpt.model, "every")
+    before = {k: v.clone() for k, v in ckpt.model.state_dict().items()}
+    measure(em, ckpt.spec.input_shape)
+    after = ckpt.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(m.training for m in ckpt.model.modules())
