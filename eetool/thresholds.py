@@ -128,6 +128,16 @@ class GreedyPath:
         steps = torch.searchsorted(-self.costs, -budgets.double() - 1e-12, side="left")
         return steps.clamp_max(self.costs.numel() - 1)
 
+    def best_step_within(self, budgets: torch.Tensor) -> torch.Tensor:
+        """For each budget, the most accurate step within it (the cheaper one on ties): moving samples
+        to an exit where they are right can raise accuracy further down the walk."""
+        acc = self.accuracies.tolist()
+        best = list(range(len(acc)))
+        for s in range(len(acc) - 2, -1, -1):  # best[s]: the most accurate step from s on
+            if acc[best[s + 1]] >= acc[s]:
+                best[s] = best[s + 1]
+        return torch.tensor(best, dtype=torch.int64)[self.first_step_within(budgets)]
+
     def thresholds_at(self, steps: list[int], num_exits: int) -> list[torch.Tensor]:
         """Threshold vectors after each of ``steps``, replaying the moves once."""
         out: dict[int, torch.Tensor] = {}
@@ -213,10 +223,10 @@ def greedy_path(stats: ExitStats) -> GreedyPath:
 
 
 def greedy(stats: ExitStats, budget: float, path: GreedyPath | None = None) -> torch.Tensor:
-    """Thresholds of the first point of the greedy walk whose cost is within the budget."""
+    """Thresholds of the most accurate point of the greedy walk whose cost is within the budget."""
     check_budget(stats, budget)
     path = path or greedy_path(stats)
-    step = int(path.first_step_within(torch.tensor([budget]))[0])
+    step = int(path.best_step_within(torch.tensor([budget]))[0])
     return path.thresholds_at([step], stats.num_exits)[0]
 
 
@@ -238,7 +248,7 @@ def sweep(stats: ExitStats, budgets: list[float], search: str = "greedy", *, see
     points = []
     if search == "greedy":
         path = greedy_path(stats)
-        steps = path.first_step_within(torch.tensor(budgets, dtype=torch.float64)).tolist()
+        steps = path.best_step_within(torch.tensor(budgets, dtype=torch.float64)).tolist()
         for b, s, t in zip(budgets, steps, path.thresholds_at(steps, stats.num_exits), strict=True):
             points.append(Point(b, float(path.costs[s]), float(path.accuracies[s]), t.tolist()))
     else:

@@ -231,20 +231,22 @@ def test_replaying_steps_in_any_order_gives_the_same_thresholds() -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_greedy_meets_the_budget_at_the_first_step_within_it(seed: int) -> None:
+def test_greedy_takes_the_most_accurate_step_within_the_budget(seed: int) -> None:
     stats = synthetic(800, 5, seed, ties=seed == 1)
     path = greedy_path(stats)
     low, _ = stats.reachable()
-    costs = path.costs.tolist()
+    costs, accs = path.costs.tolist(), path.accuracies.tolist()
     for budget in (low, 0.25, 0.4, 0.55, 0.8, 1.0):
         if budget < low:
             continue
         t = greedy(stats, budget, path)
-        first = next(s for s, c in enumerate(costs) if c <= budget + 1e-12)
-        assert torch.equal(t, path.thresholds_at([first], stats.num_exits)[0])
-        cost, _ = operating_point(stats, t)
+        within = [s for s, c in enumerate(costs) if c <= budget + 1e-12]
+        best_acc = max(accs[s] for s in within)
+        best = max(s for s in within if accs[s] == best_acc)  # the cheapest of the most accurate
+        assert torch.equal(t, path.thresholds_at([best], stats.num_exits)[0])
+        cost, acc = operating_point(stats, t)
         assert cost <= budget + 1e-12
-        assert first == 0 or costs[first - 1] > budget
+        assert acc == best_acc
         assert torch.equal(t, greedy(stats, budget))  # the same without a precomputed walk
 
 
