@@ -117,25 +117,32 @@ class Calibration:
 @torch.no_grad()
 def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_classes: int, *,
               pooling: Pooling = Pooling(), batch_size: int = 256, device: torch.device | str = "cpu",
-              reporter: Reporter | None = None, raw_cache_bytes: int = 256 * 2**20) -> Calibration:
-    """Streaming passes: class means; then normalisers, confidences and predictions (see below)."""
+              reporter: Reporter | None = None, raw_cache_bytes: int = 256 * 2**20,
+              centres: list[torch.Tensor] | None = None) -> Calibration:
+    """Streaming passes: class means; then normalisers, confidences and predictions (see below).
+
+    With ``centres`` (cluster centres, for unsupervised use) the first pass is skipped and no labels
+    are needed; the counts are then the cluster sizes as the model's head assigns them."""
     import time
 
     reporter = reporter or Reporter()
-    if bool((data.labels < 0).any()):
-        raise InputError(f"{data.spec} has unlabelled samples", "class means need labels (or use --clusters)")
     shapes = exit_model.exit_shapes(preprocess.input_shape)
     dims = [pooling.out_dim(s) for s in shapes]
-    sums = ClassMeanSums(dims, num_classes)
     batches = -(-len(data) // batch_size)
     t0 = time.perf_counter()
-    with reporter.bar(batches, "class means") as bar:
-        for images, labels, _ in data.batches(batch_size):
-            feats, _ = exit_model.features(preprocess(images, device))
-            sums.update([pooling.apply(f) for f in feats], labels)
-            bar.advance()
+    counts = None
+    if centres is None:
+        if bool((data.labels < 0).any()):
+            raise InputError(f"{data.spec} has unlabelled samples", "class means need labels (or use --clusters)")
+        sums = ClassMeanSums(dims, num_classes)
+        with reporter.bar(batches, "class means") as bar:
+            for images, labels, _ in data.batches(batch_size):
+                feats, _ = exit_model.features(preprocess(images, device))
+                sums.update([pooling.apply(f) for f in feats], labels)
+                bar.advance()
+        centres, counts = sums.means(), sums.counts
     t1 = time.perf_counter()
-    means = [m.to(device) for m in sums.means()]
+    means = [m.to(device) for m in centres]
     means_sq = [(m * m).sum(1) for m in means]
     n, j = len(data), len(dims)
     dist_sum = torch.zeros(j, num_classes, dtype=torch.float64)
@@ -170,7 +177,9 @@ def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_
                     conf[pos, e], pred[pos, e] = c.cpu(), p.cpu()
                 bar.advance()
     t2 = time.perf_counter()
-    return Calibration([m.cpu() for m in means], normalisers, sums.counts, conf, pred,
+    if counts is None:  # cluster centres: the sizes of the head's clusters
+        counts = torch.bincount(final, minlength=num_classes)
+    return Calibration([m.cpu() for m in means], normalisers, counts, conf, pred,
                        final, data.labels.clone(), dims, (t1 - t0, t2 - t1))
 
 
@@ -189,6 +198,7 @@ class ClassMeans:
     pooling: Pooling
     stage_macs: list[int]
     calibration: Calibration | None = None
+    clusters: bool = False  # cluster centres (unsupervised) rather than class means
 
     @property
     def num_classes(self) -> int:
@@ -204,6 +214,16 @@ class ClassMeans:
 
     def exit_stats(self, confidence: torch.Tensor, prediction: torch.Tensor, final_prediction: torch.Tensor,
                    labels: torch.Tensor) -> ExitStats:
+        """Per-sample correctness at each exit. Cluster ids are scored under the Hungarian matching of
+        the head's clusters to the labels, or, without labels, by agreement with the head."""
+        if self.clusters:
+            if bool((labels < 0).any()):
+                labels = final_prediction
+            else:
+                from eetool.clustering import best_mapping
+
+                mapping = best_mapping(final_prediction, labels, self.num_classes)
+                prediction, final_prediction = mapping[prediction], mapping[final_prediction]
         correct = torch.cat([prediction == labels[:, None], (final_prediction == labels)[:, None]], 1)
         costs = torch.tensor(self.cost_model().normalised_exit_costs(), dtype=torch.float64)
         return ExitStats(confidence, correct, costs)
@@ -216,7 +236,8 @@ class ClassMeans:
             c = self.calibration
             tensors |= {"calibration.confidence": c.confidence, "calibration.prediction": c.prediction.to(torch.int32),
                         "calibration.final_prediction": c.final_prediction, "calibration.labels": c.labels}
-        extra = {"eetool.pooling": json.dumps({"spatial": self.pooling.spatial, "channels": self.pooling.channels})}
+        extra = {"eetool.pooling": json.dumps({"spatial": self.pooling.spatial, "channels": self.pooling.channels}),
+                 "eetool.clusters": json.dumps(self.clusters)}
         write_tensors(path, tensors, prov, extra=extra)
 
     @classmethod
@@ -235,7 +256,8 @@ class ClassMeans:
                     tensors["calibration.prediction"].to(torch.int64), tensors["calibration.final_prediction"], labels,
                     [], (0.0, 0.0))
             cm = cls(list(prov.exits), [tensors[f"means.{e}"] for e in range(j)], tensors["normalisers"],
-                     tensors["counts"], pooling, tensors["stage_macs"].tolist(), calibration)
+                     tensors["counts"], pooling, tensors["stage_macs"].tolist(), calibration,
+                     clusters=bool(json.loads(meta.get("eetool.clusters", "false"))))
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{path} is an incomplete class-means artifact ({e})",
                              "re-make it with `eetool calibrate-means`") from None

@@ -40,6 +40,9 @@ def command(
     pool_channels: Annotated[int | None, typer.Option("--pool-channels", min=1, help="Max-pool channels in groups "
                                                       "down to N (must divide each exit's channels).",
                                                       rich_help_panel=POOL)] = None,
+    clusters: Annotated[int | None, typer.Option("--clusters", min=2, help="Unsupervised: k-means centres at each "
+                                                 "exit stand in for class means (K = the model's outputs); no "
+                                                 "labels are used.")] = None,
     batch_size: BatchOpt = 256,
     count: CountOpt = Count.macs,
     force: ForceOpt = False,
@@ -56,13 +59,29 @@ def command(
     device = run.torch()
     ds = load_dataset(data, split, indices)
     check_labels(ds, ckpt.spec.num_classes)
+    if clusters is not None and clusters != ckpt.spec.num_classes:
+        from eetool.errors import UsageError
+
+        raise UsageError(f"--clusters {clusters} differs from the model's {ckpt.spec.num_classes} outputs",
+                         f"use --clusters {ckpt.spec.num_classes}: exits predict in the head's terms")
     ckpt.model.to(device)
     em = build_exit_model(ckpt.model, exits)
     pooling = Pooling(pool_spatial, pool_channels)
     costs = measure(em, ckpt.spec.input_shape)
-    calib = calibrate(em, ds, Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std), ckpt.spec.num_classes,
-                      pooling=pooling, batch_size=batch_size, device=device, reporter=run.reporter)
-    cm = ClassMeans(list(em.exits), calib.means, calib.normalisers, calib.counts, pooling, costs.stage_macs, calib)
+    preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
+    centres = None
+    if clusters:
+        import torch
+
+        from eetool.clustering import cluster_centres
+
+        centres, _ = cluster_centres(em, ds, preprocess, clusters, pooling=pooling, batch_size=batch_size,
+                                     device=device, generator=torch.Generator().manual_seed(run.seed),
+                                     reporter=run.reporter)
+    calib = calibrate(em, ds, preprocess, ckpt.spec.num_classes, pooling=pooling, batch_size=batch_size,
+                      device=device, reporter=run.reporter, centres=centres)
+    cm = ClassMeans(list(em.exits), calib.means, calib.normalisers, calib.counts, pooling, costs.stage_macs, calib,
+                    clusters=clusters is not None)
     prov = Provenance(kind="class-means", checkpoint_sha256=ckpt.sha256, exits=list(em.exits),
                       dataset=ds.fingerprint, args=run.args)
     cm.save(output, prov)
@@ -72,7 +91,8 @@ def command(
     model_bytes = sum(p.numel() * p.element_size() for p in ckpt.model.parameters())
     model_macs = costs.model_macs
     with_overheads = cm.cost_model()
-    correct = calib.prediction == calib.labels[:, None]
+    stats = cm.exit_stats(calib.confidence, calib.prediction, calib.final_prediction, calib.labels)
+    correct = stats.correct[:, :-1]
     rows = [{
         "exit": name,
         "dim": dim,
@@ -93,8 +113,9 @@ def command(
         "total_means_fraction_of_model": round(sum(cm.memory_bytes()) / model_bytes, 6),
         f"total_overhead_{unit}": int(in_unit(sum(with_overheads.overhead_macs), unit)),
         "total_overhead_normalised": round(sum(with_overheads.overhead_macs) / model_macs, 6),
-        "head_calibration_accuracy": round(float((calib.final_prediction == calib.labels).double().mean()), 6),
-        "throughput_pass1": round(len(ds) / passes[0], 1), "throughput_pass2": round(len(ds) / passes[1], 1),
+        "head_calibration_accuracy": round(float(stats.correct[:, -1].double().mean()), 6),
+        "throughput_pass1": round(len(ds) / passes[0], 1) if passes[0] else None,  # none with --clusters
+        "throughput_pass2": round(len(ds) / passes[1], 1),
     }
 
     def text(d: dict[str, Any]) -> str:
@@ -103,7 +124,8 @@ def command(
             [[r["exit"], r["dim"], r["means_mb"], r["means_fraction_of_model"], f"{r[f'overhead_{unit}']:,}",
               r["overhead_normalised"], r["cost_normalised"], r["calibration_accuracy"]] for r in d["exits"]])
         return format_fields([
-            ("class means", f"{d['output']} ({d['samples']} samples of {d['dataset']}, {d['mode']} mode)"),
+            ("cluster centres" if clusters else "class means",
+             f"{d['output']} ({d['samples']} samples of {d['dataset']}, {d['mode']} mode)"),
             ("means memory", f"{d['total_means_mb']:.3f} MB = {d['total_means_fraction_of_model']:.3f} of the model"),
             ("overhead", f"{d[f'total_overhead_{unit}']:,} {unit} = {d['total_overhead_normalised']:.4f} of the "
                          "model if a sample passes every exit"),

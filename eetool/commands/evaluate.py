@@ -91,15 +91,27 @@ def command(
     predict(ckpt.model, ds.subset(torch.arange(min(len(ds), batch_size))), preprocess, batch_size=batch_size,
             device=device)
     result = predict(ckpt.model, ds, preprocess, batch_size=batch_size, device=device, reporter=run.reporter)
-    correct = result.predictions == ds.labels
+    clusters = early is not None and early[1].clusters
+
+    def labelled(predictions: torch.Tensor) -> torch.Tensor:
+        """Cluster ids under their best one-to-one matching to the labels (clustering accuracy), else as they are."""
+        if not clusters:
+            return predictions
+        from eetool.clustering import best_mapping
+
+        return best_mapping(predictions, ds.labels, ckpt.spec.num_classes)[predictions]
+
+    plain_predictions = labelled(result.predictions)
+    correct = plain_predictions == ds.labels
     classes = ckpt.spec.classes or [str(k) for k in range(ckpt.spec.num_classes)]
-    per_class = per_class_accuracy(result.predictions, ds.labels, ckpt.spec.num_classes)
+    per_class = per_class_accuracy(plain_predictions, ds.labels, ckpt.spec.num_classes)
     doc: dict[str, Any] = {
         "checkpoint": ckpt.path,
         "checkpoint_sha256": ckpt.sha256,
         "dataset": ds.fingerprint,
         "samples": len(ds),
         "unit": unit,
+        "accuracy_kind": "clustering (Hungarian matching)" if clusters else "classification",
         "points": [{
             "name": "plain",
             "accuracy": round(float(correct.double().mean()), 6),
@@ -118,11 +130,12 @@ def command(
             r = evaluate_exits(em, ds, preprocess, rule, batch_size=batch_size, device=device, reporter=run.reporter)
             counts = torch.bincount(r.exit_index, minlength=len(cm.exits) + 1)
             cost = cost_model.average(counts)
+            predictions = labelled(r.predictions)
             name = f"{index}: budget {p['budget']:g}"
             doc["points"].append({
                 "name": name,
                 "budget": p["budget"],
-                "accuracy": round(float((r.predictions == ds.labels).double().mean()), 6),
+                "accuracy": round(float((predictions == ds.labels).double().mean()), 6),
                 "cost": round(cost, 6),
                 unit: int(in_unit(cost * macs, unit)),
                 "throughput": round(len(ds) / r.seconds, 1),
@@ -131,7 +144,7 @@ def command(
                                 for e, c in zip([*cm.exits, "head"], counts.tolist(), strict=True)},
             })
             doc["per_class"][name] = _per_class_dict(
-                classes, per_class_accuracy(r.predictions, ds.labels, ckpt.spec.num_classes))
+                classes, per_class_accuracy(predictions, ds.labels, ckpt.spec.num_classes))
     if plot:
         from eetool.plotting import accuracy_cost_png
 
