@@ -13,7 +13,7 @@ spread over processes and combined with an all-reduce.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -199,13 +199,17 @@ class ClassMeans:
     stage_macs: list[int]
     calibration: Calibration | None = None
     clusters: bool = False  # cluster centres (unsupervised) rather than class means
+    feature_sizes: list[int] = field(default_factory=list)  # elements of each exit's output before pooling
 
     @property
     def num_classes(self) -> int:
         return int(self.normalisers.shape[1])
 
     def cost_model(self) -> CostModel:
-        overheads = [distance_macs(int(m.shape[1]), self.num_classes) for m in self.means]
+        sizes = self.feature_sizes or [int(m.shape[1]) for m in self.means]
+        # pooling reads every element of the exit's output once (one comparison each)
+        overheads = [distance_macs(int(m.shape[1]), self.num_classes) + (size if size > m.shape[1] else 0)
+                     for m, size in zip(self.means, sizes, strict=True)]
         return CostModel(list(self.exits), list(self.stage_macs), overheads)
 
     def memory_bytes(self) -> list[int]:
@@ -232,6 +236,8 @@ class ClassMeans:
         tensors = {f"means.{j}": m for j, m in enumerate(self.means)}
         tensors |= {"normalisers": self.normalisers, "counts": self.counts,
                     "stage_macs": torch.tensor(self.stage_macs, dtype=torch.int64)}
+        if self.feature_sizes:
+            tensors["feature_sizes"] = torch.tensor(self.feature_sizes, dtype=torch.int64)
         if self.calibration is not None:
             c = self.calibration
             tensors |= {"calibration.confidence": c.confidence, "calibration.prediction": c.prediction.to(torch.int32),
@@ -257,7 +263,8 @@ class ClassMeans:
                     [], (0.0, 0.0))
             cm = cls(list(prov.exits), [tensors[f"means.{e}"] for e in range(j)], tensors["normalisers"],
                      tensors["counts"], pooling, tensors["stage_macs"].tolist(), calibration,
-                     clusters=bool(json.loads(meta.get("eetool.clusters", "false"))))
+                     clusters=bool(json.loads(meta.get("eetool.clusters", "false"))),
+                     feature_sizes=tensors["feature_sizes"].tolist() if "feature_sizes" in tensors else [])
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{path} is an incomplete class-means artifact ({e})",
                              "re-make it with `eetool calibrate-means`") from None

@@ -48,6 +48,8 @@ def command(
     force: ForceOpt = False,
 ) -> None:
     """Compute class means, normalisers and calibration confidences at every exit. Writes -o (safetensors)."""
+    import math
+
     from eetool.artifacts import Provenance
     from eetool.costs import in_unit, measure
     from eetool.datasets import Preprocess, check_labels, load_dataset
@@ -80,8 +82,9 @@ def command(
                                      reporter=run.reporter)
     calib = calibrate(em, ds, preprocess, ckpt.spec.num_classes, pooling=pooling, batch_size=batch_size,
                       device=device, reporter=run.reporter, centres=centres)
+    feature_sizes = [math.prod(shape) for shape in em.exit_shapes(ckpt.spec.input_shape)]
     cm = ClassMeans(list(em.exits), calib.means, calib.normalisers, calib.counts, pooling, costs.stage_macs, calib,
-                    clusters=clusters is not None)
+                    clusters=clusters is not None, feature_sizes=feature_sizes)
     prov = Provenance(kind="class-means", checkpoint_sha256=ckpt.sha256, exits=list(em.exits),
                       dataset=ds.fingerprint, args=run.args)
     cm.save(output, prov)
