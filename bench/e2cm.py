@@ -36,7 +36,7 @@ def _default_data() -> str:
 
 
 def _peak_rss_mb(checkpoint: str, data: str, n: int) -> float:
-    """Peak RSS of a fresh process that calibrates on the first n training samples."""
+    """Peak RSS growth (MB) of a fresh process while it calibrates on the first n training samples (Linux)."""
     code = f"""
 import resource, torch
 from eetool.checkpoint import load_checkpoint
@@ -46,10 +46,13 @@ from eetool.exits import build_exit_model
 ck = load_checkpoint({checkpoint!r})
 ds = load_dataset({data!r}, "train")
 ds = ds.subset(torch.arange(min({n}, len(ds))))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 pre = Preprocess(ck.spec.input_shape, ck.spec.mean, ck.spec.std)
+def status(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current size
+before = status("VmRSS:")
 calibrate(build_exit_model(ck.model), ds, pre, ck.spec.num_classes)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+print(status("VmHWM:") - before)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
@@ -106,11 +109,15 @@ def main() -> None:
     results["hull_points"] = len(hull(points))
 
     target = min(points, key=lambda p: abs(p.cost - 0.5))
-    test_plain = predict(ck.model, test, pre, batch_size=args.batch_size)
-    run = evaluate_exits(em, test, pre, MeansRule(cm, target.thresholds), batch_size=args.batch_size)
+    rule = MeansRule(cm, target.thresholds)
+    plain_s, exits_s = [], []
+    for _ in range(3):  # alternate the two and keep the best of each: the machine's noise only adds time
+        plain_s.append(predict(ck.model, test, pre, batch_size=args.batch_size).seconds)
+        run = evaluate_exits(em, test, pre, rule, batch_size=args.batch_size)
+        exits_s.append(run.seconds)
     counts = torch.bincount(run.exit_index, minlength=len(em.exits) + 1)
     cost = cm.cost_model().average(counts)
-    speedup = test_plain.seconds / run.seconds
+    speedup = min(plain_s) / min(exits_s)
     results["eval_cost"] = round(cost, 4)
     results["eval_speedup"] = round(speedup, 3)
     results["eval_speedup_over_inverse_cost"] = round(speedup * cost, 3)

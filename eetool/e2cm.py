@@ -87,9 +87,9 @@ def distances(x: torch.Tensor, means: torch.Tensor, means_sq: torch.Tensor | Non
 
 
 def decide(d: torch.Tensor, normaliser: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Confidence max_k softmax(-d/normaliser) and its argmax, per sample."""
-    p = torch.softmax(-d / normaliser, dim=1)
-    conf, pred = p.max(1)
+    """Confidence max_k softmax(-d/normaliser) and its argmax, over the last (class) dimension."""
+    p = torch.softmax(-d / normaliser, dim=-1)
+    conf, pred = p.max(-1)
     return conf, pred
 
 
@@ -164,8 +164,9 @@ def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_
             bar.advance()
     normalisers = (dist_sum / n).float()
     if raw is not None:
-        conf, pred = decide(raw.view(n * j, num_classes), normalisers.repeat(n, 1))
-        conf, pred = conf.view(n, j), pred.view(n, j)
+        conf, pred = torch.empty(n, j), torch.empty(n, j, dtype=torch.int64)
+        for start in range(0, n, 4096):  # in chunks: the softmax's temporaries stay small
+            conf[start:start + 4096], pred[start:start + 4096] = decide(raw[start:start + 4096], normalisers)
     else:
         conf, pred = torch.empty(n, j), torch.empty(n, j, dtype=torch.int64)
         norm = normalisers.to(device)
