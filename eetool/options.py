@@ -124,9 +124,12 @@ class Run:
         return torch.device(self.device_name.value)
 
     def check_output(self, output: str, *, force: bool, inputs: tuple[str | None, ...] = ()) -> None:
-        """Refuse an output that exists (without --force), is an input (--config included) or cannot be written."""
-        from eetool.artifacts import check_output
+        """Refuse an output that exists (without --force), is an input (--config included) or cannot be written,
+        and YAML on stdout (``-o -``) that would mix with --format json."""
+        from eetool.artifacts import STDOUT, check_output
 
+        if output == STDOUT and self.json:
+            raise UsageError("-o - and --format json both ask for stdout", "drop one, or write the YAML to a file")
         check_output(output, force=force, inputs=(*inputs, str(self.config) if self.config else None))
 
     def emit(self, doc: dict[str, Any], text: Callable[[dict[str, Any]], str]) -> None:

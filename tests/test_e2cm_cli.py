@@ -317,3 +317,19 @@ def test_artifacts_of_the_wrong_kind_are_refused(made: Made, workdir: Path) -> N
     checkpoint_as_means = invoke("fit-thresholds", "--means", made.ckpt, "-o", "t.yaml", "--budget", 0.5)
     assert "is a checkpoint artifact, not class-means" in one_error_line(checkpoint_as_means, ExitCode.PROVENANCE)
     assert list(workdir.iterdir()) == []
+
+
+def test_evaluate_plots_accuracy_against_cost(made: Made, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "curve.png"
+    ok(invoke("evaluate", "-c", made.ckpt, "-d", made.data, "--means", made.means, "--thresholds", made.sweep,
+              "--plot", png, "-q"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = invoke("evaluate", "-c", made.ckpt, "-d", made.data, "--means", made.means, "--thresholds", made.sweep,
+                   "--plot", png)
+    one_error_line(again, ExitCode.OUTPUT)  # an existing plot is kept without --force
+    line = one_error_line(invoke("evaluate", "-c", made.ckpt, "-d", made.data, "--plot", "-"), ExitCode.USAGE)
+    assert "--plot -" in line
+    line = one_error_line(invoke("evaluate", "-c", made.ckpt, "-d", made.data, "-o", "-", "--format", "json"),
+                          ExitCode.USAGE)
+    assert "--format json" in line

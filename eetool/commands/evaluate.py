@@ -66,14 +66,14 @@ def command(
     from eetool.errors import UsageError
     from eetool.inference import evaluate_exits, per_class_accuracy, predict
 
-    if output == STDOUT and run.json:
-        raise UsageError("-o - and --format json both ask for stdout", "drop one, or write the YAML to a file")
     if bool(means) != bool(thresholds):
         raise UsageError("early exits need both --means and --thresholds", "pass both, or neither for the plain model")
     inputs = (checkpoint, indices, data_path(data), means, thresholds)
     if output:
         run.check_output(output, force=force, inputs=inputs)
     if plot:
+        if plot == STDOUT:
+            raise UsageError("--plot - would put a PNG among the data on stdout", "give the plot a file name")
         run.check_output(plot, force=force, inputs=inputs)
     ckpt = open_checkpoint(checkpoint, arch, arch_args, num_classes, input_shape, mean, std)
     device = run.torch()

@@ -52,8 +52,6 @@ def command(
 
     if not budget and not sweep:
         raise UsageError("no budget asked for", "pass --budget 0.5 (repeatable) or --sweep")
-    if output == STDOUT and run.json:
-        raise UsageError("-o - and --format json both ask for stdout", "drop one, or write the YAML to a file")
     run.check_output(output, force=force, inputs=(means, checkpoint, indices, data_path(data) if data else None))
     cm, means_prov = ClassMeans.load(means)
     dataset = means_prov.dataset
