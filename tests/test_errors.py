@@ -46,6 +46,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
     save_file({"test.images": u8.float(), "test.labels": torch.zeros(4, dtype=torch.int64)},
               str(d / "float-images.safetensors"))
     save_file({"test.images": u8, "test.labels": torch.tensor([0, 1, 2, 25])}, str(d / "labels-25.safetensors"))
+    save_file({"test.images": u8}, str(d / "unlabelled.safetensors"))
     (d / "empty.txt").write_text("")
     (d / "out-of-range.txt").write_text("0\n1\n64\n")
     (d / "negative.txt").write_text("0\n-1\n")
@@ -184,6 +185,10 @@ CASES = [
     Case("train-unknown-architecture", [*TRAIN, "--arch", "resnet21"], USAGE),
     Case("train-labels-beyond-classes-of-checkpoint", ["train", "-d", "{inp}/labels-25.safetensors", "--split", "test",
                                                        "-c", "{ckpt}", "-o", "{out}/m.safetensors"], MISMATCH),
+    Case("train-unlabelled-data", ["train", "-d", "{inp}/unlabelled.safetensors", "--split", "test",
+                                   "-o", "{out}/m.safetensors"], BAD_INPUT, says="unlabelled"),
+    Case("evaluate-unlabelled-data", [*EVAL[:4], "{inp}/unlabelled.safetensors", *EVAL[5:]], BAD_INPUT,
+         says="unlabelled"),
     # flag values
     Case("input-shape-two-numbers", [*FOREIGN[:6], "1,28", "-c", "{inp}/state.pt", "--arch", "resnet20"], USAGE),
     Case("input-shape-not-numbers", [*EVAL, "--input-shape", "one,28,28"], USAGE),

@@ -97,6 +97,11 @@ def command(
                          classes=list(train_data.classes))
         model = spec.build()
     check_labels(train_data, spec.num_classes)
+    for ds in (train_data, eval_data):
+        if ds is not None and bool((ds.labels < 0).any()):
+            from eetool.errors import InputError
+
+            raise InputError(f"{ds.spec} has unlabelled samples", "train and evaluate on labelled data")
     run.reporter.log(f"training {spec.arch} on {train_data.spec} ({len(train_data)} samples) for {epochs} epochs "
                      f"on {device}")
     result = fit(model, train_data, Preprocess(spec.input_shape, spec.mean, spec.std), cfg, device=device,
