@@ -22,6 +22,7 @@ lint: ## ruff and mypy
 bench: ## benchmarks (ratios within one run)
 	$(PYTHON) bench/startup.py
 	$(PYTHON) bench/e2cm.py
+	$(PYTHON) bench/train_exits.py
 
 completions: ## regenerate completions/ from the app
 	$(PYTHON) -m eetool.completion_scripts completions

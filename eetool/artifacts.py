@@ -33,6 +33,7 @@ KINDS: dict[str, tuple[int, str]] = {
     "evaluation": (1, "eetool evaluate"),
     "class-means": (1, "eetool calibrate-means"),
     "thresholds": (1, "eetool fit-thresholds"),
+    "exit-heads": (1, "eetool train-exits"),
 }
 
 STDOUT = "-"

@@ -291,23 +291,11 @@ class MeansRule:
         return conf > self.thresholds[j], pred
 
 
-@torch.no_grad()
 def exit_scores(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, cm: ClassMeans, *,
                 batch_size: int = 256, device: torch.device | str = "cpu", reporter: Reporter | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Confidences and predictions at every exit, and the head's prediction, for every sample (one pass)."""
-    reporter = reporter or Reporter()
-    rule = MeansRule(cm, [1.0] * len(cm.exits), device)
-    n, j = len(data), len(cm.exits)
-    conf = torch.empty(n, j)
-    pred = torch.empty(n, j, dtype=torch.int64)
-    final = torch.empty(n, dtype=torch.int64)
-    with reporter.bar(-(-n // batch_size), "exit scores") as bar:
-        for images, _, pos in data.batches(batch_size):
-            feats, logits = exit_model.features(preprocess(images, device))
-            for e, f in enumerate(feats):
-                c, p = rule.scores(e, f)
-                conf[pos, e], pred[pos, e] = c.cpu(), p.cpu()
-            final[pos] = logits.argmax(1).cpu()
-            bar.advance()
-    return conf, pred, final
+    from eetool.rules import rule_scores
+
+    return rule_scores(exit_model, data, preprocess, MeansRule(cm, [1.0] * len(cm.exits), device),
+                       batch_size=batch_size, device=device, reporter=reporter)

@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "calibrate-means": "calibrate_means",
     "fit-thresholds": "fit_thresholds",
     "train": "train",
+    "train-exits": "train_exits",
     "archs": "archs",
     "env": "env",
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from eetool.options import parse_floats, parse_mapping, parse_shape
 
@@ -51,3 +51,24 @@ def _cell(v: object) -> str:
 def format_fields(pairs: list[tuple[str, object]]) -> str:
     width = max(len(k) for k, _ in pairs)
     return "\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in pairs)
+
+
+def exit_rule(ckpt: Checkpoint, method: str, combine: str, means: str | None, cm: Any, means_prov: Any,
+              exit_heads: str | None, heads: Any, heads_prov: Any, device: Any) -> tuple[Any, Any]:
+    """The exit model and the (unthresholded) rule of a method, after checking that the class means and
+    exit heads were made for this checkpoint and for the same exits."""
+    from eetool.artifacts import sha256_file, verify
+    from eetool.exits import build_exit_model
+    from eetool.rules import HeadsRule, MeansRule
+
+    exits = list(heads.spec.exits) if heads is not None else list(cm.exits)
+    if means:
+        verify(means, means_prov, checkpoint_sha256=ckpt.sha256, exits=exits)
+    if exit_heads:
+        verify(exit_heads, heads_prov, checkpoint_sha256=ckpt.sha256)
+        if heads.spec.with_distances and means:
+            verify(exit_heads, heads_prov, inputs={"class-means": sha256_file(means)})
+    em = build_exit_model(ckpt.model.to(device), ",".join(exits))
+    if method == "e2cm":
+        return em, MeansRule(cm, [1.0] * len(exits), device)
+    return em, HeadsRule(heads, method, cm, combine, device)

@@ -50,6 +50,8 @@ def command(
     means: Annotated[str | None, typer.Option("--means", help="Class-means artifact (with --thresholds): evaluate "
                                               "early exits.", rich_help_panel=INPUT)] = None,
     thresholds: ThresholdsOpt = None,
+    exit_heads: Annotated[str | None, typer.Option("--exit-heads", help="Exit-heads artifact (with --thresholds "
+                                                   "fitted on it).", rich_help_panel=INPUT)] = None,
     point: Annotated[str, typer.Option("--point", help="Operating point(s) of --thresholds: all, or indices "
                                        "separated by commas.")] = "all",
     plot: Annotated[str | None, typer.Option("--plot", help="Also draw accuracy against cost to this PNG "
@@ -62,13 +64,14 @@ def command(
     from eetool.artifacts import STDOUT, Provenance, write_yaml
     from eetool.costs import count_macs, in_unit
     from eetool.datasets import Preprocess, check_labels, load_dataset
-    from eetool.e2cm import MeansRule
     from eetool.errors import UsageError
     from eetool.inference import evaluate_exits, per_class_accuracy, predict
+    from eetool.rules import Thresholded
 
-    if bool(means) != bool(thresholds):
-        raise UsageError("early exits need both --means and --thresholds", "pass both, or neither for the plain model")
-    inputs = (checkpoint, indices, data_path(data), means, thresholds)
+    if bool(means or exit_heads) != bool(thresholds):
+        raise UsageError("early exits need --means and --thresholds (or --exit-heads and --thresholds)",
+                         "pass them together, or none for the plain model")
+    inputs = (checkpoint, indices, data_path(data), means, thresholds, exit_heads)
     if output:
         run.check_output(output, force=force, inputs=inputs)
     if plot:
@@ -86,12 +89,12 @@ def command(
     unit = count.value
     macs = count_macs(ckpt.model, ckpt.spec.input_shape)
     preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
-    early = _early_exit_setup(ckpt, means, thresholds, point, device) if means and thresholds else None
+    early = _early_exit_setup(ckpt, means, exit_heads, thresholds, point, device) if thresholds else None
     # warm up (allocator, kernels) so the timed runs compare like with like
     predict(ckpt.model, ds.subset(torch.arange(min(len(ds), batch_size))), preprocess, batch_size=batch_size,
             device=device)
     result = predict(ckpt.model, ds, preprocess, batch_size=batch_size, device=device, reporter=run.reporter)
-    clusters = early is not None and early[1].clusters
+    clusters = early is not None and early[4]
 
     def labelled(predictions: torch.Tensor) -> torch.Tensor:
         """Cluster ids under their best one-to-one matching to the labels (clustering accuracy), else as they are."""
@@ -123,12 +126,11 @@ def command(
         "per_class": {"plain": _per_class_dict(classes, per_class)},
     }
     if early is not None:
-        em, cm, chosen = early
-        cost_model = cm.cost_model()
+        em, rule, cost_model, chosen, _ = early
         for index, p in chosen:
-            rule = MeansRule(cm, p["thresholds"], device)
-            r = evaluate_exits(em, ds, preprocess, rule, batch_size=batch_size, device=device, reporter=run.reporter)
-            counts = torch.bincount(r.exit_index, minlength=len(cm.exits) + 1)
+            r = evaluate_exits(em, ds, preprocess, Thresholded(rule, p["thresholds"]), batch_size=batch_size,
+                               device=device, reporter=run.reporter)
+            counts = torch.bincount(r.exit_index, minlength=len(em.exits) + 1)
             cost = cost_model.average(counts)
             predictions = labelled(r.predictions)
             name = f"{index}: budget {p['budget']:g}"
@@ -141,7 +143,7 @@ def command(
                 "throughput": round(len(ds) / r.seconds, 1),
                 "speedup": round(result.seconds / r.seconds, 3),
                 "exit_shares": {e: round(int(c) / len(ds), 6)
-                                for e, c in zip([*cm.exits, "head"], counts.tolist(), strict=True)},
+                                for e, c in zip([*em.exits, "head"], counts.tolist(), strict=True)},
             })
             doc["per_class"][name] = _per_class_dict(
                 classes, per_class_accuracy(predictions, ds.labels, ckpt.spec.num_classes))
@@ -174,22 +176,35 @@ def _per_class_dict(classes: list[str], accuracy: Any) -> dict[str, float | None
     return {name: (None if acc != acc else round(float(acc), 6)) for name, acc in zip(classes, accuracy, strict=False)}
 
 
-def _early_exit_setup(ckpt: Any, means: str, thresholds: str, point: str, device: Any) -> tuple[Any, Any, list[Any]]:
-    """Load and cross-check the class means and thresholds; pick the operating points to run."""
+def _early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thresholds: str, point: str,
+                      device: Any) -> tuple[Any, Any, Any, list[Any], bool]:
+    """Load and cross-check the thresholds and what they were fitted with; pick the operating points to run.
+    Returns the exit model, the rule, its cost model, the chosen points and whether it predicts cluster ids."""
     from eetool.artifacts import read_tensors, read_yaml, sha256_file, verify
+    from eetool.commands.common import exit_rule
+    from eetool.costs import measure
     from eetool.e2cm import ClassMeans
     from eetool.errors import InputError, UsageError
-    from eetool.exits import build_exit_model
+    from eetool.heads import load_heads
 
-    cm, means_prov = ClassMeans.load(means)
-    verify(means, means_prov, checkpoint_sha256=ckpt.sha256)
     if thresholds.endswith(".safetensors"):  # another eetool artifact (tensors) given where thresholds belong
         read_tensors(thresholds, "thresholds")  # raises the provenance error naming the kind found
     doc, prov = read_yaml(thresholds, "thresholds")
-    verify(thresholds, prov, checkpoint_sha256=ckpt.sha256, exits=list(cm.exits),
-           inputs={"class-means": sha256_file(means)})
+    method, combine = str(doc.get("method", "e2cm")), str(doc.get("combine", "and"))
+    if method in ("e2cm", "e2cm+sdn") and not means:
+        raise UsageError(f"{thresholds} was fitted with {method}, which needs --means", "pass the same --means")
+    if method != "e2cm" and not exit_heads:
+        raise UsageError(f"{thresholds} was fitted with {method}, which needs --exit-heads",
+                         "pass the same --exit-heads")
+    cm, means_prov = ClassMeans.load(means) if means else (None, None)
+    heads, heads_prov = load_heads(exit_heads) if exit_heads else (None, None)
+    em, rule = exit_rule(ckpt, method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, device)
+    inputs = {"class-means": sha256_file(means)} if means else {}
+    if exit_heads:
+        inputs["exit-heads"] = sha256_file(exit_heads)
+    verify(thresholds, prov, checkpoint_sha256=ckpt.sha256, exits=list(em.exits), inputs=inputs)
     points = doc.get("points") or []
-    if not points or any(len(p.get("thresholds", [])) != len(cm.exits) for p in points):
+    if not points or any(len(p.get("thresholds", [])) != len(em.exits) for p in points):
         raise InputError(f"{thresholds} holds no usable operating points", "re-make it with `eetool fit-thresholds`")
     if point == "all":
         chosen = list(enumerate(points))
@@ -201,5 +216,6 @@ def _early_exit_setup(ckpt: Any, means: str, thresholds: str, point: str, device
         if any(not 0 <= i < len(points) for i in picked):
             raise UsageError(f"--point {point!r} is not all or indices below {len(points)}", "e.g. --point 0,2")
         chosen = [(i, points[i]) for i in picked]
-    ckpt.model.to(device)
-    return build_exit_model(ckpt.model, ",".join(cm.exits)), cm, chosen
+    if cm is not None and method == "e2cm":
+        return em, rule, cm.cost_model(), chosen, cm.clusters
+    return em, rule, rule.cost_model(measure(em, ckpt.spec.input_shape).stage_macs), chosen, False

@@ -8,10 +8,10 @@ import typer
 
 from eetool.commands.common import data_path, format_fields, format_table
 from eetool.options import (
+    INPUT,
     BatchOpt,
     ForceOpt,
     IndicesOpt,
-    MeansOpt,
     OutputOpt,
     Run,
     eetool_command,
@@ -23,8 +23,16 @@ SEARCH = "Search"
 @eetool_command("thresholds")
 def command(
     run: Run,
-    means: MeansOpt,
     output: OutputOpt,
+    means: Annotated[str | None, typer.Option("--means", help="Class-means artifact from `eetool calibrate-means` "
+                                              "(methods e2cm and e2cm+sdn).", rich_help_panel=INPUT)] = None,
+    exit_heads: Annotated[str | None, typer.Option("--exit-heads", help="Exit-heads artifact from `eetool "
+                                                   "train-exits` (methods sdn, entropy, e2cm+sdn).",
+                                                   rich_help_panel=INPUT)] = None,
+    method: Annotated[str, typer.Option("--method", help="e2cm, sdn (largest probability of a head), entropy "
+                                        "(of a head's prediction) or e2cm+sdn.", rich_help_panel=SEARCH)] = "e2cm",
+    combine: Annotated[str, typer.Option("--combine", help="e2cm+sdn: 'and' leaves when both are confident, 'or' "
+                                         "when either is.", rich_help_panel=SEARCH)] = "and",
     budget: Annotated[list[float] | None, typer.Option("--budget", help="Target mean cost, normalised to the whole "
                                                        "model (repeat for several).", rich_help_panel=SEARCH)] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Fit every budget from 0 to 1 in steps of --step and keep "
@@ -33,12 +41,13 @@ def command(
                                         rich_help_panel=SEARCH)] = 0.001,
     search: Annotated[str, typer.Option("--search", help="greedy (one walk for all budgets) or bisect (the "
                                         "thesis's per-component binary search).", rich_help_panel=SEARCH)] = "greedy",
-    validation: Annotated[bool, typer.Option("--validation", help="Fit on --data/--split (a held-out set) instead "
-                                             "of the calibration samples.")] = False,
-    checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", help="Checkpoint (with --validation).")
-                          ] = None,
-    data: Annotated[str | None, typer.Option("--data", "-d", help="Held-out dataset (with --validation).")] = None,
-    split: Annotated[str, typer.Option("--split", help="Split of the held-out dataset.")] = "train",
+    validation: Annotated[bool, typer.Option("--validation", help="e2cm: fit on --data/--split (a held-out set) "
+                                             "instead of the calibration samples.")] = False,
+    checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", help="Checkpoint (with --validation, or "
+                                                   "for exit heads).")] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Data to fit on (with --validation, or for "
+                                             "exit heads).")] = None,
+    split: Annotated[str, typer.Option("--split", help="Split of --data.")] = "train",
     indices: IndicesOpt = None,
     batch_size: BatchOpt = 256,
     force: ForceOpt = False,
@@ -47,23 +56,39 @@ def command(
     from eetool.artifacts import STDOUT, Provenance, sha256_file, write_yaml
     from eetool.e2cm import ClassMeans
     from eetool.errors import UsageError
+    from eetool.heads import load_heads
+    from eetool.rules import COMBINES, METHODS
     from eetool.thresholds import check_budget, hull
     from eetool.thresholds import sweep as sweep_budgets
 
+    if method not in METHODS:
+        raise UsageError(f"unknown --method {method!r}", f"use one of {', '.join(METHODS)}")
+    if combine not in COMBINES:
+        raise UsageError(f"unknown --combine {combine!r}", "use and or or")
     if not budget and not sweep:
         raise UsageError("no budget asked for", "pass --budget 0.5 (repeatable) or --sweep")
-    run.check_output(output, force=force, inputs=(means, checkpoint, indices, data_path(data) if data else None))
-    cm, means_prov = ClassMeans.load(means)
-    dataset = means_prov.dataset
-    if validation:
-        stats, dataset = _validation_stats(run, means, cm, means_prov, checkpoint, data, split, indices, batch_size)
-    else:
+    if method in ("e2cm", "e2cm+sdn") and not means:
+        raise UsageError(f"--method {method} needs --means", "make it with `eetool calibrate-means`")
+    if method != "e2cm" and not exit_heads:
+        raise UsageError(f"--method {method} needs --exit-heads", "make it with `eetool train-exits`")
+    run.check_output(output, force=force,
+                     inputs=(means, exit_heads, checkpoint, indices, data_path(data) if data else None))
+    cm, means_prov = ClassMeans.load(means) if means else (None, None)
+    heads, heads_prov = load_heads(exit_heads) if exit_heads else (None, None)
+    made_from = means_prov or heads_prov
+    assert made_from is not None
+    dataset = made_from.dataset
+    if method == "e2cm" and not validation:
+        assert cm is not None and means is not None
         if checkpoint or data:
             raise UsageError("--checkpoint/--data are only used with --validation", "add --validation or drop them")
         if cm.calibration is None:
             raise UsageError(f"{means} holds no calibration cache", "re-make it with `eetool calibrate-means`")
         c = cm.calibration
         stats = cm.exit_stats(c.confidence, c.prediction, c.final_prediction, c.labels)
+    else:
+        stats, dataset = _scored_stats(run, method, combine, means, cm, means_prov, exit_heads, heads, heads_prov,
+                                       checkpoint, data, split, indices, batch_size)
     asked = sorted(set(budget or []))
     for b in asked:
         check_budget(stats, b)
@@ -78,6 +103,8 @@ def command(
         points = sweep_budgets(stats, asked, search, seed=run.seed)
     low, high = stats.reachable()
     doc: dict[str, Any] = {
+        "method": method,
+        **({"combine": combine} if method == "e2cm+sdn" else {}),
         "search": search,
         "fitted_on": dataset,
         "reachable": [round(low, 6), round(min(high, 1.0), 6)],
@@ -87,15 +114,21 @@ def command(
         "points": [{"budget": round(p.budget, 6), "cost": round(p.cost, 6), "accuracy": round(p.accuracy, 6),
                     "thresholds": list(p.thresholds)} for p in points],
     }
-    prov = Provenance(kind="thresholds", checkpoint_sha256=means_prov.checkpoint_sha256, exits=list(cm.exits),
-                      dataset=dataset, args=run.args, inputs={"class-means": sha256_file(means)})
+    inputs = {"class-means": sha256_file(means)} if means else {}
+    if exit_heads:
+        inputs["exit-heads"] = sha256_file(exit_heads)
+    exits = list(cm.exits) if cm is not None else list(heads.spec.exits) if heads is not None else []
+    prov = Provenance(kind="thresholds", checkpoint_sha256=made_from.checkpoint_sha256, exits=exits,
+                      dataset=dataset, args=run.args, inputs=inputs)
     write_yaml(output, doc, prov)
     if output == STDOUT:
         return
     run.reporter.log(f"wrote {output}")
 
     def text(d: dict[str, Any]) -> str:
-        head = format_fields([("thresholds", output), ("search", d["search"]), ("fitted on", d["fitted_on"]),
+        head = format_fields([("thresholds", output), ("method", d["method"] + (f" ({d['combine']})" if "combine" in d
+                                                                              else "")),
+                              ("search", d["search"]), ("fitted on", d["fitted_on"]),
                               ("reachable", f"{d['reachable'][0]:.4f} to {d['reachable'][1]:.4f}")]
                              + ([("swept", f"{d['swept']} budgets, {len(d['points'])} on the convex hull")]
                                 if d["swept"] else []))
@@ -106,25 +139,34 @@ def command(
     run.emit(doc, text)
 
 
-def _validation_stats(run: Run, means: str, cm: Any, means_prov: Any, checkpoint: str | None, data: str | None,
-                      split: str, indices: str | None, batch_size: int) -> tuple[Any, str]:
-    from eetool.artifacts import verify
-    from eetool.commands.common import open_checkpoint
+def _scored_stats(run: Run, method: str, combine: str, means: str | None, cm: Any, means_prov: Any,
+                  exit_heads: str | None, heads: Any, heads_prov: Any, checkpoint: str | None, data: str | None,
+                  split: str, indices: str | None, batch_size: int) -> tuple[Any, str]:
+    """Exit statistics from one pass over --data: E²CM on held-out data, or any method with exit heads."""
+    import torch
+
+    from eetool.commands.common import exit_rule, open_checkpoint
+    from eetool.costs import measure
     from eetool.datasets import Preprocess, check_labels, load_dataset
-    from eetool.e2cm import exit_scores
     from eetool.errors import UsageError
-    from eetool.exits import build_exit_model
+    from eetool.rules import HeadsRule, rule_scores
+    from eetool.thresholds import ExitStats
 
     if not checkpoint or not data:
-        raise UsageError("--validation needs --checkpoint and --data", "name the model and the held-out data")
+        raise UsageError(f"--method {method}{' with --validation' if method == 'e2cm' else ''} needs --checkpoint "
+                         "and --data", "name the model and the data to fit on")
     ckpt = open_checkpoint(checkpoint)
-    verify(means, means_prov, checkpoint_sha256=ckpt.sha256)
     device = run.torch()
+    em, rule = exit_rule(ckpt, method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, device)
     ds = load_dataset(data, split, indices)
     check_labels(ds, ckpt.spec.num_classes)
-    if ds.fingerprint == means_prov.dataset:
+    if method == "e2cm" and ds.fingerprint == means_prov.dataset:
         run.reporter.warn("the validation data is the calibration data; thresholds are not held out")
-    em = build_exit_model(ckpt.model.to(device), ",".join(cm.exits))
-    conf, pred, final = exit_scores(em, ds, Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std), cm,
-                                    batch_size=batch_size, device=device, reporter=run.reporter)
-    return cm.exit_stats(conf, pred, final, ds.labels), ds.fingerprint
+    preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
+    conf, pred, final = rule_scores(em, ds, preprocess, rule, batch_size=batch_size, device=device,
+                                    reporter=run.reporter)
+    if not isinstance(rule, HeadsRule):
+        return cm.exit_stats(conf, pred, final, ds.labels), ds.fingerprint
+    correct = torch.cat([pred == ds.labels[:, None], (final == ds.labels)[:, None]], 1)
+    costs = rule.cost_model(measure(em, ckpt.spec.input_shape).stage_macs)
+    return ExitStats(conf, correct, torch.tensor(costs.normalised_exit_costs(), dtype=torch.float64)), ds.fingerprint

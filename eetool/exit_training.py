@@ -1,0 +1,81 @@
+"""Training exit heads with the one training loop: what ``fit`` trains and the loss it minimises.
+
+With a frozen backbone the backbone runs in eval mode under ``torch.no_grad`` (no backward pass
+through it, and its batch-norm statistics stay as they are); jointly, the backbone's own
+cross-entropy joins the weighted exit losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eetool.datasets import Dataset, Preprocess
+from eetool.e2cm import ClassMeans, distances
+from eetool.exits import ExitModel
+from eetool.heads import ExitHeads
+
+
+class ExitTrainer(nn.Module):
+    def __init__(self, exit_model: ExitModel, heads: ExitHeads, means: ClassMeans | None, weights: list[float], *,
+                 joint: bool) -> None:
+        super().__init__()
+        self.exit_model = exit_model
+        self.backbone = exit_model.model
+        self.heads = heads
+        self.joint = joint
+        self.weights = list(weights)
+        self.means = means
+
+    def train(self, mode: bool = True) -> ExitTrainer:
+        super().train(mode)
+        if not self.joint:
+            self.backbone.eval()  # frozen: batch norm keeps the statistics the backbone was trained with
+        return self
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return self.parameters() if self.joint else self.heads.parameters()
+
+    def _distances(self, features: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        if self.means is None:
+            return None
+        out = []
+        for j, f in enumerate(features):
+            d = distances(self.means.pooling.apply(f), self.means.means[j].to(f.device))
+            out.append(d / self.means.normalisers[j].to(f.device))
+        return out
+
+    def outputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every head's logits and the model's own."""
+        if self.joint:
+            feats, logits = self.exit_model.features(x)
+        else:
+            with torch.no_grad():
+                feats, logits = self.exit_model.features(x)
+        return self.heads(feats, self._distances(feats)), logits
+
+    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             mix: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weighted sum of the exits' cross-entropies (train-exits offers no mixup, so ``mix`` is None)."""
+        outs, logits = self.outputs(x)
+        loss = sum((w * F.cross_entropy(o, y) for w, o in zip(self.weights, outs, strict=True)),
+                   torch.zeros((), device=x.device))
+        if self.joint:
+            loss = loss + F.cross_entropy(logits, y)
+        return loss, outs[-1]
+
+
+@torch.no_grad()
+def exit_accuracies(trainer: ExitTrainer, data: Dataset, preprocess: Preprocess, *, batch_size: int = 256,
+                    device: torch.device | str = "cpu") -> list[float]:
+    """Accuracy of every head, then of the model's own head."""
+    trainer.eval()
+    correct = torch.zeros(len(trainer.heads.heads) + 1, dtype=torch.int64)
+    for images, labels, _ in data.batches(batch_size):
+        outs, logits = trainer.outputs(preprocess(images, device))
+        y = labels.to(logits.device)
+        correct += torch.stack([(o.argmax(1) == y).sum() for o in [*outs, logits]]).cpu()
+    return (correct.double() / len(data)).tolist()

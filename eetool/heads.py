@@ -1,0 +1,151 @@
+"""Trained exit heads: Shallow-Deep Network internal classifiers and BranchyNet branches.
+
+An internal classifier (Kaya et al. 2019, as the thesis uses it) reduces an exit's feature map
+with a learned mix of max and average pooling to a small spatial size, then applies one linear
+layer. With E²CM (thesis 2.3.2) the normalised distances to the class means at that exit are
+concatenated to its input. A BranchyNet branch (Teerapittayanon et al. 2016) adds a 3x3
+convolution with batch norm and ReLU before the same reduction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eetool.artifacts import Provenance, read_tensors, write_tensors
+from eetool.errors import InputError, UsageError
+
+HEAD_KINDS = ("sdn", "branchy")
+
+
+class MixedPool(nn.Module):
+    """alpha * max-pool + (1 - alpha) * average-pool to ``size`` x ``size``, alpha learned in (0, 1)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.mix = nn.Parameter(torch.zeros(1))  # alpha = sigmoid(mix), 0.5 at the start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            return x.flatten(1)
+        if x.shape[-1] > self.size or x.shape[-2] > self.size:
+            alpha = torch.sigmoid(self.mix)
+            x = alpha * F.adaptive_max_pool2d(x, self.size) + (1 - alpha) * F.adaptive_avg_pool2d(x, self.size)
+        return x.flatten(1)
+
+
+class ExitHead(nn.Module):
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, *, kind: str, pool_size: int,
+                 distances: int = 0) -> None:
+        super().__init__()
+        self.branch: nn.Module = nn.Identity()
+        if kind == "branchy" and len(in_shape) == 3:
+            c = in_shape[0]
+            self.branch = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                                        nn.ReLU(inplace=True))
+        self.pool = MixedPool(pool_size)
+        with torch.no_grad():
+            width = self.pool(self.branch.eval()(torch.zeros(1, *in_shape))).shape[1]
+        self.linear = nn.Linear(width + distances, num_classes)
+
+    def forward(self, x: torch.Tensor, distances: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.pool(self.branch(x))
+        if distances is not None:
+            z = torch.cat([z, distances], 1)
+        return self.linear(z)
+
+
+@dataclass
+class HeadsSpec:
+    """What rebuilds the heads; stored in the exit-heads artifact's metadata."""
+
+    kind: str
+    exits: list[str]
+    in_shapes: list[list[int]]
+    num_classes: int
+    pool_size: int = 4
+    with_distances: bool = False
+    weights: list[float] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> HeadsSpec:
+        return cls(**json.loads(text))
+
+
+class ExitHeads(nn.Module):
+    def __init__(self, spec: HeadsSpec) -> None:
+        super().__init__()
+        if spec.kind not in HEAD_KINDS:
+            raise UsageError(f"unknown head {spec.kind!r}", f"use one of {', '.join(HEAD_KINDS)}")
+        self.spec = spec
+        k = spec.num_classes if spec.with_distances else 0
+        self.heads = nn.ModuleList(ExitHead(tuple(s), spec.num_classes, kind=spec.kind, pool_size=spec.pool_size,
+                                            distances=k) for s in spec.in_shapes)
+
+    def forward(self, features: list[torch.Tensor], distances: list[torch.Tensor] | None = None
+                ) -> list[torch.Tensor]:
+        return [head(f, None if distances is None else distances[j])
+                for j, (head, f) in enumerate(zip(self.heads, features, strict=True))]
+
+    def macs(self) -> list[int]:
+        """MACs of each head for one sample: branch convolution, pooling (one operation per element read), linear."""
+        out = []
+        for head, shape in zip(self.heads, self.spec.in_shapes, strict=True):
+            assert isinstance(head, ExitHead)
+            n = math.prod(shape)
+            conv = 0
+            if isinstance(head.branch, nn.Sequential):
+                c = shape[0]
+                conv = c * c * 9 * math.prod(shape[1:]) + 2 * n  # convolution, batch norm and ReLU
+            pool = 2 * n if len(shape) == 3 and max(shape[1:]) > self.spec.pool_size else 0
+            out.append(int(conv + pool + head.linear.in_features * head.linear.out_features))
+        return out
+
+
+def sdn_weights(n: int) -> list[float]:
+    """SDN's loss weights for internal classifiers at 15%, 30%, ... of the network: 0.15, 0.3, ..., capped at 1."""
+    return [min(1.0, round(0.15 * (j + 1), 4)) for j in range(n)]
+
+
+def parse_weights(text: str | None, n: int) -> list[float]:
+    if not text:
+        return [1.0] * n
+    if text == "sdn":
+        return sdn_weights(n)
+    try:
+        weights = [float(v) for v in text.split(",")]
+    except ValueError:
+        weights = []
+    # Written as a range so that nan (every comparison false) and inf, which would poison the loss, fail too.
+    if len(weights) != n or not all(0 <= w < math.inf for w in weights):
+        raise UsageError(f"--exit-weights {text!r} is not {n} finite non-negative numbers",
+                         "give one weight per exit, or 'sdn'")
+    return weights
+
+
+HEADS_KEY = "eetool.heads"
+
+
+def save_heads(path: str, heads: ExitHeads, prov: Provenance) -> None:
+    state = {k: v.detach().cpu() for k, v in heads.state_dict().items()}
+    write_tensors(path, state, prov, extra={HEADS_KEY: heads.spec.to_json()})
+
+
+def load_heads(path: str) -> tuple[ExitHeads, Provenance]:
+    tensors, prov, meta = read_tensors(path, "exit-heads")
+    try:
+        heads = ExitHeads(HeadsSpec.from_json(meta[HEADS_KEY]))
+        heads.load_state_dict(tensors)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise InputError(f"{path} is an incomplete exit-heads artifact ({type(e).__name__})",
+                         "re-make it with `eetool train-exits`") from None
+    return heads.eval(), prov

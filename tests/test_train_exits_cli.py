@@ -1,0 +1,157 @@
+"""train-exits end to end on the tiny checkpoint and data: the artifact it writes, its JSON, E²CM distances
+from a class-means artifact, joint training's new checkpoint, and the refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from eetool.checkpoint import load_checkpoint
+from eetool.cli import app
+from eetool.errors import ExitCode
+from eetool.exits import build_exit_model
+from eetool.heads import load_heads
+
+runner = CliRunner()
+FAST = ("--batch-size", "48", "--no-augment", "--device", "cpu", "--no-progress")
+
+
+def invoke(*args: object) -> Result:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def ok(result: Result) -> Result:
+    assert result.exit_code == 0, result.stderr
+    return result
+
+
+def one_error_line(result: Result, code: int) -> str:
+    assert result.exit_code == code, f"exit {result.exit_code}, expected {code}: {result.stderr}"
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "(hint: " in lines[0], lines[0]
+    assert result.stdout == ""
+    return lines[0]
+
+
+def sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def half_means(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: str, tiny_data: str) -> Path:
+    out = tmp_path_factory.mktemp("means") / "means-half.safetensors"
+    ok(invoke("calibrate-means", "-c", tiny_checkpoint, "-d", tiny_data, "--exits", "half", "-o", out, "-q",
+              "--device", "cpu"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: str, tiny_data: str) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("heads") / "heads.safetensors"
+    result = ok(invoke("train-exits", "-c", tiny_checkpoint, "-d", tiny_data, "--exits", "half", "--eval-split",
+                       "test", "-o", out, "--format", "json", *FAST))
+    assert result.stderr.endswith(f"wrote {out}\n")
+    return out, json.loads(result.stdout)
+
+
+def test_writes_an_exit_heads_artifact_for_the_checkpoint(trained: tuple[Path, dict], tiny_checkpoint: str) -> None:
+    out, _ = trained
+    heads, prov = load_heads(str(out))
+    ckpt = load_checkpoint(tiny_checkpoint)
+    em = build_exit_model(ckpt.model, "half")
+    assert prov.kind == "exit-heads" and prov.checkpoint_sha256 == sha256(tiny_checkpoint)
+    assert prov.exits == heads.spec.exits == em.exits
+    assert heads.spec.kind == "sdn" and not heads.spec.with_distances and heads.spec.weights == [1.0] * len(em.exits)
+    assert heads.spec.in_shapes == [list(s) for s in em.exit_shapes(ckpt.spec.input_shape)]
+    assert prov.inputs == {} and prov.args["training"]["samples_seen"] == 96
+
+
+def test_json_output(trained: tuple[Path, dict]) -> None:
+    out, doc = trained
+    assert next(iter(doc)) == "schema" and doc["schema"] == "eetool/exit-heads@1"
+    heads, _ = load_heads(str(out))
+    assert [r["exit"] for r in doc["exits"]] == heads.spec.exits
+    assert [r["head_macs"] for r in doc["exits"]] == heads.macs()
+    assert not doc["joint"] and not doc["with_distances"] and doc["eval_split"] == "test"
+    for row in doc["exits"]:
+        assert 0 <= row["accuracy"] <= 1 and 0 < row["cost_normalised"]
+    assert 0 <= doc["head_accuracy"] <= 1 and doc["samples_seen"] == 96
+
+
+def test_text_output_lists_every_exit(tiny_checkpoint: str, tiny_data: str, workdir: Path) -> None:
+    result = ok(invoke("train-exits", "-c", tiny_checkpoint, "-d", tiny_data, "--exits", "half", "-o", "h.safetensors",
+                       "--head", "branchy", *FAST))
+    heads, _ = load_heads("h.safetensors")
+    assert heads.spec.kind == "branchy"
+    for name, macs in zip(heads.spec.exits, heads.macs(), strict=True):
+        assert any(line.split()[:2] == [name, f"{macs:,}"] for line in result.stdout.splitlines())
+
+
+def test_means_for_the_same_exits_add_the_distances(half_means: Path, tiny_checkpoint: str, tiny_data: str,
+                                                    workdir: Path) -> None:
+    result = ok(invoke("train-exits", "-c", tiny_checkpoint, "-d", tiny_data, "--exits", "half", "--means",
+                       half_means, "-o", "h.safetensors", "--format", "json", *FAST))
+    heads, prov = load_heads("h.safetensors")
+    assert heads.spec.with_distances and json.loads(result.stdout)["with_distances"]
+    assert prov.inputs == {"class-means": sha256(half_means)}
+    linear = heads.heads[0].linear
+    assert linear.in_features > 10 and heads.macs()[0] >= linear.in_features * 10
+
+
+def test_means_for_other_exits_are_refused(half_means: Path, tiny_checkpoint: str, tiny_data: str,
+                                           workdir: Path) -> None:
+    line = one_error_line(invoke("train-exits", "-c", tiny_checkpoint, "-d", tiny_data, "--exits", "every",
+                                 "--means", half_means, "-o", "h.safetensors", *FAST), ExitCode.PROVENANCE)
+    assert "exits" in line
+    assert not Path("h.safetensors").exists()
+
+
+def test_joint_needs_a_backbone_output(tiny_checkpoint: str, tiny_data: str, workdir: Path) -> None:
+    one_error_line(invoke("train-exits", "-c", tiny_checkpoint, "-d", tiny_data, "--joint", "-o", "h.safetensors",
+                          *FAST), ExitCode.USAGE)
+    one_error_line(invoke("train-exits", "-c", tiny_checkpoint, "-d", tiny_data, "--backbone-output",
+                          "b.safetensors", "-o", "h.safetensors", *FAST), ExitCode.USAGE)
+    assert not Path("h.safetensors").exists()
+
+
+def test_joint_writes_a_new_backbone_that_the_heads_record(tiny_checkpoint: str, tiny_data: str,
+                                                           workdir: Path) -> None:
+    result = ok(invoke("train-exits", "-c", tiny_checkpoint, "-d", tiny_data, "--exits", "half", "--joint",
+                       "--backbone-output", "b.safetensors", "-o", "h.safetensors", "--format", "json", *FAST))
+    assert json.loads(result.stdout)["joint"]
+    _, prov = load_heads("h.safetensors")
+    assert sha256("b.safetensors") != sha256(tiny_checkpoint)
+    assert prov.checkpoint_sha256 == sha256("b.safetensors")
+    backbone = load_checkpoint("b.safetensors")
+    assert backbone.provenance.checkpoint_sha256 == sha256(tiny_checkpoint)
+
+
+@pytest.mark.parametrize("weights", ["1,2", "1,1,1,1", "1,1,1,1,1,1", "a,b,c,d,e"])
+def test_exit_weights_of_the_wrong_count_are_refused(weights: str, tiny_checkpoint: str, tiny_data: str,
+                                                     workdir: Path) -> None:
+    # --exits half on ResNet-20 gives five exits
+    line = one_error_line(invoke("train-exits", "-c", tiny_checkpoint, "-d", tiny_data, "--exits", "half",
+                                 "--exit-weights", weights, "-o", "h.safetensors", *FAST), ExitCode.USAGE)
+    assert "--exit-weights" in line
+
+
+def test_exit_weights_are_recorded(tiny_checkpoint: str, tiny_data: str, workdir: Path) -> None:
+    ok(invoke("train-exits", "-c", tiny_checkpoint, "-d", tiny_data, "--exits", "half", "--exit-weights", "sdn",
+              "-o", "h.safetensors", *FAST))
+    heads, _ = load_heads("h.safetensors")
+    assert len(heads.spec.exits) == 5 and heads.spec.weights == [0.15, 0.3, 0.45, 0.6, 0.75]
+
+
+def test_existing_output_needs_force(tiny_checkpoint: str, tiny_data: str, workdir: Path) -> None:
+    Path("h.safetensors").write_text("keep me")
+    one_error_line(invoke("train-exits", "-c", tiny_checkpoint, "-d", tiny_data, "--exits", "half",
+                          "-o", "h.safetensors", *FAST), ExitCode.OUTPUT)
+    assert Path("h.safetensors").read_text() == "keep me"
+    ok(invoke("train-exits", "-c", tiny_checkpoint, "-d", tiny_data, "--exits", "half", "-o", "h.safetensors",
+              "--force", "-q", *FAST))
+    assert load_heads("h.safetensors")[1].kind == "exit-heads"
