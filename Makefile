@@ -7,7 +7,7 @@ DEMO_CHECKPOINT := eetool/demo/demo-resnet20-fashion-mnist.safetensors
 RESULTS ?= results
 BUDGETS := --budget 0.25 --budget 0.5 --budget 0.75
 
-.PHONY: help test lint bench completions demo-checkpoint demo-data e2cm-demo e2cm-fashion-mnist e2cm-run
+.PHONY: help test lint bench completions demo-checkpoint demo-data e2cm-demo e2cm-fashion-mnist e2cm-run fixed-budget
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -53,3 +53,32 @@ e2cm-run:
 	$(EETOOL) evaluate --checkpoint demo --data $(DATA) --split test --no-progress \
 	  --means $(RESULTS)/$(NAME)-means.safetensors --thresholds $(RESULTS)/$(NAME)-budgets.yaml \
 	  -o $(RESULTS)/$(NAME)-evaluation.yaml --force | tee $(RESULTS)/$(NAME)-evaluation.txt
+
+# The thesis's fixed-training-budget comparison (Table I's setting) on Fashion-MNIST with the
+# shipped checkpoint: SDN heads trained for 1 and 6 epochs (backbone frozen) against E²CM alone
+# (no training) and E²CM+SDN, at budgets 0.15 to 0.30 on the test split.
+FB := $(RESULTS)/fixed-budget
+FB_BUDGETS := --budget 0.15 --budget 0.2 --budget 0.25 --budget 0.3
+FB_FIT = $(EETOOL) fit-thresholds --checkpoint demo --data $(FMNIST) --split train $(FB_BUDGETS) --force -q --no-progress
+FB_EVAL = $(EETOOL) evaluate --checkpoint demo --data $(FMNIST) --split test --force -q --no-progress
+
+fixed-budget: ## the thesis's fixed-training-budget comparison on Fashion-MNIST (about 25 min on 2 CPU cores)
+	@mkdir -p $(FB)
+	$(EETOOL) calibrate-means --checkpoint demo --data $(FMNIST) --split train -o $(FB)/means.safetensors --force -q --no-progress
+	$(EETOOL) fit-thresholds --means $(FB)/means.safetensors $(FB_BUDGETS) -o $(FB)/e2cm.yaml --force -q
+	$(FB_EVAL) --means $(FB)/means.safetensors --thresholds $(FB)/e2cm.yaml -o $(FB)/e2cm-evaluation.yaml
+	for epochs in 1 6; do \
+	  $(EETOOL) train-exits --checkpoint demo --data $(FMNIST) --split train --epochs $$epochs --no-progress -q \
+	    -o $(FB)/heads-$$epochs.safetensors --force && \
+	  $(FB_FIT) --method sdn --exit-heads $(FB)/heads-$$epochs.safetensors -o $(FB)/sdn-$$epochs.yaml && \
+	  $(FB_EVAL) --exit-heads $(FB)/heads-$$epochs.safetensors --thresholds $(FB)/sdn-$$epochs.yaml \
+	    -o $(FB)/sdn-$$epochs-evaluation.yaml && \
+	  for combine in and or; do \
+	    $(FB_FIT) --method e2cm+sdn --combine $$combine --exit-heads $(FB)/heads-$$epochs.safetensors \
+	      --means $(FB)/means.safetensors -o $(FB)/e2cm-sdn-$$combine-$$epochs.yaml && \
+	    $(FB_EVAL) --exit-heads $(FB)/heads-$$epochs.safetensors --means $(FB)/means.safetensors \
+	      --thresholds $(FB)/e2cm-sdn-$$combine-$$epochs.yaml -o $(FB)/e2cm-sdn-$$combine-$$epochs-evaluation.yaml \
+	      || exit 1; \
+	  done || exit 1; \
+	done
+	$(PYTHON) reproduce/fixed_budget_table.py $(FB)
