@@ -42,6 +42,16 @@ class TrainConfig:
     mixup: float = 0.0  # Beta(alpha, alpha) mixing; 0 turns it off
     augment: bool = True  # random crop (4-pixel padding) and horizontal flip
     seed: int = 0
+    samples: int = 0  # a training budget in samples seen, instead of whole epochs (0: --epochs decides)
+
+    def planned_epochs(self, dataset_size: int) -> int:
+        return math.ceil(self.samples / dataset_size) if self.samples else self.epochs
+
+    def total_steps(self, dataset_size: int) -> int:
+        if self.samples:
+            whole, rest = divmod(self.samples, dataset_size)
+            return whole * math.ceil(dataset_size / self.batch_size) + math.ceil(rest / self.batch_size)
+        return self.epochs * math.ceil(dataset_size / self.batch_size)
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -51,6 +61,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1", "give a positive number")
+        if self.samples < 0:
+            raise UsageError("--samples must not be negative", "give the number of samples to train on")
         if self.lr <= 0:
             raise UsageError("--lr must be positive", "e.g. --lr 0.1 for SGD, 1e-3 for AdamW")
         if not 0 <= self.label_smoothing < 1:
@@ -126,9 +138,9 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.op
                            weight_decay=cfg.weight_decay)
 
 
-def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig,
-                  steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
-    total = cfg.epochs * steps_per_epoch
+def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
+                  total_steps: int | None = None) -> torch.optim.lr_scheduler.LRScheduler:
+    total = total_steps or cfg.epochs * steps_per_epoch
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
     if cfg.schedule == "onecycle":
         # OneCycleLR peaks at step pct_start * total - 1 and divides by zero if that is the first or last step.
@@ -172,7 +184,8 @@ def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfi
     model.to(device)
     opt = make_optimizer(params if params is not None else model.parameters(), cfg)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
-    sched = make_schedule(opt, cfg, steps_per_epoch)
+    epochs = cfg.planned_epochs(len(data))
+    sched = make_schedule(opt, cfg, steps_per_epoch, cfg.total_steps(len(data)))
     gen = torch.Generator().manual_seed(cfg.seed)
     result = TrainResult()
     start_epoch = 0
@@ -180,16 +193,21 @@ def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfi
         if not resume_path or not Path(resume_path).is_file():
             raise InputError(f"no resumable state at {resume_path}", "run without --resume to start afresh")
         start_epoch = _load_state(resume_path, model, opt, sched, gen, result, cfg, data.fingerprint)
-        reporter.log(f"resuming after epoch {start_epoch} of {cfg.epochs}")
+        reporter.log(f"resuming after epoch {start_epoch} of {epochs}")
     started = time.perf_counter() - result.seconds
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, epochs):
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64)
         correct = torch.zeros((), dtype=torch.int64)
         seen = 0
-        with reporter.bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}") as bar:
+        with reporter.bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}") as bar:
             for images, labels, _ in data.batches(cfg.batch_size, shuffle=True, generator=gen):
+                if cfg.samples:  # a budget in samples ends inside the last epoch, with a partial batch
+                    left = cfg.samples - result.samples_seen - seen
+                    if left <= 0:
+                        break
+                    images, labels = images[:left], labels[:left]
                 if cfg.augment:
                     images = augment_batch(images, gen)
                 x, y = preprocess(images, device), labels.to(device)
@@ -215,7 +233,7 @@ def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfi
             record.eval_accuracy = accuracy(model, eval_data, preprocess, device)
         result.history.append(record)
         result.seconds = time.perf_counter() - started
-        msg = f"epoch {record.epoch}/{cfg.epochs}: loss {record.loss:.4f}, train acc {record.train_accuracy:.4f}"
+        msg = f"epoch {record.epoch}/{epochs}: loss {record.loss:.4f}, train acc {record.train_accuracy:.4f}"
         if record.eval_accuracy is not None:
             msg += f", eval acc {record.eval_accuracy:.4f}"
         reporter.log(msg + f", {record.samples_seen} samples seen, {record.seconds:.1f}s")

@@ -155,3 +155,12 @@ def test_existing_output_needs_force(tiny_checkpoint: str, tiny_data: str, workd
     ok(invoke("train-exits", "-c", tiny_checkpoint, "-d", tiny_data, "--exits", "half", "-o", "h.safetensors",
               "--force", "-q", *FAST))
     assert load_heads("h.safetensors")[1].kind == "exit-heads"
+
+
+def test_a_budget_in_samples(tiny_checkpoint: str, tiny_data: str, workdir: Path) -> None:
+    import json
+
+    result = ok(invoke("train-exits", "-c", tiny_checkpoint, "-d", tiny_data, "--exits", "half", "--samples", 150,
+                       "--batch-size", 64, "-o", "h.safetensors", "--format", "json", "-q"))
+    doc = json.loads(result.stdout)
+    assert doc["samples_seen"] == 150 and doc["epochs"] == 2  # 96 samples, then 54 of the second epoch

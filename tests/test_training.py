@@ -260,3 +260,24 @@ def test_onecycle_peaks_after_warmup(warmup_epochs: float) -> None:
 def test_onecycle_needs_a_few_steps() -> None:
     with pytest.raises(UsageError):
         lrs(TrainConfig(epochs=1, lr=0.1, schedule="onecycle"), 2)
+
+
+def test_a_budget_in_samples_stops_inside_an_epoch(tiny_spec, tiny_data: str) -> None:  # type: ignore[no-untyped-def]
+    """--samples N trains on exactly N samples (the last batch cut short), and the schedule ends there."""
+    from eetool.datasets import Preprocess, load_dataset
+    from eetool.training import TrainConfig, fit, make_optimizer, make_schedule
+
+    data = load_dataset(f"safetensors:{tiny_data}", "train")  # 96 samples
+    cfg = TrainConfig(epochs=1, batch_size=40, samples=250, augment=False, optimizer="adamw", lr=1e-3,
+                      warmup_epochs=0.5)
+    assert cfg.planned_epochs(len(data)) == 3
+    assert cfg.total_steps(len(data)) == 2 * 3 + 2  # two whole epochs of 3 batches, then 58 samples in 2
+    result = fit(tiny_spec.build(), data, Preprocess((1, 28, 28), [0.3], [0.35]), cfg)
+    assert result.samples_seen == 250
+    assert [r.samples_seen for r in result.history] == [96, 192, 250]
+    model = tiny_spec.build()
+    sched = make_schedule(make_optimizer(model.parameters(), cfg), cfg, 3, cfg.total_steps(len(data)))
+    for _ in range(cfg.total_steps(len(data))):
+        sched.optimizer.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-9)  # the cosine reaches its end with the budget

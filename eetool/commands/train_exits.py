@@ -51,6 +51,9 @@ def command(
     eval_split: Annotated[str | None, typer.Option("--eval-split", help="Report each exit's accuracy on this "
                                                    "split after training.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Epochs.", rich_help_panel=TRAINING)] = 1,
+    samples: Annotated[int | None, typer.Option("--samples", min=1, help="Train on exactly this many samples "
+                                                "(a fixed training budget) instead of --epochs.",
+                                                rich_help_panel=TRAINING)] = None,
     batch_size: BatchOpt = 128,
     optimizer: Annotated[str, typer.Option("--optimizer", help="sgd or adamw.", rich_help_panel=TRAINING)] = "adamw",
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=TRAINING)] = 1e-3,
@@ -97,7 +100,7 @@ def command(
                      parse_weights(exit_weights, len(em.exits)))
     heads = ExitHeads(spec)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-                      schedule=schedule, augment=augment, seed=run.seed)
+                      schedule=schedule, augment=augment, seed=run.seed, samples=samples or 0)
     trainer = ExitTrainer(em, heads, cm, spec.weights, joint=joint)
     preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
     run.reporter.log(f"training {head} heads at {len(em.exits)} exits of {ckpt.label} "
@@ -111,7 +114,7 @@ def command(
                                    args={**run.args, "training": {"samples_seen": result.samples_seen}}))
         backbone_sha = sha256_file(backbone_output)
         run.reporter.log(f"wrote {backbone_output}")
-    training = {"samples_seen": result.samples_seen, "epochs": epochs, "seconds": round(result.seconds, 1),
+    training = {"samples_seen": result.samples_seen, "epochs": len(result.history), "seconds": round(result.seconds, 1),
                 "loss": round(result.last.loss, 6)}
     prov = Provenance(kind="exit-heads", checkpoint_sha256=backbone_sha, exits=list(em.exits),
                       dataset=train_data.fingerprint, args={**run.args, "training": training},
