@@ -133,3 +133,12 @@ def test_heads_of_another_checkpoint_are_refused(tiny_spec, tiny_checkpoint: str
     assert result.exit_code == ExitCode.PROVENANCE, result.stderr
     assert len(result.stderr.splitlines()) == 1 and "checkpoint" in result.stderr
     assert not (tmp_path / "t.yaml").exists()
+
+
+def test_exits_checkpoint_is_another_name_for_exit_heads() -> None:
+    import typer
+
+    for name in ("fit-thresholds", "evaluate"):
+        command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
+        option = next(p for p in command.params if p.name == "exit_heads")
+        assert {"--exit-heads", "--exits-checkpoint"} <= set(option.opts)

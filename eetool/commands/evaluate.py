@@ -50,8 +50,9 @@ def command(
     means: Annotated[str | None, typer.Option("--means", help="Class-means artifact (with --thresholds): evaluate "
                                               "early exits.", rich_help_panel=INPUT)] = None,
     thresholds: ThresholdsOpt = None,
-    exit_heads: Annotated[str | None, typer.Option("--exit-heads", help="Exit-heads artifact (with --thresholds "
-                                                   "fitted on it).", rich_help_panel=INPUT)] = None,
+    exit_heads: Annotated[str | None, typer.Option("--exit-heads", "--exits-checkpoint",
+                                                   help="Exit-heads artifact (with --thresholds fitted on it).",
+                                                   rich_help_panel=INPUT)] = None,
     point: Annotated[str, typer.Option("--point", help="Operating point(s) of --thresholds: all, or indices "
                                        "separated by commas.")] = "all",
     plot: Annotated[str | None, typer.Option("--plot", help="Also draw accuracy against cost to this PNG "

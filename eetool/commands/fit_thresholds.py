@@ -26,8 +26,9 @@ def command(
     output: OutputOpt,
     means: Annotated[str | None, typer.Option("--means", help="Class-means artifact from `eetool calibrate-means` "
                                               "(methods e2cm and e2cm+sdn).", rich_help_panel=INPUT)] = None,
-    exit_heads: Annotated[str | None, typer.Option("--exit-heads", help="Exit-heads artifact from `eetool "
-                                                   "train-exits` (methods sdn, entropy, e2cm+sdn).",
+    exit_heads: Annotated[str | None, typer.Option("--exit-heads", "--exits-checkpoint",
+                                                   help="Exit-heads artifact from `eetool train-exits` (methods sdn, "
+                                                   "entropy, e2cm+sdn).",
                                                    rich_help_panel=INPUT)] = None,
     method: Annotated[str, typer.Option("--method", help="e2cm, sdn (largest probability of a head), entropy "
                                         "(of a head's prediction) or e2cm+sdn.", rich_help_panel=SEARCH)] = "e2cm",
