@@ -3,7 +3,6 @@ what they write, what they print, and the provenance checks that refuse artifact
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -12,41 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner, Result
+from cli_helpers import invoke, ok, one_error_line, sha256
+from typer.testing import Result
 
 from eetool.artifacts import Provenance
 from eetool.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
-from eetool.cli import app
 from eetool.datasets import Preprocess, load_dataset
 from eetool.e2cm import ClassMeans, Pooling, distance_macs
 from eetool.errors import ExitCode
 from eetool.exits import build_exit_model
 from eetool.thresholds import operating_point
 
-runner = CliRunner()
 K = 10
-
-
-def invoke(*args: object) -> Result:
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(result: Result) -> Result:
-    assert result.exit_code == 0, result.stderr
-    return result
-
-
-def one_error_line(result: Result, code: int) -> str:
-    assert result.exit_code == code, f"exit {result.exit_code}, expected {code}: {result.stderr}"
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and "(hint: " in lines[0], lines[0]
-    assert result.stdout == ""
-    return lines[0]
-
-
-def sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def json_doc(result: Result) -> dict:

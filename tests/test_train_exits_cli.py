@@ -3,43 +3,18 @@ from a class-means artifact, joint training's new checkpoint, and the refusals."
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner, Result
+from cli_helpers import invoke, ok, one_error_line, sha256
 
 from eetool.checkpoint import load_checkpoint
-from eetool.cli import app
 from eetool.errors import ExitCode
 from eetool.exits import build_exit_model
 from eetool.heads import load_heads
 
-runner = CliRunner()
 FAST = ("--batch-size", "48", "--no-augment", "--device", "cpu", "--no-progress")
-
-
-def invoke(*args: object) -> Result:
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(result: Result) -> Result:
-    assert result.exit_code == 0, result.stderr
-    return result
-
-
-def one_error_line(result: Result, code: int) -> str:
-    assert result.exit_code == code, f"exit {result.exit_code}, expected {code}: {result.stderr}"
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and "(hint: " in lines[0], lines[0]
-    assert result.stdout == ""
-    return lines[0]
-
-
-def sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
