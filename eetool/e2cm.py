@@ -273,29 +273,15 @@ class ClassMeans:
 
 
 class MeansRule:
-    """The E²CM exit rule at given thresholds: leave at exit j when max softmax(-d/normaliser) > T_j."""
+    """E²CM's confidence at exit j: max_k softmax(-d/normaliser), with its argmax as the prediction.
+    ``eetool.rules.Thresholded`` turns it into the exit decision conf > T_j (eq. 2.6)."""
 
-    def __init__(self, cm: ClassMeans, thresholds: list[float], device: torch.device | str = "cpu") -> None:
+    def __init__(self, cm: ClassMeans, device: torch.device | str = "cpu") -> None:
         self.pooling = cm.pooling
         self.means = [m.to(device) for m in cm.means]
         self.means_sq = [(m * m).sum(1) for m in self.means]
         self.normalisers = cm.normalisers.to(device)
-        self.thresholds = list(thresholds)
 
     def scores(self, j: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = distances(self.pooling.apply(h), self.means[j], self.means_sq[j])
         return decide(d, self.normalisers[j])
-
-    def __call__(self, j: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        conf, pred = self.scores(j, h)
-        return conf > self.thresholds[j], pred
-
-
-def exit_scores(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, cm: ClassMeans, *,
-                batch_size: int = 256, device: torch.device | str = "cpu", reporter: Reporter | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Confidences and predictions at every exit, and the head's prediction, for every sample (one pass)."""
-    from eetool.rules import rule_scores
-
-    return rule_scores(exit_model, data, preprocess, MeansRule(cm, [1.0] * len(cm.exits), device),
-                       batch_size=batch_size, device=device, reporter=reporter)

@@ -41,7 +41,7 @@ class HeadsRule:
         self.heads = heads.to(device).eval()
         self.method, self.combine = method, combine
         self.means = means
-        self.means_rule = MeansRule(means, [1.0] * len(means.exits), device) if means is not None else None
+        self.means_rule = MeansRule(means, device) if means is not None else None
 
     def scores(self, j: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         normalised = None

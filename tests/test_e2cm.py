@@ -22,11 +22,11 @@ from eetool.e2cm import (
     decide,
     distance_macs,
     distances,
-    exit_scores,
 )
 from eetool.errors import InputError
 from eetool.exits import ExitModel, build_exit_model
 from eetool.inference import run_early_exit
+from eetool.rules import Thresholded, rule_scores
 
 K = 10
 
@@ -218,9 +218,10 @@ def test_calibration_without_room_for_the_distances_gives_the_same(setup: Setup,
     assert torch.equal(third_pass.final_prediction, cached.final_prediction)
 
 
-def test_exit_scores_agree_with_the_calibration_cache(setup: Setup, calibrated: ClassMeans) -> None:
+def test_rule_scores_agree_with_the_calibration_cache(setup: Setup, calibrated: ClassMeans) -> None:
     first = torch.arange(30)
-    conf, pred, final = exit_scores(setup.em, setup.data.subset(first), setup.preprocess, calibrated, batch_size=12)
+    conf, pred, final = rule_scores(setup.em, setup.data.subset(first), setup.preprocess, MeansRule(calibrated),
+                                    batch_size=12)
     c = calibrated.calibration
     assert c is not None
     torch.testing.assert_close(conf, c.confidence[first], rtol=1e-5, atol=1e-6)
@@ -303,7 +304,7 @@ def test_means_rule_exits_where_eq_2_6_says(setup: Setup, calibrated: ClassMeans
     conf, pred = brute_confidences(setup.features, calibrated.means, calibrated.normalisers)
     thresholds = thresholds_between_confidences(conf, 0.7)
     x = setup.preprocess(setup.data.images)
-    got_pred, got_exit = run_early_exit(setup.em, x, MeansRule(calibrated, thresholds))
+    got_pred, got_exit = run_early_exit(setup.em, x, Thresholded(MeansRule(calibrated), thresholds))
     j = len(setup.em.exits)
     head = setup.logits.argmax(1)
     for i in range(len(setup.data)):
@@ -318,7 +319,7 @@ def test_means_rule_exits_where_eq_2_6_says(setup: Setup, calibrated: ClassMeans
 def test_thresholds_of_one_give_the_plain_model(setup: Setup, calibrated: ClassMeans) -> None:
     x = setup.preprocess(setup.data.images)
     j = len(setup.em.exits)
-    got_pred, got_exit = run_early_exit(setup.em, x, MeansRule(calibrated, [1.0] * j))
+    got_pred, got_exit = run_early_exit(setup.em, x, Thresholded(MeansRule(calibrated), [1.0] * j))
     with torch.no_grad():
         plain = setup.ckpt.model(x).argmax(1)
     assert got_exit.tolist() == [j] * len(setup.data)
@@ -327,7 +328,7 @@ def test_thresholds_of_one_give_the_plain_model(setup: Setup, calibrated: ClassM
 
 def test_thresholds_of_zero_exit_everyone_at_the_first_exit(setup: Setup, calibrated: ClassMeans) -> None:
     x = setup.preprocess(setup.data.images)
-    got_pred, got_exit = run_early_exit(setup.em, x, MeansRule(calibrated, [0.0] * len(setup.em.exits)))
+    got_pred, got_exit = run_early_exit(setup.em, x, Thresholded(MeansRule(calibrated), [0.0] * len(setup.em.exits)))
     assert got_exit.tolist() == [0] * len(setup.data)
     # argmax of softmax(-d / normaliser): the class nearest after each class's normalisation, not the nearest
     d = torch.cdist(setup.features[0].flatten(1).double(), calibrated.means[0].double())

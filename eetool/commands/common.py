@@ -70,5 +70,5 @@ def exit_rule(ckpt: Checkpoint, method: str, combine: str, means: str | None, cm
             verify(exit_heads, heads_prov, inputs={"class-means": sha256_file(means)})
     em = build_exit_model(ckpt.model.to(device), ",".join(exits))
     if method == "e2cm":
-        return em, MeansRule(cm, [1.0] * len(exits), device)
+        return em, MeansRule(cm, device)
     return em, HeadsRule(heads, method, cm, combine, device)
