@@ -17,7 +17,7 @@ TORCHVISION_ARCHS: tuple[str, ...] = (
 )
 
 # CIFAR-style ResNets (He et al. 2016, section 4.2) as used by SDN and the pruning literature.
-CIFAR_RESNET_DEPTHS: dict[str, int] = {"resnet20": 20, "resnet32": 32, "resnet56": 56, "resnet110": 110}
+CIFAR_RESNET_DEPTHS: dict[str, int] = {"resnet8": 8, "resnet20": 20, "resnet32": 32, "resnet56": 56, "resnet110": 110}
 
 EETOOL_ARCHS: tuple[str, ...] = tuple(CIFAR_RESNET_DEPTHS)
 

@@ -252,9 +252,16 @@ def verify(path: str, prov: Provenance, *, checkpoint_sha256: str | None = None,
 # YAML
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes a value that appears twice (a result also kept in the provenance) twice, not as an &anchor."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def dump_yaml(data: dict[str, Any], prov: Provenance) -> bytes:
     doc = {"schema": f"eetool/{prov.kind}@{prov.schema}", **data, "provenance": prov.to_dict()}
-    return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True).encode()
+    return yaml.dump(doc, Dumper=_PlainDumper, sort_keys=False, allow_unicode=True).encode()
 
 
 def write_yaml(path: str, data: dict[str, Any], prov: Provenance) -> None:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,16 @@ class TrainConfig:
 
 # A step maps (model, inputs, labels, soft targets or None) to (loss, logits used for accuracy).
 Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, "Mix | None"], tuple[torch.Tensor, torch.Tensor]]
+
+
+class Tracker(Protocol):
+    """Per-sample records kept during training (see ``fit``)."""
+
+    def after_step(self, positions: torch.Tensor) -> None: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
 @dataclass
@@ -175,8 +185,13 @@ def accuracy(model: nn.Module, data: Dataset, preprocess: Preprocess, device: to
 def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfig, *,
         device: torch.device | str = "cpu", params: Iterable[nn.Parameter] | None = None, step: Step | None = None,
         eval_data: Dataset | None = None, resume_path: str | None = None, resume: bool = False,
-        reporter: Reporter | None = None, on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainResult:
-    """Train ``model`` in place. With ``resume_path`` the state is saved after every epoch."""
+        reporter: Reporter | None = None, on_epoch: Callable[[EpochRecord], None] | None = None,
+        tracker: Tracker | None = None) -> TrainResult:
+    """Train ``model`` in place. With ``resume_path`` the state is saved after every epoch.
+
+    A ``tracker`` receives each batch's dataset positions after its step (per-sample records, such as
+    dataset pruning keeps); its state is saved and resumed with the model's.
+    """
     cfg.validate()
     reporter = reporter or Reporter()
     device = torch.device(device)
@@ -192,7 +207,7 @@ def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfi
     if resume:
         if not resume_path or not Path(resume_path).is_file():
             raise InputError(f"no resumable state at {resume_path}", "run without --resume to start afresh")
-        start_epoch = _load_state(resume_path, model, opt, sched, gen, result, cfg, data.fingerprint)
+        start_epoch = _load_state(resume_path, model, opt, sched, gen, result, cfg, data.fingerprint, tracker)
         reporter.log(f"resuming after epoch {start_epoch} of {epochs}")
     started = time.perf_counter() - result.seconds
     for epoch in range(start_epoch, epochs):
@@ -202,12 +217,12 @@ def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfi
         correct = torch.zeros((), dtype=torch.int64)
         seen = 0
         with reporter.bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}") as bar:
-            for images, labels, _ in data.batches(cfg.batch_size, shuffle=True, generator=gen):
+            for images, labels, positions in data.batches(cfg.batch_size, shuffle=True, generator=gen):
                 if cfg.samples:  # a budget in samples ends inside the last epoch, with a partial batch
                     left = cfg.samples - result.samples_seen - seen
                     if left <= 0:
                         break
-                    images, labels = images[:left], labels[:left]
+                    images, labels, positions = images[:left], labels[:left], positions[:left]
                 if cfg.augment:
                     images = augment_batch(images, gen)
                 x, y = preprocess(images, device), labels.to(device)
@@ -221,6 +236,8 @@ def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfi
                 loss.backward()
                 opt.step()
                 sched.step()
+                if tracker is not None:
+                    tracker.after_step(positions)
                 n = int(y.shape[0])
                 seen += n
                 loss_sum += float(loss.detach()) * n
@@ -238,7 +255,7 @@ def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfi
             msg += f", eval acc {record.eval_accuracy:.4f}"
         reporter.log(msg + f", {record.samples_seen} samples seen, {record.seconds:.1f}s")
         if resume_path:
-            _save_state(resume_path, model, opt, sched, gen, result, cfg, data.fingerprint, epoch + 1)
+            _save_state(resume_path, model, opt, sched, gen, result, cfg, data.fingerprint, epoch + 1, tracker)
         if on_epoch:
             on_epoch(record)
     model.eval()
@@ -246,7 +263,8 @@ def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfi
 
 
 def _save_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator,
-                result: TrainResult, cfg: TrainConfig, data_fingerprint: str, epoch: int) -> None:
+                result: TrainResult, cfg: TrainConfig, data_fingerprint: str, epoch: int,
+                tracker: Tracker | None = None) -> None:
     buf = io.BytesIO()
     torch.save({
         "epoch": epoch,
@@ -262,12 +280,13 @@ def _save_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: 
         "history": [asdict(r) for r in result.history],
         "samples_seen": result.samples_seen,
         "seconds": result.seconds,
+        "tracker": tracker.state_dict() if tracker is not None else {},
     }, buf)
     atomic_write(path, buf.getvalue())
 
 
 def _load_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator,
-                result: TrainResult, cfg: TrainConfig, data_fingerprint: str) -> int:
+                result: TrainResult, cfg: TrainConfig, data_fingerprint: str, tracker: Tracker | None = None) -> int:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file is the same problem for the user
@@ -284,6 +303,8 @@ def _load_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: 
         torch.set_rng_state(state["rng"])
     if state.get("cuda_rng") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if tracker is not None:
+        tracker.load_state_dict(state.get("tracker", {}))
     result.history = [EpochRecord(**r) for r in state["history"]]
     result.samples_seen = int(state["samples_seen"])
     result.seconds = float(state["seconds"])

@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "fit-thresholds": "fit_thresholds",
     "train": "train",
     "train-exits": "train_exits",
+    "prune-dataset": "prune_dataset",
     "archs": "archs",
     "env": "env",
 }

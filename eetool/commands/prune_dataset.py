@@ -1,0 +1,282 @@
+"""eetool prune-dataset: EEPrune (thesis chapter 4), its variants and the baselines, as index lists to train on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from eetool.commands.common import data_path, format_fields, format_table
+from eetool.options import (
+    BatchOpt,
+    CheckpointOpt,
+    DataOpt,
+    ForceOpt,
+    IndicesOpt,
+    Run,
+    SplitOpt,
+    eetool_command,
+)
+
+PRUNING = "Pruning"
+TRAINING = "Training (the pruning phase)"
+METHOD_NAMES = ("eeprune", "eeprune-loss", "eeprune-soft", "random", "el2n", "forgetting", "svp")
+
+
+def _complete_method(incomplete: str) -> list[str]:
+    return [m for m in METHOD_NAMES if m.startswith(incomplete)]
+
+
+@eetool_command("indices")
+def command(
+    run: Run,
+    checkpoint: CheckpointOpt,
+    data: DataOpt,
+    output: Annotated[str, typer.Option("--output", "-o", help="The kept samples: an indices artifact "
+                                        "(.safetensors) for `eetool train --indices`.")],
+    ratio: Annotated[float, typer.Option("--ratio", "-r", help="Fraction of the samples to prune, in (0, 1).",
+                                         rich_help_panel=PRUNING)],
+    method: Annotated[str, typer.Option("--method", "-m", help="eeprune, eeprune-loss, eeprune-soft, random, el2n, "
+                                        "forgetting or svp.", rich_help_panel=PRUNING,
+                                        autocompletion=_complete_method)] = "eeprune",
+    split: SplitOpt = "train",
+    indices: IndicesOpt = None,
+    balanced: Annotated[bool, typer.Option("--balanced", help="Prune the same fraction from every class.",
+                                           rich_help_panel=PRUNING)] = False,
+    exit_location: Annotated[str | None, typer.Option("--exit", help="EEPrune's early exit: before, mid or after "
+                                                      "(first quartile, middle, third quartile of the exit points) or "
+                                                      "a module name. Default: mid.",
+                                                      rich_help_panel=PRUNING)] = None,
+    soft_weights: Annotated[str | None, typer.Option("--soft-weights", help="eeprune-soft's w1,w2,w3,w4 (default "
+                                                     "0.4,0.2,0.4,0.001, the thesis's).", rich_help_panel=PRUNING)
+                            ] = None,
+    soft_threshold: Annotated[float | None, typer.Option("--soft-threshold", help="eeprune-soft's confidence t "
+                                                         "(default: the one a fraction --ratio of samples exceed).",
+                                                         rich_help_panel=PRUNING)] = None,
+    models: Annotated[int, typer.Option("--models", min=1, help="el2n: models in the ensemble.",
+                                        rich_help_panel=PRUNING)] = 10,
+    proxy_arch: Annotated[str, typer.Option("--proxy-arch", help="svp: the smaller proxy architecture.",
+                                            rich_help_panel=PRUNING)] = "resnet8",
+    proxy_arch_args: Annotated[str | None, typer.Option("--proxy-arch-args", help="svp: the proxy's builder "
+                                                        "arguments, e.g. '{width: 8}'.", rich_help_panel=PRUNING)
+                               ] = None,
+    from_scores: Annotated[str | None, typer.Option("--from-scores", help="Reuse the per-sample records of an "
+                                                    "earlier prune-dataset output (another ratio, or another "
+                                                    "EEPrune variant) instead of training.",
+                                                    rich_help_panel=PRUNING)] = None,
+    pruned_output: Annotated[str | None, typer.Option("--pruned-output", help="Also write the pruned samples as an "
+                                                      "indices artifact.")] = None,
+    summary: Annotated[str | None, typer.Option("--summary", help="Where the YAML summary goes (default: OUTPUT "
+                                                "with .yaml for .safetensors).")] = None,
+    from_weights: Annotated[bool, typer.Option("--from-weights", help="Start the pruning phase from the "
+                                               "checkpoint's weights instead of a fresh initialisation.",
+                                               rich_help_panel=TRAINING)] = False,
+    epochs: Annotated[int | None, typer.Option("--epochs", "-e", min=1, help="Epochs of the pruning phase (default: "
+                                               "the thesis's: 10 for eeprune*, 15 per el2n model, 200 for "
+                                               "forgetting, 50 for svp).", rich_help_panel=TRAINING)] = None,
+    batch_size: BatchOpt = 128,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd (Nesterov momentum) or adamw.",
+                                           rich_help_panel=TRAINING)] = "sgd",
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=TRAINING)] = 0.1,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay.",
+                                                rich_help_panel=TRAINING)] = 5e-4,
+    schedule: Annotated[str, typer.Option("--schedule", help="cosine, onecycle or constant.",
+                                          rich_help_panel=TRAINING)] = "cosine",
+    warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up length in epochs.",
+                                                 rich_help_panel=TRAINING)] = 1.0,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop and flip.",
+                                          rich_help_panel=TRAINING)] = True,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted pruning phase from "
+                                         "OUTPUT.resume/ (saved after every epoch).")] = False,
+    force: ForceOpt = False,
+) -> None:
+    """Choose the samples to drop from a training set (EEPrune or a baseline) and write the ones to keep. Writes -o."""
+    from eetool.errors import InputError, UsageError
+    from eetool.options import parse_floats
+
+    if method not in METHOD_NAMES:
+        raise UsageError(f"unknown --method {method!r}", f"use one of {', '.join(METHOD_NAMES)}")
+    if not 0 < ratio < 1:
+        raise UsageError(f"--ratio must be between 0 and 1, not {ratio}", "e.g. --ratio 0.3 prunes 30%")
+    weights = parse_floats(soft_weights, "--soft-weights")
+    if weights is not None and (len(weights) != 4 or min(weights) < 0):
+        raise UsageError("--soft-weights takes four non-negative numbers w1,w2,w3,w4", "e.g. 0.4,0.2,0.4,0.001")
+    if soft_threshold is not None and not 0 <= soft_threshold < 1:
+        raise UsageError(f"--soft-threshold must be in [0, 1), not {soft_threshold}", "e.g. 0.9")
+    if (weights is not None or soft_threshold is not None) and method != "eeprune-soft":
+        raise UsageError("--soft-weights and --soft-threshold belong to --method eeprune-soft",
+                         "drop them, or use --method eeprune-soft")
+    if from_scores and (epochs is not None or resume or from_weights):
+        raise UsageError("--from-scores reuses records, so it trains nothing: --epochs, --from-weights and "
+                         "--resume do not apply", "drop them, or drop --from-scores to train afresh")
+    if from_weights and method == "svp":
+        raise UsageError("svp trains a smaller proxy, which cannot start from the checkpoint's weights",
+                         "drop --from-weights")
+    for flag, path in (("-o", output), ("--pruned-output", pruned_output)):
+        if path is not None and not path.endswith(".safetensors"):
+            raise UsageError(f"{flag} {path}: indices artifacts are .safetensors files",
+                             "end the name in .safetensors (train --indices reads them by that suffix)")
+    summary = summary or output[: -len(".safetensors")] + ".yaml"
+    inputs = (checkpoint, indices, data_path(data), from_scores)
+    outputs = [p for p in (output, pruned_output, summary) if p]
+    if len(set(outputs)) != len(outputs):
+        raise UsageError("-o, --pruned-output and --summary name the same file", "give each its own name")
+    for path in outputs:
+        run.check_output(path, force=force or resume, inputs=inputs)
+    state_dir = f"{output}.resume"
+    if resume and not Path(state_dir).is_dir():
+        raise InputError(f"no resumable state at {state_dir}", "run without --resume to start afresh")
+
+    doc = _prune(run, checkpoint, data, split, indices, output, pruned_output, summary, method, ratio, balanced,
+                 exit_location, weights, soft_threshold, models, proxy_arch, proxy_arch_args, from_scores,
+                 from_weights, epochs, batch_size, optimizer, lr, weight_decay, schedule, warmup_epochs, augment,
+                 state_dir, resume)
+    run.emit(doc, _text)
+
+
+def _prune(run: Run, checkpoint: str, data: str, split: str, indices: str | None, output: str,
+           pruned_output: str | None, summary: str, method: str, ratio: float, balanced: bool,
+           exit_location: str | None, weights: list[float] | None, soft_threshold: float | None, models: int,
+           proxy_arch: str, proxy_arch_args: str | None, from_scores: str | None, from_weights: bool,
+           epochs: int | None, batch_size: int, optimizer: str, lr: float, weight_decay: float, schedule: str,
+           warmup_epochs: float, augment: bool, state_dir: str, resume: bool) -> dict[str, Any]:
+    import shutil
+
+    import torch
+
+    from eetool import dataset_pruning as dp
+    from eetool.artifacts import Provenance, sha256_file, write_tensors, write_yaml
+    from eetool.checkpoint import ModelSpec, load_checkpoint
+    from eetool.datasets import Preprocess, check_labels, load_dataset, load_indices
+    from eetool.errors import InputError
+    from eetool.options import parse_mapping
+    from eetool.training import TrainConfig
+
+    ckpt = load_checkpoint(checkpoint)
+    device = run.torch()
+    full = load_dataset(data, split)
+    ds = full.subset(load_indices(indices, full)) if indices else full
+    check_labels(ds, ckpt.spec.num_classes)
+    if bool((ds.labels < 0).any()):
+        raise InputError(f"{ds.spec} has unlabelled samples", "dataset pruning needs a labelled training set")
+    positions = ds.indices if ds.indices is not None else torch.arange(len(ds))
+    family = dp.records_family(method)
+    input_shas = {"indices": sha256_file(indices)} if indices else {}
+
+    if from_scores:
+        records, phase, exit_name = _reuse(from_scores, full.fingerprint, positions, family, exit_location)
+        input_shas["records"] = sha256_file(from_scores)
+        run.reporter.log(f"reusing the {family} records of {from_scores}")
+    else:
+        phase_epochs = epochs or dp.DEFAULT_EPOCHS[method]
+        cfg = TrainConfig(epochs=max(phase_epochs, 1), batch_size=batch_size, optimizer=optimizer, lr=lr,
+                          weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, augment=augment,
+                          seed=run.seed)
+        cfg.validate()
+        spec = ckpt.spec
+        if method == "svp":
+            spec = ModelSpec(**{**vars(ckpt.spec), "arch": proxy_arch,
+                                "arch_args": parse_mapping(proxy_arch_args, "--proxy-arch-args")})
+            spec.build()  # a bad proxy is refused before any training
+
+        def build(_: int) -> torch.nn.Module:
+            model = spec.build()
+            if from_weights:
+                model.load_state_dict(ckpt.model.state_dict())
+            return model
+
+        settings = dp.PhaseSettings(method, cfg, exit=exit_location or "mid", models=models)
+        if method != "random":
+            if not resume and Path(state_dir).exists():
+                shutil.rmtree(state_dir)
+            run.reporter.log(f"pruning phase: {method} on {ds.spec} ({len(ds)} samples); state after every epoch "
+                             f"in {state_dir} (after an interruption, rerun with --resume)")
+        result = dp.pruning_phase(settings, build, ds, Preprocess(spec.input_shape, spec.mean, spec.std),
+                                  num_classes=spec.num_classes, device=device,
+                                  state_dir=None if method == "random" else state_dir, resume=resume,
+                                  reporter=run.reporter)
+        records, exit_name = result.records, result.exit
+        phase = {"method": family, "epochs": 0 if method == "random" else cfg.epochs, "runs": result.runs,
+                 "samples_seen": result.samples_seen, "samples_scored": result.samples_scored,
+                 "seconds": round(result.seconds, 1),
+                 **({"proxy_arch": proxy_arch} if method == "svp" else {}),
+                 **({"from_weights": from_weights} if method != "random" else {})}
+
+    scores = dp.priority(method, records, ratio=ratio, soft_weights=tuple(weights or dp.SOFT_WEIGHTS),  # type: ignore[arg-type]
+                         soft_threshold=soft_threshold)
+    sel = dp.select(scores, ds.labels, ratio, balanced=balanced, seed=run.seed, method=method)
+    kept, pruned = positions[sel.kept], positions[sel.pruned]
+    classes = ckpt.spec.classes or [str(c) for c in range(ckpt.spec.num_classes)]
+    total = dp.class_counts(ds.labels, torch.arange(len(ds)), len(classes))
+    pruned_counts = dp.class_counts(ds.labels, sel.pruned, len(classes))
+    per_class = [{"class": name, "samples": t, "pruned": p, "kept": t - p}
+                 for name, t, p in zip(classes, total, pruned_counts, strict=True) if t]
+    result_doc: dict[str, Any] = {
+        "method": method, "ratio": ratio, "balanced": balanced, "samples": len(ds), "pruned": int(pruned.numel()),
+        "kept": int(kept.numel()), "exit": exit_name,
+        "threshold": sel.threshold, "class_thresholds": sel.class_thresholds or None,
+        "qualified": int(torch.isfinite(records["qualified"]).sum()) if method == "eeprune" else None,
+        "ties_broken": sel.ties, "pruning_phase": phase, "per_class": per_class,
+    }
+    prov = Provenance(kind="indices", checkpoint_sha256=ckpt.sha256, exits=[exit_name] if exit_name else [],
+                      dataset=full.fingerprint, args={**run.args, **{k: v for k, v in result_doc.items()
+                                                                     if k != "per_class"}},
+                      inputs=input_shas)
+    tensors = {"indices": kept, "pruned": pruned, "positions": positions, "priority": scores,
+               **{f"records.{k}": v for k, v in records.items()}}
+    write_tensors(output, tensors, prov)
+    if pruned_output:
+        write_tensors(pruned_output, {"indices": pruned}, Provenance(**{**vars(prov), "args": {**prov.args,
+                                                                                                "role": "pruned"}}))
+    write_yaml(summary, {**result_doc, "output": output, "pruned_output": pruned_output}, prov)
+    if Path(state_dir).is_dir():
+        shutil.rmtree(state_dir)
+    run.reporter.log(f"wrote {', '.join(p for p in (output, pruned_output, summary) if p)}")
+    return {"output": output, "pruned_output": pruned_output, "summary": summary, **result_doc}
+
+
+def _reuse(path: str, dataset: str, positions: Any, family: str, exit_location: str | None
+           ) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    import torch
+
+    from eetool.artifacts import read_tensors, verify
+    from eetool.errors import InputError, UsageError
+
+    tensors, prov, _ = read_tensors(path, "indices")
+    verify(path, prov, dataset=dataset)
+    phase = prov.args.get("pruning_phase")
+    if "positions" not in tensors or not isinstance(phase, dict):
+        raise InputError(f"{path} holds indices but no per-sample records", "give an output of `eetool prune-dataset`")
+    if phase.get("method") != family:
+        raise UsageError(f"{path} holds the records of a {phase.get('method')} pruning phase, not of {family}",
+                         "reuse records of the same method (the eeprune variants share theirs)")
+    if not torch.equal(tensors["positions"], positions):
+        raise UsageError(f"{path} was made on other samples of the dataset (another --indices)",
+                         "pass the same --indices as the run that made it")
+    exit_name = prov.exits[0] if prov.exits else None
+    if exit_location is not None and exit_location not in (exit_name, prov.args.get("exit_location") or "mid"):
+        raise UsageError(f"{path} has records from the exit after {exit_name}, not --exit {exit_location}",
+                         "drop --exit, or train afresh for another exit")
+    records = {k.removeprefix("records."): v for k, v in tensors.items() if k.startswith("records.")}
+    return records, {**phase, "reused_from": path}, exit_name
+
+
+def _text(d: dict[str, Any]) -> str:
+    phase = d["pruning_phase"]
+    cost = (f"{phase['samples_seen']:,} samples trained, {phase['samples_scored']:,} scored, "
+            f"{phase['seconds']:.1f} s" + (f" (reused from {phase['reused_from']})" if "reused_from" in phase else ""))
+    fields: list[tuple[str, object]] = [
+        ("kept", f"{d['kept']:,} of {d['samples']:,} → {d['output']}"),
+        ("pruned", f"{d['pruned']:,} ({d['pruned'] / d['samples']:.1%})"
+                   + (f" → {d['pruned_output']}" if d["pruned_output"] else "")),
+        ("method", d["method"] + (", per class" if d["balanced"] else "")
+                   + (f", exit after {d['exit']}" if d["exit"] else "")),
+    ]
+    if d["threshold"] is not None:
+        fields.append(("threshold t", f"{d['threshold']:.6g} (early-exit confidence; {d['qualified']:,} samples "
+                                      "ever met all three conditions)"))
+    fields += [("pruning phase", cost), ("summary", d["summary"])]
+    rows = [[c["class"], c["samples"], c["pruned"], c["kept"], f"{c['pruned'] / c['samples']:.1%}"]
+            for c in d["per_class"]]
+    return format_fields(fields) + "\n\n" + format_table(["class", "samples", "pruned", "kept", "pruned %"], rows)
