@@ -7,7 +7,7 @@ DEMO_CHECKPOINT := eetool/demo/demo-resnet20-fashion-mnist.safetensors
 RESULTS ?= results
 BUDGETS := --budget 0.25 --budget 0.5 --budget 0.75
 
-.PHONY: help test lint bench completions demo-checkpoint demo-data e2cm-demo e2cm-fashion-mnist e2cm-run fixed-budget
+.PHONY: help test lint bench completions demo-checkpoint demo-data e2cm-demo e2cm-fashion-mnist e2cm-run fixed-budget dataset-pruning
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -23,6 +23,7 @@ bench: ## benchmarks (ratios within one run)
 	$(PYTHON) bench/startup.py
 	$(PYTHON) bench/e2cm.py
 	$(PYTHON) bench/train_exits.py
+	$(PYTHON) bench/dataset_pruning.py
 
 completions: ## regenerate completions/ from the app
 	$(PYTHON) -m eetool.completion_scripts completions
@@ -82,3 +83,11 @@ fixed-budget: ## the thesis's fixed-training-budget comparison on Fashion-MNIST 
 	  done || exit 1; \
 	done
 	$(PYTHON) reproduce/fixed_budget_table.py $(FB)
+
+# Dataset pruning (thesis chapter 4) on Fashion-MNIST, scaled to 2 CPU cores: a class-balanced
+# 20,000-image training subset, ResNet-20 of width 8 retrained for 8 epochs on what each method
+# keeps at 10%, 30% and 60% pruning; EEPrune (E = 3, exits before/mid/after), its two variants,
+# random, EL2N (5 models x 3 epochs), forgetting (the 8-epoch run) and SVP (ResNet-8, 3 epochs);
+# the Table IX check at 50%. Steps whose outputs exist are skipped: rerun to continue.
+dataset-pruning: ## EEPrune against the baselines on Fashion-MNIST (about 60 min on 2 CPU cores)
+	$(PYTHON) reproduce/dataset_pruning.py $(RESULTS)/dataset-pruning --data $(FMNIST)

@@ -37,7 +37,7 @@ from eetool.datasets import Dataset, Preprocess
 from eetool.errors import InputError, UsageError
 from eetool.exits import ExitModel, build_exit_model, candidate_exits, select_exits
 from eetool.reporting import Reporter
-from eetool.training import Mix, TrainConfig, Tracker, fit
+from eetool.training import Mix, Tracker, TrainConfig, fit
 
 EEPRUNE_FAMILY = ("eeprune", "eeprune-loss", "eeprune-soft")
 BASELINES = ("random", "el2n", "forgetting", "svp")
@@ -93,7 +93,7 @@ def exit_point(model: nn.Module, location: str) -> str:
 class EarlyExitNetwork(nn.Module):
     """The backbone plus one linear exit (global average pooling, then a linear layer) at ``exit``."""
 
-    def __init__(self, backbone: nn.Module, exit: str, input_shape: tuple[int, int, int], num_classes: int) -> None:
+    def __init__(self, backbone: nn.Module, exit: str, input_shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__()
         self.backbone = backbone
         self.exit_model: ExitModel = build_exit_model(backbone, exit)
@@ -426,7 +426,7 @@ def _one_run(run: int, runs: int, method: str, settings: PhaseSettings, cfg: Tra
     resume_path = str(Path(state_dir, f"run{run}.pt")) if state_dir else None
     resuming = resume and resume_path is not None and Path(resume_path).is_file()
     label = f"{method} run {run + 1}/{runs}" if runs > 1 else method
-    reporter.log(f"{label}: training {cfg.epochs} epochs on {len(data)} samples"
+    reporter.log(f"{label}: training {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} on {len(data)} samples"
                  + (f" with an exit after {exit_name}" if exit_name else ""))
     trained = fit(model, data, preprocess, cfg, device=device, step=tracker.step, tracker=tracker,
                   resume_path=resume_path, resume=resuming, reporter=reporter)

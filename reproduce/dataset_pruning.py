@@ -67,9 +67,9 @@ def plan(out: Path, a: argparse.Namespace) -> list[Step]:
     first = pct(RATIOS[0])
     for location in ("mid", *ABLATION):
         tag = "eeprune" if location == "mid" else f"eeprune-{location}"
-        prune(f"{tag}-{first}", "eeprune", RATIOS[0], ["--exit", location, "--epochs", str(a.eeprune_epochs),
-                                                       "--pruned-output", str(out / f"{tag}-{first}-pruned.safetensors")],
-              [])
+        prune(f"{tag}-{first}", "eeprune", RATIOS[0],
+              ["--exit", location, "--epochs", str(a.eeprune_epochs),
+               "--pruned-output", str(out / f"{tag}-{first}-pruned.safetensors")], [])
         for r in (*RATIOS[1:], TABLE_IX_RATIO):
             prune(f"{tag}-{pct(r)}", "eeprune", r,
                   ["--from-scores", str(out / f"{tag}-{first}.safetensors"),

@@ -167,12 +167,14 @@ def command_args(tiny_checkpoint: str, tiny_data: str, class_means: Path, tmp_pa
         "fit-thresholds": ["--means", str(class_means), "-o", str(tmp_path / "thresholds.yaml"), "--budget", "0.5"],
         "train-exits": ["-c", tiny_checkpoint, "-d", tiny_data, "--exits", "half", "--no-augment",
                         "-o", str(tmp_path / "heads.safetensors")],
+        "prune-dataset": ["-c", tiny_checkpoint, "-d", tiny_data, "--method", "random", "--ratio", "0.25",
+                          "-o", str(tmp_path / "kept.safetensors")],
     }
 
 
 # The kind in each command's JSON schema, where it is not the command's name.
 SCHEMA_KINDS = {"evaluate": "evaluation", "calibrate-means": "class-means", "fit-thresholds": "thresholds",
-                "train-exits": "exit-heads"}
+                "train-exits": "exit-heads", "prune-dataset": "indices"}
 
 
 def test_the_table_below_covers_every_command(command_args: dict[str, list[str]]) -> None:
@@ -180,7 +182,7 @@ def test_the_table_below_covers_every_command(command_args: dict[str, list[str]]
 
 
 @pytest.mark.parametrize("command", ["archs", "env", "inspect", "evaluate", "calibrate-means", "fit-thresholds",
-                                     "train-exits"])
+                                     "train-exits", "prune-dataset"])
 def test_common_options_after_the_subcommand(command: str, command_args: dict[str, list[str]]) -> None:
     result = invoke(command, *command_args[command], "-q", "-v", "--format", "json", "--no-progress", "--seed", "3",
                     "--device", "cpu", "--threads", "1", "--debug")

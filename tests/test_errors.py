@@ -74,6 +74,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
     (d / "truncated-means.safetensors").write_bytes(blob[: len(blob) // 2])
     from eetool.e2cm import ClassMeans
 
+    made = runner.invoke(app, ["prune-dataset", "-c", tiny_checkpoint, "-d", tiny_data, "-m", "random", "--ratio",
+                               "0.5", "-o", str(d / "random-kept.safetensors"), "-q"])
+    assert made.exit_code == 0, made.stderr
+    (d / "first-half.txt").write_text("\n".join(str(i) for i in range(48)))
     cm, prov = ClassMeans.load(str(means))
     cm.calibration = None
     cm.save(str(d / "means-without-cache.safetensors"), prov)
@@ -100,6 +104,8 @@ TRAIN = ["train", "-d", "{data}", "-o", "{out}/model.safetensors", "--arch-args"
 CALIBRATE = ["calibrate-means", "-c", "{ckpt}", "-d", "{data}", "-o", "{out}/means.safetensors"]
 FIT = ["fit-thresholds", "--means", "{inp}/means.safetensors", "-o", "{out}/thresholds.yaml"]
 MEANS = ["--means", "{inp}/means.safetensors"]
+PRUNE = ["prune-dataset", "-c", "{ckpt}", "-d", "{data}", "-o", "{out}/kept.safetensors", "--ratio", "0.3"]
+RECORDS = ["--from-scores", "{inp}/random-kept.safetensors"]
 
 
 def _root_can_write(out: Path) -> str | None:
@@ -271,6 +277,36 @@ CASES = [
          USAGE, says="--point"),
     Case("output-is-the-thresholds", [*EVAL[:-1], "{inp}/thresholds.yaml", "--force", *MEANS, "--thresholds",
                                       "{inp}/thresholds.yaml"], OUTPUT, says="also an input"),
+    # prune-dataset
+    Case("prune-unknown-method", [*PRUNE, "-m", "best"], USAGE, says="unknown --method"),
+    Case("prune-ratio-zero", [*PRUNE, "--ratio", "0"], USAGE, says="--ratio"),
+    Case("prune-ratio-one", [*PRUNE, "--ratio", "1"], USAGE, says="--ratio"),
+    Case("prune-output-not-safetensors", [*PRUNE, "-o", "{out}/kept.txt"], USAGE, says=".safetensors"),
+    Case("prune-output-to-stdout", [*PRUNE, "-o", "-"], USAGE, says=".safetensors"),
+    Case("prune-summary-exists", [*PRUNE, "--summary", "{out}/existing.yaml"], OUTPUT, says="--force"),
+    Case("prune-pruned-output-is-the-output", [*PRUNE, "--pruned-output", "{out}/kept.safetensors"], USAGE,
+         says="same file"),
+    Case("prune-soft-weights-three", [*PRUNE, "-m", "eeprune-soft", "--soft-weights", "0.5,0.3,0.2"], USAGE,
+         says="four"),
+    Case("prune-soft-threshold-not-soft", [*PRUNE, "--soft-threshold", "0.9"], USAGE, says="eeprune-soft"),
+    Case("prune-soft-threshold-one", [*PRUNE, "-m", "eeprune-soft", "--soft-threshold", "1"], USAGE),
+    Case("prune-svp-from-weights", [*PRUNE, "-m", "svp", "--from-weights"], USAGE, says="proxy"),
+    Case("prune-svp-unknown-proxy", [*PRUNE, "-m", "svp", "--proxy-arch", "resnet7"], USAGE),
+    Case("prune-unknown-exit", [*PRUNE, "--exit", "layer9.9"], USAGE, says="not an exit point"),
+    Case("prune-bad-optimizer", [*PRUNE, "--optimizer", "rmsprop"], USAGE, says="optimizer"),
+    Case("prune-resume-without-state", [*PRUNE, "--resume"], BAD_INPUT, says="no resumable state"),
+    Case("prune-records-and-epochs", [*PRUNE, *RECORDS, "--epochs", "2"], USAGE, says="--from-scores"),
+    Case("prune-records-missing", [*PRUNE, "--from-scores", "{inp}/missing.safetensors"], BAD_INPUT),
+    Case("prune-records-are-a-checkpoint", [*PRUNE, "--from-scores", "{ckpt}"], PROVENANCE,
+         says="checkpoint artifact, not indices"),
+    Case("prune-records-of-another-method", [*PRUNE, *RECORDS, "-m", "el2n"], USAGE, says="random pruning phase"),
+    Case("prune-records-of-another-subset", [*PRUNE, *RECORDS, "-m", "random", "--indices", "{inp}/first-half.txt"],
+         USAGE, says="--indices"),
+    Case("prune-records-of-other-data", [*PRUNE, "--from-scores", "{inp}/indices-other-data.safetensors"],
+         PROVENANCE, says="made for dataset"),
+    Case("prune-unlabelled", ["prune-dataset", "-c", "{ckpt}", "-d", "safetensors:{inp}/unlabelled.safetensors",
+                              "--split", "test", "-o", "{out}/k.safetensors", "--ratio", "0.5", "-m", "random"],
+         BAD_INPUT, says="unlabelled"),
 ]
 
 

@@ -44,7 +44,7 @@ def command(
     indices: IndicesOpt = None,
     balanced: Annotated[bool, typer.Option("--balanced", help="Prune the same fraction from every class.",
                                            rich_help_panel=PRUNING)] = False,
-    exit_location: Annotated[str | None, typer.Option("--exit", help="EEPrune's early exit: before, mid or after "
+    exit: Annotated[str | None, typer.Option("--exit", help="EEPrune's early exit: before, mid or after "
                                                       "(first quartile, middle, third quartile of the exit points) or "
                                                       "a module name. Default: mid.",
                                                       rich_help_panel=PRUNING)] = None,
@@ -129,7 +129,7 @@ def command(
         raise InputError(f"no resumable state at {state_dir}", "run without --resume to start afresh")
 
     doc = _prune(run, checkpoint, data, split, indices, output, pruned_output, summary, method, ratio, balanced,
-                 exit_location, weights, soft_threshold, models, proxy_arch, proxy_arch_args, from_scores,
+                 exit, weights, soft_threshold, models, proxy_arch, proxy_arch_args, from_scores,
                  from_weights, epochs, batch_size, optimizer, lr, weight_decay, schedule, warmup_epochs, augment,
                  state_dir, resume)
     run.emit(doc, _text)
@@ -149,7 +149,7 @@ def _prune(run: Run, checkpoint: str, data: str, split: str, indices: str | None
     from eetool.artifacts import Provenance, sha256_file, write_tensors, write_yaml
     from eetool.checkpoint import ModelSpec, load_checkpoint
     from eetool.datasets import Preprocess, check_labels, load_dataset, load_indices
-    from eetool.errors import InputError
+    from eetool.errors import InputError, UsageError
     from eetool.options import parse_mapping
     from eetool.training import TrainConfig
 
@@ -165,7 +165,7 @@ def _prune(run: Run, checkpoint: str, data: str, split: str, indices: str | None
     input_shas = {"indices": sha256_file(indices)} if indices else {}
 
     if from_scores:
-        records, phase, exit_name = _reuse(from_scores, full.fingerprint, positions, family, exit_location)
+        records, phase, exit_name, location = _reuse(from_scores, full.fingerprint, positions, family, exit_location)
         input_shas["records"] = sha256_file(from_scores)
         run.reporter.log(f"reusing the {family} records of {from_scores}")
     else:
@@ -187,6 +187,8 @@ def _prune(run: Run, checkpoint: str, data: str, split: str, indices: str | None
             return model
 
         settings = dp.PhaseSettings(method, cfg, exit=exit_location or "mid", models=models)
+        if family == "eeprune":
+            dp.exit_point(spec.build(), settings.exit)  # a bad --exit is refused before any state is written
         if method != "random":
             if not resume and Path(state_dir).exists():
                 shutil.rmtree(state_dir)
@@ -196,7 +198,7 @@ def _prune(run: Run, checkpoint: str, data: str, split: str, indices: str | None
                                   num_classes=spec.num_classes, device=device,
                                   state_dir=None if method == "random" else state_dir, resume=resume,
                                   reporter=run.reporter)
-        records, exit_name = result.records, result.exit
+        records, exit_name, location = result.records, result.exit, settings.exit if result.exit else None
         phase = {"method": family, "epochs": 0 if method == "random" else cfg.epochs, "runs": result.runs,
                  "samples_seen": result.samples_seen, "samples_scored": result.samples_scored,
                  "seconds": round(result.seconds, 1),
@@ -205,7 +207,13 @@ def _prune(run: Run, checkpoint: str, data: str, split: str, indices: str | None
 
     scores = dp.priority(method, records, ratio=ratio, soft_weights=tuple(weights or dp.SOFT_WEIGHTS),  # type: ignore[arg-type]
                          soft_threshold=soft_threshold)
-    sel = dp.select(scores, ds.labels, ratio, balanced=balanced, seed=run.seed, method=method)
+    try:
+        sel = dp.select(scores, ds.labels, ratio, balanced=balanced, seed=run.seed, method=method)
+    except UsageError as e:
+        if Path(state_dir).is_dir():  # the training is done: a lower ratio need not repeat it
+            raise UsageError(e.problem, f"{e.hint}; the training is kept: rerun with --resume and a lower --ratio"
+                             ) from None
+        raise
     kept, pruned = positions[sel.kept], positions[sel.pruned]
     classes = ckpt.spec.classes or [str(c) for c in range(ckpt.spec.num_classes)]
     total = dp.class_counts(ds.labels, torch.arange(len(ds)), len(classes))
@@ -214,7 +222,7 @@ def _prune(run: Run, checkpoint: str, data: str, split: str, indices: str | None
                  for name, t, p in zip(classes, total, pruned_counts, strict=True) if t]
     result_doc: dict[str, Any] = {
         "method": method, "ratio": ratio, "balanced": balanced, "samples": len(ds), "pruned": int(pruned.numel()),
-        "kept": int(kept.numel()), "exit": exit_name,
+        "kept": int(kept.numel()), "exit": exit_name, "exit_location": location,
         "threshold": sel.threshold, "class_thresholds": sel.class_thresholds or None,
         "qualified": int(torch.isfinite(records["qualified"]).sum()) if method == "eeprune" else None,
         "ties_broken": sel.ties, "pruning_phase": phase, "per_class": per_class,
@@ -237,7 +245,7 @@ def _prune(run: Run, checkpoint: str, data: str, split: str, indices: str | None
 
 
 def _reuse(path: str, dataset: str, positions: Any, family: str, exit_location: str | None
-           ) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+           ) -> tuple[dict[str, Any], dict[str, Any], str | None, str | None]:
     import torch
 
     from eetool.artifacts import read_tensors, verify
@@ -255,11 +263,12 @@ def _reuse(path: str, dataset: str, positions: Any, family: str, exit_location: 
         raise UsageError(f"{path} was made on other samples of the dataset (another --indices)",
                          "pass the same --indices as the run that made it")
     exit_name = prov.exits[0] if prov.exits else None
-    if exit_location is not None and exit_location not in (exit_name, prov.args.get("exit_location") or "mid"):
+    location = prov.args.get("exit_location")
+    if exit_location is not None and exit_location not in (exit_name, location):
         raise UsageError(f"{path} has records from the exit after {exit_name}, not --exit {exit_location}",
                          "drop --exit, or train afresh for another exit")
     records = {k.removeprefix("records."): v for k, v in tensors.items() if k.startswith("records.")}
-    return records, {**phase, "reused_from": path}, exit_name
+    return records, {**phase, "reused_from": path}, exit_name, location
 
 
 def _text(d: dict[str, Any]) -> str:
