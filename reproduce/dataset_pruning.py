@@ -239,14 +239,15 @@ def tabulate(out: Path, a: argparse.Namespace) -> str:
 
 
 def plot(out: Path, a: argparse.Namespace, figure: Path) -> None:
+    """Test accuracy against samples trained on (thesis Figure 15), and samples pruned per class (Figure 19)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     base = load(out, "train-none")
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for ax, r in zip(axes[:2], (RATIOS[0], RATIOS[-1]), strict=True):
+    fig, axes = plt.subplots(1, len(RATIOS), figsize=(5.5 * len(RATIOS), 4.2))
+    for ax, r in zip(axes, RATIOS, strict=True):
         for method in ("none", *METHODS):
             t = base if method == "none" else load(out, f"train-{method}-{pct(r)}")
             if t is None:
@@ -254,22 +255,31 @@ def plot(out: Path, a: argparse.Namespace, figure: Path) -> None:
             xs = [h["samples_seen"] for h in t["history"]]
             ys = [100 * h["eval_accuracy"] for h in t["history"]]
             ax.plot(xs, ys, marker=".", label="no pruning" if method == "none" else method,
-                    color="black" if method == "none" else None, linewidth=2 if method == "eeprune" else 1)
+                    color="black" if method == "none" else None, linewidth=2.2 if method == "eeprune" else 1)
         ax.set(title=f"{pct(r)}% pruned", xlabel="samples trained on in total", ylabel="test accuracy (%)")
-        ax.set_ylim(bottom=max(60, ax.get_ylim()[0]))
+        ax.set_ylim(max(70, ax.get_ylim()[0]), None)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    names = [*METHODS, "eeprune-before", "eeprune-after"]
-    first = [load(out, f"{m}-{pct(RATIOS[0])}") for m in names]
-    classes = [c["class"] for c in next(f for f in first if f)["per_class"]]
-    grid = [[c["pruned"] for c in f["per_class"]] if f else [0] * len(classes) for f in first]
-    im = axes[2].imshow(torch.tensor(grid).T.numpy(), cmap="viridis", aspect="auto")
-    axes[2].set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
-    axes[2].set_yticks(range(len(classes)), classes, fontsize=8)
-    axes[2].set_title(f"samples pruned per class at {pct(RATIOS[0])}%")
-    fig.colorbar(im, ax=axes[2])
     fig.tight_layout()
-    fig.savefig(figure, dpi=110)
+    fig.savefig(figure, dpi=100)
+
+    names = [*METHODS, "eeprune-before", "eeprune-after"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, r in zip(axes, (RATIOS[0], RATIOS[-1]), strict=True):
+        runs = [load(out, f"{m}-{pct(r)}") for m in names]
+        classes = [c["class"] for c in next(f for f in runs if f)["per_class"]]
+        grid = torch.tensor([[c["pruned"] for c in f["per_class"]] if f else [0] * len(classes) for f in runs])
+        im = ax.imshow(grid.T.numpy(), cmap="viridis", aspect="auto")
+        for (j, k), v in zip(((j, k) for j in range(len(names)) for k in range(len(classes))),
+                             grid.flatten().tolist(), strict=True):
+            ax.text(j, k, str(v), ha="center", va="center", fontsize=6,
+                    color="white" if v < grid.max() / 2 else "black")
+        ax.set_xticks(range(len(names)), names, rotation=50, ha="right", fontsize=8)
+        ax.set_yticks(range(len(classes)), classes, fontsize=8)
+        ax.set_title(f"samples pruned per class, {pct(r)}% pruned")
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(figure.with_name(figure.stem + "-classes.png"), dpi=100)
 
 
 def main() -> None:

@@ -77,6 +77,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
     made = runner.invoke(app, ["prune-dataset", "-c", tiny_checkpoint, "-d", tiny_data, "-m", "random", "--ratio",
                                "0.5", "-o", str(d / "random-kept.safetensors"), "-q"])
     assert made.exit_code == 0, made.stderr
+    made = runner.invoke(app, ["prune-dataset", "-c", tiny_checkpoint, "-d", tiny_data, "-m", "eeprune-loss",
+                               "--epochs", "1", "--ratio", "0.5", "-o", str(d / "loss-kept.safetensors"), "-q"])
+    assert made.exit_code == 0, made.stderr
     (d / "first-half.txt").write_text("\n".join(str(i) for i in range(48)))
     cm, prov = ClassMeans.load(str(means))
     cm.calibration = None
@@ -302,6 +305,8 @@ CASES = [
     Case("prune-records-of-another-method", [*PRUNE, *RECORDS, "-m", "el2n"], USAGE, says="random pruning phase"),
     Case("prune-records-of-another-subset", [*PRUNE, *RECORDS, "-m", "random", "--indices", "{inp}/first-half.txt"],
          USAGE, says="--indices"),
+    Case("prune-records-of-another-exit", [*PRUNE, "--from-scores", "{inp}/loss-kept.safetensors", "--exit",
+                                           "before"], USAGE, says="records from the exit after layer2.1"),
     Case("prune-records-of-other-data", [*PRUNE, "--from-scores", "{inp}/indices-other-data.safetensors"],
          PROVENANCE, says="made for dataset"),
     Case("prune-unlabelled", ["prune-dataset", "-c", "{ckpt}", "-d", "safetensors:{inp}/unlabelled.safetensors",

@@ -187,3 +187,15 @@ def test_an_unmet_ratio_keeps_the_training_for_a_resume(tiny_checkpoint: str, ea
                        "--resume", "-o", out, *FAST))
     assert "already finished; reusing it" in result.stderr and "epoch 1/1" not in result.stderr
     assert out.exists() and not Path(f"{out}.resume").exists()
+
+
+def test_from_weights_starts_from_the_checkpoint(tiny_checkpoint: str, easy_data: str, tmp_path: Path) -> None:
+    """The tiny checkpoint holds the initialisation of seed 0, so the runs use seed 1."""
+
+    def records(*extra: str) -> torch.Tensor:
+        out = tmp_path / f"k{len(extra)}.safetensors"
+        ok(invoke("prune-dataset", "-c", tiny_checkpoint, "-d", easy_data, "--ratio", "0.1", "-m", "eeprune-loss",
+                  "--epochs", "1", "--seed", "1", "-o", out, "-q", *extra, *FAST))
+        return read_tensors(str(out), "indices")[0]["records.final_loss"]
+
+    assert not torch.equal(records(), records("--from-weights"))
