@@ -128,29 +128,14 @@ def command(
     if resume and not Path(state_dir).is_dir():
         raise InputError(f"no resumable state at {state_dir}", "run without --resume to start afresh")
 
-    doc = _prune(run, checkpoint, data, split, indices, output, pruned_output, summary, method, ratio, balanced,
-                 exit, weights, soft_threshold, models, proxy_arch, proxy_arch_args, from_scores,
-                 from_weights, epochs, batch_size, optimizer, lr, weight_decay, schedule, warmup_epochs, augment,
-                 state_dir, resume)
-    run.emit(doc, _text)
-
-
-def _prune(run: Run, checkpoint: str, data: str, split: str, indices: str | None, output: str,
-           pruned_output: str | None, summary: str, method: str, ratio: float, balanced: bool,
-           exit_location: str | None, weights: list[float] | None, soft_threshold: float | None, models: int,
-           proxy_arch: str, proxy_arch_args: str | None, from_scores: str | None, from_weights: bool,
-           epochs: int | None, batch_size: int, optimizer: str, lr: float, weight_decay: float, schedule: str,
-           warmup_epochs: float, augment: bool, state_dir: str, resume: bool) -> dict[str, Any]:
     import shutil
 
     import torch
 
     from eetool import dataset_pruning as dp
     from eetool.artifacts import Provenance, sha256_file, write_tensors, write_yaml
-    from eetool.checkpoint import ModelSpec, load_checkpoint
-    from eetool.datasets import Preprocess, check_labels, load_dataset, load_indices
-    from eetool.errors import InputError, UsageError
-    from eetool.options import parse_mapping
+    from eetool.checkpoint import load_checkpoint
+    from eetool.datasets import check_labels, load_dataset, load_indices
     from eetool.training import TrainConfig
 
     ckpt = load_checkpoint(checkpoint)
@@ -165,52 +150,23 @@ def _prune(run: Run, checkpoint: str, data: str, split: str, indices: str | None
     input_shas = {"indices": sha256_file(indices)} if indices else {}
 
     if from_scores:
-        records, phase, exit_name, location = _reuse(from_scores, full.fingerprint, positions, family, exit_location)
+        records, phase, exit_name, location = _reuse(from_scores, full.fingerprint, positions, family, exit)
         input_shas["records"] = sha256_file(from_scores)
         run.reporter.log(f"reusing the {family} records of {from_scores}")
     else:
-        phase_epochs = epochs or dp.DEFAULT_EPOCHS[method]
-        cfg = TrainConfig(epochs=max(phase_epochs, 1), batch_size=batch_size, optimizer=optimizer, lr=lr,
-                          weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, augment=augment,
-                          seed=run.seed)
+        cfg = TrainConfig(epochs=epochs or dp.DEFAULT_EPOCHS[method] or 1, batch_size=batch_size,
+                          optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule=schedule,
+                          warmup_epochs=warmup_epochs, augment=augment, seed=run.seed)
         cfg.validate()
-        spec = ckpt.spec
-        if method == "svp":
-            spec = ModelSpec(**{**vars(ckpt.spec), "arch": proxy_arch,
-                                "arch_args": parse_mapping(proxy_arch_args, "--proxy-arch-args")})
-            spec.build()  # a bad proxy is refused before any training
-
-        def build(_: int) -> torch.nn.Module:
-            model = spec.build()
-            if from_weights:
-                model.load_state_dict(ckpt.model.state_dict())
-            return model
-
-        settings = dp.PhaseSettings(method, cfg, exit=exit_location or "mid", models=models)
-        if family == "eeprune":
-            dp.exit_point(spec.build(), settings.exit)  # a bad --exit is refused before any state is written
-        if method != "random":
-            if not resume and Path(state_dir).exists():
-                shutil.rmtree(state_dir)
-            run.reporter.log(f"pruning phase: {method} on {ds.spec} ({len(ds)} samples); state after every epoch "
-                             f"in {state_dir} (after an interruption, rerun with --resume)")
-        result = dp.pruning_phase(settings, build, ds, Preprocess(spec.input_shape, spec.mean, spec.std),
-                                  num_classes=spec.num_classes, device=device,
-                                  state_dir=None if method == "random" else state_dir, resume=resume,
-                                  reporter=run.reporter)
-        records, exit_name, location = result.records, result.exit, settings.exit if result.exit else None
-        phase = {"method": family, "epochs": 0 if method == "random" else cfg.epochs, "runs": result.runs,
-                 "samples_seen": result.samples_seen, "samples_scored": result.samples_scored,
-                 "seconds": round(result.seconds, 1),
-                 **({"proxy_arch": proxy_arch} if method == "svp" else {}),
-                 **({"from_weights": from_weights} if method != "random" else {})}
-
+        settings = dp.PhaseSettings(method, cfg, exit=exit or "mid", models=models)
+        records, phase, exit_name, location = _train(run, device, ckpt, ds, settings, proxy_arch,
+                                                     proxy_arch_args, from_weights, state_dir, resume)
     scores = dp.priority(method, records, ratio=ratio, soft_weights=tuple(weights or dp.SOFT_WEIGHTS),  # type: ignore[arg-type]
                          soft_threshold=soft_threshold)
     try:
         sel = dp.select(scores, ds.labels, ratio, balanced=balanced, seed=run.seed, method=method)
     except UsageError as e:
-        if Path(state_dir).is_dir():  # the training is done: a lower ratio need not repeat it
+        if not from_scores and Path(state_dir).is_dir():  # the training is done: a lower ratio need not repeat it
             raise UsageError(e.problem, f"{e.hint}; the training is kept: rerun with --resume and a lower --ratio"
                              ) from None
         raise
@@ -241,7 +197,54 @@ def _prune(run: Run, checkpoint: str, data: str, split: str, indices: str | None
     if Path(state_dir).is_dir():
         shutil.rmtree(state_dir)
     run.reporter.log(f"wrote {', '.join(p for p in (output, pruned_output, summary) if p)}")
-    return {"output": output, "pruned_output": pruned_output, "summary": summary, **result_doc}
+    run.emit({"output": output, "pruned_output": pruned_output, "summary": summary, **result_doc}, _text)
+
+
+def _train(run: Run, device: Any, ckpt: Any, ds: Any, settings: Any, proxy_arch: str, proxy_arch_args: str | None,
+           from_weights: bool, state_dir: str, resume: bool) -> tuple[dict[str, Any], dict[str, Any], str | None,
+                                                                      str | None]:
+    """The pruning phase: the records, its cost, and the early exit where EEPrune put it."""
+    import shutil
+
+    import torch
+
+    from eetool import dataset_pruning as dp
+    from eetool.checkpoint import ModelSpec
+    from eetool.datasets import Preprocess
+    from eetool.options import parse_mapping
+
+    method = settings.method
+    spec = ckpt.spec
+    if method == "svp":
+        spec = ModelSpec(**{**vars(ckpt.spec), "arch": proxy_arch,
+                            "arch_args": parse_mapping(proxy_arch_args, "--proxy-arch-args")})
+        spec.build()  # a bad proxy is refused before any training
+
+    def build(_: int) -> torch.nn.Module:
+        model = spec.build()
+        if from_weights:
+            model.load_state_dict(ckpt.model.state_dict())
+        return model
+
+    if dp.records_family(method) == "eeprune":
+        dp.exit_point(spec.build(), settings.exit)  # a bad --exit is refused before any state is written
+    if method != "random":
+        if not resume and Path(state_dir).exists():
+            shutil.rmtree(state_dir)
+        run.reporter.log(f"pruning phase: {method} on {ds.spec} ({len(ds)} samples); state after every epoch "
+                         f"in {state_dir} (after an interruption, rerun with --resume)")
+    result = dp.pruning_phase(settings, build, ds, Preprocess(spec.input_shape, spec.mean, spec.std),
+                              num_classes=spec.num_classes, device=device,
+                              state_dir=None if method == "random" else state_dir, resume=resume,
+                              reporter=run.reporter)
+    phase = {"method": dp.records_family(method), "epochs": 0 if method == "random" else settings.config.epochs,
+             "runs": result.runs, "samples_seen": result.samples_seen, "samples_scored": result.samples_scored,
+             "seconds": round(result.seconds, 1),
+             **({"proxy_arch": proxy_arch} if method == "svp" else {}),
+             **({"from_weights": from_weights} if method != "random" else {})}
+    return result.records, phase, result.exit, settings.exit if result.exit else None
+
+
 
 
 def _reuse(path: str, dataset: str, positions: Any, family: str, exit_location: str | None
