@@ -142,8 +142,11 @@ def run_steps(steps: list[Step], jobs: int) -> None:
 
 def _run(s: Step) -> int:
     log = s.output.parent / f"{s.name}.log"
+    argv = s.argv
+    if Path(f"{s.output}.resume").is_dir() or Path(f"{s.output}.resume.pt").is_file():
+        argv = [*argv, "--resume"]  # an interrupted step continues from its last epoch
     with open(log, "w") as err:
-        proc = subprocess.run(s.argv, stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=err, text=True)
     if proc.returncode == 0 and s.stdout is not None:
         s.stdout.write_text(proc.stdout)
         if s.output.suffix == ".json":
