@@ -263,7 +263,7 @@ def priority(method: str, records: dict[str, torch.Tensor], *, ratio: float = 0.
 
 
 def top_fraction_mask(values: torch.Tensor, ratio: float) -> torch.Tensor:
-    """The samples whose value exceeds the largest t that a fraction ``ratio`` of them exceed."""
+    """The samples at or above the k-th largest value, k = round(ratio·N): eeprune-soft's "confident"."""
     k = round(ratio * values.numel())
     mask = torch.zeros(values.numel(), dtype=torch.bool)
     if k:
@@ -295,18 +295,19 @@ def select(scores: torch.Tensor, labels: torch.Tensor, ratio: float, *, balanced
         raise UsageError(f"--ratio must be between 0 and 1, not {ratio}", "e.g. --ratio 0.3 prunes 30%")
     n = scores.numel()
     gen = torch.Generator().manual_seed(seed)
-    groups = [torch.nonzero(labels == c).squeeze(1) for c in torch.unique(labels)] if balanced else [torch.arange(n)]
+    classes = torch.unique(labels).tolist() if balanced else [None]
+    groups = [torch.nonzero(labels == c).squeeze(1) if c is not None else torch.arange(n) for c in classes]
     pruned_parts: list[torch.Tensor] = []
     class_thresholds: list[float | None] = []
     ties = 0
-    for group in groups:
+    for c, group in zip(classes, groups, strict=True):
         k = round(ratio * group.numel())
         s = scores[group]
         order = rank(s, gen)
         chosen = order[:k]
         if method == "eeprune" and k and bool(torch.isinf(s[chosen[-1]])):
             qualified = int(torch.isfinite(s).sum())
-            where = " in a class" if balanced else ""
+            where = f" of class {c}" if c is not None else ""
             raise UsageError(
                 f"only {qualified} of {group.numel()} samples{where} ({qualified / group.numel():.1%}) ever met all "
                 f"three EEPrune conditions, fewer than --ratio {ratio} asks for",

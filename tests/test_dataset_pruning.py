@@ -234,3 +234,13 @@ def test_eeprune_learns_what_is_easy(tiny_spec: ModelSpec) -> None:
     assert float(qualified.double().mean()) > 0.15
     both = result.records["early_correct"] & result.records["final_correct"]
     assert float(both.double().mean()) > 0.1
+
+
+def test_balanced_eeprune_names_the_class_that_cannot_give_its_share() -> None:
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0, float("-inf"), float("-inf"), float("-inf")], dtype=torch.float64)
+    sel = dp.select(scores, labels, 0.25, balanced=True, seed=0, method="eeprune")
+    assert sel.pruned.tolist() == [3, 4] and sel.threshold is None
+    assert sel.class_thresholds == pytest.approx([1 / (1 + math.exp(-3.0)), 0.0])
+    with pytest.raises(UsageError, match="only 1 of 4 samples of class 1"):
+        dp.select(scores, labels, 0.5, balanced=True, seed=0, method="eeprune")
