@@ -288,6 +288,9 @@ def _text(d: dict[str, Any]) -> str:
     if d["threshold"] is not None:
         fields.append(("threshold t", f"{d['threshold']:.6g} (early-exit confidence; {d['qualified']:,} samples "
                                       "ever met all three conditions)"))
+    if d["class_thresholds"]:
+        fields.append(("threshold t per class", ", ".join("–" if t is None else f"{t:.4g}"
+                                                          for t in d["class_thresholds"])))
     fields += [("pruning phase", cost), ("summary", d["summary"])]
     rows = [[c["class"], c["samples"], c["pruned"], c["kept"], f"{c['pruned'] / c['samples']:.1%}"]
             for c in d["per_class"]]
