@@ -7,9 +7,9 @@ Three measurements:
 
 1. Pruning phases at the thesis's proportions scaled down (EEPrune E epochs; EL2N 10 models x
    1.5E epochs, rounded; forgetting 20E epochs, the full run): samples seen and wall time of each,
-   as ratios to EEPrune's. EEPrune also trains an exit and scores the set once after training, so
-   its cost should be about E epochs of one model "plus little": goal EL2N/EEPrune and
-   forgetting/EEPrune time ratios at least 0.8 x their epoch ratios.
+   as ratios to EEPrune's. EEPrune also trains a linear exit and scores the set once (forward only)
+   after training, so its phase should cost about E epochs of one model "plus little": measured in
+   epochs of the forgetting run (plain training of the same model), goal at most E + 0.5.
 2. Per-sample bookkeeping: one epoch of EEPrune's training with the qualification tracker against
    the same epoch without it (goal: ratio <= 1.05; the tracker is O(N) tensors updated in place).
 3. The tracker's update alone at N = 1,000,000 samples against N = 1,000: the time per batch must
@@ -90,12 +90,12 @@ def main() -> None:
     for name, r in runs.items():
         results[name] = {"samples_seen": r.samples_seen, "samples_scored": r.samples_scored,
                          "seconds": round(r.seconds, 1)}
-    ok = True
     for name, epochs in (("el2n", 10 * el2n_epochs), ("forgetting", 20 * e)):
-        ratio = runs[name].seconds / base.seconds
-        results[f"{name}_over_eeprune_seconds"] = round(ratio, 2)
+        results[f"{name}_over_eeprune_seconds"] = round(runs[name].seconds / base.seconds, 2)
         results[f"{name}_over_eeprune_epochs"] = round(epochs / e, 2)
-        ok &= ratio >= 0.8 * epochs / e
+    plain_epoch = runs["forgetting"].seconds / (20 * e)
+    results["eeprune_phase_in_plain_epochs"] = round(base.seconds / plain_epoch, 2)
+    ok = base.seconds / plain_epoch <= e + 0.5
     results["tracker_epoch_ratio"] = round(tracker_overhead(spec, data, pre), 3)
     small, large = update_time(1000), update_time(1_000_000)
     results["update_us_n1e3"] = round(1e6 * small, 1)

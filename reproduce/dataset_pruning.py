@@ -101,6 +101,21 @@ def plan(out: Path, a: argparse.Namespace) -> list[Step]:
         for r in RATIOS:
             retrain(f"eeprune-{location}-{pct(r)}", f"eeprune-{location}-{pct(r)}.safetensors",
                     f"eeprune-{location}-{pct(r)}")
+    # --balanced at the highest ratio (EEPrune itself refuses when a class has too few qualified samples).
+    top = pct(RATIOS[-1])
+    for method, extra in (("eeprune-soft", ["--from-scores", str(out / f"eeprune-{first}.safetensors")]),
+                          ("random", [])):
+        prune(f"{method}-balanced-{top}", method, RATIOS[-1], ["--balanced", *extra],
+              [f"eeprune-{first}"] if extra else [])
+        retrain(f"{method}-balanced-{top}", f"{method}-balanced-{top}.safetensors", f"{method}-balanced-{top}")
+    # A second retraining seed for no pruning and every method at 30%: how much one seed says.
+    second = pct(RATIOS[1])
+    for name, indices in (("none", "subset.txt"), *((f"{m}-{second}", f"{m}-{second}.safetensors")
+                                                    for m in ("eeprune", "eeprune-soft", "random", "forgetting",
+                                                              "el2n"))):
+        add(f"seed1-train-{name}", ["train", *data, "--indices", str(out / indices), *arch, *training,
+                                    "-o", str(out / f"seed1-train-{name}.safetensors"), "--force", "--seed", "1"],
+            out / f"seed1-train-{name}.safetensors", ["arch" if name == "none" else name])
     half = pct(TABLE_IX_RATIO)
     retrain(f"eeprune-{half}", f"eeprune-{half}.safetensors", f"eeprune-{half}")
     retrain(f"eeprune-{half}-pruned", f"eeprune-{half}-pruned.safetensors", f"eeprune-{half}")
@@ -226,6 +241,18 @@ def tabulate(out: Path, a: argparse.Namespace) -> str:
         lines.append(f"| {method} (exit after {p['exit']}) |" if p["exit"] else f"| {method} |")
         lines[-1] += (f" {ph['runs']} × {ph['epochs']} | {ph['samples_seen']:,} | {ph['samples_scored']:,} | "
                       f"{ph['seconds']:.0f} | {ts} |")
+    top, second = pct(RATIOS[-1]), pct(RATIOS[1])
+    balanced = [(m, load(out, f"train-{m}-balanced-{top}"), load(out, f"train-{m}-{top}"))
+                for m in ("eeprune-soft", "random")]
+    lines += ["", f"--balanced at {top}%: " + "; ".join(
+        f"{m} {100 * b['eval_accuracy']:.2f}% (without: {100 * u['eval_accuracy']:.2f}%)"
+        for m, b, u in balanced if b and u) + "."]
+    seeds = [(name, load(out, f"train-{name}"), load(out, f"seed1-train-{name}"))
+             for name in ("none", *(f"{m}-{second}" for m in ("eeprune", "eeprune-soft", "random", "forgetting",
+                                                              "el2n")))]
+    lines += ["", "Retraining seeds 0 and 1 (same pruned sets): " + "; ".join(
+        f"{name} {100 * a['eval_accuracy']:.2f}% / {100 * b['eval_accuracy']:.2f}% "
+        f"(mean {50 * (a['eval_accuracy'] + b['eval_accuracy']):.2f}%)" for name, a, b in seeds if a and b) + "."]
     half = pct(TABLE_IX_RATIO)
     kept, pruned, on_pruned = (load(out, f"train-eeprune-{half}"), load(out, f"train-eeprune-{half}-pruned"),
                                load(out, f"on-pruned-{half}"))
