@@ -199,3 +199,31 @@ def test_from_weights_starts_from_the_checkpoint(tiny_checkpoint: str, easy_data
         return read_tensors(str(out), "indices")[0]["records.final_loss"]
 
     assert not torch.equal(records(), records("--from-weights"))
+
+
+def test_an_interrupted_pruning_phase_resumes_to_the_same_result(tiny_checkpoint: str, easy_data: str,
+                                                                  tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from eetool import training
+
+    args = ("prune-dataset", "-c", tiny_checkpoint, "-d", easy_data, "--ratio", "0.2", "-m", "eeprune-soft",
+            "--epochs", "2", *FAST)
+    ok(invoke(*args, "-o", tmp_path / "straight.safetensors", "-q"))
+    real_save = training._save_state
+
+    def save_then_stop(*a: object, **kw: object) -> None:
+        real_save(*a, **kw)  # type: ignore[arg-type]
+        raise KeyboardInterrupt  # right after the first epoch's state is safe
+
+    monkeypatch.setattr(training, "_save_state", save_then_stop)
+    out = tmp_path / "kept.safetensors"
+    interrupted = invoke(*args, "-o", out, "-q")
+    assert interrupted.exit_code == ExitCode.INTERRUPTED and interrupted.stdout == ""
+    assert not out.exists() and Path(f"{out}.resume", "run0.pt").is_file()
+    monkeypatch.setattr(training, "_save_state", real_save)
+    resumed = ok(invoke(*args, "-o", out, "--resume"))
+    assert "resuming after epoch 1 of 2" in resumed.stderr
+    a = read_tensors(str(tmp_path / "straight.safetensors"), "indices")[0]
+    b = read_tensors(str(out), "indices")[0]
+    assert torch.equal(a["indices"], b["indices"])
+    assert torch.allclose(a["records.early_margin"], b["records.early_margin"])
