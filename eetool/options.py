@@ -83,6 +83,18 @@ MeanOpt = Annotated[str | None, typer.Option("--mean", help="Normalisation mean 
                                              rich_help_panel=INPUT)]
 StdOpt = Annotated[str | None, typer.Option("--std", help="Normalisation std per channel, comma-separated.",
                                             rich_help_panel=INPUT)]
+# The training loop's options (train, train-exits, prune-dataset); each command sets its own defaults.
+TRAINING = "Training"
+OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="sgd (Nesterov momentum) or adamw.",
+                                           rich_help_panel=TRAINING)]
+LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=TRAINING)]
+WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", help="Weight decay.", rich_help_panel=TRAINING)]
+ScheduleOpt = Annotated[str, typer.Option("--schedule", help="cosine, onecycle or constant.",
+                                          rich_help_panel=TRAINING)]
+WarmupEpochsOpt = Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up length in epochs.",
+                                                rich_help_panel=TRAINING)]
+AugmentOpt = Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop and flip.",
+                                          rich_help_panel=TRAINING)]
 
 
 @dataclass

@@ -9,18 +9,24 @@ import typer
 
 from eetool.commands.common import data_path, format_fields, format_table
 from eetool.options import (
+    TRAINING,
+    AugmentOpt,
     BatchOpt,
     CheckpointOpt,
     DataOpt,
     ForceOpt,
     IndicesOpt,
+    LrOpt,
+    OptimizerOpt,
     Run,
+    ScheduleOpt,
     SplitOpt,
+    WarmupEpochsOpt,
+    WeightDecayOpt,
     eetool_command,
 )
 
 PRUNING = "Pruning"
-TRAINING = "Training (the pruning phase)"
 METHOD_NAMES = ("eeprune", "eeprune-loss", "eeprune-soft", "random", "el2n", "forgetting", "svp")
 
 
@@ -76,17 +82,12 @@ def command(
                                                "the thesis's: 10 for eeprune*, 15 per el2n model, 200 for "
                                                "forgetting, 50 for svp).", rich_help_panel=TRAINING)] = None,
     batch_size: BatchOpt = 128,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd (Nesterov momentum) or adamw.",
-                                           rich_help_panel=TRAINING)] = "sgd",
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=TRAINING)] = 0.1,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay.",
-                                                rich_help_panel=TRAINING)] = 5e-4,
-    schedule: Annotated[str, typer.Option("--schedule", help="cosine, onecycle or constant.",
-                                          rich_help_panel=TRAINING)] = "cosine",
-    warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up length in epochs.",
-                                                 rich_help_panel=TRAINING)] = 1.0,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop and flip.",
-                                          rich_help_panel=TRAINING)] = True,
+    optimizer: OptimizerOpt = "sgd",
+    lr: LrOpt = 0.1,
+    weight_decay: WeightDecayOpt = 5e-4,
+    schedule: ScheduleOpt = "cosine",
+    warmup_epochs: WarmupEpochsOpt = 1.0,
+    augment: AugmentOpt = True,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted pruning phase from "
                                          "OUTPUT.resume/ (saved after every epoch).")] = False,
     force: ForceOpt = False,

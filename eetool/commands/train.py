@@ -10,18 +10,23 @@ import typer
 from eetool.archs import ALL_ARCHS
 from eetool.commands.common import data_path, format_fields
 from eetool.options import (
+    TRAINING,
     ArchArgsOpt,
+    AugmentOpt,
     BatchOpt,
     DataOpt,
     ForceOpt,
     IndicesOpt,
+    LrOpt,
+    OptimizerOpt,
     OutputOpt,
     Run,
+    ScheduleOpt,
     SplitOpt,
+    WarmupEpochsOpt,
+    WeightDecayOpt,
     eetool_command,
 )
-
-TRAINING = "Training"
 
 
 def _complete_arch(incomplete: str) -> list[str]:
@@ -44,21 +49,16 @@ def command(
                                                    "every epoch.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Epochs.", rich_help_panel=TRAINING)] = 15,
     batch_size: BatchOpt = 128,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd (Nesterov momentum) or adamw.",
-                                           rich_help_panel=TRAINING)] = "sgd",
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=TRAINING)] = 0.1,
+    optimizer: OptimizerOpt = "sgd",
+    lr: LrOpt = 0.1,
     momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.", rich_help_panel=TRAINING)] = 0.9,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay.",
-                                                rich_help_panel=TRAINING)] = 5e-4,
-    schedule: Annotated[str, typer.Option("--schedule", help="cosine, onecycle or constant.",
-                                          rich_help_panel=TRAINING)] = "cosine",
-    warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up length in epochs.",
-                                                 rich_help_panel=TRAINING)] = 1.0,
+    weight_decay: WeightDecayOpt = 5e-4,
+    schedule: ScheduleOpt = "cosine",
+    warmup_epochs: WarmupEpochsOpt = 1.0,
     label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing.",
                                                    rich_help_panel=TRAINING)] = 0.0,
     mixup: Annotated[float, typer.Option("--mixup", help="Mixup alpha (0 = off).", rich_help_panel=TRAINING)] = 0.0,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop and flip.",
-                                          rich_help_panel=TRAINING)] = True,
+    augment: AugmentOpt = True,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT.resume.pt, saved after every "
                                          "epoch.")] = False,
     force: ForceOpt = False,

@@ -8,20 +8,25 @@ import typer
 
 from eetool.commands.common import data_path, format_fields, format_table
 from eetool.options import (
+    TRAINING,
+    AugmentOpt,
     BatchOpt,
     CheckpointOpt,
     DataOpt,
     ExitsOpt,
     ForceOpt,
     IndicesOpt,
+    LrOpt,
+    OptimizerOpt,
     OutputOpt,
     Run,
+    ScheduleOpt,
     SplitOpt,
+    WeightDecayOpt,
     eetool_command,
 )
 
 HEADS = "Exit heads"
-TRAINING = "Training"
 
 
 @eetool_command("exit-heads")
@@ -55,14 +60,11 @@ def command(
                                                 "(a fixed training budget) instead of --epochs.",
                                                 rich_help_panel=TRAINING)] = None,
     batch_size: BatchOpt = 128,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd or adamw.", rich_help_panel=TRAINING)] = "adamw",
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=TRAINING)] = 1e-3,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay.",
-                                                rich_help_panel=TRAINING)] = 5e-4,
-    schedule: Annotated[str, typer.Option("--schedule", help="cosine, onecycle or constant.",
-                                          rich_help_panel=TRAINING)] = "cosine",
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop and flip.",
-                                          rich_help_panel=TRAINING)] = True,
+    optimizer: OptimizerOpt = "adamw",
+    lr: LrOpt = 1e-3,
+    weight_decay: WeightDecayOpt = 5e-4,
+    schedule: ScheduleOpt = "cosine",
+    augment: AugmentOpt = True,
     force: ForceOpt = False,
 ) -> None:
     """Attach heads at the exits of a checkpoint and train them (frozen backbone or jointly). Writes -o."""
