@@ -113,6 +113,7 @@ class Run:
     debug: bool = False
     config: Path | None = None
     args: dict[str, Any] = field(default_factory=dict)
+    resumable: str = ""  # set by a command once its resumable state exists: how to continue after Ctrl-C
     reporter: ConsoleReporter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -214,6 +215,7 @@ def eetool_command(kind: str) -> Callable[[Callable[..., Any]], Callable[..., An
             verbose = debug or bool(kwargs.get("verbose"))
             # Python warnings (torch's among them) are held back: shown as one line each after a
             # success (not with -q), and on failure only with -v or --debug, so that an error stays one line.
+            run: Run | None = None
             with warnings.catch_warnings(record=True) as caught:
                 try:
                     kwargs = _apply_config(ctx, kwargs)
@@ -234,8 +236,9 @@ def eetool_command(kind: str) -> Callable[[Callable[..., Any]], Callable[..., An
                 except EetoolError as e:
                     _fail(e.exit_code, f"error: {e}", debug, caught if verbose else [])
                 except KeyboardInterrupt:
-                    _fail(ExitCode.INTERRUPTED, "interrupted: no output was written (partial files are removed)",
-                          debug, caught if verbose else [])
+                    resume = f" (hint: {run.resumable})" if run is not None and run.resumable else ""
+                    _fail(ExitCode.INTERRUPTED, f"interrupted: no output was written (partial files are removed)"
+                          f"{resume}", debug, caught if verbose else [])
                 except (typer.Exit, typer.Abort):
                     raise
                 except Exception as e:  # a bug: one line, unless --debug asks for the traceback

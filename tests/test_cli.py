@@ -438,7 +438,7 @@ def test_train_interrupted_leaves_resume_state_and_no_output(training: dict[str,
     assert isinstance(interrupted, Result)
     assert interrupted.exit_code == ExitCode.INTERRUPTED
     last = interrupted.stderr.splitlines()[-1]
-    assert last.startswith("interrupted:")
+    assert last.startswith("interrupted:") and last.endswith(".resume.pt: rerun with --resume)")
     assert "Traceback" not in interrupted.stderr
     assert interrupted.stdout == ""
     assert training["resume_exists"]

@@ -219,6 +219,7 @@ def test_an_interrupted_pruning_phase_resumes_to_the_same_result(tiny_checkpoint
     out = tmp_path / "kept.safetensors"
     interrupted = invoke(*args, "-o", out, "-q")
     assert interrupted.exit_code == ExitCode.INTERRUPTED and interrupted.stdout == ""
+    assert interrupted.stderr.strip().endswith(f"in {out}.resume: rerun with --resume)")
     assert not out.exists() and Path(f"{out}.resume", "run0.pt").is_file()
     monkeypatch.setattr(training, "_save_state", real_save)
     resumed = ok(invoke(*args, "-o", out, "--resume"))

@@ -233,7 +233,8 @@ def _train(run: Run, device: Any, ckpt: Any, ds: Any, settings: Any, proxy_arch:
         if not resume and Path(state_dir).exists():
             shutil.rmtree(state_dir)
         run.reporter.log(f"pruning phase: {method} on {ds.spec} ({len(ds)} samples); state after every epoch "
-                         f"in {state_dir} (after an interruption, rerun with --resume)")
+                         f"in {state_dir}")
+        run.resumable = f"the state of every finished epoch is in {state_dir}: rerun with --resume"
     result = dp.pruning_phase(settings, build, ds, Preprocess(spec.input_shape, spec.mean, spec.std),
                               num_classes=spec.num_classes, device=device,
                               state_dir=None if method == "random" else state_dir, resume=resume,

@@ -104,6 +104,7 @@ def command(
             raise InputError(f"{ds.spec} has unlabelled samples", "train and evaluate on labelled data")
     run.reporter.log(f"training {spec.arch} on {train_data.spec} ({len(train_data)} samples) for {epochs} epochs "
                      f"on {device}")
+    run.resumable = f"the state of every finished epoch goes to {resume_path}: rerun with --resume"
     result = fit(model, train_data, Preprocess(spec.input_shape, spec.mean, spec.std), cfg, device=device,
                  eval_data=eval_data, resume_path=resume_path, resume=resume, reporter=run.reporter)
     training: dict[str, Any] = {
