@@ -86,9 +86,9 @@ fixed-budget: ## the thesis's fixed-training-budget comparison on Fashion-MNIST 
 
 # Dataset pruning (thesis chapter 4) on Fashion-MNIST, scaled to 2 CPU cores: a class-balanced
 # 20,000-image training subset, ResNet-20 of width 8 retrained for 8 epochs on what each method
-# keeps at 10%, 30% and 60% pruning; EEPrune (E = 3, exits before/mid/after), its two variants,
+# keeps at 10% to 60% pruning; EEPrune (E = 3, exits before/mid/after), its two variants,
 # random, EL2N (5 models x 3 epochs), forgetting (the 8-epoch run) and SVP (ResNet-8, 3 epochs);
 # the Table IX check at 50%; --balanced at 60%; a second retraining seed at 30%. Steps whose
 # outputs exist are skipped, and an interrupted step resumes: rerun to continue.
-dataset-pruning: ## EEPrune against the baselines on Fashion-MNIST (about 70 min on 2 CPU cores)
+dataset-pruning: ## EEPrune against the baselines on Fashion-MNIST (about 100 min on 2 CPU cores)
 	$(PYTHON) reproduce/dataset_pruning.py $(RESULTS)/dataset-pruning --data $(FMNIST)

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 
-RATIOS = (0.1, 0.3, 0.6)
+RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 TABLE_IX_RATIO = 0.5
+SEED_RATIO = 0.3  # where a second retraining seed runs
+BALANCED_RATIO = 0.6
 METHODS = ("eeprune", "eeprune-loss", "eeprune-soft", "random", "el2n", "forgetting", "svp")
 ABLATION = ("before", "after")
 
@@ -46,6 +48,8 @@ def plan(out: Path, a: argparse.Namespace) -> list[Step]:
     steps: list[Step] = []
 
     def add(name: str, argv: list[str], output: Path, needs: list[str] | None = None, json_out: bool = True) -> None:
+        if any(s.name == name for s in steps):  # e.g. Table IX's ratio is also one of the compared ratios
+            return
         steps.append(Step(name, [*eetool, *argv, *common, *(["--format", "json"] if json_out else [])], output,
                           needs or [], out / f"{name}.json" if json_out else None))
 
@@ -102,14 +106,14 @@ def plan(out: Path, a: argparse.Namespace) -> list[Step]:
             retrain(f"eeprune-{location}-{pct(r)}", f"eeprune-{location}-{pct(r)}.safetensors",
                     f"eeprune-{location}-{pct(r)}")
     # --balanced at the highest ratio (EEPrune itself refuses when a class has too few qualified samples).
-    top = pct(RATIOS[-1])
+    top = pct(BALANCED_RATIO)
     for method, extra in (("eeprune-soft", ["--from-scores", str(out / f"eeprune-{first}.safetensors")]),
                           ("random", [])):
-        prune(f"{method}-balanced-{top}", method, RATIOS[-1], ["--balanced", *extra],
+        prune(f"{method}-balanced-{top}", method, BALANCED_RATIO, ["--balanced", *extra],
               [f"eeprune-{first}"] if extra else [])
         retrain(f"{method}-balanced-{top}", f"{method}-balanced-{top}.safetensors", f"{method}-balanced-{top}")
     # A second retraining seed for no pruning and every method at 30%: how much one seed says.
-    second = pct(RATIOS[1])
+    second = pct(SEED_RATIO)
     for name, indices in (("none", "subset.txt"), *((f"{m}-{second}", f"{m}-{second}.safetensors")
                                                     for m in ("eeprune", "eeprune-soft", "random", "forgetting",
                                                               "el2n"))):
@@ -241,7 +245,7 @@ def tabulate(out: Path, a: argparse.Namespace) -> str:
         lines.append(f"| {method} (exit after {p['exit']}) |" if p["exit"] else f"| {method} |")
         lines[-1] += (f" {ph['runs']} × {ph['epochs']} | {ph['samples_seen']:,} | {ph['samples_scored']:,} | "
                       f"{ph['seconds']:.0f} | {ts} |")
-    top, second = pct(RATIOS[-1]), pct(RATIOS[1])
+    top, second = pct(BALANCED_RATIO), pct(SEED_RATIO)
     balanced = [(m, load(out, f"train-{m}-balanced-{top}"), load(out, f"train-{m}-{top}"))
                 for m in ("eeprune-soft", "random")]
     lines += ["", f"--balanced at {top}%: " + "; ".join(
@@ -276,8 +280,11 @@ def plot(out: Path, a: argparse.Namespace, figure: Path) -> None:
     import matplotlib.pyplot as plt
 
     base = load(out, "train-none")
-    fig, axes = plt.subplots(1, len(RATIOS), figsize=(5.5 * len(RATIOS), 4.2))
-    for ax, r in zip(axes, RATIOS, strict=True):
+    columns = 3
+    fig, grid_axes = plt.subplots(-(-len(RATIOS) // columns), columns, figsize=(16.5, 4.2 * -(-len(RATIOS) // columns)),
+                                  squeeze=False)
+    axes = grid_axes.flatten()
+    for ax, r in zip(axes, RATIOS, strict=False):
         for method in ("none", *METHODS):
             t = base if method == "none" else load(out, f"train-{method}-{pct(r)}")
             if t is None:
