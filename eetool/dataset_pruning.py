@@ -177,24 +177,6 @@ class ForgettingTracker:
         self.previous, self.learned, self.forgotten = (state[k].clone() for k in ("previous", "learned", "forgotten"))
 
 
-class ScoringOnly:
-    """No per-sample record during training (EL2N scores the trained model afterwards)."""
-
-    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             mix: Mix | None) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(x)
-        return F.cross_entropy(logits, y), logits
-
-    def after_step(self, positions: torch.Tensor) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        pass
-
-
 # ---------------------------------------------------------------------------------------------
 # Passes over the training set after training (eval mode, no augmentation)
 
@@ -415,21 +397,19 @@ def _one_run(run: int, runs: int, method: str, settings: PhaseSettings, cfg: Tra
     torch.manual_seed(cfg.seed)  # the fresh initialisation of this run
     model = build(run)
     exit_name = None
-    tracker: SampleTracker
+    tracker: SampleTracker | None = None  # EL2N keeps no record while training: it scores the trained model
     if method == "eeprune":
         exit_name = exit_point(model, settings.exit)
         model = EarlyExitNetwork(model, exit_name, preprocess.input_shape, num_classes)
         tracker = QualificationTracker(len(data))
     elif method in ("forgetting", "svp"):
         tracker = ForgettingTracker(len(data))
-    else:
-        tracker = ScoringOnly()
     resume_path = str(Path(state_dir, f"run{run}.pt")) if state_dir else None
     resuming = resume and resume_path is not None and Path(resume_path).is_file()
     label = f"{method} run {run + 1}/{runs}" if runs > 1 else method
     reporter.log(f"{label}: training {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} on {len(data)} samples"
                  + (f" with an exit after {exit_name}" if exit_name else ""))
-    trained = fit(model, data, preprocess, cfg, device=device, step=tracker.step, tracker=tracker,
+    trained = fit(model, data, preprocess, cfg, device=device, step=tracker.step if tracker else None, tracker=tracker,
                   resume_path=resume_path, resume=resuming, reporter=reporter)
     scored = 0
     scoring_started = time.perf_counter()
