@@ -24,7 +24,7 @@ family is a selection over the same records, without training again.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -218,7 +218,7 @@ def el2n_scores(model: nn.Module, data: Dataset, preprocess: Preprocess, device:
 
 
 def priority(method: str, records: dict[str, torch.Tensor], *, ratio: float = 0.0,
-             soft_weights: tuple[float, float, float, float] = SOFT_WEIGHTS,
+             soft_weights: Sequence[float] = SOFT_WEIGHTS,
              soft_threshold: float | None = None) -> torch.Tensor:
     if method == "eeprune":
         return records["qualified"].clone()

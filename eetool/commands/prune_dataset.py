@@ -162,7 +162,7 @@ def command(
         settings = dp.PhaseSettings(method, cfg, exit=exit or "mid", models=models)
         records, phase, exit_name, location = _train(run, device, ckpt, ds, settings, proxy_arch,
                                                      proxy_arch_args, from_weights, state_dir, resume)
-    scores = dp.priority(method, records, ratio=ratio, soft_weights=tuple(weights or dp.SOFT_WEIGHTS),  # type: ignore[arg-type]
+    scores = dp.priority(method, records, ratio=ratio, soft_weights=weights or dp.SOFT_WEIGHTS,
                          soft_threshold=soft_threshold)
     try:
         sel = dp.select(scores, ds.labels, ratio, balanced=balanced, seed=run.seed, method=method)
