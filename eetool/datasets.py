@@ -370,6 +370,12 @@ def load_indices(path: str, ds: Dataset) -> torch.Tensor:
     return idx.to(torch.int64)
 
 
+def require_labels(ds: Dataset, hint: str) -> None:
+    """Refuse a dataset with unlabelled samples (label -1) where every sample needs its label."""
+    if bool((ds.labels < 0).any()):
+        raise InputError(f"{ds.spec} has unlabelled samples", hint)
+
+
 def check_labels(ds: Dataset, num_classes: int) -> None:
     labelled = ds.labels[ds.labels >= 0]
     if labelled.numel() and int(labelled.max()) >= num_classes:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from eetool.artifacts import Provenance, read_tensors, read_yaml, write_tensors
 from eetool.costs import CostModel
-from eetool.datasets import Dataset, Preprocess
+from eetool.datasets import Dataset, Preprocess, require_labels
 from eetool.errors import InputError, UsageError
 from eetool.exits import ExitModel
 from eetool.reporting import Reporter
@@ -132,8 +132,7 @@ def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_
     t0 = time.perf_counter()
     counts = None
     if centres is None:
-        if bool((data.labels < 0).any()):
-            raise InputError(f"{data.spec} has unlabelled samples", "class means need labels (or use --clusters)")
+        require_labels(data, "class means need labels (or use --clusters)")
         sums = ClassMeanSums(dims, num_classes)
         with reporter.bar(batches, "class means") as bar:
             for images, labels, _ in data.batches(batch_size):

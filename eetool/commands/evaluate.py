@@ -64,7 +64,7 @@ def command(
 
     from eetool.artifacts import STDOUT, Provenance, write_yaml
     from eetool.costs import count_macs, in_unit
-    from eetool.datasets import Preprocess, check_labels, load_dataset
+    from eetool.datasets import Preprocess, check_labels, load_dataset, require_labels
     from eetool.errors import UsageError
     from eetool.inference import evaluate_exits, per_class_accuracy, predict
     from eetool.rules import Thresholded
@@ -83,10 +83,7 @@ def command(
     device = run.torch()
     ds = load_dataset(data, split, indices)
     check_labels(ds, ckpt.spec.num_classes)
-    if bool((ds.labels < 0).any()):
-        from eetool.errors import InputError
-
-        raise InputError(f"{ds.spec} has unlabelled samples", "evaluate on a labelled dataset")
+    require_labels(ds, "evaluate on a labelled dataset")
     unit = count.value
     macs = count_macs(ckpt.model, ckpt.spec.input_shape)
     preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)

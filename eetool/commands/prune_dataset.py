@@ -136,7 +136,7 @@ def command(
     from eetool import dataset_pruning as dp
     from eetool.artifacts import Provenance, sha256_file, write_tensors, write_yaml
     from eetool.checkpoint import load_checkpoint
-    from eetool.datasets import check_labels, load_dataset, load_indices
+    from eetool.datasets import check_labels, load_dataset, load_indices, require_labels
     from eetool.training import TrainConfig
 
     ckpt = load_checkpoint(checkpoint)
@@ -144,8 +144,7 @@ def command(
     full = load_dataset(data, split)
     ds = full.subset(load_indices(indices, full)) if indices else full
     check_labels(ds, ckpt.spec.num_classes)
-    if bool((ds.labels < 0).any()):
-        raise InputError(f"{ds.spec} has unlabelled samples", "dataset pruning needs a labelled training set")
+    require_labels(ds, "dataset pruning needs a labelled training set")
     positions = ds.indices if ds.indices is not None else torch.arange(len(ds))
     family = dp.records_family(method)
     input_shas = {"indices": sha256_file(indices)} if indices else {}

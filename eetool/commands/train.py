@@ -66,7 +66,7 @@ def command(
     """Train a model (or fine-tune --checkpoint) and write an eetool checkpoint. Reads a dataset; writes -o."""
     from eetool.artifacts import STDOUT, Provenance
     from eetool.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
-    from eetool.datasets import Preprocess, check_labels, load_dataset
+    from eetool.datasets import Preprocess, check_labels, load_dataset, require_labels
     from eetool.errors import InputError, UsageError
     from eetool.options import parse_mapping
     from eetool.training import TrainConfig, fit
@@ -98,10 +98,8 @@ def command(
         model = spec.build()
     check_labels(train_data, spec.num_classes)
     for ds in (train_data, eval_data):
-        if ds is not None and bool((ds.labels < 0).any()):
-            from eetool.errors import InputError
-
-            raise InputError(f"{ds.spec} has unlabelled samples", "train and evaluate on labelled data")
+        if ds is not None:
+            require_labels(ds, "train and evaluate on labelled data")
     run.reporter.log(f"training {spec.arch} on {train_data.spec} ({len(train_data)} samples) for {epochs} epochs "
                      f"on {device}")
     run.resumable = f"the state of every finished epoch goes to {resume_path}: rerun with --resume"
