@@ -83,6 +83,15 @@ MeanOpt = Annotated[str | None, typer.Option("--mean", help="Normalisation mean 
                                              rich_help_panel=INPUT)]
 StdOpt = Annotated[str | None, typer.Option("--std", help="Normalisation std per channel, comma-separated.",
                                             rich_help_panel=INPUT)]
+def prefix_completer(choices: typing.Sequence[str]) -> Callable[[str], list[str]]:
+    """Tab completion of an option's value from a fixed list of names."""
+
+    def complete(incomplete: str) -> list[str]:
+        return [c for c in choices if c.startswith(incomplete)]
+
+    return complete
+
+
 # The training loop's options (train, train-exits, prune-dataset); each command sets its own defaults.
 TRAINING = "Training"
 OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="sgd (Nesterov momentum) or adamw.",

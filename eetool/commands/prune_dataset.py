@@ -24,14 +24,11 @@ from eetool.options import (
     WarmupEpochsOpt,
     WeightDecayOpt,
     eetool_command,
+    prefix_completer,
 )
 
 PRUNING = "Pruning"
 METHOD_NAMES = ("eeprune", "eeprune-loss", "eeprune-soft", "random", "el2n", "forgetting", "svp")
-
-
-def _complete_method(incomplete: str) -> list[str]:
-    return [m for m in METHOD_NAMES if m.startswith(incomplete)]
 
 
 @eetool_command("indices")
@@ -45,7 +42,7 @@ def command(
                                          rich_help_panel=PRUNING)],
     method: Annotated[str, typer.Option("--method", "-m", help="eeprune, eeprune-loss, eeprune-soft, random, el2n, "
                                         "forgetting or svp.", rich_help_panel=PRUNING,
-                                        autocompletion=_complete_method)] = "eeprune",
+                                        autocompletion=prefix_completer(METHOD_NAMES))] = "eeprune",
     split: SplitOpt = "train",
     indices: IndicesOpt = None,
     balanced: Annotated[bool, typer.Option("--balanced", help="Prune the same fraction from every class.",

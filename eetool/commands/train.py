@@ -26,11 +26,8 @@ from eetool.options import (
     WarmupEpochsOpt,
     WeightDecayOpt,
     eetool_command,
+    prefix_completer,
 )
-
-
-def _complete_arch(incomplete: str) -> list[str]:
-    return [a for a in ALL_ARCHS if a.startswith(incomplete)]
 
 
 @eetool_command("train")
@@ -39,7 +36,7 @@ def command(
     data: DataOpt,
     output: OutputOpt,
     arch: Annotated[str, typer.Option("--arch", help="Architecture to train from scratch (see `eetool archs`).",
-                                      autocompletion=_complete_arch)] = "resnet20",
+                                      autocompletion=prefix_completer(ALL_ARCHS))] = "resnet20",
     arch_args: ArchArgsOpt = None,
     checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", help="Fine-tune this checkpoint instead of "
                                                    "training from scratch.")] = None,
