@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from eetool.datasets import Dataset, Preprocess
-from eetool.errors import InputError, UsageError
+from eetool.errors import UsageError
 from eetool.exits import ExitModel, build_exit_model, candidate_exits, select_exits
 from eetool.reporting import Reporter
-from eetool.training import Mix, Tracker, TrainConfig, fit
+from eetool.training import Mix, Tracker, TrainConfig, fit, read_state, write_state
 
 EEPRUNE_FAMILY = ("eeprune", "eeprune-loss", "eeprune-soft")
 BASELINES = ("random", "el2n", "forgetting", "svp")
@@ -370,13 +370,13 @@ def pruning_phase(settings: PhaseSettings, build: BuildModel, data: Dataset, pre
         cfg = TrainConfig(**{**vars(settings.config), "seed": settings.config.seed + run})
         signature = {"config": vars(cfg), "data": data.fingerprint, "method": method, "exit": settings.exit}
         if resume and done_path is not None and done_path.is_file():
-            done = _load_done(done_path, signature)
+            done = read_state(done_path, {"signature": signature})
             reporter.log(f"run {run + 1}/{runs} already finished; reusing it")
         else:
             done = _one_run(run, runs, method, settings, cfg, build, data, preprocess, num_classes, device,
                             state_dir, resume, reporter)
             if done_path is not None:
-                _save_done(done_path, {**done, "signature": signature})
+                write_state(str(done_path), {**done, "signature": signature})
         result.samples_seen += done["samples_seen"]
         result.samples_scored += done["samples_scored"]
         result.seconds += done["seconds"]
@@ -427,25 +427,3 @@ def _one_run(run: int, runs: int, method: str, settings: PhaseSettings, cfg: Tra
     seconds = trained.seconds + time.perf_counter() - scoring_started
     return {"records": records, "samples_seen": trained.samples_seen, "samples_scored": scored,
             "seconds": seconds, "exit": exit_name}
-
-
-def _save_done(path: Path, done: dict[str, Any]) -> None:
-    import io
-
-    from eetool.artifacts import atomic_write
-
-    buf = io.BytesIO()
-    torch.save(done, buf)
-    atomic_write(str(path), buf.getvalue())
-
-
-def _load_done(path: Path, signature: dict[str, Any]) -> dict[str, Any]:
-    try:
-        done: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unreadable file is the same problem for the user
-        raise InputError(f"cannot read resumable state {path} ({type(e).__name__})",
-                         "delete it and start afresh") from None
-    if done.get("signature") != signature:
-        raise UsageError(f"{path} was saved by a run with other settings or data",
-                         "resume with the same flags, or delete it to start afresh")
-    return done

@@ -262,11 +262,31 @@ def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfi
     return result
 
 
+def write_state(path: str, state: dict[str, Any]) -> None:
+    """Resumable state, written atomically: an interrupted write leaves the previous epoch's."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def read_state(path: str | Path, expected: dict[str, Any]) -> dict[str, Any]:
+    """Resumable state, refused when unreadable or when its ``expected`` entries (the settings and data of the
+    run that saved it) differ from this run's."""
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file is the same problem for the user
+        raise InputError(f"cannot read resumable state {path} ({type(e).__name__})",
+                         "delete it and start afresh") from None
+    if any(state.get(key) != value for key, value in expected.items()):
+        raise UsageError(f"{path} was saved by a run with other settings or data",
+                         "resume with the same flags, or delete it to start afresh")
+    return state
+
+
 def _save_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator,
                 result: TrainResult, cfg: TrainConfig, data_fingerprint: str, epoch: int,
                 tracker: Tracker | None = None) -> None:
-    buf = io.BytesIO()
-    torch.save({
+    write_state(path, {
         "epoch": epoch,
         "config": asdict(cfg),
         "data": data_fingerprint,
@@ -281,20 +301,12 @@ def _save_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: 
         "samples_seen": result.samples_seen,
         "seconds": result.seconds,
         "tracker": tracker.state_dict() if tracker is not None else {},
-    }, buf)
-    atomic_write(path, buf.getvalue())
+    })
 
 
 def _load_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator,
                 result: TrainResult, cfg: TrainConfig, data_fingerprint: str, tracker: Tracker | None = None) -> int:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unreadable file is the same problem for the user
-        raise InputError(f"cannot read resumable state {path} ({type(e).__name__})",
-                         "delete it and start afresh") from None
-    if state.get("config") != asdict(cfg) or state.get("data") != data_fingerprint:
-        raise UsageError(f"{path} was saved by a run with other settings or data",
-                         "resume with the same flags, or delete it to start afresh")
+    state = read_state(path, {"config": asdict(cfg), "data": data_fingerprint})
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
