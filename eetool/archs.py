@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
 TORCHVISION_ARCHS: tuple[str, ...] = (
     "resnet18",
     "resnet34",
@@ -32,3 +35,29 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def is_custom_arch(arch: str) -> bool:
     """A user's own factory is named ``package.module:callable``."""
     return ":" in arch
+
+
+# Bounds on what a file's metadata (or a flag) may ask a model to be fed and to predict, checked before
+# anything is allocated: a 60000 x 60000 input would take gigabytes in the first forward pass.
+MAX_INPUT_CHANNELS = 64
+MAX_INPUT_SIDE = 4096
+MAX_CLASSES = 1_000_000
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to build and feed weights that do not record it (foreign state dicts): the options
+    --arch, --arch-args, --num-classes, --input-shape, --mean and --std, which every command that
+    reads a checkpoint takes. For an eetool checkpoint, --input-shape, --mean and --std override its
+    metadata and the others must agree with it."""
+
+    arch: str | None = None
+    arch_args: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None
+    input_shape: tuple[int, int, int] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    def given(self) -> dict[str, Any]:
+        """The options that were set, by flag name (what provenance records of them)."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items() if v not in (None, {})}

@@ -49,6 +49,7 @@ class Provenance:
     inputs: dict[str, str] = field(default_factory=dict)  # artifact kind -> sha256 of the artifact it was made from
     schema: int = 0
     version: str = __version__
+    model_sha256: str = ""  # the checkpoint's spec and weights (see eetool.checkpoint.model_sha256)
 
     def __post_init__(self) -> None:
         if not self.schema:
@@ -62,6 +63,7 @@ class Provenance:
             "eetool.kind": self.kind,
             "eetool.schema": str(self.schema),
             "eetool.checkpoint_sha256": self.checkpoint_sha256,
+            "eetool.model_sha256": self.model_sha256,
             "eetool.exits": json.dumps(self.exits),
             "eetool.dataset": self.dataset,
             "eetool.args": json.dumps(self.args, sort_keys=True, default=str),
@@ -73,6 +75,7 @@ class Provenance:
         return cls(
             kind=meta["eetool.kind"],
             checkpoint_sha256=meta.get("eetool.checkpoint_sha256", ""),
+            model_sha256=meta.get("eetool.model_sha256", ""),
             exits=json.loads(meta.get("eetool.exits", "[]")),
             dataset=meta.get("eetool.dataset", ""),
             args=json.loads(meta.get("eetool.args", "{}")),
@@ -87,6 +90,7 @@ class Provenance:
             "kind": self.kind,
             "schema": self.schema,
             "checkpoint_sha256": self.checkpoint_sha256,
+            "model_sha256": self.model_sha256,
             "exits": list(self.exits),
             "dataset": self.dataset,
             "args": self.args,
@@ -98,6 +102,7 @@ class Provenance:
         return cls(
             kind=d["kind"],
             checkpoint_sha256=d.get("checkpoint_sha256", ""),
+            model_sha256=d.get("model_sha256", ""),
             exits=list(d.get("exits", [])),
             dataset=d.get("dataset", ""),
             args=dict(d.get("args", {})),
@@ -105,6 +110,20 @@ class Provenance:
             schema=int(d["schema"]),
             version=d.get("eetool_version", ""),
         )
+
+
+@dataclass(frozen=True)
+class CheckpointIdentity:
+    """How artifacts name the checkpoint they were made from. ``sha256`` is the file's (with the options that
+    built foreign weights); ``model_sha256`` is of the spec and weights alone, so that a foreign file and
+    its `eetool import` copy accept each other's artifacts."""
+
+    sha256: str
+    model_sha256: str = ""
+
+    def made(self, prov: Provenance) -> bool:
+        return prov.checkpoint_sha256 == self.sha256 or bool(self.model_sha256 and
+                                                             prov.model_sha256 == self.model_sha256)
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -220,7 +239,7 @@ def _check_kind(path: str, found_kind: str | None, found_schema: str | int | Non
     return True
 
 
-def verify(path: str, prov: Provenance, *, checkpoint_sha256: str | None = None, exits: list[str] | None = None,
+def verify(path: str, prov: Provenance, *, checkpoint: CheckpointIdentity | None = None, exits: list[str] | None = None,
            dataset: str | None = None, inputs: dict[str, str] | None = None) -> None:
     """Refuse an artifact made from another checkpoint, other exits, another dataset or other input artifacts."""
     maker = KINDS[prov.kind][1]
@@ -231,9 +250,9 @@ def verify(path: str, prov: Provenance, *, checkpoint_sha256: str | None = None,
                 f"{path} was made from another {kind} artifact ({made_from[:12]}, not {sha[:12]})",
                 f"re-make it from this one with `{maker}`",
             )
-    if checkpoint_sha256 is not None and prov.checkpoint_sha256 and prov.checkpoint_sha256 != checkpoint_sha256:
+    if checkpoint is not None and prov.checkpoint_sha256 and not checkpoint.made(prov):
         raise ProvenanceError(
-            f"{path} was made from checkpoint {prov.checkpoint_sha256[:12]}, not {checkpoint_sha256[:12]}",
+            f"{path} was made from checkpoint {prov.checkpoint_sha256[:12]}, not {checkpoint.sha256[:12]}",
             f"re-make it for this checkpoint with `{maker}`",
         )
     if exits is not None and prov.exits and list(prov.exits) != list(exits):

@@ -33,14 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eetool.choices import EEPRUNE_FAMILY, PRUNING_BASELINES
 from eetool.datasets import Dataset, Preprocess
 from eetool.errors import UsageError
 from eetool.exits import ExitModel, build_exit_model, candidate_exits, select_exits
 from eetool.reporting import Reporter
 from eetool.training import Mix, Tracker, TrainConfig, fit, read_state, write_state
 
-EEPRUNE_FAMILY = ("eeprune", "eeprune-loss", "eeprune-soft")
-BASELINES = ("random", "el2n", "forgetting", "svp")
+BASELINES = PRUNING_BASELINES
 METHODS = EEPRUNE_FAMILY + BASELINES
 EXIT_LOCATIONS = {"before": 0.25, "mid": 0.5, "after": 0.75}
 # The thesis's settings: E = 10 for CIFAR/KMNIST, EL2N 10 models x 15 epochs, forgetting over the

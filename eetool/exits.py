@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from eetool.choices import EXIT_SELECTIONS
 from eetool.errors import UsageError
 from eetool.models import CifarResNet
 
 SPLIT, HOOK = "split", "hook"
-SELECTIONS = ("every", "half", "quartiles")
+SELECTIONS = EXIT_SELECTIONS
 
 Unit = tuple[str, nn.Module]
 

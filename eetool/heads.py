@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from eetool.artifacts import Provenance, read_tensors, write_tensors
+from eetool.choices import HEAD_KINDS
 from eetool.errors import InputError, UsageError
-
-HEAD_KINDS = ("sdn", "branchy")
 
 
 class MixedPool(nn.Module):

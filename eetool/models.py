@@ -70,30 +70,83 @@ def build_model(arch: str, num_classes: int, in_channels: int, arch_args: dict[s
     """Build an untrained model; weights are loaded by ``eetool.checkpoint``."""
     arch_args = dict(arch_args or {})
     if arch in CIFAR_RESNET_DEPTHS:
+        width = arch_args.get("width", 16)
+        if not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= 1024:
+            raise UsageError(f"--arch-args width must be a whole number from 1 to 1024, not {width!r}",
+                             "e.g. '{width: 16}' (the standard CIFAR ResNet)")
         try:
             return CifarResNet(CIFAR_RESNET_DEPTHS[arch], num_classes=num_classes, in_channels=in_channels, **arch_args)
         except TypeError as e:
             raise UsageError(f"bad --arch-args for {arch}: {e}", "eetool's CIFAR ResNets take only width") from None
     if arch in TORCHVISION_ARCHS:
-        import torchvision
-
-        if in_channels != 3:
-            raise UsageError(
-                f"torchvision's {arch} takes 3 input channels, not {in_channels}",
-                "leave --in-channels at 3; grayscale data is repeated to 3 channels automatically",
-            )
-        try:
-            model: nn.Module = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, **arch_args)
-        except TypeError as e:
-            raise UsageError(f"bad --arch-args for {arch}: {e}",
-                             "see torchvision's documentation of the builder") from None
-        return model
+        return _build_torchvision(arch, num_classes, in_channels, arch_args)
     if is_custom_arch(arch):
         return _build_custom(arch, num_classes, in_channels, arch_args)
     raise UsageError(
         f"unknown architecture {arch!r}",
         f"choose one of {', '.join(ALL_ARCHS[:6])}, ... (`eetool archs` lists all) or give package.module:callable",
     )
+
+
+# eetool's own arguments for torchvision classifiers, for weights whose first convolution was changed
+# (a one-channel 3x3 stem for 28 x 28 images, say): the kernel is read from the weights, the stride and
+# ResNet's max-pool are not in them and come from --arch-args.
+STEM_ARGS = ("stem_kernel", "stem_stride", "stem_pool")
+NEVER_DOWNLOAD = ("weights", "weights_backbone", "progress")
+
+
+def _build_torchvision(arch: str, num_classes: int, in_channels: int, arch_args: dict[str, Any]) -> nn.Module:
+    import torchvision
+
+    for key in NEVER_DOWNLOAD:
+        if key in arch_args:
+            raise UsageError(f"--arch-args {key!r} is not taken: eetool never downloads weights",
+                             "load the weights you have with --checkpoint")
+    stem = {k: arch_args.pop(k) for k in STEM_ARGS if k in arch_args}
+    try:
+        model: nn.Module = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, **arch_args)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"bad --arch-args for {arch}: {e}", "see torchvision's documentation of the builder") from None
+    if in_channels != 3 or stem:
+        _adapt_stem(model, arch, in_channels, **stem)
+    return model
+
+
+def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    """The first 2-D convolution in definition order: the stem of every classifier eetool builds."""
+    return next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    """The last linear layer in definition order: the classifier of every classifier eetool builds."""
+    found = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            found = (name, m)
+    return found
+
+
+def _adapt_stem(model: nn.Module, arch: str, in_channels: int, stem_kernel: Any = None, stem_stride: Any = None,
+                stem_pool: Any = True) -> None:
+    """Replace the first convolution for ``in_channels`` inputs (and another kernel or stride)."""
+    found = first_conv(model)
+    assert found is not None  # every torchvision classifier eetool lists starts with a convolution
+    name, conv = found
+    kernel = stem_kernel if stem_kernel is not None else conv.kernel_size[0]
+    stride = stem_stride if stem_stride is not None else conv.stride[0]
+    for key, value, top in (("stem_kernel", kernel, 15), ("stem_stride", stride, 8)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
+            raise UsageError(f"--arch-args {key} must be a whole number from 1 to {top}, not {value!r}",
+                             f"e.g. '{{{key}: 3}}'")
+    if not isinstance(stem_pool, bool):
+        raise UsageError(f"--arch-args stem_pool must be true or false, not {stem_pool!r}", "e.g. '{stem_pool: false}'")
+    new = nn.Conv2d(in_channels, conv.out_channels, kernel, stride, kernel // 2, bias=conv.bias is not None)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    if not stem_pool:
+        if not isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
+            raise UsageError(f"--arch-args stem_pool applies to ResNets, not {arch}", "drop stem_pool")
+        model.maxpool = nn.Identity()
 
 
 def _build_custom(arch: str, num_classes: int, in_channels: int, arch_args: dict[str, Any]) -> nn.Module:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.models import OptionInfo
 
+from eetool.archs import ALL_ARCHS, MAX_CLASSES, MAX_INPUT_CHANNELS, MAX_INPUT_SIDE, ModelOptions
+from eetool.choices import EXIT_SELECTIONS, OPTIMIZERS, SCHEDULES, SPLITS
 from eetool.errors import EetoolError, ExitCode, UsageError
 from eetool.reporting import ConsoleReporter
 
@@ -49,40 +51,6 @@ class Count(str, Enum):
     flops = "flops"
 
 
-COMMON = "Common options"
-INPUT = "Inputs"
-
-# Options that several commands share, declared once.
-CheckpointOpt = Annotated[str, typer.Option("--checkpoint", "-c", help="Checkpoint file (.safetensors/.pt) or 'demo'.",
-                                            rich_help_panel=INPUT)]
-DataOpt = Annotated[str, typer.Option("--data", "-d", help="Dataset NAME[:PATH]: mnist, fashion-mnist, kmnist, "
-                                      "cifar10, cifar100, folder:PATH, safetensors:FILE or demo.",
-                                      rich_help_panel=INPUT)]
-SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split: train or test.", rich_help_panel=INPUT)]
-IndicesOpt = Annotated[str | None, typer.Option("--indices", help="Restrict the dataset to these sample indices "
-                                                "(indices artifact or a text file).", rich_help_panel=INPUT)]
-ExitsOpt = Annotated[str, typer.Option("--exits", help="Exit points: every, half, quartiles, or module names "
-                                       "separated by commas.", rich_help_panel=INPUT)]
-CountOpt = Annotated[Count, typer.Option("--count", help="Cost unit: macs, or flops (= 2 x MACs).")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch.")]
-OutputOpt = Annotated[str, typer.Option("--output", "-o",
-                                        help="Output file ('-' for stdout where the output is YAML).")]
-OptionalOutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Also write the result as a YAML "
-                                                       "artifact ('-' for stdout).")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file.")]
-# For foreign weights that do not record how to build the model.
-ArchOpt = Annotated[str | None, typer.Option("--arch", help="Architecture of foreign weights (see `eetool archs`), "
-                                             "or package.module:callable.", rich_help_panel=INPUT)]
-ArchArgsOpt = Annotated[str | None, typer.Option("--arch-args", help="Builder arguments as YAML/JSON, e.g. "
-                                                 "'{in_channels: 1}'.", rich_help_panel=INPUT)]
-NumClassesOpt = Annotated[int | None, typer.Option("--num-classes", min=1, help="Classes of foreign weights.",
-                                                   rich_help_panel=INPUT)]
-InputShapeOpt = Annotated[str | None, typer.Option("--input-shape", help="Model input C,H,W (e.g. 1,28,28).",
-                                                   rich_help_panel=INPUT)]
-MeanOpt = Annotated[str | None, typer.Option("--mean", help="Normalisation mean per channel, comma-separated.",
-                                             rich_help_panel=INPUT)]
-StdOpt = Annotated[str | None, typer.Option("--std", help="Normalisation std per channel, comma-separated.",
-                                            rich_help_panel=INPUT)]
 def prefix_completer(choices: typing.Sequence[str]) -> Callable[[str], list[str]]:
     """Tab completion of an option's value from a fixed list of names."""
 
@@ -92,14 +60,92 @@ def prefix_completer(choices: typing.Sequence[str]) -> Callable[[str], list[str]
     return complete
 
 
+def complete_data(incomplete: str) -> list[str]:
+    """--data: the source names, with a colon where a path follows."""
+    from eetool.sources import SOURCES
+
+    needs_path = ("folder", "safetensors", "cifar10", "cifar100")
+    return prefix_completer([f"{s}:" if s in needs_path else s for s in SOURCES])(incomplete)
+
+
+COMMON = "Common options"
+INPUT = "Inputs"
+
+# Options that several commands share, declared once.
+CheckpointOpt = Annotated[str, typer.Option("--checkpoint", "-c", help="Checkpoint file (.safetensors/.pt) or 'demo'.",
+                                            rich_help_panel=INPUT)]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="Dataset NAME[:PATH]: mnist, fashion-mnist, kmnist, "
+                                      "cifar10, cifar100, folder:PATH, safetensors:FILE or demo.",
+                                      rich_help_panel=INPUT, autocompletion=complete_data)]
+SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split: train or test.", rich_help_panel=INPUT,
+                                       autocompletion=prefix_completer(SPLITS))]
+IndicesOpt = Annotated[str | None, typer.Option("--indices", help="Restrict the dataset to these sample indices "
+                                                "(indices artifact or a text file).", rich_help_panel=INPUT)]
+ExitsOpt = Annotated[str, typer.Option("--exits", help="Exit points: every, half, quartiles, or module names "
+                                       "separated by commas.", rich_help_panel=INPUT,
+                                       autocompletion=prefix_completer(EXIT_SELECTIONS))]
+CountOpt = Annotated[Count, typer.Option("--count", help="Cost unit: macs, or flops (= 2 x MACs).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch.")]
+OutputOpt = Annotated[str, typer.Option("--output", "-o",
+                                        help="Output file ('-' for stdout where the output is YAML).")]
+OptionalOutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Also write the result as a YAML "
+                                                       "artifact ('-' for stdout).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file.")]
+# Foreign weights (state dicts that do not record how to build the model): every command that reads a
+# checkpoint takes these, declared once and added by ``eetool_command(kind, model_options=True)``.
+FOREIGN = "Foreign checkpoints"
+
+
+def _model_parameters() -> list[inspect.Parameter]:
+    def opt(name: str, annotation: Any) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+
+    return [
+        opt("arch", Annotated[str | None, typer.Option(
+            "--arch", help="Architecture of weights that do not record it (see `eetool archs`), or "
+            "package.module:callable (only ever imported when named here or in --config). train: the "
+            "architecture to train from scratch (default resnet20).", rich_help_panel=FOREIGN,
+            autocompletion=prefix_completer(ALL_ARCHS))]),
+        opt("arch_args", Annotated[str | None, typer.Option(
+            "--arch-args", help="Builder arguments as YAML/JSON, e.g. '{width: 32}'.", rich_help_panel=FOREIGN)]),
+        opt("num_classes", Annotated[int | None, typer.Option(
+            "--num-classes", min=1, max=MAX_CLASSES, help="Classes of the weights (default: read from the "
+            "final layer's shape).", rich_help_panel=FOREIGN)]),
+        opt("input_shape", Annotated[str | None, typer.Option(
+            "--input-shape", help="Model input C,H,W, e.g. 1,28,28 (torchvision architectures: 224 x 224 with "
+            "the first convolution's channels).", rich_help_panel=FOREIGN)]),
+        opt("mean", Annotated[str | None, typer.Option(
+            "--mean", help="Normalisation mean per channel, comma-separated.", rich_help_panel=FOREIGN)]),
+        opt("std", Annotated[str | None, typer.Option(
+            "--std", help="Normalisation std per channel, comma-separated.", rich_help_panel=FOREIGN)]),
+    ]
+
+
+MODEL_NAMES = ("arch", "arch_args", "num_classes", "input_shape", "mean", "std")
+
+
+def _model_options(kwargs: dict[str, Any]) -> ModelOptions:
+    """The foreign-checkpoint flags as one typed object, their values checked."""
+    std = parse_floats(kwargs.get("std"), "--std")
+    if std is not None and (not std or min(std) <= 0):
+        raise UsageError(f"--std {kwargs['std']!r} must be positive numbers", "write e.g. --std 0.5,0.5,0.5")
+    mean = parse_floats(kwargs.get("mean"), "--mean")
+    if mean is not None and not mean:
+        raise UsageError("--mean is empty", "write e.g. --mean 0.5,0.5,0.5")
+    return ModelOptions(arch=kwargs.get("arch") or None,
+                        arch_args=parse_mapping(kwargs.get("arch_args"), "--arch-args"),
+                        num_classes=kwargs.get("num_classes"), input_shape=parse_shape(kwargs.get("input_shape")),
+                        mean=mean, std=std)
+
+
 # The training loop's options (train, train-exits, prune-dataset); each command sets its own defaults.
 TRAINING = "Training"
 OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="sgd (Nesterov momentum) or adamw.",
-                                           rich_help_panel=TRAINING)]
+                                           rich_help_panel=TRAINING, autocompletion=prefix_completer(OPTIMIZERS))]
 LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=TRAINING)]
 WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", help="Weight decay.", rich_help_panel=TRAINING)]
 ScheduleOpt = Annotated[str, typer.Option("--schedule", help="cosine, onecycle or constant.",
-                                          rich_help_panel=TRAINING)]
+                                          rich_help_panel=TRAINING, autocompletion=prefix_completer(SCHEDULES))]
 WarmupEpochsOpt = Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up length in epochs.",
                                                 rich_help_panel=TRAINING)]
 AugmentOpt = Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop and flip.",
@@ -123,6 +169,7 @@ class Run:
     config: Path | None = None
     args: dict[str, Any] = field(default_factory=dict)
     resumable: str = ""  # set by a command once its resumable state exists: how to continue after Ctrl-C
+    model_options: ModelOptions = field(default_factory=ModelOptions)  # for checkpoints that do not record them
     reporter: ConsoleReporter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -204,8 +251,11 @@ def _common_parameters() -> list[inspect.Parameter]:
 COMMON_NAMES = ("quiet", "verbose", "format", "no_progress", "seed", "device", "threads", "config", "debug")
 
 
-def eetool_command(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Make ``func(run, **options)`` a CLI command whose JSON output has schema ``eetool/<kind>@1``."""
+def eetool_command(kind: str, *, model_options: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Make ``func(run, **options)`` a CLI command whose JSON output has schema ``eetool/<kind>@1``.
+
+    With ``model_options`` the command reads a checkpoint: it also takes the foreign-checkpoint options
+    (--arch, --arch-args, --num-classes, --input-shape, --mean, --std), handed over as ``run.model_options``."""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(func)
@@ -238,8 +288,11 @@ def eetool_command(kind: str) -> Callable[[Callable[..., Any]], Callable[..., An
                         progress=not kwargs["no_progress"], seed=kwargs["seed"], device_name=kwargs["device"],
                         threads=kwargs["threads"], debug=kwargs["debug"], config=kwargs["config"],
                     )
-                    own_kwargs = {k: v for k, v in kwargs.items() if k not in COMMON_NAMES}
+                    own_kwargs = {k: v for k, v in kwargs.items() if k not in COMMON_NAMES + MODEL_NAMES}
                     run.args = {k: (v.value if isinstance(v, Enum) else v) for k, v in own_kwargs.items()}
+                    if model_options:
+                        run.model_options = _model_options(kwargs)
+                        run.args.update({k: kwargs[k] for k in MODEL_NAMES if kwargs[k] is not None})
                     run.args["seed"] = run.seed
                     func(run, **own_kwargs)
                 except EetoolError as e:
@@ -258,7 +311,7 @@ def eetool_command(kind: str) -> Callable[[Callable[..., Any]], Callable[..., An
                 _show_warnings(caught)
 
         ctx_param = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
-        params = [ctx_param, *own, *_common_parameters()]
+        params = [ctx_param, *own, *(_model_parameters() if model_options else []), *_common_parameters()]
         wrapper.__signature__ = sig.replace(parameters=params, return_annotation=None)  # type: ignore[attr-defined]
         # typer reads resolved annotations of the new signature, not func's string annotations.
         wrapper.__annotations__ = {p.name: p.annotation for p in params}
@@ -359,10 +412,13 @@ def parse_floats(text: str | None, flag: str) -> list[float] | None:
     if text is None:
         return None
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UsageError(f"{flag} {text!r} is not a comma-separated list of numbers",
-                         f"write e.g. {flag} 0.5,0.5,0.5") from None
+        values = [math.nan]
+    if not all(math.isfinite(v) for v in values):
+        raise UsageError(f"{flag} {text!r} is not a comma-separated list of finite numbers",
+                         f"write e.g. {flag} 0.5,0.5,0.5")
+    return values
 
 
 def parse_shape(text: str | None) -> tuple[int, int, int] | None:
@@ -374,6 +430,9 @@ def parse_shape(text: str | None) -> tuple[int, int, int] | None:
         dims = ()
     if len(dims) != 3 or min(dims) < 1:
         raise UsageError(f"--input-shape {text!r} is not C,H,W", "write e.g. --input-shape 3,224,224")
+    if dims[0] > MAX_INPUT_CHANNELS or max(dims[1:]) > MAX_INPUT_SIDE:
+        raise UsageError(f"--input-shape {text!r} is beyond eetool's limits ({MAX_INPUT_CHANNELS} channels, "
+                         f"{MAX_INPUT_SIDE} pixels a side)", "give the size the model was trained on")
     return dims  # type: ignore[return-value]
 
 

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from eetool.choices import COMBINES, EXIT_METHODS
 from eetool.costs import CostModel
 from eetool.datasets import Dataset, Preprocess
 from eetool.e2cm import ClassMeans, MeansRule, decide, distance_macs, distances
@@ -23,8 +24,7 @@ from eetool.exits import ExitModel
 from eetool.heads import ExitHeads
 from eetool.reporting import Reporter
 
-METHODS = ("e2cm", "sdn", "entropy", "e2cm+sdn")
-COMBINES = ("and", "or")
+METHODS = EXIT_METHODS
 
 
 class HeadsRule:

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from eetool.choices import SEARCHES
 from eetool.errors import UsageError
 
-SEARCHES = ("greedy", "bisect")
 BISECTION_STEPS = 24  # halvings of [0, 1] down to float32 resolution
 
 

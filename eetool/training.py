@@ -20,12 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from eetool.artifacts import atomic_write
+from eetool.choices import OPTIMIZERS, SCHEDULES
 from eetool.datasets import Dataset, Preprocess
 from eetool.errors import InputError, UsageError
 from eetool.reporting import Reporter
-
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "onecycle", "constant")
 
 
 @dataclass

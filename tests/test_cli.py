@@ -162,6 +162,7 @@ def command_args(tiny_checkpoint: str, tiny_data: str, class_means: Path, tmp_pa
         "archs": [],
         "env": [],
         "inspect": ["--checkpoint", tiny_checkpoint],
+        "import": ["-c", tiny_checkpoint, "-o", str(tmp_path / "imported.safetensors")],
         "evaluate": ["-c", tiny_checkpoint, "-d", tiny_data],
         "calibrate-means": ["-c", tiny_checkpoint, "-d", tiny_data, "-o", str(tmp_path / "means.safetensors")],
         "fit-thresholds": ["--means", str(class_means), "-o", str(tmp_path / "thresholds.yaml"), "--budget", "0.5"],
@@ -174,15 +175,15 @@ def command_args(tiny_checkpoint: str, tiny_data: str, class_means: Path, tmp_pa
 
 # The kind in each command's JSON schema, where it is not the command's name.
 SCHEMA_KINDS = {"evaluate": "evaluation", "calibrate-means": "class-means", "fit-thresholds": "thresholds",
-                "train-exits": "exit-heads", "prune-dataset": "indices"}
+                "train-exits": "exit-heads", "prune-dataset": "indices", "import": "checkpoint"}
 
 
 def test_the_table_below_covers_every_command(command_args: dict[str, list[str]]) -> None:
     assert set(command_args) | {"train"} == set(COMMANDS)
 
 
-@pytest.mark.parametrize("command", ["archs", "env", "inspect", "evaluate", "calibrate-means", "fit-thresholds",
-                                     "train-exits", "prune-dataset"])
+@pytest.mark.parametrize("command", ["archs", "env", "inspect", "import", "evaluate", "calibrate-means",
+                                     "fit-thresholds", "train-exits", "prune-dataset"])
 def test_common_options_after_the_subcommand(command: str, command_args: dict[str, list[str]]) -> None:
     result = invoke(command, *command_args[command], "-q", "-v", "--format", "json", "--no-progress", "--seed", "3",
                     "--device", "cpu", "--threads", "1", "--debug")

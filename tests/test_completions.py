@@ -110,3 +110,45 @@ def test_completion_does_not_import_torch() -> None:
     imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
     assert imported, "no -X importtime output"
     assert not [m for m in imported if m.split(".")[0] == "torch"]
+
+
+# Every option with a fixed set of values completes them (a few values of each are enough to check).
+CHOICES = [
+    ("fit-thresholds", "--method", {"e2cm", "sdn", "entropy", "e2cm+sdn"}),
+    ("fit-thresholds", "--search", {"greedy", "bisect"}),
+    ("fit-thresholds", "--combine", {"and", "or"}),
+    ("fit-thresholds", "--data", {"demo", "fashion-mnist", "folder:"}),
+    ("fit-thresholds", "--split", {"train", "test"}),
+    ("evaluate", "--arch", {"resnet18", "resnet20", "mobilenet_v3_small"}),
+    ("evaluate", "--data", {"demo", "mnist", "safetensors:"}),
+    ("evaluate", "--split", {"train", "test"}),
+    ("evaluate", "--point", {"all"}),
+    ("evaluate", "--format", {"text", "json"}),
+    ("evaluate", "--device", {"cpu", "cuda", "auto"}),
+    ("evaluate", "--count", {"macs", "flops"}),
+    ("inspect", "--exits", {"every", "half", "quartiles"}),
+    ("calibrate-means", "--arch", {"resnet50"}),
+    ("train", "--arch", {"resnet20", "vgg11"}),
+    ("train", "--optimizer", {"sgd", "adamw"}),
+    ("train", "--schedule", {"cosine", "onecycle", "constant"}),
+    ("train", "--eval-split", {"test"}),
+    ("train-exits", "--head", {"sdn", "branchy"}),
+    ("prune-dataset", "--method", {"eeprune", "el2n", "svp"}),
+    ("prune-dataset", "--exit", {"before", "mid", "after"}),
+    ("prune-dataset", "--proxy-arch", {"resnet8"}),
+    ("import", "--arch", {"resnet18"}),
+]
+
+
+@pytest.mark.parametrize("command, flag, expected", CHOICES, ids=[f"{c} {f}" for c, f, _ in CHOICES])
+def test_options_with_choices_complete_them(command: str, flag: str, expected: set[str]) -> None:
+    import typer
+
+    from eetool.cli import app
+
+    group = typer.main.get_command(app)
+    cmd = group.commands[command]  # type: ignore[attr-defined]
+    param = next(p for p in cmd.params if flag in p.opts)
+    context = cmd.context_class(cmd)  # typer ships its own click
+    offered = {item.value for item in param.shell_complete(context, "")}
+    assert expected <= offered, f"{command} {flag} offers {sorted(offered)}"

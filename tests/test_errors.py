@@ -436,7 +436,8 @@ def boom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     module = importlib.import_module(name)
     save_file(module.build().state_dict(), str(folder / "boom.safetensors"))
-    return ["--checkpoint", str(folder / "boom.safetensors"), "--arch", f"{name}:build", "--input-shape", "1,8,8"]
+    return ["--checkpoint", str(folder / "boom.safetensors"), "--arch", f"{name}:build", "--input-shape", "1,8,8",
+            "--mean", "0.5", "--std", "0.5"]
 
 
 COMMAND_OF_BOOM = [

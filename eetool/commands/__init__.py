@@ -13,6 +13,7 @@ from typing import Any
 # name -> module under eetool.commands; the module defines a function called ``command``.
 COMMANDS: dict[str, str] = {
     "inspect": "inspect",
+    "import": "import_weights",
     "evaluate": "evaluate",
     "calibrate-means": "calibrate_means",
     "fit-thresholds": "fit_thresholds",

@@ -25,7 +25,7 @@ from eetool.options import (
 POOL = "Pooling"
 
 
-@eetool_command("class-means")
+@eetool_command("class-means", model_options=True)
 def command(
     run: Run,
     checkpoint: CheckpointOpt,
@@ -57,7 +57,7 @@ def command(
     from eetool.exits import build_exit_model
 
     run.check_output(output, force=force, inputs=(checkpoint, indices, data_path(data)))
-    ckpt = open_checkpoint(checkpoint)
+    ckpt = open_checkpoint(run, checkpoint)
     device = run.torch()
     ds = load_dataset(data, split, indices)
     check_labels(ds, ckpt.spec.num_classes)
@@ -85,7 +85,8 @@ def command(
     feature_sizes = [math.prod(shape) for shape in em.exit_shapes(ckpt.spec.input_shape)]
     cm = ClassMeans(list(em.exits), calib.means, calib.normalisers, calib.counts, pooling, costs.stage_macs, calib,
                     clusters=clusters is not None, feature_sizes=feature_sizes)
-    prov = Provenance(kind="class-means", checkpoint_sha256=ckpt.sha256, exits=list(em.exits),
+    prov = Provenance(kind="class-means", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
+                      exits=list(em.exits),
                       dataset=ds.fingerprint, args=run.args)
     cm.save(output, prov)
     run.reporter.log(f"wrote {output}")

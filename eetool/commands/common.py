@@ -4,21 +4,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from eetool.options import parse_floats, parse_mapping, parse_shape
-
 if TYPE_CHECKING:
     from eetool.checkpoint import Checkpoint
+    from eetool.options import Run
 
 
-def open_checkpoint(checkpoint: str, arch: str | None = None, arch_args: str | None = None,
-                    num_classes: int | None = None, input_shape: str | None = None, mean: str | None = None,
-                    std: str | None = None) -> Checkpoint:
+def open_checkpoint(run: Run, checkpoint: str) -> Checkpoint:
+    """The --checkpoint, built with the command's foreign-checkpoint options where the file does not record them."""
     from eetool.checkpoint import load_checkpoint
 
-    return load_checkpoint(
-        checkpoint, arch=arch, arch_args=parse_mapping(arch_args, "--arch-args"), num_classes=num_classes,
-        input_shape=parse_shape(input_shape), mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
-    )
+    return load_checkpoint(checkpoint, run.model_options)
 
 
 def data_path(spec: str) -> str | None:
@@ -63,9 +58,9 @@ def exit_rule(ckpt: Checkpoint, method: str, combine: str, means: str | None, cm
 
     exits = list(heads.spec.exits) if heads is not None else list(cm.exits)
     if means:
-        verify(means, means_prov, checkpoint_sha256=ckpt.sha256, exits=exits)
+        verify(means, means_prov, checkpoint=ckpt.identity, exits=exits)
     if exit_heads:
-        verify(exit_heads, heads_prov, checkpoint_sha256=ckpt.sha256)
+        verify(exit_heads, heads_prov, checkpoint=ckpt.identity)
         if heads.spec.with_distances and means:
             verify(exit_heads, heads_prov, inputs={"class-means": sha256_file(means)})
     em = build_exit_model(ckpt.model.to(device), ",".join(exits))

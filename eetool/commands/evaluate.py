@@ -9,8 +9,6 @@ import typer
 from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
 from eetool.options import (
     INPUT,
-    ArchArgsOpt,
-    ArchOpt,
     BatchOpt,
     CheckpointOpt,
     Count,
@@ -18,19 +16,16 @@ from eetool.options import (
     DataOpt,
     ForceOpt,
     IndicesOpt,
-    InputShapeOpt,
-    MeanOpt,
-    NumClassesOpt,
     OptionalOutputOpt,
     Run,
     SplitOpt,
-    StdOpt,
     ThresholdsOpt,
     eetool_command,
+    prefix_completer,
 )
 
 
-@eetool_command("evaluation")
+@eetool_command("evaluation", model_options=True)
 def command(
     run: Run,
     checkpoint: CheckpointOpt,
@@ -41,12 +36,6 @@ def command(
     count: CountOpt = Count.macs,
     output: OptionalOutputOpt = None,
     force: ForceOpt = False,
-    arch: ArchOpt = None,
-    arch_args: ArchArgsOpt = None,
-    num_classes: NumClassesOpt = None,
-    input_shape: InputShapeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
     means: Annotated[str | None, typer.Option("--means", help="Class-means artifact (with --thresholds): evaluate "
                                               "early exits.", rich_help_panel=INPUT)] = None,
     thresholds: ThresholdsOpt = None,
@@ -54,7 +43,7 @@ def command(
                                                    help="Exit-heads artifact (with --thresholds fitted on it).",
                                                    rich_help_panel=INPUT)] = None,
     point: Annotated[str, typer.Option("--point", help="Operating point(s) of --thresholds: all, or indices "
-                                       "separated by commas.")] = "all",
+                                       "separated by commas.", autocompletion=prefix_completer(["all"]))] = "all",
     plot: Annotated[str | None, typer.Option("--plot", help="Also draw accuracy against cost to this PNG "
                                              "(needs the plot extra: matplotlib).")] = None,
 ) -> None:
@@ -79,7 +68,7 @@ def command(
         if plot == STDOUT:
             raise UsageError("--plot - would put a PNG among the data on stdout", "give the plot a file name")
         run.check_output(plot, force=force, inputs=inputs)
-    ckpt = open_checkpoint(checkpoint, arch, arch_args, num_classes, input_shape, mean, std)
+    ckpt = open_checkpoint(run, checkpoint)
     device = run.torch()
     ds = load_dataset(data, split, indices)
     check_labels(ds, ckpt.spec.num_classes)
@@ -151,7 +140,8 @@ def command(
         accuracy_cost_png(plot, doc["points"], f"{ckpt.spec.arch} on {ds.spec} ({len(ds)} samples)")
         run.reporter.log(f"wrote {plot}")
     if output:
-        prov = Provenance(kind="evaluation", checkpoint_sha256=ckpt.sha256, dataset=ds.fingerprint, args=run.args)
+        prov = Provenance(kind="evaluation", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
+                          dataset=ds.fingerprint, args=run.args)
         write_yaml(output, {k: v for k, v in doc.items()}, prov)
         if output == STDOUT:  # the YAML is the data on stdout; nothing else goes there
             return
@@ -200,7 +190,7 @@ def _early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thre
     inputs = {"class-means": sha256_file(means)} if means else {}
     if exit_heads:
         inputs["exit-heads"] = sha256_file(exit_heads)
-    verify(thresholds, prov, checkpoint_sha256=ckpt.sha256, exits=list(em.exits), inputs=inputs)
+    verify(thresholds, prov, checkpoint=ckpt.identity, exits=list(em.exits), inputs=inputs)
     points = doc.get("points") or []
     if not points or any(len(p.get("thresholds", [])) != len(em.exits) for p in points):
         raise InputError(f"{thresholds} holds no usable operating points", "re-make it with `eetool fit-thresholds`")

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
+from eetool.choices import COMBINES, EXIT_METHODS, SEARCHES, SPLITS
 from eetool.commands.common import data_path, format_fields, format_table
 from eetool.options import (
     INPUT,
@@ -14,13 +15,15 @@ from eetool.options import (
     IndicesOpt,
     OutputOpt,
     Run,
+    complete_data,
     eetool_command,
+    prefix_completer,
 )
 
 SEARCH = "Search"
 
 
-@eetool_command("thresholds")
+@eetool_command("thresholds", model_options=True)
 def command(
     run: Run,
     output: OutputOpt,
@@ -31,9 +34,11 @@ def command(
                                                    "entropy, e2cm+sdn).",
                                                    rich_help_panel=INPUT)] = None,
     method: Annotated[str, typer.Option("--method", help="e2cm, sdn (largest probability of a head), entropy "
-                                        "(of a head's prediction) or e2cm+sdn.", rich_help_panel=SEARCH)] = "e2cm",
+                                        "(of a head's prediction) or e2cm+sdn.", rich_help_panel=SEARCH,
+                                        autocompletion=prefix_completer(EXIT_METHODS))] = "e2cm",
     combine: Annotated[str, typer.Option("--combine", help="e2cm+sdn: 'and' leaves when both are confident, 'or' "
-                                         "when either is.", rich_help_panel=SEARCH)] = "and",
+                                         "when either is.", rich_help_panel=SEARCH,
+                                         autocompletion=prefix_completer(COMBINES))] = "and",
     budget: Annotated[list[float] | None, typer.Option("--budget", help="Target mean cost, normalised to the whole "
                                                        "model (repeat for several).", rich_help_panel=SEARCH)] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Fit every budget from 0 to 1 in steps of --step and keep "
@@ -41,14 +46,16 @@ def command(
     step: Annotated[float, typer.Option("--step", min=1e-6, max=1.0, help="Budget granularity of --sweep.",
                                         rich_help_panel=SEARCH)] = 0.001,
     search: Annotated[str, typer.Option("--search", help="greedy (one walk for all budgets) or bisect (the "
-                                        "thesis's per-component binary search).", rich_help_panel=SEARCH)] = "greedy",
+                                        "thesis's per-component binary search).", rich_help_panel=SEARCH,
+                                        autocompletion=prefix_completer(SEARCHES))] = "greedy",
     validation: Annotated[bool, typer.Option("--validation", help="e2cm: fit on --data/--split (a held-out set) "
                                              "instead of the calibration samples.")] = False,
     checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", help="Checkpoint (with --validation, or "
                                                    "for exit heads).")] = None,
     data: Annotated[str | None, typer.Option("--data", "-d", help="Data to fit on (with --validation, or for "
-                                             "exit heads).")] = None,
-    split: Annotated[str, typer.Option("--split", help="Split of --data.")] = "train",
+                                             "exit heads).", autocompletion=complete_data)] = None,
+    split: Annotated[str, typer.Option("--split", help="Split of --data.",
+                                       autocompletion=prefix_completer(SPLITS))] = "train",
     indices: IndicesOpt = None,
     batch_size: BatchOpt = 256,
     force: ForceOpt = False,
@@ -119,7 +126,8 @@ def command(
     if exit_heads:
         inputs["exit-heads"] = sha256_file(exit_heads)
     exits = list(cm.exits) if cm is not None else list(heads.spec.exits) if heads is not None else []
-    prov = Provenance(kind="thresholds", checkpoint_sha256=made_from.checkpoint_sha256, exits=exits,
+    prov = Provenance(kind="thresholds", checkpoint_sha256=made_from.checkpoint_sha256,
+                      model_sha256=made_from.model_sha256, exits=exits,
                       dataset=dataset, args=run.args, inputs=inputs)
     write_yaml(output, doc, prov)
     if output == STDOUT:
@@ -156,7 +164,7 @@ def _scored_stats(run: Run, method: str, combine: str, means: str | None, cm: An
     if not checkpoint or not data:
         raise UsageError(f"--method {method}{' with --validation' if method == 'e2cm' else ''} needs --checkpoint "
                          "and --data", "name the model and the data to fit on")
-    ckpt = open_checkpoint(checkpoint)
+    ckpt = open_checkpoint(run, checkpoint)
     device = run.torch()
     em, rule = exit_rule(ckpt, method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, device)
     ds = load_dataset(data, split, indices)

@@ -9,21 +9,15 @@ import typer
 
 from eetool.commands.common import format_fields, format_table, open_checkpoint
 from eetool.options import (
-    ArchArgsOpt,
-    ArchOpt,
     Count,
     CountOpt,
     ExitsOpt,
-    InputShapeOpt,
-    MeanOpt,
-    NumClassesOpt,
     Run,
-    StdOpt,
     eetool_command,
 )
 
 
-@eetool_command("inspect")
+@eetool_command("inspect", model_options=True)
 def command(
     run: Run,
     file: Annotated[str | None, typer.Argument(help="A checkpoint or artifact to describe.",
@@ -32,12 +26,6 @@ def command(
                                                    "exits ('demo' for the embedded one).")] = None,
     exits: ExitsOpt = "every",
     count: CountOpt = Count.macs,
-    arch: ArchOpt = None,
-    arch_args: ArchArgsOpt = None,
-    num_classes: NumClassesOpt = None,
-    input_shape: InputShapeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
 ) -> None:
     """Describe a checkpoint (its exits, output shapes and cumulative costs) or an artifact. Writes nothing."""
     from eetool.errors import UsageError
@@ -45,10 +33,10 @@ def command(
     target = checkpoint or file
     if not target:
         raise UsageError("nothing to inspect", "give a FILE or --checkpoint (e.g. --checkpoint demo)")
-    if checkpoint is None and not _is_checkpoint(target) and arch is None:
+    if checkpoint is None and not _is_checkpoint(target) and run.model_options.arch is None:
         _describe_artifact(run, target)
         return
-    _describe_checkpoint(run, target, exits, count.value, arch, arch_args, num_classes, input_shape, mean, std)
+    _describe_checkpoint(run, target, exits, count.value)
 
 
 def _is_checkpoint(path: str) -> bool:
@@ -63,11 +51,11 @@ def _is_checkpoint(path: str) -> bool:
     return SPEC_KEY in meta or "eetool.kind" not in meta
 
 
-def _describe_checkpoint(run: Run, ref: str, exits: str, unit: str, *flags: Any) -> None:
+def _describe_checkpoint(run: Run, ref: str, exits: str, unit: str) -> None:
     from eetool.costs import in_unit, measure
     from eetool.exits import HOOK, build_exit_model
 
-    ckpt = open_checkpoint(ref, *flags)
+    ckpt = open_checkpoint(run, ref)
     run.torch()
     em = build_exit_model(ckpt.model, exits)
     costs = measure(em, ckpt.spec.input_shape)
@@ -83,6 +71,7 @@ def _describe_checkpoint(run: Run, ref: str, exits: str, unit: str, *flags: Any)
     doc: dict[str, Any] = {
         "checkpoint": ckpt.path,
         "sha256": ckpt.sha256,
+        "model_sha256": ckpt.model_sha256,
         "arch": spec.arch,
         "arch_args": spec.arch_args,
         "num_classes": spec.num_classes,

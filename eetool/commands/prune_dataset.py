@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
+from eetool.archs import ALL_ARCHS
+from eetool.choices import EEPRUNE_FAMILY, EXIT_LOCATIONS, PRUNING_BASELINES
 from eetool.commands.common import data_path, format_fields, format_table
 from eetool.options import (
     TRAINING,
@@ -28,10 +30,10 @@ from eetool.options import (
 )
 
 PRUNING = "Pruning"
-METHOD_NAMES = ("eeprune", "eeprune-loss", "eeprune-soft", "random", "el2n", "forgetting", "svp")
+METHOD_NAMES = EEPRUNE_FAMILY + PRUNING_BASELINES
 
 
-@eetool_command("indices")
+@eetool_command("indices", model_options=True)
 def command(
     run: Run,
     checkpoint: CheckpointOpt,
@@ -50,7 +52,8 @@ def command(
     exit: Annotated[str | None, typer.Option("--exit", help="EEPrune's early exit: before, mid or after "
                                                       "(first quartile, middle, third quartile of the exit points) or "
                                                       "a module name. Default: mid.",
-                                                      rich_help_panel=PRUNING)] = None,
+                                                      rich_help_panel=PRUNING,
+                                                      autocompletion=prefix_completer(EXIT_LOCATIONS))] = None,
     soft_weights: Annotated[str | None, typer.Option("--soft-weights", help="eeprune-soft's w1,w2,w3,w4 (default "
                                                      "0.4,0.2,0.4,0.001, the thesis's).", rich_help_panel=PRUNING)
                             ] = None,
@@ -60,7 +63,8 @@ def command(
     models: Annotated[int, typer.Option("--models", min=1, help="el2n: models in the ensemble.",
                                         rich_help_panel=PRUNING)] = 10,
     proxy_arch: Annotated[str, typer.Option("--proxy-arch", help="svp: the smaller proxy architecture.",
-                                            rich_help_panel=PRUNING)] = "resnet8",
+                                            rich_help_panel=PRUNING, autocompletion=prefix_completer(ALL_ARCHS))
+                          ] = "resnet8",
     proxy_arch_args: Annotated[str | None, typer.Option("--proxy-arch-args", help="svp: the proxy's builder "
                                                         "arguments, e.g. '{width: 8}'.", rich_help_panel=PRUNING)
                                ] = None,
@@ -132,11 +136,11 @@ def command(
 
     from eetool import dataset_pruning as dp
     from eetool.artifacts import Provenance, sha256_file, write_tensors, write_yaml
-    from eetool.checkpoint import load_checkpoint
+    from eetool.commands.common import open_checkpoint
     from eetool.datasets import check_labels, load_dataset, load_indices, require_labels
     from eetool.training import TrainConfig
 
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = open_checkpoint(run, checkpoint)
     device = run.torch()
     full = load_dataset(data, split)
     ds = full.subset(load_indices(indices, full)) if indices else full
@@ -180,7 +184,8 @@ def command(
         "qualified": int(torch.isfinite(records["qualified"]).sum()) if method == "eeprune" else None,
         "ties_broken": sel.ties, "pruning_phase": phase, "per_class": per_class,
     }
-    prov = Provenance(kind="indices", checkpoint_sha256=ckpt.sha256, exits=[exit_name] if exit_name else [],
+    prov = Provenance(kind="indices", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
+                      exits=[exit_name] if exit_name else [],
                       dataset=full.fingerprint, args={**run.args, **{k: v for k, v in result_doc.items()
                                                                      if k != "per_class"}},
                       inputs=input_shas)

@@ -7,11 +7,10 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.archs import ALL_ARCHS
+from eetool.choices import SPLITS
 from eetool.commands.common import data_path, format_fields
 from eetool.options import (
     TRAINING,
-    ArchArgsOpt,
     AugmentOpt,
     BatchOpt,
     DataOpt,
@@ -30,20 +29,18 @@ from eetool.options import (
 )
 
 
-@eetool_command("train")
+@eetool_command("train", model_options=True)
 def command(
     run: Run,
     data: DataOpt,
     output: OutputOpt,
-    arch: Annotated[str, typer.Option("--arch", help="Architecture to train from scratch (see `eetool archs`).",
-                                      autocompletion=prefix_completer(ALL_ARCHS))] = "resnet20",
-    arch_args: ArchArgsOpt = None,
-    checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", help="Fine-tune this checkpoint instead of "
-                                                   "training from scratch.")] = None,
+    checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", help="Fine-tune this checkpoint (eetool's, "
+                                                   "or foreign weights with --arch and friends) instead of training "
+                                                   "from scratch.")] = None,
     split: SplitOpt = "train",
     indices: IndicesOpt = None,
     eval_split: Annotated[str | None, typer.Option("--eval-split", help="Report accuracy on this split after "
-                                                   "every epoch.")] = None,
+                                                   "every epoch.", autocompletion=prefix_completer(SPLITS))] = None,
     epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Epochs.", rich_help_panel=TRAINING)] = 15,
     batch_size: BatchOpt = 128,
     optimizer: OptimizerOpt = "sgd",
@@ -62,10 +59,10 @@ def command(
 ) -> None:
     """Train a model (or fine-tune --checkpoint) and write an eetool checkpoint. Reads a dataset; writes -o."""
     from eetool.artifacts import STDOUT, Provenance
-    from eetool.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+    from eetool.checkpoint import save_checkpoint
+    from eetool.commands.common import open_checkpoint
     from eetool.datasets import Preprocess, check_labels, load_dataset, require_labels
     from eetool.errors import InputError, UsageError
-    from eetool.options import parse_mapping
     from eetool.training import TrainConfig, fit
 
     if output == STDOUT:
@@ -82,21 +79,19 @@ def command(
     cfg.validate()
     train_data = load_dataset(data, split, indices)
     eval_data = load_dataset(data, eval_split) if eval_split else None
-    parent = ""
-    if checkpoint:
-        ckpt = load_checkpoint(checkpoint)
-        model, spec, parent = ckpt.model, ckpt.spec, ckpt.sha256
-    else:
-        mean, std = train_data.channel_stats()
-        c, h, w = (int(s) for s in train_data.images.shape[1:])
-        spec = ModelSpec(arch=arch, arch_args=parse_mapping(arch_args, "--arch-args"),
-                         num_classes=train_data.num_classes, input_shape=(c, h, w), mean=mean, std=std,
-                         classes=list(train_data.classes))
-        model = spec.build()
-    check_labels(train_data, spec.num_classes)
     for ds in (train_data, eval_data):
         if ds is not None:
             require_labels(ds, "train and evaluate on labelled data")
+    parent = ""
+    if checkpoint:
+        ckpt = open_checkpoint(run, checkpoint)
+        model, spec, parent = ckpt.model, ckpt.spec, ckpt.sha256
+        if not spec.classes and len(train_data.classes) == spec.num_classes:
+            spec.classes = list(train_data.classes)  # foreign weights: name the classes after the data
+    else:
+        spec = _fresh_spec(run, train_data)
+        model = spec.build()
+    check_labels(train_data, spec.num_classes)
     run.reporter.log(f"training {spec.arch} on {train_data.spec} ({len(train_data)} samples) for {epochs} epochs "
                      f"on {device}")
     run.resumable = f"the state of every finished epoch goes to {resume_path}: rerun with --resume"
@@ -122,3 +117,20 @@ def command(
         *([(f"{eval_split} accuracy", d["eval_accuracy"])] if eval_split else []),
         ("seconds", f"{d['seconds']:.1f}"),
     ]))
+
+
+def _fresh_spec(run: Run, train_data: Any) -> Any:
+    """What to train from scratch: --arch (default resnet20) fed as the data is, unless the options say otherwise."""
+    from eetool.checkpoint import ModelSpec
+
+    opts = run.model_options
+    mean, std = (opts.mean, opts.std) if opts.mean and opts.std else train_data.channel_stats()
+    c, h, w = (int(s) for s in train_data.images.shape[1:])
+    spec = ModelSpec(arch=opts.arch or "resnet20", arch_args=dict(opts.arch_args),
+                     num_classes=opts.num_classes or train_data.num_classes,
+                     input_shape=opts.input_shape or (c, h, w), mean=list(opts.mean or mean),
+                     std=list(opts.std or std), classes=list(train_data.classes))
+    if len(spec.classes) != spec.num_classes:
+        spec.classes = []
+    spec.check("the model to train", "check --num-classes, --input-shape, --mean and --std")
+    return spec

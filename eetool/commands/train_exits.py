@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
+from eetool.choices import HEAD_KINDS, SPLITS
 from eetool.commands.common import data_path, format_fields, format_table
 from eetool.options import (
     TRAINING,
@@ -24,12 +25,13 @@ from eetool.options import (
     SplitOpt,
     WeightDecayOpt,
     eetool_command,
+    prefix_completer,
 )
 
 HEADS = "Exit heads"
 
 
-@eetool_command("exit-heads")
+@eetool_command("exit-heads", model_options=True)
 def command(
     run: Run,
     checkpoint: CheckpointOpt,
@@ -39,7 +41,7 @@ def command(
     indices: IndicesOpt = None,
     exits: ExitsOpt = "every",
     head: Annotated[str, typer.Option("--head", help="sdn (mixed pooling + linear) or branchy (3x3 conv first).",
-                                      rich_help_panel=HEADS)] = "sdn",
+                                      rich_help_panel=HEADS, autocompletion=prefix_completer(HEAD_KINDS))] = "sdn",
     pool_size: Annotated[int, typer.Option("--pool-size", min=1, help="Spatial size the heads pool to.",
                                            rich_help_panel=HEADS)] = 4,
     means: Annotated[str | None, typer.Option("--means", help="Class-means artifact: concatenate each exit's "
@@ -54,7 +56,8 @@ def command(
     backbone_output: Annotated[str | None, typer.Option("--backbone-output", help="With --joint: where the "
                                                         "fine-tuned backbone checkpoint goes.")] = None,
     eval_split: Annotated[str | None, typer.Option("--eval-split", help="Report each exit's accuracy on this "
-                                                   "split after training.")] = None,
+                                                   "split after training.",
+                                                   autocompletion=prefix_completer(SPLITS))] = None,
     epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Epochs.", rich_help_panel=TRAINING)] = 1,
     samples: Annotated[int | None, typer.Option("--samples", min=1, help="Train on exactly this many samples "
                                                 "(a fixed training budget) instead of --epochs.",
@@ -69,7 +72,8 @@ def command(
 ) -> None:
     """Attach heads at the exits of a checkpoint and train them (frozen backbone or jointly). Writes -o."""
     from eetool.artifacts import Provenance, sha256_file, verify
-    from eetool.checkpoint import load_checkpoint, save_checkpoint
+    from eetool.checkpoint import model_sha256, save_checkpoint
+    from eetool.commands.common import open_checkpoint
     from eetool.datasets import Preprocess, check_labels, load_dataset
     from eetool.e2cm import ClassMeans
     from eetool.errors import UsageError
@@ -87,7 +91,7 @@ def command(
     run.check_output(output, force=force, inputs=inputs)
     if backbone_output:
         run.check_output(backbone_output, force=force, inputs=(*inputs, output))
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = open_checkpoint(run, checkpoint)
     device = run.torch()
     train_data = load_dataset(data, split, indices)
     check_labels(train_data, ckpt.spec.num_classes)
@@ -96,7 +100,7 @@ def command(
     cm = None
     if means:
         cm, means_prov = ClassMeans.load(means)
-        verify(means, means_prov, checkpoint_sha256=ckpt.sha256, exits=list(em.exits))
+        verify(means, means_prov, checkpoint=ckpt.identity, exits=list(em.exits))
     shapes = [list(s) for s in em.exit_shapes(ckpt.spec.input_shape)]
     spec = HeadsSpec(head, list(em.exits), shapes, ckpt.spec.num_classes, pool_size, cm is not None,
                      parse_weights(exit_weights, len(em.exits)))
@@ -109,16 +113,18 @@ def command(
                      f"({'jointly' if joint else 'backbone frozen'}) on {train_data.spec}")
     result = fit(trainer, train_data, preprocess, cfg, device=device, params=trainer.trainable_parameters(),
                  step=trainer.step, resume_path=None, reporter=run.reporter)
-    backbone_sha = ckpt.sha256
+    backbone_sha, backbone_model_sha = ckpt.sha256, ckpt.model_sha256
     if joint and backbone_output:
         save_checkpoint(backbone_output, ckpt.model.cpu(), ckpt.spec,
-                        Provenance(kind="checkpoint", checkpoint_sha256=ckpt.sha256, dataset=train_data.fingerprint,
+                        Provenance(kind="checkpoint", checkpoint_sha256=ckpt.sha256,
+                                   model_sha256=ckpt.model_sha256, dataset=train_data.fingerprint,
                                    args={**run.args, "training": {"samples_seen": result.samples_seen}}))
-        backbone_sha = sha256_file(backbone_output)
+        backbone_sha, backbone_model_sha = sha256_file(backbone_output), model_sha256(ckpt.spec, ckpt.model)
         run.reporter.log(f"wrote {backbone_output}")
     training = {"samples_seen": result.samples_seen, "epochs": len(result.history), "seconds": round(result.seconds, 1),
                 "loss": round(result.last.loss, 6)}
-    prov = Provenance(kind="exit-heads", checkpoint_sha256=backbone_sha, exits=list(em.exits),
+    prov = Provenance(kind="exit-heads", checkpoint_sha256=backbone_sha, model_sha256=backbone_model_sha,
+                      exits=list(em.exits),
                       dataset=train_data.fingerprint, args={**run.args, "training": training},
                       inputs={"class-means": sha256_file(means)} if means else {})
     save_heads(output, heads.cpu(), prov)

@@ -1,0 +1,16 @@
+"""The fixed choices of options, free of torch: the CLI completes them (without importing torch) and the
+modules that implement them import their names from here, so the two lists cannot drift apart."""
+
+from __future__ import annotations
+
+SPLITS = ("train", "test")
+EXIT_SELECTIONS = ("every", "half", "quartiles")  # or module names
+EXIT_METHODS = ("e2cm", "sdn", "entropy", "e2cm+sdn")
+COMBINES = ("and", "or")
+SEARCHES = ("greedy", "bisect")
+HEAD_KINDS = ("sdn", "branchy")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "onecycle", "constant")
+EEPRUNE_FAMILY = ("eeprune", "eeprune-loss", "eeprune-soft")
+PRUNING_BASELINES = ("random", "el2n", "forgetting", "svp")
+EXIT_LOCATIONS = ("before", "mid", "after")  # or a module name
