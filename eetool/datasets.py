@@ -272,7 +272,8 @@ def _load_cifar(name: str, root: Path, split: str) -> Dataset:
     else:
         files = ["train" if split == "train" else "test"]
         label_key, meta_file, names_key = b"fine_labels", "meta", b"fine_label_names"
-    images, labels = [], []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
     for fname in files:
         path = root / fname
         batch = _unpickle(path)
@@ -309,15 +310,14 @@ class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"it names {module}.{name}")
-        import numpy as np
+        import importlib
 
         if name == "_reconstruct":
             try:
-                from numpy._core.multiarray import _reconstruct  # numpy 2
+                return importlib.import_module("numpy._core.multiarray")._reconstruct  # numpy 2
             except ImportError:  # numpy 1
-                from numpy.core.multiarray import _reconstruct
-            return _reconstruct
-        return getattr(np, name)
+                return importlib.import_module("numpy.core.multiarray")._reconstruct
+        return getattr(importlib.import_module("numpy"), name)
 
 
 def _unpickle(path: Path) -> dict[bytes, Any]:
