@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from eetool import __version__
-from eetool.errors import InputError, OutputError, ProvenanceError
+from eetool.errors import EetoolError, InputError, OutputError, ProvenanceError
 
 if TYPE_CHECKING:
     import torch
@@ -268,14 +268,92 @@ def write_yaml(path: str, data: dict[str, Any], prov: Provenance) -> None:
     atomic_write(path, dump_yaml(data, prov))
 
 
+# eetool's YAML files (artifacts, configs, flag values) are small, and written without anchors; these bound
+# what a hand-made file can make a reader allocate: its bytes, and its nodes with every alias expanded (a
+# "billion laughs" document of a few hundred bytes expands to 10^9 nodes, which is reached by anything that
+# walks the loaded value: writing it to JSON, printing it).
+MAX_YAML_BYTES = 16 << 20
+MAX_YAML_NODES = 1_000_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a document whose aliases expand it past MAX_YAML_NODES nodes, or loop."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expanded_size(node)
+        return node
+
+
+class YamlTooLarge(yaml.YAMLError):
+    pass
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the nodes the document has with aliases expanded, sharing the count of a node met again."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # the nodes whose subtrees are being counted: the ancestors of the current one
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_counted = stack.pop()
+        key = id(node)
+        if children_counted:
+            open_nodes.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in _children(node))
+            if sizes[key] > MAX_YAML_NODES:
+                raise YamlTooLarge(f"its aliases expand it past {MAX_YAML_NODES} values")
+        elif key not in sizes:
+            if key in open_nodes:
+                raise YamlTooLarge("an alias refers to a value that holds it")
+            open_nodes.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
+
+
+def load_yaml(text: str, what: str, error: type[EetoolError] = InputError) -> Any:
+    """The one YAML parser of eetool: safe types only, alias expansion and nesting bounded.
+
+    A document refused for its size raises ``error`` naming ``what``; a syntax error raises yaml.YAMLError,
+    for the caller to word.
+    """
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: safe types only
+    except YamlTooLarge as e:
+        raise error(f"{what} is refused: {e}", "write it without anchors and aliases (&name, *name)") from None
+    except RecursionError:
+        raise error(f"{what} nests too deep", "write it with fewer nested lists and mappings") from None
+
+
+def read_yaml_text(path: str | os.PathLike[str]) -> str:
+    """A YAML file's text, refused when larger than any YAML file eetool reads (read no further than that, so a
+    device or a pipe that never ends is refused too); OSError and UnicodeDecodeError are the caller's to word."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_YAML_BYTES + 1)
+    if len(data) > MAX_YAML_BYTES:
+        raise InputError(f"{path} is larger than the {MAX_YAML_BYTES} bytes a YAML file of eetool's may have",
+                         "check that it is the file you meant")
+    return data.decode()
+
+
 def read_yaml(path: str, kind: str) -> tuple[dict[str, Any], Provenance]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{path} does not exist", "check the path")
     try:
-        doc = yaml.safe_load(p.read_text())
+        doc = load_yaml(read_yaml_text(p), str(path))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not valid YAML ({type(e).__name__})", "re-create it") from None
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror}", "check the path") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("provenance"), dict):
         raise ProvenanceError(f"{path} is not an eetool artifact (no provenance)", f"make it with `{KINDS[kind][1]}`")
     prov_d = doc["provenance"]
