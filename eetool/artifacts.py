@@ -127,6 +127,10 @@ def check_output(path: str, *, force: bool, inputs: tuple[str | None, ...] = ())
     if path == STDOUT:
         return
     out = Path(path)
+    from eetool.sources import demo_path
+
+    if out.resolve().is_relative_to(demo_path("").resolve()):  # an input of every demo run, named or not
+        raise OutputError(f"output {path} is inside eetool's embedded demo folder", "write the result to another file")
     for inp in inputs:
         if inp and inp != STDOUT and Path(inp).exists() and out.exists() and out.resolve() == Path(inp).resolve():
             raise OutputError(f"output {path} is also an input", "write the result to another file")
@@ -202,8 +206,28 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 def read_tensors(path: str, kind: str) -> tuple[dict[str, torch.Tensor], Provenance, dict[str, str]]:
     tensors, meta = read_safetensors(path)
-    prov = _check_kind(path, meta.get("eetool.kind"), meta.get("eetool.schema"), kind)
-    return tensors, Provenance.from_metadata(meta) if prov else Provenance(kind=kind), meta
+    _check_kind(path, meta.get("eetool.kind"), meta.get("eetool.schema"), kind)
+    return tensors, _well_formed(path, kind, Provenance.from_metadata, meta), meta
+
+
+def _well_formed(path: str, kind: str, parse: Any, source: Any) -> Provenance:
+    """The provenance parsed from an artifact, refused when a field has the wrong type (a hand edit)."""
+    remake = f"re-make it with `{KINDS[kind][1]}`"
+    try:
+        prov: Provenance = parse(source)
+    except (KeyError, TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise ProvenanceError(f"{path} has a malformed provenance ({type(e).__name__}: {e})", remake) from None
+    wrong = [name for name, ok in (
+        ("checkpoint_sha256", isinstance(prov.checkpoint_sha256, str)),
+        ("exits", isinstance(prov.exits, list) and all(isinstance(e, str) for e in prov.exits)),
+        ("dataset", isinstance(prov.dataset, str)),
+        ("args", isinstance(prov.args, dict)),
+        ("inputs", isinstance(prov.inputs, dict)
+         and all(isinstance(k, str) and isinstance(v, str) for k, v in prov.inputs.items())),
+    ) if not ok]
+    if wrong:
+        raise ProvenanceError(f"{path} has a malformed provenance ({', '.join(wrong)} of the wrong type)", remake)
+    return prov
 
 
 def _check_kind(path: str, found_kind: str | None, found_schema: str | int | None, kind: str) -> bool:
@@ -222,30 +246,46 @@ def _check_kind(path: str, found_kind: str | None, found_schema: str | int | Non
 
 def verify(path: str, prov: Provenance, *, checkpoint_sha256: str | None = None, exits: list[str] | None = None,
            dataset: str | None = None, inputs: dict[str, str] | None = None) -> None:
-    """Refuse an artifact made from another checkpoint, other exits, another dataset or other input artifacts."""
+    """Refuse an artifact made from another checkpoint, other exits, another dataset or other input artifacts.
+
+    Every field asked about must be recorded: an artifact that records none (an empty field, as a hand edit
+    leaves it) is refused, not taken to fit anything.
+    """
     maker = KINDS[prov.kind][1]
+    remake = f"re-make it with `{maker}`"
     for kind, sha in (inputs or {}).items():
         made_from = prov.inputs.get(kind)
-        if made_from is not None and made_from != sha:
+        if not made_from:
+            raise ProvenanceError(f"{path} records no {kind} artifact it was made from", remake)
+        if made_from != sha:
             raise ProvenanceError(
                 f"{path} was made from another {kind} artifact ({made_from[:12]}, not {sha[:12]})",
                 f"re-make it from this one with `{maker}`",
             )
-    if checkpoint_sha256 is not None and prov.checkpoint_sha256 and prov.checkpoint_sha256 != checkpoint_sha256:
-        raise ProvenanceError(
-            f"{path} was made from checkpoint {prov.checkpoint_sha256[:12]}, not {checkpoint_sha256[:12]}",
-            f"re-make it for this checkpoint with `{maker}`",
-        )
-    if exits is not None and prov.exits and list(prov.exits) != list(exits):
-        raise ProvenanceError(
-            f"{path} was made for exits {','.join(prov.exits)}, not {','.join(exits)}",
-            f"pass the same --exits or re-make it with `{maker}`",
-        )
-    if dataset is not None and prov.dataset and prov.dataset != dataset:
-        raise ProvenanceError(
-            f"{path} was made for dataset {prov.dataset}, not {dataset}",
-            f"use the same --data/--split or re-make it with `{maker}`",
-        )
+    if checkpoint_sha256 is not None:
+        if not prov.checkpoint_sha256:
+            raise ProvenanceError(f"{path} records no checkpoint", f"re-make it for this checkpoint with `{maker}`")
+        if prov.checkpoint_sha256 != checkpoint_sha256:
+            raise ProvenanceError(
+                f"{path} was made from checkpoint {prov.checkpoint_sha256[:12]}, not {checkpoint_sha256[:12]}",
+                f"re-make it for this checkpoint with `{maker}`",
+            )
+    if exits is not None:
+        if not prov.exits:
+            raise ProvenanceError(f"{path} records no exits", remake)
+        if list(prov.exits) != list(exits):
+            raise ProvenanceError(
+                f"{path} was made for exits {','.join(prov.exits)}, not {','.join(exits)}",
+                f"pass the same --exits or re-make it with `{maker}`",
+            )
+    if dataset is not None:
+        if not prov.dataset:
+            raise ProvenanceError(f"{path} records no dataset", remake)
+        if prov.dataset != dataset:
+            raise ProvenanceError(
+                f"{path} was made for dataset {prov.dataset}, not {dataset}",
+                f"use the same --data/--split or re-make it with `{maker}`",
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,4 +398,4 @@ def read_yaml(path: str, kind: str) -> tuple[dict[str, Any], Provenance]:
         raise ProvenanceError(f"{path} is not an eetool artifact (no provenance)", f"make it with `{KINDS[kind][1]}`")
     prov_d = doc["provenance"]
     _check_kind(path, prov_d.get("kind"), prov_d.get("schema"), kind)
-    return doc, Provenance.from_dict(prov_d)
+    return doc, _well_formed(path, kind, Provenance.from_dict, prov_d)
