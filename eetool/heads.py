@@ -161,8 +161,9 @@ def load_heads(path: str) -> tuple[ExitHeads, Provenance]:
     try:
         heads = ExitHeads(spec)
         heads.load_state_dict(tensors)
-    except RuntimeError as e:  # missing, unexpected or misshapen tensors
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except RuntimeError as e:  # missing, unexpected or misshapen tensors: the first one, under torch's heading
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
         raise InputError(f"{path} is an incomplete exit-heads artifact ({reason})", remake) from None
     return heads.eval(), prov
 
