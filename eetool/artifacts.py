@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from eetool import __version__
-from eetool.errors import InputError, OutputError, ProvenanceError
+from eetool.errors import EetoolError, InputError, OutputError, ProvenanceError
 
 if TYPE_CHECKING:
     import torch
@@ -146,6 +146,10 @@ def check_output(path: str, *, force: bool, inputs: tuple[str | None, ...] = ())
     if path == STDOUT:
         return
     out = Path(path)
+    from eetool.sources import demo_path
+
+    if out.resolve().is_relative_to(demo_path("").resolve()):  # an input of every demo run, named or not
+        raise OutputError(f"output {path} is inside eetool's embedded demo folder", "write the result to another file")
     for inp in inputs:
         if inp and inp != STDOUT and Path(inp).exists() and out.exists() and out.resolve() == Path(inp).resolve():
             raise OutputError(f"output {path} is also an input", "write the result to another file")
@@ -221,8 +225,29 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 def read_tensors(path: str, kind: str) -> tuple[dict[str, torch.Tensor], Provenance, dict[str, str]]:
     tensors, meta = read_safetensors(path)
-    prov = _check_kind(path, meta.get("eetool.kind"), meta.get("eetool.schema"), kind)
-    return tensors, Provenance.from_metadata(meta) if prov else Provenance(kind=kind), meta
+    _check_kind(path, meta.get("eetool.kind"), meta.get("eetool.schema"), kind)
+    return tensors, _well_formed(path, kind, Provenance.from_metadata, meta), meta
+
+
+def _well_formed(path: str, kind: str, parse: Any, source: Any) -> Provenance:
+    """The provenance parsed from an artifact, refused when a field has the wrong type (a hand edit)."""
+    remake = f"re-make it with `{KINDS[kind][1]}`"
+    try:
+        prov: Provenance = parse(source)
+    except (KeyError, TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise ProvenanceError(f"{path} has a malformed provenance ({type(e).__name__}: {e})", remake) from None
+    wrong = [name for name, ok in (
+        ("checkpoint_sha256", isinstance(prov.checkpoint_sha256, str)),
+        ("model_sha256", isinstance(prov.model_sha256, str)),
+        ("exits", isinstance(prov.exits, list) and all(isinstance(e, str) for e in prov.exits)),
+        ("dataset", isinstance(prov.dataset, str)),
+        ("args", isinstance(prov.args, dict)),
+        ("inputs", isinstance(prov.inputs, dict)
+         and all(isinstance(k, str) and isinstance(v, str) for k, v in prov.inputs.items())),
+    ) if not ok]
+    if wrong:
+        raise ProvenanceError(f"{path} has a malformed provenance ({', '.join(wrong)} of the wrong type)", remake)
+    return prov
 
 
 def _check_kind(path: str, found_kind: str | None, found_schema: str | int | None, kind: str) -> bool:
@@ -241,30 +266,46 @@ def _check_kind(path: str, found_kind: str | None, found_schema: str | int | Non
 
 def verify(path: str, prov: Provenance, *, checkpoint: CheckpointIdentity | None = None, exits: list[str] | None = None,
            dataset: str | None = None, inputs: dict[str, str] | None = None) -> None:
-    """Refuse an artifact made from another checkpoint, other exits, another dataset or other input artifacts."""
+    """Refuse an artifact made from another checkpoint, other exits, another dataset or other input artifacts.
+
+    Every field asked about must be recorded: an artifact that records none (an empty field, as a hand edit
+    leaves it) is refused, not taken to fit anything.
+    """
     maker = KINDS[prov.kind][1]
+    remake = f"re-make it with `{maker}`"
     for kind, sha in (inputs or {}).items():
         made_from = prov.inputs.get(kind)
-        if made_from is not None and made_from != sha:
+        if not made_from:
+            raise ProvenanceError(f"{path} records no {kind} artifact it was made from", remake)
+        if made_from != sha:
             raise ProvenanceError(
                 f"{path} was made from another {kind} artifact ({made_from[:12]}, not {sha[:12]})",
                 f"re-make it from this one with `{maker}`",
             )
-    if checkpoint is not None and prov.checkpoint_sha256 and not checkpoint.made(prov):
-        raise ProvenanceError(
-            f"{path} was made from checkpoint {prov.checkpoint_sha256[:12]}, not {checkpoint.sha256[:12]}",
-            f"re-make it for this checkpoint with `{maker}`",
-        )
-    if exits is not None and prov.exits and list(prov.exits) != list(exits):
-        raise ProvenanceError(
-            f"{path} was made for exits {','.join(prov.exits)}, not {','.join(exits)}",
-            f"pass the same --exits or re-make it with `{maker}`",
-        )
-    if dataset is not None and prov.dataset and prov.dataset != dataset:
-        raise ProvenanceError(
-            f"{path} was made for dataset {prov.dataset}, not {dataset}",
-            f"use the same --data/--split or re-make it with `{maker}`",
-        )
+    if checkpoint is not None:
+        if not prov.checkpoint_sha256:
+            raise ProvenanceError(f"{path} records no checkpoint", f"re-make it for this checkpoint with `{maker}`")
+        if not checkpoint.made(prov):
+            raise ProvenanceError(
+                f"{path} was made from checkpoint {prov.checkpoint_sha256[:12]}, not {checkpoint.sha256[:12]}",
+                f"re-make it for this checkpoint with `{maker}`",
+            )
+    if exits is not None:
+        if not prov.exits:
+            raise ProvenanceError(f"{path} records no exits", remake)
+        if list(prov.exits) != list(exits):
+            raise ProvenanceError(
+                f"{path} was made for exits {','.join(prov.exits)}, not {','.join(exits)}",
+                f"pass the same --exits or re-make it with `{maker}`",
+            )
+    if dataset is not None:
+        if not prov.dataset:
+            raise ProvenanceError(f"{path} records no dataset", remake)
+        if prov.dataset != dataset:
+            raise ProvenanceError(
+                f"{path} was made for dataset {prov.dataset}, not {dataset}",
+                f"use the same --data/--split or re-make it with `{maker}`",
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,16 +328,94 @@ def write_yaml(path: str, data: dict[str, Any], prov: Provenance) -> None:
     atomic_write(path, dump_yaml(data, prov))
 
 
+# eetool's YAML files (artifacts, configs, flag values) are small, and written without anchors; these bound
+# what a hand-made file can make a reader allocate: its bytes, and its nodes with every alias expanded (a
+# "billion laughs" document of a few hundred bytes expands to 10^9 nodes, which is reached by anything that
+# walks the loaded value: writing it to JSON, printing it).
+MAX_YAML_BYTES = 16 << 20
+MAX_YAML_NODES = 1_000_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a document whose aliases expand it past MAX_YAML_NODES nodes, or loop."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expanded_size(node)
+        return node
+
+
+class YamlTooLarge(yaml.YAMLError):
+    pass
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the nodes the document has with aliases expanded, sharing the count of a node met again."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # the nodes whose subtrees are being counted: the ancestors of the current one
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_counted = stack.pop()
+        key = id(node)
+        if children_counted:
+            open_nodes.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in _children(node))
+            if sizes[key] > MAX_YAML_NODES:
+                raise YamlTooLarge(f"its aliases expand it past {MAX_YAML_NODES} values")
+        elif key not in sizes:
+            if key in open_nodes:
+                raise YamlTooLarge("an alias refers to a value that holds it")
+            open_nodes.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
+
+
+def load_yaml(text: str, what: str, error: type[EetoolError] = InputError) -> Any:
+    """The one YAML parser of eetool: safe types only, alias expansion and nesting bounded.
+
+    A document refused for its size raises ``error`` naming ``what``; a syntax error raises yaml.YAMLError,
+    for the caller to word.
+    """
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: safe types only
+    except YamlTooLarge as e:
+        raise error(f"{what} is refused: {e}", "write it without anchors and aliases (&name, *name)") from None
+    except RecursionError:
+        raise error(f"{what} nests too deep", "write it with fewer nested lists and mappings") from None
+
+
+def read_yaml_text(path: str | os.PathLike[str]) -> str:
+    """A YAML file's text, refused when larger than any YAML file eetool reads (read no further than that, so a
+    device or a pipe that never ends is refused too); OSError and UnicodeDecodeError are the caller's to word."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_YAML_BYTES + 1)
+    if len(data) > MAX_YAML_BYTES:
+        raise InputError(f"{path} is larger than the {MAX_YAML_BYTES} bytes a YAML file of eetool's may have",
+                         "check that it is the file you meant")
+    return data.decode()
+
+
 def read_yaml(path: str, kind: str) -> tuple[dict[str, Any], Provenance]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{path} does not exist", "check the path")
     try:
-        doc = yaml.safe_load(p.read_text())
+        doc = load_yaml(read_yaml_text(p), str(path))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not valid YAML ({type(e).__name__})", "re-create it") from None
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror}", "check the path") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("provenance"), dict):
         raise ProvenanceError(f"{path} is not an eetool artifact (no provenance)", f"make it with `{KINDS[kind][1]}`")
     prov_d = doc["provenance"]
     _check_kind(path, prov_d.get("kind"), prov_d.get("schema"), kind)
-    return doc, Provenance.from_dict(prov_d)
+    return doc, _well_formed(path, kind, Provenance.from_dict, prov_d)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import pickle
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,27 +206,45 @@ def _find(root: Path, stems: tuple[str, ...]) -> Path:
     raise InputError(f"{root} has no {stems[0]}[.gz]", "point --data NAME:PATH at the folder with the IDX files")
 
 
+# Deflate compresses at most 1032:1, so a gzip file cannot hold more than this many bytes per byte of its own.
+DEFLATE_MAX_RATIO = 1032
+
+
 def read_idx(path: Path) -> torch.Tensor:
-    """IDX (LeCun's MNIST format) of unsigned bytes, gzipped or not."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    """IDX (LeCun's MNIST format) of unsigned bytes, gzipped or not.
+
+    The header's sizes are checked against the file before the data is read, and a gzip file is decompressed
+    no further than the header declares: a crafted header or a gzip bomb is refused, not allocated.
+    """
+    gzipped = path.suffix == ".gz"
+    opener = gzip.open if gzipped else open
     try:
+        stored = path.stat().st_size
         with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
+                raise InputError(f"{path} is not an IDX file of unsigned bytes", "check the file")
+            ndim = head[3]
+            sizes = f.read(4 * ndim)
+            if len(sizes) < 4 * ndim:
+                raise InputError(f"{path} is truncated (its header is cut short)", "re-download the dataset")
+            dims = [int.from_bytes(sizes[4 * i: 4 * i + 4], "big") for i in range(ndim)]
+            count = math.prod(dims)
+            offset = 4 + 4 * ndim
+            possible = stored * DEFLATE_MAX_RATIO if gzipped else stored - offset
+            if count > possible:
+                holds = f"its {stored} compressed bytes cannot hold them" if gzipped else f"it holds {possible}"
+                raise InputError(f"{path} is truncated (its header declares {count} bytes of data, {holds})",
+                                 "re-download the dataset")
+            data = f.read(count + 1)  # one byte more than declared tells a file that is too long
+    except (OSError, EOFError, zlib.error) as e:
         raise InputError(f"cannot read {path}: {e}", "re-download or reinstall the dataset") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise InputError(f"{path} is not an IDX file of unsigned bytes", "check the file")
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    offset = 4 + 4 * ndim
-    count = 1
-    for d in dims:
-        count *= d
-    if len(data) - offset != count:
-        raise InputError(f"{path} is truncated ({len(data) - offset} of {count} bytes)", "re-download the dataset")
+    if len(data) != count:
+        raise InputError(f"{path} is truncated or too long ({'over ' if len(data) > count else ''}{len(data)} "
+                         f"of {count} bytes)", "re-download the dataset")
     if count == 0:  # torch.frombuffer refuses an empty buffer; the caller reports an empty dataset
         return torch.empty(dims, dtype=torch.uint8)
-    return torch.frombuffer(bytearray(data[offset:]), dtype=torch.uint8).view(*dims)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(*dims)
 
 
 def _load_idx(name: str, root: Path, split: str) -> Dataset:
@@ -235,6 +255,9 @@ def _load_idx(name: str, root: Path, split: str) -> Dataset:
         raise InputError(f"{root}: {images.shape[0]} images but {labels.shape[0]} labels", "check the files")
     classes = {"fashion-mnist": FASHION_MNIST_CLASSES, "kmnist": KMNIST_CLASSES}.get(name, [str(i) for i in range(10)])
     return Dataset(name, split, images.unsqueeze(1).contiguous(), labels, classes, str(root))
+
+
+CIFAR_PIXELS = 3 * 32 * 32
 
 
 def _load_cifar(name: str, root: Path, split: str) -> Dataset:
@@ -249,27 +272,68 @@ def _load_cifar(name: str, root: Path, split: str) -> Dataset:
     else:
         files = ["train" if split == "train" else "test"]
         label_key, meta_file, names_key = b"fine_labels", "meta", b"fine_label_names"
-    images, labels = [], []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
     for fname in files:
-        batch = _unpickle(root / fname)
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(batch[label_key])
-    meta = _unpickle(root / meta_file)
-    classes = [n.decode() for n in meta[names_key]]
+        path = root / fname
+        batch = _unpickle(path)
+        data, batch_labels = batch.get(b"data"), batch.get(label_key)
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.size % CIFAR_PIXELS:
+            raise InputError(f"{path} is not a CIFAR batch (its data is not uint8 rows of 3 x 32 x 32 pixels)",
+                             "re-extract the archive")
+        data = data.reshape(-1, 3, 32, 32)
+        if not isinstance(batch_labels, list | np.ndarray) or len(batch_labels) != data.shape[0]:
+            count = len(batch_labels) if isinstance(batch_labels, list | np.ndarray) else "no"
+            raise InputError(f"{path} is not a CIFAR batch ({data.shape[0]} images but {count} labels)",
+                             "re-extract the archive")
+        if not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in batch_labels):
+            raise InputError(f"{path} is not a CIFAR batch (its labels are not integers)", "re-extract the archive")
+        images.append(data)
+        labels.extend(int(v) for v in batch_labels)
+    meta_path = root / meta_file
+    names = _unpickle(meta_path).get(names_key)
+    if not isinstance(names, list) or not all(isinstance(n, bytes | str) for n in names):
+        raise InputError(f"{meta_path} is not a CIFAR meta file (no list {names_key.decode()})",
+                         "re-extract the archive")
+    classes = [n.decode() if isinstance(n, bytes) else n for n in names]
     return Dataset(name, split, torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64),
                    classes, str(root))
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what CIFAR's batches hold (dicts, lists, numbers, strings and numpy arrays) and nothing else:
+    a pickle names any callable it likes, so admitting more would let a data file run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}")
+        import importlib
+
+        if name == "_reconstruct":
+            try:
+                return importlib.import_module("numpy._core.multiarray")._reconstruct  # numpy 2
+            except ImportError:  # numpy 1
+                return importlib.import_module("numpy.core.multiarray")._reconstruct
+        return getattr(importlib.import_module("numpy"), name)
+
+
 def _unpickle(path: Path) -> dict[bytes, Any]:
-    # CIFAR's official format is a pickle of numpy arrays and lists (as torchvision reads it).
+    # CIFAR's official format is a Python 2 pickle (protocol 2) of numpy arrays and lists.
     if not path.is_file():
         raise InputError(f"{path} does not exist", "point --data cifar10:PATH at the extracted cifar-10-batches-py")
     try:
         with open(path, "rb") as f:
-            out: dict[bytes, Any] = pickle.load(f, encoding="bytes")
-            return out
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise InputError(f"{path} is not a CIFAR batch file ({e})", "re-extract the archive") from None
+            out = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            OverflowError, MemoryError) as e:
+        raise InputError(f"{path} is not a CIFAR batch ({e})", "re-extract the archive") from None
+    if not isinstance(out, dict):
+        raise InputError(f"{path} is not a CIFAR batch (it holds a {type(out).__name__}, not a dict)",
+                         "re-extract the archive")
+    return out
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -293,12 +357,17 @@ def _load_folder(root: Path, split: str) -> Dataset:
     for path, _ in files:
         try:
             with Image.open(path) as opened:
+                width, height = opened.size  # from the header: checked before anything is decoded
+                if width < 1 or height < 1 or width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
+                    raise InputError(f"image {path} declares {width} x {height} pixels",
+                                     "remove or re-encode the file (at least 1 x 1, at most "
+                                     f"{Image.MAX_IMAGE_PIXELS} pixels)")
                 rgb = opened.convert("RGB")
             size = size or rgb.size
             if rgb.size != size:  # decode once at one size; the model's own size is applied per batch
                 rgb = rgb.resize(size, Image.Resampling.BILINEAR)
             arrays.append(torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(size[1], size[0], 3))
-        except OSError as e:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decoders raise all three
             raise InputError(f"cannot decode image {path}: {e}", "remove or re-encode the file") from None
     images = torch.stack(arrays).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([k for _, k in files], dtype=torch.int64)
@@ -321,13 +390,19 @@ def _load_safetensors(path: str, split: str, name: str) -> Dataset:
         raise InputError(f"{path}: images are {images.dtype}, not uint8", "store images as uint8 in [0, 255]")
     if images.dim() == 3:
         images = images.unsqueeze(1)
-    if images.dim() != 4:
-        raise InputError(f"{path}: images have shape {tuple(images.shape)}", "store images as N x C x H x W")
+    if images.dim() != 4 or images.shape[1] not in (1, 3, 4) or images.shape[2] < 1 or images.shape[3] < 1:
+        raise InputError(f"{path}: images have shape {tuple(images.shape)}",
+                         "store images as N x C x H x W with 1, 3 or 4 channels and at least 1 x 1 pixels")
     if labels is None:
         labels = torch.full((images.shape[0],), -1, dtype=torch.int64)
+    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise InputError(f"{path}: labels are {labels.dtype} of shape {tuple(labels.shape)}",
+                         "store labels as a 1-D integer tensor (-1 where unlabelled)")
     if labels.shape[0] != images.shape[0]:
         raise InputError(f"{path}: {images.shape[0]} images but {labels.shape[0]} labels", "store one label per image")
     labels = labels.to(torch.int64)
+    if bool((labels < -1).any()):
+        raise InputError(f"{path} has label {int(labels.min())}", "labels are 0..K-1, or -1 where unlabelled")
     classes = meta.get("classes", "").split("\n") if meta.get("classes") else []
     if not classes:
         classes = [str(i) for i in range(int(labels.max()) + 1 if labels.numel() and labels.max() >= 0 else 0)]

@@ -268,7 +268,53 @@ class ClassMeans:
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{path} is an incomplete class-means artifact ({e})",
                              "re-make it with `eetool calibrate-means`") from None
+        _check_consistent(cm, path)
         return cm, prov
+
+
+def _check_consistent(cm: ClassMeans, path: str) -> None:
+    """Refuse a class-means artifact whose tensors disagree with each other, before any of them is used:
+    J exits, K classes, means.j K x D_j, normalisers J x K, J + 1 stages, and N calibration samples."""
+    j = len(cm.exits)
+
+    def refuse(problem: str) -> None:
+        raise InputError(f"{path} is an inconsistent class-means artifact ({problem})",
+                         "re-make it with `eetool calibrate-means`")
+
+    def floats(t: torch.Tensor) -> bool:
+        return t.dtype.is_floating_point and bool(torch.isfinite(t).all())
+
+    if j == 0:
+        refuse("it records no exits")
+    if cm.normalisers.dim() != 2 or cm.normalisers.shape[0] != j or not floats(cm.normalisers):
+        refuse(f"normalisers are {tuple(cm.normalisers.shape)} {cm.normalisers.dtype}, not {j} x K finite floats")
+    k = cm.num_classes
+    if k == 0:
+        refuse("it has no classes")
+    for e, m in enumerate(cm.means):
+        if m.dim() != 2 or m.shape[0] != k or m.shape[1] == 0 or not floats(m):
+            refuse(f"means.{e} is {tuple(m.shape)} {m.dtype}, not {k} x D finite floats")
+    if cm.counts.shape != (k,) or cm.counts.dtype.is_floating_point:
+        refuse(f"counts are {tuple(cm.counts.shape)} {cm.counts.dtype}, not {k} integers")
+    if len(cm.stage_macs) != j + 1 or any(not isinstance(v, int) or v < 0 for v in cm.stage_macs):
+        refuse(f"stage_macs has {len(cm.stage_macs)} entries for {j} exits, not {j + 1} counts")
+    if cm.feature_sizes and len(cm.feature_sizes) != j:
+        refuse(f"feature_sizes has {len(cm.feature_sizes)} entries for {j} exits")
+    for name, value in (("spatial", cm.pooling.spatial), ("channels", cm.pooling.channels)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            refuse(f"pooling {name} is {value!r}, not a positive integer or null")
+    c = cm.calibration
+    if c is None:
+        return
+    n = c.labels.shape[0] if c.labels.dim() == 1 else -1
+    if n < 0 or c.labels.dtype.is_floating_point:
+        refuse(f"calibration.labels is {tuple(c.labels.shape)} {c.labels.dtype}, not N integers")
+    if c.confidence.shape != (n, j) or not floats(c.confidence):
+        refuse(f"calibration.confidence is {tuple(c.confidence.shape)}, not {n} x {j} finite floats")
+    for name, t, shape in (("prediction", c.prediction, (n, j)), ("final_prediction", c.final_prediction, (n,))):
+        if t.shape != shape or t.dtype.is_floating_point or (t.numel() and not 0 <= int(t.min()) <= int(t.max()) < k):
+            refuse(f"calibration.{name} is {tuple(t.shape)} {t.dtype}, not {' x '.join(map(str, shape))} "
+                   f"class ids below {k}")
 
 
 class MeansRule:

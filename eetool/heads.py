@@ -139,12 +139,54 @@ def save_heads(path: str, heads: ExitHeads, prov: Provenance) -> None:
     write_tensors(path, state, prov, extra={HEADS_KEY: heads.spec.to_json()})
 
 
+# No exit's feature map is larger (elements per sample): a bound on what a spec read from a file may make
+# the heads allocate while they are built.
+MAX_FEATURE_ELEMENTS = 1 << 26
+
+
 def load_heads(path: str) -> tuple[ExitHeads, Provenance]:
     tensors, prov, meta = read_tensors(path, "exit-heads")
+    remake = "re-make it with `eetool train-exits`"
     try:
-        heads = ExitHeads(HeadsSpec.from_json(meta[HEADS_KEY]))
+        spec = HeadsSpec.from_json(meta[HEADS_KEY])
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{path} is an incomplete exit-heads artifact ({type(e).__name__}: {e})", remake) from None
+    problem = _spec_problem(spec)
+    if problem:
+        raise InputError(f"{path} is a malformed exit-heads artifact ({problem})", remake)
+    bad = [k for k, v in tensors.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise InputError(f"{path} holds weights that are not finite numbers ({bad[0]})", remake)
+    try:
+        heads = ExitHeads(spec)
         heads.load_state_dict(tensors)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise InputError(f"{path} is an incomplete exit-heads artifact ({type(e).__name__})",
-                         "re-make it with `eetool train-exits`") from None
+    except RuntimeError as e:  # missing, unexpected or misshapen tensors: the first one, under torch's heading
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
+        raise InputError(f"{path} is an incomplete exit-heads artifact ({reason})", remake) from None
     return heads.eval(), prov
+
+
+def _spec_problem(spec: HeadsSpec) -> str | None:
+    """What is wrong with a spec read from a file, before anything is built from it (None: nothing)."""
+    def positive_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if spec.kind not in HEAD_KINDS:
+        return f"head kind {spec.kind!r} is not one of {', '.join(HEAD_KINDS)}"
+    if not isinstance(spec.exits, list) or not spec.exits or not all(isinstance(e, str) for e in spec.exits):
+        return "exits is not a list of exit names"
+    if not isinstance(spec.in_shapes, list) or len(spec.in_shapes) != len(spec.exits):
+        return f"in_shapes is not a list of {len(spec.exits)} shapes, one per exit"
+    for shape in spec.in_shapes:
+        if (not isinstance(shape, list) or len(shape) not in (1, 3) or not all(positive_int(d) for d in shape)
+                or math.prod(shape) > MAX_FEATURE_ELEMENTS):
+            return f"in_shape {shape!r} is not C x H x W or D positive sizes of at most {MAX_FEATURE_ELEMENTS} elements"
+    if not positive_int(spec.num_classes) or not positive_int(spec.pool_size):
+        return "num_classes and pool_size are not positive integers"
+    if not isinstance(spec.with_distances, bool):
+        return "with_distances is not true or false"
+    if not isinstance(spec.weights, list) or (spec.weights and len(spec.weights) != len(spec.exits)) or not all(
+            isinstance(w, int | float) and not isinstance(w, bool) and 0 <= w < math.inf for w in spec.weights):
+        return "weights is not one finite non-negative number per exit"
+    return None

@@ -370,10 +370,11 @@ def _apply_config(ctx: typer.Context, kwargs: dict[str, Any]) -> dict[str, Any]:
         return kwargs
     import yaml
 
+    from eetool.artifacts import load_yaml, read_yaml_text
     from eetool.errors import InputError
 
     try:
-        loaded = yaml.safe_load(Path(path).read_text())
+        loaded = load_yaml(read_yaml_text(path), f"config {path}")
     except OSError as e:
         raise InputError(f"cannot read config {path}: {e.strerror}", "check the path") from None
     except (yaml.YAMLError, UnicodeDecodeError):
@@ -442,8 +443,10 @@ def parse_mapping(text: str | None, flag: str) -> dict[str, Any]:
         return {}
     import yaml
 
+    from eetool.artifacts import load_yaml
+
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text, flag, UsageError)
     except yaml.YAMLError:
         value = None
     if not isinstance(value, dict):

@@ -221,19 +221,31 @@ def test_a_pruning_phase_is_deterministic_and_resumes_exactly_after_an_interrupt
         assert torch.allclose(v.double(), resumed.records[k].double()), k
 
 
+def two_tones(n: int, seed: int = 0) -> Dataset:
+    """Dark (class 0) and bright (class 1) images under light noise: far apart, learnt within an epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    noise = torch.randint(-8, 9, (n, 1, 28, 28), generator=gen)
+    images = (labels.view(n, 1, 1, 1) * 160 + 40 + noise).clamp(0, 255).to(torch.uint8)
+    return Dataset("two-tones", "train", images, labels, [f"c{k}" for k in range(10)], "tests")
+
+
 def test_eeprune_learns_what_is_easy(tiny_spec: ModelSpec) -> None:
-    """After a few epochs on learnable data, far more samples met all three conditions at some point than the
-    3% that chance (10% at each exit, three presentations) would give."""
-    data = easy_dataset(200)
+    """On two classes that one number (the brightness) separates, both exits end up right on nearly every sample.
+
+    Chance is half at each exit, and a network that answers one class for everything is right on exactly half the
+    samples at both exits; the bounds sit far above those and far below what training reaches (every sample, on
+    any seed measured), so other rounding (threads, BLAS) cannot move a result across them."""
+    data = two_tones(200)
     settings = dp.PhaseSettings("eeprune", TrainConfig(epochs=3, batch_size=20, lr=0.05, augment=False, seed=0))
     result = dp.pruning_phase(settings, lambda _: tiny_spec.build(), data, Preprocess((1, 28, 28), [0.2], [0.3]),
                               num_classes=10)
     assert result.exit == "layer2.1"
     assert result.samples_seen == 600 and result.samples_scored == 200
     qualified = torch.isfinite(result.records["qualified"])
-    assert float(qualified.double().mean()) > 0.15
+    assert float(qualified.double().mean()) > 0.8
     both = result.records["early_correct"] & result.records["final_correct"]
-    assert float(both.double().mean()) > 0.1
+    assert float(both.double().mean()) > 0.8
 
 
 def test_balanced_eeprune_names_the_class_that_cannot_give_its_share() -> None:

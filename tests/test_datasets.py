@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import io
+import os
 import pickle
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +83,32 @@ def test_truncated_gzip_is_bad_input(tmp_path: Path) -> None:
     path.write_bytes(b"not gzip at all")
     with pytest.raises(InputError):
         read_idx(path)
+
+
+def test_idx_sizes_are_checked_before_the_data_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A header declaring 2^32 x 2^32 x 2^32 bytes is refused from the file's size, and a gzip file is read no
+    further than its header declares, whatever it would decompress to."""
+    huge = bytes([0, 0, 0x08, 3]) + b"\xff\xff\xff\xff" * 3 + b"\x00" * 64
+    (tmp_path / "huge-idx3-ubyte").write_bytes(huge)
+    with pytest.raises(InputError, match="declares 79228162458924105385300197375 bytes"):
+        read_idx(tmp_path / "huge-idx3-ubyte")
+    (tmp_path / "huge-idx3-ubyte.gz").write_bytes(gzip.compress(huge))
+    with pytest.raises(InputError, match="compressed bytes cannot hold them"):
+        read_idx(tmp_path / "huge-idx3-ubyte.gz")
+    # a gzip bomb: 3 bytes declared, 64 MiB of zeros after them
+    bomb = gzip.compress(idx_bytes(np.zeros(3, np.uint8)) + bytes(64 << 20), compresslevel=1)
+    (tmp_path / "bomb-idx1-ubyte.gz").write_bytes(bomb)
+    reads: list[int] = []
+    real_read = gzip.GzipFile.read
+
+    def counting_read(self: gzip.GzipFile, size: int = -1) -> bytes:
+        reads.append(size)
+        return real_read(self, size)
+
+    monkeypatch.setattr(gzip.GzipFile, "read", counting_read)
+    with pytest.raises(InputError, match="too long"):
+        read_idx(tmp_path / "bomb-idx1-ubyte.gz")
+    assert reads == [4, 4, 4]  # the magic, the one size, then the 3 declared bytes and one more
 
 
 def fake_mnist(root: Path, n_train: int = 7, n_test: int = 5) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -360,6 +390,48 @@ def test_bad_image_folders(tmp_path: Path) -> None:
         load_dataset(f"folder:{tmp_path / 'broken'}", "test")
 
 
+class Python2Pickler(pickle._Pickler):  # type: ignore[name-defined]
+    """Protocol 2 with bytes written as Python 2 strings, as the official CIFAR batches were (Python 3 would call
+    _codecs.encode for them, which no CIFAR file does)."""
+
+    dispatch = dict(pickle._Pickler.dispatch)  # type: ignore[attr-defined]
+
+    def save_python2_str(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_python2_str
+
+
+def python2_pickle(obj: object) -> bytes:
+    out = io.BytesIO()
+    Python2Pickler(out, protocol=2).dump(obj)
+    return out.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels: what a decompression bomb's header looks like."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+@pytest.mark.filterwarnings("ignore:Image size")
+@pytest.mark.parametrize(("width", "height"), [(20_000, 20_000), (10_000, 10_000), (0, 0), (5, 0)])
+def test_image_sizes_are_checked_before_decoding(tmp_path: Path, width: int, height: int) -> None:
+    """Beyond PIL's limit (10 000 x 10 000 is past its warning, 20 000 x 20 000 past its error) or empty:
+    refused from the header, before any pixel is decoded."""
+    write_png(tmp_path / "cls" / "a.png", np.zeros((4, 4, 3), np.uint8), "RGB")
+    (tmp_path / "cls" / "b.png").write_bytes(png_header(width, height))
+    with pytest.raises(InputError, match=r"b\.png"):
+        load_dataset(f"folder:{tmp_path}", "test")
+
+
 def fake_cifar10(root: Path, per_batch: int = 3) -> dict[str, tuple[np.ndarray, list[int]]]:
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -368,16 +440,16 @@ def fake_cifar10(root: Path, per_batch: int = 3) -> dict[str, tuple[np.ndarray, 
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = rng.randint(0, 256, (per_batch, 3 * 32 * 32)).astype(np.uint8)
         labels = [int(v) for v in rng.randint(0, 10, per_batch)]
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"data": data, b"labels": labels}, f)
+        (folder / name).write_bytes(python2_pickle({b"batch_label": name.encode(), b"data": data, b"labels": labels,
+                                                    b"filenames": [f"{i}.png".encode() for i in range(per_batch)]}))
         written[name] = (data, labels)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [f"class{k}".encode() for k in range(10)]}, f)
+    (folder / "batches.meta").write_bytes(python2_pickle({b"label_names": [f"class{k}".encode() for k in range(10)]}))
     return written
 
 
 def test_cifar10(tmp_path: Path) -> None:
     written = fake_cifar10(tmp_path)
+    assert b"_codecs" not in (tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes()
     train = load_dataset(f"cifar10:{tmp_path}", "train")
     data = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)])
     labels = sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
@@ -401,11 +473,78 @@ def test_cifar10_missing_or_corrupt_batch(tmp_path: Path) -> None:
         load_dataset(f"cifar10:{tmp_path}", "train")
 
 
+class RunsAShellCommand:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused_unrun(tmp_path: Path) -> None:
+    fake_cifar10(tmp_path)
+    marker = tmp_path / "ran"
+    batch = {b"x": RunsAShellCommand(marker), b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]}
+    for made in (python2_pickle(batch), pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)):
+        (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(made)
+        with pytest.raises(InputError, match=r"test_batch is not a CIFAR batch \(it names (posix|nt)\.system"):
+            load_dataset(f"cifar10:{tmp_path}", "test")
+        assert not marker.exists()
+
+
+@pytest.mark.parametrize(("batch", "says"), [
+    ({b"data": np.zeros((2, 3000), np.uint8), b"labels": [0, 1]}, "3 x 32 x 32"),
+    ({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, "uint8"),
+    ({b"labels": [0, 1]}, "3 x 32 x 32"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1, 2]}, "2 images but 3 labels"),
+    ({b"data": np.zeros((2, 3072), np.uint8)}, "2 images but no labels"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0.5, 1]}, "not integers"),
+    ([1, 2, 3], "holds a list"),
+])
+def test_cifar_batches_of_other_shapes_are_refused(tmp_path: Path, batch: object, says: str) -> None:
+    fake_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(python2_pickle(batch))
+    with pytest.raises(InputError, match=says):
+        load_dataset(f"cifar10:{tmp_path}", "test")
+
+
 def test_safetensors_dataset(tiny_data: str) -> None:
     ds = load_dataset(tiny_data, "train")
     assert len(ds) == 96 and ds.images.shape[1:] == (1, 28, 28)
     assert ds.labels.tolist() == [k % 10 for k in range(96)]
     assert ds.classes == [f"c{k}" for k in range(10)]
+
+
+U8 = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize(("tensors", "says"), [
+    ({"images": torch.zeros(4, 2, 8, 8, dtype=torch.uint8), "labels": torch.zeros(4, dtype=torch.int64)},
+     "1, 3 or 4 channels"),
+    ({"images": torch.zeros(4, 1, 0, 0, dtype=torch.uint8), "labels": torch.zeros(4, dtype=torch.int64)},
+     "at least 1 x 1"),
+    ({"images": torch.zeros(4, 1, 1, 8, 8, dtype=torch.uint8), "labels": torch.zeros(4, dtype=torch.int64)},
+     "N x C x H x W"),
+    ({"images": U8, "labels": torch.tensor([0.0, 1.7, 2.0, 3.0])}, "labels are torch.float32"),
+    ({"images": U8, "labels": torch.zeros(4, 2, dtype=torch.int64)}, "shape \\(4, 2\\)"),
+    ({"images": U8, "labels": torch.tensor([True, False, True, True])}, "torch.bool"),
+    ({"images": U8, "labels": torch.tensor([0, -1, -2, 1])}, "label -2"),
+])
+def test_safetensors_datasets_of_other_shapes_and_types_are_refused(tmp_path: Path, tensors: dict[str, torch.Tensor],
+                                                                   says: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp_path / "d.safetensors"))
+    with pytest.raises(InputError, match=says):
+        load_dataset(str(tmp_path / "d.safetensors"), "test")
+
+
+def test_safetensors_dataset_keeps_unlabelled_samples_and_small_integer_labels(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"images": U8, "labels": torch.tensor([0, -1, 2, 1], dtype=torch.int8)}, str(tmp_path / "d.safetensors"))
+    ds = load_dataset(str(tmp_path / "d.safetensors"), "test")
+    assert ds.labels.dtype == torch.int64 and ds.labels.tolist() == [0, -1, 2, 1]
 
 
 def test_channel_stats_against_torch() -> None:

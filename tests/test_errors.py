@@ -3,14 +3,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
+from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner, Result
 
@@ -18,6 +24,7 @@ from eetool.artifacts import Provenance, write_tensors
 from eetool.checkpoint import ModelSpec
 from eetool.cli import app
 from eetool.errors import ExitCode
+from eetool.sources import demo_path
 
 runner = CliRunner()
 
@@ -84,7 +91,165 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
     cm, prov = ClassMeans.load(str(means))
     cm.calibration = None
     cm.save(str(d / "means-without-cache.safetensors"), prov)
+    make_hand_edited_artifacts(d, tiny_checkpoint, tiny_data)
+    make_crafted_data(d)
     return d
+
+
+LAUGHS = "".join(f"{a}: &{a} [{', '.join([f'*{p}' if p else 'lol'] * 9)}]\n"
+                 for p, a in zip(["", *"abcdefgh"], "abcdefghi", strict=True))  # 9^9 values from 396 bytes
+LAUGHS_FLAG = "{" + LAUGHS.strip().replace("\n", ", ") + "}"
+
+
+def edited_yaml(source: Path, target: Path, edit: Callable[[dict[str, Any]], object]) -> None:
+    doc = yaml.safe_load(source.read_text())
+    edit(doc)
+    target.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def edited_tensors(source: Path, target: Path, edit: Callable[[dict[str, torch.Tensor], dict[str, str]], object]
+                   ) -> None:
+    with safe_open(str(source), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors, meta)
+    save_file(tensors, str(target), metadata=meta)
+
+
+def make_hand_edited_artifacts(d: Path, tiny_checkpoint: str, tiny_data: str) -> None:
+    """Artifacts as a hand edit leaves them: wrong types, missing keys, inconsistent shapes, empty provenance."""
+    from eetool.artifacts import sha256_file
+    from eetool.checkpoint import load_checkpoint
+    from eetool.datasets import load_dataset
+    from eetool.exits import build_exit_model
+    from eetool.heads import ExitHeads, HeadsSpec, save_heads
+
+    (d / "laughs.yaml").write_text(LAUGHS)
+    assert len(LAUGHS) < 400
+    t = d / "thresholds.yaml"
+
+    def point(key: str, value: object) -> Callable[[dict[str, Any]], object]:
+        return lambda doc: doc["points"][0].__setitem__(key, value)
+
+    def provenance(key: str, value: object) -> Callable[[dict[str, Any]], object]:
+        return lambda doc: doc["provenance"].__setitem__(key, value)
+
+    exits = len(yaml.safe_load(t.read_text())["points"][0]["thresholds"])
+    for name, edit in {
+        "nan": point("thresholds", [float("nan")] * exits),
+        "inf": point("thresholds", [float("inf")] * exits),
+        "strings": point("thresholds", ["high"] * exits),
+        "wrong-count": point("thresholds", [0.5] * (exits + 1)),
+        "no-budget": lambda doc: doc["points"][0].pop("budget"),
+        "points-not-a-list": lambda doc: doc.__setitem__("points", "all"),
+        "no-checkpoint": provenance("checkpoint_sha256", ""),
+        "no-exits": provenance("exits", []),
+        "no-inputs": provenance("inputs", {}),
+        "exits-a-number": provenance("exits", 5),
+    }.items():
+        edited_yaml(t, d / f"thresholds-{name}.yaml", edit)
+
+    means = d / "means.safetensors"
+
+    def tensor(key: str, change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., object]:
+        return lambda tensors, meta: tensors.__setitem__(key, change(tensors[key]))
+
+    def nan_first(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x.view(-1)[0] = float("nan")
+        return x
+
+    for name, edit in {
+        "means-rows": tensor("means.0", lambda x: x[:-1]),
+        "normalisers-rows": tensor("normalisers", lambda x: x[:-1]),
+        "calibration-short": tensor("calibration.confidence", lambda x: x[:-1]),
+        "nan": tensor("means.0", nan_first),
+        "no-checkpoint": lambda tensors, meta: meta.__setitem__("eetool.checkpoint_sha256", ""),
+    }.items():
+        edited_tensors(means, d / f"means-{name}.safetensors", edit)
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    em = build_exit_model(ckpt.model, "half")
+    spec = HeadsSpec("sdn", list(em.exits), [list(s) for s in em.exit_shapes(ckpt.spec.input_shape)], 10)
+    heads = d / "heads.safetensors"
+    made_for = Provenance(kind="exit-heads", checkpoint_sha256=sha256_file(tiny_checkpoint), exits=list(em.exits))
+    save_heads(str(heads), ExitHeads(spec), made_for)
+
+    def heads_spec(change: Callable[[dict[str, Any]], object]) -> Callable[..., object]:
+        def edit(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+            d = json.loads(meta["eetool.heads"])
+            change(d)
+            meta["eetool.heads"] = json.dumps(d)
+        return edit
+
+    for name, edit in {
+        "classes-a-string": heads_spec(lambda s: s.__setitem__("num_classes", "ten")),
+        "no-kind": heads_spec(lambda s: s.pop("kind")),
+        "unknown-kind": heads_spec(lambda s: s.__setitem__("kind", "magic")),
+        "huge-shape": heads_spec(lambda s: s.__setitem__("in_shapes", [[4, 10**6, 10**6]] * len(s["exits"]))),
+        "linear-misshapen": tensor("heads.0.linear.weight", lambda x: x[:, :-1].contiguous()),
+        "no-checkpoint": lambda tensors, meta: meta.__setitem__("eetool.checkpoint_sha256", ""),
+    }.items():
+        edited_tensors(heads, d / f"heads-{name}.safetensors", edit)
+
+    test_split = load_dataset(tiny_data, "test").fingerprint
+    write_tensors(str(d / "indices-float.safetensors"), {"indices": torch.tensor([0.0, 1.0])},
+                  Provenance(kind="indices", dataset=test_split))
+    write_tensors(str(d / "indices-2d.safetensors"), {"indices": torch.tensor([[0, 1], [2, 3]])},
+                  Provenance(kind="indices", dataset=test_split))
+    write_tensors(str(d / "indices-no-dataset.safetensors"), {"indices": torch.tensor([0, 1])},
+                  Provenance(kind="indices"))
+
+    kept = d / "loss-kept.safetensors"
+
+    def phase_model(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        args = json.loads(meta["eetool.args"])
+        args["pruning_phase"]["model"]["arch"] = "resnet32"
+        meta["eetool.args"] = json.dumps(args)
+        meta["eetool.checkpoint_sha256"] = "0" * 64
+
+    for name, edit in {
+        "other-model": phase_model,
+        "missing": lambda tensors, meta: tensors.pop("records.early_loss"),
+        "short": tensor("records.early_loss", lambda x: x[:-1]),
+        "as-text": tensor("records.early_correct", lambda x: x.double()),
+        "no-dataset": lambda tensors, meta: meta.__setitem__("eetool.dataset", ""),
+    }.items():
+        edited_tensors(kept, d / f"records-{name}.safetensors", edit)
+
+
+class RunsAShellCommand:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+def make_crafted_data(d: Path) -> None:
+    """Datasets whose sizes or contents a reader must refuse before acting on them."""
+    u8 = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
+    labels = torch.zeros(4, dtype=torch.int64)
+    for name, tensors in {
+        "two-channels": {"test.images": torch.zeros(4, 2, 28, 28, dtype=torch.uint8), "test.labels": labels},
+        "zero-size": {"test.images": torch.zeros(4, 1, 0, 0, dtype=torch.uint8), "test.labels": labels},
+        "labels-2d": {"test.images": u8, "test.labels": torch.zeros(4, 2, dtype=torch.int64)},
+        "labels-float": {"test.images": u8, "test.labels": torch.tensor([0.0, 1.5, 2.0, 3.0])},
+    }.items():
+        save_file(tensors, str(d / f"{name}.safetensors"))
+    idx = d / "mnist-huge"
+    idx.mkdir()
+    (idx / "t10k-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + b"\xff" * 12 + bytes(64))
+    (idx / "t10k-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 1, 0]))
+    cifar = d / "cifar-code"
+    cifar.mkdir()
+    (cifar / "test_batch").write_bytes(pickle.dumps({b"x": RunsAShellCommand(d / "code-ran")}, protocol=2))
+    (cifar / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a"]}, protocol=2))
+    bomb = d / "image-bomb" / "cls"
+    bomb.mkdir(parents=True)
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)
+    (bomb / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + header
+                                 + struct.pack(">I", zlib.crc32(b"IHDR" + header)))
 
 
 @dataclass
@@ -109,6 +274,8 @@ FIT = ["fit-thresholds", "--means", "{inp}/means.safetensors", "-o", "{out}/thre
 MEANS = ["--means", "{inp}/means.safetensors"]
 PRUNE = ["prune-dataset", "-c", "{ckpt}", "-d", "{data}", "-o", "{out}/kept.safetensors", "--ratio", "0.3"]
 RECORDS = ["--from-scores", "{inp}/random-kept.safetensors"]
+DEMO_CHECKPOINT = str(demo_path("demo-resnet20-fashion-mnist.safetensors"))
+DEMO_DATA = str(demo_path("demo-data.safetensors"))
 
 
 def _root_can_write(out: Path) -> str | None:
@@ -309,6 +476,72 @@ CASES = [
                                            "before"], USAGE, says="records from the exit after layer2.1"),
     Case("prune-records-of-other-data", [*PRUNE, "--from-scores", "{inp}/indices-other-data.safetensors"],
          PROVENANCE, says="made for dataset"),
+    Case("prune-records-of-another-model", [*PRUNE, "-m", "eeprune-loss", "--from-scores",
+                                            "{inp}/records-other-model.safetensors"], PROVENANCE,
+         says="records of a resnet32"),
+    Case("prune-records-missing-one", [*PRUNE, "-m", "eeprune-loss", "--from-scores",
+                                       "{inp}/records-missing.safetensors"], BAD_INPUT, says="no 'early_loss' record"),
+    Case("prune-records-of-another-length", [*PRUNE, "-m", "eeprune-loss", "--from-scores",
+                                             "{inp}/records-short.safetensors"], BAD_INPUT, says="one value for each"),
+    Case("prune-records-of-another-type", [*PRUNE, "-m", "eeprune-soft", "--from-scores",
+                                           "{inp}/records-as-text.safetensors"], BAD_INPUT, says="not bools"),
+    Case("prune-records-without-dataset", [*PRUNE, "-m", "eeprune-loss", "--from-scores",
+                                           "{inp}/records-no-dataset.safetensors"], PROVENANCE,
+         says="records no dataset"),
+    # YAML a reader must not expand: a "billion laughs" of 396 bytes
+    Case("config-billion-laughs", [*EVAL, "--config", "{inp}/laughs.yaml"], BAD_INPUT, says="aliases"),
+    Case("flag-billion-laughs", [*FOREIGN[:-1], LAUGHS_FLAG.replace("{", "{{").replace("}", "}}"), "-c",
+                                 "{inp}/state.pt", "--arch", "resnet20"], USAGE, says="aliases"),
+    Case("thresholds-billion-laughs", [*EVAL, *MEANS, "--thresholds", "{inp}/laughs.yaml"], BAD_INPUT,
+         says="aliases"),
+    Case("inspect-billion-laughs", ["inspect", "{inp}/laughs.yaml"], BAD_INPUT, says="aliases"),
+    # hand-edited thresholds
+    *(Case(f"thresholds-{name}", [*EVAL, *MEANS, "--thresholds", f"{{inp}}/thresholds-{name}.yaml"], code, says=says)
+      for name, code, says in (
+          ("nan", BAD_INPUT, "not finite numbers"), ("inf", BAD_INPUT, "not finite numbers"),
+          ("strings", BAD_INPUT, "not finite numbers"), ("wrong-count", BAD_INPUT, "thresholds for"),
+          ("no-budget", BAD_INPUT, "no budget"), ("points-not-a-list", BAD_INPUT, "no list of operating points"),
+          ("no-checkpoint", PROVENANCE, "records no checkpoint"), ("no-exits", PROVENANCE, "records no exits"),
+          ("no-inputs", PROVENANCE, "records no class-means"), ("exits-a-number", PROVENANCE, "malformed"))),
+    # hand-edited class means
+    *(Case(f"means-{name}", [*EVAL, "--means", f"{{inp}}/means-{name}.safetensors", "--thresholds",
+                             "{inp}/thresholds.yaml"], code, says=says)
+      for name, code, says in (
+          ("means-rows", BAD_INPUT, "means.0 is"), ("normalisers-rows", BAD_INPUT, "normalisers are"),
+          ("calibration-short", BAD_INPUT, "calibration.confidence"), ("nan", BAD_INPUT, "finite"),
+          ("no-checkpoint", PROVENANCE, "records no checkpoint"))),
+    # hand-edited exit heads
+    *(Case(f"heads-{name}", [*EVAL, *MEANS, "--thresholds", "{inp}/thresholds.yaml", "--exit-heads",
+                             f"{{inp}}/heads-{name}.safetensors"], code, says=says)
+      for name, code, says in (
+          ("classes-a-string", BAD_INPUT, "not positive integers"), ("no-kind", BAD_INPUT, "incomplete"),
+          ("unknown-kind", BAD_INPUT, "'magic'"), ("huge-shape", BAD_INPUT, "in_shape"),
+          ("linear-misshapen", BAD_INPUT, "size mismatch"))),
+    Case("heads-without-checkpoint", ["fit-thresholds", "--method", "entropy", "--exit-heads",
+                                      "{inp}/heads-no-checkpoint.safetensors", "-c", "{ckpt}", "-d", "{data}",
+                                      "--budget", "0.6", "-o", "{out}/t.yaml"], PROVENANCE,
+         says="records no checkpoint"),
+    # indices artifacts
+    Case("indices-float", [*EVAL, "--indices", "{inp}/indices-float.safetensors"], BAD_INPUT, says="1-D integer"),
+    Case("indices-2d", [*EVAL, "--indices", "{inp}/indices-2d.safetensors"], BAD_INPUT, says="1-D integer"),
+    Case("indices-without-dataset", [*EVAL, "--indices", "{inp}/indices-no-dataset.safetensors"], PROVENANCE,
+         says="records no dataset"),
+    # data of the wrong shapes and crafted sizes
+    Case("dataset-two-channels", [*EVAL[:4], "{inp}/two-channels.safetensors", *EVAL[5:]], BAD_INPUT,
+         says="1, 3 or 4 channels"),
+    Case("dataset-zero-size-images", [*EVAL[:4], "{inp}/zero-size.safetensors", *EVAL[5:]], BAD_INPUT),
+    Case("dataset-labels-2d", [*EVAL[:4], "{inp}/labels-2d.safetensors", *EVAL[5:]], BAD_INPUT, says="1-D integer"),
+    Case("dataset-labels-float", [*EVAL[:4], "{inp}/labels-float.safetensors", *EVAL[5:]], BAD_INPUT,
+         says="torch.float32"),
+    Case("dataset-idx-header-beyond-file", [*EVAL[:4], "mnist:{inp}/mnist-huge", *EVAL[5:]], BAD_INPUT,
+         says="declares"),
+    Case("dataset-cifar-pickle-runs-code", [*EVAL[:4], "cifar10:{inp}/cifar-code", *EVAL[5:]], BAD_INPUT,
+         says="not a CIFAR batch"),
+    Case("dataset-image-decompression-bomb", [*EVAL[:4], "folder:{inp}/image-bomb", *EVAL[5:]], BAD_INPUT),
+    # the embedded demo files are inputs no output may replace
+    Case("output-is-the-demo-checkpoint", [*EVAL[:-1], DEMO_CHECKPOINT, "--force"], OUTPUT, says="demo"),
+    Case("output-is-the-demo-data", [*EVAL[:4], "demo", "-o", DEMO_DATA, "--force"], OUTPUT, says="demo"),
+    Case("output-into-the-demo-folder", [*EVAL[:-1], str(demo_path("new.yaml"))], OUTPUT, says="demo"),
     Case("prune-unlabelled", ["prune-dataset", "-c", "{ckpt}", "-d", "safetensors:{inp}/unlabelled.safetensors",
                               "--split", "test", "-o", "{out}/k.safetensors", "--ratio", "0.5", "-m", "random"],
          BAD_INPUT, says="unlabelled"),

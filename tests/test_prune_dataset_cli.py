@@ -13,7 +13,8 @@ from cli_helpers import invoke, ok, one_error_line, sha256
 from safetensors.torch import save_file
 
 from eetool import dataset_pruning as dp
-from eetool.artifacts import read_tensors
+from eetool.artifacts import Provenance, read_tensors
+from eetool.checkpoint import ModelSpec, save_checkpoint
 from eetool.commands.prune_dataset import METHOD_NAMES
 from eetool.datasets import load_dataset
 from eetool.errors import ExitCode
@@ -109,6 +110,23 @@ def test_records_serve_another_ratio_and_variant_exactly_as_training_again_would
     b, _, _ = read_tensors(str(tmp_path / "f.safetensors"), "indices")
     assert torch.equal(a["indices"], b["indices"])
     assert json.loads(fresh.stdout)["threshold"] == doc["threshold"]
+
+
+def test_records_are_reused_with_another_checkpoint_of_the_same_model_and_refused_for_another(
+        eeprune: tuple[Path, dict], tiny_spec: ModelSpec, easy_data: str, tmp_path: Path) -> None:
+    """Records of a phase trained afresh depend on the architecture, not on the checkpoint's weights."""
+    out, _ = eeprune
+    torch.manual_seed(1)
+    same = tmp_path / "same-model.safetensors"
+    save_checkpoint(str(same), tiny_spec.build(), tiny_spec, Provenance(kind="checkpoint"))
+    ok(invoke("prune-dataset", "-c", same, "-d", easy_data, "--ratio", "0.05", "--from-scores", out,
+              "-o", tmp_path / "r.safetensors", "-q"))
+    wider = ModelSpec(**{**vars(tiny_spec), "arch_args": {"width": 8}})
+    other = tmp_path / "wider.safetensors"
+    save_checkpoint(str(other), wider.build(), wider, Provenance(kind="checkpoint"))
+    line = one_error_line(invoke("prune-dataset", "-c", other, "-d", easy_data, "--ratio", "0.05", "--from-scores",
+                                 out, "-o", tmp_path / "o.safetensors"), ExitCode.PROVENANCE)
+    assert "records of a resnet20 {'width': 4}" in line and "{'width': 8}" in line
 
 
 def test_eeprune_soft_and_loss_rank_by_their_formulas(eeprune: tuple[Path, dict], tiny_checkpoint: str,

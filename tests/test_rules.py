@@ -100,10 +100,15 @@ def test_fit_and_evaluate_on_heads_through_the_cli(tiny_checkpoint: str, tiny_da
              "--thresholds", fitted, "--format", "json", "-q")
     import json
 
-    point = json.loads(out)["points"][1]
-    # the fitted point, run again on the data it was fitted on, lands where the fit said
-    assert point["cost"] == pytest.approx(doc["points"][0]["cost"], abs=1e-6)
-    assert point["accuracy"] == pytest.approx(doc["points"][0]["accuracy"], abs=1e-6)
+    evaluated = json.loads(out)
+    point = evaluated["points"][1]
+    # the fitted point, run again on the data it was fitted on, lands where the fit said, up to the samples whose
+    # scores the thresholds sit just below (one per exit): evaluate's batches round them differently, and each
+    # moves the mean cost by less than 2 / n (no exit costs twice the plain network here)
+    fitted_point = doc["points"][0]
+    n, boundary = evaluated["samples"], len(fitted_point["thresholds"])
+    assert point["cost"] == pytest.approx(fitted_point["cost"], abs=2 * boundary / n + 1e-6)
+    assert point["accuracy"] == pytest.approx(fitted_point["accuracy"], abs=boundary / n + 1e-6)
     combined = tmp_path / "combined.yaml"
     ok("fit-thresholds", "--method", "e2cm+sdn", "--combine", "or", "--exit-heads", heads, "--means", means,
        "-c", tiny_checkpoint, "-d", tiny_data, "--budget", "0.6", "-o", combined, "-q")

@@ -15,7 +15,6 @@ from eetool.training import (
     EpochRecord,
     Mix,
     TrainConfig,
-    accuracy,
     augment_batch,
     cross_entropy_step,
     fit,
@@ -47,19 +46,19 @@ def test_fit_counts_and_learns() -> None:
     seen: list[EpochRecord] = []
     cfg = TrainConfig(epochs=4, batch_size=16, optimizer="adamw", lr=0.1, weight_decay=0.0, augment=False,
                       warmup_epochs=0)
-    before = accuracy(model, data, PRE, torch.device("cpu"))
     result = fit(model, data, PRE, cfg, eval_data=data, on_epoch=seen.append)
     assert result.samples_seen == cfg.epochs * len(data)
     assert [r.epoch for r in result.history] == [1, 2, 3, 4]
     assert [r.samples_seen for r in result.history] == [len(data) * k for k in (1, 2, 3, 4)]
     assert seen == result.history
-    assert result.history[-1].loss < result.history[0].loss
+    # chance is a tenth; four epochs reach 0.3 to 0.5 on every seed measured, and the loss falls by a fifth or more
+    assert result.history[-1].loss < 0.9 * result.history[0].loss
     assert not model.training
     # The recorded evaluation accuracy is the fraction of right answers, counted here one sample at a time.
     with torch.no_grad():
         right = sum(int(model(PRE(data.images[i:i + 1])).argmax(1)) == int(data.labels[i]) for i in range(len(data)))
     assert result.last.eval_accuracy == pytest.approx(right / len(data))
-    assert result.last.eval_accuracy > before
+    assert result.last.eval_accuracy >= 0.2
 
 
 def test_fit_on_tiny_data_counts_samples(tiny_data: str) -> None:

@@ -172,7 +172,7 @@ def _early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thre
     from eetool.commands.common import exit_rule
     from eetool.costs import measure
     from eetool.e2cm import ClassMeans
-    from eetool.errors import InputError, UsageError
+    from eetool.errors import UsageError
     from eetool.heads import load_heads
 
     if thresholds.endswith(".safetensors"):  # another eetool artifact (tensors) given where thresholds belong
@@ -187,13 +187,12 @@ def _early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thre
     cm, means_prov = ClassMeans.load(means) if means else (None, None)
     heads, heads_prov = load_heads(exit_heads) if exit_heads else (None, None)
     em, rule = exit_rule(ckpt, method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, device)
-    inputs = {"class-means": sha256_file(means)} if means else {}
-    if exit_heads:
+    # the artifacts the method was fitted with, each of which the thresholds must record
+    inputs = {"class-means": sha256_file(means)} if means and method in ("e2cm", "e2cm+sdn") else {}
+    if exit_heads and method != "e2cm":
         inputs["exit-heads"] = sha256_file(exit_heads)
     verify(thresholds, prov, checkpoint=ckpt.identity, exits=list(em.exits), inputs=inputs)
-    points = doc.get("points") or []
-    if not points or any(len(p.get("thresholds", [])) != len(em.exits) for p in points):
-        raise InputError(f"{thresholds} holds no usable operating points", "re-make it with `eetool fit-thresholds`")
+    points = _operating_points(thresholds, doc, len(em.exits))
     if point == "all":
         chosen = list(enumerate(points))
     else:
@@ -207,3 +206,32 @@ def _early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thre
     if cm is not None and method == "e2cm":
         return em, rule, cm.cost_model(), chosen, cm.clusters
     return em, rule, rule.cost_model(measure(em, ckpt.spec.input_shape).stage_macs), chosen, False
+
+
+def _operating_points(path: str, doc: dict[str, Any], num_exits: int) -> list[dict[str, Any]]:
+    """A thresholds artifact's points, each with a finite budget and one finite threshold per exit: a hand-edited
+    file (a NaN threshold lets no sample leave, a string one fails mid-run) is refused before anything runs."""
+    import math
+
+    from eetool.errors import InputError
+
+    remake = "re-make it with `eetool fit-thresholds`"
+
+    def finite(v: object) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    points = doc.get("points")
+    if not isinstance(points, list) or not points:
+        raise InputError(f"{path} holds no list of operating points", remake)
+    for i, p in enumerate(points):
+        if not isinstance(p, dict):
+            raise InputError(f"{path}: operating point {i} is not a mapping", remake)
+        t = p.get("thresholds")
+        if not isinstance(t, list) or len(t) != num_exits:
+            held = f"{len(t)} thresholds" if isinstance(t, list) else "no list of thresholds"
+            raise InputError(f"{path}: operating point {i} has {held} for {num_exits} exits", remake)
+        if not all(finite(v) for v in t):
+            raise InputError(f"{path}: operating point {i} has thresholds that are not finite numbers ({t})", remake)
+        if not finite(p.get("budget")):
+            raise InputError(f"{path}: operating point {i} has no budget that is a finite number", remake)
+    return points

@@ -123,10 +123,12 @@ def _describe_artifact(run: Run, path: str) -> None:
     else:
         import yaml
 
+        from eetool.artifacts import load_yaml, read_yaml_text
+
         if not Path(path).is_file():
             raise InputError(f"{path} does not exist", "check the path")
         try:
-            doc = yaml.safe_load(Path(path).read_text())
+            doc = load_yaml(read_yaml_text(path), path)
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             raise InputError(f"cannot read {path} as a checkpoint or artifact",
                              "inspect a .safetensors/.pt checkpoint or an eetool YAML output") from None

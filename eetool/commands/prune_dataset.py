@@ -151,7 +151,7 @@ def command(
     input_shas = {"indices": sha256_file(indices)} if indices else {}
 
     if from_scores:
-        records, phase, exit_name, location = _reuse(from_scores, full.fingerprint, positions, family, exit)
+        records, phase, exit_name, location = _reuse(from_scores, full.fingerprint, positions, family, exit, ckpt)
         input_shas["records"] = sha256_file(from_scores)
         run.reporter.log(f"reusing the {family} records of {from_scores}")
     else:
@@ -244,19 +244,41 @@ def _train(run: Run, device: Any, ckpt: Any, ds: Any, settings: Any, proxy_arch:
              "runs": result.runs, "samples_seen": result.samples_seen, "samples_scored": result.samples_scored,
              "seconds": round(result.seconds, 1),
              **({"proxy_arch": proxy_arch} if method == "svp" else {}),
-             **({"from_weights": from_weights} if method != "random" else {})}
+             **({"from_weights": from_weights, "model": _model_record(ckpt.spec)} if method != "random" else {})}
     return result.records, phase, result.exit, settings.exit if result.exit else None
 
 
 
 
-def _reuse(path: str, dataset: str, positions: Any, family: str, exit_location: str | None
+def _model_record(spec: Any) -> dict[str, Any]:
+    """What a pruning phase's records depend on besides the data: the model trained (its weights too with
+    --from-weights), as the provenance's JSON holds it."""
+    import json
+
+    return json.loads(json.dumps({"arch": spec.arch, "arch_args": spec.arch_args, "num_classes": spec.num_classes,
+                                  "input_shape": list(spec.input_shape), "mean": list(spec.mean),
+                                  "std": list(spec.std)}, sort_keys=True, default=str))
+
+
+# The records each family's pruning phase leaves, one per sample, and their kind of values.
+RECORD_KINDS = {
+    "eeprune": {"qualified": "float", "early_loss": "float", "final_loss": "float", "early_margin": "float",
+                "final_margin": "float", "early_correct": "bool", "final_correct": "bool"},
+    "random": {"random": "float"},
+    "el2n": {"el2n": "float"},
+    "forgetting": {"forgotten": "int", "learned": "bool"},
+    "svp": {"forgotten": "int", "learned": "bool"},
+}
+
+
+def _reuse(path: str, dataset: str, positions: Any, family: str, exit_location: str | None, ckpt: Any
            ) -> tuple[dict[str, Any], dict[str, Any], str | None, str | None]:
     import torch
 
     from eetool.artifacts import read_tensors, verify
-    from eetool.errors import InputError, UsageError
+    from eetool.errors import InputError, ProvenanceError, UsageError
 
+    remake = "re-make it with `eetool prune-dataset`"
     tensors, prov, _ = read_tensors(path, "indices")
     verify(path, prov, dataset=dataset)
     phase = prov.args.get("pruning_phase")
@@ -268,12 +290,35 @@ def _reuse(path: str, dataset: str, positions: Any, family: str, exit_location: 
     if not torch.equal(tensors["positions"], positions):
         raise UsageError(f"{path} was made on other samples of the dataset (another --indices)",
                          "pass the same --indices as the run that made it")
+    if family != "random":  # random records depend on the seed alone
+        if phase.get("from_weights") or not isinstance(phase.get("model"), dict):
+            verify(path, prov, checkpoint=ckpt.identity)  # the trained weights themselves came in
+        elif phase["model"] != _model_record(ckpt.spec):
+            made = phase["model"]
+            raise ProvenanceError(f"{path} holds records of a {made.get('arch')} {made.get('arch_args')} with "
+                                  f"{made.get('num_classes')} classes, not of this checkpoint's {ckpt.spec.arch} "
+                                  f"{ckpt.spec.arch_args} with {ckpt.spec.num_classes}",
+                                  "use the checkpoint the records were made with, or train afresh")
     exit_name = prov.exits[0] if prov.exits else None
     location = prov.args.get("exit_location")
+    if family == "eeprune" and (exit_name is None or not isinstance(location, str | None)):
+        raise ProvenanceError(f"{path} records no early exit for its eeprune records", remake)
     if exit_location is not None and exit_location not in (exit_name, location):
         raise UsageError(f"{path} has records from the exit after {exit_name}, not --exit {exit_location}",
                          "drop --exit, or train afresh for another exit")
     records = {k.removeprefix("records."): v for k, v in tensors.items() if k.startswith("records.")}
+    for name, kind in RECORD_KINDS[family].items():
+        values = records.get(name)
+        if values is None:
+            raise InputError(f"{path} has no '{name}' record, which {family} pruning needs", remake)
+        if values.shape != (positions.numel(),):
+            raise InputError(f"{path}: record '{name}' has shape {tuple(values.shape)}, not one value for each of "
+                             f"its {positions.numel()} samples", remake)
+        found = "bool" if values.dtype == torch.bool else "float" if values.dtype.is_floating_point else "int"
+        if found != kind:
+            raise InputError(f"{path}: record '{name}' holds {values.dtype} values, not {kind}s", remake)
+        if kind == "float" and name != "qualified" and not bool(torch.isfinite(values).all()):
+            raise InputError(f"{path}: record '{name}' holds values that are not finite numbers", remake)
     return records, {**phase, "reused_from": path}, exit_name, location
 
 
