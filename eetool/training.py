@@ -26,6 +26,7 @@ from eetool.reporting import Reporter
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass
@@ -64,8 +65,8 @@ class TrainConfig:
         if self.samples < 0:
             raise UsageError("--samples must not be negative", "give the number of samples to train on")
         for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "mixup"):
-            if not math.isfinite(getattr(self, name)):
-                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} is not a finite number",
+            if not abs(getattr(self, name)) <= FLOAT32_MAX:  # nan and inf too; torch cannot step with more
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} is not a finite 32-bit number",
                                  "give a number such as 0.1")
         if self.lr <= 0:
             raise UsageError("--lr must be positive", "e.g. --lr 0.1 for SGD, 1e-3 for AdamW")
