@@ -85,4 +85,4 @@ def _stdout_to_devnull() -> None:
     if devnull != 1:
         os.dup2(devnull, 1)
         os.close(devnull)
-    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - stdout lives as long as the process
+    sys.stdout = open(1, "w", closefd=False)
