@@ -14,6 +14,8 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +24,7 @@ import yaml
 
 from eetool import __version__
 from eetool.errors import EetoolError, InputError, OutputError, ProvenanceError
+from eetool.interrupts import deferred
 
 if TYPE_CHECKING:
     import torch
@@ -165,25 +168,121 @@ def check_output(path: str, *, force: bool, inputs: tuple[str | None, ...] = ())
 
 
 def atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part.
+
+    An interrupt (Ctrl-C, SIGTERM, SIGHUP) at any point removes the temp file: the two critical moments,
+    creating the temp file and renaming it, hold the signal until they are done (``interrupts.deferred``)."""
     if path == STDOUT:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         return
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
+    tmp: str | None = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        with deferred():
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
+            f = os.fdopen(fd, "wb")
+        with f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, target)
+        with deferred():
+            os.replace(tmp, target)
+            tmp = None
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise OutputError(f"cannot write {path}: {e.strerror}", "check the disk space and permissions") from None
         raise
+
+
+@contextmanager
+def output_set(paths: Sequence[str]) -> Iterator[list[str]]:
+    """Outputs that appear together or not at all (prune-dataset's kept, pruned and summary files).
+
+    Yields one temp path (in the target's folder) per output; the block writes each member to its temp
+    path with the usual writers. When the block ends normally every temp file is renamed onto its
+    output; when it fails or is interrupted, every temp file is removed and no output changes. The
+    renames themselves are the one window that is not atomic: they run one after another with
+    interrupts held, so only an error of the file system in the middle of them (a disk pulled out)
+    could leave some members renamed and others not.
+    """
+    if STDOUT in paths:
+        raise OutputError("outputs written together cannot go to stdout", "give file names")
+    temps: list[str] = []
+    try:
+        with deferred():
+            for path in paths:
+                target = Path(path)
+                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
+                os.close(fd)
+                temps.append(tmp)
+        yield list(temps)
+        with deferred():
+            for tmp, path in zip(temps, paths, strict=True):
+                os.replace(tmp, path)
+            temps.clear()
+    except BaseException as e:
+        for tmp in temps:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {', '.join(paths)}: {e.strerror}",
+                              "check the disk space and permissions") from None
+        raise
+
+
+class OutputLock:
+    """``OUTPUT.lock``, held (``flock``, not waited for) while a run writes OUTPUT or uses ``OUTPUT.resume*``.
+
+    A second run on the same output is refused instead of interleaving its writes with the first's.
+    The file holds the holder's pid for the error message and is removed when the lock is released.
+    """
+
+    def __init__(self, output: str) -> None:
+        import fcntl
+
+        self.path = f"{output}.lock"
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise OutputError(f"cannot create the lock file {self.path}: {e.strerror}",
+                                  "check the folder's permissions") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputError(f"{output} is being written by another eetool run ({_holder(self.path)})",
+                                  "wait for it to finish, or write to another file") from None
+            # The holder before us may have removed the file between our open and our lock: then we hold a
+            # lock on a file nobody else can find, and try again on the path as it is now.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with deferred():
+                Path(self.path).unlink(missing_ok=True)  # before the unlock: no one locks a file about to vanish
+                os.close(self.fd)
+                self.fd = None
+
+
+def _holder(lock_path: str) -> str:
+    try:
+        pid = Path(lock_path).read_text().strip()
+    except OSError:
+        pid = ""
+    return f"pid {pid}" if pid.isdigit() else "pid unknown"
 
 
 def _umask() -> int:
@@ -200,6 +299,8 @@ def write_tensors(path: str, tensors: dict[str, torch.Tensor], prov: Provenance,
                   extra: dict[str, str] | None = None) -> None:
     from safetensors.torch import save
 
+    if path == STDOUT:  # the commands refuse it first, as a usage error; this guards every other caller
+        raise OutputError("safetensors artifacts are binary and do not go to stdout", "give a file name")
     meta = prov.to_metadata()
     meta.update(extra or {})
     atomic_write(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))

@@ -6,6 +6,7 @@ functions, so ``eetool --help`` and tab completion stay fast.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -73,4 +74,15 @@ for _name in COMMANDS:
 
 
 def main() -> None:
+    if sys.stdout is None:  # started with stdout closed (>&-): what goes there is dropped, like > /dev/null
+        _stdout_to_devnull()
     app(prog_name="eetool")
+
+
+def _stdout_to_devnull() -> None:
+    """Put /dev/null at file descriptor 1, so that no file eetool opens later takes the place of stdout."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    if devnull != 1:
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    sys.stdout = open(1, "w", closefd=False)

@@ -140,6 +140,8 @@ def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_
                 sums.update([pooling.apply(f) for f in feats], labels)
                 bar.advance()
         centres, counts = sums.means(), sums.counts
+        for name, m in zip(exit_model.exits, centres, strict=True):
+            _require_finite(m, f"the class means at exit {name}")
     t1 = time.perf_counter()
     means = [m.to(device) for m in centres]
     means_sq = [(m * m).sum(1) for m in means]
@@ -159,9 +161,12 @@ def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_
                 dist_sum[e] += d.double().sum(0).cpu()
                 if raw is not None:
                     raw[pos, e] = d.cpu()
+            _require_finite(logits, "the model's outputs")
             final[pos] = logits.argmax(1).cpu()
             bar.advance()
     normalisers = (dist_sum / n).float()
+    for name, row in zip(exit_model.exits, normalisers, strict=True):
+        _require_finite(row, f"the distances at exit {name}")
     if raw is not None:
         conf, pred = torch.empty(n, j), torch.empty(n, j, dtype=torch.int64)
         for start in range(0, n, 4096):  # in chunks: the softmax's temporaries stay small
@@ -181,6 +186,13 @@ def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_
         counts = torch.bincount(final, minlength=num_classes)
     return Calibration([m.cpu() for m in means], normalisers, counts, conf, pred,
                        final, data.labels.clone(), dims, (t1 - t0, t2 - t1))
+
+
+def _require_finite(values: torch.Tensor, what: str) -> None:
+    """NaN or infinite features (weights that are, or activations that overflow) must not become an artifact."""
+    if not bool(torch.isfinite(values).all()):
+        raise InputError(f"{what} are NaN or infinite: the model produces non-finite values",
+                         "check the checkpoint's weights (and --mean/--std of foreign weights)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,10 +9,12 @@ stderr with a documented exit code.
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import inspect
 import json
 import math
+import os
 import sys
 import traceback
 import typing
@@ -29,10 +31,13 @@ from typer.models import OptionInfo
 from eetool.archs import ALL_ARCHS, MAX_CLASSES, MAX_INPUT_CHANNELS, MAX_INPUT_SIDE, ModelOptions
 from eetool.choices import EXIT_SELECTIONS, OPTIMIZERS, SCHEDULES, SPLITS
 from eetool.errors import EetoolError, ExitCode, UsageError
+from eetool.interrupts import Interrupted, interrupts_raise
 from eetool.reporting import ConsoleReporter
 
 if TYPE_CHECKING:
     import torch
+
+    from eetool.artifacts import OutputLock
 
 
 class Format(str, Enum):
@@ -171,6 +176,7 @@ class Run:
     resumable: str = ""  # set by a command once its resumable state exists: how to continue after Ctrl-C
     model_options: ModelOptions = field(default_factory=ModelOptions)  # for checkpoints that do not record them
     reporter: ConsoleReporter = field(init=False)
+    locks: list[OutputLock] = field(default_factory=list)  # of the outputs, held until the command ends
 
     def __post_init__(self) -> None:
         self.reporter = ConsoleReporter(quiet=self.quiet, verbose=self.verbose, progress=self.progress)
@@ -192,14 +198,26 @@ class Run:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device_name.value)
 
-    def check_output(self, output: str, *, force: bool, inputs: tuple[str | None, ...] = ()) -> None:
+    def check_output(self, output: str, *, force: bool, inputs: tuple[str | None, ...] = (), flag: str = "-o",
+                     binary: bool = False) -> None:
         """Refuse an output that exists (without --force), is an input (--config included) or cannot be written,
-        and YAML on stdout (``-o -``) that would mix with --format json."""
-        from eetool.artifacts import STDOUT, check_output
+        a ``binary`` (safetensors) output on stdout, and YAML on stdout (``-o -``) that would mix with --format json.
+        Then lock it (``OUTPUT.lock``) until the command ends, so that no other run writes it meanwhile."""
+        from eetool.artifacts import STDOUT, OutputLock, check_output
 
+        if output == STDOUT and binary:
+            raise UsageError(f"{flag} - would put a binary safetensors file on stdout, which is for text and YAML",
+                             f"give a file name, e.g. {flag} out.safetensors")
         if output == STDOUT and self.json:
             raise UsageError("-o - and --format json both ask for stdout", "drop one, or write the YAML to a file")
         check_output(output, force=force, inputs=(*inputs, str(self.config) if self.config else None))
+        if output != STDOUT:
+            self.locks.append(OutputLock(output))
+
+    def release(self) -> None:
+        """Release the outputs' locks (the wrapper calls it however the command ends)."""
+        while self.locks:
+            self.locks.pop().release()
 
     def emit(self, doc: dict[str, Any], text: Callable[[dict[str, Any]], str]) -> None:
         """Write the command's result to stdout: JSON led by its schema, or text made by ``text``."""
@@ -223,6 +241,12 @@ def _finite(value: Any) -> Any:
     return value
 
 
+# torch seeds are 64-bit; half the range leaves room for the seeds derived from --seed (one per el2n model).
+MAX_SEED = 2**63 - 1
+# More threads than any machine has cores only slows torch down (and very many fail to start).
+MAX_THREADS = 4096
+
+
 def _common_parameters() -> list[inspect.Parameter]:
     def opt(name: str, annotation: Any, default: Any) -> inspect.Parameter:
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
@@ -236,11 +260,13 @@ def _common_parameters() -> list[inspect.Parameter]:
                                                      rich_help_panel=COMMON)], Format.text),
         opt("no_progress", Annotated[bool, typer.Option("--no-progress", help="Hide progress bars (also hidden when "
                                                         "stderr is not a terminal).", rich_help_panel=COMMON)], False),
-        opt("seed", Annotated[int, typer.Option("--seed", help="Random seed.", rich_help_panel=COMMON)], 0),
+        opt("seed", Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, help="Random seed.",
+                                                rich_help_panel=COMMON)], 0),
         opt("device", Annotated[Device, typer.Option("--device", help="Where to run: cpu, cuda or auto.",
                                                      rich_help_panel=COMMON)], Device.auto),
-        opt("threads", Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for torch.",
-                                                          rich_help_panel=COMMON)], None),
+        opt("threads", Annotated[int | None, typer.Option("--threads", min=1, max=MAX_THREADS,
+                                                          help="CPU threads for torch.", rich_help_panel=COMMON)],
+            None),
         opt("config", Annotated[Path | None, typer.Option("--config", help="YAML file of options; explicit flags "
                                                           "override it.", rich_help_panel=COMMON)], None),
         opt("debug", Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.",
@@ -277,36 +303,43 @@ def eetool_command(kind: str, *, model_options: bool = False) -> Callable[[Calla
             run: Run | None = None
             with warnings.catch_warnings(record=True) as caught:
                 try:
-                    kwargs = _apply_config(ctx, kwargs)
-                    debug, verbose = bool(kwargs["debug"]), bool(kwargs["verbose"] or kwargs["debug"])
-                    quiet = bool(kwargs["quiet"])
-                    _check_required(ctx, kwargs, required)
-                    run = Run(
-                        command=func.__name__ if func.__name__ != "command" else kind,
-                        schema=f"eetool/{kind}@1",
-                        quiet=kwargs["quiet"], verbose=kwargs["verbose"], format=kwargs["format"],
-                        progress=not kwargs["no_progress"], seed=kwargs["seed"], device_name=kwargs["device"],
-                        threads=kwargs["threads"], debug=kwargs["debug"], config=kwargs["config"],
-                    )
-                    own_kwargs = {k: v for k, v in kwargs.items() if k not in COMMON_NAMES + MODEL_NAMES}
-                    run.args = {k: (v.value if isinstance(v, Enum) else v) for k, v in own_kwargs.items()}
-                    if model_options:
-                        run.model_options = _model_options(kwargs)
-                        run.args.update({k: kwargs[k] for k in MODEL_NAMES if kwargs[k] is not None})
-                    run.args["seed"] = run.seed
-                    func(run, **own_kwargs)
+                    with interrupts_raise():  # SIGTERM and SIGHUP end the run as Ctrl-C does
+                        kwargs = _apply_config(ctx, kwargs)
+                        debug, verbose = bool(kwargs["debug"]), bool(kwargs["verbose"] or kwargs["debug"])
+                        quiet = bool(kwargs["quiet"])
+                        _check_required(ctx, kwargs, required)
+                        run = Run(
+                            command=func.__name__ if func.__name__ != "command" else kind,
+                            schema=f"eetool/{kind}@1",
+                            quiet=kwargs["quiet"], verbose=kwargs["verbose"], format=kwargs["format"],
+                            progress=not kwargs["no_progress"], seed=kwargs["seed"], device_name=kwargs["device"],
+                            threads=kwargs["threads"], debug=kwargs["debug"], config=kwargs["config"],
+                        )
+                        own_kwargs = {k: v for k, v in kwargs.items() if k not in COMMON_NAMES + MODEL_NAMES}
+                        run.args = {k: (v.value if isinstance(v, Enum) else v) for k, v in own_kwargs.items()}
+                        if model_options:
+                            run.model_options = _model_options(kwargs)
+                            run.args.update({k: kwargs[k] for k in MODEL_NAMES if kwargs[k] is not None})
+                        run.args["seed"] = run.seed
+                        try:
+                            func(run, **own_kwargs)
+                        finally:
+                            run.release()
                 except EetoolError as e:
                     _fail(e.exit_code, f"error: {e}", debug, caught if verbose else [])
-                except KeyboardInterrupt:
+                except KeyboardInterrupt as e:
+                    by = f" by {e.signal_name}" if isinstance(e, Interrupted) and e.signal_name != "SIGINT" else ""
                     resume = f" (hint: {run.resumable})" if run is not None and run.resumable else ""
-                    _fail(ExitCode.INTERRUPTED, f"interrupted: no output was written (partial files are removed)"
-                          f"{resume}", debug, caught if verbose else [])
+                    _fail(ExitCode.INTERRUPTED, f"interrupted{by}: no output was written (partial files are "
+                          f"removed){resume}", debug, caught if verbose else [])
                 except (typer.Exit, typer.Abort):
                     raise
+                except OSError as e:
+                    if e.errno == errno.EPIPE:  # BrokenPipeError: stdout's reader has gone
+                        stdout_gone()
+                    _internal(e, debug, caught if verbose else [])
                 except Exception as e:  # a bug: one line, unless --debug asks for the traceback
-                    first = str(e).splitlines()[0] if str(e).strip() else ""
-                    _fail(ExitCode.INTERNAL, f"internal error: {type(e).__name__}: {first} "
-                          "(hint: rerun with --debug and report the traceback)", debug, caught if verbose else [])
+                    _internal(e, debug, caught if verbose else [])
             if not quiet:
                 _show_warnings(caught)
 
@@ -361,6 +394,24 @@ def _fail(code: ExitCode, line: str, debug: bool, caught: list[warnings.WarningM
     sys.stderr.write(line.replace("\n", " ") + "\n")
     sys.stderr.flush()
     raise typer.Exit(int(code))
+
+
+def _internal(e: Exception, debug: bool, caught: list[warnings.WarningMessage]) -> None:
+    first = str(e).splitlines()[0] if str(e).strip() else ""
+    _fail(ExitCode.INTERNAL, f"internal error: {type(e).__name__}: {first} "
+          "(hint: rerun with --debug and report the traceback)", debug, caught)
+
+
+def stdout_gone() -> None:
+    """The reader of stdout has gone (``| head``, ``| true``): end quietly with exit 141, as a tool that SIGPIPE
+    ends does. stdout is pointed at /dev/null so that Python's flush at exit does not fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no stdout to point anywhere
+        pass
+    raise typer.Exit(int(ExitCode.BROKEN_PIPE))
 
 
 def _apply_config(ctx: typer.Context, kwargs: dict[str, Any]) -> dict[str, Any]:

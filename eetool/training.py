@@ -25,6 +25,8 @@ from eetool.datasets import Dataset, Preprocess
 from eetool.errors import InputError, UsageError
 from eetool.reporting import Reporter
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
 
 @dataclass
 class TrainConfig:
@@ -61,8 +63,21 @@ class TrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1", "give a positive number")
         if self.samples < 0:
             raise UsageError("--samples must not be negative", "give the number of samples to train on")
+        for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "mixup"):
+            if not abs(getattr(self, name)) <= FLOAT32_MAX:  # nan and inf too; torch cannot step with more
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} is not a finite 32-bit number",
+                                 "give a number such as 0.1")
         if self.lr <= 0:
             raise UsageError("--lr must be positive", "e.g. --lr 0.1 for SGD, 1e-3 for AdamW")
+        if not 0 <= self.momentum < 1:
+            raise UsageError(f"--momentum must be in [0, 1), not {self.momentum}", "e.g. 0.9, or 0 for plain SGD")
+        # Negative values would make the optimiser grow the weights, or the schedule and mixup undefined.
+        for name, example in (("weight_decay", "5e-4, or 0 for none"), ("mixup", "0.2, or 0 for none"),
+                              ("warmup_epochs", "1, or 0 for none")):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must not be negative, not {getattr(self, name)}",
+                                 f"e.g. {example}")
+        # A warm-up longer than the training is allowed: the schedule clamps it, so the rate rises for the whole run.
         if not 0 <= self.label_smoothing < 1:
             raise UsageError("--label-smoothing must be in [0, 1)", "e.g. 0.1")
 
@@ -230,6 +245,9 @@ def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfi
                     mix = Mix(torch.randperm(x.shape[0], generator=gen).to(device), lam)
                     x = lam * x + (1 - lam) * x[mix.perm]
                 loss, logits = step(model, x, y, mix)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):  # before the step: the weights stay those of the last good one
+                    raise _diverged(f"the loss is {loss_value} in epoch {epoch + 1}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -238,9 +256,12 @@ def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfi
                     tracker.after_step(positions)
                 n = int(y.shape[0])
                 seen += n
-                loss_sum += float(loss.detach()) * n
+                loss_sum += loss_value * n
                 correct += (logits.detach().argmax(1) == y).sum().cpu()
                 bar.advance(1, loss=float(loss_sum) / seen, acc=int(correct) / seen)
+        # A last step can overflow the weights with a finite loss; no state or checkpoint of them is written.
+        if not all(bool(torch.isfinite(p).all()) for group in opt.param_groups for p in group["params"]):
+            raise _diverged(f"the weights are not finite after epoch {epoch + 1}")
         result.samples_seen += seen
         record = EpochRecord(epoch + 1, float(loss_sum) / seen, int(correct) / seen, result.samples_seen,
                              time.perf_counter() - t0)
@@ -258,6 +279,11 @@ def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfi
             on_epoch(record)
     model.eval()
     return result
+
+
+def _diverged(what: str) -> UsageError:
+    """Training that ran away is the training options' doing (the rate, mostly), so a usage error (exit 2)."""
+    return UsageError(f"training diverged: {what}; no output was written", "lower --lr (e.g. 10 times)")
 
 
 def write_state(path: str, state: dict[str, Any]) -> None:

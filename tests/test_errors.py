@@ -276,6 +276,7 @@ PRUNE = ["prune-dataset", "-c", "{ckpt}", "-d", "{data}", "-o", "{out}/kept.safe
 RECORDS = ["--from-scores", "{inp}/random-kept.safetensors"]
 DEMO_CHECKPOINT = str(demo_path("demo-resnet20-fashion-mnist.safetensors"))
 DEMO_DATA = str(demo_path("demo-data.safetensors"))
+EXITS = ["train-exits", "-c", "{ckpt}", "-d", "{data}"]
 
 
 def _root_can_write(out: Path) -> str | None:
@@ -542,6 +543,33 @@ CASES = [
     Case("output-is-the-demo-checkpoint", [*EVAL[:-1], DEMO_CHECKPOINT, "--force"], OUTPUT, says="demo"),
     Case("output-is-the-demo-data", [*EVAL[:4], "demo", "-o", DEMO_DATA, "--force"], OUTPUT, says="demo"),
     Case("output-into-the-demo-folder", [*EVAL[:-1], str(demo_path("new.yaml"))], OUTPUT, says="demo"),
+    # binary outputs never go to stdout
+    Case("calibrate-output-to-stdout", [*CALIBRATE[:-1], "-"], USAGE, says="binary"),
+    Case("train-exits-output-to-stdout", [*EXITS, "-o", "-"], USAGE, says="binary"),
+    Case("train-exits-backbone-output-to-stdout", [*EXITS, "-o", "{out}/heads.safetensors", "--joint",
+                                                   "--backbone-output", "-"], USAGE, says="--backbone-output -"),
+    Case("train-exits-backbone-output-is-the-output", [*EXITS, "-o", "{out}/heads.safetensors", "--joint",
+                                                       "--backbone-output", "{out}/heads.safetensors"], USAGE,
+         says="same file"),
+    Case("prune-pruned-output-to-stdout", [*PRUNE, "--pruned-output", "-"], USAGE),
+    Case("prune-summary-to-stdout", [*PRUNE, "--summary", "-"], USAGE, says="--summary"),
+    # training options that are not numbers, or out of their range
+    Case("train-lr-nan", [*TRAIN, "--lr", "nan"], USAGE, says="--lr nan is not a finite"),
+    Case("train-lr-inf", [*TRAIN, "--lr", "inf"], USAGE, says="--lr inf is not a finite"),
+    Case("train-lr-beyond-float32", [*TRAIN, "--lr", "1e300"], USAGE, says="--lr"),
+    Case("train-momentum-negative", [*TRAIN, "--momentum", "-0.5"], USAGE, says="--momentum"),
+    Case("train-momentum-one", [*TRAIN, "--momentum", "1"], USAGE, says="--momentum"),
+    Case("train-weight-decay-negative", [*TRAIN, "--weight-decay", "-1"], USAGE, says="--weight-decay"),
+    Case("train-weight-decay-nan", [*TRAIN, "--weight-decay", "nan"], USAGE, says="--weight-decay"),
+    Case("train-mixup-negative", [*TRAIN, "--mixup", "-1"], USAGE, says="--mixup"),
+    Case("train-warmup-negative", [*TRAIN, "--warmup-epochs", "-1"], USAGE, says="--warmup-epochs"),
+    Case("train-label-smoothing-nan", [*TRAIN, "--label-smoothing", "nan"], USAGE, says="--label-smoothing"),
+    Case("train-exits-lr-nan", [*EXITS, "-o", "{out}/heads.safetensors", "--lr", "nan"], USAGE, says="--lr"),
+    Case("prune-lr-inf", [*PRUNE, "--lr", "inf"], USAGE, says="--lr"),
+    Case("prune-weight-decay-negative", [*PRUNE, "--weight-decay", "-1"], USAGE, says="--weight-decay"),
+    Case("seed-negative", [*EVAL, "--seed", "-1"], USAGE, says="--seed"),
+    Case("seed-beyond-64-bits", [*TRAIN, "--seed", str(2**70)], USAGE, says="--seed"),
+    Case("threads-absurd", [*EVAL, "--threads", "100000"], USAGE, says="--threads"),
     Case("prune-unlabelled", ["prune-dataset", "-c", "{ckpt}", "-d", "safetensors:{inp}/unlabelled.safetensors",
                               "--split", "test", "-o", "{out}/k.safetensors", "--ratio", "0.5", "-m", "random"],
          BAD_INPUT, says="unlabelled"),

@@ -56,7 +56,7 @@ def command(
     from eetool.e2cm import ClassMeans, Pooling, calibrate
     from eetool.exits import build_exit_model
 
-    run.check_output(output, force=force, inputs=(checkpoint, indices, data_path(data)))
+    run.check_output(output, force=force, inputs=(checkpoint, indices, data_path(data)), binary=True)
     ckpt = open_checkpoint(run, checkpoint)
     device = run.torch()
     ds = load_dataset(data, split, indices)

@@ -28,7 +28,7 @@ def command(
     if output == STDOUT or not output.endswith(".safetensors"):
         raise UsageError(f"-o {output}: an eetool checkpoint is a .safetensors file",
                          "give a file name ending in .safetensors")
-    run.check_output(output, force=force, inputs=(checkpoint,))
+    run.check_output(output, force=force, inputs=(checkpoint,), binary=True)
     ckpt = open_checkpoint(run, checkpoint)
     names = [c.strip() for c in classes.split(",")] if classes else []
     if names and (len(names) != ckpt.spec.num_classes or not all(names)):

@@ -94,6 +94,7 @@ def command(
     force: ForceOpt = False,
 ) -> None:
     """Choose the samples to drop from a training set (EEPrune or a baseline) and write the ones to keep. Writes -o."""
+    from eetool.artifacts import STDOUT
     from eetool.errors import InputError, UsageError
     from eetool.options import parse_floats
 
@@ -124,8 +125,12 @@ def command(
     outputs = [p for p in (output, pruned_output, summary) if p]
     if len(set(outputs)) != len(outputs):
         raise UsageError("-o, --pruned-output and --summary name the same file", "give each its own name")
-    for path in outputs:
-        run.check_output(path, force=force or resume, inputs=inputs)
+    if summary == STDOUT:
+        raise UsageError("--summary - : the summary is written with the indices, as a file",
+                         "give it a file name, or drop --summary (OUTPUT with .yaml)")
+    for flag, path in zip(("-o", "--pruned-output", "--summary"), (output, pruned_output, summary), strict=True):
+        if path is not None:
+            run.check_output(path, force=force or resume, inputs=inputs, flag=flag, binary=flag != "--summary")
     state_dir = f"{output}.resume"
     if resume and not Path(state_dir).is_dir():
         raise InputError(f"no resumable state at {state_dir}", "run without --resume to start afresh")
@@ -135,11 +140,16 @@ def command(
     import torch
 
     from eetool import dataset_pruning as dp
-    from eetool.artifacts import Provenance, sha256_file, write_tensors, write_yaml
+    from eetool.artifacts import Provenance, output_set, sha256_file, write_tensors, write_yaml
     from eetool.commands.common import open_checkpoint
     from eetool.datasets import check_labels, load_dataset, load_indices, require_labels
     from eetool.training import TrainConfig
 
+    cfg = TrainConfig(epochs=epochs or dp.DEFAULT_EPOCHS[method] or 1, batch_size=batch_size, optimizer=optimizer,
+                      lr=lr, weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
+                      augment=augment, seed=run.seed)
+    if not from_scores:
+        cfg.validate()  # before any data is loaded
     ckpt = open_checkpoint(run, checkpoint)
     device = run.torch()
     full = load_dataset(data, split)
@@ -155,10 +165,6 @@ def command(
         input_shas["records"] = sha256_file(from_scores)
         run.reporter.log(f"reusing the {family} records of {from_scores}")
     else:
-        cfg = TrainConfig(epochs=epochs or dp.DEFAULT_EPOCHS[method] or 1, batch_size=batch_size,
-                          optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule=schedule,
-                          warmup_epochs=warmup_epochs, augment=augment, seed=run.seed)
-        cfg.validate()
         settings = dp.PhaseSettings(method, cfg, exit=exit or "mid", models=models)
         records, phase, exit_name, location = _train(run, device, ckpt, ds, settings, proxy_arch,
                                                      proxy_arch_args, from_weights, state_dir, resume)
@@ -191,11 +197,13 @@ def command(
                       inputs=input_shas)
     tensors = {"indices": kept, "pruned": pruned, "positions": positions, "priority": scores,
                **{f"records.{k}": v for k, v in records.items()}}
-    write_tensors(output, tensors, prov)
-    if pruned_output:
-        write_tensors(pruned_output, {"indices": pruned}, Provenance(**{**vars(prov), "args": {**prov.args,
-                                                                                                "role": "pruned"}}))
-    write_yaml(summary, {**result_doc, "output": output, "pruned_output": pruned_output}, prov)
+    with output_set(outputs) as temps:  # kept, pruned and summary appear together or not at all
+        written = dict(zip(outputs, temps, strict=True))
+        write_tensors(written[output], tensors, prov)
+        if pruned_output:
+            write_tensors(written[pruned_output], {"indices": pruned},
+                          Provenance(**{**vars(prov), "args": {**prov.args, "role": "pruned"}}))
+        write_yaml(written[summary], {**result_doc, "output": output, "pruned_output": pruned_output}, prov)
     if Path(state_dir).is_dir():
         shutil.rmtree(state_dir)
     run.reporter.log(f"wrote {', '.join(p for p in (output, pruned_output, summary) if p)}")

@@ -58,17 +58,14 @@ def command(
     force: ForceOpt = False,
 ) -> None:
     """Train a model (or fine-tune --checkpoint) and write an eetool checkpoint. Reads a dataset; writes -o."""
-    from eetool.artifacts import STDOUT, Provenance
+    from eetool.artifacts import Provenance
     from eetool.checkpoint import save_checkpoint
     from eetool.commands.common import open_checkpoint
     from eetool.datasets import Preprocess, check_labels, load_dataset, require_labels
-    from eetool.errors import InputError, UsageError
+    from eetool.errors import InputError
     from eetool.training import TrainConfig, fit
 
-    if output == STDOUT:
-        raise UsageError("train writes a binary checkpoint, not to stdout",
-                         "give a file name, e.g. -o model.safetensors")
-    run.check_output(output, force=force or resume, inputs=(checkpoint, indices, data_path(data)))
+    run.check_output(output, force=force or resume, inputs=(checkpoint, indices, data_path(data)), binary=True)
     resume_path = f"{output}.resume.pt"
     if resume and not Path(resume_path).is_file():  # before any data is loaded
         raise InputError(f"no resumable state at {resume_path}", "run without --resume to start afresh")

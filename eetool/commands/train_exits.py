@@ -71,7 +71,7 @@ def command(
     force: ForceOpt = False,
 ) -> None:
     """Attach heads at the exits of a checkpoint and train them (frozen backbone or jointly). Writes -o."""
-    from eetool.artifacts import Provenance, sha256_file, verify
+    from eetool.artifacts import Provenance, output_set, sha256_file, verify
     from eetool.checkpoint import model_sha256, save_checkpoint
     from eetool.commands.common import open_checkpoint
     from eetool.datasets import Preprocess, check_labels, load_dataset
@@ -88,9 +88,15 @@ def command(
     if backbone_output and not joint:
         raise UsageError("--backbone-output is only written with --joint", "drop it, or add --joint")
     inputs = (checkpoint, indices, data_path(data), means)
-    run.check_output(output, force=force, inputs=inputs)
+    run.check_output(output, force=force, inputs=inputs, binary=True)
     if backbone_output:
-        run.check_output(backbone_output, force=force, inputs=(*inputs, output))
+        if backbone_output == output:
+            raise UsageError("-o and --backbone-output name the same file", "give each its own name")
+        run.check_output(backbone_output, force=force, inputs=(*inputs, output), flag="--backbone-output",
+                         binary=True)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                      schedule=schedule, augment=augment, seed=run.seed, samples=samples or 0)
+    cfg.validate()  # before any data is loaded
     ckpt = open_checkpoint(run, checkpoint)
     device = run.torch()
     train_data = load_dataset(data, split, indices)
@@ -105,30 +111,29 @@ def command(
     spec = HeadsSpec(head, list(em.exits), shapes, ckpt.spec.num_classes, pool_size, cm is not None,
                      parse_weights(exit_weights, len(em.exits)))
     heads = ExitHeads(spec)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-                      schedule=schedule, augment=augment, seed=run.seed, samples=samples or 0)
     trainer = ExitTrainer(em, heads, cm, spec.weights, joint=joint)
     preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
     run.reporter.log(f"training {head} heads at {len(em.exits)} exits of {ckpt.label} "
                      f"({'jointly' if joint else 'backbone frozen'}) on {train_data.spec}")
     result = fit(trainer, train_data, preprocess, cfg, device=device, params=trainer.trainable_parameters(),
                  step=trainer.step, resume_path=None, reporter=run.reporter)
-    backbone_sha, backbone_model_sha = ckpt.sha256, ckpt.model_sha256
-    if joint and backbone_output:
-        save_checkpoint(backbone_output, ckpt.model.cpu(), ckpt.spec,
-                        Provenance(kind="checkpoint", checkpoint_sha256=ckpt.sha256,
-                                   model_sha256=ckpt.model_sha256, dataset=train_data.fingerprint,
-                                   args={**run.args, "training": {"samples_seen": result.samples_seen}}))
-        backbone_sha, backbone_model_sha = sha256_file(backbone_output), model_sha256(ckpt.spec, ckpt.model)
-        run.reporter.log(f"wrote {backbone_output}")
     training = {"samples_seen": result.samples_seen, "epochs": len(result.history), "seconds": round(result.seconds, 1),
                 "loss": round(result.last.loss, 6)}
-    prov = Provenance(kind="exit-heads", checkpoint_sha256=backbone_sha, model_sha256=backbone_model_sha,
-                      exits=list(em.exits),
-                      dataset=train_data.fingerprint, args={**run.args, "training": training},
-                      inputs={"class-means": sha256_file(means)} if means else {})
-    save_heads(output, heads.cpu(), prov)
-    run.reporter.log(f"wrote {output}")
+    # The heads name the backbone they were trained with: with --joint both files appear together or neither.
+    with output_set([output, *([backbone_output] if joint and backbone_output else [])]) as temps:
+        backbone_sha, backbone_model_sha = ckpt.sha256, ckpt.model_sha256
+        if joint and backbone_output:
+            save_checkpoint(temps[1], ckpt.model.cpu(), ckpt.spec,
+                            Provenance(kind="checkpoint", checkpoint_sha256=ckpt.sha256,
+                                       model_sha256=ckpt.model_sha256, dataset=train_data.fingerprint,
+                                       args={**run.args, "training": {"samples_seen": result.samples_seen}}))
+            backbone_sha, backbone_model_sha = sha256_file(temps[1]), model_sha256(ckpt.spec, ckpt.model)
+        prov = Provenance(kind="exit-heads", checkpoint_sha256=backbone_sha, model_sha256=backbone_model_sha,
+                          exits=list(em.exits), dataset=train_data.fingerprint,
+                          args={**run.args, "training": training},
+                          inputs={"class-means": sha256_file(means)} if means else {})
+        save_heads(temps[0], heads.cpu(), prov)
+    run.reporter.log(f"wrote {output}" + (f" and {backbone_output}" if joint and backbone_output else ""))
 
     from eetool.costs import measure
 
