@@ -6,6 +6,12 @@ d_jk = ||x_j - c_jk||_2 (eq. 2.3) are divided by the mean of d_jk over all N cal
 samples (eq. 2.4) and turned into probabilities by softmax(-d) (eq. 2.5); the sample leaves at
 exit j when max_k P(k) > T_j (eq. 2.6) with label argmax_k P(k) (eq. 2.7).
 
+The label can instead be the nearest class mean, argmin_k of the raw distance (the thesis's
+official code predicts so): the normalisation rescales each class's distances differently, so
+the two rules can disagree, and on the demo checkpoint the raw rule is the more accurate at every
+exit. ``calibrate`` records per exit which rule predicts (``--predict auto`` takes the one more
+accurate on the calibration samples); the confidence is eq. 2.5's in either case.
+
 Accumulations are float64 sums and counts that add across shards, so calibration can later be
 spread over processes and combined with an all-reduce.
 """
@@ -86,11 +92,32 @@ def distances(x: torch.Tensor, means: torch.Tensor, means_sq: torch.Tensor | Non
     return sq.clamp_min_(0).sqrt_()
 
 
-def decide(d: torch.Tensor, normaliser: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Confidence max_k softmax(-d/normaliser) and its argmax, over the last (class) dimension."""
+SOFTMAX, NEAREST = "softmax", "nearest"
+PREDICT_RULES = (SOFTMAX, NEAREST)
+
+
+def decide(d: torch.Tensor, normaliser: torch.Tensor, rule: str = SOFTMAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence max_k softmax(-d/normaliser) (eq. 2.5), over the last (class) dimension, and the
+    prediction: its argmax (eq. 2.7) under ``softmax``, the nearest class mean argmin_k d under ``nearest``."""
     p = torch.softmax(-d / normaliser, dim=-1)
     conf, pred = p.max(-1)
+    if rule == NEAREST:
+        pred = d.argmin(-1)
     return conf, pred
+
+
+def choose_rules(predictions: dict[str, torch.Tensor], labels: torch.Tensor | None, predict: str) -> list[str]:
+    """The prediction rule of each exit: ``predict`` itself, or under ``auto`` the rule whose N x J
+    ``predictions`` match more ``labels`` at that exit; a tie, or no labels, keeps eq. 2.7's softmax."""
+    exits = int(predictions[SOFTMAX].shape[1])
+    if predict in PREDICT_RULES:
+        return [predict] * exits
+    if predict != "auto":
+        raise UsageError(f"unknown prediction rule {predict!r}", "use softmax, nearest or auto")
+    if labels is None:
+        return [SOFTMAX] * exits
+    hits = {rule: (p == labels[:, None]).sum(0) for rule, p in predictions.items()}
+    return [NEAREST if int(hits[NEAREST][j]) > int(hits[SOFTMAX][j]) else SOFTMAX for j in range(exits)]
 
 
 def distance_macs(dim: int, num_classes: int) -> int:
@@ -107,22 +134,26 @@ class Calibration:
     normalisers: torch.Tensor  # J x K: mean distance to each class mean over all samples
     counts: torch.Tensor  # K
     confidence: torch.Tensor  # N x J
-    prediction: torch.Tensor  # N x J
+    prediction: torch.Tensor  # N x J, by each exit's rule in ``rules``
     final_prediction: torch.Tensor  # N: the model's own head
     labels: torch.Tensor  # N
     dims: list[int]
     seconds: tuple[float, float]  # pass 1 (means), the rest (normalisers and confidences)
+    rules: list[str] = field(default_factory=list)  # per exit, softmax or nearest; empty: softmax at every exit
+    rule_predictions: dict[str, torch.Tensor] = field(default_factory=dict)  # N x J by each rule (not stored)
 
 
 @torch.no_grad()
 def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_classes: int, *,
               pooling: Pooling = Pooling(), batch_size: int = 256, device: torch.device | str = "cpu",
               reporter: Reporter | None = None, raw_cache_bytes: int = 256 * 2**20,
-              centres: list[torch.Tensor] | None = None) -> Calibration:
+              centres: list[torch.Tensor] | None = None, predict: str = SOFTMAX) -> Calibration:
     """Streaming passes: class means; then normalisers, confidences and predictions (see below).
 
-    With ``centres`` (cluster centres, for unsupervised use) the first pass is skipped and no labels
-    are needed; the counts are then the cluster sizes as the model's head assigns them."""
+    ``predict`` is the prediction rule (softmax, nearest, or auto: per exit, the more accurate on
+    these samples; see ``choose_rules``). With ``centres`` (cluster centres, for unsupervised use)
+    the first pass is skipped and no labels are needed (nor used: auto keeps softmax); the counts
+    are then the cluster sizes as the model's head assigns them."""
     import time
 
     reporter = reporter or Reporter()
@@ -131,6 +162,7 @@ def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_
     batches = -(-len(data) // batch_size)
     t0 = time.perf_counter()
     counts = None
+    clusters = centres is not None
     if centres is None:
         require_labels(data, "class means need labels (or use --clusters)")
         sums = ClassMeanSums(dims, num_classes)
@@ -167,25 +199,31 @@ def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_
     normalisers = (dist_sum / n).float()
     for name, row in zip(exit_model.exits, normalisers, strict=True):
         _require_finite(row, f"the distances at exit {name}")
+    conf = torch.empty(n, j)
+    by_rule = {rule: torch.empty(n, j, dtype=torch.int64) for rule in PREDICT_RULES}
     if raw is not None:
-        conf, pred = torch.empty(n, j), torch.empty(n, j, dtype=torch.int64)
         for start in range(0, n, 4096):  # in chunks: the softmax's temporaries stay small
-            conf[start:start + 4096], pred[start:start + 4096] = decide(raw[start:start + 4096], normalisers)
+            chunk = raw[start:start + 4096]
+            conf[start:start + 4096], by_rule[SOFTMAX][start:start + 4096] = decide(chunk, normalisers)
+            by_rule[NEAREST][start:start + 4096] = chunk.argmin(-1)
     else:
-        conf, pred = torch.empty(n, j), torch.empty(n, j, dtype=torch.int64)
         norm = normalisers.to(device)
         with reporter.bar(batches, "confidences") as bar:
             for images, _, pos in data.batches(batch_size):
                 feats, _ = exit_model.features(preprocess(images, device))
                 for e, f in enumerate(feats):
-                    c, p = decide(distances(pooling.apply(f), means[e], means_sq[e]), norm[e])
-                    conf[pos, e], pred[pos, e] = c.cpu(), p.cpu()
+                    d = distances(pooling.apply(f), means[e], means_sq[e])
+                    c, p = decide(d, norm[e])
+                    conf[pos, e], by_rule[SOFTMAX][pos, e] = c.cpu(), p.cpu()
+                    by_rule[NEAREST][pos, e] = d.argmin(-1).cpu()
                 bar.advance()
     t2 = time.perf_counter()
     if counts is None:  # cluster centres: the sizes of the head's clusters
         counts = torch.bincount(final, minlength=num_classes)
+    rules = choose_rules(by_rule, None if clusters else data.labels, predict)
+    pred = torch.stack([by_rule[rule][:, e] for e, rule in enumerate(rules)], 1)
     return Calibration([m.cpu() for m in means], normalisers, counts, conf, pred,
-                       final, data.labels.clone(), dims, (t1 - t0, t2 - t1))
+                       final, data.labels.clone(), dims, (t1 - t0, t2 - t1), rules, by_rule)
 
 
 def _require_finite(values: torch.Tensor, what: str) -> None:
@@ -212,6 +250,11 @@ class ClassMeans:
     calibration: Calibration | None = None
     clusters: bool = False  # cluster centres (unsupervised) rather than class means
     feature_sizes: list[int] = field(default_factory=list)  # elements of each exit's output before pooling
+    rules: list[str] = field(default_factory=list)  # prediction rule per exit; none given: softmax (eq. 2.7)
+
+    def __post_init__(self) -> None:
+        if not self.rules:
+            self.rules = [SOFTMAX] * len(self.exits)
 
     @property
     def num_classes(self) -> int:
@@ -255,7 +298,7 @@ class ClassMeans:
             tensors |= {"calibration.confidence": c.confidence, "calibration.prediction": c.prediction.to(torch.int32),
                         "calibration.final_prediction": c.final_prediction, "calibration.labels": c.labels}
         extra = {"eetool.pooling": json.dumps({"spatial": self.pooling.spatial, "channels": self.pooling.channels}),
-                 "eetool.clusters": json.dumps(self.clusters)}
+                 "eetool.clusters": json.dumps(self.clusters), "eetool.predict": json.dumps(self.rules)}
         write_tensors(path, tensors, prov, extra=extra)
 
     @classmethod
@@ -276,7 +319,8 @@ class ClassMeans:
             cm = cls(list(prov.exits), [tensors[f"means.{e}"] for e in range(j)], tensors["normalisers"],
                      tensors["counts"], pooling, tensors["stage_macs"].tolist(), calibration,
                      clusters=bool(json.loads(meta.get("eetool.clusters", "false"))),
-                     feature_sizes=tensors["feature_sizes"].tolist() if "feature_sizes" in tensors else [])
+                     feature_sizes=tensors["feature_sizes"].tolist() if "feature_sizes" in tensors else [],
+                     rules=_read_rules(meta, j))
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{path} is an incomplete class-means artifact ({e})",
                              "re-make it with `eetool calibrate-means`") from None
@@ -329,8 +373,21 @@ def _check_consistent(cm: ClassMeans, path: str) -> None:
                    f"class ids below {k}")
 
 
+def _read_rules(meta: dict[str, str], exits: int) -> list[str]:
+    """The per-exit prediction rules of an artifact; one written before they were recorded predicts
+    with the softmax (eq. 2.7) at every exit, as eetool did then."""
+    if "eetool.predict" not in meta:
+        return [SOFTMAX] * exits
+    rules = json.loads(meta["eetool.predict"])
+    if not isinstance(rules, list) or len(rules) != exits or any(r not in PREDICT_RULES for r in rules):
+        raise ValueError(f"eetool.predict is {meta['eetool.predict']!r}, not one of {', '.join(PREDICT_RULES)} "
+                         f"for each of the {exits} exits")
+    return rules
+
+
 class MeansRule:
-    """E²CM's confidence at exit j: max_k softmax(-d/normaliser), with its argmax as the prediction.
+    """E²CM's confidence at exit j: max_k softmax(-d/normaliser) (eq. 2.5), with the prediction of
+    the exit's recorded rule (the softmax's argmax, or the nearest class mean).
     ``eetool.rules.Thresholded`` turns it into the exit decision conf > T_j (eq. 2.6)."""
 
     def __init__(self, cm: ClassMeans, device: torch.device | str = "cpu") -> None:
@@ -338,7 +395,8 @@ class MeansRule:
         self.means = [m.to(device) for m in cm.means]
         self.means_sq = [(m * m).sum(1) for m in self.means]
         self.normalisers = cm.normalisers.to(device)
+        self.rules = list(cm.rules)
 
     def scores(self, j: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = distances(self.pooling.apply(h), self.means[j], self.means_sq[j])
-        return decide(d, self.normalisers[j])
+        return decide(d, self.normalisers[j], self.rules[j])

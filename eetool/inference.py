@@ -8,9 +8,11 @@ are applied afterwards, so predictions agree and only the wall-clock savings are
 
 from __future__ import annotations
 
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -20,6 +22,9 @@ from eetool.reporting import Reporter
 
 # decide(exit index, features of the remaining samples) -> (leave mask, predicted labels)
 Decision = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Result = TypeVar("Result")
+# Round-to-round variation (max/min) above which the machine was too busy for the speed-ups to be trusted.
+BUSY_SPREAD = 1.25
 
 
 @dataclass
@@ -105,3 +110,39 @@ def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_clas
     total = torch.bincount(labels[mask], minlength=num_classes).to(torch.float64)
     correct = torch.bincount(labels[mask][predictions[mask] == labels[mask]], minlength=num_classes).to(torch.float64)
     return correct / total
+
+
+def interleaved(runs: Sequence[Callable[[], Result]], repeats: int) -> list[list[Result]]:
+    """``repeats`` rounds, each calling every one of ``runs`` in turn (plain, p0, p1, ..., plain, p0, ...),
+    so that a change of load on the machine hits every run alike. Returns results[round][run]."""
+    return [[run() for run in runs] for _ in range(repeats)]
+
+
+@dataclass
+class Speed:
+    """Timing of one run over the rounds, against the first run (the plain model) of the same round."""
+
+    seconds: list[float]  # per round
+    throughput: float  # samples/s, median over rounds
+    speedup: float  # median over rounds of plain seconds / these seconds
+    speedup_min: float
+    speedup_max: float
+
+
+def speeds(seconds: Sequence[Sequence[float]], samples: int) -> list[Speed]:
+    """Per run, from ``seconds[round][run]`` where run 0 is the plain model: the speed-up of each round
+    compares runs of that round only, so load that changes between rounds cancels out."""
+    out = []
+    for run in range(len(seconds[0])):
+        times = [float(r[run]) for r in seconds]
+        ups = [float(r[0]) / float(r[run]) for r in seconds]
+        out.append(Speed(times, statistics.median(samples / t for t in times), statistics.median(ups),
+                         min(ups), max(ups)))
+    return out
+
+
+def timing_spread(found: Sequence[Speed]) -> float:
+    """How much the rounds disagree: the largest max/min ratio of the plain model's round times
+    (``found[0]``) and of each operating point's speed-ups; 1.0 for one round or perfectly steady runs."""
+    plain = found[0].seconds
+    return max([max(plain) / min(plain), *(s.speedup_max / s.speedup_min for s in found[1:])])

@@ -14,16 +14,19 @@ from eetool.artifacts import Provenance
 from eetool.checkpoint import Checkpoint, load_checkpoint
 from eetool.datasets import Dataset, Preprocess, load_dataset
 from eetool.e2cm import (
+    NEAREST,
+    SOFTMAX,
     ClassMeans,
     ClassMeanSums,
     MeansRule,
     Pooling,
     calibrate,
+    choose_rules,
     decide,
     distance_macs,
     distances,
 )
-from eetool.errors import InputError
+from eetool.errors import InputError, UsageError
 from eetool.exits import ExitModel, build_exit_model
 from eetool.inference import run_early_exit
 from eetool.rules import Thresholded, rule_scores
@@ -186,6 +189,71 @@ def test_decide_is_max_and_argmax_of_the_softmax_of_normalised_distances() -> No
         assert int(pred[i]) == probs.index(max(probs))
 
 
+def clear_nearest(d: torch.Tensor, margin: float = 1e-3) -> torch.Tensor:
+    """The samples whose nearest class mean is nearer than the next by ``margin``: float rounding cannot swap them."""
+    two = d.double().topk(2, dim=1, largest=False).values
+    return (two[:, 1] - two[:, 0]) > margin
+
+
+def test_nearest_predicts_the_nearest_class_mean_with_the_softmax_confidence() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x, means = torch.randn(200, 16, generator=gen), torch.randn(6, 16, generator=gen)
+    normaliser = torch.rand(6, generator=gen) * 3 + 0.2  # very unequal: the two rules often disagree
+    d = distances(x, means)
+    conf, pred = decide(d, normaliser, NEAREST)
+    soft_conf, soft_pred = decide(d, normaliser, SOFTMAX)
+    clear = clear_nearest(torch.cdist(x, means))
+    assert int(clear.sum()) > 150
+    assert pred[clear].tolist() == torch.cdist(x, means).argmin(1)[clear].tolist()
+    assert torch.equal(conf, soft_conf)  # eq. 2.5 whatever the label
+    assert int((pred != soft_pred).sum()) >= 10, "the normalisers should make the rules disagree"
+
+
+def test_auto_chooses_per_exit_the_rule_more_accurate_on_the_labels() -> None:
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    right, wrong = labels.clone(), (labels + 1) % 6
+    # exit 0: softmax right on 5 of 6, nearest on 3; exit 1: the other way; exit 2: both right on 4 (a tie)
+    softmax = torch.stack([torch.where(labels < 5, right, wrong), torch.where(labels < 3, right, wrong),
+                           torch.where(labels < 4, right, wrong)], 1)
+    nearest = torch.stack([torch.where(labels < 3, right, wrong), torch.where(labels < 5, right, wrong),
+                           torch.where(labels >= 2, right, wrong)], 1)
+    by_rule = {SOFTMAX: softmax, NEAREST: nearest}
+    assert choose_rules(by_rule, labels, "auto") == [SOFTMAX, NEAREST, SOFTMAX]
+    assert choose_rules(by_rule, None, "auto") == [SOFTMAX] * 3  # nothing to choose with
+    assert choose_rules(by_rule, labels, NEAREST) == [NEAREST] * 3
+    assert choose_rules(by_rule, labels, SOFTMAX) == [SOFTMAX] * 3
+    with pytest.raises(UsageError, match="prediction rule"):
+        choose_rules(by_rule, labels, "argmax")
+
+
+def test_calibration_predicts_with_the_rule_auto_chose(setup: Setup, calibrated: ClassMeans) -> None:
+    calib = calibrate(setup.em, setup.data, setup.preprocess, K, batch_size=32, predict="auto")
+    labels = setup.data.labels
+    softmax, nearest = calib.rule_predictions[SOFTMAX], calib.rule_predictions[NEAREST]
+    assert calibrated.calibration is not None
+    assert torch.equal(softmax, calibrated.calibration.prediction)  # the default: eq. 2.7 everywhere
+    for j, f in enumerate(setup.features):
+        d = torch.cdist(f.flatten(1).double(), calib.means[j].double())
+        clear = clear_nearest(d)
+        assert nearest[clear, j].tolist() == d.argmin(1)[clear].tolist()
+        hits = {rule: int((p[:, j] == labels).sum()) for rule, p in calib.rule_predictions.items()}
+        want = NEAREST if hits[NEAREST] > hits[SOFTMAX] else SOFTMAX
+        assert calib.rules[j] == want
+        assert torch.equal(calib.prediction[:, j], calib.rule_predictions[want][:, j])
+    assert calibrate(setup.em, setup.data, setup.preprocess, K, batch_size=32, predict=NEAREST).rules == \
+        [NEAREST] * len(setup.em.exits)
+
+
+def test_calibration_without_room_for_the_distances_predicts_the_same_by_each_rule(setup: Setup) -> None:
+    cached = calibrate(setup.em, setup.data, setup.preprocess, K, batch_size=32, predict="auto")
+    third_pass = calibrate(setup.em, setup.data, setup.preprocess, K, batch_size=32, predict="auto",
+                           raw_cache_bytes=0)
+    assert third_pass.rules == cached.rules
+    assert torch.equal(third_pass.prediction, cached.prediction)
+    for rule in (SOFTMAX, NEAREST):
+        assert torch.equal(third_pass.rule_predictions[rule], cached.rule_predictions[rule])
+
+
 def test_normalisers_are_mean_distances_over_all_samples(setup: Setup, calibrated: ClassMeans) -> None:
     assert calibrated.normalisers.shape == (len(setup.em.exits), K)
     for j, f in enumerate(setup.features):
@@ -226,6 +294,25 @@ def test_rule_scores_agree_with_the_calibration_cache(setup: Setup, calibrated: 
     assert c is not None
     torch.testing.assert_close(conf, c.confidence[first], rtol=1e-5, atol=1e-6)
     assert torch.equal(pred, c.prediction[first]) and torch.equal(final, c.final_prediction[first])
+
+
+def mixed_rules(calibrated: ClassMeans) -> ClassMeans:
+    """The class means predicting by the nearest mean at even exits and eq. 2.7 at odd ones."""
+    return dataclasses.replace(calibrated, rules=[NEAREST if j % 2 == 0 else SOFTMAX
+                                                  for j in range(len(calibrated.exits))])
+
+
+def test_rule_scores_predict_by_each_exits_rule(setup: Setup, calibrated: ClassMeans) -> None:
+    cm = mixed_rules(calibrated)
+    conf, pred, _ = rule_scores(setup.em, setup.data, setup.preprocess, MeansRule(cm), batch_size=32)
+    c = calibrated.calibration
+    assert c is not None
+    torch.testing.assert_close(conf, c.confidence, rtol=1e-5, atol=1e-6)
+    for j, f in enumerate(setup.features):
+        d = torch.cdist(f.flatten(1).double(), cm.means[j].double())
+        clear = clear_nearest(d)
+        want = d.argmin(1) if cm.rules[j] == NEAREST else c.prediction[:, j]
+        assert pred[clear, j].tolist() == want[clear].tolist(), j
 
 
 def test_exit_stats_mark_each_exit_and_the_head(calibrated: ClassMeans) -> None:
@@ -274,6 +361,30 @@ def test_class_means_without_calibration_cache_round_trip(calibrated: ClassMeans
     assert all(torch.equal(a, b) for a, b in zip(loaded.means, calibrated.means, strict=True))
 
 
+def test_prediction_rules_round_trip_and_old_artifacts_read_as_softmax(calibrated: ClassMeans,
+                                                                        tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "means.safetensors")
+    cm = mixed_rules(calibrated)
+    cm.save(path, Provenance(kind="class-means", exits=list(cm.exits)))
+    assert ClassMeans.load(path)[0].rules == cm.rules
+    # as written before the rules were recorded: the same file without the key
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    old = str(tmp_path / "old.safetensors")
+    save_file(tensors, old, metadata={k: v for k, v in meta.items() if k != "eetool.predict"})
+    loaded, _ = ClassMeans.load(old)
+    assert loaded.rules == [SOFTMAX] * len(cm.exits)
+    assert MeansRule(loaded).rules == [SOFTMAX] * len(cm.exits)
+    bad = str(tmp_path / "bad.safetensors")
+    save_file(tensors, bad, metadata=meta | {"eetool.predict": '["nearest"]'})  # one rule for every exit
+    with pytest.raises(InputError, match="eetool.predict"):
+        ClassMeans.load(bad)
+
+
 def test_class_means_missing_a_tensor_is_a_bad_input(calibrated: ClassMeans, tmp_path: Path) -> None:
     path = str(tmp_path / "means.safetensors")
     # Provenance naming one exit more than the file holds means for.
@@ -314,6 +425,27 @@ def test_means_rule_exits_where_eq_2_6_says(setup: Setup, calibrated: ClassMeans
         assert (int(got_exit[i]), int(got_pred[i])) == (want_exit, want_pred), i
     counts = torch.bincount(got_exit, minlength=j + 1)
     assert (counts[:j] > 0).sum() >= 3, "the thresholds should spread the samples over several exits"
+
+
+def test_early_exits_predict_by_the_rule_of_the_exit_taken(setup: Setup, calibrated: ClassMeans) -> None:
+    """What the calibration cache says a sample leaving at exit j predicts (what fit-thresholds fits on) is what
+    early-exit inference gives it, whichever rule the exit has: thresholds of 1 before j and 0 at j send every
+    sample out at j."""
+    cm = mixed_rules(calibrated)
+    _, soft_pred = brute_confidences(setup.features, cm.means, cm.normalisers)
+    x = setup.preprocess(setup.data.images)
+    disagreeing = 0
+    for j, f in enumerate(setup.features):
+        thresholds = [1.0] * j + [0.0] * (len(cm.exits) - j)
+        got_pred, got_exit = run_early_exit(setup.em, x, Thresholded(MeansRule(cm), thresholds))
+        assert got_exit.tolist() == [j] * len(setup.data)
+        d = torch.cdist(f.flatten(1).double(), cm.means[j].double())
+        clear = clear_nearest(d)
+        want = d.argmin(1) if cm.rules[j] == NEAREST else soft_pred[:, j]
+        assert got_pred[clear].tolist() == want[clear].tolist(), j
+        if cm.rules[j] == NEAREST:
+            disagreeing += int((clear & (d.argmin(1) != soft_pred[:, j])).sum())
+    assert disagreeing > 0, "at some nearest-mean exit the nearest mean should differ from eq. 2.7's label"
 
 
 def test_thresholds_of_one_give_the_plain_model(setup: Setup, calibrated: ClassMeans) -> None:

@@ -129,10 +129,34 @@ def test_calibrate_means_json(made: Made, tiny_checkpoint: str) -> None:
         # the distances, plus one comparison per element of the exit's output for the pooling
         assert r["overhead_macs"] == distance_macs(r["dim"], K) + shape[0] * shape[1] * shape[2]
         assert 0 <= r["calibration_accuracy"] <= 1
+        # auto: each exit predicts by the rule more accurate here (softmax on a tie), and says so
+        assert r["predict"] == ("nearest" if r["nearest_accuracy"] > r["softmax_accuracy"] else "softmax")
+        assert r["calibration_accuracy"] == r[f"{r['predict']}_accuracy"]
+    assert cm.rules == [r["predict"] for r in rows] and doc["predict"] == "auto"
     costs = [r["cost_normalised"] for r in rows]
     assert costs == sorted(costs) and 0 < costs[0]
     assert doc["samples"] == 96 and doc["unit"] == "macs"
     assert doc["total_overhead_macs"] == sum(r["overhead_macs"] for r in rows)
+
+
+@pytest.mark.parametrize("rule", ["softmax", "nearest"])
+def test_calibrate_means_predicts_by_the_rule_asked(made: Made, workdir: Path, rule: str) -> None:
+    doc = json_doc(invoke("calibrate-means", "-c", made.ckpt, "-d", made.data, "-o", "m.safetensors", "--predict",
+                          rule, "--format", "json", "-q", "--device", "cpu"))
+    cm, _ = ClassMeans.load("m.safetensors")
+    assert cm.rules == [rule] * len(cm.exits) and doc["predict"] == rule
+    auto, _ = ClassMeans.load(str(made.means))
+    assert cm.calibration is not None and auto.calibration is not None
+    for j, r in enumerate(doc["exits"]):
+        assert r["predict"] == rule and r["calibration_accuracy"] == r[f"{rule}_accuracy"]
+        if auto.rules[j] == rule:  # the cache holds the predictions of the exit's rule
+            assert torch.equal(cm.calibration.prediction[:, j], auto.calibration.prediction[:, j])
+
+
+def test_calibrate_means_refuses_an_unknown_prediction_rule(made: Made, workdir: Path) -> None:
+    result = invoke("calibrate-means", "-c", made.ckpt, "-d", made.data, "-o", "m.safetensors", "--predict", "argmax")
+    assert "--predict" in one_error_line(result, ExitCode.USAGE)
+    assert not (workdir / "m.safetensors").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +279,73 @@ def test_evaluate_picks_operating_points(made: Made) -> None:
     result = invoke("evaluate", "-c", made.ckpt, "-d", made.data, "--means", made.means, "--thresholds",
                     made.sweep, "--point", "99")
     assert "--point" in one_error_line(result, ExitCode.USAGE)
+
+
+def test_evaluate_repeats_time_again_but_predict_once(made: Made) -> None:
+    def evaluate(repeats: int) -> dict:
+        return json_doc(invoke("evaluate", "-c", made.ckpt, "-d", made.data, "--means", made.means, "--thresholds",
+                               made.sweep, "--repeats", repeats, "--format", "json", "-q"))
+
+    once, thrice = evaluate(1), evaluate(3)
+    assert (once["repeats"], thrice["repeats"]) == (1, 3)
+    timed = ("throughput", "speedup", "speedup_min", "speedup_max", "seconds")
+    for a, b in zip(once["points"], thrice["points"], strict=True):
+        assert {k: v for k, v in a.items() if k not in timed} == {k: v for k, v in b.items() if k not in timed}
+        assert len(a["seconds"]) == 1 and len(b["seconds"]) == 3
+        assert b["speedup_min"] <= b["speedup"] <= b["speedup_max"]
+    assert once["per_class"] == thrice["per_class"]
+
+
+def fake_timings(monkeypatch: pytest.MonkeyPatch, plain: list[float], point: float) -> None:
+    """Runs that take ``plain[r]`` seconds for the plain model in round r and ``point`` for every operating point;
+    the warm-up (one batch of 16) keeps its own time."""
+    import eetool.inference as inference
+
+    real_predict, real_exits = inference.predict, inference.evaluate_exits
+    plain_times = iter(plain)
+
+    def predict(model, data, *args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real_predict(model, data, *args, **kwargs)
+        if len(data) > 16:
+            result.seconds = next(plain_times)
+        return result
+
+    def evaluate_exits(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real_exits(*args, **kwargs)
+        result.seconds = point
+        return result
+
+    monkeypatch.setattr(inference, "predict", predict)
+    monkeypatch.setattr(inference, "evaluate_exits", evaluate_exits)
+
+
+def evaluate_timed(made: Made, repeats: int) -> Result:
+    return ok(invoke("evaluate", "-c", made.ckpt, "-d", made.data, "--means", made.means, "--thresholds",
+                     made.thresholds, "--repeats", repeats, "--batch-size", 16))
+
+
+def speedup_column(result: Result) -> list[str]:
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("point "))
+    rows = lines[header + 2:lines.index("", header)]
+    return [row[lines[header].index("speedup") - 10:].strip() for row in rows]
+
+
+def test_evaluate_shows_the_range_of_steady_speedups_without_a_warning(made: Made,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_timings(monkeypatch, [1.0, 1.0], 0.5)
+    result = evaluate_timed(made, 2)
+    assert speedup_column(result) == ["1.00x", "2.00x (2.00\u20132.00)"]
+    assert "warning" not in result.stderr
+
+
+def test_evaluate_warns_once_when_the_rounds_disagree(made: Made, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_timings(monkeypatch, [1.0, 2.0, 1.0], 0.5)  # the machine was busy during round 2
+    result = evaluate_timed(made, 3)
+    assert speedup_column(result) == ["1.00x", "2.00x (2.00\u20134.00)"]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "busy" in warnings[0] and "--repeats" in warnings[0]
+    assert "warning" not in result.stdout
 
 
 @pytest.mark.parametrize("given", ["--means", "--thresholds"])

@@ -10,7 +10,15 @@ from torch import nn
 
 from eetool.datasets import Preprocess, load_dataset
 from eetool.exits import HOOK, ExitModel, build_exit_model
-from eetool.inference import evaluate_exits, per_class_accuracy, run_early_exit
+from eetool.inference import (
+    BUSY_SPREAD,
+    evaluate_exits,
+    interleaved,
+    per_class_accuracy,
+    run_early_exit,
+    speeds,
+    timing_spread,
+)
 
 
 def score(f: torch.Tensor) -> torch.Tensor:
@@ -184,3 +192,42 @@ def test_per_class_accuracy_against_a_loop() -> None:
         else:
             assert float(got[k]) == pytest.approx(correct / total)
     assert float(got[2]) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing rounds: order and the figures drawn from them (no clock is read here)
+
+
+def test_rounds_interleave_every_run() -> None:
+    calls: list[str] = []
+
+    def run(name: str):  # type: ignore[no-untyped-def]
+        def call() -> str:
+            calls.append(name)
+            return f"{name}{calls.count(name)}"
+        return call
+
+    results = interleaved([run("plain"), run("p0"), run("p1")], 3)
+    assert calls == ["plain", "p0", "p1"] * 3
+    assert results == [["plain1", "p01", "p11"], ["plain2", "p02", "p12"], ["plain3", "p03", "p13"]]
+
+
+def test_speedups_compare_runs_within_a_round_and_take_the_median() -> None:
+    # round 2 ran on a machine twice as busy: every run took twice as long, so its speed-ups are unchanged
+    seconds = [[2.0, 1.0, 0.5], [4.0, 2.0, 1.0], [2.0, 0.8, 0.5]]
+    plain, p0, p1 = speeds(seconds, samples=100)
+    assert plain.speedup == plain.speedup_min == plain.speedup_max == 1.0
+    assert plain.seconds == [2.0, 4.0, 2.0] and plain.throughput == pytest.approx(50.0)
+    assert (p0.speedup, p0.speedup_min, p0.speedup_max) == pytest.approx((2.0, 2.0, 2.5))
+    assert p0.throughput == pytest.approx(100.0)  # median of 100, 50 and 125 samples/s
+    assert (p1.speedup, p1.speedup_min, p1.speedup_max) == pytest.approx((4.0, 4.0, 4.0))
+    # the plain model's times varied by 2x: the rounds disagree although the speed-ups held
+    assert timing_spread([plain, p0, p1]) == pytest.approx(2.0)
+
+
+def test_timing_spread_of_steady_rounds_or_one_round_is_one() -> None:
+    assert timing_spread(speeds([[2.0, 1.0]], samples=10)) == 1.0
+    assert timing_spread(speeds([[2.0, 1.0], [2.0, 1.0]], samples=10)) == 1.0
+    # steady plain model, a point whose speed-up moved from 2x to 3x
+    assert timing_spread(speeds([[3.0, 1.5], [3.0, 1.0]], samples=10)) == pytest.approx(1.5)
+    assert timing_spread(speeds([[3.0, 1.5], [3.0, 1.0]], samples=10)) > BUSY_SPREAD

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Any
 
 import typer
@@ -25,6 +26,12 @@ from eetool.options import (
 POOL = "Pooling"
 
 
+class Predict(str, Enum):
+    auto = "auto"
+    softmax = "softmax"
+    nearest = "nearest"
+
+
 @eetool_command("class-means", model_options=True)
 def command(
     run: Run,
@@ -46,6 +53,11 @@ def command(
     batch_size: BatchOpt = 256,
     count: CountOpt = Count.macs,
     force: ForceOpt = False,
+    predict: Annotated[Predict, typer.Option("--predict", help="Label of an exiting sample: softmax (argmax of "
+                                             "softmax(-d/normaliser), eq. 2.7), nearest (nearest class mean, argmin "
+                                             "of the raw distance d), or auto: per exit, the more accurate on these "
+                                             "samples (softmax on a tie, and with --clusters, which uses no "
+                                             "labels). The exit confidence is eq. 2.5's either way.")] = Predict.auto,
 ) -> None:
     """Compute class means, normalisers and calibration confidences at every exit. Writes -o (safetensors)."""
     import math
@@ -81,10 +93,10 @@ def command(
                                      device=device, generator=torch.Generator().manual_seed(run.seed),
                                      reporter=run.reporter)
     calib = calibrate(em, ds, preprocess, ckpt.spec.num_classes, pooling=pooling, batch_size=batch_size,
-                      device=device, reporter=run.reporter, centres=centres)
+                      device=device, reporter=run.reporter, centres=centres, predict=predict.value)
     feature_sizes = [math.prod(shape) for shape in em.exit_shapes(ckpt.spec.input_shape)]
     cm = ClassMeans(list(em.exits), calib.means, calib.normalisers, calib.counts, pooling, costs.stage_macs, calib,
-                    clusters=clusters is not None, feature_sizes=feature_sizes)
+                    clusters=clusters is not None, feature_sizes=feature_sizes, rules=calib.rules)
     prov = Provenance(kind="class-means", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
                       exits=list(em.exits),
                       dataset=ds.fingerprint, args=run.args)
@@ -97,6 +109,9 @@ def command(
     with_overheads = cm.cost_model()
     stats = cm.exit_stats(calib.confidence, calib.prediction, calib.final_prediction, calib.labels)
     correct = stats.correct[:, :-1]
+    rule_accuracy = {rule: cm.exit_stats(calib.confidence, p, calib.final_prediction,
+                                         calib.labels).correct[:, :-1].double().mean(0)
+                     for rule, p in calib.rule_predictions.items()}
     rows = [{
         "exit": name,
         "dim": dim,
@@ -106,13 +121,15 @@ def command(
         "overhead_normalised": round(over / model_macs, 6),
         "cost_normalised": round(c, 6),
         "calibration_accuracy": round(float(acc), 6),
-    } for name, dim, mem, over, c, acc in zip(em.exits, calib.dims, cm.memory_bytes(), with_overheads.overhead_macs,
-                                              with_overheads.normalised_exit_costs(), correct.double().mean(0),
-                                              strict=False)]
+        "predict": rule,
+        **{f"{r}_accuracy": round(float(a[e]), 6) for r, a in rule_accuracy.items()},
+    } for e, (name, dim, mem, over, c, acc, rule) in enumerate(zip(
+        em.exits, calib.dims, cm.memory_bytes(), with_overheads.overhead_macs,
+        with_overheads.normalised_exit_costs(), correct.double().mean(0), cm.rules, strict=False))]
     passes = calib.seconds
     doc: dict[str, Any] = {
         "output": output, "checkpoint": ckpt.path, "dataset": ds.fingerprint, "samples": len(ds),
-        "mode": em.mode, "unit": unit, "exits": rows,
+        "mode": em.mode, "unit": unit, "predict": predict.value, "exits": rows,
         "total_means_mb": round(sum(cm.memory_bytes()) / 2**20, 4),
         "total_means_fraction_of_model": round(sum(cm.memory_bytes()) / model_bytes, 6),
         f"total_overhead_{unit}": int(in_unit(sum(with_overheads.overhead_macs), unit)),
@@ -124,9 +141,11 @@ def command(
 
     def text(d: dict[str, Any]) -> str:
         table = format_table(
-            ["exit", "dim", "means MB", "of model", f"overhead {unit}", "overhead", "exit cost", "calib acc"],
+            ["exit", "dim", "means MB", "of model", f"overhead {unit}", "overhead", "exit cost", "softmax acc",
+             "nearest acc", "predict", "calib acc"],
             [[r["exit"], r["dim"], r["means_mb"], r["means_fraction_of_model"], f"{r[f'overhead_{unit}']:,}",
-              r["overhead_normalised"], r["cost_normalised"], r["calibration_accuracy"]] for r in d["exits"]])
+              r["overhead_normalised"], r["cost_normalised"], r["softmax_accuracy"], r["nearest_accuracy"],
+              r["predict"], r["calibration_accuracy"]] for r in d["exits"]])
         return format_fields([
             ("cluster centres" if clusters else "class means",
              f"{d['output']} ({d['samples']} samples of {d['dataset']}, {d['mode']} mode)"),
@@ -134,6 +153,10 @@ def command(
             ("overhead", f"{d[f'total_overhead_{unit}']:,} {unit} = {d['total_overhead_normalised']:.4f} of the "
                          "model if a sample passes every exit"),
             ("head accuracy", d["head_calibration_accuracy"]),
+            ("predict", d["predict"] + (" (per exit, the more accurate on these samples; softmax on a tie)"
+                                        if d["predict"] == "auto" and not clusters else
+                                        " (softmax: cluster centres use no labels)" if d["predict"] == "auto"
+                                        else "")),
         ]) + "\n\n" + table
 
     run.emit(doc, text)

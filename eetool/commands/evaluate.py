@@ -46,6 +46,9 @@ def command(
                                        "separated by commas.", autocompletion=prefix_completer(["all"]))] = "all",
     plot: Annotated[str | None, typer.Option("--plot", help="Also draw accuracy against cost to this PNG "
                                              "(needs the plot extra: matplotlib).")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timing rounds: each runs the plain model and "
+                                         "every operating point in turn; speed-ups are medians over the rounds, "
+                                         "with their range.")] = 3,
 ) -> None:
     """Evaluate a checkpoint, plain or with early exits (--means, --thresholds), on a dataset: accuracy,
     per-class accuracy, cost, measured throughput. Writes -o if given."""
@@ -55,7 +58,15 @@ def command(
     from eetool.costs import count_macs, in_unit
     from eetool.datasets import Preprocess, check_labels, load_dataset, require_labels
     from eetool.errors import UsageError
-    from eetool.inference import evaluate_exits, per_class_accuracy, predict
+    from eetool.inference import (
+        BUSY_SPREAD,
+        evaluate_exits,
+        interleaved,
+        per_class_accuracy,
+        predict,
+        speeds,
+        timing_spread,
+    )
     from eetool.rules import Thresholded
 
     if bool(means or exit_heads) != bool(thresholds):
@@ -80,7 +91,26 @@ def command(
     # warm up (allocator, kernels) so the timed runs compare like with like
     predict(ckpt.model, ds.subset(torch.arange(min(len(ds), batch_size))), preprocess, batch_size=batch_size,
             device=device)
-    result = predict(ckpt.model, ds, preprocess, batch_size=batch_size, device=device, reporter=run.reporter)
+    chosen = early[3] if early is not None else []
+
+    def plain_run() -> Any:
+        return predict(ckpt.model, ds, preprocess, batch_size=batch_size, device=device, reporter=run.reporter)
+
+    def point_run(thresholds: list[float]) -> Any:
+        assert early is not None
+        return lambda: evaluate_exits(early[0], ds, preprocess, Thresholded(early[1], thresholds),
+                                      batch_size=batch_size, device=device, reporter=run.reporter)
+
+    # Interleaved rounds: a machine that gets busier (or idler) mid-way slows every run of a round alike. The
+    # runs are deterministic, so the first round's predictions are every round's.
+    rounds = interleaved([plain_run, *(point_run(p["thresholds"]) for _, p in chosen)], repeats)
+    timing = speeds([[r.seconds for r in results] for results in rounds], len(ds))
+    # The warning is about the speed-ups: the plain model alone has none to mislead.
+    spread = timing_spread(timing) if chosen else 1.0
+    if spread > BUSY_SPREAD:
+        run.reporter.warn(f"timings varied by a factor {spread:.2f} across the {repeats} rounds: the machine was busy "
+                          "and the speed-ups are unreliable; rerun on an idle machine or with more --repeats")
+    result = rounds[0][0]
     clusters = early is not None and early[4]
 
     def labelled(predictions: torch.Tensor) -> torch.Tensor:
@@ -101,22 +131,20 @@ def command(
         "dataset": ds.fingerprint,
         "samples": len(ds),
         "unit": unit,
+        "repeats": repeats,
         "accuracy_kind": "clustering (Hungarian matching)" if clusters else "classification",
         "points": [{
             "name": "plain",
             "accuracy": round(float(correct.double().mean()), 6),
             "cost": 1.0,
             unit: int(in_unit(macs, unit)),
-            "throughput": round(len(ds) / result.seconds, 1),
-            "speedup": 1.0,
+            **_speed_fields(timing[0]),
         }],
         "per_class": {"plain": _per_class_dict(classes, per_class)},
     }
     if early is not None:
-        em, rule, cost_model, chosen, _ = early
-        for index, p in chosen:
-            r = evaluate_exits(em, ds, preprocess, Thresholded(rule, p["thresholds"]), batch_size=batch_size,
-                               device=device, reporter=run.reporter)
+        em, _, cost_model, _, _ = early
+        for (index, p), r, speed in zip(chosen, rounds[0][1:], timing[1:], strict=True):
             counts = torch.bincount(r.exit_index, minlength=len(em.exits) + 1)
             cost = cost_model.average(counts)
             predictions = labelled(r.predictions)
@@ -127,8 +155,7 @@ def command(
                 "accuracy": round(float((predictions == ds.labels).double().mean()), 6),
                 "cost": round(cost, 6),
                 unit: int(in_unit(cost * macs, unit)),
-                "throughput": round(len(ds) / r.seconds, 1),
-                "speedup": round(result.seconds / r.seconds, 3),
+                **_speed_fields(speed),
                 "exit_shares": {e: round(int(c) / len(ds), 6)
                                 for e, c in zip([*em.exits, "head"], counts.tolist(), strict=True)},
             })
@@ -151,13 +178,26 @@ def command(
         head = format_fields([("checkpoint", ckpt.label), ("dataset", f"{d['dataset']} ({d['samples']} samples)")])
         points = format_table(["point", "accuracy", "cost", f"{unit}/sample", "samples/s", "speedup"],
                               [[p["name"], p["accuracy"], p["cost"], f"{p[unit]:,}", f"{p['throughput']:.1f}",
-                                f"{p['speedup']:.2f}x"] for p in d["points"]])
+                                _speedup_text(p, d["repeats"])] for p in d["points"]])
         names = list(d["per_class"])
         per = format_table(["class", *(n.split(":")[0] for n in names)],
                            [[c, *(d["per_class"][n][c] for n in names)] for c in classes])
         return f"{head}\n\n{points}\n\n{per}"
 
     run.emit(doc, text)
+
+
+def _speed_fields(speed: Any) -> dict[str, Any]:
+    return {"throughput": round(speed.throughput, 1), "speedup": round(speed.speedup, 3),
+            "speedup_min": round(speed.speedup_min, 3), "speedup_max": round(speed.speedup_max, 3),
+            "seconds": [round(t, 4) for t in speed.seconds]}
+
+
+def _speedup_text(point: dict[str, Any], repeats: int) -> str:
+    """The median speed-up, with its range over the rounds where there are several (none for the plain model)."""
+    if repeats == 1 or point["name"] == "plain":
+        return f"{point['speedup']:.2f}x"
+    return f"{point['speedup']:.2f}x ({point['speedup_min']:.2f}\u2013{point['speedup_max']:.2f})"
 
 
 def _per_class_dict(classes: list[str], accuracy: Any) -> dict[str, float | None]:
