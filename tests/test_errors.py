@@ -93,7 +93,28 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
     cm.save(str(d / "means-without-cache.safetensors"), prov)
     make_hand_edited_artifacts(d, tiny_checkpoint, tiny_data)
     make_crafted_data(d)
+    make_hostile_checkpoints(d, tiny_checkpoint)
     return d
+
+
+def make_hostile_checkpoints(d: Path, tiny_checkpoint: str) -> None:
+    """Checkpoints whose metadata names code to run or sizes to allocate, and weights that are not numbers."""
+    def spec_edit(change: dict[str, Any]) -> Callable[[dict[str, torch.Tensor], dict[str, str]], None]:
+        def edit(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+            meta["eetool.model"] = json.dumps({**json.loads(meta["eetool.model"]), **change})
+        return edit
+
+    marker = d / "pwned"  # would appear in the inputs folder, which the table checks is left unchanged
+    edited_tensors(Path(tiny_checkpoint), d / "runs-os-system.safetensors",
+                   spec_edit({"arch": "os:system", "arch_args": {"command": f"touch {marker}"}}))
+    edited_tensors(Path(tiny_checkpoint), d / "huge-input.safetensors",
+                   spec_edit({"input_shape": [1, 60000, 60000]}))
+    edited_tensors(Path(tiny_checkpoint), d / "huge-width.safetensors", spec_edit({"arch_args": {"width": 10**9}}))
+
+    def nan_weight(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        tensors["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+
+    edited_tensors(Path(tiny_checkpoint), d / "nan-weights.safetensors", nan_weight)
 
 
 LAUGHS = "".join(f"{a}: &{a} [{', '.join([f'*{p}' if p else 'lol'] * 9)}]\n"
@@ -539,6 +560,37 @@ CASES = [
     Case("dataset-cifar-pickle-runs-code", [*EVAL[:4], "cifar10:{inp}/cifar-code", *EVAL[5:]], BAD_INPUT,
          says="not a CIFAR batch"),
     Case("dataset-image-decompression-bomb", [*EVAL[:4], "folder:{inp}/image-bomb", *EVAL[5:]], BAD_INPUT),
+    # foreign checkpoints and files that name code or sizes
+    Case("checkpoint-names-os-system", ["inspect", "{inp}/runs-os-system.safetensors"], USAGE,
+         says="--arch os:system"),
+    Case("checkpoint-names-os-system-evaluate", [*EVAL[:2], "{inp}/runs-os-system.safetensors", *EVAL[3:]], USAGE,
+         says="imports only when you name it"),
+    Case("checkpoint-input-shape-60000", [*EVAL[:2], "{inp}/huge-input.safetensors", *EVAL[3:]], BAD_INPUT,
+         says="input shape"),
+    Case("checkpoint-width-a-billion", [*EVAL[:2], "{inp}/huge-width.safetensors", *EVAL[3:]], USAGE,
+         says="width"),
+    Case("checkpoint-nan-weights", [*EVAL[:2], "{inp}/nan-weights.safetensors", *EVAL[3:]], BAD_INPUT,
+         says="NaN or infinite values in layer1.0.conv1.weight"),
+    Case("foreign-torchvision-weights-download", [*FOREIGN[:-1], "{{weights: DEFAULT}}", "-c", "{inp}/state.pt",
+                                                  "--arch", "resnet18"], USAGE, says="never downloads"),
+    Case("eetool-checkpoint-other-arch-args", [*EVAL, "--arch-args", "{{width: 8}}"], MISMATCH),
+    Case("input-shape-beyond-limits", [*EVAL, "--input-shape", "1,60000,60000"], USAGE, says="limits"),
+    Case("mean-nan", [*EVAL, "--mean", "nan"], USAGE, says="finite"),
+    Case("std-zero", [*EVAL, "--std", "0"], USAGE, says="--std"),
+    Case("num-classes-beyond-limits", [*EVAL, "--num-classes", "2000000"], USAGE),
+    Case("calibrate-foreign-without-arch", [*CALIBRATE[:2], "{inp}/state.pt", *CALIBRATE[3:]], USAGE,
+         says="eetool import"),
+    Case("train-exits-foreign-without-input-shape", ["train-exits", "-c", "{inp}/state.pt", "-d", "{data}", "-o",
+                                                     "{out}/h.safetensors", "--arch", "resnet20"], USAGE,
+         says="--input-shape"),
+    Case("import-to-stdout", ["import", "-c", "{inp}/state.pt", "-o", "-"], USAGE),
+    Case("import-not-safetensors", ["import", "-c", "{ckpt}", "-o", "{out}/m.pt"], USAGE, says=".safetensors"),
+    Case("import-without-arch", ["import", "-c", "{inp}/state.pt", "-o", "{out}/m.safetensors"], USAGE,
+         says="--arch"),
+    Case("import-wrong-class-count", ["import", "-c", "{ckpt}", "-o", "{out}/m.safetensors", "--classes", "a,b"],
+         USAGE, says="--classes"),
+    Case("import-over-the-checkpoint", ["import", "-c", "{ckpt}", "-o", "{ckpt}", "--force"], OUTPUT,
+         says="also an input"),
     # the embedded demo files are inputs no output may replace
     Case("output-is-the-demo-checkpoint", [*EVAL[:-1], DEMO_CHECKPOINT, "--force"], OUTPUT, says="demo"),
     Case("output-is-the-demo-data", [*EVAL[:4], "demo", "-o", DEMO_DATA, "--force"], OUTPUT, says="demo"),
