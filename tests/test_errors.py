@@ -164,6 +164,7 @@ def make_hand_edited_artifacts(d: Path, tiny_checkpoint: str, tiny_data: str) ->
         "no-budget": lambda doc: doc["points"][0].pop("budget"),
         "points-not-a-list": lambda doc: doc.__setitem__("points", "all"),
         "no-checkpoint": provenance("checkpoint_sha256", ""),
+        "unknown-method": lambda doc: doc.__setitem__("method", "magic"),
         "no-exits": provenance("exits", []),
         "no-inputs": provenance("inputs", {}),
         "exits-a-number": provenance("exits", 5),
@@ -186,6 +187,8 @@ def make_hand_edited_artifacts(d: Path, tiny_checkpoint: str, tiny_data: str) ->
         "calibration-short": tensor("calibration.confidence", lambda x: x[:-1]),
         "nan": tensor("means.0", nan_first),
         "no-checkpoint": lambda tensors, meta: meta.__setitem__("eetool.checkpoint_sha256", ""),
+        "args-not-json": lambda tensors, meta: meta.__setitem__("eetool.args", "{not json"),
+        "unknown-kind": lambda tensors, meta: meta.__setitem__("eetool.kind", "magic"),
     }.items():
         edited_tensors(means, d / f"means-{name}.safetensors", edit)
 
@@ -419,6 +422,10 @@ CASES = [
     Case("inspect-nothing", ["inspect"], USAGE),
     Case("inspect-missing-file", ["inspect", "{inp}/missing.yaml"], BAD_INPUT),
     Case("inspect-yaml-without-provenance", ["inspect", "{inp}/plain.yaml"], BAD_INPUT),
+    Case("inspect-artifact-args-not-json", ["inspect", "{inp}/means-args-not-json.safetensors"], PROVENANCE,
+         says="malformed provenance"),
+    Case("inspect-artifact-of-unknown-kind", ["inspect", "{inp}/means-unknown-kind.safetensors"], PROVENANCE,
+         says="unknown kind 'magic'"),
     Case("inspect-binary-file", ["inspect", "{inp}/random.dat"], BAD_INPUT),
     Case("inspect-random-safetensors", ["inspect", "{inp}/random.safetensors"], BAD_INPUT),
     # calibrate-means
@@ -524,7 +531,8 @@ CASES = [
           ("strings", BAD_INPUT, "not finite numbers"), ("wrong-count", BAD_INPUT, "thresholds for"),
           ("no-budget", BAD_INPUT, "no budget"), ("points-not-a-list", BAD_INPUT, "no list of operating points"),
           ("no-checkpoint", PROVENANCE, "records no checkpoint"), ("no-exits", PROVENANCE, "records no exits"),
-          ("no-inputs", PROVENANCE, "records no class-means"), ("exits-a-number", PROVENANCE, "malformed"))),
+          ("no-inputs", PROVENANCE, "records no class-means"), ("exits-a-number", PROVENANCE, "malformed"),
+          ("unknown-method", BAD_INPUT, "unknown method 'magic'"))),
     # hand-edited class means
     *(Case(f"means-{name}", [*EVAL, "--means", f"{{inp}}/means-{name}.safetensors", "--thresholds",
                              "{inp}/thresholds.yaml"], code, says=says)

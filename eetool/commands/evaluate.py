@@ -209,16 +209,20 @@ def _early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thre
     """Load and cross-check the thresholds and what they were fitted with; pick the operating points to run.
     Returns the exit model, the rule, its cost model, the chosen points and whether it predicts cluster ids."""
     from eetool.artifacts import read_tensors, read_yaml, sha256_file, verify
+    from eetool.choices import COMBINES, EXIT_METHODS
     from eetool.commands.common import exit_rule
     from eetool.costs import measure
     from eetool.e2cm import ClassMeans
-    from eetool.errors import UsageError
+    from eetool.errors import InputError, UsageError
     from eetool.heads import load_heads
 
     if thresholds.endswith(".safetensors"):  # another eetool artifact (tensors) given where thresholds belong
         read_tensors(thresholds, "thresholds")  # raises the provenance error naming the kind found
     doc, prov = read_yaml(thresholds, "thresholds")
     method, combine = str(doc.get("method", "e2cm")), str(doc.get("combine", "and"))
+    if method not in EXIT_METHODS or combine not in COMBINES:
+        raise InputError(f"{thresholds} records an unknown method {method!r} or combine {combine!r}",
+                         "re-make it with `eetool fit-thresholds`")
     if method in ("e2cm", "e2cm+sdn") and not means:
         raise UsageError(f"{thresholds} was fitted with {method}, which needs --means", "pass the same --means")
     if method != "e2cm" and not exit_heads:

@@ -112,12 +112,17 @@ def _classes(count: int, names: list[str]) -> str:
 
 
 def _describe_artifact(run: Run, path: str) -> None:
-    from eetool.artifacts import Provenance, read_safetensors
-    from eetool.errors import InputError
+    from eetool.artifacts import KINDS, read_safetensors, read_tensors
+    from eetool.errors import InputError, ProvenanceError
 
     if path.endswith(".safetensors"):
-        tensors, meta = read_safetensors(path)
-        prov = Provenance.from_metadata(meta).to_dict()
+        _, meta = read_safetensors(path)
+        kind = meta.get("eetool.kind", "")
+        if kind not in KINDS:
+            raise ProvenanceError(f"{path} is an artifact of unknown kind {kind!r}",
+                                  f"inspect eetool's artifacts ({', '.join(KINDS)}) or checkpoints")
+        tensors, parsed, _ = read_tensors(path, kind)  # the provenance checked as every reader checks it
+        prov = parsed.to_dict()
         contents = [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                     for k, v in tensors.items()]
     else:
