@@ -42,7 +42,6 @@ from eetool.reporting import Reporter
 from eetool.training import TrainConfig, TrainResult, accuracy, cross_entropy_step, fit
 
 BACKBONE, HEADS = "backbone", "heads"
-APPROACHES = ("joint", "ordered")
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Steps of a run: training the heads (no pruning), or a pruning round over these parts.
 TRAIN_HEADS, JOINT_ROUND, BACKBONE_ROUND, HEADS_ROUND = "train-heads", "joint", "backbone", "heads"
@@ -119,7 +118,8 @@ def prune_round(layers: list[Layer], masks: dict[str, torch.Tensor], amount: flo
         prune.global_unstructured([(layer.module, "weight") for layer in layers],
                                   pruning_method=prune.L1Unstructured, amount=count)
         for layer in layers:
-            masks[layer.key] = layer.module.weight_mask.detach().bool().cpu()  # type: ignore[union-attr]
+            mask = getattr(layer.module, "weight_mask")  # noqa: B009 (made by torch.nn.utils.prune)
+            masks[layer.key] = mask.detach().bool().cpu()
     return count
 
 
@@ -213,6 +213,8 @@ class Pruner:
     masks: dict[str, torch.Tensor] = field(init=False)
     records: list[dict[str, Any]] = field(default_factory=list)
     done: int = 0  # steps finished
+    # Each exit's accuracy before pruning (the thesis's black curves): the heads' once they are trained.
+    baseline: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         self.layers = prunable_layers(self.exit_model.model, self.heads, first_conv_in=self.settings.first_conv,
@@ -283,22 +285,27 @@ class Pruner:
 
     def state_dict(self) -> dict[str, Any]:
         return {"done": self.done, "model": self.model.state_dict(), "heads": self.heads.state_dict(),
-                "masks": dict(self.masks), "records": json.dumps(self.records)}
+                "masks": dict(self.masks), "records": json.dumps(self.records), "baseline": json.dumps(self.baseline)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.heads.load_state_dict(state["heads"])
         self.masks = {k: v.bool() for k, v in state["masks"].items()}
         self.records = json.loads(state["records"])
+        self.baseline = json.loads(state["baseline"])
         self.done = int(state["done"])
 
     def run(self, after_step: Callable[[Pruner], None] | None = None) -> list[dict[str, Any]]:
         """Every step not yet done; ``after_step`` (saving the state, say) runs after each."""
+        if self.done == 0:  # heads given to the run are trained; heads made for it are not yet
+            self.baseline = self.exit_accuracies(heads_trained=not self.settings.train_heads)
         for index in range(self.done, len(self.steps())):
             kind, round_no = self.steps()[index]
             what = "training the heads" if kind == TRAIN_HEADS else f"{kind} round {round_no}/{self.settings.rounds}"
             self.reporter.log(f"step {index + 1}/{len(self.steps())}: {what}")
             record = self.run_step(index)
+            if index == 0 and kind == TRAIN_HEADS:  # joint: the heads just trained, nothing pruned yet
+                self.baseline = record["accuracy"]
             self.reporter.log(f"  sparsity: backbone {record['sparsity']['backbone']:.4f}, heads "
                               f"{record['sparsity']['heads']:.4f}; accuracy {record['accuracy']}")
             if after_step is not None:
