@@ -193,11 +193,11 @@ def _prune(run: Run, **o: Any) -> None:
     preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
     pruner = wp.Pruner(em, heads, weights, settings, train_data, preprocess, eval_data=eval_data, device=device,
                        reporter=run.reporter)
-    first_parts = wp.ROUND_PARTS[wp.JOINT_ROUND if o["approach"] == "joint" else wp.BACKBONE_ROUND]
-    already = wp.sparsity_of(wp.participating(pruner.layers, first_parts))
+    # The checkpoint's own weights decide: heads made here start dense whatever the checkpoint is.
+    already = wp.sparsity_of(wp.participating(pruner.layers, (wp.BACKBONE,)))
     target = wp.target_sparsity(o["amount"], o["rounds"])
     if already >= target:
-        raise UsageError(f"{o['checkpoint']} is already {already:.1%} sparse in the weights taking part, at or beyond "
+        raise UsageError(f"{o['checkpoint']} is already {already:.1%} sparse in its weights taking part, at or beyond "
                          f"the {target:.1%} that {o['rounds']} rounds of {o['amount']:g} ask for",
                          "start from the unpruned checkpoint, or ask for more --rounds or a larger --amount")
 
