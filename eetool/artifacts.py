@@ -37,6 +37,8 @@ KINDS: dict[str, tuple[int, str]] = {
     "class-means": (1, "eetool calibrate-means"),
     "thresholds": (1, "eetool fit-thresholds"),
     "exit-heads": (1, "eetool train-exits"),
+    "masks": (1, "eetool prune-weights"),
+    "weight-pruning": (1, "eetool prune-weights"),
 }
 
 STDOUT = "-"

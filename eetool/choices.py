@@ -14,3 +14,5 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 EEPRUNE_FAMILY = ("eeprune", "eeprune-loss", "eeprune-soft")
 PRUNING_BASELINES = ("random", "el2n", "forgetting", "svp")
 EXIT_LOCATIONS = ("before", "mid", "after")  # or a module name
+PRUNING_APPROACHES = ("joint", "ordered")
+WEIGHT_STRUCTURES = ("unstructured", "channel")

@@ -95,8 +95,18 @@ class ExitHeads(nn.Module):
         return [head(f, None if distances is None else distances[j])
                 for j, (head, f) in enumerate(zip(self.heads, features, strict=True))]
 
-    def macs(self) -> list[int]:
-        """MACs of each head for one sample: branch convolution, pooling (one operation per element read), linear."""
+    def macs(self, effective: bool = False) -> list[int]:
+        """MACs of each head for one sample: branch convolution, pooling (one operation per element read), linear.
+
+        ``effective``: the convolution and the linear layer at their MACs times their fraction of non-zero
+        weights (a pruned head's cost, see eetool.costs)."""
+        def share(layer: nn.Module) -> float:
+            if not effective:
+                return 1.0
+            w = layer.weight
+            assert isinstance(w, torch.Tensor)
+            return int((w != 0).sum()) / w.numel()
+
         out = []
         for head, shape in zip(self.heads, self.spec.in_shapes, strict=True):
             assert isinstance(head, ExitHead)
@@ -104,9 +114,11 @@ class ExitHeads(nn.Module):
             conv = 0
             if isinstance(head.branch, nn.Sequential):
                 c = shape[0]
-                conv = c * c * 9 * math.prod(shape[1:]) + 2 * n  # convolution, batch norm and ReLU
+                # convolution, batch norm and ReLU
+                conv = round(c * c * 9 * math.prod(shape[1:]) * share(head.branch[0])) + 2 * n
             pool = 2 * n if len(shape) == 3 and max(shape[1:]) > self.spec.pool_size else 0
-            out.append(int(conv + pool + head.linear.in_features * head.linear.out_features))
+            out.append(int(conv + pool + round(head.linear.in_features * head.linear.out_features
+                                               * share(head.linear))))
         return out
 
 

@@ -9,8 +9,7 @@ from eetool.artifacts import atomic_write
 from eetool.errors import UsageError
 
 
-def accuracy_cost_png(path: str, points: list[dict[str, Any]], title: str) -> None:
-    """Operating points joined in cost order, the plain model marked; written atomically."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -18,6 +17,45 @@ def accuracy_cost_png(path: str, points: list[dict[str, Any]], title: str) -> No
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("--plot needs matplotlib", "pip install 'eetool[plot]'") from None
+    return plt
+
+
+def require_matplotlib() -> None:
+    """Refuse --plot before any work when the plot extra is missing."""
+    _pyplot()
+
+
+def pruning_png(path: str, layers: list[dict[str, Any]], accuracy: dict[str, float] | None,
+                baseline: dict[str, float] | None, title: str) -> None:
+    """Thesis Fig. 5a/6a and 5b: each layer's sparsity (backbone, then heads), and each exit's accuracy when every
+    sample leaves there, after pruning and before it; written atomically."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=150)
+    colours = ["tab:blue" if r["part"] == "backbone" else "tab:orange" for r in layers]
+    left.bar(range(len(layers)), [r["sparsity"] for r in layers], color=colours)
+    left.set_xlabel("layer (backbone blue, heads orange)")
+    left.set_ylabel("sparsity of the weights")
+    left.set_ylim(0, 1)
+    left.grid(alpha=0.3, axis="y")
+    for values, style, label in ((baseline, "k.-", "before pruning"), (accuracy, "o-", "after pruning")):
+        if values:
+            right.plot(list(values), list(values.values()), style, label=label)
+    right.set_xlabel("exit (every sample leaves there)")
+    right.set_ylabel("accuracy")
+    right.tick_params(axis="x", labelrotation=60, labelsize=7)
+    right.grid(alpha=0.3)
+    right.legend(loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def accuracy_cost_png(path: str, points: list[dict[str, Any]], title: str) -> None:
+    """Operating points joined in cost order, the plain model marked; written atomically."""
+    plt = _pyplot()
     plain = [p for p in points if p["name"] == "plain"]
     early = sorted((p for p in points if p["name"] != "plain"), key=lambda p: p["cost"])
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=150)

@@ -12,11 +12,12 @@ counts); the prediction is the head's.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
 from eetool.choices import COMBINES, EXIT_METHODS
-from eetool.costs import CostModel
+from eetool.costs import EFFECTIVE, CostModel, effective_stage_macs, is_pruned, measure
 from eetool.datasets import Dataset, Preprocess
 from eetool.e2cm import ClassMeans, MeansRule, decide, distance_macs, distances
 from eetool.errors import UsageError
@@ -61,13 +62,27 @@ class HeadsRule:
             conf = torch.minimum(conf, e2cm_conf) if self.combine == "and" else torch.maximum(conf, e2cm_conf)
         return conf, pred
 
-    def cost_model(self, stage_macs: list[int]) -> CostModel:
-        """The backbone, each head, and E²CM's distances where they are computed."""
-        overheads = self.heads.macs()
+    def cost_model(self, stage_macs: list[int], effective_heads: bool = False) -> CostModel:
+        """The backbone, each head, and E²CM's distances where they are computed; ``effective_heads``: the heads
+        at their effective MACs (pruned heads, see eetool.costs)."""
+        overheads = self.heads.macs(effective=effective_heads)
         if self.means is not None:
             overheads = [o + distance_macs(int(m.shape[1]), self.means.num_classes)
                          for o, m in zip(overheads, self.means.means, strict=True)]
         return CostModel(list(self.heads.spec.exits), list(stage_macs), overheads)
+
+
+def cost_models(rule: HeadsRule, exit_model: ExitModel, input_shape: tuple[int, int, int]
+                ) -> tuple[CostModel, CostModel]:
+    """The dense and the effective cost model of a network with exit heads: the same one twice unless the backbone
+    and heads together are pruned (eetool.costs.PRUNED_FRACTION); the effective one is normalised by the dense
+    model's MACs, so that its costs read as fractions of the unpruned network's."""
+    stage_macs = measure(exit_model, input_shape).stage_macs
+    dense = rule.cost_model(stage_macs)
+    if not is_pruned(exit_model.model, rule.heads):
+        return dense, dense
+    sparse = rule.cost_model(effective_stage_macs(stage_macs, exit_model, input_shape), effective_heads=True)
+    return dense, replace(sparse, reference_macs=dense.model_macs, basis=EFFECTIVE)
 
 
 class Thresholded:

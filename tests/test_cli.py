@@ -170,12 +170,15 @@ def command_args(tiny_checkpoint: str, tiny_data: str, class_means: Path, tmp_pa
                         "-o", str(tmp_path / "heads.safetensors")],
         "prune-dataset": ["-c", tiny_checkpoint, "-d", tiny_data, "--method", "random", "--ratio", "0.25",
                           "-o", str(tmp_path / "kept.safetensors")],
+        "prune-weights": ["-c", tiny_checkpoint, "-d", tiny_data, "--exits", "half", "--rounds", "1",
+                          "--finetune-samples", "16", "--no-augment", "-o", str(tmp_path / "pruned.safetensors")],
     }
 
 
 # The kind in each command's JSON schema, where it is not the command's name.
 SCHEMA_KINDS = {"evaluate": "evaluation", "calibrate-means": "class-means", "fit-thresholds": "thresholds",
-                "train-exits": "exit-heads", "prune-dataset": "indices", "import": "checkpoint"}
+                "train-exits": "exit-heads", "prune-dataset": "indices", "import": "checkpoint",
+                "prune-weights": "weight-pruning"}
 
 
 def test_the_table_below_covers_every_command(command_args: dict[str, list[str]]) -> None:
@@ -183,7 +186,7 @@ def test_the_table_below_covers_every_command(command_args: dict[str, list[str]]
 
 
 @pytest.mark.parametrize("command", ["archs", "env", "inspect", "import", "evaluate", "calibrate-means",
-                                     "fit-thresholds", "train-exits", "prune-dataset"])
+                                     "fit-thresholds", "train-exits", "prune-dataset", "prune-weights"])
 def test_common_options_after_the_subcommand(command: str, command_args: dict[str, list[str]]) -> None:
     result = invoke(command, *command_args[command], "-q", "-v", "--format", "json", "--no-progress", "--seed", "3",
                     "--device", "cpu", "--threads", "1", "--debug")

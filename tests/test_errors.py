@@ -94,6 +94,14 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
     make_hand_edited_artifacts(d, tiny_checkpoint, tiny_data)
     make_crafted_data(d)
     make_hostile_checkpoints(d, tiny_checkpoint)
+    zeroed = tiny_spec.build()  # a checkpoint pruned beyond any sparsity prune-weights can ask for
+    with torch.no_grad():
+        for m in zeroed.modules():
+            if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
+                m.weight.zero_()
+    from eetool.checkpoint import save_checkpoint
+
+    save_checkpoint(str(d / "zeroed.safetensors"), zeroed, tiny_spec, Provenance(kind="checkpoint"))
     return d
 
 
@@ -311,7 +319,29 @@ def _cuda_present(out: Path) -> str | None:
     return "a CUDA device is present" if torch.cuda.is_available() else None
 
 
+PRUNE_WEIGHTS = ["prune-weights", "-c", "{ckpt}", "-d", "{data}", "-o", "{out}/pruned.safetensors", "--rounds", "1",
+                 "--finetune-samples", "8", "--exits", "half"]
+
 CASES = [
+    # prune-weights
+    Case("prune-weights-amount-one", [*PRUNE_WEIGHTS, "--amount", "1"], USAGE, says="--amount"),
+    Case("prune-weights-amount-zero", [*PRUNE_WEIGHTS, "--amount", "0"], USAGE, says="--amount"),
+    Case("prune-weights-amount-negative", [*PRUNE_WEIGHTS, "--amount", "-0.1"], USAGE, says="--amount"),
+    Case("prune-weights-zero-rounds", [*PRUNE_WEIGHTS, "--rounds", "0"], USAGE, says="--rounds"),
+    Case("prune-weights-heads-of-another-checkpoint", ["prune-weights", "-c", DEMO_CHECKPOINT, "-d", "{data}", "-o",
+                                                       "{out}/pruned.safetensors", "--exit-heads",
+                                                       "{inp}/heads.safetensors"], PROVENANCE,
+         says="made from checkpoint"),
+    Case("prune-weights-heads-and-other-exits", ["prune-weights", "-c", "{ckpt}", "-d", "{data}", "-o",
+                                                 "{out}/pruned.safetensors", "--exit-heads", "{inp}/heads.safetensors",
+                                                 "--exits", "half"], USAGE, says="--exits"),
+    Case("prune-weights-already-pruned", ["prune-weights", "-c", "{inp}/zeroed.safetensors", "-d", "{data}", "-o",
+                                          "{out}/pruned.safetensors"], USAGE, says="already 100.0% sparse"),
+    Case("prune-weights-channel-not-yet", [*PRUNE_WEIGHTS, "--structure", "channel"], USAGE, says="channel"),
+    Case("prune-weights-output-not-safetensors", ["prune-weights", "-c", "{ckpt}", "-d", "{data}", "-o",
+                                                  "{out}/pruned.pt"], USAGE, says=".safetensors"),
+    Case("prune-weights-masks-to-stdout", [*PRUNE_WEIGHTS, "--masks-output", "-"], USAGE, says="stdout"),
+    Case("prune-weights-resume-without-state", [*PRUNE_WEIGHTS, "--resume"], BAD_INPUT, says="no resumable state"),
     # checkpoints
     Case("checkpoint-missing", ["evaluate", "-c", "{inp}/missing.safetensors", "-d", "{data}", "-o", "{out}/r.yaml"],
          BAD_INPUT),

@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "train": "train",
     "train-exits": "train_exits",
     "prune-dataset": "prune_dataset",
+    "prune-weights": "prune_weights",
     "archs": "archs",
     "env": "env",
 }

@@ -55,7 +55,7 @@ def command(
     import torch
 
     from eetool.artifacts import STDOUT, Provenance, write_yaml
-    from eetool.costs import count_macs, in_unit
+    from eetool.costs import count_macs, effective_macs, in_unit, is_pruned
     from eetool.datasets import Preprocess, check_labels, load_dataset, require_labels
     from eetool.errors import UsageError
     from eetool.inference import (
@@ -88,6 +88,10 @@ def command(
     macs = count_macs(ckpt.model, ckpt.spec.input_shape)
     preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
     early = _early_exit_setup(ckpt, means, exit_heads, thresholds, point, device) if thresholds else None
+    # A pruned network (eetool prune-weights) is reported at its dense and its effective cost; its zeros do not
+    # make dense kernels faster, so the measured throughput is that of the dense computation.
+    pruned = is_pruned(ckpt.model) or (early is not None and early[2][1].basis == "effective")
+    sparse_macs = effective_macs(ckpt.model, ckpt.spec.input_shape, macs) if pruned else macs
     # warm up (allocator, kernels) so the timed runs compare like with like
     predict(ckpt.model, ds.subset(torch.arange(min(len(ds), batch_size))), preprocess, batch_size=batch_size,
             device=device)
@@ -133,20 +137,25 @@ def command(
         "unit": unit,
         "repeats": repeats,
         "accuracy_kind": "clustering (Hungarian matching)" if clusters else "classification",
+        "cost_basis": "effective" if pruned else "dense",
+        **({"speed_note": SPEED_NOTE} if pruned else {}),
         "points": [{
             "name": "plain",
             "accuracy": round(float(correct.double().mean()), 6),
             "cost": 1.0,
             unit: int(in_unit(macs, unit)),
+            "effective_cost": round(sparse_macs / macs, 6),
+            f"effective_{unit}": int(in_unit(sparse_macs, unit)),
             **_speed_fields(timing[0]),
         }],
         "per_class": {"plain": _per_class_dict(classes, per_class)},
     }
     if early is not None:
-        em, _, cost_model, _, _ = early
+        em, _, (cost_model, sparse_cost_model), _, _ = early
         for (index, p), r, speed in zip(chosen, rounds[0][1:], timing[1:], strict=True):
             counts = torch.bincount(r.exit_index, minlength=len(em.exits) + 1)
             cost = cost_model.average(counts)
+            sparse_cost = sparse_cost_model.average(counts)
             predictions = labelled(r.predictions)
             name = f"{index}: budget {p['budget']:g}"
             doc["points"].append({
@@ -155,6 +164,8 @@ def command(
                 "accuracy": round(float((predictions == ds.labels).double().mean()), 6),
                 "cost": round(cost, 6),
                 unit: int(in_unit(cost * macs, unit)),
+                "effective_cost": round(sparse_cost, 6),
+                f"effective_{unit}": int(in_unit(sparse_cost * macs, unit)),
                 **_speed_fields(speed),
                 "exit_shares": {e: round(int(c) / len(ds), 6)
                                 for e, c in zip([*em.exits, "head"], counts.tolist(), strict=True)},
@@ -175,16 +186,25 @@ def command(
         run.reporter.log(f"wrote {output}")
 
     def text(d: dict[str, Any]) -> str:
-        head = format_fields([("checkpoint", ckpt.label), ("dataset", f"{d['dataset']} ({d['samples']} samples)")])
-        points = format_table(["point", "accuracy", "cost", f"{unit}/sample", "samples/s", "speedup"],
-                              [[p["name"], p["accuracy"], p["cost"], f"{p[unit]:,}", f"{p['throughput']:.1f}",
-                                _speedup_text(p, d["repeats"])] for p in d["points"]])
+        sparse = d["cost_basis"] == "effective"
+        head = format_fields([("checkpoint", ckpt.label), ("dataset", f"{d['dataset']} ({d['samples']} samples)"),
+                              *([("pruned", d["speed_note"])] if sparse else [])])
+        points = format_table(["point", "accuracy", "cost", f"{unit}/sample",
+                               *(["effective cost", f"effective {unit}"] if sparse else []), "samples/s", "speedup"],
+                              [[p["name"], p["accuracy"], p["cost"], f"{p[unit]:,}",
+                                *([p["effective_cost"], f"{p[f'effective_{unit}']:,}"] if sparse else []),
+                                f"{p['throughput']:.1f}", _speedup_text(p, d["repeats"])] for p in d["points"]])
         names = list(d["per_class"])
         per = format_table(["class", *(n.split(":")[0] for n in names)],
                            [[c, *(d["per_class"][n][c] for n in names)] for c in classes])
         return f"{head}\n\n{points}\n\n{per}"
 
     run.emit(doc, text)
+
+
+SPEED_NOTE = ("its zero weights lower the effective cost (what sparse kernels would compute), not the time: "
+              "dense kernels multiply by the zeros too, so samples/s and speed-ups are measured on the dense "
+              "computation")
 
 
 def _speed_fields(speed: Any) -> dict[str, Any]:
@@ -207,14 +227,15 @@ def _per_class_dict(classes: list[str], accuracy: Any) -> dict[str, float | None
 def _early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thresholds: str, point: str,
                       device: Any) -> tuple[Any, Any, Any, list[Any], bool]:
     """Load and cross-check the thresholds and what they were fitted with; pick the operating points to run.
-    Returns the exit model, the rule, its cost model, the chosen points and whether it predicts cluster ids."""
+    Returns the exit model, the rule, its cost models (dense, then effective: the same one unless the network is
+    pruned), the chosen points and whether it predicts cluster ids."""
     from eetool.artifacts import read_tensors, read_yaml, sha256_file, verify
     from eetool.choices import COMBINES, EXIT_METHODS
     from eetool.commands.common import exit_rule
-    from eetool.costs import measure
     from eetool.e2cm import ClassMeans
     from eetool.errors import InputError, UsageError
     from eetool.heads import load_heads
+    from eetool.rules import cost_models
 
     if thresholds.endswith(".safetensors"):  # another eetool artifact (tensors) given where thresholds belong
         read_tensors(thresholds, "thresholds")  # raises the provenance error naming the kind found
@@ -248,8 +269,8 @@ def _early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thre
             raise UsageError(f"--point {point!r} is not all or indices below {len(points)}", "e.g. --point 0,2")
         chosen = [(i, points[i]) for i in picked]
     if cm is not None and method == "e2cm":
-        return em, rule, cm.cost_model(), chosen, cm.clusters
-    return em, rule, rule.cost_model(measure(em, ckpt.spec.input_shape).stage_macs), chosen, False
+        return em, rule, (cm.cost_model(), cm.cost_model()), chosen, cm.clusters
+    return em, rule, cost_models(rule, em, ckpt.spec.input_shape), chosen, False
 
 
 def _operating_points(path: str, doc: dict[str, Any], num_exits: int) -> list[dict[str, Any]]:

@@ -61,12 +61,14 @@ def command(
     force: ForceOpt = False,
 ) -> None:
     """Find per-exit thresholds for budgets (--budget, or --sweep with its convex hull). Writes -o (YAML)."""
+    import torch
+
     from eetool.artifacts import STDOUT, Provenance, sha256_file, write_yaml
     from eetool.e2cm import ClassMeans
     from eetool.errors import UsageError
     from eetool.heads import load_heads
     from eetool.rules import COMBINES, METHODS
-    from eetool.thresholds import check_budget, hull
+    from eetool.thresholds import ExitStats, check_budget, hull, operating_point
     from eetool.thresholds import sweep as sweep_budgets
 
     if method not in METHODS:
@@ -86,6 +88,7 @@ def command(
     made_from = means_prov or heads_prov
     assert made_from is not None
     dataset = made_from.dataset
+    dense_costs = None  # a pruned network's dense costs, beside the effective ones the budgets are fitted on
     if method == "e2cm" and not validation:
         assert cm is not None and means is not None
         if checkpoint or data:
@@ -95,8 +98,8 @@ def command(
         c = cm.calibration
         stats = cm.exit_stats(c.confidence, c.prediction, c.final_prediction, c.labels)
     else:
-        stats, dataset = _scored_stats(run, method, combine, means, cm, means_prov, exit_heads, heads, heads_prov,
-                                       checkpoint, data, split, indices, batch_size)
+        stats, dataset, dense_costs = _scored_stats(run, method, combine, means, cm, means_prov, exit_heads, heads,
+                                                    heads_prov, checkpoint, data, split, indices, batch_size)
     asked = sorted(set(budget or []))
     for b in asked:
         check_budget(stats, b)
@@ -110,17 +113,28 @@ def command(
         swept = []
         points = sweep_budgets(stats, asked, search, seed=run.seed)
     low, high = stats.reachable()
+    dense_stats = None if dense_costs is None else ExitStats(stats.confidence, stats.correct, dense_costs)
+
+    def dense_cost(thresholds: list[float]) -> dict[str, float]:
+        if dense_stats is None:
+            return {}
+        cost, _ = operating_point(dense_stats, torch.tensor(thresholds, dtype=stats.confidence.dtype))
+        return {"dense_cost": round(cost, 6)}
+
     doc: dict[str, Any] = {
         "method": method,
         **({"combine": combine} if method == "e2cm+sdn" else {}),
         "search": search,
+        # Budgets and costs are fractions of the dense model's MACs; for a pruned network (eetool prune-weights)
+        # they are its effective MACs (zero weights cost nothing), with each point's dense cost beside.
+        "cost_basis": "dense" if dense_stats is None else "effective",
         "fitted_on": dataset,
         "reachable": [round(low, 6), round(min(high, 1.0), 6)],
         "swept": len(swept),
         # Thresholds are written unrounded: each lies one float32 step below a calibration confidence, and
         # any rounding could let that sample (or another) through differently from the fitted point.
         "points": [{"budget": round(p.budget, 6), "cost": round(p.cost, 6), "accuracy": round(p.accuracy, 6),
-                    "thresholds": list(p.thresholds)} for p in points],
+                    **dense_cost(list(p.thresholds)), "thresholds": list(p.thresholds)} for p in points],
     }
     inputs = {"class-means": sha256_file(means)} if means else {}
     if exit_heads:
@@ -138,11 +152,16 @@ def command(
         head = format_fields([("thresholds", output), ("method", d["method"] + (f" ({d['combine']})" if "combine" in d
                                                                               else "")),
                               ("search", d["search"]), ("fitted on", d["fitted_on"]),
+                              ("cost", "effective MACs of the pruned network (zero weights cost nothing), as a "
+                                       "fraction of its dense MACs; dense cost beside"
+                               if d["cost_basis"] == "effective" else "dense MACs, as a fraction of the model's"),
                               ("reachable", f"{d['reachable'][0]:.4f} to {d['reachable'][1]:.4f}")]
                              + ([("swept", f"{d['swept']} budgets, {len(d['points'])} on the convex hull")]
                                 if d["swept"] else []))
-        table = format_table(["budget", "cost", "accuracy"],
-                             [[p["budget"], p["cost"], p["accuracy"]] for p in d["points"]])
+        dense = d["cost_basis"] == "effective"
+        table = format_table(["budget", "cost", *(["dense cost"] if dense else []), "accuracy"],
+                             [[p["budget"], p["cost"], *([p["dense_cost"]] if dense else []), p["accuracy"]]
+                              for p in d["points"]])
         return f"{head}\n\n{table}"
 
     run.emit(doc, text)
@@ -150,15 +169,15 @@ def command(
 
 def _scored_stats(run: Run, method: str, combine: str, means: str | None, cm: Any, means_prov: Any,
                   exit_heads: str | None, heads: Any, heads_prov: Any, checkpoint: str | None, data: str | None,
-                  split: str, indices: str | None, batch_size: int) -> tuple[Any, str]:
-    """Exit statistics from one pass over --data: E²CM on held-out data, or any method with exit heads."""
+                  split: str, indices: str | None, batch_size: int) -> tuple[Any, str, Any]:
+    """Exit statistics from one pass over --data: E²CM on held-out data, or any method with exit heads; and the
+    dense costs of the exits where the statistics' costs are a pruned network's effective ones (else None)."""
     import torch
 
     from eetool.commands.common import exit_rule, open_checkpoint
-    from eetool.costs import measure
     from eetool.datasets import Preprocess, check_labels, load_dataset
     from eetool.errors import UsageError
-    from eetool.rules import HeadsRule, rule_scores
+    from eetool.rules import HeadsRule, cost_models, rule_scores
     from eetool.thresholds import ExitStats
 
     if not checkpoint or not data:
@@ -175,7 +194,12 @@ def _scored_stats(run: Run, method: str, combine: str, means: str | None, cm: An
     conf, pred, final = rule_scores(em, ds, preprocess, rule, batch_size=batch_size, device=device,
                                     reporter=run.reporter)
     if not isinstance(rule, HeadsRule):
-        return cm.exit_stats(conf, pred, final, ds.labels), ds.fingerprint
+        return cm.exit_stats(conf, pred, final, ds.labels), ds.fingerprint, None
     correct = torch.cat([pred == ds.labels[:, None], (final == ds.labels)[:, None]], 1)
-    costs = rule.cost_model(measure(em, ckpt.spec.input_shape).stage_macs)
-    return ExitStats(conf, correct, torch.tensor(costs.normalised_exit_costs(), dtype=torch.float64)), ds.fingerprint
+    dense, costs = cost_models(rule, em, ckpt.spec.input_shape)
+
+    def normalised(c: Any) -> torch.Tensor:
+        return torch.tensor(c.normalised_exit_costs(), dtype=torch.float64)
+
+    return (ExitStats(conf, correct, normalised(costs)), ds.fingerprint,
+            None if costs is dense else normalised(dense))

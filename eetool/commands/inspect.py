@@ -52,7 +52,7 @@ def _is_checkpoint(path: str) -> bool:
 
 
 def _describe_checkpoint(run: Run, ref: str, exits: str, unit: str) -> None:
-    from eetool.costs import in_unit, measure
+    from eetool.costs import effective, in_unit, measure, zero_fraction
     from eetool.exits import HOOK, build_exit_model
 
     ckpt = open_checkpoint(run, ref)
@@ -61,12 +61,19 @@ def _describe_checkpoint(run: Run, ref: str, exits: str, unit: str) -> None:
     costs = measure(em, ckpt.spec.input_shape)
     shapes = em.exit_shapes(ckpt.spec.input_shape)
     cumulative = costs.backbone_cumulative()
+    # A pruned checkpoint's effective cost (zero weights cost nothing, see eetool.costs) beside the dense one;
+    # equal to it for an unpruned checkpoint.
+    sparse = effective(costs, em, ckpt.spec.input_shape)
+    pruned = sparse is not costs
+    sparse_cumulative = sparse.backbone_cumulative()
     rows = [
-        {"exit": name, "shape": list(shape), unit: int(in_unit(c, unit)), "normalised": round(c / costs.model_macs, 6)}
-        for name, shape, c in zip(em.exits, shapes, cumulative, strict=False)
+        {"exit": name, "shape": list(shape), unit: int(in_unit(c, unit)), "normalised": round(c / costs.model_macs, 6),
+         f"effective_{unit}": int(in_unit(e, unit)), "effective_normalised": round(e / costs.model_macs, 6)}
+        for name, shape, c, e in zip(em.exits, shapes, cumulative, sparse_cumulative, strict=False)
     ]
     rows.append({"exit": "head", "shape": [ckpt.spec.num_classes], unit: int(in_unit(costs.model_macs, unit)),
-                 "normalised": 1.0})
+                 "normalised": 1.0, f"effective_{unit}": int(in_unit(sparse.model_macs, unit)),
+                 "effective_normalised": round(sparse.model_macs / costs.model_macs, 6)})
     spec = ckpt.spec
     doc: dict[str, Any] = {
         "checkpoint": ckpt.path,
@@ -83,6 +90,9 @@ def _describe_checkpoint(run: Run, ref: str, exits: str, unit: str) -> None:
         "mode": em.mode,
         "unit": unit,
         "model_cost": int(in_unit(costs.model_macs, unit)),
+        "weight_sparsity": round(zero_fraction([ckpt.model]), 6),
+        "pruned": pruned,
+        "effective_model_cost": int(in_unit(sparse.model_macs, unit)),
         "exits": rows,
         "training": (ckpt.provenance.args.get("training") if ckpt.provenance else None),
     }
@@ -96,9 +106,14 @@ def _describe_checkpoint(run: Run, ref: str, exits: str, unit: str) -> None:
             ("input", "x".join(map(str, d["input_shape"])) + f", mean {d['mean']}, std {d['std']}"),
             ("parameters", d["parameters"]), ("mode", note),
             ("model cost", f"{d['model_cost']:,} {unit} per sample"),
-        ] + ([("training", ", ".join(f"{k} {v}" for k, v in d["training"].items()))] if d["training"] else []))
-        table = format_table(["exit", "output shape", f"cumulative {unit}", "normalised"],
-                             [[r["exit"], "x".join(map(str, r["shape"])), f"{r[unit]:,}", r["normalised"]]
+        ] + ([("pruned", f"{d['weight_sparsity']:.2%} of the convolution and linear weights are zero; effective "
+                         f"cost {d['effective_model_cost']:,} {unit} per sample (zero weights cost nothing: what "
+                         "sparse kernels would compute; dense kernels take the dense time)")] if d["pruned"] else [])
+        + ([("training", ", ".join(f"{k} {v}" for k, v in d["training"].items()))] if d["training"] else []))
+        table = format_table(["exit", "output shape", f"cumulative {unit}", "normalised",
+                              *([f"effective {unit}", "effective normalised"] if d["pruned"] else [])],
+                             [[r["exit"], "x".join(map(str, r["shape"])), f"{r[unit]:,}", r["normalised"],
+                               *([f"{r[f'effective_{unit}']:,}", r["effective_normalised"]] if d["pruned"] else [])]
                               for r in d["exits"]])
         return head + "\n\n" + table
 

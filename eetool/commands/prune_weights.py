@@ -1,0 +1,309 @@
+"""eetool prune-weights: prune an early-exit network in rounds of global L1 magnitude pruning and fine-tuning
+(thesis 2.5), jointly or backbone first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from eetool.choices import PRUNING_APPROACHES, SPLITS, WEIGHT_STRUCTURES
+from eetool.commands.common import data_path, format_fields, format_table
+from eetool.options import (
+    INPUT,
+    TRAINING,
+    AugmentOpt,
+    BatchOpt,
+    CheckpointOpt,
+    DataOpt,
+    ForceOpt,
+    IndicesOpt,
+    LrOpt,
+    OptimizerOpt,
+    Run,
+    ScheduleOpt,
+    SplitOpt,
+    WeightDecayOpt,
+    eetool_command,
+    prefix_completer,
+)
+
+PRUNING = "Pruning"
+
+
+@eetool_command("weight-pruning", model_options=True)
+def command(
+    run: Run,
+    checkpoint: CheckpointOpt,
+    data: DataOpt,
+    output: Annotated[str, typer.Option("--output", "-o", help="The pruned checkpoint (.safetensors, zeros where "
+                                        "weights were pruned), an ordinary checkpoint for every other command.")],
+    split: SplitOpt = "train",
+    indices: IndicesOpt = None,
+    exit_heads: Annotated[str | None, typer.Option("--exit-heads", help="Exit heads of the checkpoint from `eetool "
+                                                   "train-exits` (default: SDN heads at --exits, trained first).",
+                                                   rich_help_panel=INPUT)] = None,
+    exits: Annotated[str | None, typer.Option("--exits", help="Without --exit-heads: exit points of the SDN heads "
+                                              "to make (every, half, quartiles or module names; default every).",
+                                              rich_help_panel=INPUT)] = None,
+    approach: Annotated[str, typer.Option("--approach", help="joint: backbone and heads pruned and fine-tuned "
+                                          "together (thesis Approach 1); ordered: the backbone first, then the "
+                                          "heads on it with the backbone fixed (Approach 2).",
+                                          rich_help_panel=PRUNING,
+                                          autocompletion=prefix_completer(PRUNING_APPROACHES))] = "joint",
+    structure: Annotated[str, typer.Option("--structure", help="unstructured (single weights, global L1 "
+                                           "magnitude) or channel (whole channels: a smaller dense network).",
+                                           rich_help_panel=PRUNING,
+                                           autocompletion=prefix_completer(WEIGHT_STRUCTURES))] = "unstructured",
+    rounds: Annotated[int, typer.Option("--rounds", help="Pruning rounds, each followed by fine-tuning (ordered: "
+                                        "this many for the backbone, then for the heads).",
+                                        rich_help_panel=PRUNING)] = 20,
+    amount: Annotated[float, typer.Option("--amount", help="Fraction of the REMAINING weights each round prunes, "
+                                          "in (0, 1): after k rounds 1 - (1 - amount)^k of the weights taking part "
+                                          "are zero (87.8% for 20 rounds of 0.1).",
+                                          rich_help_panel=PRUNING)] = 0.1,
+    prune_first_conv: Annotated[bool, typer.Option("--prune-first-conv/--no-prune-first-conv",
+                                                   help="Let the first convolution take part.",
+                                                   rich_help_panel=PRUNING)] = True,
+    prune_final_layer: Annotated[bool, typer.Option("--prune-final-layer/--no-prune-final-layer",
+                                                    help="Let the model's final (linear) layer take part.",
+                                                    rich_help_panel=PRUNING)] = True,
+    heads_output: Annotated[str | None, typer.Option("--heads-output", help="The pruned exit heads (default: "
+                                                     "OUTPUT with -heads.safetensors), for fit-thresholds and "
+                                                     "evaluate with -c OUTPUT.")] = None,
+    masks_output: Annotated[str | None, typer.Option("--masks-output", help="Also write the pruning masks, "
+                                                     "one bit per weight.")] = None,
+    report: Annotated[str | None, typer.Option("--report", help="The YAML report: every round and the end "
+                                               "(default: OUTPUT with .yaml).")] = None,
+    plot: Annotated[str | None, typer.Option("--plot", help="Draw per-layer sparsity and per-exit accuracy to this "
+                                             "PNG (needs the plot extra: matplotlib).")] = None,
+    eval_split: Annotated[str, typer.Option("--eval-split", help="Per-exit accuracy after every round on this "
+                                            "split of --data.", autocompletion=prefix_completer(SPLITS))] = "test",
+    exit_weights: Annotated[str | None, typer.Option("--exit-weights", help="Loss weight per exit, comma-separated, "
+                                                     "or 'sdn' (0.15, 0.3, ...).", rich_help_panel=TRAINING)] = None,
+    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=1, help="Fine-tuning epochs after each "
+                                                 "round (and for training the heads).",
+                                                 rich_help_panel=TRAINING)] = 10,
+    finetune_samples: Annotated[int | None, typer.Option("--finetune-samples", min=1, help="Fine-tune on exactly "
+                                                         "this many samples per round instead of --finetune-epochs.",
+                                                         rich_help_panel=TRAINING)] = None,
+    batch_size: BatchOpt = 128,
+    optimizer: OptimizerOpt = "adamw",
+    lr: LrOpt = 1e-3,
+    weight_decay: WeightDecayOpt = 5e-4,
+    schedule: ScheduleOpt = "cosine",
+    augment: AugmentOpt = True,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUTPUT.resume/ "
+                                         "(saved after every round).")] = False,
+    force: ForceOpt = False,
+) -> None:
+    """Prune an early-exit network (backbone and exit heads) in rounds of global L1 magnitude pruning and
+    fine-tuning, jointly or backbone first. Writes -o, the heads, the report and optionally the masks."""
+    from eetool.artifacts import STDOUT
+    from eetool.errors import InputError, UsageError
+
+    if structure not in WEIGHT_STRUCTURES:
+        raise UsageError(f"unknown --structure {structure!r}", f"use one of {', '.join(WEIGHT_STRUCTURES)}")
+    if structure == "channel":
+        raise UsageError("--structure channel is not available yet", "use --structure unstructured")
+    if approach not in PRUNING_APPROACHES:
+        raise UsageError(f"unknown --approach {approach!r}", f"use one of {', '.join(PRUNING_APPROACHES)}")
+    if not 0 < amount < 1:
+        raise UsageError(f"--amount must be between 0 and 1, not {amount}",
+                         "e.g. --amount 0.1 prunes 10% of the remaining weights per round")
+    if rounds < 1:
+        raise UsageError(f"--rounds must be at least 1, not {rounds}", "e.g. --rounds 20 (the thesis's)")
+    if exit_heads and exits:
+        raise UsageError("--exits chooses where new heads go, but --exit-heads brings its own",
+                         "drop --exits (the heads' exits are used)")
+    if not output.endswith(".safetensors"):
+        raise UsageError(f"-o {output}: checkpoints are .safetensors files", "end the name in .safetensors")
+    stem = output[: -len(".safetensors")]
+    heads_output = heads_output or f"{stem}-heads.safetensors"
+    report = report or f"{stem}.yaml"
+    outputs = [p for p in (output, heads_output, report, masks_output, plot) if p]
+    if STDOUT in outputs:
+        raise UsageError("the outputs of prune-weights are written together, as files, not to stdout",
+                         "give each a file name")
+    if len(set(outputs)) != len(outputs):
+        raise UsageError("-o, --heads-output, --report, --masks-output and --plot name the same file",
+                         "give each its own name")
+    inputs = (checkpoint, indices, data_path(data), exit_heads)
+    for flag, path in (("-o", output), ("--heads-output", heads_output), ("--report", report),
+                       ("--masks-output", masks_output), ("--plot", plot)):
+        if path is not None:
+            run.check_output(path, force=force or resume, inputs=inputs, flag=flag, binary=True)
+    if plot:
+        from eetool.plotting import require_matplotlib
+
+        require_matplotlib()
+    state_dir = Path(f"{output}.resume")
+    if resume and not (state_dir / "state.pt").is_file():
+        raise InputError(f"no resumable state in {state_dir}", "run without --resume to start afresh")
+    _prune(run, **{k: v for k, v in locals().items() if k not in ("run", "InputError", "UsageError", "STDOUT")})
+
+
+def _prune(run: Run, **o: Any) -> None:
+    import shutil
+
+    from eetool import weight_pruning as wp
+    from eetool.artifacts import Provenance, output_set, sha256_file, verify, write_tensors, write_yaml
+    from eetool.checkpoint import model_sha256, save_checkpoint
+    from eetool.commands.common import open_checkpoint
+    from eetool.datasets import Preprocess, check_labels, load_dataset, require_labels
+    from eetool.errors import UsageError
+    from eetool.exits import build_exit_model
+    from eetool.heads import ExitHeads, HeadsSpec, load_heads, parse_weights, save_heads
+    from eetool.training import TrainConfig, read_state, write_state
+
+    cfg = TrainConfig(epochs=o["finetune_epochs"], batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"],
+                      weight_decay=o["weight_decay"], schedule=o["schedule"], augment=o["augment"], seed=run.seed,
+                      samples=o["finetune_samples"] or 0)
+    cfg.validate()  # before any data is loaded
+    ckpt = open_checkpoint(run, o["checkpoint"])
+    device = run.torch()
+    heads: ExitHeads | None = None
+    heads_sha = ""
+    if o["exit_heads"]:
+        heads, heads_prov = load_heads(o["exit_heads"])
+        verify(o["exit_heads"], heads_prov, checkpoint=ckpt.identity)
+        if heads.spec.with_distances:
+            raise UsageError(f"{o['exit_heads']} holds heads that read E²CM distances, which pruning does not "
+                             "fine-tune", "train SDN heads without --means, or drop --exit-heads")
+        heads_sha = sha256_file(o["exit_heads"])
+    em = build_exit_model(ckpt.model, ",".join(heads.spec.exits) if heads is not None else o["exits"] or "every")
+    shapes = [list(s) for s in em.exit_shapes(ckpt.spec.input_shape)]
+    if heads is None:
+        heads = ExitHeads(HeadsSpec("sdn", list(em.exits), shapes, ckpt.spec.num_classes, 4, False,
+                                    parse_weights(o["exit_weights"], len(em.exits))))
+    elif heads.spec.in_shapes != shapes or heads.spec.num_classes != ckpt.spec.num_classes:
+        raise UsageError(f"{o['exit_heads']} was made for other exit shapes or classes than this checkpoint has",
+                         "re-make the heads for it with `eetool train-exits`")
+    weights = parse_weights(o["exit_weights"], len(em.exits)) if o["exit_weights"] else (
+        heads.spec.weights or [1.0] * len(em.exits))
+    settings = wp.Settings(o["approach"], o["rounds"], o["amount"], cfg, first_conv=o["prune_first_conv"],
+                           final_layer=o["prune_final_layer"], train_heads=not o["exit_heads"])
+    train_data = load_dataset(o["data"], o["split"], o["indices"])
+    check_labels(train_data, ckpt.spec.num_classes)
+    require_labels(train_data, "pruning fine-tunes on a labelled training set")
+    eval_data = load_dataset(o["data"], o["eval_split"])
+    check_labels(eval_data, ckpt.spec.num_classes)
+    require_labels(eval_data, "per-exit accuracy needs labels: choose a labelled --eval-split")
+    preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
+    pruner = wp.Pruner(em, heads, weights, settings, train_data, preprocess, eval_data=eval_data, device=device,
+                       reporter=run.reporter)
+    # The checkpoint's own weights decide: heads made here start dense whatever the checkpoint is.
+    already = wp.sparsity_of(wp.participating(pruner.layers, (wp.BACKBONE,)))
+    target = wp.target_sparsity(o["amount"], o["rounds"])
+    if already >= target:
+        raise UsageError(f"{o['checkpoint']} is already {already:.1%} sparse in its weights taking part, at or beyond "
+                         f"the {target:.1%} that {o['rounds']} rounds of {o['amount']:g} ask for",
+                         "start from the unpruned checkpoint, or ask for more --rounds or a larger --amount")
+
+    state_dir = Path(f"{o['output']}.resume")
+    state_path = state_dir / "state.pt"
+    expected = {"settings": {k: run.args[k] for k in sorted(run.args) if k not in ("resume", "force", "plot",
+                                                                                     "report", "masks_output",
+                                                                                     "heads_output")},
+                "checkpoint": ckpt.sha256, "data": train_data.fingerprint}
+    if o["resume"]:
+        pruner.load_state_dict(read_state(state_path, expected))
+        run.reporter.log(f"resuming after step {pruner.done} of {len(pruner.steps())}")
+    else:
+        if state_dir.exists():
+            shutil.rmtree(state_dir)
+        state_dir.mkdir()
+    run.resumable = f"the state of every finished round is in {state_dir}: rerun with --resume"
+    run.reporter.log(f"pruning {ckpt.label}, {o['approach']}: {o['rounds']} rounds of {o['amount']:g} of the "
+                     f"remaining weights ({target:.1%} in all); state after every step in {state_dir}")
+
+    def save(p: wp.Pruner) -> None:
+        write_state(str(state_path), {**expected, **p.state_dict()})
+        write_yaml(str(state_dir / "report.yaml"), {"rounds": p.records}, Provenance(kind="weight-pruning"))
+
+    pruner.run(after_step=save)
+
+    model = ckpt.model.cpu().eval()
+    heads = heads.cpu().eval()
+    costs = _costs(em, heads, ckpt.spec.input_shape)
+    layers = wp.layer_sparsity(pruner.layers)
+    final = pruner.records[-1]
+    taking_part = [la for la in pruner.layers if la.takes_part]
+    weights_in = sum(la.weight.numel() for la in taking_part)
+    doc: dict[str, Any] = {
+        "output": o["output"], "heads_output": o["heads_output"], "masks_output": o["masks_output"],
+        "report": o["report"], "plot": o["plot"],
+        "approach": o["approach"], "structure": o["structure"], "rounds": o["rounds"], "amount": o["amount"],
+        "requested_sparsity": round(target, 6),
+        "sparsity": final["sparsity"],
+        "weights_taking_part": weights_in,
+        "exits": list(em.exits),
+        "accuracy": final["accuracy"], "baseline_accuracy": pruner.baseline, "eval_split": o["eval_split"],
+        "costs": costs,
+        "steps": pruner.records,
+        "layers": layers,
+    }
+    dataset = train_data.fingerprint
+    args = {**run.args, "pruning": {"requested_sparsity": doc["requested_sparsity"], "sparsity": final["sparsity"]}}
+    outputs = [p for p in (o["output"], o["heads_output"], o["report"], o["masks_output"], o["plot"]) if p]
+    with output_set(outputs) as temps:  # every output appears, or none
+        written = dict(zip(outputs, temps, strict=True))
+        save_checkpoint(written[o["output"]], model, ckpt.spec,
+                        Provenance(kind="checkpoint", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
+                                   dataset=dataset, args=args, inputs={"exit-heads": heads_sha} if heads_sha else {}))
+        pruned_sha, pruned_model_sha = sha256_file(written[o["output"]]), model_sha256(ckpt.spec, model)
+        made_from = Provenance(kind="exit-heads", checkpoint_sha256=pruned_sha, model_sha256=pruned_model_sha,
+                               exits=list(em.exits), dataset=dataset, args=args)
+        save_heads(written[o["heads_output"]], heads, made_from)
+        if o["masks_output"]:
+            packed, meta = wp.pack_masks(pruner.masks)
+            write_tensors(written[o["masks_output"]], packed,
+                          Provenance(**{**vars(made_from), "kind": "masks", "schema": 0}), extra=meta)
+        write_yaml(written[o["report"]], doc, Provenance(**{**vars(made_from), "kind": "weight-pruning", "schema": 0}))
+        if o["plot"]:
+            from eetool.plotting import pruning_png
+
+            pruning_png(written[o["plot"]], layers, final["accuracy"], pruner.baseline,
+                        f"{ckpt.spec.arch}, {o['approach']}: {o['rounds']} rounds of {o['amount']:g}")
+    shutil.rmtree(state_dir)
+    run.reporter.log(f"wrote {', '.join(outputs)}")
+    run.emit(doc, _text)
+
+
+def _costs(em: Any, heads: Any, input_shape: Any) -> dict[str, Any]:
+    """Dense and effective MACs of the pruned network: the model, and leaving at each exit (head included),
+    normalised by the dense model's MACs."""
+    from eetool.rules import HeadsRule, cost_models
+
+    dense, sparse = cost_models(HeadsRule(heads, "sdn"), em, input_shape)
+    model_macs = dense.model_macs
+    return {
+        "basis": sparse.basis,
+        "model_macs": model_macs,
+        "effective_model_macs": int(sum(sparse.stage_macs)),
+        "exits": [{"exit": name, "dense": round(d, 6), "effective": round(e, 6)}
+                  for name, d, e in zip([*em.exits, "final"], dense.normalised_exit_costs(),
+                                        sparse.normalised_exit_costs(), strict=True)],
+    }
+
+
+def _text(d: dict[str, Any]) -> str:
+    s = d["sparsity"]
+    c = d["costs"]
+    head = format_fields([
+        ("pruned checkpoint", d["output"]), ("exit heads", d["heads_output"]), ("report", d["report"]),
+        *([("masks", d["masks_output"])] if d["masks_output"] else []),
+        ("pruning", f"{d['approach']}, {d['rounds']} rounds of {d['amount']:g} of the remaining weights: "
+                    f"{d['requested_sparsity']:.1%} asked for"),
+        ("sparsity", f"{s['taking_part']:.2%} of the weights taking part; backbone {s['backbone']:.2%}, "
+                     f"heads {s['heads']:.2%}"),
+        ("model cost", f"{c['model_macs']:,} MACs dense, {c['effective_model_macs']:,} effective (zero weights "
+                       "cost nothing; dense kernels take the dense time)"),
+    ])
+    base = d["baseline_accuracy"] or {}
+    rows = [[e["exit"], e["dense"], e["effective"], base.get(e["exit"]), (d["accuracy"] or {}).get(e["exit"])]
+            for e in c["exits"]]
+    table = format_table(["exit", "dense cost", "effective cost", "accuracy before", f"{d['eval_split']} accuracy"],
+                         rows)
+    return f"{head}\n\n{table}"
