@@ -110,7 +110,7 @@ def prune_channels(model: nn.Module, input_shape: tuple[int, int, int], *, targe
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # its notes on the graph it traced are not the user's concern
-            pruner = tp.pruner.BasePruner(
+            pruner = tp.pruner.MetaPruner(
                 graph, torch.zeros(1, *input_shape), importance=tp.importance.MagnitudeImportance(p=1),
                 pruning_ratio=channel_ratio if channel_ratio is not None else MAX_RATIO, iterative_steps=steps,
                 ignored_layers=ignored, round_to=round_to, output_transform=_sum_outputs)
