@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
@@ -138,6 +139,26 @@ def prune_channels(model: nn.Module, input_shape: tuple[int, int, int], *, targe
         kept = [_kept_channels(p) for p in probes if isinstance(p, nn.Conv2d)]
         new_heads = _rebuild_heads(heads, new_shapes, kept)
     return ChannelPruning(model.eval(), new_heads, dense_macs, macs, ratio)
+
+
+def recalibrate_batch_norm(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Re-estimate every batch norm's running statistics as the plain average over ``batches`` (preprocessed
+    inputs; forward passes only, no gradients). Pruning changes what reaches each batch norm, and stale
+    statistics can leave a pruned network at chance accuracy before any fine-tuning."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: every batch counts alike
+    model.train()
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.eval()
 
 
 def pruned_spec(spec: ModelSpec, model: nn.Module) -> ModelSpec:

@@ -213,3 +213,17 @@ def test_stage_widths_of_the_standard_widths_build_the_standard_resnet() -> None
 def test_bad_pruned_widths_are_refused_before_anything_is_built(arch_args) -> None:  # type: ignore[no-untyped-def]
     with torch.device("meta"), pytest.raises(UsageError, match="width"):
         build_model("resnet20", 10, 1, arch_args)
+
+
+def test_batch_norm_recalibration_averages_the_batches_it_sees() -> None:
+    from eetool.channel_pruning import recalibrate_batch_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3)).eval()
+    batches = [torch.randn(4, *SHAPE) + k for k in range(3)]
+    with torch.no_grad():
+        outputs = torch.cat([model[0](x) for x in batches])
+    recalibrate_batch_norm(model, batches)
+    norm = model[1]
+    assert not model.training and norm.momentum == 0.1
+    torch.testing.assert_close(norm.running_mean, outputs.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
