@@ -1,6 +1,6 @@
 """Channel pruning's real speed-up: the dense demo checkpoint against its channel-pruned copy, in one run.
 
-    python bench/channel_pruning.py                     # 50% of the MACs, batch 256, 7 interleaved repeats
+    python bench/channel_pruning.py                     # 50% of the MACs, batch 256, 11 interleaved repeats
     python bench/channel_pruning.py --target 0.3 --finetune-epochs 0
 
 The demo checkpoint (ResNet-20, Fashion-MNIST) is pruned with L1-norm channel pruning to --target of its
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--data", default="demo")
     ap.add_argument("--target", type=float, default=0.5, help="the pruned model's MACs as a fraction of the dense")
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=7, help="timed batches of each model, interleaved")
+    ap.add_argument("--repeats", type=int, default=11, help="timed batches of each model, interleaved")
     ap.add_argument("--recalibrate-samples", type=int, default=2000,
                     help="training samples that re-estimate the batch-norm statistics after pruning")
     ap.add_argument("--finetune-epochs", type=int, default=1)
