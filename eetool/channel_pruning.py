@@ -79,8 +79,9 @@ class ChannelPruning:
 def prune_channels(model: nn.Module, input_shape: tuple[int, int, int], *, target_macs: float | None = None,
                    channel_ratio: float | None = None, heads: ExitHeads | None = None,
                    round_to: int | None = None) -> ChannelPruning:
-    """L1-norm channel pruning of a copy of ``model`` to ``target_macs`` (a fraction of its MACs: the largest
-    pruned model at or under it) or by ``channel_ratio`` (the fraction of every layer's channels removed).
+    """L1-norm channel pruning of a copy of ``model`` to ``target_macs`` (a fraction of its MACs: every layer's
+    ratio of removed channels rises 2% at a time until the MACs are at or under it) or by ``channel_ratio``
+    (the fraction of every layer's channels removed).
 
     The final classifier keeps its outputs, the stem its inputs. ``heads`` (at the exits they name) are
     rebuilt to the channels their exits keep. ``round_to`` keeps channel counts multiples of it.
