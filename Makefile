@@ -24,6 +24,7 @@ bench: ## benchmarks (ratios within one run)
 	$(PYTHON) bench/e2cm.py
 	$(PYTHON) bench/train_exits.py
 	$(PYTHON) bench/dataset_pruning.py
+	$(PYTHON) bench/channel_pruning.py
 
 completions: ## regenerate completions/ from the app
 	$(PYTHON) -m eetool.completion_scripts completions

@@ -14,11 +14,12 @@ from eetool.errors import UsageError
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int, inner: int | None = None) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        inner = inner or planes  # a channel-pruned block may be narrower inside than its output
+        self.conv1 = nn.Conv2d(in_planes, inner, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.conv2 = nn.Conv2d(inner, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.shortcut: nn.Module = nn.Identity()
@@ -35,24 +36,32 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet-6n+2 for small images: a 3x3 stem, three stages of n blocks (16, 32, 64 channels)."""
+    """ResNet-6n+2 for small images: a 3x3 stem, three stages of n blocks (16, 32, 64 channels).
 
-    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3, width: int = 16) -> None:
+    A channel-pruned ResNet records its widths instead of ``width``: ``stage_widths`` are the three
+    stages' residual streams (the stem's output is the first: the first stage adds to it unprojected),
+    ``block_widths`` the inner width (first convolution) of each block, one list of n per stage.
+    """
+
+    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3, width: int = 16,
+                 stage_widths: list[int] | None = None, block_widths: list[list[int]] | None = None) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:
             raise UsageError(f"CIFAR ResNet depth must be 6n+2, got {depth}", "use 20, 32, 56 or 110")
         blocks = (depth - 2) // 6
+        streams = stage_widths or [width * mult for mult in (1, 2, 4)]
+        inner = block_widths or [[w] * blocks for w in streams]
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+            nn.Conv2d(in_channels, streams[0], 3, 1, 1, bias=False), nn.BatchNorm2d(streams[0]), nn.ReLU(inplace=True)
         )
-        planes = width
+        planes = streams[0]
         stages = []
-        for stage, mult in enumerate((1, 2, 4)):
+        for stage in range(3):
             layers = []
             for b in range(blocks):
                 stride = 2 if stage > 0 and b == 0 else 1
-                layers.append(BasicBlock(planes, width * mult, stride))
-                planes = width * mult
+                layers.append(BasicBlock(planes, streams[stage], stride, inner[stage][b]))
+                planes = streams[stage]
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -74,10 +83,13 @@ def build_model(arch: str, num_classes: int, in_channels: int, arch_args: dict[s
         if not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= 1024:
             raise UsageError(f"--arch-args width must be a whole number from 1 to 1024, not {width!r}",
                              "e.g. '{width: 16}' (the standard CIFAR ResNet)")
+        _check_pruned_widths(arch_args, (CIFAR_RESNET_DEPTHS[arch] - 2) // 6)
         try:
             return CifarResNet(CIFAR_RESNET_DEPTHS[arch], num_classes=num_classes, in_channels=in_channels, **arch_args)
         except TypeError as e:
-            raise UsageError(f"bad --arch-args for {arch}: {e}", "eetool's CIFAR ResNets take only width") from None
+            raise UsageError(f"bad --arch-args for {arch}: {e}",
+                             "eetool's CIFAR ResNets take width (or a pruned one's stage_widths and block_widths)"
+                             ) from None
     if arch in TORCHVISION_ARCHS:
         return _build_torchvision(arch, num_classes, in_channels, arch_args)
     if is_custom_arch(arch):
@@ -86,6 +98,31 @@ def build_model(arch: str, num_classes: int, in_channels: int, arch_args: dict[s
         f"unknown architecture {arch!r}",
         f"choose one of {', '.join(ALL_ARCHS[:6])}, ... (`eetool archs` lists all) or give package.module:callable",
     )
+
+
+# The widest stream a CIFAR ResNet of the largest width (1024) has: a pruned one is never wider.
+MAX_PRUNED_WIDTH = 4 * 1024
+
+
+def _check_pruned_widths(arch_args: dict[str, Any], blocks: int) -> None:
+    """A channel-pruned ResNet's widths (see CifarResNet), checked before anything is built from them."""
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_PRUNED_WIDTH
+
+    hint = "leave them as `eetool` wrote them, or give width alone"
+    if "stage_widths" in arch_args:
+        if "width" in arch_args:
+            raise UsageError("--arch-args give both width and stage_widths", "give one of them")
+        streams = arch_args["stage_widths"]
+        if not isinstance(streams, list) or len(streams) != 3 or not all(whole(v) for v in streams):
+            raise UsageError(f"--arch-args stage_widths must be 3 whole numbers from 1 to {MAX_PRUNED_WIDTH}, "
+                             f"not {streams!r}", hint)
+    if "block_widths" in arch_args:
+        inner = arch_args["block_widths"]
+        if (not isinstance(inner, list) or len(inner) != 3
+                or not all(isinstance(s, list) and len(s) == blocks and all(whole(v) for v in s) for s in inner)):
+            raise UsageError(f"--arch-args block_widths must be 3 lists of {blocks} whole numbers from 1 to "
+                             f"{MAX_PRUNED_WIDTH}", hint)
 
 
 # eetool's own arguments for torchvision classifiers, for weights whose first convolution was changed
