@@ -61,7 +61,7 @@ def command(
     from eetool.artifacts import STDOUT, Provenance, write_yaml
     from eetool.costs import count_macs, effective_macs, in_unit, is_pruned
     from eetool.datasets import Preprocess, check_labels, load_dataset, require_labels
-    from eetool.errors import UsageError
+    from eetool.errors import ModelMismatchError, UsageError
     from eetool.inference import (
         BUSY_SPREAD,
         evaluate_exits,
@@ -87,7 +87,7 @@ def command(
     base = open_checkpoint(run, baseline) if baseline else None
     if base is not None and (base.spec.input_shape, base.spec.num_classes) != (ckpt.spec.input_shape,
                                                                                 ckpt.spec.num_classes):
-        raise UsageError(f"--baseline {baseline} takes inputs of shape {list(base.spec.input_shape)} into "
+        raise ModelMismatchError(f"--baseline {baseline} takes inputs of shape {list(base.spec.input_shape)} into "
                          f"{base.spec.num_classes} classes, {checkpoint} {list(ckpt.spec.input_shape)} into "
                          f"{ckpt.spec.num_classes}: they cannot be timed on the same data",
                          "give a baseline made for the same data (the checkpoint it was pruned from)")
