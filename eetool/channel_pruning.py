@@ -14,16 +14,23 @@ and the matching slices of its weights. So the heads' spec still rebuilds them, 
 (SDN, BranchyNet, with E²CM distances concatenated), and the heads do not sway which channels the
 backbone keeps (it is pruned as it would be alone).
 
+In rounds (``ChannelPruner``, the engine of ``eetool prune-weights --structure channel``): round k prunes the
+backbone to ``(1 - amount)^k`` of the unpruned network's MACs (each round removes ``amount`` of the MACs that
+remain, as the unstructured rounds remove ``amount`` of the remaining weights), re-estimates the batch norm
+statistics, then fine-tunes backbone and heads jointly. Between rounds the architecture changes, so the resume
+state records the widths (``arch_args``) and the heads' input shapes that rebuild the network.
+
 Torch-Pruning is an optional extra (``pip install 'eetool[prune]'``), imported only here.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
@@ -33,10 +40,14 @@ from torch import nn
 from eetool.archs import CIFAR_RESNET_DEPTHS
 from eetool.checkpoint import ModelSpec
 from eetool.costs import count_macs
+from eetool.datasets import Dataset, Preprocess
 from eetool.errors import UsageError
-from eetool.exits import build_exit_model
+from eetool.exit_training import ExitTrainer, exit_accuracies
+from eetool.exits import ExitModel, build_exit_model
 from eetool.heads import ExitHead, ExitHeads
 from eetool.models import BasicBlock, CifarResNet, last_linear
+from eetool.reporting import Reporter
+from eetool.training import TrainConfig, fit
 
 PIP_HINT = "pip install 'eetool[prune]'"
 # The step of the per-layer ratio on the way to a MACs target: 2% of each layer's channels (finer than one
@@ -165,13 +176,8 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[torch.Tensor]) ->
 def pruned_spec(spec: ModelSpec, model: nn.Module) -> ModelSpec:
     """The spec that rebuilds a channel-pruned CIFAR ResNet: its widths in ``arch_args`` (see CifarResNet)."""
     check_savable(spec)
-    assert isinstance(model, CifarResNet)
-    stages = [[block for block in stage if isinstance(block, BasicBlock)]
-              for stage in (model.layer1, model.layer2, model.layer3)]
     arch_args = {k: v for k, v in spec.arch_args.items() if k not in ("width", "stage_widths", "block_widths")}
-    arch_args["stage_widths"] = [stage[0].conv2.out_channels for stage in stages]
-    arch_args["block_widths"] = [[block.conv1.out_channels for block in stage] for stage in stages]
-    return replace(spec, arch_args=arch_args)
+    return replace(spec, arch_args={**arch_args, **widths(model)})
 
 
 class _ProbedModel(nn.Module):
@@ -272,3 +278,164 @@ def _head_state(head: ExitHead, in_shape: tuple[int, ...], channels: torch.Tenso
     from_features = weight[:, :split].reshape(weight.shape[0], in_shape[0], cells)[:, pooled]
     state["linear.weight"] = torch.cat([from_features.reshape(weight.shape[0], -1), weight[:, split:]], 1)
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounds of channel pruning and fine-tuning, resumable.
+
+TRAIN_HEADS, CHANNEL_ROUND = "train-heads", "channel"
+# Batch norm is re-estimated on the first samples of the training data (in order, not augmented): enough for
+# stable statistics, few enough to cost little beside the fine-tuning.
+RECALIBRATION_SAMPLES = 1024
+
+
+@dataclass
+class ChannelSettings:
+    rounds: int
+    amount: float  # round k prunes to (1 - amount)^k of the unpruned MACs
+    finetune: TrainConfig  # one fine-tuning (its seed is varied per step)
+    train_heads: bool = True  # heads made for the run are trained on the unpruned backbone first
+    round_to: int | None = None
+
+
+def round_targets(amount: float, rounds: int) -> list[float]:
+    """The fraction of the unpruned backbone's MACs that each round prunes to: (1 - amount)^k for round k."""
+    return [(1 - amount) ** k for k in range(1, rounds + 1)]
+
+
+def widths(model: nn.Module) -> dict[str, Any]:
+    """A CIFAR ResNet's stage widths (the residual stream of each stage) and block widths (each block's inner
+    convolution), as ``pruned_spec`` records them."""
+    assert isinstance(model, CifarResNet)
+    stages = [[block for block in stage if isinstance(block, BasicBlock)]
+              for stage in (model.layer1, model.layer2, model.layer3)]
+    return {"stage_widths": [stage[0].conv2.out_channels for stage in stages],
+            "block_widths": [[block.conv1.out_channels for block in stage] for stage in stages]}
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass
+class ChannelPruner:
+    """An early-exit network (a CIFAR ResNet and its exit heads) being channel-pruned in rounds; ``model`` and
+    ``heads`` are replaced by smaller ones every round, ``spec`` with them."""
+
+    spec: ModelSpec
+    model: nn.Module
+    heads: ExitHeads
+    weights: list[float]
+    settings: ChannelSettings
+    data: Dataset
+    preprocess: Preprocess
+    eval_data: Dataset | None = None
+    device: torch.device | str = "cpu"
+    reporter: Reporter = field(default_factory=Reporter)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    done: int = 0  # steps finished
+    baseline: dict[str, float] | None = None  # each exit's accuracy before pruning (heads trained)
+    dense_macs: int = field(init=False)  # the unpruned backbone's
+
+    def __post_init__(self) -> None:
+        check_savable(self.spec)
+        self.dense_macs = count_macs(self.model, self.spec.input_shape)
+
+    @property
+    def exit_model(self) -> ExitModel:
+        return build_exit_model(self.model, ",".join(self.heads.spec.exits))
+
+    def steps(self) -> list[tuple[str, int]]:
+        rounds = [(CHANNEL_ROUND, r) for r in range(1, self.settings.rounds + 1)]
+        return [*([(TRAIN_HEADS, 0)] if self.settings.train_heads else []), *rounds]
+
+    def run_step(self, index: int) -> dict[str, Any]:
+        """Run step ``index`` (the next one) and return its record."""
+        kind, round_no = self.steps()[index]
+        # Every step starts from its own seed, so a resumed run draws what an uninterrupted one does.
+        cfg = replace(self.settings.finetune, seed=self.settings.finetune.seed + index)
+        torch.manual_seed(cfg.seed)
+        target = round_targets(self.settings.amount, self.settings.rounds)[round_no - 1] if round_no else None
+        if target is not None:
+            self._prune_to(target)
+        trainer = ExitTrainer(self.exit_model, self.heads, None, self.weights, joint=kind == CHANNEL_ROUND)
+        result = fit(trainer, self.data, self.preprocess, cfg, device=self.device,
+                     params=trainer.trainable_parameters(), step=trainer.step, reporter=self.reporter)
+        self.model.eval()
+        self.heads.eval()
+        record = {"step": index + 1, "phase": kind, "round": round_no or None,
+                  "target_macs_fraction": None if target is None else round(target, 6), **self.summary(),
+                  "loss": round(result.last.loss, 6), "samples_seen": result.samples_seen,
+                  "seconds": round(result.seconds, 1)}
+        self.records.append(record)
+        self.done = index + 1
+        return record
+
+    def _prune_to(self, target: float) -> None:
+        """Prune the backbone (heads rebuilt) to ``target`` of the unpruned MACs, then re-estimate batch norm."""
+        self.model.cpu().eval()
+        self.heads.cpu().eval()
+        current = count_macs(self.model, self.spec.input_shape)
+        if current <= target * self.dense_macs:  # an earlier round overshot this one's target: nothing to remove
+            return
+        pruned = prune_channels(self.model, self.spec.input_shape, target_macs=target * self.dense_macs / current,
+                                heads=self.heads, round_to=self.settings.round_to)
+        assert pruned.heads is not None
+        self.model, self.heads = pruned.model, pruned.heads
+        self.spec = pruned_spec(self.spec, self.model)
+        n = min(len(self.data), RECALIBRATION_SAMPLES)
+        batches = (self.preprocess(images, "cpu")
+                   for images, _, _ in self.data.subset(torch.arange(n)).batches(self.settings.finetune.batch_size))
+        recalibrate_batch_norm(self.model, batches)
+
+    def exit_accuracies(self) -> dict[str, float] | None:
+        """Each exit's accuracy when every sample leaves there, then the final exit's."""
+        if self.eval_data is None:
+            return None
+        trainer = ExitTrainer(self.exit_model, self.heads, None, self.weights, joint=False)
+        accs = exit_accuracies(trainer, self.eval_data, self.preprocess, device=self.device)
+        self.model.eval()
+        return {name: round(a, 6) for name, a in zip([*self.heads.spec.exits, "final"], accs, strict=True)}
+
+    def summary(self) -> dict[str, Any]:
+        macs = count_macs(self.model.cpu(), self.spec.input_shape)
+        return {"macs": macs, "macs_fraction": round(macs / self.dense_macs, 6),
+                "parameters": parameter_count(self.model), "widths": widths(self.model),
+                "accuracy": self.exit_accuracies()}
+
+    def state_dict(self) -> dict[str, Any]:
+        # The widths and the heads' input shapes rebuild the (pruned) architecture the weights belong to.
+        return {"done": self.done, "arch_args": json.dumps(self.spec.arch_args, sort_keys=True),
+                "heads_in_shapes": json.dumps(self.heads.spec.in_shapes), "model": self.model.state_dict(),
+                "heads": self.heads.state_dict(), "records": json.dumps(self.records),
+                "baseline": json.dumps(self.baseline)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.spec = replace(self.spec, arch_args=json.loads(state["arch_args"]))
+        self.model = self.spec.build()
+        self.model.load_state_dict(state["model"])
+        self.heads = ExitHeads(replace(self.heads.spec, in_shapes=json.loads(state["heads_in_shapes"])))
+        self.heads.load_state_dict(state["heads"])
+        self.model.eval()
+        self.heads.eval()
+        self.records = json.loads(state["records"])
+        self.baseline = json.loads(state["baseline"])
+        self.done = int(state["done"])
+
+    def run(self, after_step: Callable[[ChannelPruner], None] | None = None) -> list[dict[str, Any]]:
+        """Every step not yet done; ``after_step`` (saving the state, say) runs after each."""
+        if self.done == 0 and not self.settings.train_heads:  # heads given to the run are trained already
+            self.baseline = self.exit_accuracies()
+        for index in range(self.done, len(self.steps())):
+            kind, round_no = self.steps()[index]
+            what = ("training the heads" if kind == TRAIN_HEADS
+                    else f"channel round {round_no}/{self.settings.rounds}")
+            self.reporter.log(f"step {index + 1}/{len(self.steps())}: {what}")
+            record = self.run_step(index)
+            if kind == TRAIN_HEADS:  # the heads just trained, nothing pruned yet
+                self.baseline = record["accuracy"]
+            self.reporter.log(f"  MACs {record['macs_fraction']:.1%} of the unpruned network's, widths "
+                              f"{record['widths']['stage_widths']}; accuracy {record['accuracy']}")
+            if after_step is not None:
+                after_step(self)
+        return self.records

@@ -102,6 +102,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
     from eetool.checkpoint import save_checkpoint
 
     save_checkpoint(str(d / "zeroed.safetensors"), zeroed, tiny_spec, Provenance(kind="checkpoint"))
+    # Not a CIFAR ResNet (no channel-pruned widths to record) and of another input shape than the tiny data's.
+    rgb = ModelSpec(arch="mobilenet_v3_small", num_classes=10, input_shape=(3, 32, 32), mean=[0.5] * 3,
+                    std=[0.25] * 3)
+    save_checkpoint(str(d / "mobilenet.safetensors"), rgb.build(), rgb, Provenance(kind="checkpoint"))
     return d
 
 
@@ -337,7 +341,18 @@ CASES = [
                                                  "--exits", "half"], USAGE, says="--exits"),
     Case("prune-weights-already-pruned", ["prune-weights", "-c", "{inp}/zeroed.safetensors", "-d", "{data}", "-o",
                                           "{out}/pruned.safetensors"], USAGE, says="already 100.0% sparse"),
-    Case("prune-weights-channel-not-yet", [*PRUNE_WEIGHTS, "--structure", "channel"], USAGE, says="channel"),
+    Case("prune-weights-channel-masks", [*PRUNE_WEIGHTS, "--structure", "channel", "--masks-output",
+                                         "{out}/masks.safetensors"], USAGE, says="no zeros to mask"),
+    Case("prune-weights-channel-ordered", [*PRUNE_WEIGHTS, "--structure", "channel", "--approach", "ordered"], USAGE,
+         says="--approach joint"),
+    Case("prune-weights-channel-plot", [*PRUNE_WEIGHTS, "--structure", "channel", "--plot", "{out}/p.png"], USAGE,
+         says="--plot"),
+    Case("prune-weights-channel-not-savable", ["prune-weights", "-c", "{inp}/mobilenet.safetensors", "-d", "{data}",
+                                               "-o", "{out}/pruned.safetensors", "--structure", "channel"], USAGE,
+         says="mobilenet_v3_small cannot be saved"),
+    Case("prune-weights-round-to-unstructured", [*PRUNE_WEIGHTS, "--round-to", "8"], USAGE, says="--round-to"),
+    Case("evaluate-baseline-other-input", [*EVAL, "--baseline", "{inp}/mobilenet.safetensors"], MISMATCH,
+         says="cannot be timed on the same data"),
     Case("prune-weights-output-not-safetensors", ["prune-weights", "-c", "{ckpt}", "-d", "{data}", "-o",
                                                   "{out}/pruned.pt"], USAGE, says=".safetensors"),
     Case("prune-weights-masks-to-stdout", [*PRUNE_WEIGHTS, "--masks-output", "-"], USAGE, says="stdout"),
@@ -853,3 +868,15 @@ def test_warnings_stay_off_an_error_and_off_quiet_runs(tiny_checkpoint: str, tin
     quiet = runner.invoke(app, ["evaluate", "-c", tiny_checkpoint, "-d", tiny_data, "-q"])
     assert quiet.exit_code == 0
     assert quiet.stderr == ""  # -q: only data on stdout and errors on stderr
+
+
+def test_channel_pruning_without_torch_pruning_is_refused_before_any_work(tiny_checkpoint: str, tiny_data: str,
+                                                                          workdir: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)  # as if the prune extra were not installed
+    result = runner.invoke(app, [*(a.format(ckpt=tiny_checkpoint, data=tiny_data, out=workdir)
+                                   for a in PRUNE_WEIGHTS), "--structure", "channel"])
+    assert "pip install 'eetool[prune]'" in check_one_error_line(result, USAGE)
+    assert list(workdir.iterdir()) == []

@@ -143,3 +143,140 @@ def test_resume_finishes_an_interrupted_run_as_an_uninterrupted_one(tiny_checkpo
     whole, part = load_checkpoint("whole.safetensors"), load_checkpoint("part.safetensors")
     assert whole.model_sha256 == part.model_sha256
     assert not Path("part.safetensors.resume").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# --structure channel: a smaller dense network, its heads rebuilt
+
+CHANNEL = ("--structure", "channel", "--rounds", "2", "--amount", "0.3", *FAST)
+
+
+@pytest.fixture(scope="module")
+def channel_pruned(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: str, tiny_data: str
+                   ) -> tuple[Path, dict]:
+    d = tmp_path_factory.mktemp("channel")
+    result = ok(invoke("prune-weights", "-c", tiny_checkpoint, "-d", tiny_data, "-o", d / "c.safetensors",
+                       "--format", "json", *CHANNEL))
+    return d, json.loads(result.stdout)
+
+
+def test_channel_rounds_reach_their_macs_targets(channel_pruned: tuple[Path, dict], tiny_checkpoint: str) -> None:
+    from eetool.costs import count_macs
+
+    d, doc = channel_pruned
+    assert sorted(p.name for p in d.iterdir()) == ["c-heads.safetensors", "c.safetensors", "c.yaml"]
+    assert [s["phase"] for s in doc["steps"]] == ["train-heads", "channel", "channel"]
+    original = load_checkpoint(tiny_checkpoint)
+    assert doc["original"]["macs"] == count_macs(original.model, original.spec.input_shape)
+    # round k prunes to (1 - 0.3)^k of the unpruned MACs: at or under it, by less than a channel per layer
+    for step, target in zip(doc["steps"][1:], [0.7, 0.49], strict=True):
+        assert step["target_macs_fraction"] == pytest.approx(target)
+        assert target - 0.15 < step["macs_fraction"] <= target
+    assert doc["pruned"]["macs"] < doc["original"]["macs"] and doc["pruned"]["parameters"] < doc["original"][
+        "parameters"]
+    assert set(doc["accuracy"]) == {*doc["exits"], "final"} and doc["baseline_accuracy"].keys() == doc[
+        "accuracy"].keys()
+    report = yaml.safe_load((d / "c.yaml").read_text())
+    assert report["provenance"]["kind"] == "weight-pruning" and report["steps"] == doc["steps"]
+
+
+def test_a_channel_pruned_checkpoint_reloads_smaller_and_dense(channel_pruned: tuple[Path, dict]) -> None:
+    from eetool.costs import count_macs, is_pruned
+    from eetool.exits import build_exit_model
+
+    d, doc = channel_pruned
+    ckpt = load_checkpoint(str(d / "c.safetensors"))
+    assert ckpt.spec.arch_args["stage_widths"] == doc["pruned"]["widths"]["stage_widths"]
+    assert ckpt.spec.arch_args["block_widths"] == doc["pruned"]["widths"]["block_widths"]
+    assert count_macs(ckpt.model, ckpt.spec.input_shape) == doc["pruned"]["macs"] and not is_pruned(ckpt.model)
+    heads, prov = load_heads(str(d / "c-heads.safetensors"))
+    assert prov.checkpoint_sha256 == sha256(d / "c.safetensors") and prov.model_sha256 == ckpt.model_sha256
+    shapes = build_exit_model(ckpt.model, ",".join(heads.spec.exits)).exit_shapes(ckpt.spec.input_shape)
+    assert [list(s) for s in shapes] == heads.spec.in_shapes
+
+
+def test_fit_thresholds_and_evaluate_read_the_channel_pruned_network(channel_pruned: tuple[Path, dict],
+                                                                      tiny_data: str, workdir: Path) -> None:
+    d, doc = channel_pruned
+    ckpt, heads = d / "c.safetensors", d / "c-heads.safetensors"
+    ok(invoke("fit-thresholds", "--method", "sdn", "--exit-heads", heads, "-c", ckpt, "-d", tiny_data, "--split",
+              "test", "--budget", "0.5", "-o", "t.yaml", "-q"))
+    result = json.loads(ok(invoke("evaluate", "-c", ckpt, "-d", tiny_data, "--exit-heads", heads, "--thresholds",
+                                  "t.yaml", "--repeats", "1", "--format", "json", "--no-progress")).stdout)
+    plain, early = result["points"]
+    assert result["cost_basis"] == "dense" and plain["macs"] == doc["pruned"]["macs"]
+    assert plain["accuracy"] == pytest.approx(doc["accuracy"]["final"])
+    assert early["cost"] <= 0.5 + 1e-6
+
+
+def test_channel_resume_finishes_an_interrupted_run_as_an_uninterrupted_one(
+        channel_pruned: tuple[Path, dict], tiny_checkpoint: str, tiny_data: str, workdir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from eetool import channel_pruning as cp
+
+    d, _ = channel_pruned
+    args = ("prune-weights", "-c", tiny_checkpoint, "-d", tiny_data, "-q", "-o", "part.safetensors", *CHANNEL)
+    run_step = cp.ChannelPruner.run_step
+
+    def interrupted(self: cp.ChannelPruner, index: int) -> dict:
+        if index == 2:  # after the first channel round: the state holds a pruned architecture
+            raise KeyboardInterrupt
+        return run_step(self, index)
+
+    monkeypatch.setattr(cp.ChannelPruner, "run_step", interrupted)
+    result = invoke(*args)
+    assert result.exit_code == ExitCode.INTERRUPTED and "--resume" in result.stderr
+    assert not Path("part.safetensors").exists() and Path("part.safetensors.resume/state.pt").is_file()
+    monkeypatch.setattr(cp.ChannelPruner, "run_step", run_step)
+    ok(invoke(*args, "--resume"))
+    whole, part = load_checkpoint(str(d / "c.safetensors")), load_checkpoint("part.safetensors")
+    assert whole.spec.arch_args == part.spec.arch_args and whole.model_sha256 == part.model_sha256
+    assert torch_equal_states(d / "c-heads.safetensors", Path("part-heads.safetensors"))
+
+
+def torch_equal_states(a: Path, b: Path) -> bool:
+    import torch
+
+    first, second = load_heads(str(a))[0].state_dict(), load_heads(str(b))[0].state_dict()
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate --baseline: the speed-up against the unpruned network, timed in the same rounds (times injected)
+
+
+def fake_times_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each plain run takes one second per 10,000 parameters of its model: speed-ups are parameter ratios."""
+    import eetool.inference as inference
+
+    real_predict = inference.predict
+
+    def predict(model, data, *args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real_predict(model, data, *args, **kwargs)
+        result.seconds = sum(p.numel() for p in model.parameters()) / 10_000
+        return result
+
+    monkeypatch.setattr(inference, "predict", predict)
+
+
+def test_evaluate_against_a_baseline(channel_pruned: tuple[Path, dict], tiny_checkpoint: str, tiny_data: str,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    d, doc = channel_pruned
+    fake_times_by_size(monkeypatch)
+    args = ("evaluate", "-c", d / "c.safetensors", "-d", tiny_data, "--repeats", "2", "--no-progress")
+    result = json.loads(ok(invoke(*args, "--baseline", tiny_checkpoint, "--format", "json")).stdout)
+    base, plain = result["baseline"], result["points"][0]
+    unpruned = load_checkpoint(tiny_checkpoint)
+    assert base["checkpoint_sha256"] == sha256(Path(tiny_checkpoint)) and base["macs"] == doc["original"]["macs"]
+    assert 0 <= base["accuracy"] <= 1 and len(base["seconds"]) == 2
+    params = sum(p.numel() for p in unpruned.model.parameters()) / doc["pruned"]["parameters"]
+    assert plain["speedup_vs_baseline"] == pytest.approx(params, rel=1e-3)
+    assert plain["speedup_vs_baseline_min"] == pytest.approx(params, rel=1e-3)
+    assert plain["macs_ratio"] == pytest.approx(doc["original"]["macs"] / doc["pruned"]["macs"], rel=1e-3)
+    assert plain["speedup_per_macs_ratio"] == pytest.approx(params / plain["macs_ratio"], rel=1e-3)
+    assert plain["speedup"] == 1.0  # against itself, as without --baseline
+    text = ok(invoke(*args, "--baseline", tiny_checkpoint)).stdout
+    assert "vs baseline" in text and "speed-up / ratio" in text and f"{params:.2f}x" in text
+    alone = json.loads(ok(invoke(*args, "--format", "json")).stdout)
+    assert "baseline" not in alone and not any(k.startswith("speedup_vs") for k in alone["points"][0])
+    assert "vs baseline" not in ok(invoke(*args)).stdout

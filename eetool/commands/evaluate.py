@@ -49,6 +49,10 @@ def command(
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timing rounds: each runs the plain model and "
                                          "every operating point in turn; speed-ups are medians over the rounds, "
                                          "with their range.")] = 3,
+    baseline: Annotated[str | None, typer.Option("--baseline", help="Another checkpoint (the unpruned network, "
+                                                 "say) timed in the same rounds: the speed-up of the plain model "
+                                                 "and every operating point against it, beside its MACs ratio.",
+                                                 rich_help_panel=INPUT)] = None,
 ) -> None:
     """Evaluate a checkpoint, plain or with early exits (--means, --thresholds), on a dataset: accuracy,
     per-class accuracy, cost, measured throughput. Writes -o if given."""
@@ -57,7 +61,7 @@ def command(
     from eetool.artifacts import STDOUT, Provenance, write_yaml
     from eetool.costs import count_macs, effective_macs, in_unit, is_pruned
     from eetool.datasets import Preprocess, check_labels, load_dataset, require_labels
-    from eetool.errors import UsageError
+    from eetool.errors import ModelMismatchError, UsageError
     from eetool.inference import (
         BUSY_SPREAD,
         evaluate_exits,
@@ -72,7 +76,7 @@ def command(
     if bool(means or exit_heads) != bool(thresholds):
         raise UsageError("early exits need --means and --thresholds (or --exit-heads and --thresholds)",
                          "pass them together, or none for the plain model")
-    inputs = (checkpoint, indices, data_path(data), means, thresholds, exit_heads)
+    inputs = (checkpoint, indices, data_path(data), means, thresholds, exit_heads, baseline)
     if output:
         run.check_output(output, force=force, inputs=inputs)
     if plot:
@@ -80,6 +84,13 @@ def command(
             raise UsageError("--plot - would put a PNG among the data on stdout", "give the plot a file name")
         run.check_output(plot, force=force, inputs=inputs)
     ckpt = open_checkpoint(run, checkpoint)
+    base = open_checkpoint(run, baseline) if baseline else None
+    if base is not None and (base.spec.input_shape, base.spec.num_classes) != (ckpt.spec.input_shape,
+                                                                                ckpt.spec.num_classes):
+        raise ModelMismatchError(f"--baseline {baseline} takes inputs of shape {list(base.spec.input_shape)} into "
+                         f"{base.spec.num_classes} classes, {checkpoint} {list(ckpt.spec.input_shape)} into "
+                         f"{ckpt.spec.num_classes}: they cannot be timed on the same data",
+                         "give a baseline made for the same data (the checkpoint it was pruned from)")
     device = run.torch()
     ds = load_dataset(data, split, indices)
     check_labels(ds, ckpt.spec.num_classes)
@@ -93,8 +104,11 @@ def command(
     pruned = is_pruned(ckpt.model) or (early is not None and early[2][1].basis == "effective")
     sparse_macs = effective_macs(ckpt.model, ckpt.spec.input_shape, macs) if pruned else macs
     # warm up (allocator, kernels) so the timed runs compare like with like
-    predict(ckpt.model, ds.subset(torch.arange(min(len(ds), batch_size))), preprocess, batch_size=batch_size,
-            device=device)
+    warm_up = ds.subset(torch.arange(min(len(ds), batch_size)))
+    predict(ckpt.model, warm_up, preprocess, batch_size=batch_size, device=device)
+    if base is not None:
+        base_preprocess = Preprocess(base.spec.input_shape, base.spec.mean, base.spec.std)
+        predict(base.model, warm_up, base_preprocess, batch_size=batch_size, device=device)
     chosen = early[3] if early is not None else []
 
     def plain_run() -> Any:
@@ -105,16 +119,27 @@ def command(
         return lambda: evaluate_exits(early[0], ds, preprocess, Thresholded(early[1], thresholds),
                                       batch_size=batch_size, device=device, reporter=run.reporter)
 
+    def baseline_run() -> Any:
+        assert base is not None
+        return predict(base.model, ds, base_preprocess, batch_size=batch_size, device=device, reporter=run.reporter)
+
     # Interleaved rounds: a machine that gets busier (or idler) mid-way slows every run of a round alike. The
-    # runs are deterministic, so the first round's predictions are every round's.
-    rounds = interleaved([plain_run, *(point_run(p["thresholds"]) for _, p in chosen)], repeats)
-    timing = speeds([[r.seconds for r in results] for results in rounds], len(ds))
+    # runs are deterministic, so the first round's predictions are every round's. The baseline runs last.
+    runs = [plain_run, *(point_run(p["thresholds"]) for _, p in chosen), *([baseline_run] if base else [])]
+    rounds = interleaved(runs, repeats)
+    seconds = [[r.seconds for r in results] for results in rounds]
+    timing = speeds([s[:len(runs) - bool(base)] for s in seconds], len(ds))
+    # Against the baseline: the same rounds with the baseline's time as each round's reference.
+    against = speeds([[s[-1], *s[:-1]] for s in seconds], len(ds)) if base else []
     # The warning is about the speed-ups: the plain model alone has none to mislead.
-    spread = timing_spread(timing) if chosen else 1.0
+    spread = timing_spread(against) if base else timing_spread(timing) if chosen else 1.0
     if spread > BUSY_SPREAD:
         run.reporter.warn(f"timings varied by a factor {spread:.2f} across the {repeats} rounds: the machine was busy "
                           "and the speed-ups are unreliable; rerun on an idle machine or with more --repeats")
     result = rounds[0][0]
+    base_result = rounds[0][-1]
+    if base is not None:
+        rounds = [results[:-1] for results in rounds]
     clusters = early is not None and early[4]
 
     def labelled(predictions: torch.Tensor) -> torch.Tensor:
@@ -172,6 +197,24 @@ def command(
             })
             doc["per_class"][name] = _per_class_dict(
                 classes, per_class_accuracy(predictions, ds.labels, ckpt.spec.num_classes))
+    if base is not None:
+        base_macs = count_macs(base.model, base.spec.input_shape)
+        doc["baseline"] = {
+            "checkpoint": base.path,
+            "checkpoint_sha256": base.sha256,
+            "accuracy": round(float((base_result.predictions == ds.labels).double().mean()), 6),
+            unit: int(in_unit(base_macs, unit)),
+            "throughput": round(against[0].throughput, 1),
+            "seconds": [round(t, 4) for t in against[0].seconds],
+        }
+        for p, speed in zip(doc["points"], against[1:], strict=True):
+            # Dense MACs on both sides: the time is the dense computation's (zero weights included).
+            macs_ratio = base_macs / (p["cost"] * macs)
+            p.update({"speedup_vs_baseline": round(speed.speedup, 3),
+                      "speedup_vs_baseline_min": round(speed.speedup_min, 3),
+                      "speedup_vs_baseline_max": round(speed.speedup_max, 3),
+                      "macs_ratio": round(macs_ratio, 4),
+                      "speedup_per_macs_ratio": round(speed.speedup / macs_ratio, 3)})
     if plot:
         from eetool.plotting import accuracy_cost_png
 
@@ -187,13 +230,20 @@ def command(
 
     def text(d: dict[str, Any]) -> str:
         sparse = d["cost_basis"] == "effective"
+        b = d.get("baseline")
         head = format_fields([("checkpoint", ckpt.label), ("dataset", f"{d['dataset']} ({d['samples']} samples)"),
-                              *([("pruned", d["speed_note"])] if sparse else [])])
+                              *([("pruned", d["speed_note"])] if sparse else []),
+                              *([("baseline", f"{base.label if base else ''}: accuracy {b['accuracy']:.4f}, "
+                                              f"{b[unit]:,} {unit}/sample, {b['throughput']:.1f} samples/s")]
+                                if b else [])])
         points = format_table(["point", "accuracy", "cost", f"{unit}/sample",
-                               *(["effective cost", f"effective {unit}"] if sparse else []), "samples/s", "speedup"],
+                               *(["effective cost", f"effective {unit}"] if sparse else []), "samples/s", "speedup",
+                               *(["vs baseline", f"{unit} ratio", "speed-up / ratio"] if b else [])],
                               [[p["name"], p["accuracy"], p["cost"], f"{p[unit]:,}",
                                 *([p["effective_cost"], f"{p[f'effective_{unit}']:,}"] if sparse else []),
-                                f"{p['throughput']:.1f}", _speedup_text(p, d["repeats"])] for p in d["points"]])
+                                f"{p['throughput']:.1f}", _speedup_text(p, d["repeats"]),
+                                *([_against_text(p, d["repeats"]), f"{p['macs_ratio']:.2f}",
+                                   f"{p['speedup_per_macs_ratio']:.2f}"] if b else [])] for p in d["points"]])
         names = list(d["per_class"])
         per = format_table(["class", *(n.split(":")[0] for n in names)],
                            [[c, *(d["per_class"][n][c] for n in names)] for c in classes])
@@ -218,6 +268,14 @@ def _speedup_text(point: dict[str, Any], repeats: int) -> str:
     if repeats == 1 or point["name"] == "plain":
         return f"{point['speedup']:.2f}x"
     return f"{point['speedup']:.2f}x ({point['speedup_min']:.2f}\u2013{point['speedup_max']:.2f})"
+
+
+def _against_text(point: dict[str, Any], repeats: int) -> str:
+    """The median speed-up against the baseline, with its range over the rounds where there are several."""
+    text = f"{point['speedup_vs_baseline']:.2f}x"
+    if repeats == 1:
+        return text
+    return f"{text} ({point['speedup_vs_baseline_min']:.2f}\u2013{point['speedup_vs_baseline_max']:.2f})"
 
 
 def _per_class_dict(classes: list[str], accuracy: Any) -> dict[str, float | None]:

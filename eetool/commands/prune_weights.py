@@ -1,5 +1,5 @@
 """eetool prune-weights: prune an early-exit network in rounds of global L1 magnitude pruning and fine-tuning
-(thesis 2.5), jointly or backbone first."""
+(thesis 2.5), jointly or backbone first; or of L1-norm channel pruning into a smaller dense network."""
 
 from __future__ import annotations
 
@@ -53,7 +53,10 @@ def command(
                                           rich_help_panel=PRUNING,
                                           autocompletion=prefix_completer(PRUNING_APPROACHES))] = "joint",
     structure: Annotated[str, typer.Option("--structure", help="unstructured (single weights, global L1 "
-                                           "magnitude) or channel (whole channels: a smaller dense network).",
+                                           "magnitude) or channel (whole channels, L1 norm, with Torch-Pruning: a "
+                                           "smaller dense network, CIFAR ResNets only; round k prunes to "
+                                           "(1 - amount)^k of the unpruned MACs; joint only; needs the prune "
+                                           "extra).",
                                            rich_help_panel=PRUNING,
                                            autocompletion=prefix_completer(WEIGHT_STRUCTURES))] = "unstructured",
     rounds: Annotated[int, typer.Option("--rounds", help="Pruning rounds, each followed by fine-tuning (ordered: "
@@ -61,7 +64,8 @@ def command(
                                         rich_help_panel=PRUNING)] = 20,
     amount: Annotated[float, typer.Option("--amount", help="Fraction of the REMAINING weights each round prunes, "
                                           "in (0, 1): after k rounds 1 - (1 - amount)^k of the weights taking part "
-                                          "are zero (87.8% for 20 rounds of 0.1).",
+                                          "are zero (87.8% for 20 rounds of 0.1). With --structure channel: of the "
+                                          "remaining MACs.",
                                           rich_help_panel=PRUNING)] = 0.1,
     prune_first_conv: Annotated[bool, typer.Option("--prune-first-conv/--no-prune-first-conv",
                                                    help="Let the first convolution take part.",
@@ -69,6 +73,9 @@ def command(
     prune_final_layer: Annotated[bool, typer.Option("--prune-final-layer/--no-prune-final-layer",
                                                     help="Let the model's final (linear) layer take part.",
                                                     rich_help_panel=PRUNING)] = True,
+    round_to: Annotated[int | None, typer.Option("--round-to", min=1, help="With --structure channel: keep every "
+                                                 "layer's channel count a multiple of this (e.g. 8, which CPU "
+                                                 "kernels may run faster).", rich_help_panel=PRUNING)] = None,
     heads_output: Annotated[str | None, typer.Option("--heads-output", help="The pruned exit heads (default: "
                                                      "OUTPUT with -heads.safetensors), for fit-thresholds and "
                                                      "evaluate with -c OUTPUT.")] = None,
@@ -105,10 +112,13 @@ def command(
 
     if structure not in WEIGHT_STRUCTURES:
         raise UsageError(f"unknown --structure {structure!r}", f"use one of {', '.join(WEIGHT_STRUCTURES)}")
-    if structure == "channel":
-        raise UsageError("--structure channel is not available yet", "use --structure unstructured")
     if approach not in PRUNING_APPROACHES:
         raise UsageError(f"unknown --approach {approach!r}", f"use one of {', '.join(PRUNING_APPROACHES)}")
+    if structure == "channel":
+        _refuse_for_channels(approach, masks_output, plot, prune_first_conv, prune_final_layer)
+    elif round_to is not None:
+        raise UsageError("--round-to rounds channel counts, which unstructured pruning keeps",
+                         "drop --round-to, or add --structure channel")
     if not 0 < amount < 1:
         raise UsageError(f"--amount must be between 0 and 1, not {amount}",
                          "e.g. --amount 0.1 prunes 10% of the remaining weights per round")
@@ -138,10 +148,35 @@ def command(
         from eetool.plotting import require_matplotlib
 
         require_matplotlib()
+    if structure == "channel":
+        from eetool.channel_pruning import require_torch_pruning
+
+        require_torch_pruning()
     state_dir = Path(f"{output}.resume")
     if resume and not (state_dir / "state.pt").is_file():
         raise InputError(f"no resumable state in {state_dir}", "run without --resume to start afresh")
     _prune(run, **{k: v for k, v in locals().items() if k not in ("run", "InputError", "UsageError", "STDOUT")})
+
+
+def _refuse_for_channels(approach: str, masks_output: str | None, plot: str | None, first_conv: bool,
+                         final_layer: bool) -> None:
+    """What --structure channel cannot do, refused before any work, each with why."""
+    from eetool.errors import UsageError
+
+    if approach == "ordered":
+        raise UsageError("--approach ordered prunes the heads in rounds of their own with the backbone fixed, but "
+                         "channel pruning removes backbone channels only (a head reads the channels its exit keeps "
+                         "and has none of its own to remove)", "use --approach joint with --structure channel")
+    if masks_output:
+        raise UsageError("--structure channel removes channels, leaving no zeros to mask: the pruned checkpoint is "
+                         "a smaller dense network", "drop --masks-output (the report lists the widths kept)")
+    if plot:
+        raise UsageError("--plot draws per-layer sparsity, and channel pruning leaves every layer dense",
+                         "drop --plot (the report lists the widths of every round)")
+    if not (first_conv and final_layer):
+        raise UsageError("--structure channel prunes the first convolution's channels with the residual stream it "
+                         "feeds and never the final layer's outputs (the classes), so neither can be left out",
+                         "drop --no-prune-first-conv and --no-prune-final-layer")
 
 
 def _prune(run: Run, **o: Any) -> None:
@@ -155,13 +190,17 @@ def _prune(run: Run, **o: Any) -> None:
     from eetool.errors import UsageError
     from eetool.exits import build_exit_model
     from eetool.heads import ExitHeads, HeadsSpec, load_heads, parse_weights, save_heads
-    from eetool.training import TrainConfig, read_state, write_state
+    from eetool.training import TrainConfig
 
     cfg = TrainConfig(epochs=o["finetune_epochs"], batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"],
                       weight_decay=o["weight_decay"], schedule=o["schedule"], augment=o["augment"], seed=run.seed,
                       samples=o["finetune_samples"] or 0)
     cfg.validate()  # before any data is loaded
     ckpt = open_checkpoint(run, o["checkpoint"])
+    if o["structure"] == "channel":
+        from eetool.channel_pruning import check_savable
+
+        check_savable(ckpt.spec)
     device = run.torch()
     heads: ExitHeads | None = None
     heads_sha = ""
@@ -191,6 +230,9 @@ def _prune(run: Run, **o: Any) -> None:
     check_labels(eval_data, ckpt.spec.num_classes)
     require_labels(eval_data, "per-exit accuracy needs labels: choose a labelled --eval-split")
     preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
+    if o["structure"] == "channel":
+        _prune_channels(run, o, ckpt, heads, heads_sha, weights, cfg, train_data, eval_data, preprocess, device)
+        return
     pruner = wp.Pruner(em, heads, weights, settings, train_data, preprocess, eval_data=eval_data, device=device,
                        reporter=run.reporter)
     # The checkpoint's own weights decide: heads made here start dense whatever the checkpoint is.
@@ -201,28 +243,10 @@ def _prune(run: Run, **o: Any) -> None:
                          f"the {target:.1%} that {o['rounds']} rounds of {o['amount']:g} ask for",
                          "start from the unpruned checkpoint, or ask for more --rounds or a larger --amount")
 
-    state_dir = Path(f"{o['output']}.resume")
-    state_path = state_dir / "state.pt"
-    expected = {"settings": {k: run.args[k] for k in sorted(run.args) if k not in ("resume", "force", "plot",
-                                                                                     "report", "masks_output",
-                                                                                     "heads_output")},
-                "checkpoint": ckpt.sha256, "data": train_data.fingerprint}
-    if o["resume"]:
-        pruner.load_state_dict(read_state(state_path, expected))
-        run.reporter.log(f"resuming after step {pruner.done} of {len(pruner.steps())}")
-    else:
-        if state_dir.exists():
-            shutil.rmtree(state_dir)
-        state_dir.mkdir()
-    run.resumable = f"the state of every finished round is in {state_dir}: rerun with --resume"
+    state_dir, expected = _resumable(run, o, ckpt, train_data, pruner)
     run.reporter.log(f"pruning {ckpt.label}, {o['approach']}: {o['rounds']} rounds of {o['amount']:g} of the "
                      f"remaining weights ({target:.1%} in all); state after every step in {state_dir}")
-
-    def save(p: wp.Pruner) -> None:
-        write_state(str(state_path), {**expected, **p.state_dict()})
-        write_yaml(str(state_dir / "report.yaml"), {"rounds": p.records}, Provenance(kind="weight-pruning"))
-
-    pruner.run(after_step=save)
+    pruner.run(after_step=_saver(state_dir, expected))
 
     model = ckpt.model.cpu().eval()
     heads = heads.cpu().eval()
@@ -269,6 +293,133 @@ def _prune(run: Run, **o: Any) -> None:
     shutil.rmtree(state_dir)
     run.reporter.log(f"wrote {', '.join(outputs)}")
     run.emit(doc, _text)
+
+
+def _prune_channels(run: Run, o: dict[str, Any], ckpt: Any, heads: Any, heads_sha: str, weights: list[float],
+                    cfg: Any, train_data: Any, eval_data: Any, preprocess: Any, device: Any) -> None:
+    """--structure channel: rounds of channel pruning and joint fine-tuning; writes a smaller dense checkpoint."""
+    import shutil
+
+    from eetool import channel_pruning as cp
+    from eetool.artifacts import Provenance, output_set, sha256_file, write_yaml
+    from eetool.checkpoint import model_sha256, save_checkpoint
+    from eetool.heads import save_heads
+
+    settings = cp.ChannelSettings(o["rounds"], o["amount"], cfg, train_heads=not o["exit_heads"],
+                                  round_to=o["round_to"])
+    pruner = cp.ChannelPruner(ckpt.spec, ckpt.model, heads, weights, settings, train_data, preprocess,
+                              eval_data=eval_data, device=device, reporter=run.reporter)
+    original = {"macs": pruner.dense_macs, "parameters": cp.parameter_count(ckpt.model),
+                "widths": cp.widths(ckpt.model)}
+    target = cp.round_targets(o["amount"], o["rounds"])[-1]
+    state_dir, expected = _resumable(run, o, ckpt, train_data, pruner)
+    run.reporter.log(f"channel-pruning {ckpt.label}: {o['rounds']} rounds of {o['amount']:g} of the remaining "
+                     f"MACs (to {target:.1%} of them); state after every step in {state_dir}")
+    pruner.run(after_step=_saver(state_dir, expected))
+
+    model, heads = pruner.model.cpu().eval(), pruner.heads.cpu().eval()
+    em = pruner.exit_model
+    final = pruner.records[-1]
+    exit_macs = _exit_macs(em, heads, ckpt.spec.input_shape)
+    doc: dict[str, Any] = {
+        "output": o["output"], "heads_output": o["heads_output"], "report": o["report"],
+        "approach": o["approach"], "structure": o["structure"], "rounds": o["rounds"], "amount": o["amount"],
+        "round_to": o["round_to"],
+        "requested_macs_fraction": round(target, 6),
+        "macs_fraction": final["macs_fraction"],
+        "original": original,
+        "pruned": {"macs": final["macs"], "parameters": final["parameters"], "widths": final["widths"]},
+        "exits": list(em.exits),
+        "accuracy": final["accuracy"], "baseline_accuracy": pruner.baseline, "eval_split": o["eval_split"],
+        "costs": {"basis": "dense", "exits": [
+            {"exit": name, "macs": m, "of_original": round(m / pruner.dense_macs, 6)}
+            for name, m in zip([*em.exits, "final"], exit_macs, strict=True)]},
+        "steps": pruner.records,
+    }
+    dataset = train_data.fingerprint
+    args = {**run.args, "pruning": {"requested_macs_fraction": doc["requested_macs_fraction"],
+                                    "macs_fraction": final["macs_fraction"]}}
+    outputs = [o["output"], o["heads_output"], o["report"]]
+    with output_set(outputs) as temps:  # every output appears, or none
+        written = dict(zip(outputs, temps, strict=True))
+        save_checkpoint(written[o["output"]], model, pruner.spec,
+                        Provenance(kind="checkpoint", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
+                                   dataset=dataset, args=args, inputs={"exit-heads": heads_sha} if heads_sha else {}))
+        pruned_sha, pruned_model_sha = sha256_file(written[o["output"]]), model_sha256(pruner.spec, model)
+        made_from = Provenance(kind="exit-heads", checkpoint_sha256=pruned_sha, model_sha256=pruned_model_sha,
+                               exits=list(em.exits), dataset=dataset, args=args)
+        save_heads(written[o["heads_output"]], heads, made_from)
+        write_yaml(written[o["report"]], doc, Provenance(**{**vars(made_from), "kind": "weight-pruning", "schema": 0}))
+    shutil.rmtree(state_dir)
+    run.reporter.log(f"wrote {', '.join(outputs)}")
+    run.emit(doc, _channel_text)
+
+
+def _exit_macs(em: Any, heads: Any, input_shape: Any) -> list[int]:
+    """MACs of leaving at each exit (its head included), then of the whole model."""
+    from eetool.rules import HeadsRule, cost_models
+
+    dense, _ = cost_models(HeadsRule(heads, "sdn"), em, input_shape)
+    return [round(c * dense.model_macs) for c in dense.normalised_exit_costs()]
+
+
+def _channel_text(d: dict[str, Any]) -> str:
+    o, p = d["original"], d["pruned"]
+    head = format_fields([
+        ("pruned checkpoint", d["output"]), ("exit heads", d["heads_output"]), ("report", d["report"]),
+        ("pruning", f"channels, {d['rounds']} rounds of {d['amount']:g} of the remaining MACs: "
+                    f"{d['requested_macs_fraction']:.1%} of the MACs asked for"),
+        ("model cost", f"{p['macs']:,} MACs, {d['macs_fraction']:.1%} of the unpruned {o['macs']:,} (a smaller "
+                       "dense network: dense kernels run it faster)"),
+        ("parameters", f"{p['parameters']:,} of {o['parameters']:,}"),
+        ("stage widths", f"{p['widths']['stage_widths']} (unpruned {o['widths']['stage_widths']})"),
+        ("block widths", f"{p['widths']['block_widths']}"),
+    ])
+    base = d["baseline_accuracy"] or {}
+    rows = [[e["exit"], f"{e['macs']:,}", e["of_original"], base.get(e["exit"]), (d["accuracy"] or {}).get(e["exit"])]
+            for e in d["costs"]["exits"]]
+    table = format_table(["exit", "MACs", "of unpruned", "accuracy before", f"{d['eval_split']} accuracy"], rows)
+    return f"{head}\n\n{table}"
+
+
+def _resumable(run: Run, o: dict[str, Any], ckpt: Any, train_data: Any, pruner: Any
+               ) -> tuple[Path, dict[str, Any]]:
+    """The state directory of a run, ``pruner`` loaded from it when resuming (refused when it was saved by a run
+    with other settings, checkpoint or data), else made afresh."""
+    import shutil
+
+    from eetool.training import read_state
+
+    state_dir = Path(f"{o['output']}.resume")
+    expected = _expected(run, ckpt, train_data)
+    if o["resume"]:
+        pruner.load_state_dict(read_state(str(state_dir / "state.pt"), expected))
+        run.reporter.log(f"resuming after step {pruner.done} of {len(pruner.steps())}")
+    else:
+        if state_dir.exists():
+            shutil.rmtree(state_dir)
+        state_dir.mkdir()
+    run.resumable = f"the state of every finished round is in {state_dir}: rerun with --resume"
+    return state_dir, expected
+
+
+def _expected(run: Run, ckpt: Any, train_data: Any) -> dict[str, Any]:
+    """What a resumed run must share with the run that saved the state."""
+    return {"settings": {k: run.args[k] for k in sorted(run.args) if k not in ("resume", "force", "plot", "report",
+                                                                            "masks_output", "heads_output")},
+            "checkpoint": ckpt.sha256, "data": train_data.fingerprint}
+
+
+def _saver(state_dir: Path, expected: dict[str, Any]) -> Any:
+    """Saves a pruner's state and its report so far after every step."""
+    from eetool.artifacts import Provenance, write_yaml
+    from eetool.training import write_state
+
+    def save(p: Any) -> None:
+        write_state(str(state_dir / "state.pt"), {**expected, **p.state_dict()})
+        write_yaml(str(state_dir / "report.yaml"), {"rounds": p.records}, Provenance(kind="weight-pruning"))
+
+    return save
 
 
 def _costs(em: Any, heads: Any, input_shape: Any) -> dict[str, Any]:
