@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -155,7 +156,49 @@ def command(
     state_dir = Path(f"{output}.resume")
     if resume and not (state_dir / "state.pt").is_file():
         raise InputError(f"no resumable state in {state_dir}", "run without --resume to start afresh")
-    _prune(run, **{k: v for k, v in locals().items() if k not in ("run", "InputError", "UsageError", "STDOUT")})
+    _prune(run, Request(checkpoint=checkpoint, data=data, output=output, heads_output=heads_output,
+                        report=report, split=split, indices=indices, exit_heads=exit_heads, exits=exits,
+                        approach=approach, structure=structure, rounds=rounds, amount=amount,
+                        prune_first_conv=prune_first_conv, prune_final_layer=prune_final_layer,
+                        round_to=round_to, masks_output=masks_output, plot=plot, eval_split=eval_split,
+                        exit_weights=exit_weights, finetune_epochs=finetune_epochs,
+                        finetune_samples=finetune_samples, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                        weight_decay=weight_decay, schedule=schedule, augment=augment, resume=resume))
+
+
+@dataclass(frozen=True)
+class Request:
+    """What prune-weights was asked for, its flags checked and its default output names filled in."""
+
+    checkpoint: str
+    data: str
+    output: str
+    heads_output: str
+    report: str
+    split: str
+    indices: str | None
+    exit_heads: str | None
+    exits: str | None
+    approach: str
+    structure: str
+    rounds: int
+    amount: float
+    prune_first_conv: bool
+    prune_final_layer: bool
+    round_to: int | None
+    masks_output: str | None
+    plot: str | None
+    eval_split: str
+    exit_weights: str | None
+    finetune_epochs: int
+    finetune_samples: int | None
+    batch_size: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    schedule: str
+    augment: bool
+    resume: bool
 
 
 def _refuse_for_channels(approach: str, masks_output: str | None, plot: str | None, first_conv: bool,
@@ -179,7 +222,7 @@ def _refuse_for_channels(approach: str, masks_output: str | None, plot: str | No
                          "drop --no-prune-first-conv and --no-prune-final-layer")
 
 
-def _prune(run: Run, **o: Any) -> None:
+def _prune(run: Run, o: Request) -> None:
     import shutil
 
     from eetool import weight_pruning as wp
@@ -192,59 +235,59 @@ def _prune(run: Run, **o: Any) -> None:
     from eetool.heads import ExitHeads, HeadsSpec, load_heads, parse_weights, save_heads
     from eetool.training import TrainConfig
 
-    cfg = TrainConfig(epochs=o["finetune_epochs"], batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"],
-                      weight_decay=o["weight_decay"], schedule=o["schedule"], augment=o["augment"], seed=run.seed,
-                      samples=o["finetune_samples"] or 0)
+    cfg = TrainConfig(epochs=o.finetune_epochs, batch_size=o.batch_size, optimizer=o.optimizer, lr=o.lr,
+                      weight_decay=o.weight_decay, schedule=o.schedule, augment=o.augment, seed=run.seed,
+                      samples=o.finetune_samples or 0)
     cfg.validate()  # before any data is loaded
-    ckpt = open_checkpoint(run, o["checkpoint"])
-    if o["structure"] == "channel":
+    ckpt = open_checkpoint(run, o.checkpoint)
+    if o.structure == "channel":
         from eetool.channel_pruning import check_savable
 
         check_savable(ckpt.spec)
     device = run.torch()
     heads: ExitHeads | None = None
     heads_sha = ""
-    if o["exit_heads"]:
-        heads, heads_prov = load_heads(o["exit_heads"])
-        verify(o["exit_heads"], heads_prov, checkpoint=ckpt.identity)
+    if o.exit_heads:
+        heads, heads_prov = load_heads(o.exit_heads)
+        verify(o.exit_heads, heads_prov, checkpoint=ckpt.identity)
         if heads.spec.with_distances:
-            raise UsageError(f"{o['exit_heads']} holds heads that read E²CM distances, which pruning does not "
+            raise UsageError(f"{o.exit_heads} holds heads that read E²CM distances, which pruning does not "
                              "fine-tune", "train SDN heads without --means, or drop --exit-heads")
-        heads_sha = sha256_file(o["exit_heads"])
-    em = build_exit_model(ckpt.model, ",".join(heads.spec.exits) if heads is not None else o["exits"] or "every")
+        heads_sha = sha256_file(o.exit_heads)
+    em = build_exit_model(ckpt.model, ",".join(heads.spec.exits) if heads is not None else o.exits or "every")
     shapes = [list(s) for s in em.exit_shapes(ckpt.spec.input_shape)]
     if heads is None:
         heads = ExitHeads(HeadsSpec("sdn", list(em.exits), shapes, ckpt.spec.num_classes, 4, False,
-                                    parse_weights(o["exit_weights"], len(em.exits))))
+                                    parse_weights(o.exit_weights, len(em.exits))))
     elif heads.spec.in_shapes != shapes or heads.spec.num_classes != ckpt.spec.num_classes:
-        raise UsageError(f"{o['exit_heads']} was made for other exit shapes or classes than this checkpoint has",
+        raise UsageError(f"{o.exit_heads} was made for other exit shapes or classes than this checkpoint has",
                          "re-make the heads for it with `eetool train-exits`")
-    weights = parse_weights(o["exit_weights"], len(em.exits)) if o["exit_weights"] else (
+    weights = parse_weights(o.exit_weights, len(em.exits)) if o.exit_weights else (
         heads.spec.weights or [1.0] * len(em.exits))
-    settings = wp.Settings(o["approach"], o["rounds"], o["amount"], cfg, first_conv=o["prune_first_conv"],
-                           final_layer=o["prune_final_layer"], train_heads=not o["exit_heads"])
-    train_data = load_dataset(o["data"], o["split"], o["indices"])
+    settings = wp.Settings(o.approach, o.rounds, o.amount, cfg, first_conv=o.prune_first_conv,
+                           final_layer=o.prune_final_layer, train_heads=not o.exit_heads)
+    train_data = load_dataset(o.data, o.split, o.indices)
     check_labels(train_data, ckpt.spec.num_classes)
     require_labels(train_data, "pruning fine-tunes on a labelled training set")
-    eval_data = load_dataset(o["data"], o["eval_split"])
+    eval_data = load_dataset(o.data, o.eval_split)
     check_labels(eval_data, ckpt.spec.num_classes)
     require_labels(eval_data, "per-exit accuracy needs labels: choose a labelled --eval-split")
     preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
-    if o["structure"] == "channel":
+    if o.structure == "channel":
         _prune_channels(run, o, ckpt, heads, heads_sha, weights, cfg, train_data, eval_data, preprocess, device)
         return
     pruner = wp.Pruner(em, heads, weights, settings, train_data, preprocess, eval_data=eval_data, device=device,
                        reporter=run.reporter)
     # The checkpoint's own weights decide: heads made here start dense whatever the checkpoint is.
     already = wp.sparsity_of(wp.participating(pruner.layers, (wp.BACKBONE,)))
-    target = wp.target_sparsity(o["amount"], o["rounds"])
+    target = wp.target_sparsity(o.amount, o.rounds)
     if already >= target:
-        raise UsageError(f"{o['checkpoint']} is already {already:.1%} sparse in its weights taking part, at or beyond "
-                         f"the {target:.1%} that {o['rounds']} rounds of {o['amount']:g} ask for",
+        raise UsageError(f"{o.checkpoint} is already {already:.1%} sparse in its weights taking part, at or beyond "
+                         f"the {target:.1%} that {o.rounds} rounds of {o.amount:g} ask for",
                          "start from the unpruned checkpoint, or ask for more --rounds or a larger --amount")
 
     state_dir, expected = _resumable(run, o, ckpt, train_data, pruner)
-    run.reporter.log(f"pruning {ckpt.label}, {o['approach']}: {o['rounds']} rounds of {o['amount']:g} of the "
+    run.reporter.log(f"pruning {ckpt.label}, {o.approach}: {o.rounds} rounds of {o.amount:g} of the "
                      f"remaining weights ({target:.1%} in all); state after every step in {state_dir}")
     pruner.run(after_step=_saver(state_dir, expected))
 
@@ -256,46 +299,46 @@ def _prune(run: Run, **o: Any) -> None:
     taking_part = [la for la in pruner.layers if la.takes_part]
     weights_in = sum(la.weight.numel() for la in taking_part)
     doc: dict[str, Any] = {
-        "output": o["output"], "heads_output": o["heads_output"], "masks_output": o["masks_output"],
-        "report": o["report"], "plot": o["plot"],
-        "approach": o["approach"], "structure": o["structure"], "rounds": o["rounds"], "amount": o["amount"],
+        "output": o.output, "heads_output": o.heads_output, "masks_output": o.masks_output,
+        "report": o.report, "plot": o.plot,
+        "approach": o.approach, "structure": o.structure, "rounds": o.rounds, "amount": o.amount,
         "requested_sparsity": round(target, 6),
         "sparsity": final["sparsity"],
         "weights_taking_part": weights_in,
         "exits": list(em.exits),
-        "accuracy": final["accuracy"], "baseline_accuracy": pruner.baseline, "eval_split": o["eval_split"],
+        "accuracy": final["accuracy"], "baseline_accuracy": pruner.baseline, "eval_split": o.eval_split,
         "costs": costs,
         "steps": pruner.records,
         "layers": layers,
     }
     dataset = train_data.fingerprint
     args = {**run.args, "pruning": {"requested_sparsity": doc["requested_sparsity"], "sparsity": final["sparsity"]}}
-    outputs = [p for p in (o["output"], o["heads_output"], o["report"], o["masks_output"], o["plot"]) if p]
+    outputs = [p for p in (o.output, o.heads_output, o.report, o.masks_output, o.plot) if p]
     with output_set(outputs) as temps:  # every output appears, or none
         written = dict(zip(outputs, temps, strict=True))
-        save_checkpoint(written[o["output"]], model, ckpt.spec,
+        save_checkpoint(written[o.output], model, ckpt.spec,
                         Provenance(kind="checkpoint", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
                                    dataset=dataset, args=args, inputs={"exit-heads": heads_sha} if heads_sha else {}))
-        pruned_sha, pruned_model_sha = sha256_file(written[o["output"]]), model_sha256(ckpt.spec, model)
+        pruned_sha, pruned_model_sha = sha256_file(written[o.output]), model_sha256(ckpt.spec, model)
         made_from = Provenance(kind="exit-heads", checkpoint_sha256=pruned_sha, model_sha256=pruned_model_sha,
                                exits=list(em.exits), dataset=dataset, args=args)
-        save_heads(written[o["heads_output"]], heads, made_from)
-        if o["masks_output"]:
+        save_heads(written[o.heads_output], heads, made_from)
+        if o.masks_output:
             packed, meta = wp.pack_masks(pruner.masks)
-            write_tensors(written[o["masks_output"]], packed,
+            write_tensors(written[o.masks_output], packed,
                           Provenance(**{**vars(made_from), "kind": "masks", "schema": 0}), extra=meta)
-        write_yaml(written[o["report"]], doc, Provenance(**{**vars(made_from), "kind": "weight-pruning", "schema": 0}))
-        if o["plot"]:
+        write_yaml(written[o.report], doc, Provenance(**{**vars(made_from), "kind": "weight-pruning", "schema": 0}))
+        if o.plot:
             from eetool.plotting import pruning_png
 
-            pruning_png(written[o["plot"]], layers, final["accuracy"], pruner.baseline,
-                        f"{ckpt.spec.arch}, {o['approach']}: {o['rounds']} rounds of {o['amount']:g}")
+            pruning_png(written[o.plot], layers, final["accuracy"], pruner.baseline,
+                        f"{ckpt.spec.arch}, {o.approach}: {o.rounds} rounds of {o.amount:g}")
     shutil.rmtree(state_dir)
     run.reporter.log(f"wrote {', '.join(outputs)}")
     run.emit(doc, _text)
 
 
-def _prune_channels(run: Run, o: dict[str, Any], ckpt: Any, heads: Any, heads_sha: str, weights: list[float],
+def _prune_channels(run: Run, o: Request, ckpt: Any, heads: Any, heads_sha: str, weights: list[float],
                     cfg: Any, train_data: Any, eval_data: Any, preprocess: Any, device: Any) -> None:
     """--structure channel: rounds of channel pruning and joint fine-tuning; writes a smaller dense checkpoint."""
     import shutil
@@ -305,15 +348,15 @@ def _prune_channels(run: Run, o: dict[str, Any], ckpt: Any, heads: Any, heads_sh
     from eetool.checkpoint import model_sha256, save_checkpoint
     from eetool.heads import save_heads
 
-    settings = cp.ChannelSettings(o["rounds"], o["amount"], cfg, train_heads=not o["exit_heads"],
-                                  round_to=o["round_to"])
+    settings = cp.ChannelSettings(o.rounds, o.amount, cfg, train_heads=not o.exit_heads,
+                                  round_to=o.round_to)
     pruner = cp.ChannelPruner(ckpt.spec, ckpt.model, heads, weights, settings, train_data, preprocess,
                               eval_data=eval_data, device=device, reporter=run.reporter)
     original = {"macs": pruner.dense_macs, "parameters": cp.parameter_count(ckpt.model),
                 "widths": cp.widths(ckpt.model)}
-    target = cp.round_targets(o["amount"], o["rounds"])[-1]
+    target = cp.round_targets(o.amount, o.rounds)[-1]
     state_dir, expected = _resumable(run, o, ckpt, train_data, pruner)
-    run.reporter.log(f"channel-pruning {ckpt.label}: {o['rounds']} rounds of {o['amount']:g} of the remaining "
+    run.reporter.log(f"channel-pruning {ckpt.label}: {o.rounds} rounds of {o.amount:g} of the remaining "
                      f"MACs (to {target:.1%} of them); state after every step in {state_dir}")
     pruner.run(after_step=_saver(state_dir, expected))
 
@@ -322,15 +365,15 @@ def _prune_channels(run: Run, o: dict[str, Any], ckpt: Any, heads: Any, heads_sh
     final = pruner.records[-1]
     exit_macs = _exit_macs(em, heads, ckpt.spec.input_shape)
     doc: dict[str, Any] = {
-        "output": o["output"], "heads_output": o["heads_output"], "report": o["report"],
-        "approach": o["approach"], "structure": o["structure"], "rounds": o["rounds"], "amount": o["amount"],
-        "round_to": o["round_to"],
+        "output": o.output, "heads_output": o.heads_output, "report": o.report,
+        "approach": o.approach, "structure": o.structure, "rounds": o.rounds, "amount": o.amount,
+        "round_to": o.round_to,
         "requested_macs_fraction": round(target, 6),
         "macs_fraction": final["macs_fraction"],
         "original": original,
         "pruned": {"macs": final["macs"], "parameters": final["parameters"], "widths": final["widths"]},
         "exits": list(em.exits),
-        "accuracy": final["accuracy"], "baseline_accuracy": pruner.baseline, "eval_split": o["eval_split"],
+        "accuracy": final["accuracy"], "baseline_accuracy": pruner.baseline, "eval_split": o.eval_split,
         "costs": {"basis": "dense", "exits": [
             {"exit": name, "macs": m, "of_original": round(m / pruner.dense_macs, 6)}
             for name, m in zip([*em.exits, "final"], exit_macs, strict=True)]},
@@ -339,17 +382,17 @@ def _prune_channels(run: Run, o: dict[str, Any], ckpt: Any, heads: Any, heads_sh
     dataset = train_data.fingerprint
     args = {**run.args, "pruning": {"requested_macs_fraction": doc["requested_macs_fraction"],
                                     "macs_fraction": final["macs_fraction"]}}
-    outputs = [o["output"], o["heads_output"], o["report"]]
+    outputs = [o.output, o.heads_output, o.report]
     with output_set(outputs) as temps:  # every output appears, or none
         written = dict(zip(outputs, temps, strict=True))
-        save_checkpoint(written[o["output"]], model, pruner.spec,
+        save_checkpoint(written[o.output], model, pruner.spec,
                         Provenance(kind="checkpoint", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
                                    dataset=dataset, args=args, inputs={"exit-heads": heads_sha} if heads_sha else {}))
-        pruned_sha, pruned_model_sha = sha256_file(written[o["output"]]), model_sha256(pruner.spec, model)
+        pruned_sha, pruned_model_sha = sha256_file(written[o.output]), model_sha256(pruner.spec, model)
         made_from = Provenance(kind="exit-heads", checkpoint_sha256=pruned_sha, model_sha256=pruned_model_sha,
                                exits=list(em.exits), dataset=dataset, args=args)
-        save_heads(written[o["heads_output"]], heads, made_from)
-        write_yaml(written[o["report"]], doc, Provenance(**{**vars(made_from), "kind": "weight-pruning", "schema": 0}))
+        save_heads(written[o.heads_output], heads, made_from)
+        write_yaml(written[o.report], doc, Provenance(**{**vars(made_from), "kind": "weight-pruning", "schema": 0}))
     shutil.rmtree(state_dir)
     run.reporter.log(f"wrote {', '.join(outputs)}")
     run.emit(doc, _channel_text)
@@ -382,7 +425,7 @@ def _channel_text(d: dict[str, Any]) -> str:
     return f"{head}\n\n{table}"
 
 
-def _resumable(run: Run, o: dict[str, Any], ckpt: Any, train_data: Any, pruner: Any
+def _resumable(run: Run, o: Request, ckpt: Any, train_data: Any, pruner: Any
                ) -> tuple[Path, dict[str, Any]]:
     """The state directory of a run, ``pruner`` loaded from it when resuming (refused when it was saved by a run
     with other settings, checkpoint or data), else made afresh."""
@@ -390,9 +433,9 @@ def _resumable(run: Run, o: dict[str, Any], ckpt: Any, train_data: Any, pruner: 
 
     from eetool.training import read_state
 
-    state_dir = Path(f"{o['output']}.resume")
+    state_dir = Path(f"{o.output}.resume")
     expected = _expected(run, ckpt, train_data)
-    if o["resume"]:
+    if o.resume:
         pruner.load_state_dict(read_state(str(state_dir / "state.pt"), expected))
         run.reporter.log(f"resuming after step {pruner.done} of {len(pruner.steps())}")
     else:
