@@ -8,7 +8,7 @@ epochs). `fit-thresholds --method sdn --sweep` on the test split then gives each
 and an interrupted pruning resumes from its last round, so rerunning continues where a run stopped. The two
 prunings run side by side (one thread each). Then a Markdown table and three figures.
 
-    python reproduce/weight_pruning.py results/weight-pruning --finetune-samples 6000
+    python reproduce/weight_pruning.py results/weight-pruning --finetune-samples 1000
 """
 
 from __future__ import annotations
@@ -46,8 +46,11 @@ def plan(out: Path, a: argparse.Namespace) -> list[Step]:
                             "--epochs", str(a.head_epochs), "--eval-split", "test",
                             "-o", str(out / "heads.safetensors"), "--force", *common],
                   out / "heads.safetensors")]
+    # Per-exit accuracy after every round on a class-balanced part of the test split (--eval-size images; the
+    # whole split after every round would cost more than the fine-tuning); the curves use the whole split.
+    pruning_data = ["--data", f"safetensors:{out / 'data.safetensors'}"]
     for approach in APPROACHES:
-        steps.append(Step(approach, [*eetool, "prune-weights", "-c", a.checkpoint, *data, "--split", "train",
+        steps.append(Step(approach, [*eetool, "prune-weights", "-c", a.checkpoint, *pruning_data, "--split", "train",
                                      "--exit-heads", str(out / "heads.safetensors"), "--approach", approach,
                                      "--rounds", str(a.rounds), "--amount", str(a.amount),
                                      "--finetune-samples", str(a.finetune_samples), "--eval-split", "test",
@@ -62,6 +65,30 @@ def plan(out: Path, a: argparse.Namespace) -> list[Step]:
                                                "-o", str(out / f"sweep-{network}.yaml"), "--force", *common],
                           out / f"sweep-{network}.yaml", ["heads" if network == "unpruned" else network]))
     return steps
+
+
+def make_data(path: Path, data: str, eval_size: int, seed: int) -> None:
+    """The training split whole and a class-balanced random ``eval_size`` images of the test split, as one
+    safetensors dataset (``train.images`` ... ``test.labels``)."""
+    if path.exists():
+        return
+    import torch
+    from safetensors.torch import save_file
+
+    from eetool.datasets import load_dataset
+
+    train, test = load_dataset(data, "train"), load_dataset(data, "test")
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(test.num_classes):
+        members = torch.nonzero(test.labels == c).squeeze(1)
+        chosen.append(members[torch.randperm(members.numel(), generator=gen)[:eval_size // test.num_classes]])
+    idx = torch.sort(torch.cat(chosen)).values
+    tmp = path.with_suffix(".tmp")
+    save_file({"train.images": train.images.contiguous(), "train.labels": train.labels.contiguous(),
+               "test.images": test.images[idx].contiguous(), "test.labels": test.labels[idx].contiguous()},
+              str(tmp), metadata={"classes": "\n".join(test.classes)})
+    tmp.replace(path)
 
 
 def run_steps(steps: list[Step], jobs: int) -> bool:
@@ -273,14 +300,16 @@ def main() -> None:
     p.add_argument("--head-epochs", type=int, default=1, help="epochs of SDN head training (backbone frozen)")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--amount", type=float, default=0.1)
-    p.add_argument("--finetune-samples", type=int, default=6000, help="fine-tuning after each round (the thesis: "
+    p.add_argument("--finetune-samples", type=int, default=1000, help="fine-tuning after each round (the thesis: "
                                                                        "10 epochs)")
+    p.add_argument("--eval-size", type=int, default=2000, help="test images for the per-round per-exit accuracy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per step")
     p.add_argument("--figures", type=Path, default=Path("docs/weight-pruning"), help="figure prefix")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
+    make_data(a.out / "data.safetensors", a.data, a.eval_size, a.seed)
     ok = run_steps(plan(a.out, a), a.jobs)
     reports = {x: load_yaml(a.out / f"{x}.yaml") for x in APPROACHES}
     sweeps = {x: load_yaml(a.out / f"sweep-{x}.yaml") for x in NETWORKS}
