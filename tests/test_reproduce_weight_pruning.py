@@ -77,10 +77,11 @@ def test_table_has_every_exit_and_network(wp: ModuleType) -> None:
     assert rows["e1"] == "| e1 | 0.300 | 60.00% | 70.00% | 0.100 | 70.00% | 0.100 |"
     assert rows["final"] == "| final | 1.000 | 90.00% | 88.00% | 0.400 | 86.00% | 0.400 |"
     assert rows["unpruned"].startswith("| unpruned | – | – | – | – | 1.000 | 90.00% | ")
-    # joint: depth thirds 20/50/80%, final linear 10%, heads 50% -> 90%, full cost 0.4; best 88%; at cost 0.25
-    # halfway between (0.1, 70%) and (0.4, 88%); 86% (unpruned best minus 4 points) reached at cost 0.3667
+    # joint: depth thirds 20/50/80%, final linear 10%, heads 50% -> 90%, full cost 0.4; best 88%; at costs 0.1,
+    # 0.15, 0.2 on the line from (0.1, 70%) to (0.4, 88%), 88% beyond it at 0.5; 86% (unpruned best minus 4
+    # points) reached at cost 0.3667
     assert rows["joint"] == ("| joint | 55.0% (50.0%; 60.0%) | 20.0% / 50.0% / 80.0% | 10.0% | 50.0% → 90.0% | "
-                             "0.400 | 88.00% | 79.00% | 88.00% | 88.00% | 0.367 |")
+                             "0.400 | 88.00% | 70.00% | 73.00% | 76.00% | 88.00% | 0.367 |")
     assert rows["ordered"].startswith("| ordered | 55.0% (50.0%; 60.0%) | 20.0% / 50.0% / 80.0% | 10.0% | "
                                       "20.0% → 90.0% | 0.400 | 86.00% | ")
     assert rows["ordered"].endswith(" | 0.400 |")
