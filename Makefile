@@ -99,6 +99,6 @@ dataset-pruning: ## EEPrune against the baselines on Fashion-MNIST (about 100 mi
 # global L1 pruning, joint and ordered, each round fine-tuned on WP_FINETUNE samples (the thesis: 10 epochs);
 # accuracy-cost curves from fit-thresholds --sweep on the test split (effective cost for the pruned networks).
 # Steps whose outputs exist are skipped and an interrupted pruning resumes: rerun to continue.
-WP_FINETUNE ?= 1000
-weight-pruning: ## joint against ordered weight pruning on Fashion-MNIST (about 50 min on 2 CPU cores)
+WP_FINETUNE ?= 3000
+weight-pruning: ## joint against ordered weight pruning on Fashion-MNIST (about 35 min on 2 CPU cores)
 	$(PYTHON) reproduce/weight_pruning.py $(RESULTS)/weight-pruning --data $(FMNIST) --finetune-samples $(WP_FINETUNE)

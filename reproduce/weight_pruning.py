@@ -8,7 +8,7 @@ epochs). `fit-thresholds --method sdn --sweep` on the test split then gives each
 and an interrupted pruning resumes from its last round, so rerunning continues where a run stopped. The two
 prunings run side by side (one thread each). Then a Markdown table and three figures.
 
-    python reproduce/weight_pruning.py results/weight-pruning --finetune-samples 1000
+    python reproduce/weight_pruning.py results/weight-pruning --finetune-samples 3000
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ def main() -> None:
     p.add_argument("--head-epochs", type=int, default=1, help="epochs of SDN head training (backbone frozen)")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--amount", type=float, default=0.1)
-    p.add_argument("--finetune-samples", type=int, default=1000, help="fine-tuning after each round (the thesis: "
+    p.add_argument("--finetune-samples", type=int, default=3000, help="fine-tuning after each round (the thesis: "
                                                                        "10 epochs)")
     p.add_argument("--eval-size", type=int, default=2000, help="test images for the per-round per-exit accuracy")
     p.add_argument("--seed", type=int, default=0)
