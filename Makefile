@@ -7,7 +7,7 @@ DEMO_CHECKPOINT := eetool/demo/demo-resnet20-fashion-mnist.safetensors
 RESULTS ?= results
 BUDGETS := --budget 0.25 --budget 0.5 --budget 0.75
 
-.PHONY: help test lint bench completions demo-checkpoint demo-data e2cm-demo e2cm-fashion-mnist e2cm-run fixed-budget dataset-pruning
+.PHONY: help test lint bench completions demo-checkpoint demo-data e2cm-demo e2cm-fashion-mnist e2cm-run fixed-budget dataset-pruning weight-pruning
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -93,3 +93,12 @@ fixed-budget: ## the thesis's fixed-training-budget comparison on Fashion-MNIST 
 # outputs exist are skipped, and an interrupted step resumes: rerun to continue.
 dataset-pruning: ## EEPrune against the baselines on Fashion-MNIST (about 100 min on 2 CPU cores)
 	$(PYTHON) reproduce/dataset_pruning.py $(RESULTS)/dataset-pruning --data $(FMNIST)
+
+# Pruning early-exit networks (thesis section 2.5) on Fashion-MNIST with the shipped ResNet-20 (the thesis:
+# ResNet-56 on CIFAR-10): SDN heads at the ten exits (one epoch, backbone frozen), then 20 rounds of 10%
+# global L1 pruning, joint and ordered, each round fine-tuned on WP_FINETUNE samples (the thesis: 10 epochs);
+# accuracy-cost curves from fit-thresholds --sweep on the test split (effective cost for the pruned networks).
+# Steps whose outputs exist are skipped and an interrupted pruning resumes: rerun to continue.
+WP_FINETUNE ?= 3000
+weight-pruning: ## joint against ordered weight pruning on Fashion-MNIST (about 35 min on 2 CPU cores)
+	$(PYTHON) reproduce/weight_pruning.py $(RESULTS)/weight-pruning --data $(FMNIST) --finetune-samples $(WP_FINETUNE)

@@ -1,0 +1,326 @@
+"""Pruning early-exit networks on Fashion-MNIST (thesis section 2.5, scaled to 2 CPU cores): `make weight-pruning`.
+
+The shipped ResNet-20 (the thesis used ResNet-56 on CIFAR-10) gets SDN heads at its ten exits (`train-exits`, backbone
+frozen), then is pruned with `prune-weights` jointly (Approach 1) and backbone first (Approach 2, "ordered"): 20
+rounds of 10% global L1 pruning, each followed by a fine-tuning on --finetune-samples samples (the thesis: 10
+epochs). `fit-thresholds --method sdn --sweep` on the test split then gives each network's accuracy-cost curve
+(effective cost for the pruned ones). Every step is an `eetool` command line; a step whose output exists is skipped
+and an interrupted pruning resumes from its last round, so rerunning continues where a run stopped. The two
+prunings run side by side (one thread each). Then a Markdown table and three figures.
+
+    python reproduce/weight_pruning.py results/weight-pruning --finetune-samples 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+APPROACHES = ("joint", "ordered")
+NETWORKS = ("unpruned", *APPROACHES)
+BUDGETS = (0.1, 0.15, 0.2, 0.5)  # cost (normalised to the dense network) at which the curves are read off
+ACCURACY_DROP = 0.04  # the thesis: about half the cost for about 4 points of accuracy
+
+
+@dataclass
+class Step:
+    name: str
+    argv: list[str]
+    output: Path
+    needs: list[str] = field(default_factory=list)
+
+
+def plan(out: Path, a: argparse.Namespace) -> list[Step]:
+    eetool = [sys.executable, "-m", "eetool"]
+    common = ["--threads", str(a.threads), "--no-progress", "--seed", str(a.seed)]
+    data = ["--data", a.data]
+    steps = [Step("heads", [*eetool, "train-exits", "-c", a.checkpoint, *data, "--split", "train",
+                            "--epochs", str(a.head_epochs), "--eval-split", "test",
+                            "-o", str(out / "heads.safetensors"), "--force", *common],
+                  out / "heads.safetensors")]
+    # Per-exit accuracy after every round on a class-balanced part of the test split (--eval-size images; the
+    # whole split after every round would cost more than the fine-tuning); the curves use the whole split.
+    pruning_data = ["--data", f"safetensors:{out / 'data.safetensors'}"]
+    for approach in APPROACHES:
+        steps.append(Step(approach, [*eetool, "prune-weights", "-c", a.checkpoint, *pruning_data, "--split", "train",
+                                     "--exit-heads", str(out / "heads.safetensors"), "--approach", approach,
+                                     "--rounds", str(a.rounds), "--amount", str(a.amount),
+                                     "--finetune-samples", str(a.finetune_samples), "--eval-split", "test",
+                                     "-o", str(out / f"{approach}.safetensors"), "--force", *common],
+                          out / f"{approach}.safetensors", ["heads"]))
+    for network in NETWORKS:
+        checkpoint, heads = ((a.checkpoint, out / "heads.safetensors") if network == "unpruned" else
+                             (str(out / f"{network}.safetensors"), out / f"{network}-heads.safetensors"))
+        # The curve on the test split, as the thesis draws it (thresholds swept on the images they are scored on).
+        steps.append(Step(f"sweep-{network}", [*eetool, "fit-thresholds", "--method", "sdn", "--exit-heads", str(heads),
+                                               "-c", checkpoint, *data, "--split", "test", "--sweep",
+                                               "-o", str(out / f"sweep-{network}.yaml"), "--force", *common],
+                          out / f"sweep-{network}.yaml", ["heads" if network == "unpruned" else network]))
+    return steps
+
+
+def make_data(path: Path, data: str, eval_size: int, seed: int) -> None:
+    """The training split whole and a class-balanced random ``eval_size`` images of the test split, as one
+    safetensors dataset (``train.images`` ... ``test.labels``)."""
+    if path.exists():
+        return
+    import torch
+    from safetensors.torch import save_file
+
+    from eetool.datasets import load_dataset
+
+    train, test = load_dataset(data, "train"), load_dataset(data, "test")
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(test.num_classes):
+        members = torch.nonzero(test.labels == c).squeeze(1)
+        chosen.append(members[torch.randperm(members.numel(), generator=gen)[:eval_size // test.num_classes]])
+    idx = torch.sort(torch.cat(chosen)).values
+    tmp = path.with_suffix(".tmp")
+    save_file({"train.images": train.images.contiguous(), "train.labels": train.labels.contiguous(),
+               "test.images": test.images[idx].contiguous(), "test.labels": test.labels[idx].contiguous()},
+              str(tmp), metadata={"classes": "\n".join(test.classes)})
+    tmp.replace(path)
+
+
+def run_steps(steps: list[Step], jobs: int) -> bool:
+    """Run the steps whose outputs are missing, ``jobs`` at a time, in dependency order; True when all succeeded."""
+    done = {s.name for s in steps if s.output.exists()}
+    pending = [s for s in steps if s.name not in done]
+    failed: set[str] = set()
+    running: dict[Future[int], Step] = {}
+    with ThreadPoolExecutor(jobs) as pool:
+        while pending or running:
+            for s in [s for s in pending if set(s.needs) <= done][: jobs - len(running)]:
+                pending.remove(s)
+                print(f"[{time.strftime('%H:%M:%S')}] start {s.name}", flush=True)
+                running[pool.submit(_run, s)] = s
+            for s in [s for s in pending if set(s.needs) & failed]:
+                pending.remove(s)
+                failed.add(s.name)
+                print(f"skip {s.name}: it needs a step that failed", flush=True)
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                s = running.pop(f)
+                if f.result() == 0:
+                    done.add(s.name)
+                    print(f"[{time.strftime('%H:%M:%S')}] done {s.name}", flush=True)
+                else:
+                    failed.add(s.name)
+                    print(f"[{time.strftime('%H:%M:%S')}] FAILED {s.name} (see {s.name}.log)", flush=True)
+    return not failed
+
+
+def _run(s: Step) -> int:
+    argv = s.argv
+    if Path(f"{s.output}.resume").is_dir():
+        argv = [*argv, "--resume"]  # an interrupted pruning continues after its last finished round
+    with open(s.output.parent / f"{s.name}.log", "a") as log, open(s.output.parent / f"{s.name}.out", "w") as out:
+        log.write(f"$ {' '.join(argv)}\n")
+        log.flush()
+        return subprocess.run(argv, stdout=out, stderr=log).returncode
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def accuracy_at(points: list[dict[str, Any]], cost: float) -> float | None:
+    """Accuracy of the convex hull of a sweep at ``cost`` (time sharing between its neighbouring points); the best
+    point's when ``cost`` is beyond the curve, None before its first point."""
+    pts = sorted(points, key=lambda p: p["cost"])
+    if not pts or cost < pts[0]["cost"]:
+        return None
+    for lo, hi in zip(pts, pts[1:], strict=False):
+        if lo["cost"] <= cost <= hi["cost"]:
+            t = 0.0 if hi["cost"] == lo["cost"] else (cost - lo["cost"]) / (hi["cost"] - lo["cost"])
+            return float(lo["accuracy"] + t * (hi["accuracy"] - lo["accuracy"]))
+    return float(max(p["accuracy"] for p in pts))
+
+
+def cost_to_reach(points: list[dict[str, Any]], accuracy: float) -> float | None:
+    """The lowest cost at which the convex hull reaches ``accuracy`` (None if it never does)."""
+    pts = sorted(points, key=lambda p: p["cost"])
+    if not pts:
+        return None
+    if pts[0]["accuracy"] >= accuracy:
+        return float(pts[0]["cost"])
+    for lo, hi in zip(pts, pts[1:], strict=False):
+        if lo["accuracy"] < accuracy <= hi["accuracy"]:
+            return float(lo["cost"] + (accuracy - lo["accuracy"]) / (hi["accuracy"] - lo["accuracy"])
+                         * (hi["cost"] - lo["cost"]))
+    return None
+
+
+def depth_thirds(layers: list[dict[str, Any]]) -> list[float]:
+    """Sparsity of the backbone's pruned conv layers in three depth groups (first, middle, last third), weighted by
+    their weights: 'deeper layers are pruned more'."""
+    convs = [la for la in layers if la["part"] == "backbone" and la["pruned"]][:-1]  # the final linear layer apart
+    third = -(-len(convs) // 3)
+    groups = [convs[i:i + third] for i in range(0, len(convs), third)]
+    return [sum(la["zeros"] for la in g) / sum(la["weights"] for la in g) for g in groups]
+
+
+def pct(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def tabulate(reports: dict[str, Any], sweeps: dict[str, Any]) -> str:
+    """Markdown: each exit's accuracy (unpruned, joint, ordered) with its costs, then each network's sparsity and
+    its accuracy-cost curve read off at BUDGETS."""
+    first = next(r for r in reports.values() if r)
+    exits = [e["exit"] for e in first["costs"]["exits"]]
+    base = first["baseline_accuracy"]
+    lines = ["Each exit's test accuracy when every image leaves there (cost: dense, and effective for the pruned "
+             "networks, as a fraction of the unpruned backbone's MACs; leaving at an exit includes every head "
+             "before it, so the last exits cost more than the backbone alone):", "",
+             "| exit | dense cost | unpruned | " + " | ".join(f"{a} | {a} eff. cost" for a in APPROACHES) + " |",
+             "|---|---|---|" + "---|---|" * len(APPROACHES)]
+    for i, name in enumerate(exits):
+        cells = [name, f"{first['costs']['exits'][i]['dense']:.3f}", pct(base.get(name))]
+        for a in APPROACHES:
+            r = reports.get(a)
+            cells += ([pct(r["accuracy"].get(name)), f"{r['costs']['exits'][i]['effective']:.3f}"] if r
+                      else ["–", "–"])
+        lines.append("| " + " | ".join(cells) + " |")
+    best_unpruned = max(p["accuracy"] for p in sweeps["unpruned"]["points"]) if sweeps.get("unpruned") else None
+    lines += ["", "Sparsity of the weights taking part (backbone conv and linear, heads) and the accuracy-cost "
+              "curves (convex hull of the test-split sweep, effective cost for the pruned networks):", "",
+              "| network | sparsity (backbone; heads) | backbone conv by depth thirds | final layer | heads "
+              "(first → last) | full-model cost | best accuracy | "
+              + " | ".join(f"accuracy at cost {b:g}" for b in BUDGETS)
+              + f" | cost for best unpruned − {round(100 * ACCURACY_DROP)} points |",
+              "|---|---|---|---|---|---|---|" + "---|" * len(BUDGETS) + "---|"]
+    for network in NETWORKS:
+        sweep = sweeps.get(network)
+        r = reports.get(network)
+        if network == "unpruned":
+            sparsity = thirds = final = heads = "–"
+            full = "1.000"
+        elif r:
+            s = r["sparsity"]
+            sparsity = f"{pct(s['taking_part'], 1)} ({pct(s['backbone'], 1)}; {pct(s['heads'], 1)})"
+            thirds = " / ".join(pct(x, 1) for x in depth_thirds(r["layers"]))
+            final = pct([la for la in r["layers"] if la["part"] == "backbone"][-1]["sparsity"], 1)
+            head_rows = [la for la in r["layers"] if la["part"] == "heads"]
+            heads = f"{pct(head_rows[0]['sparsity'], 1)} → {pct(head_rows[-1]['sparsity'], 1)}" if head_rows else "–"
+            full = f"{r['costs']['effective_model_macs'] / r['costs']['model_macs']:.3f}"
+        else:
+            continue
+        if sweep:
+            pts = sweep["points"]
+            curve = [pct(max(p["accuracy"] for p in pts)), *(pct(accuracy_at(pts, b)) for b in BUDGETS)]
+            reach = None if best_unpruned is None else cost_to_reach(pts, best_unpruned - ACCURACY_DROP)
+            curve.append("never" if reach is None else f"{reach:.3f}")
+        else:
+            curve = ["–"] * (len(BUDGETS) + 2)
+        lines.append(f"| {network} | {sparsity} | {thirds} | {final} | {heads} | {full} | " + " | ".join(curve) + " |")
+    return "\n".join(lines)
+
+
+def plot(reports: dict[str, Any], sweeps: dict[str, Any], prefix: Path) -> list[Path]:
+    """Per-layer sparsity (thesis Fig. 5a/6a), per-exit accuracy against the unpruned network (Fig. 5b/7a) and the
+    accuracy-cost curves (Fig. 5c/6d/7b), as PREFIX-sparsity.png, PREFIX-exits.png and PREFIX-cost.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"unpruned": "black", "joint": "tab:blue", "ordered": "tab:orange"}
+    written = []
+    present = [a for a in APPROACHES if reports.get(a)]
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [3, 1]})
+    for k, a in enumerate(present):
+        layers = reports[a]["layers"]
+        for ax, part in zip(axes, ("backbone", "heads"), strict=True):
+            rows = [la for la in layers if la["part"] == part]
+            xs = [i + (k - (len(present) - 1) / 2) * 0.4 for i in range(len(rows))]
+            ax.bar(xs, [100 * la["sparsity"] for la in rows], width=0.4, color=colours[a], label=a)
+            ax.set_xticks(range(len(rows)), [la["layer"] for la in rows], rotation=90, fontsize=5)
+    axes[0].set(title="backbone layers (input → output)", ylabel="sparsity (%)")
+    axes[1].set(title="exit heads (first → last)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    written.append(prefix.with_name(prefix.name + "-sparsity.png"))
+    fig.savefig(written[-1], dpi=80)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    first = reports[present[0]] if present else None
+    if first:
+        names = [e["exit"] for e in first["costs"]["exits"]]
+        ax.plot(range(len(names)), [100 * first["baseline_accuracy"][n] for n in names], marker="o",
+                color=colours["unpruned"], label="unpruned")
+        for a in present:
+            ax.plot(range(len(names)), [100 * reports[a]["accuracy"][n] for n in names], marker="o",
+                    color=colours[a], label=a)
+        ax.set_xticks(range(len(names)), [str(i + 1) for i in range(len(names) - 1)] + ["final"])
+    ax.set(xlabel="exit (every image leaves there)", ylabel="test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(prefix.with_name(prefix.name + "-exits.png"))
+    fig.savefig(written[-1], dpi=80)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for network in NETWORKS:
+        sweep = sweeps.get(network)
+        if not sweep:
+            continue
+        pts = sorted(sweep["points"], key=lambda p: p["cost"])
+        label = network if network == "unpruned" else f"{network} (effective cost)"
+        ax.plot([p["cost"] for p in pts], [100 * p["accuracy"] for p in pts], marker=".", color=colours[network],
+                label=label)
+    ax.set(xlabel="cost (fraction of the unpruned network's MACs)", ylabel="test accuracy (%)", xlim=(0, 1.05))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(prefix.with_name(prefix.name + "-cost.png"))
+    fig.savefig(written[-1], dpi=80)
+    plt.close(fig)
+    return written
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--checkpoint", default="demo")
+    p.add_argument("--head-epochs", type=int, default=1, help="epochs of SDN head training (backbone frozen)")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--amount", type=float, default=0.1)
+    p.add_argument("--finetune-samples", type=int, default=3000, help="fine-tuning after each round (the thesis: "
+                                                                       "10 epochs)")
+    p.add_argument("--eval-size", type=int, default=2000, help="test images for the per-round per-exit accuracy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per step")
+    p.add_argument("--figures", type=Path, default=Path("docs/weight-pruning"), help="figure prefix")
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    make_data(a.out / "data.safetensors", a.data, a.eval_size, a.seed)
+    ok = run_steps(plan(a.out, a), a.jobs)
+    reports = {x: load_yaml(a.out / f"{x}.yaml") for x in APPROACHES}
+    sweeps = {x: load_yaml(a.out / f"sweep-{x}.yaml") for x in NETWORKS}
+    if any(reports.values()):
+        table = tabulate(reports, sweeps)
+        (a.out / "table.md").write_text(table + "\n")
+        print(table)
+        plot(reports, sweeps, a.figures)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""reproduce/weight_pruning.py: its table and curve reading on a tiny fake report (no pruning is run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "reproduce" / "weight_pruning.py"
+
+
+@pytest.fixture(scope="module")
+def wp() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("reproduce_weight_pruning", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def layer(part: str, name: str, weights: int, zeros: int) -> dict[str, Any]:
+    return {"part": part, "layer": name, "weights": weights, "zeros": zeros, "sparsity": zeros / weights,
+            "pruned": True}
+
+
+def report(final_acc: float, head_zeros: int) -> dict[str, Any]:
+    """Two exits and the final one; six backbone convs (two per depth third) and the final linear layer."""
+    convs = [layer("backbone", f"conv{i}", 100, z) for i, z in enumerate((10, 30, 40, 60, 70, 90))]
+    return {
+        "sparsity": {"backbone": 0.5, "heads": 0.6, "taking_part": 0.55},
+        "accuracy": {"e1": 0.70, "e2": 0.80, "final": final_acc},
+        "baseline_accuracy": {"e1": 0.60, "e2": 0.85, "final": 0.90},
+        "costs": {"model_macs": 1000, "effective_model_macs": 400,
+                  "exits": [{"exit": "e1", "dense": 0.3, "effective": 0.1},
+                            {"exit": "e2", "dense": 0.6, "effective": 0.25},
+                            {"exit": "final", "dense": 1.0, "effective": 0.4}]},
+        "layers": [*convs, layer("backbone", "fc", 10, 1),
+                   layer("heads", "heads.0.linear", 10, head_zeros), layer("heads", "heads.1.linear", 10, 9)],
+    }
+
+
+def sweep(*points: tuple[float, float]) -> dict[str, Any]:
+    return {"points": [{"cost": c, "accuracy": a} for c, a in points]}
+
+
+def test_accuracy_at_interpolates_the_hull_and_holds_its_best_beyond_it(wp: ModuleType) -> None:
+    pts = sweep((0.2, 0.6), (0.6, 0.8), (1.0, 0.9))["points"]
+    assert wp.accuracy_at(pts, 0.4) == pytest.approx(0.7)
+    assert wp.accuracy_at(pts, 0.6) == pytest.approx(0.8)
+    assert wp.accuracy_at(pts, 1.5) == pytest.approx(0.9)
+    assert wp.accuracy_at(pts, 0.1) is None
+
+
+def test_cost_to_reach_is_the_lowest_cost_on_the_hull(wp: ModuleType) -> None:
+    pts = sweep((1.0, 0.9), (0.2, 0.6), (0.6, 0.8))["points"]  # in any order
+    assert wp.cost_to_reach(pts, 0.7) == pytest.approx(0.4)
+    assert wp.cost_to_reach(pts, 0.5) == pytest.approx(0.2)
+    assert wp.cost_to_reach(pts, 0.95) is None
+
+
+def test_depth_thirds_leave_the_final_layer_out(wp: ModuleType) -> None:
+    assert wp.depth_thirds(report(0.9, 5)["layers"]) == pytest.approx([0.2, 0.5, 0.8])
+
+
+def test_table_has_every_exit_and_network(wp: ModuleType) -> None:
+    reports = {"joint": report(0.88, 5), "ordered": report(0.86, 2)}
+    sweeps = {"unpruned": sweep((0.3, 0.6), (1.0, 0.9)), "joint": sweep((0.1, 0.7), (0.4, 0.88)),
+              "ordered": sweep((0.1, 0.65), (0.4, 0.86))}
+    table = wp.tabulate(reports, sweeps)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    # exit rows: unpruned, joint and its effective cost, ordered and its effective cost
+    assert rows["e1"] == "| e1 | 0.300 | 60.00% | 70.00% | 0.100 | 70.00% | 0.100 |"
+    assert rows["final"] == "| final | 1.000 | 90.00% | 88.00% | 0.400 | 86.00% | 0.400 |"
+    assert rows["unpruned"].startswith("| unpruned | – | – | – | – | 1.000 | 90.00% | ")
+    # joint: depth thirds 20/50/80%, final linear 10%, heads 50% -> 90%, full cost 0.4; best 88%; at costs 0.1,
+    # 0.15, 0.2 on the line from (0.1, 70%) to (0.4, 88%), 88% beyond it at 0.5; 86% (unpruned best minus 4
+    # points) reached at cost 0.3667
+    assert rows["joint"] == ("| joint | 55.0% (50.0%; 60.0%) | 20.0% / 50.0% / 80.0% | 10.0% | 50.0% → 90.0% | "
+                             "0.400 | 88.00% | 70.00% | 73.00% | 76.00% | 88.00% | 0.367 |")
+    assert rows["ordered"].startswith("| ordered | 55.0% (50.0%; 60.0%) | 20.0% / 50.0% / 80.0% | 10.0% | "
+                                      "20.0% → 90.0% | 0.400 | 86.00% | ")
+    assert rows["ordered"].endswith(" | 0.400 |")
+
+
+def test_table_says_when_a_network_never_reaches_the_mark(wp: ModuleType) -> None:
+    table = wp.tabulate({"joint": report(0.8, 5), "ordered": None},
+                        {"unpruned": sweep((1.0, 0.9)), "joint": sweep((0.4, 0.8))})
+    joint = next(line for line in table.splitlines() if line.startswith("| joint "))
+    assert joint.endswith(" | never |")
+    assert not any(line.startswith("| ordered ") for line in table.splitlines())
+
+
+def test_plot_writes_the_three_figures(wp: ModuleType, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    reports = {"joint": report(0.88, 5), "ordered": report(0.86, 2)}
+    sweeps = {"unpruned": sweep((0.3, 0.6), (1.0, 0.9)), "joint": sweep((0.1, 0.7), (0.4, 0.88)), "ordered": None}
+    written = wp.plot(reports, sweeps, tmp_path / "wp")
+    assert [p.name for p in written] == ["wp-sparsity.png", "wp-exits.png", "wp-cost.png"]
+    assert all(p.stat().st_size > 1000 for p in written)
