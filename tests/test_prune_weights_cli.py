@@ -89,6 +89,13 @@ def test_other_commands_read_the_pruned_checkpoint(pruned: tuple[Path, dict], ti
     plain, early = result["points"]
     assert plain["cost"] == 1.0 and plain["effective_cost"] < 1.0 and plain["throughput"] > 0
     assert early["effective_cost"] == pytest.approx(point["cost"], abs=1e-6)
+    # E²CM on the pruned network: budgets in the dense costs of the calibration, effective costs beside them
+    ok(invoke("calibrate-means", "-c", ckpt, "-d", tiny_data, "--exits", "half", "-o", "m.safetensors", "-q"))
+    ok(invoke("fit-thresholds", "--means", "m.safetensors", "--budget", "0.6", "-o", "e.yaml", "-q"))
+    e2cm = json.loads(ok(invoke("evaluate", "-c", ckpt, "-d", tiny_data, "--means", "m.safetensors", "--thresholds",
+                                "e.yaml", "--repeats", "1", "--format", "json", "--no-progress")).stdout)
+    assert e2cm["cost_basis"] == "effective"
+    assert 0 < e2cm["points"][1]["effective_cost"] < e2cm["points"][1]["cost"]
 
 
 def test_an_unpruned_checkpoint_keeps_its_dense_costs(tiny_checkpoint: str, tiny_data: str) -> None:

@@ -290,6 +290,7 @@ def _early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thre
     from eetool.artifacts import read_tensors, read_yaml, sha256_file, verify
     from eetool.choices import COMBINES, EXIT_METHODS
     from eetool.commands.common import exit_rule
+    from eetool.costs import effective
     from eetool.e2cm import ClassMeans
     from eetool.errors import InputError, UsageError
     from eetool.heads import load_heads
@@ -327,7 +328,9 @@ def _early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thre
             raise UsageError(f"--point {point!r} is not all or indices below {len(points)}", "e.g. --point 0,2")
         chosen = [(i, points[i]) for i in picked]
     if cm is not None and method == "e2cm":
-        return em, rule, (cm.cost_model(), cm.cost_model()), chosen, cm.clusters
+        # budgets are the dense costs the class means were calibrated with; a pruned network's effective ones
+        # come from its weights (the means were verified to be made from this checkpoint)
+        return em, rule, (cm.cost_model(), effective(cm.cost_model(), em, ckpt.spec.input_shape)), chosen, cm.clusters
     return em, rule, cost_models(rule, em, ckpt.spec.input_shape), chosen, False
 
 
