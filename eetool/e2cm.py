@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from eetool.artifacts import Provenance, read_tensors, read_yaml, write_tensors
-from eetool.costs import CostModel
+from eetool.costs import EFFECTIVE, CostModel
 from eetool.datasets import Dataset, Preprocess, require_labels
 from eetool.errors import InputError, UsageError
 from eetool.exits import ExitModel
@@ -251,6 +251,8 @@ class ClassMeans:
     clusters: bool = False  # cluster centres (unsupervised) rather than class means
     feature_sizes: list[int] = field(default_factory=list)  # elements of each exit's output before pooling
     rules: list[str] = field(default_factory=list)  # prediction rule per exit; none given: softmax (eq. 2.7)
+    # A pruned network's stage MACs with zero weights costing nothing (eetool.costs): thresholds are fitted on them
+    effective_stage_macs: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.rules:
@@ -260,11 +262,16 @@ class ClassMeans:
     def num_classes(self) -> int:
         return int(self.normalisers.shape[1])
 
-    def cost_model(self) -> CostModel:
+    def cost_model(self, effective: bool = False) -> CostModel:
+        """Dense costs; with ``effective``, a pruned network's effective ones (normalised by its dense MACs) where
+        the artifact records them, else the dense ones."""
         sizes = self.feature_sizes or [int(m.shape[1]) for m in self.means]
         # pooling reads every element of the exit's output once (one comparison each)
         overheads = [distance_macs(int(m.shape[1]), self.num_classes) + (size if size > m.shape[1] else 0)
                      for m, size in zip(self.means, sizes, strict=True)]
+        if effective and self.effective_stage_macs:
+            return CostModel(list(self.exits), list(self.effective_stage_macs), overheads,
+                             reference_macs=sum(self.stage_macs), basis=EFFECTIVE)
         return CostModel(list(self.exits), list(self.stage_macs), overheads)
 
     def memory_bytes(self) -> list[int]:
@@ -284,7 +291,7 @@ class ClassMeans:
                 mapping = best_mapping(final_prediction, labels, self.num_classes)
                 prediction, final_prediction = mapping[prediction], mapping[final_prediction]
         correct = torch.cat([prediction == labels[:, None], (final_prediction == labels)[:, None]], 1)
-        costs = torch.tensor(self.cost_model().normalised_exit_costs(), dtype=torch.float64)
+        costs = torch.tensor(self.cost_model(effective=True).normalised_exit_costs(), dtype=torch.float64)
         return ExitStats(confidence, correct, costs)
 
     def save(self, path: str, prov: Provenance) -> None:
@@ -293,6 +300,8 @@ class ClassMeans:
                     "stage_macs": torch.tensor(self.stage_macs, dtype=torch.int64)}
         if self.feature_sizes:
             tensors["feature_sizes"] = torch.tensor(self.feature_sizes, dtype=torch.int64)
+        if self.effective_stage_macs:
+            tensors["effective_stage_macs"] = torch.tensor(self.effective_stage_macs, dtype=torch.int64)
         if self.calibration is not None:
             c = self.calibration
             tensors |= {"calibration.confidence": c.confidence, "calibration.prediction": c.prediction.to(torch.int32),
@@ -320,6 +329,8 @@ class ClassMeans:
                      tensors["counts"], pooling, tensors["stage_macs"].tolist(), calibration,
                      clusters=bool(json.loads(meta.get("eetool.clusters", "false"))),
                      feature_sizes=tensors["feature_sizes"].tolist() if "feature_sizes" in tensors else [],
+                     effective_stage_macs=(tensors["effective_stage_macs"].tolist()
+                                           if "effective_stage_macs" in tensors else []),
                      rules=_read_rules(meta, j))
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{path} is an incomplete class-means artifact ({e})",
@@ -354,6 +365,10 @@ def _check_consistent(cm: ClassMeans, path: str) -> None:
         refuse(f"counts are {tuple(cm.counts.shape)} {cm.counts.dtype}, not {k} integers")
     if len(cm.stage_macs) != j + 1 or any(not isinstance(v, int) or v < 0 for v in cm.stage_macs):
         refuse(f"stage_macs has {len(cm.stage_macs)} entries for {j} exits, not {j + 1} counts")
+    effective = cm.effective_stage_macs
+    if effective and (len(effective) != j + 1 or any(not isinstance(v, int) or not 0 <= v <= d
+                                                     for v, d in zip(effective, cm.stage_macs, strict=False))):
+        refuse(f"effective_stage_macs is {effective}, not {j + 1} counts each at most its dense stage's")
     if cm.feature_sizes and len(cm.feature_sizes) != j:
         refuse(f"feature_sizes has {len(cm.feature_sizes)} entries for {j} exits")
     for name, value in (("spatial", cm.pooling.spatial), ("channels", cm.pooling.channels)):

@@ -361,6 +361,29 @@ def test_class_means_without_calibration_cache_round_trip(calibrated: ClassMeans
     assert all(torch.equal(a, b) for a, b in zip(loaded.means, calibrated.means, strict=True))
 
 
+def test_effective_stage_costs_round_trip_and_are_what_thresholds_fit_on(calibrated: ClassMeans,
+                                                                         tmp_path: Path) -> None:
+    """A pruned network's class means carry its effective stage MACs: the statistics thresholds are fitted on use
+    them, normalised by the dense MACs; class means without them (unpruned, or made before) stay dense."""
+    assert calibrated.cost_model(effective=True) == calibrated.cost_model()
+    half = [m // 2 for m in calibrated.stage_macs]
+    cm = dataclasses.replace(calibrated, effective_stage_macs=half)
+    path = str(tmp_path / "means.safetensors")
+    cm.save(path, Provenance(kind="class-means", exits=list(cm.exits)))
+    loaded, _ = ClassMeans.load(path)
+    assert loaded.effective_stage_macs == half
+    dense, sparse = loaded.cost_model(), loaded.cost_model(effective=True)
+    assert sparse.basis == "effective" and sparse.reference_macs == sum(calibrated.stage_macs)
+    expected = [(b + o) / sum(calibrated.stage_macs) for b, o in zip(
+        [sum(half[:j + 1]) for j in range(len(half))],
+        [sum(dense.overhead_macs[:j + 1]) for j in range(len(cm.exits))] + [sum(dense.overhead_macs)], strict=True)]
+    assert sparse.normalised_exit_costs() == pytest.approx(expected)
+    c = loaded.calibration
+    assert c is not None
+    stats = loaded.exit_stats(c.confidence, c.prediction, c.final_prediction, c.labels)
+    assert stats.costs.tolist() == pytest.approx(expected)
+
+
 def test_prediction_rules_round_trip_and_old_artifacts_read_as_softmax(calibrated: ClassMeans,
                                                                         tmp_path: Path) -> None:
     from safetensors import safe_open

@@ -89,9 +89,15 @@ def test_other_commands_read_the_pruned_checkpoint(pruned: tuple[Path, dict], ti
     plain, early = result["points"]
     assert plain["cost"] == 1.0 and plain["effective_cost"] < 1.0 and plain["throughput"] > 0
     assert early["effective_cost"] == pytest.approx(point["cost"], abs=1e-6)
-    # E²CM on the pruned network: budgets in the dense costs of the calibration, effective costs beside them
-    ok(invoke("calibrate-means", "-c", ckpt, "-d", tiny_data, "--exits", "half", "-o", "m.safetensors", "-q"))
-    ok(invoke("fit-thresholds", "--means", "m.safetensors", "--budget", "0.6", "-o", "e.yaml", "-q"))
+    # E²CM on the pruned network: budgets fitted on its effective costs, recorded by calibrate-means
+    means = json.loads(ok(invoke("calibrate-means", "-c", ckpt, "-d", tiny_data, "--exits", "half", "-o",
+                                 "m.safetensors", "--format", "json", "--no-progress")).stdout)
+    assert means["cost_basis"] == "effective"
+    fitted = json.loads(ok(invoke("fit-thresholds", "--means", "m.safetensors", "--budget", "0.6", "-o", "e.yaml",
+                                  "--format", "json")).stdout)
+    assert fitted["cost_basis"] == "effective"
+    e2cm_point = fitted["points"][0]
+    assert e2cm_point["cost"] <= 0.6 + 1e-6 and e2cm_point["dense_cost"] > e2cm_point["cost"]
     e2cm = json.loads(ok(invoke("evaluate", "-c", ckpt, "-d", tiny_data, "--means", "m.safetensors", "--thresholds",
                                 "e.yaml", "--repeats", "1", "--format", "json", "--no-progress")).stdout)
     assert e2cm["cost_basis"] == "effective"

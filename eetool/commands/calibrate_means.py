@@ -63,7 +63,7 @@ def command(
     import math
 
     from eetool.artifacts import Provenance
-    from eetool.costs import in_unit, measure
+    from eetool.costs import effective, in_unit, measure
     from eetool.datasets import Preprocess, check_labels, load_dataset
     from eetool.e2cm import ClassMeans, Pooling, calibrate
     from eetool.exits import build_exit_model
@@ -95,7 +95,9 @@ def command(
     calib = calibrate(em, ds, preprocess, ckpt.spec.num_classes, pooling=pooling, batch_size=batch_size,
                       device=device, reporter=run.reporter, centres=centres, predict=predict.value)
     feature_sizes = [math.prod(shape) for shape in em.exit_shapes(ckpt.spec.input_shape)]
+    sparse = effective(costs, em, ckpt.spec.input_shape)  # a pruned network's: thresholds are fitted on them
     cm = ClassMeans(list(em.exits), calib.means, calib.normalisers, calib.counts, pooling, costs.stage_macs, calib,
+                    effective_stage_macs=list(sparse.stage_macs) if sparse is not costs else [],
                     clusters=clusters is not None, feature_sizes=feature_sizes, rules=calib.rules)
     prov = Provenance(kind="class-means", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
                       exits=list(em.exits),
@@ -130,6 +132,8 @@ def command(
     doc: dict[str, Any] = {
         "output": output, "checkpoint": ckpt.path, "dataset": ds.fingerprint, "samples": len(ds),
         "mode": em.mode, "unit": unit, "predict": predict.value, "exits": rows,
+        # a pruned network's thresholds are fitted on its effective cost (zero weights cost nothing)
+        "cost_basis": "effective" if cm.effective_stage_macs else "dense",
         "total_means_mb": round(sum(cm.memory_bytes()) / 2**20, 4),
         "total_means_fraction_of_model": round(sum(cm.memory_bytes()) / model_bytes, 6),
         f"total_overhead_{unit}": int(in_unit(sum(with_overheads.overhead_macs), unit)),

@@ -328,9 +328,11 @@ def _early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thre
             raise UsageError(f"--point {point!r} is not all or indices below {len(points)}", "e.g. --point 0,2")
         chosen = [(i, points[i]) for i in picked]
     if cm is not None and method == "e2cm":
-        # budgets are the dense costs the class means were calibrated with; a pruned network's effective ones
-        # come from its weights (the means were verified to be made from this checkpoint)
-        return em, rule, (cm.cost_model(), effective(cm.cost_model(), em, ckpt.spec.input_shape)), chosen, cm.clusters
+        # a pruned network's effective costs: recorded by calibrate-means (and fitted on), or from its weights
+        # for class means made before they were recorded (the means were verified to be made from this checkpoint)
+        sparse = (cm.cost_model(effective=True) if cm.effective_stage_macs
+                  else effective(cm.cost_model(), em, ckpt.spec.input_shape))
+        return em, rule, (cm.cost_model(), sparse), chosen, cm.clusters
     return em, rule, cost_models(rule, em, ckpt.spec.input_shape), chosen, False
 
 

@@ -97,6 +97,7 @@ def command(
             raise UsageError(f"{means} holds no calibration cache", "re-make it with `eetool calibrate-means`")
         c = cm.calibration
         stats = cm.exit_stats(c.confidence, c.prediction, c.final_prediction, c.labels)
+        dense_costs = _dense_means_costs(cm)
     else:
         stats, dataset, dense_costs = _scored_stats(run, method, combine, means, cm, means_prov, exit_heads, heads,
                                                     heads_prov, checkpoint, data, split, indices, batch_size)
@@ -194,7 +195,7 @@ def _scored_stats(run: Run, method: str, combine: str, means: str | None, cm: An
     conf, pred, final = rule_scores(em, ds, preprocess, rule, batch_size=batch_size, device=device,
                                     reporter=run.reporter)
     if not isinstance(rule, HeadsRule):
-        return cm.exit_stats(conf, pred, final, ds.labels), ds.fingerprint, None
+        return cm.exit_stats(conf, pred, final, ds.labels), ds.fingerprint, _dense_means_costs(cm)
     correct = torch.cat([pred == ds.labels[:, None], (final == ds.labels)[:, None]], 1)
     dense, costs = cost_models(rule, em, ckpt.spec.input_shape)
 
@@ -203,3 +204,13 @@ def _scored_stats(run: Run, method: str, combine: str, means: str | None, cm: An
 
     return (ExitStats(conf, correct, normalised(costs)), ds.fingerprint,
             None if costs is dense else normalised(dense))
+
+
+def _dense_means_costs(cm: Any) -> Any:
+    """The dense exit costs of class means made from a pruned network (whose statistics carry the effective
+    ones the budgets are fitted on), else None."""
+    import torch
+
+    if not cm.effective_stage_macs:
+        return None
+    return torch.tensor(cm.cost_model().normalised_exit_costs(), dtype=torch.float64)
