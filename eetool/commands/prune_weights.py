@@ -226,13 +226,12 @@ def _prune(run: Run, o: Request) -> None:
     import shutil
 
     from eetool import weight_pruning as wp
-    from eetool.artifacts import Provenance, output_set, sha256_file, verify, write_tensors, write_yaml
-    from eetool.checkpoint import model_sha256, save_checkpoint
+    from eetool.artifacts import Provenance, output_set, sha256_file, verify, write_tensors
     from eetool.commands.common import open_checkpoint
     from eetool.datasets import Preprocess, check_labels, load_dataset, require_labels
     from eetool.errors import UsageError
     from eetool.exits import build_exit_model
-    from eetool.heads import ExitHeads, HeadsSpec, load_heads, parse_weights, save_heads
+    from eetool.heads import ExitHeads, HeadsSpec, load_heads, parse_weights
     from eetool.training import TrainConfig
 
     cfg = TrainConfig(epochs=o.finetune_epochs, batch_size=o.batch_size, optimizer=o.optimizer, lr=o.lr,
@@ -316,18 +315,12 @@ def _prune(run: Run, o: Request) -> None:
     outputs = [p for p in (o.output, o.heads_output, o.report, o.masks_output, o.plot) if p]
     with output_set(outputs) as temps:  # every output appears, or none
         written = dict(zip(outputs, temps, strict=True))
-        save_checkpoint(written[o.output], model, ckpt.spec,
-                        Provenance(kind="checkpoint", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
-                                   dataset=dataset, args=args, inputs={"exit-heads": heads_sha} if heads_sha else {}))
-        pruned_sha, pruned_model_sha = sha256_file(written[o.output]), model_sha256(ckpt.spec, model)
-        made_from = Provenance(kind="exit-heads", checkpoint_sha256=pruned_sha, model_sha256=pruned_model_sha,
-                               exits=list(em.exits), dataset=dataset, args=args)
-        save_heads(written[o.heads_output], heads, made_from)
+        made_from = _write_pruned(written, o, ckpt, ckpt.spec, model, heads, list(em.exits), dataset, args, heads_sha,
+                                  doc)
         if o.masks_output:
             packed, meta = wp.pack_masks(pruner.masks)
             write_tensors(written[o.masks_output], packed,
                           Provenance(**{**vars(made_from), "kind": "masks", "schema": 0}), extra=meta)
-        write_yaml(written[o.report], doc, Provenance(**{**vars(made_from), "kind": "weight-pruning", "schema": 0}))
         if o.plot:
             from eetool.plotting import pruning_png
 
@@ -344,9 +337,7 @@ def _prune_channels(run: Run, o: Request, ckpt: Any, heads: Any, heads_sha: str,
     import shutil
 
     from eetool import channel_pruning as cp
-    from eetool.artifacts import Provenance, output_set, sha256_file, write_yaml
-    from eetool.checkpoint import model_sha256, save_checkpoint
-    from eetool.heads import save_heads
+    from eetool.artifacts import output_set
 
     settings = cp.ChannelSettings(o.rounds, o.amount, cfg, train_heads=not o.exit_heads,
                                   round_to=o.round_to)
@@ -384,18 +375,29 @@ def _prune_channels(run: Run, o: Request, ckpt: Any, heads: Any, heads_sha: str,
                                     "macs_fraction": final["macs_fraction"]}}
     outputs = [o.output, o.heads_output, o.report]
     with output_set(outputs) as temps:  # every output appears, or none
-        written = dict(zip(outputs, temps, strict=True))
-        save_checkpoint(written[o.output], model, pruner.spec,
-                        Provenance(kind="checkpoint", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
-                                   dataset=dataset, args=args, inputs={"exit-heads": heads_sha} if heads_sha else {}))
-        pruned_sha, pruned_model_sha = sha256_file(written[o.output]), model_sha256(pruner.spec, model)
-        made_from = Provenance(kind="exit-heads", checkpoint_sha256=pruned_sha, model_sha256=pruned_model_sha,
-                               exits=list(em.exits), dataset=dataset, args=args)
-        save_heads(written[o.heads_output], heads, made_from)
-        write_yaml(written[o.report], doc, Provenance(**{**vars(made_from), "kind": "weight-pruning", "schema": 0}))
+        _write_pruned(dict(zip(outputs, temps, strict=True)), o, ckpt, pruner.spec, model, heads, list(em.exits),
+                      dataset, args, heads_sha, doc)
     shutil.rmtree(state_dir)
     run.reporter.log(f"wrote {', '.join(outputs)}")
     run.emit(doc, _channel_text)
+
+
+def _write_pruned(written: dict[str, str], o: Request, ckpt: Any, spec: Any, model: Any, heads: Any,
+                  exits: list[str], dataset: str, args: dict[str, Any], heads_sha: str, doc: dict[str, Any]) -> Any:
+    """Write the pruned checkpoint, its heads (whose provenance names it) and the report where ``written`` says
+    (temp files of one output set); return the heads' provenance, which the other members share."""
+    from eetool.artifacts import Provenance, sha256_file, write_yaml
+    from eetool.checkpoint import model_sha256, save_checkpoint
+    from eetool.heads import save_heads
+
+    save_checkpoint(written[o.output], model, spec,
+                    Provenance(kind="checkpoint", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
+                               dataset=dataset, args=args, inputs={"exit-heads": heads_sha} if heads_sha else {}))
+    made_from = Provenance(kind="exit-heads", checkpoint_sha256=sha256_file(written[o.output]),
+                           model_sha256=model_sha256(spec, model), exits=exits, dataset=dataset, args=args)
+    save_heads(written[o.heads_output], heads, made_from)
+    write_yaml(written[o.report], doc, Provenance(**{**vars(made_from), "kind": "weight-pruning", "schema": 0}))
+    return made_from
 
 
 def _exit_macs(em: Any, heads: Any, input_shape: Any) -> list[int]:
