@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from steps import Step, run_steps  # reproduce/steps.py, beside this script
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 TABLE_IX_RATIO = 0.5
@@ -26,15 +23,6 @@ SEED_RATIO = 0.3  # where a second retraining seed runs
 BALANCED_RATIO = 0.6
 METHODS = ("eeprune", "eeprune-loss", "eeprune-soft", "random", "el2n", "forgetting", "svp")
 ABLATION = ("before", "after")
-
-
-@dataclass
-class Step:
-    name: str
-    argv: list[str]
-    output: Path
-    needs: list[str] = field(default_factory=list)
-    stdout: Path | None = None
 
 
 def pct(r: float) -> str:
@@ -128,49 +116,6 @@ def plan(out: Path, a: argparse.Namespace) -> list[Step]:
                               "--split", "train", "--indices", str(out / f"eeprune-{half}-pruned.safetensors")],
         out / f"on-pruned-{half}.json", [f"train-eeprune-{half}"])
     return steps
-
-
-def run_steps(steps: list[Step], jobs: int) -> None:
-    done = {s.name for s in steps if s.output.exists()}
-    pending = [s for s in steps if s.name not in done]
-    failed: set[str] = set()
-    running: dict[Future[int], Step] = {}
-    with ThreadPoolExecutor(jobs) as pool:
-        while pending or running:
-            for s in [s for s in pending if set(s.needs) <= done][: jobs - len(running)]:
-                pending.remove(s)
-                print(f"[{time.strftime('%H:%M:%S')}] start {s.name}", flush=True)
-                running[pool.submit(_run, s)] = s
-            blocked = [s for s in pending if set(s.needs) & failed]
-            for s in blocked:
-                pending.remove(s)
-                failed.add(s.name)
-                print(f"skip {s.name}: it needs a step that failed", flush=True)
-            if not running:
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for f in finished:
-                s = running.pop(f)
-                if f.result() == 0:
-                    done.add(s.name)
-                    print(f"[{time.strftime('%H:%M:%S')}] done {s.name}", flush=True)
-                else:
-                    failed.add(s.name)
-                    print(f"[{time.strftime('%H:%M:%S')}] FAILED {s.name} (see {s.name}.log)", flush=True)
-
-
-def _run(s: Step) -> int:
-    log = s.output.parent / f"{s.name}.log"
-    argv = s.argv
-    if Path(f"{s.output}.resume").is_dir() or Path(f"{s.output}.resume.pt").is_file():
-        argv = [*argv, "--resume"]  # an interrupted step continues from its last epoch
-    with open(log, "w") as err:
-        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=err, text=True)
-    if proc.returncode == 0 and s.stdout is not None:
-        s.stdout.write_text(proc.stdout)
-        if s.output.suffix == ".json":
-            s.output.write_text(proc.stdout)
-    return proc.returncode
 
 
 def make_subset(path: Path, data: str, size: int, seed: int) -> None:

@@ -14,28 +14,17 @@ prunings run side by side (one thread each). Then a Markdown table and three fig
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from steps import Step, run_steps  # reproduce/steps.py, beside this script
 
 APPROACHES = ("joint", "ordered")
 NETWORKS = ("unpruned", *APPROACHES)
 BUDGETS = (0.1, 0.15, 0.2, 0.5)  # cost (normalised to the dense network) at which the curves are read off
 ACCURACY_DROP = 0.04  # the thesis: about half the cost for about 4 points of accuracy
-
-
-@dataclass
-class Step:
-    name: str
-    argv: list[str]
-    output: Path
-    needs: list[str] = field(default_factory=list)
 
 
 def plan(out: Path, a: argparse.Namespace) -> list[Step]:
@@ -64,6 +53,8 @@ def plan(out: Path, a: argparse.Namespace) -> list[Step]:
                                                "-c", checkpoint, *data, "--split", "test", "--sweep",
                                                "-o", str(out / f"sweep-{network}.yaml"), "--force", *common],
                           out / f"sweep-{network}.yaml", ["heads" if network == "unpruned" else network]))
+    for s in steps:
+        s.stdout = out / f"{s.name}.out"
     return steps
 
 
@@ -89,46 +80,6 @@ def make_data(path: Path, data: str, eval_size: int, seed: int) -> None:
                "test.images": test.images[idx].contiguous(), "test.labels": test.labels[idx].contiguous()},
               str(tmp), metadata={"classes": "\n".join(test.classes)})
     tmp.replace(path)
-
-
-def run_steps(steps: list[Step], jobs: int) -> bool:
-    """Run the steps whose outputs are missing, ``jobs`` at a time, in dependency order; True when all succeeded."""
-    done = {s.name for s in steps if s.output.exists()}
-    pending = [s for s in steps if s.name not in done]
-    failed: set[str] = set()
-    running: dict[Future[int], Step] = {}
-    with ThreadPoolExecutor(jobs) as pool:
-        while pending or running:
-            for s in [s for s in pending if set(s.needs) <= done][: jobs - len(running)]:
-                pending.remove(s)
-                print(f"[{time.strftime('%H:%M:%S')}] start {s.name}", flush=True)
-                running[pool.submit(_run, s)] = s
-            for s in [s for s in pending if set(s.needs) & failed]:
-                pending.remove(s)
-                failed.add(s.name)
-                print(f"skip {s.name}: it needs a step that failed", flush=True)
-            if not running:
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for f in finished:
-                s = running.pop(f)
-                if f.result() == 0:
-                    done.add(s.name)
-                    print(f"[{time.strftime('%H:%M:%S')}] done {s.name}", flush=True)
-                else:
-                    failed.add(s.name)
-                    print(f"[{time.strftime('%H:%M:%S')}] FAILED {s.name} (see {s.name}.log)", flush=True)
-    return not failed
-
-
-def _run(s: Step) -> int:
-    argv = s.argv
-    if Path(f"{s.output}.resume").is_dir():
-        argv = [*argv, "--resume"]  # an interrupted pruning continues after its last finished round
-    with open(s.output.parent / f"{s.name}.log", "a") as log, open(s.output.parent / f"{s.name}.out", "w") as out:
-        log.write(f"$ {' '.join(argv)}\n")
-        log.flush()
-        return subprocess.run(argv, stdout=out, stderr=log).returncode
 
 
 def load_yaml(path: Path) -> Any:

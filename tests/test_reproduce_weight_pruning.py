@@ -15,6 +15,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "reproduce" / "weight_pruning.py"
 
 @pytest.fixture(scope="module")
 def wp() -> ModuleType:
+    sys.path.insert(0, str(SCRIPT.parent))  # the script imports the step runner beside it, as when it is run
     spec = importlib.util.spec_from_file_location("reproduce_weight_pruning", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
