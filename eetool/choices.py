@@ -15,4 +15,5 @@ EEPRUNE_FAMILY = ("eeprune", "eeprune-loss", "eeprune-soft")
 PRUNING_BASELINES = ("random", "el2n", "forgetting", "svp")
 EXIT_LOCATIONS = ("before", "mid", "after")  # or a module name
 PRUNING_APPROACHES = ("joint", "ordered")
+FINAL_LAYER_PHASES = ("both", "backbone")  # ordered weight pruning: the phases the final layer takes part in
 WEIGHT_STRUCTURES = ("unstructured", "channel")

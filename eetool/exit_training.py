@@ -2,12 +2,16 @@
 
 With a frozen backbone the backbone runs in eval mode under ``torch.no_grad`` (no backward pass
 through it, and its batch-norm statistics stay as they are); jointly, the backbone's own
-cross-entropy joins the weighted exit losses.
+cross-entropy joins the weighted exit losses. A frozen backbone may still train its final layer
+(``final_layer``: ordered weight pruning's heads phase): its logits are recomputed with grad from the
+input the no-grad pass gave it, and the final cross-entropy joins the loss.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import chain
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +25,11 @@ from eetool.heads import ExitHeads
 
 class ExitTrainer(nn.Module):
     def __init__(self, exit_model: ExitModel, heads: ExitHeads, means: ClassMeans | None, weights: list[float], *,
-                 joint: bool) -> None:
+                 joint: bool, final_layer: nn.Linear | None = None) -> None:
         super().__init__()
+        if joint and final_layer is not None:
+            raise ValueError("jointly the final layer trains with the backbone already")
+        self.final_layer = final_layer
         self.exit_model = exit_model
         self.backbone = exit_model.model
         self.heads = heads
@@ -37,7 +44,23 @@ class ExitTrainer(nn.Module):
         return self
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        return self.parameters() if self.joint else self.heads.parameters()
+        if self.joint:
+            return self.parameters()
+        final = self.final_layer.parameters() if self.final_layer is not None else iter(())
+        return chain(self.heads.parameters(), final)
+
+    @contextmanager
+    def _final_input(self) -> Iterator[list[torch.Tensor]]:
+        """The input the final layer receives in a forward pass of the backbone (when it trains on its own)."""
+        seen: list[torch.Tensor] = []
+        if self.final_layer is None:
+            yield seen
+            return
+        handle = self.final_layer.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+        try:
+            yield seen
+        finally:
+            handle.remove()
 
     def _distances(self, features: list[torch.Tensor]) -> list[torch.Tensor] | None:
         if self.means is None:
@@ -53,8 +76,10 @@ class ExitTrainer(nn.Module):
         if self.joint:
             feats, logits = self.exit_model.features(x)
         else:
-            with torch.no_grad():
+            with torch.no_grad(), self._final_input() as final_input:
                 feats, logits = self.exit_model.features(x)
+            if self.final_layer is not None:
+                logits = self.final_layer(final_input[-1])
         return self.heads(feats, self._distances(feats)), logits
 
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -63,7 +88,7 @@ class ExitTrainer(nn.Module):
         outs, logits = self.outputs(x)
         loss = sum((w * F.cross_entropy(o, y) for w, o in zip(self.weights, outs, strict=True)),
                    torch.zeros((), device=x.device))
-        if self.joint:
+        if self.joint or self.final_layer is not None:
             loss = loss + F.cross_entropy(logits, y)
         return loss, outs[-1]
 

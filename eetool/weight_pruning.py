@@ -5,7 +5,10 @@ by fine-tuning, in two approaches.
   heads' and the final exit's losses.
 - ``ordered`` (thesis Approach 2): the backbone alone is pruned and fine-tuned with the final exit's loss for
   the rounds; then the heads are trained on the pruned backbone and pruned and fine-tuned for the rounds with
-  the backbone fixed (frozen: its weights, zeros included, do not change).
+  the backbone fixed (frozen: its weights, zeros included, do not change). The final layer, the final exit's
+  own head, takes part in both phases by default (the thesis's final exit "went through two pruning phases"):
+  in the heads phase it is ranked with the heads and fine-tuned with the final exit's loss beside theirs, on the
+  frozen backbone's features (``final_phases="backbone"`` keeps it fixed there with the rest of the backbone).
 
 Which weights take part: the weights of convolutions and linear layers (biases, batch norm and the heads'
 pooling mix never), the first convolution and the final layer by choice. One round prunes ``amount`` of the
@@ -56,6 +59,7 @@ class Layer:
     name: str
     module: nn.Module
     takes_part: bool  # False for the first convolution or the final layer when they are left out
+    final: bool = False  # the model's final layer (the final exit's head)
 
     @property
     def key(self) -> str:
@@ -74,7 +78,8 @@ def prunable_layers(model: nn.Module, heads: ExitHeads | None = None, *, first_c
     final = last_linear(model)
     out_of_it = {id(m) for flag, found in ((first_conv_in, stem), (final_layer_in, final))
                  if not flag and found is not None for m in [found[1]]}
-    layers = [Layer(BACKBONE, name, m, id(m) not in out_of_it)
+    final_id = id(final[1]) if final is not None else None
+    layers = [Layer(BACKBONE, name, m, id(m) not in out_of_it, final=id(m) == final_id)
               for name, m in model.named_modules() if isinstance(m, PRUNABLE)]
     if heads is not None:
         layers += [Layer(HEADS, name, m, True) for name, m in heads.named_modules() if isinstance(m, PRUNABLE)]
@@ -186,6 +191,7 @@ class Settings:
     first_conv: bool = True
     final_layer: bool = True
     train_heads: bool = True  # joint: train the heads on the unpruned backbone first (ordered always trains them)
+    final_phases: str = "both"  # ordered: the final layer takes part in both phases, or in the backbone's only
 
 
 def plan(settings: Settings) -> list[tuple[str, int]]:
@@ -236,7 +242,8 @@ class Pruner:
         torch.manual_seed(cfg.seed)
         pruned = 0
         if kind != TRAIN_HEADS:
-            pruned = prune_round(participating(self.layers, ROUND_PARTS[kind]), self.masks, self.settings.amount)
+            pruned = prune_round([la for la in self.round_layers(kind) if la.takes_part], self.masks,
+                                 self.settings.amount)
         result = self._finetune(kind, cfg)
         record = {"step": index + 1, "phase": kind, "round": round_no or None, "pruned": pruned,
                   **self.summary(heads_trained=kind != BACKBONE_ROUND),
@@ -246,15 +253,22 @@ class Pruner:
         self.done = index + 1
         return record
 
+    def round_layers(self, kind: str) -> list[Layer]:
+        """The layers a step of this kind trains (and, taking part, prunes), whether or not they take part."""
+        final_too = kind == HEADS_ROUND and self.settings.final_phases == "both"
+        return [layer for layer in self.layers if layer.part in ROUND_PARTS.get(kind, (HEADS,))
+                or (final_too and layer.final)]
+
     def _finetune(self, kind: str, cfg: TrainConfig) -> TrainResult:
         if kind == BACKBONE_ROUND:
-            trained = [layer for layer in self.layers if layer.part == BACKBONE]
-            with masked(trained, self.masks):
+            with masked(self.round_layers(kind), self.masks):
                 return fit(self.model, self.data, self.preprocess, cfg, device=self.device,
                            step=cross_entropy_step(cfg.label_smoothing), reporter=self.reporter)
         joint = kind == JOINT_ROUND
-        trainer = ExitTrainer(self.exit_model, self.heads, None, self.weights, joint=joint)
-        trained = [layer for layer in self.layers if joint or layer.part == HEADS]
+        final = next((la.module for la in self.round_layers(kind) if la.final and not joint), None)
+        trainer = ExitTrainer(self.exit_model, self.heads, None, self.weights, joint=joint,
+                              final_layer=final)  # type: ignore[arg-type]
+        trained = self.round_layers(kind)
         with masked(trained, self.masks):
             return fit(trainer, self.data, self.preprocess, cfg, device=self.device,
                        params=trainer.trainable_parameters(), step=trainer.step, reporter=self.reporter)

@@ -3,8 +3,11 @@
 The shipped ResNet-20 (the thesis used ResNet-56 on CIFAR-10) gets SDN heads at its ten exits (`train-exits`, backbone
 frozen), then is pruned with `prune-weights` jointly (Approach 1) and backbone first (Approach 2, "ordered"): 20
 rounds of 10% global L1 pruning, each followed by a fine-tuning on --finetune-samples samples (the thesis: 10
-epochs). `fit-thresholds --method sdn --sweep` on the test split then gives each network's accuracy-cost curve
-(effective cost for the pruned ones). Every step is an `eetool` command line; a step whose output exists is skipped
+epochs). Beyond the thesis, the same heads are channel-pruned (`--structure channel`, joint) to about the cost the
+unstructured networks reach, with the same fine-tuning samples in all, spread over fewer rounds.
+`fit-thresholds --method sdn --sweep` on the test split then gives each network's accuracy-cost curve (effective
+cost for the unstructured ones), and `evaluate --baseline` times each pruned network against the unpruned one on
+one thread. Every step is an `eetool` command line; a step whose output exists is skipped
 and an interrupted pruning resumes from its last round, so rerunning continues where a run stopped. The two
 prunings run side by side (one thread each). Then a Markdown table and three figures.
 
@@ -22,7 +25,9 @@ import yaml
 from steps import Step, run_steps  # reproduce/steps.py, beside this script
 
 APPROACHES = ("joint", "ordered")
-NETWORKS = ("unpruned", *APPROACHES)
+CHANNEL = "channel"
+PRUNED = (*APPROACHES, CHANNEL)
+NETWORKS = ("unpruned", *PRUNED)
 BUDGETS = (0.1, 0.15, 0.2, 0.5)  # cost (normalised to the dense network) at which the curves are read off
 ACCURACY_DROP = 0.04  # the thesis: about half the cost for about 4 points of accuracy
 
@@ -45,6 +50,18 @@ def plan(out: Path, a: argparse.Namespace) -> list[Step]:
                                      "--finetune-samples", str(a.finetune_samples), "--eval-split", "test",
                                      "-o", str(out / f"{approach}.safetensors"), "--force", *common],
                           out / f"{approach}.safetensors", ["heads"]))
+    steps.append(Step(CHANNEL, [*eetool, "prune-weights", "-c", a.checkpoint, *pruning_data, "--split", "train",
+                                "--exit-heads", str(out / "heads.safetensors"), "--structure", "channel",
+                                "--rounds", str(a.channel_rounds), "--amount", str(a.channel_amount),
+                                "--finetune-samples", str(a.finetune_samples * a.rounds // a.channel_rounds),
+                                "--eval-split", "test", "-o", str(out / f"{CHANNEL}.safetensors"), "--force",
+                                *common],
+                      out / f"{CHANNEL}.safetensors", ["heads"]))
+    for network in PRUNED:  # the full model against the unpruned one, on one thread (as the README says why)
+        steps.append(Step(f"speed-{network}", [*eetool, "evaluate", "-c", str(out / f"{network}.safetensors"), *data,
+                                               "--split", "test", "--baseline", a.checkpoint, "--repeats",
+                                               str(a.repeats), "--threads", "1", "--no-progress", "--format", "json"],
+                          out / f"speed-{network}.json", [network]))
     for network in NETWORKS:
         checkpoint, heads = ((a.checkpoint, out / "heads.safetensors") if network == "unpruned" else
                              (str(out / f"{network}.safetensors"), out / f"{network}-heads.safetensors"))
@@ -126,38 +143,81 @@ def pct(x: float | None, digits: int = 2) -> str:
     return "–" if x is None else f"{100 * x:.{digits}f}%"
 
 
-def tabulate(reports: dict[str, Any], sweeps: dict[str, Any]) -> str:
-    """Markdown: each exit's accuracy (unpruned, joint, ordered) with its costs, then each network's sparsity and
-    its accuracy-cost curve read off at BUDGETS."""
+def exit_cost(report: dict[str, Any], i: int) -> float:
+    """Exit ``i``'s cost as a fraction of the unpruned backbone's MACs: effective for unstructured pruning, the
+    smaller dense network's for channel pruning."""
+    e = report["costs"]["exits"][i]
+    return float(e["of_original"] if report.get("structure") == CHANNEL else e["effective"])
+
+
+def full_cost(report: dict[str, Any]) -> float:
+    """The pruned network's cost as a fraction of the unpruned one's MACs (effective, or the smaller network's)."""
+    if report.get("structure") == CHANNEL:
+        return float(report["macs_fraction"])
+    return float(report["costs"]["effective_model_macs"] / report["costs"]["model_macs"])
+
+
+def curve(network: str, reports: dict[str, Any], sweeps: dict[str, Any]) -> list[dict[str, Any]]:
+    """A network's sweep with costs as fractions of the unpruned network's MACs (a channel-pruned network's sweep
+    is in its own, smaller MACs)."""
+    sweep, r = sweeps.get(network), reports.get(network)
+    if not sweep:
+        return []
+    scale = float(r["macs_fraction"]) if r and r.get("structure") == CHANNEL else 1.0
+    return [{**p, "cost": p["cost"] * scale} for p in sweep["points"]]
+
+
+def speed_text(doc: dict[str, Any] | None) -> str:
+    """The full model's measured speed-up against the unpruned network: median (range over the rounds)."""
+    if not doc:
+        return "–"
+    p = doc["points"][0]
+    return f"{p['speedup_vs_baseline']:.2f}x ({p['speedup_vs_baseline_min']:.2f}–{p['speedup_vs_baseline_max']:.2f})"
+
+
+def tabulate(reports: dict[str, Any], sweeps: dict[str, Any], speeds: dict[str, Any] | None = None) -> str:
+    """Markdown: each exit's accuracy (unpruned and every pruned network) with its costs, then each network's
+    sparsity, its accuracy-cost curve read off at BUDGETS and its measured speed-up."""
+    speeds = speeds or {}
     first = next(r for r in reports.values() if r)
     exits = [e["exit"] for e in first["costs"]["exits"]]
     base = first["baseline_accuracy"]
-    lines = ["Each exit's test accuracy when every image leaves there (cost: dense, and effective for the pruned "
-             "networks, as a fraction of the unpruned backbone's MACs; leaving at an exit includes every head "
-             "before it, so the last exits cost more than the backbone alone):", "",
-             "| exit | dense cost | unpruned | " + " | ".join(f"{a} | {a} eff. cost" for a in APPROACHES) + " |",
-             "|---|---|---|" + "---|---|" * len(APPROACHES)]
+    dense = next((r for r in reports.values() if r and r.get("structure") != CHANNEL), None)
+    lines = ["Each exit's test accuracy when every image leaves there (cost: dense, effective for the unstructured "
+             "networks and the smaller network's for channel pruning, as a fraction of the unpruned backbone's MACs; "
+             "leaving at an exit includes every head before it, so the last exits cost more than the backbone "
+             "alone):", "",
+             "| exit | dense cost | unpruned | " + " | ".join(f"{a} | {a} cost" for a in PRUNED) + " |",
+             "|---|---|---|" + "---|---|" * len(PRUNED)]
     for i, name in enumerate(exits):
-        cells = [name, f"{first['costs']['exits'][i]['dense']:.3f}", pct(base.get(name))]
-        for a in APPROACHES:
+        cells = [name, f"{dense['costs']['exits'][i]['dense']:.3f}" if dense else "–", pct(base.get(name))]
+        for a in PRUNED:
             r = reports.get(a)
-            cells += ([pct(r["accuracy"].get(name)), f"{r['costs']['exits'][i]['effective']:.3f}"] if r
-                      else ["–", "–"])
+            cells += [pct(r["accuracy"].get(name)), f"{exit_cost(r, i):.3f}"] if r else ["–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
     best_unpruned = max(p["accuracy"] for p in sweeps["unpruned"]["points"]) if sweeps.get("unpruned") else None
-    lines += ["", "Sparsity of the weights taking part (backbone conv and linear, heads) and the accuracy-cost "
-              "curves (convex hull of the test-split sweep, effective cost for the pruned networks):", "",
+    lines += ["", "Sparsity of the weights taking part (backbone conv and linear, heads; channel pruning: the widths "
+              "kept), the accuracy-cost curves (convex hull of the test-split sweep, costs as above) and the full "
+              "model's measured speed-up against the unpruned network (1 thread, batch 256, median and range over "
+              "the rounds):", "",
               "| network | sparsity (backbone; heads) | backbone conv by depth thirds | final layer | heads "
               "(first → last) | full-model cost | best accuracy | "
               + " | ".join(f"accuracy at cost {b:g}" for b in BUDGETS)
-              + f" | cost for best unpruned − {round(100 * ACCURACY_DROP)} points |",
-              "|---|---|---|---|---|---|---|" + "---|" * len(BUDGETS) + "---|"]
+              + f" | cost for best unpruned − {round(100 * ACCURACY_DROP)} points | measured speed-up |",
+              "|---|---|---|---|---|---|---|" + "---|" * len(BUDGETS) + "---|---|"]
     for network in NETWORKS:
-        sweep = sweeps.get(network)
         r = reports.get(network)
+        speed = speed_text(speeds.get(network))
         if network == "unpruned":
             sparsity = thirds = final = heads = "–"
             full = "1.000"
+            speed = "1.00x"
+        elif r and r.get("structure") == CHANNEL:
+            widths = r["pruned"]["widths"]["stage_widths"]
+            original = r["original"]["widths"]["stage_widths"]
+            sparsity = f"widths {'/'.join(map(str, widths))} of {'/'.join(map(str, original))}"
+            thirds = final = heads = "dense"
+            full = f"{full_cost(r):.3f}"
         elif r:
             s = r["sparsity"]
             sparsity = f"{pct(s['taking_part'], 1)} ({pct(s['backbone'], 1)}; {pct(s['heads'], 1)})"
@@ -165,17 +225,18 @@ def tabulate(reports: dict[str, Any], sweeps: dict[str, Any]) -> str:
             final = pct([la for la in r["layers"] if la["part"] == "backbone"][-1]["sparsity"], 1)
             head_rows = [la for la in r["layers"] if la["part"] == "heads"]
             heads = f"{pct(head_rows[0]['sparsity'], 1)} → {pct(head_rows[-1]['sparsity'], 1)}" if head_rows else "–"
-            full = f"{r['costs']['effective_model_macs'] / r['costs']['model_macs']:.3f}"
+            full = f"{full_cost(r):.3f}"
         else:
             continue
-        if sweep:
-            pts = sweep["points"]
-            curve = [pct(max(p["accuracy"] for p in pts)), *(pct(accuracy_at(pts, b)) for b in BUDGETS)]
+        pts = curve(network, reports, sweeps)
+        if pts:
+            read = [pct(max(p["accuracy"] for p in pts)), *(pct(accuracy_at(pts, b)) for b in BUDGETS)]
             reach = None if best_unpruned is None else cost_to_reach(pts, best_unpruned - ACCURACY_DROP)
-            curve.append("never" if reach is None else f"{reach:.3f}")
+            read.append("never" if reach is None else f"{reach:.3f}")
         else:
-            curve = ["–"] * (len(BUDGETS) + 2)
-        lines.append(f"| {network} | {sparsity} | {thirds} | {final} | {heads} | {full} | " + " | ".join(curve) + " |")
+            read = ["–"] * (len(BUDGETS) + 2)
+        lines.append(f"| {network} | {sparsity} | {thirds} | {final} | {heads} | {full} | " + " | ".join(read)
+                     + f" | {speed} |")
     return "\n".join(lines)
 
 
@@ -187,7 +248,7 @@ def plot(reports: dict[str, Any], sweeps: dict[str, Any], prefix: Path) -> list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"unpruned": "black", "joint": "tab:blue", "ordered": "tab:orange"}
+    colours = {"unpruned": "black", "joint": "tab:blue", "ordered": "tab:orange", CHANNEL: "tab:green"}
     written = []
     present = [a for a in APPROACHES if reports.get(a)]
 
@@ -213,7 +274,7 @@ def plot(reports: dict[str, Any], sweeps: dict[str, Any], prefix: Path) -> list[
         names = [e["exit"] for e in first["costs"]["exits"]]
         ax.plot(range(len(names)), [100 * first["baseline_accuracy"][n] for n in names], marker="o",
                 color=colours["unpruned"], label="unpruned")
-        for a in present:
+        for a in [*present, *([CHANNEL] if reports.get(CHANNEL) else [])]:
             ax.plot(range(len(names)), [100 * reports[a]["accuracy"][n] for n in names], marker="o",
                     color=colours[a], label=a)
         ax.set_xticks(range(len(names)), [str(i + 1) for i in range(len(names) - 1)] + ["final"])
@@ -227,11 +288,11 @@ def plot(reports: dict[str, Any], sweeps: dict[str, Any], prefix: Path) -> list[
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for network in NETWORKS:
-        sweep = sweeps.get(network)
-        if not sweep:
+        pts = sorted(curve(network, reports, sweeps), key=lambda p: p["cost"])
+        if not pts:
             continue
-        pts = sorted(sweep["points"], key=lambda p: p["cost"])
-        label = network if network == "unpruned" else f"{network} (effective cost)"
+        label = {"unpruned": network, CHANNEL: f"{network} (a smaller dense network)"}.get(
+            network, f"{network} (effective cost)")
         ax.plot([p["cost"] for p in pts], [100 * p["accuracy"] for p in pts], marker=".", color=colours[network],
                 label=label)
     ax.set(xlabel="cost (fraction of the unpruned network's MACs)", ylabel="test accuracy (%)", xlim=(0, 1.05))
@@ -254,6 +315,12 @@ def main() -> None:
     p.add_argument("--amount", type=float, default=0.1)
     p.add_argument("--finetune-samples", type=int, default=3000, help="fine-tuning after each round (the thesis: "
                                                                        "10 epochs)")
+    p.add_argument("--channel-rounds", type=int, default=4, help="channel-pruning rounds (the same fine-tuning "
+                                                                   "samples in all as the unstructured runs)")
+    p.add_argument("--channel-amount", type=float, default=0.2929, help="fraction of the remaining MACs each "
+                                                                         "channel-pruning round removes (4 x 0.2929: "
+                                                                         "25%% of the MACs left)")
+    p.add_argument("--repeats", type=int, default=5, help="timing rounds of each speed measurement")
     p.add_argument("--eval-size", type=int, default=2000, help="test images for the per-round per-exit accuracy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
@@ -263,10 +330,11 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     make_data(a.out / "data.safetensors", a.data, a.eval_size, a.seed)
     ok = run_steps(plan(a.out, a), a.jobs)
-    reports = {x: load_yaml(a.out / f"{x}.yaml") for x in APPROACHES}
+    reports = {x: load_yaml(a.out / f"{x}.yaml") for x in PRUNED}
     sweeps = {x: load_yaml(a.out / f"sweep-{x}.yaml") for x in NETWORKS}
+    speeds = {x: load_yaml(a.out / f"speed-{x}.json") for x in PRUNED}  # JSON is YAML
     if any(reports.values()):
-        table = tabulate(reports, sweeps)
+        table = tabulate(reports, sweeps, speeds)
         (a.out / "table.md").write_text(table + "\n")
         print(table)
         plot(reports, sweeps, a.figures)

@@ -120,6 +120,7 @@ def test_ordered_with_a_plot(tiny_checkpoint: str, tiny_data: str, workdir: Path
                                "--approach", "ordered", "--rounds", "1", "--plot", "o.png", "--format", "json",
                                *FAST)).stdout)
     assert [s["phase"] for s in doc["steps"]] == ["backbone", "train-heads", "heads"]
+    assert doc["final_layer_phases"] == "both"
     assert Path("o.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not Path("o.safetensors.resume").exists()
 

@@ -75,24 +75,54 @@ def test_table_has_every_exit_and_network(wp: ModuleType) -> None:
     table = wp.tabulate(reports, sweeps)
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
     # exit rows: unpruned, joint and its effective cost, ordered and its effective cost
-    assert rows["e1"] == "| e1 | 0.300 | 60.00% | 70.00% | 0.100 | 70.00% | 0.100 |"
-    assert rows["final"] == "| final | 1.000 | 90.00% | 88.00% | 0.400 | 86.00% | 0.400 |"
+    assert rows["e1"] == "| e1 | 0.300 | 60.00% | 70.00% | 0.100 | 70.00% | 0.100 | – | – |"
+    assert rows["final"] == "| final | 1.000 | 90.00% | 88.00% | 0.400 | 86.00% | 0.400 | – | – |"
     assert rows["unpruned"].startswith("| unpruned | – | – | – | – | 1.000 | 90.00% | ")
+    assert rows["unpruned"].endswith(" | 1.00x |")
     # joint: depth thirds 20/50/80%, final linear 10%, heads 50% -> 90%, full cost 0.4; best 88%; at costs 0.1,
     # 0.15, 0.2 on the line from (0.1, 70%) to (0.4, 88%), 88% beyond it at 0.5; 86% (unpruned best minus 4
     # points) reached at cost 0.3667
     assert rows["joint"] == ("| joint | 55.0% (50.0%; 60.0%) | 20.0% / 50.0% / 80.0% | 10.0% | 50.0% → 90.0% | "
-                             "0.400 | 88.00% | 70.00% | 73.00% | 76.00% | 88.00% | 0.367 |")
+                             "0.400 | 88.00% | 70.00% | 73.00% | 76.00% | 88.00% | 0.367 | – |")
     assert rows["ordered"].startswith("| ordered | 55.0% (50.0%; 60.0%) | 20.0% / 50.0% / 80.0% | 10.0% | "
                                       "20.0% → 90.0% | 0.400 | 86.00% | ")
-    assert rows["ordered"].endswith(" | 0.400 |")
+    assert rows["ordered"].endswith(" | 0.400 | – |")
+
+
+def channel_report(final_acc: float) -> dict[str, Any]:
+    """A network channel-pruned to 0.5 of the MACs: per-exit costs of the unpruned network's MACs, no sparsity."""
+    return {
+        "structure": "channel", "macs_fraction": 0.5,
+        "accuracy": {"e1": 0.65, "e2": 0.75, "final": final_acc},
+        "baseline_accuracy": {"e1": 0.60, "e2": 0.85, "final": 0.90},
+        "original": {"widths": {"stage_widths": [16, 32, 64]}}, "pruned": {"widths": {"stage_widths": [12, 22, 46]}},
+        "costs": {"basis": "dense", "exits": [{"exit": "e1", "macs": 150, "of_original": 0.15},
+                                              {"exit": "e2", "macs": 300, "of_original": 0.3},
+                                              {"exit": "final", "macs": 500, "of_original": 0.5}]},
+    }
+
+
+def test_channel_row_scales_its_curve_to_the_unpruned_macs_and_shows_its_speed(wp: ModuleType) -> None:
+    reports = {"joint": report(0.88, 5), "ordered": None, "channel": channel_report(0.87)}
+    # The channel network's own sweep is in its own MACs: cost 0.4 of it is 0.2 of the unpruned network's.
+    sweeps = {"unpruned": sweep((0.3, 0.6), (1.0, 0.9)), "channel": sweep((0.2, 0.7), (0.4, 0.8), (1.0, 0.87))}
+    speeds = {"channel": {"points": [{"speedup_vs_baseline": 1.81, "speedup_vs_baseline_min": 1.7,
+                                      "speedup_vs_baseline_max": 1.9}]}}
+    table = wp.tabulate(reports, sweeps, speeds)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["e2"].endswith(" | 75.00% | 0.300 |")  # channel accuracy and its cost of the unpruned MACs
+    # best 87%; at 0.1 nothing yet (its cheapest point is 0.2 x 0.5 = 0.1: 70%), at 0.15 between (0.1, 70%) and
+    # (0.2, 80%): 75%; at 0.2: 80%; at 0.5 (its last point, cost 0.5): 87%; 86% (unpruned best minus 4 points)
+    # at 0.2 + 6/7 x 0.3 = 0.457
+    assert rows["channel"] == ("| channel | widths 12/22/46 of 16/32/64 | dense | dense | dense | 0.500 | 87.00% | "
+                               "70.00% | 75.00% | 80.00% | 87.00% | 0.457 | 1.81x (1.70–1.90) |")
 
 
 def test_table_says_when_a_network_never_reaches_the_mark(wp: ModuleType) -> None:
     table = wp.tabulate({"joint": report(0.8, 5), "ordered": None},
                         {"unpruned": sweep((1.0, 0.9)), "joint": sweep((0.4, 0.8))})
     joint = next(line for line in table.splitlines() if line.startswith("| joint "))
-    assert joint.endswith(" | never |")
+    assert joint.endswith(" | never | – |")
     assert not any(line.startswith("| ordered ") for line in table.splitlines())
 
 

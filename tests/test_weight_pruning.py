@@ -32,9 +32,9 @@ def data(n: int = 32) -> Dataset:
     return Dataset("random", "train", images, torch.arange(n) % 10, [str(k) for k in range(10)], "tests")
 
 
-def pruner(spec: ModelSpec, approach: str, rounds: int = 1) -> wp.Pruner:
+def pruner(spec: ModelSpec, approach: str, rounds: int = 1, final_phases: str = "both") -> wp.Pruner:
     em, heads = network(spec)
-    settings = wp.Settings(approach, rounds, 0.3, FINETUNE)
+    settings = wp.Settings(approach, rounds, 0.3, FINETUNE, final_phases=final_phases)
     return wp.Pruner(em, heads, [1.0] * len(heads.spec.exits), settings, data(), Preprocess(spec.input_shape,
                      spec.mean, spec.std), eval_data=data(16))  # type: ignore[arg-type]
 
@@ -107,7 +107,7 @@ def test_fine_tuning_keeps_pruned_weights_at_zero(tiny_spec: ModelSpec) -> None:
 
 
 def test_ordered_leaves_the_pruned_backbone_alone_in_the_head_phase(tiny_spec: ModelSpec) -> None:
-    p = pruner(tiny_spec, "ordered", rounds=2)
+    p = pruner(tiny_spec, "ordered", rounds=2, final_phases="backbone")
     heads_before = {k: v.clone() for k, v in p.heads.state_dict().items()}
     for index in range(2):  # the backbone phase: the heads are not touched
         p.run_step(index)
@@ -121,6 +121,51 @@ def test_ordered_leaves_the_pruned_backbone_alone_in_the_head_phase(tiny_spec: M
     heads_layers = [la for la in p.layers if la.part == wp.HEADS]
     assert wp.sparsity_of(heads_layers) == pytest.approx(1 - 0.7 ** 2, abs=1e-3)
     assert p.records[-1]["sparsity"]["backbone"] == backbone_sparsity
+
+
+def test_ordered_prunes_the_final_layer_in_both_phases(tiny_spec: ModelSpec) -> None:
+    p = pruner(tiny_spec, "ordered", rounds=2)
+    final = next(la for la in p.layers if la.final)
+    assert final.part == wp.BACKBONE and final.module is p.model.fc  # type: ignore[union-attr]
+    for index in range(3):  # the backbone phase, then the heads trained on it
+        p.run_step(index)
+    backbone = {k: v.clone() for k, v in p.model.state_dict().items()}
+    final_zeros = final.weight == 0
+    ranked = [la for la in p.layers if la.part == wp.HEADS or la.final]
+    before = torch.cat([la.weight.detach().abs().reshape(-1) for la in ranked])
+    already = torch.cat([(la.weight == 0).reshape(-1) for la in ranked])
+    p.run_step(3)  # heads round 1: heads and final layer ranked together, then fine-tuned together
+    assert p.records[-1]["pruned"] == round(0.3 * int((~already).sum()))
+    pruned = torch.cat([~p.masks[la.key].reshape(-1) for la in ranked])
+    newly = pruned & ~already
+    assert before[newly].max() <= before[~pruned].min()  # one ranking over heads and final layer
+    assert int(newly[-final.weight.numel():].sum()) > 0  # the final layer lost weights in this phase too
+    assert bool((final.weight == 0)[final_zeros].all())  # and kept the zeros of the backbone phase
+    for key, value in p.model.state_dict().items():  # the rest of the backbone (batch norm too) is fixed
+        assert torch.equal(value, backbone[key]) != key.startswith("fc."), key
+
+
+def test_the_final_layer_trains_alone_on_a_frozen_backbone(tiny_spec: ModelSpec) -> None:
+    from eetool.exit_training import ExitTrainer
+
+    em, heads = network(tiny_spec)
+    trainer = ExitTrainer(em, heads, None, [1.0] * len(heads.spec.exits), joint=False,  # type: ignore[arg-type]
+                          final_layer=em.model.fc)  # type: ignore[attr-defined]
+    x = torch.randn(4, *tiny_spec.input_shape)
+    y = torch.arange(4) % 10
+    trainer.train()
+    loss, _ = trainer.step(trainer, x, y, None)
+    loss.backward()
+    fc = em.model.fc  # type: ignore[attr-defined]
+    assert fc.weight.grad is not None and fc.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in em.model.named_parameters() if not n.startswith("fc."))  # type: ignore[attr-defined]
+    # The final exit's term of the loss is the model's own cross-entropy, as a plain forward pass computes it.
+    outs, logits = trainer.outputs(x)
+    torch.testing.assert_close(logits, em.model.eval()(x))  # type: ignore[attr-defined]
+    heads_loss = sum(torch.nn.functional.cross_entropy(o, y) for o in outs)
+    torch.testing.assert_close(loss, heads_loss + torch.nn.functional.cross_entropy(logits, y))
+    assert {id(p) for p in trainer.trainable_parameters()} == {id(p) for p in [*heads.parameters(),
+                                                                               *fc.parameters()]}
 
 
 def test_joint_ranks_backbone_and_heads_together(tiny_spec: ModelSpec) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.choices import PRUNING_APPROACHES, SPLITS, WEIGHT_STRUCTURES
+from eetool.choices import FINAL_LAYER_PHASES, PRUNING_APPROACHES, SPLITS, WEIGHT_STRUCTURES
 from eetool.commands.common import data_path, format_fields, format_table
 from eetool.options import (
     INPUT,
@@ -53,6 +53,11 @@ def command(
                                           "heads on it with the backbone fixed (Approach 2).",
                                           rich_help_panel=PRUNING,
                                           autocompletion=prefix_completer(PRUNING_APPROACHES))] = "joint",
+    final_layer_phases: Annotated[str | None, typer.Option(
+        "--final-layer-phases", help="With --approach ordered: both (default; the thesis's final exit goes through "
+        "two pruning phases: in the heads phase the final layer is ranked with the heads and fine-tuned with the "
+        "final exit's loss beside theirs) or backbone (fixed with the rest of the backbone in the heads phase).",
+        rich_help_panel=PRUNING, autocompletion=prefix_completer(FINAL_LAYER_PHASES))] = None,
     structure: Annotated[str, typer.Option("--structure", help="unstructured (single weights, global L1 "
                                            "magnitude) or channel (whole channels, L1 norm, with Torch-Pruning: a "
                                            "smaller dense network, CIFAR ResNets only; round k prunes to "
@@ -115,6 +120,12 @@ def command(
         raise UsageError(f"unknown --structure {structure!r}", f"use one of {', '.join(WEIGHT_STRUCTURES)}")
     if approach not in PRUNING_APPROACHES:
         raise UsageError(f"unknown --approach {approach!r}", f"use one of {', '.join(PRUNING_APPROACHES)}")
+    if final_layer_phases is not None and final_layer_phases not in FINAL_LAYER_PHASES:
+        raise UsageError(f"unknown --final-layer-phases {final_layer_phases!r}",
+                         f"use one of {', '.join(FINAL_LAYER_PHASES)}")
+    if final_layer_phases is not None and approach != "ordered":
+        raise UsageError("--final-layer-phases chooses the phases of --approach ordered, and joint has one phase",
+                         "drop --final-layer-phases, or add --approach ordered")
     if structure == "channel":
         _refuse_for_channels(approach, masks_output, plot, prune_first_conv, prune_final_layer)
     elif round_to is not None:
@@ -158,7 +169,8 @@ def command(
         raise InputError(f"no resumable state in {state_dir}", "run without --resume to start afresh")
     _prune(run, Request(checkpoint=checkpoint, data=data, output=output, heads_output=heads_output,
                         report=report, split=split, indices=indices, exit_heads=exit_heads, exits=exits,
-                        approach=approach, structure=structure, rounds=rounds, amount=amount,
+                        approach=approach, final_layer_phases=final_layer_phases or "both",
+                        structure=structure, rounds=rounds, amount=amount,
                         prune_first_conv=prune_first_conv, prune_final_layer=prune_final_layer,
                         round_to=round_to, masks_output=masks_output, plot=plot, eval_split=eval_split,
                         exit_weights=exit_weights, finetune_epochs=finetune_epochs,
@@ -180,6 +192,7 @@ class Request:
     exit_heads: str | None
     exits: str | None
     approach: str
+    final_layer_phases: str  # ordered only
     structure: str
     rounds: int
     amount: float
@@ -264,7 +277,8 @@ def _prune(run: Run, o: Request) -> None:
     weights = parse_weights(o.exit_weights, len(em.exits)) if o.exit_weights else (
         heads.spec.weights or [1.0] * len(em.exits))
     settings = wp.Settings(o.approach, o.rounds, o.amount, cfg, first_conv=o.prune_first_conv,
-                           final_layer=o.prune_final_layer, train_heads=not o.exit_heads)
+                           final_layer=o.prune_final_layer, train_heads=not o.exit_heads,
+                           final_phases=o.final_layer_phases)
     train_data = load_dataset(o.data, o.split, o.indices)
     check_labels(train_data, ckpt.spec.num_classes)
     require_labels(train_data, "pruning fine-tunes on a labelled training set")
@@ -301,6 +315,7 @@ def _prune(run: Run, o: Request) -> None:
         "output": o.output, "heads_output": o.heads_output, "masks_output": o.masks_output,
         "report": o.report, "plot": o.plot,
         "approach": o.approach, "structure": o.structure, "rounds": o.rounds, "amount": o.amount,
+        **({"final_layer_phases": o.final_layer_phases} if o.approach == "ordered" else {}),
         "requested_sparsity": round(target, 6),
         "sparsity": final["sparsity"],
         "weights_taking_part": weights_in,
