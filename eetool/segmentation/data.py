@@ -128,16 +128,22 @@ def _load_masks_file(path: str, split: str) -> Dataset:
         bad = low if low < 0 else high
         raise InputError(f"{path} has mask label {bad}, outside the classes 0..{num_classes - 1} and not the ignore "
                          f"label {ignore_label}", "fix the masks, or set the metadata ignore_label or classes")
-    converted = torch.where(masks == ignore_label, IGNORE, masks).to(torch.int16)
+    converted = torch.where(masks == ignore_label, 0, masks).to(torch.int16)  # in range now: labels fit int16
+    converted[masks == ignore_label] = IGNORE
     return Dataset("segmentation", split, images.contiguous(), converted.contiguous(),
                    classes or [str(k) for k in range(num_classes)], path)
 
 
-def check_masks(ds: Dataset, num_classes: int) -> None:
-    """Refuse data that is not segmentation, or whose labels go beyond the model's classes."""
+def check_masks(ds: Dataset, num_classes: int, input_size: tuple[int, int]) -> None:
+    """Refuse data that is not segmentation, whose masks are not of the model's input size (the predictions are
+    made at that size), or whose labels go beyond the model's classes."""
     if not is_segmentation(ds):
         raise ModelMismatchError(f"{ds.spec} holds one label per image, the segmentation model needs per-pixel masks",
                                  "use segmentation data (--data fashion-mnist-scenes or segmentation:FILE)")
+    if tuple(ds.labels.shape[1:]) != tuple(input_size):
+        raise ModelMismatchError(f"{ds.spec} has masks of {ds.labels.shape[1]} x {ds.labels.shape[2]} pixels, the "
+                                 f"model predicts {input_size[0]} x {input_size[1]}",
+                                 "use data of the size the checkpoint was trained on")
     if ds.labels.numel() and int(ds.labels.max()) >= num_classes:
         raise ModelMismatchError(f"{ds.spec} has mask labels up to {int(ds.labels.max())} but the model has "
                                  f"{num_classes} classes", "use the dataset the checkpoint was trained for")
