@@ -258,7 +258,7 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
     batches = list(_batches(ds, preprocess, req.batch_size, device))
 
     @torch.no_grad()
-    def plain_run() -> SegmentationRun:
+    def plain_run(batches: list[tuple[torch.Tensor, torch.Tensor]] = batches) -> SegmentationRun:
         matrix = torch.zeros(k, k, dtype=torch.int64)
         start = time.perf_counter()
         predictions = [model(x).argmax(1) for x, _ in batches]
@@ -267,7 +267,7 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
             matrix += confusion(p.cpu(), masks, k)
         return SegmentationRun(matrix, seconds)
 
-    def early_run() -> SegmentationRun:
+    def early_run(batches: list[tuple[torch.Tensor, torch.Tensor]] = batches) -> SegmentationRun:
         assert thresholds is not None
         matrix = torch.zeros(k, k, dtype=torch.int64)
         exits = torch.zeros(len(EXIT_NAMES), dtype=torch.int64)
@@ -282,8 +282,8 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
         return SegmentationRun(matrix, seconds, exits, macs)
 
     runs = [plain_run, *([early_run] if thresholds is not None else [])]
-    for warm_up in runs:  # kernels and allocations set up before the timed rounds
-        warm_up()
+    for warm_up in runs:  # kernels and allocations set up on the first batch before the timed rounds
+        warm_up(batches[:1])
     rounds = interleaved(runs, req.repeats)
     timing = speeds([[r.seconds for r in results] for results in rounds], len(ds))
     if len(runs) > 1 and timing_spread(timing) > BUSY_SPREAD:
