@@ -41,13 +41,20 @@ class ClassStats:
                    torch.zeros(num_classes, dtype=torch.int64))
 
     def update(self, probabilities: list[torch.Tensor], masks: torch.Tensor) -> None:
-        """Add a batch: one B x K x H x W softmax per exit, and the B x H x W ground truth (IGNORE left out)."""
-        labelled = masks != IGNORE
-        truth = masks[labelled].long().cpu()
-        self.counts += torch.bincount(truth, minlength=self.counts.shape[0])
+        """Add a batch: one B x K x H x W softmax per exit, and the B x H x W ground truth (IGNORE left out).
+
+        A batch's sums are one matrix product per exit, of the pixels' one-hot ground truth and their
+        probabilities in the probabilities' own layout and precision (no copy of them), added to the float64
+        totals: rounding stays that of one batch's sum, however many batches are streamed."""
+        k = self.counts.shape[0]
+        batch = masks.shape[0]
+        labelled = (masks != IGNORE).reshape(batch, 1, -1)
+        truth = masks.reshape(batch, 1, -1).long().clamp_min(0)
+        self.counts += torch.bincount(truth[labelled].cpu(), minlength=k)
         for n, probs in enumerate(probabilities):
-            rows = probs.permute(0, 2, 3, 1)[labelled.to(probs.device)].to(torch.float64).cpu()
-            self.sums[n].index_add_(0, truth, rows)
+            flat = probs.reshape(batch, k, -1)
+            one_hot = torch.zeros_like(flat).scatter_(1, truth.to(flat.device), labelled.to(flat))
+            self.sums[n] += torch.bmm(one_hot, flat.transpose(1, 2)).sum(0).to(torch.float64).cpu()
 
     @property
     def present(self) -> torch.Tensor:
