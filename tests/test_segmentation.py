@@ -314,7 +314,8 @@ def test_train_fit_and_evaluate_end_to_end(tmp_path: Path) -> None:
         plain, early = doc["points"]
         assert plain["cost"] == 1.0 and 0 <= plain["miou"] <= 1
         assert sum(early["exit_shares"].values()) == pytest.approx(1.0, abs=1e-5)
-        assert 0 < early["cost"] < 1.1 and early["gflops"] == pytest.approx(2 * early["macs"] / 1e9, rel=1e-3)
+        assert 0 < early["cost"] < 1.1
+        assert early["gflops"] == pytest.approx(2 * early["macs"] / 1e9, abs=1e-6)  # rounded to 6 places
     import yaml
 
     fitted = yaml.safe_load((tmp_path / "cbt.yaml").read_text())
