@@ -22,7 +22,10 @@ TORCHVISION_ARCHS: tuple[str, ...] = (
 # CIFAR-style ResNets (He et al. 2016, section 4.2) as used by SDN and the pruning literature.
 CIFAR_RESNET_DEPTHS: dict[str, int] = {"resnet8": 8, "resnet20": 20, "resnet32": 32, "resnet56": 56, "resnet110": 110}
 
-EETOOL_ARCHS: tuple[str, ...] = tuple(CIFAR_RESNET_DEPTHS)
+# Early-exit segmentation networks (eetool.segmentation.model): per-pixel logits, three early exits and a final.
+SEGMENTATION_ARCHS: tuple[str, ...] = ("eeseg",)
+
+EETOOL_ARCHS: tuple[str, ...] = (*CIFAR_RESNET_DEPTHS, *SEGMENTATION_ARCHS)
 
 ALL_ARCHS: tuple[str, ...] = EETOOL_ARCHS + TORCHVISION_ARCHS
 

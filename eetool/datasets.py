@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from eetool.errors import InputError, ModelMismatchError, UsageError
-from eetool.sources import DATA_ROOT_ENV, DEFAULT_PATHS, IDX_SOURCES, SOURCES, demo_path
+from eetool.sources import DATA_ROOT_ENV, DEFAULT_PATHS, IDX_SOURCES, SEGMENTATION_SOURCES, SOURCES, demo_path
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -166,6 +166,10 @@ def load_dataset(spec: str, split: str = "test", indices: str | None = None) -> 
         ds = _load_idx(name, _root(name, path), split)
     elif name in ("cifar10", "cifar100"):
         ds = _load_cifar(name, _root(name, path), split)
+    elif name in SEGMENTATION_SOURCES:
+        from eetool.segmentation.data import load_segmentation
+
+        ds = load_segmentation(name, path, split)
     elif name == "folder":
         if not path:
             raise UsageError("--data folder needs a path", "write --data folder:PATH (PATH/train/<class>/*.png ...)")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from eetool.choices import EXIT_SELECTIONS
-from eetool.errors import UsageError
+from eetool.errors import ModelMismatchError, UsageError
 from eetool.models import CifarResNet
 
 SPLIT, HOOK = "split", "hook"
@@ -157,6 +157,12 @@ def _capture(store: dict[str, torch.Tensor], name: str) -> Callable[..., None]:
 
 
 def build_exit_model(model: nn.Module, selection: str = "every") -> ExitModel:
+    from eetool.segmentation.model import EESegNet
+
+    if isinstance(model, EESegNet):  # its exits are built in; class means and exit heads are for classifiers
+        raise ModelMismatchError("this command is for classifiers, and the checkpoint is a segmentation network "
+                                 "(eeseg) with exits of its own",
+                                 "use `eetool fit-thresholds --method cbt|cbt-ns|adp-c` and `eetool evaluate`")
     mode, candidates = candidate_exits(model)
     exits = select_exits(candidates, selection, model)
     if mode == HOOK:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 IDX_SOURCES = ("mnist", "fashion-mnist", "kmnist")
-SOURCES = (*IDX_SOURCES, "cifar10", "cifar100", "folder", "safetensors", "demo")
+# per-pixel label masks (eetool.segmentation.data)
+SEGMENTATION_SOURCES = ("fashion-mnist-scenes", "segmentation")
+SOURCES = (*IDX_SOURCES, "cifar10", "cifar100", "folder", "safetensors", "demo", *SEGMENTATION_SOURCES)
 
 DATA_ROOT_ENV = "EETOOL_DATA_DIR"  # $EETOOL_DATA_DIR/<name> is used when no PATH is given
 DEFAULT_PATHS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}  # Debian's dataset-fashion-mnist

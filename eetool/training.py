@@ -188,11 +188,12 @@ def accuracy(model: nn.Module, data: Dataset, preprocess: Preprocess, device: to
              batch_size: int = 512) -> float:
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = scored = 0
     for images, labels, _ in data.batches(batch_size):
         correct += int((model(preprocess(images, device)).argmax(1).cpu() == labels).sum())
+        scored += int((labels >= 0).sum())  # a sample's label, or a segmentation mask's labelled pixels
     model.train(was_training)
-    return correct / len(data)
+    return correct / max(scored, 1)
 
 
 def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfig, *,
@@ -228,6 +229,7 @@ def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfi
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64)
         correct = torch.zeros((), dtype=torch.int64)
+        scored = torch.zeros((), dtype=torch.int64)  # labelled targets: samples, or a mask's labelled pixels
         seen = 0
         with reporter.bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}") as bar:
             for images, labels, positions in data.batches(cfg.batch_size, shuffle=True, generator=gen):
@@ -258,12 +260,13 @@ def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfi
                 seen += n
                 loss_sum += loss_value * n
                 correct += (logits.detach().argmax(1) == y).sum().cpu()
-                bar.advance(1, loss=float(loss_sum) / seen, acc=int(correct) / seen)
+                scored += (y >= 0).sum().cpu()
+                bar.advance(1, loss=float(loss_sum) / seen, acc=int(correct) / max(int(scored), 1))
         # A last step can overflow the weights with a finite loss; no state or checkpoint of them is written.
         if not all(bool(torch.isfinite(p).all()) for group in opt.param_groups for p in group["params"]):
             raise _diverged(f"the weights are not finite after epoch {epoch + 1}")
         result.samples_seen += seen
-        record = EpochRecord(epoch + 1, float(loss_sum) / seen, int(correct) / seen, result.samples_seen,
+        record = EpochRecord(epoch + 1, float(loss_sum) / seen, int(correct) / max(int(scored), 1), result.samples_seen,
                              time.perf_counter() - t0)
         if eval_data is not None:
             record.eval_accuracy = accuracy(model, eval_data, preprocess, device)

@@ -106,7 +106,26 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
     rgb = ModelSpec(arch="mobilenet_v3_small", num_classes=10, input_shape=(3, 32, 32), mean=[0.5] * 3,
                     std=[0.25] * 3)
     save_checkpoint(str(d / "mobilenet.safetensors"), rgb.build(), rgb, Provenance(kind="checkpoint"))
+    make_segmentation_inputs(d)
     return d
+
+
+def make_segmentation_inputs(d: Path) -> None:
+    """A tiny segmentation checkpoint (3 classes, 16 x 16) and mask files, good and bad."""
+    from eetool.checkpoint import save_checkpoint
+
+    seg = ModelSpec(arch="eeseg", num_classes=3, input_shape=(1, 16, 16), mean=[0.5], std=[0.25],
+                    arch_args={"width": 4, "head_width": 4}, classes=["bg", "a", "b"])
+    save_checkpoint(str(d / "seg.safetensors"), seg.build(), seg, Provenance(kind="checkpoint"))
+    images = torch.zeros(8, 1, 16, 16, dtype=torch.uint8)
+    masks = torch.zeros(8, 16, 16, dtype=torch.uint8)
+    masks[:, 4:8, 4:8] = 1
+    masks[:, 0, :] = 255
+    meta = {"classes": "bg\na\nb"}
+    save_file({"images": images, "masks": masks}, str(d / "seg-data.safetensors"), metadata=meta)
+    save_file({"images": images, "masks": masks[:, :, :15].contiguous()}, str(d / "seg-mask-size.safetensors"),
+              metadata=meta)
+    save_file({"images": images, "masks": masks * 9}, str(d / "seg-label-out.safetensors"), metadata=meta)
 
 
 def make_hostile_checkpoints(d: Path, tiny_checkpoint: str) -> None:
@@ -313,6 +332,9 @@ RECORDS = ["--from-scores", "{inp}/random-kept.safetensors"]
 DEMO_CHECKPOINT = str(demo_path("demo-resnet20-fashion-mnist.safetensors"))
 DEMO_DATA = str(demo_path("demo-data.safetensors"))
 EXITS = ["train-exits", "-c", "{ckpt}", "-d", "{data}"]
+SEG_DATA = "segmentation:{inp}/seg-data.safetensors"
+SEG_EVAL = ["evaluate", "-c", "{inp}/seg.safetensors", "-o", "{out}/result.yaml", "--repeats", "1"]
+CBT = ["fit-thresholds", "--method", "cbt", "-c", "{inp}/seg.safetensors", "-d", SEG_DATA, "-o", "{out}/t.yaml"]
 
 
 def _root_can_write(out: Path) -> str | None:
@@ -327,6 +349,36 @@ PRUNE_WEIGHTS = ["prune-weights", "-c", "{ckpt}", "-d", "{data}", "-o", "{out}/p
                  "--finetune-samples", "8", "--exits", "half"]
 
 CASES = [
+    # segmentation
+    Case("seg-mask-size-mismatch", [*SEG_EVAL, "-d", "segmentation:{inp}/seg-mask-size.safetensors"], BAD_INPUT,
+         says="masks have shape"),
+    Case("seg-label-out-of-range", [*SEG_EVAL, "-d", "segmentation:{inp}/seg-label-out.safetensors"], BAD_INPUT,
+         says="outside the classes"),
+    Case("seg-on-classification-data", [*SEG_EVAL, "-d", "{data}"], MISMATCH, says="one label per image"),
+    Case("seg-evaluate-with-means", [*SEG_EVAL, "-d", SEG_DATA, *MEANS], USAGE, says="--means"),
+    Case("seg-evaluate-classification-thresholds", [*SEG_EVAL, "-d", SEG_DATA, "--thresholds",
+                                                    "{inp}/thresholds.yaml"], PROVENANCE,
+         says="not segmentation-thresholds"),
+    Case("cbt-alpha-not-below-beta", [*CBT, "--alpha", "0.99", "--beta", "0.9"], USAGE, says="not below --beta"),
+    Case("cbt-alpha-equals-beta", [*CBT, "--alpha", "0.9", "--beta", "0.9"], USAGE, says="not below --beta"),
+    Case("cbt-alpha-negative", [*CBT, "--alpha", "-0.5"], USAGE, says="outside [0, 1]"),
+    Case("cbt-beta-above-one", [*CBT, "--beta", "1.5"], USAGE, says="outside [0, 1]"),
+    Case("adp-c-threshold-above-one", [*CBT[:2], "adp-c", *CBT[3:], "--threshold", "2"], USAGE,
+         says="outside [0, 1]"),
+    Case("cbt-with-budget", [*CBT, "--budget", "0.5"], USAGE, says="--budget"),
+    Case("cbt-without-data", [*CBT[:5], "-o", "{out}/t.yaml"], USAGE, says="needs --data"),
+    Case("cbt-on-a-classifier", [*CBT[:4], "{ckpt}", *CBT[5:]], MISMATCH, says="is a classifier"),
+    Case("sdn-on-a-segmentation-network", ["fit-thresholds", "--method", "sdn", "--exit-heads",
+                                           "{inp}/heads.safetensors", "-c", "{inp}/seg.safetensors", "-d", "{data}",
+                                           "--budget", "0.5", "-o", "{out}/t.yaml"], MISMATCH,
+         says="is a segmentation network"),
+    Case("calibrate-means-on-a-segmentation-network", ["calibrate-means", "-c", "{inp}/seg.safetensors", "-d", SEG_DATA,
+                                                       "-o", "{out}/m.safetensors"], MISMATCH,
+         says="is a segmentation network"),
+    Case("evaluate-classifier-on-masks", [*EVAL, "-d", SEG_DATA], MISMATCH, says="per-pixel masks"),
+    Case("train-classifier-on-masks", ["train", "-d", SEG_DATA, "-o", "{out}/m.safetensors", "--arch", "resnet20",
+                                       "--arch-args", "{{width: 4}}", "--epochs", "1"], MISMATCH,
+         says="per-pixel masks"),
     # prune-weights
     Case("prune-weights-amount-one", [*PRUNE_WEIGHTS, "--amount", "1"], USAGE, says="--amount"),
     Case("prune-weights-amount-zero", [*PRUNE_WEIGHTS, "--amount", "0"], USAGE, says="--amount"),

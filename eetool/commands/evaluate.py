@@ -72,7 +72,15 @@ def command(
         timing_spread,
     )
     from eetool.rules import Thresholded
+    from eetool.segmentation.commands import SegmentationEvaluation, evaluate_segmentation, is_segmentation_checkpoint
+    from eetool.segmentation.data import is_segmentation
+    from eetool.segmentation.training import require_same_task
 
+    if is_segmentation_checkpoint(run, checkpoint):
+        evaluate_segmentation(run, SegmentationEvaluation(
+            checkpoint, data, split, indices, batch_size, count.value, output, force, thresholds, repeats, plot,
+            {"--means": means, "--exit-heads": exit_heads, "--baseline": baseline, "--point": point}))
+        return
     if bool(means or exit_heads) != bool(thresholds):
         raise UsageError("early exits need --means and --thresholds (or --exit-heads and --thresholds)",
                          "pass them together, or none for the plain model")
@@ -93,6 +101,7 @@ def command(
                          "give a baseline made for the same data (the checkpoint it was pruned from)")
     device = run.torch()
     ds = load_dataset(data, split, indices)
+    require_same_task(False, is_segmentation(ds), ckpt.spec.arch, ds.spec)
     check_labels(ds, ckpt.spec.num_classes)
     require_labels(ds, "evaluate on a labelled dataset")
     unit = count.value

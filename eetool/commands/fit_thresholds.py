@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.choices import COMBINES, EXIT_METHODS, SEARCHES, SPLITS
+from eetool.choices import COMBINES, EXIT_METHODS, SEARCHES, SEGMENTATION_METHODS, SPLITS
 from eetool.commands.common import data_path, format_fields, format_table
 from eetool.options import (
     INPUT,
@@ -34,8 +34,11 @@ def command(
                                                    "entropy, e2cm+sdn).",
                                                    rich_help_panel=INPUT)] = None,
     method: Annotated[str, typer.Option("--method", help="e2cm, sdn (largest probability of a head), entropy "
-                                        "(of a head's prediction) or e2cm+sdn.", rich_help_panel=SEARCH,
-                                        autocompletion=prefix_completer(EXIT_METHODS))] = "e2cm",
+                                        "(of a head's prediction) or e2cm+sdn; for segmentation networks cbt "
+                                        "(a threshold per class), cbt-ns (per exit and class) or adp-c (one).",
+                                        rich_help_panel=SEARCH,
+                                        autocompletion=prefix_completer((*EXIT_METHODS,
+                                                                         *SEGMENTATION_METHODS)))] = "e2cm",
     combine: Annotated[str, typer.Option("--combine", help="e2cm+sdn: 'and' leaves when both are confident, 'or' "
                                          "when either is.", rich_help_panel=SEARCH,
                                          autocompletion=prefix_completer(COMBINES))] = "and",
@@ -58,9 +61,16 @@ def command(
                                        autocompletion=prefix_completer(SPLITS))] = "train",
     indices: IndicesOpt = None,
     batch_size: BatchOpt = 256,
+    alpha: Annotated[float, typer.Option("--alpha", help="cbt, cbt-ns: the threshold of the class the network is "
+                                         "surest of (the lower end).", rich_help_panel=SEARCH)] = 0.9,
+    beta: Annotated[float, typer.Option("--beta", help="cbt, cbt-ns: the threshold of the class it is least sure "
+                                        "of (the upper end).", rich_help_panel=SEARCH)] = 0.998,
+    threshold: Annotated[float, typer.Option("--threshold", help="adp-c: the one threshold of every pixel.",
+                                             rich_help_panel=SEARCH)] = 0.998,
     force: ForceOpt = False,
 ) -> None:
-    """Find per-exit thresholds for budgets (--budget, or --sweep with its convex hull). Writes -o (YAML)."""
+    """Find per-exit thresholds for budgets (--budget, or --sweep with its convex hull), or a segmentation
+    network's pixel thresholds (--method cbt, cbt-ns, adp-c). Writes -o (YAML)."""
     import torch
 
     from eetool.artifacts import STDOUT, Provenance, sha256_file, write_yaml
@@ -71,8 +81,19 @@ def command(
     from eetool.thresholds import ExitStats, check_budget, hull, operating_point
     from eetool.thresholds import sweep as sweep_budgets
 
+    if method in SEGMENTATION_METHODS:
+        from eetool.segmentation.commands import ThresholdRequest, fit_segmentation_thresholds
+
+        given = [flag for flag, value in (("--means", means), ("--exit-heads", exit_heads), ("--budget", budget),
+                                          ("--sweep", sweep), ("--validation", validation)) if value]
+        if given:
+            raise UsageError(f"{', '.join(given)} do not apply to --method {method}",
+                             "drop them: cbt, cbt-ns and adp-c take --checkpoint, --data, --alpha, --beta, --threshold")
+        fit_segmentation_thresholds(run, ThresholdRequest(method, output, checkpoint, data, split, indices, batch_size,
+                                                          alpha, beta, threshold, force))
+        return
     if method not in METHODS:
-        raise UsageError(f"unknown --method {method!r}", f"use one of {', '.join(METHODS)}")
+        raise UsageError(f"unknown --method {method!r}", f"use one of {', '.join((*METHODS, *SEGMENTATION_METHODS))}")
     if combine not in COMBINES:
         raise UsageError(f"unknown --combine {combine!r}", "use and or or")
     if not budget and not sweep:
@@ -175,9 +196,10 @@ def _scored_stats(run: Run, method: str, combine: str, means: str | None, cm: An
     dense costs of the exits where the statistics' costs are a pruned network's effective ones (else None)."""
     import torch
 
+    from eetool.archs import SEGMENTATION_ARCHS
     from eetool.commands.common import exit_rule, open_checkpoint
     from eetool.datasets import Preprocess, check_labels, load_dataset
-    from eetool.errors import UsageError
+    from eetool.errors import ModelMismatchError, UsageError
     from eetool.rules import HeadsRule, cost_models, rule_scores
     from eetool.thresholds import ExitStats
 
@@ -185,6 +207,9 @@ def _scored_stats(run: Run, method: str, combine: str, means: str | None, cm: An
         raise UsageError(f"--method {method}{' with --validation' if method == 'e2cm' else ''} needs --checkpoint "
                          "and --data", "name the model and the data to fit on")
     ckpt = open_checkpoint(run, checkpoint)
+    if ckpt.spec.arch in SEGMENTATION_ARCHS:
+        raise ModelMismatchError(f"--method {method} is for classifiers, and {ckpt.label} is a segmentation network",
+                                 "use --method cbt, cbt-ns or adp-c")
     device = run.torch()
     em, rule = exit_rule(ckpt, method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, device)
     ds = load_dataset(data, split, indices)

@@ -58,11 +58,14 @@ def command(
     force: ForceOpt = False,
 ) -> None:
     """Train a model (or fine-tune --checkpoint) and write an eetool checkpoint. Reads a dataset; writes -o."""
+    from eetool.archs import SEGMENTATION_ARCHS
     from eetool.artifacts import Provenance
     from eetool.checkpoint import save_checkpoint
     from eetool.commands.common import open_checkpoint
     from eetool.datasets import Preprocess, check_labels, load_dataset, require_labels
     from eetool.errors import InputError
+    from eetool.segmentation.data import check_masks, is_segmentation
+    from eetool.segmentation.training import exit_losses_step, require_same_task, segmentation_config
     from eetool.training import TrainConfig, fit
 
     run.check_output(output, force=force or resume, inputs=(checkpoint, indices, data_path(data)), binary=True)
@@ -76,8 +79,9 @@ def command(
     cfg.validate()
     train_data = load_dataset(data, split, indices)
     eval_data = load_dataset(data, eval_split) if eval_split else None
+    segmentation = is_segmentation(train_data)
     for ds in (train_data, eval_data):
-        if ds is not None:
+        if ds is not None and not segmentation:  # a mask's ignored pixels are not unlabelled samples
             require_labels(ds, "train and evaluate on labelled data")
     parent = ""
     if checkpoint:
@@ -86,14 +90,21 @@ def command(
         if not spec.classes and len(train_data.classes) == spec.num_classes:
             spec.classes = list(train_data.classes)  # foreign weights: name the classes after the data
     else:
-        spec = _fresh_spec(run, train_data)
+        spec = _fresh_spec(run, train_data, "eeseg" if segmentation else "resnet20")
         model = spec.build()
-    check_labels(train_data, spec.num_classes)
+    require_same_task(spec.arch in SEGMENTATION_ARCHS, segmentation, spec.arch, train_data.spec)
+    step = None
+    if segmentation:
+        check_masks(train_data, spec.num_classes, spec.input_shape[1:])
+        cfg = segmentation_config(cfg, run.reporter.log)
+        step = exit_losses_step(label_smoothing)
+    else:
+        check_labels(train_data, spec.num_classes)
     run.reporter.log(f"training {spec.arch} on {train_data.spec} ({len(train_data)} samples) for {epochs} epochs "
                      f"on {device}")
     run.resumable = f"the state of every finished epoch goes to {resume_path}: rerun with --resume"
     result = fit(model, train_data, Preprocess(spec.input_shape, spec.mean, spec.std), cfg, device=device,
-                 eval_data=eval_data, resume_path=resume_path, resume=resume, reporter=run.reporter)
+                 eval_data=eval_data, resume_path=resume_path, resume=resume, reporter=run.reporter, step=step)
     training: dict[str, Any] = {
         "samples_seen": result.samples_seen,
         "epochs": epochs,
@@ -116,14 +127,15 @@ def command(
     ]))
 
 
-def _fresh_spec(run: Run, train_data: Any) -> Any:
-    """What to train from scratch: --arch (default resnet20) fed as the data is, unless the options say otherwise."""
+def _fresh_spec(run: Run, train_data: Any, default_arch: str) -> Any:
+    """What to train from scratch: --arch (default resnet20, eeseg for segmentation data) fed as the data is,
+    unless the options say otherwise."""
     from eetool.checkpoint import ModelSpec
 
     opts = run.model_options
     mean, std = (opts.mean, opts.std) if opts.mean and opts.std else train_data.channel_stats()
     c, h, w = (int(s) for s in train_data.images.shape[1:])
-    spec = ModelSpec(arch=opts.arch or "resnet20", arch_args=dict(opts.arch_args),
+    spec = ModelSpec(arch=opts.arch or default_arch, arch_args=dict(opts.arch_args),
                      num_classes=opts.num_classes or train_data.num_classes,
                      input_shape=opts.input_shape or (c, h, w), mean=list(opts.mean or mean),
                      std=list(opts.std or std), classes=list(train_data.classes))

@@ -1,0 +1,360 @@
+"""What `fit-thresholds --method cbt|cbt-ns|adp-c` and `evaluate` do for a segmentation checkpoint; the command
+modules dispatch here, so the classification code paths stay as they are."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
+from eetool.errors import InputError, ModelMismatchError, UsageError
+from eetool.segmentation.model import EXIT_NAMES, EESegNet, early_exit_forward, plain_macs
+from eetool.segmentation.thresholds import ClassStats, adp_c, cbt, cbt_ns, check_range
+
+if TYPE_CHECKING:
+    from eetool.checkpoint import Checkpoint
+    from eetool.datasets import Dataset, Preprocess
+    from eetool.options import Run
+
+KIND = "segmentation-thresholds"
+EARLY_EXITS = EXIT_NAMES[:-1]
+
+
+def is_segmentation_checkpoint(run: Run, ref: str) -> bool:
+    """Whether --checkpoint names a segmentation network, from its metadata alone (no weights are read); a file
+    that cannot be read this way is left to the checkpoint loader to refuse."""
+    from eetool.archs import SEGMENTATION_ARCHS
+    from eetool.checkpoint import SPEC_KEY, resolve_path
+
+    if run.model_options.arch in SEGMENTATION_ARCHS:
+        return True
+    path = resolve_path(ref)
+    if not path.endswith(".safetensors"):
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        import json
+
+        return json.loads(meta.get(SPEC_KEY, "{}")).get("arch") in SEGMENTATION_ARCHS
+    except Exception:  # unreadable: the loader reports it with its own error
+        return False
+
+
+def require_segmentation(ckpt: Checkpoint, what: str) -> EESegNet:
+    if not isinstance(ckpt.model, EESegNet):
+        raise ModelMismatchError(f"{what} is for segmentation networks, and {ckpt.label} is a classifier",
+                                 "use --method e2cm, sdn, entropy or e2cm+sdn for a classifier, or give an eeseg "
+                                 "checkpoint (`eetool train -d fashion-mnist-scenes`)")
+    return ckpt.model
+
+
+def load_masks(spec: str, split: str, indices: str | None, ckpt: Checkpoint) -> Dataset:
+    from eetool.datasets import load_dataset
+    from eetool.segmentation.data import check_masks
+
+    ds = load_dataset(spec, split, indices)
+    check_masks(ds, ckpt.spec.num_classes, ckpt.spec.input_shape[1:])
+    return ds
+
+
+def _batches(ds: Dataset, preprocess: Preprocess, batch_size: int, device: torch.device
+             ) -> Any:
+    for images, masks, _ in ds.batches(batch_size):
+        yield preprocess(images, device), masks
+
+
+# ---------------------------------------------------------------------------------------------
+# fit-thresholds
+
+
+@dataclass
+class ThresholdRequest:
+    method: str
+    output: str
+    checkpoint: str | None
+    data: str | None
+    split: str
+    indices: str | None
+    batch_size: int
+    alpha: float
+    beta: float
+    threshold: float
+    force: bool
+
+
+def class_statistics(model: EESegNet, ds: Dataset, preprocess: Preprocess, batch_size: int,
+                     device: torch.device, reporter: Any) -> ClassStats:
+    """One streaming pass: every exit's softmax summed per ground-truth class (float64)."""
+    stats = ClassStats.empty(len(EXIT_NAMES), model.num_classes)
+    model.eval().to(device)
+    with torch.no_grad(), reporter.bar(-(-len(ds) // batch_size), "class statistics") as bar:
+        for x, masks in _batches(ds, preprocess, batch_size, device):
+            stats.update([o.softmax(1) for o in model.forward_exits(x)], masks)
+            bar.advance()
+    return stats
+
+
+def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
+    from eetool.artifacts import STDOUT, Provenance, write_yaml
+    from eetool.datasets import Preprocess
+
+    if req.method == "adp-c":
+        adp_c(req.threshold, 1, 1)  # the range check, before anything is read
+    else:
+        check_range(req.alpha, req.beta)
+        if not req.data:
+            raise UsageError(f"--method {req.method} needs --data", "give the training data: the thresholds come from "
+                             "its class statistics")
+    if not req.checkpoint:
+        raise UsageError(f"--method {req.method} needs --checkpoint", "give the segmentation checkpoint")
+    run.check_output(req.output, force=req.force,
+                     inputs=(req.checkpoint, req.indices, data_path(req.data) if req.data else None))
+    ckpt = open_checkpoint(run, req.checkpoint)
+    model = require_segmentation(ckpt, f"--method {req.method}")
+    classes = ckpt.spec.classes or [str(k) for k in range(model.num_classes)]
+    doc: dict[str, Any] = {"method": req.method, "exits": list(EARLY_EXITS), "classes": classes}
+    dataset = ""
+    if req.method == "adp-c":
+        thresholds = adp_c(req.threshold, len(EARLY_EXITS), model.num_classes)
+        doc["threshold"] = req.threshold
+    else:
+        assert req.data is not None
+        device = run.torch()
+        ds = load_masks(req.data, req.split, req.indices, ckpt)
+        dataset = ds.fingerprint
+        stats = class_statistics(model, ds, Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std),
+                                 req.batch_size, device, run.reporter)
+        fit = cbt if req.method == "cbt" else cbt_ns
+        thresholds, scores = fit(stats, req.alpha, req.beta, len(EARLY_EXITS))
+        present = stats.present
+        spread = [round(float(row[present].std(unbiased=False)), 6) if bool(present.any()) else 0.0
+                  for row in thresholds[: 1 if req.method == "cbt" else len(EARLY_EXITS)]]
+        doc.update({
+            "alpha": req.alpha, "beta": req.beta, "fitted_on": dataset,
+            # sigma of the thresholds over the classes present in the calibration data (per exit for cbt-ns)
+            "spread": spread[0] if req.method == "cbt" else spread,
+            "statistics": {
+                "pixels": {c: int(n) for c, n in zip(classes, stats.counts.tolist(), strict=True)},
+                "absent": [c for c, p in zip(classes, present.tolist(), strict=True) if not p],
+                # top1 - top2 of P_k (cbt) or of each early exit's p_{n,k} (cbt-ns); null for absent classes
+                "scores": _rounded(scores),
+                "exit_scores": _rounded(scores if req.method == "cbt-ns"
+                                        else _exit_scores(stats)),
+            },
+        })
+    doc["thresholds"] = [[float(v) for v in row] for row in thresholds.tolist()]
+    prov = Provenance(kind=KIND, checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
+                      exits=list(EARLY_EXITS), dataset=dataset, args=run.args)
+    write_yaml(req.output, doc, prov)
+    if req.output == STDOUT:
+        return
+    run.reporter.log(f"wrote {req.output}")
+
+    def text(d: dict[str, Any]) -> str:
+        head = format_fields([("thresholds", req.output), ("method", d["method"]),
+                              *([("alpha, beta", f"{d['alpha']}, {d['beta']}"), ("fitted on", d["fitted_on"]),
+                                 ("spread (sigma)", d["spread"])] if "alpha" in d else
+                                [("threshold", d["threshold"])])])
+        table = format_table(["class", *d["exits"]],
+                             [[c, *(row[k] for row in d["thresholds"])] for k, c in enumerate(d["classes"])])
+        return f"{head}\n\n{table}"
+
+    run.emit(doc, text)
+
+
+def _exit_scores(stats: ClassStats) -> torch.Tensor:
+    from eetool.segmentation.thresholds import margins
+
+    return margins(stats.exit_means())
+
+
+def _rounded(t: torch.Tensor) -> Any:
+    def one(v: float) -> float | None:
+        return None if math.isnan(v) else round(v, 6)
+
+    values = t.tolist()
+    return [one(v) for v in values] if t.dim() == 1 else [[one(v) for v in row] for row in values]
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+
+@dataclass
+class SegmentationEvaluation:
+    checkpoint: str
+    data: str
+    split: str
+    indices: str | None
+    batch_size: int
+    unit: str
+    output: str | None
+    force: bool
+    thresholds: str | None
+    repeats: int
+    plot: str | None
+    classification_only: dict[str, Any] = field(default_factory=dict)  # options given that do not apply
+
+
+@dataclass
+class SegmentationRun:
+    confusion: torch.Tensor
+    seconds: float
+    exit_pixels: torch.Tensor | None = None  # pixels leaving at each exit
+    macs: int = 0
+
+
+def read_thresholds(path: str, ckpt: Checkpoint, num_classes: int) -> tuple[dict[str, Any], torch.Tensor]:
+    from eetool.artifacts import read_yaml, verify
+
+    doc, prov = read_yaml(path, KIND)
+    verify(path, prov, checkpoint=ckpt.identity, exits=list(EARLY_EXITS))
+    rows = doc.get("thresholds")
+    remake = "re-make it with `eetool fit-thresholds --method cbt|cbt-ns|adp-c`"
+    if (not isinstance(rows, list) or len(rows) != len(EARLY_EXITS)
+            or not all(isinstance(r, list) and len(r) == num_classes for r in rows)):
+        raise InputError(f"{path} holds no {len(EARLY_EXITS)} x {num_classes} thresholds", remake)
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for r in rows for v in r):
+        raise InputError(f"{path} has thresholds that are not finite numbers", remake)
+    return doc, torch.tensor(rows, dtype=torch.float32)
+
+
+def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
+    from eetool.artifacts import STDOUT, Provenance, write_yaml
+    from eetool.costs import in_unit
+    from eetool.datasets import Preprocess
+    from eetool.inference import BUSY_SPREAD, interleaved, speeds, timing_spread
+    from eetool.segmentation.metrics import confusion, iou, mean_iou, pixel_accuracy
+
+    given = [name for name, value in req.classification_only.items() if value not in (None, "all")]
+    if given:
+        raise UsageError(f"{', '.join(given)} apply to classifiers, not to a segmentation checkpoint",
+                         "evaluate a segmentation network with --thresholds from `eetool fit-thresholds --method "
+                         "cbt|cbt-ns|adp-c`, or none for the plain network")
+    inputs = (req.checkpoint, req.indices, data_path(req.data), req.thresholds)
+    if req.output:
+        run.check_output(req.output, force=req.force, inputs=inputs)
+    if req.plot:
+        if req.plot == STDOUT:
+            raise UsageError("--plot - would put a PNG among the data on stdout", "give the plot a file name")
+        run.check_output(req.plot, force=req.force, inputs=inputs)
+    ckpt = open_checkpoint(run, req.checkpoint)
+    model = require_segmentation(ckpt, "this evaluation")
+    threshold_doc, thresholds = read_thresholds(req.thresholds, ckpt, model.num_classes) if req.thresholds else ({},
+                                                                                                               None)
+    device = run.torch()
+    ds = load_masks(req.data, req.split, req.indices, ckpt)
+    preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
+    k = model.num_classes
+    model.eval().to(device)
+    # decoded once, so that the timed runs compare the networks and not the decoding
+    batches = list(_batches(ds, preprocess, req.batch_size, device))
+
+    @torch.no_grad()
+    def plain_run(batches: list[tuple[torch.Tensor, torch.Tensor]] = batches) -> SegmentationRun:
+        matrix = torch.zeros(k, k, dtype=torch.int64)
+        start = time.perf_counter()
+        predictions = [model(x).argmax(1) for x, _ in batches]
+        seconds = time.perf_counter() - start
+        for p, (_, masks) in zip(predictions, batches, strict=True):
+            matrix += confusion(p.cpu(), masks, k)
+        return SegmentationRun(matrix, seconds)
+
+    def early_run(batches: list[tuple[torch.Tensor, torch.Tensor]] = batches) -> SegmentationRun:
+        assert thresholds is not None
+        matrix = torch.zeros(k, k, dtype=torch.int64)
+        exits = torch.zeros(len(EXIT_NAMES), dtype=torch.int64)
+        start = time.perf_counter()
+        results = [early_exit_forward(model, x, thresholds) for x, _ in batches]
+        seconds = time.perf_counter() - start
+        macs = 0
+        for r, (_, masks) in zip(results, batches, strict=True):
+            matrix += confusion(r.logits.argmax(1).cpu(), masks, k)
+            exits += torch.bincount(r.exit_index.flatten().long().cpu(), minlength=len(EXIT_NAMES))
+            macs += r.macs
+        return SegmentationRun(matrix, seconds, exits, macs)
+
+    runs = [plain_run, *([early_run] if thresholds is not None else [])]
+    for warm_up in runs:  # kernels and allocations set up on the first batch before the timed rounds
+        warm_up(batches[:1])
+    rounds = interleaved(runs, req.repeats)
+    timing = speeds([[r.seconds for r in results] for results in rounds], len(ds))
+    if len(runs) > 1 and timing_spread(timing) > BUSY_SPREAD:
+        run.reporter.warn(f"timings varied by a factor {timing_spread(timing):.2f} across the {req.repeats} rounds: "
+                          "the machine was busy and the speed-ups are unreliable; rerun on an idle machine or with "
+                          "more --repeats")
+    dense = plain_macs(model, ckpt.spec.input_shape)
+    classes = ckpt.spec.classes or [str(i) for i in range(k)]
+    unit = req.unit
+
+    def point(name: str, result: SegmentationRun, macs: float, speed: Any) -> dict[str, Any]:
+        return {"name": name, "miou": round(mean_iou(result.confusion), 6),
+                "pixel_accuracy": round(pixel_accuracy(result.confusion), 6),
+                "cost": round(macs / dense, 6), unit: int(in_unit(macs, unit)), "gflops": round(2 * macs / 1e9, 6),
+                "throughput": round(speed.throughput, 1), "speedup": round(speed.speedup, 3),
+                "speedup_min": round(speed.speedup_min, 3), "speedup_max": round(speed.speedup_max, 3),
+                "seconds": [round(t, 4) for t in speed.seconds]}
+
+    plain = rounds[0][0]
+    doc: dict[str, Any] = {
+        "checkpoint": ckpt.path, "checkpoint_sha256": ckpt.sha256, "dataset": ds.fingerprint, "samples": len(ds),
+        "pixels": int(plain.confusion.sum()), "unit": unit, "repeats": req.repeats,
+        "cost_note": COST_NOTE,
+        "points": [point("plain", plain, dense, timing[0])],
+        "per_class_iou": {"plain": _per_class(classes, iou(plain.confusion))},
+    }
+    if thresholds is not None:
+        early = rounds[0][1]
+        assert early.exit_pixels is not None
+        name = f"{threshold_doc.get('method', 'early exit')}"
+        p = point(name, early, early.macs / len(ds), timing[1])
+        p["exit_shares"] = {e: round(int(c) / int(early.exit_pixels.sum()), 6)
+                            for e, c in zip(EXIT_NAMES, early.exit_pixels.tolist(), strict=True)}
+        p["thresholds"] = req.thresholds
+        doc["points"].append(p)
+        doc["per_class_iou"][name] = _per_class(classes, iou(early.confusion))
+    if req.plot:
+        from eetool.plotting import accuracy_cost_png
+
+        accuracy_cost_png(req.plot, [{**q, "accuracy": q["miou"]} for q in doc["points"]],
+                          f"mIoU against cost: {ckpt.spec.arch} on {ds.spec} ({len(ds)} images)")
+        run.reporter.log(f"wrote {req.plot}")
+    if req.output:
+        prov = Provenance(kind="evaluation", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
+                          dataset=ds.fingerprint, args=run.args)
+        write_yaml(req.output, doc, prov)
+        if req.output == STDOUT:
+            return
+        run.reporter.log(f"wrote {req.output}")
+
+    def text(d: dict[str, Any]) -> str:
+        head = format_fields([("checkpoint", ckpt.label), ("dataset", f"{d['dataset']} ({d['samples']} images, "
+                                                                       f"{d['pixels']:,} labelled pixels)"),
+                              ("cost", d["cost_note"])])
+        points = format_table(["point", "mIoU", "pixel acc", "cost", f"{unit}/image", "GFLOPs", "images/s", "speedup",
+                               *(f"share {e}" for e in EXIT_NAMES)],
+                              [[q["name"], q["miou"], q["pixel_accuracy"], q["cost"], f"{q[unit]:,}", q["gflops"],
+                                f"{q['throughput']:.1f}", f"{q['speedup']:.2f}x",
+                                *((q["exit_shares"][e] for e in EXIT_NAMES) if "exit_shares" in q
+                                  else ("",) * len(EXIT_NAMES))] for q in d["points"]])
+        names = list(d["per_class_iou"])
+        per = format_table(["class IoU", *names], [[c, *(d["per_class_iou"][n][c] for n in names)] for c in classes])
+        return f"{head}\n\n{points}\n\n{per}"
+
+    run.emit(doc, text)
+
+
+COST_NOTE = ("multiply-adds of the positions each part computes (the stem on all; later stages, heads and the "
+             "3x3 convolutions' neighbourhoods on active positions only), normalised to the plain network; "
+             "images/s are measured, the early exits computing active positions by gathered matrix products")
+
+
+def _per_class(classes: list[str], values: torch.Tensor) -> dict[str, float | None]:
+    return {c: (None if math.isnan(v) else round(v, 6)) for c, v in zip(classes, values.tolist(), strict=True)}

@@ -1,0 +1,254 @@
+"""An early-exit segmentation network and its pixel-level early-exit inference (ADP-C's masking).
+
+``eeseg``: a stride-2 stem (two 3x3 convolutions) to a half-resolution grid, then four stages of residual
+blocks at that resolution whose 3x3 convolutions are dilated 1, 2, 4 and 8 (the receptive field grows without
+losing resolution, as HRNet's high-resolution branch keeps it), and after each stage a pixelwise head (1x1
+convolutions) whose logits are upsampled bilinearly to the input size. The first three heads are the early
+exits, the fourth the network's own output; `eetool train` trains all four on the sum of their losses.
+
+Early-exit inference (``early_exit_forward``): after each early exit, an image pixel whose largest class
+probability exceeds its threshold (one per exit and predicted class) keeps that prediction and leaves. A
+position of the half-resolution grid stays active while any of its 2 x 2 pixels does. Later stages compute
+only active positions: each 3x3 convolution gathers the (dilated) 3x3 neighbourhoods of the positions it
+computes and multiplies them by the kernel as one matrix product, so the multiply-adds of inactive positions
+are not done at all; a block's first convolution is computed on the active positions and their neighbours
+(the second reads it there), its second on the active positions only. An inactive position keeps its
+features (the residual block passes them through unchanged) and its last logits, which neighbouring active
+pixels read when they are upsampled. The heads are pixelwise and run on active positions only. The stem
+always runs on every position. Costs count exactly this work (convolution and head multiply-adds;
+BatchNorm folds into the convolutions and costs none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eetool.errors import UsageError
+
+SEGMENTATION_ARCH = "eeseg"
+EXIT_NAMES = ["exit1", "exit2", "exit3", "final"]
+DILATIONS = (1, 2, 4, 8)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, dilation: int) -> None:
+        super().__init__()
+        self.dilation = dilation
+        self.conv1 = nn.Conv2d(width, width, 3, 1, dilation, dilation, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, dilation, dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(x + self.bn2(self.conv2(out)))
+
+
+class Head(nn.Module):
+    """Pixelwise: 1x1 convolution, BatchNorm, ReLU, 1x1 convolution to the classes."""
+
+    def __init__(self, width: int, head_width: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, head_width, 1, bias=False)
+        self.bn = nn.BatchNorm2d(head_width)
+        self.conv2 = nn.Conv2d(head_width, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.relu(self.bn(self.conv1(x))))
+
+
+class EESegNet(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int = 1, width: int = 32, head_width: int = 32,
+                 blocks: int = 1) -> None:
+        super().__init__()
+        self.width, self.head_width, self.num_classes, self.in_channels = width, head_width, num_classes, in_channels
+        self.blocks = blocks
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        )
+        self.stages = nn.ModuleList(nn.Sequential(*(Block(width, d) for _ in range(blocks))) for d in DILATIONS)
+        self.heads = nn.ModuleList(Head(width, head_width, num_classes) for _ in DILATIONS)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_exits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every exit at the input's size, the network's own (final) last."""
+        size = x.shape[-2:]
+        h = self.stem(x)
+        out = []
+        for stage, head in zip(self.stages, self.heads, strict=True):
+            h = stage(h)
+            out.append(upsample(head(h), size))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain network: the final exit's logits only (the early heads are not computed)."""
+        h = self.stem(x)
+        for stage in self.stages:
+            h = stage(h)
+        return upsample(self.heads[-1](h), x.shape[-2:])
+
+
+def upsample(logits: torch.Tensor, size: Any) -> torch.Tensor:
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def build(num_classes: int, in_channels: int, arch_args: dict[str, Any]) -> EESegNet:
+    allowed = {"width": 256, "head_width": 256, "blocks": 8}
+    for key, value in arch_args.items():
+        if key not in allowed:
+            raise UsageError(f"bad --arch-args for {SEGMENTATION_ARCH}: unknown {key!r}",
+                             "eeseg takes width, head_width and blocks")
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= allowed[key]:
+            raise UsageError(f"--arch-args {key} must be a whole number from 1 to {allowed[key]}, not {value!r}",
+                             "e.g. '{width: 32, blocks: 1}'")
+    return EESegNet(num_classes, in_channels, **arch_args)
+
+
+def is_segmentation_model(model: nn.Module) -> bool:
+    return isinstance(model, EESegNet)
+
+
+# ---------------------------------------------------------------------------------------------
+# Costs: multiply-adds per computed position
+
+
+@dataclass(frozen=True)
+class PositionCosts:
+    """Multiply-adds of computing one grid position in each part of the network."""
+
+    stem: int  # per grid position (both convolutions)
+    conv: int  # one 3x3 convolution of a block
+    head: int  # one exit head
+
+    @classmethod
+    def of(cls, model: EESegNet) -> PositionCosts:
+        c, ch = model.width, model.head_width
+        return cls(stem=model.in_channels * c * 9 + c * c * 9, conv=c * c * 9, head=c * ch + ch * model.num_classes)
+
+
+def grid_size(model: EESegNet, height: int, width: int) -> tuple[int, int]:
+    """The stem's output grid (stride 2, padding 1, kernel 3)."""
+    return (height + 1) // 2, (width + 1) // 2
+
+
+def plain_macs(model: EESegNet, input_shape: tuple[int, int, int]) -> int:
+    """Multiply-adds of the plain network on one image: every position through the stem, every block and the
+    final head."""
+    costs = PositionCosts.of(model)
+    h, w = grid_size(model, *input_shape[1:])
+    return h * w * (costs.stem + 2 * len(DILATIONS) * model.blocks * costs.conv + costs.head)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel-level early exit
+
+
+@dataclass
+class EarlyExitResult:
+    logits: torch.Tensor  # B x K x H x W: each pixel's logits at the exit it left by
+    exit_index: torch.Tensor  # B x H x W (uint8): that exit, 0..len(exits)-1
+    macs: int  # multiply-adds actually computed for the batch
+    active_positions: list[int]  # grid positions computed by each stage (the stem's are all of them)
+
+
+def _gather(padded: torch.Tensor, index: tuple[torch.Tensor, ...], dilation: int
+            ) -> torch.Tensor:
+    """The 3x3 (dilated) neighbourhoods of the positions ``index`` (unpadded coordinates) in a B x H x W x C grid
+    zero-padded by ``dilation``, as rows of 9 x C values in the kernel's order: one gather of flat row numbers."""
+    b, i, j = index
+    _, hp, wp, c = padded.shape
+    taps = torch.arange(3, device=padded.device) * dilation
+    offsets = (taps[:, None] * wp + taps[None, :]).reshape(-1)
+    first = (b * hp + i) * wp + j  # the top-left tap of each position's neighbourhood
+    return padded.reshape(-1, c)[first[:, None] + offsets[None, :]].reshape(b.shape[0], -1)
+
+
+def _bn(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """Eval-mode BatchNorm on rows of channels."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return x * scale + (bn.bias - bn.running_mean * scale)
+
+
+def _kernel_rows(conv: nn.Conv2d) -> torch.Tensor:
+    """Out x (9 * In) in the order ``_gather`` produces (tap-major, then channel)."""
+    return conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
+
+
+def _sparse_block(block: Block, grid: torch.Tensor, active: torch.Tensor, costs: PositionCosts
+                  ) -> tuple[torch.Tensor, int]:
+    """One residual block on the active positions of a B x H x W x C grid; the others keep their features."""
+    if bool(active.all()):  # every position: the dense convolutions compute exactly that work
+        dense = block(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
+        return dense, 2 * active.numel() * costs.conv
+    d = block.dilation
+    # the first convolution is needed wherever the second reads it: the active positions' neighbourhoods
+    needed = F.max_pool2d(F.pad(active[:, None].float(), (d, d, d, d)), 3, 1, 0, d)[:, 0] > 0
+    need_index = needed.nonzero(as_tuple=True)
+    act_index = active.nonzero(as_tuple=True)
+    padded = F.pad(grid, (0, 0, d, d, d, d))
+    inner_rows = F.relu(_bn(_gather(padded, need_index, d) @ _kernel_rows(block.conv1).T, block.bn1))
+    inner = torch.zeros_like(padded)
+    inner[need_index[0], need_index[1] + d, need_index[2] + d] = inner_rows
+    rows = _bn(_gather(inner, act_index, d) @ _kernel_rows(block.conv2).T, block.bn2)
+    out = grid.clone()
+    out[act_index] = F.relu(grid[act_index] + rows)
+    return out, (need_index[0].numel() + act_index[0].numel()) * costs.conv
+
+
+def _head_rows(head: Head, rows: torch.Tensor) -> torch.Tensor:
+    hidden = F.relu(_bn(rows @ head.conv1.weight[:, :, 0, 0].T, head.bn))
+    assert head.conv2.bias is not None
+    return hidden @ head.conv2.weight[:, :, 0, 0].T + head.conv2.bias
+
+
+@torch.no_grad()
+def early_exit_forward(model: EESegNet, x: torch.Tensor, thresholds: torch.Tensor) -> EarlyExitResult:
+    """Pixel-level early exit with ``thresholds`` (early exits x classes): a pixel predicted as class j at early
+    exit n leaves there when its largest probability exceeds ``thresholds[n, j]``; pixels left at the end take
+    the final exit's prediction. Only active positions are computed after the stem (see the module's doc)."""
+    model.eval()
+    costs = PositionCosts.of(model)
+    batch, _, height, width = x.shape
+    grid = model.stem(x).permute(0, 2, 3, 1).contiguous()
+    gh, gw = grid.shape[1:3]
+    macs = batch * gh * gw * costs.stem
+    last = len(model.stages) - 1
+    grid_logits = torch.zeros(batch, gh, gw, model.num_classes, dtype=grid.dtype, device=x.device)
+    logits = torch.zeros(batch, model.num_classes, height, width, dtype=grid.dtype, device=x.device)
+    exit_index = torch.full((batch, height, width), last, dtype=torch.uint8, device=x.device)
+    pixels = torch.ones(batch, height, width, dtype=torch.bool, device=x.device)
+    active = torch.ones(batch, gh, gw, dtype=torch.bool, device=x.device)
+    computed = []
+    for n in range(len(DILATIONS)):
+        stage, head = cast(nn.Sequential, model.stages[n]), cast(Head, model.heads[n])
+        computed.append(int(active.sum()))
+        for block in cast(list[Block], list(stage)):
+            grid, spent = _sparse_block(block, grid, active, costs)
+            macs += spent
+        index = active.nonzero(as_tuple=True)
+        grid_logits[index] = _head_rows(head, grid[index])
+        macs += index[0].numel() * costs.head
+        up = upsample(grid_logits.permute(0, 3, 1, 2), (height, width))
+        if n == last:
+            logits = torch.where(pixels[:, None], up, logits)
+            break
+        top, prediction = up.max(1)
+        confidence = 1 / (up - top[:, None]).exp().sum(1)  # the largest softmax probability
+        leave = pixels & (confidence > thresholds[n].to(confidence.device)[prediction])
+        logits = torch.where(leave[:, None], up, logits)
+        exit_index[leave] = n
+        pixels &= ~leave
+        active = F.max_pool2d(pixels[:, None].float(), 2, 2, ceil_mode=True)[:, 0] > 0
+        if not bool(active.any()):
+            computed.extend([0] * (last - n))
+            break
+    return EarlyExitResult(logits, exit_index, int(macs), computed)

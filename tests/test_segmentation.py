@@ -1,0 +1,334 @@
+"""Early-exit segmentation: CBT's equations against a direct recomputation, the masked inference (exited pixels
+never change, inactive positions keep their features, the cost counts only computed positions), the scene and
+mask sources, and the commands end to end on a tiny network."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from eetool.artifacts import Provenance
+from eetool.checkpoint import ModelSpec, save_checkpoint
+from eetool.cli import app
+from eetool.errors import InputError, UsageError
+from eetool.segmentation import IGNORE
+from eetool.segmentation.data import SOLID, make_scenes
+from eetool.segmentation.metrics import confusion, iou, mean_iou, pixel_accuracy
+from eetool.segmentation.model import (
+    EESegNet,
+    PositionCosts,
+    _sparse_block,
+    early_exit_forward,
+    grid_size,
+    plain_macs,
+)
+from eetool.segmentation.thresholds import ClassStats, adp_c, cbt, cbt_ns, check_range
+
+runner = CliRunner()
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def random_batch(gen: torch.Generator, exits: int = 4, b: int = 3, k: int = 4, side: int = 5
+                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    probs = [torch.rand(b, k, side, side, generator=gen, dtype=torch.float64).softmax(1) for _ in range(exits)]
+    masks = torch.randint(0, k, (b, side, side), generator=gen).to(torch.int16)
+    masks[:, 0, 0] = IGNORE
+    return probs, masks
+
+
+def direct_class_means(batches: list[tuple[list[torch.Tensor], torch.Tensor]], k: int) -> torch.Tensor:
+    """p_{n,k} by the definition (eq. 3.1): a loop over every labelled pixel."""
+    exits = len(batches[0][0])
+    sums = torch.zeros(exits, k, k, dtype=torch.float64)
+    counts = torch.zeros(k, dtype=torch.float64)
+    for probs, masks in batches:
+        for b, h, w in np.ndindex(*masks.shape):
+            truth = int(masks[b, h, w])
+            if truth == IGNORE:
+                continue
+            counts[truth] += 1
+            for n in range(exits):
+                sums[n, truth] += probs[n][b, :, h, w]
+    return sums / counts[None, :, None]
+
+
+def eq_3_3(scores: list[float], alpha: float, beta: float) -> list[float]:
+    low, high = min(scores), max(scores)
+    return [(1 - (s - low) / (high - low)) * (beta - alpha) + alpha for s in scores]
+
+
+def top1_minus_top2(v: torch.Tensor) -> float:
+    ordered = sorted(v.tolist(), reverse=True)
+    return ordered[0] - ordered[1]
+
+
+def test_cbt_matches_equations_3_1_to_3_3_recomputed_directly() -> None:
+    gen = torch.Generator().manual_seed(0)
+    batches = [random_batch(gen) for _ in range(3)]
+    stats = ClassStats.empty(4, 4)
+    for probs, masks in batches:  # streamed batch by batch
+        stats.update(probs, masks)
+    p = direct_class_means(batches, 4)
+    assert torch.allclose(stats.exit_means(), p, atol=1e-12)
+    shared = p.mean(0)  # eq. 3.2
+    expected = eq_3_3([top1_minus_top2(shared[k]) for k in range(4)], 0.9, 0.998)
+    thresholds, scores = cbt(stats, 0.9, 0.998, early_exits=3)
+    assert thresholds.shape == (3, 4)
+    for row in thresholds:
+        assert row.tolist() == pytest.approx(expected, abs=1e-12)
+    assert scores.tolist() == pytest.approx([top1_minus_top2(shared[k]) for k in range(4)], abs=1e-12)
+    # the surest class gets alpha, the least sure beta
+    assert float(thresholds[0, int(scores.argmax())]) == pytest.approx(0.9)
+    assert float(thresholds[0, int(scores.argmin())]) == pytest.approx(0.998)
+
+
+def test_cbt_ns_scales_each_exit_on_its_own() -> None:
+    gen = torch.Generator().manual_seed(1)
+    batches = [random_batch(gen) for _ in range(2)]
+    stats = ClassStats.empty(4, 4)
+    for probs, masks in batches:
+        stats.update(probs, masks)
+    p = direct_class_means(batches, 4)
+    thresholds, _ = cbt_ns(stats, 0.5, 0.9, early_exits=3)
+    for n in range(3):
+        expected = eq_3_3([top1_minus_top2(p[n, k]) for k in range(4)], 0.5, 0.9)
+        assert thresholds[n].tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_absent_class_and_equal_scores_get_beta() -> None:
+    stats = ClassStats.empty(2, 3)
+    probs = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64).view(1, 3, 1, 1).expand(1, 3, 2, 1)
+    stats.update([probs, probs], torch.tensor([[[0], [1]]], dtype=torch.int16))  # class 2 has no pixel
+    thresholds, _ = cbt(stats, 0.9, 0.998, early_exits=1)
+    # classes 0 and 1 have the same mean vector, hence the same score: eq. 3.3 is 0/0, so both get beta
+    assert thresholds[0].tolist() == pytest.approx([0.998, 0.998, 0.998])
+    other = torch.tensor([0.1, 0.8, 0.1], dtype=torch.float64).view(1, 3, 1, 1)
+    stats.update([other, other], torch.tensor([[[1]]], dtype=torch.int16))
+    thresholds, _ = cbt(stats, 0.9, 0.998, early_exits=1)
+    assert thresholds[0, 2] == pytest.approx(0.998)  # still absent: beta, outside the min and max
+    assert sorted(thresholds[0, :2].tolist()) == pytest.approx([0.9, 0.998])
+
+
+@pytest.mark.parametrize(("alpha", "beta"), [(0.9, 0.9), (0.99, 0.9), (-0.1, 0.9), (0.9, 1.5), (float("nan"), 0.9)])
+def test_bad_alpha_beta_are_refused(alpha: float, beta: float) -> None:
+    with pytest.raises(UsageError):
+        check_range(alpha, beta)
+
+
+def test_adp_c_is_one_threshold() -> None:
+    assert adp_c(0.998, 3, 5).unique().tolist() == [0.998]
+    with pytest.raises(UsageError):
+        adp_c(1.5, 3, 5)
+
+
+def trained_like(model: EESegNet, seed: int = 0) -> EESegNet:
+    """Random BatchNorm statistics, so that eval mode is not the identity."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert m.running_mean is not None and m.running_var is not None
+            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def net() -> EESegNet:
+    torch.manual_seed(0)
+    return trained_like(EESegNet(5, in_channels=1, width=8, head_width=8))
+
+
+def test_nobody_leaving_early_is_the_plain_network(net: EESegNet) -> None:
+    x = torch.randn(2, 1, 20, 20)
+    result = early_exit_forward(net, x, torch.full((3, 5), 2.0))
+    with torch.no_grad():
+        assert torch.allclose(result.logits, net(x), atol=1e-5)
+    assert (result.exit_index == 3).all()
+    costs = PositionCosts.of(net)
+    positions = 2 * 10 * 10
+    # the plain network plus the three early heads, on every position
+    assert result.macs == 2 * plain_macs(net, (1, 20, 20)) + 3 * positions * costs.head
+
+
+def test_everyone_leaving_first_costs_the_stem_first_stage_and_head(net: EESegNet) -> None:
+    x = torch.randn(2, 1, 20, 20)
+    result = early_exit_forward(net, x, torch.zeros(3, 5))
+    with torch.no_grad():
+        assert torch.allclose(result.logits, net.forward_exits(x)[0], atol=1e-5)
+    assert (result.exit_index == 0).all()
+    costs = PositionCosts.of(net)
+    h, w = grid_size(net, 20, 20)
+    assert result.macs == 2 * h * w * (costs.stem + 2 * costs.conv + costs.head)
+    assert result.active_positions == [2 * h * w, 0, 0, 0]
+
+
+def test_inactive_positions_keep_their_features_and_active_ones_match_the_dense_block(net: EESegNet) -> None:
+    gen = torch.Generator().manual_seed(3)
+    grid = torch.randn(2, 9, 9, 8, generator=gen)
+    active = torch.rand(2, 9, 9, generator=gen) < 0.3
+    block = net.stages[1][0]  # dilation 2
+    with torch.no_grad():
+        out, spent = _sparse_block(block, grid, active, PositionCosts.of(net))
+        dense = block(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    assert torch.equal(out[~active], grid[~active])  # bit for bit: never recomputed
+    assert torch.allclose(out[active], dense[active], atol=1e-5)
+    # the cost: the first convolution on the active positions' neighbourhoods, the second on the active ones
+    padded = torch.nn.functional.pad(active.float(), (2, 2, 2, 2))
+    needed = torch.nn.functional.max_pool2d(padded[:, None], 3, 1, 0, 2)[:, 0] > 0
+    assert spent == (int(needed.sum()) + int(active.sum())) * PositionCosts.of(net).conv
+
+
+def test_one_active_position_costs_its_neighbourhood_and_itself(net: EESegNet) -> None:
+    grid = torch.randn(1, 9, 9, 8)
+    active = torch.zeros(1, 9, 9, dtype=torch.bool)
+    active[0, 4, 4] = True
+    with torch.no_grad():
+        _, spent = _sparse_block(net.stages[2][0], grid, active, PositionCosts.of(net))  # dilation 4
+    assert spent == (9 + 1) * PositionCosts.of(net).conv
+
+
+def test_exited_pixels_never_change_afterwards(net: EESegNet) -> None:
+    x = torch.randn(3, 1, 20, 20)
+    with torch.no_grad():
+        first = net.forward_exits(x)[0].softmax(1).amax(1)
+    cut = float(first.median())  # about half the pixels leave at the first exit
+    later_leave = torch.tensor([[cut] * 5, [0.0] * 5, [0.0] * 5])
+    later_stay = torch.tensor([[cut] * 5, [2.0] * 5, [2.0] * 5])
+    a = early_exit_forward(net, x, later_leave)
+    b = early_exit_forward(net, x, later_stay)
+    left = a.exit_index == 0
+    assert torch.equal(left, b.exit_index == 0)
+    assert 0.2 < float(left.float().mean()) < 0.8
+    # what happens after the first exit (everyone else leaving at the second, or nobody before the end) does not
+    # touch the pixels that left at the first
+    assert torch.equal(a.logits.permute(0, 2, 3, 1)[left], b.logits.permute(0, 2, 3, 1)[left])
+    # and fewer active pixels cost less, never more
+    assert a.macs < b.macs
+    assert a.active_positions[1] == b.active_positions[1] < a.active_positions[0]
+
+
+def test_metrics_from_the_confusion_matrix() -> None:
+    truth = torch.tensor([[0, 0, 1, 1], [2, 2, IGNORE, 1]], dtype=torch.int16)
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 1]])
+    m = confusion(pred, truth, 4)
+    assert int(m.sum()) == 7  # the ignored pixel is left out
+    assert pixel_accuracy(m) == pytest.approx(5 / 7)
+    per = iou(m)
+    assert per[:3].tolist() == pytest.approx([1 / 3, 3 / 4, 1 / 2])
+    assert bool(per[3].isnan())  # neither in the ground truth nor predicted: not in the mean
+    assert mean_iou(m) == pytest.approx((1 / 3 + 3 / 4 + 1 / 2) / 3)
+
+
+def test_scenes_are_seeded_and_labelled_by_their_garments() -> None:
+    gen = np.random.default_rng(0)
+    garments = gen.integers(0, 256, size=(20, 28, 28)).astype(np.uint8)
+    garments[:, :4] = 0
+    labels = np.arange(20) % 10
+    a_img, a_mask = make_scenes(garments, labels, 8, seed=5)
+    b_img, b_mask = make_scenes(garments, labels, 8, seed=5)
+    assert np.array_equal(a_img, b_img) and np.array_equal(a_mask, b_mask)
+    assert not np.array_equal(make_scenes(garments, labels, 8, seed=6)[0], a_img)
+    assert a_img.shape == (8, 1, 64, 64) and a_mask.shape == (8, 64, 64)
+    assert set(np.unique(a_mask).tolist()) <= {IGNORE, *range(11)}
+    bright, blank = a_img[:, 0] >= SOLID, a_img[:, 0] == 0
+    assert (a_mask[bright] >= 1).all()  # every bright pixel is a garment's
+    assert (a_mask[blank] == 0).all()  # every black pixel is background
+    assert (a_mask[~bright & ~blank] == IGNORE).all()  # faint rims are ignored
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_scenes_are_the_same_on_every_load() -> None:
+    from eetool.segmentation.data import fashion_mnist_scenes
+
+    a = fashion_mnist_scenes(FASHION, "test", count=16)
+    b = fashion_mnist_scenes(FASHION, "test", count=16)
+    assert a.fingerprint == b.fingerprint and a.num_classes == 11
+    assert fashion_mnist_scenes(FASHION, "train", count=16).fingerprint != a.fingerprint
+
+
+def write_mask_file(path: Path, *, masks: torch.Tensor | None = None, classes: str = "bg\nsquare\nbar") -> None:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.zeros(24, 1, 16, 16, dtype=torch.uint8)
+    made = torch.zeros(24, 16, 16, dtype=torch.uint8)
+    for i in range(24):
+        y, x = torch.randint(0, 10, (2,), generator=gen).tolist()
+        images[i, 0, y:y + 6, x:x + 6] = 200
+        made[i, y:y + 6, x:x + 6] = 1
+        made[i, y + 6:y + 7, x:x + 6] = 255  # an unlabelled rim
+        images[i, 0, :, 14:] = 90
+        made[i, :, 14:] = 2
+    save_file({"images": images, "masks": made if masks is None else masks}, str(path),
+              metadata={"classes": classes})
+
+
+def test_mask_file_maps_the_ignore_label(tmp_path: Path) -> None:
+    from eetool.datasets import load_dataset
+
+    write_mask_file(tmp_path / "seg.safetensors")
+    ds = load_dataset(f"segmentation:{tmp_path / 'seg.safetensors'}", "train")
+    assert ds.labels.dtype == torch.int16 and ds.labels.shape == (24, 16, 16)
+    assert set(ds.labels.unique().tolist()) == {IGNORE, 0, 1, 2}
+    assert ds.classes == ["bg", "square", "bar"]
+
+
+@pytest.mark.parametrize(("masks", "says"), [
+    (torch.zeros(24, 16, 15, dtype=torch.uint8), "masks have shape"),
+    (torch.full((24, 16, 16), 7, dtype=torch.uint8), "outside the classes"),
+    (torch.zeros(24, 16, 16), "masks are torch.float32"),
+])
+def test_bad_mask_files_are_refused(tmp_path: Path, masks: torch.Tensor, says: str) -> None:
+    from eetool.datasets import load_dataset
+
+    write_mask_file(tmp_path / "bad.safetensors", masks=masks)
+    with pytest.raises(InputError, match=says):
+        load_dataset(f"segmentation:{tmp_path / 'bad.safetensors'}", "train")
+
+
+def test_train_fit_and_evaluate_end_to_end(tmp_path: Path) -> None:
+    data = tmp_path / "seg.safetensors"
+    write_mask_file(data)
+    ckpt = tmp_path / "eeseg.safetensors"
+    made = runner.invoke(app, ["train", "-d", f"segmentation:{data}", "-o", str(ckpt), "--epochs", "2",
+                               "--batch-size", "8", "--optimizer", "adamw", "--lr", "0.01", "--arch-args",
+                               "{width: 8, head_width: 8}", "-q", "--format", "json"])
+    assert made.exit_code == 0, made.stderr
+    trained = json.loads(made.stdout)
+    assert trained["arch"] == "eeseg" and 0 <= trained["train_accuracy"] <= 1
+    for method, extra in (("cbt", ["--alpha", "0.5", "--beta", "0.9"]), ("cbt-ns", []), ("adp-c", ["--threshold",
+                                                                                                   "0.7"])):
+        out = tmp_path / f"{method}.yaml"
+        made = runner.invoke(app, ["fit-thresholds", "--method", method, "-c", str(ckpt), "-d", f"segmentation:{data}",
+                                   "-o", str(out), "-q", *extra])
+        assert made.exit_code == 0, made.stderr
+        done = runner.invoke(app, ["evaluate", "-c", str(ckpt), "-d", f"segmentation:{data}", "--split", "train",
+                                   "--thresholds", str(out), "--repeats", "1", "--format", "json", "-q"])
+        assert done.exit_code == 0, done.stderr
+        doc = json.loads(done.stdout)
+        plain, early = doc["points"]
+        assert plain["cost"] == 1.0 and 0 <= plain["miou"] <= 1
+        assert sum(early["exit_shares"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert 0 < early["cost"] < 1.1
+        assert early["gflops"] == pytest.approx(2 * early["macs"] / 1e9, abs=1e-6)  # rounded to 6 places
+    import yaml
+
+    fitted = yaml.safe_load((tmp_path / "cbt.yaml").read_text())
+    assert fitted["provenance"]["kind"] == "segmentation-thresholds"
+    assert min(fitted["thresholds"][0]) == pytest.approx(0.5) and max(fitted["thresholds"][0]) == pytest.approx(0.9)
+    assert sum(fitted["statistics"]["pixels"].values()) > 0
+
+
+def test_a_segmentation_checkpoint_records_its_spec(tmp_path: Path) -> None:
+    spec = ModelSpec(arch="eeseg", num_classes=3, input_shape=(1, 16, 16), mean=[0.5], std=[0.25],
+                     arch_args={"width": 4, "head_width": 4})
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(str(path), spec.build(), spec, Provenance(kind="checkpoint"))
+    from eetool.checkpoint import load_checkpoint
+
+    assert isinstance(load_checkpoint(str(path)).model, EESegNet)
