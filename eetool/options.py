@@ -32,6 +32,7 @@ from eetool.archs import ALL_ARCHS, MAX_CLASSES, MAX_INPUT_CHANNELS, MAX_INPUT_S
 from eetool.choices import EXIT_SELECTIONS, OPTIMIZERS, SCHEDULES, SPLITS
 from eetool.errors import EetoolError, ExitCode, UsageError
 from eetool.interrupts import Interrupted, interrupts_raise
+from eetool.loading import DataLoading, DataOptions
 from eetool.reporting import ConsoleReporter
 
 if TYPE_CHECKING:
@@ -128,6 +129,53 @@ def _model_parameters() -> list[inspect.Parameter]:
 
 MODEL_NAMES = ("arch", "arch_args", "num_classes", "input_shape", "mean", "std")
 
+# How folder images are decoded and fed (eetool.loading): every command that reads data takes these, declared
+# once and added by ``eetool_command(kind, data_options=True)``.
+DATA_LOADING = "Data loading"
+MAX_WORKERS = 256
+
+
+def _data_parameters() -> list[inspect.Parameter]:
+    def opt(name: str, annotation: Any, default: Any = None) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+    return [
+        opt("data_loading", Annotated[DataLoading, typer.Option(
+            "--data-loading", help="Folder data: decode it all into memory, stream it from disk in batches, or "
+            "auto (memory up to 2 GiB decoded). Both give the same results.", rich_help_panel=DATA_LOADING)],
+            DataLoading.auto),
+        opt("workers", Annotated[int | None, typer.Option(
+            "--workers", min=0, max=MAX_WORKERS, help="Processes decoding folder images (0: the main process; "
+            "default: the cores less one, at most 8).", rich_help_panel=DATA_LOADING)]),
+        opt("resize", Annotated[int | None, typer.Option(
+            "--resize", min=1, max=MAX_INPUT_SIDE, help="Folder images: resize the shorter side to N pixels before "
+            "the centre crop (default: the checkpoint's; torchvision architectures 256 for a 224 crop).",
+            rich_help_panel=DATA_LOADING)]),
+        opt("crop", Annotated[str | None, typer.Option(
+            "--crop", help="Folder images: centre crop H[,W] (default: the model's input size).",
+            rich_help_panel=DATA_LOADING)]),
+    ]
+
+
+DATA_NAMES = ("data_loading", "workers", "resize", "crop")
+
+
+def _data_options(kwargs: dict[str, Any]) -> DataOptions:
+    crop = kwargs.get("crop")
+    return DataOptions(loading=kwargs["data_loading"], workers=kwargs.get("workers"), resize=kwargs.get("resize"),
+                       crop=parse_crop(crop) if crop is not None else None)
+
+
+def parse_crop(text: str) -> tuple[int, int]:
+    try:
+        sides = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        sides = ()
+    if len(sides) not in (1, 2) or min(sides) < 1 or max(sides) > MAX_INPUT_SIDE:
+        raise UsageError(f"--crop {text!r} is not H[,W] pixels from 1 to {MAX_INPUT_SIDE}",
+                         "write e.g. --crop 224 or --crop 224,192")
+    return (sides[0], sides[-1])
+
 
 def _model_options(kwargs: dict[str, Any]) -> ModelOptions:
     """The foreign-checkpoint flags as one typed object, their values checked."""
@@ -175,6 +223,7 @@ class Run:
     args: dict[str, Any] = field(default_factory=dict)
     resumable: str = ""  # set by a command once its resumable state exists: how to continue after Ctrl-C
     model_options: ModelOptions = field(default_factory=ModelOptions)  # for checkpoints that do not record them
+    data_options: DataOptions = field(default_factory=DataOptions)  # how folder data is decoded and fed
     reporter: ConsoleReporter = field(init=False)
     locks: list[OutputLock] = field(default_factory=list)  # of the outputs, held until the command ends
 
@@ -277,11 +326,13 @@ def _common_parameters() -> list[inspect.Parameter]:
 COMMON_NAMES = ("quiet", "verbose", "format", "no_progress", "seed", "device", "threads", "config", "debug")
 
 
-def eetool_command(kind: str, *, model_options: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def eetool_command(kind: str, *, model_options: bool = False, data_options: bool = False
+                   ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Make ``func(run, **options)`` a CLI command whose JSON output has schema ``eetool/<kind>@1``.
 
     With ``model_options`` the command reads a checkpoint: it also takes the foreign-checkpoint options
-    (--arch, --arch-args, --num-classes, --input-shape, --mean, --std), handed over as ``run.model_options``."""
+    (--arch, --arch-args, --num-classes, --input-shape, --mean, --std), handed over as ``run.model_options``.
+    With ``data_options`` it reads data: --data-loading, --workers, --resize and --crop, as ``run.data_options``."""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(func)
@@ -315,11 +366,16 @@ def eetool_command(kind: str, *, model_options: bool = False) -> Callable[[Calla
                             progress=not kwargs["no_progress"], seed=kwargs["seed"], device_name=kwargs["device"],
                             threads=kwargs["threads"], debug=kwargs["debug"], config=kwargs["config"],
                         )
-                        own_kwargs = {k: v for k, v in kwargs.items() if k not in COMMON_NAMES + MODEL_NAMES}
+                        own_kwargs = {k: v for k, v in kwargs.items()
+                                      if k not in COMMON_NAMES + MODEL_NAMES + DATA_NAMES}
                         run.args = {k: (v.value if isinstance(v, Enum) else v) for k, v in own_kwargs.items()}
                         if model_options:
                             run.model_options = _model_options(kwargs)
                             run.args.update({k: kwargs[k] for k in MODEL_NAMES if kwargs[k] is not None})
+                        if data_options:
+                            run.data_options = _data_options(kwargs)
+                            # how pixels are made is provenance; how many processes decode them is not
+                            run.args.update({k: kwargs[k] for k in ("resize", "crop") if kwargs[k] is not None})
                         run.args["seed"] = run.seed
                         try:
                             func(run, **own_kwargs)
@@ -344,7 +400,8 @@ def eetool_command(kind: str, *, model_options: bool = False) -> Callable[[Calla
                 _show_warnings(caught)
 
         ctx_param = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
-        params = [ctx_param, *own, *(_model_parameters() if model_options else []), *_common_parameters()]
+        params = [ctx_param, *own, *(_model_parameters() if model_options else []),
+                  *(_data_parameters() if data_options else []), *_common_parameters()]
         wrapper.__signature__ = sig.replace(parameters=params, return_annotation=None)  # type: ignore[attr-defined]
         # typer reads resolved annotations of the new signature, not func's string annotations.
         wrapper.__annotations__ = {p.name: p.annotation for p in params}

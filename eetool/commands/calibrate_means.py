@@ -32,7 +32,7 @@ class Predict(str, Enum):
     nearest = "nearest"
 
 
-@eetool_command("class-means", model_options=True)
+@eetool_command("class-means", model_options=True, data_options=True)
 def command(
     run: Run,
     checkpoint: CheckpointOpt,
@@ -63,15 +63,16 @@ def command(
     import math
 
     from eetool.artifacts import Provenance
+    from eetool.commands.common import load_data
     from eetool.costs import effective, in_unit, measure
-    from eetool.datasets import Preprocess, check_labels, load_dataset
+    from eetool.datasets import Preprocess, check_labels
     from eetool.e2cm import ClassMeans, Pooling, calibrate
     from eetool.exits import build_exit_model
 
     run.check_output(output, force=force, inputs=(checkpoint, indices, data_path(data)), binary=True)
     ckpt = open_checkpoint(run, checkpoint)
     device = run.torch()
-    ds = load_dataset(data, split, indices)
+    ds = load_data(run, data, split, indices, ckpt.spec)
     check_labels(ds, ckpt.spec.num_classes)
     if clusters is not None and clusters != ckpt.spec.num_classes:
         from eetool.errors import UsageError

@@ -67,3 +67,19 @@ def exit_rule(ckpt: Checkpoint, method: str, combine: str, means: str | None, cm
     if method == "e2cm":
         return em, MeansRule(cm, device)
     return em, HeadsRule(heads, method, cm, combine, device)
+
+
+def load_data(run: Run, data: str, split: str, indices: str | None = None, spec: Any = None) -> Any:
+    """``--data`` for the model of ``spec`` (its recipe for folder images), held or streamed as the data
+    options say; without a spec, folder images keep the first image's size (or --crop's)."""
+    from eetool.datasets import load_dataset
+    from eetool.loading import Geometry, default_resize
+
+    opts = run.data_options
+    if spec is not None:
+        geometry = opts.geometry(spec.arch, (spec.input_shape[1], spec.input_shape[2]), spec.resize)
+    elif opts.crop is not None:
+        geometry = Geometry(opts.resize or default_resize(run.model_options.arch or "", opts.crop), opts.crop)
+    else:
+        geometry = None
+    return load_dataset(data, split, indices, opts, geometry)

@@ -25,7 +25,7 @@ from eetool.options import (
 )
 
 
-@eetool_command("evaluation", model_options=True)
+@eetool_command("evaluation", model_options=True, data_options=True)
 def command(
     run: Run,
     checkpoint: CheckpointOpt,
@@ -59,8 +59,9 @@ def command(
     import torch
 
     from eetool.artifacts import STDOUT, Provenance, write_yaml
+    from eetool.commands.common import load_data
     from eetool.costs import count_macs, effective_macs, in_unit, is_pruned
-    from eetool.datasets import Preprocess, check_labels, load_dataset, require_labels
+    from eetool.datasets import Preprocess, check_labels, require_labels
     from eetool.errors import ModelMismatchError, UsageError
     from eetool.inference import (
         BUSY_SPREAD,
@@ -92,7 +93,7 @@ def command(
                          f"{ckpt.spec.num_classes}: they cannot be timed on the same data",
                          "give a baseline made for the same data (the checkpoint it was pruned from)")
     device = run.torch()
-    ds = load_dataset(data, split, indices)
+    ds = load_data(run, data, split, indices, ckpt.spec)
     check_labels(ds, ckpt.spec.num_classes)
     require_labels(ds, "evaluate on a labelled dataset")
     unit = count.value

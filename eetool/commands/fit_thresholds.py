@@ -23,7 +23,7 @@ from eetool.options import (
 SEARCH = "Search"
 
 
-@eetool_command("thresholds", model_options=True)
+@eetool_command("thresholds", model_options=True, data_options=True)
 def command(
     run: Run,
     output: OutputOpt,
@@ -175,8 +175,8 @@ def _scored_stats(run: Run, method: str, combine: str, means: str | None, cm: An
     dense costs of the exits where the statistics' costs are a pruned network's effective ones (else None)."""
     import torch
 
-    from eetool.commands.common import exit_rule, open_checkpoint
-    from eetool.datasets import Preprocess, check_labels, load_dataset
+    from eetool.commands.common import exit_rule, load_data, open_checkpoint
+    from eetool.datasets import Preprocess, check_labels
     from eetool.errors import UsageError
     from eetool.rules import HeadsRule, cost_models, rule_scores
     from eetool.thresholds import ExitStats
@@ -187,7 +187,7 @@ def _scored_stats(run: Run, method: str, combine: str, means: str | None, cm: An
     ckpt = open_checkpoint(run, checkpoint)
     device = run.torch()
     em, rule = exit_rule(ckpt, method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, device)
-    ds = load_dataset(data, split, indices)
+    ds = load_data(run, data, split, indices, ckpt.spec)
     check_labels(ds, ckpt.spec.num_classes)
     if method == "e2cm" and ds.fingerprint == means_prov.dataset:
         run.reporter.warn("the validation data is the calibration data; thresholds are not held out")
