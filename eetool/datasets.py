@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from eetool.distributed import World, shard_batches
 from eetool.errors import InputError, ModelMismatchError, UsageError
 from eetool.loading import IN_MEMORY_LIMIT_BYTES, DataLoading, DataOptions, Geometry
 from eetool.sources import DATA_ROOT_ENV, DEFAULT_PATHS, IDX_SOURCES, SOURCES, demo_path
@@ -92,23 +93,26 @@ class Dataset:
                        indices=base, stream=None if self.stream is None else self.stream.subset(idx),
                        geometry=self.geometry)
 
-    def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield (uint8 images, labels, positions) batches; positions index this dataset."""
+    def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
+                world: World | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (uint8 images, labels, positions) batches; positions index this dataset. With a ``world``
+        of several processes, only this rank's share of the batches (``eetool.distributed``)."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        positions = list(order.split(batch_size))
+        if world is not None:
+            positions = shard_batches(positions, world)
         if self.stream is not None:
-            positions = list(order.split(batch_size))
             for pos, images in zip(positions, self.stream.batches(positions), strict=True):
                 yield images, self.labels[pos], pos
             return
         assert self.images is not None
-        for start in range(0, n, batch_size):
-            pos = order[start:start + batch_size]
+        for pos in positions:
             if shuffle:
                 yield self.images[pos], self.labels[pos], pos
             else:  # contiguous slices avoid a gather copy
-                yield self.images[start:start + batch_size], self.labels[start:start + batch_size], pos
+                start, end = int(pos[0]), int(pos[0]) + len(pos)
+                yield self.images[start:end], self.labels[start:end], pos
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the images in [0, 1], in float64 running sums."""
