@@ -249,9 +249,6 @@ class Run:
         if self.threads:
             torch.set_num_threads(self.threads)
         if self.world.distributed:
-            if not self.distributed:
-                raise UsageError(f"{self.command} does not run under torchrun yet",
-                                 "run it as one process, without torchrun")
             from eetool.distributed import join
 
             device = join(self.world, self.device_name.value)
@@ -398,6 +395,9 @@ def eetool_command(kind: str, *, model_options: bool = False, data_options: bool
                             # how pixels are made is provenance; how many processes decode them is not
                             run.args.update({k: kwargs[k] for k in ("resize", "crop") if kwargs[k] is not None})
                         run.args["seed"] = run.seed
+                        if run.world.distributed and not distributed:
+                            raise UsageError(f"{run.command} does not run under torchrun yet",
+                                             "run it as one process, without torchrun")
                         try:
                             func(run, **own_kwargs)
                         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -83,3 +84,15 @@ def load_data(run: Run, data: str, split: str, indices: str | None = None, spec:
     else:
         geometry = None
     return load_dataset(data, split, indices, opts, geometry)
+
+
+def local_share(run: Run, ds: Any, batch_size: int) -> tuple[Any, Callable[[Any], Any]]:
+    """Under torchrun: this rank's whole batches of ``ds`` (as a dataset), and a function that puts every rank's
+    per-sample rows back in the order of ``ds``. One process: ``ds`` and the identity."""
+    from eetool.distributed import gather_rows, shard_positions
+
+    world = run.world
+    if not world.distributed:
+        return ds, lambda rows: rows
+    positions = shard_positions(len(ds), batch_size, world)
+    return ds.subset(positions), lambda rows: gather_rows(rows, positions, len(ds), world)

@@ -376,25 +376,26 @@ def _operating_points(path: str, doc: dict[str, Any], num_exits: int) -> list[di
 
 
 def _shards(run: Run, ds: Any, batch_size: int) -> tuple[Any, Any]:
-    """Under torchrun: this rank's share of whole batches, and a function that turns a run over it into the run
-    over every sample (predictions in order, the slowest rank's seconds). One process: the data and identity."""
+    """Under torchrun: a function that turns a run over this rank's share into the run over every sample
+    (predictions in order, the slowest rank's seconds), and the share. One process: the identity and the data."""
     import dataclasses
 
-    from eetool.distributed import all_max, gather_rows, shard_positions
+    from eetool.commands.common import local_share
+    from eetool.distributed import all_max
 
     world = run.world
-    if not world.distributed:
-        return (lambda result: result), ds
     if -(-len(ds) // batch_size) < world.size:
         from eetool.errors import UsageError
 
         raise UsageError(f"{len(ds)} samples make fewer batches of {batch_size} than the {world.size} processes",
                          "use fewer processes or a smaller --batch-size")
-    positions = shard_positions(len(ds), batch_size, world)
+    local, gather = local_share(run, ds, batch_size)
 
     def whole(result: Any) -> Any:
-        per_sample = {f.name: gather_rows(getattr(result, f.name), positions, len(ds), world)
-                      for f in dataclasses.fields(result) if f.name in ("predictions", "exit_index")}
+        if not world.distributed:
+            return result
+        per_sample = {f.name: gather(getattr(result, f.name)) for f in dataclasses.fields(result)
+                      if f.name in ("predictions", "exit_index")}
         return dataclasses.replace(result, seconds=all_max(result.seconds, world), **per_sample)
 
-    return whole, ds.subset(positions)
+    return whole, local

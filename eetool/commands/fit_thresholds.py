@@ -23,7 +23,7 @@ from eetool.options import (
 SEARCH = "Search"
 
 
-@eetool_command("thresholds", model_options=True, data_options=True)
+@eetool_command("thresholds", model_options=True, data_options=True, distributed=True)
 def command(
     run: Run,
     output: OutputOpt,
@@ -144,6 +144,8 @@ def command(
     prov = Provenance(kind="thresholds", checkpoint_sha256=made_from.checkpoint_sha256,
                       model_sha256=made_from.model_sha256, exits=exits,
                       dataset=dataset, args=run.args, inputs=inputs)
+    if not run.world.main:  # under torchrun rank 0 writes and prints
+        return
     write_yaml(output, doc, prov)
     if output == STDOUT:
         return
@@ -175,7 +177,7 @@ def _scored_stats(run: Run, method: str, combine: str, means: str | None, cm: An
     dense costs of the exits where the statistics' costs are a pruned network's effective ones (else None)."""
     import torch
 
-    from eetool.commands.common import exit_rule, load_data, open_checkpoint
+    from eetool.commands.common import exit_rule, load_data, local_share, open_checkpoint
     from eetool.datasets import Preprocess, check_labels
     from eetool.errors import UsageError
     from eetool.rules import HeadsRule, cost_models, rule_scores
@@ -192,8 +194,9 @@ def _scored_stats(run: Run, method: str, combine: str, means: str | None, cm: An
     if method == "e2cm" and ds.fingerprint == means_prov.dataset:
         run.reporter.warn("the validation data is the calibration data; thresholds are not held out")
     preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
-    conf, pred, final = rule_scores(em, ds, preprocess, rule, batch_size=batch_size, device=device,
-                                    reporter=run.reporter)
+    local, gather = local_share(run, ds, batch_size)  # under torchrun: this rank's batches, then every rank's rows
+    conf, pred, final = (gather(t) for t in rule_scores(em, local, preprocess, rule, batch_size=batch_size,
+                                                        device=device, reporter=run.reporter))
     if not isinstance(rule, HeadsRule):
         return cm.exit_stats(conf, pred, final, ds.labels), ds.fingerprint, _dense_means_costs(cm)
     correct = torch.cat([pred == ds.labels[:, None], (final == ds.labels)[:, None]], 1)
