@@ -19,7 +19,7 @@ import os
 import pickle
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -214,6 +214,11 @@ def load_dataset(spec: str, split: str = "test", indices: str | None = None, opt
         raise InputError(f"dataset {spec} has no {split} samples", "check the path and --split")
     if indices:
         ds = ds.subset(load_indices(indices, ds))
+    if ds.stream is not None:  # folder images: decoded now, or streamed batch by batch, the --indices subset only
+        options = options or DataOptions()
+        if options.loading == DataLoading.memory or (options.loading == DataLoading.auto
+                                                     and ds.stream.nbytes() <= IN_MEMORY_LIMIT_BYTES):
+            ds = replace(ds, images=ds.stream.decode_all(), stream=None)
     return ds
 
 
@@ -371,17 +376,14 @@ def _unpickle(path: Path) -> dict[bytes, Any]:
 
 
 def _load_folder(root: Path, split: str, options: DataOptions, geometry: Geometry | None) -> Dataset:
+    """The folder's files, labels and fingerprint; nothing is decoded yet (``load_dataset`` decides how)."""
     from eetool.streaming import FolderImages, first_image_geometry, folder_fingerprint, list_folder
 
     listing = list_folder(root, split)
     geometry = geometry or first_image_geometry(listing.files[0])
-    stream = FolderImages(tuple(listing.files), geometry, options.worker_count())
-    streamed = options.loading == DataLoading.stream or (options.loading == DataLoading.auto
-                                                         and stream.nbytes() > IN_MEMORY_LIMIT_BYTES)
-    return Dataset("folder", split, None if streamed else stream.decode_all(),
-                   torch.tensor(listing.labels, dtype=torch.int64), listing.classes, str(listing.base),
-                   fingerprint=folder_fingerprint(split, listing), stream=stream if streamed else None,
-                   geometry=geometry)
+    return Dataset("folder", split, None, torch.tensor(listing.labels, dtype=torch.int64), listing.classes,
+                   str(listing.base), fingerprint=folder_fingerprint(split, listing),
+                   stream=FolderImages(tuple(listing.files), geometry, options.worker_count()), geometry=geometry)
 
 
 def _load_safetensors(path: str, split: str, name: str) -> Dataset:
