@@ -1,11 +1,12 @@
 """calibrate-means over a folder of real PNG files: peak memory against N, streamed or held in memory.
 
     python bench/fashion_mnist_pngs.py /tmp/fmnist-png       # once: 70,000 PNG files
-    python bench/streaming.py /tmp/fmnist-png                # N = 10k, 30k, 60k; memory, stream with 0-2 workers
-    python bench/streaming.py /tmp/fmnist-png --sizes 10000 40000 --torchrun   # also 2 processes at 10000
+    python bench/streaming.py /tmp/fmnist-png                # N = 5k, 20k, 60k; memory, stream with 0-2 workers
+    python bench/streaming.py /tmp/fmnist-png --sizes 5000 20000 --torchrun   # also 2 processes at 5000
 
 Each run is ``python -m eetool calibrate-means`` on N training images (an --indices file) with a
-small untrained ResNet-20 (width 4), so that decoding, not the model, is most of the work. The peak resident
+small untrained ResNet-20 (width 4) and three exits pooled to 2 x 2, so that decoding, not the model, is much
+of the work. The peak resident
 memory is sampled every 20 ms over the process and its children (DataLoader workers, torchrun's ranks):
 ``peak_mb`` is the largest sum, ``peak_main_mb`` the largest single process. Throughput is N x 2 passes over
 the wall time, start-up included. On a shared machine the times are noisy; the memory is not.
@@ -63,7 +64,7 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", help="the folder bench/fashion_mnist_pngs.py wrote")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 60_000])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[5_000, 20_000, 60_000])
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--torchrun", action="store_true", help="also 1 process on 1 thread against 2 processes under "
                     "torchrun (one thread each), in memory, at the first size")
@@ -77,7 +78,8 @@ def main() -> None:
             indices = folder / f"every-{n}.txt"  # evenly spread over the class-sorted folder: every class
             indices.write_text("\n".join(str(i * TRAIN_IMAGES // n) for i in range(n)) + "\n")
             base = ["-m", "eetool", "calibrate-means", "-c", ckpt, "-d", f"folder:{args.root}", "--split", "train",
-                    "--indices", str(indices), "-b", str(args.batch_size), "-q", "--force"]
+                    "--indices", str(indices), "-b", str(args.batch_size), "--exits", "quartiles", "--pool-spatial", "2",
+                    "-q", "--force"]
             runs = [("memory", ["--data-loading", "memory", "--workers", "1"]),
                     *((f"stream, {w} workers", ["--data-loading", "stream", "--workers", str(w)]) for w in (0, 1, 2))]
             if args.torchrun and n == args.sizes[0]:

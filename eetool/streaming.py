@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -77,35 +78,38 @@ class FolderListing:
     classes: list[str]
     files: list[str]
     labels: list[int]
+    fingerprint_text: str  # class names, and each file's relative path, size and modification time
 
 
 def list_folder(root: Path, split: str) -> FolderListing:
-    """ImageFolder layout: ROOT/<split>/<class>/<image>, or ROOT/<class>/<image> for a single split."""
+    """ImageFolder layout: ROOT/<split>/<class>/<image>, or ROOT/<class>/<image> for a single split.
+    One ``scandir`` per class (a million files are listed in seconds, not minutes of pathlib)."""
     base = root / split if (root / split).is_dir() else root
     if not base.is_dir():
         raise InputError(f"image folder {base} does not exist", "use the ImageFolder layout ROOT/<split>/<class>/*.png")
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
-    files, labels = [], []
+    files, labels, lines = [], [], [f"folder|{chr(0).join(classes)}"]
     for k, c in enumerate(classes):
-        for p in sorted((base / c).iterdir()):
-            if p.suffix.lower() in IMAGE_SUFFIXES:
-                files.append(str(p))
+        try:
+            with os.scandir(base / c) as entries:
+                images = sorted((e for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES),
+                                key=lambda e: e.name)
+            for entry in images:
+                st = entry.stat()
+                files.append(entry.path)
                 labels.append(k)
+                lines.append(f"{c}/{entry.name}|{st.st_size}|{st.st_mtime_ns}")
+        except OSError as e:
+            raise InputError(f"cannot read image folder {base / c}: {e.strerror}", "check the folder") from None
     if not files:
         raise InputError(f"image folder {base} holds no images",
                          "use the ImageFolder layout ROOT/<split>/<class>/*.png")
-    return FolderListing(base, classes, files, labels)
+    return FolderListing(base, classes, files, labels, "\n".join(lines))
 
 
 def folder_fingerprint(split: str, listing: FolderListing) -> str:
     """Over class names and each file's relative path, size and modification time: no pixel is read."""
-    h = hashlib.sha256(f"folder|{split}|{chr(0).join(listing.classes)}".encode())
-    for path in listing.files:
-        try:
-            st = Path(path).stat()
-        except OSError as e:
-            raise InputError(f"cannot read image {path}: {e.strerror}", "check the folder") from None
-        h.update(f"\n{Path(path).relative_to(listing.base)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    h = hashlib.sha256(f"{split}\n{listing.fingerprint_text}".encode())
     return f"folder/{split}:{h.hexdigest()[:16]}"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -152,3 +153,45 @@ def test_streamed_corrupt_image_via_cli(tmp_path: Path, tiny_checkpoint: str) ->
     line = one_error_line(invoke("calibrate-means", "-c", tiny_checkpoint, "-d", f"folder:{root}", "--split", "test",
                                  "-o", out, "--data-loading", "stream", "--workers", "1"), 3)
     assert "broken.png" in line and not out.exists()
+
+
+def test_a_torchvision_checkpoint_sees_what_torchvisions_reference_evaluation_sees(tmp_path: Path) -> None:
+    """Weights of a torchvision ResNet-18 (untrained: pretrained ones cannot be downloaded here) on a folder of
+    JPEGs of mixed sizes: eetool records torchvision's recipe (resize 256, crop 224) in the spec, and its logits
+    and its top-1 through `eetool evaluate` are those of the model fed by torchvision's own transforms."""
+    from torchvision import datasets as tv_datasets
+    from torchvision import models, transforms
+
+    from eetool.archs import IMAGENET_MEAN, IMAGENET_STD, ModelOptions
+    from eetool.checkpoint import load_checkpoint
+
+    rng = np.random.RandomState(1)
+    for i, (h, w) in enumerate([(300, 250), (240, 320), (200, 410)]):
+        folder = tmp_path / "data" / "test" / f"k{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        smooth = np.kron(rng.randint(0, 256, (h // 10 + 1, w // 10 + 1, 3)), np.ones((10, 10, 1)))[:h, :w]
+        Image.fromarray(smooth.astype(np.uint8), "RGB").save(folder / f"{i}.jpg", quality=90)
+    torch.manual_seed(0)
+    reference_model = models.resnet18(num_classes=3).eval()
+    weights = tmp_path / "resnet18.pt"
+    torch.save(reference_model.state_dict(), weights)
+    reference = tv_datasets.ImageFolder(str(tmp_path / "data" / "test"), transforms.Compose([
+        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
+    x = torch.stack([image for image, _ in reference])
+    labels = torch.tensor(reference.targets)
+    with torch.no_grad():
+        reference_logits = reference_model(x)
+
+    ckpt = load_checkpoint(str(weights), ModelOptions(arch="resnet18"))
+    assert ckpt.spec.resize == 256 and ckpt.spec.input_shape == (3, 224, 224)
+    geometry = DataOptions().geometry(ckpt.spec.arch, (224, 224), ckpt.spec.resize)
+    ds = load_dataset(f"folder:{tmp_path / 'data'}", "test", options=MEMORY, geometry=geometry)
+    with torch.no_grad():
+        logits = ckpt.model(Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)(ds.images))
+    torch.testing.assert_close(logits, reference_logits, rtol=1e-4, atol=1e-4)
+
+    result = ok(invoke("evaluate", "-c", weights, "--arch", "resnet18", "-d", f"folder:{tmp_path / 'data'}",
+                       "--repeats", "1", "--format", "json", "--workers", "0"))
+    top1 = float((reference_logits.argmax(1) == labels).double().mean())
+    assert json.loads(result.stdout)["points"][0]["accuracy"] == round(top1, 6)
