@@ -66,6 +66,10 @@ def main() -> None:
     ap.add_argument("root", help="the folder bench/fashion_mnist_pngs.py wrote")
     ap.add_argument("--sizes", type=int, nargs="+", default=[5_000, 20_000, 60_000])
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--side", type=int, default=28, help="decode each image at SIDE x SIDE (--resize and --crop; "
+                    "112 makes an image 16 times the memory of 28, as photographs are larger than Fashion-MNIST)")
+    ap.add_argument("--runs", nargs="+", default=["memory", "stream0", "stream1", "stream2"],
+                    choices=["memory", "stream0", "stream1", "stream2"], help="which loading runs at each size")
     ap.add_argument("--torchrun", action="store_true", help="also 1 process on 1 thread against 2 processes under "
                     "torchrun (one thread each), in memory, at the first size")
     args = ap.parse_args()
@@ -78,10 +82,12 @@ def main() -> None:
             indices = folder / f"every-{n}.txt"  # evenly spread over the class-sorted folder: every class
             indices.write_text("\n".join(str(i * TRAIN_IMAGES // n) for i in range(n)) + "\n")
             base = ["-m", "eetool", "calibrate-means", "-c", ckpt, "-d", f"folder:{args.root}", "--split", "train",
-                    "--indices", str(indices), "-b", str(args.batch_size), "--exits", "quartiles", "--pool-spatial", "2",
-                    "-q", "--force"]
-            runs = [("memory", ["--data-loading", "memory", "--workers", "1"]),
-                    *((f"stream, {w} workers", ["--data-loading", "stream", "--workers", str(w)]) for w in (0, 1, 2))]
+                    "--indices", str(indices), "-b", str(args.batch_size), "--exits", "quartiles",
+                    "--pool-spatial", "2", "--resize", str(args.side), "--crop", str(args.side), "-q", "--force"]
+            loading = {"memory": ("memory", ["--data-loading", "memory", "--workers", "1"]),
+                       **{f"stream{w}": (f"stream, {w} workers", ["--data-loading", "stream", "--workers", str(w)])
+                          for w in (0, 1, 2)}}
+            runs = [loading[name] for name in args.runs]
             if args.torchrun and n == args.sizes[0]:
                 runs += [("memory, 1 thread", ["--data-loading", "memory", "--workers", "1", "--threads", "1"]),
                          ("memory, torchrun x2", ["--data-loading", "memory", "--workers", "1"])]
@@ -90,7 +96,7 @@ def main() -> None:
                             if "torchrun" in name else [sys.executable])
                 out = folder / "means.safetensors"
                 result = measure([*launcher, *base, *flags, "-o", str(out)], env)
-                rows.append({"n": n, "run": name, **result,
+                rows.append({"n": n, "side": args.side, "run": name, **result,
                              "images_per_s": round(2 * n / result["seconds"], 1)})
                 print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"load_average": os.getloadavg(), "cores": os.cpu_count()}))

@@ -33,7 +33,6 @@ from eetool.archs import (
 )
 from eetool.artifacts import CheckpointIdentity, Provenance, read_safetensors, sha256_file, write_tensors
 from eetool.errors import InputError, ModelMismatchError, UsageError
-from eetool.loading import default_resize
 from eetool.models import build_model, first_conv, last_linear
 from eetool.sources import demo_path
 
@@ -227,10 +226,10 @@ def _foreign_spec(ref: str, state: dict[str, torch.Tensor], options: ModelOption
     if not (options.mean and options.std) and not imagenet_norm:
         warnings.warn(f"{ref}: no --mean/--std given, normalising with mean {mean} and std {std}; pass the ones "
                       "the weights were trained with", UserWarning, stacklevel=2)
-    # torchvision's recipe is recorded, so that the import of these weights feeds folder data as torchvision does
-    resize = default_resize(arch, (shape[1], shape[2])) if imagenet_like else None
+    # resize stays unset: the architecture's default (torchvision's 256 for 224) applies, and the weights keep the
+    # model sha256 they had before the spec could record it (artifacts made from them stay valid)
     return ModelSpec(arch=arch, arch_args=arch_args, num_classes=num_classes or (1000 if imagenet_like else 10),
-                     input_shape=shape, mean=list(mean), std=list(std), resize=resize)  # type: ignore[arg-type]
+                     input_shape=shape, mean=list(mean), std=list(std))  # type: ignore[arg-type]
 
 
 def _skeleton(spec: ModelSpec) -> nn.Module | None:

@@ -157,7 +157,7 @@ def test_streamed_corrupt_image_via_cli(tmp_path: Path, tiny_checkpoint: str) ->
 
 def test_a_torchvision_checkpoint_sees_what_torchvisions_reference_evaluation_sees(tmp_path: Path) -> None:
     """Weights of a torchvision ResNet-18 (untrained: pretrained ones cannot be downloaded here) on a folder of
-    JPEGs of mixed sizes: eetool records torchvision's recipe (resize 256, crop 224) in the spec, and its logits
+    JPEGs of mixed sizes: eetool applies torchvision's recipe (resize 256, crop 224) to them, and its logits
     and its top-1 through `eetool evaluate` are those of the model fed by torchvision's own transforms."""
     from torchvision import datasets as tv_datasets
     from torchvision import models, transforms
@@ -184,8 +184,8 @@ def test_a_torchvision_checkpoint_sees_what_torchvisions_reference_evaluation_se
         reference_logits = reference_model(x)
 
     ckpt = load_checkpoint(str(weights), ModelOptions(arch="resnet18"))
-    assert ckpt.spec.resize == 256 and ckpt.spec.input_shape == (3, 224, 224)
     geometry = DataOptions().geometry(ckpt.spec.arch, (224, 224), ckpt.spec.resize)
+    assert geometry == Geometry(256, (224, 224)) and ckpt.spec.input_shape == (3, 224, 224)
     ds = load_dataset(f"folder:{tmp_path / 'data'}", "test", options=MEMORY, geometry=geometry)
     with torch.no_grad():
         logits = ckpt.model(Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)(ds.images))
