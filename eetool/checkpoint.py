@@ -51,13 +51,19 @@ class ModelSpec:
     std: list[float]
     arch_args: dict[str, Any] = field(default_factory=dict)
     classes: list[str] = field(default_factory=list)
+    # Folder images: shorter side resized to this before the centre crop to the input size (eetool.loading);
+    # None: the architecture's default. Left out of the JSON when None, so that older files keep their hashes.
+    resize: int | None = None
+
+    def _fields(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if not (k == "resize" and v is None)}
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self._fields(), sort_keys=True)
 
     def computation_json(self) -> str:
         """What decides the model's outputs (everything but the class names), canonically."""
-        return json.dumps({k: v for k, v in asdict(self).items() if k != "classes"}, sort_keys=True)
+        return json.dumps({k: v for k, v in self._fields().items() if k != "classes"}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, where: str = "checkpoint") -> ModelSpec:
@@ -67,7 +73,7 @@ class ModelSpec:
             d = json.loads(text)
             spec = cls(arch=d["arch"], num_classes=d["num_classes"], input_shape=tuple(d["input_shape"]),
                        mean=list(d["mean"]), std=list(d["std"]), arch_args=dict(d.get("arch_args") or {}),
-                       classes=list(d.get("classes") or []))
+                       classes=list(d.get("classes") or []), resize=d.get("resize"))
         except (ValueError, KeyError, TypeError) as e:
             raise InputError(f"{where} has unreadable {SPEC_KEY} metadata ({type(e).__name__}: {e})", hint) from None
         spec.check(where, hint)
@@ -93,6 +99,8 @@ class ModelSpec:
                 raise bad(f"normalisation {name} {values!r} is not 1 or {shape[0]} finite numbers")
         if min(self.std) <= 0:
             raise bad(f"normalisation std {self.std!r} is not positive")
+        if self.resize is not None and (not _whole(self.resize) or not 1 <= self.resize <= MAX_INPUT_SIDE):
+            raise bad(f"resize {self.resize!r} is not a number of pixels from 1 to {MAX_INPUT_SIDE}")
         names_ok = all(isinstance(c, str) for c in self.classes)
         if self.classes and (len(self.classes) != self.num_classes or not names_ok):
             raise bad(f"{len(self.classes)} class names for {self.num_classes} classes")
@@ -187,7 +195,7 @@ def _stored_spec(ref: str, stored: ModelSpec, options: ModelOptions) -> ModelSpe
                      input_shape=tuple(options.input_shape) if options.input_shape else spec.input_shape,  # type: ignore[arg-type]
                      mean=list(options.mean) if options.mean else spec.mean,
                      std=list(options.std) if options.std else spec.std,
-                     arch_args=spec.arch_args, classes=spec.classes)
+                     arch_args=spec.arch_args, classes=spec.classes, resize=spec.resize)
 
 
 def _foreign_spec(ref: str, state: dict[str, torch.Tensor], options: ModelOptions) -> ModelSpec:
@@ -218,6 +226,8 @@ def _foreign_spec(ref: str, state: dict[str, torch.Tensor], options: ModelOption
     if not (options.mean and options.std) and not imagenet_norm:
         warnings.warn(f"{ref}: no --mean/--std given, normalising with mean {mean} and std {std}; pass the ones "
                       "the weights were trained with", UserWarning, stacklevel=2)
+    # resize stays unset: the architecture's default (torchvision's 256 for 224) applies, and the weights keep the
+    # model sha256 they had before the spec could record it (artifacts made from them stay valid)
     return ModelSpec(arch=arch, arch_args=arch_args, num_classes=num_classes or (1000 if imagenet_like else 10),
                      input_shape=shape, mean=list(mean), std=list(std))  # type: ignore[arg-type]
 

@@ -4,6 +4,8 @@
 not), cifar10, cifar100 (the python pickle batches), folder (torchvision ImageFolder layout),
 safetensors (a file with ``images`` and ``labels``) or demo (the embedded set). Images are
 kept as uint8 N x C x H x W; the checkpoint's preprocessing turns batches into model input.
+Folder images are decoded with the model's recipe (``eetool.loading``) and, beyond a size limit,
+streamed from disk in batches by worker processes (``eetool.streaming``) instead of held here.
 Per-sample work is vectorised; accumulations elsewhere are plain sums and counts so that they
 can later be sharded over processes and all-reduced.
 """
@@ -17,15 +19,20 @@ import os
 import pickle
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+from eetool.distributed import World, shard_batches
 from eetool.errors import InputError, ModelMismatchError, UsageError
+from eetool.loading import IN_MEMORY_LIMIT_BYTES, DataLoading, DataOptions, Geometry
 from eetool.sources import DATA_ROOT_ENV, DEFAULT_PATHS, IDX_SOURCES, SEGMENTATION_SOURCES, SOURCES, demo_path
+
+if TYPE_CHECKING:
+    from eetool.streaming import FolderImages
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -35,24 +42,37 @@ KMNIST_CLASSES = ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]
 
 @dataclass
 class Dataset:
-    """Images (uint8, N x C x H x W), labels (int64, -1 where unlabelled) and where they came from."""
+    """Images (uint8, N x C x H x W), labels (int64, -1 where unlabelled) and where they came from.
+    Streamed folder data has no ``images`` tensor: ``stream`` decodes its batches."""
 
     name: str
     split: str
-    images: torch.Tensor
+    images: torch.Tensor | None
     labels: torch.Tensor
     classes: list[str]
     source: str
     fingerprint: str = ""
     indices: torch.Tensor | None = None  # positions in the full split, when restricted by --indices
     extra: dict[str, Any] = field(default_factory=dict)
+    stream: FolderImages | None = None
+    geometry: Geometry | None = None  # how folder images were decoded; None for sources stored as tensors
 
     def __post_init__(self) -> None:
         if not self.fingerprint:
+            assert self.images is not None, "streamed data carries its folder fingerprint"
             self.fingerprint = fingerprint(self.name, self.split, self.images, self.labels)
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return int(self.labels.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """C, H, W of every image."""
+        if self.stream is not None:
+            return self.stream.image_shape
+        assert self.images is not None
+        c, h, w = (int(s) for s in self.images.shape[1:])
+        return c, h, w
 
     @property
     def num_classes(self) -> int:
@@ -68,29 +88,40 @@ class Dataset:
         base = self.indices[idx] if self.indices is not None else idx
         h = hashlib.sha256(self.fingerprint.encode())
         h.update(idx.numpy().tobytes())
-        return Dataset(self.name, self.split, self.images[idx], self.labels[idx], self.classes, self.source,
-                       fingerprint=f"{self.fingerprint}+{h.hexdigest()[:12]}", indices=base)
+        return Dataset(self.name, self.split, None if self.images is None else self.images[idx], self.labels[idx],
+                       self.classes, self.source, fingerprint=f"{self.fingerprint}+{h.hexdigest()[:12]}",
+                       indices=base, stream=None if self.stream is None else self.stream.subset(idx),
+                       geometry=self.geometry)
 
-    def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield (uint8 images, labels, positions) batches; positions index this dataset."""
+    def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
+                world: World | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (uint8 images, labels, positions) batches; positions index this dataset. With a ``world``
+        of several processes, only this rank's share of the batches (``eetool.distributed``)."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        for start in range(0, n, batch_size):
-            pos = order[start:start + batch_size]
+        positions = list(order.split(batch_size))
+        if world is not None:
+            positions = shard_batches(positions, world)
+        if self.stream is not None:
+            for pos, images in zip(positions, self.stream.batches(positions), strict=True):
+                yield images, self.labels[pos], pos
+            return
+        assert self.images is not None
+        for pos in positions:
             if shuffle:
                 yield self.images[pos], self.labels[pos], pos
             else:  # contiguous slices avoid a gather copy
-                yield self.images[start:start + batch_size], self.labels[start:start + batch_size], pos
+                start, end = int(pos[0]), int(pos[0]) + len(pos)
+                yield self.images[start:end], self.labels[start:end], pos
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the images in [0, 1], in float64 running sums."""
-        c = self.images.shape[1]
+        c = self.image_shape[0]
         total = torch.zeros(c, dtype=torch.float64)
         total_sq = torch.zeros(c, dtype=torch.float64)
         count = 0
-        for start in range(0, len(self), 4096):
-            x = self.images[start:start + 4096].to(torch.float64) / 255.0
+        for images, _, _ in self.batches(4096 if self.stream is None else 256):
+            x = images.to(torch.float64) / 255.0
             total += x.sum(dim=(0, 2, 3))
             total_sq += (x * x).sum(dim=(0, 2, 3))
             count += x.shape[0] * x.shape[2] * x.shape[3]
@@ -157,8 +188,11 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     raise UsageError(f"unknown dataset {spec!r}", f"use one of {', '.join(SOURCES)} as NAME[:PATH]")
 
 
-def load_dataset(spec: str, split: str = "test", indices: str | None = None) -> Dataset:
-    """Load ``--data`` and ``--split``, optionally restricted by an ``--indices`` file."""
+def load_dataset(spec: str, split: str = "test", indices: str | None = None, options: DataOptions | None = None,
+                 geometry: Geometry | None = None) -> Dataset:
+    """Load ``--data`` and ``--split``, optionally restricted by an ``--indices`` file. Folder images are
+    decoded with ``geometry`` (the model's recipe; without one, at the first image's size) and held or
+    streamed as ``options`` say."""
     if split not in ("train", "test"):
         raise UsageError(f"unknown split {split!r}", "use --split train or --split test")
     name, path = parse_spec(spec)
@@ -173,7 +207,7 @@ def load_dataset(spec: str, split: str = "test", indices: str | None = None) -> 
     elif name == "folder":
         if not path:
             raise UsageError("--data folder needs a path", "write --data folder:PATH (PATH/train/<class>/*.png ...)")
-        ds = _load_folder(Path(path), split)
+        ds = _load_folder(Path(path), split, options or DataOptions(), geometry)
     elif name == "safetensors":
         if not path:
             raise UsageError("--data safetensors needs a path", "write --data safetensors:FILE")
@@ -184,6 +218,11 @@ def load_dataset(spec: str, split: str = "test", indices: str | None = None) -> 
         raise InputError(f"dataset {spec} has no {split} samples", "check the path and --split")
     if indices:
         ds = ds.subset(load_indices(indices, ds))
+    if ds.stream is not None:  # folder images: decoded now, or streamed batch by batch, the --indices subset only
+        options = options or DataOptions()
+        if options.loading == DataLoading.memory or (options.loading == DataLoading.auto
+                                                     and ds.stream.nbytes() <= IN_MEMORY_LIMIT_BYTES):
+            ds = replace(ds, images=ds.stream.decode_all(), stream=None)
     return ds
 
 
@@ -340,42 +379,15 @@ def _unpickle(path: Path) -> dict[bytes, Any]:
     return out
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+def _load_folder(root: Path, split: str, options: DataOptions, geometry: Geometry | None) -> Dataset:
+    """The folder's files, labels and fingerprint; nothing is decoded yet (``load_dataset`` decides how)."""
+    from eetool.streaming import FolderImages, first_image_geometry, folder_fingerprint, list_folder
 
-
-def _load_folder(root: Path, split: str) -> Dataset:
-    """ImageFolder layout: ROOT/<split>/<class>/<image>, or ROOT/<class>/<image> for a single split."""
-    from PIL import Image
-
-    base = root / split if (root / split).is_dir() else root
-    if not base.is_dir():
-        raise InputError(f"image folder {base} does not exist", "use the ImageFolder layout ROOT/<split>/<class>/*.png")
-    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
-    files = [(p, k) for k, c in enumerate(classes) for p in sorted((base / c).iterdir())
-             if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise InputError(f"image folder {base} holds no images",
-                         "use the ImageFolder layout ROOT/<split>/<class>/*.png")
-    arrays = []
-    size = None
-    for path, _ in files:
-        try:
-            with Image.open(path) as opened:
-                width, height = opened.size  # from the header: checked before anything is decoded
-                if width < 1 or height < 1 or width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
-                    raise InputError(f"image {path} declares {width} x {height} pixels",
-                                     "remove or re-encode the file (at least 1 x 1, at most "
-                                     f"{Image.MAX_IMAGE_PIXELS} pixels)")
-                rgb = opened.convert("RGB")
-            size = size or rgb.size
-            if rgb.size != size:  # decode once at one size; the model's own size is applied per batch
-                rgb = rgb.resize(size, Image.Resampling.BILINEAR)
-            arrays.append(torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(size[1], size[0], 3))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decoders raise all three
-            raise InputError(f"cannot decode image {path}: {e}", "remove or re-encode the file") from None
-    images = torch.stack(arrays).permute(0, 3, 1, 2).contiguous()
-    labels = torch.tensor([k for _, k in files], dtype=torch.int64)
-    return Dataset("folder", split, images, labels, classes, str(base))
+    listing = list_folder(root, split)
+    geometry = geometry or first_image_geometry(listing.files[0])
+    return Dataset("folder", split, None, torch.tensor(listing.labels, dtype=torch.int64), listing.classes,
+                   str(listing.base), fingerprint=folder_fingerprint(split, listing),
+                   stream=FolderImages(tuple(listing.files), geometry, options.worker_count()), geometry=geometry)
 
 
 def _load_safetensors(path: str, split: str, name: str) -> Dataset:

@@ -33,6 +33,7 @@ def make(spec: str, output: str) -> None:
     for split, per_class in PER_CLASS.items():
         ds = load_dataset(spec, split)
         idx = balanced_sample(ds, per_class, SEED)
+        assert ds.images is not None, "the demo is made from the IDX sources, held in memory"
         tensors[f"{split}.images"] = ds.images[idx].contiguous()
         tensors[f"{split}.labels"] = ds.labels[idx].contiguous()
         tensors[f"{split}.source_indices"] = idx

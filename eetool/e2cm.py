@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from eetool.artifacts import Provenance, read_tensors, read_yaml, write_tensors
 from eetool.costs import EFFECTIVE, CostModel
 from eetool.datasets import Dataset, Preprocess, require_labels
+from eetool.distributed import World, all_sum, shard_batches
 from eetool.errors import InputError, UsageError
 from eetool.exits import ExitModel
 from eetool.reporting import Reporter
@@ -70,6 +71,12 @@ class ClassMeanSums:
         for s, f in zip(self.sums, features, strict=True):
             s.index_add_(0, labels.cpu(), f.double().cpu())
         self.counts += torch.bincount(labels.cpu(), minlength=self.counts.numel())
+
+    def all_reduce(self, world: World) -> None:
+        """The sums and counts of every rank's shard, on every rank."""
+        for s in self.sums:
+            all_sum(s, world)
+        all_sum(self.counts, world)
 
     def merge(self, other: ClassMeanSums) -> None:
         for s, o in zip(self.sums, other.sums, strict=True):
@@ -147,19 +154,23 @@ class Calibration:
 def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_classes: int, *,
               pooling: Pooling = Pooling(), batch_size: int = 256, device: torch.device | str = "cpu",
               reporter: Reporter | None = None, raw_cache_bytes: int = 256 * 2**20,
-              centres: list[torch.Tensor] | None = None, predict: str = SOFTMAX) -> Calibration:
+              centres: list[torch.Tensor] | None = None, predict: str = SOFTMAX, world: World = World()
+              ) -> Calibration:
     """Streaming passes: class means; then normalisers, confidences and predictions (see below).
 
     ``predict`` is the prediction rule (softmax, nearest, or auto: per exit, the more accurate on
     these samples; see ``choose_rules``). With ``centres`` (cluster centres, for unsupervised use)
     the first pass is skipped and no labels are needed (nor used: auto keeps softmax); the counts
-    are then the cluster sizes as the model's head assigns them."""
+    are then the cluster sizes as the model's head assigns them.
+
+    With a ``world`` of several processes each computes its share of the batches; sums are all-reduced
+    and per-sample records put in order (``eetool.distributed``), so every rank returns the whole result."""
     import time
 
     reporter = reporter or Reporter()
     shapes = exit_model.exit_shapes(preprocess.input_shape)
     dims = [pooling.out_dim(s) for s in shapes]
-    batches = -(-len(data) // batch_size)
+    batches = len(shard_batches(list(range(-(-len(data) // batch_size))), world))
     t0 = time.perf_counter()
     counts = None
     clusters = centres is not None
@@ -167,10 +178,11 @@ def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_
         require_labels(data, "class means need labels (or use --clusters)")
         sums = ClassMeanSums(dims, num_classes)
         with reporter.bar(batches, "class means") as bar:
-            for images, labels, _ in data.batches(batch_size):
+            for images, labels, _ in data.batches(batch_size, world=world):
                 feats, _ = exit_model.features(preprocess(images, device))
                 sums.update([pooling.apply(f) for f in feats], labels)
                 bar.advance()
+        sums.all_reduce(world)
         centres, counts = sums.means(), sums.counts
         for name, m in zip(exit_model.exits, centres, strict=True):
             _require_finite(m, f"the class means at exit {name}")
@@ -179,14 +191,15 @@ def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_
     means_sq = [(m * m).sum(1) for m in means]
     n, j = len(data), len(dims)
     dist_sum = torch.zeros(j, num_classes, dtype=torch.float64)
-    final = torch.empty(n, dtype=torch.int64)
+    # zeros, not empty: several processes fill their own rows and all-reduce the rest in
+    final = torch.zeros(n, dtype=torch.int64)
     # The normalisers need every sample's distances before any confidence can be computed. Small
     # caches keep the raw distances (N x J x K); larger ones run a third pass, so that memory stays
     # at the N x J confidence cache however many classes and samples there are.
     keep_raw = n * j * num_classes * 4 <= raw_cache_bytes
-    raw = torch.empty(n, j, num_classes, dtype=torch.float32) if keep_raw else None
+    raw = torch.zeros(n, j, num_classes, dtype=torch.float32) if keep_raw else None
     with reporter.bar(batches, "distances") as bar:
-        for images, _, pos in data.batches(batch_size):
+        for images, _, pos in data.batches(batch_size, world=world):
             feats, logits = exit_model.features(preprocess(images, device))
             for e, f in enumerate(feats):
                 d = distances(pooling.apply(f), means[e], means_sq[e])
@@ -196,11 +209,13 @@ def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_
             _require_finite(logits, "the model's outputs")
             final[pos] = logits.argmax(1).cpu()
             bar.advance()
+    for gathered in (dist_sum, final, *([raw] if raw is not None else [])):
+        all_sum(gathered, world)
     normalisers = (dist_sum / n).float()
     for name, row in zip(exit_model.exits, normalisers, strict=True):
         _require_finite(row, f"the distances at exit {name}")
-    conf = torch.empty(n, j)
-    by_rule = {rule: torch.empty(n, j, dtype=torch.int64) for rule in PREDICT_RULES}
+    conf = torch.zeros(n, j)
+    by_rule = {rule: torch.zeros(n, j, dtype=torch.int64) for rule in PREDICT_RULES}
     if raw is not None:
         for start in range(0, n, 4096):  # in chunks: the softmax's temporaries stay small
             chunk = raw[start:start + 4096]
@@ -209,7 +224,7 @@ def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_
     else:
         norm = normalisers.to(device)
         with reporter.bar(batches, "confidences") as bar:
-            for images, _, pos in data.batches(batch_size):
+            for images, _, pos in data.batches(batch_size, world=world):
                 feats, _ = exit_model.features(preprocess(images, device))
                 for e, f in enumerate(feats):
                     d = distances(pooling.apply(f), means[e], means_sq[e])
@@ -217,6 +232,8 @@ def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_
                     conf[pos, e], by_rule[SOFTMAX][pos, e] = c.cpu(), p.cpu()
                     by_rule[NEAREST][pos, e] = d.argmin(-1).cpu()
                 bar.advance()
+        for gathered in (conf, *by_rule.values()):
+            all_sum(gathered, world)
     t2 = time.perf_counter()
     if counts is None:  # cluster centres: the sizes of the head's clusters
         counts = torch.bincount(final, minlength=num_classes)

@@ -30,8 +30,10 @@ from typer.models import OptionInfo
 
 from eetool.archs import ALL_ARCHS, MAX_CLASSES, MAX_INPUT_CHANNELS, MAX_INPUT_SIDE, ModelOptions
 from eetool.choices import EXIT_SELECTIONS, OPTIMIZERS, SCHEDULES, SPLITS
+from eetool.distributed import PeerFailed, World
 from eetool.errors import EetoolError, ExitCode, UsageError
 from eetool.interrupts import Interrupted, interrupts_raise
+from eetool.loading import DataLoading, DataOptions
 from eetool.reporting import ConsoleReporter
 
 if TYPE_CHECKING:
@@ -128,6 +130,53 @@ def _model_parameters() -> list[inspect.Parameter]:
 
 MODEL_NAMES = ("arch", "arch_args", "num_classes", "input_shape", "mean", "std")
 
+# How folder images are decoded and fed (eetool.loading): every command that reads data takes these, declared
+# once and added by ``eetool_command(kind, data_options=True)``.
+DATA_LOADING = "Data loading"
+MAX_WORKERS = 256
+
+
+def _data_parameters() -> list[inspect.Parameter]:
+    def opt(name: str, annotation: Any, default: Any = None) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+    return [
+        opt("data_loading", Annotated[DataLoading, typer.Option(
+            "--data-loading", help="Folder data: decode it all into memory, stream it from disk in batches, or "
+            "auto (memory up to 2 GiB decoded). Both give the same results.", rich_help_panel=DATA_LOADING)],
+            DataLoading.auto),
+        opt("workers", Annotated[int | None, typer.Option(
+            "--workers", min=0, max=MAX_WORKERS, help="Processes decoding folder images (0: the main process; "
+            "default: the cores less one, at most 8).", rich_help_panel=DATA_LOADING)]),
+        opt("resize", Annotated[int | None, typer.Option(
+            "--resize", min=1, max=MAX_INPUT_SIDE, help="Folder images: resize the shorter side to N pixels before "
+            "the centre crop (default: the checkpoint's; torchvision architectures 256 for a 224 crop).",
+            rich_help_panel=DATA_LOADING)]),
+        opt("crop", Annotated[str | None, typer.Option(
+            "--crop", help="Folder images: centre crop H[,W] (default: the model's input size).",
+            rich_help_panel=DATA_LOADING)]),
+    ]
+
+
+DATA_NAMES = ("data_loading", "workers", "resize", "crop")
+
+
+def _data_options(kwargs: dict[str, Any]) -> DataOptions:
+    crop = kwargs.get("crop")
+    return DataOptions(loading=kwargs["data_loading"], workers=kwargs.get("workers"), resize=kwargs.get("resize"),
+                       crop=parse_crop(crop) if crop is not None else None)
+
+
+def parse_crop(text: str) -> tuple[int, int]:
+    try:
+        sides = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        sides = ()
+    if len(sides) not in (1, 2) or min(sides) < 1 or max(sides) > MAX_INPUT_SIDE:
+        raise UsageError(f"--crop {text!r} is not H[,W] pixels from 1 to {MAX_INPUT_SIDE}",
+                         "write e.g. --crop 224 or --crop 224,192")
+    return (sides[0], sides[-1])
+
 
 def _model_options(kwargs: dict[str, Any]) -> ModelOptions:
     """The foreign-checkpoint flags as one typed object, their values checked."""
@@ -175,23 +224,36 @@ class Run:
     args: dict[str, Any] = field(default_factory=dict)
     resumable: str = ""  # set by a command once its resumable state exists: how to continue after Ctrl-C
     model_options: ModelOptions = field(default_factory=ModelOptions)  # for checkpoints that do not record them
+    data_options: DataOptions = field(default_factory=DataOptions)  # how folder data is decoded and fed
+    distributed: bool = False  # the command runs under torchrun (eetool.distributed); others refuse to
+    world: World = field(default_factory=World.from_env)
+    joined: bool = False  # this process has joined torchrun's process group
     reporter: ConsoleReporter = field(init=False)
     locks: list[OutputLock] = field(default_factory=list)  # of the outputs, held until the command ends
 
     def __post_init__(self) -> None:
-        self.reporter = ConsoleReporter(quiet=self.quiet, verbose=self.verbose, progress=self.progress)
+        # Under torchrun only rank 0 shows progress, logs and warnings: the others would repeat them.
+        self.reporter = ConsoleReporter(quiet=self.quiet or not self.world.main, verbose=self.verbose,
+                                        progress=self.progress and self.world.main)
 
     @property
     def json(self) -> bool:
         return self.format == Format.json
 
     def torch(self) -> torch.device:
-        """Import torch, apply --seed and --threads, and return the --device."""
+        """Import torch, apply --seed and --threads, and return the --device; under torchrun, join its
+        process group on this rank's device."""
         import torch
 
         torch.manual_seed(self.seed)
         if self.threads:
             torch.set_num_threads(self.threads)
+        if self.world.distributed:
+            from eetool.distributed import join
+
+            device = join(self.world, self.device_name.value)
+            self.joined = True
+            return device
         if self.device_name == Device.cuda and not torch.cuda.is_available():
             raise UsageError("--device cuda was asked for but no CUDA device is available", "use --device cpu or auto")
         if self.device_name == Device.auto:
@@ -211,7 +273,7 @@ class Run:
         if output == STDOUT and self.json:
             raise UsageError("-o - and --format json both ask for stdout", "drop one, or write the YAML to a file")
         check_output(output, force=force, inputs=(*inputs, str(self.config) if self.config else None))
-        if output != STDOUT:
+        if output != STDOUT and self.world.main:  # under torchrun rank 0 writes, and locks, alone
             self.locks.append(OutputLock(output))
 
     def release(self) -> None:
@@ -220,7 +282,10 @@ class Run:
             self.locks.pop().release()
 
     def emit(self, doc: dict[str, Any], text: Callable[[dict[str, Any]], str]) -> None:
-        """Write the command's result to stdout: JSON led by its schema, or text made by ``text``."""
+        """Write the command's result to stdout: JSON led by its schema, or text made by ``text``.
+        Under torchrun rank 0 alone writes it."""
+        if not self.world.main:
+            return
         if self.json:
             # Strict JSON: NaN and infinities (a diverged loss, an empty class) become null.
             body = json.dumps(_finite({"schema": self.schema, **doc}), indent=2, default=str, allow_nan=False)
@@ -277,11 +342,14 @@ def _common_parameters() -> list[inspect.Parameter]:
 COMMON_NAMES = ("quiet", "verbose", "format", "no_progress", "seed", "device", "threads", "config", "debug")
 
 
-def eetool_command(kind: str, *, model_options: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def eetool_command(kind: str, *, model_options: bool = False, data_options: bool = False, distributed: bool = False
+                   ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Make ``func(run, **options)`` a CLI command whose JSON output has schema ``eetool/<kind>@1``.
 
     With ``model_options`` the command reads a checkpoint: it also takes the foreign-checkpoint options
-    (--arch, --arch-args, --num-classes, --input-shape, --mean, --std), handed over as ``run.model_options``."""
+    (--arch, --arch-args, --num-classes, --input-shape, --mean, --std), handed over as ``run.model_options``.
+    With ``data_options`` it reads data: --data-loading, --workers, --resize and --crop, as ``run.data_options``.
+    With ``distributed`` it runs under torchrun (``eetool.distributed``); other commands refuse to."""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(func)
@@ -314,20 +382,40 @@ def eetool_command(kind: str, *, model_options: bool = False) -> Callable[[Calla
                             quiet=kwargs["quiet"], verbose=kwargs["verbose"], format=kwargs["format"],
                             progress=not kwargs["no_progress"], seed=kwargs["seed"], device_name=kwargs["device"],
                             threads=kwargs["threads"], debug=kwargs["debug"], config=kwargs["config"],
+                            distributed=distributed,
                         )
-                        own_kwargs = {k: v for k, v in kwargs.items() if k not in COMMON_NAMES + MODEL_NAMES}
+                        own_kwargs = {k: v for k, v in kwargs.items()
+                                      if k not in COMMON_NAMES + MODEL_NAMES + DATA_NAMES}
                         run.args = {k: (v.value if isinstance(v, Enum) else v) for k, v in own_kwargs.items()}
                         if model_options:
                             run.model_options = _model_options(kwargs)
                             run.args.update({k: kwargs[k] for k in MODEL_NAMES if kwargs[k] is not None})
+                        if data_options:
+                            run.data_options = _data_options(kwargs)
+                            # how pixels are made is provenance; how many processes decode them is not
+                            run.args.update({k: kwargs[k] for k in ("resize", "crop") if kwargs[k] is not None})
                         run.args["seed"] = run.seed
+                        if run.world.distributed and not distributed:
+                            raise UsageError(f"{run.command} does not run under torchrun yet",
+                                             "run it as one process, without torchrun")
                         try:
                             func(run, **own_kwargs)
                         finally:
                             run.release()
+                        if run.joined:
+                            from eetool.distributed import leave
+
+                            leave()
                 except EetoolError as e:
-                    _fail(e.exit_code, f"error: {e}", debug, caught if verbose else [])
+                    # Under torchrun every rank meets the same arguments and files before it joins the others:
+                    # rank 0 alone reports what goes wrong then. Afterwards a rank's error can be its own.
+                    quiet_rank = run is not None and not run.world.main and not run.joined
+                    _fail(e.exit_code, "" if quiet_rank else f"error: {e}", debug, caught if verbose else [])
                 except KeyboardInterrupt as e:
+                    if run is not None and run.world.distributed and (
+                            isinstance(e, PeerFailed) or isinstance(e, Interrupted) and e.signal_name == "SIGTERM"):
+                        # torchrun ends the other ranks when one fails: that rank's error is the one to read
+                        _fail(ExitCode.INTERRUPTED, "", debug)
                     by = f" by {e.signal_name}" if isinstance(e, Interrupted) and e.signal_name != "SIGINT" else ""
                     resume = f" (hint: {run.resumable})" if run is not None and run.resumable else ""
                     _fail(ExitCode.INTERRUPTED, f"interrupted{by}: no output was written (partial files are "
@@ -340,11 +428,12 @@ def eetool_command(kind: str, *, model_options: bool = False) -> Callable[[Calla
                     _internal(e, debug, caught if verbose else [])
                 except Exception as e:  # a bug: one line, unless --debug asks for the traceback
                     _internal(e, debug, caught if verbose else [])
-            if not quiet:
+            if not quiet and (run is None or run.world.main):
                 _show_warnings(caught)
 
         ctx_param = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
-        params = [ctx_param, *own, *(_model_parameters() if model_options else []), *_common_parameters()]
+        params = [ctx_param, *own, *(_model_parameters() if model_options else []),
+                  *(_data_parameters() if data_options else []), *_common_parameters()]
         wrapper.__signature__ = sig.replace(parameters=params, return_annotation=None)  # type: ignore[attr-defined]
         # typer reads resolved annotations of the new signature, not func's string annotations.
         wrapper.__annotations__ = {p.name: p.annotation for p in params}
@@ -391,7 +480,8 @@ def _fail(code: ExitCode, line: str, debug: bool, caught: list[warnings.WarningM
     _show_warnings(caught or [])
     if debug:
         traceback.print_exc()
-    sys.stderr.write(line.replace("\n", " ") + "\n")
+    if line:
+        sys.stderr.write(line.replace("\n", " ") + "\n")
     sys.stderr.flush()
     raise typer.Exit(int(code))
 

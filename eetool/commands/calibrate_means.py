@@ -32,7 +32,7 @@ class Predict(str, Enum):
     nearest = "nearest"
 
 
-@eetool_command("class-means", model_options=True)
+@eetool_command("class-means", model_options=True, data_options=True, distributed=True)
 def command(
     run: Run,
     checkpoint: CheckpointOpt,
@@ -63,15 +63,20 @@ def command(
     import math
 
     from eetool.artifacts import Provenance
+    from eetool.commands.common import load_data
     from eetool.costs import effective, in_unit, measure
-    from eetool.datasets import Preprocess, check_labels, load_dataset
+    from eetool.datasets import Preprocess, check_labels
     from eetool.e2cm import ClassMeans, Pooling, calibrate
     from eetool.exits import build_exit_model
 
     run.check_output(output, force=force, inputs=(checkpoint, indices, data_path(data)), binary=True)
+    if clusters is not None and run.world.distributed:
+        from eetool.errors import UsageError
+
+        raise UsageError("--clusters does not run under torchrun yet", "run it as one process, without torchrun")
     ckpt = open_checkpoint(run, checkpoint)
     device = run.torch()
-    ds = load_dataset(data, split, indices)
+    ds = load_data(run, data, split, indices, ckpt.spec)
     check_labels(ds, ckpt.spec.num_classes)
     if clusters is not None and clusters != ckpt.spec.num_classes:
         from eetool.errors import UsageError
@@ -93,7 +98,7 @@ def command(
                                      device=device, generator=torch.Generator().manual_seed(run.seed),
                                      reporter=run.reporter)
     calib = calibrate(em, ds, preprocess, ckpt.spec.num_classes, pooling=pooling, batch_size=batch_size,
-                      device=device, reporter=run.reporter, centres=centres, predict=predict.value)
+                      device=device, reporter=run.reporter, centres=centres, predict=predict.value, world=run.world)
     feature_sizes = [math.prod(shape) for shape in em.exit_shapes(ckpt.spec.input_shape)]
     sparse = effective(costs, em, ckpt.spec.input_shape)  # a pruned network's: thresholds are fitted on them
     cm = ClassMeans(list(em.exits), calib.means, calib.normalisers, calib.counts, pooling, costs.stage_macs, calib,
@@ -102,8 +107,9 @@ def command(
     prov = Provenance(kind="class-means", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
                       exits=list(em.exits),
                       dataset=ds.fingerprint, args=run.args)
-    cm.save(output, prov)
-    run.reporter.log(f"wrote {output}")
+    if run.world.main:  # under torchrun every rank holds the whole result; rank 0 writes it
+        cm.save(output, prov)
+        run.reporter.log(f"wrote {output}")
 
     unit = count.value
     model_bytes = sum(p.numel() * p.element_size() for p in ckpt.model.parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -67,3 +68,31 @@ def exit_rule(ckpt: Checkpoint, method: str, combine: str, means: str | None, cm
     if method == "e2cm":
         return em, MeansRule(cm, device)
     return em, HeadsRule(heads, method, cm, combine, device)
+
+
+def load_data(run: Run, data: str, split: str, indices: str | None = None, spec: Any = None) -> Any:
+    """``--data`` for the model of ``spec`` (its recipe for folder images), held or streamed as the data
+    options say; without a spec, folder images keep the first image's size (or --crop's)."""
+    from eetool.datasets import load_dataset
+    from eetool.loading import Geometry, default_resize
+
+    opts = run.data_options
+    if spec is not None:
+        geometry = opts.geometry(spec.arch, (spec.input_shape[1], spec.input_shape[2]), spec.resize)
+    elif opts.crop is not None:
+        geometry = Geometry(opts.resize or default_resize(run.model_options.arch or "", opts.crop), opts.crop)
+    else:
+        geometry = None
+    return load_dataset(data, split, indices, opts, geometry)
+
+
+def local_share(run: Run, ds: Any, batch_size: int) -> tuple[Any, Callable[[Any], Any]]:
+    """Under torchrun: this rank's whole batches of ``ds`` (as a dataset), and a function that puts every rank's
+    per-sample rows back in the order of ``ds``. One process: ``ds`` and the identity."""
+    from eetool.distributed import gather_rows, shard_positions
+
+    world = run.world
+    if not world.distributed:
+        return ds, lambda rows: rows
+    positions = shard_positions(len(ds), batch_size, world)
+    return ds.subset(positions), lambda rows: gather_rows(rows, positions, len(ds), world)

@@ -25,7 +25,7 @@ from eetool.options import (
 )
 
 
-@eetool_command("evaluation", model_options=True)
+@eetool_command("evaluation", model_options=True, data_options=True, distributed=True)
 def command(
     run: Run,
     checkpoint: CheckpointOpt,
@@ -59,8 +59,9 @@ def command(
     import torch
 
     from eetool.artifacts import STDOUT, Provenance, write_yaml
+    from eetool.commands.common import load_data
     from eetool.costs import count_macs, effective_macs, in_unit, is_pruned
-    from eetool.datasets import Preprocess, check_labels, load_dataset, require_labels
+    from eetool.datasets import Preprocess, check_labels, require_labels
     from eetool.errors import ModelMismatchError, UsageError
     from eetool.inference import (
         BUSY_SPREAD,
@@ -100,7 +101,7 @@ def command(
                          f"{ckpt.spec.num_classes}: they cannot be timed on the same data",
                          "give a baseline made for the same data (the checkpoint it was pruned from)")
     device = run.torch()
-    ds = load_dataset(data, split, indices)
+    ds = load_data(run, data, split, indices, ckpt.spec)
     require_same_task(False, is_segmentation(ds), ckpt.spec.arch, ds.spec)
     check_labels(ds, ckpt.spec.num_classes)
     require_labels(ds, "evaluate on a labelled dataset")
@@ -112,8 +113,9 @@ def command(
     # make dense kernels faster, so the measured throughput is that of the dense computation.
     pruned = is_pruned(ckpt.model) or (early is not None and early[2][1].basis == "effective")
     sparse_macs = effective_macs(ckpt.model, ckpt.spec.input_shape, macs) if pruned else macs
+    whole, local = _shards(run, ds, batch_size)
     # warm up (allocator, kernels) so the timed runs compare like with like
-    warm_up = ds.subset(torch.arange(min(len(ds), batch_size)))
+    warm_up = local.subset(torch.arange(min(len(local), batch_size)))
     predict(ckpt.model, warm_up, preprocess, batch_size=batch_size, device=device)
     if base is not None:
         base_preprocess = Preprocess(base.spec.input_shape, base.spec.mean, base.spec.std)
@@ -121,16 +123,18 @@ def command(
     chosen = early[3] if early is not None else []
 
     def plain_run() -> Any:
-        return predict(ckpt.model, ds, preprocess, batch_size=batch_size, device=device, reporter=run.reporter)
+        return whole(predict(ckpt.model, local, preprocess, batch_size=batch_size, device=device,
+                             reporter=run.reporter))
 
     def point_run(thresholds: list[float]) -> Any:
         assert early is not None
-        return lambda: evaluate_exits(early[0], ds, preprocess, Thresholded(early[1], thresholds),
-                                      batch_size=batch_size, device=device, reporter=run.reporter)
+        return lambda: whole(evaluate_exits(early[0], local, preprocess, Thresholded(early[1], thresholds),
+                                            batch_size=batch_size, device=device, reporter=run.reporter))
 
     def baseline_run() -> Any:
         assert base is not None
-        return predict(base.model, ds, base_preprocess, batch_size=batch_size, device=device, reporter=run.reporter)
+        return whole(predict(base.model, local, base_preprocess, batch_size=batch_size, device=device,
+                             reporter=run.reporter))
 
     # Interleaved rounds: a machine that gets busier (or idler) mid-way slows every run of a round alike. The
     # runs are deterministic, so the first round's predictions are every round's. The baseline runs last.
@@ -228,6 +232,8 @@ def command(
                       "speedup_vs_baseline_max": round(speed.speedup_max, 3),
                       "macs_ratio": round(macs_ratio, 4),
                       "speedup_per_macs_ratio": round(speed.speedup / macs_ratio, 3)})
+    if not run.world.main:  # under torchrun rank 0 writes and prints
+        return
     if plot:
         from eetool.plotting import accuracy_cost_png
 
@@ -376,3 +382,29 @@ def _operating_points(path: str, doc: dict[str, Any], num_exits: int) -> list[di
         if not finite(p.get("budget")):
             raise InputError(f"{path}: operating point {i} has no budget that is a finite number", remake)
     return points
+
+
+def _shards(run: Run, ds: Any, batch_size: int) -> tuple[Any, Any]:
+    """Under torchrun: a function that turns a run over this rank's share into the run over every sample
+    (predictions in order, the slowest rank's seconds), and the share. One process: the identity and the data."""
+    import dataclasses
+
+    from eetool.commands.common import local_share
+    from eetool.distributed import all_max
+
+    world = run.world
+    if -(-len(ds) // batch_size) < world.size:
+        from eetool.errors import UsageError
+
+        raise UsageError(f"{len(ds)} samples make fewer batches of {batch_size} than the {world.size} processes",
+                         "use fewer processes or a smaller --batch-size")
+    local, gather = local_share(run, ds, batch_size)
+
+    def whole(result: Any) -> Any:
+        if not world.distributed:
+            return result
+        per_sample = {f.name: gather(getattr(result, f.name)) for f in dataclasses.fields(result)
+                      if f.name in ("predictions", "exit_index")}
+        return dataclasses.replace(result, seconds=all_max(result.seconds, world), **per_sample)
+
+    return whole, local

@@ -23,7 +23,7 @@ from eetool.options import (
 SEARCH = "Search"
 
 
-@eetool_command("thresholds", model_options=True)
+@eetool_command("thresholds", model_options=True, data_options=True, distributed=True)
 def command(
     run: Run,
     output: OutputOpt,
@@ -165,6 +165,8 @@ def command(
     prov = Provenance(kind="thresholds", checkpoint_sha256=made_from.checkpoint_sha256,
                       model_sha256=made_from.model_sha256, exits=exits,
                       dataset=dataset, args=run.args, inputs=inputs)
+    if not run.world.main:  # under torchrun rank 0 writes and prints
+        return
     write_yaml(output, doc, prov)
     if output == STDOUT:
         return
@@ -197,8 +199,8 @@ def _scored_stats(run: Run, method: str, combine: str, means: str | None, cm: An
     import torch
 
     from eetool.archs import SEGMENTATION_ARCHS
-    from eetool.commands.common import exit_rule, open_checkpoint
-    from eetool.datasets import Preprocess, check_labels, load_dataset
+    from eetool.commands.common import exit_rule, load_data, local_share, open_checkpoint
+    from eetool.datasets import Preprocess, check_labels
     from eetool.errors import ModelMismatchError, UsageError
     from eetool.rules import HeadsRule, cost_models, rule_scores
     from eetool.thresholds import ExitStats
@@ -212,13 +214,14 @@ def _scored_stats(run: Run, method: str, combine: str, means: str | None, cm: An
                                  "use --method cbt, cbt-ns or adp-c")
     device = run.torch()
     em, rule = exit_rule(ckpt, method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, device)
-    ds = load_dataset(data, split, indices)
+    ds = load_data(run, data, split, indices, ckpt.spec)
     check_labels(ds, ckpt.spec.num_classes)
     if method == "e2cm" and ds.fingerprint == means_prov.dataset:
         run.reporter.warn("the validation data is the calibration data; thresholds are not held out")
     preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
-    conf, pred, final = rule_scores(em, ds, preprocess, rule, batch_size=batch_size, device=device,
-                                    reporter=run.reporter)
+    local, gather = local_share(run, ds, batch_size)  # under torchrun: this rank's batches, then every rank's rows
+    conf, pred, final = (gather(t) for t in rule_scores(em, local, preprocess, rule, batch_size=batch_size,
+                                                        device=device, reporter=run.reporter))
     if not isinstance(rule, HeadsRule):
         return cm.exit_stats(conf, pred, final, ds.labels), ds.fingerprint, _dense_means_costs(cm)
     correct = torch.cat([pred == ds.labels[:, None], (final == ds.labels)[:, None]], 1)

@@ -33,7 +33,7 @@ PRUNING = "Pruning"
 METHOD_NAMES = EEPRUNE_FAMILY + PRUNING_BASELINES
 
 
-@eetool_command("indices", model_options=True)
+@eetool_command("indices", model_options=True, data_options=True)
 def command(
     run: Run,
     checkpoint: CheckpointOpt,
@@ -141,8 +141,8 @@ def command(
 
     from eetool import dataset_pruning as dp
     from eetool.artifacts import Provenance, output_set, sha256_file, write_tensors, write_yaml
-    from eetool.commands.common import open_checkpoint
-    from eetool.datasets import check_labels, load_dataset, load_indices, require_labels
+    from eetool.commands.common import load_data, open_checkpoint
+    from eetool.datasets import check_labels, load_indices, require_labels
     from eetool.training import TrainConfig
 
     cfg = TrainConfig(epochs=epochs or dp.DEFAULT_EPOCHS[method] or 1, batch_size=batch_size, optimizer=optimizer,
@@ -152,7 +152,7 @@ def command(
         cfg.validate()  # before any data is loaded
     ckpt = open_checkpoint(run, checkpoint)
     device = run.torch()
-    full = load_dataset(data, split)
+    full = load_data(run, data, split, spec=ckpt.spec)
     ds = full.subset(load_indices(indices, full)) if indices else full
     check_labels(ds, ckpt.spec.num_classes)
     require_labels(ds, "dataset pruning needs a labelled training set")

@@ -33,7 +33,7 @@ from eetool.options import (
 PRUNING = "Pruning"
 
 
-@eetool_command("weight-pruning", model_options=True)
+@eetool_command("weight-pruning", model_options=True, data_options=True)
 def command(
     run: Run,
     checkpoint: CheckpointOpt,
@@ -240,8 +240,8 @@ def _prune(run: Run, o: Request) -> None:
 
     from eetool import weight_pruning as wp
     from eetool.artifacts import Provenance, output_set, sha256_file, verify, write_tensors
-    from eetool.commands.common import open_checkpoint
-    from eetool.datasets import Preprocess, check_labels, load_dataset, require_labels
+    from eetool.commands.common import load_data, open_checkpoint
+    from eetool.datasets import Preprocess, check_labels, require_labels
     from eetool.errors import UsageError
     from eetool.exits import build_exit_model
     from eetool.heads import ExitHeads, HeadsSpec, load_heads, parse_weights
@@ -279,10 +279,10 @@ def _prune(run: Run, o: Request) -> None:
     settings = wp.Settings(o.approach, o.rounds, o.amount, cfg, first_conv=o.prune_first_conv,
                            final_layer=o.prune_final_layer, train_heads=not o.exit_heads,
                            final_phases=o.final_layer_phases)
-    train_data = load_dataset(o.data, o.split, o.indices)
+    train_data = load_data(run, o.data, o.split, o.indices, ckpt.spec)
     check_labels(train_data, ckpt.spec.num_classes)
     require_labels(train_data, "pruning fine-tunes on a labelled training set")
-    eval_data = load_dataset(o.data, o.eval_split)
+    eval_data = load_data(run, o.data, o.eval_split, spec=ckpt.spec)
     check_labels(eval_data, ckpt.spec.num_classes)
     require_labels(eval_data, "per-exit accuracy needs labels: choose a labelled --eval-split")
     preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)

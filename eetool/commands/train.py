@@ -29,7 +29,7 @@ from eetool.options import (
 )
 
 
-@eetool_command("train", model_options=True)
+@eetool_command("train", model_options=True, data_options=True)
 def command(
     run: Run,
     data: DataOpt,
@@ -61,8 +61,8 @@ def command(
     from eetool.archs import SEGMENTATION_ARCHS
     from eetool.artifacts import Provenance
     from eetool.checkpoint import save_checkpoint
-    from eetool.commands.common import open_checkpoint
-    from eetool.datasets import Preprocess, check_labels, load_dataset, require_labels
+    from eetool.commands.common import load_data, open_checkpoint
+    from eetool.datasets import Preprocess, check_labels, require_labels
     from eetool.errors import InputError
     from eetool.segmentation.data import check_masks, is_segmentation
     from eetool.segmentation.training import exit_losses_step, require_same_task, segmentation_config
@@ -77,15 +77,17 @@ def command(
                       weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
                       label_smoothing=label_smoothing, mixup=mixup, augment=augment, seed=run.seed)
     cfg.validate()
-    train_data = load_dataset(data, split, indices)
-    eval_data = load_dataset(data, eval_split) if eval_split else None
+    ckpt = open_checkpoint(run, checkpoint) if checkpoint else None
+    # folder images are decoded for the model: its recipe, or the one --input-shape, --crop and --resize give
+    fed = ckpt.spec if ckpt is not None else _fed_as(run)
+    train_data = load_data(run, data, split, indices, fed)
+    eval_data = load_data(run, data, eval_split, spec=fed) if eval_split else None
     segmentation = is_segmentation(train_data)
     for ds in (train_data, eval_data):
         if ds is not None and not segmentation:  # a mask's ignored pixels are not unlabelled samples
             require_labels(ds, "train and evaluate on labelled data")
     parent = ""
-    if checkpoint:
-        ckpt = open_checkpoint(run, checkpoint)
+    if ckpt is not None:
         model, spec, parent = ckpt.model, ckpt.spec, ckpt.sha256
         if not spec.classes and len(train_data.classes) == spec.num_classes:
             spec.classes = list(train_data.classes)  # foreign weights: name the classes after the data
@@ -99,6 +101,8 @@ def command(
         cfg = segmentation_config(cfg, run.reporter.log)
         step = exit_losses_step(label_smoothing)
     else:
+        if train_data.geometry is not None:
+            spec.resize = train_data.geometry.resize  # recorded: later commands decode folder images the same way
         check_labels(train_data, spec.num_classes)
     run.reporter.log(f"training {spec.arch} on {train_data.spec} ({len(train_data)} samples) for {epochs} epochs "
                      f"on {device}")
@@ -127,6 +131,18 @@ def command(
     ]))
 
 
+def _fed_as(run: Run) -> Any:
+    """A stand-in spec saying how to decode folder images for a model trained from scratch: by --input-shape
+    if given; None (the first image's size, or --crop's) if not."""
+    from eetool.checkpoint import ModelSpec
+
+    opts = run.model_options
+    if opts.input_shape is None:
+        return None
+    return ModelSpec(arch=opts.arch or "resnet20", num_classes=1, input_shape=opts.input_shape, mean=[0.5],
+                     std=[0.5])
+
+
 def _fresh_spec(run: Run, train_data: Any, default_arch: str) -> Any:
     """What to train from scratch: --arch (default resnet20, eeseg for segmentation data) fed as the data is,
     unless the options say otherwise."""
@@ -134,7 +150,7 @@ def _fresh_spec(run: Run, train_data: Any, default_arch: str) -> Any:
 
     opts = run.model_options
     mean, std = (opts.mean, opts.std) if opts.mean and opts.std else train_data.channel_stats()
-    c, h, w = (int(s) for s in train_data.images.shape[1:])
+    c, h, w = train_data.image_shape
     spec = ModelSpec(arch=opts.arch or default_arch, arch_args=dict(opts.arch_args),
                      num_classes=opts.num_classes or train_data.num_classes,
                      input_shape=opts.input_shape or (c, h, w), mean=list(opts.mean or mean),

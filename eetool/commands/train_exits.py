@@ -31,7 +31,7 @@ from eetool.options import (
 HEADS = "Exit heads"
 
 
-@eetool_command("exit-heads", model_options=True)
+@eetool_command("exit-heads", model_options=True, data_options=True)
 def command(
     run: Run,
     checkpoint: CheckpointOpt,
@@ -73,8 +73,8 @@ def command(
     """Attach heads at the exits of a checkpoint and train them (frozen backbone or jointly). Writes -o."""
     from eetool.artifacts import Provenance, output_set, sha256_file, verify
     from eetool.checkpoint import model_sha256, save_checkpoint
-    from eetool.commands.common import open_checkpoint
-    from eetool.datasets import Preprocess, check_labels, load_dataset
+    from eetool.commands.common import load_data, open_checkpoint
+    from eetool.datasets import Preprocess, check_labels
     from eetool.e2cm import ClassMeans
     from eetool.errors import UsageError
     from eetool.exit_training import ExitTrainer, exit_accuracies
@@ -99,9 +99,9 @@ def command(
     cfg.validate()  # before any data is loaded
     ckpt = open_checkpoint(run, checkpoint)
     device = run.torch()
-    train_data = load_dataset(data, split, indices)
+    train_data = load_data(run, data, split, indices, ckpt.spec)
     check_labels(train_data, ckpt.spec.num_classes)
-    eval_data = load_dataset(data, eval_split) if eval_split else None
+    eval_data = load_data(run, data, eval_split, spec=ckpt.spec) if eval_split else None
     em = build_exit_model(ckpt.model, exits)
     cm = None
     if means:
