@@ -49,7 +49,7 @@ def command(
                                   f"pass --layer {h.layer}, or re-make it with `eetool init-exit-head --layer "
                                   f"{layer}`")
     device = run.torch()
-    lm = load_language_model(model)
+    lm = load_language_model(model, run.reporter.log)
     for path, (h, prov) in loaded.items():
         if prov.model_sha256 != lm.sha256:
             raise ProvenanceError(f"{path} was made for model {prov.model_sha256[:12] or '(none recorded)'}, "

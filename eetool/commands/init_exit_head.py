@@ -42,7 +42,7 @@ ContextOpt = Annotated[int, typer.Option("--context", min=2, max=1 << 16, help="
 MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", min=1, help="Read text up to this many tokens "
                                                   "(whole contexts, files in the order given).",
                                                   rich_help_panel=LM)]
-# Held out of the statistics for --n0 auto: every HOLDOUT_EVERY-th context, at most HOLDOUT_MAX of them.
+# Held out of the statistics for --n0 auto (eetool.lm.corpus.split_held_out); here for --help, free of torch.
 HOLDOUT_EVERY = 10
 HOLDOUT_MAX = 64
 
@@ -98,7 +98,7 @@ def command(
     """Initialise an early-exit LM head after decoder block K from the mean layer-K state of each token (one
     pass through the first K blocks only). Writes -o (safetensors) with the model, layer and text it was made
     from."""
-    from eetool.errors import InputError, UsageError
+    from eetool.errors import UsageError
 
     if (mix is None) != (alpha is None):
         raise UsageError("--mix and --alpha go together", "give both, e.g. --mix copy --alpha 0.4, or neither")
@@ -107,13 +107,13 @@ def command(
     import torch
 
     from eetool.artifacts import Provenance
-    from eetool.lm.corpus import load_corpus
+    from eetool.lm.corpus import load_corpus, split_held_out
     from eetool.lm.head import ExitHead, baseline_head, choose_n0, class_aware_head, mixed
     from eetool.lm.models import load_language_model
     from eetool.lm.stats import collect_stats, full_forward_seconds, grouped, run_to_block
 
     device = run.torch()
-    lm = load_language_model(model)
+    lm = load_language_model(model, run.reporter.log)
     k = layer if layer is not None else lm.num_layers // 2
     if not 1 <= k < lm.num_layers:
         raise UsageError(f"--layer {k} is outside 1..{lm.num_layers - 1} for this {lm.num_layers}-block model",
@@ -122,14 +122,7 @@ def command(
     corpus = load_corpus(text, lm.tokenizer, context=context, max_tokens=max_tokens)
     contexts, held_out = corpus.contexts, corpus.contexts[:0]
     if fixed_n0 is None:
-        if len(contexts) < 2:
-            raise InputError(f"--n0 auto needs at least 2 contexts of {context} tokens, the text has 1",
-                             "give more text, or a fixed --n0 such as 0.25")
-        every = torch.arange(len(contexts))
-        is_held = (every % HOLDOUT_EVERY == HOLDOUT_EVERY - 1) & (every < HOLDOUT_EVERY * HOLDOUT_MAX)
-        if not is_held.any():
-            is_held[-1] = True
-        contexts, held_out = corpus.contexts[~is_held], corpus.contexts[is_held]
+        contexts, held_out = split_held_out(corpus.contexts)
     run.reporter.log(f"{lm.source}: {lm.num_layers} blocks, {lm.vocab_size} tokens x {lm.hidden_size} dims; "
                      f"{len(contexts)} contexts of {context} tokens from {len(corpus.files)} files")
     stats = collect_stats(lm, contexts, k, grouping=group.value, final_norm=final_norm, batch_size=batch_size,

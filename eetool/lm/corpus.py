@@ -88,3 +88,22 @@ def load_corpus(paths: list[str], tokenizer: Any, *, context: int = CONTEXT, max
         raise InputError(f"the text ({', '.join(p.name for p in files[:3])}{', ...' if len(files) > 3 else ''}) "
                          f"has fewer than {context} tokens", f"give more text; {TEXT_HINT}")
     return TextCorpus(torch.cat(pieces), used, f"text:{len(used)}:{digest.hexdigest()[:16]}")
+
+
+# Held out of the statistics for --n0 auto: every HOLDOUT_EVERY-th context, at most HOLDOUT_MAX of them.
+HOLDOUT_EVERY = 10
+HOLDOUT_MAX = 64
+
+
+def split_held_out(contexts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out): every HOLDOUT_EVERY-th context is held out, at most HOLDOUT_MAX, and at least one."""
+    import torch
+
+    if len(contexts) < 2:
+        raise InputError(f"--n0 auto needs at least 2 contexts of {contexts.shape[1]} tokens, the text has "
+                         f"{len(contexts)}", "give more text, or a fixed --n0 such as 0.25")
+    index = torch.arange(len(contexts))
+    held = (index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1) & (index < HOLDOUT_EVERY * HOLDOUT_MAX)
+    if not held.any():
+        held[-1] = True
+    return contexts[~held], contexts[held]

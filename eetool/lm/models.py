@@ -9,16 +9,20 @@ that copy in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from eetool.errors import InputError, ModelMismatchError, UsageError
+from eetool.reporting import Reporter
 
 if TYPE_CHECKING:
     import torch
@@ -96,11 +100,12 @@ class LanguageModel:
         return int(self.lm_head.shape[0])
 
 
-def load_language_model(source: str) -> LanguageModel:
-    """``demo-lm``, a model folder (config.json and weights) or a .gguf file, as a float32 causal LM."""
+def load_language_model(source: str, log: Callable[[str], None] | None = None) -> LanguageModel:
+    """``demo-lm``, a model folder (config.json and weights) or a .gguf file, as a float32 causal LM.
+    ``log`` hears of the one-off conversion of the demo."""
     require_transformers()
     if source == DEMO_LM:
-        folder = converted_demo()
+        folder = converted_demo(log or Reporter().log)
         return _from_folder(source, folder, None)
     path = Path(source)
     if path.is_dir():
@@ -116,7 +121,7 @@ def load_language_model(source: str) -> LanguageModel:
     raise InputError(f"model {source} does not exist", "give a Hugging Face model folder, a .gguf file or demo-lm")
 
 
-def converted_demo() -> Path:
+def converted_demo(log: Callable[[str], None]) -> Path:
     """The demo GGUF converted to a safetensors folder, made on first use (atomically: a temp folder renamed)."""
     gguf = demo_gguf()
     from eetool.artifacts import sha256_file
@@ -125,6 +130,8 @@ def converted_demo() -> Path:
     target = cache_root() / f"smollm2-135m-{digest[:16]}"
     if (target / "config.json").is_file():
         return target
+    log(f"converting {gguf.name} to float32 safetensors in {target} (once; about a minute; set {CACHE_ENV} to "
+        "put it elsewhere)")
     lm = _from_folder(DEMO_LM, gguf.parent, gguf.name)
     save_converted(lm, target)
     return target
@@ -178,8 +185,10 @@ def _from_folder(source: str, folder: Path, gguf_file: str | None) -> LanguageMo
         raise ModelMismatchError(f"model {source} ({config.model_type}) is not a causal language model",
                                  "give a decoder-only LM such as Llama, SmolLM2 or OPT")
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+        # transformers draws its own progress bar while it dequantises a GGUF file; eetool's stderr is for its lines
+        with contextlib.redirect_stderr(io.StringIO()) if gguf_file else contextlib.nullcontext():
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise InputError(f"cannot load model {source} ({_first_line(e)})",
                          "check that the folder holds the weights and tokenizer, or re-download it") from None

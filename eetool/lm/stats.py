@@ -108,25 +108,37 @@ def collect_stats(lm: LanguageModel, contexts: torch.Tensor, layer: int, *, grou
                   batch_size: int = 8, device: torch.device | None = None,
                   reporter: Reporter | None = None) -> TokenStats:
     """One streaming pass over the contexts through the first ``layer`` blocks, summing the states per token."""
+    return collect_variants(lm, contexts, layer, [(grouping, final_norm)], batch_size=batch_size, device=device,
+                            reporter=reporter)[0]
+
+
+def collect_variants(lm: LanguageModel, contexts: torch.Tensor, layer: int, variants: list[tuple[str, bool]], *,
+                     batch_size: int = 8, device: torch.device | None = None,
+                     reporter: Reporter | None = None) -> list[TokenStats]:
+    """The statistics of several (grouping, final norm) variants from the same pass: the states are computed once."""
     import torch
 
     reporter = reporter or Reporter()
     device = device or torch.device("cpu")
-    sums = torch.zeros(lm.vocab_size, lm.hidden_size, dtype=torch.float64, device=device)
-    counts = torch.zeros(lm.vocab_size, dtype=torch.int64, device=device)
-    square_norms = torch.zeros((), dtype=torch.float64, device=device)
+    sums = [torch.zeros(lm.vocab_size, lm.hidden_size, dtype=torch.float64, device=device) for _ in variants]
+    counts = [torch.zeros(lm.vocab_size, dtype=torch.int64, device=device) for _ in variants]
+    square_norms = [torch.zeros((), dtype=torch.float64, device=device) for _ in variants]
     start = time.perf_counter()
-    with reporter.bar(len(contexts), f"statistics after block {layer}") as bar:
+    with reporter.bar(len(contexts), f"statistics after block {layer}") as bar, torch.inference_mode():
         for batch in contexts.split(batch_size):
             ids = batch.to(device)
-            states, tokens = grouped(run_to_block(lm, layer, ids, final_norm=final_norm), ids, grouping)
-            states = states.double()
-            sums.index_add_(0, tokens, states)
-            counts += torch.bincount(tokens, minlength=lm.vocab_size)
-            square_norms += states.pow(2).sum()
+            raw = run_to_block(lm, layer, ids, final_norm=False)
+            normed = lm.final_norm(raw) if any(norm for _, norm in variants) else raw
+            for i, (grouping, norm) in enumerate(variants):
+                states, tokens = grouped(normed if norm else raw, ids, grouping)
+                states = states.double()
+                sums[i].index_add_(0, tokens, states)
+                counts[i] += torch.bincount(tokens, minlength=lm.vocab_size)
+                square_norms[i] += states.pow(2).sum()
             bar.advance(len(batch))
-    return TokenStats(sums.cpu(), counts.cpu(), float(square_norms), layer, grouping, final_norm,
-                      time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return [TokenStats(sums[i].cpu(), counts[i].cpu(), float(square_norms[i]), layer, grouping, norm, seconds)
+            for i, (grouping, norm) in enumerate(variants)]
 
 
 def full_forward_seconds(lm: LanguageModel, contexts: torch.Tensor, batch_size: int,
