@@ -19,7 +19,15 @@ pytest.importorskip("transformers")
 from eetool.cli import app  # noqa: E402
 from eetool.lm.corpus import load_corpus, split_held_out  # noqa: E402
 from eetool.lm.evaluate import Score, evaluate_heads  # noqa: E402
-from eetool.lm.head import ExitHead, baseline_head, choose_n0, class_aware_head, log_prior, mixed  # noqa: E402
+from eetool.lm.head import (  # noqa: E402
+    N0_FACTORS,
+    ExitHead,
+    baseline_head,
+    choose_n0,
+    class_aware_head,
+    log_prior,
+    mixed,
+)
 from eetool.lm.models import LanguageModel, load_language_model  # noqa: E402
 from eetool.lm.stats import TokenStats, collect_stats, collect_variants  # noqa: E402
 
@@ -164,7 +172,7 @@ def test_n0_auto_picks_the_best_of_its_grid_on_held_out_states() -> None:
     _, held_states, held_tokens = synthetic_stats(seed=1)
     backbone = torch.zeros(10, 8, dtype=torch.float64)
     choice = choose_n0(stats, "copy", backbone, held_states.float(), held_tokens, chunk=64)
-    assert len(choice.tried) == 10 and choice.tried[0]["n0"] == 0
+    assert len(choice.tried) == 1 + len(N0_FACTORS) and choice.tried[0]["n0"] == 0
     for row in choice.tried:  # each accuracy recomputed from the head with that N0
         w, b = class_aware_head(stats, row["n0"], "copy", backbone)
         assert row["accuracy"] == pytest.approx(float(((held_states @ w.T + b).argmax(1) == held_tokens)

@@ -77,7 +77,7 @@ def command(
                                              "to the layer-K state, here and when the head is used (the model's "
                                              "own LM head reads normed states).", rich_help_panel=HEAD)] = True,
     n0: Annotated[str, typer.Option("--n0", help="N0 of eq. 5.6: a number (the thesis: 0.25, on OPT's scale), or "
-                                    "auto: 0 or the maximum-likelihood N0 times 1/16..16, whichever predicts "
+                                    "auto: 0 or the maximum-likelihood N0 times 1/16..256, whichever predicts "
                                     f"held-out tokens best (every {HOLDOUT_EVERY}th context, at most "
                                     f"{HOLDOUT_MAX}, is held out of the means for it).",
                                     rich_help_panel=HEAD)] = "auto",

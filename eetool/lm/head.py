@@ -26,7 +26,7 @@ UNSEEN_POLICIES = ("copy", "impossible")
 MIXES = ("random", "copy")
 KIND = "lm-exit-head"
 # N0 auto: the maximum-likelihood N0 (twice the within-token variance) times these, and 0, tried on held-out tokens
-N0_FACTORS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0, 8.0, 16.0)
+N0_FACTORS = tuple(2.0**e for e in range(-4, 9))  # 1/16 .. 256: on SmolLM2 the best was 16x and above
 
 
 def log_prior(counts: torch.Tensor, unseen: str) -> torch.Tensor:
