@@ -40,6 +40,8 @@ KINDS: dict[str, tuple[int, str]] = {
     "exit-heads": (1, "eetool train-exits"),
     "masks": (1, "eetool prune-weights"),
     "weight-pruning": (1, "eetool prune-weights"),
+    "lm-exit-head": (1, "eetool init-exit-head"),
+    "lm-evaluation": (1, "eetool evaluate-lm"),
 }
 
 STDOUT = "-"

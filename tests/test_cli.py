@@ -156,8 +156,25 @@ def class_means(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: str, 
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_lm_and_head(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny Llama-style model folder and an exit head made for it."""
+    from tests.lm_helpers import make_tiny_lm
+
+    folder = make_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
+    head = folder.parent / "head.safetensors"
+    result = invoke("init-exit-head", "-m", folder, "-t", LM_TEXT, "--context", 32, "-o", head, "-q")
+    assert result.exit_code == 0, result.stderr
+    return folder, head
+
+
+LM_TEXT = str(Path(__file__).parent / "data" / "hamlet-act1.txt")
+
+
 @pytest.fixture()
-def command_args(tiny_checkpoint: str, tiny_data: str, class_means: Path, tmp_path: Path) -> dict[str, list[str]]:
+def command_args(tiny_checkpoint: str, tiny_data: str, class_means: Path, tmp_path: Path,
+                 tiny_lm_and_head: tuple[Path, Path]) -> dict[str, list[str]]:
+    lm, head = (str(p) for p in tiny_lm_and_head)
     return {
         "archs": [],
         "env": [],
@@ -172,13 +189,15 @@ def command_args(tiny_checkpoint: str, tiny_data: str, class_means: Path, tmp_pa
                           "-o", str(tmp_path / "kept.safetensors")],
         "prune-weights": ["-c", tiny_checkpoint, "-d", tiny_data, "--exits", "half", "--rounds", "1",
                           "--finetune-samples", "16", "--no-augment", "-o", str(tmp_path / "pruned.safetensors")],
+        "init-exit-head": ["-m", lm, "-t", LM_TEXT, "--context", "32", "-o", str(tmp_path / "head.safetensors")],
+        "evaluate-lm": ["-m", lm, "-t", LM_TEXT, "--context", "32", "--head", head],
     }
 
 
 # The kind in each command's JSON schema, where it is not the command's name.
 SCHEMA_KINDS = {"evaluate": "evaluation", "calibrate-means": "class-means", "fit-thresholds": "thresholds",
                 "train-exits": "exit-heads", "prune-dataset": "indices", "import": "checkpoint",
-                "prune-weights": "weight-pruning"}
+                "prune-weights": "weight-pruning", "init-exit-head": "lm-exit-head", "evaluate-lm": "lm-evaluation"}
 
 
 def test_the_table_below_covers_every_command(command_args: dict[str, list[str]]) -> None:
@@ -186,7 +205,8 @@ def test_the_table_below_covers_every_command(command_args: dict[str, list[str]]
 
 
 @pytest.mark.parametrize("command", ["archs", "env", "inspect", "import", "evaluate", "calibrate-means",
-                                     "fit-thresholds", "train-exits", "prune-dataset", "prune-weights"])
+                                     "fit-thresholds", "train-exits", "prune-dataset", "prune-weights",
+                                     "init-exit-head", "evaluate-lm"])
 def test_common_options_after_the_subcommand(command: str, command_args: dict[str, list[str]]) -> None:
     result = invoke(command, *command_args[command], "-q", "-v", "--format", "json", "--no-progress", "--seed", "3",
                     "--device", "cpu", "--threads", "1", "--debug")

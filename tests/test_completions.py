@@ -44,9 +44,12 @@ def test_bash_completes_every_subcommand() -> None:
 
 
 def test_bash_completes_a_prefix() -> None:
-    proc = _complete_bash("eetool ev", 1)
+    proc = _complete_bash("eetool cal", 1)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["evaluate"]
+    assert proc.stdout.split() == ["calibrate-means"]
+    proc = _complete_bash("eetool evaluate", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["evaluate", "evaluate-lm"]
 
 
 def test_bash_completes_options_and_values() -> None:

@@ -93,6 +93,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
     cm.save(str(d / "means-without-cache.safetensors"), prov)
     make_hand_edited_artifacts(d, tiny_checkpoint, tiny_data)
     make_crafted_data(d)
+    make_lm_inputs(d)
     make_hostile_checkpoints(d, tiny_checkpoint)
     zeroed = tiny_spec.build()  # a checkpoint pruned beyond any sparsity prune-weights can ask for
     with torch.no_grad():
@@ -281,6 +282,22 @@ class RunsAShellCommand:
         return os.system, (f"touch {self.marker}",)
 
 
+def make_lm_inputs(d: Path) -> None:
+    """A tiny Llama-style model with an exit head after block 2, the head of another model, and a model folder
+    that is not a causal LM."""
+    from transformers import ResNetConfig
+
+    from tests.lm_helpers import make_tiny_lm
+
+    make_tiny_lm(d / "tiny-lm")
+    make_tiny_lm(d / "other-lm", seed=1)
+    ResNetConfig().save_pretrained(d / "resnet-config")
+    for model, head in (("tiny-lm", "lm-head"), ("other-lm", "other-lm-head")):
+        made = runner.invoke(app, ["init-exit-head", "-m", str(d / model), "-t", LM_TEXT, "--context", "32",
+                                   "--n0", "0", "-o", str(d / f"{head}.safetensors"), "-q"])
+        assert made.exit_code == 0, made.stderr
+
+
 def make_crafted_data(d: Path) -> None:
     """Datasets whose sizes or contents a reader must refuse before acting on them."""
     u8 = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
@@ -335,6 +352,10 @@ EXITS = ["train-exits", "-c", "{ckpt}", "-d", "{data}"]
 SEG_DATA = "segmentation:{inp}/seg-data.safetensors"
 SEG_EVAL = ["evaluate", "-c", "{inp}/seg.safetensors", "-o", "{out}/result.yaml", "--repeats", "1"]
 CBT = ["fit-thresholds", "--method", "cbt", "-c", "{inp}/seg.safetensors", "-d", SEG_DATA, "-o", "{out}/t.yaml"]
+LM_TEXT = str(Path(__file__).parent / "data" / "hamlet-act1.txt")
+LM_MODEL = ["init-exit-head", "-m", "{inp}/tiny-lm", "-o", "{out}/head.safetensors", "--context", "32"]
+LM_INIT = [*LM_MODEL, "-t", LM_TEXT]
+LM_EVAL = ["evaluate-lm", "-m", "{inp}/tiny-lm", "-t", LM_TEXT, "--context", "32"]
 
 
 def _root_can_write(out: Path) -> str | None:
@@ -379,6 +400,39 @@ CASES = [
     Case("train-classifier-on-masks", ["train", "-d", SEG_DATA, "-o", "{out}/m.safetensors", "--arch", "resnet20",
                                        "--arch-args", "{{width: 4}}", "--epochs", "1"], MISMATCH,
          says="per-pixel masks"),
+    # init-exit-head and evaluate-lm
+    Case("lm-layer-zero", [*LM_INIT, "--layer", "0"], USAGE, says="--layer 0"),
+    Case("lm-layer-of-the-final-head", [*LM_INIT, "--layer", "4"], USAGE, says="outside 1..3"),
+    Case("lm-empty-text", [*LM_MODEL, "-t", "{inp}/empty.txt"], BAD_INPUT, says="fewer than 32 tokens"),
+    Case("lm-binary-text", [*LM_MODEL, "-t", "{inp}/random.dat"], BAD_INPUT, says="not UTF-8"),
+    Case("lm-missing-text", [*LM_MODEL, "-t", "{inp}/no-such.txt"], BAD_INPUT, says="does not exist"),
+    Case("lm-folder-without-text", [*LM_MODEL, "-t", "{inp}/image-bomb"], BAD_INPUT, says="no *.txt"),
+    Case("lm-not-a-causal-lm", ["init-exit-head", "-m", "{inp}/resnet-config", "-t", LM_TEXT, "-o",
+                                "{out}/head.safetensors"], MISMATCH, says="not a causal language model"),
+    Case("lm-folder-without-config", ["init-exit-head", "-m", "{inp}/cifar-code", "-t", LM_TEXT, "-o",
+                                      "{out}/head.safetensors"], BAD_INPUT, says="no config.json"),
+    Case("lm-model-not-a-model-file", ["init-exit-head", "-m", "{inp}/empty.txt", "-t", LM_TEXT, "-o",
+                                       "{out}/head.safetensors"], BAD_INPUT, says="neither"),
+    Case("lm-missing-model", ["init-exit-head", "-m", "{inp}/no-such-model", "-t", LM_TEXT, "-o",
+                              "{out}/head.safetensors"], BAD_INPUT, says="does not exist"),
+    Case("lm-mix-without-alpha", [*LM_INIT, "--mix", "copy"], USAGE, says="--mix and --alpha"),
+    Case("lm-alpha-without-mix", [*LM_INIT, "--alpha", "0.4"], USAGE, says="--mix and --alpha"),
+    Case("lm-alpha-above-one", [*LM_INIT, "--mix", "random", "--alpha", "1.5"], USAGE, says="--alpha"),
+    Case("lm-n0-negative", [*LM_INIT, "--n0", "-1"], USAGE, says="--n0"),
+    Case("lm-n0-not-a-number", [*LM_INIT, "--n0", "big"], USAGE, says="--n0"),
+    Case("lm-n0-auto-on-one-context", [*LM_INIT, "--max-tokens", "32"], BAD_INPUT, says="at least 2 contexts"),
+    Case("lm-output-exists", [*LM_INIT[:3], "-o", "{out}/existing.yaml", "-t", LM_TEXT], OUTPUT,
+         says="already exists"),
+    Case("lm-head-to-stdout", [*LM_INIT[:3], "-o", "-", "-t", LM_TEXT], USAGE, says="binary"),
+    Case("lm-head-of-another-model", [*LM_EVAL, "--head", "{inp}/other-lm-head.safetensors"], PROVENANCE,
+         says="made for model"),
+    Case("lm-head-for-another-layer", [*LM_EVAL, "--head", "{inp}/lm-head.safetensors", "--layer", "3"], PROVENANCE,
+         says="block 2, not 3"),
+    Case("lm-head-of-another-kind", [*LM_EVAL, "--head", "{inp}/means.safetensors"], PROVENANCE,
+         says="not lm-exit-head"),
+    Case("lm-head-truncated", [*LM_EVAL, "--head", "{inp}/truncated.safetensors"], BAD_INPUT,
+         says="not a readable safetensors"),
+    Case("lm-no-head", LM_EVAL, USAGE, says="--head"),
     # prune-weights
     Case("prune-weights-amount-one", [*PRUNE_WEIGHTS, "--amount", "1"], USAGE, says="--amount"),
     Case("prune-weights-amount-zero", [*PRUNE_WEIGHTS, "--amount", "0"], USAGE, says="--amount"),

@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "train-exits": "train_exits",
     "prune-dataset": "prune_dataset",
     "prune-weights": "prune_weights",
+    "init-exit-head": "init_exit_head",
+    "evaluate-lm": "evaluate_lm",
     "archs": "archs",
     "env": "env",
 }
