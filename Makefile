@@ -100,5 +100,5 @@ dataset-pruning: ## EEPrune against the baselines on Fashion-MNIST (about 100 mi
 # accuracy-cost curves from fit-thresholds --sweep on the test split (effective cost for the pruned networks).
 # Steps whose outputs exist are skipped and an interrupted pruning resumes: rerun to continue.
 WP_FINETUNE ?= 3000
-weight-pruning: ## joint against ordered weight pruning on Fashion-MNIST (about 35 min on 2 CPU cores)
+weight-pruning: ## joint against ordered weight pruning, and channel pruning at the same cost, on Fashion-MNIST (about 75 min on 2 shared CPU cores)
 	$(PYTHON) reproduce/weight_pruning.py $(RESULTS)/weight-pruning --data $(FMNIST) --finetune-samples $(WP_FINETUNE)
