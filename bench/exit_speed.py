@@ -43,8 +43,12 @@ GOALS = {0.5: 0.9, 0.25: 0.8, 0.15: 0.7}  # cost -> least speed-up x cost (batch
 
 
 def _eetool(*args: str) -> None:
+    """One eetool command; a failure ends the benchmark with exit code 2, as every benchmark here does."""
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    subprocess.run([sys.executable, "-m", "eetool", *args, "--force", "-q", "--no-progress"], check=True, env=env)
+    done = subprocess.run([sys.executable, "-m", "eetool", *args, "--force", "-q", "--no-progress"], env=env)
+    if done.returncode:
+        print(f"eetool {args[0]} failed (exit {done.returncode})", file=sys.stderr)
+        sys.exit(2)
 
 
 def make_artifacts(cache: Path) -> dict[str, Path]:

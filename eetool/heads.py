@@ -25,9 +25,9 @@ from eetool.errors import InputError, UsageError
 class MixedPool(nn.Module):
     """alpha * max-pool + (1 - alpha) * average-pool to ``size`` x ``size``, alpha learned in (0, 1).
 
-    Out of training, both poolings run on channels-last copies, whose CPU kernels are an order of magnitude
-    faster than the NCHW ones on these small maps, with the same values bit for bit (``exact_pools``); with
-    autograd on, the adaptive NCHW kernels run as they always did."""
+    Out of training on the CPU, both poolings run on channels-last copies, whose kernels are an order of
+    magnitude faster than the NCHW ones on these small maps, with the same values bit for bit
+    (``exact_pools``); with autograd on, or on another device, the adaptive NCHW kernels run as they always did."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -40,7 +40,7 @@ class MixedPool(nn.Module):
             return x.flatten(1)
         if x.shape[-1] > self.size or x.shape[-2] > self.size:
             alpha = torch.sigmoid(self.mix)
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() or x.device.type != "cpu":  # the equality is shown for the CPU kernels
                 pooled_max, pooled_avg = F.adaptive_max_pool2d(x, self.size), F.adaptive_avg_pool2d(x, self.size)
             else:
                 pooled_max, pooled_avg = exact_pools(x, self.size, self._plan(x.shape[-2], x.shape[-1]))
