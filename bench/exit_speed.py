@@ -169,7 +169,7 @@ def main() -> None:
     ap.add_argument("--batch1-rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--skip-batch1", action="store_true")
+    ap.add_argument("--batch-sizes", default="256,1", help="256, 1 or both")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--profile", action="store_true",
                     help="instead: per exit, the time of the stage, the decision and the compaction (budget 0.5)")
@@ -196,7 +196,7 @@ def main() -> None:
         cost_model = cm.cost_model() if method == "e2cm" else cost_models(rule, em, ck.spec.input_shape)[0]  # type: ignore[arg-type]
         points = _read_thresholds(paths[method])
         for batch_size, data, rounds in ((256, test, args.rounds), (1, small, args.batch1_rounds)):
-            if batch_size == 1 and args.skip_batch1:
+            if str(batch_size) not in args.batch_sizes.split(","):
                 continue
             t0 = time.perf_counter()
             seconds, exits = time_method(em, ck.model, data, pre, rule, points, batch_size, rounds)

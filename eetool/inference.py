@@ -58,8 +58,8 @@ def run_early_exit(exit_model: ExitModel, x: torch.Tensor, decide: Decision) -> 
     for j, stage in enumerate(exit_model.stages[:-1]):
         h = stage(h)
         leave, pred = decide(j, h)
-        left = leave.nonzero().squeeze(1)
-        if left.numel():
+        if bool(leave.any()):  # cheaper than ``nonzero`` where nothing leaves, as at batch 1 mostly
+            left = leave.nonzero().squeeze(1)
             gone = remaining.index_select(0, left)
             predictions.index_copy_(0, gone, pred.index_select(0, left))
             exit_index.index_fill_(0, gone, j)
