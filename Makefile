@@ -25,6 +25,7 @@ bench: ## benchmarks (ratios within one run)
 	$(PYTHON) bench/train_exits.py
 	$(PYTHON) bench/dataset_pruning.py
 	$(PYTHON) bench/channel_pruning.py
+	$(PYTHON) bench/exit_speed.py --threads 1
 
 completions: ## regenerate completions/ from the app
 	$(PYTHON) -m eetool.completion_scripts completions

@@ -34,9 +34,12 @@ class ExitRun:
     seconds: float
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def run_early_exit(exit_model: ExitModel, x: torch.Tensor, decide: Decision) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predictions and exit indices for one batch."""
+    """Predictions and exit indices for one batch.
+
+    Each exit's leave mask becomes positions once (``nonzero``), which every gather and scatter of that exit
+    then uses: a boolean mask would be turned into positions again by each indexing operation."""
     n = x.shape[0]
     n_exits = len(exit_model.exits)
     predictions = torch.empty(n, dtype=torch.int64, device=x.device)
@@ -55,14 +58,17 @@ def run_early_exit(exit_model: ExitModel, x: torch.Tensor, decide: Decision) -> 
     for j, stage in enumerate(exit_model.stages[:-1]):
         h = stage(h)
         leave, pred = decide(j, h)
-        if bool(leave.any()):
-            predictions[remaining[leave]] = pred[leave]
-            exit_index[remaining[leave]] = j
-            stay = ~leave
-            remaining, h = remaining[stay], h[stay]  # compaction: exited samples stop costing compute
-            if remaining.numel() == 0:
+        if bool(leave.any()):  # cheaper than ``nonzero`` where nothing leaves, as at batch 1 mostly
+            left = leave.nonzero().squeeze(1)
+            gone = remaining.index_select(0, left)
+            predictions.index_copy_(0, gone, pred.index_select(0, left))
+            exit_index.index_fill_(0, gone, j)
+            if left.numel() == h.shape[0]:
                 return predictions, exit_index
-    predictions[remaining] = exit_model.stages[-1](h).argmax(1)
+            stay = (~leave).nonzero().squeeze(1)
+            # compaction: exited samples stop costing compute
+            remaining, h = remaining.index_select(0, stay), h.index_select(0, stay)
+    predictions.index_copy_(0, remaining, exit_model.stages[-1](h).argmax(1))
     return predictions, exit_index
 
 
@@ -74,7 +80,7 @@ def evaluate_exits(exit_model: ExitModel, data: Dataset, preprocess: Preprocess,
     exit_model.model.eval().to(device)
     preds, exits = [], []
     start = time.perf_counter()
-    with reporter.bar(-(-len(data) // batch_size), "early-exit inference") as bar:
+    with torch.inference_mode(), reporter.bar(-(-len(data) // batch_size), "early-exit inference") as bar:
         for images, _, _ in data.batches(batch_size):
             p, e = run_early_exit(exit_model, preprocess(images, device), decide)
             preds.append(p.cpu())
@@ -89,7 +95,7 @@ class PlainRun:
     seconds: float
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(model: torch.nn.Module, data: Dataset, preprocess: Preprocess, *, batch_size: int = 256,
             device: torch.device | str = "cpu", reporter: Reporter | None = None) -> PlainRun:
     """The plain model on every sample: the baseline for accuracy and throughput."""

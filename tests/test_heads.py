@@ -285,3 +285,41 @@ def test_exit_accuracies_match_a_per_sample_count(tiny_checkpoint: str, tiny_dat
             for j, o in enumerate([*outs, logits]):
                 correct[j] += int(o.argmax(1).item() == ds.labels[i].item())
     assert accs == pytest.approx([c / len(ds) for c in correct])
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 28, 28), (5, 3, 14, 14), (5, 3, 7, 7), (4, 2, 13, 11), (3, 2, 9, 6),
+                                   (2, 3, 5, 6), (1, 4, 28, 28)])
+def test_exact_pools_equal_the_adaptive_nchw_kernels_bit_for_bit(shape: tuple[int, int, int, int]) -> None:
+    from eetool.heads import avg_plan, exact_pools
+
+    gen = torch.Generator().manual_seed(0)
+    plan = avg_plan(shape[2], shape[3], 4)
+    for scale in (1e-3, 1.0, 1e3):
+        x = torch.randn(shape, generator=gen) * scale
+        pooled_max, pooled_avg = exact_pools(x, 4, plan)
+        assert torch.equal(pooled_max, F.adaptive_max_pool2d(x, 4))
+        assert torch.equal(pooled_avg, F.adaptive_avg_pool2d(x, 4))
+
+
+def test_avg_plan_uses_the_faster_kernels_on_the_demo_exits() -> None:
+    """28 -> 4 and 7 -> 4 as sum poolings (windows of 7, and of 2, 3, 3, 2), 14 -> 4 (windows of 4 starting at
+    0, 3, 7, 10: no plain pooling) by the channels-last kernel, whose single division by 16 is exact."""
+    from eetool.heads import avg_plan
+
+    for size, sum_pool in ((28, ((7, 7), (7, 7), (0, 0))), (7, ((3, 3), (2, 2), (1, 1)))):
+        plan = avg_plan(size, size, 4)
+        assert plan is not None and plan.sum_pool == sum_pool
+    plan = avg_plan(14, 14, 4)
+    assert plan is not None and plan.sum_pool is None
+    assert avg_plan(9, 6, 4) is not None and avg_plan(10, 10, 3) is not None
+
+
+def test_mixed_pool_is_the_same_with_and_without_autograd() -> None:
+    torch.manual_seed(0)
+    pool = MixedPool(4)
+    with torch.no_grad():
+        pool.mix.fill_(0.3)
+    x = torch.randn(6, 5, 14, 14)
+    with torch.no_grad():
+        fast = pool(x)
+    assert torch.equal(fast, pool(x).detach())
