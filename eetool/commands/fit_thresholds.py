@@ -43,7 +43,9 @@ def command(
                                          "when either is.", rich_help_panel=SEARCH,
                                          autocompletion=prefix_completer(COMBINES))] = "and",
     budget: Annotated[list[float] | None, typer.Option("--budget", help="Target mean cost, normalised to the whole "
-                                                       "model (repeat for several).", rich_help_panel=SEARCH)] = None,
+                                                       "model (repeat for several; one for cbt, cbt-ns, adp-c, "
+                                                       "which search alpha or the threshold for it).",
+                                                       rich_help_panel=SEARCH)] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Fit every budget from 0 to 1 in steps of --step and keep "
                                         "the convex hull.", rich_help_panel=SEARCH)] = False,
     step: Annotated[float, typer.Option("--step", min=1e-6, max=1.0, help="Budget granularity of --sweep.",
@@ -84,13 +86,18 @@ def command(
     if method in SEGMENTATION_METHODS:
         from eetool.segmentation.commands import ThresholdRequest, fit_segmentation_thresholds
 
-        given = [flag for flag, value in (("--means", means), ("--exit-heads", exit_heads), ("--budget", budget),
-                                          ("--sweep", sweep), ("--validation", validation)) if value]
+        given = [flag for flag, value in (("--means", means), ("--exit-heads", exit_heads), ("--sweep", sweep),
+                                          ("--validation", validation)) if value]
         if given:
             raise UsageError(f"{', '.join(given)} do not apply to --method {method}",
-                             "drop them: cbt, cbt-ns and adp-c take --checkpoint, --data, --alpha, --beta, --threshold")
+                             "drop them: cbt, cbt-ns and adp-c take --checkpoint, --data, --alpha, --beta, --threshold "
+                             "and --budget")
+        if budget and len(set(budget)) > 1:
+            raise UsageError(f"--method {method} takes one --budget, not {len(set(budget))}",
+                             "a segmentation thresholds file holds one operating point: fit one file per budget")
         fit_segmentation_thresholds(run, ThresholdRequest(method, output, checkpoint, data, split, indices, batch_size,
-                                                          alpha, beta, threshold, force))
+                                                          alpha, beta, threshold, force,
+                                                          budget[0] if budget else None))
         return
     if method not in METHODS:
         raise UsageError(f"unknown --method {method!r}", f"use one of {', '.join((*METHODS, *SEGMENTATION_METHODS))}")

@@ -12,8 +12,17 @@ import torch
 
 from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
 from eetool.errors import InputError, ModelMismatchError, UsageError
-from eetool.segmentation.model import EXIT_NAMES, EESegNet, early_exit_forward, plain_macs
-from eetool.segmentation.thresholds import ClassStats, adp_c, cbt, cbt_ns, check_range
+from eetool.segmentation.model import EXIT_NAMES, EESegNet, early_exit_forward, first_exit_macs, plain_macs
+from eetool.segmentation.thresholds import (
+    BudgetFit,
+    ClassStats,
+    adp_c,
+    budget_evaluations,
+    cbt,
+    cbt_ns,
+    check_range,
+    fit_budget,
+)
 
 if TYPE_CHECKING:
     from eetool.checkpoint import Checkpoint
@@ -87,6 +96,7 @@ class ThresholdRequest:
     beta: float
     threshold: float
     force: bool
+    budget: float | None = None  # search alpha (cbt, cbt-ns) or the threshold (adp-c) to meet this mean cost
 
 
 def class_statistics(model: EESegNet, ds: Dataset, preprocess: Preprocess, batch_size: int,
@@ -105,13 +115,16 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
     from eetool.artifacts import STDOUT, Provenance, write_yaml
     from eetool.datasets import Preprocess
 
-    if req.method == "adp-c":
+    if req.budget is not None:
+        check_range(0.0, req.beta)  # alpha is searched below beta
+    elif req.method == "adp-c":
         adp_c(req.threshold, 1, 1)  # the range check, before anything is read
     else:
         check_range(req.alpha, req.beta)
-        if not req.data:
-            raise UsageError(f"--method {req.method} needs --data", "give the training data: the thresholds come from "
-                             "its class statistics")
+    if not req.data and (req.method != "adp-c" or req.budget is not None):
+        raise UsageError(f"--method {req.method}{' --budget' if req.budget is not None else ''} needs --data",
+                         "give the training data: the thresholds come from its class statistics"
+                         if req.budget is None else "give the data to fit on: the budget is its mean cost")
     if not req.checkpoint:
         raise UsageError(f"--method {req.method} needs --checkpoint", "give the segmentation checkpoint")
     run.check_output(req.output, force=req.force,
@@ -121,7 +134,8 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
     classes = ckpt.spec.classes or [str(k) for k in range(model.num_classes)]
     doc: dict[str, Any] = {"method": req.method, "exits": list(EARLY_EXITS), "classes": classes}
     dataset = ""
-    if req.method == "adp-c":
+    fitted: BudgetFit | None = None
+    if req.method == "adp-c" and req.budget is None:
         thresholds = adp_c(req.threshold, len(EARLY_EXITS), model.num_classes)
         doc["threshold"] = req.threshold
     else:
@@ -129,26 +143,44 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
         device = run.torch()
         ds = load_masks(req.data, req.split, req.indices, ckpt)
         dataset = ds.fingerprint
-        stats = class_statistics(model, ds, Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std),
-                                 req.batch_size, device, run.reporter)
-        fit = cbt if req.method == "cbt" else cbt_ns
-        thresholds, scores = fit(stats, req.alpha, req.beta, len(EARLY_EXITS))
-        present = stats.present
-        spread = [round(float(row[present].std(unbiased=False)), 6) if bool(present.any()) else 0.0
-                  for row in thresholds[: 1 if req.method == "cbt" else len(EARLY_EXITS)]]
-        doc.update({
-            "alpha": req.alpha, "beta": req.beta, "fitted_on": dataset,
-            # sigma of the thresholds over the classes present in the calibration data (per exit for cbt-ns)
-            "spread": spread[0] if req.method == "cbt" else spread,
-            "statistics": {
-                "pixels": {c: int(n) for c, n in zip(classes, stats.counts.tolist(), strict=True)},
-                "absent": [c for c, p in zip(classes, present.tolist(), strict=True) if not p],
-                # top1 - top2 of P_k (cbt) or of each early exit's p_{n,k} (cbt-ns); null for absent classes
-                "scores": _rounded(scores),
-                "exit_scores": _rounded(scores if req.method == "cbt-ns"
-                                        else _exit_scores(stats)),
-            },
-        })
+        preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
+        if req.method == "adp-c":
+            fitted = _fit_adp_c_budget(run, req, model, ckpt, ds, preprocess, device)
+            thresholds = adp_c(fitted.value, len(EARLY_EXITS), model.num_classes)
+            doc["threshold"] = fitted.value
+        else:
+            stats = class_statistics(model, ds, preprocess, req.batch_size, device, run.reporter)
+            fit = cbt if req.method == "cbt" else cbt_ns
+            alpha = req.alpha
+            if req.budget is not None:
+                fitted = _fit_cbt_budget(run, req, model, ckpt, ds, preprocess, device, stats)
+                alpha = fitted.value
+            thresholds, scores = fit(stats, alpha, req.beta, len(EARLY_EXITS))
+            present = stats.present
+            spread = [round(float(row[present].std(unbiased=False)), 6) if bool(present.any()) else 0.0
+                      for row in thresholds[: 1 if req.method == "cbt" else len(EARLY_EXITS)]]
+            doc.update({
+                "alpha": alpha, "beta": req.beta, "fitted_on": dataset,
+                # sigma of the thresholds over the classes present in the calibration data (per exit for cbt-ns)
+                "spread": spread[0] if req.method == "cbt" else spread,
+                "statistics": {
+                    "pixels": {c: int(n) for c, n in zip(classes, stats.counts.tolist(), strict=True)},
+                    "absent": [c for c, p in zip(classes, present.tolist(), strict=True) if not p],
+                    # top1 - top2 of P_k (cbt) or of each early exit's p_{n,k} (cbt-ns); null for absent classes
+                    "scores": _rounded(scores),
+                    "exit_scores": _rounded(scores if req.method == "cbt-ns"
+                                            else _exit_scores(stats)),
+                },
+            })
+        if fitted is not None:
+            doc["fitted_on"] = dataset
+            # the mean cost (normalised to the plain network) on the fitting data, of the value found and of the
+            # nearest value tried above it, which misses the budget (null when every value tried met it)
+            doc["budget"] = {"target": fitted.budget, "cost": round(fitted.cost, 6),
+                             "searched": "threshold" if req.method == "adp-c" else "alpha",
+                             "over": fitted.over,
+                             "over_cost": None if fitted.over_cost is None else round(fitted.over_cost, 6),
+                             "evaluations": fitted.evaluations}
     doc["thresholds"] = [[float(v) for v in row] for row in thresholds.tolist()]
     prov = Provenance(kind=KIND, checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
                       exits=list(EARLY_EXITS), dataset=dataset, args=run.args)
@@ -161,12 +193,78 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
         head = format_fields([("thresholds", req.output), ("method", d["method"]),
                               *([("alpha, beta", f"{d['alpha']}, {d['beta']}"), ("fitted on", d["fitted_on"]),
                                  ("spread (sigma)", d["spread"])] if "alpha" in d else
-                                [("threshold", d["threshold"])])])
+                                [("threshold", d["threshold"])]),
+                              *([("budget, cost", f"{d['budget']['target']}, {d['budget']['cost']} (of the plain "
+                                  "network, on the fitting data)")] if "budget" in d else [])])
         table = format_table(["class", *d["exits"]],
                              [[c, *(row[k] for row in d["thresholds"])] for k, c in enumerate(d["classes"])])
         return f"{head}\n\n{table}"
 
     run.emit(doc, text)
+
+
+def _budget_costs(model: EESegNet, ckpt: Checkpoint, ds: Dataset, preprocess: Preprocess, batch_size: int,
+                  device: torch.device) -> Any:
+    """The mean cost of thresholds on ``ds`` (normalised to the plain network), by the masked inference that
+    `evaluate` runs: its exit decisions read features that inactive positions keep, so they are not those of
+    the dense exits, and each candidate is run."""
+    model.eval().to(device)
+    batches = [x for x, _ in _batches(ds, preprocess, batch_size, device)]  # decoded once for every candidate
+    dense = plain_macs(model, ckpt.spec.input_shape) * len(ds)
+
+    def cost_of(thresholds: torch.Tensor) -> float:
+        # float32, as `evaluate` reads them back from the YAML
+        t = thresholds.float()
+        return sum(early_exit_forward(model, x, t).macs for x in batches) / dense
+
+    return cost_of
+
+
+def _floor_hint(model: EESegNet, ckpt: Checkpoint) -> str:
+    floor = first_exit_macs(model, ckpt.spec.input_shape) / plain_macs(model, ckpt.spec.input_shape)
+    return f"no thresholds cost less than {floor:.4f} (every pixel leaving at {EXIT_NAMES[0]})"
+
+
+def _fit_cbt_budget(run: Run, req: ThresholdRequest, model: EESegNet, ckpt: Checkpoint, ds: Dataset,
+                    preprocess: Preprocess, device: torch.device, stats: ClassStats) -> BudgetFit:
+    assert req.budget is not None
+    cost_of = _budget_costs(model, ckpt, ds, preprocess, req.batch_size, device)
+    fit = cbt if req.method == "cbt" else cbt_ns
+
+    def unmet(cost: float) -> UsageError:
+        return UsageError(f"--budget {req.budget:g} cannot be met with --beta {req.beta:g}: even --alpha 0 costs "
+                          f"{cost:.4f}", f"raise the budget or lower --beta; {_floor_hint(model, ckpt)}")
+
+    with run.reporter.bar(budget_evaluations(0.0, req.beta), f"alpha for budget {req.budget:g}") as bar:
+        def cost_at(alpha: float) -> float:
+            bar.advance()
+            return cost_of(fit(stats, alpha, req.beta, len(EARLY_EXITS))[0])
+
+        found = fit_budget(cost_at, req.budget, 0.0, req.beta, unmet)
+    run.reporter.log(f"alpha {found.value:.6f} costs {found.cost:.4f} for budget {req.budget:g} "
+                     f"({found.evaluations} evaluations)")
+    return found
+
+
+def _fit_adp_c_budget(run: Run, req: ThresholdRequest, model: EESegNet, ckpt: Checkpoint, ds: Dataset,
+                      preprocess: Preprocess, device: torch.device) -> BudgetFit:
+    assert req.budget is not None
+    cost_of = _budget_costs(model, ckpt, ds, preprocess, req.batch_size, device)
+
+    def unmet(cost: float) -> UsageError:
+        return UsageError(f"--budget {req.budget:g} cannot be met: {_floor_hint(model, ckpt)}",
+                          "raise the budget")
+
+    with run.reporter.bar(budget_evaluations(0.0, 1.0), f"threshold for budget {req.budget:g}") as bar:
+        def cost_at(threshold: float) -> float:
+            bar.advance()
+            return cost_of(adp_c(threshold, len(EARLY_EXITS), model.num_classes))
+
+        # threshold 0 sends every pixel out at the first exit: the floor; 1 keeps every pixel to the end
+        found = fit_budget(cost_at, req.budget, 0.0, 1.0, unmet)
+    run.reporter.log(f"threshold {found.value:.6f} costs {found.cost:.4f} for budget {req.budget:g} "
+                     f"({found.evaluations} evaluations)")
+    return found
 
 
 def _exit_scores(stats: ClassStats) -> torch.Tensor:

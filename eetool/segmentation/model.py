@@ -147,6 +147,13 @@ def plain_macs(model: EESegNet, input_shape: tuple[int, int, int]) -> int:
     return h * w * (costs.stem + 2 * len(DILATIONS) * model.blocks * costs.conv + costs.head)
 
 
+def first_exit_macs(model: EESegNet, input_shape: tuple[int, int, int]) -> int:
+    """Multiply-adds on one image when every pixel leaves at the first exit: the cheapest any thresholds get."""
+    costs = PositionCosts.of(model)
+    h, w = grid_size(model, *input_shape[1:])
+    return h * w * (costs.stem + 2 * model.blocks * costs.conv + costs.head)
+
+
 # ---------------------------------------------------------------------------------------------
 # Pixel-level early exit
 

@@ -20,6 +20,8 @@ exit's p_{n,k} alone. Two cases the thesis leaves open, decided here:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -113,3 +115,50 @@ def adp_c(threshold: float, early_exits: int, num_classes: int) -> torch.Tensor:
     if not 0 <= threshold <= 1:
         raise UsageError(f"--threshold {threshold} is outside [0, 1]", "e.g. --threshold 0.998 (ADP-C's)")
     return torch.full((early_exits, num_classes), float(threshold), dtype=torch.float64)
+
+
+# Bisection for a budget stops when the bracket on alpha (or on ADP-C's threshold) is this narrow.
+BUDGET_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class BudgetFit:
+    """What the search for a budget found: ``value`` meets it (``cost`` <= budget); ``over``, the nearest value
+    tried above it, does not (``over_cost`` > budget), or is None when every value tried met it."""
+
+    budget: float
+    value: float
+    cost: float
+    over: float | None
+    over_cost: float | None
+    evaluations: int
+
+
+def budget_evaluations(low: float, high: float, tol: float = BUDGET_TOLERANCE) -> int:
+    """How many costs ``fit_budget`` computes: the lower end, then one per halving of the bracket."""
+    return 1 + max(0, math.ceil(math.log2((high - low) / tol)))
+
+
+def fit_budget(cost_of: Callable[[float], float], budget: float, low: float, high: float,
+               unmet: Callable[[float], UsageError], tol: float = BUDGET_TOLERANCE) -> BudgetFit:
+    """The largest value in [low, high) whose mean cost is at most ``budget``, by bisection: raising a threshold
+    keeps pixels longer, so the cost falls as the value falls (the search does not rely on it: it keeps a bracket
+    whose lower end meets the budget and whose upper end, once tried, does not, and stops when it is ``tol``
+    wide). ``high`` itself is never tried (alpha must stay below beta). A budget that even ``low`` misses raises
+    ``unmet(cost at low)``."""
+    if not (math.isfinite(budget) and budget > 0):
+        raise UsageError(f"--budget {budget} is not a positive cost", "budgets are fractions of the plain "
+                         "network's cost, e.g. --budget 0.7")
+    cost = cost_of(low)
+    if cost > budget:
+        raise unmet(cost)
+    value, over, over_cost, evaluations = low, high, None, 1
+    while over - value > tol:
+        middle = (value + over) / 2
+        c = cost_of(middle)
+        evaluations += 1
+        if c <= budget:
+            value, cost = middle, c
+        else:
+            over, over_cost = middle, c
+    return BudgetFit(budget, value, cost, over if over_cost is not None else None, over_cost, evaluations)
