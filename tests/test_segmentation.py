@@ -332,3 +332,91 @@ def test_a_segmentation_checkpoint_records_its_spec(tmp_path: Path) -> None:
     from eetool.checkpoint import load_checkpoint
 
     assert isinstance(load_checkpoint(str(path)).model, EESegNet)
+
+
+def test_budget_bisection_keeps_a_bracket_around_the_budget() -> None:
+    from eetool.segmentation.thresholds import BUDGET_TOLERANCE, fit_budget
+
+    tried: list[float] = []
+
+    def cost(value: float) -> float:  # steps, as pixel counts make it
+        tried.append(value)
+        return 0.3 + round(value * 40) / 80
+
+    found = fit_budget(cost, 0.55, 0.0, 0.998, lambda c: UsageError(f"costs {c}", "hint"))
+    assert cost(found.value) == found.cost <= 0.55
+    assert found.over is not None and found.over_cost is not None and found.over_cost > 0.55
+    assert 0 < found.over - found.value <= BUDGET_TOLERANCE
+    assert 0.998 not in tried  # alpha stays below beta
+    with pytest.raises(UsageError, match="costs 0.3"):
+        fit_budget(cost, 0.2, 0.0, 0.998, lambda c: UsageError(f"costs {c}", "hint"))
+    loose = fit_budget(cost, 5.0, 0.0, 0.998, lambda c: UsageError("", ""))  # every value meets it
+    assert loose.over is None and 0.998 - BUDGET_TOLERANCE <= loose.value < 0.998
+
+
+@pytest.fixture(scope="module")
+def budget_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, EESegNet, torch.Tensor]:
+    """An untrained-but-not-trivial network on the square scenes, and the inputs as the commands see them."""
+    from eetool.datasets import Preprocess, load_dataset
+
+    d = tmp_path_factory.mktemp("budget")
+    write_mask_file(d / "seg-data.safetensors")
+    spec = ModelSpec(arch="eeseg", num_classes=3, input_shape=(1, 16, 16), mean=[0.5], std=[0.25],
+                     arch_args={"width": 8, "head_width": 8})
+    torch.manual_seed(1)
+    model = trained_like(spec.build(), seed=1)
+    save_checkpoint(str(d / "seg.safetensors"), model, spec, Provenance(kind="checkpoint"))
+    ds = load_dataset(f"segmentation:{d / 'seg-data.safetensors'}", "train")
+    images, _, _ = next(iter(ds.batches(256)))
+    x = Preprocess(spec.input_shape, spec.mean, spec.std)(images, torch.device("cpu"))
+    return d / "seg.safetensors", d / "seg-data.safetensors", model, x
+
+
+def mean_cost(model: EESegNet, x: torch.Tensor, thresholds: list[list[float]]) -> float:
+    """The cost `evaluate` reports, recomputed from the thresholds as written."""
+    result = early_exit_forward(model, x, torch.tensor(thresholds, dtype=torch.float32))
+    return result.macs / (x.shape[0] * plain_macs(model, (1, 16, 16)))
+
+
+@pytest.mark.parametrize("method", ["cbt", "adp-c"])
+def test_budget_search_meets_the_budget_and_a_larger_value_would_not(
+        tmp_path: Path, budget_inputs: tuple[Path, Path, EESegNet, torch.Tensor], method: str) -> None:
+    import yaml
+
+    from eetool.segmentation.thresholds import BUDGET_TOLERANCE
+
+    ckpt, data, model, x = budget_inputs
+    everyone_first = mean_cost(model, x, [[0.0] * 3] * 3)
+    nobody_early = mean_cost(model, x, [[1.0] * 3] * 3)
+    budget = round((everyone_first + nobody_early) / 2, 4)  # midway: the search has room both ways
+    out = tmp_path / "t.yaml"
+    made = runner.invoke(app, ["fit-thresholds", "--method", method, "--budget", str(budget), "--beta", "0.998",
+                               "-c", str(ckpt), "-d", f"segmentation:{data}", "-o", str(out), "-q"])
+    assert made.exit_code == 0, made.stderr
+    doc = yaml.safe_load(out.read_text())
+    fitted = doc["budget"]
+    assert fitted["target"] == budget and fitted["searched"] == ("alpha" if method == "cbt" else "threshold")
+    value = doc["alpha"] if method == "cbt" else doc["threshold"]
+    cost = mean_cost(model, x, doc["thresholds"])
+    assert cost <= budget and cost == pytest.approx(fitted["cost"], abs=1e-6)
+    # the nearest value tried above it spends more than the budget
+    assert 0 < fitted["over"] - value <= BUDGET_TOLERANCE and fitted["over_cost"] > budget
+    if method == "cbt":
+        from eetool.datasets import Preprocess, load_dataset
+        from eetool.reporting import Reporter
+        from eetool.segmentation.commands import class_statistics
+        from eetool.segmentation.thresholds import cbt
+
+        assert 0 <= value < doc["beta"] == 0.998
+        assert min(doc["thresholds"][0]) == pytest.approx(value) and max(doc["thresholds"][0]) == pytest.approx(0.998)
+        stats = class_statistics(model, load_dataset(f"segmentation:{data}", "train"),
+                                 Preprocess((1, 16, 16), [0.5], [0.25]), 256, torch.device("cpu"), Reporter())
+        over = cbt(stats, fitted["over"], 0.998, 3)[0].tolist()
+    else:
+        over = [[fitted["over"]] * 3] * 3
+    assert mean_cost(model, x, over) == pytest.approx(fitted["over_cost"], abs=1e-6)
+    assert mean_cost(model, x, over) > budget
+    done = runner.invoke(app, ["evaluate", "-c", str(ckpt), "-d", f"segmentation:{data}", "--split", "train",
+                               "--thresholds", str(out), "--repeats", "1", "--format", "json", "-q"])
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(done.stdout)["points"][1]["cost"] == pytest.approx(fitted["cost"], abs=1e-5)
