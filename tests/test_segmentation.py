@@ -420,3 +420,17 @@ def test_budget_search_meets_the_budget_and_a_larger_value_would_not(
                                "--thresholds", str(out), "--repeats", "1", "--format", "json", "-q"])
     assert done.exit_code == 0, done.stderr
     assert json.loads(done.stdout)["points"][1]["cost"] == pytest.approx(fitted["cost"], abs=1e-5)
+
+
+def test_a_budget_that_does_not_bind_is_met_below_beta_with_a_warning(
+        tmp_path: Path, budget_inputs: tuple[Path, Path, EESegNet, torch.Tensor]) -> None:
+    import yaml
+
+    ckpt, data, _, _ = budget_inputs
+    out = tmp_path / "t.yaml"
+    made = runner.invoke(app, ["fit-thresholds", "--method", "cbt", "--budget", "5", "--beta", "0.9", "-c", str(ckpt),
+                               "-d", f"segmentation:{data}", "-o", str(out), "--no-progress"])
+    assert made.exit_code == 0, made.stderr
+    assert "does not bind" in made.stderr and "does not bind" not in made.stdout
+    doc = yaml.safe_load(out.read_text())
+    assert doc["budget"]["over"] is None and 0.89 < doc["alpha"] < 0.9

@@ -243,6 +243,9 @@ def _fit_cbt_budget(run: Run, req: ThresholdRequest, model: EESegNet, ckpt: Chec
         found = fit_budget(cost_at, req.budget, 0.0, req.beta, unmet)
     run.reporter.log(f"alpha {found.value:.6f} costs {found.cost:.4f} for budget {req.budget:g} "
                      f"({found.evaluations} evaluations)")
+    if found.over is None:
+        run.reporter.warn(f"--budget {req.budget:g} does not bind: every alpha below --beta {req.beta:g} costs at "
+                          f"most {found.cost:.4f}; raise --beta to spend more of it")
     return found
 
 
