@@ -244,8 +244,8 @@ def _fit_cbt_budget(run: Run, req: ThresholdRequest, model: EESegNet, ckpt: Chec
     run.reporter.log(f"alpha {found.value:.6f} costs {found.cost:.4f} for budget {req.budget:g} "
                      f"({found.evaluations} evaluations)")
     if found.over is None:
-        run.reporter.warn(f"--budget {req.budget:g} does not bind: every alpha below --beta {req.beta:g} costs at "
-                          f"most {found.cost:.4f}; raise --beta to spend more of it")
+        run.reporter.warn(f"--budget {req.budget:g} does not bind: alpha {found.value:.6f}, the largest tried "
+                          f"below --beta {req.beta:g}, costs {found.cost:.4f}; raise --beta to spend more of it")
     return found
 
 
