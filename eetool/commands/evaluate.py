@@ -193,7 +193,8 @@ def command(
         "per_class": {"plain": _per_class_dict(classes, per_class)},
     }
     if early is not None:
-        em, _, (cost_model, sparse_cost_model), _, _ = early
+        em, _, (cost_model, sparse_cost_model), _, _, fitted_basis = early
+        doc.update(fitted_basis)
         for (index, p), r, speed in zip(chosen, rounds[0][1:], timing[1:], strict=True):
             counts = torch.bincount(r.exit_index, minlength=len(em.exits) + 1)
             cost = cost_model.average(counts)
@@ -252,6 +253,8 @@ def command(
         b = d.get("baseline")
         head = format_fields([("checkpoint", ckpt.label), ("dataset", f"{d['dataset']} ({d['samples']} samples)"),
                               *([("pruned", d["speed_note"])] if sparse else []),
+                              *([("budgets", _wall_time_text(d["thresholds_wall_time"]))]
+                                if d.get("thresholds_cost_basis") == "wall-time" else []),
                               *([("baseline", f"{base.label if base else ''}: accuracy {b['accuracy']:.4f}, "
                                               f"{b[unit]:,} {unit}/sample, {b['throughput']:.1f} samples/s")]
                                 if b else [])])
@@ -274,6 +277,13 @@ def command(
 SPEED_NOTE = ("its zero weights lower the effective cost (what sparse kernels would compute), not the time: "
               "dense kernels multiply by the zeros too, so samples/s and speed-ups are measured on the dense "
               "computation")
+
+
+def _wall_time_text(wall_time: Any) -> str:
+    measured = (f"batch {wall_time.get('batch_size')}, {wall_time.get('threads')} threads"
+                if isinstance(wall_time, dict) else "a measurement not recorded")
+    return (f"fitted on measured wall time ({measured}); the costs below are MACs, the speed-ups measured "
+            "here")
 
 
 def _speed_fields(speed: Any) -> dict[str, Any]:
@@ -302,10 +312,10 @@ def _per_class_dict(classes: list[str], accuracy: Any) -> dict[str, float | None
 
 
 def _early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thresholds: str, point: str,
-                      device: Any) -> tuple[Any, Any, Any, list[Any], bool]:
+                      device: Any) -> tuple[Any, Any, Any, list[Any], bool, dict[str, Any]]:
     """Load and cross-check the thresholds and what they were fitted with; pick the operating points to run.
     Returns the exit model, the rule, its cost models (dense, then effective: the same one unless the network is
-    pruned), the chosen points and whether it predicts cluster ids."""
+    pruned), the chosen points, whether it predicts cluster ids and what cost the thresholds' budgets are of."""
     from eetool.artifacts import read_tensors, read_yaml, sha256_file, verify
     from eetool.choices import COMBINES, EXIT_METHODS
     from eetool.commands.common import exit_rule
@@ -351,8 +361,18 @@ def _early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thre
         # for class means made before they were recorded (the means were verified to be made from this checkpoint)
         sparse = (cm.cost_model(effective=True) if cm.effective_stage_macs
                   else effective(cm.cost_model(), em, ckpt.spec.input_shape))
-        return em, rule, (cm.cost_model(), sparse), chosen, cm.clusters
-    return em, rule, cost_models(rule, em, ckpt.spec.input_shape), chosen, False
+        return em, rule, (cm.cost_model(), sparse), chosen, cm.clusters, _fitted_basis(doc)
+    return em, rule, cost_models(rule, em, ckpt.spec.input_shape), chosen, False, _fitted_basis(doc)
+
+
+def _fitted_basis(doc: dict[str, Any]) -> dict[str, Any]:
+    """What the thresholds' budgets were costs of: MACs (dense or effective), or measured wall time with the
+    measurement (fit-thresholds --overhead measured). This evaluation reports MACs costs and measured speed-ups
+    either way."""
+    basis = {"thresholds_cost_basis": str(doc.get("cost_basis", "dense"))}
+    if isinstance(doc.get("wall_time"), dict):
+        basis["thresholds_wall_time"] = doc["wall_time"]
+    return basis
 
 
 def _operating_points(path: str, doc: dict[str, Any], num_exits: int) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.choices import COMBINES, EXIT_METHODS, SEARCHES, SEGMENTATION_METHODS, SPLITS
+from eetool.choices import COMBINES, EXIT_METHODS, OVERHEADS, SEARCHES, SEGMENTATION_METHODS, SPLITS
 from eetool.commands.common import data_path, format_fields, format_table
 from eetool.options import (
     INPUT,
@@ -21,6 +21,14 @@ from eetool.options import (
 )
 
 SEARCH = "Search"
+# What a point's cost is, by the artifact's cost_basis (formatted with its wall_time record).
+COST_TEXT = {
+    "dense": "dense MACs, as a fraction of the model's",
+    "effective": "effective MACs of the pruned network (zero weights cost nothing), as a fraction of its dense "
+                 "MACs; dense cost beside",
+    "wall-time": "measured wall time of stages and exit decisions (batch {batch_size}, {threads} threads), as a "
+                 "fraction of the plain model's {plain_seconds:g} s per batch; MACs cost beside",
+}
 
 
 @eetool_command("thresholds", model_options=True, data_options=True, distributed=True)
@@ -69,6 +77,12 @@ def command(
                                         "of (the upper end).", rich_help_panel=SEARCH)] = 0.998,
     threshold: Annotated[float, typer.Option("--threshold", help="adp-c: the one threshold of every pixel.",
                                              rich_help_panel=SEARCH)] = 0.998,
+    overhead: Annotated[str, typer.Option("--overhead", help="analytic: costs are MACs (stages and decisions, from "
+                                          "the cost model); measured: each stage's and exit decision's wall time, "
+                                          "timed on --checkpoint with --data at --batch-size, so that budgets are "
+                                          "met in wall time on this machine and thread count.",
+                                          rich_help_panel=SEARCH,
+                                          autocompletion=prefix_completer(OVERHEADS))] = "analytic",
     force: ForceOpt = False,
 ) -> None:
     """Find per-exit thresholds for budgets (--budget, or --sweep with its convex hull), or a segmentation
@@ -82,6 +96,7 @@ def command(
     from eetool.rules import COMBINES, METHODS
     from eetool.thresholds import ExitStats, check_budget, hull, operating_point
     from eetool.thresholds import sweep as sweep_budgets
+    from eetool.wall_costs import WALL_TIME
 
     if method in SEGMENTATION_METHODS:
         from eetool.segmentation.commands import ThresholdRequest, fit_segmentation_thresholds
@@ -103,6 +118,9 @@ def command(
         raise UsageError(f"unknown --method {method!r}", f"use one of {', '.join((*METHODS, *SEGMENTATION_METHODS))}")
     if combine not in COMBINES:
         raise UsageError(f"unknown --combine {combine!r}", "use and or or")
+    if overhead not in OVERHEADS:
+        raise UsageError(f"unknown --overhead {overhead!r}", f"use one of {', '.join(OVERHEADS)}")
+    measured = overhead == "measured"
     if not budget and not sweep:
         raise UsageError("no budget asked for", "pass --budget 0.5 (repeatable) or --sweep")
     if method in ("e2cm", "e2cm+sdn") and not means:
@@ -119,8 +137,9 @@ def command(
     dense_costs = None  # a pruned network's dense costs, beside the effective ones the budgets are fitted on
     if method == "e2cm" and not validation:
         assert cm is not None and means is not None
-        if checkpoint or data:
-            raise UsageError("--checkpoint/--data are only used with --validation", "add --validation or drop them")
+        if (checkpoint or data) and not measured:
+            raise UsageError("--checkpoint/--data are only used with --validation or --overhead measured",
+                             "add --validation or drop them")
         if cm.calibration is None:
             raise UsageError(f"{means} holds no calibration cache", "re-make it with `eetool calibrate-means`")
         c = cm.calibration
@@ -129,6 +148,15 @@ def command(
     else:
         stats, dataset, dense_costs = _scored_stats(run, method, combine, means, cm, means_prov, exit_heads, heads,
                                                     heads_prov, checkpoint, data, split, indices, batch_size)
+    wall = None
+    if measured:
+        # Budgets are fitted on measured wall-time costs; the analytic ones (MACs) are reported beside them.
+        wall = _wall_costs(run, method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, checkpoint,
+                           data, split, indices, batch_size)
+        dense_costs = stats.costs
+        stats = ExitStats(stats.confidence, stats.correct,
+                          torch.tensor(wall.normalised_exit_costs(), dtype=torch.float64))
+    beside = "macs_cost" if measured else "dense_cost"  # the other cost of each point, where there is one
     asked = sorted(set(budget or []))
     for b in asked:
         check_budget(stats, b)
@@ -148,7 +176,7 @@ def command(
         if dense_stats is None:
             return {}
         cost, _ = operating_point(dense_stats, torch.tensor(thresholds, dtype=stats.confidence.dtype))
-        return {"dense_cost": round(cost, 6)}
+        return {beside: round(cost, 6)}
 
     doc: dict[str, Any] = {
         "method": method,
@@ -156,7 +184,10 @@ def command(
         "search": search,
         # Budgets and costs are fractions of the dense model's MACs; for a pruned network (eetool prune-weights)
         # they are its effective MACs (zero weights cost nothing), with each point's dense cost beside.
-        "cost_basis": "dense" if dense_stats is None else "effective",
+        # With --overhead measured they are fractions of the plain model's measured wall time, measured as recorded
+        # under wall_time, and each point's analytic cost (MACs) is beside.
+        "cost_basis": WALL_TIME if measured else "dense" if dense_stats is None else "effective",
+        **({"wall_time": wall.record()} if wall is not None else {}),
         "fitted_on": dataset,
         "reachable": [round(low, 6), round(min(high, 1.0), 6)],
         "swept": len(swept),
@@ -183,15 +214,14 @@ def command(
         head = format_fields([("thresholds", output), ("method", d["method"] + (f" ({d['combine']})" if "combine" in d
                                                                               else "")),
                               ("search", d["search"]), ("fitted on", d["fitted_on"]),
-                              ("cost", "effective MACs of the pruned network (zero weights cost nothing), as a "
-                                       "fraction of its dense MACs; dense cost beside"
-                               if d["cost_basis"] == "effective" else "dense MACs, as a fraction of the model's"),
+                              ("cost", COST_TEXT[d["cost_basis"]].format(**d.get("wall_time", {}))),
                               ("reachable", f"{d['reachable'][0]:.4f} to {d['reachable'][1]:.4f}")]
                              + ([("swept", f"{d['swept']} budgets, {len(d['points'])} on the convex hull")]
                                 if d["swept"] else []))
-        dense = d["cost_basis"] == "effective"
-        table = format_table(["budget", "cost", *(["dense cost"] if dense else []), "accuracy"],
-                             [[p["budget"], p["cost"], *([p["dense_cost"]] if dense else []), p["accuracy"]]
+        other = {"effective": ("dense cost", "dense_cost"), WALL_TIME: ("MACs cost", "macs_cost")}.get(
+            d["cost_basis"])
+        table = format_table(["budget", "cost", *([other[0]] if other else []), "accuracy"],
+                             [[p["budget"], p["cost"], *([p[other[1]]] if other else []), p["accuracy"]]
                               for p in d["points"]])
         return f"{head}\n\n{table}"
 
@@ -249,3 +279,23 @@ def _dense_means_costs(cm: Any) -> Any:
     if not cm.effective_stage_macs:
         return None
     return torch.tensor(cm.cost_model().normalised_exit_costs(), dtype=torch.float64)
+
+
+def _wall_costs(run: Run, method: str, combine: str, means: str | None, cm: Any, means_prov: Any,
+                exit_heads: str | None, heads: Any, heads_prov: Any, checkpoint: str | None, data: str | None,
+                split: str, indices: str | None, batch_size: int) -> Any:
+    """Each stage's and exit decision's wall time on --checkpoint with --data at --batch-size (eetool.wall_costs)."""
+    from eetool.commands.common import exit_rule, load_data, open_checkpoint
+    from eetool.datasets import Preprocess
+    from eetool.errors import UsageError
+    from eetool.wall_costs import measure_wall_costs
+
+    if not checkpoint or not data:
+        raise UsageError("--overhead measured needs --checkpoint and --data", "name the model and the data to time")
+    ckpt = open_checkpoint(run, checkpoint)
+    device = run.torch()
+    em, rule = exit_rule(ckpt, method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, device)
+    ds = load_data(run, data, split, indices, ckpt.spec)
+    preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
+    run.reporter.log(f"timing stages and exit decisions at batch {batch_size}")
+    return measure_wall_costs(em, rule.scores, ds, preprocess, batch_size=batch_size, device=device)
