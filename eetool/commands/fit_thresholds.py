@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
@@ -145,14 +146,26 @@ def command(
         c = cm.calibration
         stats = cm.exit_stats(c.confidence, c.prediction, c.final_prediction, c.labels)
         dense_costs = _dense_means_costs(cm)
+        # the checkpoint and data only time the stages and decisions
+        model = _open_model(run, ("--overhead measured needs --checkpoint and --data",
+                                  "name the model and the data to time"),
+                            method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, checkpoint, data,
+                            split, indices) if measured else None
     else:
-        stats, dataset, dense_costs = _scored_stats(run, method, combine, means, cm, means_prov, exit_heads, heads,
-                                                    heads_prov, checkpoint, data, split, indices, batch_size)
+        model = _open_model(run, (f"--method {method}{' with --validation' if method == 'e2cm' else ''} needs "
+                                  "--checkpoint and --data", "name the model and the data to fit on"),
+                            method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, checkpoint, data,
+                            split, indices)
+        stats, dataset, dense_costs = _scored_stats(run, model, method, cm, means_prov, batch_size)
     wall = None
     if measured:
         # Budgets are fitted on measured wall-time costs; the analytic ones (MACs) are reported beside them.
-        wall = _wall_costs(run, method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, checkpoint,
-                           data, split, indices, batch_size)
+        from eetool.wall_costs import measure_wall_costs
+
+        assert model is not None
+        run.reporter.log(f"timing stages and exit decisions at batch {batch_size}")
+        wall = measure_wall_costs(model.exit_model, model.rule.scores, model.data, model.preprocess,
+                                  batch_size=batch_size, device=model.device)
         dense_costs = stats.costs
         stats = ExitStats(stats.confidence, stats.correct,
                           torch.tensor(wall.normalised_exit_costs(), dtype=torch.float64))
@@ -228,23 +241,30 @@ def command(
     run.emit(doc, text)
 
 
-def _scored_stats(run: Run, method: str, combine: str, means: str | None, cm: Any, means_prov: Any,
-                  exit_heads: str | None, heads: Any, heads_prov: Any, checkpoint: str | None, data: str | None,
-                  split: str, indices: str | None, batch_size: int) -> tuple[Any, str, Any]:
-    """Exit statistics from one pass over --data: E²CM on held-out data, or any method with exit heads; and the
-    dense costs of the exits where the statistics' costs are a pruned network's effective ones (else None)."""
-    import torch
+@dataclass
+class _Model:
+    """The checkpoint with its exit rule, and the data it runs on: opened once, for scoring and for timing."""
 
+    checkpoint: Any
+    exit_model: Any
+    rule: Any
+    data: Any
+    preprocess: Any
+    device: Any
+
+
+def _open_model(run: Run, missing: tuple[str, str], method: str, combine: str, means: str | None, cm: Any,
+                means_prov: Any, exit_heads: str | None, heads: Any, heads_prov: Any, checkpoint: str | None,
+                data: str | None, split: str, indices: str | None) -> _Model:
+    """--checkpoint with the exit rule of --method, and --data decoded for it (``missing``: the error, and its
+    hint, when either is not given)."""
     from eetool.archs import SEGMENTATION_ARCHS
-    from eetool.commands.common import exit_rule, load_data, local_share, open_checkpoint
-    from eetool.datasets import Preprocess, check_labels
+    from eetool.commands.common import exit_rule, load_data, open_checkpoint
+    from eetool.datasets import Preprocess
     from eetool.errors import ModelMismatchError, UsageError
-    from eetool.rules import HeadsRule, cost_models, rule_scores
-    from eetool.thresholds import ExitStats
 
     if not checkpoint or not data:
-        raise UsageError(f"--method {method}{' with --validation' if method == 'e2cm' else ''} needs --checkpoint "
-                         "and --data", "name the model and the data to fit on")
+        raise UsageError(*missing)
     ckpt = open_checkpoint(run, checkpoint)
     if ckpt.spec.arch in SEGMENTATION_ARCHS:
         raise ModelMismatchError(f"--method {method} is for classifiers, and {ckpt.label} is a segmentation network",
@@ -252,13 +272,27 @@ def _scored_stats(run: Run, method: str, combine: str, means: str | None, cm: An
     device = run.torch()
     em, rule = exit_rule(ckpt, method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, device)
     ds = load_data(run, data, split, indices, ckpt.spec)
+    return _Model(ckpt, em, rule, ds, Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std), device)
+
+
+def _scored_stats(run: Run, model: _Model, method: str, cm: Any, means_prov: Any,
+                  batch_size: int) -> tuple[Any, str, Any]:
+    """Exit statistics from one pass over --data: E²CM on held-out data, or any method with exit heads; and the
+    dense costs of the exits where the statistics' costs are a pruned network's effective ones (else None)."""
+    import torch
+
+    from eetool.commands.common import local_share
+    from eetool.datasets import check_labels
+    from eetool.rules import HeadsRule, cost_models, rule_scores
+    from eetool.thresholds import ExitStats
+
+    ckpt, em, rule, ds = model.checkpoint, model.exit_model, model.rule, model.data
     check_labels(ds, ckpt.spec.num_classes)
     if method == "e2cm" and ds.fingerprint == means_prov.dataset:
         run.reporter.warn("the validation data is the calibration data; thresholds are not held out")
-    preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
     local, gather = local_share(run, ds, batch_size)  # under torchrun: this rank's batches, then every rank's rows
-    conf, pred, final = (gather(t) for t in rule_scores(em, local, preprocess, rule, batch_size=batch_size,
-                                                        device=device, reporter=run.reporter))
+    conf, pred, final = (gather(t) for t in rule_scores(em, local, model.preprocess, rule, batch_size=batch_size,
+                                                        device=model.device, reporter=run.reporter))
     if not isinstance(rule, HeadsRule):
         return cm.exit_stats(conf, pred, final, ds.labels), ds.fingerprint, _dense_means_costs(cm)
     correct = torch.cat([pred == ds.labels[:, None], (final == ds.labels)[:, None]], 1)
@@ -279,23 +313,3 @@ def _dense_means_costs(cm: Any) -> Any:
     if not cm.effective_stage_macs:
         return None
     return torch.tensor(cm.cost_model().normalised_exit_costs(), dtype=torch.float64)
-
-
-def _wall_costs(run: Run, method: str, combine: str, means: str | None, cm: Any, means_prov: Any,
-                exit_heads: str | None, heads: Any, heads_prov: Any, checkpoint: str | None, data: str | None,
-                split: str, indices: str | None, batch_size: int) -> Any:
-    """Each stage's and exit decision's wall time on --checkpoint with --data at --batch-size (eetool.wall_costs)."""
-    from eetool.commands.common import exit_rule, load_data, open_checkpoint
-    from eetool.datasets import Preprocess
-    from eetool.errors import UsageError
-    from eetool.wall_costs import measure_wall_costs
-
-    if not checkpoint or not data:
-        raise UsageError("--overhead measured needs --checkpoint and --data", "name the model and the data to time")
-    ckpt = open_checkpoint(run, checkpoint)
-    device = run.torch()
-    em, rule = exit_rule(ckpt, method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, device)
-    ds = load_data(run, data, split, indices, ckpt.spec)
-    preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
-    run.reporter.log(f"timing stages and exit decisions at batch {batch_size}")
-    return measure_wall_costs(em, rule.scores, ds, preprocess, batch_size=batch_size, device=device)
