@@ -240,6 +240,17 @@ def tabulate(reports: dict[str, Any], sweeps: dict[str, Any], speeds: dict[str, 
     return "\n".join(lines)
 
 
+def save(fig: Any, prefix: Path, name: str) -> Path:
+    """Write a finished figure as PREFIX-NAME.png and close it."""
+    import matplotlib.pyplot as plt
+
+    path = prefix.with_name(f"{prefix.name}-{name}.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def plot(reports: dict[str, Any], sweeps: dict[str, Any], prefix: Path) -> list[Path]:
     """Per-layer sparsity (thesis Fig. 5a/6a), per-exit accuracy against the unpruned network (Fig. 5b/7a) and the
     accuracy-cost curves (Fig. 5c/6d/7b), as PREFIX-sparsity.png, PREFIX-exits.png and PREFIX-cost.png."""
@@ -263,10 +274,7 @@ def plot(reports: dict[str, Any], sweeps: dict[str, Any], prefix: Path) -> list[
     axes[0].set(title="backbone layers (input → output)", ylabel="sparsity (%)")
     axes[1].set(title="exit heads (first → last)")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    written.append(prefix.with_name(prefix.name + "-sparsity.png"))
-    fig.savefig(written[-1], dpi=80)
-    plt.close(fig)
+    written.append(save(fig, prefix, "sparsity"))
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     first = reports[present[0]] if present else None
@@ -281,10 +289,7 @@ def plot(reports: dict[str, Any], sweeps: dict[str, Any], prefix: Path) -> list[
     ax.set(xlabel="exit (every image leaves there)", ylabel="test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(prefix.with_name(prefix.name + "-exits.png"))
-    fig.savefig(written[-1], dpi=80)
-    plt.close(fig)
+    written.append(save(fig, prefix, "exits"))
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for network in NETWORKS:
@@ -298,10 +303,7 @@ def plot(reports: dict[str, Any], sweeps: dict[str, Any], prefix: Path) -> list[
     ax.set(xlabel="cost (fraction of the unpruned network's MACs)", ylabel="test accuracy (%)", xlim=(0, 1.05))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(prefix.with_name(prefix.name + "-cost.png"))
-    fig.savefig(written[-1], dpi=80)
-    plt.close(fig)
+    written.append(save(fig, prefix, "cost"))
     return written
 
 
