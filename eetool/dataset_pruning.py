@@ -35,6 +35,7 @@ from torch import nn
 
 from eetool.choices import EEPRUNE_FAMILY, PRUNING_BASELINES
 from eetool.datasets import Dataset, Preprocess
+from eetool.distributed import World, all_sum
 from eetool.errors import UsageError
 from eetool.exits import ExitModel, build_exit_model, candidate_exits, select_exits
 from eetool.reporting import Reporter
@@ -183,34 +184,38 @@ class ForgettingTracker:
 
 @torch.no_grad()
 def after_training_records(network: EarlyExitNetwork, data: Dataset, preprocess: Preprocess,
-                           device: torch.device, batch_size: int = 512) -> dict[str, torch.Tensor]:
-    """Each exit's loss, correctness and confidence per sample once the E epochs are over."""
+                           device: torch.device, batch_size: int = 512,
+                           world: World = World()) -> dict[str, torch.Tensor]:
+    """Each exit's loss, correctness and confidence per sample once the E epochs are over (under torchrun each
+    rank scores its share of the batches and the rows are gathered)."""
     network.eval()
     n = len(data)
     out = {k: torch.zeros(n, dtype=torch.float64) for k in ("early_loss", "final_loss", "early_margin",
                                                              "final_margin")}
     out.update({k: torch.zeros(n, dtype=torch.bool) for k in ("early_correct", "final_correct")})
-    for images, labels, pos in data.batches(batch_size):
+    for images, labels, pos in data.batches(batch_size, world=world):
         y = labels.to(device)
         early, final = network(preprocess(images, device))
         for name, logits in (("early", early), ("final", final)):
             out[f"{name}_loss"][pos] = F.cross_entropy(logits.double(), y, reduction="none").cpu()
             out[f"{name}_margin"][pos] = log_odds(logits).cpu()
             out[f"{name}_correct"][pos] = (logits.argmax(1) == y).cpu()
-    return out
+    # rows this rank did not score are zeros (false), so the sum over the ranks is every rank's rows
+    return {k: all_sum(v.to(torch.float64), world).to(v.dtype) for k, v in out.items()}
 
 
 @torch.no_grad()
 def el2n_scores(model: nn.Module, data: Dataset, preprocess: Preprocess, device: torch.device,
-                batch_size: int = 512) -> torch.Tensor:
-    """‖softmax(f(x)) - onehot(y)‖₂ per sample."""
+                batch_size: int = 512, world: World = World()) -> torch.Tensor:
+    """‖softmax(f(x)) - onehot(y)‖₂ per sample (under torchrun each rank scores its share, then the rows are
+    gathered)."""
     model.eval()
     scores = torch.zeros(len(data), dtype=torch.float64)
-    for images, labels, pos in data.batches(batch_size):
+    for images, labels, pos in data.batches(batch_size, world=world):
         probs = model(preprocess(images, device)).double().softmax(1)
         target = F.one_hot(labels.to(device), probs.shape[1]).double()
         scores[pos] = (probs - target).norm(dim=1).cpu()
-    return scores
+    return all_sum(scores, world)  # rows this rank did not score are zeros
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,9 +355,11 @@ BuildModel = Callable[[int], nn.Module]  # run number -> a model to train (fresh
 
 def pruning_phase(settings: PhaseSettings, build: BuildModel, data: Dataset, preprocess: Preprocess, *,
                   num_classes: int, device: torch.device | str = "cpu", state_dir: str | None = None,
-                  resume: bool = False, reporter: Reporter | None = None) -> PhaseResult:
+                  resume: bool = False, reporter: Reporter | None = None, world: World = World()) -> PhaseResult:
     """Run the training that a method's records come from. With ``state_dir`` every epoch is saved there,
-    and every finished run; ``resume`` continues from them."""
+    and every finished run; ``resume`` continues from them. Under torchrun (a ``world`` of several processes)
+    each run trains under DistributedDataParallel (``training.fit``) and every rank ends with every sample's
+    records; rank 0 alone writes the state."""
     reporter = reporter or Reporter()
     device = torch.device(device)
     method = records_family(settings.method)
@@ -360,7 +367,7 @@ def pruning_phase(settings: PhaseSettings, build: BuildModel, data: Dataset, pre
     if method == "random":
         gen = torch.Generator().manual_seed(settings.config.seed)
         return PhaseResult({"random": torch.rand(n, generator=gen, dtype=torch.float64)})
-    if state_dir:
+    if state_dir and world.main:
         Path(state_dir).mkdir(exist_ok=True)
     runs = settings.models if method == "el2n" else 1
     result = PhaseResult({})
@@ -374,8 +381,8 @@ def pruning_phase(settings: PhaseSettings, build: BuildModel, data: Dataset, pre
             reporter.log(f"run {run + 1}/{runs} already finished; reusing it")
         else:
             done = _one_run(run, runs, method, settings, cfg, build, data, preprocess, num_classes, device,
-                            state_dir, resume, reporter)
-            if done_path is not None:
+                            state_dir, resume, reporter, world)
+            if done_path is not None and world.main:
                 write_state(str(done_path), {**done, "signature": signature})
         result.samples_seen += done["samples_seen"]
         result.samples_scored += done["samples_scored"]
@@ -393,7 +400,7 @@ def pruning_phase(settings: PhaseSettings, build: BuildModel, data: Dataset, pre
 
 def _one_run(run: int, runs: int, method: str, settings: PhaseSettings, cfg: TrainConfig, build: BuildModel,
              data: Dataset, preprocess: Preprocess, num_classes: int, device: torch.device, state_dir: str | None,
-             resume: bool, reporter: Reporter) -> dict[str, Any]:
+             resume: bool, reporter: Reporter, world: World) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # the fresh initialisation of this run
     model = build(run)
     exit_name = None
@@ -410,16 +417,16 @@ def _one_run(run: int, runs: int, method: str, settings: PhaseSettings, cfg: Tra
     reporter.log(f"{label}: training {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} on {len(data)} samples"
                  + (f" with an exit after {exit_name}" if exit_name else ""))
     trained = fit(model, data, preprocess, cfg, device=device, step=tracker.step if tracker else None, tracker=tracker,
-                  resume_path=resume_path, resume=resuming, reporter=reporter)
+                  resume_path=resume_path, resume=resuming, reporter=reporter, world=world)
     scored = 0
     scoring_started = time.perf_counter()
     if method == "eeprune":
         assert isinstance(model, EarlyExitNetwork) and isinstance(tracker, QualificationTracker)
         records = {"qualified": tracker.qualified,
-                   **after_training_records(model, data, preprocess, device)}
+                   **after_training_records(model, data, preprocess, device, world=world)}
         scored = len(data)
     elif method == "el2n":
-        records = {"el2n": el2n_scores(model, data, preprocess, device)}
+        records = {"el2n": el2n_scores(model, data, preprocess, device, world=world)}
         scored = len(data)
     else:
         assert isinstance(tracker, ForgettingTracker)

@@ -102,17 +102,25 @@ class Dataset:
         positions = list(order.split(batch_size))
         if world is not None:
             positions = shard_batches(positions, world)
+        yield from self.batches_at(positions, contiguous=not shuffle)
+
+    def batches_at(self, positions: list[torch.Tensor], *, contiguous: bool = False
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (uint8 images, labels, positions) for each tensor of ``positions``, in turn (a
+        ``contiguous`` run of positions is sliced, not gathered)."""
         if self.stream is not None:
-            for pos, images in zip(positions, self.stream.batches(positions), strict=True):
+            decoded = self.stream.batches([pos for pos in positions if len(pos)])
+            for pos in positions:  # an empty share (a batch smaller than torchrun's world) decodes nothing
+                images = next(decoded) if len(pos) else torch.empty((0, *self.image_shape), dtype=torch.uint8)
                 yield images, self.labels[pos], pos
             return
         assert self.images is not None
         for pos in positions:
-            if shuffle:
-                yield self.images[pos], self.labels[pos], pos
-            else:  # contiguous slices avoid a gather copy
+            if contiguous and len(pos):  # a slice avoids a gather copy
                 start, end = int(pos[0]), int(pos[0]) + len(pos)
                 yield self.images[start:end], self.labels[start:end], pos
+            else:
+                yield self.images[pos], self.labels[pos], pos
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the images in [0, 1], in float64 running sums."""

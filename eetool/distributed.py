@@ -163,6 +163,30 @@ def gather_rows(local: torch.Tensor, positions: torch.Tensor, n: int, world: Wor
     return all_sum(full, world)
 
 
+def share(n: int, world: World) -> slice:
+    """This rank's contiguous share of a batch of ``n`` samples split over the ranks (sizes differ by at most one;
+    a batch smaller than the world leaves the last ranks an empty share)."""
+    base, extra = divmod(n, world.size)
+    start = world.rank * base + min(world.rank, extra)
+    return slice(start, start + base + (world.rank < extra))
+
+
+def broadcast_from_main(tensors: list[torch.Tensor], world: World) -> None:
+    """Rank 0's values of ``tensors`` on every rank, in place (batch norm's running statistics, which
+    each rank updates from its own share)."""
+    if not world.distributed:
+        return
+    import torch.distributed as dist
+
+    for tensor in tensors:
+        buffer = tensor.to(_comm_device())
+        try:
+            dist.broadcast(buffer, 0)
+        except RuntimeError:  # a peer that has gone, as in _reduce
+            raise PeerFailed() from None
+        tensor.copy_(buffer)
+
+
 def leave() -> None:
     """Leave the process group (at the end of a command), so that no rank exits while others still talk to it."""
     import torch.distributed as dist

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eetool.datasets import Dataset, Preprocess
+from eetool.distributed import World, all_sum
 from eetool.e2cm import ClassMeans, distances
 from eetool.exits import ExitModel
 from eetool.heads import ExitHeads
@@ -82,10 +83,13 @@ class ExitTrainer(nn.Module):
                 logits = self.final_layer(final_input[-1])
         return self.heads(feats, self._distances(feats)), logits
 
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return self.outputs(x)
+
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              mix: object) -> tuple[torch.Tensor, torch.Tensor]:
         """The weighted sum of the exits' cross-entropies (train-exits offers no mixup, so ``mix`` is None)."""
-        outs, logits = self.outputs(x)
+        outs, logits = model(x)  # this trainer, or DistributedDataParallel's wrapper of it under torchrun
         loss = sum((w * F.cross_entropy(o, y) for w, o in zip(self.weights, outs, strict=True)),
                    torch.zeros((), device=x.device))
         if self.joint or self.final_layer is not None:
@@ -95,12 +99,13 @@ class ExitTrainer(nn.Module):
 
 @torch.no_grad()
 def exit_accuracies(trainer: ExitTrainer, data: Dataset, preprocess: Preprocess, *, batch_size: int = 256,
-                    device: torch.device | str = "cpu") -> list[float]:
-    """Accuracy of every head, then of the model's own head."""
+                    device: torch.device | str = "cpu", world: World = World()) -> list[float]:
+    """Accuracy of every head, then of the model's own head (under torchrun each rank scores its share of the
+    batches and the counts are summed)."""
     trainer.eval()
     correct = torch.zeros(len(trainer.heads.heads) + 1, dtype=torch.int64)
-    for images, labels, _ in data.batches(batch_size):
+    for images, labels, _ in data.batches(batch_size, world=world):
         outs, logits = trainer.outputs(preprocess(images, device))
         y = labels.to(logits.device)
         correct += torch.stack([(o.argmax(1) == y).sum() for o in [*outs, logits]]).cpu()
-    return (correct.double() / len(data)).tolist()
+    return (all_sum(correct, world).double() / len(data)).tolist()

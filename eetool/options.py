@@ -93,6 +93,8 @@ ExitsOpt = Annotated[str, typer.Option("--exits", help="Exit points: every, half
                                        autocompletion=prefix_completer(EXIT_SELECTIONS))]
 CountOpt = Annotated[Count, typer.Option("--count", help="Cost unit: macs, or flops (= 2 x MACs).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch.")]
+GlobalBatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per optimiser step (under "
+                                             "torchrun: the global batch, shared out among the processes).")]
 OutputOpt = Annotated[str, typer.Option("--output", "-o",
                                         help="Output file ('-' for stdout where the output is YAML).")]
 OptionalOutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Also write the result as a YAML "

@@ -10,7 +10,8 @@ from __future__ import annotations
 import io
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +23,7 @@ from torch import nn
 from eetool.artifacts import atomic_write
 from eetool.choices import OPTIMIZERS, SCHEDULES
 from eetool.datasets import Dataset, Preprocess
+from eetool.distributed import PeerFailed, World, all_sum, broadcast_from_main, gather_rows, share
 from eetool.errors import InputError, UsageError
 from eetool.reporting import Reporter
 
@@ -52,6 +54,13 @@ class TrainConfig:
             whole, rest = divmod(self.samples, dataset_size)
             return whole * math.ceil(dataset_size / self.batch_size) + math.ceil(rest / self.batch_size)
         return self.epochs * math.ceil(dataset_size / self.batch_size)
+
+    def check_world(self, world: World) -> None:
+        """Settings that cannot train under torchrun: mixup pairs samples across the whole batch, which the
+        processes share out."""
+        if world.distributed and self.mixup > 0:
+            raise UsageError("--mixup pairs samples across the whole batch, which torchrun shares out among "
+                             "its processes", "run without --mixup, or as one process without torchrun")
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -139,16 +148,36 @@ class TrainResult:
 
 def augment_batch(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random crop with zero padding and a random horizontal flip, vectorised over the uint8 batch."""
-    n, c, h, w = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
-    rows = dy + torch.arange(h)
-    cols = dx + torch.arange(w)
-    flip = torch.rand(n, generator=generator) < 0.5
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
-                  rows[:, None, :, None], cols[:, None, None, :]]
+    return Augmentation.draw(images.shape[0], generator, images.shape[2], images.shape[3], pad).apply(images)
+
+
+@dataclass
+class Augmentation:
+    """Each sample's crop rows and columns (a flip reverses the columns), drawn for a whole batch so that
+    under torchrun every process draws what one process would and applies its share (``select``)."""
+
+    rows: torch.Tensor  # (n, h)
+    cols: torch.Tensor  # (n, w)
+    pad: int
+
+    @classmethod
+    def draw(cls, n: int, generator: torch.Generator, h: int, w: int, pad: int = 4) -> Augmentation:
+        dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
+        dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
+        rows = dy + torch.arange(h)
+        cols = dx + torch.arange(w)
+        flip = torch.rand(n, generator=generator) < 0.5
+        return cls(rows, torch.where(flip[:, None], cols.flip(1), cols), pad)
+
+    def select(self, share: slice) -> Augmentation:
+        return Augmentation(self.rows[share], self.cols[share], self.pad)
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        n, c = images.shape[:2]
+        pad = self.pad
+        padded = F.pad(images, (pad, pad, pad, pad))
+        return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                      self.rows[:, None, :, None], self.cols[:, None, None, :]]
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -185,33 +214,45 @@ def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Dataset, preprocess: Preprocess, device: torch.device,
-             batch_size: int = 512) -> float:
+             batch_size: int = 512, world: World = World()) -> float:
+    """Top-1 accuracy; under torchrun each rank scores its share of the batches and the counts are summed."""
     was_training = model.training
     model.eval()
-    correct = scored = 0
-    for images, labels, _ in data.batches(batch_size):
-        correct += int((model(preprocess(images, device)).argmax(1).cpu() == labels).sum())
-        scored += int((labels >= 0).sum())  # a sample's label, or a segmentation mask's labelled pixels
+    counts = torch.zeros(2, dtype=torch.float64)  # correct, scored
+    for images, labels, _ in data.batches(batch_size, world=world):
+        counts[0] += int((model(preprocess(images, device)).argmax(1).cpu() == labels).sum())
+        counts[1] += int((labels >= 0).sum())  # a sample's label, or a segmentation mask's labelled pixels
+    all_sum(counts, world)
     model.train(was_training)
-    return correct / max(scored, 1)
+    return float(counts[0]) / max(float(counts[1]), 1.0)
 
 
 def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfig, *,
         device: torch.device | str = "cpu", params: Iterable[nn.Parameter] | None = None, step: Step | None = None,
         eval_data: Dataset | None = None, resume_path: str | None = None, resume: bool = False,
         reporter: Reporter | None = None, on_epoch: Callable[[EpochRecord], None] | None = None,
-        tracker: Tracker | None = None) -> TrainResult:
+        tracker: Tracker | None = None, world: World = World()) -> TrainResult:
     """Train ``model`` in place. With ``resume_path`` the state is saved after every epoch.
 
     A ``tracker`` receives each batch's dataset positions after its step (per-sample records, such as
     dataset pruning keeps); its state is saved and resumed with the model's.
+
+    Under torchrun (a ``world`` of several processes) the model trains under DistributedDataParallel:
+    ``cfg.batch_size`` is the global batch. Every rank draws the epoch's order and the augmentation of the
+    whole batch from the same seeded generator, as one process does, and takes its contiguous share of each
+    batch; each rank's loss is weighted by its share of the batch, so the gradient DDP averages is the one
+    process's gradient of the whole batch (up to the order of float sums). Batch norm in train mode
+    normalises over each rank's share (DDP's own behaviour, not SyncBatchNorm, which does not run on CPU),
+    and the running statistics are rank 0's. Rank 0 alone writes the resumable state.
     """
     cfg.validate()
+    cfg.check_world(world)
     reporter = reporter or Reporter()
     device = torch.device(device)
     step = step or cross_entropy_step(cfg.label_smoothing)
     model.to(device)
-    opt = make_optimizer(params if params is not None else model.parameters(), cfg)
+    trained = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    opt = make_optimizer(trained, cfg)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     epochs = cfg.planned_epochs(len(data))
     sched = make_schedule(opt, cfg, steps_per_epoch, cfg.total_steps(len(data)))
@@ -223,69 +264,128 @@ def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfi
             raise InputError(f"no resumable state at {resume_path}", "run without --resume to start afresh")
         start_epoch = _load_state(resume_path, model, opt, sched, gen, result, cfg, data.fingerprint, tracker)
         reporter.log(f"resuming after epoch {start_epoch} of {epochs}")
-    started = time.perf_counter() - result.seconds
-    for epoch in range(start_epoch, epochs):
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        correct = torch.zeros((), dtype=torch.int64)
-        scored = torch.zeros((), dtype=torch.int64)  # labelled targets: samples, or a mask's labelled pixels
-        seen = 0
-        with reporter.bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}") as bar:
-            for images, labels, positions in data.batches(cfg.batch_size, shuffle=True, generator=gen):
-                if cfg.samples:  # a budget in samples ends inside the last epoch, with a partial batch
-                    left = cfg.samples - result.samples_seen - seen
-                    if left <= 0:
-                        break
-                    images, labels, positions = images[:left], labels[:left], positions[:left]
-                if cfg.augment:
-                    images = augment_batch(images, gen)
-                x, y = preprocess(images, device), labels.to(device)
-                mix = None
-                if cfg.mixup > 0:
-                    lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
-                    mix = Mix(torch.randperm(x.shape[0], generator=gen).to(device), lam)
-                    x = lam * x + (1 - lam) * x[mix.perm]
-                loss, logits = step(model, x, y, mix)
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):  # before the step: the weights stay those of the last good one
-                    raise _diverged(f"the loss is {loss_value} in epoch {epoch + 1}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                if tracker is not None:
-                    tracker.after_step(positions)
-                n = int(y.shape[0])
-                seen += n
-                loss_sum += loss_value * n
-                correct += (logits.detach().argmax(1) == y).sum().cpu()
-                scored += (y >= 0).sum().cpu()
-                bar.advance(1, loss=float(loss_sum) / seen, acc=int(correct) / max(int(scored), 1))
-        # A last step can overflow the weights with a finite loss; no state or checkpoint of them is written.
-        if not all(bool(torch.isfinite(p).all()) for group in opt.param_groups for p in group["params"]):
-            raise _diverged(f"the weights are not finite after epoch {epoch + 1}")
-        result.samples_seen += seen
-        record = EpochRecord(epoch + 1, float(loss_sum) / seen, int(correct) / max(int(scored), 1), result.samples_seen,
-                             time.perf_counter() - t0)
-        if eval_data is not None:
-            record.eval_accuracy = accuracy(model, eval_data, preprocess, device)
-        result.history.append(record)
-        result.seconds = time.perf_counter() - started
-        msg = f"epoch {record.epoch}/{epochs}: loss {record.loss:.4f}, train acc {record.train_accuracy:.4f}"
-        if record.eval_accuracy is not None:
-            msg += f", eval acc {record.eval_accuracy:.4f}"
-        reporter.log(msg + f", {record.samples_seen} samples seen, {record.seconds:.1f}s")
-        if resume_path:
-            _save_state(resume_path, model, opt, sched, gen, result, cfg, data.fingerprint, epoch + 1, tracker)
-        if on_epoch:
-            on_epoch(record)
+    with _distributed(model, trained, device, world) as trainee:
+        started = time.perf_counter() - result.seconds
+        for epoch in range(start_epoch, epochs):
+            trainee.train()
+            t0 = time.perf_counter()
+            totals = torch.zeros(3, dtype=torch.float64)  # loss x samples, correct, scored (labelled targets)
+            seen = 0
+            touched: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64)]  # the positions this rank trained on
+            order = list(torch.randperm(len(data), generator=gen).split(cfg.batch_size))
+            if cfg.samples:  # a budget in samples ends inside the last epoch, with a partial batch
+                order = _within_budget(order, cfg.samples - result.samples_seen)
+            shares = [share(len(pos), world) for pos in order]
+            local = data.batches_at([pos[part] for pos, part in zip(order, shares, strict=True)])
+            with reporter.bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}") as bar:
+                for (images, labels, positions), batch, part in zip(local, order, shares, strict=True):
+                    if cfg.augment:  # drawn for the whole batch, as one process draws it
+                        images = Augmentation.draw(len(batch), gen, images.shape[2], images.shape[3]
+                                                   ).select(part).apply(images)
+                    x, y = preprocess(images, device), labels.to(device)
+                    mix = None
+                    if cfg.mixup > 0:
+                        lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
+                        mix = Mix(torch.randperm(x.shape[0], generator=gen).to(device), lam)
+                        x = lam * x + (1 - lam) * x[mix.perm]
+                    loss, logits = step(trainee, x, y, mix)
+                    n = int(y.shape[0])
+                    # this rank's share of the batch's mean loss; an empty share adds nothing (its mean is nan)
+                    weight = n / len(batch)
+                    local_loss = loss * weight if n else loss.nan_to_num(0.0) * 0.0
+                    batch_totals = torch.tensor([float(local_loss.detach()) * len(batch),
+                                                 int((logits.detach().argmax(1) == y).sum()), int((y >= 0).sum())],
+                                                dtype=torch.float64)
+                    all_sum(batch_totals, world)
+                    loss_value = float(batch_totals[0]) / len(batch)
+                    if not math.isfinite(loss_value):  # before the step: the weights stay those of the last good one
+                        raise _diverged(f"the loss is {loss_value} in epoch {epoch + 1}", world)
+                    opt.zero_grad(set_to_none=True)
+                    (local_loss * world.size).backward()  # DDP averages the ranks' gradients: their sum, over N
+                    opt.step()
+                    sched.step()
+                    if tracker is not None:
+                        tracker.after_step(positions)
+                        touched.append(positions)
+                    seen += len(batch)
+                    totals += batch_totals
+                    bar.advance(1, loss=float(totals[0]) / seen, acc=float(totals[1]) / max(float(totals[2]), 1.0))
+            if tracker is not None and world.distributed:
+                _merge_records(tracker, torch.cat(touched), len(data), world)
+            # A last step can overflow the weights with a finite loss; no state or checkpoint of them is written.
+            if not all(bool(torch.isfinite(p).all()) for group in opt.param_groups for p in group["params"]):
+                raise _diverged(f"the weights are not finite after epoch {epoch + 1}", world)
+            broadcast_from_main(list(model.buffers()), world)  # rank 0's running statistics, saved and scored
+            result.samples_seen += seen
+            record = EpochRecord(epoch + 1, float(totals[0]) / seen, float(totals[1]) / max(float(totals[2]), 1.0),
+                                 result.samples_seen, time.perf_counter() - t0)
+            if eval_data is not None:
+                record.eval_accuracy = accuracy(model, eval_data, preprocess, device, world=world)
+            result.history.append(record)
+            result.seconds = time.perf_counter() - started
+            msg = f"epoch {record.epoch}/{epochs}: loss {record.loss:.4f}, train acc {record.train_accuracy:.4f}"
+            if record.eval_accuracy is not None:
+                msg += f", eval acc {record.eval_accuracy:.4f}"
+            reporter.log(msg + f", {record.samples_seen} samples seen, {record.seconds:.1f}s")
+            if resume_path and world.main:
+                _save_state(resume_path, model, opt, sched, gen, result, cfg, data.fingerprint, epoch + 1, tracker)
+            if on_epoch:
+                on_epoch(record)
     model.eval()
     return result
 
 
-def _diverged(what: str) -> UsageError:
-    """Training that ran away is the training options' doing (the rate, mostly), so a usage error (exit 2)."""
+def _merge_records(tracker: Tracker, touched: torch.Tensor, n: int, world: World) -> None:
+    """Every rank's per-sample records of an epoch on every rank. An epoch presents each sample once, on one
+    rank, so each sample's row comes from the rank that trained on it (rows no rank touched, past a budget's
+    end, are the same on every rank already)."""
+    trained_on = gather_rows(torch.ones(len(touched), dtype=torch.float64), touched, n, world) > 0
+    merged = {}
+    for name, records in tracker.state_dict().items():
+        # float64 carries every record (booleans, counts, log-odds, -inf) exactly through the sum
+        rows = gather_rows(records[touched].to(torch.float64), touched, n, world)
+        merged[name] = torch.where(trained_on, rows.to(records.dtype), records)
+    tracker.load_state_dict(merged)
+
+
+def _within_budget(order: list[torch.Tensor], left: int) -> list[torch.Tensor]:
+    """The batches of ``order`` that a budget of ``left`` samples reaches, the last one cut short."""
+    kept = []
+    for pos in order:
+        if left <= 0:
+            break
+        kept.append(pos[:left])
+        left -= len(kept[-1])
+    return kept
+
+
+@contextmanager
+def _distributed(model: nn.Module, trained: list[nn.Parameter], device: torch.device,
+                 world: World) -> Iterator[nn.Module]:
+    """``model`` under DistributedDataParallel in a world of several processes (``model`` itself in one).
+    Parameters that are not trained stop requiring gradients meanwhile, since DDP expects a gradient for
+    every parameter that requires one (a frozen backbone runs without)."""
+    if not world.distributed:
+        yield model
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = {id(p) for p in trained}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _diverged(what: str, world: World = World()) -> UsageError | PeerFailed:
+    """Training that ran away is the training options' doing (the rate, mostly), so a usage error (exit 2).
+    Under torchrun every rank sees it at once; rank 0 alone says so."""
+    if not world.main:
+        return PeerFailed()
     return UsageError(f"training diverged: {what}; no output was written", "lower --lr (e.g. 10 times)")
 
 

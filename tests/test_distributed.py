@@ -61,11 +61,11 @@ def test_more_processes_than_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_commands_without_torchrun_support_refuse_it(rank: str, monkeypatch: pytest.MonkeyPatch, workdir: Path,
-                                                     tiny_data: str) -> None:
+                                                     tiny_checkpoint: str, tiny_data: str) -> None:
     """Refused before the processes meet, identically on every rank: rank 0 alone says so."""
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    result = invoke("train", "-d", tiny_data, "-o", "m.safetensors", "--epochs", "1", "--arch-args", "{width: 4}")
+    result = invoke("prune-weights", "-c", tiny_checkpoint, "-d", tiny_data, "-o", "m.safetensors")
     if rank == "0":
         assert "does not run under torchrun" in one_error_line(result, 2)
     else:

@@ -13,10 +13,10 @@ from eetool.commands.common import data_path, format_fields, format_table
 from eetool.options import (
     TRAINING,
     AugmentOpt,
-    BatchOpt,
     CheckpointOpt,
     DataOpt,
     ForceOpt,
+    GlobalBatchOpt,
     IndicesOpt,
     LrOpt,
     OptimizerOpt,
@@ -33,7 +33,7 @@ PRUNING = "Pruning"
 METHOD_NAMES = EEPRUNE_FAMILY + PRUNING_BASELINES
 
 
-@eetool_command("indices", model_options=True, data_options=True)
+@eetool_command("indices", model_options=True, data_options=True, distributed=True)
 def command(
     run: Run,
     checkpoint: CheckpointOpt,
@@ -82,7 +82,7 @@ def command(
     epochs: Annotated[int | None, typer.Option("--epochs", "-e", min=1, help="Epochs of the pruning phase (default: "
                                                "the thesis's: 10 for eeprune*, 15 per el2n model, 200 for "
                                                "forgetting, 50 for svp).", rich_help_panel=TRAINING)] = None,
-    batch_size: BatchOpt = 128,
+    batch_size: GlobalBatchOpt = 128,
     optimizer: OptimizerOpt = "sgd",
     lr: LrOpt = 0.1,
     weight_decay: WeightDecayOpt = 5e-4,
@@ -150,6 +150,7 @@ def command(
                       augment=augment, seed=run.seed)
     if not from_scores:
         cfg.validate()  # before any data is loaded
+        cfg.check_world(run.world)  # and before the processes meet: rank 0 alone reports it
     ckpt = open_checkpoint(run, checkpoint)
     device = run.torch()
     full = load_data(run, data, split, spec=ckpt.spec)
@@ -197,6 +198,8 @@ def command(
                       inputs=input_shas)
     tensors = {"indices": kept, "pruned": pruned, "positions": positions, "priority": scores,
                **{f"records.{k}": v for k, v in records.items()}}
+    if not run.world.main:  # under torchrun every rank holds the same records; rank 0 writes and prints
+        return
     with output_set(outputs) as temps:  # kept, pruned and summary appear together or not at all
         written = dict(zip(outputs, temps, strict=True))
         write_tensors(written[output], tensors, prov)
@@ -239,7 +242,7 @@ def _train(run: Run, device: Any, ckpt: Any, ds: Any, settings: Any, proxy_arch:
     if dp.records_family(method) == "eeprune":
         dp.exit_point(spec.build(), settings.exit)  # a bad --exit is refused before any state is written
     if method != "random":
-        if not resume and Path(state_dir).exists():
+        if not resume and Path(state_dir).exists() and run.world.main:
             shutil.rmtree(state_dir)
         run.reporter.log(f"pruning phase: {method} on {ds.spec} ({len(ds)} samples); state after every epoch "
                          f"in {state_dir}")
@@ -247,7 +250,7 @@ def _train(run: Run, device: Any, ckpt: Any, ds: Any, settings: Any, proxy_arch:
     result = dp.pruning_phase(settings, build, ds, Preprocess(spec.input_shape, spec.mean, spec.std),
                               num_classes=spec.num_classes, device=device,
                               state_dir=None if method == "random" else state_dir, resume=resume,
-                              reporter=run.reporter)
+                              reporter=run.reporter, world=run.world)
     phase = {"method": dp.records_family(method), "epochs": 0 if method == "random" else settings.config.epochs,
              "runs": result.runs, "samples_seen": result.samples_seen, "samples_scored": result.samples_scored,
              "seconds": round(result.seconds, 1),

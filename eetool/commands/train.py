@@ -12,9 +12,9 @@ from eetool.commands.common import data_path, format_fields
 from eetool.options import (
     TRAINING,
     AugmentOpt,
-    BatchOpt,
     DataOpt,
     ForceOpt,
+    GlobalBatchOpt,
     IndicesOpt,
     LrOpt,
     OptimizerOpt,
@@ -29,7 +29,7 @@ from eetool.options import (
 )
 
 
-@eetool_command("train", model_options=True, data_options=True)
+@eetool_command("train", model_options=True, data_options=True, distributed=True)
 def command(
     run: Run,
     data: DataOpt,
@@ -42,7 +42,7 @@ def command(
     eval_split: Annotated[str | None, typer.Option("--eval-split", help="Report accuracy on this split after "
                                                    "every epoch.", autocompletion=prefix_completer(SPLITS))] = None,
     epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Epochs.", rich_help_panel=TRAINING)] = 15,
-    batch_size: BatchOpt = 128,
+    batch_size: GlobalBatchOpt = 128,
     optimizer: OptimizerOpt = "sgd",
     lr: LrOpt = 0.1,
     momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.", rich_help_panel=TRAINING)] = 0.9,
@@ -72,11 +72,12 @@ def command(
     resume_path = f"{output}.resume.pt"
     if resume and not Path(resume_path).is_file():  # before any data is loaded
         raise InputError(f"no resumable state at {resume_path}", "run without --resume to start afresh")
-    device = run.torch()
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
                       weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
                       label_smoothing=label_smoothing, mixup=mixup, augment=augment, seed=run.seed)
     cfg.validate()
+    cfg.check_world(run.world)  # before the processes meet: rank 0 alone reports it
+    device = run.torch()
     ckpt = open_checkpoint(run, checkpoint) if checkpoint else None
     # folder images are decoded for the model: its recipe, or the one --input-shape, --crop and --resize give
     fed = ckpt.spec if ckpt is not None else _fed_as(run)
@@ -108,7 +109,8 @@ def command(
                      f"on {device}")
     run.resumable = f"the state of every finished epoch goes to {resume_path}: rerun with --resume"
     result = fit(model, train_data, Preprocess(spec.input_shape, spec.mean, spec.std), cfg, device=device,
-                 eval_data=eval_data, resume_path=resume_path, resume=resume, reporter=run.reporter, step=step)
+                 eval_data=eval_data, resume_path=resume_path, resume=resume, reporter=run.reporter, step=step,
+                 world=run.world)
     training: dict[str, Any] = {
         "samples_seen": result.samples_seen,
         "epochs": epochs,
@@ -116,11 +118,13 @@ def command(
         "eval_accuracy": None if result.last.eval_accuracy is None else round(result.last.eval_accuracy, 6),
         "eval_split": eval_split,
         "seconds": round(result.seconds, 1),
+        "processes": run.world.size,  # --batch-size is the global batch, shared out among them
     }
     prov = Provenance(kind="checkpoint", checkpoint_sha256=parent, dataset=train_data.fingerprint,
                       args={**run.args, "training": training})
-    save_checkpoint(output, model.cpu(), spec, prov)
-    Path(resume_path).unlink(missing_ok=True)
+    if run.world.main:  # under torchrun every rank holds the same weights; rank 0 writes them
+        save_checkpoint(output, model.cpu(), spec, prov)
+        Path(resume_path).unlink(missing_ok=True)
     doc = {"output": output, "arch": spec.arch, **training,
            "history": [vars(r) for r in result.history]}
     run.emit(doc, lambda d: format_fields([

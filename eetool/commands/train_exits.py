@@ -11,11 +11,11 @@ from eetool.commands.common import data_path, format_fields, format_table
 from eetool.options import (
     TRAINING,
     AugmentOpt,
-    BatchOpt,
     CheckpointOpt,
     DataOpt,
     ExitsOpt,
     ForceOpt,
+    GlobalBatchOpt,
     IndicesOpt,
     LrOpt,
     OptimizerOpt,
@@ -31,7 +31,7 @@ from eetool.options import (
 HEADS = "Exit heads"
 
 
-@eetool_command("exit-heads", model_options=True, data_options=True)
+@eetool_command("exit-heads", model_options=True, data_options=True, distributed=True)
 def command(
     run: Run,
     checkpoint: CheckpointOpt,
@@ -62,7 +62,7 @@ def command(
     samples: Annotated[int | None, typer.Option("--samples", min=1, help="Train on exactly this many samples "
                                                 "(a fixed training budget) instead of --epochs.",
                                                 rich_help_panel=TRAINING)] = None,
-    batch_size: BatchOpt = 128,
+    batch_size: GlobalBatchOpt = 128,
     optimizer: OptimizerOpt = "adamw",
     lr: LrOpt = 1e-3,
     weight_decay: WeightDecayOpt = 5e-4,
@@ -97,6 +97,7 @@ def command(
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
                       schedule=schedule, augment=augment, seed=run.seed, samples=samples or 0)
     cfg.validate()  # before any data is loaded
+    cfg.check_world(run.world)  # and before the processes meet: rank 0 alone reports it
     ckpt = open_checkpoint(run, checkpoint)
     device = run.torch()
     train_data = load_data(run, data, split, indices, ckpt.spec)
@@ -116,23 +117,26 @@ def command(
     run.reporter.log(f"training {head} heads at {len(em.exits)} exits of {ckpt.label} "
                      f"({'jointly' if joint else 'backbone frozen'}) on {train_data.spec}")
     result = fit(trainer, train_data, preprocess, cfg, device=device, params=trainer.trainable_parameters(),
-                 step=trainer.step, resume_path=None, reporter=run.reporter)
+                 step=trainer.step, resume_path=None, reporter=run.reporter, world=run.world)
     training = {"samples_seen": result.samples_seen, "epochs": len(result.history), "seconds": round(result.seconds, 1),
-                "loss": round(result.last.loss, 6)}
+                "loss": round(result.last.loss, 6),
+                "processes": run.world.size}  # --batch-size is the global batch, shared out among them
     # The heads name the backbone they were trained with: with --joint both files appear together or neither.
-    with output_set([output, *([backbone_output] if joint and backbone_output else [])]) as temps:
-        backbone_sha, backbone_model_sha = ckpt.sha256, ckpt.model_sha256
-        if joint and backbone_output:
-            save_checkpoint(temps[1], ckpt.model.cpu(), ckpt.spec,
-                            Provenance(kind="checkpoint", checkpoint_sha256=ckpt.sha256,
-                                       model_sha256=ckpt.model_sha256, dataset=train_data.fingerprint,
-                                       args={**run.args, "training": {"samples_seen": result.samples_seen}}))
-            backbone_sha, backbone_model_sha = sha256_file(temps[1]), model_sha256(ckpt.spec, ckpt.model)
-        prov = Provenance(kind="exit-heads", checkpoint_sha256=backbone_sha, model_sha256=backbone_model_sha,
-                          exits=list(em.exits), dataset=train_data.fingerprint,
-                          args={**run.args, "training": training},
-                          inputs={"class-means": sha256_file(means)} if means else {})
-        save_heads(temps[0], heads.cpu(), prov)
+    # Under torchrun every rank holds the same weights; rank 0 writes them.
+    if run.world.main:
+        with output_set([output, *([backbone_output] if joint and backbone_output else [])]) as temps:
+            backbone_sha, backbone_model_sha = ckpt.sha256, ckpt.model_sha256
+            if joint and backbone_output:
+                save_checkpoint(temps[1], ckpt.model.cpu(), ckpt.spec,
+                                Provenance(kind="checkpoint", checkpoint_sha256=ckpt.sha256,
+                                           model_sha256=ckpt.model_sha256, dataset=train_data.fingerprint,
+                                           args={**run.args, "training": {"samples_seen": result.samples_seen}}))
+                backbone_sha, backbone_model_sha = sha256_file(temps[1]), model_sha256(ckpt.spec, ckpt.model)
+            prov = Provenance(kind="exit-heads", checkpoint_sha256=backbone_sha, model_sha256=backbone_model_sha,
+                              exits=list(em.exits), dataset=train_data.fingerprint,
+                              args={**run.args, "training": training},
+                              inputs={"class-means": sha256_file(means)} if means else {})
+            save_heads(temps[0], heads.cpu(), prov)
     run.reporter.log(f"wrote {output}" + (f" and {backbone_output}" if joint and backbone_output else ""))
 
     from eetool.costs import measure
@@ -140,7 +144,8 @@ def command(
     costs = measure(em, ckpt.spec.input_shape)
     head_macs = heads.macs()
     cumulative = costs.backbone_cumulative()
-    accs = exit_accuracies(trainer.to(device), eval_data, preprocess, device=device) if eval_data else None
+    accs = (exit_accuracies(trainer.to(device), eval_data, preprocess, device=device, world=run.world)
+            if eval_data else None)
     rows: list[dict[str, Any]] = [{
         "exit": name, "head_macs": m, "cost_normalised": round((cumulative[j] + m) / costs.model_macs, 6),
         "accuracy": None if accs is None else round(accs[j], 6),
