@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from eetool.datasets import Dataset, Preprocess
+from eetool.distributed import World, gather_rows, shard_batches
 from eetool.e2cm import Pooling, distances
 from eetool.exits import ExitModel
 from eetool.reporting import Reporter
@@ -107,11 +108,17 @@ def clustering_accuracy(clusters: torch.Tensor, labels: torch.Tensor, k: int) ->
 def cluster_centres(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, k: int, *, pooling: Pooling,
                     batch_size: int = 256, device: torch.device | str = "cpu", iterations: int = 50,
                     generator: torch.Generator | None = None, max_bytes: int = 2 * 2**30,
-                    reporter: Reporter | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+                    reporter: Reporter | None = None, world: World = World()
+                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """k-means centres at every exit, numbered like the model's own outputs, and the head's predictions.
 
     No labels are used. Exit j's clusters are matched one-to-one to the head's predicted classes
     (Hungarian matching on how often they co-occur), so that every exit predicts in the head's terms.
+
+    Under torchrun (a ``world`` of several processes) each rank computes the features of its share of the
+    batches and the rows are gathered in order; every rank then runs the same k-means on the same features,
+    so the centres are one process's (the network's pass is the costly part; the features are bounded by
+    ``max_bytes`` already).
     """
     from eetool.errors import UsageError
 
@@ -121,19 +128,23 @@ def cluster_centres(exit_model: ExitModel, data: Dataset, preprocess: Preprocess
     if need > max_bytes:
         raise UsageError(f"k-means would hold {need / 2**30:.1f} GiB of features in memory",
                          "pool them (--pool-spatial 2, --pool-channels) or cluster fewer samples (--indices)")
-    feats: list[list[torch.Tensor]] = [[] for _ in dims]
-    head = []
-    with reporter.bar(-(-len(data) // batch_size), "features") as bar:
-        for images, _, _ in data.batches(batch_size):
+    feats: list[list[torch.Tensor]] = [[torch.empty(0, d)] for d in dims]
+    head = [torch.empty(0, dtype=torch.int64)]
+    positions = [torch.empty(0, dtype=torch.int64)]
+    n = len(data)
+    with reporter.bar(len(shard_batches(list(range(-(-n // batch_size))), world)), "features") as bar:
+        for images, _, pos in data.batches(batch_size, world=world):
             outs, logits = exit_model.features(preprocess(images, device))
             for store, f in zip(feats, outs, strict=True):
                 store.append(pooling.apply(f).cpu())
             head.append(logits.argmax(1).cpu())
+            positions.append(pos)
             bar.advance()
-    head_pred = torch.cat(head)
+    mine = torch.cat(positions)
+    head_pred = gather_rows(torch.cat(head), mine, n, world)
     centres = []
     for store in feats:
-        x = torch.cat(store)
+        x = gather_rows(torch.cat(store), mine, n, world)
         c = kmeans(x, k, iterations=iterations, generator=generator)
         assign = distances(x, c).argmin(1)
         mapping = best_mapping(assign, head_pred, k)  # cluster -> head class

@@ -107,3 +107,21 @@ def test_prune_dataset_under_torchrun_prunes_the_same_samples(tmp_path: Path, ti
                       ("records.qualified", qualified)):
         assert float((single[key][rows] - double[key][rows]).abs().max()) < TOLERANCE, key
     assert not Path(f"{two}.resume").exists()
+
+
+def test_calibrate_means_with_clusters_under_torchrun_equals_one_process(tmp_path: Path, tiny_checkpoint: str,
+                                                                          tiny_data: str) -> None:
+    """k-means centres: each rank computes the features of its batches (5 batches of 20: 3 and 2), the rows are
+    gathered and every rank clusters the same features, so centres and means are bit-identical to one process
+    on one thread (torchrun gives each process one)."""
+    from eetool.artifacts import read_tensors
+
+    flags = ("calibrate-means", "-c", tiny_checkpoint, "-d", tiny_data, "--clusters", "10", "-b", "20", "-q")
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    ok(invoke(*flags, "-o", one, "--threads", "1"))
+    result = torchrun(*flags, "-o", two, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (single, _, _), (double, _, _) = read_tensors(str(one), "class-means"), read_tensors(str(two), "class-means")
+    assert single.keys() == double.keys() and any("means" in key for key in single)
+    for key in single:
+        assert torch.equal(single[key], double[key]), key

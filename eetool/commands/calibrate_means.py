@@ -70,10 +70,6 @@ def command(
     from eetool.exits import build_exit_model
 
     run.check_output(output, force=force, inputs=(checkpoint, indices, data_path(data)), binary=True)
-    if clusters is not None and run.world.distributed:
-        from eetool.errors import UsageError
-
-        raise UsageError("--clusters does not run under torchrun yet", "run it as one process, without torchrun")
     ckpt = open_checkpoint(run, checkpoint)
     device = run.torch()
     ds = load_data(run, data, split, indices, ckpt.spec)
@@ -96,7 +92,7 @@ def command(
 
         centres, _ = cluster_centres(em, ds, preprocess, clusters, pooling=pooling, batch_size=batch_size,
                                      device=device, generator=torch.Generator().manual_seed(run.seed),
-                                     reporter=run.reporter)
+                                     reporter=run.reporter, world=run.world)
     calib = calibrate(em, ds, preprocess, ckpt.spec.num_classes, pooling=pooling, batch_size=batch_size,
                       device=device, reporter=run.reporter, centres=centres, predict=predict.value, world=run.world)
     feature_sizes = [math.prod(shape) for shape in em.exit_shapes(ckpt.spec.input_shape)]
