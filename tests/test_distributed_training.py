@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.cli_helpers import invoke, ok
+from eetool.distributed import World, share
+from eetool.training import Augmentation, augment_batch
+from tests.cli_helpers import invoke, ok, one_error_line
 from tests.test_distributed import torchrun
 
 TOLERANCE = 1e-5
@@ -23,6 +25,37 @@ TOLERANCE = 1e-5
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
+
+
+@pytest.mark.parametrize(("n", "size"), [(15, 2), (16, 2), (1, 2), (7, 3)])
+def test_shares_split_a_batch_in_order(n: int, size: int) -> None:
+    shares = [share(n, World(rank, size)) for rank in range(size)]
+    assert [i for part in shares for i in range(n)[part]] == list(range(n))  # in order, each sample once
+    assert max(len(range(n)[p]) for p in shares) - min(len(range(n)[p]) for p in shares) <= 1
+
+
+def test_each_process_augments_its_share_as_one_process_does() -> None:
+    images = torch.randint(0, 256, (15, 3, 8, 8), dtype=torch.uint8)
+    whole = augment_batch(images, torch.Generator().manual_seed(3))
+    drawn = Augmentation.draw(15, torch.Generator().manual_seed(3), 8, 8)
+    for rank in range(2):
+        part = share(15, World(rank, 2))
+        assert torch.equal(drawn.select(part).apply(images[part]), whole[part])
+    assert not torch.equal(whole, images)
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_mixup_under_torchrun_is_refused(rank: str, monkeypatch: pytest.MonkeyPatch, workdir: Path,
+                                         tiny_data: str) -> None:
+    """Mixup pairs samples across the whole batch: refused before the processes meet, by rank 0 alone."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = invoke("train", "-d", tiny_data, "-o", "m.safetensors", "--arch-args", "{width: 4}", "--mixup", "0.2")
+    if rank == "0":
+        assert "--mixup" in one_error_line(result, 2)
+    else:
+        assert result.exit_code == 2 and result.stderr == "" and result.stdout == ""
+    assert not (workdir / "m.safetensors").exists()
 
 
 def test_train_resumed_under_torchrun_equals_one_process(tmp_path: Path, tiny_data: str) -> None:
