@@ -187,6 +187,21 @@ def broadcast_from_main(tensors: list[torch.Tensor], world: World) -> None:
         tensor.copy_(buffer)
 
 
+def reported_by_main(error: Exception, world: World) -> BaseException:
+    """An error that every rank meets at once (training that diverged, say): rank 0's to report. Another rank
+    waits until rank 0 has gone, then stops without a word, so that it never ends first and has torchrun stop
+    rank 0 before its error line is out."""
+    if world.main:
+        return error
+    import torch.distributed as dist
+
+    try:
+        dist.barrier()  # rank 0 never comes to it: the wait fails when rank 0 leaves (or torchrun ends this rank)
+    except RuntimeError:
+        pass
+    return PeerFailed()
+
+
 def leave() -> None:
     """Leave the process group (at the end of a command), so that no rank exits while others still talk to it."""
     import torch.distributed as dist

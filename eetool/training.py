@@ -23,7 +23,7 @@ from torch import nn
 from eetool.artifacts import atomic_write
 from eetool.choices import OPTIMIZERS, SCHEDULES
 from eetool.datasets import Dataset, Preprocess
-from eetool.distributed import PeerFailed, World, all_sum, broadcast_from_main, gather_rows, share
+from eetool.distributed import World, all_sum, broadcast_from_main, gather_rows, reported_by_main, share
 from eetool.errors import InputError, UsageError
 from eetool.reporting import Reporter
 
@@ -381,12 +381,11 @@ def _distributed(model: nn.Module, trained: list[nn.Parameter], device: torch.de
             p.requires_grad_(True)
 
 
-def _diverged(what: str, world: World = World()) -> UsageError | PeerFailed:
+def _diverged(what: str, world: World = World()) -> BaseException:
     """Training that ran away is the training options' doing (the rate, mostly), so a usage error (exit 2).
     Under torchrun every rank sees it at once; rank 0 alone says so."""
-    if not world.main:
-        return PeerFailed()
-    return UsageError(f"training diverged: {what}; no output was written", "lower --lr (e.g. 10 times)")
+    return reported_by_main(UsageError(f"training diverged: {what}; no output was written",
+                                       "lower --lr (e.g. 10 times)"), world)
 
 
 def write_state(path: str, state: dict[str, Any]) -> None:

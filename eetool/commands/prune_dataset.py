@@ -143,6 +143,7 @@ def command(
     from eetool.artifacts import Provenance, output_set, sha256_file, write_tensors, write_yaml
     from eetool.commands.common import load_data, open_checkpoint
     from eetool.datasets import check_labels, load_indices, require_labels
+    from eetool.distributed import reported_by_main
     from eetool.training import TrainConfig
 
     cfg = TrainConfig(epochs=epochs or dp.DEFAULT_EPOCHS[method] or 1, batch_size=batch_size, optimizer=optimizer,
@@ -175,9 +176,8 @@ def command(
         sel = dp.select(scores, ds.labels, ratio, balanced=balanced, seed=run.seed, method=method)
     except UsageError as e:
         if not from_scores and Path(state_dir).is_dir():  # the training is done: a lower ratio need not repeat it
-            raise UsageError(e.problem, f"{e.hint}; the training is kept: rerun with --resume and a lower --ratio"
-                             ) from None
-        raise
+            e = UsageError(e.problem, f"{e.hint}; the training is kept: rerun with --resume and a lower --ratio")
+        raise reported_by_main(e, run.world) from None  # under torchrun every rank meets it; rank 0 reports it
     kept, pruned = positions[sel.kept], positions[sel.pruned]
     classes = ckpt.spec.classes or [str(c) for c in range(ckpt.spec.num_classes)]
     total = dp.class_counts(ds.labels, torch.arange(len(ds)), len(classes))
