@@ -10,6 +10,8 @@
 - ``segmentation:FILE``: a safetensors file with ``images`` (uint8 N[xC]xHxW) and ``masks`` (integer N x H x W),
   or ``<split>.images`` and ``<split>.masks``; metadata ``classes`` (one name a line) and ``ignore_label``
   (default 255). Every size is checked against the images before a mask is converted.
+- ``brain-atlas[:PATH]`` (``eetool.segmentation.atlas``) and ``segmentation-folder:PATH``
+  (``eetool.segmentation.folder``) share the label checks of ``masks_dataset``.
 """
 
 from __future__ import annotations

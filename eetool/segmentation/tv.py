@@ -156,8 +156,8 @@ class DenseCosts:
 def dense_costs(model: TorchvisionSegNet, input_shape: tuple[int, int, int]) -> DenseCosts:
     """Convolution and linear multiply-adds of each part on one image, counted by hooks on a forward pass of one
     image of zeros, once per input shape."""
-    if tuple(input_shape) in model.dense_cost_cache:
-        return model.dense_cost_cache[tuple(input_shape)]
+    if input_shape in model.dense_cost_cache:
+        return model.dense_cost_cache[input_shape]
     part = [0]
     macs: dict[int, int] = {}
 
@@ -189,7 +189,7 @@ def dense_costs(model: TorchvisionSegNet, input_shape: tuple[int, int, int]) -> 
         for h in hooks:
             h.remove()
     costs = DenseCosts([macs.get(n, 0) for n in range(4)], [macs.get(4 + n, 0) for n in range(3)])
-    model.dense_cost_cache[tuple(input_shape)] = costs
+    model.dense_cost_cache[input_shape] = costs
     return costs
 
 
@@ -210,7 +210,7 @@ def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: to
     batch, every pixel of it computed, until all its pixels have left (see the module's doc for the two costs)."""
     heads = model.require_exits()
     model.eval()
-    costs = dense_costs(model, cast(tuple[int, int, int], tuple(x.shape[1:])))
+    costs = dense_costs(model, (int(x.shape[1]), int(x.shape[2]), int(x.shape[3])))
     batch, _, height, width = x.shape
     last = len(EXIT_NAMES) - 1
     logits = torch.zeros(batch, model.num_classes, height, width, dtype=x.dtype, device=x.device)
