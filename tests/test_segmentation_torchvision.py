@@ -133,3 +133,31 @@ def test_train_exits_fit_thresholds_and_evaluate_on_a_torchvision_network(tmp_pa
     assert plain["cost"] == 1.0 and "executed_cost" not in plain
     assert 0 < cbt["cost"] <= cbt["executed_cost"]
     assert sum(cbt["exit_shares"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_train_without_exit_heads_trains_the_final_exit_alone() -> None:
+    import torch.nn.functional as F
+
+    from eetool.segmentation.training import exit_losses_step
+
+    torch.manual_seed(4)
+    net = build_model(ARCH, 4, 3, {})
+    x, y = torch.randn(2, *SHAPE), torch.randint(0, 4, (2, 32, 32))
+    loss, logits = exit_losses_step()(net.train(), x, y, None)
+    net.eval()
+    assert torch.allclose(loss, F.cross_entropy(logits, y), atol=1e-6)
+
+
+def test_the_frozen_backbone_step_trains_the_heads_alone(network: TorchvisionSegNet) -> None:
+    from eetool.segmentation.exit_training import frozen_backbone_step
+
+    network.zero_grad()
+    before = {k: v.clone() for k, v in network.state_dict().items() if not k.startswith("exit_heads.")}
+    network.train()  # as `fit` leaves it: the step itself keeps the backbone's BatchNorm statistics
+    x, y = torch.randn(2, *SHAPE), torch.randint(0, 4, (2, 32, 32))
+    loss, _ = frozen_backbone_step(network, x, y, None)
+    loss.backward()
+    network.eval()
+    assert all(p.grad is None for n, p in network.named_parameters() if not n.startswith("exit_heads."))
+    assert all(p.grad is not None for p in network.require_exits().parameters())
+    assert all(torch.equal(v, network.state_dict()[k]) for k, v in before.items())

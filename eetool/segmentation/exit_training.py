@@ -53,13 +53,12 @@ def frozen_backbone_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mix
     heads = net.require_exits()
     net.backbone.eval()
     net.classifier.eval()
-    features = []
-    with torch.no_grad():
-        h, saved = x, dict[str, torch.Tensor]()
-        for n in range(len(heads)):
+    outs = []
+    h, saved = x, dict[str, torch.Tensor]()
+    for n, head in enumerate(heads):
+        with torch.no_grad():
             h = net.run_stage(n, h, saved)
-            features.append(h)
-    outs = [upsample(head(f), x.shape[-2:]) for head, f in zip(heads, features, strict=True)]
+        outs.append(upsample(head(h), x.shape[-2:]))  # before the next stage runs on h
     target = y.long()
     loss = sum((F.cross_entropy(o, target, ignore_index=IGNORE) for o in outs), start=torch.zeros((), device=x.device))
     return loss, outs[-1]

@@ -31,7 +31,6 @@ from eetool.segmentation.model import EXIT_NAMES, EarlyExitResult, Head, upsampl
 
 EXIT_POINTS = {"resnet": ("layer1", "layer2", "layer3"), "mobilenet": ("3", "6", "12")}
 DEFAULT_HEAD_WIDTH = 64
-EETOOL_ARGS = ("exits", "head_width")
 
 
 class TorchvisionSegNet(nn.Module):
