@@ -22,12 +22,17 @@ TORCHVISION_ARCHS: tuple[str, ...] = (
 # CIFAR-style ResNets (He et al. 2016, section 4.2) as used by SDN and the pruning literature.
 CIFAR_RESNET_DEPTHS: dict[str, int] = {"resnet8": 8, "resnet20": 20, "resnet32": 32, "resnet56": 56, "resnet110": 110}
 
+# torchvision's segmentation networks (eetool.segmentation.tv), with per-pixel exit heads once `train-exits` adds them.
+TORCHVISION_SEGMENTATION_ARCHS: tuple[str, ...] = (
+    "fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large",
+)
+
 # Early-exit segmentation networks (eetool.segmentation.model): per-pixel logits, three early exits and a final.
-SEGMENTATION_ARCHS: tuple[str, ...] = ("eeseg",)
+SEGMENTATION_ARCHS: tuple[str, ...] = ("eeseg", *TORCHVISION_SEGMENTATION_ARCHS)
 
-EETOOL_ARCHS: tuple[str, ...] = (*CIFAR_RESNET_DEPTHS, *SEGMENTATION_ARCHS)
+EETOOL_ARCHS: tuple[str, ...] = (*CIFAR_RESNET_DEPTHS, "eeseg")
 
-ALL_ARCHS: tuple[str, ...] = EETOOL_ARCHS + TORCHVISION_ARCHS
+ALL_ARCHS: tuple[str, ...] = EETOOL_ARCHS + TORCHVISION_ARCHS + TORCHVISION_SEGMENTATION_ARCHS
 
 # torchvision's builders expect ImageNet-sized RGB input normalised with ImageNet statistics.
 IMAGENET_INPUT_SHAPE = (3, 224, 224)

@@ -28,6 +28,7 @@ from eetool.archs import (
     MAX_INPUT_CHANNELS,
     MAX_INPUT_SIDE,
     TORCHVISION_ARCHS,
+    TORCHVISION_SEGMENTATION_ARCHS,
     ModelOptions,
     is_custom_arch,
 )
@@ -204,7 +205,7 @@ def _foreign_spec(ref: str, state: dict[str, torch.Tensor], options: ModelOption
         raise UsageError(f"{ref} does not record its architecture",
                          "pass --arch (see `eetool archs`), or make it an eetool checkpoint once with `eetool import`")
     arch, arch_args = options.arch, dict(options.arch_args)
-    imagenet_like = arch in TORCHVISION_ARCHS
+    imagenet_like = arch in TORCHVISION_ARCHS or arch in TORCHVISION_SEGMENTATION_ARCHS
     num_classes, in_channels = options.num_classes, None
     skeleton = _skeleton(ModelSpec(arch, num_classes or 1000, (3, 1, 1), [0.5], [0.5], arch_args))
     if skeleton is not None:
@@ -255,6 +256,11 @@ def _inferred_shapes(skeleton: nn.Module, state: dict[str, torch.Tensor]) -> dic
     linear = last_linear(skeleton)
     if linear is not None and (w := state.get(f"{linear[0]}.weight")) is not None and w.dim() == 2:
         out["num_classes"] = int(w.shape[0])
+    classifier = getattr(skeleton, "classifier", None)  # a segmentation network: its last 1x1 convolution
+    if linear is None and isinstance(classifier, nn.Module):
+        convs = [n for n, m in classifier.named_modules() if isinstance(m, nn.Conv2d)]
+        if convs and (w := state.get(f"classifier.{convs[-1]}.weight")) is not None and w.dim() == 4:
+            out["num_classes"] = int(w.shape[0])
     return out
 
 

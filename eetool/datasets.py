@@ -29,7 +29,15 @@ import torch.nn.functional as F
 from eetool.distributed import World, shard_batches
 from eetool.errors import InputError, ModelMismatchError, UsageError
 from eetool.loading import IN_MEMORY_LIMIT_BYTES, DataLoading, DataOptions, Geometry
-from eetool.sources import DATA_ROOT_ENV, DEFAULT_PATHS, IDX_SOURCES, SEGMENTATION_SOURCES, SOURCES, demo_path
+from eetool.sources import (
+    DATA_ROOT_ENV,
+    DEBIAN_PACKAGES,
+    DEFAULT_PATHS,
+    IDX_SOURCES,
+    SEGMENTATION_SOURCES,
+    SOURCES,
+    demo_path,
+)
 
 if TYPE_CHECKING:
     from eetool.streaming import FolderImages
@@ -244,7 +252,8 @@ def _root(name: str, path: str | None) -> Path:
     else:
         raise UsageError(f"no folder given for {name}", f"write --data {name}:PATH or set {DATA_ROOT_ENV}")
     if not root.is_dir():
-        hint = "apt-get install dataset-fashion-mnist" if name == "fashion-mnist" else f"write --data {name}:PATH"
+        package = DEBIAN_PACKAGES.get(name)
+        hint = f"apt-get install {package}" if package else f"write --data {name}:PATH"
         raise InputError(f"dataset folder {root} does not exist", hint)
     return root
 

@@ -157,11 +157,11 @@ def _capture(store: dict[str, torch.Tensor], name: str) -> Callable[..., None]:
 
 
 def build_exit_model(model: nn.Module, selection: str = "every") -> ExitModel:
-    from eetool.segmentation.model import EESegNet
+    from eetool.segmentation.model import is_segmentation_model
 
-    if isinstance(model, EESegNet):  # its exits are built in; class means and exit heads are for classifiers
+    if is_segmentation_model(model):  # per-pixel exits of its own; class means and exit heads are for classifiers
         raise ModelMismatchError("this command is for classifiers, and the checkpoint is a segmentation network "
-                                 "(eeseg) with exits of its own",
+                                 "with per-pixel exits",
                                  "use `eetool fit-thresholds --method cbt|cbt-ns|adp-c` and `eetool evaluate`")
     mode, candidates = candidate_exits(model)
     exits = select_exits(candidates, selection, model)

@@ -9,7 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from eetool.archs import ALL_ARCHS, CIFAR_RESNET_DEPTHS, SEGMENTATION_ARCHS, TORCHVISION_ARCHS, is_custom_arch
+from eetool.archs import (
+    ALL_ARCHS,
+    CIFAR_RESNET_DEPTHS,
+    SEGMENTATION_ARCHS,
+    TORCHVISION_ARCHS,
+    TORCHVISION_SEGMENTATION_ARCHS,
+    is_custom_arch,
+)
 from eetool.errors import UsageError
 
 
@@ -90,6 +97,10 @@ def build_model(arch: str, num_classes: int, in_channels: int, arch_args: dict[s
             raise UsageError(f"bad --arch-args for {arch}: {e}",
                              "eetool's CIFAR ResNets take width (or a pruned one's stage_widths and block_widths)"
                              ) from None
+    if arch in TORCHVISION_SEGMENTATION_ARCHS:
+        from eetool.segmentation.tv import build as build_torchvision_segmentation
+
+        return build_torchvision_segmentation(arch, num_classes, in_channels, arch_args)
     if arch in SEGMENTATION_ARCHS:
         from eetool.segmentation.model import build
 

@@ -71,7 +71,7 @@ def complete_data(incomplete: str) -> list[str]:
     """--data: the source names, with a colon where a path follows."""
     from eetool.sources import SOURCES
 
-    needs_path = ("folder", "safetensors", "cifar10", "cifar100", "segmentation")
+    needs_path = ("folder", "safetensors", "cifar10", "cifar100", "segmentation", "segmentation-folder")
     return prefix_completer([f"{s}:" if s in needs_path else s for s in SOURCES])(incomplete)
 
 

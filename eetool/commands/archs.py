@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from eetool.archs import EETOOL_ARCHS, TORCHVISION_ARCHS
+from eetool.archs import EETOOL_ARCHS, TORCHVISION_ARCHS, TORCHVISION_SEGMENTATION_ARCHS
 from eetool.options import Run, eetool_command
 from eetool.sources import SOURCES
 
@@ -10,8 +10,8 @@ from eetool.sources import SOURCES
 @eetool_command("archs")
 def command(run: Run) -> None:
     """List architectures (--arch) and dataset sources (--data). Reads and writes nothing."""
-    doc = {"eetool": list(EETOOL_ARCHS), "torchvision": list(TORCHVISION_ARCHS), "datasets": list(SOURCES),
-           "custom": "package.module:callable"}
+    doc = {"eetool": list(EETOOL_ARCHS), "torchvision": [*TORCHVISION_ARCHS, *TORCHVISION_SEGMENTATION_ARCHS],
+           "datasets": list(SOURCES), "custom": "package.module:callable"}
     run.emit(doc, lambda d: "\n".join([
         "eetool (28x28 / 32x32 inputs): " + ", ".join(d["eetool"]),
         "torchvision: " + ", ".join(d["torchvision"]),

@@ -80,8 +80,18 @@ def command(
     from eetool.exit_training import ExitTrainer, exit_accuracies
     from eetool.exits import build_exit_model
     from eetool.heads import ExitHeads, HeadsSpec, parse_weights, save_heads
+    from eetool.segmentation.commands import is_segmentation_checkpoint
     from eetool.training import TrainConfig, fit
 
+    if is_segmentation_checkpoint(run, checkpoint):
+        from eetool.segmentation.exit_training import ExitTrainingRequest, train_segmentation_exits
+
+        train_segmentation_exits(run, ExitTrainingRequest(
+            checkpoint, data, output, split, indices, eval_split, epochs, samples, batch_size, optimizer, lr,
+            weight_decay, schedule, force, classification_only={
+                "--head": head != "sdn", "--pool-size": pool_size != 4, "--means": means, "--joint": joint,
+                "--exit-weights": exit_weights, "--backbone-output": backbone_output, "--exits": exits != "every"}))
+        return
     if joint and not backbone_output:
         raise UsageError("--joint changes the backbone, so it needs --backbone-output FILE",
                          "name a file for the fine-tuned checkpoint, or train with --frozen")

@@ -1,7 +1,9 @@
 """Early-exit semantic segmentation (thesis chapter 3): pixel-level exits (ADP-C) and class-based thresholds (CBT).
 
-``data`` holds the segmentation sources (Fashion-MNIST scenes, a safetensors file of images and masks),
-``model`` the early-exit network and its masked inference, ``thresholds`` CBT, CBT-ns and ADP-C, ``metrics``
+``data`` holds the segmentation sources (Fashion-MNIST scenes, a safetensors file of images and masks;
+``atlas`` the brain-atlas slices, read by ``nifti``; ``folder`` folders of PNG pairs), ``model`` the early-exit
+network and its masked inference, ``tv`` torchvision's segmentation networks with exit heads (trained by
+``exit_training``), ``thresholds`` CBT, CBT-ns and ADP-C, ``metrics``
 mIoU and pixel accuracy, ``commands`` what `fit-thresholds` and `evaluate` do for a segmentation checkpoint.
 Shared modules only dispatch here.
 """

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from eetool.checkpoint import Checkpoint
     from eetool.datasets import Dataset, Preprocess
     from eetool.options import Run
+    from eetool.segmentation.model import SegmentationNet
 
 KIND = "segmentation-thresholds"
 EARLY_EXITS = EXIT_NAMES[:-1]
@@ -56,8 +57,10 @@ def is_segmentation_checkpoint(run: Run, ref: str) -> bool:
         return False
 
 
-def require_segmentation(ckpt: Checkpoint, what: str) -> EESegNet:
-    if not isinstance(ckpt.model, EESegNet):
+def require_segmentation(ckpt: Checkpoint, what: str) -> SegmentationNet:
+    from eetool.segmentation.tv import TorchvisionSegNet
+
+    if not isinstance(ckpt.model, EESegNet | TorchvisionSegNet):
         raise ModelMismatchError(f"{what} is for segmentation networks, and {ckpt.label} is a classifier",
                                  "use --method e2cm, sdn, entropy or e2cm+sdn for a classifier, or give an eeseg "
                                  "checkpoint (`eetool train -d fashion-mnist-scenes`)")
@@ -99,7 +102,7 @@ class ThresholdRequest:
     budget: float | None = None  # search alpha (cbt, cbt-ns) or the threshold (adp-c) to meet this mean cost
 
 
-def class_statistics(model: EESegNet, ds: Dataset, preprocess: Preprocess, batch_size: int,
+def class_statistics(model: SegmentationNet, ds: Dataset, preprocess: Preprocess, batch_size: int,
                      device: torch.device, reporter: Any) -> ClassStats:
     """One streaming pass: every exit's softmax summed per ground-truth class (float64)."""
     stats = ClassStats.empty(len(EXIT_NAMES), model.num_classes)
@@ -131,6 +134,8 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
                      inputs=(req.checkpoint, req.indices, data_path(req.data) if req.data else None))
     ckpt = open_checkpoint(run, req.checkpoint)
     model = require_segmentation(ckpt, f"--method {req.method}")
+    if not isinstance(model, EESegNet):  # a torchvision network has exits only once train-exits added them
+        model.require_exits()
     classes = ckpt.spec.classes or [str(k) for k in range(model.num_classes)]
     doc: dict[str, Any] = {"method": req.method, "exits": list(EARLY_EXITS), "classes": classes}
     dataset = ""
@@ -203,7 +208,7 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
     run.emit(doc, text)
 
 
-def _budget_costs(model: EESegNet, ckpt: Checkpoint, ds: Dataset, preprocess: Preprocess, batch_size: int,
+def _budget_costs(model: SegmentationNet, ckpt: Checkpoint, ds: Dataset, preprocess: Preprocess, batch_size: int,
                   device: torch.device) -> Any:
     """The mean cost of thresholds on ``ds`` (normalised to the plain network), by the masked inference that
     `evaluate` runs: its exit decisions read features that inactive positions keep, so they are not those of
@@ -220,12 +225,12 @@ def _budget_costs(model: EESegNet, ckpt: Checkpoint, ds: Dataset, preprocess: Pr
     return cost_of
 
 
-def _floor_hint(model: EESegNet, ckpt: Checkpoint) -> str:
+def _floor_hint(model: SegmentationNet, ckpt: Checkpoint) -> str:
     floor = first_exit_macs(model, ckpt.spec.input_shape) / plain_macs(model, ckpt.spec.input_shape)
     return f"no thresholds cost less than {floor:.4f} (every pixel leaving at {EXIT_NAMES[0]})"
 
 
-def _fit_cbt_budget(run: Run, req: ThresholdRequest, model: EESegNet, ckpt: Checkpoint, ds: Dataset,
+def _fit_cbt_budget(run: Run, req: ThresholdRequest, model: SegmentationNet, ckpt: Checkpoint, ds: Dataset,
                     preprocess: Preprocess, device: torch.device, stats: ClassStats) -> BudgetFit:
     assert req.budget is not None
     cost_of = _budget_costs(model, ckpt, ds, preprocess, req.batch_size, device)
@@ -249,7 +254,7 @@ def _fit_cbt_budget(run: Run, req: ThresholdRequest, model: EESegNet, ckpt: Chec
     return found
 
 
-def _fit_adp_c_budget(run: Run, req: ThresholdRequest, model: EESegNet, ckpt: Checkpoint, ds: Dataset,
+def _fit_adp_c_budget(run: Run, req: ThresholdRequest, model: SegmentationNet, ckpt: Checkpoint, ds: Dataset,
                       preprocess: Preprocess, device: torch.device) -> BudgetFit:
     assert req.budget is not None
     cost_of = _budget_costs(model, ckpt, ds, preprocess, req.batch_size, device)
@@ -310,6 +315,7 @@ class SegmentationRun:
     seconds: float
     exit_pixels: torch.Tensor | None = None  # pixels leaving at each exit
     macs: int = 0
+    executed_macs: int | None = None  # torchvision networks: what ran (macs is the analytic masked cost)
 
 
 def read_thresholds(path: str, ckpt: Checkpoint, num_classes: int) -> tuple[dict[str, Any], torch.Tensor]:
@@ -375,12 +381,14 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
         start = time.perf_counter()
         results = [early_exit_forward(model, x, thresholds) for x, _ in batches]
         seconds = time.perf_counter() - start
-        macs = 0
+        macs, executed = 0, 0
         for r, (_, masks) in zip(results, batches, strict=True):
             matrix += confusion(r.logits.argmax(1).cpu(), masks, k)
             exits += torch.bincount(r.exit_index.flatten().long().cpu(), minlength=len(EXIT_NAMES))
             macs += r.macs
-        return SegmentationRun(matrix, seconds, exits, macs)
+            executed += r.executed_macs or 0
+        return SegmentationRun(matrix, seconds, exits, macs,
+                               None if isinstance(model, EESegNet) else executed)
 
     runs = [plain_run, *([early_run] if thresholds is not None else [])]
     for warm_up in runs:  # kernels and allocations set up on the first batch before the timed rounds
@@ -407,7 +415,7 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
     doc: dict[str, Any] = {
         "checkpoint": ckpt.path, "checkpoint_sha256": ckpt.sha256, "dataset": ds.fingerprint, "samples": len(ds),
         "pixels": int(plain.confusion.sum()), "unit": unit, "repeats": req.repeats,
-        "cost_note": COST_NOTE,
+        "cost_note": COST_NOTE if isinstance(model, EESegNet) else TORCHVISION_COST_NOTE,
         "points": [point("plain", plain, dense, timing[0])],
         "per_class_iou": {"plain": _per_class(classes, iou(plain.confusion))},
     }
@@ -419,6 +427,8 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
         p["exit_shares"] = {e: round(int(c) / int(early.exit_pixels.sum()), 6)
                             for e, c in zip(EXIT_NAMES, early.exit_pixels.tolist(), strict=True)}
         p["thresholds"] = req.thresholds
+        if early.executed_macs is not None:
+            p["executed_cost"] = round(early.executed_macs / len(ds) / dense, 6)
         doc["points"].append(p)
         doc["per_class_iou"][name] = _per_class(classes, iou(early.confusion))
     if req.plot:
@@ -441,7 +451,9 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
                               ("cost", d["cost_note"])])
         points = format_table(["point", "mIoU", "pixel acc", "cost", f"{unit}/image", "GFLOPs", "images/s", "speedup",
                                *(f"share {e}" for e in EXIT_NAMES)],
-                              [[q["name"], q["miou"], q["pixel_accuracy"], q["cost"], f"{q[unit]:,}", q["gflops"],
+                              [[q["name"], q["miou"], q["pixel_accuracy"],
+                                f"{q['cost']} (ran {q['executed_cost']})" if "executed_cost" in q else q["cost"],
+                                f"{q[unit]:,}", q["gflops"],
                                 f"{q['throughput']:.1f}", f"{q['speedup']:.2f}x",
                                 *((q["exit_shares"][e] for e in EXIT_NAMES) if "exit_shares" in q
                                   else ("",) * len(EXIT_NAMES))] for q in d["points"]])
@@ -455,6 +467,12 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
 COST_NOTE = ("multiply-adds of the positions each part computes (the stem on all; later stages, heads and the "
              "3x3 convolutions' neighbourhoods on active positions only), normalised to the plain network; "
              "images/s are measured, the early exits computing active positions by gathered matrix products")
+
+
+TORCHVISION_COST_NOTE = ("analytic masked cost: each part's multiply-adds times the share of the image's pixels "
+                         "still active (ADP-C's accounting), normalised to the plain network; what ran is "
+                         "executed_cost: a dense torchvision backbone computes every pixel of an image until all of "
+                         "its pixels have exited; images/s are measured on what ran")
 
 
 def _per_class(classes: list[str], values: torch.Tensor) -> dict[str, float | None]:

@@ -10,10 +10,13 @@
 - ``segmentation:FILE``: a safetensors file with ``images`` (uint8 N[xC]xHxW) and ``masks`` (integer N x H x W),
   or ``<split>.images`` and ``<split>.masks``; metadata ``classes`` (one name a line) and ``ignore_label``
   (default 255). Every size is checked against the images before a mask is converted.
+- ``brain-atlas[:PATH]`` (``eetool.segmentation.atlas``) and ``segmentation-folder:PATH``
+  (``eetool.segmentation.folder``) share the label checks of ``masks_dataset``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,17 @@ def is_segmentation(ds: Dataset) -> bool:
 def load_segmentation(name: str, path: str | None, split: str) -> Dataset:
     if name == "fashion-mnist-scenes":
         return fashion_mnist_scenes(_root("fashion-mnist", path), split)
+    if name == "brain-atlas":
+        from eetool.segmentation.atlas import brain_atlas
+
+        return brain_atlas(_root(name, path), split)
+    if name == "segmentation-folder":
+        from eetool.segmentation.folder import load_folder
+
+        if not path:
+            raise UsageError("--data segmentation-folder needs a path",
+                             "write --data segmentation-folder:PATH (PATH/<split>/images/*.png and masks/*.png)")
+        return load_folder(Path(path), split)
     if not path:
         raise UsageError("--data segmentation needs a path", "write --data segmentation:FILE.safetensors")
     return _load_masks_file(path, split)
@@ -118,20 +132,41 @@ def _load_masks_file(path: str, split: str) -> Dataset:
         raise InputError(f"{path}: ignore_label {ignore_text!r} is not an integer",
                          f"set the metadata ignore_label to an integer (default {DEFAULT_IGNORE_LABEL})") from None
     classes = meta["classes"].split("\n") if meta.get("classes") else []
+    return masks_dataset(LabelledMasks("segmentation", split, path, images, masks, classes, ignore_label),
+                         "fix the masks, or set the metadata ignore_label or classes")
+
+
+@dataclass(frozen=True)
+class LabelledMasks:
+    """Images and their masks as a file or folder holds them, before the labels are checked and converted."""
+
+    name: str
+    split: str
+    source: str
+    images: torch.Tensor  # uint8 N x C x H x W
+    masks: torch.Tensor  # integer N x H x W, already checked to be the images' size
+    classes: list[str]  # empty: the highest label decides how many
+    ignore_label: int
+
+
+def masks_dataset(raw: LabelledMasks, fix: str) -> Dataset:
+    """Check the labels against the classes (the ignore label aside) and convert the masks to int16 with
+    ``IGNORE``; ``fix`` is the hint for a label out of range."""
+    masks, ignore_label, path = raw.masks, raw.ignore_label, raw.source
     labelled = masks[masks != ignore_label]
     low = int(labelled.min()) if labelled.numel() else 0
     high = int(labelled.max()) if labelled.numel() else -1
-    num_classes = len(classes) or high + 1
+    num_classes = len(raw.classes) or high + 1
     if not 2 <= num_classes <= MAX_CLASSES:
         raise InputError(f"{path} has {num_classes} classes", f"segmentation takes 2 to {MAX_CLASSES} classes")
     if low < 0 or high >= num_classes:
         bad = low if low < 0 else high
         raise InputError(f"{path} has mask label {bad}, outside the classes 0..{num_classes - 1} and not the ignore "
-                         f"label {ignore_label}", "fix the masks, or set the metadata ignore_label or classes")
+                         f"label {ignore_label}", fix)
     converted = torch.where(masks == ignore_label, 0, masks).to(torch.int16)  # in range now: labels fit int16
     converted[masks == ignore_label] = IGNORE
-    return Dataset("segmentation", split, images.contiguous(), converted.contiguous(),
-                   classes or [str(k) for k in range(num_classes)], path)
+    return Dataset(raw.name, raw.split, raw.images.contiguous(), converted.contiguous(),
+                   raw.classes or [str(k) for k in range(num_classes)], path)
 
 
 def check_masks(ds: Dataset, num_classes: int, input_size: tuple[int, int]) -> None:

@@ -22,13 +22,20 @@ BatchNorm folds into the convolutions and costs none).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from eetool.errors import UsageError
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from eetool.segmentation.tv import TorchvisionSegNet
+
+    SegmentationNet: TypeAlias = "EESegNet | TorchvisionSegNet"
 
 SEGMENTATION_ARCH = "eeseg"
 EXIT_NAMES = ["exit1", "exit2", "exit3", "final"]
@@ -113,7 +120,9 @@ def build(num_classes: int, in_channels: int, arch_args: dict[str, Any]) -> EESe
 
 
 def is_segmentation_model(model: nn.Module) -> bool:
-    return isinstance(model, EESegNet)
+    from eetool.segmentation.tv import TorchvisionSegNet
+
+    return isinstance(model, EESegNet | TorchvisionSegNet)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,16 +148,24 @@ def grid_size(model: EESegNet, height: int, width: int) -> tuple[int, int]:
     return (height + 1) // 2, (width + 1) // 2
 
 
-def plain_macs(model: EESegNet, input_shape: tuple[int, int, int]) -> int:
+def plain_macs(model: SegmentationNet, input_shape: tuple[int, int, int]) -> int:
     """Multiply-adds of the plain network on one image: every position through the stem, every block and the
     final head."""
+    if not isinstance(model, EESegNet):
+        from eetool.segmentation import tv
+
+        return tv.plain_macs(model, input_shape)
     costs = PositionCosts.of(model)
     h, w = grid_size(model, *input_shape[1:])
     return h * w * (costs.stem + 2 * len(DILATIONS) * model.blocks * costs.conv + costs.head)
 
 
-def first_exit_macs(model: EESegNet, input_shape: tuple[int, int, int]) -> int:
+def first_exit_macs(model: SegmentationNet, input_shape: tuple[int, int, int]) -> int:
     """Multiply-adds on one image when every pixel leaves at the first exit: the cheapest any thresholds get."""
+    if not isinstance(model, EESegNet):
+        from eetool.segmentation import tv
+
+        return tv.first_exit_macs(model, input_shape)
     costs = PositionCosts.of(model)
     h, w = grid_size(model, *input_shape[1:])
     return h * w * (costs.stem + 2 * model.blocks * costs.conv + costs.head)
@@ -164,6 +181,7 @@ class EarlyExitResult:
     exit_index: torch.Tensor  # B x H x W (uint8): that exit, 0..len(exits)-1
     macs: int  # multiply-adds actually computed for the batch
     active_positions: list[int]  # grid positions computed by each stage (the stem's are all of them)
+    executed_macs: int | None = None  # torchvision networks: what ran (``macs`` is then the analytic masked cost)
 
 
 def _gather(padded: torch.Tensor, index: tuple[torch.Tensor, ...], dilation: int
@@ -218,10 +236,15 @@ def _head_rows(head: Head, rows: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def early_exit_forward(model: EESegNet, x: torch.Tensor, thresholds: torch.Tensor) -> EarlyExitResult:
+def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torch.Tensor) -> EarlyExitResult:
     """Pixel-level early exit with ``thresholds`` (early exits x classes): a pixel predicted as class j at early
     exit n leaves there when its largest probability exceeds ``thresholds[n, j]``; pixels left at the end take
-    the final exit's prediction. Only active positions are computed after the stem (see the module's doc)."""
+    the final exit's prediction. Only active positions are computed after the stem (see the module's doc);
+    a torchvision network computes whole images (``eetool.segmentation.tv``)."""
+    if not isinstance(model, EESegNet):
+        from eetool.segmentation import tv
+
+        return tv.early_exit_forward(model, x, thresholds)
     model.eval()
     costs = PositionCosts.of(model)
     batch, _, height, width = x.shape

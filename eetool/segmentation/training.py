@@ -16,10 +16,16 @@ from eetool.training import Mix, Step, TrainConfig
 
 
 def exit_losses_step(label_smoothing: float = 0.0) -> Step:
-    """Loss: the sum of the exits' per-pixel cross-entropies (ignored pixels left out); logits: the final exit's."""
+    """Loss: the sum of the exits' per-pixel cross-entropies (ignored pixels left out); logits: the final exit's.
+    A torchvision network without exit heads has the final exit only (`train-exits` adds the others)."""
+    from eetool.segmentation.tv import TorchvisionSegNet
+
     def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mix: Mix | None) -> tuple[torch.Tensor, torch.Tensor]:
         target = y.long()
-        outs = cast(EESegNet, model).forward_exits(x)
+        if isinstance(model, TorchvisionSegNet) and model.exit_heads is None:
+            outs = [model(x)]
+        else:
+            outs = cast(EESegNet, model).forward_exits(x)
         loss = sum((F.cross_entropy(o, target, ignore_index=IGNORE, label_smoothing=label_smoothing) for o in outs),
                    start=torch.zeros((), device=x.device))
         return loss, outs[-1]

@@ -1,0 +1,110 @@
+"""``brain-atlas[:PATH]``: axial slices of a T1 brain template labelled by the AAL atlas (Debian mricron-data).
+
+PATH (default /usr/share/mricron/templates) holds ``ch2.nii.gz`` (the Colin27 T1 template) and ``aal.nii.gz``
+(the AAL atlas: 0 outside the regions, 1..116 the regions) on the same 181 x 217 x 181 grid of 1 mm voxels,
+and ``aal.nii.txt`` (``value name code`` a line), which names the classes; without it, class k is
+``region k``. Class 0 is background (no region, including the skull and the space around the head).
+
+- Slices: the axial slices (one z each) that hold at least one labelled voxel, numbered from the lowest.
+- Split by slab so that neighbouring slices, which look nearly alike, do not leak from training into test:
+  the slices run in periods of ``PERIOD``; in each, the first ``TRAIN_SLICES`` are training slices, then
+  ``GAP_SLICES`` are dropped, then ``TEST_SLICES`` are test slices, then ``GAP_SLICES`` are dropped again.
+  Every test slice is thus at least ``GAP_SLICES + 1`` mm from every training slice. On mricron-data's
+  atlas (146 labelled slices): 76 training and 28 test slices.
+- Image: the T1 intensities scaled linearly to 0..255 by the whole volume's minimum and maximum (so that
+  slices are comparable), uint8, one channel. Mask: the AAL label.
+- Size: each slice (217 rows, anterior up, x 181) is zero-padded to a centred square (background) and resized
+  to ``SIDE`` x ``SIDE``: the image with antialiased bilinear interpolation, the mask by nearest neighbour
+  (labels are not averaged). At 112 a pixel is about 1.9 mm; regions smaller than that in a slice vanish
+  there, and their IoU is computed on the slices where they remain.
+
+Deterministic (no randomness at all); the fingerprint is of the resulting pixels and masks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from eetool.datasets import Dataset
+from eetool.errors import InputError
+from eetool.segmentation.nifti import read_nifti
+
+NAME = "brain-atlas"
+T1_FILE = "ch2.nii.gz"
+ATLAS_FILE = "aal.nii.gz"
+LABELS_FILE = "aal.nii.txt"
+SIDE = 112
+PERIOD, TRAIN_SLICES, GAP_SLICES, TEST_SLICES = 20, 10, 3, 4
+MAX_REGIONS = 1000  # AAL has 116, AAL3 170; a label beyond this is not an atlas eetool expects
+
+
+def slab_split(count: int, split: str) -> list[int]:
+    """Positions (0..count-1) of the slices of ``split`` in the slab pattern described in the module's doc."""
+    first = 0 if split == "train" else TRAIN_SLICES + GAP_SLICES
+    length = TRAIN_SLICES if split == "train" else TEST_SLICES
+    return [i for i in range(count) if first <= i % PERIOD < first + length]
+
+
+def brain_atlas(root: Path, split: str) -> Dataset:
+    hint = f"point --data {NAME}:PATH at a folder with {T1_FILE} and {ATLAS_FILE} (apt-get install mricron-data)"
+    for name in (T1_FILE, ATLAS_FILE):
+        if not (root / name).is_file():
+            raise InputError(f"{root} has no {name}", hint)
+    t1 = read_nifti(root / T1_FILE)
+    atlas = read_nifti(root / ATLAS_FILE)
+    if t1.voxels.shape != atlas.voxels.shape:
+        raise InputError(f"{root}: {T1_FILE} has {_grid(t1.voxels)} voxels and {ATLAS_FILE} {_grid(atlas.voxels)}",
+                         "give a T1 template and an atlas on the same grid")
+    labels = atlas.values()
+    if labels.dtype.kind not in "iu":
+        raise InputError(f"{root / ATLAS_FILE} holds {'scaled ' if atlas.scaled else ''}non-integer labels",
+                         "give an atlas of integer region labels without intensity scaling")
+    if labels.min() < 0 or labels.max() > MAX_REGIONS:
+        raise InputError(f"{root / ATLAS_FILE} has labels {int(labels.min())}..{int(labels.max())}",
+                         f"give an atlas with labels 0 (background) to at most {MAX_REGIONS}")
+    classes = class_names(root / LABELS_FILE, int(labels.max()))
+    labelled = np.flatnonzero((labels > 0).reshape(labels.shape[0], -1).any(1))
+    chosen = labelled[slab_split(len(labelled), split)]
+    intensity = t1.values().astype(np.float64)
+    low, high = float(intensity.min()), float(intensity.max())
+    scaled = (intensity[chosen] - low) / max(high - low, 1e-12) * 255
+    images = _square(torch.from_numpy(np.ascontiguousarray(scaled[:, ::-1], dtype=np.float32)))
+    masks = _square(torch.from_numpy(np.ascontiguousarray(labels[chosen][:, ::-1], dtype=np.float32)))
+    images = F.interpolate(images[:, None], size=(SIDE, SIDE), mode="bilinear", antialias=True, align_corners=False)
+    masks = F.interpolate(masks[:, None], size=(SIDE, SIDE), mode="nearest-exact")[:, 0]
+    return Dataset(NAME, split, images.round().clamp(0, 255).to(torch.uint8).contiguous(),
+                   masks.to(torch.int16).contiguous(), classes, str(root))
+
+
+def _grid(voxels: np.ndarray) -> str:
+    return " x ".join(str(d) for d in voxels.shape[::-1])
+
+
+def _square(slices: torch.Tensor) -> torch.Tensor:
+    """N x H x W zero-padded to N x S x S, S = max(H, W), the slice centred."""
+    h, w = slices.shape[1:]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    return F.pad(slices, (left, side - w - left, top, side - h - top))
+
+
+def class_names(labels_file: Path, highest: int) -> list[str]:
+    """``background`` and one name per label up to the highest in the atlas or the file, from ``value name ...``
+    lines; a label the file does not name is ``region k``."""
+    names: dict[int, str] = {}
+    if labels_file.is_file():
+        for number, line in enumerate(labels_file.read_text(errors="replace").splitlines(), 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) < 2 or not fields[0].isdigit() or not 1 <= int(fields[0]) <= MAX_REGIONS:
+                raise InputError(f"{labels_file}:{number} is not 'label name ...' with a label from 1 to "
+                                 f"{MAX_REGIONS}: {line[:60]!r}", "fix the line, or remove the file to use "
+                                 "'region N' names")
+            names[int(fields[0])] = fields[1]
+    top = max([highest, *names])
+    return ["background", *(names.get(k, f"region {k}") for k in range(1, top + 1))]

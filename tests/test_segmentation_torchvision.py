@@ -1,0 +1,163 @@
+"""torchvision's segmentation networks as checkpoints: building all four (on the meta device), loading a
+torchvision state dict as it is, the exit heads, the pixel-level early exit (exited pixels keep their exit's
+logits; both costs follow from where the pixels left) and `train-exits`, `fit-thresholds`, `evaluate` end to end
+on LR-ASPP (the smallest) at 32 x 32."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import invoke, ok, one_error_line
+from safetensors.torch import save_file
+
+from eetool.archs import TORCHVISION_SEGMENTATION_ARCHS, ModelOptions
+from eetool.models import build_model
+from eetool.segmentation.model import early_exit_forward, first_exit_macs, plain_macs
+from eetool.segmentation.tv import TorchvisionSegNet, dense_costs
+
+ARCH = "lraspp_mobilenet_v3_large"
+SHAPE = (3, 32, 32)
+
+
+@pytest.mark.parametrize("arch", TORCHVISION_SEGMENTATION_ARCHS)
+def test_every_architecture_builds_with_three_exit_heads(arch: str) -> None:
+    with torch.device("meta"):
+        net = build_model(arch, 5, 1, {"exits": True, "head_width": 8})
+    assert isinstance(net, TorchvisionSegNet) and net.exit_heads is not None and len(net.exit_heads) == 3
+    assert len(net.stage_names) == 4 and all(net.stage_names)
+    assert next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)).in_channels == 1
+    assert all(k.startswith(("backbone.", "classifier.", "aux_classifier.", "exit_heads."))
+               for k in net.state_dict())
+
+
+@pytest.fixture(scope="module")
+def network() -> TorchvisionSegNet:
+    torch.manual_seed(0)
+    net = build_model(ARCH, 4, 3, {"exits": True, "head_width": 8})
+    assert isinstance(net, TorchvisionSegNet)
+    return net.eval()
+
+
+def test_a_torchvision_state_dict_loads_as_it_is(tmp_path: Path) -> None:
+    from torchvision.models import segmentation
+
+    from eetool.checkpoint import load_checkpoint
+
+    torch.manual_seed(1)
+    tv = segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=6).eval()
+    torch.save(tv.state_dict(), tmp_path / "tv.pt")
+    ckpt = load_checkpoint(str(tmp_path / "tv.pt"), ModelOptions(arch=ARCH, input_shape=SHAPE))
+    assert ckpt.spec.num_classes == 6  # read from the classifier's weights
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        assert torch.allclose(ckpt.model.eval()(x), tv(x)["out"], atol=1e-5)
+
+
+def test_thresholds_of_one_and_zero_give_the_plain_network_and_the_first_exit(network: TorchvisionSegNet) -> None:
+    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        outs = network.forward_exits(x)
+        assert torch.allclose(outs[-1], network(x), atol=1e-5)
+    kept = early_exit_forward(network, x, torch.ones(3, 4))
+    assert torch.allclose(kept.logits, outs[-1], atol=1e-5) and bool((kept.exit_index == 3).all())
+    assert kept.macs == kept.executed_macs == 3 * (plain_macs(network, SHAPE) + sum(dense_costs(network,
+                                                                                                  SHAPE).heads))
+    left = early_exit_forward(network, x, torch.zeros(3, 4))
+    assert torch.allclose(left.logits, outs[0], atol=1e-5) and bool((left.exit_index == 0).all())
+    assert left.macs == left.executed_macs == 3 * first_exit_macs(network, SHAPE)
+
+
+def test_exited_pixels_keep_their_exit_and_the_costs_follow_where_pixels_left(network: TorchvisionSegNet) -> None:
+    x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(3))
+    x[0] *= 0  # an image unlike the others, so that images leave the batch at different stages
+    with torch.no_grad():
+        outs = network.forward_exits(x)
+    confidences = [o.softmax(1).amax(1) for o in outs[:3]]
+    # about half the pixels still present leave at each early exit
+    thresholds = torch.stack([c.median().expand(4) for c in confidences])
+    result = early_exit_forward(network, x, thresholds)
+    shares = torch.bincount(result.exit_index.flatten().long(), minlength=4)
+    assert int(shares[0]) > 0 and int(shares[1:].sum()) > 0
+    for n, out in enumerate(outs):  # every pixel holds the logits of the exit it left by
+        where = result.exit_index == n
+        assert torch.allclose(result.logits.permute(0, 2, 3, 1)[where], out.permute(0, 2, 3, 1)[where], atol=1e-4)
+    costs = dense_costs(network, SHAPE)
+    parts = [s + h for s, h in zip(costs.stages, [*costs.heads, 0], strict=True)]
+    analytic, executed = 0.0, 0
+    for image in result.exit_index:
+        for s, part in enumerate(parts):
+            active = float((image >= s).float().mean())  # pixels that had not left before stage s
+            analytic += active * part
+            executed += part if active > 0 else 0
+    assert result.macs == round(analytic) and result.executed_macs == executed
+    assert result.macs < result.executed_macs
+
+
+def write_squares(path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.zeros(8, 3, 32, 32, dtype=torch.uint8)
+    masks = torch.zeros(8, 32, 32, dtype=torch.uint8)
+    for i in range(8):
+        y, x = torch.randint(0, 20, (2,), generator=gen).tolist()
+        images[i, :, y:y + 12, x:x + 12] = 200
+        masks[i, y:y + 12, x:x + 12] = 1
+        images[i, :, :, 28:] = 90
+        masks[i, :, 28:] = 2
+    save_file({"images": images, "masks": masks}, str(path), metadata={"classes": "bg\nsquare\nbar"})
+
+
+def test_train_exits_fit_thresholds_and_evaluate_on_a_torchvision_network(tmp_path: Path) -> None:
+    from torchvision.models import segmentation
+
+    write_squares(tmp_path / "seg.safetensors")
+    data = f"segmentation:{tmp_path / 'seg.safetensors'}"
+    torch.manual_seed(0)
+    tv = segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3)
+    torch.save(tv.state_dict(), tmp_path / "tv.pt")
+    foreign = ["-c", tmp_path / "tv.pt", "--arch", ARCH, "--input-shape", "3,32,32"]
+    out = tmp_path / "exits.safetensors"
+    one_error_line(invoke("fit-thresholds", "--method", "adp-c", *foreign, "-o", tmp_path / "t.yaml"), 4)
+    one_error_line(invoke("train-exits", *foreign, "-d", data, "-o", out, "--joint"), 2)
+    trained = json.loads(ok(invoke("train-exits", *foreign, "-d", data, "-o", out, "--epochs", "1",
+                                   "--batch-size", "4", "--format", "json", "-q")).stdout)
+    assert [r["exit"] for r in trained["exits"]] == ["exit1", "exit2", "exit3", "final"]
+    assert 0 < trained["exits"][0]["cost_normalised"] < trained["exits"][2]["cost_normalised"] < 1
+    ok(invoke("fit-thresholds", "--method", "cbt", "-c", out, "-d", data, "--split", "train", "-o",
+              tmp_path / "cbt.yaml", "--alpha", "0.5", "--beta", "0.9", "-q"))
+    doc = json.loads(ok(invoke("evaluate", "-c", out, "-d", data, "--split", "train", "--thresholds",
+                               tmp_path / "cbt.yaml", "--repeats", "1", "--format", "json", "-q")).stdout)
+    plain, cbt = doc["points"]
+    assert plain["cost"] == 1.0 and "executed_cost" not in plain
+    assert 0 < cbt["cost"] <= cbt["executed_cost"]
+    assert sum(cbt["exit_shares"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_train_without_exit_heads_trains_the_final_exit_alone() -> None:
+    import torch.nn.functional as F
+
+    from eetool.segmentation.training import exit_losses_step
+
+    torch.manual_seed(4)
+    net = build_model(ARCH, 4, 3, {})
+    x, y = torch.randn(2, *SHAPE), torch.randint(0, 4, (2, 32, 32))
+    loss, logits = exit_losses_step()(net.train(), x, y, None)
+    net.eval()
+    assert torch.allclose(loss, F.cross_entropy(logits, y), atol=1e-6)
+
+
+def test_the_frozen_backbone_step_trains_the_heads_alone(network: TorchvisionSegNet) -> None:
+    from eetool.segmentation.exit_training import frozen_backbone_step
+
+    network.zero_grad()
+    before = {k: v.clone() for k, v in network.state_dict().items() if not k.startswith("exit_heads.")}
+    network.train()  # as `fit` leaves it: the step itself keeps the backbone's BatchNorm statistics
+    x, y = torch.randn(2, *SHAPE), torch.randint(0, 4, (2, 32, 32))
+    loss, _ = frozen_backbone_step(network, x, y, None)
+    loss.backward()
+    network.eval()
+    assert all(p.grad is None for n, p in network.named_parameters() if not n.startswith("exit_heads."))
+    assert all(p.grad is not None for p in network.require_exits().parameters())
+    assert all(torch.equal(v, network.state_dict()[k]) for k, v in before.items())
