@@ -110,8 +110,8 @@ def command(
     heads = {names[path]: h for path, (h, _) in loaded.items()}
     scored, fitting = (corpus.contexts, None) if fixed_temperature is not None else split_for_temperature(
         corpus.contexts)
-    if fitting is None:
-        temperatures = dict.fromkeys([*heads, "final"], fixed_temperature)
+    if fitting is None:  # a fixed temperature (never 0, so `or` only tells mypy it is set)
+        temperatures = dict.fromkeys([*heads, "final"], fixed_temperature or 1.0)
         fitted: dict[str, Any] = {}
     else:
         fits = fit_temperatures(lm, fitting, heads, batch_size=batch_size, device=device)

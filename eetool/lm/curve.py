@@ -57,7 +57,7 @@ def token_costs(lm: LanguageModel, context: int) -> TokenCosts:
 
     block = lm.blocks[0]
     linear = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
-    config = lm.model.config
+    config: Any = lm.model.config
     heads = int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or lm.hidden_size // heads)
     attention = 2 * heads * head_dim * (context + 1) / 2  # QK^T and AV
