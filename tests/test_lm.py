@@ -220,7 +220,8 @@ def test_evaluate_lm_scores_equal_a_direct_recomputation(tiny_lm_folder: Path, t
                                "--context", "32", "-q"])
     assert made.exit_code == 0, made.stderr
     result = runner.invoke(app, ["evaluate-lm", "-m", str(tiny_lm_folder), "-t", MACBETH, "--head", str(out),
-                                 "--context", "32", "--format", "json", "-o", str(tmp_path / "eval.yaml")])
+                                 "--context", "32", "--temperature", "1", "--format", "json", "-o",
+                                 str(tmp_path / "eval.yaml")])
     assert result.exit_code == 0, result.stderr
     rows = {r["head"]: r for r in json.loads(result.stdout)["heads"]}
     assert set(rows) == {"head", "final"} and (tmp_path / "eval.yaml").is_file()
