@@ -70,7 +70,7 @@ def main() -> int:
     calibration = load_corpus(calibration_files, lm.tokenizer, max_tokens=args.calibration_tokens)
     evaluation = load_corpus(evaluation_files, lm.tokenizer, max_tokens=args.evaluation_tokens)
     kept, held = split_held_out(calibration.contexts)
-    print(f"calibration {kept.numel()} tokens (+{held.numel()} for N0 auto) from {len(calibration.files)} plays, "
+    print(f"calibration {kept.numel()} tokens (+{held.numel()} for N0 auto) from {len(calibration.files)} files, "
           f"evaluation {evaluation.tokens} tokens from {', '.join(held_names)}", file=sys.stderr)
 
     variants = [("next", True), ("next", False), ("current", True)] if args.heads == "all" else [("next", True)]
