@@ -292,7 +292,7 @@ def test_smollm2_class_aware_head_beats_random_and_copy_at_epoch_zero(tmp_path: 
         assert made.exit_code == 0, made.stderr
         heads += ["--head", str(out)]
     result = runner.invoke(app, ["evaluate-lm", "-m", "demo-lm", "-t", MACBETH, *heads, "--format", "json",
-                                 "--threads", "2"])
+                                 "--threads", "2", "--temperature", "1"])
     assert result.exit_code == 0, result.stderr
     acc = {r["head"]: r["accuracy"] for r in json.loads(result.stdout)["heads"]}
     assert acc["ca"] > acc["random"] + 0.05 and acc["ca"] > acc["copy"] + 0.03
