@@ -108,19 +108,17 @@ def command(
     corpus = load_corpus(text, lm.tokenizer, context=context, max_tokens=max_tokens)
     names = _names(head)
     heads = {names[path]: h for path, (h, _) in loaded.items()}
-    scored, fitting = (corpus.contexts, None) if fixed_temperature is not None else split_for_temperature(
-        corpus.contexts)
-    if fitting is None:  # a fixed temperature (never 0, so `or` only tells mypy it is set)
-        temperatures = dict.fromkeys([*heads, "final"], fixed_temperature or 1.0)
-        fitted: dict[str, Any] = {}
-    else:
+    if fixed_temperature is None:
+        scored, fitting = split_for_temperature(corpus.contexts)
         fits = fit_temperatures(lm, fitting, heads, batch_size=batch_size, device=device)
         temperatures = {name: fit.temperature for name, fit in fits.items()}
-        fitted = {name: {"tokens": fit.tokens, "mean_nll": round(fit.mean_nll, 6),
-                         "mean_nll_raw": round(fit.mean_nll_raw, 6)} for name, fit in fits.items()}
+    else:
+        scored, fits = corpus.contexts, {}
+        temperatures = dict.fromkeys([*heads, "final"], fixed_temperature)
     scores = evaluate_heads(lm, scored, heads, batch_size=batch_size, device=device, reporter=run.reporter,
                             temperatures=temperatures)
     final_score = scores[-1]
+    final_correct = final_score.per_token()[1]
     rows = []
     for s in scores:
         scored_head = heads.get(s.name)
@@ -129,12 +127,14 @@ def command(
             "init": scored_head.info.get("init", "") if scored_head else "model", "accuracy": round(s.accuracy, 6),
             "perplexity": round(s.perplexity, 4), "temperature": round(s.temperature, 6),
             "perplexity_at_temperature": round(s.scaled_perplexity, 4), "tokens": s.tokens}
-        if s.name in fitted:
-            row["temperature_fit"] = fitted[s.name]
+        if s.name in fits:
+            fit = fits[s.name]
+            row["temperature_fit"] = {"tokens": fit.tokens, "mean_nll": round(fit.mean_nll, 6),
+                                      "mean_nll_raw": round(fit.mean_nll_raw, 6)}
         if scored_head is not None and (budgets or sweep):
             confidence, correct = s.per_token()
             leave, go_on = costs.exit_costs(scored_head.layer)
-            stats = exit_stats(confidence, correct, final_score.per_token()[1], (leave, go_on))
+            stats = exit_stats(confidence, correct, final_correct, (leave, go_on))
             row["curve"] = {"cost_leaving": round(leave, 6), "cost_going_on": round(go_on, 6),
                             "points": [p.row() for p in curve(stats, budgets,
                                                               sweep_step=SWEEP_STEP if sweep else None)]}
@@ -142,8 +142,8 @@ def command(
     doc: dict[str, Any] = {"model": lm.source, "model_sha256": lm.sha256, "text": corpus.fingerprint,
                            "files": len(corpus.files), "contexts": len(corpus.contexts),
                            "scored_contexts": len(scored), "context": context,
-                           "temperature": "auto" if fitting is not None else fixed_temperature,
-                           "temperature_contexts": 0 if fitting is None else len(fitting),
+                           "temperature": "auto" if fixed_temperature is None else fixed_temperature,
+                           "temperature_contexts": len(corpus.contexts) - len(scored),
                            "macs_per_token": {"block": costs.block, "head": costs.head, "model": costs.full},
                            "heads": rows}
     if plot is not None:
