@@ -73,3 +73,24 @@ def accuracy_cost_png(path: str, points: list[dict[str, Any]], title: str) -> No
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write(path, buf.getvalue())
+
+
+def lm_curves_png(path: str, curves: dict[str, list[dict[str, Any]]], final_accuracy: float, title: str) -> None:
+    """Each exit head's operating points (cost, accuracy) joined in cost order, the final head alone marked at
+    cost 1; written atomically."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=150)
+    for name, points in curves.items():
+        ordered = sorted(points, key=lambda p: p["cost"])
+        ax.plot([p["cost"] for p in ordered], [p["accuracy"] for p in ordered], "o-", markersize=3, label=name)
+    ax.plot([1.0], [final_accuracy], "k*", markersize=12, label="final head only")
+    ax.set_xlabel("cost per token (MACs, normalised to the whole model)")
+    ax.set_ylabel("next-token accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())

@@ -220,7 +220,8 @@ def test_evaluate_lm_scores_equal_a_direct_recomputation(tiny_lm_folder: Path, t
                                "--context", "32", "-q"])
     assert made.exit_code == 0, made.stderr
     result = runner.invoke(app, ["evaluate-lm", "-m", str(tiny_lm_folder), "-t", MACBETH, "--head", str(out),
-                                 "--context", "32", "--format", "json", "-o", str(tmp_path / "eval.yaml")])
+                                 "--context", "32", "--temperature", "1", "--format", "json", "-o",
+                                 str(tmp_path / "eval.yaml")])
     assert result.exit_code == 0, result.stderr
     rows = {r["head"]: r for r in json.loads(result.stdout)["heads"]}
     assert set(rows) == {"head", "final"} and (tmp_path / "eval.yaml").is_file()
@@ -291,7 +292,7 @@ def test_smollm2_class_aware_head_beats_random_and_copy_at_epoch_zero(tmp_path: 
         assert made.exit_code == 0, made.stderr
         heads += ["--head", str(out)]
     result = runner.invoke(app, ["evaluate-lm", "-m", "demo-lm", "-t", MACBETH, *heads, "--format", "json",
-                                 "--threads", "2"])
+                                 "--threads", "2", "--temperature", "1"])
     assert result.exit_code == 0, result.stderr
     acc = {r["head"]: r["accuracy"] for r in json.loads(result.stdout)["heads"]}
     assert acc["ca"] > acc["random"] + 0.05 and acc["ca"] > acc["copy"] + 0.03
