@@ -310,6 +310,9 @@ class SegmentationRun:
     seconds: float
     exit_pixels: torch.Tensor | None = None  # pixels leaving at each exit
     macs: int = 0
+    # anytime: per exit, the confusion of the class map had inference stopped there, and the MACs spent up to it
+    exit_confusions: list[torch.Tensor] = field(default_factory=list)
+    exit_macs: list[int] = field(default_factory=list)
 
 
 def read_thresholds(path: str, ckpt: Checkpoint, num_classes: int) -> tuple[dict[str, Any], torch.Tensor]:
@@ -376,11 +379,16 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
         results = [early_exit_forward(model, x, thresholds) for x, _ in batches]
         seconds = time.perf_counter() - start
         macs = 0
+        exit_matrices = [torch.zeros(k, k, dtype=torch.int64) for _ in EXIT_NAMES]
+        exit_macs = [0] * len(EXIT_NAMES)
         for r, (_, masks) in zip(results, batches, strict=True):
             matrix += confusion(r.logits.argmax(1).cpu(), masks, k)
             exits += torch.bincount(r.exit_index.flatten().long().cpu(), minlength=len(EXIT_NAMES))
             macs += r.macs
-        return SegmentationRun(matrix, seconds, exits, macs)
+            for n, prediction in enumerate(r.exit_predictions):
+                exit_matrices[n] += confusion(prediction.cpu(), masks, k)
+                exit_macs[n] += r.exit_macs[n]
+        return SegmentationRun(matrix, seconds, exits, macs, exit_matrices, exit_macs)
 
     runs = [plain_run, *([early_run] if thresholds is not None else [])]
     for warm_up in runs:  # kernels and allocations set up on the first batch before the timed rounds
@@ -418,6 +426,11 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
         p = point(name, early, early.macs / len(ds), timing[1])
         p["exit_shares"] = {e: round(int(c) / int(early.exit_pixels.sum()), 6)
                             for e, c in zip(EXIT_NAMES, early.exit_pixels.tolist(), strict=True)}
+        # ADP-C's anytime view (the thesis's Tables III and IV): stopping after each exit, the class map so far
+        # (pixels that left keep their exit's class, the others take this exit's) and the cost spent up to it
+        p["anytime"] = {e: {"miou": round(mean_iou(m), 6), "cost": round(c / len(ds) / dense, 6),
+                            "gflops": round(2 * c / len(ds) / 1e9, 6)}
+                        for e, m, c in zip(EXIT_NAMES, early.exit_confusions, early.exit_macs, strict=True)}
         p["thresholds"] = req.thresholds
         doc["points"].append(p)
         doc["per_class_iou"][name] = _per_class(classes, iou(early.confusion))
@@ -445,9 +458,13 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
                                 f"{q['throughput']:.1f}", f"{q['speedup']:.2f}x",
                                 *((q["exit_shares"][e] for e in EXIT_NAMES) if "exit_shares" in q
                                   else ("",) * len(EXIT_NAMES))] for q in d["points"]])
+        anytime = [q for q in d["points"] if "anytime" in q]
+        stops = "".join("\n\n" + format_table([f"{q['name']}: stop after", "mIoU", "cost", "GFLOPs"],
+                                                [[e, a["miou"], a["cost"], a["gflops"]]
+                                                 for e, a in q["anytime"].items()]) for q in anytime)
         names = list(d["per_class_iou"])
         per = format_table(["class IoU", *names], [[c, *(d["per_class_iou"][n][c] for n in names)] for c in classes])
-        return f"{head}\n\n{points}\n\n{per}"
+        return f"{head}\n\n{points}{stops}\n\n{per}"
 
     run.emit(doc, text)
 

@@ -164,6 +164,11 @@ class EarlyExitResult:
     exit_index: torch.Tensor  # B x H x W (uint8): that exit, 0..len(exits)-1
     macs: int  # multiply-adds actually computed for the batch
     active_positions: list[int]  # grid positions computed by each stage (the stem's are all of them)
+    # ADP-C's anytime predictions: per exit, the B x H x W class map had inference stopped there (pixels that
+    # left before keep their exit's class, the others take this exit's), and the multiply-adds spent up to and
+    # including that exit's head
+    exit_predictions: list[torch.Tensor]
+    exit_macs: list[int]
 
 
 def _gather(padded: torch.Tensor, index: tuple[torch.Tensor, ...], dilation: int
@@ -234,7 +239,9 @@ def early_exit_forward(model: EESegNet, x: torch.Tensor, thresholds: torch.Tenso
     exit_index = torch.full((batch, height, width), last, dtype=torch.uint8, device=x.device)
     pixels = torch.ones(batch, height, width, dtype=torch.bool, device=x.device)
     active = torch.ones(batch, gh, gw, dtype=torch.bool, device=x.device)
-    computed = []
+    computed: list[int] = []
+    exit_predictions: list[torch.Tensor] = []
+    exit_macs: list[int] = []
     for n in range(len(DILATIONS)):
         stage, head = cast(nn.Sequential, model.stages[n]), cast(Head, model.heads[n])
         computed.append(int(active.sum()))
@@ -245,17 +252,22 @@ def early_exit_forward(model: EESegNet, x: torch.Tensor, thresholds: torch.Tenso
         grid_logits[index] = _head_rows(head, grid[index])
         macs += index[0].numel() * costs.head
         up = upsample(grid_logits.permute(0, 3, 1, 2), (height, width))
+        exit_macs.append(int(macs))
         if n == last:
             logits = torch.where(pixels[:, None], up, logits)
+            exit_predictions.append(logits.argmax(1))
             break
         top, prediction = up.max(1)
+        exit_predictions.append(prediction if n == 0 else torch.where(pixels, prediction, exit_predictions[-1]))
         confidence = 1 / (up - top[:, None]).exp().sum(1)  # the largest softmax probability
         leave = pixels & (confidence > thresholds[n].to(confidence.device)[prediction])
         logits = torch.where(leave[:, None], up, logits)
         exit_index[leave] = n
         pixels &= ~leave
         active = F.max_pool2d(pixels[:, None].float(), 2, 2, ceil_mode=True)[:, 0] > 0
-        if not bool(active.any()):
+        if not bool(active.any()):  # every pixel has left: later exits compute nothing and change nothing
             computed.extend([0] * (last - n))
+            exit_predictions.extend([exit_predictions[-1]] * (last - n))
+            exit_macs.extend([int(macs)] * (last - n))
             break
-    return EarlyExitResult(logits, exit_index, int(macs), computed)
+    return EarlyExitResult(logits, exit_index, int(macs), computed, exit_predictions, exit_macs)
