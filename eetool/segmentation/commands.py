@@ -12,7 +12,14 @@ import torch
 
 from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
 from eetool.errors import InputError, ModelMismatchError, UsageError
-from eetool.segmentation.model import EXIT_NAMES, EESegNet, early_exit_forward, first_exit_macs, plain_macs
+from eetool.segmentation.model import (
+    EXIT_NAMES,
+    EESegNet,
+    early_exit_forward,
+    first_exit_macs,
+    plain_macs,
+    upsample,
+)
 from eetool.segmentation.thresholds import (
     BudgetFit,
     ClassStats,
@@ -106,9 +113,19 @@ def class_statistics(model: EESegNet, ds: Dataset, preprocess: Preprocess, batch
     model.eval().to(device)
     with torch.no_grad(), reporter.bar(-(-len(ds) // batch_size), "class statistics") as bar:
         for x, masks in _batches(ds, preprocess, batch_size, device):
-            stats.update([o.softmax(1) for o in model.forward_exits(x)], masks)
+            stats.update(exit_probabilities(model, x), masks)
             bar.advance()
     return stats
+
+
+def exit_probabilities(model: EESegNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every exit's softmax at the input's size (B x K x H x W each), the values of ``forward_exits(x)``'s softmax:
+    each exit's grid logits are upsampled in channels-last layout (bilinear interpolation computes the same
+    values in either layout, and on CPU this one is about 3x faster) and brought back to channels-first, where
+    the softmax over the classes is fastest."""
+    size = x.shape[-2:]
+    return [upsample(logits.contiguous(memory_format=torch.channels_last), size).contiguous().softmax(1)
+            for logits in model.grid_exits(x)]
 
 
 def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
@@ -365,7 +382,9 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
     def plain_run(batches: list[tuple[torch.Tensor, torch.Tensor]] = batches) -> SegmentationRun:
         matrix = torch.zeros(k, k, dtype=torch.int64)
         start = time.perf_counter()
-        predictions = [model(x).argmax(1) for x, _ in batches]
+        # max's indices, not argmax: the same first largest class, and on CPU argmax over the classes of a
+        # B x K x H x W map is several times slower than the network's last stages
+        predictions = [model(x).max(1).indices for x, _ in batches]
         seconds = time.perf_counter() - start
         for p, (_, masks) in zip(predictions, batches, strict=True):
             matrix += confusion(p.cpu(), masks, k)

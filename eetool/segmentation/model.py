@@ -80,12 +80,15 @@ class EESegNet(nn.Module):
 
     def forward_exits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every exit at the input's size, the network's own (final) last."""
-        size = x.shape[-2:]
+        return [upsample(logits, x.shape[-2:]) for logits in self.grid_exits(x)]
+
+    def grid_exits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every exit on the half-resolution grid, before upsampling, the final exit's last."""
         h = self.stem(x)
         out = []
         for stage, head in zip(self.stages, self.heads, strict=True):
             h = stage(h)
-            out.append(upsample(head(h), size))
+            out.append(head(h))
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,7 +258,7 @@ def early_exit_forward(model: EESegNet, x: torch.Tensor, thresholds: torch.Tenso
         exit_macs.append(int(macs))
         if n == last:
             logits = torch.where(pixels[:, None], up, logits)
-            exit_predictions.append(logits.argmax(1))
+            exit_predictions.append(logits.max(1).indices)
             break
         top, prediction = up.max(1)
         exit_predictions.append(prediction if n == 0 else torch.where(pixels, prediction, exit_predictions[-1]))
