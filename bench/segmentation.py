@@ -59,7 +59,7 @@ def main() -> None:
     @torch.no_grad()
     def plain() -> None:
         for x in batches:
-            model(x).max(1).indices
+            model(x).max(1)
 
     @torch.no_grad()
     def heads() -> None:  # the floor: trunk and every exit's head on every position, nothing upsampled
