@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from eetool.choices import SEARCH_OVER
 from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
 from eetool.errors import InputError, ModelMismatchError, UsageError
 from eetool.segmentation.model import (
@@ -104,6 +105,7 @@ class ThresholdRequest:
     threshold: float
     force: bool
     budget: float | None = None  # search alpha (cbt, cbt-ns) or the threshold (adp-c) to meet this mean cost
+    search_over: str = "alpha"  # cbt, cbt-ns with a budget: alpha (beta fixed), beta (alpha fixed) or both
 
 
 def class_statistics(model: EESegNet, ds: Dataset, preprocess: Preprocess, batch_size: int,
@@ -132,8 +134,15 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
     from eetool.artifacts import STDOUT, Provenance, write_yaml
     from eetool.datasets import Preprocess
 
-    if req.budget is not None:
-        check_range(0.0, req.beta)  # alpha is searched below beta
+    if req.search_over not in SEARCH_OVER:
+        raise UsageError(f"unknown --search-over {req.search_over!r}", f"use one of {', '.join(SEARCH_OVER)}")
+    if req.search_over != "alpha" and (req.budget is None or req.method == "adp-c"):
+        raise UsageError(f"--search-over {req.search_over} applies to --method cbt or cbt-ns with --budget",
+                         "drop --search-over, or give --method cbt --budget B")
+    if req.budget is not None and req.search_over == "beta":
+        check_range(req.alpha, 1.0)  # beta is searched above alpha
+    elif req.budget is not None:
+        check_range(0.0, req.beta)  # alpha is searched below beta (--search-over both: --beta is not used)
     elif req.method == "adp-c":
         adp_c(req.threshold, 1, 1)  # the range check, before anything is read
     else:
@@ -168,16 +177,16 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
         else:
             stats = class_statistics(model, ds, preprocess, req.batch_size, device, run.reporter)
             fit = cbt if req.method == "cbt" else cbt_ns
-            alpha = req.alpha
+            alpha, beta = req.alpha, req.beta
             if req.budget is not None:
-                fitted = _fit_cbt_budget(run, req, model, ckpt, ds, preprocess, device, stats)
-                alpha = fitted.value
-            thresholds, scores = fit(stats, alpha, req.beta, len(EARLY_EXITS))
+                searched = _fit_cbt_budget(run, req, model, ckpt, ds, preprocess, device, stats)
+                fitted, alpha, beta = searched.fit, searched.alpha, searched.beta
+            thresholds, scores = fit(stats, alpha, beta, len(EARLY_EXITS))
             present = stats.present
             spread = [round(float(row[present].std(unbiased=False)), 6) if bool(present.any()) else 0.0
                       for row in thresholds[: 1 if req.method == "cbt" else len(EARLY_EXITS)]]
             doc.update({
-                "alpha": alpha, "beta": req.beta, "fitted_on": dataset,
+                "alpha": alpha, "beta": beta, "fitted_on": dataset,
                 # sigma of the thresholds over the classes present in the calibration data (per exit for cbt-ns)
                 "spread": spread[0] if req.method == "cbt" else spread,
                 "statistics": {
@@ -193,11 +202,14 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
             doc["fitted_on"] = dataset
             # the mean cost (normalised to the plain network) on the fitting data, of the value found and of the
             # nearest value tried above it, which misses the budget (null when every value tried met it)
+            # (--search-over both: of alpha at the beta chosen; "candidates" holds every beta of the grid)
             doc["budget"] = {"target": fitted.budget, "cost": round(fitted.cost, 6),
-                             "searched": "threshold" if req.method == "adp-c" else "alpha",
+                             "searched": "threshold" if req.method == "adp-c" else req.search_over,
                              "over": fitted.over,
                              "over_cost": None if fitted.over_cost is None else round(fitted.over_cost, 6),
                              "evaluations": fitted.evaluations}
+            if req.method != "adp-c":
+                doc["budget"].update({"miou": round(searched.miou, 6), "candidates": searched.candidates})
     doc["thresholds"] = [[float(v) for v in row] for row in thresholds.tolist()]
     prov = Provenance(kind=KIND, checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
                       exits=list(EARLY_EXITS), dataset=dataset, args=run.args)
@@ -222,17 +234,24 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
 
 def _budget_costs(model: EESegNet, ckpt: Checkpoint, ds: Dataset, preprocess: Preprocess, batch_size: int,
                   device: torch.device) -> Any:
-    """The mean cost of thresholds on ``ds`` (normalised to the plain network), by the masked inference that
-    `evaluate` runs: its exit decisions read features that inactive positions keep, so they are not those of
-    the dense exits, and each candidate is run."""
-    model.eval().to(device)
-    batches = [x for x, _ in _batches(ds, preprocess, batch_size, device)]  # decoded once for every candidate
-    dense = plain_macs(model, ckpt.spec.input_shape) * len(ds)
+    """The mean cost of thresholds on ``ds`` (normalised to the plain network) and their mIoU there, by the masked
+    inference that `evaluate` runs: its exit decisions read features that inactive positions keep, so they are not
+    those of the dense exits, and each candidate is run."""
+    from eetool.segmentation.metrics import confusion, mean_iou
 
-    def cost_of(thresholds: torch.Tensor) -> float:
-        # float32, as `evaluate` reads them back from the YAML
-        t = thresholds.float()
-        return sum(early_exit_forward(model, x, t).macs for x in batches) / dense
+    model.eval().to(device)
+    batches = list(_batches(ds, preprocess, batch_size, device))  # decoded once for every candidate
+    dense = plain_macs(model, ckpt.spec.input_shape) * len(ds)
+    k = model.num_classes
+
+    def cost_of(thresholds: torch.Tensor) -> tuple[float, float]:
+        t = thresholds.float()  # float32, as `evaluate` reads them back from the YAML
+        macs, matrix = 0, torch.zeros(k, k, dtype=torch.int64)
+        for x, masks in batches:
+            result = early_exit_forward(model, x, t)
+            macs += result.macs
+            matrix += confusion(result.logits.max(1).indices.cpu(), masks, k)
+        return macs / dense, mean_iou(matrix)
 
     return cost_of
 
@@ -242,28 +261,97 @@ def _floor_hint(model: EESegNet, ckpt: Checkpoint) -> str:
     return f"no thresholds cost less than {floor:.4f} (every pixel leaving at {EXIT_NAMES[0]})"
 
 
+# --search-over both: the betas tried, each with the largest alpha below it that meets the budget
+BETA_GRID = (0.99, 0.995, 0.998, 0.999, 0.9995)
+
+
+@dataclass(frozen=True)
+class CbtBudgetFit:
+    """The (alpha, beta) a budget search chose, the bisection that found the searched one, the mIoU on the fitting
+    data, and for --search-over both every beta of the grid with its alpha, cost and mIoU."""
+
+    alpha: float
+    beta: float
+    fit: BudgetFit
+    miou: float
+    candidates: list[dict[str, Any]]
+
+
 def _fit_cbt_budget(run: Run, req: ThresholdRequest, model: EESegNet, ckpt: Checkpoint, ds: Dataset,
-                    preprocess: Preprocess, device: torch.device, stats: ClassStats) -> BudgetFit:
-    assert req.budget is not None
+                    preprocess: Preprocess, device: torch.device, stats: ClassStats) -> CbtBudgetFit:
+    """--budget for cbt and cbt-ns. alpha: the largest alpha below --beta that meets the budget; beta: the largest
+    beta above --alpha (beta = alpha is every class at alpha, ADP-C's limit); both: for each beta of BETA_GRID the
+    largest alpha, then the pair with the highest mIoU on the fitting data (the cheaper on a tie). Raising alpha
+    or beta raises every threshold, so the cost rises with either and a bisection finds it."""
+    budget = req.budget
+    assert budget is not None
     cost_of = _budget_costs(model, ckpt, ds, preprocess, req.batch_size, device)
     fit = cbt if req.method == "cbt" else cbt_ns
+    early = len(EARLY_EXITS)
+    costs: dict[tuple[float, float], float] = {}
+    mious: dict[tuple[float, float], float] = {}
 
-    def unmet(cost: float) -> UsageError:
-        return UsageError(f"--budget {req.budget:g} cannot be met with --beta {req.beta:g}: even --alpha 0 costs "
-                          f"{cost:.4f}", f"raise the budget or lower --beta; {_floor_hint(model, ckpt)}")
+    def cost_at(alpha: float, beta: float) -> float:
+        bar.advance()
+        thresholds = adp_c(alpha, early, model.num_classes) if beta == alpha else fit(stats, alpha, beta, early)[0]
+        costs[alpha, beta], mious[alpha, beta] = cost_of(thresholds)
+        return costs[alpha, beta]
 
-    with run.reporter.bar(budget_evaluations(0.0, req.beta), f"alpha for budget {req.budget:g}") as bar:
-        def cost_at(alpha: float) -> float:
-            bar.advance()
-            return cost_of(fit(stats, alpha, req.beta, len(EARLY_EXITS))[0])
+    floor = _floor_hint(model, ckpt)
+    if req.search_over == "beta":
+        def unmet_beta(cost: float) -> UsageError:
+            return UsageError(f"--budget {budget:g} cannot be met with --alpha {req.alpha:g}: even every class at "
+                              f"alpha costs {cost:.4f}", f"raise the budget or lower --alpha; {floor}")
 
-        found = fit_budget(cost_at, req.budget, 0.0, req.beta, unmet)
-    run.reporter.log(f"alpha {found.value:.6f} costs {found.cost:.4f} for budget {req.budget:g} "
-                     f"({found.evaluations} evaluations)")
+        with run.reporter.bar(budget_evaluations(req.alpha, 1.0), f"beta for budget {budget:g}") as bar:
+            found = fit_budget(lambda b: cost_at(req.alpha, b), budget, req.alpha, 1.0, unmet_beta)
+        if found.value == req.alpha:  # only the limit beta = alpha met it: no CBT thresholds do
+            raise unmet_beta(found.over_cost if found.over_cost is not None else found.cost)
+        chosen = CbtBudgetFit(req.alpha, found.value, found, mious[req.alpha, found.value], [])
+        run.reporter.log(f"beta {found.value:.6f} costs {found.cost:.4f} for budget {budget:g} "
+                         f"({found.evaluations} evaluations)")
+        if found.over is None:
+            run.reporter.warn(f"--budget {budget:g} does not bind: beta {found.value:.6f}, the largest tried below 1, "
+                              f"costs {found.cost:.4f}")
+        return chosen
+
+    betas = BETA_GRID if req.search_over == "both" else (req.beta,)
+    candidates: list[CbtBudgetFit] = []
+    unmet: list[float] = []  # the betas at which even alpha 0 misses the budget
+    total = sum(budget_evaluations(0.0, b) for b in betas)
+    with run.reporter.bar(total, f"alpha for budget {budget:g}") as bar:
+        for beta in betas:
+            def unmet_alpha(cost: float, beta: float = beta) -> UsageError:
+                return UsageError(f"--budget {budget:g} cannot be met with --beta {beta:g}: even --alpha 0 costs "
+                                  f"{cost:.4f}", f"raise the budget or lower --beta; {floor}")
+
+            def cost_at_alpha(alpha: float, beta: float = beta) -> float:
+                return cost_at(alpha, beta)
+
+            try:
+                found = fit_budget(cost_at_alpha, budget, 0.0, beta, unmet_alpha)
+            except UsageError:
+                if req.search_over == "alpha":
+                    raise
+                unmet.append(beta)
+                continue
+            candidates.append(CbtBudgetFit(found.value, beta, found, mious[found.value, beta], []))
+    if not candidates:
+        raise UsageError(f"--budget {budget:g} cannot be met at any beta of {', '.join(map(str, betas))}: even "
+                         f"--alpha 0 costs {min(costs[0.0, b] for b in betas):.4f}", f"raise the budget; {floor}")
+    best = max(candidates, key=lambda c: (c.miou, -c.fit.cost))
+    found = best.fit
+    run.reporter.log(f"alpha {best.alpha:.6f}, beta {best.beta:g} cost {found.cost:.4f} for budget {budget:g} "
+                     f"(mIoU {best.miou:.4f} on the fitting data; {found.evaluations} evaluations)")
     if found.over is None:
-        run.reporter.warn(f"--budget {req.budget:g} does not bind: alpha {found.value:.6f}, the largest tried "
-                          f"below --beta {req.beta:g}, costs {found.cost:.4f}; raise --beta to spend more of it")
-    return found
+        run.reporter.warn(f"--budget {budget:g} does not bind: alpha {best.alpha:.6f}, the largest tried below "
+                          f"--beta {best.beta:g}, costs {found.cost:.4f}; raise --beta to spend more of it")
+    table: list[dict[str, Any]] = []
+    if req.search_over == "both":
+        table = [*({"beta": c.beta, "alpha": c.alpha, "cost": round(c.fit.cost, 6), "miou": round(c.miou, 6)}
+                   for c in candidates),
+                 *({"beta": b, "alpha": None, "cost": round(costs[0.0, b], 6), "miou": None} for b in unmet)]
+    return CbtBudgetFit(best.alpha, best.beta, found, best.miou, table)
 
 
 def _fit_adp_c_budget(run: Run, req: ThresholdRequest, model: EESegNet, ckpt: Checkpoint, ds: Dataset,
@@ -278,7 +366,7 @@ def _fit_adp_c_budget(run: Run, req: ThresholdRequest, model: EESegNet, ckpt: Ch
     with run.reporter.bar(budget_evaluations(0.0, 1.0), f"threshold for budget {req.budget:g}") as bar:
         def cost_at(threshold: float) -> float:
             bar.advance()
-            return cost_of(adp_c(threshold, len(EARLY_EXITS), model.num_classes))
+            return float(cost_of(adp_c(threshold, len(EARLY_EXITS), model.num_classes))[0])
 
         # threshold 0 sends every pixel out at the first exit: the floor; 1 keeps every pixel to the end
         found = fit_budget(cost_at, req.budget, 0.0, 1.0, unmet)
