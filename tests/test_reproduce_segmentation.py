@@ -45,7 +45,8 @@ def test_cost_at_miou_interpolates_the_cheapest_segment(seg: ModuleType) -> None
     assert seg.cost_at_miou(curve, 0.40) == pytest.approx(0.60)
     assert seg.cost_at_miou(curve, 0.47) is None and seg.cost_at_miou(curve, 0.39) is None
     # a curve that dips: the cheaper of the two segments reaching the mIoU
-    assert seg.cost_at_miou([(0.40, 0.5), (0.46, 0.6), (0.42, 0.7), (0.47, 0.8)], 0.44) == pytest.approx(0.5 + 0.1 * 2 / 3)
+    dipping = [(0.40, 0.5), (0.46, 0.6), (0.42, 0.7), (0.47, 0.8)]
+    assert seg.cost_at_miou(dipping, 0.44) == pytest.approx(0.5 + 0.1 * 2 / 3)
 
 
 def test_table_puts_this_run_beside_the_thesis_and_checks_its_claims(seg: ModuleType) -> None:
