@@ -434,3 +434,61 @@ def test_a_budget_that_does_not_bind_is_met_below_beta_with_a_warning(
     assert "does not bind" in made.stderr and "does not bind" not in made.stdout
     doc = yaml.safe_load(out.read_text())
     assert doc["budget"]["over"] is None and 0.89 < doc["alpha"] < 0.9
+
+
+def test_budget_search_over_beta_meets_the_budget_and_a_larger_beta_would_not(
+        tmp_path: Path, budget_inputs: tuple[Path, Path, EESegNet, torch.Tensor]) -> None:
+    import yaml
+
+    from eetool.datasets import Preprocess, load_dataset
+    from eetool.reporting import Reporter
+    from eetool.segmentation.commands import class_statistics
+    from eetool.segmentation.thresholds import BUDGET_TOLERANCE, cbt
+
+    ckpt, data, model, x = budget_inputs
+    at_alpha = mean_cost(model, x, [[0.3] * 3] * 3)  # beta = alpha: every class at alpha
+    nobody_early = mean_cost(model, x, [[1.0] * 3] * 3)
+    budget = round((at_alpha + nobody_early) / 2, 4)
+    out = tmp_path / "t.yaml"
+    made = runner.invoke(app, ["fit-thresholds", "--method", "cbt", "--budget", str(budget), "--search-over", "beta",
+                               "--alpha", "0.3", "-c", str(ckpt), "-d", f"segmentation:{data}", "-o", str(out), "-q"])
+    assert made.exit_code == 0, made.stderr
+    doc = yaml.safe_load(out.read_text())
+    fitted = doc["budget"]
+    assert fitted["searched"] == "beta" and doc["alpha"] == 0.3 and 0.3 < doc["beta"] < 1
+    assert min(doc["thresholds"][0]) == pytest.approx(0.3) and max(doc["thresholds"][0]) == pytest.approx(doc["beta"])
+    cost = mean_cost(model, x, doc["thresholds"])
+    assert cost <= budget and cost == pytest.approx(fitted["cost"], abs=1e-6)
+    assert 0 < fitted["over"] - doc["beta"] <= BUDGET_TOLERANCE
+    stats = class_statistics(model, load_dataset(f"segmentation:{data}", "train"),
+                             Preprocess((1, 16, 16), [0.5], [0.25]), 256, torch.device("cpu"), Reporter())
+    over = cbt(stats, 0.3, fitted["over"], 3)[0].tolist()
+    assert mean_cost(model, x, over) == pytest.approx(fitted["over_cost"], abs=1e-6) and fitted["over_cost"] > budget
+
+
+def test_budget_search_over_both_keeps_the_pair_of_best_miou_within_the_budget(
+        tmp_path: Path, budget_inputs: tuple[Path, Path, EESegNet, torch.Tensor]) -> None:
+    import yaml
+
+    from eetool.datasets import load_dataset
+    from eetool.segmentation.commands import BETA_GRID
+
+    ckpt, data, model, x = budget_inputs
+    masks = next(iter(load_dataset(f"segmentation:{data}", "train").batches(256)))[1]
+    everyone_first = mean_cost(model, x, [[0.0] * 3] * 3)
+    nobody_early = mean_cost(model, x, [[1.0] * 3] * 3)
+    budget = round((everyone_first + nobody_early) / 2, 4)
+    out = tmp_path / "t.yaml"
+    made = runner.invoke(app, ["fit-thresholds", "--method", "cbt", "--budget", str(budget), "--search-over", "both",
+                               "-c", str(ckpt), "-d", f"segmentation:{data}", "-o", str(out), "-q"])
+    assert made.exit_code == 0, made.stderr
+    doc = yaml.safe_load(out.read_text())
+    fitted = doc["budget"]
+    assert fitted["searched"] == "both" and sorted(c["beta"] for c in fitted["candidates"]) == list(BETA_GRID)
+    met = [c for c in fitted["candidates"] if c["alpha"] is not None]
+    assert met and all(c["cost"] <= budget for c in met)
+    best = max(met, key=lambda c: (c["miou"], -c["cost"]))
+    assert (doc["alpha"], doc["beta"]) == (best["alpha"], best["beta"]) and fitted["miou"] == best["miou"]
+    result = early_exit_forward(model, x, torch.tensor(doc["thresholds"], dtype=torch.float32))
+    assert result.macs / (x.shape[0] * plain_macs(model, (1, 16, 16))) == pytest.approx(fitted["cost"], abs=1e-6)
+    assert mean_iou(confusion(result.logits.argmax(1), masks, 3)) == pytest.approx(fitted["miou"], abs=1e-6)

@@ -94,6 +94,14 @@ def test_exited_pixels_keep_their_exit_and_the_costs_follow_where_pixels_left(ne
             executed += part if active > 0 else 0
     assert result.macs == round(analytic) and result.executed_macs == executed
     assert result.macs < result.executed_macs
+    # the anytime view: stopped after exit n, a pixel that left before holds its exit's class, the others exit n's
+    classes = torch.stack([o.argmax(1) for o in outs])
+    for n in range(4):
+        expected = classes.gather(0, result.exit_index.long().clamp(max=n)[None])[0]
+        assert float((result.exit_predictions[n] == expected).float().mean()) > 0.99
+        spent = sum(float((image >= s).float().mean()) * parts[s] for image in result.exit_index for s in range(n + 1))
+        assert abs(result.exit_macs[n] - spent) <= 1
+    assert result.exit_macs[-1] == result.macs
 
 
 def write_squares(path: Path) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.choices import COMBINES, EXIT_METHODS, OVERHEADS, SEARCHES, SEGMENTATION_METHODS, SPLITS
+from eetool.choices import COMBINES, EXIT_METHODS, OVERHEADS, SEARCH_OVER, SEARCHES, SEGMENTATION_METHODS, SPLITS
 from eetool.commands.common import data_path, format_fields, format_table
 from eetool.options import (
     INPUT,
@@ -62,6 +62,11 @@ def command(
     search: Annotated[str, typer.Option("--search", help="greedy (one walk for all budgets) or bisect (the "
                                         "thesis's per-component binary search).", rich_help_panel=SEARCH,
                                         autocompletion=prefix_completer(SEARCHES))] = "greedy",
+    search_over: Annotated[str, typer.Option("--search-over", help="cbt, cbt-ns with --budget: alpha (below "
+                                             "--beta), beta (above --alpha), or both (alpha below each beta of "
+                                             "0.99, 0.995, 0.998, 0.999, 0.9995, keeping the pair of best mIoU on "
+                                             "the fitting data).", rich_help_panel=SEARCH,
+                                             autocompletion=prefix_completer(SEARCH_OVER))] = "alpha",
     validation: Annotated[bool, typer.Option("--validation", help="e2cm: fit on --data/--split (a held-out set) "
                                              "instead of the calibration samples.")] = False,
     checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", help="Checkpoint (with --validation, or "
@@ -113,8 +118,11 @@ def command(
                              "a segmentation thresholds file holds one operating point: fit one file per budget")
         fit_segmentation_thresholds(run, ThresholdRequest(method, output, checkpoint, data, split, indices, batch_size,
                                                           alpha, beta, threshold, force,
-                                                          budget[0] if budget else None))
+                                                          budget[0] if budget else None, search_over))
         return
+    if search_over != "alpha":
+        raise UsageError(f"--search-over {search_over} applies to --method cbt or cbt-ns with --budget",
+                         "drop --search-over; for classifiers --search chooses the budget search")
     if method not in METHODS:
         raise UsageError(f"unknown --method {method!r}", f"use one of {', '.join((*METHODS, *SEGMENTATION_METHODS))}")
     if combine not in COMBINES:

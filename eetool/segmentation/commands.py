@@ -10,9 +10,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from eetool.choices import SEARCH_OVER
 from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
 from eetool.errors import InputError, ModelMismatchError, UsageError
-from eetool.segmentation.model import EXIT_NAMES, EESegNet, early_exit_forward, first_exit_macs, plain_macs
+from eetool.segmentation.model import (
+    EXIT_NAMES,
+    EESegNet,
+    early_exit_forward,
+    first_exit_macs,
+    plain_macs,
+    upsample,
+)
 from eetool.segmentation.thresholds import (
     BudgetFit,
     ClassStats,
@@ -100,6 +108,7 @@ class ThresholdRequest:
     threshold: float
     force: bool
     budget: float | None = None  # search alpha (cbt, cbt-ns) or the threshold (adp-c) to meet this mean cost
+    search_over: str = "alpha"  # cbt, cbt-ns with a budget: alpha (beta fixed), beta (alpha fixed) or both
 
 
 def class_statistics(model: SegmentationNet, ds: Dataset, preprocess: Preprocess, batch_size: int,
@@ -109,17 +118,36 @@ def class_statistics(model: SegmentationNet, ds: Dataset, preprocess: Preprocess
     model.eval().to(device)
     with torch.no_grad(), reporter.bar(-(-len(ds) // batch_size), "class statistics") as bar:
         for x, masks in _batches(ds, preprocess, batch_size, device):
-            stats.update([o.softmax(1) for o in model.forward_exits(x)], masks)
+            stats.update(exit_probabilities(model, x), masks)
             bar.advance()
     return stats
+
+
+def exit_probabilities(model: SegmentationNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every exit's softmax at the input's size (B x K x H x W each), the values of ``forward_exits(x)``'s softmax:
+    eeseg's grid logits are upsampled in channels-last layout (bilinear interpolation computes the same values in
+    either layout, and on CPU this one is about 3x faster) and brought back to channels-first, where the softmax
+    over the classes is fastest."""
+    if not isinstance(model, EESegNet):
+        return [logits.softmax(1) for logits in model.forward_exits(x)]
+    size = x.shape[-2:]
+    return [upsample(logits.contiguous(memory_format=torch.channels_last), size).contiguous().softmax(1)
+            for logits in model.grid_exits(x)]
 
 
 def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
     from eetool.artifacts import STDOUT, Provenance, write_yaml
     from eetool.datasets import Preprocess
 
-    if req.budget is not None:
-        check_range(0.0, req.beta)  # alpha is searched below beta
+    if req.search_over not in SEARCH_OVER:
+        raise UsageError(f"unknown --search-over {req.search_over!r}", f"use one of {', '.join(SEARCH_OVER)}")
+    if req.search_over != "alpha" and (req.budget is None or req.method == "adp-c"):
+        raise UsageError(f"--search-over {req.search_over} applies to --method cbt or cbt-ns with --budget",
+                         "drop --search-over, or give --method cbt --budget B")
+    if req.budget is not None and req.search_over == "beta":
+        check_range(req.alpha, 1.0)  # beta is searched above alpha
+    elif req.budget is not None:
+        check_range(0.0, req.beta)  # alpha is searched below beta (--search-over both: --beta is not used)
     elif req.method == "adp-c":
         adp_c(req.threshold, 1, 1)  # the range check, before anything is read
     else:
@@ -156,16 +184,16 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
         else:
             stats = class_statistics(model, ds, preprocess, req.batch_size, device, run.reporter)
             fit = cbt if req.method == "cbt" else cbt_ns
-            alpha = req.alpha
+            alpha, beta = req.alpha, req.beta
             if req.budget is not None:
-                fitted = _fit_cbt_budget(run, req, model, ckpt, ds, preprocess, device, stats)
-                alpha = fitted.value
-            thresholds, scores = fit(stats, alpha, req.beta, len(EARLY_EXITS))
+                searched = _fit_cbt_budget(run, req, model, ckpt, ds, preprocess, device, stats)
+                fitted, alpha, beta = searched.fit, searched.alpha, searched.beta
+            thresholds, scores = fit(stats, alpha, beta, len(EARLY_EXITS))
             present = stats.present
             spread = [round(float(row[present].std(unbiased=False)), 6) if bool(present.any()) else 0.0
                       for row in thresholds[: 1 if req.method == "cbt" else len(EARLY_EXITS)]]
             doc.update({
-                "alpha": alpha, "beta": req.beta, "fitted_on": dataset,
+                "alpha": alpha, "beta": beta, "fitted_on": dataset,
                 # sigma of the thresholds over the classes present in the calibration data (per exit for cbt-ns)
                 "spread": spread[0] if req.method == "cbt" else spread,
                 "statistics": {
@@ -181,11 +209,14 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
             doc["fitted_on"] = dataset
             # the mean cost (normalised to the plain network) on the fitting data, of the value found and of the
             # nearest value tried above it, which misses the budget (null when every value tried met it)
+            # (--search-over both: of alpha at the beta chosen; "candidates" holds every beta of the grid)
             doc["budget"] = {"target": fitted.budget, "cost": round(fitted.cost, 6),
-                             "searched": "threshold" if req.method == "adp-c" else "alpha",
+                             "searched": "threshold" if req.method == "adp-c" else req.search_over,
                              "over": fitted.over,
                              "over_cost": None if fitted.over_cost is None else round(fitted.over_cost, 6),
                              "evaluations": fitted.evaluations}
+            if req.method != "adp-c":
+                doc["budget"].update({"miou": round(searched.miou, 6), "candidates": searched.candidates})
     doc["thresholds"] = [[float(v) for v in row] for row in thresholds.tolist()]
     prov = Provenance(kind=KIND, checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
                       exits=list(EARLY_EXITS), dataset=dataset, args=run.args)
@@ -210,17 +241,24 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
 
 def _budget_costs(model: SegmentationNet, ckpt: Checkpoint, ds: Dataset, preprocess: Preprocess, batch_size: int,
                   device: torch.device) -> Any:
-    """The mean cost of thresholds on ``ds`` (normalised to the plain network), by the masked inference that
-    `evaluate` runs: its exit decisions read features that inactive positions keep, so they are not those of
-    the dense exits, and each candidate is run."""
-    model.eval().to(device)
-    batches = [x for x, _ in _batches(ds, preprocess, batch_size, device)]  # decoded once for every candidate
-    dense = plain_macs(model, ckpt.spec.input_shape) * len(ds)
+    """The mean cost of thresholds on ``ds`` (normalised to the plain network) and their mIoU there, by the masked
+    inference that `evaluate` runs: its exit decisions read features that inactive positions keep, so they are not
+    those of the dense exits, and each candidate is run."""
+    from eetool.segmentation.metrics import confusion, mean_iou
 
-    def cost_of(thresholds: torch.Tensor) -> float:
-        # float32, as `evaluate` reads them back from the YAML
-        t = thresholds.float()
-        return sum(early_exit_forward(model, x, t).macs for x in batches) / dense
+    model.eval().to(device)
+    batches = list(_batches(ds, preprocess, batch_size, device))  # decoded once for every candidate
+    dense = plain_macs(model, ckpt.spec.input_shape) * len(ds)
+    k = model.num_classes
+
+    def cost_of(thresholds: torch.Tensor) -> tuple[float, float]:
+        t = thresholds.float()  # float32, as `evaluate` reads them back from the YAML
+        macs, matrix = 0, torch.zeros(k, k, dtype=torch.int64)
+        for x, masks in batches:
+            result = early_exit_forward(model, x, t)
+            macs += result.macs
+            matrix += confusion(result.logits.max(1).indices.cpu(), masks, k)
+        return macs / dense, mean_iou(matrix)
 
     return cost_of
 
@@ -230,28 +268,97 @@ def _floor_hint(model: SegmentationNet, ckpt: Checkpoint) -> str:
     return f"no thresholds cost less than {floor:.4f} (every pixel leaving at {EXIT_NAMES[0]})"
 
 
+# --search-over both: the betas tried, each with the largest alpha below it that meets the budget
+BETA_GRID = (0.99, 0.995, 0.998, 0.999, 0.9995)
+
+
+@dataclass(frozen=True)
+class CbtBudgetFit:
+    """The (alpha, beta) a budget search chose, the bisection that found the searched one, the mIoU on the fitting
+    data, and for --search-over both every beta of the grid with its alpha, cost and mIoU."""
+
+    alpha: float
+    beta: float
+    fit: BudgetFit
+    miou: float
+    candidates: list[dict[str, Any]]
+
+
 def _fit_cbt_budget(run: Run, req: ThresholdRequest, model: SegmentationNet, ckpt: Checkpoint, ds: Dataset,
-                    preprocess: Preprocess, device: torch.device, stats: ClassStats) -> BudgetFit:
-    assert req.budget is not None
+                    preprocess: Preprocess, device: torch.device, stats: ClassStats) -> CbtBudgetFit:
+    """--budget for cbt and cbt-ns. alpha: the largest alpha below --beta that meets the budget; beta: the largest
+    beta above --alpha (beta = alpha is every class at alpha, ADP-C's limit); both: for each beta of BETA_GRID the
+    largest alpha, then the pair with the highest mIoU on the fitting data (the cheaper on a tie). Raising alpha
+    or beta raises every threshold, so the cost rises with either and a bisection finds it."""
+    budget = req.budget
+    assert budget is not None
     cost_of = _budget_costs(model, ckpt, ds, preprocess, req.batch_size, device)
     fit = cbt if req.method == "cbt" else cbt_ns
+    early = len(EARLY_EXITS)
+    costs: dict[tuple[float, float], float] = {}
+    mious: dict[tuple[float, float], float] = {}
 
-    def unmet(cost: float) -> UsageError:
-        return UsageError(f"--budget {req.budget:g} cannot be met with --beta {req.beta:g}: even --alpha 0 costs "
-                          f"{cost:.4f}", f"raise the budget or lower --beta; {_floor_hint(model, ckpt)}")
+    def cost_at(alpha: float, beta: float) -> float:
+        bar.advance()
+        thresholds = adp_c(alpha, early, model.num_classes) if beta == alpha else fit(stats, alpha, beta, early)[0]
+        costs[alpha, beta], mious[alpha, beta] = cost_of(thresholds)
+        return costs[alpha, beta]
 
-    with run.reporter.bar(budget_evaluations(0.0, req.beta), f"alpha for budget {req.budget:g}") as bar:
-        def cost_at(alpha: float) -> float:
-            bar.advance()
-            return cost_of(fit(stats, alpha, req.beta, len(EARLY_EXITS))[0])
+    floor = _floor_hint(model, ckpt)
+    if req.search_over == "beta":
+        def unmet_beta(cost: float) -> UsageError:
+            return UsageError(f"--budget {budget:g} cannot be met with --alpha {req.alpha:g}: even every class at "
+                              f"alpha costs {cost:.4f}", f"raise the budget or lower --alpha; {floor}")
 
-        found = fit_budget(cost_at, req.budget, 0.0, req.beta, unmet)
-    run.reporter.log(f"alpha {found.value:.6f} costs {found.cost:.4f} for budget {req.budget:g} "
-                     f"({found.evaluations} evaluations)")
+        with run.reporter.bar(budget_evaluations(req.alpha, 1.0), f"beta for budget {budget:g}") as bar:
+            found = fit_budget(lambda b: cost_at(req.alpha, b), budget, req.alpha, 1.0, unmet_beta)
+        if found.value == req.alpha:  # only the limit beta = alpha met it: no CBT thresholds do
+            raise unmet_beta(found.over_cost if found.over_cost is not None else found.cost)
+        chosen = CbtBudgetFit(req.alpha, found.value, found, mious[req.alpha, found.value], [])
+        run.reporter.log(f"beta {found.value:.6f} costs {found.cost:.4f} for budget {budget:g} "
+                         f"({found.evaluations} evaluations)")
+        if found.over is None:
+            run.reporter.warn(f"--budget {budget:g} does not bind: beta {found.value:.6f}, the largest tried below 1, "
+                              f"costs {found.cost:.4f}")
+        return chosen
+
+    betas = BETA_GRID if req.search_over == "both" else (req.beta,)
+    candidates: list[CbtBudgetFit] = []
+    unmet: list[float] = []  # the betas at which even alpha 0 misses the budget
+    total = sum(budget_evaluations(0.0, b) for b in betas)
+    with run.reporter.bar(total, f"alpha for budget {budget:g}") as bar:
+        for beta in betas:
+            def unmet_alpha(cost: float, beta: float = beta) -> UsageError:
+                return UsageError(f"--budget {budget:g} cannot be met with --beta {beta:g}: even --alpha 0 costs "
+                                  f"{cost:.4f}", f"raise the budget or lower --beta; {floor}")
+
+            def cost_at_alpha(alpha: float, beta: float = beta) -> float:
+                return cost_at(alpha, beta)
+
+            try:
+                found = fit_budget(cost_at_alpha, budget, 0.0, beta, unmet_alpha)
+            except UsageError:
+                if req.search_over == "alpha":
+                    raise
+                unmet.append(beta)
+                continue
+            candidates.append(CbtBudgetFit(found.value, beta, found, mious[found.value, beta], []))
+    if not candidates:
+        raise UsageError(f"--budget {budget:g} cannot be met at any beta of {', '.join(map(str, betas))}: even "
+                         f"--alpha 0 costs {min(costs[0.0, b] for b in betas):.4f}", f"raise the budget; {floor}")
+    best = max(candidates, key=lambda c: (c.miou, -c.fit.cost))
+    found = best.fit
+    run.reporter.log(f"alpha {best.alpha:.6f}, beta {best.beta:g} cost {found.cost:.4f} for budget {budget:g} "
+                     f"(mIoU {best.miou:.4f} on the fitting data; {found.evaluations} evaluations)")
     if found.over is None:
-        run.reporter.warn(f"--budget {req.budget:g} does not bind: alpha {found.value:.6f}, the largest tried "
-                          f"below --beta {req.beta:g}, costs {found.cost:.4f}; raise --beta to spend more of it")
-    return found
+        run.reporter.warn(f"--budget {budget:g} does not bind: alpha {best.alpha:.6f}, the largest tried below "
+                          f"--beta {best.beta:g}, costs {found.cost:.4f}; raise --beta to spend more of it")
+    table: list[dict[str, Any]] = []
+    if req.search_over == "both":
+        table = [*({"beta": c.beta, "alpha": c.alpha, "cost": round(c.fit.cost, 6), "miou": round(c.miou, 6)}
+                   for c in candidates),
+                 *({"beta": b, "alpha": None, "cost": round(costs[0.0, b], 6), "miou": None} for b in unmet)]
+    return CbtBudgetFit(best.alpha, best.beta, found, best.miou, table)
 
 
 def _fit_adp_c_budget(run: Run, req: ThresholdRequest, model: SegmentationNet, ckpt: Checkpoint, ds: Dataset,
@@ -266,7 +373,7 @@ def _fit_adp_c_budget(run: Run, req: ThresholdRequest, model: SegmentationNet, c
     with run.reporter.bar(budget_evaluations(0.0, 1.0), f"threshold for budget {req.budget:g}") as bar:
         def cost_at(threshold: float) -> float:
             bar.advance()
-            return cost_of(adp_c(threshold, len(EARLY_EXITS), model.num_classes))
+            return float(cost_of(adp_c(threshold, len(EARLY_EXITS), model.num_classes))[0])
 
         # threshold 0 sends every pixel out at the first exit: the floor; 1 keeps every pixel to the end
         found = fit_budget(cost_at, req.budget, 0.0, 1.0, unmet)
@@ -315,6 +422,9 @@ class SegmentationRun:
     seconds: float
     exit_pixels: torch.Tensor | None = None  # pixels leaving at each exit
     macs: int = 0
+    # anytime: per exit, the confusion of the class map had inference stopped there, and the MACs spent up to it
+    exit_confusions: list[torch.Tensor] = field(default_factory=list)
+    exit_macs: list[int] = field(default_factory=list)
     executed_macs: int | None = None  # torchvision networks: what ran (macs is the analytic masked cost)
 
 
@@ -368,7 +478,9 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
     def plain_run(batches: list[tuple[torch.Tensor, torch.Tensor]] = batches) -> SegmentationRun:
         matrix = torch.zeros(k, k, dtype=torch.int64)
         start = time.perf_counter()
-        predictions = [model(x).argmax(1) for x, _ in batches]
+        # max's indices, not argmax: the same first largest class, and on CPU argmax over the classes of a
+        # B x K x H x W map is several times slower than the network's last stages
+        predictions = [model(x).max(1).indices for x, _ in batches]
         seconds = time.perf_counter() - start
         for p, (_, masks) in zip(predictions, batches, strict=True):
             matrix += confusion(p.cpu(), masks, k)
@@ -382,12 +494,17 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
         results = [early_exit_forward(model, x, thresholds) for x, _ in batches]
         seconds = time.perf_counter() - start
         macs, executed = 0, 0
+        exit_matrices = [torch.zeros(k, k, dtype=torch.int64) for _ in EXIT_NAMES]
+        exit_macs = [0] * len(EXIT_NAMES)
         for r, (_, masks) in zip(results, batches, strict=True):
             matrix += confusion(r.logits.argmax(1).cpu(), masks, k)
             exits += torch.bincount(r.exit_index.flatten().long().cpu(), minlength=len(EXIT_NAMES))
             macs += r.macs
             executed += r.executed_macs or 0
-        return SegmentationRun(matrix, seconds, exits, macs,
+            for n, prediction in enumerate(r.exit_predictions):
+                exit_matrices[n] += confusion(prediction.cpu(), masks, k)
+                exit_macs[n] += r.exit_macs[n]
+        return SegmentationRun(matrix, seconds, exits, macs, exit_matrices, exit_macs,
                                None if isinstance(model, EESegNet) else executed)
 
     runs = [plain_run, *([early_run] if thresholds is not None else [])]
@@ -426,6 +543,11 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
         p = point(name, early, early.macs / len(ds), timing[1])
         p["exit_shares"] = {e: round(int(c) / int(early.exit_pixels.sum()), 6)
                             for e, c in zip(EXIT_NAMES, early.exit_pixels.tolist(), strict=True)}
+        # ADP-C's anytime view (the thesis's Tables III and IV): stopping after each exit, the class map so far
+        # (pixels that left keep their exit's class, the others take this exit's) and the cost spent up to it
+        p["anytime"] = {e: {"miou": round(mean_iou(m), 6), "cost": round(c / len(ds) / dense, 6),
+                            "gflops": round(2 * c / len(ds) / 1e9, 6)}
+                        for e, m, c in zip(EXIT_NAMES, early.exit_confusions, early.exit_macs, strict=True)}
         p["thresholds"] = req.thresholds
         if early.executed_macs is not None:
             p["executed_cost"] = round(early.executed_macs / len(ds) / dense, 6)
@@ -457,9 +579,13 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
                                 f"{q['throughput']:.1f}", f"{q['speedup']:.2f}x",
                                 *((q["exit_shares"][e] for e in EXIT_NAMES) if "exit_shares" in q
                                   else ("",) * len(EXIT_NAMES))] for q in d["points"]])
+        anytime = [q for q in d["points"] if "anytime" in q]
+        stops = "".join("\n\n" + format_table([f"{q['name']}: stop after", "mIoU", "cost", "GFLOPs"],
+                                                [[e, a["miou"], a["cost"], a["gflops"]]
+                                                 for e, a in q["anytime"].items()]) for q in anytime)
         names = list(d["per_class_iou"])
         per = format_table(["class IoU", *names], [[c, *(d["per_class_iou"][n][c] for n in names)] for c in classes])
-        return f"{head}\n\n{points}\n\n{per}"
+        return f"{head}\n\n{points}{stops}\n\n{per}"
 
     run.emit(doc, text)
 

@@ -87,12 +87,15 @@ class EESegNet(nn.Module):
 
     def forward_exits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every exit at the input's size, the network's own (final) last."""
-        size = x.shape[-2:]
+        return [upsample(logits, x.shape[-2:]) for logits in self.grid_exits(x)]
+
+    def grid_exits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every exit on the half-resolution grid, before upsampling, the final exit's last."""
         h = self.stem(x)
         out = []
         for stage, head in zip(self.stages, self.heads, strict=True):
             h = stage(h)
-            out.append(upsample(head(h), size))
+            out.append(head(h))
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,6 +184,11 @@ class EarlyExitResult:
     exit_index: torch.Tensor  # B x H x W (uint8): that exit, 0..len(exits)-1
     macs: int  # multiply-adds actually computed for the batch
     active_positions: list[int]  # grid positions computed by each stage (the stem's are all of them)
+    # ADP-C's anytime predictions: per exit, the B x H x W class map had inference stopped there (pixels that
+    # left before keep their exit's class, the others take this exit's), and the multiply-adds spent up to and
+    # including that exit's head
+    exit_predictions: list[torch.Tensor]
+    exit_macs: list[int]
     executed_macs: int | None = None  # torchvision networks: what ran (``macs`` is then the analytic masked cost)
 
 
@@ -257,7 +265,9 @@ def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torc
     exit_index = torch.full((batch, height, width), last, dtype=torch.uint8, device=x.device)
     pixels = torch.ones(batch, height, width, dtype=torch.bool, device=x.device)
     active = torch.ones(batch, gh, gw, dtype=torch.bool, device=x.device)
-    computed = []
+    computed: list[int] = []
+    exit_predictions: list[torch.Tensor] = []
+    exit_macs: list[int] = []
     for n in range(len(DILATIONS)):
         stage, head = cast(nn.Sequential, model.stages[n]), cast(Head, model.heads[n])
         computed.append(int(active.sum()))
@@ -268,17 +278,22 @@ def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torc
         grid_logits[index] = _head_rows(head, grid[index])
         macs += index[0].numel() * costs.head
         up = upsample(grid_logits.permute(0, 3, 1, 2), (height, width))
+        exit_macs.append(int(macs))
         if n == last:
             logits = torch.where(pixels[:, None], up, logits)
+            exit_predictions.append(logits.max(1).indices)
             break
         top, prediction = up.max(1)
+        exit_predictions.append(prediction if n == 0 else torch.where(pixels, prediction, exit_predictions[-1]))
         confidence = 1 / (up - top[:, None]).exp().sum(1)  # the largest softmax probability
         leave = pixels & (confidence > thresholds[n].to(confidence.device)[prediction])
         logits = torch.where(leave[:, None], up, logits)
         exit_index[leave] = n
         pixels &= ~leave
         active = F.max_pool2d(pixels[:, None].float(), 2, 2, ceil_mode=True)[:, 0] > 0
-        if not bool(active.any()):
+        if not bool(active.any()):  # every pixel has left: later exits compute nothing and change nothing
             computed.extend([0] * (last - n))
+            exit_predictions.extend([exit_predictions[-1]] * (last - n))
+            exit_macs.extend([int(macs)] * (last - n))
             break
-    return EarlyExitResult(logits, exit_index, int(macs), computed)
+    return EarlyExitResult(logits, exit_index, int(macs), computed, exit_predictions, exit_macs)

@@ -45,17 +45,19 @@ class ClassStats:
     def update(self, probabilities: list[torch.Tensor], masks: torch.Tensor) -> None:
         """Add a batch: one B x K x H x W softmax per exit, and the B x H x W ground truth (IGNORE left out).
 
-        A batch's sums are one matrix product per exit, of the pixels' one-hot ground truth and their
-        probabilities in the probabilities' own layout and precision (no copy of them), added to the float64
-        totals: rounding stays that of one batch's sum, however many batches are streamed."""
+        A batch's sums are one matrix product per exit, of the pixels' one-hot ground truth (made once for all
+        exits) and their probabilities in the probabilities' own layout and precision (no copy of them), added to
+        the float64 totals: rounding stays that of one batch's sum, however many batches are streamed."""
         k = self.counts.shape[0]
         batch = masks.shape[0]
         labelled = (masks != IGNORE).reshape(batch, 1, -1)
         truth = masks.reshape(batch, 1, -1).long().clamp_min(0)
         self.counts += torch.bincount(truth[labelled].cpu(), minlength=k)
+        first = probabilities[0]
+        one_hot = torch.zeros(batch, k, truth.shape[-1], dtype=first.dtype, device=first.device)
+        one_hot.scatter_(1, truth.to(first.device), labelled.to(one_hot))
         for n, probs in enumerate(probabilities):
             flat = probs.reshape(batch, k, -1)
-            one_hot = torch.zeros_like(flat).scatter_(1, truth.to(flat.device), labelled.to(flat))
             self.sums[n] += torch.bmm(one_hot, flat.transpose(1, 2)).sum(0).to(torch.float64).cpu()
 
     @property

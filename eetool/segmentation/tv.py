@@ -219,6 +219,10 @@ def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: to
     saved: dict[str, torch.Tensor] = {}
     analytic, executed = 0.0, 0
     computed = []
+    # ADP-C's anytime view, as eeseg's: per exit, the class map had inference stopped there and the MACs spent
+    anytime = torch.zeros(batch, height, width, dtype=torch.long, device=x.device)
+    exit_predictions: list[torch.Tensor] = []
+    exit_macs: list[int] = []
     h = x
     for n in range(last):
         active = pixels[rows]
@@ -229,6 +233,9 @@ def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: to
         analytic += share * (costs.stages[n] + costs.heads[n])
         executed += rows.numel() * (costs.stages[n] + costs.heads[n])
         confidence, prediction = up.softmax(1).max(1)
+        anytime[rows] = torch.where(active, prediction, anytime[rows])
+        exit_predictions.append(anytime.clone())
+        exit_macs.append(round(analytic))
         leave = active & (confidence > thresholds[n].to(x.device)[prediction])
         logits[rows] = torch.where(leave[:, None], up, logits[rows])
         exit_index[rows] = torch.where(leave, torch.tensor(n, dtype=torch.uint8, device=x.device), exit_index[rows])
@@ -237,6 +244,8 @@ def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: to
         rows, h, saved = rows[keep], h[keep], {k: v[keep] for k, v in saved.items()}
         if rows.numel() == 0:
             computed.extend([0] * (last - n))
+            exit_predictions.extend([anytime] * (last - n))
+            exit_macs.extend([round(analytic)] * (last - n))
             break
     else:
         active = pixels[rows]
@@ -247,4 +256,8 @@ def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: to
         analytic += float(active.flatten(1).float().mean(1).sum()) * costs.stages[last]
         executed += rows.numel() * costs.stages[last]
         logits[rows] = torch.where(active[:, None], final, logits[rows])
-    return EarlyExitResult(logits, exit_index, round(analytic), computed, executed_macs=executed)
+        anytime[rows] = torch.where(active, final.max(1).indices, anytime[rows])
+        exit_predictions.append(anytime)
+        exit_macs.append(round(analytic))
+    return EarlyExitResult(logits, exit_index, round(analytic), computed, exit_predictions, exit_macs,
+                           executed_macs=executed)
