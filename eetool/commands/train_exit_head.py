@@ -193,4 +193,5 @@ def _check_folder_output(folder: str, *, force: bool, model: str) -> None:
         raise OutputError(f"--model-output {folder} already exists", "pass --force to replace it, or choose another "
                           "name")
     if not path.parent.is_dir():
-        raise OutputError(f"folder {path.parent} of --model-output {folder} does not exist", "create it first (mkdir -p)")
+        raise OutputError(f"folder {path.parent} of --model-output {folder} does not exist",
+                          "create it first (mkdir -p)")

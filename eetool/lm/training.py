@@ -112,7 +112,7 @@ class ExitLM:
                 p.requires_grad_(False)
             untied = torch.nn.Parameter(lm.lm_head.detach().clone())
             model.get_output_embeddings().weight = untied  # type: ignore[operator, union-attr]
-            model.config.tie_word_embeddings = False
+            model.config.tie_word_embeddings = False  # type: ignore[union-attr]
         else:
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -245,19 +245,21 @@ def score(model: ExitLM, held_out: torch.Tensor | CachedStates, *, batch_size: i
 def train_exit_lm(model: ExitLM, train: torch.Tensor, held_out: torch.Tensor, settings: TrainSettings, *,
                   device: torch.device | None = None, cache: bool | None = None, resume_path: str | None = None,
                   resume: bool = False, identity: dict[str, Any] | None = None, reporter: Reporter | None = None,
-                  on_point: Callable[[CurvePoint], None] | None = None) -> TrainResult:
+                  on_point: Callable[[CurvePoint], None] | None = None,
+                  cached: tuple[CachedStates, CachedStates] | None = None) -> TrainResult:
     """Train ``model`` in place for ``settings.steps`` steps on the ``train`` contexts (N x C token ids), scoring
     both heads on ``held_out`` at step 0, every ``eval_every`` steps and at the end. ``cache`` (default: under
     freezing) computes the states once; False recomputes the trunk every step (the benchmark's baseline). With
     ``resume_path`` the state is saved atomically at every point; ``identity`` (the starting head, the text ...)
-    must match on resume. ``on_point`` hears each point after its state is saved."""
+    must match on resume. ``on_point`` hears each point after its state is saved. ``cached`` gives the states of
+    ``train`` and ``held_out`` already computed (by ``cache_states`` for the same trunk), to share between runs."""
     import torch
 
     settings.validate()
     reporter = reporter or Reporter()
     device = device or torch.device("cpu")
     cache = settings.freeze if cache is None else cache
-    if cache and not settings.freeze:
+    if (cache or cached is not None) and not settings.freeze:
         raise UsageError("cached states need a frozen trunk", "train with --freeze, or without the cache")
     model.lm.model.to(device)
     for p in (model.exit_weight, model.exit_bias):
@@ -275,7 +277,9 @@ def train_exit_lm(model: ExitLM, train: torch.Tensor, held_out: torch.Tensor, se
     with ExitStack() as stack:
         train_states: CachedStates | None = None
         eval_source: torch.Tensor | CachedStates = held_out
-        if cache:
+        if cached is not None:
+            train_states, eval_source = cached
+        elif cache:
             start = time.perf_counter()
             (train_states, eval_states), on_disk = cache_states(model, [train, held_out],
                                                                 batch_size=settings.batch_size,
@@ -324,8 +328,8 @@ def train_exit_lm(model: ExitLM, train: torch.Tensor, held_out: torch.Tensor, se
                         _save_state(resume_path, expected, done, model, opt, result)
                     _announce(point, reporter, on_point)
                     t0 = time.perf_counter()
-    last = result.curve[-1]
-    result.seconds_per_step = last.seconds / last.step if last.step else 0.0
+    end = result.curve[-1]
+    result.seconds_per_step = end.seconds / end.step if end.step else 0.0
     return result
 
 
@@ -381,7 +385,7 @@ def save_model_folder(lm: LanguageModel, folder: str) -> None:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=parent)
     old = None
     try:
-        lm.model.save_pretrained(tmp)
+        lm.model.save_pretrained(tmp)  # type: ignore[operator]
         lm.tokenizer.save_pretrained(tmp)
         with deferred():
             if os.path.exists(target):
