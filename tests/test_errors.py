@@ -454,6 +454,8 @@ CASES = [
          says="--model-output"),
     Case("lm-train-model-output-is-the-model", [*LM_TRAIN, "-t", LM_TEXT, "--model-output", "{inp}/tiny-lm"],
          OUTPUT, says="is the input model"),
+    Case("lm-train-one-context", [*LM_TRAIN, "-t", LM_TEXT, "--max-tokens", "32"], BAD_INPUT,
+         says="one context"),
     Case("lm-train-resume-without-state", [*LM_TRAIN, "-t", LM_TEXT, "--resume"], BAD_INPUT,
          says="no resumable state"),
     # prune-weights

@@ -107,6 +107,9 @@ def command(
         held_out = load_corpus(eval_text, lm.tokenizer, context=context, max_tokens=max_tokens)
         held_contexts, held_name = held_out.contexts, held_out.fingerprint
     else:
+        if len(corpus.contexts) < 2:
+            raise InputError(f"the text makes one context of {context} tokens, none left to train on after one is "
+                             "held out for scoring", "give more text, or held-out text with --eval-text")
         train_contexts, held_contexts = split_held_out(corpus.contexts)
         held_name = f"{corpus.fingerprint} (every 10th context)"
     source_sha = lm.sha256
