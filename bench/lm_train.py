@@ -131,9 +131,26 @@ def speed(lm: object, head: ExitHead, train_contexts: torch.Tensor, held: torch.
                                  freeze=True, eval_every=args.speed_steps)
         result = train_exit_lm(model, train_contexts, held, settings, cache=cached is not None, cached=cached)
         out[f"seconds_per_step_{label}"] = round(result.seconds_per_step, 3)
+        out[f"cpu_seconds_per_step_{label}"] = round(result.cpu_seconds_per_step, 3)
     out["speed_up"] = round(out["seconds_per_step_recomputed"] / out["seconds_per_step_cached"], 2)
+    out["speed_up_cpu"] = round(out["cpu_seconds_per_step_recomputed"] / out["cpu_seconds_per_step_cached"], 2)
     log(f"speed: {out}")
     return out
+
+
+def speed_only(args: argparse.Namespace) -> dict[str, object]:
+    """Only the timing of freezing steps, cached against recomputed, with the first --heads head."""
+    lm = load_language_model(args.model, log)
+    train_files, held_files = plays(args.texts, args.held_out)
+    train_contexts = load_corpus(train_files, lm.tokenizer, max_tokens=args.train_tokens).contexts
+    held = load_corpus(held_files, lm.tokenizer, max_tokens=args.context_tokens_for_speed).contexts
+    head, _ = ExitHead.load(str(Path(args.heads_dir) / f"{args.heads.split(',')[0]}.safetensors"))
+    with ExitStack() as stack:
+        caches, _ = cache_states(ExitLM(lm, head, True), [train_contexts, held], batch_size=args.batch_size,
+                                 limit_mb=8192, device=torch.device("cpu"), stack=stack)
+        result = speed(lm, head, train_contexts, held, args, (caches[0], caches[1]))
+    return {"train_tokens": int(train_contexts.numel()), "batch_size": args.batch_size, "steps": args.speed_steps,
+            "threads": args.threads, **result}
 
 
 def plot(args: argparse.Namespace) -> dict[str, object]:
@@ -163,7 +180,7 @@ def plot(args: argparse.Namespace) -> dict[str, object]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["heads", "train", "plot"])
+    parser.add_argument("what", choices=["heads", "train", "speed", "plot"])
     parser.add_argument("--model", default="demo-lm")
     parser.add_argument("--texts", help="folder of the plays (*_gut.txt)")
     parser.add_argument("--runs", help="plot: the JSON documents of train runs, comma-separated")
@@ -186,7 +203,8 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    doc = {"heads": make_heads, "train": train, "plot": plot}[args.what](args)
+    args.context_tokens_for_speed = 128
+    doc = {"heads": make_heads, "train": train, "speed": speed_only, "plot": plot}[args.what](args)
     print(json.dumps(doc, indent=1))
     return 0
 

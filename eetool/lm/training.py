@@ -70,6 +70,8 @@ class TrainResult:
     cache_mb: float = 0.0
     cache_on_disk: bool = False
     seconds_per_step: float = 0.0
+    cpu_seconds_per_step: float = 0.0  # this process's CPU time (all threads) of the steps this run made: a
+    # measure of the work that other jobs on a shared machine do not inflate as they inflate wall time
 
 
 def batch_indices(step: int, batch_size: int, count: int, seed: int) -> torch.Tensor:
@@ -295,7 +297,8 @@ def train_exit_lm(model: ExitLM, train: torch.Tensor, held_out: torch.Tensor, se
             _announce(result.curve[-1], reporter, on_point)
         losses: list[float] = []
         trained = result.curve[-1].seconds if result.curve else 0.0
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        cpu = 0.0
         with reporter.bar(settings.steps - first, "training") as bar:
             for step in range(first, settings.steps):
                 idx = batch_indices(step, settings.batch_size, train.shape[0], settings.seed)
@@ -320,6 +323,7 @@ def train_exit_lm(model: ExitLM, train: torch.Tensor, held_out: torch.Tensor, se
                 done = step + 1
                 if done % settings.eval_every == 0 or done == settings.steps:
                     trained += time.perf_counter() - t0
+                    cpu += time.process_time() - cpu0
                     exit_acc, final_acc = score(model, eval_source, batch_size=settings.batch_size, device=device)
                     point = CurvePoint(done, exit_acc, final_acc, sum(losses) / len(losses), trained)
                     losses = []
@@ -327,9 +331,10 @@ def train_exit_lm(model: ExitLM, train: torch.Tensor, held_out: torch.Tensor, se
                     if resume_path:
                         _save_state(resume_path, expected, done, model, opt, result)
                     _announce(point, reporter, on_point)
-                    t0 = time.perf_counter()
+                    t0, cpu0 = time.perf_counter(), time.process_time()
     end = result.curve[-1]
     result.seconds_per_step = end.seconds / end.step if end.step else 0.0
+    result.cpu_seconds_per_step = cpu / (settings.steps - first) if settings.steps > first else 0.0
     return result
 
 
