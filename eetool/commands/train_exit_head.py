@@ -149,7 +149,7 @@ def command(
         "seconds_per_step": round(result.seconds_per_step, 4), "cache_mb": round(result.cache_mb, 1),
         "cache_on_disk": result.cache_on_disk, "cache_seconds": round(result.cache_seconds, 2), "curve": curve,
     }
-    title = (f"{lm.source}: exit after block {start_head.layer} ({doc['init']}), "
+    title = (f"{Path(lm.source).name}: exit after block {start_head.layer} ({doc['init']}), "
              f"{'freezing' if freeze else 'no freezing'}")
     with output_set(files) as temps:  # the head, the report and the plot appear together, or none
         written = dict(zip(files, temps, strict=True))
