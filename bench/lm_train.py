@@ -163,7 +163,9 @@ def plot(args: argparse.Namespace) -> dict[str, object]:
     fig, axes = plt.subplots(1, len(docs), figsize=(5 * len(docs), 3.6), dpi=150, squeeze=False)
     for ax, doc in zip(axes[0], docs, strict=True):
         for name, run in doc["runs"].items():
-            ax.plot([p["step"] for p in run["curve"]], [p["exit"] for p in run["curve"]], "o-", label=name)
+            colour = f"C{HEADS.index(name)}" if name in HEADS else None  # one colour per head in both panels
+            ax.plot([p["step"] for p in run["curve"]], [p["exit"] for p in run["curve"]], "o-", label=name,
+                    color=colour)
         first = next(iter(doc["runs"].values()))["curve"]
         ax.plot([p["step"] for p in first], [p["final"] for p in first], "k.--", label="final head")
         ax.set_title(f"{'freezing' if doc['freeze'] else 'no freezing'}, lr {doc['lr']}, batch {doc['batch_size']}",
