@@ -42,6 +42,7 @@ KINDS: dict[str, tuple[int, str]] = {
     "weight-pruning": (1, "eetool prune-weights"),
     "lm-exit-head": (1, "eetool init-exit-head"),
     "lm-evaluation": (1, "eetool evaluate-lm"),
+    "lm-training": (1, "eetool train-exit-head --report"),
 }
 
 STDOUT = "-"

@@ -191,13 +191,16 @@ def command_args(tiny_checkpoint: str, tiny_data: str, class_means: Path, tmp_pa
                           "--finetune-samples", "16", "--no-augment", "-o", str(tmp_path / "pruned.safetensors")],
         "init-exit-head": ["-m", lm, "-t", LM_TEXT, "--context", "32", "-o", str(tmp_path / "head.safetensors")],
         "evaluate-lm": ["-m", lm, "-t", LM_TEXT, "--context", "32", "--head", head],
+        "train-exit-head": ["-m", lm, "-t", LM_TEXT, "--context", "32", "--head", head, "--steps", "2",
+                            "-o", str(tmp_path / "trained.safetensors")],
     }
 
 
 # The kind in each command's JSON schema, where it is not the command's name.
 SCHEMA_KINDS = {"evaluate": "evaluation", "calibrate-means": "class-means", "fit-thresholds": "thresholds",
                 "train-exits": "exit-heads", "prune-dataset": "indices", "import": "checkpoint",
-                "prune-weights": "weight-pruning", "init-exit-head": "lm-exit-head", "evaluate-lm": "lm-evaluation"}
+                "prune-weights": "weight-pruning", "init-exit-head": "lm-exit-head", "evaluate-lm": "lm-evaluation",
+                "train-exit-head": "lm-training"}
 
 
 def test_the_table_below_covers_every_command(command_args: dict[str, list[str]]) -> None:
@@ -206,7 +209,7 @@ def test_the_table_below_covers_every_command(command_args: dict[str, list[str]]
 
 @pytest.mark.parametrize("command", ["archs", "env", "inspect", "import", "evaluate", "calibrate-means",
                                      "fit-thresholds", "train-exits", "prune-dataset", "prune-weights",
-                                     "init-exit-head", "evaluate-lm"])
+                                     "init-exit-head", "evaluate-lm", "train-exit-head"])
 def test_common_options_after_the_subcommand(command: str, command_args: dict[str, list[str]]) -> None:
     result = invoke(command, *command_args[command], "-q", "-v", "--format", "json", "--no-progress", "--seed", "3",
                     "--device", "cpu", "--threads", "1", "--debug")

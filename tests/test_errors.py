@@ -355,6 +355,8 @@ CBT = ["fit-thresholds", "--method", "cbt", "-c", "{inp}/seg.safetensors", "-d",
 LM_TEXT = str(Path(__file__).parent / "data" / "hamlet-act1.txt")
 LM_MODEL = ["init-exit-head", "-m", "{inp}/tiny-lm", "-o", "{out}/head.safetensors", "--context", "32"]
 LM_INIT = [*LM_MODEL, "-t", LM_TEXT]
+LM_TRAIN = ["train-exit-head", "-m", "{inp}/tiny-lm", "--context", "32", "-o", "{out}/trained.safetensors",
+            "--head", "{inp}/lm-head.safetensors", "--steps", "2"]
 LM_EVAL = ["evaluate-lm", "-m", "{inp}/tiny-lm", "-t", LM_TEXT, "--context", "32"]
 
 
@@ -460,6 +462,23 @@ CASES = [
                                                 "32"], BAD_INPUT, says="at least 2 contexts"),
     Case("lm-plot-without-a-curve", [*LM_EVAL, "--head", "{inp}/lm-head.safetensors", "--plot", "{out}/c.png"],
          USAGE, says="no curve"),
+    # train-exit-head
+    Case("lm-train-zero-steps", [*LM_TRAIN, "-t", LM_TEXT, "--steps", "0"], USAGE, says="--steps 0"),
+    Case("lm-train-empty-text", [*LM_TRAIN, "-t", "{inp}/empty.txt"], BAD_INPUT, says="fewer than 32 tokens"),
+    Case("lm-train-head-of-another-model", [*LM_TRAIN[:3], "-t", LM_TEXT, "--context", "32", "-o",
+                                            "{out}/trained.safetensors", "--head", "{inp}/other-lm-head.safetensors"],
+         PROVENANCE, says="made for model"),
+    Case("lm-train-head-of-another-kind", [*LM_TRAIN[:3], "-t", LM_TEXT, "--context", "32", "-o",
+                                           "{out}/trained.safetensors", "--head", "{inp}/means.safetensors"],
+         PROVENANCE, says="not lm-exit-head"),
+    Case("lm-train-no-freeze-without-model-output", [*LM_TRAIN, "-t", LM_TEXT, "--no-freeze"], USAGE,
+         says="--model-output"),
+    Case("lm-train-model-output-is-the-model", [*LM_TRAIN, "-t", LM_TEXT, "--model-output", "{inp}/tiny-lm"],
+         OUTPUT, says="is the input model"),
+    Case("lm-train-one-context", [*LM_TRAIN, "-t", LM_TEXT, "--max-tokens", "32"], BAD_INPUT,
+         says="one context"),
+    Case("lm-train-resume-without-state", [*LM_TRAIN, "-t", LM_TEXT, "--resume"], BAD_INPUT,
+         says="no resumable state"),
     # prune-weights
     Case("prune-weights-amount-one", [*PRUNE_WEIGHTS, "--amount", "1"], USAGE, says="--amount"),
     Case("prune-weights-amount-zero", [*PRUNE_WEIGHTS, "--amount", "0"], USAGE, says="--amount"),

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "prune-weights": "prune_weights",
     "init-exit-head": "init_exit_head",
     "evaluate-lm": "evaluate_lm",
+    "train-exit-head": "train_exit_head",
     "archs": "archs",
     "env": "env",
 }
