@@ -103,19 +103,23 @@ def exact_pools(x: torch.Tensor, size: int, plan: AvgPlan | None) -> tuple[torch
     """Adaptive max and average pooling of N x C x H x W ``x`` to ``size`` x ``size``, equal bit for bit to
     ``F.adaptive_max_pool2d`` and ``F.adaptive_avg_pool2d`` on the NCHW tensor, from faster kernels.
 
-    A maximum is the same in any order, so the channels-last kernel gives the same values. The NCHW average
+    A maximum is the same in any order, so the channels-last kernels give the same values: the plain max pooling
+    over the sum pooling's windows where there is one (its padding never wins), else the adaptive one. The NCHW average
     kernel adds each window's elements in row-major order in float and divides by the window's height, then
     by its width; a sum pooling (``divisor_override=1``) over the same windows adds in the same order, so
     dividing its sums the same way gives the same values, and where a window's height or width is a power
     of two (an exact division) one division by their product is the same too (bar sums so close to zero that
     the quotient is subnormal). Where neither holds (``plan`` is None), the NCHW average kernel runs."""
     channels_last = x.contiguous(memory_format=torch.channels_last)
-    pooled_max = F.adaptive_max_pool2d(channels_last, size)
-    if plan is None:
-        return pooled_max, F.adaptive_avg_pool2d(x, size)
-    if plan.sum_pool is None:
+    if plan is None or plan.sum_pool is None:
+        pooled_max = F.adaptive_max_pool2d(channels_last, size)
+        if plan is None:
+            return pooled_max, F.adaptive_avg_pool2d(x, size)
         return pooled_max, F.adaptive_avg_pool2d(channels_last, size)
     kernel, stride, padding = plan.sum_pool
+    # The plain max pooling over the same windows (its padding is never the maximum) is about ten times faster
+    # than the adaptive one on the 28 x 28 maps.
+    pooled_max = F.max_pool2d(channels_last, kernel, stride, padding)
     sums = F.avg_pool2d(channels_last, kernel, stride, padding, divisor_override=1)
     return pooled_max, sums / plan.rows.to(x.device) / plan.cols.to(x.device)
 

@@ -299,6 +299,10 @@ def test_exact_pools_equal_the_adaptive_nchw_kernels_bit_for_bit(shape: tuple[in
         pooled_max, pooled_avg = exact_pools(x, 4, plan)
         assert torch.equal(pooled_max, F.adaptive_max_pool2d(x, 4))
         assert torch.equal(pooled_avg, F.adaptive_avg_pool2d(x, 4))
+    x[0, 0, 0, 0], x[-1, -1, -1, -1] = float("nan"), float("-inf")  # a NaN spreads to its windows, as adaptively
+    pooled_max, pooled_avg = exact_pools(x, 4, plan)
+    torch.testing.assert_close(pooled_max, F.adaptive_max_pool2d(x, 4), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(pooled_avg, F.adaptive_avg_pool2d(x, 4), rtol=0, atol=0, equal_nan=True)
 
 
 def test_avg_plan_uses_the_faster_kernels_on_the_demo_exits() -> None:
