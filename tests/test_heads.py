@@ -327,3 +327,25 @@ def test_mixed_pool_is_the_same_with_and_without_autograd() -> None:
     with torch.no_grad():
         fast = pool(x)
     assert torch.equal(fast, pool(x).detach())
+
+
+def test_mixed_pool_inference_follows_a_changed_mix() -> None:
+    """alpha is kept between inference calls: an in-place change (an optimiser step, loading weights) and a new
+    tensor put in its place must both be seen."""
+    torch.manual_seed(0)
+    pool = MixedPool(4)
+    x = torch.randn(2, 3, 14, 14)
+
+    def both_paths_agree() -> None:
+        with torch.inference_mode():
+            fast = pool(x)
+        assert torch.equal(fast, pool(x).detach())
+
+    both_paths_agree()
+    with torch.no_grad():
+        pool.mix.fill_(2.0)
+    both_paths_agree()
+    pool.load_state_dict({"mix": torch.tensor([-1.5])})
+    both_paths_agree()
+    pool.mix.data = torch.tensor([0.25])
+    both_paths_agree()
