@@ -131,8 +131,8 @@ def exact_pools(x: torch.Tensor, size: int, plan: AvgPlan | None) -> tuple[torch
             return pooled_max, F.adaptive_avg_pool2d(x, size)
         return pooled_max, F.adaptive_avg_pool2d(channels_last, size)
     kernel, stride, padding = plan.sum_pool
-    # The plain max pooling over the same windows (its padding is never the maximum) is about ten times faster
-    # than the adaptive one on the 28 x 28 maps.
+    # The plain max pooling over the same windows (its padding is never the maximum) is faster than the adaptive
+    # one: 2.8-3.6 against 3.7-10 ms per 256 x 16 x 28 x 28 batch on one thread of a loaded machine.
     pooled_max = F.max_pool2d(channels_last, kernel, stride, padding)
     sums = F.avg_pool2d(channels_last, kernel, stride, padding, divisor_override=1)
     return pooled_max, sums / plan.rows.to(x.device) / plan.cols.to(x.device)
