@@ -2,7 +2,7 @@
 
     python bench/exit_speed.py                    # both thread settings' view: default threads
     python bench/exit_speed.py --threads 1        # one thread: less noise where other work shares the cores
-    python bench/exit_speed.py --profile          # also: where an early-exit batch spends its time, per exit
+    python bench/exit_speed.py --profile          # instead: where an early-exit batch spends its time, per exit
 
 On the shipped checkpoint and the demo set: class means (calibrate-means on the training split), SDN
 heads trained for one epoch (train-exits, backbone frozen) and thresholds at budgets from 0.15 to 0.9
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from eetool.checkpoint import load_checkpoint
+from eetool.costs import measure
 from eetool.datasets import Dataset, Preprocess, load_dataset
 from eetool.e2cm import ClassMeans
 from eetool.exits import ExitModel, build_exit_model
@@ -127,32 +128,96 @@ def profile(em: ExitModel, data: Dataset, pre: Preprocess, decide: Decision, bat
     return parts
 
 
-def print_profile(em: ExitModel, test: Dataset, pre: Preprocess, cm: ClassMeans, paths: dict[str, Path],
-                  methods: list[str], repeats: int = 3) -> None:
-    """Milliseconds per part at the budget-0.5 point, best of ``repeats`` passes (noise only adds time), as a
-    Markdown table: the model's stages and head, then each method's decisions and compactions per exit."""
-    budget = BUDGETS.index(0.5)
+def print_profile(em: ExitModel, model: torch.nn.Module, test: Dataset, pre: Preprocess, cm: ClassMeans,
+                  paths: dict[str, Path], methods: list[str], budgets: list[float], repeats: int = 3) -> None:
+    input_shape: tuple[int, int, int] = pre.input_shape  # type: ignore[assignment]
+    """Milliseconds per part at each of ``budgets``, best of ``repeats`` passes (noise only adds time), as Markdown
+    tables: the model's stages and head, then each method's decisions and compactions per exit. Below each table,
+    the plain model's pass and the ceiling of speed-up x cost were decisions and compaction free (the plain pass
+    over the stages' time in the early-exit pass, times the cost): what the backbone alone allows."""
     print(f"threads {torch.get_num_threads()}, load {Path('/proc/loadavg').read_text().split()[0]}")
+    print_stage_shares(em, test, pre, input_shape, repeats)
+    for budget in budgets:
+        for batch_size, data in ((256, test), (1, test.subset(torch.arange(200)))):
+            plain = min(_plain_pass(model, data, pre, batch_size) for _ in range(repeats + 1))
+            found: dict[str, dict[str, float]] = {}
+            costs: dict[str, float] = {}
+            for method in methods:
+                rule = method_rule(method, cm, paths["heads"])
+                decide = Thresholded(rule, _read_thresholds(paths[method])[BUDGETS.index(budget)])
+                profile(em, data, pre, decide, batch_size)  # warm-up
+                parts = [profile(em, data, pre, decide, batch_size) for _ in range(repeats)]
+                found[method] = {k: min(p.get(k, 0.0) for p in parts) * 1e3 for k in parts[0]}
+                exits = evaluate_exits(em, data, pre, decide, batch_size=batch_size).exit_index
+                cost_model = (cm.cost_model() if method == "e2cm"  # type: ignore[arg-type]
+                              else cost_models(rule, em, input_shape)[0])  # type: ignore[arg-type]
+                costs[method] = cost_model.average(torch.bincount(exits, minlength=len(em.exits) + 1))
+            print(f"\nbatch {batch_size}, {len(data)} samples, budget {budget}: ms over the pass (stage / decision / "
+                  f"compaction per exit), load {Path('/proc/loadavg').read_text().split()[0]}\n")
+            print("| part | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods))
+            parts_in_order = sorted({k for f in found.values() for k in f}, key=_part_order)
+            for part in parts_in_order:
+                print(f"| {part} | " + " | ".join(f"{found[m].get(part, 0.0):.1f}" for m in methods) + " |")
+            for kind in ("stage", "decide", "compact"):
+                shares = []
+                for m in methods:
+                    total = sum(found[m].values())
+                    mine = sum(v for k, v in found[m].items()
+                               if k.startswith(kind) or (kind == "stage" and k == "head"))
+                    shares.append(f"{mine / total:.0%}")
+                print(f"| {kind} share | " + " | ".join(shares) + " |")
+            print("| cost | " + " | ".join(f"{costs[m]:.3f}" for m in methods) + " |")
+            print("| speed-up x cost (this pass) | " + " | ".join(
+                f"{plain * 1e3 / sum(found[m].values()) * costs[m]:.2f}" for m in methods) + " |")
+            print("| ceiling: stages only | " + " | ".join(
+                f"{plain * 1e3 / _stage_ms(found[m]) * costs[m]:.2f}" for m in methods) + " |")
+            print(f"\nplain model: {plain * 1e3:.1f} ms")
+
+
+def print_stage_shares(em: ExitModel, test: Dataset, pre: Preprocess, input_shape: tuple[int, int, int],
+                       repeats: int) -> None:
+    """Each stage's share of the plain model's wall time (best of ``repeats`` + 2 passes per stage, batch 256 and 1)
+    beside its share of the MACs, cumulated to each exit: the MACs cost over the wall-time cost of leaving
+    there is the most speed-up x cost a sample leaving there can give, with decisions and compaction free."""
+    assert em.stages is not None
+    macs = measure(em, input_shape).stage_macs
+    shares = {}
     for batch_size, data in ((256, test), (1, test.subset(torch.arange(200)))):
-        found: dict[str, dict[str, float]] = {}
-        for method in methods:
-            decide = Thresholded(method_rule(method, cm, paths["heads"]), _read_thresholds(paths[method])[budget])
-            profile(em, data, pre, decide, batch_size)  # warm-up
-            parts = [profile(em, data, pre, decide, batch_size) for _ in range(repeats)]
-            found[method] = {k: min(p.get(k, 0.0) for p in parts) * 1e3 for k in parts[0]}
-        print(f"\nbatch {batch_size}, {len(data)} samples, budget 0.5: ms over the pass (stage / decision / "
-              "compaction per exit)\n")
-        print("| part | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods))
-        parts_in_order = sorted({k for f in found.values() for k in f}, key=_part_order)
-        for part in parts_in_order:
-            print(f"| {part} | " + " | ".join(f"{found[m].get(part, 0.0):.1f}" for m in methods) + " |")
-        for kind in ("stage", "decide", "compact"):
-            shares = []
-            for m in methods:
-                total = sum(found[m].values())
-                mine = sum(v for k, v in found[m].items() if k.startswith(kind) or (kind == "stage" and k == "head"))
-                shares.append(f"{mine / total:.0%}")
-            print(f"| {kind} share | " + " | ".join(shares) + " |")
+        best = [float("inf")] * len(em.stages)
+        with torch.inference_mode():
+            for _ in range(repeats + 2):
+                seconds = [0.0] * len(em.stages)
+                for images, _, _ in data.batches(batch_size):
+                    h = pre(images)
+                    for j, stage in enumerate(em.stages):
+                        start = time.perf_counter()
+                        h = stage(h)
+                        seconds[j] += time.perf_counter() - start
+                best = [min(b, s) for b, s in zip(best, seconds, strict=True)]
+        shares[batch_size] = [b / sum(best) for b in best]
+    print(f"\nstage shares of the plain model, load {Path('/proc/loadavg').read_text().split()[0]}: MACs, wall time "
+          "at batch 256 and 1; cumulated to the exit after the stage, and MACs / wall there\n")
+    print("| stage | MACs | wall b256 | wall b1 | to exit: MACs | wall b256 | wall b1 | MACs / wall b256 | b1 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    total = sum(macs)
+    cum = [0.0, 0.0, 0.0]
+    for j, name in enumerate([*em.exits, "head"]):
+        row = [macs[j] / total, shares[256][j], shares[1][j]]
+        cum = [c + r for c, r in zip(cum, row, strict=True)]
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in row + cum)
+              + f" | {cum[0] / cum[1]:.2f} | {cum[0] / cum[2]:.2f} |")
+
+
+def _plain_pass(model: torch.nn.Module, data: Dataset, pre: Preprocess, batch_size: int) -> float:
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for images, _, _ in data.batches(batch_size):
+            model(pre(images)).argmax(1)
+        return time.perf_counter() - start
+
+
+def _stage_ms(parts: dict[str, float]) -> float:
+    return sum(v for k, v in parts.items() if k.startswith("stage") or k in ("head", "preprocess"))
 
 
 def _part_order(part: str) -> tuple[int, int]:
@@ -172,7 +237,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="256,1", help="256, 1 or both")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--profile", action="store_true",
-                    help="instead: per exit, the time of the stage, the decision and the compaction (budget 0.5)")
+                    help="instead: per exit, the time of the stage, the decision and the compaction")
+    ap.add_argument("--profile-budgets", default="0.15,0.25,0.5", help="the budgets --profile looks at")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -188,7 +254,8 @@ def main() -> None:
                                   "loadavg_start": Path("/proc/loadavg").read_text().split()[:3], "points": []}
     print(f"threads {torch.get_num_threads()}, load {' '.join(results['loadavg_start'])}", file=sys.stderr)  # type: ignore[arg-type]
     if args.profile:
-        print_profile(em, test, pre, cm, paths, args.methods.split(","))
+        print_profile(em, ck.model, test, pre, cm, paths, args.methods.split(","),
+                      [float(b) for b in args.profile_budgets.split(",")])
         return
     rows = []
     for method in args.methods.split(","):

@@ -34,18 +34,48 @@ class ExitRun:
     seconds: float
 
 
+@dataclass
+class ExitBatch:
+    """A batch on its way through the stages: what the samples that left got, and the samples still in it."""
+
+    predictions: torch.Tensor  # int64, per sample of the batch
+    exit_index: torch.Tensor  # int64, per sample; len(exits) until the sample leaves
+    remaining: torch.Tensor  # positions in the batch of the samples still in it
+    h: torch.Tensor  # their features
+
+    @classmethod
+    def start(cls, x: torch.Tensor, n_exits: int) -> ExitBatch:
+        n = x.shape[0]
+        return cls(torch.empty(n, dtype=torch.int64, device=x.device),
+                   torch.full((n,), n_exits, dtype=torch.int64, device=x.device), torch.arange(n, device=x.device), x)
+
+    def take_leavers(self, j: int, leave: torch.Tensor, pred: torch.Tensor) -> bool:
+        """Records the samples that ``leave`` at exit j with their ``pred`` and compacts the batch to the others,
+        so that exited samples stop costing compute; True when none remain.
+
+        The leave mask becomes positions once (``nonzero``), which every gather and scatter then uses: a boolean
+        mask would be turned into positions again by each indexing operation."""
+        if not bool(leave.any()):  # cheaper than ``nonzero`` where nothing leaves, as at batch 1 mostly
+            return False
+        left = leave.nonzero().squeeze(1)
+        gone = self.remaining.index_select(0, left)
+        self.predictions.index_copy_(0, gone, pred.index_select(0, left))
+        self.exit_index.index_fill_(0, gone, j)
+        if left.numel() == self.h.shape[0]:
+            return True
+        stay = (~leave).nonzero().squeeze(1)
+        self.remaining, self.h = self.remaining.index_select(0, stay), self.h.index_select(0, stay)
+        return False
+
+
 @torch.inference_mode()
 def run_early_exit(exit_model: ExitModel, x: torch.Tensor, decide: Decision) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predictions and exit indices for one batch.
-
-    Each exit's leave mask becomes positions once (``nonzero``), which every gather and scatter of that exit
-    then uses: a boolean mask would be turned into positions again by each indexing operation."""
-    n = x.shape[0]
+    """Predictions and exit indices for one batch."""
     n_exits = len(exit_model.exits)
-    predictions = torch.empty(n, dtype=torch.int64, device=x.device)
-    exit_index = torch.full((n,), n_exits, dtype=torch.int64, device=x.device)
-    remaining = torch.arange(n, device=x.device)
     if exit_model.stages is None:  # hook mode: everything is computed, decisions are applied in order
+        predictions = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+        exit_index = torch.full((x.shape[0],), n_exits, dtype=torch.int64, device=x.device)
+        remaining = torch.arange(x.shape[0], device=x.device)
         feats, logits = exit_model.features(x)
         for j, f in enumerate(feats):
             leave, pred = decide(j, f[remaining])
@@ -54,22 +84,13 @@ def run_early_exit(exit_model: ExitModel, x: torch.Tensor, decide: Decision) -> 
             remaining = remaining[~leave]
         predictions[remaining] = logits[remaining].argmax(1)
         return predictions, exit_index
-    h = x
+    batch = ExitBatch.start(x, n_exits)
     for j, stage in enumerate(exit_model.stages[:-1]):
-        h = stage(h)
-        leave, pred = decide(j, h)
-        if bool(leave.any()):  # cheaper than ``nonzero`` where nothing leaves, as at batch 1 mostly
-            left = leave.nonzero().squeeze(1)
-            gone = remaining.index_select(0, left)
-            predictions.index_copy_(0, gone, pred.index_select(0, left))
-            exit_index.index_fill_(0, gone, j)
-            if left.numel() == h.shape[0]:
-                return predictions, exit_index
-            stay = (~leave).nonzero().squeeze(1)
-            # compaction: exited samples stop costing compute
-            remaining, h = remaining.index_select(0, stay), h.index_select(0, stay)
-    predictions.index_copy_(0, remaining, exit_model.stages[-1](h).argmax(1))
-    return predictions, exit_index
+        batch.h = stage(batch.h)
+        if batch.take_leavers(j, *decide(j, batch.h)):
+            return batch.predictions, batch.exit_index
+    batch.predictions.index_copy_(0, batch.remaining, exit_model.stages[-1](batch.h).argmax(1))
+    return batch.predictions, batch.exit_index
 
 
 def evaluate_exits(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, decide: Decision, *,

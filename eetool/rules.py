@@ -19,7 +19,7 @@ import torch
 from eetool.choices import COMBINES, EXIT_METHODS
 from eetool.costs import EFFECTIVE, CostModel, effective_stage_macs, is_pruned, measure
 from eetool.datasets import Dataset, Preprocess
-from eetool.e2cm import ClassMeans, MeansRule, decide, distance_macs, distances
+from eetool.e2cm import ClassMeans, MeansRule, distance_macs, distances
 from eetool.errors import UsageError
 from eetool.exits import ExitModel
 from eetool.heads import ExitHeads
@@ -58,7 +58,7 @@ class HeadsRule:
             conf, pred = p.max(1)
         if self.method == "e2cm+sdn":
             assert normalised is not None
-            e2cm_conf, _ = decide(normalised, torch.ones_like(normalised[0]))
+            e2cm_conf, _ = torch.softmax(-normalised, dim=-1).max(-1)  # decide() with normaliser 1: the same values
             conf = torch.minimum(conf, e2cm_conf) if self.combine == "and" else torch.maximum(conf, e2cm_conf)
         return conf, pred
 

@@ -299,6 +299,10 @@ def test_exact_pools_equal_the_adaptive_nchw_kernels_bit_for_bit(shape: tuple[in
         pooled_max, pooled_avg = exact_pools(x, 4, plan)
         assert torch.equal(pooled_max, F.adaptive_max_pool2d(x, 4))
         assert torch.equal(pooled_avg, F.adaptive_avg_pool2d(x, 4))
+    x[0, 0, 0, 0], x[-1, -1, -1, -1] = float("nan"), float("-inf")  # a NaN spreads to its windows, as adaptively
+    pooled_max, pooled_avg = exact_pools(x, 4, plan)
+    torch.testing.assert_close(pooled_max, F.adaptive_max_pool2d(x, 4), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(pooled_avg, F.adaptive_avg_pool2d(x, 4), rtol=0, atol=0, equal_nan=True)
 
 
 def test_avg_plan_uses_the_faster_kernels_on_the_demo_exits() -> None:
@@ -323,3 +327,25 @@ def test_mixed_pool_is_the_same_with_and_without_autograd() -> None:
     with torch.no_grad():
         fast = pool(x)
     assert torch.equal(fast, pool(x).detach())
+
+
+def test_mixed_pool_inference_follows_a_changed_mix() -> None:
+    """alpha is kept between inference calls: an in-place change (an optimiser step, loading weights) and a new
+    tensor put in its place must both be seen."""
+    torch.manual_seed(0)
+    pool = MixedPool(4)
+    x = torch.randn(2, 3, 14, 14)
+
+    def both_paths_agree() -> None:
+        with torch.inference_mode():
+            fast = pool(x)
+        assert torch.equal(fast, pool(x).detach())
+
+    both_paths_agree()
+    with torch.no_grad():
+        pool.mix.fill_(2.0)
+    both_paths_agree()
+    pool.load_state_dict({"mix": torch.tensor([-1.5])})
+    both_paths_agree()
+    pool.mix.data = torch.tensor([0.25])
+    both_paths_agree()

@@ -34,6 +34,12 @@ def test_wall_costs_add_up_stages_and_the_decisions_passed() -> None:
     assert wall.normalised_exit_costs() == [1.5 / 4, 3.75 / 4, 4.75 / 4]
 
 
+def test_wall_costs_add_the_compaction_after_each_decision_passed() -> None:
+    wall = WallCosts([1.0, 2.0, 1.0], [0.5, 0.25], batch_size=8, threads=1, batches=1, repeats=1,
+                     compaction_seconds=[0.25, 0.5])
+    assert wall.normalised_exit_costs() == [1.75 / 4, 4.5 / 4, 5.5 / 4]
+
+
 def test_measured_costs_are_positive_cumulative_and_the_plain_model_is_one(tiny_checkpoint: str, tiny_data: str,
                                                                           heads_and_means: tuple[Path, Path]) -> None:
     ckpt = load_checkpoint(tiny_checkpoint)
@@ -44,14 +50,15 @@ def test_measured_costs_are_positive_cumulative_and_the_plain_model_is_one(tiny_
     pre = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
     wall = measure_wall_costs(em, rule.scores, data, pre, batch_size=32, batches=2, repeats=3)
     j = len(em.exits)
-    assert len(wall.stage_seconds) == j + 1 and len(wall.decision_seconds) == j
-    assert all(s > 0 for s in wall.stage_seconds + wall.decision_seconds)
+    assert len(wall.stage_seconds) == j + 1 and len(wall.decision_seconds) == len(wall.compaction_seconds) == j
+    assert all(s > 0 for s in wall.stage_seconds + wall.decision_seconds + wall.compaction_seconds)
     assert (wall.batch_size, wall.batches, wall.threads) == (32, 2, torch.get_num_threads())
     costs = wall.normalised_exit_costs()
     assert all(a < b for a, b in zip(costs, costs[1:], strict=False))
     assert costs[0] > 0
-    # the head pays the whole plain model (1) plus every decision
-    assert costs[-1] == pytest.approx(1 + sum(wall.decision_seconds) / wall.plain_seconds, rel=1e-9)
+    # the head pays the whole plain model (1) plus every decision and compaction
+    overheads = sum(wall.decision_seconds) + sum(wall.compaction_seconds)
+    assert costs[-1] == pytest.approx(1 + overheads / wall.plain_seconds, rel=1e-9)
     assert costs[-1] > 1
 
 
