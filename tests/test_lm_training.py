@@ -182,9 +182,10 @@ def test_train_exit_head_cli_writes_a_head_evaluate_lm_scores_as_the_curve_says(
     new_head, prov = ExitHead.load(str(trained))
     assert new_head.info["trained"]["steps"] == 4 and new_head.info["trained"]["freeze"] is True
     assert prov.inputs["lm-exit-head"] == doc["start_head_sha256"]
-    # The model folder holds the trained final head; evaluate-lm scores both heads as the last point says.
+    # The model folder holds the trained final head; evaluate-lm scores both heads as the last point says
+    # (at temperature 1, so that it scores every context, as the curve does).
     scored = runner.invoke(app, ["evaluate-lm", "-m", str(model_out), "-t", MACBETH, "--context", "32", "--head",
-                                 str(trained), "--format", "json"])
+                                 str(trained), "--temperature", "1", "--format", "json"])
     assert scored.exit_code == 0, scored.stderr
     rows = {r["head"]: r for r in json.loads(scored.stdout)["heads"]}
     last = doc["curve"][-1]
