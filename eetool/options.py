@@ -82,7 +82,9 @@ INPUT = "Inputs"
 CheckpointOpt = Annotated[str, typer.Option("--checkpoint", "-c", help="Checkpoint file (.safetensors/.pt) or 'demo'.",
                                             rich_help_panel=INPUT)]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Dataset NAME[:PATH]: mnist, fashion-mnist, kmnist, "
-                                      "cifar10, cifar100, folder:PATH, safetensors:FILE or demo.",
+                                      "cifar10, cifar100, folder:PATH, safetensors:FILE or demo; for segmentation "
+                                      "fashion-mnist-scenes, brain-atlas, segmentation:FILE or "
+                                      "segmentation-folder:PATH.",
                                       rich_help_panel=INPUT, autocompletion=complete_data)]
 SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split: train or test.", rich_help_panel=INPUT,
                                        autocompletion=prefix_completer(SPLITS))]
