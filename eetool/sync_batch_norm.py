@@ -12,14 +12,31 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from eetool.distributed import PeerFailed
+
+
+class _AllSum(torch.autograd.Function):
+    """The sum over the ranks, whose gradient is the sum over the ranks of the gradients (each rank's loss
+    depends on every rank's input through the sum)."""
+
+    @staticmethod
+    def forward(ctx: Any, local: torch.Tensor) -> torch.Tensor:
+        total = local.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -41,10 +58,10 @@ class SyncBatchNorm(_BatchNorm):
         local = torch.cat([wide.new_full((1,), input.numel() // max(channels, 1)),
                            wide.sum(dims), (wide * wide).sum(dims)])
         try:
-            total = all_reduce(local)
+            total = _AllSum.apply(local)
         except RuntimeError:  # a peer that has gone, as eetool.distributed reports it
             raise PeerFailed() from None
-        count = total[0]
+        count = total[0].detach()
         if float(count) <= 1:  # every rank sees the same count, so every rank refuses, as nn.BatchNorm2d does
             raise ValueError(f"expected more than 1 value per channel when training, got {int(count)} in all")
         mean = total[1:channels + 1] / count
