@@ -55,7 +55,7 @@ class SyncBatchNorm(_BatchNorm):
         channels = input.shape[1]
         dims = [0, *range(2, input.dim())]
         wide = input.to(torch.float64)
-        local = torch.cat([wide.new_full((1,), input.numel() // max(channels, 1)),
+        local = torch.cat([wide.new_full((1,), input.numel() // channels),
                            wide.sum(dims), (wide * wide).sum(dims)])
         try:
             total = _AllSum.apply(local)
