@@ -172,8 +172,8 @@ def share(n: int, world: World) -> slice:
 
 
 def broadcast_from_main(tensors: list[torch.Tensor], world: World) -> None:
-    """Rank 0's values of ``tensors`` on every rank, in place (batch norm's running statistics, which
-    each rank updates from its own share)."""
+    """Rank 0's values of ``tensors`` on every rank, in place (batch norm's running statistics, so that
+    every rank scores and saves the same bits whatever its own float rounding)."""
     if not world.distributed:
         return
     import torch.distributed as dist

@@ -242,8 +242,8 @@ def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfi
     whole batch from the same seeded generator, as one process does, and takes its contiguous share of each
     batch; each rank's loss is weighted by its share of the batch, so the gradient DDP averages is the one
     process's gradient of the whole batch (up to the order of float sums). Batch norm in train mode
-    normalises over each rank's share (DDP's own behaviour, not SyncBatchNorm, which does not run on CPU),
-    and the running statistics are rank 0's. Rank 0 alone writes the resumable state.
+    normalises over the whole batch (eetool.sync_batch_norm, on CPU as on GPU), so that it too is the one
+    process's; its running statistics are rank 0's. Rank 0 alone writes the resumable state.
     """
     cfg.validate()
     cfg.check_world(world)
@@ -362,20 +362,24 @@ def _within_budget(order: list[torch.Tensor], left: int) -> list[torch.Tensor]:
 @contextmanager
 def _distributed(model: nn.Module, trained: list[nn.Parameter], device: torch.device,
                  world: World) -> Iterator[nn.Module]:
-    """``model`` under DistributedDataParallel in a world of several processes (``model`` itself in one).
-    Parameters that are not trained stop requiring gradients meanwhile, since DDP expects a gradient for
-    every parameter that requires one (a frozen backbone runs without)."""
+    """``model`` under DistributedDataParallel in a world of several processes (``model`` itself in one), its
+    batch norm synchronised over the processes meanwhile. Parameters that are not trained stop requiring
+    gradients meanwhile, since DDP expects a gradient for every parameter that requires one (a frozen backbone
+    runs without)."""
     if not world.distributed:
         yield model
         return
     from torch.nn.parallel import DistributedDataParallel
+
+    from eetool.sync_batch_norm import synchronised_batch_norm
 
     ids = {id(p) for p in trained}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     for p in frozen:
         p.requires_grad_(False)
     try:
-        yield DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        with synchronised_batch_norm(model):
+            yield DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     finally:
         for p in frozen:
             p.requires_grad_(True)

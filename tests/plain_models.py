@@ -1,6 +1,7 @@
 """A model without batch norm, for the torchrun training tests: under DistributedDataParallel its training is
-the single-process training with the same global batch (batch norm in train mode normalises over each
-process's share instead)."""
+the single-process training with the same global batch to float rounding, at any learning rate (an untrained
+ResNet on random pixels amplifies rounding at larger rates, one process against itself on another thread
+count included)."""
 
 from __future__ import annotations
 

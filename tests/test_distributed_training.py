@@ -61,7 +61,8 @@ def test_mixup_under_torchrun_is_refused(rank: str, monkeypatch: pytest.MonkeyPa
 def test_train_resumed_under_torchrun_equals_one_process(tmp_path: Path, tiny_data: str) -> None:
     """Epoch 1 of 2 in one process, interrupted once its state is saved; epoch 2 resumed under torchrun. Batches
     of 15 from 96 samples: shares of 8 and 7, and a last batch of 6 (3 and 3); augmentation on. The model has no
-    batch norm, so the DDP run is the one-process run (batch norm would normalise over each process's share)."""
+    batch norm, so the DDP run is the one-process run to float rounding at any rate (see the ResNet case of
+    the prune-dataset test for batch norm)."""
     import eetool.training as training_module
 
     flags = ("-d", tiny_data, "--arch", "tests.plain_models:convnet", "--arch-args", "{width: 4}", "--epochs", "2",
@@ -111,21 +112,31 @@ def test_train_exits_under_torchrun_equals_one_process(tmp_path: Path, tiny_chec
         assert abs(a["accuracy"] - b["accuracy"]) <= 1 / 64 + 1e-9
 
 
-def test_prune_dataset_under_torchrun_prunes_the_same_samples(tmp_path: Path, tiny_data: str) -> None:
-    """EEPrune's pruning phase under DDP on a model without batch norm: every rank's qualification records are
-    gathered after each epoch and the scoring pass's rows after training, and the pruned index lists are those
-    of one process. Batches of 15: uneven shares. (eeprune-soft, since few random-pixel samples qualify.)"""
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_prune_dataset_under_torchrun_prunes_the_same_samples(batch_norm: bool, tmp_path: Path, tiny_data: str,
+                                                               tiny_checkpoint: str) -> None:
+    """EEPrune's pruning phase under DDP: every rank's qualification records are gathered after each epoch and
+    the scoring pass's rows after training, and the pruned index lists are those of one process. On a model
+    without batch norm, and on the ResNet-20 with batch norm in train mode, synchronised over the processes.
+    Batches of 15: uneven shares. (eeprune-soft, since few random-pixel samples qualify.) The ResNet trains at
+    --lr 0.01: at 0.05 its training on random pixels amplifies float rounding so much that one process on 1 and
+    on 2 threads already prunes different samples (records 2e-2 apart); at 0.01 one process, another thread
+    count and two processes agree to 1e-6, while batch norm over each process's share alone is 7e-2 off."""
     from eetool.artifacts import Provenance, read_tensors
     from eetool.checkpoint import ModelSpec, save_checkpoint
 
-    arch = "tests.plain_models:convnet"
-    spec = ModelSpec(arch=arch, num_classes=10, input_shape=(1, 28, 28), mean=[0.5], std=[0.25],
-                     arch_args={"width": 4}, classes=[f"c{k}" for k in range(10)])
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "plain.safetensors"
-    save_checkpoint(str(checkpoint), spec.build(), spec, Provenance(kind="checkpoint"))
-    flags = ("prune-dataset", "-c", checkpoint, "--arch", arch, "-d", tiny_data, "--method", "eeprune-soft",
-             "--epochs", "2", "-b", "15", "--lr", "0.05", "--ratio", "0.3", "--format", "json")
+    checkpoint: Path | str = tiny_checkpoint
+    model_flags: tuple[str, ...] = ("--lr", "0.01")
+    if not batch_norm:
+        arch = "tests.plain_models:convnet"
+        spec = ModelSpec(arch=arch, num_classes=10, input_shape=(1, 28, 28), mean=[0.5], std=[0.25],
+                         arch_args={"width": 4}, classes=[f"c{k}" for k in range(10)])
+        torch.manual_seed(0)
+        checkpoint = tmp_path / "plain.safetensors"
+        save_checkpoint(str(checkpoint), spec.build(), spec, Provenance(kind="checkpoint"))
+        model_flags = ("--arch", arch, "--lr", "0.05")
+    flags = ("prune-dataset", "-c", checkpoint, *model_flags, "-d", tiny_data, "--method", "eeprune-soft",
+             "--epochs", "2", "-b", "15", "--ratio", "0.3", "--format", "json")
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     single_doc = json.loads(ok(invoke(*flags, "-o", one, "--threads", "1")).stdout)
     result = torchrun(*flags, "-o", two, cwd=tmp_path)
@@ -158,3 +169,4 @@ def test_calibrate_means_with_clusters_under_torchrun_equals_one_process(tmp_pat
     assert single.keys() == double.keys() and any("means" in key for key in single)
     for key in single:
         assert torch.equal(single[key], double[key]), key
+
