@@ -20,6 +20,15 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str) -> None:
+    """Lay the figure out, write it as PNG atomically, and free it."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
 def require_matplotlib() -> None:
     """Refuse --plot before any work when the plot extra is missing."""
     _pyplot()
@@ -46,11 +55,7 @@ def pruning_png(path: str, layers: list[dict[str, Any]], accuracy: dict[str, flo
     right.grid(alpha=0.3)
     right.legend(loc="lower right")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    _save(plt, fig, path)
 
 
 def accuracy_cost_png(path: str, points: list[dict[str, Any]], title: str) -> None:
@@ -68,11 +73,7 @@ def accuracy_cost_png(path: str, points: list[dict[str, Any]], title: str) -> No
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    _save(plt, fig, path)
 
 
 def lm_curves_png(path: str, curves: dict[str, list[dict[str, Any]]], final_accuracy: float, title: str) -> None:
@@ -89,8 +90,19 @@ def lm_curves_png(path: str, curves: dict[str, list[dict[str, Any]]], final_accu
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    _save(plt, fig, path)
+
+
+def lm_training_png(path: str, curve: list[dict[str, Any]], title: str) -> None:
+    """Next-token accuracy of the exit head and of the final head against training steps; written atomically."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=150)
+    steps = [p["step"] for p in curve]
+    ax.plot(steps, [p["exit_accuracy"] for p in curve], "o-", label="exit head")
+    ax.plot(steps, [p["final_accuracy"] for p in curve], "k.--", label="final head")
+    ax.set_xlabel("step")
+    ax.set_ylabel("next-token accuracy (held out)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    _save(plt, fig, path)

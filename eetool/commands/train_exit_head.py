@@ -87,7 +87,8 @@ def command(
     from eetool.lm.corpus import load_corpus, split_held_out
     from eetool.lm.head import ExitHead
     from eetool.lm.models import load_language_model, model_sha256
-    from eetool.lm.training import ExitLM, TrainSettings, curve_png, save_model_folder, train_exit_lm
+    from eetool.lm.training import ExitLM, TrainSettings, save_model_folder, train_exit_lm
+    from eetool.plotting import lm_training_png
 
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, seed=run.seed, freeze=freeze,
                              eval_every=eval_every, cache_mb=cache_mb)
@@ -160,7 +161,7 @@ def command(
                                                         dataset=corpus.fingerprint, args=prov.args,
                                                         inputs={"lm-exit-head": head_sha}))
         if plot:
-            curve_png(written[plot], curve, title)
+            lm_training_png(written[plot], curve, title)
         if model_output is not None:  # last: if it fails, the temp files go and no output appears
             save_model_folder(lm, model_output)
     Path(resume_path).unlink(missing_ok=True)

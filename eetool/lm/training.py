@@ -406,27 +406,3 @@ def save_model_folder(lm: LanguageModel, folder: str) -> None:
         for leftover in (tmp, old):
             if leftover and os.path.exists(leftover):
                 shutil.rmtree(leftover, ignore_errors=True)
-
-
-def curve_png(path: str, curve: list[dict[str, Any]], title: str) -> None:
-    """Next-token accuracy of the exit head and of the final head against steps; written atomically."""
-    import io
-
-    from eetool.artifacts import atomic_write
-    from eetool.plotting import _pyplot
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=150)
-    steps = [p["step"] for p in curve]
-    ax.plot(steps, [p["exit_accuracy"] for p in curve], "o-", label="exit head")
-    ax.plot(steps, [p["final_accuracy"] for p in curve], "k.--", label="final head")
-    ax.set_xlabel("step")
-    ax.set_ylabel("next-token accuracy (held out)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
