@@ -147,13 +147,18 @@ STEM_ARGS = ("stem_kernel", "stem_stride", "stem_pool")
 NEVER_DOWNLOAD = ("weights", "weights_backbone", "progress")
 
 
-def _build_torchvision(arch: str, num_classes: int, in_channels: int, arch_args: dict[str, Any]) -> nn.Module:
-    import torchvision
-
+def refuse_downloads(arch_args: dict[str, Any]) -> None:
+    """torchvision builders download weights when asked to; --arch-args never may ask."""
     for key in NEVER_DOWNLOAD:
         if key in arch_args:
             raise UsageError(f"--arch-args {key!r} is not taken: eetool never downloads weights",
                              "load the weights you have with --checkpoint")
+
+
+def _build_torchvision(arch: str, num_classes: int, in_channels: int, arch_args: dict[str, Any]) -> nn.Module:
+    import torchvision
+
+    refuse_downloads(arch_args)
     stem = {k: arch_args.pop(k) for k in STEM_ARGS if k in arch_args}
     try:
         model: nn.Module = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, **arch_args)

@@ -38,7 +38,7 @@ class TorchvisionSegNet(nn.Module):
         super().__init__()
         from torchvision.models import segmentation
 
-        from eetool.models import NEVER_DOWNLOAD, STEM_ARGS, _adapt_stem
+        from eetool.models import STEM_ARGS, _adapt_stem, refuse_downloads
 
         args = dict(arch_args)
         exits = args.pop("exits", False)
@@ -48,10 +48,7 @@ class TorchvisionSegNet(nn.Module):
         if not isinstance(head_width, int) or isinstance(head_width, bool) or not 1 <= head_width <= 1024:
             raise UsageError(f"--arch-args head_width must be a whole number from 1 to 1024, not {head_width!r}",
                              f"e.g. '{{head_width: {DEFAULT_HEAD_WIDTH}}}'")
-        for key in NEVER_DOWNLOAD:
-            if key in args:
-                raise UsageError(f"--arch-args {key!r} is not taken: eetool never downloads weights",
-                                 "load the weights you have with --checkpoint")
+        refuse_downloads(args)
         stem = {k: args.pop(k) for k in STEM_ARGS if k in args}
         try:
             net = getattr(segmentation, arch)(weights=None, weights_backbone=None, num_classes=num_classes, **args)
