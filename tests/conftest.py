@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -42,6 +43,22 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("data") / "tiny-data.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt", "classes": "\n".join(CLASSES)})
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny randomly initialised Llama-style model folder (tests/lm_helpers.py), made once per test module."""
+    from tests.lm_helpers import make_tiny_lm
+
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_lm_folder: Path) -> Any:
+    """The tiny model loaded as eetool loads a language model (shared by a module's tests: do not train it)."""
+    from eetool.lm.models import load_language_model
+
+    return load_language_model(str(tiny_lm_folder))
 
 
 @pytest.fixture()

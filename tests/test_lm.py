@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.lm_helpers import DATA, LAYERS, make_tiny_lm
+from tests.lm_helpers import DATA, LAYERS
 
 pytest.importorskip("transformers")
 
@@ -28,21 +28,11 @@ from eetool.lm.head import (  # noqa: E402
     log_prior,
     mixed,
 )
-from eetool.lm.models import LanguageModel, load_language_model  # noqa: E402
+from eetool.lm.models import LanguageModel  # noqa: E402
 from eetool.lm.stats import TokenStats, collect_stats, collect_variants  # noqa: E402
 
 runner = CliRunner()
 HAMLET, MACBETH = str(DATA / "hamlet-act1.txt"), str(DATA / "macbeth-act1.txt")
-
-
-@pytest.fixture(scope="module")
-def tiny_lm_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tiny_lm_folder: Path) -> LanguageModel:
-    return load_language_model(str(tiny_lm_folder))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.lm_helpers import DATA, make_tiny_lm
+from tests.lm_helpers import DATA
 
 pytest.importorskip("transformers")
 
@@ -21,23 +21,13 @@ from eetool.lm.corpus import load_corpus  # noqa: E402
 from eetool.lm.curve import curve, exit_stats, token_costs  # noqa: E402
 from eetool.lm.evaluate import Score, fit_temperatures  # noqa: E402
 from eetool.lm.head import ExitHead  # noqa: E402
-from eetool.lm.models import LanguageModel, load_language_model  # noqa: E402
+from eetool.lm.models import LanguageModel  # noqa: E402
 from eetool.lm.temperature import fit_temperature, mean_nll, split_for_temperature  # noqa: E402
 
 runner = CliRunner()
 HAMLET, MACBETH = str(DATA / "hamlet-act1.txt"), str(DATA / "macbeth-act1.txt")
 LAYER = 2  # of the tiny model's 4
 MARGIN = 1e-5  # of a confidence recomputed through transformers' hidden states, around a threshold
-
-
-@pytest.fixture(scope="module")
-def tiny_lm_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tiny_lm_folder: Path) -> LanguageModel:
-    return load_language_model(str(tiny_lm_folder))
 
 
 @pytest.fixture(scope="module")
