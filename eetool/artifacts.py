@@ -37,6 +37,7 @@ KINDS: dict[str, tuple[int, str]] = {
     "class-means": (1, "eetool calibrate-means"),
     "thresholds": (1, "eetool fit-thresholds"),
     "segmentation-thresholds": (1, "eetool fit-thresholds --method cbt|cbt-ns|adp-c"),
+    "segmentation-class-statistics": (1, "eetool calibrate-means -c SEGMENTATION_CHECKPOINT"),
     "exit-heads": (1, "eetool train-exits"),
     "masks": (1, "eetool prune-weights"),
     "weight-pruning": (1, "eetool prune-weights"),

@@ -127,6 +127,21 @@ def make_segmentation_inputs(d: Path) -> None:
     save_file({"images": images, "masks": masks[:, :, :15].contiguous()}, str(d / "seg-mask-size.safetensors"),
               metadata=meta)
     save_file({"images": images, "masks": masks * 9}, str(d / "seg-label-out.safetensors"), metadata=meta)
+    # CBT's class statistics (as `calibrate-means` writes them) for this checkpoint, for another one, and of
+    # another number of classes
+    from eetool.artifacts import sha256_file
+    from eetool.segmentation.model import EXIT_NAMES
+    from eetool.segmentation.statistics import KIND, save_statistics
+    from eetool.segmentation.thresholds import ClassStats
+
+    def statistics(name: str, classes: list[str], checkpoint_sha256: str) -> None:
+        stats = ClassStats.empty(len(EXIT_NAMES), len(classes))
+        save_statistics(str(d / name), stats, classes, Provenance(kind=KIND, checkpoint_sha256=checkpoint_sha256,
+                                                                  exits=list(EXIT_NAMES), dataset="seg-data"))
+
+    statistics("seg-stats.safetensors", ["bg", "a", "b"], sha256_file(d / "seg.safetensors"))
+    statistics("seg-stats-other-checkpoint.safetensors", ["bg", "a", "b"], "0" * 64)
+    statistics("seg-stats-two-classes.safetensors", ["bg", "a"], sha256_file(d / "seg.safetensors"))
 
 
 def make_hostile_checkpoints(d: Path, tiny_checkpoint: str) -> None:
@@ -352,6 +367,7 @@ EXITS = ["train-exits", "-c", "{ckpt}", "-d", "{data}"]
 SEG_DATA = "segmentation:{inp}/seg-data.safetensors"
 SEG_EVAL = ["evaluate", "-c", "{inp}/seg.safetensors", "-o", "{out}/result.yaml", "--repeats", "1"]
 CBT = ["fit-thresholds", "--method", "cbt", "-c", "{inp}/seg.safetensors", "-d", SEG_DATA, "-o", "{out}/t.yaml"]
+CBT_MEANS = [*CBT[:5], "-o", "{out}/t.yaml", "--means"]  # then the statistics file
 LM_TEXT = str(Path(__file__).parent / "data" / "hamlet-act1.txt")
 LM_MODEL = ["init-exit-head", "-m", "{inp}/tiny-lm", "-o", "{out}/head.safetensors", "--context", "32"]
 LM_INIT = [*LM_MODEL, "-t", LM_TEXT]
@@ -406,9 +422,29 @@ CASES = [
                                            "{inp}/heads.safetensors", "-c", "{inp}/seg.safetensors", "-d", "{data}",
                                            "--budget", "0.5", "-o", "{out}/t.yaml"], MISMATCH,
          says="is a segmentation network"),
-    Case("calibrate-means-on-a-segmentation-network", ["calibrate-means", "-c", "{inp}/seg.safetensors", "-d", SEG_DATA,
-                                                       "-o", "{out}/m.safetensors"], MISMATCH,
-         says="is a segmentation network"),
+    Case("calibrate-means-segmentation-on-classification-data", ["calibrate-means", "-c", "{inp}/seg.safetensors",
+                                                                 "-d", "{data}", "-o", "{out}/m.safetensors"],
+         MISMATCH, says="one label per image"),
+    Case("calibrate-means-segmentation-with-clusters", ["calibrate-means", "-c", "{inp}/seg.safetensors", "-d",
+                                                        SEG_DATA, "-o", "{out}/m.safetensors", "--clusters", "3"],
+         USAGE, says="--clusters apply to classifiers"),
+    Case("cbt-means-of-another-checkpoint", [*CBT_MEANS, "{inp}/seg-stats-other-checkpoint.safetensors"], PROVENANCE,
+         says="made from checkpoint 000000000000"),
+    Case("cbt-with-classification-means", [*CBT_MEANS, "{inp}/means.safetensors"], PROVENANCE,
+         says="class-means artifact, not segmentation-class-statistics"),
+    Case("cbt-with-thresholds-as-means", [*CBT_MEANS, "{inp}/thresholds.yaml"], PROVENANCE,
+         says="thresholds artifact, not segmentation-class-statistics"),
+    Case("cbt-means-of-other-classes", [*CBT_MEANS, "{inp}/seg-stats-two-classes.safetensors"], BAD_INPUT,
+         says="holds no 4 x 3 x 3 float64 sums"),
+    Case("cbt-means-and-data-without-budget", [*CBT, "--means", "{inp}/seg-stats.safetensors"], USAGE,
+         says="--data is not read"),
+    Case("cbt-means-without-checkpoint", ["fit-thresholds", "--method", "cbt", "--means", "{inp}/seg-stats.safetensors",
+                                          "-o", "{out}/t.yaml"], USAGE, says="needs --checkpoint"),
+    Case("adp-c-with-means", [*CBT[:2], "adp-c", *CBT[3:5], "-o", "{out}/t.yaml", "--means",
+                              "{inp}/seg-stats.safetensors"], USAGE, says="--means do not apply"),
+    Case("e2cm-with-segmentation-statistics", ["fit-thresholds", "--means", "{inp}/seg-stats.safetensors", "-o",
+                                               "{out}/t.yaml", "--budget", "0.5"], PROVENANCE,
+         says="segmentation-class-statistics artifact, not class-means"),
     Case("evaluate-classifier-on-masks", [*EVAL, "-d", SEG_DATA], MISMATCH, says="per-pixel masks"),
     Case("train-classifier-on-masks", ["train", "-d", SEG_DATA, "-o", "{out}/m.safetensors", "--arch", "resnet20",
                                        "--arch-args", "{{width: 4}}", "--epochs", "1"], MISMATCH,

@@ -59,8 +59,22 @@ def command(
                                              "samples (softmax on a tie, and with --clusters, which uses no "
                                              "labels). The exit confidence is eq. 2.5's either way.")] = Predict.auto,
 ) -> None:
-    """Compute class means, normalisers and calibration confidences at every exit. Writes -o (safetensors)."""
+    """Compute class means, normalisers and calibration confidences at every exit; on a segmentation checkpoint,
+    CBT's class statistics (per exit and class, the summed softmax and the pixel count, eq. 3.1) for
+    `fit-thresholds --method cbt|cbt-ns --means`. Writes -o (safetensors)."""
     import math
+
+    from eetool.segmentation.commands import is_segmentation_checkpoint
+
+    if is_segmentation_checkpoint(run, checkpoint):
+        from eetool.segmentation.statistics import StatisticsRequest, calibrate_statistics
+
+        calibrate_statistics(run, StatisticsRequest(
+            checkpoint, data, output, split, indices, batch_size, force,
+            {"--exits": exits != "every", "--pool-spatial": pool_spatial is not None,
+             "--pool-channels": pool_channels is not None, "--clusters": clusters is not None,
+             "--predict": predict != Predict.auto, "--count": count != Count.macs}))
+        return
 
     from eetool.artifacts import Provenance
     from eetool.commands.common import load_data

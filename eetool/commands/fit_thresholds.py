@@ -37,7 +37,9 @@ def command(
     run: Run,
     output: OutputOpt,
     means: Annotated[str | None, typer.Option("--means", help="Class-means artifact from `eetool calibrate-means` "
-                                              "(methods e2cm and e2cm+sdn).", rich_help_panel=INPUT)] = None,
+                                              "(methods e2cm and e2cm+sdn; for cbt and cbt-ns, the class "
+                                              "statistics it writes for a segmentation checkpoint).",
+                                              rich_help_panel=INPUT)] = None,
     exit_heads: Annotated[str | None, typer.Option("--exit-heads", "--exits-checkpoint",
                                                    help="Exit-heads artifact from `eetool train-exits` (methods sdn, "
                                                    "entropy, e2cm+sdn).",
@@ -107,18 +109,19 @@ def command(
     if method in SEGMENTATION_METHODS:
         from eetool.segmentation.commands import ThresholdRequest, fit_segmentation_thresholds
 
-        given = [flag for flag, value in (("--means", means), ("--exit-heads", exit_heads), ("--sweep", sweep),
+        given = [flag for flag, value in (("--means", means if method == "adp-c" else None),
+                                          ("--exit-heads", exit_heads), ("--sweep", sweep),
                                           ("--validation", validation)) if value]
         if given:
             raise UsageError(f"{', '.join(given)} do not apply to --method {method}",
                              "drop them: cbt, cbt-ns and adp-c take --checkpoint, --data, --alpha, --beta, --threshold "
-                             "and --budget")
+                             "and --budget (cbt and cbt-ns also --means)")
         if budget and len(set(budget)) > 1:
             raise UsageError(f"--method {method} takes one --budget, not {len(set(budget))}",
                              "a segmentation thresholds file holds one operating point: fit one file per budget")
         fit_segmentation_thresholds(run, ThresholdRequest(method, output, checkpoint, data, split, indices, batch_size,
                                                           alpha, beta, threshold, force,
-                                                          budget[0] if budget else None, search_over))
+                                                          budget[0] if budget else None, search_over, means))
         return
     if search_over != "alpha":
         raise UsageError(f"--search-over {search_over} applies to --method cbt or cbt-ns with --budget",

@@ -109,6 +109,7 @@ class ThresholdRequest:
     force: bool
     budget: float | None = None  # search alpha (cbt, cbt-ns) or the threshold (adp-c) to meet this mean cost
     search_over: str = "alpha"  # cbt, cbt-ns with a budget: alpha (beta fixed), beta (alpha fixed) or both
+    means: str | None = None  # cbt, cbt-ns: class statistics from `calibrate-means` instead of a pass over --data
 
 
 def class_statistics(model: SegmentationNet, ds: Dataset, preprocess: Preprocess, batch_size: int,
@@ -152,14 +153,17 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
         adp_c(req.threshold, 1, 1)  # the range check, before anything is read
     else:
         check_range(req.alpha, req.beta)
-    if not req.data and (req.method != "adp-c" or req.budget is not None):
+    if not req.data and ((req.method != "adp-c" and not req.means) or req.budget is not None):
         raise UsageError(f"--method {req.method}{' --budget' if req.budget is not None else ''} needs --data",
-                         "give the training data: the thresholds come from its class statistics"
+                         "give the training data, or its class statistics from `eetool calibrate-means` as --means"
                          if req.budget is None else "give the data to fit on: the budget is its mean cost")
+    if req.means and req.data and req.budget is None:
+        raise UsageError("--data is not read: the class statistics come from --means",
+                         "drop --data (it is used with --budget), or drop --means to calibrate on --data")
     if not req.checkpoint:
         raise UsageError(f"--method {req.method} needs --checkpoint", "give the segmentation checkpoint")
     run.check_output(req.output, force=req.force,
-                     inputs=(req.checkpoint, req.indices, data_path(req.data) if req.data else None))
+                     inputs=(req.checkpoint, req.indices, data_path(req.data) if req.data else None, req.means))
     ckpt = open_checkpoint(run, req.checkpoint)
     model = require_segmentation(ckpt, f"--method {req.method}")
     if not isinstance(model, EESegNet):  # a torchvision network has exits only once train-exits added them
@@ -167,25 +171,38 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
     classes = ckpt.spec.classes or [str(k) for k in range(model.num_classes)]
     doc: dict[str, Any] = {"method": req.method, "exits": list(EARLY_EXITS), "classes": classes}
     dataset = ""
+    inputs: dict[str, str] = {}
     fitted: BudgetFit | None = None
     if req.method == "adp-c" and req.budget is None:
         thresholds = adp_c(req.threshold, len(EARLY_EXITS), model.num_classes)
         doc["threshold"] = req.threshold
     else:
-        assert req.data is not None
         device = run.torch()
-        ds = load_masks(req.data, req.split, req.indices, ckpt)
-        dataset = ds.fingerprint
+        ds = load_masks(req.data, req.split, req.indices, ckpt) if req.data else None
+        dataset = ds.fingerprint if ds is not None else ""
         preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
         if req.method == "adp-c":
+            assert ds is not None
             fitted = _fit_adp_c_budget(run, req, model, ckpt, ds, preprocess, device)
             thresholds = adp_c(fitted.value, len(EARLY_EXITS), model.num_classes)
             doc["threshold"] = fitted.value
         else:
-            stats = class_statistics(model, ds, preprocess, req.batch_size, device, run.reporter)
+            if req.means:
+                from eetool.artifacts import sha256_file
+                from eetool.segmentation.statistics import KIND as STATISTICS, load_statistics
+
+                stats, made_on = load_statistics(req.means, ckpt, model.num_classes)
+                inputs[STATISTICS] = sha256_file(req.means)
+                calibrated_on = made_on.dataset
+                dataset = dataset or calibrated_on  # without --budget, the statistics are all it is fitted on
+            else:
+                assert ds is not None
+                stats = class_statistics(model, ds, preprocess, req.batch_size, device, run.reporter)
+                calibrated_on = dataset
             fit = cbt if req.method == "cbt" else cbt_ns
             alpha, beta = req.alpha, req.beta
             if req.budget is not None:
+                assert ds is not None
                 searched = _fit_cbt_budget(run, req, model, ckpt, ds, preprocess, device, stats)
                 fitted, alpha, beta = searched.fit, searched.alpha, searched.beta
             thresholds, scores = fit(stats, alpha, beta, len(EARLY_EXITS))
@@ -193,7 +210,7 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
             spread = [round(float(row[present].std(unbiased=False)), 6) if bool(present.any()) else 0.0
                       for row in thresholds[: 1 if req.method == "cbt" else len(EARLY_EXITS)]]
             doc.update({
-                "alpha": alpha, "beta": beta, "fitted_on": dataset,
+                "alpha": alpha, "beta": beta, "fitted_on": dataset, "calibrated_on": calibrated_on,
                 # sigma of the thresholds over the classes present in the calibration data (per exit for cbt-ns)
                 "spread": spread[0] if req.method == "cbt" else spread,
                 "statistics": {
@@ -219,7 +236,7 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
                 doc["budget"].update({"miou": round(searched.miou, 6), "candidates": searched.candidates})
     doc["thresholds"] = [[float(v) for v in row] for row in thresholds.tolist()]
     prov = Provenance(kind=KIND, checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
-                      exits=list(EARLY_EXITS), dataset=dataset, args=run.args)
+                      exits=list(EARLY_EXITS), dataset=dataset, args=run.args, inputs=inputs)
     write_yaml(req.output, doc, prov)
     if req.output == STDOUT:
         return

@@ -1,0 +1,129 @@
+"""CBT's class statistics as an artifact: `eetool calibrate-means` on a segmentation checkpoint computes them in
+one pass, and `fit-thresholds --method cbt|cbt-ns --means FILE` fits from the file without another pass, as E²CM
+fits from its class means.
+
+The file (safetensors, kind ``segmentation-class-statistics``) holds eq. 3.1's streaming sums: ``sums``, exits x K
+x K float64 (per exit and ground-truth class, the sum of the pixels' softmax vectors) and ``counts``, K int64 (the
+pixels of each class), with the classes' names in the metadata and the usual provenance (checkpoint, the four
+exits, the dataset fingerprint with its split and indices, the arguments).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
+from eetool.errors import InputError, UsageError
+from eetool.segmentation.model import EXIT_NAMES, EESegNet
+from eetool.segmentation.thresholds import ClassStats, margins
+
+if TYPE_CHECKING:
+    from eetool.artifacts import Provenance
+    from eetool.checkpoint import Checkpoint
+    from eetool.options import Run
+
+KIND = "segmentation-class-statistics"
+CLASSES_KEY = "eetool.classes"
+
+
+def save_statistics(path: str, stats: ClassStats, classes: list[str], prov: Provenance) -> None:
+    from eetool.artifacts import write_tensors
+
+    write_tensors(path, {"sums": stats.sums, "counts": stats.counts}, prov,
+                  extra={CLASSES_KEY: json.dumps(classes)})
+
+
+def load_statistics(path: str, ckpt: Checkpoint, num_classes: int) -> tuple[ClassStats, Provenance]:
+    """The statistics of ``path``, refused (with the documented exit codes) when the file is another kind of
+    artifact, was made from another checkpoint or for other exits, or its tensors do not fit the network."""
+    from eetool.artifacts import read_tensors, read_yaml, verify
+
+    if path.endswith((".yaml", ".yml")):  # a YAML artifact given where the statistics belong
+        read_yaml(path, KIND)  # raises the provenance error naming the kind found
+    tensors, prov, _ = read_tensors(path, KIND)
+    verify(path, prov, checkpoint=ckpt.identity, exits=list(EXIT_NAMES))
+    sums, counts = tensors.get("sums"), tensors.get("counts")
+    shape = (len(EXIT_NAMES), num_classes, num_classes)
+    remake = "re-make it with `eetool calibrate-means -c CHECKPOINT -d DATA -o FILE`"
+    if (sums is None or counts is None or sums.dtype != torch.float64 or counts.dtype != torch.int64
+            or tuple(sums.shape) != shape or tuple(counts.shape) != (num_classes,)):
+        raise InputError(f"{path} holds no {' x '.join(map(str, shape))} float64 sums with {num_classes} int64 "
+                         "pixel counts", remake)
+    if not bool(torch.isfinite(sums).all()) or bool((sums < 0).any()) or bool((counts < 0).any()):
+        raise InputError(f"{path} has sums or counts that are negative or not finite", remake)
+    return ClassStats(sums, counts), prov
+
+
+@dataclass
+class StatisticsRequest:
+    """`calibrate-means` on a segmentation checkpoint: what it reads and writes."""
+
+    checkpoint: str
+    data: str
+    output: str
+    split: str
+    indices: str | None
+    batch_size: int
+    force: bool
+    classification_only: dict[str, bool]  # option -> whether it was given (they do not apply here)
+
+
+def calibrate_statistics(run: Run, req: StatisticsRequest) -> None:
+    """One streaming pass over ``req.data``: eq. 3.1's sums and counts at every exit, written to ``req.output``."""
+    from eetool.artifacts import Provenance
+    from eetool.datasets import Preprocess
+    from eetool.segmentation.commands import class_statistics, load_masks, require_segmentation
+
+    given = [flag for flag, value in req.classification_only.items() if value]
+    if given:
+        raise UsageError(f"{', '.join(given)} apply to classifiers, not to a segmentation checkpoint",
+                         "drop them: a segmentation checkpoint's statistics are per exit and class at every exit")
+    if run.world.distributed:
+        raise UsageError("the class statistics of a segmentation network are computed in one process",
+                         "run `eetool calibrate-means` without torchrun")
+    run.check_output(req.output, force=req.force, inputs=(req.checkpoint, req.indices, data_path(req.data)),
+                     binary=True)
+    ckpt = open_checkpoint(run, req.checkpoint)
+    model = require_segmentation(ckpt, "this calibration")
+    if not isinstance(model, EESegNet):  # a torchvision network has exits only once train-exits added them
+        model.require_exits()
+    device = run.torch()
+    ds = load_masks(req.data, req.split, req.indices, ckpt)
+    preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
+    start = time.perf_counter()
+    stats = class_statistics(model, ds, preprocess, req.batch_size, device, run.reporter)
+    seconds = time.perf_counter() - start
+    classes = ckpt.spec.classes or [str(k) for k in range(model.num_classes)]
+    prov = Provenance(kind=KIND, checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
+                      exits=list(EXIT_NAMES), dataset=ds.fingerprint, args=run.args)
+    save_statistics(req.output, stats, classes, prov)
+    run.reporter.log(f"wrote {req.output}")
+    present = stats.present
+    scores = margins(stats.exit_means().mean(0))  # c_k of P_k (eq. 3.2), the score CBT scales
+    doc: dict[str, Any] = {
+        "output": req.output, "checkpoint": ckpt.path, "dataset": ds.fingerprint, "samples": len(ds),
+        "pixels": int(stats.counts.sum()), "exits": list(EXIT_NAMES),
+        "classes": [{"class": c, "pixels": int(n), "score": round(float(s), 6) if p else None}
+                    for c, n, s, p in zip(classes, stats.counts.tolist(), scores.tolist(), present.tolist(),
+                                          strict=True)],
+        "absent": [c for c, p in zip(classes, present.tolist(), strict=True) if not p],
+        "seconds": round(seconds, 3), "images_per_second": round(len(ds) / seconds, 1) if seconds else None,
+    }
+
+    def text(d: dict[str, Any]) -> str:
+        head = format_fields([("class statistics", f"{d['output']} ({d['samples']} images of {d['dataset']}, "
+                                                   f"{d['pixels']:,} labelled pixels)"),
+                              ("exits", ", ".join(d["exits"])),
+                              ("absent classes", ", ".join(d["absent"]) or "none"),
+                              ("speed", f"{d['images_per_second']} images/s")])
+        table = format_table(["class", "pixels", "score (top1 - top2 of P_k)"],
+                             [[c["class"], f"{c['pixels']:,}", "absent" if c["score"] is None else c["score"]]
+                              for c in d["classes"]])
+        return f"{head}\n\n{table}"
+
+    run.emit(doc, text)
