@@ -189,7 +189,8 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
         else:
             if req.means:
                 from eetool.artifacts import sha256_file
-                from eetool.segmentation.statistics import KIND as STATISTICS, load_statistics
+                from eetool.segmentation.statistics import KIND as STATISTICS
+                from eetool.segmentation.statistics import load_statistics
 
                 stats, made_on = load_statistics(req.means, ckpt, model.num_classes)
                 inputs[STATISTICS] = sha256_file(req.means)
