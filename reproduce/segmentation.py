@@ -1,10 +1,11 @@
-"""Class-based thresholds for early-exit segmentation on Fashion-MNIST scenes (thesis chapter 3, Tables III and IV,
-scaled to 2 CPU cores): `make segmentation`.
+"""Class-based thresholds for early-exit segmentation on Fashion-MNIST scenes or brain atlas slices (thesis chapter
+3, Tables III and IV, scaled to 2 CPU cores): `make segmentation`, `make segmentation-atlas`.
 
 `eetool train` trains eeseg (three early exits and the final one, the sum of their losses) on the training scenes;
-`fit-thresholds` then makes ADP-C at 0.998 and at 0.9, CBT with [0.99, 0.998], [0.95, 0.998] and [0.9, 0.998]
-and CBT-ns at [0.99, 0.998] (Table III's) and [0.9, 0.998] (Table IV's), CBT's class statistics from every
-training scene (eq. 3.1, as the thesis calibrates on the training set). Beyond the thesis, ADP-C at 0.95, 0.99,
+`calibrate-means` computes CBT's class statistics once, from every training scene (eq. 3.1, as the thesis
+calibrates on the training set), and `fit-thresholds` makes from them (with --means, no further pass over the data)
+CBT with [0.99, 0.998], [0.95, 0.998] and [0.9, 0.998] and CBT-ns at [0.99, 0.998] (Table III's) and [0.9, 0.998]
+(Table IV's), and ADP-C at 0.998 and at 0.9. Beyond the thesis, ADP-C at 0.95, 0.99,
 0.995 and 0.999 as well, so that CBT can be compared with ADP-C at equal mIoU on a curve rather than at two
 points. `evaluate` scores each on the test scenes: mIoU and cost at the last exit, and the anytime view of the
 thesis's tables (stopping after each exit: the class map so far and the GFLOPs spent up to it), with the
@@ -13,6 +14,8 @@ skipped, so rerunning continues where a run stopped. Then a Markdown table (resu
 the thesis's rows beside this run's and the comparison with its claims, point by point.
 
     python reproduce/segmentation.py results/segmentation --epochs 5
+    python reproduce/segmentation.py results/segmentation-atlas --data brain-atlas --epochs 60 --width 32 \
+        --head-width 64 --batch-size 4 --eval-batch-size 8
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ THESIS_TABLE_IV = [  # ADE20K
     ("HRNetV2-W18", "CBT [0.8, 0.998]", [(4.89, 5.88), (6.75, 7.67), (10.17, 11.98), (11.95, 17.26)]),
     ("HRNetV2-W18", "CBT [0.7, 0.998]", [(4.89, 5.88), (6.70, 7.62), (10.09, 11.75), (11.88, 16.71)]),
 ]
+DATA_NAMES = {"fashion-mnist-scenes": "the Fashion-MNIST scenes", "brain-atlas": "the brain atlas slices"}
 THESIS_SPREAD = {"Cityscapes": 0.033, "ADE20K": 0.009}  # sigma of CBT [0.9, 0.998]'s thresholds (Figure 11)
 
 
@@ -83,14 +87,21 @@ def plan(out: Path, a: argparse.Namespace) -> list[Step]:
              "--seed", str(a.seed), "-o", str(model), "--force", *common]
     subsets = {part: ["--indices", str(out / f"{part}-scenes.txt")] if getattr(a, f"{part}_scenes") else []
                for part in ("train", "calibration", "test")}
-    steps = [Step("train", [*train, *subsets["train"]], model)]
+    batch = ["--batch-size", str(a.eval_batch_size)]
+    statistics = out / "class-statistics.safetensors"
+    steps = [Step("train", [*train, *subsets["train"]], model),
+             # CBT's class statistics (eq. 3.1), once for every CBT and CBT-ns row
+             Step("calibrate", [*eetool, "calibrate-means", "-c", str(model), *data, "--split", "train",
+                                *subsets["calibration"], *batch, "-o", str(statistics), "--force", "--format", "json",
+                                *common], statistics, ["train"])]
     for name, _, method in METHODS:
-        steps.append(Step(f"fit-{name}", [*eetool, "fit-thresholds", *method, "-c", str(model), *data,
-                                          "--split", "train", *subsets["calibration"],
+        cbt = method[1] != "adp-c"
+        steps.append(Step(f"fit-{name}", [*eetool, "fit-thresholds", *method, "-c", str(model),
+                                          *(["--means", str(statistics)] if cbt else []),
                                           "-o", str(out / f"{name}.yaml"), "--force", *common],
-                          out / f"{name}.yaml", ["train"]))
+                          out / f"{name}.yaml", ["calibrate" if cbt else "train"]))
         steps.append(Step(f"eval-{name}", [*eetool, "evaluate", "-c", str(model), *data, "--split", "test",
-                                           *subsets["test"], "--thresholds", str(out / f"{name}.yaml"),
+                                           *subsets["test"], *batch, "--thresholds", str(out / f"{name}.yaml"),
                                            "--repeats", str(a.repeats), "--format", "json", *common],
                           out / f"eval-{name}.json", [f"fit-{name}"]))
     for s in steps:
@@ -129,7 +140,7 @@ def thesis_rows(table: list[tuple[str, str, list[tuple[float, float]]]]) -> list
             for model, label, cells in table]
 
 
-def tabulate(evals: dict[str, Any], fits: dict[str, Any]) -> str:
+def tabulate(evals: dict[str, Any], fits: dict[str, Any], data: str = "fashion-mnist-scenes") -> str:
     """Markdown: the anytime table (this run beside the thesis's Tables III and IV), the last exit with cost,
     shares and speed, CBT's class thresholds and spread, and the thesis's claims checked point by point."""
     head = ("| model | method | " + " | ".join(f"exit {i} mIoU | exit {i} GFLOPs" for i in range(1, 5)) + " |\n"
@@ -140,7 +151,7 @@ def tabulate(evals: dict[str, Any], fits: dict[str, Any]) -> str:
             ours.append(f"| eeseg (this run) | {label} | " + " | ".join(
                 f"{100 * m:.2f} | {g:.4f}" for m, g in anytime(evals[name])) + " |")
     lines = ["Anytime mIoU (%) and GFLOPs per image when inference stops after each exit (pixels that left earlier "
-             "keep their exit's class), this run on the Fashion-MNIST scenes' test split, then the thesis's Table "
+             f"keep their exit's class), this run on {DATA_NAMES.get(data, data)}' test split, then the thesis's Table "
              "III (Cityscapes) and Table IV (ADE20K):", "", head, *ours,
              *thesis_rows(THESIS_TABLE_III), "", head, *ours, *thesis_rows(THESIS_TABLE_IV), ""]
     plain = next((e["points"][0] for e in evals.values() if e), None)
@@ -247,7 +258,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--head-width", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.003)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="training batch")
+    p.add_argument("--eval-batch-size", type=int, default=256, help="batch of the calibration and the evaluations")
     p.add_argument("--repeats", type=int, default=1, help="timing rounds of each evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per step")
@@ -262,7 +274,7 @@ def main() -> None:
     evals = {name: load(a.out / f"eval-{name}.json") for name, _, _ in METHODS}
     fits = {name: load(a.out / f"{name}.yaml") for name, _, _ in METHODS}
     if any(evals.values()):
-        table = tabulate(evals, fits)
+        table = tabulate(evals, fits, a.data.split(":")[0])
         (a.out / "table.md").write_text(table + "\n")
         print(table)
     sys.exit(0 if ok else 1)

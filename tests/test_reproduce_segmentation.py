@@ -67,3 +67,24 @@ def test_table_puts_this_run_beside_the_thesis_and_checks_its_claims(seg: Module
     # on ADP-C's line from (0.40, 0.60) to (0.46, 0.90), mIoU 0.45 costs 0.85: CBT's 0.72 is 15.3% less
     assert "cbt-0.99 0.7200 against 0.8500 (-15.3%)" in table
     assert "| b | 0 | absent | 0.9980 |" in table and "| σ | | | 0.0038 |" in table
+
+
+def test_the_plan_calibrates_once_and_fits_every_cbt_row_from_the_file(seg: ModuleType, tmp_path: Path) -> None:
+    import argparse
+
+    a = argparse.Namespace(data="brain-atlas", width=32, head_width=64, epochs=60, lr=0.003, batch_size=4,
+                           eval_batch_size=8, seed=0, threads=1, repeats=1, train_scenes=0, calibration_scenes=0,
+                           test_scenes=0)
+    steps = {s.name: s for s in seg.plan(tmp_path, a)}
+    passes = [s for s in steps.values() if s.argv[3:4] == ["calibrate-means"]]
+    assert [s.name for s in passes] == ["calibrate"]
+    assert passes[0].argv[passes[0].argv.index("--batch-size") + 1] == "8"
+    statistics = str(passes[0].output)
+    for name, _, method in seg.METHODS:
+        fit = steps[f"fit-{name}"]
+        if method[1] == "adp-c":
+            assert "--means" not in fit.argv and fit.needs == ["train"]
+        else:
+            assert fit.argv[fit.argv.index("--means") + 1] == statistics and fit.needs == ["calibrate"]
+        assert "--data" not in fit.argv  # no fit reads the data again
+        assert "brain-atlas" in steps[f"eval-{name}"].argv
