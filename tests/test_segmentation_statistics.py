@@ -93,3 +93,19 @@ def test_a_budget_takes_the_statistics_from_the_file(tmp_path: Path, inputs: tup
     assert from_file.exit_code == 0, from_file.stderr
     a, b = (yaml.safe_load((tmp_path / f"{n}.yaml").read_text()) for n in ("direct", "file"))
     assert a["thresholds"] == b["thresholds"] and a["alpha"] == b["alpha"] and a["budget"] == b["budget"]
+
+
+def test_every_data_option_names_every_source() -> None:
+    """--data's help lists what its completion offers, the segmentation sources included."""
+    import typer
+
+    from eetool.sources import SOURCES
+
+    group = typer.main.get_command(app)
+    commands = getattr(group, "commands", {})
+    helps = {name: param.help or "" for name, command in commands.items() for param in command.params
+             if "--data" in getattr(param, "opts", [])}
+    assert "fit-thresholds" in helps and "calibrate-means" in helps
+    for name, text in helps.items():
+        missing = [s for s in SOURCES if s not in text]
+        assert not missing, f"{name} --data does not name {missing}"

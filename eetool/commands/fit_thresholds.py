@@ -71,10 +71,14 @@ def command(
                                              autocompletion=prefix_completer(SEARCH_OVER))] = "alpha",
     validation: Annotated[bool, typer.Option("--validation", help="e2cm: fit on --data/--split (a held-out set) "
                                              "instead of the calibration samples.")] = False,
-    checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", help="Checkpoint (with --validation, or "
-                                                   "for exit heads).")] = None,
-    data: Annotated[str | None, typer.Option("--data", "-d", help="Data to fit on (with --validation, or for "
-                                             "exit heads).", autocompletion=complete_data)] = None,
+    checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", help="Checkpoint (with --validation, "
+                                                   "for exit heads, and for cbt, cbt-ns and adp-c).")] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Data to fit on (with --validation, for exit "
+                                             "heads; cbt and cbt-ns without --means, and --budget of a segmentation "
+                                             "method), NAME[:PATH]: mnist, fashion-mnist, kmnist, cifar10, cifar100, "
+                                             "folder:PATH, safetensors:FILE or demo; for segmentation "
+                                             "fashion-mnist-scenes, brain-atlas, segmentation:FILE or "
+                                             "segmentation-folder:PATH.", autocompletion=complete_data)] = None,
     split: Annotated[str, typer.Option("--split", help="Split of --data.",
                                        autocompletion=prefix_completer(SPLITS))] = "train",
     indices: IndicesOpt = None,
