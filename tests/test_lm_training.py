@@ -196,3 +196,21 @@ def test_train_exit_head_cli_writes_a_head_evaluate_lm_scores_as_the_curve_says(
                                 "--context", "32", "--steps", "1", "-o", str(tmp_path / "t2.safetensors"), "-q"])
     assert again.exit_code == 0, again.stderr
     assert ExitHead.load(str(tmp_path / "t2.safetensors"))[1].model_sha256 == load_language_model(str(folder)).sha256
+
+
+def test_train_exit_head_plot_draws_the_curve_to_a_png(folder: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    head, plot = tmp_path / "head.safetensors", tmp_path / "curve.png"
+    made = runner.invoke(app, ["init-exit-head", "-m", str(folder), "-t", HAMLET, "--context", "32", "-o", str(head),
+                               "-q", "--layer", str(LAYER)])
+    assert made.exit_code == 0, made.stderr
+    result = runner.invoke(app, ["train-exit-head", "-m", str(folder), "--head", str(head), "-t", HAMLET,
+                                 "--context", "32", "--steps", "2", "--eval-every", "1", "-o",
+                                 str(tmp_path / "trained.safetensors"), "--plot", str(plot), "--format", "json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["schema"] == "eetool/lm-training@1"  # the PNG stays off stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(plot) as png:
+        assert png.width > 100 and png.height > 100
