@@ -7,7 +7,7 @@ DEMO_CHECKPOINT := eetool/demo/demo-resnet20-fashion-mnist.safetensors
 RESULTS ?= results
 BUDGETS := --budget 0.25 --budget 0.5 --budget 0.75
 
-.PHONY: help test lint bench completions demo-checkpoint demo-data e2cm-demo e2cm-fashion-mnist e2cm-run fixed-budget dataset-pruning weight-pruning segmentation
+.PHONY: help test lint bench completions demo-checkpoint demo-data e2cm-demo e2cm-fashion-mnist e2cm-run fixed-budget dataset-pruning weight-pruning segmentation segmentation-atlas
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -113,3 +113,10 @@ weight-pruning: ## joint against ordered weight pruning, and channel pruning at 
 SEG_EPOCHS ?= 4
 segmentation: ## CBT against ADP-C on Fashion-MNIST scenes (about 70 min on 2 shared CPU cores, training 30 of it)
 	$(PYTHON) reproduce/segmentation.py $(RESULTS)/segmentation --epochs $(SEG_EPOCHS)
+
+# The same rows on the brain atlas slices (Debian mricron-data: 76 training and 28 test slices of 112 x 112, 117
+# classes, many like ADE20K's 150): 76 slices make a short epoch, so eeseg (width 32) trains for SEG_ATLAS_EPOCHS.
+SEG_ATLAS_EPOCHS ?= 60
+segmentation-atlas: ## CBT against ADP-C on the brain atlas slices (Debian mricron-data)
+	$(PYTHON) reproduce/segmentation.py $(RESULTS)/segmentation-atlas --data brain-atlas --epochs $(SEG_ATLAS_EPOCHS) \
+		--width 32 --head-width 64 --batch-size 4 --eval-batch-size 8
