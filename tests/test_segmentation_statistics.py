@@ -41,7 +41,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, Path]:
     made = runner.invoke(app, ["calibrate-means", "-c", str(d / "seg.safetensors"), "-d", data, "--batch-size", "8",
                                "-o", str(d / "stats.safetensors"), "-q", "--format", "json"])
     assert made.exit_code == 0, made.stderr
-    assert json.loads(made.stdout)["pixels"] > 0
+    summary = json.loads(made.stdout)
+    assert summary["schema"] == f"eetool/{KIND}@1" and summary["pixels"] > 0
     return d / "seg.safetensors", data, d / "stats.safetensors"
 
 

@@ -126,4 +126,5 @@ def calibrate_statistics(run: Run, req: StatisticsRequest) -> None:
                               for c in d["classes"]])
         return f"{head}\n\n{table}"
 
+    run.schema = f"eetool/{KIND}@1"  # not the class means' document: say so to JSON readers
     run.emit(doc, text)
