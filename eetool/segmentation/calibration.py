@@ -1,0 +1,101 @@
+"""CBT's calibration pass: every exit's softmax at the input's size, summed per ground-truth class (eq. 3.1).
+
+For eeseg, whose exits are logits on a half-resolution grid upsampled 2x bilinearly, the pass avoids the
+full-resolution image layout altogether. Bilinear 2x upsampling (align_corners=False) is a fixed stencil: image
+pixel (2i + r, 2j + c) is 3/4 of grid position (i, j) and 1/4 of its neighbour towards the pixel, first along
+the rows, then along the columns (the border repeats its edge). The four pixel phases (r, c) are therefore four
+grid-sized tensors, each made by two ``lerp``s, and eq. 3.1 only sums over pixels, so the pixels need not be put
+back in image order: the masks are split into the same four phases instead (a cheap integer slice). The phases'
+softmax over the classes and the one-hot products run on a few images at a time (``CHUNK_ELEMENTS``), so the
+intermediates stay in the CPU's cache instead of streaming the whole batch through memory four or five times.
+
+Precision: probabilities are float32 (as the network's logits). Each one-hot product sums one phase of one
+image (h x w pixels) in float32; those partial sums go to float64 before anything else is added to them, so a
+class sum's relative rounding error is at most (h w - 1) 2^-24 (6e-5 for a 32 x 32 grid, in the worst case; about
+sqrt(h w) 2^-24 typically), however many images are streamed. The upsampled logits differ from
+``F.interpolate``'s by float32 rounding (a few units in the last place).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from eetool.segmentation import IGNORE
+from eetool.segmentation.model import EESegNet, upsample
+
+if TYPE_CHECKING:
+    from eetool.segmentation.model import SegmentationNet
+    from eetool.segmentation.thresholds import ClassStats
+
+# Probabilities (exits x classes x pixels) handled at once: about 4 MB of float32, so that a chunk's phases,
+# softmax and one-hot product stay in a core's cache (fewer images per chunk add per-call overhead, more spill).
+CHUNK_ELEMENTS = 1 << 20
+
+
+def add_batch(stats: ClassStats, model: SegmentationNet, x: torch.Tensor, masks: torch.Tensor) -> None:
+    """Add one batch of preprocessed images and their B x H x W ground truth (IGNORE left out) to ``stats``."""
+    if isinstance(model, EESegNet):
+        grid = model.grid_exits(x)
+        if masks.shape[-2:] == (2 * grid[0].shape[-2], 2 * grid[0].shape[-1]):
+            add_grid_batch(stats, grid, masks)
+            return
+    stats.update(exit_probabilities(model, x), masks)
+
+
+def exit_probabilities(model: SegmentationNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every exit's softmax at the input's size (B x K x H x W each), the values of ``forward_exits(x)``'s softmax:
+    eeseg's grid logits are upsampled in channels-last layout (bilinear interpolation computes the same values in
+    either layout, and on CPU this one is about 3x faster) and brought back to channels-first, where the softmax
+    over the classes is fastest."""
+    if not isinstance(model, EESegNet):
+        return [logits.softmax(1) for logits in model.forward_exits(x)]
+    size = x.shape[-2:]
+    return [upsample(logits.contiguous(memory_format=torch.channels_last), size).contiguous().softmax(1)
+            for logits in model.grid_exits(x)]
+
+
+def add_grid_batch(stats: ClassStats, grid_logits: list[torch.Tensor], masks: torch.Tensor) -> None:
+    """Add a batch given as every exit's grid logits (B x K x h x w each) and the B x 2h x 2w ground truth: the
+    statistics of ``stats.update`` on the logits upsampled 2x bilinearly and their softmax, computed phase by
+    phase (see the module's docstring)."""
+    exits, k = len(grid_logits), stats.counts.shape[0]
+    logits = torch.cat(grid_logits, 1)  # B x (exits K) x h x w
+    batch = logits.shape[0]
+    truth = pixel_phases(masks).reshape(4, batch, 1, -1).long()  # 4 x B x 1 x hw
+    labelled = truth != IGNORE
+    truth = truth.clamp_min(0)
+    stats.counts += torch.bincount(truth[labelled].cpu(), minlength=k)
+    step = max(1, CHUNK_ELEMENTS // logits[0].numel() // 4)
+    for start in range(0, batch, step):
+        chunk = slice(start, start + step)
+        probs = upsampled_phases(logits[chunk])  # 4 x b x (exits K) x h x w
+        images = probs.shape[1]
+        probs = probs.view(4, images, exits, k, -1).softmax(3).view(4 * images, exits * k, -1)
+        one_hot = torch.zeros(4, images, k, probs.shape[-1], dtype=probs.dtype, device=probs.device)
+        one_hot.scatter_(2, truth[:, chunk], labelled[:, chunk].to(one_hot))
+        partial = torch.bmm(one_hot.view(4 * images, k, -1), probs.transpose(1, 2))  # per phase and image
+        stats.sums += partial.to(torch.float64).sum(0).view(k, exits, k).transpose(0, 1).cpu()
+
+
+def pixel_phases(masks: torch.Tensor) -> torch.Tensor:
+    """B x 2h x 2w -> 4 x B x h x w: the pixels (2i + r, 2j + c) of phase 2r + c, in ``upsampled_phases``' order."""
+    return torch.stack([masks[:, r::2, c::2] for r in (0, 1) for c in (0, 1)])
+
+
+def upsampled_phases(logits: torch.Tensor) -> torch.Tensor:
+    """B x C x h x w -> 4 x B x C x h x w: ``F.interpolate(logits, size=(2h, 2w), mode="bilinear")``'s pixels
+    (2i + r, 2j + c) as phase 2r + c. Even output rows and columns take 1/4 of the previous grid row or column,
+    odd ones 1/4 of the next; the edge is repeated (the interpolation clamps its source index there)."""
+    h, w = logits.shape[-2:]
+    padded = F.pad(logits, (1, 1, 1, 1), mode="replicate")
+    middle = padded[:, :, 1:h + 1]
+    out = logits.new_empty(4, *logits.shape)
+    for r, rows in enumerate((torch.lerp(middle, padded[:, :, 0:h], 0.25),
+                              torch.lerp(middle, padded[:, :, 2:h + 2], 0.25))):
+        centre = rows[..., 1:w + 1]
+        torch.lerp(centre, rows[..., 0:w], 0.25, out=out[2 * r])
+        torch.lerp(centre, rows[..., 2:w + 2], 0.25, out=out[2 * r + 1])
+    return out
