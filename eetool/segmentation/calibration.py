@@ -9,11 +9,11 @@ back in image order: the masks are split into the same four phases instead (a ch
 softmax over the classes and the one-hot products run on a few images at a time (``CHUNK_ELEMENTS``), so the
 intermediates stay in the CPU's cache instead of streaming the whole batch through memory four or five times.
 
-Precision: probabilities are float32 (as the network's logits). Each one-hot product sums one phase of one
-image (h x w pixels) in float32; those partial sums go to float64 before anything else is added to them, so a
-class sum's relative rounding error is at most (h w - 1) 2^-24 (6e-5 for a 32 x 32 grid, in the worst case; about
-sqrt(h w) 2^-24 typically), however many images are streamed. The upsampled logits differ from
-``F.interpolate``'s by float32 rounding (a few units in the last place).
+Precision: probabilities are float32 (as the network's logits). Each one-hot product sums one image's pixels
+(4 h w of them) in float32; those partial sums go to float64 before anything else is added to them, so a class
+sum's relative rounding error is at most (4 h w - 1) 2^-24 (2.4e-4 for a 64 x 64 image in the worst case; about
+sqrt(4 h w) 2^-24 = 4e-6 typically), however many images are streamed. The upsampled logits and the softmax
+differ from ``F.interpolate``'s and ``Tensor.softmax``'s by float32 rounding (a few units in the last place).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from eetool.segmentation import IGNORE
 from eetool.segmentation.model import EESegNet, upsample
 
 if TYPE_CHECKING:
@@ -33,6 +32,8 @@ if TYPE_CHECKING:
 # Probabilities (exits x classes x pixels) handled at once: about 4 MB of float32, so that a chunk's phases,
 # softmax and one-hot product stay in a core's cache (fewer images per chunk add per-call overhead, more spill).
 CHUNK_ELEMENTS = 1 << 20
+# exp(+-64) is a normal float32 (1.6e-28 to 6.2e27), and so is a sum of up to 10^10 of them.
+EXP_SAFE = 64.0
 
 
 def add_batch(stats: ClassStats, model: SegmentationNet, x: torch.Tensor, masks: torch.Tensor) -> None:
@@ -64,38 +65,50 @@ def add_grid_batch(stats: ClassStats, grid_logits: list[torch.Tensor], masks: to
     exits, k = len(grid_logits), stats.counts.shape[0]
     logits = torch.cat(grid_logits, 1)  # B x (exits K) x h x w
     batch = logits.shape[0]
-    truth = pixel_phases(masks).reshape(4, batch, 1, -1).long()  # 4 x B x 1 x hw
-    labelled = truth != IGNORE
-    truth = truth.clamp_min(0)
-    stats.counts += torch.bincount(truth[labelled].cpu(), minlength=k)
+    # one-hot row 0 collects the ignored pixels (IGNORE is -1) and is left out of the products
+    rows = pixel_phases(masks).reshape(batch, 1, -1).long().add_(1)  # B x 1 x 4hw
+    stats.counts += torch.bincount(rows.view(-1), minlength=k + 1)[1:].cpu()
     step = max(1, CHUNK_ELEMENTS // logits[0].numel() // 4)
     for start in range(0, batch, step):
         chunk = slice(start, start + step)
-        probs = upsampled_phases(logits[chunk])  # 4 x b x (exits K) x h x w
-        images = probs.shape[1]
-        probs = probs.view(4, images, exits, k, -1).softmax(3).view(4 * images, exits * k, -1)
-        one_hot = torch.zeros(4, images, k, probs.shape[-1], dtype=probs.dtype, device=probs.device)
-        one_hot.scatter_(2, truth[:, chunk], labelled[:, chunk].to(one_hot))
-        partial = torch.bmm(one_hot.view(4 * images, k, -1), probs.transpose(1, 2))  # per phase and image
+        probs = upsampled_phases(logits[chunk])  # b x (exits K) x 4 x h x w
+        images = probs.shape[0]
+        probs = softmax_of_bounded(probs.view(images, exits, k, -1), float(logits[chunk].abs().amax()))
+        probs = probs.view(images, exits * k, -1)
+        one_hot = torch.zeros(images, k + 1, probs.shape[-1], dtype=probs.dtype, device=probs.device)
+        one_hot.scatter_(1, rows[chunk], 1.0)
+        partial = torch.bmm(one_hot[:, 1:], probs.transpose(1, 2))  # per image: K x (exits K)
         stats.sums += partial.to(torch.float64).sum(0).view(k, exits, k).transpose(0, 1).cpu()
 
 
+def softmax_of_bounded(logits: torch.Tensor, bound: float) -> torch.Tensor:
+    """Softmax over dimension 2, in place. Logits within +-EXP_SAFE (``bound``: the largest magnitude) need no
+    shift by their maximum: exp of each is a normal float32 and the sums stay finite, so one exp and one
+    multiplication by the sums' reciprocals give the probabilities (the same values up to rounding; the
+    shift costs a full pass for the maximum). Larger logits take ``Tensor.softmax``."""
+    if not bound < EXP_SAFE:  # NaN included
+        return logits.softmax(2)
+    exps = logits.exp_()
+    return exps.mul_(exps.sum(2, keepdim=True).reciprocal_())
+
+
 def pixel_phases(masks: torch.Tensor) -> torch.Tensor:
-    """B x 2h x 2w -> 4 x B x h x w: the pixels (2i + r, 2j + c) of phase 2r + c, in ``upsampled_phases``' order."""
-    return torch.stack([masks[:, r::2, c::2] for r in (0, 1) for c in (0, 1)])
+    """B x 2h x 2w -> B x 4 x h x w: the pixels (2i + r, 2j + c) as phase 2r + c, in ``upsampled_phases``' order."""
+    return torch.stack([masks[:, r::2, c::2] for r in (0, 1) for c in (0, 1)], 1)
 
 
 def upsampled_phases(logits: torch.Tensor) -> torch.Tensor:
-    """B x C x h x w -> 4 x B x C x h x w: ``F.interpolate(logits, size=(2h, 2w), mode="bilinear")``'s pixels
+    """B x C x h x w -> B x C x 4 x h x w: ``F.interpolate(logits, size=(2h, 2w), mode="bilinear")``'s pixels
     (2i + r, 2j + c) as phase 2r + c. Even output rows and columns take 1/4 of the previous grid row or column,
     odd ones 1/4 of the next; the edge is repeated (the interpolation clamps its source index there)."""
     h, w = logits.shape[-2:]
     padded = F.pad(logits, (1, 1, 1, 1), mode="replicate")
     middle = padded[:, :, 1:h + 1]
-    out = logits.new_empty(4, *logits.shape)
+    b, channels = logits.shape[:2]
+    out = logits.new_empty(b, channels, 4, h, w)
     for r, rows in enumerate((torch.lerp(middle, padded[:, :, 0:h], 0.25),
                               torch.lerp(middle, padded[:, :, 2:h + 2], 0.25))):
         centre = rows[..., 1:w + 1]
-        torch.lerp(centre, rows[..., 0:w], 0.25, out=out[2 * r])
-        torch.lerp(centre, rows[..., 2:w + 2], 0.25, out=out[2 * r + 1])
+        torch.lerp(centre, rows[..., 0:w], 0.25, out=out[:, :, 2 * r])
+        torch.lerp(centre, rows[..., 2:w + 2], 0.25, out=out[:, :, 2 * r + 1])
     return out
