@@ -63,17 +63,18 @@ def add_grid_batch(stats: ClassStats, grid_logits: list[torch.Tensor], masks: to
     statistics of ``stats.update`` on the logits upsampled 2x bilinearly and their softmax, computed phase by
     phase (see the module's docstring)."""
     exits, k = len(grid_logits), stats.counts.shape[0]
-    logits = torch.cat(grid_logits, 1)  # B x (exits K) x h x w
-    batch = logits.shape[0]
+    batch = masks.shape[0]
     # one-hot row 0 collects the ignored pixels (IGNORE is -1) and is left out of the products
     rows = pixel_phases(masks).reshape(batch, 1, -1).long().add_(1)  # B x 1 x 4hw
     stats.counts += torch.bincount(rows.view(-1), minlength=k + 1)[1:].cpu()
-    step = max(1, CHUNK_ELEMENTS // logits[0].numel() // 4)
+    step = max(1, CHUNK_ELEMENTS // grid_logits[0][0].numel() // exits // 4)
     for start in range(0, batch, step):
         chunk = slice(start, start + step)
-        probs = upsampled_phases(logits[chunk])  # b x (exits K) x 4 x h x w
+        logits = torch.cat([g[chunk] for g in grid_logits], 1)  # b x (exits K) x h x w, a chunk in cache
+        low, high = torch.aminmax(logits)
+        probs = upsampled_phases(logits)  # b x (exits K) x 4 x h x w
         images = probs.shape[0]
-        probs = softmax_of_bounded(probs.view(images, exits, k, -1), float(logits[chunk].abs().amax()))
+        probs = softmax_of_bounded(probs.view(images, exits, k, -1), max(-float(low), float(high)))
         probs = probs.view(images, exits * k, -1)
         one_hot = torch.zeros(images, k + 1, probs.shape[-1], dtype=probs.dtype, device=probs.device)
         one_hot.scatter_(1, rows[chunk], 1.0)
