@@ -67,7 +67,10 @@ def add_grid_batch(stats: ClassStats, grid_logits: list[torch.Tensor], masks: to
     # one-hot row 0 collects the ignored pixels (IGNORE is -1) and is left out of the products
     rows = pixel_phases(masks).reshape(batch, 1, -1).long().add_(1)  # B x 1 x 4hw
     stats.counts += torch.bincount(rows.view(-1), minlength=k + 1)[1:].cpu()
-    step = max(1, CHUNK_ELEMENTS // grid_logits[0][0].numel() // exits // 4)
+    device = grid_logits[0].device
+    rows = rows.to(device)
+    # an accelerator takes the batch at once: its caches are not what the chunks are sized for
+    step = max(1, CHUNK_ELEMENTS // grid_logits[0][0].numel() // exits // 4) if device.type == "cpu" else batch
     for start in range(0, batch, step):
         chunk = slice(start, start + step)
         logits = torch.cat([g[chunk] for g in grid_logits], 1)  # b x (exits K) x h x w, a chunk in cache
@@ -76,7 +79,7 @@ def add_grid_batch(stats: ClassStats, grid_logits: list[torch.Tensor], masks: to
         images = probs.shape[0]
         probs = softmax_of_bounded(probs.view(images, exits, k, -1), max(-float(low), float(high)))
         probs = probs.view(images, exits * k, -1)
-        one_hot = torch.zeros(images, k + 1, probs.shape[-1], dtype=probs.dtype, device=probs.device)
+        one_hot = torch.zeros(images, k + 1, probs.shape[-1], dtype=probs.dtype, device=device)
         one_hot.scatter_(1, rows[chunk], 1.0)
         partial = torch.bmm(one_hot[:, 1:], probs.transpose(1, 2))  # per image: K x (exits K)
         stats.sums += partial.to(torch.float64).sum(0).view(k, exits, k).transpose(0, 1).cpu()
