@@ -13,13 +13,13 @@ import torch
 from eetool.choices import SEARCH_OVER
 from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
 from eetool.errors import InputError, ModelMismatchError, UsageError
+from eetool.segmentation.calibration import add_batch
 from eetool.segmentation.model import (
     EXIT_NAMES,
     EESegNet,
     early_exit_forward,
     first_exit_macs,
     plain_macs,
-    upsample,
 )
 from eetool.segmentation.thresholds import (
     BudgetFit,
@@ -119,21 +119,9 @@ def class_statistics(model: SegmentationNet, ds: Dataset, preprocess: Preprocess
     model.eval().to(device)
     with torch.no_grad(), reporter.bar(-(-len(ds) // batch_size), "class statistics") as bar:
         for x, masks in _batches(ds, preprocess, batch_size, device):
-            stats.update(exit_probabilities(model, x), masks)
+            add_batch(stats, model, x, masks)
             bar.advance()
     return stats
-
-
-def exit_probabilities(model: SegmentationNet, x: torch.Tensor) -> list[torch.Tensor]:
-    """Every exit's softmax at the input's size (B x K x H x W each), the values of ``forward_exits(x)``'s softmax:
-    eeseg's grid logits are upsampled in channels-last layout (bilinear interpolation computes the same values in
-    either layout, and on CPU this one is about 3x faster) and brought back to channels-first, where the softmax
-    over the classes is fastest."""
-    if not isinstance(model, EESegNet):
-        return [logits.softmax(1) for logits in model.forward_exits(x)]
-    size = x.shape[-2:]
-    return [upsample(logits.contiguous(memory_format=torch.channels_last), size).contiguous().softmax(1)
-            for logits in model.grid_exits(x)]
 
 
 def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:

@@ -1,0 +1,151 @@
+"""Where CBT's calibration pass spends its time, part by part, against the plain network, on eeseg.
+
+    python bench/segmentation_calibration.py --checkpoint eeseg.safetensors        # 300 Fashion-MNIST test scenes
+
+Every part runs once per round and the rounds are interleaved, so a change in the machine's load touches every
+part alike; each part reports its least CPU time over the rounds (one thread by default: then CPU time is robust
+to other processes sharing the cores). Parts, for all scenes:
+  plain           the network's own output: trunk, final head, upsampling, argmax (bench/segmentation.py's baseline)
+  trunk           stem and stages
+  every_head      trunk and the four exits' heads on the half-resolution grid (the floor of any calibration)
+  calibration     ``class_statistics``: every_head plus eq. 3.1's sums (phase by phase, eetool.segmentation.calibration)
+  dense           the same sums from full-resolution probabilities (``ClassStats.update``, the general path)
+and the statistics' own parts on grid logits computed beforehand, in the calibration's chunks:
+  upsample        the four bilinear phases of every exit (``upsampled_phases``)
+  softmax         their softmax over the classes (``softmax_of_bounded``)
+  products        one-hot ground truth and its product with the probabilities, added in float64
+The load average is printed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+from eetool.checkpoint import load_checkpoint
+from eetool.datasets import Preprocess, load_dataset
+from eetool.reporting import Reporter
+from eetool.segmentation import calibration
+from eetool.segmentation.commands import class_statistics
+from eetool.segmentation.model import EESegNet
+from eetool.segmentation.thresholds import ClassStats
+
+
+def interleaved_best(rounds: int, parts: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """The least CPU time of each part over ``rounds`` rounds that run every part in turn."""
+    best = dict.fromkeys(parts, float("inf"))
+    for _ in range(rounds):
+        for name, run in parts.items():
+            start = time.process_time()
+            run()
+            best[name] = min(best[name], time.process_time() - start)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--data", default="fashion-mnist-scenes")
+    ap.add_argument("--scenes", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    ck = load_checkpoint(args.checkpoint)
+    model = ck.model.eval()
+    if not isinstance(model, EESegNet):
+        raise SystemExit("error: --checkpoint is not an eeseg network (hint: give one from `eetool train -d "
+                         "fashion-mnist-scenes`)")
+    ds = load_dataset(args.data, "test")
+    ds = ds.subset(torch.arange(min(args.scenes, len(ds))))
+    pre = Preprocess(ck.spec.input_shape, ck.spec.mean, ck.spec.std)
+    batches = [(pre(images), masks) for images, masks, _ in ds.batches(args.batch_size)]
+    k, exits = model.num_classes, len(model.heads)
+    with torch.no_grad():
+        grids = [torch.cat(model.grid_exits(x), 1) for x, _ in batches]
+    step = max(1, calibration.CHUNK_ELEMENTS // grids[0][0].numel() // 4)
+    chunks = [(g[s:s + step], masks[s:s + step]) for g, (_, masks) in zip(grids, batches, strict=True)
+              for s in range(0, len(g), step)]
+    phases = [calibration.upsampled_phases(g) for g, _ in chunks]
+    probs = [calibration.softmax_of_bounded(p.view(len(p), exits, k, -1).clone(), float(g.abs().amax()))
+             .view(len(p), exits * k, -1) for p, (g, _) in zip(phases, chunks, strict=True)]
+    rows = [calibration.pixel_phases(masks).reshape(len(masks), 1, -1).long().add_(1) for _, masks in chunks]
+
+    # every part drops its results as it goes, as the calibration does (holding them would time fresh memory)
+    def plain() -> None:
+        for x, _ in batches:
+            model(x).max(1)
+
+    def every_head() -> None:
+        for x, _ in batches:
+            model.grid_exits(x)
+
+    def upsample() -> None:
+        for g, _ in chunks:
+            calibration.upsampled_phases(g)
+
+    def trunk() -> None:
+        for x, _ in batches:
+            h = model.stem(x)
+            for stage in model.stages:
+                h = stage(h)
+
+    def dense() -> None:
+        stats = ClassStats.empty(exits, k)
+        for x, masks in batches:
+            stats.update(calibration.exit_probabilities(model, x), masks)
+
+    def softmax() -> None:
+        for p, (g, _) in zip(phases, chunks, strict=True):
+            calibration.softmax_of_bounded(p.view(len(p), exits, k, -1).clone(), float(g.abs().amax()))
+
+    def copies() -> None:  # what ``softmax`` spends on cloning its input (it works in place)
+        for p in phases:
+            p.clone()
+
+    def products() -> None:
+        sums = torch.zeros(exits, k, k, dtype=torch.float64)
+        for r, p in zip(rows, probs, strict=True):
+            one_hot = torch.zeros(len(p), k + 1, p.shape[-1])
+            one_hot.scatter_(1, r, 1.0)
+            sums += torch.bmm(one_hot[:, 1:], p.transpose(1, 2)).to(torch.float64).sum(0).view(k, exits, k) \
+                .transpose(0, 1)
+
+    parts: dict[str, Callable[[], object]] = {
+        "plain": plain,
+        "trunk": trunk,
+        "every_head": every_head,
+        "calibration": lambda: class_statistics(model, ds, pre, args.batch_size, torch.device("cpu"), Reporter()),
+        "dense": dense,
+        "upsample": upsample,
+        "softmax_and_copy": softmax,
+        "copy": copies,
+        "products": products,
+    }
+    with torch.no_grad():
+        for run in parts.values():  # warm-up
+            run()
+        best = interleaved_best(args.repeat, parts)
+    best["softmax"] = max(0.0, best.pop("softmax_and_copy") - best.pop("copy"))
+    plain = best["plain"]
+    print(json.dumps({
+        "scenes": len(ds), "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+        "chunk_images": step, "load_before": [round(v, 2) for v in load_before],
+        "load_after": [round(v, 2) for v in os.getloadavg()],
+        "cpu_seconds": {name: round(t, 4) for name, t in best.items()},
+        "share_of_plain": {name: round(t / plain, 3) for name, t in best.items()},
+        "calibration_over_plain": round(plain / best["calibration"], 3),
+        "dense_over_plain": round(plain / best["dense"], 3),
+        "every_head_over_plain": round(plain / best["every_head"], 3),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
