@@ -19,6 +19,7 @@ from eetool.cli import app
 from eetool.errors import InputError, UsageError
 from eetool.segmentation import IGNORE
 from eetool.segmentation.data import SOLID, make_scenes
+from eetool.segmentation.masked import FeatureMap
 from eetool.segmentation.metrics import confusion, iou, mean_iou, pixel_accuracy
 from eetool.segmentation.model import (
     EESegNet,
@@ -174,9 +175,11 @@ def test_inactive_positions_keep_their_features_and_active_ones_match_the_dense_
     grid = torch.randn(2, 9, 9, 8, generator=gen)
     active = torch.rand(2, 9, 9, generator=gen) < 0.3
     block = net.stages[1][0]  # dilation 2
+    fmap = FeatureMap.of(grid.permute(0, 3, 1, 2))
     with torch.no_grad():
-        out, spent = _sparse_block(block, grid, active, PositionCosts.of(net))
+        spent = _sparse_block(block, fmap, active, PositionCosts.of(net))
         dense = block(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    out = fmap.nhwc()
     assert torch.equal(out[~active], grid[~active])  # bit for bit: never recomputed
     assert torch.allclose(out[active], dense[active], atol=1e-5)
     # the cost: the first convolution on the active positions' neighbourhoods, the second on the active ones
@@ -186,11 +189,11 @@ def test_inactive_positions_keep_their_features_and_active_ones_match_the_dense_
 
 
 def test_one_active_position_costs_its_neighbourhood_and_itself(net: EESegNet) -> None:
-    grid = torch.randn(1, 9, 9, 8)
+    grid = torch.randn(1, 8, 9, 9)
     active = torch.zeros(1, 9, 9, dtype=torch.bool)
     active[0, 4, 4] = True
     with torch.no_grad():
-        _, spent = _sparse_block(net.stages[2][0], grid, active, PositionCosts.of(net))  # dilation 4
+        spent = _sparse_block(net.stages[2][0], FeatureMap.of(grid), active, PositionCosts.of(net))  # dilation 4
     assert spent == (9 + 1) * PositionCosts.of(net).conv
 
 

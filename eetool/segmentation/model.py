@@ -29,6 +29,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from eetool.errors import UsageError
+from eetool.segmentation.masked import (
+    FeatureMap,
+    bn_rows,
+    conv_rows,
+    pointwise,
+    positions,
+    read_mask,
+    tap_rows,
+    write_active,
+)
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -192,55 +202,29 @@ class EarlyExitResult:
     executed_macs: int | None = None  # torchvision networks: what ran (``macs`` is then the analytic masked cost)
 
 
-def _gather(padded: torch.Tensor, index: tuple[torch.Tensor, ...], dilation: int
-            ) -> torch.Tensor:
-    """The 3x3 (dilated) neighbourhoods of the positions ``index`` (unpadded coordinates) in a B x H x W x C grid
-    zero-padded by ``dilation``, as rows of 9 x C values in the kernel's order: one gather of flat row numbers."""
-    b, i, j = index
-    _, hp, wp, c = padded.shape
-    taps = torch.arange(3, device=padded.device) * dilation
-    offsets = (taps[:, None] * wp + taps[None, :]).reshape(-1)
-    first = (b * hp + i) * wp + j  # the top-left tap of each position's neighbourhood
-    return padded.reshape(-1, c)[first[:, None] + offsets[None, :]].reshape(b.shape[0], -1)
-
-
-def _bn(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """Eval-mode BatchNorm on rows of channels."""
-    assert bn.running_mean is not None and bn.running_var is not None
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return x * scale + (bn.bias - bn.running_mean * scale)
-
-
-def _kernel_rows(conv: nn.Conv2d) -> torch.Tensor:
-    """Out x (9 * In) in the order ``_gather`` produces (tap-major, then channel)."""
-    return conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
-
-
-def _sparse_block(block: Block, grid: torch.Tensor, active: torch.Tensor, costs: PositionCosts
-                  ) -> tuple[torch.Tensor, int]:
-    """One residual block on the active positions of a B x H x W x C grid; the others keep their features."""
-    if bool(active.all()):  # every position: the dense convolutions compute exactly that work
-        dense = block(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
-        return dense, 2 * active.numel() * costs.conv
-    d = block.dilation
+def _sparse_block(block: Block, grid: FeatureMap, active: torch.Tensor, costs: PositionCosts,
+                  dense_above: float = 1.0) -> int:
+    """One residual block on the active positions of ``grid``, in place (the others keep their features);
+    returns the multiply-adds computed. At or above ``dense_above`` active share it runs dense over the grid and
+    keeps the inactive positions' features: the same result, and the cost counts every position."""
+    if float(active.float().mean()) >= dense_above:
+        write_active(active, block(grid.nchw()), grid)
+        return 2 * active.numel() * costs.conv
+    at = positions(active)
+    hw = (grid.height, grid.width)
+    inner = FeatureMap.empty(grid.batch, *hw, grid.channels, grid.rows)
+    taps = tap_rows(block.conv2, at, hw, inner)
     # the first convolution is needed wherever the second reads it: the active positions' neighbourhoods
-    needed = F.max_pool2d(F.pad(active[:, None].float(), (d, d, d, d)), 3, 1, 0, d)[:, 0] > 0
-    need_index = needed.nonzero(as_tuple=True)
-    act_index = active.nonzero(as_tuple=True)
-    padded = F.pad(grid, (0, 0, d, d, d, d))
-    inner_rows = F.relu(_bn(_gather(padded, need_index, d) @ _kernel_rows(block.conv1).T, block.bn1))
-    inner = torch.zeros_like(padded)
-    inner[need_index[0], need_index[1] + d, need_index[2] + d] = inner_rows
-    rows = _bn(_gather(inner, act_index, d) @ _kernel_rows(block.conv2).T, block.bn2)
-    out = grid.clone()
-    out[act_index] = F.relu(grid[act_index] + rows)
-    return out, (need_index[0].numel() + act_index[0].numel()) * costs.conv
+    needed = positions(read_mask(taps, inner))
+    inner.rows[needed] = F.relu(bn_rows(conv_rows(block.conv1, grid, tap_rows(block.conv1, needed, hw, grid)),
+                                        block.bn1))
+    rows = bn_rows(conv_rows(block.conv2, inner, taps), block.bn2)
+    grid.rows[at] = F.relu(grid.rows[at] + rows)
+    return (needed.numel() + at.numel()) * costs.conv
 
 
 def _head_rows(head: Head, rows: torch.Tensor) -> torch.Tensor:
-    hidden = F.relu(_bn(rows @ head.conv1.weight[:, :, 0, 0].T, head.bn))
-    assert head.conv2.bias is not None
-    return hidden @ head.conv2.weight[:, :, 0, 0].T + head.conv2.bias
+    return pointwise([head.conv1, head.bn, nn.ReLU(), head.conv2], rows)
 
 
 @torch.no_grad()
@@ -256,12 +240,12 @@ def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torc
     model.eval()
     costs = PositionCosts.of(model)
     batch, _, height, width = x.shape
-    grid = model.stem(x).permute(0, 2, 3, 1).contiguous()
-    gh, gw = grid.shape[1:3]
+    grid = FeatureMap.of(model.stem(x))
+    gh, gw = grid.height, grid.width
     macs = batch * gh * gw * costs.stem
     last = len(model.stages) - 1
-    grid_logits = torch.zeros(batch, gh, gw, model.num_classes, dtype=grid.dtype, device=x.device)
-    logits = torch.zeros(batch, model.num_classes, height, width, dtype=grid.dtype, device=x.device)
+    grid_logits = torch.zeros(batch, gh, gw, model.num_classes, dtype=x.dtype, device=x.device)
+    logits = torch.zeros(batch, model.num_classes, height, width, dtype=x.dtype, device=x.device)
     exit_index = torch.full((batch, height, width), last, dtype=torch.uint8, device=x.device)
     pixels = torch.ones(batch, height, width, dtype=torch.bool, device=x.device)
     active = torch.ones(batch, gh, gw, dtype=torch.bool, device=x.device)
@@ -272,11 +256,10 @@ def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torc
         stage, head = cast(nn.Sequential, model.stages[n]), cast(Head, model.heads[n])
         computed.append(int(active.sum()))
         for block in cast(list[Block], list(stage)):
-            grid, spent = _sparse_block(block, grid, active, costs)
-            macs += spent
-        index = active.nonzero(as_tuple=True)
-        grid_logits[index] = _head_rows(head, grid[index])
-        macs += index[0].numel() * costs.head
+            macs += _sparse_block(block, grid, active, costs)
+        at = positions(active)
+        grid_logits.view(-1, model.num_classes)[at] = _head_rows(head, grid.rows[at])
+        macs += at.numel() * costs.head
         up = upsample(grid_logits.permute(0, 3, 1, 2), (height, width))
         exit_macs.append(int(macs))
         if n == last:

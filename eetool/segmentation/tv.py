@@ -204,6 +204,10 @@ def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: to
     """Pixel-level early exit with ``thresholds`` (early exits x classes), as eeseg's: a pixel predicted as class j
     at early exit n leaves when its largest probability exceeds ``thresholds[n, j]``. An image stays in the
     batch, every pixel of it computed, until all its pixels have left (see the module's doc for the two costs)."""
+    if "resnet" in model.arch:
+        from eetool.segmentation import tv_masked
+
+        return tv_masked.early_exit_forward(model, x, thresholds)
     heads = model.require_exits()
     model.eval()
     costs = dense_costs(model, (int(x.shape[1]), int(x.shape[2]), int(x.shape[3])))
