@@ -50,6 +50,11 @@ if TYPE_CHECKING:
 SEGMENTATION_ARCH = "eeseg"
 EXIT_NAMES = ["exit1", "exit2", "exit3", "final"]
 DILATIONS = (1, 2, 4, 8)
+# A block with at least this share of active positions runs dense (then keeps the inactive positions' features):
+# on one CPU thread a gathered 3x3 convolution of eeseg's width 16 costs about 6x the dense one per position
+# computed, and the two break even near 0.15 to 0.2 active (dilation 1 to 4; 0.1 at dilation 8), measured with
+# a 100-scene batch by bench/segmentation.py's --crossover
+DENSE_ABOVE = 0.15
 
 
 class Block(nn.Module):
@@ -199,28 +204,35 @@ class EarlyExitResult:
     # including that exit's head
     exit_predictions: list[torch.Tensor]
     exit_macs: list[int]
-    executed_macs: int | None = None  # torchvision networks: what ran (``macs`` is then the analytic masked cost)
+    # what ran: blocks run dense above an active share count every position (``macs`` is the masked cost: eeseg's
+    # gathered positions, torchvision's analytic share of each part)
+    executed_macs: int | None = None
 
 
 def _sparse_block(block: Block, grid: FeatureMap, active: torch.Tensor, costs: PositionCosts,
-                  dense_above: float = 1.0) -> int:
-    """One residual block on the active positions of ``grid``, in place (the others keep their features);
-    returns the multiply-adds computed. At or above ``dense_above`` active share it runs dense over the grid and
-    keeps the inactive positions' features: the same result, and the cost counts every position."""
+                  dense_above: float = 1.0) -> tuple[int, int]:
+    """One residual block on the active positions of ``grid``, in place (the others keep their features).
+    Returns the multiply-adds of the masked computation (the first convolution on the active positions'
+    neighbourhoods, the second on the active positions) and those that ran: at or above ``dense_above`` active
+    share the block runs dense over the grid and keeps the inactive positions' features (the same result, every
+    position computed twice)."""
     if float(active.float().mean()) >= dense_above:
+        d = block.dilation
+        needed = F.max_pool2d(F.pad(active[:, None].float(), (d, d, d, d)), 3, 1, 0, d)[:, 0] > 0
         write_active(active, block(grid.nchw()), grid)
-        return 2 * active.numel() * costs.conv
-    at = positions(active)
+        return (int(needed.sum()) + int(active.sum())) * costs.conv, 2 * active.numel() * costs.conv
+    at = grid.index(active)
     hw = (grid.height, grid.width)
-    inner = FeatureMap.empty(grid.batch, *hw, grid.channels, grid.rows)
+    inner = FeatureMap.empty(grid.batch, *hw, grid.channels, grid.rows, grid.pad)
     taps = tap_rows(block.conv2, at, hw, inner)
     # the first convolution is needed wherever the second reads it: the active positions' neighbourhoods
-    needed = positions(read_mask(taps, inner))
+    needed = inner.index(read_mask(taps, inner))
     inner.rows[needed] = F.relu(bn_rows(conv_rows(block.conv1, grid, tap_rows(block.conv1, needed, hw, grid)),
                                         block.bn1))
     rows = bn_rows(conv_rows(block.conv2, inner, taps), block.bn2)
     grid.rows[at] = F.relu(grid.rows[at] + rows)
-    return (needed.numel() + at.numel()) * costs.conv
+    macs = (needed.numel() + at.numel()) * costs.conv
+    return macs, macs
 
 
 def _head_rows(head: Head, rows: torch.Tensor) -> torch.Tensor:
@@ -228,7 +240,8 @@ def _head_rows(head: Head, rows: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torch.Tensor) -> EarlyExitResult:
+def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torch.Tensor,
+                       dense_above: float = DENSE_ABOVE) -> EarlyExitResult:
     """Pixel-level early exit with ``thresholds`` (early exits x classes): a pixel predicted as class j at early
     exit n leaves there when its largest probability exceeds ``thresholds[n, j]``; pixels left at the end take
     the final exit's prediction. Only active positions are computed after the stem (see the module's doc);
@@ -240,12 +253,13 @@ def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torc
     model.eval()
     costs = PositionCosts.of(model)
     batch, _, height, width = x.shape
-    grid = FeatureMap.of(model.stem(x))
+    grid = FeatureMap.of(model.stem(x), pad=max(DILATIONS))
     gh, gw = grid.height, grid.width
     macs = batch * gh * gw * costs.stem
+    executed = macs
     last = len(model.stages) - 1
     grid_logits = torch.zeros(batch, gh, gw, model.num_classes, dtype=x.dtype, device=x.device)
-    logits = torch.zeros(batch, model.num_classes, height, width, dtype=x.dtype, device=x.device)
+    logits = torch.zeros(batch, height, width, model.num_classes, dtype=x.dtype, device=x.device)
     exit_index = torch.full((batch, height, width), last, dtype=torch.uint8, device=x.device)
     pixels = torch.ones(batch, height, width, dtype=torch.bool, device=x.device)
     active = torch.ones(batch, gh, gw, dtype=torch.bool, device=x.device)
@@ -256,21 +270,22 @@ def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torc
         stage, head = cast(nn.Sequential, model.stages[n]), cast(Head, model.heads[n])
         computed.append(int(active.sum()))
         for block in cast(list[Block], list(stage)):
-            macs += _sparse_block(block, grid, active, costs)
-        at = positions(active)
-        grid_logits.view(-1, model.num_classes)[at] = _head_rows(head, grid.rows[at])
-        macs += at.numel() * costs.head
-        up = upsample(grid_logits.permute(0, 3, 1, 2), (height, width))
+            masked, ran = _sparse_block(block, grid, active, costs, dense_above)
+            macs, executed = macs + masked, executed + ran
+        grid_logits.view(-1, model.num_classes)[positions(active)] = _head_rows(head, grid.rows[grid.index(active)])
+        macs += int(active.sum()) * costs.head
+        executed += int(active.sum()) * costs.head
+        # channels last: bilinear upsampling and the reductions over classes are several times faster so
+        up = upsample(grid_logits.permute(0, 3, 1, 2), (height, width)).permute(0, 2, 3, 1)
         exit_macs.append(int(macs))
-        if n == last:
-            logits = torch.where(pixels[:, None], up, logits)
-            exit_predictions.append(logits.max(1).indices)
-            break
-        top, prediction = up.max(1)
+        top, prediction = up.max(-1)
         exit_predictions.append(prediction if n == 0 else torch.where(pixels, prediction, exit_predictions[-1]))
-        confidence = 1 / (up - top[:, None]).exp().sum(1)  # the largest softmax probability
+        if n == last:
+            logits = torch.where(pixels[..., None], up, logits)
+            break
+        confidence = 1 / (up - top[..., None]).exp_().sum(-1)  # the largest softmax probability
         leave = pixels & (confidence > thresholds[n].to(confidence.device)[prediction])
-        logits = torch.where(leave[:, None], up, logits)
+        logits = torch.where(leave[..., None], up, logits)
         exit_index[leave] = n
         pixels &= ~leave
         active = F.max_pool2d(pixels[:, None].float(), 2, 2, ceil_mode=True)[:, 0] > 0
@@ -279,4 +294,5 @@ def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torc
             exit_predictions.extend([exit_predictions[-1]] * (last - n))
             exit_macs.extend([int(macs)] * (last - n))
             break
-    return EarlyExitResult(logits, exit_index, int(macs), computed, exit_predictions, exit_macs)
+    return EarlyExitResult(logits.permute(0, 3, 1, 2), exit_index, int(macs), computed, exit_predictions, exit_macs,
+                           executed_macs=executed)
