@@ -15,8 +15,13 @@ are not done at all; a block's first convolution is computed on the active posit
 (the second reads it there), its second on the active positions only. An inactive position keeps its
 features (the residual block passes them through unchanged) and its last logits, which neighbouring active
 pixels read when they are upsampled. The heads are pixelwise and run on active positions only. The stem
-always runs on every position. Costs count exactly this work (convolution and head multiply-adds;
-BatchNorm folds into the convolutions and costs none).
+always runs on every position. ``macs`` counts exactly this work (convolution and head multiply-adds;
+BatchNorm folds into the convolutions and costs none). The gathering is ``eetool.segmentation.masked``'s, on a
+grid with a zero border as wide as the largest dilation, so that every tap is a fixed row offset.
+
+On CPU a gathered convolution of eeseg's narrow blocks costs several times a dense one per position, so a block
+with at least ``DENSE_ABOVE`` of its positions active runs dense over the whole grid and then keeps the inactive
+positions' features: the same result, and ``executed_macs`` counts what ran.
 """
 
 from __future__ import annotations

@@ -8,13 +8,14 @@ BatchNorm, ReLU, 1x1 convolution to the classes, logits upsampled bilinearly to 
 backbone stages: ResNet-50's layer1, layer2 and layer3 (strides 4, 8, 8: the segmentation ResNets are dilated),
 MobileNetV3-Large's blocks 3, 6 and 12 (strides 4, 8, 16).
 
-Early exit (``early_exit_forward``) decides per pixel as for eeseg, but the backbone is dense: its convolutions
-run on every pixel of an image until all of that image's pixels have exited, and only then is the image dropped
-from the batch. Two costs are reported: ``macs``, the analytic masked cost (each part's multiply-adds times the
-share of the image's pixels still active when it runs, as ADP-C counts: the work a masked convolution would do,
-leaving out the neighbourhoods a 3x3 convolution reads), and ``executed_macs``, what actually ran (each part's
-full multiply-adds for every image still in the batch). The exit heads run on whole images in both (they are
-cheap next to the backbone).
+Early exit (``early_exit_forward``) decides per pixel as for eeseg. The ResNets compute only active positions
+after the first exit (``eetool.segmentation.tv_masked``). The MobileNets' backbone is dense: its convolutions run
+on every pixel of an image until all of that image's pixels have exited, and only then is the image dropped from
+the batch. Two costs are reported: ``macs``, the analytic masked cost (each part's multiply-adds times the share
+of the image's pixels still active when it runs, as ADP-C counts: the work a masked convolution would do,
+leaving out the neighbourhoods a 3x3 convolution reads), and ``executed_macs``, what actually ran (for the
+MobileNets each part's full multiply-adds for every image still in the batch, the exit heads on whole images;
+for the ResNets the positions computed).
 """
 
 from __future__ import annotations
