@@ -3,12 +3,17 @@ against its analytic cost, in one run on the same scenes.
 
     python bench/segmentation.py --checkpoint eeseg.safetensors            # 300 Fashion-MNIST test scenes
     python bench/segmentation.py --checkpoint eeseg.safetensors --threads 1 # on a busy machine
+    python bench/segmentation.py --checkpoint eeseg.safetensors --threads 1 --crossover  # gathered or dense blocks
 
 The calibration pass runs every exit and adds each pixel's softmax to float64 sums per exit and class
 (goal: at least 0.85 of the plain network's images/s). Its floor, ``every_head_over_plain``, is the trunk with
 every exit's head on every position and nothing upsampled: the plain network runs only the final head. Times
-are the process's CPU seconds (see ``best_of``). The early exits compute only active positions by
-gathered matrix products; their measured speed-up is printed beside 1 / cost (the analytic speed-up).
+are the process's CPU seconds (see ``best_of``). The early exits compute active positions by gathered matrix
+products in blocks below eeseg's DENSE_ABOVE share of active positions, dense blocks above it; their measured
+speed-up is printed beside 1 / cost (the analytic speed-up) and 1 / executed cost (what ran).
+
+``--crossover`` times one eeseg block of each dilation on a batch of grids, gathered against dense, at shares of
+active positions from 0.05 to 1 (blob-shaped masks, as garments leave): where the two cross is DENSE_ABOVE.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from eetool.checkpoint import load_checkpoint
 from eetool.datasets import Preprocess, load_dataset
 from eetool.reporting import Reporter
 from eetool.segmentation.commands import class_statistics
-from eetool.segmentation.model import early_exit_forward, plain_macs
+from eetool.segmentation.masked import FeatureMap
+from eetool.segmentation.model import DILATIONS, EESegNet, PositionCosts, _sparse_block, early_exit_forward, plain_macs
 
 
 def best_of(repeat: int, run: object) -> float:
@@ -46,11 +52,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--thresholds", default="0.9,0.99,0.998", help="ADP-C thresholds to time")
+    ap.add_argument("--crossover", action="store_true", help="time gathered against dense blocks instead")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     ck = load_checkpoint(args.checkpoint)
     model = ck.model.eval()
+    if args.crossover:
+        crossover(model, args.batch_size, args.repeat)
+        return
     ds = load_dataset(args.data, "test")
     ds = ds.subset(torch.arange(min(args.scenes, len(ds))))
     pre = Preprocess(ck.spec.input_shape, ck.spec.mean, ck.spec.std)
@@ -81,7 +91,9 @@ def main() -> None:
     dense = plain_macs(model, ck.spec.input_shape)
     for t in (float(v) for v in args.thresholds.split(",")):
         thresholds = torch.full((3, model.num_classes), t)
-        macs = sum(early_exit_forward(model, x, thresholds).macs for x in batches) / len(ds)
+        runs = [early_exit_forward(model, x, thresholds) for x in batches]
+        macs = sum(r.macs for r in runs) / len(ds)
+        executed = sum(r.executed_macs if r.executed_macs is not None else r.macs for r in runs) / len(ds)
 
         def early(th: torch.Tensor = thresholds) -> None:
             for x in batches:
@@ -90,9 +102,37 @@ def main() -> None:
         t_early = best_of(args.repeat, early)
         results["points"].append({"threshold": t, "cost": round(macs / dense, 4),  # type: ignore[union-attr]
                                   "analytic_speedup": round(dense / macs, 3),
+                                  "executed_cost": round(executed / dense, 4),
                                   "measured_speedup": round(t_plain / t_early, 3)})
     results["calibration_goal_met"] = t_plain / t_cal >= 0.85
     print(json.dumps(results, indent=2))
+
+
+@torch.no_grad()
+def crossover(model: EESegNet, batch: int, repeat: int) -> None:
+    """CPU milliseconds of one block per dilation, gathered and dense, by share of active positions."""
+    gen = torch.Generator().manual_seed(0)
+    side = model.stem(torch.zeros(1, *[model.in_channels, 64, 64])).shape[-1]
+    grid = torch.randn(batch, model.width, side, side, generator=gen)
+    blobs = torch.nn.functional.interpolate(torch.rand(batch, 1, 4, 4, generator=gen), (side, side),
+                                            mode="bilinear")[:, 0]
+    costs = PositionCosts.of(model)
+    rows = []
+    for share in (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0):
+        active = blobs <= blobs.quantile(share) if share < 1 else torch.ones_like(blobs, dtype=torch.bool)
+        row: dict[str, object] = {"active_share": round(float(active.float().mean()), 3)}
+        for d, stage in zip(DILATIONS, model.stages, strict=True):
+            for name, dense_above in (("gathered", float("inf")), ("dense", 0.0)):
+                fmap = FeatureMap.of(grid, max(DILATIONS))
+
+                def block(b: torch.nn.Module = next(stage.children()), f: FeatureMap = fmap, a: torch.Tensor = active,
+                          t: float = dense_above) -> None:
+                    _sparse_block(b, f, a, costs, t)  # type: ignore[arg-type]
+
+                row[f"d{d}_{name}_ms"] = round(1000 * best_of(repeat, block), 1)
+        rows.append(row)
+    print(json.dumps({"batch": batch, "grid": side, "width": model.width, "threads": torch.get_num_threads(),
+                      "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from eetool.cli import app
 from eetool.errors import InputError, UsageError
 from eetool.segmentation import IGNORE
 from eetool.segmentation.data import SOLID, make_scenes
+from eetool.segmentation.masked import FeatureMap
 from eetool.segmentation.metrics import confusion, iou, mean_iou, pixel_accuracy
 from eetool.segmentation.model import (
     EESegNet,
@@ -174,24 +175,31 @@ def test_inactive_positions_keep_their_features_and_active_ones_match_the_dense_
     grid = torch.randn(2, 9, 9, 8, generator=gen)
     active = torch.rand(2, 9, 9, generator=gen) < 0.3
     block = net.stages[1][0]  # dilation 2
+    # gathered rows always (the map padded as early_exit_forward pads it, or not), or dense over the whole grid
+    maps = [FeatureMap.of(grid.permute(0, 3, 1, 2), pad) for pad in (0, 8, 8)]
     with torch.no_grad():
-        out, spent = _sparse_block(block, grid, active, PositionCosts.of(net))
+        spent = [_sparse_block(block, fmap, active, PositionCosts.of(net), dense_above)
+                 for fmap, dense_above in zip(maps, (1.0, 1.0, 0.0), strict=True)]
         dense = block(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-    assert torch.equal(out[~active], grid[~active])  # bit for bit: never recomputed
-    assert torch.allclose(out[active], dense[active], atol=1e-5)
     # the cost: the first convolution on the active positions' neighbourhoods, the second on the active ones
     padded = torch.nn.functional.pad(active.float(), (2, 2, 2, 2))
     needed = torch.nn.functional.max_pool2d(padded[:, None], 3, 1, 0, 2)[:, 0] > 0
-    assert spent == (int(needed.sum()) + int(active.sum())) * PositionCosts.of(net).conv
+    masked = (int(needed.sum()) + int(active.sum())) * PositionCosts.of(net).conv
+    for fmap in maps:
+        out = fmap.nhwc()
+        assert torch.equal(out[~active], grid[~active])  # bit for bit: never recomputed
+        assert torch.allclose(out[active], dense[active], atol=1e-5)
+    assert spent[0] == spent[1] == (masked, masked)
+    assert spent[2] == (masked, 2 * active.numel() * PositionCosts.of(net).conv)  # the dense block ran everywhere
 
 
 def test_one_active_position_costs_its_neighbourhood_and_itself(net: EESegNet) -> None:
-    grid = torch.randn(1, 9, 9, 8)
+    grid = torch.randn(1, 8, 9, 9)
     active = torch.zeros(1, 9, 9, dtype=torch.bool)
     active[0, 4, 4] = True
     with torch.no_grad():
-        _, spent = _sparse_block(net.stages[2][0], grid, active, PositionCosts.of(net))  # dilation 4
-    assert spent == (9 + 1) * PositionCosts.of(net).conv
+        spent, ran = _sparse_block(net.stages[2][0], FeatureMap.of(grid), active, PositionCosts.of(net))  # dilation 4
+    assert spent == ran == (9 + 1) * PositionCosts.of(net).conv
 
 
 def test_exited_pixels_never_change_afterwards(net: EESegNet) -> None:
@@ -212,6 +220,12 @@ def test_exited_pixels_never_change_afterwards(net: EESegNet) -> None:
     # and fewer active pixels cost less, never more
     assert a.macs < b.macs
     assert a.active_positions[1] == b.active_positions[1] < a.active_positions[0]
+    # gathering the active rows in every block, however many are active, gives the same pixels at the masked cost;
+    # the blocks that ran dense above DENSE_ABOVE cost more than that
+    gathered = early_exit_forward(net, x, later_stay, dense_above=float("inf"))
+    assert torch.equal(gathered.exit_index, b.exit_index) and torch.allclose(gathered.logits, b.logits, atol=1e-5)
+    assert gathered.macs == gathered.executed_macs == b.macs
+    assert b.executed_macs is not None and b.executed_macs > b.macs
 
 
 def test_metrics_from_the_confusion_matrix() -> None:

@@ -169,3 +169,105 @@ def test_the_frozen_backbone_step_trains_the_heads_alone(network: TorchvisionSeg
     assert all(p.grad is None for n, p in network.named_parameters() if not n.startswith("exit_heads."))
     assert all(p.grad is not None for p in network.require_exits().parameters())
     assert all(torch.equal(v, network.state_dict()[k]) for k, v in before.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked execution of the segmentation ResNets after the first exit
+
+
+@pytest.fixture(scope="module", params=["fcn_resnet50", "deeplabv3_resnet50"])
+def resnet(request: pytest.FixtureRequest) -> TorchvisionSegNet:
+    torch.manual_seed(5)
+    net = build_model(request.param, 4, 3, {"exits": True, "head_width": 8})
+    assert isinstance(net, TorchvisionSegNet)
+    return net.eval()
+
+
+RESNET_SHAPE = (3, 48, 48)  # a 6 x 6 grid after layer1's stride 8: room for positions to be inactive
+
+
+def half_leaving(net: TorchvisionSegNet, x: torch.Tensor) -> torch.Tensor:
+    """Thresholds that let about half the pixels still present leave at each early exit."""
+    with torch.no_grad():
+        outs = net.forward_exits(x)
+    return torch.stack([o.softmax(1).amax(1).median().expand(net.num_classes) for o in outs[:3]])
+
+
+def test_a_masked_resnet_where_nobody_leaves_is_the_dense_network(resnet: TorchvisionSegNet) -> None:
+    from eetool.segmentation import tv_masked
+
+    x = torch.randn(2, *RESNET_SHAPE, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        dense = resnet(x)
+    for dense_above in (1.0, float("inf")):  # whole blocks dense once all is active, or gathered rows always
+        result = tv_masked.early_exit_forward(resnet, x, torch.full((3, 4), 2.0), dense_above=dense_above)
+        assert bool((result.exit_index == 3).all())
+        assert float((result.logits - dense).abs().max()) <= 1e-4 * float(dense.abs().max()) + 1e-5
+        assert result.macs == result.executed_macs == 2 * (plain_macs(resnet, RESNET_SHAPE)
+                                                           + sum(dense_costs(resnet, RESNET_SHAPE).heads))
+
+
+def test_a_masked_resnet_gives_the_same_result_gathered_or_dense_and_exited_pixels_never_change(
+        resnet: TorchvisionSegNet) -> None:
+    from eetool.segmentation import tv_masked
+
+    x = torch.randn(2, *RESNET_SHAPE, generator=torch.Generator().manual_seed(7))
+    thresholds = half_leaving(resnet, x)
+    gathered = tv_masked.early_exit_forward(resnet, x, thresholds, dense_above=float("inf"))
+    dense = tv_masked.early_exit_forward(resnet, x, thresholds, dense_above=0.0)
+    assert torch.equal(gathered.exit_index, dense.exit_index)
+    assert torch.allclose(gathered.logits, dense.logits, atol=1e-4)
+    assert gathered.executed_macs is not None and dense.executed_macs is not None
+    assert gathered.macs == dense.macs and gathered.executed_macs < dense.executed_macs
+    # what happens after the first exit (the others leaving at the second, or nobody before the end) does not
+    # touch the pixels that left at the first
+    stay = thresholds.clone()
+    stay[1:] = 2.0
+    later = tv_masked.early_exit_forward(resnet, x, stay, dense_above=float("inf"))
+    left = gathered.exit_index == 0
+    assert torch.equal(left, later.exit_index == 0) and 0.2 < float(left.float().mean()) < 0.8
+    assert torch.equal(gathered.logits.permute(0, 2, 3, 1)[left], later.logits.permute(0, 2, 3, 1)[left])
+
+
+def reads(active: torch.Tensor, conv: torch.nn.Conv2d, in_hw: tuple[int, int]) -> torch.Tensor:
+    """The input positions ``conv`` reads for its ``active`` outputs: a transposed convolution of ones."""
+    k, s, p, d = conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0]  # type: ignore[index]
+    reach = (active.shape[-1] - 1) * s - 2 * p + d * (k - 1) + 1
+    spread = torch.nn.functional.conv_transpose2d(active[:, None].float(), torch.ones(1, 1, k, k), stride=s,
+                                                  padding=p, dilation=d, output_padding=in_hw[-1] - reach)
+    return spread[:, 0] > 0
+
+
+def per_position(conv: torch.nn.Conv2d) -> int:
+    return conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] // conv.groups
+
+
+@pytest.mark.parametrize("resnet", ["fcn_resnet50"], indirect=True)  # the count below follows FCN's classifier
+def test_a_masked_fcn_computes_the_active_positions_only(resnet: TorchvisionSegNet) -> None:
+    from eetool.segmentation import tv_masked
+
+    x = torch.randn(2, *RESNET_SHAPE, generator=torch.Generator().manual_seed(8))
+    result = tv_masked.early_exit_forward(resnet, x, half_leaving(resnet, x), dense_above=float("inf"))
+    costs = dense_costs(resnet, RESNET_SHAPE)
+    heads = resnet.require_exits()
+    expected = 2 * (costs.stages[0] + costs.heads[0])
+    hw = (12, 12)  # layer1's grid
+    for n, layer in enumerate(("layer2", "layer3", "layer4"), start=1):
+        pixels = result.exit_index >= n  # not left before stage n
+        active = torch.nn.functional.max_pool2d(pixels[:, None].float(), 8, 8)[:, 0] > 0  # the 6 x 6 grid
+        for block in resnet.backbone[layer]:
+            expected += int(reads(active, block.conv2, hw).sum()) * per_position(block.conv1)
+            expected += int(active.sum()) * (per_position(block.conv2) + per_position(block.conv3) + (
+                0 if block.downsample is None else per_position(block.downsample[0])))
+            hw = (6, 6)
+        if n < 3:
+            expected += int(active.sum()) * (per_position(heads[n].conv1) + per_position(heads[n].conv2))
+        else:
+            expected += int(active.sum()) * (per_position(resnet.classifier[0]) + per_position(resnet.classifier[4]))
+    assert result.executed_macs == expected
+    # the analytic cost: each part's multiply-adds times the share of its image's pixels still active
+    parts = [s + h for s, h in zip(costs.stages, [*costs.heads, 0], strict=True)]
+    analytic = sum(float((image >= s).float().mean()) * part for image in result.exit_index
+                   for s, part in enumerate(parts))
+    assert result.macs == pytest.approx(analytic, rel=1e-7)  # summed in another order
+    assert result.macs < result.executed_macs < 2 * sum(parts)

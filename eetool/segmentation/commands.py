@@ -431,7 +431,7 @@ class SegmentationRun:
     # anytime: per exit, the confusion of the class map had inference stopped there, and the MACs spent up to it
     exit_confusions: list[torch.Tensor] = field(default_factory=list)
     exit_macs: list[int] = field(default_factory=list)
-    executed_macs: int | None = None  # torchvision networks: what ran (macs is the analytic masked cost)
+    executed_macs: int | None = None  # what ran (dense blocks count every position); macs is the masked cost
 
 
 def read_thresholds(path: str, ckpt: Checkpoint, num_classes: int) -> tuple[dict[str, Any], torch.Tensor]:
@@ -506,12 +506,11 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
             matrix += confusion(r.logits.argmax(1).cpu(), masks, k)
             exits += torch.bincount(r.exit_index.flatten().long().cpu(), minlength=len(EXIT_NAMES))
             macs += r.macs
-            executed += r.executed_macs or 0
+            executed += r.executed_macs if r.executed_macs is not None else r.macs
             for n, prediction in enumerate(r.exit_predictions):
                 exit_matrices[n] += confusion(prediction.cpu(), masks, k)
                 exit_macs[n] += r.exit_macs[n]
-        return SegmentationRun(matrix, seconds, exits, macs, exit_matrices, exit_macs,
-                               None if isinstance(model, EESegNet) else executed)
+        return SegmentationRun(matrix, seconds, exits, macs, exit_matrices, exit_macs, executed)
 
     runs = [plain_run, *([early_run] if thresholds is not None else [])]
     for warm_up in runs:  # kernels and allocations set up on the first batch before the timed rounds
@@ -597,13 +596,15 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
 
 
 COST_NOTE = ("multiply-adds of the positions each part computes (the stem on all; later stages, heads and the "
-             "3x3 convolutions' neighbourhoods on active positions only), normalised to the plain network; "
-             "images/s are measured, the early exits computing active positions by gathered matrix products")
+             "3x3 convolutions' neighbourhoods on active positions only), normalised to the plain network; what "
+             "ran is executed_cost: a block with at least 15% of its positions active runs dense (faster on CPU "
+             "than gathered matrix products) and counts every position; images/s are measured on what ran")
 
 
 TORCHVISION_COST_NOTE = ("analytic masked cost: each part's multiply-adds times the share of the image's pixels "
                          "still active (ADP-C's accounting), normalised to the plain network; what ran is "
-                         "executed_cost: a dense torchvision backbone computes every pixel of an image until all of "
+                         "executed_cost: the ResNets compute active positions only after the first exit (and the "
+                         "3x3 convolutions' neighbourhoods), the MobileNets every pixel of an image until all of "
                          "its pixels have exited; images/s are measured on what ran")
 
 

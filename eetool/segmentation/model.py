@@ -15,8 +15,13 @@ are not done at all; a block's first convolution is computed on the active posit
 (the second reads it there), its second on the active positions only. An inactive position keeps its
 features (the residual block passes them through unchanged) and its last logits, which neighbouring active
 pixels read when they are upsampled. The heads are pixelwise and run on active positions only. The stem
-always runs on every position. Costs count exactly this work (convolution and head multiply-adds;
-BatchNorm folds into the convolutions and costs none).
+always runs on every position. ``macs`` counts exactly this work (convolution and head multiply-adds;
+BatchNorm folds into the convolutions and costs none). The gathering is ``eetool.segmentation.masked``'s, on a
+grid with a zero border as wide as the largest dilation, so that every tap is a fixed row offset.
+
+On CPU a gathered convolution of eeseg's narrow blocks costs several times a dense one per position, so a block
+with at least ``DENSE_ABOVE`` of its positions active runs dense over the whole grid and then keeps the inactive
+positions' features: the same result, and ``executed_macs`` counts what ran.
 """
 
 from __future__ import annotations
@@ -29,6 +34,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from eetool.errors import UsageError
+from eetool.segmentation.masked import (
+    FeatureMap,
+    bn_rows,
+    conv_rows,
+    pointwise,
+    positions,
+    read_mask,
+    tap_rows,
+    write_active,
+)
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -40,6 +55,11 @@ if TYPE_CHECKING:
 SEGMENTATION_ARCH = "eeseg"
 EXIT_NAMES = ["exit1", "exit2", "exit3", "final"]
 DILATIONS = (1, 2, 4, 8)
+# A block with at least this share of active positions runs dense (then keeps the inactive positions' features):
+# on one CPU thread a gathered 3x3 convolution of eeseg's width 16 costs about 6x the dense one per position
+# computed, and the two break even near 0.15 to 0.2 active (dilation 1 to 4; 0.1 at dilation 8), measured with
+# a 100-scene batch by bench/segmentation.py's --crossover
+DENSE_ABOVE = 0.15
 
 
 class Block(nn.Module):
@@ -189,62 +209,44 @@ class EarlyExitResult:
     # including that exit's head
     exit_predictions: list[torch.Tensor]
     exit_macs: list[int]
-    executed_macs: int | None = None  # torchvision networks: what ran (``macs`` is then the analytic masked cost)
+    # what ran: blocks run dense above an active share count every position (``macs`` is the masked cost: eeseg's
+    # gathered positions, torchvision's analytic share of each part)
+    executed_macs: int | None = None
 
 
-def _gather(padded: torch.Tensor, index: tuple[torch.Tensor, ...], dilation: int
-            ) -> torch.Tensor:
-    """The 3x3 (dilated) neighbourhoods of the positions ``index`` (unpadded coordinates) in a B x H x W x C grid
-    zero-padded by ``dilation``, as rows of 9 x C values in the kernel's order: one gather of flat row numbers."""
-    b, i, j = index
-    _, hp, wp, c = padded.shape
-    taps = torch.arange(3, device=padded.device) * dilation
-    offsets = (taps[:, None] * wp + taps[None, :]).reshape(-1)
-    first = (b * hp + i) * wp + j  # the top-left tap of each position's neighbourhood
-    return padded.reshape(-1, c)[first[:, None] + offsets[None, :]].reshape(b.shape[0], -1)
-
-
-def _bn(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """Eval-mode BatchNorm on rows of channels."""
-    assert bn.running_mean is not None and bn.running_var is not None
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return x * scale + (bn.bias - bn.running_mean * scale)
-
-
-def _kernel_rows(conv: nn.Conv2d) -> torch.Tensor:
-    """Out x (9 * In) in the order ``_gather`` produces (tap-major, then channel)."""
-    return conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
-
-
-def _sparse_block(block: Block, grid: torch.Tensor, active: torch.Tensor, costs: PositionCosts
-                  ) -> tuple[torch.Tensor, int]:
-    """One residual block on the active positions of a B x H x W x C grid; the others keep their features."""
-    if bool(active.all()):  # every position: the dense convolutions compute exactly that work
-        dense = block(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
-        return dense, 2 * active.numel() * costs.conv
-    d = block.dilation
+def _sparse_block(block: Block, grid: FeatureMap, active: torch.Tensor, costs: PositionCosts,
+                  dense_above: float = 1.0) -> tuple[int, int]:
+    """One residual block on the active positions of ``grid``, in place (the others keep their features).
+    Returns the multiply-adds of the masked computation (the first convolution on the active positions'
+    neighbourhoods, the second on the active positions) and those that ran: at or above ``dense_above`` active
+    share the block runs dense over the grid and keeps the inactive positions' features (the same result, every
+    position computed twice)."""
+    if float(active.float().mean()) >= dense_above:
+        d = block.dilation
+        needed = F.max_pool2d(F.pad(active[:, None].float(), (d, d, d, d)), 3, 1, 0, d)[:, 0] > 0
+        write_active(active, block(grid.nchw()), grid)
+        return (int(needed.sum()) + int(active.sum())) * costs.conv, 2 * active.numel() * costs.conv
+    at = grid.index(active)
+    hw = (grid.height, grid.width)
+    inner = FeatureMap.empty(grid.batch, *hw, grid.channels, grid.rows, grid.pad)
+    taps = tap_rows(block.conv2, at, hw, inner)
     # the first convolution is needed wherever the second reads it: the active positions' neighbourhoods
-    needed = F.max_pool2d(F.pad(active[:, None].float(), (d, d, d, d)), 3, 1, 0, d)[:, 0] > 0
-    need_index = needed.nonzero(as_tuple=True)
-    act_index = active.nonzero(as_tuple=True)
-    padded = F.pad(grid, (0, 0, d, d, d, d))
-    inner_rows = F.relu(_bn(_gather(padded, need_index, d) @ _kernel_rows(block.conv1).T, block.bn1))
-    inner = torch.zeros_like(padded)
-    inner[need_index[0], need_index[1] + d, need_index[2] + d] = inner_rows
-    rows = _bn(_gather(inner, act_index, d) @ _kernel_rows(block.conv2).T, block.bn2)
-    out = grid.clone()
-    out[act_index] = F.relu(grid[act_index] + rows)
-    return out, (need_index[0].numel() + act_index[0].numel()) * costs.conv
+    needed = inner.index(read_mask(taps, inner))
+    inner.rows[needed] = F.relu(bn_rows(conv_rows(block.conv1, grid, tap_rows(block.conv1, needed, hw, grid)),
+                                        block.bn1))
+    rows = bn_rows(conv_rows(block.conv2, inner, taps), block.bn2)
+    grid.rows[at] = F.relu(grid.rows[at] + rows)
+    macs = (needed.numel() + at.numel()) * costs.conv
+    return macs, macs
 
 
 def _head_rows(head: Head, rows: torch.Tensor) -> torch.Tensor:
-    hidden = F.relu(_bn(rows @ head.conv1.weight[:, :, 0, 0].T, head.bn))
-    assert head.conv2.bias is not None
-    return hidden @ head.conv2.weight[:, :, 0, 0].T + head.conv2.bias
+    return pointwise([head.conv1, head.bn, nn.ReLU(), head.conv2], rows)
 
 
 @torch.no_grad()
-def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torch.Tensor) -> EarlyExitResult:
+def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torch.Tensor,
+                       dense_above: float = DENSE_ABOVE) -> EarlyExitResult:
     """Pixel-level early exit with ``thresholds`` (early exits x classes): a pixel predicted as class j at early
     exit n leaves there when its largest probability exceeds ``thresholds[n, j]``; pixels left at the end take
     the final exit's prediction. Only active positions are computed after the stem (see the module's doc);
@@ -256,12 +258,13 @@ def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torc
     model.eval()
     costs = PositionCosts.of(model)
     batch, _, height, width = x.shape
-    grid = model.stem(x).permute(0, 2, 3, 1).contiguous()
-    gh, gw = grid.shape[1:3]
+    grid = FeatureMap.of(model.stem(x), pad=max(DILATIONS))
+    gh, gw = grid.height, grid.width
     macs = batch * gh * gw * costs.stem
+    executed = macs
     last = len(model.stages) - 1
-    grid_logits = torch.zeros(batch, gh, gw, model.num_classes, dtype=grid.dtype, device=x.device)
-    logits = torch.zeros(batch, model.num_classes, height, width, dtype=grid.dtype, device=x.device)
+    grid_logits = torch.zeros(batch, gh, gw, model.num_classes, dtype=x.dtype, device=x.device)
+    logits = torch.zeros(batch, height, width, model.num_classes, dtype=x.dtype, device=x.device)
     exit_index = torch.full((batch, height, width), last, dtype=torch.uint8, device=x.device)
     pixels = torch.ones(batch, height, width, dtype=torch.bool, device=x.device)
     active = torch.ones(batch, gh, gw, dtype=torch.bool, device=x.device)
@@ -272,22 +275,22 @@ def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torc
         stage, head = cast(nn.Sequential, model.stages[n]), cast(Head, model.heads[n])
         computed.append(int(active.sum()))
         for block in cast(list[Block], list(stage)):
-            grid, spent = _sparse_block(block, grid, active, costs)
-            macs += spent
-        index = active.nonzero(as_tuple=True)
-        grid_logits[index] = _head_rows(head, grid[index])
-        macs += index[0].numel() * costs.head
-        up = upsample(grid_logits.permute(0, 3, 1, 2), (height, width))
+            masked, ran = _sparse_block(block, grid, active, costs, dense_above)
+            macs, executed = macs + masked, executed + ran
+        grid_logits.view(-1, model.num_classes)[positions(active)] = _head_rows(head, grid.rows[grid.index(active)])
+        macs += int(active.sum()) * costs.head
+        executed += int(active.sum()) * costs.head
+        # channels last: bilinear upsampling and the reductions over classes are several times faster so
+        up = upsample(grid_logits.permute(0, 3, 1, 2), (height, width)).permute(0, 2, 3, 1)
         exit_macs.append(int(macs))
-        if n == last:
-            logits = torch.where(pixels[:, None], up, logits)
-            exit_predictions.append(logits.max(1).indices)
-            break
-        top, prediction = up.max(1)
+        top, prediction = up.max(-1)
         exit_predictions.append(prediction if n == 0 else torch.where(pixels, prediction, exit_predictions[-1]))
-        confidence = 1 / (up - top[:, None]).exp().sum(1)  # the largest softmax probability
+        if n == last:
+            logits = torch.where(pixels[..., None], up, logits)
+            break
+        confidence = 1 / (up - top[..., None]).exp_().sum(-1)  # the largest softmax probability
         leave = pixels & (confidence > thresholds[n].to(confidence.device)[prediction])
-        logits = torch.where(leave[:, None], up, logits)
+        logits = torch.where(leave[..., None], up, logits)
         exit_index[leave] = n
         pixels &= ~leave
         active = F.max_pool2d(pixels[:, None].float(), 2, 2, ceil_mode=True)[:, 0] > 0
@@ -296,4 +299,5 @@ def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torc
             exit_predictions.extend([exit_predictions[-1]] * (last - n))
             exit_macs.extend([int(macs)] * (last - n))
             break
-    return EarlyExitResult(logits, exit_index, int(macs), computed, exit_predictions, exit_macs)
+    return EarlyExitResult(logits.permute(0, 3, 1, 2), exit_index, int(macs), computed, exit_predictions, exit_macs,
+                           executed_macs=executed)

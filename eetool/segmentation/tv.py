@@ -8,13 +8,14 @@ BatchNorm, ReLU, 1x1 convolution to the classes, logits upsampled bilinearly to 
 backbone stages: ResNet-50's layer1, layer2 and layer3 (strides 4, 8, 8: the segmentation ResNets are dilated),
 MobileNetV3-Large's blocks 3, 6 and 12 (strides 4, 8, 16).
 
-Early exit (``early_exit_forward``) decides per pixel as for eeseg, but the backbone is dense: its convolutions
-run on every pixel of an image until all of that image's pixels have exited, and only then is the image dropped
-from the batch. Two costs are reported: ``macs``, the analytic masked cost (each part's multiply-adds times the
-share of the image's pixels still active when it runs, as ADP-C counts: the work a masked convolution would do,
-leaving out the neighbourhoods a 3x3 convolution reads), and ``executed_macs``, what actually ran (each part's
-full multiply-adds for every image still in the batch). The exit heads run on whole images in both (they are
-cheap next to the backbone).
+Early exit (``early_exit_forward``) decides per pixel as for eeseg. The ResNets compute only active positions
+after the first exit (``eetool.segmentation.tv_masked``). The MobileNets' backbone is dense: its convolutions run
+on every pixel of an image until all of that image's pixels have exited, and only then is the image dropped from
+the batch. Two costs are reported: ``macs``, the analytic masked cost (each part's multiply-adds times the share
+of the image's pixels still active when it runs, as ADP-C counts: the work a masked convolution would do,
+leaving out the neighbourhoods a 3x3 convolution reads), and ``executed_macs``, what actually ran (for the
+MobileNets each part's full multiply-adds for every image still in the batch, the exit heads on whole images;
+for the ResNets the positions computed).
 """
 
 from __future__ import annotations
@@ -204,6 +205,10 @@ def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: to
     """Pixel-level early exit with ``thresholds`` (early exits x classes), as eeseg's: a pixel predicted as class j
     at early exit n leaves when its largest probability exceeds ``thresholds[n, j]``. An image stays in the
     batch, every pixel of it computed, until all its pixels have left (see the module's doc for the two costs)."""
+    if "resnet" in model.arch:
+        from eetool.segmentation import tv_masked
+
+        return tv_masked.early_exit_forward(model, x, thresholds)
     heads = model.require_exits()
     model.eval()
     costs = dense_costs(model, (int(x.shape[1]), int(x.shape[2]), int(x.shape[3])))

@@ -1,0 +1,172 @@
+"""Masked execution: convolutions computed at chosen output positions only, shared by eeseg and the torchvision
+ResNet backbones.
+
+A ``FeatureMap`` holds B x H x W x C features as flat rows (one per position, channels last) followed by one row
+of zeros: a convolution's taps that fall outside the map read that row, which is zero padding without padding
+or copying the map. ``tap_rows`` lists, for each output position to compute, the rows its kernel reads (stride,
+padding and dilation as the convolution has them); ``conv_rows`` gathers them with one ``index_select`` and
+multiplies by the kernel as one matrix product (a depthwise kernel: one weighted sum per channel). ``read_mask``
+says which input positions those taps read, so that a preceding pointwise convolution is computed there and
+nowhere else. BatchNorm (eval mode) is applied per row; activations and eval-mode dropout act on rows as they
+are. Multiply-adds are counted per computed row: ``macs_per_position`` of each convolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class FeatureMap:
+    rows: torch.Tensor  # (B * (H + 2 pad) * (W + 2 pad) + 1) x C: the positions, a border of zeros, a zero row
+    batch: int
+    height: int
+    width: int
+    pad: int = 0  # a border of zeros this wide: a "same" convolution's taps need no bounds check
+
+    @classmethod
+    def empty(cls, batch: int, height: int, width: int, channels: int, like: torch.Tensor, pad: int = 0
+              ) -> FeatureMap:
+        """Uninitialised positions (only those written are ever read), the zero border and the zero row."""
+        if pad:
+            return cls.zeros(batch, height, width, channels, like, pad)
+        rows = torch.empty(batch * height * width + 1, channels, dtype=like.dtype, device=like.device)
+        rows[-1] = 0
+        return cls(rows, batch, height, width)
+
+    @classmethod
+    def zeros(cls, batch: int, height: int, width: int, channels: int, like: torch.Tensor, pad: int = 0
+              ) -> FeatureMap:
+        rows = torch.zeros(batch * (height + 2 * pad) * (width + 2 * pad) + 1, channels, dtype=like.dtype,
+                           device=like.device)
+        return cls(rows, batch, height, width, pad)
+
+    @classmethod
+    def of(cls, x: torch.Tensor, pad: int = 0) -> FeatureMap:
+        """A copy of a B x C x H x W tensor."""
+        b, c, h, w = x.shape
+        fmap = cls.empty(b, h, w, c, x, pad)
+        fmap.nhwc().copy_(x.permute(0, 2, 3, 1))
+        return fmap
+
+    @property
+    def channels(self) -> int:
+        return int(self.rows.shape[1])
+
+    def padded(self) -> torch.Tensor:
+        p = self.pad
+        return self.rows[:-1].view(self.batch, self.height + 2 * p, self.width + 2 * p, self.channels)
+
+    def nhwc(self) -> torch.Tensor:
+        p = self.pad
+        return self.padded()[:, p:p + self.height, p:p + self.width]
+
+    def nchw(self) -> torch.Tensor:
+        """A view in channels-last memory format: what torch's dense convolutions take (a copy when padded)."""
+        return self.nhwc().permute(0, 3, 1, 2)
+
+    def index(self, mask: torch.Tensor) -> torch.Tensor:
+        """The row numbers of a B x H x W mask's true positions."""
+        p = self.pad
+        return positions(F.pad(mask, (p, p, p, p)) if p else mask)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """The flat numbers of a mask's true positions."""
+    return mask.reshape(-1).nonzero()[:, 0]
+
+
+def out_size(conv: nn.Conv2d, height: int, width: int) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    ph, pw = cast(tuple[int, int], conv.padding)  # torch's type allows 'same', which eetool's networks don't use
+    return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def tap_rows(conv: nn.Conv2d, out_rows: torch.Tensor, out_hw: tuple[int, int], src: FeatureMap) -> torch.Tensor:
+    """N x taps: the rows of ``src`` that ``conv`` reads for each output position, in the kernel's order.
+
+    On ``src``'s own grid (stride 1, "same" padding within ``src.pad``) the outputs are given by ``src``'s row
+    numbers and each tap is a fixed offset from them. Otherwise ``src`` is unpadded, the outputs are flat
+    positions of an ``out_hw`` grid, and taps outside the map read the zero row."""
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    ph, pw = cast(tuple[int, int], conv.padding)  # torch's type allows 'same', which eetool's networks don't use
+    ky, kx = torch.arange(kh, device=out_rows.device) * dh, torch.arange(kw, device=out_rows.device) * dw
+    if out_hw == (src.height, src.width) and (sh, sw) == (1, 1) and (2 * ph, 2 * pw) == (dh * (kh - 1), dw * (kw - 1)):
+        if (kh, kw) == (1, 1):
+            return out_rows[:, None]
+        if max(ph, pw) <= src.pad:
+            stride = src.width + 2 * src.pad
+            return out_rows[:, None] + ((ky - ph)[:, None] * stride + (kx - pw)[None, :]).reshape(1, -1)
+    assert src.pad == 0, "taps of a padded map: same-size convolutions only"
+    oh, ow = out_hw
+    b, rest = out_rows // (oh * ow), out_rows % (oh * ow)
+    i, j = rest // ow, rest % ow
+    ys = (i * sh - ph)[:, None, None] + ky[None, :, None]
+    xs = (j * sw - pw)[:, None, None] + kx[None, None, :]
+    inside = (ys >= 0) & (ys < src.height) & (xs >= 0) & (xs < src.width)
+    flat = (b[:, None, None] * src.height + ys) * src.width + xs
+    return torch.where(inside, flat, src.rows.shape[0] - 1).reshape(out_rows.numel(), -1)
+
+
+def read_mask(taps: torch.Tensor, src: FeatureMap) -> torch.Tensor:
+    """B x H x W: the positions of ``src`` that ``taps`` read (not its zero border or row)."""
+    read = torch.zeros(src.rows.shape[0], dtype=torch.bool, device=taps.device)
+    read[taps.reshape(-1)] = True
+    p = src.pad
+    return read[:-1].view(src.batch, src.height + 2 * p, src.width + 2 * p)[:, p:p + src.height, p:p + src.width]
+
+
+def kernel_rows(conv: nn.Conv2d) -> torch.Tensor:
+    """Out x (taps * In) in the order ``conv_rows`` gathers (tap-major, then channel)."""
+    return conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
+
+
+def conv_rows(conv: nn.Conv2d, src: FeatureMap, taps: torch.Tensor) -> torch.Tensor:
+    """N x Out: ``conv`` at the positions whose taps are ``taps`` (``tap_rows``)."""
+    n, t = taps.shape
+    gathered = src.rows.index_select(0, taps.reshape(-1))
+    if conv.groups == 1:
+        out = gathered.view(n, t * src.channels) @ kernel_rows(conv).T
+    elif conv.groups == conv.in_channels == conv.out_channels:  # depthwise: one filter per channel
+        out = (gathered.view(n, t, src.channels) * conv.weight.reshape(src.channels, t).T).sum(1)
+    else:
+        raise NotImplementedError(f"grouped convolution with {conv.groups} groups")
+    return out if conv.bias is None else out + conv.bias
+
+
+def bn_rows(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """Eval-mode BatchNorm on rows of channels."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return x * scale + (bn.bias - bn.running_mean * scale)
+
+
+def pointwise(modules: list[nn.Module], rows: torch.Tensor) -> torch.Tensor:
+    """1x1 convolutions, BatchNorm and elementwise modules (activations, eval-mode dropout) on rows."""
+    for m in modules:
+        if isinstance(m, nn.Conv2d):
+            assert m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1
+            rows = rows @ m.weight[:, :, 0, 0].T if m.bias is None else F.linear(rows, m.weight[:, :, 0, 0], m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            rows = bn_rows(rows, m)
+        else:
+            rows = m(rows)
+    return rows
+
+
+def macs_per_position(conv: nn.Conv2d) -> int:
+    return conv.out_channels * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+
+
+def write_active(active: torch.Tensor, dense: torch.Tensor, out: FeatureMap) -> None:
+    """Writes a dense B x C x H x W result at the ``active`` positions of ``out``, keeping the others."""
+    inner = out.nhwc()
+    if bool(active.all()):
+        inner.copy_(dense.permute(0, 2, 3, 1))
+    else:
+        inner.copy_(torch.where(active[..., None], dense.permute(0, 2, 3, 1), inner))
