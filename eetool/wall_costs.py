@@ -279,10 +279,12 @@ def _timer(device: torch.device | str) -> Callable[[], float]:
 def measure_wall_costs(exit_model: ExitModel, decide: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                        data: Dataset,
                        preprocess: Preprocess, *, batch_size: int, device: torch.device | str = "cpu",
-                       batches: int = 3, repeats: int = 5) -> WallCosts:
+                       batches: int | None = None, repeats: int = 5) -> WallCosts:
     """Each stage's, exit decision's and compaction's wall time on the first ``batches`` batches of ``data``, cut
     to each of ``measured_batch_sizes(batch_size)`` (see the module docstring); ``decide(j, features)`` is the
-    exit rule's work at exit j."""
+    exit rule's work at exit j. By default 3 batches, or as many as make 64 samples where batches are smaller:
+    a small batch's parts take microseconds, and more of them steady the medians at no great cost."""
+    batches = batches or max(3, 64 // batch_size)
     if exit_model.stages is None:
         raise UsageError("--overhead measured times the model stage by stage, and this model cannot be split at "
                          "its exits", "use --overhead analytic")

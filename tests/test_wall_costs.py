@@ -232,13 +232,17 @@ def test_measured_overhead_through_the_cli(tiny_checkpoint: str, tiny_data: str,
                        tiny_data, "--sweep", "--step", "0.05", "--overhead", "measured", "--batch-size", "32",
                        "-o", fitted))
     assert "measured wall time" in result.stdout and "MACs cost" in result.stdout
-    assert "timing stages and exit decisions at batch 32" in result.stderr
+    assert "timing stages and exit decisions at batch 32 and at 1, 2, 8, 16" in result.stderr
     doc = yaml.safe_load(fitted.read_text())
     assert doc["cost_basis"] == "wall-time"
     wall = doc["wall_time"]
     assert (wall["batch_size"], wall["threads"]) == (32, torch.get_num_threads())
     assert len(wall["stage_seconds"]) == len(wall["decision_seconds"]) + 1 == len(doc["provenance"]["exits"]) + 1
     assert wall["plain_seconds"] == pytest.approx(sum(wall["stage_seconds"]), rel=1e-4)
+    # every batch size timed, the full one's parts also at the top level
+    assert wall["batch_sizes"] == [b["batch_size"] for b in wall["by_batch_size"]] == [1, 2, 8, 16, 32]
+    assert wall["by_batch_size"][-1]["stage_seconds"] == wall["stage_seconds"]
+    assert all(1 <= p["fits"] <= MAX_FITS and isinstance(p["converged"], bool) for p in doc["points"])
     # a sweep, so that no budget depends on how fast this machine runs the decisions
     assert doc["points"] and all(0 < p["cost"] <= p["budget"] + 1e-9 and p["macs_cost"] > 0 for p in doc["points"])
     evaluated = json.loads(ok(invoke("evaluate", "-c", tiny_checkpoint, "-d", tiny_data, "--exit-heads", heads,
