@@ -12,9 +12,9 @@ part and every batch size of a round alike; each part's time is the median over 
 
 The model. Step j is stage j with exit j's decision and compaction (the last step is the model's head alone);
 T_j(n) is its time on a batch of n samples, linear between the measured batch sizes and from (0, 0) to the
-smallest. Where measurements disagree with two facts of batched work, a larger batch never takes less time
-and never more time per sample, the dearer reading is kept (per sample from the larger batches down, then time
-from the smaller batches up), so that T_j is non-decreasing and T_j(n) / n non-increasing in n. Thresholds
+smallest. A larger batch never takes less time: where a measurement says so (noise), the smaller batch's time
+is kept for it too, so that T_j is non-decreasing in n. (Time per sample is not made monotone: on a CPU a large
+batch can cost more per sample than a middling one, its features no longer fitting the caches.) Thresholds
 that let a fraction r_j of the samples reach step j cost, per batch of B, sum_j T_j(r_j B); divided by the plain
 model's time at B (its stages' times: the plain model run stage by stage) this is the cost a budget bounds, and
 the plain model is 1. Because T_j is non-decreasing, letting a sample leave earlier never raises the cost.
@@ -106,13 +106,12 @@ class WallCosts:
 
     def step_seconds(self) -> list[list[float]]:
         """Per step (stage j with exit j's decision and compaction; the last, the head), seconds per batch at each
-        measured batch size, made monotone (module docstring)."""
-        sizes = [p.batch_size for p in self.by_batch_size]
+        measured batch size, made non-decreasing (module docstring)."""
         steps = []
         for j in range(self.num_exits + 1):
             times = [p.stage_seconds[j] + (p.decision_seconds[j] + p.compaction_seconds[j] if j < self.num_exits
                                            else 0.0) for p in self.by_batch_size]
-            steps.append(_monotone(sizes, times))
+            steps.append(_monotone(times))
         return steps
 
     def exit_costs(self, reach: Sequence[float]) -> list[float]:
@@ -133,7 +132,8 @@ class WallCosts:
         return out
 
     def normalised_exit_costs(self) -> list[float]:
-        """Exit costs with every step at the full batch size: the cheapest per sample, the first fit's."""
+        """Exit costs with every step at the full batch size: the first fit's, and exact at the ends of the reachable
+        range (everyone at the first exit, nobody leaving early)."""
         return self.exit_costs([1.0] * (self.num_exits + 1))
 
     def model_cost(self, exits: torch.Tensor) -> float:
@@ -160,14 +160,9 @@ def _rounded(seconds: list[float]) -> list[float]:
     return [float(f"{s:.6g}") for s in seconds]
 
 
-def _monotone(sizes: Sequence[int], times: Sequence[float]) -> list[float]:
-    """``times`` at ascending ``sizes`` made non-decreasing, and non-increasing per sample, keeping the dearer
-    reading: per sample from the largest batch down, then time from the smallest batch up (the second step keeps
-    the first's property: raising a time to a smaller batch's lowers its per-sample time below that batch's)."""
-    per_sample = [t / n for t, n in zip(times, sizes, strict=True)]
-    for k in range(len(per_sample) - 2, -1, -1):
-        per_sample[k] = max(per_sample[k], per_sample[k + 1])
-    out = [q * n for q, n in zip(per_sample, sizes, strict=True)]
+def _monotone(times: Sequence[float]) -> list[float]:
+    """``times`` at ascending batch sizes made non-decreasing, keeping the dearer reading."""
+    out = list(times)
     for k in range(1, len(out)):
         out[k] = max(out[k], out[k - 1])
     return out

@@ -92,14 +92,11 @@ def _stats(n: int = 300, seed: int = 0) -> ExitStats:
 
 
 def test_made_monotone_keeps_the_dearer_reading() -> None:
-    # per sample dearer at 16 than at 4 (a cache effect, or noise), and batch 4 faster than batch 1
-    wall = WallCosts([PartSeconds(1, [1.0], [], []), PartSeconds(4, [0.8], [], []), PartSeconds(16, [4.0], [], [])],
+    # batch 4 measured faster than batch 1 (noise), and batch 16 dearer per sample than batch 4 (the caches)
+    wall = WallCosts([PartSeconds(1, [1.0], [], []), PartSeconds(4, [0.8], [], []), PartSeconds(16, [6.0], [], [])],
                      threads=1, batches=1, repeats=1)
     (times,) = wall.step_seconds()
-    assert times == pytest.approx([1.0, 1.0, 4.0])  # batch 4 at 16's per-sample time, then not below batch 1
-    assert all(a <= b for a, b in zip(times, times[1:], strict=False))
-    per_sample = [t / n for t, n in zip(times, [1, 4, 16], strict=True)]
-    assert all(a >= b for a, b in zip(per_sample, per_sample[1:], strict=False))
+    assert times == [1.0, 1.0, 6.0]  # a larger batch never faster; the per-sample times as measured otherwise
 
 
 def test_costs_are_monotone() -> None:
@@ -109,7 +106,8 @@ def test_costs_are_monotone() -> None:
         reach = [1.0, *sorted(torch.rand(2, generator=gen).tolist(), reverse=True)]
         costs = wall.exit_costs(reach)
         assert all(a < b for a, b in zip(costs, costs[1:], strict=False))  # later exits cost more
-        # fewer samples reaching the later steps: each costs as much or more per sample
+        # fewer samples reaching the later steps: each costs as much or more per sample (the table's
+        # per-sample times fall with the batch size)
         fewer = [reach[0], *(r * float(torch.rand(1, generator=gen)) for r in reach[1:])]
         assert all(a <= b + 1e-12 for a, b in zip(costs, wall.exit_costs(fewer), strict=True))
     # letting samples leave earlier never raises the model cost
