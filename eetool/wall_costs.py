@@ -28,9 +28,11 @@ was fitted on were those of other thresholds) is replaced by the most accurate s
 same costs whose model cost is within it; the model cost only falls along the walk, so that step is found by
 bisection. The loop has converged when a fit lets the same number of samples reach every step as the fit
 before it: its per-sample costs are then its own, the next fit would be the same, and its cost as a mean of
-per-sample costs is its model cost. Of the fits made, the most accurate one is kept, and every one is within
-the budget under the model. At batch 1 no batch shrinks: T_j(r_j) = r_j T_j(1), the per-sample costs do not
-depend on the thresholds and the first fit is the fixed point.
+per-sample costs is its model cost. The greedy walk's discrete choices can also make the fits go round a cycle
+(on the demo, fits alternating between two or five points); the loop stops when a fit repeats any earlier one.
+Of the fits made, the most accurate one is kept, and every one is within the budget under the model. At
+batch 1 no batch shrinks: T_j(r_j) = r_j T_j(1), the per-sample costs do not depend on the thresholds and the
+first fit is the fixed point.
 
 The numbers hold for the machine, thread count and batch size they were measured at.
 """
@@ -239,7 +241,8 @@ def sweep_wall(stats: ExitStats, wall: WallCosts, budgets: list[float], search: 
 
     points = []
     for budget in (b for b in budgets if low <= b <= min(high, 1.0)):
-        costed, tried, reached = full, [], None
+        costed, tried = full, []
+        reached: list[list[int]] = []  # how many samples each fit lets reach every step
         for fit in range(1, max_fits + 1):
             t = (greedy(costed, budget, path_of(costed)) if search == "greedy"
                  else bisect(costed, budget, tol=tol, generator=generator))
@@ -249,10 +252,11 @@ def sweep_wall(stats: ExitStats, wall: WallCosts, budgets: list[float], search: 
                 exits = exit_index(stats.confidence, t)
             counts = _reach_counts(exits, n_exits)
             accuracy = float(stats.correct.gather(1, exits[:, None]).double().mean())
-            tried.append(WallPoint(budget, wall.model_cost(exits), accuracy, t.tolist(), fit, counts == reached))
-            if counts == reached:
+            tried.append(WallPoint(budget, wall.model_cost(exits), accuracy, t.tolist(), fit,
+                                   bool(reached) and counts == reached[-1]))
+            if counts in reached:  # a fixed point, or the fits would go round the same cycle again
                 break
-            reached = counts
+            reached.append(counts)
             costed = _with_costs(stats, wall.exit_costs(reach_fractions(exits, n_exits)))
         best = max(tried, key=lambda p: (p.accuracy, p.fits))  # the later fit on ties
         best.fits, best.converged = len(tried), tried[-1].converged

@@ -85,9 +85,10 @@ def command(
     threshold: Annotated[float, typer.Option("--threshold", help="adp-c: the one threshold of every pixel.",
                                              rich_help_panel=SEARCH)] = 0.998,
     overhead: Annotated[str, typer.Option("--overhead", help="analytic: costs are MACs (stages and decisions, from "
-                                          "the cost model); measured: each stage's and exit decision's wall time, "
-                                          "timed on --checkpoint with --data at --batch-size, so that budgets are "
-                                          "met in wall time on this machine and thread count.",
+                                          "the cost model); measured: each stage's, exit decision's and compaction's "
+                                          "wall time, timed on --checkpoint with --data at --batch-size and at the "
+                                          "smaller batch sizes compaction leaves, so that budgets are met in wall "
+                                          "time on this machine, thread count and batch size.",
                                           rich_help_panel=SEARCH,
                                           autocompletion=prefix_completer(OVERHEADS))] = "analytic",
     force: ForceOpt = False,
