@@ -388,6 +388,9 @@ def main() -> None:
                                   "speedup_max": round(max(ups), 3),
                                   "speedup_x": round(statistics.median(ups) * scale, 3),
                                   "best_speedup_x": round(best * scale, 3),
+                                  # the measured speed-up against the one the wall-time model promised
+                                  **({"speedup_x_model_cost": round(statistics.median(ups) * model_cost, 3)}
+                                     if model_cost is not None else {}),
                                   "plain_s": [round(r[0], 4) for r in times],
                                   "point_s": [round(r[i + 1], 4) for r in times]}
                 rows.append(row)
@@ -395,7 +398,9 @@ def main() -> None:
                 print(f"{method:9s} b{batch_size:<3d} {basis} budget {budget:.2f} MACs cost {cost:.3f} speed-up "
                       f"{w['speedup']:.2f} ({w['speedup_min']:.2f}-{w['speedup_max']:.2f}) x {scaled_by[basis]} "
                       f"{w['speedup_x']:.2f} (best rounds {w['best_speedup_x']:.2f}); CPU time {c['speedup']:.2f} "
-                      f"({c['speedup_min']:.2f}-{c['speedup_max']:.2f}) x {c['speedup_x']:.2f}", file=sys.stderr)
+                      f"({c['speedup_min']:.2f}-{c['speedup_max']:.2f}) x {c['speedup_x']:.2f}"
+                      + (f"; x the model's cost {model_cost:.3f}: wall {w['speedup_x_model_cost']:.2f}, CPU "
+                         f"{c['speedup_x_model_cost']:.2f}" if model_cost is not None else ""), file=sys.stderr)
             print(f"  ({time.perf_counter() - t0:.0f} s, load {Path('/proc/loadavg').read_text().split()[0]})",
                   file=sys.stderr)
     print_summary(rows, methods, budgets)
