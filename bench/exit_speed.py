@@ -3,6 +3,7 @@
     python bench/exit_speed.py                    # both thread settings' view: default threads
     python bench/exit_speed.py --threads 1        # one thread: less noise where other work shares the cores
     python bench/exit_speed.py --profile          # instead: where an early-exit batch spends its time, per exit
+    python bench/exit_speed.py --threads 1 --overhead measured   # also wall-time budgets, in the same rounds
 
 On the shipped checkpoint and the demo set: class means (calibrate-means on the training split), SDN
 heads trained for one epoch (train-exits, backbone frozen) and thresholds at budgets from 0.15 to 0.9
@@ -13,6 +14,13 @@ speed-up of a round compares runs of that round only. Reported per point: the co
 model's own head = 1), the median speed-up over the rounds with its range, and speed-up x cost (1.0
 means the wall time tracks the MACs exactly). Goal (issue 14, batch 256): speed-up x cost >= 0.9 at
 cost 0.5, >= 0.8 at cost 0.25 and >= 0.7 at cost 0.15; batch 1 is reported beside it.
+
+``--overhead measured`` also fits every method's thresholds with ``fit-thresholds --overhead measured`` at the
+same budgets, at each batch size and thread count timed (a wall-time budget holds for those only), and runs
+them in the same rounds: there the budget is a fraction of the plain model's wall time, and speed-up x budget
+is what to read (1.0: the budget met exactly). Every run is timed by the wall clock and by the process's CPU
+time: at one thread the CPU time leaves out the time other work on a shared machine takes the core away, so
+its ratios move less with the load; both are reported, with the goal checked against each.
 """
 
 from __future__ import annotations
@@ -20,12 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,10 +55,19 @@ GOALS = {0.5: 0.9, 0.25: 0.8, 0.15: 0.7}  # cost -> least speed-up x cost (batch
 
 def _eetool(*args: str) -> None:
     """One eetool command; a failure ends the benchmark with exit code 2, as every benchmark here does."""
+    _failed(_eetool_run(*args))
+
+
+def _eetool_run(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    done = subprocess.run([sys.executable, "-m", "eetool", *args, "--force", "-q", "--no-progress"], env=env)
+    return subprocess.run([sys.executable, "-m", "eetool", *args, "--force", "-q", "--no-progress"], env=env,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _failed(done: subprocess.CompletedProcess[str]) -> None:
     if done.returncode:
-        print(f"eetool {args[0]} failed (exit {done.returncode})", file=sys.stderr)
+        print(done.stderr, end="", file=sys.stderr)
+        print(f"eetool {done.args[3]} failed (exit {done.returncode})", file=sys.stderr)
         sys.exit(2)
 
 
@@ -75,6 +94,39 @@ def make_artifacts(cache: Path) -> dict[str, Path]:
     return out
 
 
+def make_wall_thresholds(cache: Path, paths: dict[str, Path], methods: list[str], budgets: list[float],
+                         batch_size: int, threads: int) -> dict[str, Path | None]:
+    """Every method's thresholds fitted with ``fit-thresholds --overhead measured`` at ``batch_size`` and
+    ``threads``, made once and reused: at those of ``budgets`` the measurement can reach. A budget under the cost
+    of the first exit (its stage, decision and compaction, which every sample pays) cannot be met; where one is
+    asked for, the fit is made again without the budgets within 0.01 of the floor it reported (None: none left)."""
+    out: dict[str, Path | None] = {}
+    for method in methods:
+        path = cache / f"{method}-wall-b{batch_size}-t{threads}.yaml"
+        inputs = ["--means", str(paths["means"])] if method in ("e2cm", "e2cm+sdn") else []
+        if method != "e2cm":
+            inputs += ["--method", method, "--exit-heads", str(paths["heads"])]
+        fit = ["fit-thresholds", *inputs, "--checkpoint", "demo", "--data", "demo", "--split", "train",
+               "--overhead", "measured", "--batch-size", str(batch_size), "--threads", str(threads), "-o", str(path)]
+        asked = list(budgets)
+        while not path.exists() and asked:
+            done = _eetool_run(*fit, *(a for b in asked for a in ("--budget", str(b))))
+            floor = re.search(r"reachable budgets are ([0-9.]+)", done.stderr)
+            if done.returncode == 2 and floor:
+                print(f"{method} b{batch_size}: wall-time budgets start at {floor[1]}", file=sys.stderr)
+                asked = [b for b in asked if b >= float(floor[1]) + 0.01]
+                continue
+            _failed(done)
+        out[method] = path if path.exists() else None
+    return out
+
+
+def _read_wall_points(path: Path | None) -> list[dict[str, float | list[float]]]:
+    import yaml
+
+    return [] if path is None else yaml.safe_load(path.read_text())["points"]
+
+
 def _read_thresholds(path: Path) -> list[list[float]]:
     import yaml
 
@@ -88,18 +140,26 @@ def method_rule(method: str, cm: ClassMeans, heads_path: Path) -> MeansRule | He
     return HeadsRule(heads, method, cm if method == "e2cm+sdn" else None)
 
 
+def _clocked(run: Callable[[], object]) -> tuple[float, float]:
+    """Wall and CPU seconds of one call (at one thread the CPU time is the time the core ran this work)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def time_method(em: ExitModel, model: torch.nn.Module, data: Dataset, pre: Preprocess, rule: MeansRule | HeadsRule,
                 points: list[list[float]], batch_size: int, rounds: int
-                ) -> tuple[list[list[float]], list[torch.Tensor]]:
-    """seconds[round][run], run 0 the plain model, and each point's exit indices."""
-    runs: list[Callable[[], float]] = [lambda: predict(model, data, pre, batch_size=batch_size).seconds]
+                ) -> tuple[list[list[float]], list[list[float]], list[torch.Tensor]]:
+    """Wall and CPU seconds[round][run], run 0 the plain model, and each point's exit indices."""
+    runs: list[Callable[[], object]] = [lambda: predict(model, data, pre, batch_size=batch_size)]
     exits: list[torch.Tensor] = []
     for t in points:
         decide = Thresholded(rule, t)
         exits.append(evaluate_exits(em, data, pre, decide, batch_size=batch_size).exit_index)  # warm-up pass
-        runs.append(lambda decide=decide: evaluate_exits(em, data, pre, decide, batch_size=batch_size).seconds)
+        runs.append(lambda decide=decide: evaluate_exits(em, data, pre, decide, batch_size=batch_size))
     runs[0]()
-    return [[run() for run in runs] for _ in range(rounds)], exits
+    clocked = [[_clocked(run) for run in runs] for _ in range(rounds)]
+    return [[w for w, _ in r] for r in clocked], [[c for _, c in r] for r in clocked], exits
 
 
 def profile(em: ExitModel, data: Dataset, pre: Preprocess, decide: Decision, batch_size: int) -> dict[str, float]:
@@ -226,6 +286,33 @@ def _part_order(part: str) -> tuple[int, int]:
     return exit_order, ["preprocess", "stage", "decide", "compact", "head"].index(name)
 
 
+def print_summary(rows: list[dict[str, Any]], methods: list[str], budgets: list[float]) -> None:
+    """Markdown tables on stderr, one per batch size and budget kind: median speed-up x cost (MACs budgets) or x
+    budget (wall-time budgets) by the wall clock, the CPU time's in brackets; and whether the goal is met by
+    each reading."""
+    for batch in sorted({r["batch"] for r in rows}, reverse=True):
+        for basis, what in (("macs", "speed-up x MACs cost"), ("wall", "speed-up x wall-time budget")):
+            mine = {(r["method"], r["budget"]): r for r in rows if r["batch"] == batch and r["basis"] == basis}
+            if not mine:
+                continue
+            print(f"\nbatch {batch}, {what}: wall clock (CPU time), median over rounds\n", file=sys.stderr)
+            print("| method | " + " | ".join(f"{b:g}" for b in budgets) + " |\n|---|" + "---|" * len(budgets),
+                  file=sys.stderr)
+            for method in methods:
+                cells = []
+                for b in budgets:
+                    r = mine.get((method, b))
+                    cells.append("below the floor" if r is None else
+                                 f"{r['wall']['speedup_x']:.2f} ({r['cpu']['speedup_x']:.2f})")
+                print(f"| {method} | " + " | ".join(cells) + " |", file=sys.stderr)
+            if batch == 256:
+                for clock in ("wall", "cpu"):
+                    # a wall-time budget under the floor is one the goal asks for and that cannot be met
+                    met = all((m, b) in mine and mine[(m, b)][clock]["speedup_x"] >= goal
+                              for m in methods for b, goal in GOALS.items() if b in budgets)
+                    print(f"goal met by the {clock} reading: {met}", file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default="results/exit-speed", help="where the artifacts are made once and reused")
@@ -239,6 +326,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="instead: per exit, the time of the stage, the decision and the compaction")
     ap.add_argument("--profile-budgets", default="0.15,0.25,0.5", help="the budgets --profile looks at")
+    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="the budgets timed (a shorter run)")
+    ap.add_argument("--overhead", choices=("analytic", "measured"), default="analytic",
+                    help="measured: also thresholds fitted with fit-thresholds --overhead measured, in the same rounds")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -257,34 +347,63 @@ def main() -> None:
         print_profile(em, ck.model, test, pre, cm, paths, args.methods.split(","),
                       [float(b) for b in args.profile_budgets.split(",")])
         return
-    rows = []
-    for method in args.methods.split(","):
-        rule = method_rule(method, cm, paths["heads"])
-        cost_model = cm.cost_model() if method == "e2cm" else cost_models(rule, em, ck.spec.input_shape)[0]  # type: ignore[arg-type]
-        points = _read_thresholds(paths[method])
-        for batch_size, data, rounds in ((256, test, args.rounds), (1, small, args.batch1_rounds)):
-            if str(batch_size) not in args.batch_sizes.split(","):
-                continue
+    budgets = [float(b) for b in args.budgets.split(",")]
+    unknown = [b for b in budgets if b not in BUDGETS]
+    if unknown:
+        ap.error(f"--budgets: {unknown} are not among {BUDGETS}")
+    methods = args.methods.split(",")
+    rows: list[dict[str, Any]] = []
+    scaled_by = {"macs": "cost", "wall": "budget"}
+    for batch_size, data, rounds in ((256, test, args.rounds), (1, small, args.batch1_rounds)):
+        if str(batch_size) not in args.batch_sizes.split(","):
+            continue
+        wall_paths = (make_wall_thresholds(Path(args.cache), paths, methods, budgets, batch_size,
+                                           torch.get_num_threads()) if args.overhead == "measured" else {})
+        for method in methods:
+            rule = method_rule(method, cm, paths["heads"])
+            cost_model = cm.cost_model() if method == "e2cm" else cost_models(rule, em, ck.spec.input_shape)[0]  # type: ignore[arg-type]
+            all_points = _read_thresholds(paths[method])
+            macs = [("macs", b, all_points[BUDGETS.index(b)], None) for b in budgets]
+            wall = [("wall", float(p["budget"]), p["thresholds"], float(p["cost"]))  # type: ignore[arg-type]
+                    for p in _read_wall_points(wall_paths.get(method))]
+            points = macs + wall
             t0 = time.perf_counter()
-            seconds, exits = time_method(em, ck.model, data, pre, rule, points, batch_size, rounds)
-            for i, e in enumerate(exits):
+            seconds, cpu, exits = time_method(em, ck.model, data, pre, rule, [p[2] for p in points], batch_size,
+                                              rounds)
+            for i, ((basis, budget, _, model_cost), e) in enumerate(zip(points, exits, strict=True)):
                 cost = cost_model.average(torch.bincount(e, minlength=len(em.exits) + 1))
-                ups = [r[0] / r[i + 1] for r in seconds]
-                # Other work on the machine only ever adds time: the best round of each run is a second,
-                # steadier view beside the median of the per-round ratios.
-                best = min(r[0] for r in seconds) / min(r[i + 1] for r in seconds)
-                row = {"method": method, "batch": batch_size, "budget": BUDGETS[i], "cost": round(cost, 4),
-                       "speedup": round(statistics.median(ups), 3), "speedup_min": round(min(ups), 3),
-                       "speedup_max": round(max(ups), 3), "speedup_x_cost": round(statistics.median(ups) * cost, 3),
-                       "best_speedup_x_cost": round(best * cost, 3),
-                       "plain_s": [round(r[0], 4) for r in seconds], "point_s": [round(r[i + 1], 4) for r in seconds]}
+                # speed-up x cost in MACs for MACs budgets; x the budget (a fraction of the plain model's wall
+                # time) for wall-time budgets
+                scale = cost if basis == "macs" else budget
+                row: dict[str, Any] = {"method": method, "batch": batch_size, "basis": basis, "budget": budget,
+                                          "cost": round(cost, 4)}
+                if model_cost is not None:
+                    row["wall_model_cost"] = round(model_cost, 4)
+                for clock, times in (("wall", seconds), ("cpu", cpu)):
+                    ups = [r[0] / r[i + 1] for r in times]
+                    # Other work on the machine only ever adds time: the best round of each run is a second,
+                    # steadier view beside the median of the per-round ratios.
+                    best = min(r[0] for r in times) / min(r[i + 1] for r in times)
+                    row[clock] = {"speedup": round(statistics.median(ups), 3), "speedup_min": round(min(ups), 3),
+                                  "speedup_max": round(max(ups), 3),
+                                  "speedup_x": round(statistics.median(ups) * scale, 3),
+                                  "best_speedup_x": round(best * scale, 3),
+                                  # the measured speed-up against the one the wall-time model promised
+                                  **({"speedup_x_model_cost": round(statistics.median(ups) * model_cost, 3)}
+                                     if model_cost is not None else {}),
+                                  "plain_s": [round(r[0], 4) for r in times],
+                                  "point_s": [round(r[i + 1], 4) for r in times]}
                 rows.append(row)
-                print(f"{method:9s} b{batch_size:<3d} budget {BUDGETS[i]:.2f} cost {cost:.3f} speed-up "
-                      f"{row['speedup']:.2f} ({row['speedup_min']:.2f}-{row['speedup_max']:.2f}) "
-                      f"x cost {row['speedup_x_cost']:.2f} (best rounds: {row['best_speedup_x_cost']:.2f})",
-                      file=sys.stderr)
+                w, c = row["wall"], row["cpu"]
+                print(f"{method:9s} b{batch_size:<3d} {basis} budget {budget:.2f} MACs cost {cost:.3f} speed-up "
+                      f"{w['speedup']:.2f} ({w['speedup_min']:.2f}-{w['speedup_max']:.2f}) x {scaled_by[basis]} "
+                      f"{w['speedup_x']:.2f} (best rounds {w['best_speedup_x']:.2f}); CPU time {c['speedup']:.2f} "
+                      f"({c['speedup_min']:.2f}-{c['speedup_max']:.2f}) x {c['speedup_x']:.2f}"
+                      + (f"; x the model's cost {model_cost:.3f}: wall {w['speedup_x_model_cost']:.2f}, CPU "
+                         f"{c['speedup_x_model_cost']:.2f}" if model_cost is not None else ""), file=sys.stderr)
             print(f"  ({time.perf_counter() - t0:.0f} s, load {Path('/proc/loadavg').read_text().split()[0]})",
                   file=sys.stderr)
+    print_summary(rows, methods, budgets)
     results["points"] = rows
     results["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     if args.json:

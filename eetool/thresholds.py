@@ -131,12 +131,17 @@ class GreedyPath:
     def best_step_within(self, budgets: torch.Tensor) -> torch.Tensor:
         """For each budget, the most accurate step within it (the cheaper one on ties): moving samples
         to an exit where they are right can raise accuracy further down the walk."""
+        return self.best_step_from(self.first_step_within(budgets))
+
+    def best_step_from(self, steps: torch.Tensor) -> torch.Tensor:
+        """For each of ``steps``, the most accurate step from it on (the later one on ties): where costs only
+        fall along the walk, every later step is within a budget the given step is within."""
         acc = self.accuracies.tolist()
         best = list(range(len(acc)))
         for s in range(len(acc) - 2, -1, -1):  # best[s]: the most accurate step from s on
             if acc[best[s + 1]] >= acc[s]:
                 best[s] = best[s + 1]
-        return torch.tensor(best, dtype=torch.int64)[self.first_step_within(budgets)]
+        return torch.tensor(best, dtype=torch.int64)[steps]
 
     def thresholds_at(self, steps: list[int], num_exits: int) -> list[torch.Tensor]:
         """Threshold vectors after each of ``steps``, replaying the moves once."""

@@ -27,8 +27,9 @@ COST_TEXT = {
     "dense": "dense MACs, as a fraction of the model's",
     "effective": "effective MACs of the pruned network (zero weights cost nothing), as a fraction of its dense "
                  "MACs; dense cost beside",
-    "wall-time": "measured wall time of stages and exit decisions (batch {batch_size}, {threads} threads), as a "
-                 "fraction of the plain model's {plain_seconds:g} s per batch; MACs cost beside",
+    "wall-time": "measured wall time of stages and exit decisions (batch {batch_size}, later stages at the batch "
+                 "sizes compaction leaves them, {threads} threads), as a fraction of the plain model's "
+                 "{plain_seconds:g} s per batch; MACs cost beside",
 }
 
 
@@ -90,9 +91,10 @@ def command(
     threshold: Annotated[float, typer.Option("--threshold", help="adp-c: the one threshold of every pixel.",
                                              rich_help_panel=SEARCH)] = 0.998,
     overhead: Annotated[str, typer.Option("--overhead", help="analytic: costs are MACs (stages and decisions, from "
-                                          "the cost model); measured: each stage's and exit decision's wall time, "
-                                          "timed on --checkpoint with --data at --batch-size, so that budgets are "
-                                          "met in wall time on this machine and thread count.",
+                                          "the cost model); measured: each stage's, exit decision's and compaction's "
+                                          "wall time, timed on --checkpoint with --data at --batch-size and at the "
+                                          "smaller batch sizes compaction leaves, so that budgets are met in wall "
+                                          "time on this machine, thread count and batch size.",
                                           rich_help_panel=SEARCH,
                                           autocompletion=prefix_completer(OVERHEADS))] = "analytic",
     force: ForceOpt = False,
@@ -108,7 +110,7 @@ def command(
     from eetool.rules import COMBINES, METHODS
     from eetool.thresholds import ExitStats, check_budget, hull, operating_point
     from eetool.thresholds import sweep as sweep_budgets
-    from eetool.wall_costs import WALL_TIME
+    from eetool.wall_costs import WALL_TIME, WallPoint
 
     if method in SEGMENTATION_METHODS:
         from eetool.segmentation.commands import ThresholdRequest, fit_segmentation_thresholds
@@ -175,10 +177,12 @@ def command(
     wall = None
     if measured:
         # Budgets are fitted on measured wall-time costs; the analytic ones (MACs) are reported beside them.
-        from eetool.wall_costs import measure_wall_costs
+        from eetool.wall_costs import measure_wall_costs, measured_batch_sizes
 
         assert model is not None
-        run.reporter.log(f"timing stages and exit decisions at batch {batch_size}")
+        smaller = ", ".join(str(n) for n in measured_batch_sizes(batch_size)[:-1])
+        run.reporter.log(f"timing stages and exit decisions at batch {batch_size}"
+                         + (f" and at {smaller}, the batch sizes compaction leaves" if smaller else ""))
         wall = measure_wall_costs(model.exit_model, model.rule.scores, model.data, model.preprocess,
                                   batch_size=batch_size, device=model.device)
         dense_costs = stats.costs
@@ -187,16 +191,25 @@ def command(
     beside = "macs_cost" if measured else "dense_cost"  # the other cost of each point, where there is one
     asked = sorted(set(budget or []))
     for b in asked:
-        check_budget(stats, b)
+        check_budget(stats, b)  # with measured costs, those at the full batch: the model's reachable range
+
+    def fit(budgets: list[float]) -> list[Any]:
+        if wall is None:
+            return sweep_budgets(stats, budgets, search, seed=run.seed)
+        from eetool.wall_costs import sweep_wall
+
+        # later stages run on the smaller batches compaction leaves: fitted by re-costing at those batch sizes
+        return sweep_wall(stats, wall, budgets, search, seed=run.seed)
+
     if sweep:
         grid = [round(i * step, 10) for i in range(int(round(1 / step)) + 1)]
-        swept = sweep_budgets(stats, grid, search, seed=run.seed)
+        swept = fit(grid)
         points = hull(swept)
         if asked:
-            points = sorted(points + sweep_budgets(stats, asked, search, seed=run.seed), key=lambda p: p.cost)
+            points = sorted(points + fit(asked), key=lambda p: p.cost)
     else:
         swept = []
-        points = sweep_budgets(stats, asked, search, seed=run.seed)
+        points = fit(asked)
     low, high = stats.reachable()
     dense_stats = None if dense_costs is None else ExitStats(stats.confidence, stats.correct, dense_costs)
 
@@ -222,7 +235,10 @@ def command(
         # Thresholds are written unrounded: each lies one float32 step below a calibration confidence, and
         # any rounding could let that sample (or another) through differently from the fitted point.
         "points": [{"budget": round(p.budget, 6), "cost": round(p.cost, 6), "accuracy": round(p.accuracy, 6),
-                    **dense_cost(list(p.thresholds)), "thresholds": list(p.thresholds)} for p in points],
+                    **dense_cost(list(p.thresholds)),
+                    # the fits the wall-time loop made for the point, and whether it reached a fixed point
+                    **({"fits": p.fits, "converged": p.converged} if isinstance(p, WallPoint) else {}),
+                    "thresholds": list(p.thresholds)} for p in points],
     }
     inputs = {"class-means": sha256_file(means)} if means else {}
     if exit_heads:
