@@ -223,14 +223,21 @@ def claims(evals: dict[str, Any], fits: dict[str, Any]) -> list[str]:
         out.append(f"- Lower α lets pixels leave earlier: cost {cbt99[1]:.4f} / {cbt95[1]:.4f} / {cbt90[1]:.4f} "
                    f"and mIoU {100 * cbt99[0]:.2f} / {100 * cbt95[0]:.2f} / {100 * cbt90[0]:.2f} for α 0.99 / 0.95 / "
                    f"0.9: {'agrees' if falling else 'does not agree'}.")
-    curve = [p for p in (last(n) for n in ADPC_CURVE) if p]
+    named = [(n, p) for n, p in ((n, last(n)) for n in ADPC_CURVE) if p]
+    curve = [p for _, p in named]
     rows = []
     for name in ("cbt-0.99", "cbt-0.95", "cbt-0.9", "cbtns-0.99", "cbtns-0.9"):
         p = last(name)
         if p and len(curve) > 1:
             reach = cost_at_miou(curve, p[0])
-            rows.append(f"{name} {p[1]:.4f} against " + ("outside ADP-C's range" if reach is None else
-                                                          f"{reach:.4f} ({change(p[1], reach)})"))
+            if reach is not None:
+                rows.append(f"{name} {p[1]:.4f} against {reach:.4f} ({change(p[1], reach)})")
+                continue
+            # Below the curve's least mIoU the curve cannot be read, but an ADP-C point at least as accurate and
+            # as cheap still answers the claim.
+            better = [n for n, q in named if q[0] >= p[0] and q[1] <= p[1]]
+            rows.append(f"{name} {p[1]:.4f}: " + (f"dominated by {better[0]} (at least as accurate, no dearer)"
+                                                  if better else "outside ADP-C's range"))
     if rows:
         out.append("- CBT at equal mIoU costs less than ADP-C (ADP-C's cost read off its curve over thresholds "
                    + ", ".join(n.split("-")[1] for n in ADPC_CURVE) + " at the CBT point's mIoU): "
