@@ -111,6 +111,7 @@ def main() -> None:
 @torch.no_grad()
 def crossover(model: EESegNet, batch: int, repeat: int) -> None:
     """CPU milliseconds of one block per dilation, gathered and dense, by share of active positions."""
+    model = model.inference_net()  # BatchNorm folded, as early_exit_forward runs the blocks
     gen = torch.Generator().manual_seed(0)
     side = model.stem(torch.zeros(1, *[model.in_channels, 64, 64])).shape[-1]
     grid = torch.randn(batch, model.width, side, side, generator=gen)

@@ -6,7 +6,7 @@ Every part runs once per round and the rounds are interleaved, so a change in th
 part alike; each part reports its least CPU time over the rounds (one thread by default: then CPU time is robust
 to other processes sharing the cores). Parts, for all scenes:
   plain           the network's own output: trunk, final head, upsampling, argmax (bench/segmentation.py's baseline)
-  trunk           stem and stages
+  trunk           stem and stages (of ``inference_net``: BatchNorm folded, as every inference path runs them)
   every_head      trunk and the four exits' heads on the half-resolution grid (the floor of any calibration)
   calibration     ``class_statistics``: every_head plus eq. 3.1's sums (phase by phase, eetool.segmentation.calibration)
   dense           the same sums from full-resolution probabilities (``ClassStats.update``, the general path)
@@ -91,10 +91,13 @@ def main() -> None:
         for g, _ in chunks:
             calibration.upsampled_phases(g)
 
+    with torch.no_grad():
+        folded = model.inference_net()
+
     def trunk() -> None:
         for x, _ in batches:
-            h = model.stem(x)
-            for stage in model.stages:
+            h = folded.stem(x)
+            for stage in folded.stages:
                 h = stage(h)
 
     def dense() -> None:

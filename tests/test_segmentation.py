@@ -228,6 +228,69 @@ def test_exited_pixels_never_change_afterwards(net: EESegNet) -> None:
     assert b.executed_macs is not None and b.executed_macs > b.macs
 
 
+def unfolded_exits(net: EESegNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """The exits through the trained BatchNorms themselves: with gradients on, inference does not fold."""
+    with torch.enable_grad():
+        assert net.inference_net() is net
+        return [out.detach() for out in net.forward_exits(x)]
+
+
+def test_folded_inference_matches_the_batchnorm_network() -> None:
+    torch.manual_seed(1)
+    net = trained_like(EESegNet(5, in_channels=1, width=8, head_width=8, blocks=2), seed=1)
+    x = torch.randn(3, 1, 20, 20)
+    reference = unfolded_exits(net, x)
+    with torch.no_grad():
+        folded = net.inference_net()
+        exits, plain = net.forward_exits(x), net(x)
+        assert net.inference_net() is folded  # made once, then reused
+    assert folded.folded and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    # folding reorders float32 arithmetic only: logits of magnitude about 1-2 agree to ~1e-6; 1e-4 leaves margin
+    assert max(float(r.abs().amax()) for r in reference) > 0.5  # non-trivial logits
+    for got, want in zip(exits, reference, strict=True):
+        assert torch.allclose(got, want, rtol=0, atol=1e-4)
+    assert torch.allclose(plain, reference[-1], rtol=0, atol=1e-4)
+    # the masked path runs the folded copy too, and with nobody leaving early it is the unfolded final exit
+    result = early_exit_forward(net, x, torch.full((3, 5), 2.0))
+    assert torch.allclose(result.logits, reference[-1], rtol=0, atol=1e-4)
+
+
+def test_inference_leaves_the_trained_network_and_its_state_dict_alone() -> None:
+    from eetool.segmentation.calibration import add_batch
+
+    torch.manual_seed(2)
+    net = trained_like(EESegNet(5, in_channels=1, width=8, head_width=8), seed=2)
+    before = {name: t.clone() for name, t in net.state_dict().items()}
+    modules_before = [type(m) for m in net.modules()]
+    x = torch.randn(2, 1, 20, 20)
+    with torch.no_grad():
+        net(x), net.forward_exits(x)
+        add_batch(ClassStats.empty(4, 5), net, x, torch.randint(0, 5, (2, 20, 20)))
+    early_exit_forward(net, x, torch.full((3, 5), 0.5))
+    after = net.state_dict()
+    assert list(after) == list(before)  # the cached copy is no submodule
+    assert all(torch.equal(after[name], t) for name, t in before.items())
+    assert [type(m) for m in net.modules()] == modules_before  # the BatchNorms are still there, for training
+    net.train()
+    assert net.inference_net() is net
+
+
+def test_the_folded_copy_follows_changed_weights() -> None:
+    torch.manual_seed(3)
+    net = trained_like(EESegNet(5, in_channels=1, width=8, head_width=8), seed=3)
+    x = torch.randn(2, 1, 20, 20)
+    with torch.no_grad():
+        net(x)
+        first = net.inference_net()
+        bn = net.heads[-1].bn
+        assert isinstance(bn, torch.nn.BatchNorm2d) and bn.running_mean is not None
+        bn.running_mean.add_(3.0)  # as an optimiser step or load_state_dict would change the weights in place
+        assert net.inference_net() is not first
+        got = net(x)
+    want = unfolded_exits(net, x)[-1]
+    assert torch.allclose(got, want, rtol=0, atol=1e-4)
+
+
 def test_metrics_from_the_confusion_matrix() -> None:
     truth = torch.tensor([[0, 0, 1, 1], [2, 2, IGNORE, 1]], dtype=torch.int16)
     pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 1]])

@@ -16,7 +16,13 @@ are not done at all; a block's first convolution is computed on the active posit
 features (the residual block passes them through unchanged) and its last logits, which neighbouring active
 pixels read when they are upsampled. The heads are pixelwise and run on active positions only. The stem
 always runs on every position. ``macs`` counts exactly this work (convolution and head multiply-adds;
-BatchNorm folds into the convolutions and costs none). The gathering is ``eetool.segmentation.masked``'s, on a
+BatchNorm folds into the convolutions and costs none).
+
+Inference folds BatchNorm into the convolutions for real (``EESegNet.inference_net``): in eval mode without
+gradients, ``forward``, ``forward_exits``, ``grid_exits`` and ``early_exit_forward`` run a cached copy of the
+network whose convolutions carry the BatchNorm scale and shift and whose BatchNorms are identities (the same
+outputs up to float32 rounding). BatchNorm and its ReLU were about a sixth of eeseg's CPU time; the trained
+network, its state dict and the checkpoint are never changed. The gathering is ``eetool.segmentation.masked``'s, on a
 grid with a zero border as wide as the largest dilation, so that every tap is a fixed row offset.
 
 On CPU a gathered convolution of eeseg's narrow blocks costs several times a dense one per position, so a block
@@ -26,17 +32,18 @@ positions' features: the same result, and ``executed_macs`` counts what ran.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from eetool.errors import UsageError
 from eetool.segmentation.masked import (
     FeatureMap,
-    bn_rows,
     conv_rows,
     pointwise,
     positions,
@@ -67,13 +74,15 @@ class Block(nn.Module):
         super().__init__()
         self.dilation = dilation
         self.conv1 = nn.Conv2d(width, width, 3, 1, dilation, dilation, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1: nn.Module = nn.BatchNorm2d(width)  # nn.Identity once folded (EESegNet.inference_net)
         self.conv2 = nn.Conv2d(width, width, 3, 1, dilation, dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2: nn.Module = nn.BatchNorm2d(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(x + self.bn2(self.conv2(out)))
+        # in place: each ReLU's input is a fresh tensor that nothing else reads (BatchNorm's and convolution's
+        # backward need their inputs, not their outputs)
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        return F.relu(x + self.bn2(self.conv2(out)), inplace=True)
 
 
 class Head(nn.Module):
@@ -82,11 +91,11 @@ class Head(nn.Module):
     def __init__(self, width: int, head_width: int, num_classes: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(width, head_width, 1, bias=False)
-        self.bn = nn.BatchNorm2d(head_width)
+        self.bn: nn.Module = nn.BatchNorm2d(head_width)  # nn.Identity once folded (EESegNet.inference_net)
         self.conv2 = nn.Conv2d(head_width, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(F.relu(self.bn(self.conv1(x))))
+        return self.conv2(F.relu(self.bn(self.conv1(x)), inplace=True))  # in place: as in Block
 
 
 class EESegNet(nn.Module):
@@ -96,14 +105,54 @@ class EESegNet(nn.Module):
         self.width, self.head_width, self.num_classes, self.in_channels = width, head_width, num_classes, in_channels
         self.blocks = blocks
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(in_channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
         )
         self.stages = nn.ModuleList(nn.Sequential(*(Block(width, d) for _ in range(blocks))) for d in DILATIONS)
         self.heads = nn.ModuleList(Head(width, head_width, num_classes) for _ in DILATIONS)
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.folded = False  # True for inference_net's copy, whose BatchNorms are in its convolutions
+        # (the version of the weights it was made from, the copy): a plain attribute, not a submodule, so that
+        # it is in no state dict
+        self._inference_cache: tuple[tuple[tuple[int, int], ...], EESegNet] | None = None
+
+    def inference_net(self) -> EESegNet:
+        """The network inference runs: in eval mode without gradients, a copy with every BatchNorm folded into
+        the convolution before it (a convolution with the BatchNorm's scale in its weights and its shift as
+        bias; the BatchNorm an identity): the same outputs up to float32 rounding, the plain network in about
+        18% less CPU time on one thread. Otherwise (training, or gradients wanted, which the BatchNorm
+        parameters would not get through the copy) this network itself. The copy is made on first use and
+        remade whenever a parameter or buffer has changed since (an optimiser step, ``load_state_dict``, a move
+        to another device or dtype); this network, its state dict and its checkpoint stay as they are."""
+        if self.folded or self.training or torch.is_grad_enabled():
+            return self
+        version = tuple((t.data_ptr(), t._version) for t in itertools.chain(self.parameters(), self.buffers()))
+        if self._inference_cache is None or self._inference_cache[0] != version:
+            self._inference_cache = version, self._folded_copy()
+        return self._inference_cache[1]
+
+    def _folded_copy(self) -> EESegNet:
+        # ordinary tensors even when first used under torch.inference_mode (the copy outlives that block)
+        with torch.inference_mode(False), torch.no_grad():
+            net = EESegNet(self.num_classes, self.in_channels, self.width, self.head_width, self.blocks)
+            like = next(self.parameters())
+            net.to(like.device, like.dtype).load_state_dict(self.state_dict())
+            net.eval()
+            for i in (0, 3):  # the stem: convolution, BatchNorm, ReLU, twice
+                net.stem[i] = fuse_conv_bn_eval(cast(nn.Conv2d, net.stem[i]), cast(nn.BatchNorm2d, net.stem[i + 1]))
+                net.stem[i + 1] = nn.Identity()
+            for block in cast(list[Block], [b for stage in net.stages for b in cast(nn.Sequential, stage)]):
+                block.conv1 = fuse_conv_bn_eval(block.conv1, cast(nn.BatchNorm2d, block.bn1))
+                block.conv2 = fuse_conv_bn_eval(block.conv2, cast(nn.BatchNorm2d, block.bn2))
+                block.bn1, block.bn2 = nn.Identity(), nn.Identity()
+            for head in cast(list[Head], list(net.heads)):
+                head.conv1 = fuse_conv_bn_eval(head.conv1, cast(nn.BatchNorm2d, head.bn))
+                head.bn = nn.Identity()
+            net.requires_grad_(False)
+            net.folded = True
+        return net
 
     def forward_exits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every exit at the input's size, the network's own (final) last."""
@@ -111,6 +160,9 @@ class EESegNet(nn.Module):
 
     def grid_exits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every exit on the half-resolution grid, before upsampling, the final exit's last."""
+        net = self.inference_net()
+        if net is not self:
+            return net.grid_exits(x)
         h = self.stem(x)
         out = []
         for stage, head in zip(self.stages, self.heads, strict=True):
@@ -120,6 +172,9 @@ class EESegNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The plain network: the final exit's logits only (the early heads are not computed)."""
+        net = self.inference_net()
+        if net is not self:
+            return net(x)
         h = self.stem(x)
         for stage in self.stages:
             h = stage(h)
@@ -232,16 +287,17 @@ def _sparse_block(block: Block, grid: FeatureMap, active: torch.Tensor, costs: P
     taps = tap_rows(block.conv2, at, hw, inner)
     # the first convolution is needed wherever the second reads it: the active positions' neighbourhoods
     needed = inner.index(read_mask(taps, inner))
-    inner.rows[needed] = F.relu(bn_rows(conv_rows(block.conv1, grid, tap_rows(block.conv1, needed, hw, grid)),
-                                        block.bn1))
-    rows = bn_rows(conv_rows(block.conv2, inner, taps), block.bn2)
+    # pointwise applies a BatchNorm to rows, or the identity that replaces it once folded
+    inner.rows[needed] = F.relu(pointwise([block.bn1], conv_rows(block.conv1, grid,
+                                                                tap_rows(block.conv1, needed, hw, grid))))
+    rows = pointwise([block.bn2], conv_rows(block.conv2, inner, taps))
     grid.rows[at] = F.relu(grid.rows[at] + rows)
     macs = (needed.numel() + at.numel()) * costs.conv
     return macs, macs
 
 
 def _head_rows(head: Head, rows: torch.Tensor) -> torch.Tensor:
-    return pointwise([head.conv1, head.bn, nn.ReLU(), head.conv2], rows)
+    return pointwise([head.conv1, head.bn, nn.ReLU(inplace=True), head.conv2], rows)  # fresh rows: in place
 
 
 @torch.no_grad()
@@ -255,7 +311,7 @@ def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torc
         from eetool.segmentation import tv
 
         return tv.early_exit_forward(model, x, thresholds)
-    model.eval()
+    model = model.eval().inference_net()
     costs = PositionCosts.of(model)
     batch, _, height, width = x.shape
     grid = FeatureMap.of(model.stem(x), pad=max(DILATIONS))
