@@ -72,7 +72,7 @@ def test_thresholds_of_one_and_zero_give_the_plain_network_and_the_first_exit(ne
 
 def test_exited_pixels_keep_their_exit_and_the_costs_follow_where_pixels_left(network: TorchvisionSegNet) -> None:
     x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(3))
-    x[0] *= 0  # an image unlike the others, so that images leave the batch at different stages
+    x[0] *= 0  # an image unlike the others, so that images' pixels leave at different stages
     with torch.no_grad():
         outs = network.forward_exits(x)
     confidences = [o.softmax(1).amax(1) for o in outs[:3]]
@@ -81,24 +81,21 @@ def test_exited_pixels_keep_their_exit_and_the_costs_follow_where_pixels_left(ne
     result = early_exit_forward(network, x, thresholds)
     shares = torch.bincount(result.exit_index.flatten().long(), minlength=4)
     assert int(shares[0]) > 0 and int(shares[1:].sum()) > 0
-    for n, out in enumerate(outs):  # every pixel holds the logits of the exit it left by
-        where = result.exit_index == n
-        assert torch.allclose(result.logits.permute(0, 2, 3, 1)[where], out.permute(0, 2, 3, 1)[where], atol=1e-4)
+    # the first exit runs dense: its pixels hold its logits (later exits read masked features, tested below)
+    where = result.exit_index == 0
+    assert torch.allclose(result.logits.permute(0, 2, 3, 1)[where], outs[0].permute(0, 2, 3, 1)[where], atol=1e-4)
     costs = dense_costs(network, SHAPE)
     parts = [s + h for s, h in zip(costs.stages, [*costs.heads, 0], strict=True)]
-    analytic, executed = 0.0, 0
-    for image in result.exit_index:
-        for s, part in enumerate(parts):
-            active = float((image >= s).float().mean())  # pixels that had not left before stage s
-            analytic += active * part
-            executed += part if active > 0 else 0
-    assert result.macs == round(analytic) and result.executed_macs == executed
-    assert result.macs < result.executed_macs
-    # the anytime view: stopped after exit n, a pixel that left before holds its exit's class, the others exit n's
-    classes = torch.stack([o.argmax(1) for o in outs])
+    analytic = sum(float((image >= s).float().mean()) * part for image in result.exit_index
+                   for s, part in enumerate(parts))  # each part times the share of pixels not left before it
+    assert result.executed_macs is not None
+    assert result.macs == round(analytic) and result.macs < result.executed_macs < 4 * sum(parts)
+    # the anytime view: stopped after exit n, a pixel that left before holds the class it left with
+    final = result.logits.argmax(1)
+    assert torch.equal(result.exit_predictions[0], outs[0].argmax(1))
     for n in range(4):
-        expected = classes.gather(0, result.exit_index.long().clamp(max=n)[None])[0]
-        assert float((result.exit_predictions[n] == expected).float().mean()) > 0.99
+        left = result.exit_index < n
+        assert torch.equal(result.exit_predictions[n][left], final[left])
         spent = sum(float((image >= s).float().mean()) * parts[s] for image in result.exit_index for s in range(n + 1))
         assert abs(result.exit_macs[n] - spent) <= 1
     assert result.exit_macs[-1] == result.macs
@@ -172,18 +169,24 @@ def test_the_frozen_backbone_step_trains_the_heads_alone(network: TorchvisionSeg
 
 
 # ---------------------------------------------------------------------------------------------
-# Masked execution of the segmentation ResNets after the first exit
+# Masked execution of the torchvision networks after the first exit
 
 
-@pytest.fixture(scope="module", params=["fcn_resnet50", "deeplabv3_resnet50"])
-def resnet(request: pytest.FixtureRequest) -> TorchvisionSegNet:
+@pytest.fixture(scope="module", params=TORCHVISION_SEGMENTATION_ARCHS)
+def tv_net(request: pytest.FixtureRequest) -> TorchvisionSegNet:
+    """Each torchvision network, its BatchNorm statistics away from the identity so that skipping one would
+    show."""
     torch.manual_seed(5)
     net = build_model(request.param, 4, 3, {"exits": True, "head_width": 8})
     assert isinstance(net, TorchvisionSegNet)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)  # type: ignore[union-attr]
+            m.running_var.uniform_(0.5, 1.5)  # type: ignore[union-attr]
     return net.eval()
 
 
-RESNET_SHAPE = (3, 48, 48)  # a 6 x 6 grid after layer1's stride 8: room for positions to be inactive
+MASKED_SHAPE = (3, 48, 48)  # a 6 x 6 grid after layer1's stride 8 (MobileNetV3: 6 x 6 after block 6, then 3 x 3)
 
 
 def half_leaving(net: TorchvisionSegNet, x: torch.Tensor) -> torch.Tensor:
@@ -193,28 +196,28 @@ def half_leaving(net: TorchvisionSegNet, x: torch.Tensor) -> torch.Tensor:
     return torch.stack([o.softmax(1).amax(1).median().expand(net.num_classes) for o in outs[:3]])
 
 
-def test_a_masked_resnet_where_nobody_leaves_is_the_dense_network(resnet: TorchvisionSegNet) -> None:
+def test_a_masked_network_where_nobody_leaves_is_the_dense_network(tv_net: TorchvisionSegNet) -> None:
     from eetool.segmentation import tv_masked
 
-    x = torch.randn(2, *RESNET_SHAPE, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(2, *MASKED_SHAPE, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        dense = resnet(x)
+        dense = tv_net(x)
     for dense_above in (1.0, float("inf")):  # whole blocks dense once all is active, or gathered rows always
-        result = tv_masked.early_exit_forward(resnet, x, torch.full((3, 4), 2.0), dense_above=dense_above)
+        result = tv_masked.early_exit_forward(tv_net, x, torch.full((3, 4), 2.0), dense_above=dense_above)
         assert bool((result.exit_index == 3).all())
         assert float((result.logits - dense).abs().max()) <= 1e-4 * float(dense.abs().max()) + 1e-5
-        assert result.macs == result.executed_macs == 2 * (plain_macs(resnet, RESNET_SHAPE)
-                                                           + sum(dense_costs(resnet, RESNET_SHAPE).heads))
+        assert result.macs == result.executed_macs == 2 * (plain_macs(tv_net, MASKED_SHAPE)
+                                                           + sum(dense_costs(tv_net, MASKED_SHAPE).heads))
 
 
-def test_a_masked_resnet_gives_the_same_result_gathered_or_dense_and_exited_pixels_never_change(
-        resnet: TorchvisionSegNet) -> None:
+def test_a_masked_network_gives_the_same_result_gathered_or_dense_and_exited_pixels_never_change(
+        tv_net: TorchvisionSegNet) -> None:
     from eetool.segmentation import tv_masked
 
-    x = torch.randn(2, *RESNET_SHAPE, generator=torch.Generator().manual_seed(7))
-    thresholds = half_leaving(resnet, x)
-    gathered = tv_masked.early_exit_forward(resnet, x, thresholds, dense_above=float("inf"))
-    dense = tv_masked.early_exit_forward(resnet, x, thresholds, dense_above=0.0)
+    x = torch.randn(2, *MASKED_SHAPE, generator=torch.Generator().manual_seed(7))
+    thresholds = half_leaving(tv_net, x)
+    gathered = tv_masked.early_exit_forward(tv_net, x, thresholds, dense_above=float("inf"))
+    dense = tv_masked.early_exit_forward(tv_net, x, thresholds, dense_above=0.0)
     assert torch.equal(gathered.exit_index, dense.exit_index)
     assert torch.allclose(gathered.logits, dense.logits, atol=1e-4)
     assert gathered.executed_macs is not None and dense.executed_macs is not None
@@ -223,7 +226,7 @@ def test_a_masked_resnet_gives_the_same_result_gathered_or_dense_and_exited_pixe
     # touch the pixels that left at the first
     stay = thresholds.clone()
     stay[1:] = 2.0
-    later = tv_masked.early_exit_forward(resnet, x, stay, dense_above=float("inf"))
+    later = tv_masked.early_exit_forward(tv_net, x, stay, dense_above=float("inf"))
     left = gathered.exit_index == 0
     assert torch.equal(left, later.exit_index == 0) and 0.2 < float(left.float().mean()) < 0.8
     assert torch.equal(gathered.logits.permute(0, 2, 3, 1)[left], later.logits.permute(0, 2, 3, 1)[left])
@@ -242,20 +245,20 @@ def per_position(conv: torch.nn.Conv2d) -> int:
     return conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] // conv.groups
 
 
-@pytest.mark.parametrize("resnet", ["fcn_resnet50"], indirect=True)  # the count below follows FCN's classifier
-def test_a_masked_fcn_computes_the_active_positions_only(resnet: TorchvisionSegNet) -> None:
+@pytest.mark.parametrize("tv_net", ["fcn_resnet50"], indirect=True)  # the count below follows FCN's classifier
+def test_a_masked_fcn_computes_the_active_positions_only(tv_net: TorchvisionSegNet) -> None:
     from eetool.segmentation import tv_masked
 
-    x = torch.randn(2, *RESNET_SHAPE, generator=torch.Generator().manual_seed(8))
-    result = tv_masked.early_exit_forward(resnet, x, half_leaving(resnet, x), dense_above=float("inf"))
-    costs = dense_costs(resnet, RESNET_SHAPE)
-    heads = resnet.require_exits()
+    x = torch.randn(2, *MASKED_SHAPE, generator=torch.Generator().manual_seed(8))
+    result = tv_masked.early_exit_forward(tv_net, x, half_leaving(tv_net, x), dense_above=float("inf"))
+    costs = dense_costs(tv_net, MASKED_SHAPE)
+    heads = tv_net.require_exits()
     expected = 2 * (costs.stages[0] + costs.heads[0])
     hw = (12, 12)  # layer1's grid
     for n, layer in enumerate(("layer2", "layer3", "layer4"), start=1):
         pixels = result.exit_index >= n  # not left before stage n
         active = torch.nn.functional.max_pool2d(pixels[:, None].float(), 8, 8)[:, 0] > 0  # the 6 x 6 grid
-        for block in resnet.backbone[layer]:
+        for block in tv_net.backbone[layer]:
             expected += int(reads(active, block.conv2, hw).sum()) * per_position(block.conv1)
             expected += int(active.sum()) * (per_position(block.conv2) + per_position(block.conv3) + (
                 0 if block.downsample is None else per_position(block.downsample[0])))
@@ -263,7 +266,7 @@ def test_a_masked_fcn_computes_the_active_positions_only(resnet: TorchvisionSegN
         if n < 3:
             expected += int(active.sum()) * (per_position(heads[n].conv1) + per_position(heads[n].conv2))
         else:
-            expected += int(active.sum()) * (per_position(resnet.classifier[0]) + per_position(resnet.classifier[4]))
+            expected += int(active.sum()) * (per_position(tv_net.classifier[0]) + per_position(tv_net.classifier[4]))
     assert result.executed_macs == expected
     # the analytic cost: each part's multiply-adds times the share of its image's pixels still active
     parts = [s + h for s, h in zip(costs.stages, [*costs.heads, 0], strict=True)]
@@ -271,3 +274,39 @@ def test_a_masked_fcn_computes_the_active_positions_only(resnet: TorchvisionSegN
                    for s, part in enumerate(parts))
     assert result.macs == pytest.approx(analytic, rel=1e-7)  # summed in another order
     assert result.macs < result.executed_macs < 2 * sum(parts)
+
+
+@pytest.mark.parametrize("name", ["4", "5", "13"])  # strided and changing channels; a residual; dilated
+def test_a_masked_inverted_residual_computes_the_active_positions_only(name: str) -> None:
+    from torchvision.models.mobilenetv3 import InvertedResidual
+
+    from eetool.segmentation import tv_masked
+    from eetool.segmentation.masked import FeatureMap
+
+    torch.manual_seed(9)
+    net = build_model("lraspp_mobilenet_v3_large", 4, 3, {})
+    assert isinstance(net, TorchvisionSegNet)
+    block = net.backbone[name].eval()
+    assert isinstance(block, InvertedResidual)
+    expand, depthwise, squeeze, project = block.block  # all three blocks expand and squeeze-excite
+    conv = depthwise[0]
+    src = torch.randn(2, expand[0].in_channels, 12, 12, generator=torch.Generator().manual_seed(10))
+    out_hw = (12 // conv.stride[0], 12 // conv.stride[1])
+    active = torch.rand(2, *out_hw, generator=torch.Generator().manual_seed(11)) < 0.4
+    active[1] = False  # an image with nothing active: no squeeze-excitation either
+    with torch.no_grad():
+        gathered, spent = tv_masked.inverted_residual(block, FeatureMap.of(src), active, float("inf"))
+        dense, _ = tv_masked.inverted_residual(block, FeatureMap.of(src), active, 0.0)
+        whole, _ = tv_masked.inverted_residual(block, FeatureMap.of(src), torch.ones_like(active), float("inf"))
+        expected_whole = block(src)
+    assert int(active.sum()) > 4
+    expected = int(reads(active, conv, (12, 12)).sum()) * per_position(expand[0])
+    expected += int(active.sum()) * (per_position(conv) + per_position(project[0]))
+    expected += 1 * (per_position(squeeze.fc1) + per_position(squeeze.fc2))  # once, for the one active image
+    assert spent == expected
+    # the same result gathered or dense; inactive positions keep their features (zero where the shape changes)
+    assert torch.allclose(gathered.nchw(), dense.nchw(), atol=1e-5)
+    kept = src if block.use_res_connect else torch.zeros_like(gathered.nchw())
+    assert torch.equal(gathered.nchw().permute(0, 2, 3, 1)[~active], kept.permute(0, 2, 3, 1)[~active])
+    # every position active: torchvision's block, squeeze-excitation pooling the whole map
+    assert torch.allclose(whole.nchw(), expected_whole, atol=1e-5)

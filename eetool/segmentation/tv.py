@@ -8,14 +8,12 @@ BatchNorm, ReLU, 1x1 convolution to the classes, logits upsampled bilinearly to 
 backbone stages: ResNet-50's layer1, layer2 and layer3 (strides 4, 8, 8: the segmentation ResNets are dilated),
 MobileNetV3-Large's blocks 3, 6 and 12 (strides 4, 8, 16).
 
-Early exit (``early_exit_forward``) decides per pixel as for eeseg. The ResNets compute only active positions
-after the first exit (``eetool.segmentation.tv_masked``). The MobileNets' backbone is dense: its convolutions run
-on every pixel of an image until all of that image's pixels have exited, and only then is the image dropped from
-the batch. Two costs are reported: ``macs``, the analytic masked cost (each part's multiply-adds times the share
-of the image's pixels still active when it runs, as ADP-C counts: the work a masked convolution would do,
-leaving out the neighbourhoods a 3x3 convolution reads), and ``executed_macs``, what actually ran (for the
-MobileNets each part's full multiply-adds for every image still in the batch, the exit heads on whole images;
-for the ResNets the positions computed).
+Early exit (``early_exit_forward``) decides per pixel as for eeseg. The backbones compute only active positions
+after the first exit (``eetool.segmentation.tv_masked``; the MobileNets' classifier runs dense on the final
+maps). Two costs are reported: ``macs``, the analytic masked cost (each part's multiply-adds times the share of
+the image's pixels still active when it runs, as ADP-C counts: the work a masked convolution would do, leaving
+out the neighbourhoods a 3x3 convolution reads), and ``executed_macs``, what actually ran (the positions
+computed, neighbourhoods included; blocks run dense above an active share count every position).
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from torch import nn
 
 from eetool.archs import TORCHVISION_SEGMENTATION_ARCHS
 from eetool.errors import ModelMismatchError, UsageError
-from eetool.segmentation.model import EXIT_NAMES, EarlyExitResult, Head, upsample
+from eetool.segmentation.model import EarlyExitResult, Head, upsample
 
 EXIT_POINTS = {"resnet": ("layer1", "layer2", "layer3"), "mobilenet": ("3", "6", "12")}
 DEFAULT_HEAD_WIDTH = 64
@@ -200,66 +198,10 @@ def first_exit_macs(model: TorchvisionSegNet, input_shape: tuple[int, int, int])
     return costs.stages[0] + costs.heads[0]
 
 
-@torch.no_grad()
 def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: torch.Tensor) -> EarlyExitResult:
     """Pixel-level early exit with ``thresholds`` (early exits x classes), as eeseg's: a pixel predicted as class j
-    at early exit n leaves when its largest probability exceeds ``thresholds[n, j]``. An image stays in the
-    batch, every pixel of it computed, until all its pixels have left (see the module's doc for the two costs)."""
-    if "resnet" in model.arch:
-        from eetool.segmentation import tv_masked
+    at early exit n leaves when its largest probability exceeds ``thresholds[n, j]``; later layers compute only
+    the positions still active (``eetool.segmentation.tv_masked``)."""
+    from eetool.segmentation import tv_masked
 
-        return tv_masked.early_exit_forward(model, x, thresholds)
-    heads = model.require_exits()
-    model.eval()
-    costs = dense_costs(model, (int(x.shape[1]), int(x.shape[2]), int(x.shape[3])))
-    batch, _, height, width = x.shape
-    last = len(EXIT_NAMES) - 1
-    logits = torch.zeros(batch, model.num_classes, height, width, dtype=x.dtype, device=x.device)
-    exit_index = torch.full((batch, height, width), last, dtype=torch.uint8, device=x.device)
-    pixels = torch.ones(batch, height, width, dtype=torch.bool, device=x.device)
-    rows = torch.arange(batch, device=x.device)  # the images still in the batch
-    saved: dict[str, torch.Tensor] = {}
-    analytic, executed = 0.0, 0
-    computed = []
-    # ADP-C's anytime view, as eeseg's: per exit, the class map had inference stopped there and the MACs spent
-    anytime = torch.zeros(batch, height, width, dtype=torch.long, device=x.device)
-    exit_predictions: list[torch.Tensor] = []
-    exit_macs: list[int] = []
-    h = x
-    for n in range(last):
-        active = pixels[rows]
-        share = float(active.flatten(1).float().mean(1).sum())  # images' worth of active pixels
-        computed.append(int(active.sum()))
-        h = model.run_stage(n, h, saved)
-        up = upsample(heads[n](h), (height, width))
-        analytic += share * (costs.stages[n] + costs.heads[n])
-        executed += rows.numel() * (costs.stages[n] + costs.heads[n])
-        confidence, prediction = up.softmax(1).max(1)
-        anytime[rows] = torch.where(active, prediction, anytime[rows])
-        exit_predictions.append(anytime.clone())
-        exit_macs.append(round(analytic))
-        leave = active & (confidence > thresholds[n].to(x.device)[prediction])
-        logits[rows] = torch.where(leave[:, None], up, logits[rows])
-        exit_index[rows] = torch.where(leave, torch.tensor(n, dtype=torch.uint8, device=x.device), exit_index[rows])
-        pixels[rows] = active & ~leave
-        keep = pixels[rows].flatten(1).any(1)
-        rows, h, saved = rows[keep], h[keep], {k: v[keep] for k, v in saved.items()}
-        if rows.numel() == 0:
-            computed.extend([0] * (last - n))
-            exit_predictions.extend([anytime] * (last - n))
-            exit_macs.extend([round(analytic)] * (last - n))
-            break
-    else:
-        active = pixels[rows]
-        computed.append(int(active.sum()))
-        for n in range(last, len(model.stage_names)):
-            h = model.run_stage(n, h, saved)
-        final = model.finish(saved, (height, width))
-        analytic += float(active.flatten(1).float().mean(1).sum()) * costs.stages[last]
-        executed += rows.numel() * costs.stages[last]
-        logits[rows] = torch.where(active[:, None], final, logits[rows])
-        anytime[rows] = torch.where(active, final.max(1).indices, anytime[rows])
-        exit_predictions.append(anytime)
-        exit_macs.append(round(analytic))
-    return EarlyExitResult(logits, exit_index, round(analytic), computed, exit_predictions, exit_macs,
-                           executed_macs=executed)
+    return tv_masked.early_exit_forward(model, x, thresholds)

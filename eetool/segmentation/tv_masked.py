@@ -1,7 +1,8 @@
-"""Masked early exit for torchvision's segmentation ResNets (fcn_resnet50, deeplabv3_resnet50).
+"""Masked early exit for torchvision's segmentation networks: the ResNets (fcn_resnet50, deeplabv3_resnet50) and
+the MobileNetV3s (deeplabv3_mobilenet_v3_large, lraspp_mobilenet_v3_large).
 
-The stem and layer1 run dense up to the first exit, on every pixel. After it, layer2, layer3, layer4 and the
-classifier compute only active positions: a position of a stage's grid (stride 8: the segmentation ResNets
+ResNets. The stem and layer1 run dense up to the first exit, on every pixel. After it, layer2, layer3, layer4 and
+the classifier compute only active positions: a position of a stage's grid (stride 8: the segmentation ResNets
 dilate layer3 and layer4 instead of striding) stays active while any input pixel it covers has not left.
 
 - A Bottleneck's 3x3 convolution (strided in layer2's first block, dilated 2 and 4 in layer3 and layer4) and
@@ -16,9 +17,29 @@ dilate layer3 and layer4 instead of striding) stays active while any input pixel
   following 3x3 convolution reads, with the image pooling branch reading the current layer4 map as it stands
   (the active positions' new features, the inactive ones' zeros) and computed once per image still active.
 
-A block (or the classifier) whose share of active positions is at least ``dense_above`` runs dense over the
-whole grid and then keeps the inactive positions' previous features: the same result, and ``executed_macs``
-counts the dense work. ``macs`` stays the analytic masked cost (each part's multiply-adds times the share of
+MobileNetV3s. Blocks 0 to 3 run dense up to the first exit. After it, blocks 4 to 16 compute only active
+positions (a position of a block's output grid is active while any input pixel it covers has not left):
+
+- An InvertedResidual's depthwise convolution (strided, or dilated in the last stage) and its projection run on
+  the active positions of the block's output grid, its expansion where the depthwise convolution reads it; the
+  residual is added where torchvision has it, and an inactive position then keeps its features. A block that
+  changes the channels or the resolution has no residual, and there an inactive position's features were never
+  computed and are zero, as padding reads (so too after block 16, the final 1x1 convolution).
+- Squeeze-excitation pools the depthwise output over the active positions of the block's grid: that map is
+  inside the block, so an inactive position has no kept features there to pool (computing them would be the
+  dense work masking saves), and averaging in zeros for them would pull the scale towards that of an empty
+  image. Where every position is active this is torchvision's pooling. It is computed once per image still
+  active.
+- The exit heads run on active positions as for the ResNets.
+- The classifier (DeepLabV3's head, or LR-ASPP's with its low-level branch from block 4 and its resampling) runs
+  dense on the maps as they stand (the active positions' new features, the inactive ones' kept features or
+  zeros), for the images still active: masking its global pooling and resampling is not straightforward, and
+  ``executed_macs`` counts it whole.
+
+A block (or the ResNets' classifier) whose share of active positions is at least ``dense_above`` runs dense over
+the whole grid and then keeps the inactive positions' previous features: the same result (the MobileNets'
+squeeze-excitation pooling the active positions as the gathered block does), and ``executed_macs`` counts the
+dense work. ``macs`` stays the analytic masked cost (each part's multiply-adds times the share of
 pixels still active), as for the networks that are not masked.
 """
 
@@ -30,8 +51,10 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.mobilenetv3 import InvertedResidual
 from torchvision.models.resnet import Bottleneck
 from torchvision.models.segmentation.deeplabv3 import ASPPPooling
+from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
 from eetool.segmentation.masked import (
     FeatureMap,
@@ -149,16 +172,130 @@ def _aspp_macs(aspp: nn.Module, computed: torch.Tensor) -> int:
     return macs
 
 
+def _squeeze_scale(se: SqueezeExcitation, pooled: torch.Tensor) -> torch.Tensor:
+    """B x C: squeeze-excitation's channel scales from its pooled input."""
+    return pointwise([se.fc1, se.activation, se.fc2, se.scale_activation], pooled)
+
+
+def _squeeze_excite_dense(se: SqueezeExcitation, h: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Squeeze-excitation on a dense B x C x H x W map, pooling its ``active`` positions (see the module's doc)."""
+    weight = active[:, None].to(h.dtype)
+    pooled = (h * weight).sum((2, 3)) / weight.sum((2, 3)).clamp(min=1)
+    return h * _squeeze_scale(se, pooled)[:, :, None, None]
+
+
+def inverted_residual(block: InvertedResidual, src: FeatureMap, active: torch.Tensor, dense_above: float
+                      ) -> tuple[FeatureMap, int]:
+    """One torchvision InvertedResidual on the ``active`` positions of its output grid (see the module's doc);
+    returns its output and the multiply-adds computed. ``src`` is updated in place when there is a residual."""
+    layers = list(cast(nn.Sequential, block.block))
+    depth = next(i for i, m in enumerate(layers)
+                 if isinstance(m, Conv2dNormActivation) and cast(nn.Conv2d, m[0]).groups > 1)
+    expand = [m for cna in layers[:depth] for m in cast(nn.Sequential, cna)]
+    depthwise = list(cast(nn.Sequential, layers[depth]))
+    dw_conv = cast(nn.Conv2d, depthwise[0])
+    se = next((m for m in layers if isinstance(m, SqueezeExcitation)), None)
+    project = list(cast(nn.Sequential, layers[-1]))
+    out_hw = out_size(dw_conv, src.height, src.width)
+    expand_macs = sum(macs_per_position(m) for m in expand if isinstance(m, nn.Conv2d))
+    per_output = macs_per_position(dw_conv) + macs_per_position(cast(nn.Conv2d, project[0]))
+    se_macs = 0 if se is None else macs_per_position(se.fc1) + macs_per_position(se.fc2)
+    residual = bool(block.use_res_connect)
+    out = src if residual else FeatureMap.zeros(src.batch, *out_hw, cast(nn.Conv2d, project[0]).out_channels,
+                                                src.rows)
+    if float(active.float().mean()) >= dense_above:
+        h = src.nchw()
+        for layer in layers:
+            h = _squeeze_excite_dense(layer, h, active) if isinstance(layer, SqueezeExcitation) else layer(h)
+        write_active(active, h + src.nchw() if residual else h, out)
+        return out, src.batch * (src.height * src.width * expand_macs + out_hw[0] * out_hw[1] * per_output
+                                 + se_macs)
+    at = positions(active)
+    spent = at.numel() * per_output
+    if expand:
+        inner = FeatureMap.empty(src.batch, src.height, src.width, dw_conv.in_channels, src.rows)
+        taps = tap_rows(dw_conv, at, out_hw, inner)
+        needed = positions(read_mask(taps, inner))
+        inner.rows[needed] = pointwise(expand, src.rows[needed])
+        spent += needed.numel() * expand_macs
+    else:
+        inner, taps = src, tap_rows(dw_conv, at, out_hw, src)
+    rows = pointwise(depthwise[1:], conv_rows(dw_conv, inner, taps))
+    if se is not None:
+        image = at // (out_hw[0] * out_hw[1])
+        sums = rows.new_zeros(src.batch, rows.shape[1]).index_add_(0, image, rows)
+        counts = torch.bincount(image, minlength=src.batch).clamp(min=1)
+        rows = rows * _squeeze_scale(se, sums / counts[:, None].to(rows.dtype))[image]
+        spent += int(active.flatten(1).any(1).sum()) * se_macs
+    rows = pointwise(project, rows)
+    out.rows[at] = rows + src.rows[at] if residual else rows
+    return out, spent
+
+
+def pointwise_block(block: Conv2dNormActivation, src: FeatureMap, active: torch.Tensor, dense_above: float
+                    ) -> tuple[FeatureMap, int]:
+    """A 1x1 convolution with its BatchNorm and activation (MobileNetV3's last block) on the ``active``
+    positions; inactive positions are zero."""
+    modules = list(block)
+    conv = cast(nn.Conv2d, modules[0])
+    out = FeatureMap.zeros(src.batch, src.height, src.width, conv.out_channels, src.rows)
+    if float(active.float().mean()) >= dense_above:
+        write_active(active, block(src.nchw()), out)
+        return out, active.numel() * macs_per_position(conv)
+    at = positions(active)
+    out.rows[at] = pointwise(modules, src.rows[at])
+    return out, at.numel() * macs_per_position(conv)
+
+
+def masked_block(block: nn.Module, src: FeatureMap, pixels: torch.Tensor, dense_above: float
+                 ) -> tuple[FeatureMap, torch.Tensor, int]:
+    """A backbone block on the positions of its output grid that cover active ``pixels``: its output, those
+    positions and the multiply-adds computed."""
+    if isinstance(block, Bottleneck):
+        active = cover(pixels, out_size(block.conv2, src.height, src.width))
+        out, spent = bottleneck(block, src, active, dense_above)
+    elif isinstance(block, InvertedResidual):
+        layers = [m for m in cast(nn.Sequential, block.block) if isinstance(m, Conv2dNormActivation)]
+        depthwise = next(c for c in (cast(nn.Conv2d, m[0]) for m in layers) if c.groups > 1)
+        active = cover(pixels, out_size(depthwise, src.height, src.width))
+        out, spent = inverted_residual(block, src, active, dense_above)
+    elif isinstance(block, Conv2dNormActivation) and cast(nn.Conv2d, block[0]).kernel_size == (1, 1):
+        active = cover(pixels, (src.height, src.width))
+        out, spent = pointwise_block(block, src, active, dense_above)
+    else:
+        raise NotImplementedError(f"masked execution of {type(block).__name__}")
+    return out, active, spent
+
+
+def _counted_classifier(model: TorchvisionSegNet, saved: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """The classifier run dense on the saved maps: its logits and the multiply-adds its convolutions did."""
+    spent = [0]
+
+    def count(module: nn.Module, args: object, output: torch.Tensor) -> None:
+        conv = cast(nn.Conv2d, module)
+        spent[0] += output.numel() * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+
+    hooks = [m.register_forward_hook(count) for m in model.classifier.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        out = model.classifier(saved) if model.takes_features else model.classifier(saved["out"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out, spent[0]
+
+
 @torch.no_grad()
 def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: torch.Tensor,
                        dense_above: float = DENSE_ABOVE) -> EarlyExitResult:
-    """Pixel-level early exit with ``thresholds`` (early exits x classes) on a segmentation ResNet, masked after
-    the first exit (see the module's doc)."""
+    """Pixel-level early exit with ``thresholds`` (early exits x classes) on a torchvision segmentation network,
+    masked after the first exit (see the module's doc)."""
     heads = model.require_exits()
     model.eval()
     costs = dense_costs(model, (int(x.shape[1]), int(x.shape[2]), int(x.shape[3])))
     batch, _, height, width = x.shape
     last = len(EXIT_NAMES) - 1
+    masked_classifier = "resnet" in model.arch  # the MobileNets' classifier runs dense on the final maps
+    returned = cast(dict[str, str], model.backbone.return_layers)  # type: ignore[attr-defined]
     logits = torch.zeros(batch, model.num_classes, height, width, dtype=x.dtype, device=x.device)
     exit_index = torch.full((batch, height, width), last, dtype=torch.uint8, device=x.device)
     pixels = torch.ones(batch, height, width, dtype=torch.bool, device=x.device)
@@ -166,7 +303,8 @@ def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: to
     exit_predictions: list[torch.Tensor] = []
     exit_macs: list[int] = []
     computed: list[int] = []
-    h = model.run_stage(0, x, {})
+    saved: dict[str, torch.Tensor] = {}
+    h = model.run_stage(0, x, saved)
     grid_logits = heads[0](h).permute(0, 2, 3, 1)  # B x h x w x K
     fmap = FeatureMap.of(h)
     analytic = float(batch * (costs.stages[0] + costs.heads[0]))
@@ -177,23 +315,34 @@ def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: to
             share = float(pixels.flatten(1).float().mean(1).sum())  # images' worth of active pixels
             computed.append(int(pixels.sum()))
             for name in model.stage_names[n]:
-                for block in cast(list[Bottleneck], list(cast(nn.Sequential, model.backbone[name]))):
-                    active = cover(pixels, out_size(block.conv2, fmap.height, fmap.width))
-                    fmap, spent = bottleneck(block, fmap, active, dense_above)
+                module = model.backbone[name]
+                for block in list(module) if type(module) is nn.Sequential else [module]:
+                    fmap, active, spent = masked_block(block, fmap, pixels, dense_above)
                     executed += spent
+                if not masked_classifier and name in returned:  # kept as it stands for the dense classifier
+                    saved[returned[name]] = fmap.nchw().clone()
             at = positions(active)
-            grid_logits = F.interpolate(grid_logits.permute(0, 3, 1, 2), (fmap.height, fmap.width),
-                                        mode="bilinear", align_corners=False).permute(0, 2, 3, 1).contiguous()
             if n < last:
+                grid_logits = F.interpolate(grid_logits.permute(0, 3, 1, 2), (fmap.height, fmap.width),
+                                            mode="bilinear", align_corners=False).permute(0, 2, 3, 1).contiguous()
                 head = cast(Head, heads[n])
                 rows = pointwise([head.conv1, head.bn, nn.ReLU(), head.conv2], fmap.rows[at])
                 spent = at.numel() * (macs_per_position(head.conv1) + macs_per_position(head.conv2))
                 analytic += share * (costs.stages[n] + costs.heads[n])
-            else:
+                grid_logits.view(-1, model.num_classes)[at] = rows
+            elif masked_classifier:
+                grid_logits = F.interpolate(grid_logits.permute(0, 3, 1, 2), (fmap.height, fmap.width),
+                                            mode="bilinear", align_corners=False).permute(0, 2, 3, 1).contiguous()
                 rows, spent = classifier(cast(nn.Sequential, model.classifier), fmap, active, dense_above)
                 analytic += share * costs.stages[n]
+                grid_logits.view(-1, model.num_classes)[at] = rows
+            else:
+                still = pixels.flatten(1).any(1)  # the images with active pixels: the others' logits are final
+                final, spent = _counted_classifier(model, {k: v[still] for k, v in saved.items()})
+                grid_logits = grid_logits.new_zeros(batch, *final.shape[2:], model.num_classes)
+                grid_logits[still] = final.permute(0, 2, 3, 1)
+                analytic += share * costs.stages[n]
             executed += spent
-            grid_logits.view(-1, model.num_classes)[at] = rows
         up = upsample(grid_logits.permute(0, 3, 1, 2), (height, width))
         exit_macs.append(round(analytic))
         if n == last:
