@@ -604,9 +604,10 @@ COST_NOTE = ("multiply-adds of the positions each part computes (the stem on all
 TORCHVISION_COST_NOTE = ("analytic masked cost: each part's multiply-adds times the share of the image's pixels "
                          "still active (ADP-C's accounting), normalised to the plain network; what ran is "
                          "executed_cost: the backbones compute active positions only after the first exit (and "
-                         "the convolutions' neighbourhoods; a block with at least 60% of its positions active runs "
-                         "dense and counts every position), the MobileNets' classifier every position of the "
-                         "images still active; images/s are measured on what ran")
+                         "the convolutions' neighbourhoods; a block with at least 60% (ResNets) or 10% "
+                         "(MobileNets) of its positions active runs dense and counts every position), the "
+                         "MobileNets' classifier every position of the images still active; images/s are "
+                         "measured on what ran")
 
 
 def _per_class(classes: list[str], values: torch.Tensor) -> dict[str, float | None]:

@@ -36,11 +36,11 @@ positions (a position of a block's output grid is active while any input pixel i
   zeros), for the images still active: masking its global pooling and resampling is not straightforward, and
   ``executed_macs`` counts it whole.
 
-A block (or the ResNets' classifier) whose share of active positions is at least ``dense_above`` runs dense over
-the whole grid and then keeps the inactive positions' previous features: the same result (the MobileNets'
-squeeze-excitation pooling the active positions as the gathered block does), and ``executed_macs`` counts the
-dense work. ``macs`` stays the analytic masked cost (each part's multiply-adds times the share of
-pixels still active), as for the networks that are not masked.
+A block (or the ResNets' classifier) whose share of active positions is at least ``dense_above`` (the measured
+crossover: 0.6 for the ResNets, 0.1 for the MobileNets) runs dense over the whole grid and then keeps the
+inactive positions' previous features: the same result (the MobileNets' squeeze-excitation pooling the active
+positions as the gathered block does), and ``executed_macs`` counts the dense work. ``macs`` stays the analytic
+masked cost (each part's multiply-adds times the share of pixels still active), as ADP-C counts it.
 """
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ from eetool.segmentation.tv import TorchvisionSegNet, dense_costs
 # fcn_resnet50 (4 images, a 16 x 16 grid, blob-shaped masks, its neighbourhoods included) is faster than the dense
 # one up to about 0.5 (layer2) to 0.75 (layer3, layer4) active
 DENSE_ABOVE = 0.6
+# The MobileNetV3s' InvertedResiduals cross over far lower: torch's dense depthwise convolution is cheap beside
+# gathering every tap of every expanded channel. On one CPU thread (4 images, blob-shaped masks, the expansion's
+# neighbourhoods included) a gathered block 5, 8 or 13 is faster than the dense one up to 0.06 to 0.2 active
+MOBILENET_DENSE_ABOVE = 0.1
 
 
 def cover(pixels: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
@@ -286,15 +290,17 @@ def _counted_classifier(model: TorchvisionSegNet, saved: dict[str, torch.Tensor]
 
 @torch.no_grad()
 def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: torch.Tensor,
-                       dense_above: float = DENSE_ABOVE) -> EarlyExitResult:
+                       dense_above: float | None = None) -> EarlyExitResult:
     """Pixel-level early exit with ``thresholds`` (early exits x classes) on a torchvision segmentation network,
-    masked after the first exit (see the module's doc)."""
+    masked after the first exit (see the module's doc); ``dense_above`` defaults to the family's crossover."""
     heads = model.require_exits()
     model.eval()
+    masked_classifier = "resnet" in model.arch  # the MobileNets' classifier runs dense on the final maps
+    if dense_above is None:
+        dense_above = DENSE_ABOVE if masked_classifier else MOBILENET_DENSE_ABOVE
     costs = dense_costs(model, (int(x.shape[1]), int(x.shape[2]), int(x.shape[3])))
     batch, _, height, width = x.shape
     last = len(EXIT_NAMES) - 1
-    masked_classifier = "resnet" in model.arch  # the MobileNets' classifier runs dense on the final maps
     returned = cast(dict[str, str], model.backbone.return_layers)  # type: ignore[attr-defined]
     logits = torch.zeros(batch, model.num_classes, height, width, dtype=x.dtype, device=x.device)
     exit_index = torch.full((batch, height, width), last, dtype=torch.uint8, device=x.device)
