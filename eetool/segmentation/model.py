@@ -306,7 +306,7 @@ def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torc
     """Pixel-level early exit with ``thresholds`` (early exits x classes): a pixel predicted as class j at early
     exit n leaves there when its largest probability exceeds ``thresholds[n, j]``; pixels left at the end take
     the final exit's prediction. Only active positions are computed after the stem (see the module's doc);
-    a torchvision network computes whole images (``eetool.segmentation.tv``)."""
+    a torchvision network is masked after its first exit (``eetool.segmentation.tv_masked``)."""
     if not isinstance(model, EESegNet):
         from eetool.segmentation import tv
 
