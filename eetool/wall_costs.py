@@ -10,14 +10,17 @@ through the stages, timing each stage, the decision after it and the compaction 
 ``eetool.inference.ExitBatch`` does it, with every other sample leaving), so that a change of load hits every
 part and every batch size of a round alike; each part's time is the median over rounds and batches.
 
-The model. Step j is stage j with exit j's decision and compaction (the last step is the model's head alone);
-T_j(n) is its time on a batch of n samples, linear between the measured batch sizes and from (0, 0) to the
-smallest. A larger batch never takes less time: where a measurement says so (noise), the smaller batch's time
-is kept for it too, so that T_j is non-decreasing in n. (Time per sample is not made monotone: on a CPU a large
-batch can cost more per sample than a middling one, its features no longer fitting the caches.) Thresholds
-that let a fraction r_j of the samples reach step j cost, per batch of B, sum_j T_j(r_j B); divided by the plain
-model's time at B (its stages' times: the plain model run stage by stage) this is the cost a budget bounds, and
-the plain model is 1. Because T_j is non-decreasing, letting a sample leave earlier never raises the cost.
+The model. Step j is stage j with exit j's decision and compaction (the last step is the model's head alone); T_j(n)
+is its time on a batch of n samples, linear between the measured batch sizes and from (0, 0) to the smallest. Each
+decision is timed as ``Thresholded`` makes it (the rule's scores, then the comparison with the threshold), and the
+pass's own bookkeeping (starting the batch, writing the head's predictions back), paid once per batch, is timed too
+and charged to step 0, which every sample reaches. A larger batch never takes less time: where a measurement says so
+(noise), the smaller batch's time is kept for it too, so that T_j is non-decreasing in n. (Time per sample is not
+made monotone: on a CPU a large batch can cost more per sample than a middling one, its features no longer fitting
+the caches.) Thresholds that let a fraction r_j of the samples reach step j cost, per batch of B, sum_j T_j(r_j B);
+divided by the plain model's time at B (its stages' times: the plain model run stage by stage) this is the cost a
+budget bounds, and the plain model is 1. Because T_j is non-decreasing, letting a sample leave earlier never raises
+the cost.
 
 The fit. That cost is not a mean of per-sample exit costs, which is what the threshold searches take: the
 per-sample cost of step j, T_j(r_j B) / (r_j B), depends on the thresholds through r_j. So thresholds are
@@ -73,11 +76,15 @@ class PartSeconds:
     stage_seconds: list[float]  # len(decision_seconds) + 1
     decision_seconds: list[float]
     compaction_seconds: list[float]
+    # the early-exit pass's own bookkeeping, paid once per batch: starting the batch (``ExitBatch.start``) and
+    # writing the head's predictions back; at batch 1 it is a visible share of a pass the stages do not show
+    pass_seconds: float = 0.0
 
     def record(self) -> dict[str, object]:
         return {"batch_size": self.batch_size, "stage_seconds": _rounded(self.stage_seconds),
                 "decision_seconds": _rounded(self.decision_seconds),
-                "compaction_seconds": _rounded(self.compaction_seconds)}
+                "compaction_seconds": _rounded(self.compaction_seconds),
+                "pass_seconds": float(f"{self.pass_seconds:.6g}")}
 
 
 @dataclass
@@ -114,6 +121,8 @@ class WallCosts:
             times = [p.stage_seconds[j] + (p.decision_seconds[j] + p.compaction_seconds[j] if j < self.num_exits
                                            else 0.0) for p in self.by_batch_size]
             steps.append(_monotone(times))
+        # the pass's bookkeeping is paid by every batch, so by step 0, which every sample reaches
+        steps[0] = _monotone([t + p.pass_seconds for t, p in zip(steps[0], self.by_batch_size, strict=True)])
         return steps
 
     def exit_costs(self, reach: Sequence[float]) -> list[float]:
@@ -152,6 +161,7 @@ class WallCosts:
         return {"stage_seconds": _rounded(self.full.stage_seconds),
                 "decision_seconds": _rounded(self.full.decision_seconds),
                 "compaction_seconds": _rounded(self.full.compaction_seconds),
+                "pass_seconds": float(f"{self.full.pass_seconds:.6g}"),
                 "plain_seconds": float(f"{self.plain_seconds:.6g}"), "batch_size": self.batch_size,
                 "threads": self.threads, "batches": self.batches, "repeats": self.repeats,
                 "batch_sizes": [p.batch_size for p in self.by_batch_size],
@@ -300,10 +310,14 @@ def measure_wall_costs(exit_model: ExitModel, decide: Callable[[int, torch.Tenso
     stage_times: list[list[list[float]]] = [[[] for _ in range(n_exits + 1)] for _ in sizes]
     decision_times: list[list[list[float]]] = [[[] for _ in range(n_exits)] for _ in sizes]
     compaction_times: list[list[list[float]]] = [[[] for _ in range(n_exits)] for _ in sizes]
+    pass_times: list[list[float]] = [[] for _ in sizes]
     for round_ in range(repeats + 1):  # round 0 warms up (allocator, kernels) and is not kept
         for x in inputs:
             for k, size in enumerate(sizes):
                 h = x[:size]
+                start = clock()
+                started = ExitBatch.start(h, n_exits)
+                bookkeeping = clock() - start
                 for j, stage in enumerate(exit_model.stages):
                     start = clock()
                     h = stage(h)
@@ -311,7 +325,9 @@ def measure_wall_costs(exit_model: ExitModel, decide: Callable[[int, torch.Tenso
                     if round_:
                         stage_times[k][j].append(after_stage - start)
                     if j < n_exits:
-                        _, pred = decide(j, h)
+                        # as ``Thresholded`` decides: the rule's scores, then the comparison with the threshold
+                        confidence, pred = decide(j, h)
+                        _ = confidence > 0.5
                         after_decision = clock()
                         batch = ExitBatch.start(h, n_exits)
                         leave = torch.arange(h.shape[0], device=h.device) % 2 == 0
@@ -320,10 +336,16 @@ def measure_wall_costs(exit_model: ExitModel, decide: Callable[[int, torch.Tenso
                         if round_:
                             decision_times[k][j].append(after_decision - after_stage)
                             compaction_times[k][j].append(clock() - start)
+                    else:
+                        start = clock()
+                        started.predictions.index_copy_(0, started.remaining, h.argmax(1))
+                        if round_:
+                            pass_times[k].append(bookkeeping + clock() - start)
 
     def medians(times: list[list[float]]) -> list[float]:
         return [statistics.median(t) for t in times]
 
     return WallCosts([PartSeconds(size, medians(stage_times[k]), medians(decision_times[k]),
-                                  medians(compaction_times[k])) for k, size in enumerate(sizes)],
+                                  medians(compaction_times[k]), statistics.median(pass_times[k]))
+                      for k, size in enumerate(sizes)],
                      torch.get_num_threads(), len(inputs), repeats)

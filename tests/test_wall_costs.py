@@ -53,6 +53,15 @@ def test_wall_costs_add_the_compaction_after_each_decision_passed() -> None:
     assert wall.normalised_exit_costs() == pytest.approx([1.75 / 4, 4.5 / 4, 5.5 / 4], rel=1e-12)
 
 
+def test_the_pass_bookkeeping_is_paid_once_per_batch_by_every_sample() -> None:
+    wall = WallCosts([PartSeconds(8, [1.0, 2.0, 1.0], [0.5, 0.25], [0.0, 0.0], pass_seconds=0.5)], threads=1,
+                     batches=1, repeats=1)
+    # every exit cost carries the pass's 0.5 once; the plain model (the stages, 4) does not
+    assert wall.normalised_exit_costs() == pytest.approx([2.0 / 4, 4.25 / 4, 5.25 / 4], rel=1e-12)
+    everyone_at_exit_0 = torch.zeros(8, dtype=torch.int64)
+    assert wall.model_cost(everyone_at_exit_0) == pytest.approx(2.0 / 4, rel=1e-12)
+
+
 def test_measured_batch_sizes() -> None:
     assert measured_batch_sizes(256) == [1, 16, 64, 128, 256]
     assert measured_batch_sizes(32) == [1, 2, 8, 16, 32]
@@ -192,7 +201,8 @@ def test_measured_costs_are_positive_cumulative_and_the_plain_model_is_one(tiny_
     assert [p.batch_size for p in wall.by_batch_size] == [1, 2, 8, 16, 32]
     for part in wall.by_batch_size:
         assert len(part.stage_seconds) == j + 1 and len(part.decision_seconds) == len(part.compaction_seconds) == j
-        assert all(s > 0 for s in part.stage_seconds + part.decision_seconds + part.compaction_seconds)
+        assert all(s > 0 for s in [*part.stage_seconds, *part.decision_seconds, *part.compaction_seconds,
+                                   part.pass_seconds])
     assert (wall.batch_size, wall.batches, wall.threads) == (32, 2, torch.get_num_threads())
     costs = wall.normalised_exit_costs()
     assert all(a < b for a, b in zip(costs, costs[1:], strict=False))
@@ -200,7 +210,7 @@ def test_measured_costs_are_positive_cumulative_and_the_plain_model_is_one(tiny_
     # the head pays the whole plain model (1) plus every decision and compaction, or more where a smaller batch
     # was measured slower than the full one (the dearer reading is kept)
     full = wall.full
-    overheads = sum(full.decision_seconds) + sum(full.compaction_seconds)
+    overheads = sum(full.decision_seconds) + sum(full.compaction_seconds) + full.pass_seconds
     assert costs[-1] >= 1 + overheads / wall.plain_seconds - 1e-9
     assert costs[-1] > 1
 
