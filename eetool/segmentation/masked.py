@@ -1,5 +1,5 @@
 """Masked execution: convolutions computed at chosen output positions only, shared by eeseg and the torchvision
-ResNet backbones.
+backbones (``cover`` maps the pixels still active to the positions of a coarser grid).
 
 A ``FeatureMap`` holds B x H x W x C features as flat rows (one per position, channels last) followed by one row
 of zeros: a convolution's taps that fall outside the map read that row, which is zero padding without padding
@@ -13,6 +13,7 @@ are. Multiply-adds are counted per computed row: ``macs_per_position`` of each c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import cast
 
@@ -74,6 +75,14 @@ class FeatureMap:
         """The row numbers of a B x H x W mask's true positions."""
         p = self.pad
         return positions(F.pad(mask, (p, p, p, p)) if p else mask)
+
+
+def cover(pixels: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """B x gh x gw: a grid position is active while any input pixel it covers is."""
+    stride = 2 ** round(math.log2(pixels.shape[1] / grid_hw[0]))
+    active = F.max_pool2d(pixels[:, None].float(), stride, stride, ceil_mode=True)[:, 0] > 0
+    assert tuple(active.shape[1:]) == grid_hw, (active.shape, grid_hw)
+    return active
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,7 @@ from eetool.errors import UsageError
 from eetool.segmentation.masked import (
     FeatureMap,
     conv_rows,
+    cover,
     pointwise,
     positions,
     read_mask,
@@ -296,7 +297,7 @@ def _sparse_block(block: Block, grid: FeatureMap, active: torch.Tensor, costs: P
     return macs, macs
 
 
-def _head_rows(head: Head, rows: torch.Tensor) -> torch.Tensor:
+def head_rows(head: Head, rows: torch.Tensor) -> torch.Tensor:
     return pointwise([head.conv1, head.bn, nn.ReLU(inplace=True), head.conv2], rows)  # fresh rows: in place
 
 
@@ -333,7 +334,7 @@ def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torc
         for block in cast(list[Block], list(stage)):
             masked, ran = _sparse_block(block, grid, active, costs, dense_above)
             macs, executed = macs + masked, executed + ran
-        grid_logits.view(-1, model.num_classes)[positions(active)] = _head_rows(head, grid.rows[grid.index(active)])
+        grid_logits.view(-1, model.num_classes)[positions(active)] = head_rows(head, grid.rows[grid.index(active)])
         macs += int(active.sum()) * costs.head
         executed += int(active.sum()) * costs.head
         # channels last: bilinear upsampling and the reductions over classes are several times faster so
@@ -349,7 +350,7 @@ def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torc
         logits = torch.where(leave[..., None], up, logits)
         exit_index[leave] = n
         pixels &= ~leave
-        active = F.max_pool2d(pixels[:, None].float(), 2, 2, ceil_mode=True)[:, 0] > 0
+        active = cover(pixels, (gh, gw))
         if not bool(active.any()):  # every pixel has left: later exits compute nothing and change nothing
             computed.extend([0] * (last - n))
             exit_predictions.extend([exit_predictions[-1]] * (last - n))

@@ -45,7 +45,6 @@ masked cost (each part's multiply-adds times the share of pixels still active), 
 
 from __future__ import annotations
 
-import math
 from typing import cast
 
 import torch
@@ -60,6 +59,7 @@ from eetool.segmentation.masked import (
     FeatureMap,
     bn_rows,
     conv_rows,
+    cover,
     macs_per_position,
     out_size,
     pointwise,
@@ -68,7 +68,7 @@ from eetool.segmentation.masked import (
     tap_rows,
     write_active,
 )
-from eetool.segmentation.model import EXIT_NAMES, EarlyExitResult, Head, upsample
+from eetool.segmentation.model import EXIT_NAMES, EarlyExitResult, Head, head_rows, upsample
 from eetool.segmentation.tv import TorchvisionSegNet, dense_costs
 
 # A block computes dense at or above this share of active positions: on one CPU thread a gathered Bottleneck of
@@ -79,14 +79,6 @@ DENSE_ABOVE = 0.6
 # gathering every tap of every expanded channel. On one CPU thread (4 images, blob-shaped masks, the expansion's
 # neighbourhoods included) a gathered block 5, 8 or 13 is faster than the dense one up to 0.06 to 0.2 active
 MOBILENET_DENSE_ABOVE = 0.1
-
-
-def cover(pixels: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-    """B x gh x gw: a grid position is active while any input pixel it covers is."""
-    stride = 2 ** round(math.log2(pixels.shape[1] / grid_hw[0]))
-    active = F.max_pool2d(pixels[:, None].float(), stride, stride, ceil_mode=True)[:, 0] > 0
-    assert tuple(active.shape[1:]) == grid_hw, (active.shape, grid_hw)
-    return active
 
 
 def bottleneck(block: Bottleneck, src: FeatureMap, active: torch.Tensor, dense_above: float
@@ -277,7 +269,7 @@ def _counted_classifier(model: TorchvisionSegNet, saved: dict[str, torch.Tensor]
 
     def count(module: nn.Module, args: object, output: torch.Tensor) -> None:
         conv = cast(nn.Conv2d, module)
-        spent[0] += output.numel() * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+        spent[0] += output.numel() // conv.out_channels * macs_per_position(conv)
 
     hooks = [m.register_forward_hook(count) for m in model.classifier.modules() if isinstance(m, nn.Conv2d)]
     try:
@@ -328,17 +320,16 @@ def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: to
                 if not masked_classifier and name in returned:  # kept as it stands for the dense classifier
                     saved[returned[name]] = fmap.nchw().clone()
             at = positions(active)
-            if n < last:
+            if n < last or masked_classifier:  # the previous logits, kept by inactive positions, on this grid
                 grid_logits = F.interpolate(grid_logits.permute(0, 3, 1, 2), (fmap.height, fmap.width),
                                             mode="bilinear", align_corners=False).permute(0, 2, 3, 1).contiguous()
+            if n < last:
                 head = cast(Head, heads[n])
-                rows = pointwise([head.conv1, head.bn, nn.ReLU(), head.conv2], fmap.rows[at])
+                rows = head_rows(head, fmap.rows[at])
                 spent = at.numel() * (macs_per_position(head.conv1) + macs_per_position(head.conv2))
                 analytic += share * (costs.stages[n] + costs.heads[n])
                 grid_logits.view(-1, model.num_classes)[at] = rows
             elif masked_classifier:
-                grid_logits = F.interpolate(grid_logits.permute(0, 3, 1, 2), (fmap.height, fmap.width),
-                                            mode="bilinear", align_corners=False).permute(0, 2, 3, 1).contiguous()
                 rows, spent = classifier(cast(nn.Sequential, model.classifier), fmap, active, dense_above)
                 analytic += share * costs.stages[n]
                 grid_logits.view(-1, model.num_classes)[at] = rows
