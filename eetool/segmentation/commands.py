@@ -65,13 +65,17 @@ def is_segmentation_checkpoint(run: Run, ref: str) -> bool:
         return False
 
 
-def require_segmentation(ckpt: Checkpoint, what: str) -> SegmentationNet:
+def require_segmentation(ckpt: Checkpoint, what: str, exits: bool = False) -> SegmentationNet:
+    """The checkpoint's segmentation network; with ``exits``, one that has its early exits (a torchvision network
+    has them only once `train-exits` added them)."""
     from eetool.segmentation.tv import TorchvisionSegNet
 
     if not isinstance(ckpt.model, EESegNet | TorchvisionSegNet):
         raise ModelMismatchError(f"{what} is for segmentation networks, and {ckpt.label} is a classifier",
                                  "use --method e2cm, sdn, entropy or e2cm+sdn for a classifier, or give an eeseg "
                                  "checkpoint (`eetool train -d fashion-mnist-scenes`)")
+    if exits and isinstance(ckpt.model, TorchvisionSegNet):
+        ckpt.model.require_exits()
     return ckpt.model
 
 
@@ -153,9 +157,7 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
     run.check_output(req.output, force=req.force,
                      inputs=(req.checkpoint, req.indices, data_path(req.data) if req.data else None, req.means))
     ckpt = open_checkpoint(run, req.checkpoint)
-    model = require_segmentation(ckpt, f"--method {req.method}")
-    if not isinstance(model, EESegNet):  # a torchvision network has exits only once train-exits added them
-        model.require_exits()
+    model = require_segmentation(ckpt, f"--method {req.method}", exits=True)
     classes = ckpt.spec.classes or [str(k) for k in range(model.num_classes)]
     doc: dict[str, Any] = {"method": req.method, "exits": list(EARLY_EXITS), "classes": classes}
     dataset = ""

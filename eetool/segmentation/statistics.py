@@ -19,7 +19,7 @@ import torch
 
 from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
 from eetool.errors import InputError, UsageError
-from eetool.segmentation.model import EXIT_NAMES, EESegNet
+from eetool.segmentation.model import EXIT_NAMES
 from eetool.segmentation.thresholds import ClassStats, margins
 
 if TYPE_CHECKING:
@@ -89,9 +89,7 @@ def calibrate_statistics(run: Run, req: StatisticsRequest) -> None:
     run.check_output(req.output, force=req.force, inputs=(req.checkpoint, req.indices, data_path(req.data)),
                      binary=True)
     ckpt = open_checkpoint(run, req.checkpoint)
-    model = require_segmentation(ckpt, "this calibration")
-    if not isinstance(model, EESegNet):  # a torchvision network has exits only once train-exits added them
-        model.require_exits()
+    model = require_segmentation(ckpt, "this calibration", exits=True)
     device = run.torch()
     ds = load_masks(req.data, req.split, req.indices, ckpt)
     preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
