@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 import yaml
+from exit_speed import method_rule  # bench/ is on the path: this script runs as bench/wall_model_check.py
 
 from eetool.checkpoint import load_checkpoint
 from eetool.datasets import Preprocess, load_dataset
 from eetool.e2cm import ClassMeans
 from eetool.exits import ExitModel, build_exit_model
-from eetool.heads import load_heads
 from eetool.inference import ExitBatch, run_early_exit
-from eetool.rules import HeadsRule, MeansRule, Thresholded
+from eetool.rules import Thresholded
 from eetool.wall_costs import PartSeconds, WallCosts, _interpolate
 
 PARTS = ("stage", "decide", "compact")
@@ -91,9 +91,7 @@ def main() -> None:
     em = build_exit_model(ck.model)
     assert em.stages is not None
     cm, _ = ClassMeans.load(str(Path(args.cache) / "means.safetensors"))
-    rule = (MeansRule(cm) if args.method == "e2cm" else
-            HeadsRule(load_heads(str(Path(args.cache) / "heads-1.safetensors"))[0], args.method,
-                      cm if args.method == "e2cm+sdn" else None))
+    rule = method_rule(args.method, cm, Path(args.cache) / "heads-1.safetensors")
     decide = Thresholded(rule, point["thresholds"])
     n_exits = len(em.exits)
     clock = time.perf_counter
