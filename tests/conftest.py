@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -65,3 +69,20 @@ def tiny_lm(tiny_lm_folder: Path) -> Any:
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def load_script() -> Callable[[str], ModuleType]:
+    """Imports a script of the repository (``reproduce/segmentation.py``) as a module, its folder on the path as
+    when it is run (the reproduction scripts import the step runner beside them)."""
+    def load(relative: str) -> ModuleType:
+        script = Path(__file__).resolve().parents[1] / relative
+        sys.path.insert(0, str(script.parent))
+        spec = importlib.util.spec_from_file_location(f"{script.parent.name}_{script.stem}", script)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "reproduce" / "segmentation.py"
-
 
 @pytest.fixture(scope="module")
-def seg() -> ModuleType:
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports the step runner beside it, as when it is run
-    spec = importlib.util.spec_from_file_location("reproduce_segmentation", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def seg(load_script: Callable[[str], ModuleType]) -> ModuleType:
+    return load_script("reproduce/segmentation.py")
 
 
 def evaluation(miou: float, cost: float, anytime: list[tuple[float, float]]) -> dict[str, Any]:

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "reproduce" / "weight_pruning.py"
-
 
 @pytest.fixture(scope="module")
-def wp() -> ModuleType:
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports the step runner beside it, as when it is run
-    spec = importlib.util.spec_from_file_location("reproduce_weight_pruning", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def wp(load_script: Callable[[str], ModuleType]) -> ModuleType:
+    return load_script("reproduce/weight_pruning.py")
 
 
 def layer(part: str, name: str, weights: int, zeros: int) -> dict[str, Any]:
