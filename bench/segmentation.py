@@ -7,8 +7,9 @@ against its analytic cost, in one run on the same scenes.
 
 The calibration pass runs every exit and adds each pixel's softmax to float64 sums per exit and class
 (goal: at least 0.85 of the plain network's images/s). Its floor, ``every_head_over_plain``, is the trunk with
-every exit's head on every position and nothing upsampled: the plain network runs only the final head. Times
-are the process's CPU seconds (see ``best_of``). The early exits compute active positions by gathered matrix
+every exit's head on every position and nothing upsampled: the plain network runs only the final head. Every
+timed part runs once per round, the rounds interleaved, and each reports its least CPU seconds over the rounds
+(see ``interleaved_best``). The early exits compute active positions by gathered matrix
 products in blocks below eeseg's DENSE_ABOVE share of active positions, dense blocks above it; their measured
 speed-up is printed beside 1 / cost (the analytic speed-up) and 1 / executed cost (what ran).
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -32,15 +34,17 @@ from eetool.segmentation.masked import FeatureMap
 from eetool.segmentation.model import DILATIONS, EESegNet, PositionCosts, _sparse_block, early_exit_forward, plain_macs
 
 
-def best_of(repeat: int, run: object) -> float:
-    """The least CPU time of this process over ``repeat`` runs: with --threads 1 it is robust to other processes
-    sharing the cores (wall time is not, on a shared machine); with more threads it sums them."""
-    times = []
-    for _ in range(repeat):
-        start = time.process_time()
-        run()  # type: ignore[operator]
-        times.append(time.process_time() - start)
-    return min(times)  # the machine's noise only adds time
+def interleaved_best(rounds: int, parts: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """The least CPU time of this process for each part over ``rounds`` rounds that run every part in turn: a
+    change in the machine's load touches every part alike, and with --threads 1 CPU time is robust to other
+    processes sharing the cores (wall time is not, on a shared machine); with more threads it sums them."""
+    best = dict.fromkeys(parts, float("inf"))
+    for _ in range(rounds):
+        for name, run in parts.items():
+            start = time.process_time()
+            run()
+            best[name] = min(best[name], time.process_time() - start)  # the machine's noise only adds time
+    return best
 
 
 def main() -> None:
@@ -79,16 +83,9 @@ def main() -> None:
     def calibrate() -> None:
         class_statistics(model, ds, pre, args.batch_size, torch.device("cpu"), Reporter())
 
-    plain(), heads(), calibrate()  # warm-up
-    t_plain = best_of(args.repeat, plain)
-    t_heads = best_of(args.repeat, heads)
-    t_cal = best_of(args.repeat, calibrate)
-    results: dict[str, object] = {"scenes": len(ds), "threads": torch.get_num_threads(),
-                                  "plain_images_per_s": round(len(ds) / t_plain, 1),
-                                  "calibration_images_per_s": round(len(ds) / t_cal, 1),
-                                  "calibration_over_plain": round(t_plain / t_cal, 3),
-                                  "every_head_over_plain": round(t_plain / t_heads, 3), "points": []}
     dense = plain_macs(model, ck.spec.input_shape)
+    parts: dict[str, Callable[[], object]] = {"plain": plain, "heads": heads, "calibration": calibrate}
+    points = []
     for t in (float(v) for v in args.thresholds.split(",")):
         thresholds = torch.full((3, model.num_classes), t)
         runs = [early_exit_forward(model, x, thresholds) for x in batches]
@@ -99,11 +96,20 @@ def main() -> None:
             for x in batches:
                 early_exit_forward(model, x, th)
 
-        t_early = best_of(args.repeat, early)
-        results["points"].append({"threshold": t, "cost": round(macs / dense, 4),  # type: ignore[union-attr]
-                                  "analytic_speedup": round(dense / macs, 3),
-                                  "executed_cost": round(executed / dense, 4),
-                                  "measured_speedup": round(t_plain / t_early, 3)})
+        parts[f"early {t}"] = early
+        points.append({"threshold": t, "cost": round(macs / dense, 4), "analytic_speedup": round(dense / macs, 3),
+                       "executed_cost": round(executed / dense, 4)})
+    for run in parts.values():  # warm-up
+        run()
+    best = interleaved_best(args.repeat, parts)
+    t_plain, t_cal = best["plain"], best["calibration"]
+    for point in points:
+        point["measured_speedup"] = round(t_plain / best[f"early {point['threshold']}"], 3)
+    results: dict[str, object] = {"scenes": len(ds), "threads": torch.get_num_threads(), "rounds": args.repeat,
+                                  "plain_images_per_s": round(len(ds) / t_plain, 1),
+                                  "calibration_images_per_s": round(len(ds) / t_cal, 1),
+                                  "calibration_over_plain": round(t_plain / t_cal, 3),
+                                  "every_head_over_plain": round(t_plain / best["heads"], 3), "points": points}
     results["calibration_goal_met"] = t_plain / t_cal >= 0.85
     print(json.dumps(results, indent=2))
 
@@ -130,7 +136,7 @@ def crossover(model: EESegNet, batch: int, repeat: int) -> None:
                           t: float = dense_above) -> None:
                     _sparse_block(b, f, a, costs, t)  # type: ignore[arg-type]
 
-                row[f"d{d}_{name}_ms"] = round(1000 * best_of(repeat, block), 1)
+                row[f"d{d}_{name}_ms"] = round(1000 * interleaved_best(repeat, {"block": block})["block"], 1)
         rows.append(row)
     print(json.dumps({"batch": batch, "grid": side, "width": model.width, "threads": torch.get_num_threads(),
                       "rows": rows}, indent=2))
