@@ -12,8 +12,10 @@ to other processes sharing the cores). Parts, for all scenes:
   dense           the same sums from full-resolution probabilities (``ClassStats.update``, the general path)
 and the statistics' own parts on grid logits computed beforehand, in the calibration's chunks:
   upsample        the four bilinear phases of every exit (``upsampled_phases``)
-  softmax         their softmax over the classes (``softmax_of_bounded``)
-  products        one-hot ground truth and its product with the probabilities, added in float64
+  softmax         their softmax over the classes in base 2 (``softmax_of_bounded``)
+  sums            the probabilities summed per class, one image at a time, added in float64: one-hot products
+                  (``class_sums_by_one_hot``) below ROWS_FROM_CLASSES classes, rows added to their class's row
+                  from it (``class_sums_by_rows``)
 The load average is printed before and after.
 """
 
@@ -69,15 +71,26 @@ def main() -> None:
     batches = [(pre(images), masks) for images, masks, _ in ds.batches(args.batch_size)]
     k, exits = model.num_classes, len(model.heads)
     with torch.no_grad():
-        grids = [torch.cat(model.grid_exits(x), 1) for x, _ in batches]
-    step = max(1, calibration.CHUNK_ELEMENTS // grids[0][0].numel() // 4)
-    chunks = [(g[s:s + step], masks[s:s + step]) for g, (_, masks) in zip(grids, batches, strict=True)
-              for s in range(0, len(g), step)]
+        grids = [model.grid_exits(x) for x, _ in batches]
+    h, w = grids[0][0].shape[-2:]
+    pixels = 4 * h * w
+    step = max(1, calibration.CHUNK_ELEMENTS // (exits * k * pixels))
+    rows = k >= calibration.ROWS_FROM_CLASSES
+    # each chunk as add_grid_batch lays it out, in base 2: a row per grid position (b x h x w x exits K), or a map
+    # per exit and class ((b exits K) x h x w x 1)
+    layout = (lambda t: t.permute(0, 2, 3, 1)) if rows else (lambda t: t.reshape(-1, h, w, 1))
+    chunks = [(layout(torch.cat([e[s:s + step] for e in g], 1).contiguous().mul(calibration.LOG2_E)).contiguous(),
+               masks[s:s + step]) for g, (_, masks) in zip(grids, batches, strict=True)
+              for s in range(0, len(masks), step)]
     phases = [calibration.upsampled_phases(g) for g, _ in chunks]
-    probs = [calibration.softmax_of_bounded(p.view(len(p), exits, k, -1).clone(), float(g.abs().amax()))
-             .view(len(p), exits * k, -1) for p, (g, _) in zip(phases, chunks, strict=True)]
-    rows = [calibration.pixel_phases(masks).reshape(len(masks), 1, -1).long().add_(1) for _, masks in chunks]
 
+    def probabilities(p: torch.Tensor) -> torch.Tensor:  # in place
+        if rows:
+            return calibration.softmax_of_bounded(p.view(-1, exits, k), 0.0)
+        return calibration.softmax_of_bounded(p.view(-1, exits, k, pixels), 0.0, dim=2)
+
+    probs = [probabilities(p.clone()) for p in phases]
+    labels = [calibration.pixel_phases(masks).reshape(-1).long().add_(1) for _, masks in chunks]
     # every part drops its results as it goes, as the calibration does (holding them would time fresh memory)
     def plain() -> None:
         for x, _ in batches:
@@ -96,7 +109,7 @@ def main() -> None:
 
     def trunk() -> None:
         for x, _ in batches:
-            h = folded.stem(x)
+            h = folded.stem(folded._layout(x))
             for stage in folded.stages:
                 h = stage(h)
 
@@ -106,20 +119,21 @@ def main() -> None:
             stats.update(calibration.exit_probabilities(model, x), masks)
 
     def softmax() -> None:
-        for p, (g, _) in zip(phases, chunks, strict=True):
-            calibration.softmax_of_bounded(p.view(len(p), exits, k, -1).clone(), float(g.abs().amax()))
+        for p in phases:
+            probabilities(p.clone())
 
     def copies() -> None:  # what ``softmax`` spends on cloning its input (it works in place)
         for p in phases:
             p.clone()
 
-    def products() -> None:
-        sums = torch.zeros(exits, k, k, dtype=torch.float64)
-        for r, p in zip(rows, probs, strict=True):
-            one_hot = torch.zeros(len(p), k + 1, p.shape[-1])
-            one_hot.scatter_(1, r, 1.0)
-            sums += torch.bmm(one_hot[:, 1:], p.transpose(1, 2)).to(torch.float64).sum(0).view(k, exits, k) \
-                .transpose(0, 1)
+    def sums() -> None:
+        totals = torch.zeros(k, exits * k, dtype=torch.float64)
+        for r, p in zip(labels, probs, strict=True):
+            images = len(r) // pixels
+            if rows:
+                totals += calibration.class_sums_by_rows(p.view(images, pixels, -1), r, k)
+            else:
+                totals += calibration.class_sums_by_one_hot(p.view(images, exits * k, pixels), r, k)
 
     parts: dict[str, Callable[[], object]] = {
         "plain": plain,
@@ -130,7 +144,7 @@ def main() -> None:
         "upsample": upsample,
         "softmax_and_copy": softmax,
         "copy": copies,
-        "products": products,
+        "sums": sums,
     }
     with torch.no_grad():
         for run in parts.values():  # warm-up

@@ -71,11 +71,11 @@ def random_grids(gen: torch.Generator, b: int, k: int, h: int, w: int, scale: fl
 
 def test_upsampled_phases_are_the_bilinear_interpolation() -> None:
     logits = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(0)) * 4
-    phases = upsampled_phases(logits)  # 2 x 3 x 4 x 5 x 7
+    phases = upsampled_phases(logits.permute(0, 2, 3, 1))  # channels last: 2 x 4 x 5 x 7 x 3
     image = torch.empty(2, 3, 10, 14)
     for r in (0, 1):
         for c in (0, 1):
-            image[:, :, r::2, c::2] = phases[:, :, 2 * r + c]
+            image[:, :, r::2, c::2] = phases[:, 2 * r + c].permute(0, 3, 1, 2)
     assert (image - F.interpolate(logits, size=(10, 14), mode="bilinear")).abs().max() < TOLERANCE
     masks = torch.arange(10 * 14).view(1, 10, 14)
     for r in (0, 1):
@@ -84,12 +84,21 @@ def test_upsampled_phases_are_the_bilinear_interpolation() -> None:
 
 
 @pytest.mark.parametrize("chunk_elements", [1, 2 * 4 * 4 * 5 * 6 * 4, 1 << 20])
-def test_statistics_equal_eq_3_1_recomputed_pixel_by_pixel(monkeypatch: pytest.MonkeyPatch,
-                                                           chunk_elements: int) -> None:
-    # one image per chunk; two (3 = 2 + 1: a shorter last chunk); the whole batch
+@pytest.mark.parametrize(("rows_from", "accumulators"), [(99, 1), (5, 1), (5, 3)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_statistics_equal_eq_3_1_recomputed_pixel_by_pixel(monkeypatch: pytest.MonkeyPatch, chunk_elements: int,
+                                                           rows_from: int, accumulators: int,
+                                                           layout: torch.memory_format) -> None:
+    # one image per chunk; two (3 = 2 + 1: a shorter last chunk); the whole batch. A map per exit and class and
+    # one-hot products (rows from 99 classes), or a row per pixel added to its class's row by one accumulator or
+    # three interleaved (the pixels' number mod 3); grids as given or channels last (as eeseg's folded network
+    # makes them)
     monkeypatch.setattr(cal, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(cal, "ROWS_FROM_CLASSES", rows_from)
+    monkeypatch.setattr(cal, "ACCUMULATORS", accumulators)
     gen = torch.Generator().manual_seed(1)
     batches = [random_grids(gen, 3, 5, 4, 6) for _ in range(3)]
+    batches = [([g.contiguous(memory_format=layout) for g in grids], masks) for grids, masks in batches]
     stats = ClassStats.empty(4, 5)
     for grids, masks in batches:  # streamed batch by batch
         add_grid_batch(stats, grids, masks)
@@ -100,7 +109,10 @@ def test_statistics_equal_eq_3_1_recomputed_pixel_by_pixel(monkeypatch: pytest.M
     assert stats.sums.dtype == torch.float64
 
 
-def test_logits_beyond_the_unshifted_exp_take_the_shifted_softmax() -> None:
+@pytest.mark.parametrize("rows_from", [99, 2])
+def test_logits_beyond_the_unshifted_exp_take_the_shifted_softmax(monkeypatch: pytest.MonkeyPatch,
+                                                                  rows_from: int) -> None:
+    monkeypatch.setattr(cal, "ROWS_FROM_CLASSES", rows_from)  # either layout
     gen = torch.Generator().manual_seed(2)
     grids, masks = random_grids(gen, 2, 4, 3, 3, scale=60.0)
     grids[1][0, 2, 1, 1] = 2 * EXP_SAFE  # exp(128) is infinite in float32
