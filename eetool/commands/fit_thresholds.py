@@ -80,8 +80,8 @@ def command(
                                              "folder:PATH, safetensors:FILE or demo; for segmentation "
                                              "fashion-mnist-scenes, brain-atlas, segmentation:FILE or "
                                              "segmentation-folder:PATH.", autocompletion=complete_data)] = None,
-    split: Annotated[str, typer.Option("--split", help="Split of --data.",
-                                       autocompletion=prefix_completer(SPLITS))] = "train",
+    split: Annotated[str | None, typer.Option("--split", help="Split of --data.  [default: train]",
+                                              autocompletion=prefix_completer(SPLITS), show_default=False)] = None,
     indices: IndicesOpt = None,
     batch_size: BatchOpt = 256,
     alpha: Annotated[float, typer.Option("--alpha", help="cbt, cbt-ns: the threshold of the class the network is "
@@ -125,9 +125,10 @@ def command(
         if budget and len(set(budget)) > 1:
             raise UsageError(f"--method {method} takes one --budget, not {len(set(budget))}",
                              "a segmentation thresholds file holds one operating point: fit one file per budget")
-        fit_segmentation_thresholds(run, ThresholdRequest(method, output, checkpoint, data, split, indices, batch_size,
-                                                          alpha, beta, threshold, force,
-                                                          budget[0] if budget else None, search_over, means))
+        fit_segmentation_thresholds(run, ThresholdRequest(method, output, checkpoint, data, split or "train", indices,
+                                                          batch_size, alpha, beta, threshold, force,
+                                                          budget[0] if budget else None, search_over, means,
+                                                          split_given=split is not None))
         return
     if search_over != "alpha":
         raise UsageError(f"--search-over {search_over} applies to --method cbt or cbt-ns with --budget",
@@ -167,12 +168,12 @@ def command(
         model = _open_model(run, ("--overhead measured needs --checkpoint and --data",
                                   "name the model and the data to time"),
                             method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, checkpoint, data,
-                            split, indices) if measured else None
+                            split or "train", indices) if measured else None
     else:
         model = _open_model(run, (f"--method {method}{' with --validation' if method == 'e2cm' else ''} needs "
                                   "--checkpoint and --data", "name the model and the data to fit on"),
                             method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, checkpoint, data,
-                            split, indices)
+                            split or "train", indices)
         stats, dataset, dense_costs = _scored_stats(run, model, method, cm, means_prov, batch_size)
     wall = None
     if measured:

@@ -114,6 +114,7 @@ class ThresholdRequest:
     budget: float | None = None  # search alpha (cbt, cbt-ns) or the threshold (adp-c) to meet this mean cost
     search_over: str = "alpha"  # cbt, cbt-ns with a budget: alpha (beta fixed), beta (alpha fixed) or both
     means: str | None = None  # cbt, cbt-ns: class statistics from `calibrate-means` instead of a pass over --data
+    split_given: bool = False  # --split was given (on the command line or in a config), not left at its default
 
 
 def class_statistics(model: SegmentationNet, ds: Dataset, preprocess: Preprocess, batch_size: int,
@@ -149,9 +150,17 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
         raise UsageError(f"--method {req.method}{' --budget' if req.budget is not None else ''} needs --data",
                          "give the training data, or its class statistics from `eetool calibrate-means` as --means"
                          if req.budget is None else "give the data to fit on: the budget is its mean cost")
-    if req.means and req.data and req.budget is None:
-        raise UsageError("--data is not read: the class statistics come from --means",
-                         "drop --data (it is used with --budget), or drop --means to calibrate on --data")
+    reads_data = req.budget is not None or (req.method != "adp-c" and not req.means)
+    if req.data and not reads_data:
+        if req.means:
+            raise UsageError("--data is not read: the class statistics come from --means",
+                             "drop --data (it is used with --budget), or drop --means to calibrate on --data")
+        raise UsageError("--data is not read: adp-c's one threshold is --threshold",
+                         "drop --data, or give --budget B to fit the threshold on it")
+    if not req.data and (req.indices or req.split_given):
+        flag = "--split" if req.split_given else "--indices"
+        raise UsageError(f"{flag} selects samples of --data, which this run does not read",
+                         f"drop {flag}" + (": the class statistics come from --means" if req.means else ""))
     if not req.checkpoint:
         raise UsageError(f"--method {req.method} needs --checkpoint", "give the segmentation checkpoint")
     run.check_output(req.output, force=req.force,
