@@ -23,6 +23,7 @@ from eetool.segmentation.masked import FeatureMap
 from eetool.segmentation.metrics import confusion, iou, mean_iou, pixel_accuracy
 from eetool.segmentation.model import (
     EESegNet,
+    PixelExits,
     PositionCosts,
     _sparse_block,
     early_exit_forward,
@@ -226,6 +227,57 @@ def test_exited_pixels_never_change_afterwards(net: EESegNet) -> None:
     assert torch.equal(gathered.exit_index, b.exit_index) and torch.allclose(gathered.logits, b.logits, atol=1e-5)
     assert gathered.macs == gathered.executed_macs == b.macs
     assert b.executed_macs is not None and b.executed_macs > b.macs
+
+
+def exits_by_full_maps(grid_logits: list[torch.Tensor], thresholds: torch.Tensor, size: tuple[int, int]
+                       ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Pixel-level early exit by its definition, every exit on every pixel's full logits: the logits each pixel
+    left with, its exit and the anytime class maps."""
+    ups = [torch.nn.functional.interpolate(g.permute(0, 3, 1, 2), size, mode="bilinear", align_corners=False)
+           for g in grid_logits]
+    last = len(ups) - 1
+    exit_index = torch.full(ups[0][:, 0].shape, last)
+    for n in reversed(range(last)):  # a pixel leaves at the first early exit whose confidence passes
+        confidence, prediction = ups[n].softmax(1).max(1)
+        exit_index = torch.where(confidence > thresholds[n][prediction], n, exit_index)
+    stacked = torch.stack(ups)  # exits x B x K x H x W
+    logits = stacked.gather(0, exit_index[None, :, None].expand(1, *stacked.shape[1:]))[0]
+    anytime = [torch.where(exit_index < n, logits.argmax(1), up.argmax(1)) for n, up in enumerate(ups)]
+    return logits, exit_index, anytime
+
+
+@pytest.mark.parametrize(("grid", "size", "shares"), [((5, 7), (10, 14), (0.5, 0.5, 0.5)),  # eeseg's stride 2
+                                                       ((3, 3), (24, 24), (0.4, 0.3, 0.2)),  # torchvision's 8
+                                                       ((5, 7), (10, 14), (0.0, 0.6, 1.0))])  # none, then all
+def test_pixel_exits_on_active_rows_match_every_exit_on_full_maps(grid: tuple[int, int], size: tuple[int, int],
+                                                                  shares: tuple[float, ...]) -> None:
+    gen = torch.Generator().manual_seed(11)
+    grid_logits = [3 * torch.randn(3, *grid, 5, generator=gen) for _ in range(4)]
+    # per exit, a threshold that about ``shares[n]`` of the pixels pass, midway across a gap between their
+    # confidences, so that no pixel's confidence is within rounding of it; 2 and 0 for none and all
+    thresholds = torch.empty(3, 5)
+    for n, share in enumerate(shares):
+        up = torch.nn.functional.interpolate(grid_logits[n].permute(0, 3, 1, 2), size, mode="bilinear")
+        confidences = up.softmax(1).amax(1)
+        distinct = confidences.unique()  # sorted
+        near = max(0, round((1 - share) * (len(distinct) - 2)) - 5)
+        i = near + int(distinct.diff()[near:near + 10].argmax())  # the widest gap near the share
+        thresholds[n] = 2.0 if share == 0 else 0.0 if share == 1 else float(distinct[i:i + 2].mean())
+        assert float((confidences - thresholds[n, 0]).abs().min()) > 1e-6
+    exits = PixelExits(3, *size, 3, torch.device("cpu"))
+    for n, g in enumerate(grid_logits):
+        if not exits.take(g, thresholds[n] if n < 3 else None):
+            break
+    logits, exit_index, anytime = exits_by_full_maps(grid_logits, thresholds, size)
+    assert torch.equal(exits.exit_index.long(), exit_index)
+    assert torch.allclose(exits.logits(), logits, atol=1e-6)  # the same kernel on the same grid: bit for bit
+    predictions = exits.predictions(4)
+    assert all(torch.equal(p, q) for p, q in zip(predictions, anytime, strict=True))
+    assert torch.equal(exits.pixels, exit_index == 3)
+    if shares[0] == 0:  # nobody at the first exit, everybody left by the third
+        assert bool((exit_index > 0).all()) and bool((exit_index < 3).all())
+    else:
+        assert len(set(exit_index.flatten().tolist())) == 4  # pixels leave at every exit
 
 
 def unfolded_exits(net: EESegNet, x: torch.Tensor) -> list[torch.Tensor]:

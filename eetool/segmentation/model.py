@@ -281,6 +281,74 @@ class EarlyExitResult:
     executed_macs: int | None = None
 
 
+class PixelExits:
+    """The per-pixel side of pixel-level early exit, shared by eeseg and the torchvision networks: which pixels
+    have left, by which exit and with what logits, and the anytime predictions.
+
+    ``take`` is called once per exit with the exit's grid logits. It upsamples them over the whole image (torch's
+    kernel, so that every pixel's logits are exactly the dense upsampling's), then works on the rows of the pixels
+    still active only: their largest class probability, the decision to leave, their prediction in the anytime
+    map and, for the pixels that leave, their logits. Pixels that left before are not touched again (once most
+    have left, bookkeeping over every pixel at every exit took several times the network's own time). The
+    largest probability is computed as ``1 / sum(exp(logits - max))``: the softmax's at its largest class,
+    without dividing every class.
+    """
+
+    def __init__(self, batch: int, height: int, width: int, last: int, device: torch.device) -> None:
+        self.exit_index = torch.full((batch, height, width), last, dtype=torch.uint8, device=device)
+        self.pixels = torch.ones(batch, height, width, dtype=torch.bool, device=device)  # still active
+        self._still: torch.Tensor | None = None  # the active pixels' flat numbers; None while every pixel is
+        self._logits: torch.Tensor | None = None  # (B * H * W) x K: a left pixel's logits; others arbitrary
+        self._predictions: list[torch.Tensor] = []
+
+    def take(self, grid_logits: torch.Tensor, thresholds: torch.Tensor | None) -> bool:
+        """The next exit: ``grid_logits`` (B x h x w x K) upsampled to the image; with ``thresholds`` (one per class)
+        the active pixels whose largest probability exceeds their predicted class's leave, without (the final
+        exit) every active pixel takes these logits. Returns whether any pixel is still active."""
+        batch, height, width = self.pixels.shape
+        classes = grid_logits.shape[-1]
+        # channels last: bilinear upsampling and the reductions over classes are several times faster so
+        up = upsample(grid_logits.permute(0, 3, 1, 2), (height, width)).permute(0, 2, 3, 1)
+        every = up.reshape(-1, classes)  # a view: up is B x H x W x K in memory
+        still, logits = self._still, self._logits
+        if still is None or logits is None:  # no pixel has left: these are every pixel's logits so far
+            rows = logits = self._logits = every
+        else:
+            rows = every.index_select(0, still)
+        top, prediction = rows.max(-1)
+        if still is None:
+            self._predictions.append(prediction.view(batch, height, width))
+        else:  # pixels that left before keep their exit's class
+            anytime = self._predictions[-1].clone()
+            anytime.view(-1)[still] = prediction
+            self._predictions.append(anytime)
+        if thresholds is None:
+            if still is not None:
+                logits[still] = rows
+            return False
+        confidence = 1 / (rows - top[:, None]).exp_().sum(-1)
+        leave = confidence > thresholds.to(confidence.device)[prediction]
+        if still is None:
+            gone, still = positions(leave), positions(~leave)
+        else:
+            logits[still[leave]] = rows[leave]
+            gone, still = still[leave], still[~leave]
+        self._still = still
+        self.exit_index.view(-1)[gone] = len(self._predictions) - 1
+        self.pixels.view(-1)[gone] = False
+        return still.numel() > 0
+
+    def logits(self) -> torch.Tensor:
+        """B x K x H x W: each pixel's logits at the exit it left by (channels-last memory)."""
+        batch, height, width = self.pixels.shape
+        assert self._logits is not None, "no exit taken"
+        return self._logits.view(batch, height, width, -1).permute(0, 3, 1, 2)
+
+    def predictions(self, exits: int) -> list[torch.Tensor]:
+        """The anytime class map of each of ``exits`` exits: those after every pixel had left repeat the last."""
+        return self._predictions + [self._predictions[-1]] * (exits - len(self._predictions))
+
+
 def _sparse_block(block: Block, grid: FeatureMap, active: torch.Tensor, costs: PositionCosts,
                   dense_above: float = 1.0) -> tuple[int, int]:
     """One residual block on the active positions of ``grid``, in place (the others keep their features).
@@ -332,12 +400,9 @@ def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torc
     executed = macs
     last = len(model.stages) - 1
     grid_logits = torch.zeros(batch, gh, gw, model.num_classes, dtype=x.dtype, device=x.device)
-    logits = torch.zeros(batch, height, width, model.num_classes, dtype=x.dtype, device=x.device)
-    exit_index = torch.full((batch, height, width), last, dtype=torch.uint8, device=x.device)
-    pixels = torch.ones(batch, height, width, dtype=torch.bool, device=x.device)
+    exits = PixelExits(batch, height, width, last, x.device)
     active = torch.ones(batch, gh, gw, dtype=torch.bool, device=x.device)
     computed: list[int] = []
-    exit_predictions: list[torch.Tensor] = []
     exit_macs: list[int] = []
     for n in range(len(DILATIONS)):
         stage, head = cast(nn.Sequential, model.stages[n]), cast(Head, model.heads[n])
@@ -348,24 +413,12 @@ def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torc
         grid_logits.view(-1, model.num_classes)[positions(active)] = head_rows(head, grid.rows[grid.index(active)])
         macs += int(active.sum()) * costs.head
         executed += int(active.sum()) * costs.head
-        # channels last: bilinear upsampling and the reductions over classes are several times faster so
-        up = upsample(grid_logits.permute(0, 3, 1, 2), (height, width)).permute(0, 2, 3, 1)
         exit_macs.append(int(macs))
-        top, prediction = up.max(-1)
-        exit_predictions.append(prediction if n == 0 else torch.where(pixels, prediction, exit_predictions[-1]))
-        if n == last:
-            logits = torch.where(pixels[..., None], up, logits)
-            break
-        confidence = 1 / (up - top[..., None]).exp_().sum(-1)  # the largest softmax probability
-        leave = pixels & (confidence > thresholds[n].to(confidence.device)[prediction])
-        logits = torch.where(leave[..., None], up, logits)
-        exit_index[leave] = n
-        pixels &= ~leave
-        active = cover(pixels, (gh, gw))
-        if not bool(active.any()):  # every pixel has left: later exits compute nothing and change nothing
+        if not exits.take(grid_logits, None if n == last else thresholds[n]):
+            # the final exit, or every pixel has left: later exits would compute nothing and change nothing
             computed.extend([0] * (last - n))
-            exit_predictions.extend([exit_predictions[-1]] * (last - n))
             exit_macs.extend([int(macs)] * (last - n))
             break
-    return EarlyExitResult(logits.permute(0, 3, 1, 2), exit_index, int(macs), computed, exit_predictions, exit_macs,
-                           executed_macs=executed)
+        active = cover(exits.pixels, (gh, gw))
+    return EarlyExitResult(exits.logits(), exits.exit_index, int(macs), computed, exits.predictions(last + 1),
+                           exit_macs, executed_macs=executed)

@@ -68,7 +68,7 @@ from eetool.segmentation.masked import (
     tap_rows,
     write_active,
 )
-from eetool.segmentation.model import EXIT_NAMES, EarlyExitResult, Head, head_rows, upsample
+from eetool.segmentation.model import EXIT_NAMES, EarlyExitResult, Head, PixelExits, head_rows
 from eetool.segmentation.tv import TorchvisionSegNet, dense_costs
 
 # A block computes dense at or above this share of active positions: on one CPU thread a gathered Bottleneck of
@@ -294,11 +294,8 @@ def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: to
     batch, _, height, width = x.shape
     last = len(EXIT_NAMES) - 1
     returned = cast(dict[str, str], model.backbone.return_layers)  # type: ignore[attr-defined]
-    logits = torch.zeros(batch, model.num_classes, height, width, dtype=x.dtype, device=x.device)
-    exit_index = torch.full((batch, height, width), last, dtype=torch.uint8, device=x.device)
-    pixels = torch.ones(batch, height, width, dtype=torch.bool, device=x.device)
-    anytime = torch.zeros(batch, height, width, dtype=torch.long, device=x.device)
-    exit_predictions: list[torch.Tensor] = []
+    exits = PixelExits(batch, height, width, last, x.device)
+    pixels = exits.pixels  # the pixels still active: ``exits`` updates it in place
     exit_macs: list[int] = []
     computed: list[int] = []
     saved: dict[str, torch.Tensor] = {}
@@ -340,23 +337,11 @@ def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: to
                 grid_logits[still] = final.permute(0, 2, 3, 1)
                 analytic += share * costs.stages[n]
             executed += spent
-        up = upsample(grid_logits.permute(0, 3, 1, 2), (height, width))
         exit_macs.append(round(analytic))
-        if n == last:
-            logits = torch.where(pixels[:, None], up, logits)
-            exit_predictions.append(torch.where(pixels, up.argmax(1), anytime))
-            break
-        confidence, prediction = up.softmax(1).max(1)
-        anytime = torch.where(pixels, prediction, anytime)
-        exit_predictions.append(anytime)
-        leave = pixels & (confidence > thresholds[n].to(x.device)[prediction])
-        logits = torch.where(leave[:, None], up, logits)
-        exit_index[leave] = n
-        pixels = pixels & ~leave
-        if not bool(pixels.any()):  # every pixel has left: later exits compute nothing and change nothing
+        if not exits.take(grid_logits, None if n == last else thresholds[n]):
+            # the final exit, or every pixel has left: later exits would compute nothing and change nothing
             computed.extend([0] * (last - n))
-            exit_predictions.extend([anytime] * (last - n))
             exit_macs.extend([round(analytic)] * (last - n))
             break
-    return EarlyExitResult(logits, exit_index, round(analytic), computed, exit_predictions, exit_macs,
-                           executed_macs=executed)
+    return EarlyExitResult(exits.logits(), exits.exit_index, round(analytic), computed, exits.predictions(last + 1),
+                           exit_macs, executed_macs=executed)
