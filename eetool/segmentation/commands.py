@@ -274,7 +274,7 @@ def _budget_costs(model: SegmentationNet, ckpt: Checkpoint, ds: Dataset, preproc
         for x, masks in batches:
             result = early_exit_forward(model, x, t)
             macs += result.macs
-            matrix += confusion(result.logits.max(1).indices.cpu(), masks, k)
+            matrix += confusion(result.exit_predictions[-1].cpu(), masks, k)  # the final class map: the logits' argmax
         return macs / dense, mean_iou(matrix)
 
     return cost_of
@@ -514,7 +514,7 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
         exit_matrices = [torch.zeros(k, k, dtype=torch.int64) for _ in EXIT_NAMES]
         exit_macs = [0] * len(EXIT_NAMES)
         for r, (_, masks) in zip(results, batches, strict=True):
-            matrix += confusion(r.logits.argmax(1).cpu(), masks, k)
+            matrix += confusion(r.exit_predictions[-1].cpu(), masks, k)  # the final class map: the logits' argmax
             exits += torch.bincount(r.exit_index.flatten().long().cpu(), minlength=len(EXIT_NAMES))
             macs += r.macs
             executed += r.executed_macs if r.executed_macs is not None else r.macs

@@ -18,6 +18,13 @@ pixels read when they are upsampled. The heads are pixelwise and run on active p
 always runs on every position. ``macs`` counts exactly this work (convolution and head multiply-adds;
 BatchNorm folds into the convolutions and costs none).
 
+The per-pixel bookkeeping (``PixelExits``, shared with the torchvision networks) follows the pixels too: each exit's
+logits are upsampled over the whole image by torch's kernel, but the confidence, the decision, the anytime
+prediction and the logits kept are computed or written for the rows of the pixels still active only, and a pixel
+that has left is never touched again. Done for every pixel at every exit, this bookkeeping took about as much
+CPU time as the whole plain network, and the early exit about 4x the plain network's time (one thread, 100-scene
+batches); now about 2.7x (``bench/segmentation.py``), the same decisions and logits bit for bit.
+
 Inference folds BatchNorm into the convolutions for real (``EESegNet.inference_net``): in eval mode without
 gradients, ``forward``, ``forward_exits``, ``grid_exits`` and ``early_exit_forward`` run a cached copy of the
 network whose convolutions carry the BatchNorm scale and shift and whose BatchNorms are identities (the same
@@ -29,8 +36,9 @@ gathering is ``eetool.segmentation.masked``'s, on a grid with a zero border as w
 that every tap is a fixed row offset.
 
 On CPU a gathered convolution of eeseg's narrow blocks costs several times a dense one per position, so a block
-with at least ``DENSE_ABOVE`` of its positions active runs dense over the whole grid and then keeps the inactive
-positions' features: the same result, and ``executed_macs`` counts what ran.
+with at least ``DENSE_ABOVE`` of its positions active runs dense over the whole grid, adding its residual in place
+with zeros at the inactive positions, which keep their features: the same result, and ``executed_macs`` counts
+what ran.
 """
 
 from __future__ import annotations
@@ -284,44 +292,23 @@ class EarlyExitResult:
     executed_macs: int | None = None
 
 
-# Rows of logits per chunk in PixelExits: a chunk's temporaries (its differences from the largest logit, their
-# exponentials) stay in cache; over a 100-scene batch's 409,600 pixels at once the same reductions take about 1.5x
-# the time on one CPU thread
-DECIDE_ROWS = 16384
-
-
-def _decide(rows: torch.Tensor, thresholds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each row's predicted class and, with ``thresholds`` (one per class), whether its largest softmax
-    probability exceeds its class's threshold; in chunks of ``DECIDE_ROWS``. The probability is computed as
-    ``1 / sum(exp(logits - max))``: the softmax's at its largest class, without dividing every class."""
-    prediction = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
-    leave = None if thresholds is None else torch.empty(rows.shape[0], dtype=torch.bool, device=rows.device)
-    for start in range(0, rows.shape[0], DECIDE_ROWS):
-        chunk = rows[start:start + DECIDE_ROWS]
-        top, predicted = chunk.max(-1)
-        prediction[start:start + DECIDE_ROWS] = predicted
-        if leave is not None and thresholds is not None:
-            confidence = 1 / (chunk - top[:, None]).exp_().sum(-1)
-            torch.gt(confidence, thresholds.to(rows.device)[predicted], out=leave[start:start + DECIDE_ROWS])
-    return prediction, leave
-
-
 class PixelExits:
     """The per-pixel side of pixel-level early exit, shared by eeseg and the torchvision networks: which pixels
     have left, by which exit and with what logits, and the anytime predictions.
 
     ``take`` is called once per exit with the exit's grid logits. It upsamples them over the whole image (torch's
     kernel, so that every pixel's logits are exactly the dense upsampling's), then works on the rows of the pixels
-    still active only: their largest class probability, the decision to leave (``_decide``), their prediction in
-    the anytime map and, for the pixels that leave, their logits. Pixels that left before are not touched again
-    (once most have left, bookkeeping over every pixel at every exit took several times the network's own time).
+    still active only: their largest class probability, the decision to leave, their prediction in the anytime
+    map and, for the pixels that leave, their logits. Pixels that left before are not touched again (see
+    ``eetool.segmentation.model``'s doc for what that saves).
     """
 
     def __init__(self, batch: int, height: int, width: int, last: int, device: torch.device) -> None:
         self.exit_index = torch.full((batch, height, width), last, dtype=torch.uint8, device=device)
         self.pixels = torch.ones(batch, height, width, dtype=torch.bool, device=device)  # still active
         self._still: torch.Tensor | None = None  # the active pixels' flat numbers; None while every pixel is
-        self._logits: torch.Tensor | None = None  # (B * H * W) x K: a left pixel's logits; others arbitrary
+        # (B * H * W) x K: a left pixel's logits, an active one's anything; the first exit's upsampled map itself
+        self._logits: torch.Tensor | None = None
         self._predictions: list[torch.Tensor] = []
 
     def take(self, grid_logits: torch.Tensor, thresholds: torch.Tensor | None) -> bool:
@@ -338,17 +325,19 @@ class PixelExits:
             rows = logits = self._logits = every
         else:
             rows = every.index_select(0, still)
-        prediction, leave = _decide(rows, thresholds)
+        top, prediction = rows.max(-1)
         if still is None:
             self._predictions.append(prediction.view(batch, height, width))
         else:  # pixels that left before keep their exit's class
             anytime = self._predictions[-1].clone()
             anytime.view(-1)[still] = prediction
             self._predictions.append(anytime)
-        if leave is None:
+        if thresholds is None:
             if still is not None:
                 logits[still] = rows
             return False
+        confidence = 1 / (rows - top[:, None]).exp_().sum(-1)  # the softmax's largest, without dividing every class
+        leave = confidence > thresholds.to(confidence.device)[prediction]
         if still is None:
             gone, still = positions(leave), positions(~leave)
         else:

@@ -12,7 +12,9 @@ dilate layer3 and layer4 instead of striding) stays active while any input pixel
   the channels (and, in layer2, the resolution), so there an inactive position's features were never computed
   and are zero, as padding reads.
 - The exit heads run on active positions; an inactive position keeps the previous exit's logits (bilinearly
-  resampled to this grid), which active pixels near it read when the logits are upsampled.
+  resampled to this grid), which active pixels near it read when the logits are upsampled. Per exit, the
+  confidence, the decisions and the logits kept are computed for the pixels still active only (eeseg's
+  ``PixelExits``).
 - The classifier: FCN's 3x3 convolution on the active positions; DeepLabV3's ASPP on the positions its
   following 3x3 convolution reads, with the image pooling branch reading the current layer4 map as it stands
   (the active positions' new features, the inactive ones' zeros) and computed once per image still active.
