@@ -1,6 +1,7 @@
 """Early-exit segmentation: CBT's equations against a direct recomputation, the masked inference (exited pixels
-never change, inactive positions keep their features, the cost counts only computed positions), the scene and
-mask sources, and the commands end to end on a tiny network."""
+never change, inactive positions keep their features, the cost counts only computed positions, the per-pixel
+bookkeeping on active rows against every exit on full maps), the scene and mask sources, and the commands end to
+end on a tiny network."""
 
 from __future__ import annotations
 

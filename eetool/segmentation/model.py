@@ -22,8 +22,9 @@ The per-pixel bookkeeping (``PixelExits``, shared with the torchvision networks)
 logits are upsampled over the whole image by torch's kernel, but the confidence, the decision, the anytime
 prediction and the logits kept are computed or written for the rows of the pixels still active only, and a pixel
 that has left is never touched again. Done for every pixel at every exit, this bookkeeping took about as much
-CPU time as the whole plain network, and the early exit about 4x the plain network's time (one thread, 100-scene
-batches); now about 2.7x (``bench/segmentation.py``), the same decisions and logits bit for bit.
+CPU time as the whole plain network, and the early exit about 4.3x the plain network's time on the trained
+checkpoint at ADP-C thresholds 0.9-0.998 (one thread, 100-scene batches); now 2.8-3.2x, with the same decisions
+and logits bit for bit. The dense blocks' in-place update (below) is part of that.
 
 Inference folds BatchNorm into the convolutions for real (``EESegNet.inference_net``): in eval mode without
 gradients, ``forward``, ``forward_exits``, ``grid_exits`` and ``early_exit_forward`` run a cached copy of the
