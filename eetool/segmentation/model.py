@@ -441,8 +441,8 @@ def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torc
         if bool(active.all()):  # every position: the grid's rows in order, without looking up their numbers
             grid_logits.view(-1, model.num_classes).copy_(head_rows(head, grid.nhwc().reshape(-1, grid.channels)))
         else:
-            grid_logits.view(-1, model.num_classes)[positions(active)] = head_rows(head,
-                                                                                   grid.rows[grid.index(active)])
+            rows = head_rows(head, grid.rows[grid.index(active)])
+            grid_logits.view(-1, model.num_classes)[positions(active)] = rows
         macs += int(active.sum()) * costs.head
         executed += int(active.sum()) * costs.head
         exit_macs.append(int(macs))
