@@ -56,6 +56,7 @@ def test_table_puts_this_run_beside_the_thesis_and_checks_its_claims(seg: Module
     assert "| HRNetV2-W18 | CBT [0.7, 0.998] | 4.89 | 5.88 |" in table  # Table IV
     assert "-20.0% cost for -1.00 mIoU" in table  # CBT [0.99, 0.998] against ADP-C at the last exit
     assert "-10.0% and -20.0%" in table  # exits 2 and 3 against ADP-C
+    assert "Exit 4 of CBT [0.95, 0.998]" not in table  # no CBT [0.95, 0.998] evaluation
     # on ADP-C's line from (0.40, 0.60) to (0.46, 0.90), mIoU 0.45 costs 0.85: CBT's 0.72 is 15.3% less
     assert "cbt-0.99 0.7200 against 0.8500 (-15.3%)" in table
     # below ADP-C's least mIoU the curve cannot be read, but ADP-C 0.9 is more accurate and cheaper
@@ -156,3 +157,14 @@ def test_the_table_names_the_network(seg: ModuleType) -> None:
     assert "eeseg" not in table
     assert "IoU (%) per class: bg 90.0, a 25.0, absent." in table
     assert "| CBT [0.99, 0.998] | 45.00 | 88.00 | 0.7200 | 0.8100 | 0.0288 |" in table
+
+
+def test_matching_adp_cs_exit_3_at_a_higher_cost_does_not_reproduce_the_claim(seg: ModuleType) -> None:
+    evals = {name: None for name, _, _ in seg.METHODS}
+    evals["adpc-0.998"] = evaluation(0.46, 0.90, [(0.20, 0.01), (0.30, 0.02), (0.40, 0.03), (0.46, 0.036)])
+    fits = {name: None for name, _, _ in seg.METHODS}
+    # exit 4 of CBT [0.95, 0.998] above ADP-C's exit 3 in mIoU, once dearer and once cheaper than it
+    evals["cbt-0.95"] = evaluation(0.44, 0.80, [(0.20, 0.01), (0.29, 0.018), (0.35, 0.024), (0.44, 0.045)])
+    assert "44.00 against 40.00 mIoU (matches it) at +50.0% GFLOPs: not reproduced." in seg.tabulate(evals, fits)
+    evals["cbt-0.95"] = evaluation(0.44, 0.80, [(0.20, 0.01), (0.29, 0.018), (0.35, 0.024), (0.44, 0.027)])
+    assert "44.00 against 40.00 mIoU (matches it) at -10.0% GFLOPs: agrees." in seg.tabulate(evals, fits)
