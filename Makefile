@@ -7,7 +7,7 @@ DEMO_CHECKPOINT := eetool/demo/demo-resnet20-fashion-mnist.safetensors
 RESULTS ?= results
 BUDGETS := --budget 0.25 --budget 0.5 --budget 0.75
 
-.PHONY: help test lint bench completions demo-checkpoint demo-data e2cm-demo e2cm-fashion-mnist e2cm-run fixed-budget dataset-pruning weight-pruning segmentation segmentation-atlas
+.PHONY: help test lint bench completions demo-checkpoint demo-data e2cm-demo e2cm-fashion-mnist e2cm-run fixed-budget dataset-pruning weight-pruning segmentation segmentation-atlas segmentation-torchvision
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -120,3 +120,14 @@ SEG_ATLAS_EPOCHS ?= 60
 segmentation-atlas: ## CBT against ADP-C on the brain atlas slices (Debian mricron-data)
 	$(PYTHON) reproduce/segmentation.py $(RESULTS)/segmentation-atlas --data brain-atlas --epochs $(SEG_ATLAS_EPOCHS) \
 		--width 32 --head-width 64 --batch-size 4 --eval-batch-size 8
+
+# The same rows on a torchvision network (SEG_TV_ARCH: lraspp_mobilenet_v3_large, deeplabv3_mobilenet_v3_large,
+# deeplabv3_resnet50 or fcn_resnet50; random initialisation, nothing downloaded) on the Fashion-MNIST scenes: the
+# plain network trained for SEG_TV_EPOCHS, then its three per-pixel exit heads by train-exits on the frozen
+# backbone for SEG_TV_EXIT_EPOCHS, then the same calibration, fits and evaluations as for eeseg.
+SEG_TV_ARCH ?= lraspp_mobilenet_v3_large
+SEG_TV_EPOCHS ?= 6
+SEG_TV_EXIT_EPOCHS ?= 3
+segmentation-torchvision: ## CBT against ADP-C on a torchvision network (SEG_TV_ARCH) on Fashion-MNIST scenes
+	$(PYTHON) reproduce/segmentation.py $(RESULTS)/segmentation-$(SEG_TV_ARCH) --arch $(SEG_TV_ARCH) \
+		--epochs $(SEG_TV_EPOCHS) --exit-epochs $(SEG_TV_EXIT_EPOCHS)

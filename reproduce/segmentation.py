@@ -13,9 +13,16 @@ measured speed beside the plain network's. Every step is an `eetool` command lin
 skipped, so rerunning continues where a run stopped. Then a Markdown table (results/segmentation/table.md) with
 the thesis's rows beside this run's and the comparison with its claims, point by point.
 
+With ``--arch`` one of torchvision's segmentation networks (`make segmentation-torchvision`), `eetool train`
+trains the plain network (random initialisation, its final classifier only) and `eetool train-exits` adds the
+three per-pixel exit heads and trains them with the backbone frozen (--exit-epochs, --exit-lr; heads of
+eetool's default width, --width and --head-width being eeseg's); calibration, fits and evaluations are the same.
+
     python reproduce/segmentation.py results/segmentation --epochs 5
     python reproduce/segmentation.py results/segmentation-atlas --data brain-atlas --epochs 60 --width 32 \
         --head-width 64 --batch-size 4 --eval-batch-size 8
+    python reproduce/segmentation.py results/segmentation-lraspp_mobilenet_v3_large \
+        --arch lraspp_mobilenet_v3_large --epochs 6
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from typing import Any
 
 import yaml
 from steps import Step, run_steps  # reproduce/steps.py, beside this script
+
+from eetool.archs import SEGMENTATION_ARCHS
 
 EXITS = ("exit1", "exit2", "exit3", "final")
 BETA = 0.998
@@ -79,27 +88,37 @@ def plan(out: Path, a: argparse.Namespace) -> list[Step]:
     eetool = [sys.executable, "-m", "eetool"]
     common = ["--threads", str(a.threads), "--no-progress", "-q"]
     data = ["--data", a.data]
-    model = out / "eeseg.safetensors"
-    train = [*eetool, "train", *data, "--split", "train", "--arch", "eeseg",
-             "--arch-args", json.dumps({"width": a.width, "head_width": a.head_width}),
+    eeseg = a.arch == "eeseg"
+    plain = out / f"{a.arch}.safetensors"
+    arch_args = ["--arch-args", json.dumps({"width": a.width, "head_width": a.head_width})] if eeseg else []
+    train = [*eetool, "train", *data, "--split", "train", "--arch", a.arch, *arch_args,
              "--epochs", str(a.epochs), "--optimizer", "adamw", "--lr", str(a.lr), "--weight-decay", "0.0001",
              "--batch-size", str(a.batch_size), "--schedule", "cosine", "--no-augment", "--eval-split", "test",
-             "--seed", str(a.seed), "-o", str(model), "--force", *common]
+             "--seed", str(a.seed), "-o", str(plain), "--force", *common]
     subsets = {part: ["--indices", str(out / f"{part}-scenes.txt")] if getattr(a, f"{part}_scenes") else []
                for part in ("train", "calibration", "test")}
     batch = ["--batch-size", str(a.eval_batch_size)]
     statistics = out / "class-statistics.safetensors"
-    steps = [Step("train", [*train, *subsets["train"]], model),
-             # CBT's class statistics (eq. 3.1), once for every CBT and CBT-ns row
-             Step("calibrate", [*eetool, "calibrate-means", "-c", str(model), *data, "--split", "train",
-                                *subsets["calibration"], *batch, "-o", str(statistics), "--force", "--format", "json",
-                                *common], statistics, ["train"])]
+    steps = [Step("train", [*train, *subsets["train"]], plain)]
+    if eeseg:  # its exits are trained with it
+        model, trained = plain, "train"
+    else:  # a torchvision network gets its exit heads afterwards, on the frozen backbone
+        model, trained = out / f"{a.arch}-exits.safetensors", "train-exits"
+        steps.append(Step(trained, [*eetool, "train-exits", "-c", str(plain), *data, "--split", "train",
+                                    *subsets["train"], "--epochs", str(a.exit_epochs), "--optimizer", "adamw",
+                                    "--lr", str(a.exit_lr), "--batch-size", str(a.batch_size), "--schedule", "cosine",
+                                    "--no-augment", "--eval-split", "test", "--seed", str(a.seed), "-o", str(model),
+                                    "--force", "--format", "json", *common], model, ["train"]))
+    # CBT's class statistics (eq. 3.1), once for every CBT and CBT-ns row
+    steps.append(Step("calibrate", [*eetool, "calibrate-means", "-c", str(model), *data, "--split", "train",
+                                    *subsets["calibration"], *batch, "-o", str(statistics), "--force", "--format",
+                                    "json", *common], statistics, [trained]))
     for name, _, method in METHODS:
         cbt = method[1] != "adp-c"
         steps.append(Step(f"fit-{name}", [*eetool, "fit-thresholds", *method, "-c", str(model),
                                           *(["--means", str(statistics)] if cbt else []),
                                           "-o", str(out / f"{name}.yaml"), "--force", *common],
-                          out / f"{name}.yaml", ["calibrate" if cbt else "train"]))
+                          out / f"{name}.yaml", ["calibrate" if cbt else trained]))
         steps.append(Step(f"eval-{name}", [*eetool, "evaluate", "-c", str(model), *data, "--split", "test",
                                            *subsets["test"], *batch, "--thresholds", str(out / f"{name}.yaml"),
                                            "--repeats", str(a.repeats), "--format", "json", *common],
@@ -140,37 +159,44 @@ def thesis_rows(table: list[tuple[str, str, list[tuple[float, float]]]]) -> list
             for model, label, cells in table]
 
 
-def tabulate(evals: dict[str, Any], fits: dict[str, Any], data: str = "fashion-mnist-scenes") -> str:
-    """Markdown: the anytime table (this run beside the thesis's Tables III and IV), the last exit with cost,
-    shares and speed, CBT's class thresholds and spread, and the thesis's claims checked point by point."""
+def tabulate(evals: dict[str, Any], fits: dict[str, Any], data: str = "fashion-mnist-scenes",
+             model: str = "eeseg") -> str:
+    """Markdown: the anytime table (this run of ``model`` beside the thesis's Tables III and IV), the plain
+    network's per-class IoU, the last exit with cost, shares and speed, CBT's class thresholds and spread, and the
+    thesis's claims checked point by point."""
     head = ("| model | method | " + " | ".join(f"exit {i} mIoU | exit {i} GFLOPs" for i in range(1, 5)) + " |\n"
             "|---|---|" + "---|---|" * 4)
     ours = []
     for name, label, _ in METHODS[:7]:
         if evals.get(name):
-            ours.append(f"| eeseg (this run) | {label} | " + " | ".join(
+            ours.append(f"| {model} (this run) | {label} | " + " | ".join(
                 f"{100 * m:.2f} | {g:.4f}" for m, g in anytime(evals[name])) + " |")
     lines = ["Anytime mIoU (%) and GFLOPs per image when inference stops after each exit (pixels that left earlier "
              f"keep their exit's class), this run on {DATA_NAMES.get(data, data)}' test split, then the thesis's Table "
              "III (Cityscapes) and Table IV (ADE20K):", "", head, *ours,
              *thesis_rows(THESIS_TABLE_III), "", head, *ours, *thesis_rows(THESIS_TABLE_IV), ""]
-    plain = next((e["points"][0] for e in evals.values() if e), None)
-    if plain:
+    evaluation = next((e for e in evals.values() if e), None)
+    if evaluation:
+        plain = evaluation["points"][0]
         lines += [f"The plain network (final exit only): mIoU {100 * plain['miou']:.2f}%, pixel accuracy "
                   f"{100 * plain['pixel_accuracy']:.2f}%, {plain['gflops']:.4f} GFLOPs per image, "
-                  f"{plain['throughput']:.0f} images/s.", ""]
-    lines += ["At the last exit (cost: of the plain network's multiply-adds; speed-up: measured images/s against "
-              "the plain network in the same run, and the analytic 1 / cost):", "",
-              "| method | mIoU (%) | pixel acc (%) | cost | GFLOPs | pixels leaving at exit 1 / 2 / 3 / final | "
-              "measured speed-up | analytic speed-up |", "|---|---|---|---|---|---|---|---|"]
+                  f"{plain['throughput']:.0f} images/s; IoU (%) per class: "
+                  + ", ".join("absent" if v is None else f"{c} {100 * v:.1f}"
+                              for c, v in evaluation.get("per_class_iou", {}).get("plain", {}).items()) + ".", ""]
+    lines += ["At the last exit (cost: of the plain network's multiply-adds, analytic (each part's multiply-adds "
+              "times the share of pixels still active) and executed (what ran); speed-up: measured images/s "
+              "against the plain network in the same run, and the analytic 1 / cost):", "",
+              "| method | mIoU (%) | pixel acc (%) | cost | executed cost | GFLOPs | pixels leaving at exit 1 / 2 / 3 "
+              "/ final | measured speed-up | analytic speed-up |", "|---|---|---|---|---|---|---|---|---|"]
     for name, label, _ in METHODS:
         e = evals.get(name)
         if not e:
             continue
         p = e["points"][1]
         shares = " / ".join(f"{p['exit_shares'][x]:.3f}" for x in EXITS)
+        executed = f"{p['executed_cost']:.4f}" if "executed_cost" in p else "-"
         lines.append(f"| {label} | {100 * p['miou']:.2f} | {100 * p['pixel_accuracy']:.2f} | {p['cost']:.4f} | "
-                     f"{p['gflops']:.4f} | {shares} | {p['speedup']:.2f}x | {1 / p['cost']:.2f}x |")
+                     f"{executed} | {p['gflops']:.4f} | {shares} | {p['speedup']:.2f}x | {1 / p['cost']:.2f}x |")
     lines += ["", *threshold_lines(fits), "", *claims(evals, fits)]
     return "\n".join(lines)
 
@@ -215,9 +241,11 @@ def claims(evals: dict[str, Any], fits: dict[str, Any]) -> list[str]:
     if evals.get("adpc-0.998") and evals.get("cbt-0.95"):
         a, c = anytime(evals["adpc-0.998"]), anytime(evals["cbt-0.95"])
         verdict = "matches" if c[3][0] >= a[2][0] else "falls short of"
+        # the claim is both: the mIoU reached and less computation spent
+        agrees = "agrees" if c[3][0] >= a[2][0] and c[3][1] < a[2][1] else "not reproduced"
         out.append(f"- Exit 4 of CBT [0.95, 0.998] against exit 3 of ADP-C (the thesis: matches it with 14% less "
                    f"computation): {100 * c[3][0]:.2f} against {100 * a[2][0]:.2f} mIoU ({verdict} it) at "
-                   f"{change(c[3][1], a[2][1])} GFLOPs.")
+                   f"{change(c[3][1], a[2][1])} GFLOPs: {agrees}.")
     if cbt99 and cbt95 and cbt90:
         falling = cbt99[1] >= cbt95[1] >= cbt90[1]
         out.append(f"- Lower α lets pixels leave earlier: cost {cbt99[1]:.4f} / {cbt95[1]:.4f} / {cbt90[1]:.4f} "
@@ -257,13 +285,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
     p.add_argument("--data", default="fashion-mnist-scenes")
+    p.add_argument("--arch", default="eeseg", choices=SEGMENTATION_ARCHS,
+                   help="eeseg, or a torchvision network that gets its exit heads from train-exits")
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--exit-epochs", type=int, default=3, help="torchvision networks: epochs of the exit heads")
+    p.add_argument("--exit-lr", type=float, default=0.003, help="torchvision networks: the exit heads' peak rate")
     p.add_argument("--train-scenes", type=int, default=0, help="train on the first N training scenes (0: all)")
     p.add_argument("--calibration-scenes", type=int, default=0, help="CBT's statistics from the first N training "
                                                                      "scenes (0: all)")
     p.add_argument("--test-scenes", type=int, default=0, help="evaluate on the first N test scenes (0: all)")
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--head-width", type=int, default=32)
+    p.add_argument("--width", type=int, default=16, help="eeseg's width")
+    p.add_argument("--head-width", type=int, default=32, help="eeseg's exit heads' width")
     p.add_argument("--lr", type=float, default=0.003)
     p.add_argument("--batch-size", type=int, default=16, help="training batch")
     p.add_argument("--eval-batch-size", type=int, default=256, help="batch of the calibration and the evaluations")
@@ -282,7 +314,7 @@ def main() -> None:
     evals = {name: load(a.out / f"eval-{name}.json") for name, _, _ in METHODS}
     fits = {name: load(a.out / f"{name}.yaml") for name, _, _ in METHODS}
     if any(evals.values()):
-        table = tabulate(evals, fits, a.data.split(":")[0])
+        table = tabulate(evals, fits, a.data.split(":")[0], a.arch)
         (a.out / "table.md").write_text(table + "\n")
         print(table)
     sys.exit(0 if ok else 1)
