@@ -111,7 +111,7 @@ weight-pruning: ## joint against ordered weight pruning, and channel pruning at 
 # GFLOPs per exit beside the thesis's rows, the class thresholds and their spread, the claims point by point.
 # Steps whose outputs exist are skipped: rerun to continue.
 SEG_EPOCHS ?= 4
-segmentation: ## CBT against ADP-C on Fashion-MNIST scenes (about 70 min on 2 shared CPU cores, training 30 of it)
+segmentation: ## CBT against ADP-C on Fashion-MNIST scenes (about 9 min on 2 quiet CPU cores, training 2 of it)
 	$(PYTHON) reproduce/segmentation.py $(RESULTS)/segmentation --epochs $(SEG_EPOCHS)
 
 # The same rows on the brain atlas slices (Debian mricron-data: 76 training and 28 test slices of 112 x 112, 117
