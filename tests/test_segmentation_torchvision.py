@@ -41,6 +41,33 @@ def network() -> TorchvisionSegNet:
     return net.eval()
 
 
+def test_inference_runs_a_channels_last_copy_that_leaves_the_network_as_it_is(network: TorchvisionSegNet) -> None:
+    x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(5))
+    state = {k: v.clone() for k, v in network.state_dict().items()}
+    reference = network(x).detach()  # with gradients: the network itself, NCHW
+    assert not reference.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        copy = network.inference_net()
+        assert copy is not network and copy.channels_last and network.inference_net() is copy  # made once
+        out = network(x)
+        exits = network.forward_exits(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert (out - reference).abs().max() < 1e-4  # float32 rounding of another summation order (about 1e-6)
+    with torch.enable_grad():
+        assert all((a - b).abs().max() < 1e-4 for a, b in zip(exits, network.forward_exits(x), strict=True))
+    after = network.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].is_contiguous() for k, v in state.items())
+    with torch.no_grad():
+        network.classifier.low_classifier.weight.mul_(2)  # an in-place change: the copy is remade
+        try:
+            assert network.inference_net() is not copy
+            with torch.enable_grad():
+                changed = network(x).detach()
+            assert (network(x) - changed).abs().max() < 1e-4 and (changed - reference).abs().max() > 1e-3
+        finally:
+            network.classifier.low_classifier.weight.div_(2)
+
+
 def test_a_torchvision_state_dict_loads_as_it_is(tmp_path: Path) -> None:
     from torchvision.models import segmentation
 

@@ -18,6 +18,8 @@ computed, neighbourhoods included; blocks run dense above an active share count 
 
 from __future__ import annotations
 
+import copy
+import itertools
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -69,6 +71,28 @@ class TorchvisionSegNet(nn.Module):
             Head(_out_channels(self.backbone[p]), head_width, num_classes) for p in self.exit_points
         ) if exits else None
         self.dense_cost_cache: dict[tuple[int, int, int], DenseCosts] = {}  # by input shape: one counting pass each
+        self.channels_last = False  # True for inference_net's copy
+        # (the version of the weights it was made from, the copy): a plain attribute, in no state dict
+        self._inference_cache: tuple[tuple[tuple[int, int], ...], TorchvisionSegNet] | None = None
+
+    def inference_net(self) -> TorchvisionSegNet:
+        """The network inference runs: in eval mode without gradients, a copy whose weights, and so every map it
+        computes, are in channels-last memory format (the same outputs up to float32 rounding; on one CPU thread
+        at 64 x 64, batch 100, the plain LR-ASPP in 0.64x the time and DeepLabV3-MobileNetV3 in 0.45x: mkldnn's
+        NCHW convolutions are the slow ones). Otherwise (training, or gradients wanted) this network itself. The
+        copy is made on first use and remade whenever a parameter or buffer has changed since (``train-exits``'
+        steps, ``load_state_dict``, a move); it holds a second set of weights. This network, its state dict and
+        its checkpoint stay as they are (safetensors stores contiguous tensors)."""
+        if self.channels_last or self.training or torch.is_grad_enabled():
+            return self
+        version = tuple((t.data_ptr(), t._version) for t in itertools.chain(self.parameters(), self.buffers()))
+        if self._inference_cache is None or self._inference_cache[0] != version:
+            with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: the copy outlives the call
+                net = copy.deepcopy(self, {id(self._inference_cache): None})
+                net.to(memory_format=torch.channels_last).requires_grad_(False)
+                net.channels_last = True
+            self._inference_cache = version, net
+        return self._inference_cache[1]
 
     def run_stage(self, n: int, x: torch.Tensor, saved: dict[str, torch.Tensor]) -> torch.Tensor:
         """Backbone stage ``n`` (0..3: up to each exit point, then the rest), keeping the outputs the classifier
@@ -87,6 +111,9 @@ class TorchvisionSegNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """torchvision's ``out``: the plain network (the exit heads are not computed)."""
+        net = self.inference_net()
+        if net is not self:
+            return net(x.contiguous(memory_format=torch.channels_last))
         size = x.shape[-2:]
         saved: dict[str, torch.Tensor] = {}
         for n in range(len(self.stage_names)):
@@ -96,6 +123,9 @@ class TorchvisionSegNet(nn.Module):
     def forward_exits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Logits of the three exit heads and the final classifier, at the input's size."""
         heads = self.require_exits()
+        net = self.inference_net()
+        if net is not self:
+            return net.forward_exits(x.contiguous(memory_format=torch.channels_last))
         size = x.shape[-2:]
         saved: dict[str, torch.Tensor] = {}
         out = []

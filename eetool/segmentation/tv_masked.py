@@ -287,8 +287,9 @@ def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: to
                        dense_above: float | None = None) -> EarlyExitResult:
     """Pixel-level early exit with ``thresholds`` (early exits x classes) on a torchvision segmentation network,
     masked after the first exit (see the module's doc); ``dense_above`` defaults to the family's crossover."""
+    model = model.eval().inference_net()  # channels last, as the plain network runs
     heads = model.require_exits()
-    model.eval()
+    x = x.contiguous(memory_format=torch.channels_last)
     masked_classifier = "resnet" in model.arch  # the MobileNets' classifier runs dense on the final maps
     if dense_above is None:
         dense_above = DENSE_ABOVE if masked_classifier else MOBILENET_DENSE_ABOVE
