@@ -46,8 +46,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,28 @@ class Head(nn.Module):
         return self.conv2(F.relu(self.bn(self.conv1(x)), inplace=True))  # in place: as in Block
 
 
+NetT = TypeVar("NetT", bound=nn.Module)
+
+
+class InferenceCopy(Generic[NetT]):
+    """A network's inference copy, made by ``make`` on first use and remade whenever a parameter or buffer of the
+    network has changed since (keyed by each tensor's storage and version counter: an optimiser step,
+    ``load_state_dict``, a move). A plain attribute of the network, not a submodule: the copy is in no state
+    dict."""
+
+    def __init__(self) -> None:
+        self._version: tuple[tuple[int, int], ...] | None = None
+        self._net: NetT | None = None
+
+    def of(self, network: nn.Module, make: Callable[[], NetT]) -> NetT:
+        version = tuple((t.data_ptr(), t._version) for t in itertools.chain(network.parameters(), network.buffers()))
+        if self._net is None or self._version != version:
+            # ordinary tensors even when first used under torch.inference_mode (the copy outlives that block)
+            with torch.inference_mode(False), torch.no_grad():
+                self._version, self._net = version, make()
+        return self._net
+
+
 class EESegNet(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 1, width: int = 32, head_width: int = 32,
                  blocks: int = 1) -> None:
@@ -130,9 +153,7 @@ class EESegNet(nn.Module):
             if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         self.folded = False  # True for inference_net's copy, whose BatchNorms are in its convolutions
-        # (the version of the weights it was made from, the copy): a plain attribute, not a submodule, so that
-        # it is in no state dict
-        self._inference_cache: tuple[tuple[tuple[int, int], ...], EESegNet] | None = None
+        self._inference: InferenceCopy[EESegNet] = InferenceCopy()
 
     def inference_net(self) -> EESegNet:
         """The network inference runs: in eval mode without gradients, a copy with every BatchNorm folded into
@@ -144,33 +165,28 @@ class EESegNet(nn.Module):
         to another device or dtype); this network, its state dict and its checkpoint stay as they are."""
         if self.folded or self.training or torch.is_grad_enabled():
             return self
-        version = tuple((t.data_ptr(), t._version) for t in itertools.chain(self.parameters(), self.buffers()))
-        if self._inference_cache is None or self._inference_cache[0] != version:
-            self._inference_cache = version, self._folded_copy()
-        return self._inference_cache[1]
+        return self._inference.of(self, self._folded_copy)
 
     def _folded_copy(self) -> EESegNet:
-        # ordinary tensors even when first used under torch.inference_mode (the copy outlives that block)
-        with torch.inference_mode(False), torch.no_grad():
-            net = EESegNet(self.num_classes, self.in_channels, self.width, self.head_width, self.blocks)
-            like = next(self.parameters())
-            net.to(like.device, like.dtype).load_state_dict(self.state_dict())
-            net.eval()
-            for i in (0, 3):  # the stem: convolution, BatchNorm, ReLU, twice
-                net.stem[i] = fuse_conv_bn_eval(cast(nn.Conv2d, net.stem[i]), cast(nn.BatchNorm2d, net.stem[i + 1]))
-                net.stem[i + 1] = nn.Identity()
-            for block in cast(list[Block], [b for stage in net.stages for b in cast(nn.Sequential, stage)]):
-                block.conv1 = fuse_conv_bn_eval(block.conv1, cast(nn.BatchNorm2d, block.bn1))
-                block.conv2 = fuse_conv_bn_eval(block.conv2, cast(nn.BatchNorm2d, block.bn2))
-                block.bn1, block.bn2 = nn.Identity(), nn.Identity()
-            for head in cast(list[Head], list(net.heads)):
-                head.conv1 = fuse_conv_bn_eval(head.conv1, cast(nn.BatchNorm2d, head.bn))
-                head.bn = nn.Identity()
-            net.requires_grad_(False)
-            # channels last: mkldnn's convolutions on eeseg's narrow maps take 0.5-0.9x the time of NCHW (a 1x1
-            # head convolution at batch 100 about 0.1x), and bilinear upsampling 0.3x
-            net.to(memory_format=torch.channels_last)
-            net.folded = True
+        net = EESegNet(self.num_classes, self.in_channels, self.width, self.head_width, self.blocks)
+        like = next(self.parameters())
+        net.to(like.device, like.dtype).load_state_dict(self.state_dict())
+        net.eval()
+        for i in (0, 3):  # the stem: convolution, BatchNorm, ReLU, twice
+            net.stem[i] = fuse_conv_bn_eval(cast(nn.Conv2d, net.stem[i]), cast(nn.BatchNorm2d, net.stem[i + 1]))
+            net.stem[i + 1] = nn.Identity()
+        for block in cast(list[Block], [b for stage in net.stages for b in cast(nn.Sequential, stage)]):
+            block.conv1 = fuse_conv_bn_eval(block.conv1, cast(nn.BatchNorm2d, block.bn1))
+            block.conv2 = fuse_conv_bn_eval(block.conv2, cast(nn.BatchNorm2d, block.bn2))
+            block.bn1, block.bn2 = nn.Identity(), nn.Identity()
+        for head in cast(list[Head], list(net.heads)):
+            head.conv1 = fuse_conv_bn_eval(head.conv1, cast(nn.BatchNorm2d, head.bn))
+            head.bn = nn.Identity()
+        net.requires_grad_(False)
+        # channels last: mkldnn's convolutions on eeseg's narrow maps take 0.5-0.9x the time of NCHW (a 1x1
+        # head convolution at batch 100 about 0.1x), and bilinear upsampling 0.3x
+        net.to(memory_format=torch.channels_last)
+        net.folded = True
         return net
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:

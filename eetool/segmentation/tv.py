@@ -19,7 +19,6 @@ computed, neighbourhoods included; blocks run dense above an active share count 
 from __future__ import annotations
 
 import copy
-import itertools
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -28,7 +27,7 @@ from torch import nn
 
 from eetool.archs import TORCHVISION_SEGMENTATION_ARCHS
 from eetool.errors import ModelMismatchError, UsageError
-from eetool.segmentation.model import EarlyExitResult, Head, upsample
+from eetool.segmentation.model import EarlyExitResult, Head, InferenceCopy, upsample
 
 EXIT_POINTS = {"resnet": ("layer1", "layer2", "layer3"), "mobilenet": ("3", "6", "12")}
 DEFAULT_HEAD_WIDTH = 64
@@ -72,8 +71,7 @@ class TorchvisionSegNet(nn.Module):
         ) if exits else None
         self.dense_cost_cache: dict[tuple[int, int, int], DenseCosts] = {}  # by input shape: one counting pass each
         self.channels_last = False  # True for inference_net's copy
-        # (the version of the weights it was made from, the copy): a plain attribute, in no state dict
-        self._inference_cache: tuple[tuple[tuple[int, int], ...], TorchvisionSegNet] | None = None
+        self._inference: InferenceCopy[TorchvisionSegNet] = InferenceCopy()
 
     def inference_net(self) -> TorchvisionSegNet:
         """The network inference runs: in eval mode without gradients, a copy whose weights, and so every map it
@@ -85,14 +83,13 @@ class TorchvisionSegNet(nn.Module):
         its checkpoint stay as they are (safetensors stores contiguous tensors)."""
         if self.channels_last or self.training or torch.is_grad_enabled():
             return self
-        version = tuple((t.data_ptr(), t._version) for t in itertools.chain(self.parameters(), self.buffers()))
-        if self._inference_cache is None or self._inference_cache[0] != version:
-            with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: the copy outlives the call
-                net = copy.deepcopy(self, {id(self._inference_cache): None})
-                net.to(memory_format=torch.channels_last).requires_grad_(False)
-                net.channels_last = True
-            self._inference_cache = version, net
-        return self._inference_cache[1]
+        return self._inference.of(self, self._channels_last_copy)
+
+    def _channels_last_copy(self) -> TorchvisionSegNet:
+        net = copy.deepcopy(self, {id(self._inference): InferenceCopy()})  # without the cache and its copy
+        net.to(memory_format=torch.channels_last).requires_grad_(False)
+        net.channels_last = True
+        return net
 
     def run_stage(self, n: int, x: torch.Tensor, saved: dict[str, torch.Tensor]) -> torch.Tensor:
         """Backbone stage ``n`` (0..3: up to each exit point, then the rest), keeping the outputs the classifier
