@@ -24,10 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from collections.abc import Callable
 
 import torch
+from segmentation import interleaved_best  # bench/ is on the path: this runs as a script in it
 
 from eetool.checkpoint import load_checkpoint
 from eetool.datasets import Preprocess, load_dataset
@@ -36,17 +36,6 @@ from eetool.segmentation import calibration
 from eetool.segmentation.commands import class_statistics
 from eetool.segmentation.model import EESegNet
 from eetool.segmentation.thresholds import ClassStats
-
-
-def interleaved_best(rounds: int, parts: dict[str, Callable[[], object]]) -> dict[str, float]:
-    """The least CPU time of each part over ``rounds`` rounds that run every part in turn."""
-    best = dict.fromkeys(parts, float("inf"))
-    for _ in range(rounds):
-        for name, run in parts.items():
-            start = time.process_time()
-            run()
-            best[name] = min(best[name], time.process_time() - start)
-    return best
 
 
 def main() -> None:

@@ -89,6 +89,7 @@ def add_grid_batch(stats: ClassStats, grid_logits: list[torch.Tensor], masks: to
     for start in range(0, batch, step):
         chunk = slice(start, start + step)
         images = min(step, batch - start)
+        chunk_labels = labels[start * pixels:(start + images) * pixels]
         # one copy lays out (eeseg's logits come channels last) and joins the exits; then, for logits within
         # EXP_SAFE, base 2 (see softmax_of_bounded): the scaling is linear, so it commutes with the phases' lerps
         if rows:  # b x h x w x (exits K): a row per grid position
@@ -97,8 +98,7 @@ def add_grid_batch(stats: ClassStats, grid_logits: list[torch.Tensor], masks: to
                 logits[..., n * k:(n + 1) * k] = g[chunk].permute(0, 2, 3, 1)
             bound = to_base_2(logits)
             probs = softmax_of_bounded(upsampled_phases(logits).view(-1, exits, k), bound)  # (b 4 h w) x exits x K
-            partial = class_sums_by_rows(probs.view(images, pixels, -1), labels[start * pixels:][:images * pixels],
-                                         k)
+            partial = class_sums_by_rows(probs.view(images, pixels, -1), chunk_labels, k)
         else:  # b x (exits K) x h x w: a map per exit and class
             logits = grid_logits[0].new_empty(images, exits * k, h, w)
             for n, g in enumerate(grid_logits):
@@ -106,8 +106,7 @@ def add_grid_batch(stats: ClassStats, grid_logits: list[torch.Tensor], masks: to
             bound = to_base_2(logits)
             phases = upsampled_phases(logits.view(-1, h, w, 1))  # (b exits K) x 4 x h x w x 1
             probs = softmax_of_bounded(phases.view(images, exits, k, pixels), bound, dim=2)
-            partial = class_sums_by_one_hot(probs.view(images, exits * k, pixels),
-                                            labels[start * pixels:][:images * pixels], k)
+            partial = class_sums_by_one_hot(probs.view(images, exits * k, pixels), chunk_labels, k)
         stats.sums += partial.view(k, exits, k).transpose(0, 1).cpu()
 
 
