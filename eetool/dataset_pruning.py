@@ -38,6 +38,7 @@ from eetool.datasets import Dataset, Preprocess
 from eetool.distributed import World, all_sum
 from eetool.errors import UsageError
 from eetool.exits import ExitModel, build_exit_model, candidate_exits, select_exits
+from eetool.owned_folders import make_owned_folder
 from eetool.reporting import Reporter
 from eetool.training import Mix, Tracker, TrainConfig, fit, read_state, write_state
 
@@ -367,8 +368,8 @@ def pruning_phase(settings: PhaseSettings, build: BuildModel, data: Dataset, pre
     if method == "random":
         gen = torch.Generator().manual_seed(settings.config.seed)
         return PhaseResult({"random": torch.rand(n, generator=gen, dtype=torch.float64)})
-    if state_dir and world.main:
-        Path(state_dir).mkdir(exist_ok=True)
+    if state_dir and world.main and not Path(state_dir).is_dir():
+        make_owned_folder(state_dir, "dataset-pruning-state")
     runs = settings.models if method == "el2n" else 1
     result = PhaseResult({})
     el2n_sum = torch.zeros(n, dtype=torch.float64)

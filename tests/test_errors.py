@@ -55,6 +55,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
     save_file({"test.images": u8, "test.labels": torch.tensor([0, 1, 2, 25])}, str(d / "labels-25.safetensors"))
     save_file({"test.images": u8}, str(d / "unlabelled.safetensors"))
     (d / "empty.txt").write_text("")
+    for user_folder in ("user-folder", "user.safetensors.resume"):  # folders a user made: eetool never deletes them
+        (d / user_folder).mkdir()
+        (d / user_folder / "notes.txt").write_text("mine\n")
     (d / "out-of-range.txt").write_text("0\n1\n64\n")
     (d / "negative.txt").write_text("0\n-1\n")
     (d / "repeated.txt").write_text("0\n5\n5\n")
@@ -515,7 +518,17 @@ CASES = [
     Case("lm-train-no-freeze-without-model-output", [*LM_TRAIN, "-t", LM_TEXT, "--no-freeze"], USAGE,
          says="--model-output"),
     Case("lm-train-model-output-is-the-model", [*LM_TRAIN, "-t", LM_TEXT, "--model-output", "{inp}/tiny-lm"],
-         OUTPUT, says="is the input model"),
+         OUTPUT, says="is the input"),
+    Case("lm-train-model-output-holds-the-inputs", [*LM_TRAIN, "-t", LM_TEXT, "--no-freeze", "--model-output", "{inp}",
+                                                    "--force"], OUTPUT, says="holds the input"),
+    Case("lm-train-model-output-inside-the-model", [*LM_TRAIN, "-t", LM_TEXT, "--model-output", "{inp}/tiny-lm/new",
+                                                    "--force"], OUTPUT, says="lies inside the input"),
+    Case("lm-train-model-output-holds-the-head", [*LM_TRAIN, "-t", LM_TEXT, "--model-output", "{out}", "--force"],
+         OUTPUT, says="holds the output"),
+    Case("lm-train-model-output-a-user-folder", [*LM_TRAIN, "-t", LM_TEXT, "--model-output", "{inp}/user-folder",
+                                                 "--force"], OUTPUT, says="not written by eetool"),
+    Case("lm-train-model-output-a-file", [*LM_TRAIN, "-t", LM_TEXT, "--model-output", "{out}/existing.yaml",
+                                          "--force"], OUTPUT, says="is a file"),
     Case("lm-train-one-context", [*LM_TRAIN, "-t", LM_TEXT, "--max-tokens", "32"], BAD_INPUT,
          says="one context"),
     Case("lm-train-resume-without-state", [*LM_TRAIN, "-t", LM_TEXT, "--resume"], BAD_INPUT,
@@ -525,6 +538,10 @@ CASES = [
     Case("prune-weights-amount-zero", [*PRUNE_WEIGHTS, "--amount", "0"], USAGE, says="--amount"),
     Case("prune-weights-amount-negative", [*PRUNE_WEIGHTS, "--amount", "-0.1"], USAGE, says="--amount"),
     Case("prune-weights-zero-rounds", [*PRUNE_WEIGHTS, "--rounds", "0"], USAGE, says="--rounds"),
+    Case("prune-weights-resume-folder-a-user-made", [*PRUNE_WEIGHTS[:5], "-o", "{inp}/user.safetensors",
+                                                     *PRUNE_WEIGHTS[7:]], OUTPUT, says="not written by eetool"),
+    Case("prune-dataset-resume-folder-a-user-made", [*PRUNE[:5], "-o", "{inp}/user.safetensors", *PRUNE[7:],
+                                                     "--method", "el2n"], OUTPUT, says="not written by eetool"),
     Case("prune-weights-heads-of-another-checkpoint", ["prune-weights", "-c", DEMO_CHECKPOINT, "-d", "{data}", "-o",
                                                        "{out}/pruned.safetensors", "--exit-heads",
                                                        "{inp}/heads.safetensors"], PROVENANCE,

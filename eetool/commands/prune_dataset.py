@@ -97,6 +97,7 @@ def command(
     from eetool.artifacts import STDOUT
     from eetool.errors import InputError, UsageError
     from eetool.options import parse_floats
+    from eetool.owned_folders import check_state_folder, remove_state_folder
 
     if method not in METHOD_NAMES:
         raise UsageError(f"unknown --method {method!r}", f"use one of {', '.join(METHOD_NAMES)}")
@@ -134,8 +135,7 @@ def command(
     state_dir = f"{output}.resume"
     if resume and not Path(state_dir).is_dir():
         raise InputError(f"no resumable state at {state_dir}", "run without --resume to start afresh")
-
-    import shutil
+    check_state_folder(state_dir, resume=resume)
 
     import torch
 
@@ -207,8 +207,7 @@ def command(
             write_tensors(written[pruned_output], {"indices": pruned},
                           Provenance(**{**vars(prov), "args": {**prov.args, "role": "pruned"}}))
         write_yaml(written[summary], {**result_doc, "output": output, "pruned_output": pruned_output}, prov)
-    if Path(state_dir).is_dir():
-        shutil.rmtree(state_dir)
+    remove_state_folder(state_dir, run.reporter.warn)
     run.reporter.log(f"wrote {', '.join(p for p in (output, pruned_output, summary) if p)}")
     run.emit({"output": output, "pruned_output": pruned_output, "summary": summary, **result_doc}, _text)
 
@@ -217,14 +216,13 @@ def _train(run: Run, device: Any, ckpt: Any, ds: Any, settings: Any, proxy_arch:
            from_weights: bool, state_dir: str, resume: bool) -> tuple[dict[str, Any], dict[str, Any], str | None,
                                                                       str | None]:
     """The pruning phase: the records, its cost, and the early exit where EEPrune put it."""
-    import shutil
-
     import torch
 
     from eetool import dataset_pruning as dp
     from eetool.checkpoint import ModelSpec
     from eetool.datasets import Preprocess
     from eetool.options import parse_mapping
+    from eetool.owned_folders import fresh_state_folder
 
     method = settings.method
     spec = ckpt.spec
@@ -242,8 +240,8 @@ def _train(run: Run, device: Any, ckpt: Any, ds: Any, settings: Any, proxy_arch:
     if dp.records_family(method) == "eeprune":
         dp.exit_point(spec.build(), settings.exit)  # a bad --exit is refused before any state is written
     if method != "random":
-        if not resume and Path(state_dir).exists() and run.world.main:
-            shutil.rmtree(state_dir)
+        if not resume and run.world.main:
+            fresh_state_folder(state_dir, "dataset-pruning-state")
         run.reporter.log(f"pruning phase: {method} on {ds.spec} ({len(ds)} samples); state after every epoch "
                          f"in {state_dir}")
         run.resumable = f"the state of every finished epoch is in {state_dir}: rerun with --resume"
@@ -354,3 +352,4 @@ def _text(d: dict[str, Any]) -> str:
     rows = [[c["class"], c["samples"], c["pruned"], c["kept"], f"{c['pruned'] / c['samples']:.1%}"]
             for c in d["per_class"]]
     return format_fields(fields) + "\n\n" + format_table(["class", "samples", "pruned", "kept", "pruned %"], rows)
+

@@ -115,6 +115,7 @@ def command(
     fine-tuning, jointly or backbone first. Writes -o, the heads, the report and optionally the masks."""
     from eetool.artifacts import STDOUT
     from eetool.errors import InputError, UsageError
+    from eetool.owned_folders import check_state_folder
 
     if structure not in WEIGHT_STRUCTURES:
         raise UsageError(f"unknown --structure {structure!r}", f"use one of {', '.join(WEIGHT_STRUCTURES)}")
@@ -167,6 +168,7 @@ def command(
     state_dir = Path(f"{output}.resume")
     if resume and not (state_dir / "state.pt").is_file():
         raise InputError(f"no resumable state in {state_dir}", "run without --resume to start afresh")
+    check_state_folder(str(state_dir), resume=resume)
     _prune(run, Request(checkpoint=checkpoint, data=data, output=output, heads_output=heads_output,
                         report=report, split=split, indices=indices, exit_heads=exit_heads, exits=exits,
                         approach=approach, final_layer_phases=final_layer_phases or "both",
@@ -236,8 +238,6 @@ def _refuse_for_channels(approach: str, masks_output: str | None, plot: str | No
 
 
 def _prune(run: Run, o: Request) -> None:
-    import shutil
-
     from eetool import weight_pruning as wp
     from eetool.artifacts import Provenance, output_set, sha256_file, verify, write_tensors
     from eetool.commands.common import load_data, open_checkpoint
@@ -245,6 +245,7 @@ def _prune(run: Run, o: Request) -> None:
     from eetool.errors import UsageError
     from eetool.exits import build_exit_model
     from eetool.heads import ExitHeads, HeadsSpec, load_heads, parse_weights
+    from eetool.owned_folders import remove_state_folder
     from eetool.training import TrainConfig
 
     cfg = TrainConfig(epochs=o.finetune_epochs, batch_size=o.batch_size, optimizer=o.optimizer, lr=o.lr,
@@ -341,7 +342,7 @@ def _prune(run: Run, o: Request) -> None:
 
             pruning_png(written[o.plot], layers, final["accuracy"], pruner.baseline,
                         f"{ckpt.spec.arch}, {o.approach}: {o.rounds} rounds of {o.amount:g}")
-    shutil.rmtree(state_dir)
+    remove_state_folder(state_dir, run.reporter.warn)
     run.reporter.log(f"wrote {', '.join(outputs)}")
     run.emit(doc, _text)
 
@@ -349,10 +350,9 @@ def _prune(run: Run, o: Request) -> None:
 def _prune_channels(run: Run, o: Request, ckpt: Any, heads: Any, heads_sha: str, weights: list[float],
                     cfg: Any, train_data: Any, eval_data: Any, preprocess: Any, device: Any) -> None:
     """--structure channel: rounds of channel pruning and joint fine-tuning; writes a smaller dense checkpoint."""
-    import shutil
-
     from eetool import channel_pruning as cp
     from eetool.artifacts import output_set
+    from eetool.owned_folders import remove_state_folder
 
     settings = cp.ChannelSettings(o.rounds, o.amount, cfg, train_heads=not o.exit_heads,
                                   round_to=o.round_to)
@@ -392,7 +392,7 @@ def _prune_channels(run: Run, o: Request, ckpt: Any, heads: Any, heads_sha: str,
     with output_set(outputs) as temps:  # every output appears, or none
         _write_pruned(dict(zip(outputs, temps, strict=True)), o, ckpt, pruner.spec, model, heads, list(em.exits),
                       dataset, args, heads_sha, doc)
-    shutil.rmtree(state_dir)
+    remove_state_folder(state_dir, run.reporter.warn)
     run.reporter.log(f"wrote {', '.join(outputs)}")
     run.emit(doc, _channel_text)
 
@@ -446,8 +446,7 @@ def _resumable(run: Run, o: Request, ckpt: Any, train_data: Any, pruner: Any
                ) -> tuple[Path, dict[str, Any]]:
     """The state directory of a run, ``pruner`` loaded from it when resuming (refused when it was saved by a run
     with other settings, checkpoint or data), else made afresh."""
-    import shutil
-
+    from eetool.owned_folders import fresh_state_folder
     from eetool.training import read_state
 
     state_dir = Path(f"{o.output}.resume")
@@ -456,9 +455,7 @@ def _resumable(run: Run, o: Request, ckpt: Any, train_data: Any, pruner: Any
         pruner.load_state_dict(read_state(str(state_dir / "state.pt"), expected))
         run.reporter.log(f"resuming after step {pruner.done} of {len(pruner.steps())}")
     else:
-        if state_dir.exists():
-            shutil.rmtree(state_dir)
-        state_dir.mkdir()
+        fresh_state_folder(state_dir, "weight-pruning-state")
     run.resumable = f"the state of every finished round is in {state_dir}: rerun with --resume"
     return state_dir, expected
 
@@ -518,3 +515,4 @@ def _text(d: dict[str, Any]) -> str:
     table = format_table(["exit", "dense cost", "effective cost", "accuracy before", f"{d['eval_split']} accuracy"],
                          rows)
     return f"{head}\n\n{table}"
+

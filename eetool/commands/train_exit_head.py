@@ -72,13 +72,16 @@ def command(
     for flag, path in (("-o", output), ("--report", report), ("--plot", plot)):
         if path is not None:
             run.check_output(path, force=force or resume, inputs=inputs, flag=flag, binary=True)
+    resume_path = f"{output}.resume.pt"
     if model_output is not None:
-        _check_folder_output(model_output, force=force or resume, model=model)
+        from eetool.owned_folders import check_folder_output
+
+        check_folder_output(model_output, flag="--model-output", force=force or resume,
+                            inputs=(*inputs, str(run.config) if run.config else None), outputs=(*files, resume_path))
     if plot:
         from eetool.plotting import require_matplotlib
 
         require_matplotlib()
-    resume_path = f"{output}.resume.pt"
     if resume and not Path(resume_path).is_file():
         raise InputError(f"no resumable state at {resume_path}", "run without --resume to start afresh")
 
@@ -182,20 +185,3 @@ def command(
 
     run.emit(doc, text_out)
 
-
-def _check_folder_output(folder: str, *, force: bool, model: str) -> None:
-    """--model-output: refused when it is the input model, exists without --force, is a file, or its parent is
-    missing."""
-    from eetool.errors import OutputError
-
-    path = Path(folder)
-    if Path(model).exists() and path.resolve() == Path(model).resolve():
-        raise OutputError(f"--model-output {folder} is the input model", "write the trained model to another folder")
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"--model-output {folder} is a file", "give a folder name")
-    if path.exists() and not force:
-        raise OutputError(f"--model-output {folder} already exists", "pass --force to replace it, or choose another "
-                          "name")
-    if not path.parent.is_dir():
-        raise OutputError(f"folder {path.parent} of --model-output {folder} does not exist",
-                          "create it first (mkdir -p)")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from eetool.errors import InputError, ModelMismatchError, UsageError
+from eetool.owned_folders import mark_folder
 from eetool.reporting import Reporter
 
 if TYPE_CHECKING:
@@ -156,6 +157,7 @@ def save_converted(lm: LanguageModel, target: Path) -> None:
     try:
         fresh.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
+        mark_folder(tmp, "lm-model-cache")
         os.replace(tmp, target)
     except OSError as e:
         if (target / "config.json").is_file():  # another run converted it meanwhile

@@ -380,29 +380,22 @@ def _load_state(path: str, expected: dict[str, Any], model: ExitLM, opt: torch.o
 
 def save_model_folder(lm: LanguageModel, folder: str) -> None:
     """The trained model as a Hugging Face folder (config, safetensors weights, tokenizer) that ``--model``
-    reads: written to a temp folder beside it and renamed into place; a folder already there (--force) is
-    moved aside first and removed after."""
+    reads, marked as eetool's: written to a temp folder beside it and renamed into place; a folder already
+    there (--force) is replaced only when eetool wrote it."""
     import shutil
 
     from eetool.errors import OutputError
-    from eetool.interrupts import deferred
+    from eetool.owned_folders import publish_folder
 
     target = os.path.abspath(folder)
-    parent = os.path.dirname(target)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=parent)
-    old = None
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=os.path.dirname(target))
     try:
         lm.model.save_pretrained(tmp)  # type: ignore[operator]
         lm.tokenizer.save_pretrained(tmp)
-        with deferred():
-            if os.path.exists(target):
-                old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old.", dir=parent)
-                os.replace(target, os.path.join(old, "model"))
-            os.replace(tmp, target)
+        publish_folder(tmp, target, "lm-model")
     except OSError as e:
         raise OutputError(f"cannot write the model folder {folder}: {e.strerror}",
                           "check the disk space and permissions") from None
     finally:
-        for leftover in (tmp, old):
-            if leftover and os.path.exists(leftover):
-                shutil.rmtree(leftover, ignore_errors=True)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
