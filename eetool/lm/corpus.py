@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,18 +48,63 @@ def text_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def read_text(path: Path) -> str:
+# Text is read in pieces of this many bytes, so that a file larger than memory is hashed without holding it.
+READ_CHUNK = 1 << 20
+# Tokens past the ones a run keeps that the tokenised prefix must reach: pre-tokenisers look a little ahead,
+# so only tokens well before the cut are those of the whole text.
+TOKEN_SLACK = 64
+
+
+def text_chunks(path: Path) -> Iterator[str]:
+    """The file's text in pieces, checked as UTF-8 without NUL bytes (a leading BOM dropped)."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            while True:
+                data = f.read(READ_CHUNK)
+                try:
+                    piece = decoder.decode(data, final=not data)
+                except UnicodeDecodeError:
+                    raise InputError(f"{path} is not UTF-8 text", TEXT_HINT) from None
+                if "\x00" in piece:
+                    raise InputError(f"{path} is not plain text (it holds NUL bytes)", TEXT_HINT)
+                if piece:
+                    yield piece
+                if not data:
+                    return
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror}", "check the path and its permissions") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise InputError(f"{path} is not UTF-8 text", TEXT_HINT) from None
-    if "\x00" in text:
-        raise InputError(f"{path} is not plain text (it holds NUL bytes)", TEXT_HINT)
-    return text
+
+
+def _file_tokens(path: Path, tokenizer: Any, digest: Any, needed: int | None) -> list[int]:
+    """The token ids of a file (at least ``needed`` of them where the file has that many, not all), and its
+    part of the corpus digest (name, length in characters, whole text), read in pieces."""
+    length = sum(len(piece) for piece in text_chunks(path))
+    digest.update(f"{path.name}\n{length}\n".encode())
+    kept: list[str] = []
+    kept_chars = 0
+    ids: list[int] | None = None
+    # Enough characters for ``needed`` tokens at a generous 4 per token, doubled until the prefix gives them.
+    want = None if needed is None else 4 * (needed + TOKEN_SLACK) + 4096
+    for piece in text_chunks(path):
+        digest.update(piece.encode())
+        if ids is not None:
+            continue
+        kept.append(piece)
+        kept_chars += len(piece)
+        while want is not None and ids is None and kept_chars >= want:
+            text = "".join(kept)
+            cut = text.rfind("\n", 0, want) + 1 or want  # a line end, where there is one
+            prefix = _tokenize(tokenizer, text[:cut])
+            if len(prefix) >= needed + TOKEN_SLACK:  # type: ignore[operator]
+                ids = prefix[:needed]
+            else:
+                want *= 2
+    return ids if ids is not None else _tokenize(tokenizer, "".join(kept))
+
+
+def _tokenize(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text.strip() else []
 
 
 def load_corpus(paths: list[str], tokenizer: Any, *, context: int = CONTEXT, max_tokens: int | None = None
@@ -73,14 +120,13 @@ def load_corpus(paths: list[str], tokenizer: Any, *, context: int = CONTEXT, max
     for path in files:
         if max_tokens is not None and total >= max_tokens:
             break
-        text = read_text(path)
-        digest.update(f"{path.name}\n{len(text)}\n".encode())
-        digest.update(text.encode())
+        # The whole contexts still wanted: at most this many tokens of the file are tokenised.
+        wanted = None if max_tokens is None else (max_tokens - total + context - 1) // context
+        ids = _file_tokens(path, tokenizer, digest, None if wanted is None else wanted * context)
         used.append(str(path))
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text.strip() else []
         whole = len(ids) // context
-        if max_tokens is not None:
-            whole = min(whole, (max_tokens - total + context - 1) // context)
+        if wanted is not None:
+            whole = min(whole, wanted)
         if whole:
             pieces.append(torch.tensor(ids[: whole * context], dtype=torch.int64).view(whole, context))
             total += whole * context
