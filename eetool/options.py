@@ -93,10 +93,21 @@ IndicesOpt = Annotated[str | None, typer.Option("--indices", help="Restrict the 
 ExitsOpt = Annotated[str, typer.Option("--exits", help="Exit points: every, half, quartiles, or module names "
                                        "separated by commas.", rich_help_panel=INPUT,
                                        autocompletion=prefix_completer(EXIT_SELECTIONS))]
+# Upper bounds of count options: each far above any run the methods ask for (the thesis: 20 rounds, 10 el2n
+# models, 200 epochs), and low enough that what a count sizes up front stays small.
+MAX_BATCH = 1 << 16
+MAX_EPOCHS = 100_000
+MAX_ROUNDS = 1000
+MAX_MODELS = 1000
+MAX_REPEATS = 1000
+MAX_STEPS = 100_000_000
+MAX_CLUSTERS = 4096
+MAX_POOL_SIZE = 64
 CountOpt = Annotated[Count, typer.Option("--count", help="Cost unit: macs, or flops (= 2 x MACs).")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch.")]
-GlobalBatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per optimiser step (under "
-                                             "torchrun: the global batch, shared out among the processes).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, max=MAX_BATCH, help="Samples per batch.")]
+GlobalBatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, max=MAX_BATCH,
+                                             help="Samples per optimiser step (under torchrun: the global batch, "
+                                             "shared out among the processes).")]
 OutputOpt = Annotated[str, typer.Option("--output", "-o",
                                         help="Output file ('-' for stdout where the output is YAML).")]
 OptionalOutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Also write the result as a YAML "

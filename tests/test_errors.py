@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
@@ -314,6 +315,64 @@ def make_lm_inputs(d: Path) -> None:
         made = runner.invoke(app, ["init-exit-head", "-m", str(d / model), "-t", LM_TEXT, "--context", "32",
                                    "--n0", "0", "-o", str(d / f"{head}.safetensors"), "-q"])
         assert made.exit_code == 0, made.stderr
+    make_crafted_lms(d)
+
+
+def make_crafted_lms(d: Path) -> None:
+    """Copies of the tiny model with one file damaged, each in its own folder, and crafted GGUF headers."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from eetool.lm.head import ExitHead
+
+    tiny = d / "tiny-lm"
+    weights = load_file(str(tiny / "model.safetensors"))
+
+    def variant(name: str) -> Path:
+        shutil.copytree(tiny, d / name)
+        return d / name
+
+    def config(folder: Path, **changes: object) -> None:
+        doc = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**doc, **changes}))
+
+    config(variant("lm-million-layers"), num_hidden_layers=1_000_000)
+    config(variant("lm-zero-layers"), num_hidden_layers=0)
+    config(variant("lm-more-layers-than-weights"), num_hidden_layers=6)
+    config(variant("lm-hidden-size-string"), hidden_size="32")
+    blob = (tiny / "model.safetensors").read_bytes()
+    (variant("lm-truncated-weights") / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    header_length = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + header_length])
+
+    def rewrite(name: str, edit: object) -> None:
+        new = dict(header)
+        edit(new)  # type: ignore[operator]
+        text = json.dumps(new).encode()
+        (variant(name) / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text
+                                                          + blob[8 + header_length:])
+
+    first, second = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])[:2]
+    rewrite("lm-huge-shape", lambda h: h.__setitem__(first, {**h[first], "shape": [1 << 40, 1 << 20]}))
+    rewrite("lm-overlapping-tensors", lambda h: h.__setitem__(
+        second, {**h[second], "data_offsets": [h[first]["data_offsets"][0],
+                                               h[first]["data_offsets"][0] + h[second]["data_offsets"][1]
+                                               - h[second]["data_offsets"][0]]}))
+    int_weights = {k: (v.to(torch.int64) if k.endswith("embed_tokens.weight") else v) for k, v in weights.items()}
+    save_file(int_weights, str(variant("lm-int64-weight") / "model.safetensors"))
+    nan_weights = dict(weights)
+    nan_weights["model.embed_tokens.weight"] = torch.full_like(weights["model.embed_tokens.weight"], math.nan)
+    save_file(nan_weights, str(variant("lm-nan-embedding") / "model.safetensors"))
+    pickled = variant("lm-pickled-weights")
+    (pickled / "model.safetensors").unlink()
+    torch.save(weights, pickled / "pytorch_model.bin")
+    (variant("lm-malformed-tokenizer") / "tokenizer.json").write_text('{"version": "1.0", "added_tokens": ')
+    (d / "huge-count.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1 << 60, 0))
+    (d / "huge-string.gguf").write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 1 << 62) + b"key")
+    nan_head, _ = ExitHead.load(str(d / "lm-head.safetensors"))
+    nan_head.weight[0, 0] = math.nan
+    nan_head.save(str(d / "nan-lm-head.safetensors"), ExitHead.load(str(d / "lm-head.safetensors"))[1])
 
 
 def make_crafted_data(d: Path) -> None:
@@ -464,6 +523,24 @@ CASES = [
     Case("lm-binary-text", [*LM_MODEL, "-t", "{inp}/random.dat"], BAD_INPUT, says="not UTF-8"),
     Case("lm-missing-text", [*LM_MODEL, "-t", "{inp}/no-such.txt"], BAD_INPUT, says="does not exist"),
     Case("lm-folder-without-text", [*LM_MODEL, "-t", "{inp}/image-bomb"], BAD_INPUT, says="no *.txt"),
+    *[Case(f"lm-{name}", ["init-exit-head", "-m", "{inp}/" + folder, "-t", LM_TEXT, "-o", "{out}/head.safetensors"],
+           BAD_INPUT, says=says) for name, folder, says in (
+        ("config-of-a-million-layers", "lm-million-layers", "num_hidden_layers = 1000000"),
+        ("config-of-zero-layers", "lm-zero-layers", "num_hidden_layers = 0"),
+        ("config-of-more-layers-than-the-weights", "lm-more-layers-than-weights", "the weights hold 4 blocks"),
+        ("config-size-a-string", "lm-hidden-size-string", "hidden_size = '32'"),
+        ("truncated-weights", "lm-truncated-weights", "not a valid safetensors file"),
+        ("weights-of-a-huge-shape", "lm-huge-shape", "takes"),
+        ("overlapping-weights", "lm-overlapping-tensors", "overlap"),
+        ("int64-weight", "lm-int64-weight", "holds I64 values"),
+        ("nan-embedding", "lm-nan-embedding", "not finite numbers (model.embed_tokens.weight)"),
+        ("pickled-weights", "lm-pickled-weights", "only pickled weights"),
+        ("malformed-tokenizer", "lm-malformed-tokenizer", "tokenizer.json is not a valid JSON"),
+        ("gguf-of-2-to-the-60-tensors", "huge-count.gguf", "claims 1,152,921,504,606,846,976 tensors"),
+        ("gguf-string-past-the-end", "huge-string.gguf", "a string claims"),
+    )],
+    Case("lm-nan-exit-head", [*LM_EVAL, "--head", "{inp}/nan-lm-head.safetensors"], BAD_INPUT,
+         says="nan-lm-head.safetensors holds a weight that is not finite"),
     Case("lm-not-a-causal-lm", ["init-exit-head", "-m", "{inp}/resnet-config", "-t", LM_TEXT, "-o",
                                 "{out}/head.safetensors"], MISMATCH, says="not a causal language model"),
     Case("lm-folder-without-config", ["init-exit-head", "-m", "{inp}/cifar-code", "-t", LM_TEXT, "-o",
@@ -538,6 +615,13 @@ CASES = [
     Case("prune-weights-amount-zero", [*PRUNE_WEIGHTS, "--amount", "0"], USAGE, says="--amount"),
     Case("prune-weights-amount-negative", [*PRUNE_WEIGHTS, "--amount", "-0.1"], USAGE, says="--amount"),
     Case("prune-weights-zero-rounds", [*PRUNE_WEIGHTS, "--rounds", "0"], USAGE, says="--rounds"),
+    Case("prune-weights-a-trillion-rounds", [*PRUNE_WEIGHTS, "--rounds", "1000000000000"], USAGE,
+         says="'--rounds'"),
+    Case("train-a-billion-epochs", [*TRAIN[:-1], "1000000000"], USAGE, says="'--epochs'"),
+    Case("lm-train-a-billion-steps", [*LM_TRAIN[:-1], "1000000000", "-t", LM_TEXT], USAGE, says="'--steps'"),
+    Case("evaluate-a-million-repeats", [*EVAL, "--repeats", "1000000"], USAGE, says="'--repeats'"),
+    Case("prune-dataset-a-million-models", [*PRUNE, "--method", "el2n", "--models", "1000000"], USAGE,
+         says="'--models'"),
     Case("prune-weights-resume-folder-a-user-made", [*PRUNE_WEIGHTS[:5], "-o", "{inp}/user.safetensors",
                                                      *PRUNE_WEIGHTS[7:]], OUTPUT, says="not written by eetool"),
     Case("prune-dataset-resume-folder-a-user-made", [*PRUNE[:5], "-o", "{inp}/user.safetensors", *PRUNE[7:],

@@ -9,6 +9,7 @@ import typer
 
 from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
 from eetool.options import (
+    MAX_CLUSTERS,
     BatchOpt,
     CheckpointOpt,
     Count,
@@ -47,7 +48,8 @@ def command(
     pool_channels: Annotated[int | None, typer.Option("--pool-channels", min=1, help="Max-pool channels in groups "
                                                       "down to N (must divide each exit's channels).",
                                                       rich_help_panel=POOL)] = None,
-    clusters: Annotated[int | None, typer.Option("--clusters", min=2, help="Unsupervised: k-means centres at each "
+    clusters: Annotated[int | None, typer.Option("--clusters", min=2, max=MAX_CLUSTERS,
+                                                 help="Unsupervised: k-means centres at each "
                                                  "exit stand in for class means (K = the model's outputs); no "
                                                  "labels are used.")] = None,
     batch_size: BatchOpt = 256,

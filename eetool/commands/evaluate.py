@@ -9,6 +9,7 @@ import typer
 from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
 from eetool.options import (
     INPUT,
+    MAX_REPEATS,
     BatchOpt,
     CheckpointOpt,
     Count,
@@ -46,7 +47,8 @@ def command(
                                        "separated by commas.", autocompletion=prefix_completer(["all"]))] = "all",
     plot: Annotated[str | None, typer.Option("--plot", help="Also draw accuracy against cost to this PNG "
                                              "(needs the plot extra: matplotlib).")] = None,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timing rounds: each runs the plain model and "
+    repeats: Annotated[int, typer.Option("--repeats", min=1, max=MAX_REPEATS,
+                                         help="Timing rounds: each runs the plain model and "
                                          "every operating point in turn; speed-ups are medians over the rounds, "
                                          "with their range.")] = 3,
     baseline: Annotated[str | None, typer.Option("--baseline", help="Another checkpoint (the unpruned network, "

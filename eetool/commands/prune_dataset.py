@@ -11,6 +11,8 @@ from eetool.archs import ALL_ARCHS
 from eetool.choices import EEPRUNE_FAMILY, EXIT_LOCATIONS, PRUNING_BASELINES
 from eetool.commands.common import data_path, format_fields, format_table
 from eetool.options import (
+    MAX_EPOCHS,
+    MAX_MODELS,
     TRAINING,
     AugmentOpt,
     CheckpointOpt,
@@ -60,7 +62,7 @@ def command(
     soft_threshold: Annotated[float | None, typer.Option("--soft-threshold", help="eeprune-soft's confidence t "
                                                          "(default: the one a fraction --ratio of samples exceed).",
                                                          rich_help_panel=PRUNING)] = None,
-    models: Annotated[int, typer.Option("--models", min=1, help="el2n: models in the ensemble.",
+    models: Annotated[int, typer.Option("--models", min=1, max=MAX_MODELS, help="el2n: models in the ensemble.",
                                         rich_help_panel=PRUNING)] = 10,
     proxy_arch: Annotated[str, typer.Option("--proxy-arch", help="svp: the smaller proxy architecture.",
                                             rich_help_panel=PRUNING, autocompletion=prefix_completer(ALL_ARCHS))
@@ -79,7 +81,8 @@ def command(
     from_weights: Annotated[bool, typer.Option("--from-weights", help="Start the pruning phase from the "
                                                "checkpoint's weights instead of a fresh initialisation.",
                                                rich_help_panel=TRAINING)] = False,
-    epochs: Annotated[int | None, typer.Option("--epochs", "-e", min=1, help="Epochs of the pruning phase (default: "
+    epochs: Annotated[int | None, typer.Option("--epochs", "-e", min=1, max=MAX_EPOCHS,
+                                               help="Epochs of the pruning phase (default: "
                                                "the thesis's: 10 for eeprune*, 15 per el2n model, 200 for "
                                                "forgetting, 50 for svp).", rich_help_panel=TRAINING)] = None,
     batch_size: GlobalBatchOpt = 128,

@@ -13,6 +13,8 @@ from eetool.choices import FINAL_LAYER_PHASES, PRUNING_APPROACHES, SPLITS, WEIGH
 from eetool.commands.common import data_path, format_fields, format_table
 from eetool.options import (
     INPUT,
+    MAX_EPOCHS,
+    MAX_ROUNDS,
     TRAINING,
     AugmentOpt,
     BatchOpt,
@@ -65,7 +67,8 @@ def command(
                                            "extra).",
                                            rich_help_panel=PRUNING,
                                            autocompletion=prefix_completer(WEIGHT_STRUCTURES))] = "unstructured",
-    rounds: Annotated[int, typer.Option("--rounds", help="Pruning rounds, each followed by fine-tuning (ordered: "
+    rounds: Annotated[int, typer.Option("--rounds", max=MAX_ROUNDS,
+                                        help="Pruning rounds, each followed by fine-tuning (ordered: "
                                         "this many for the backbone, then for the heads).",
                                         rich_help_panel=PRUNING)] = 20,
     amount: Annotated[float, typer.Option("--amount", help="Fraction of the REMAINING weights each round prunes, "
@@ -95,7 +98,8 @@ def command(
                                             "split of --data.", autocompletion=prefix_completer(SPLITS))] = "test",
     exit_weights: Annotated[str | None, typer.Option("--exit-weights", help="Loss weight per exit, comma-separated, "
                                                      "or 'sdn' (0.15, 0.3, ...).", rich_help_panel=TRAINING)] = None,
-    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=1, help="Fine-tuning epochs after each "
+    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=1, max=MAX_EPOCHS,
+                                                 help="Fine-tuning epochs after each "
                                                  "round (and for training the heads).",
                                                  rich_help_panel=TRAINING)] = 10,
     finetune_samples: Annotated[int | None, typer.Option("--finetune-samples", min=1, help="Fine-tune on exactly "

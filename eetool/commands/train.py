@@ -10,6 +10,7 @@ import typer
 from eetool.choices import SPLITS
 from eetool.commands.common import data_path, format_fields
 from eetool.options import (
+    MAX_EPOCHS,
     TRAINING,
     AugmentOpt,
     DataOpt,
@@ -41,7 +42,8 @@ def command(
     indices: IndicesOpt = None,
     eval_split: Annotated[str | None, typer.Option("--eval-split", help="Report accuracy on this split after "
                                                    "every epoch.", autocompletion=prefix_completer(SPLITS))] = None,
-    epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Epochs.", rich_help_panel=TRAINING)] = 15,
+    epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, max=MAX_EPOCHS,
+                                        help="Epochs.", rich_help_panel=TRAINING)] = 15,
     batch_size: GlobalBatchOpt = 128,
     optimizer: OptimizerOpt = "sgd",
     lr: LrOpt = 0.1,

@@ -9,7 +9,7 @@ import typer
 
 from eetool.commands.common import format_fields, format_table
 from eetool.commands.init_exit_head import ContextOpt, MaxTokensOpt, ModelOpt, TextOpt
-from eetool.options import INPUT, TRAINING, BatchOpt, ForceOpt, LrOpt, OutputOpt, Run, eetool_command
+from eetool.options import INPUT, MAX_STEPS, TRAINING, BatchOpt, ForceOpt, LrOpt, OutputOpt, Run, eetool_command
 
 
 @eetool_command("lm-training")
@@ -20,7 +20,7 @@ def command(
                                       "(class-aware, random, copy or a mix).", rich_help_panel=INPUT)],
     text: TextOpt,
     output: OutputOpt,
-    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps (AdamW, constant rate).",
+    steps: Annotated[int, typer.Option("--steps", max=MAX_STEPS, help="Optimiser steps (AdamW, constant rate).",
                                        rich_help_panel=TRAINING)] = 200,
     lr: LrOpt = 1e-4,
     freeze: Annotated[bool, typer.Option("--freeze/--no-freeze", help="Freezing (the thesis): only the two LM "
@@ -32,7 +32,8 @@ def command(
                                                         "--eval-every steps (default: every 10th context of "
                                                         "--text, at most 64, held out of training).",
                                                         rich_help_panel=INPUT)] = None,
-    eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Score both heads on the held-out text "
+    eval_every: Annotated[int, typer.Option("--eval-every", min=1, max=MAX_STEPS,
+                                            help="Score both heads on the held-out text "
                                             "every this many steps (and at step 0 and the end); the resumable "
                                             "state is saved then too.", rich_help_panel=TRAINING)] = 50,
     model_output: Annotated[str | None, typer.Option("--model-output", help="Also write the trained model as a "

@@ -9,6 +9,8 @@ import typer
 from eetool.choices import HEAD_KINDS, SPLITS
 from eetool.commands.common import data_path, format_fields, format_table
 from eetool.options import (
+    MAX_EPOCHS,
+    MAX_POOL_SIZE,
     TRAINING,
     AugmentOpt,
     CheckpointOpt,
@@ -42,7 +44,8 @@ def command(
     exits: ExitsOpt = "every",
     head: Annotated[str, typer.Option("--head", help="sdn (mixed pooling + linear) or branchy (3x3 conv first).",
                                       rich_help_panel=HEADS, autocompletion=prefix_completer(HEAD_KINDS))] = "sdn",
-    pool_size: Annotated[int, typer.Option("--pool-size", min=1, help="Spatial size the heads pool to.",
+    pool_size: Annotated[int, typer.Option("--pool-size", min=1, max=MAX_POOL_SIZE,
+                                           help="Spatial size the heads pool to.",
                                            rich_help_panel=HEADS)] = 4,
     means: Annotated[str | None, typer.Option("--means", help="Class-means artifact: concatenate each exit's "
                                               "normalised distances to the class means (thesis 2.3.2).",
@@ -58,7 +61,8 @@ def command(
     eval_split: Annotated[str | None, typer.Option("--eval-split", help="Report each exit's accuracy on this "
                                                    "split after training.",
                                                    autocompletion=prefix_completer(SPLITS))] = None,
-    epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Epochs.", rich_help_panel=TRAINING)] = 1,
+    epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, max=MAX_EPOCHS,
+                                        help="Epochs.", rich_help_panel=TRAINING)] = 1,
     samples: Annotated[int | None, typer.Option("--samples", min=1, help="Train on exactly this many samples "
                                                 "(a fixed training budget) instead of --epochs.",
                                                 rich_help_panel=TRAINING)] = None,

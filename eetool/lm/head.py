@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from eetool.errors import ModelMismatchError, ProvenanceError
+from eetool.errors import InputError, ModelMismatchError, ProvenanceError
 
 if TYPE_CHECKING:
     import torch
@@ -148,6 +148,11 @@ class ExitHead:
         if weight.dim() != 2 or bias.shape != (weight.shape[0],):
             raise ProvenanceError(f"{path} holds a weight {tuple(weight.shape)} and bias {tuple(bias.shape)} that "
                                   "do not make a head", remake)
+        for name, values in (("weight", weight), ("bias", bias)):
+            # -inf is a bias's way of saying a token never follows (the class-aware head of unseen tokens)
+            broken = values.isnan() | (values == math.inf) if name == "bias" else ~values.isfinite()
+            if bool(broken.any()):
+                raise InputError(f"{path} holds a {name} that is not finite numbers", remake)
         return cls(weight, bias, layer, final_norm, info), prov
 
     def check_fits(self, path: str, vocab: int, dims: int, num_layers: int) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from eetool.errors import InputError, ModelMismatchError, UsageError
+from eetool.lm.model_files import MODEL_HINT, check_config, check_gguf, check_weights
 from eetool.owned_folders import mark_folder
 from eetool.reporting import Reporter
 
@@ -178,21 +179,25 @@ def _from_folder(source: str, folder: Path, gguf_file: str | None) -> LanguageMo
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    config_doc = None if gguf_file else check_config(folder)
+    if gguf_file:
+        check_gguf(folder / gguf_file)
     try:
         config = transformers.AutoConfig.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"model {source} has no readable configuration ({_first_line(e)})",
-                         "give a Hugging Face model folder, a .gguf file or demo-lm") from None
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises on a bad file is a bad input
+        raise InputError(f"model {source} has no readable configuration ({_reason(e)})", MODEL_HINT) from None
     if type(config) not in transformers.AutoModelForCausalLM._model_mapping:
         raise ModelMismatchError(f"model {source} ({config.model_type}) is not a causal language model",
                                  "give a decoder-only LM such as Llama, SmolLM2 or OPT")
+    if config_doc is not None:
+        check_weights(folder, config_doc)
     try:
         # transformers draws its own progress bar while it dequantises a GGUF file; eetool's stderr is for its lines
         with contextlib.redirect_stderr(io.StringIO()) if gguf_file else contextlib.nullcontext():
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise InputError(f"cannot load model {source} ({_first_line(e)})",
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises on a bad file is a bad input
+        raise InputError(f"cannot load model {source} ({_reason(e)})",
                          "check that the folder holds the weights and tokenizer, or re-download it") from None
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     if decoder is None or not isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList) \
@@ -201,6 +206,10 @@ def _from_folder(source: str, folder: Path, gguf_file: str | None) -> LanguageMo
                                  "give a Llama-style decoder-only LM (SmolLM2, Llama, Mistral, Qwen)")
     model.eval()
     files = [str(folder / gguf_file)] if gguf_file else [str(p) for p in sorted(folder.iterdir()) if p.is_file()]
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"model {source} holds weights that are not finite numbers ({name})",
+                             "re-download or re-convert the model; a diverged training writes no model")
     return LanguageModel(model=model, tokenizer=tokenizer, source=source, files=files, sha256=model_sha256(model))
 
 
@@ -220,6 +229,12 @@ def model_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _first_line(e: BaseException) -> str:
+def _reason(e: BaseException) -> str:
+    """The first line of a loader's message, without advice that eetool must never pass on (unpickling)."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    line = text.splitlines()[0] if text else type(e).__name__
+    if "weights_only" in text or "pickle" in text.lower():
+        return "its weights are pickled, which eetool does not read"
+    if "above report" in line or not line.strip(" .:"):
+        return type(e).__name__
+    return line

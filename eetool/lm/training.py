@@ -54,6 +54,18 @@ class TrainSettings:
             raise UsageError("--batch-size and --eval-every must be >= 1", "give e.g. --batch-size 8 --eval-every 50")
 
 
+# Training has diverged when the loss (the two heads' cross-entropies summed) is not finite, or exceeds
+# DIVERGENCE_FACTOR times the loss of the run's first step and DIVERGENCE_FLOOR nats: a uniform guess over
+# the largest vocabulary eetool reads costs 2 ln(2^22) = 30.5 nats.
+DIVERGENCE_FACTOR = 100.0
+DIVERGENCE_FLOOR = 100.0
+
+
+def diverged_above(first_loss: float) -> float:
+    """The loss above which a run whose first step's loss was ``first_loss`` has diverged."""
+    return max(DIVERGENCE_FACTOR * first_loss, DIVERGENCE_FLOOR)
+
+
 @dataclass
 class CurvePoint:
     step: int
@@ -301,6 +313,7 @@ def train_exit_lm(model: ExitLM, train: torch.Tensor, held_out: torch.Tensor, se
         trained = result.curve[-1].seconds if result.curve else 0.0
         t0, cpu0 = time.perf_counter(), time.process_time()
         cpu = 0.0
+        bound: float | None = None  # the loss above which training has diverged, set by this run's first step
         with reporter.bar(settings.steps - first, "training") as bar:
             for step in range(first, settings.steps):
                 idx = batch_indices(step, settings.batch_size, train.shape[0], settings.seed)
@@ -314,9 +327,11 @@ def train_exit_lm(model: ExitLM, train: torch.Tensor, held_out: torch.Tensor, se
                 exit_loss, final_loss = model.loss(early, last, targets)
                 loss = exit_loss + final_loss
                 value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise UsageError(f"training diverged: the loss is {value} at step {step + 1}; no output was "
-                                     "written", "lower --lr (e.g. 10 times)")
+                if bound is None and math.isfinite(value):
+                    bound = diverged_above(value)
+                if not math.isfinite(value) or (bound is not None and value > bound):
+                    raise UsageError(f"training diverged: the loss is {value:.4g} at step {step + 1} (the bound is "
+                                     f"{bound:.4g}); no output was written", "lower --lr (e.g. 10 times)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
