@@ -313,13 +313,26 @@ def write_tensors(path: str, tensors: dict[str, torch.Tensor], prov: Provenance,
     atomic_write(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
 
 
+def require_file(path: str | Path, what: str = "", hint: str = "check the path") -> Path:
+    """``path`` as a Path, refused unless it is a regular file: missing, a folder, or a pipe, device or socket
+    (which would block or never end) each get their own message. ``what`` names the file's role."""
+    p = Path(path)
+    name = f"{what} {path}" if what else str(path)
+    if not p.exists():
+        raise InputError(f"{name} does not exist", hint)
+    if p.is_dir():
+        raise InputError(f"{name} is a folder, not a file", hint)
+    if not p.is_file():
+        raise InputError(f"{name} is not a regular file (a pipe, device or socket)",
+                         "give a file; save what a pipe gives to a file first")
+    return p
+
+
 def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load all tensors and the metadata of a safetensors file, with one-line errors for bad files."""
     from safetensors import SafetensorError, safe_open
 
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{path} does not exist", "check the path")
+    p = require_file(path)
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = dict(f.metadata() or {})
@@ -513,9 +526,7 @@ def read_yaml_text(path: str | os.PathLike[str]) -> str:
 
 
 def read_yaml(path: str, kind: str) -> tuple[dict[str, Any], Provenance]:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{path} does not exist", "check the path")
+    p = require_file(path)
     try:
         doc = load_yaml(read_yaml_text(p), str(path))
     except (yaml.YAMLError, UnicodeDecodeError) as e:

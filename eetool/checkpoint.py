@@ -32,7 +32,7 @@ from eetool.archs import (
     ModelOptions,
     is_custom_arch,
 )
-from eetool.artifacts import CheckpointIdentity, Provenance, read_safetensors, sha256_file, write_tensors
+from eetool.artifacts import CheckpointIdentity, Provenance, read_safetensors, require_file, sha256_file, write_tensors
 from eetool.errors import InputError, ModelMismatchError, UsageError
 from eetool.models import build_model, first_conv, last_linear
 from eetool.sources import demo_path
@@ -141,9 +141,7 @@ def load_checkpoint(ref: str, options: ModelOptions | None = None) -> Checkpoint
     --input-shape, --mean and --std override its metadata and the rest must agree with it."""
     options = options or ModelOptions()
     path = resolve_path(ref)
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"checkpoint {ref} does not exist", "check the path, or use --checkpoint demo")
+    p = require_file(path, "checkpoint", "check the path, or use --checkpoint demo")
     suffix = p.suffix.lower()
     provenance = None
     stored: ModelSpec | None = None

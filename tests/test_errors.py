@@ -56,6 +56,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
     save_file({"test.images": u8, "test.labels": torch.tensor([0, 1, 2, 25])}, str(d / "labels-25.safetensors"))
     save_file({"test.images": u8}, str(d / "unlabelled.safetensors"))
     (d / "empty.txt").write_text("")
+    os.mkfifo(d / "fifo.txt")  # a reader that opened it would wait for a writer for ever
+    (d / "zeros.txt").symlink_to("/dev/zero")  # and one that read it would never reach the end
     for user_folder in ("user-folder", "user.safetensors.resume"):  # folders a user made: eetool never deletes them
         (d / user_folder).mkdir()
         (d / user_folder / "notes.txt").write_text("mine\n")
@@ -522,6 +524,12 @@ CASES = [
     Case("lm-empty-text", [*LM_MODEL, "-t", "{inp}/empty.txt"], BAD_INPUT, says="fewer than 32 tokens"),
     Case("lm-binary-text", [*LM_MODEL, "-t", "{inp}/random.dat"], BAD_INPUT, says="not UTF-8"),
     Case("lm-missing-text", [*LM_MODEL, "-t", "{inp}/no-such.txt"], BAD_INPUT, says="does not exist"),
+    Case("lm-text-a-fifo", [*LM_MODEL, "-t", "{inp}/fifo.txt"], BAD_INPUT, says="not a regular file"),
+    Case("lm-text-a-device", [*LM_MODEL, "-t", "{inp}/zeros.txt"], BAD_INPUT, says="not a regular file"),
+    Case("thresholds-a-folder", [*EVAL, *MEANS, "--thresholds", "{inp}/user-folder"], BAD_INPUT,
+         says="is a folder, not a file"),
+    Case("checkpoint-a-fifo", ["evaluate", "-c", "{inp}/fifo.txt", "-d", "{data}"], BAD_INPUT,
+         says="not a regular file"),
     Case("lm-folder-without-text", [*LM_MODEL, "-t", "{inp}/image-bomb"], BAD_INPUT, says="no *.txt"),
     *[Case(f"lm-{name}", ["init-exit-head", "-m", "{inp}/" + folder, "-t", LM_TEXT, "-o", "{out}/head.safetensors"],
            BAD_INPUT, says=says) for name, folder, says in (

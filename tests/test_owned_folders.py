@@ -144,3 +144,23 @@ def test_train_exit_head_replaces_its_own_model_folder_with_force(lm_folder: Pat
     # The trained folder is a model eetool reads back.
     ok(invoke("evaluate-lm", "-m", model_out, "-t", DATA / "hamlet-act1.txt", "--context", "32", "--max-tokens",
               "256", "--head", tmp_path / "b.safetensors", "-q"))
+
+
+def test_a_failed_model_folder_write_leaves_no_folder_and_no_temp(lm_folder: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from transformers import PreTrainedModel
+
+    def full_disk(self: object, folder: str, **kwargs: object) -> None:
+        Path(folder, "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.EFBIG, "File too large")
+
+    head = tmp_path / "head.safetensors"
+    ok(invoke("init-exit-head", "-m", lm_folder, "-t", DATA / "hamlet-act1.txt", "--context", "32", "-o", head, "-q"))
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    line = one_error_line(invoke("train-exit-head", "-m", lm_folder, "--head", head, "-t", DATA / "hamlet-act1.txt",
+                                 "--context", "32", "--steps", "1", "--no-freeze", "--model-output",
+                                 tmp_path / "model", "-o", tmp_path / "trained.safetensors", "-q"), ExitCode.OUTPUT)
+    assert "cannot write the model folder" in line and "File too large" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head.safetensors", "trained.safetensors.resume.pt"]

@@ -143,10 +143,9 @@ def _describe_artifact(run: Run, path: str) -> None:
     else:
         import yaml
 
-        from eetool.artifacts import load_yaml, read_yaml_text
+        from eetool.artifacts import load_yaml, read_yaml_text, require_file
 
-        if not Path(path).is_file():
-            raise InputError(f"{path} does not exist", "check the path")
+        require_file(path)
         try:
             doc = load_yaml(read_yaml_text(path), path)
         except (OSError, UnicodeDecodeError, yaml.YAMLError):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from eetool.artifacts import require_file
 from eetool.errors import InputError
 
 if TYPE_CHECKING:
@@ -41,10 +42,8 @@ def text_files(paths: list[str]) -> list[Path]:
             if not found:
                 raise InputError(f"folder {raw} holds no *.txt file", TEXT_HINT)
             files.extend(found)
-        elif p.is_file():
-            files.append(p)
         else:
-            raise InputError(f"text {raw} does not exist", "check the path")
+            files.append(require_file(p, "text"))
     return files
 
 
