@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from eetool import __version__
+from eetool.distributed import World
 from eetool.errors import EetoolError, InputError, OutputError, ProvenanceError
 from eetool.interrupts import deferred
 
@@ -60,6 +61,7 @@ class Provenance:
     schema: int = 0
     version: str = __version__
     model_sha256: str = ""  # the checkpoint's spec and weights (see eetool.checkpoint.model_sha256)
+    processes: int = field(default_factory=lambda: World.from_env().size)  # that made it (torchrun's, else 1)
 
     def __post_init__(self) -> None:
         if not self.schema:
@@ -78,6 +80,7 @@ class Provenance:
             "eetool.dataset": self.dataset,
             "eetool.args": json.dumps(self.args, sort_keys=True, default=str),
             "eetool.inputs": json.dumps(self.inputs, sort_keys=True),
+            "eetool.processes": str(self.processes),
         }
 
     @classmethod
@@ -92,6 +95,7 @@ class Provenance:
             inputs=json.loads(meta.get("eetool.inputs", "{}")),
             schema=int(meta["eetool.schema"]),
             version=meta.get("eetool.version", ""),
+            processes=int(meta.get("eetool.processes", "1")),  # artifacts from before it was recorded: one
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +109,7 @@ class Provenance:
             "dataset": self.dataset,
             "args": self.args,
             "inputs": dict(self.inputs),
+            "processes": self.processes,
         }
 
     @classmethod
@@ -119,6 +124,7 @@ class Provenance:
             inputs=dict(d.get("inputs", {})),
             schema=int(d["schema"]),
             version=d.get("eetool_version", ""),
+            processes=int(d.get("processes", 1)),
         )
 
 
@@ -365,6 +371,7 @@ def _well_formed(path: str, kind: str, parse: Any, source: Any) -> Provenance:
         ("args", isinstance(prov.args, dict)),
         ("inputs", isinstance(prov.inputs, dict)
          and all(isinstance(k, str) and isinstance(v, str) for k, v in prov.inputs.items())),
+        ("processes", isinstance(prov.processes, int) and not isinstance(prov.processes, bool) and prov.processes >= 1),
     ) if not ok]
     if wrong:
         raise ProvenanceError(f"{path} has a malformed provenance ({', '.join(wrong)} of the wrong type)", remake)

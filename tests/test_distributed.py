@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from eetool.artifacts import read_tensors
 from eetool.distributed import World, join, shard_positions
@@ -85,7 +86,9 @@ def test_two_processes_equal_one(tmp_path: Path, tiny_checkpoint: str, tiny_data
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["samples"] == 96  # one document: rank 1 printed nothing
     assert result.stderr.count(f"wrote {two}") == 1
-    (single, _, _), (double, _, _) = read_tensors(str(one), "class-means"), read_tensors(str(two), "class-means")
+    (single, made_by_one, _), (double, made_by_two, _) = (read_tensors(str(one), "class-means"),
+                                                          read_tensors(str(two), "class-means"))
+    assert (made_by_one.processes, made_by_two.processes) == (1, 2)  # the provenance says how many made it
     assert single.keys() == double.keys()
     for key in single:
         assert torch.equal(single[key], double[key]), key
@@ -107,6 +110,7 @@ def test_two_processes_equal_one(tmp_path: Path, tiny_checkpoint: str, tiny_data
     assert result.returncode == 0, result.stderr
     single_doc, double_doc = json.loads(single_fit.stdout), json.loads(result.stdout)
     assert single_doc["points"] == double_doc["points"] and len(single_doc["points"]) == 2
+    assert yaml.safe_load((tmp_path / "two.yaml").read_text())["provenance"]["processes"] == 2
 
 
 def test_a_failing_rank_brings_the_other_down(tmp_path: Path, tiny_checkpoint: str) -> None:
