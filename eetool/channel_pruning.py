@@ -41,7 +41,7 @@ from eetool.archs import CIFAR_RESNET_DEPTHS
 from eetool.checkpoint import ModelSpec
 from eetool.costs import count_macs
 from eetool.datasets import Dataset, Preprocess
-from eetool.errors import UsageError
+from eetool.errors import ModelMismatchError, UsageError
 from eetool.exit_training import ExitTrainer, exit_accuracies
 from eetool.exits import ExitModel, build_exit_model
 from eetool.heads import ExitHead, ExitHeads
@@ -68,8 +68,9 @@ def require_torch_pruning() -> ModuleType:
 def check_savable(spec: ModelSpec) -> None:
     """Refuse, before any work, an architecture whose channel-pruned widths a checkpoint cannot record."""
     if spec.arch not in CIFAR_RESNET_DEPTHS:
-        raise UsageError(f"a channel-pruned {spec.arch} cannot be saved: eetool records pruned widths only for its "
-                         "CIFAR ResNets", f"use one of {', '.join(CIFAR_RESNET_DEPTHS)}, or unstructured pruning")
+        raise ModelMismatchError(f"a channel-pruned {spec.arch} cannot be saved: eetool records pruned widths only "
+                                 "for its CIFAR ResNets",
+                                 f"use one of {', '.join(CIFAR_RESNET_DEPTHS)}, or unstructured pruning")
 
 
 @dataclass
@@ -143,8 +144,10 @@ def prune_channels(model: nn.Module, input_shape: tuple[int, int, int], *, targe
         raise UsageError(f"Torch-Pruning cannot prune this model ({type(e).__name__}: {reason})",
                          "prune a model of a family eetool splits (eetool's CIFAR ResNets, say)") from None
     if target_macs is not None and macs > target_macs * dense_macs:
-        raise UsageError(f"channel pruning reaches only {macs / dense_macs:.1%} of the MACs, not {target_macs:.1%}",
-                         "ask for a larger MACs target")
+        reached = count_macs(model, input_shape) / dense_macs  # ``macs`` is counted only once a step gets close
+        raise UsageError(f"channel pruning reaches {reached:.1%} of the MACs at most (removing {MAX_RATIO:.0%} of "
+                         f"every layer's channels{f' in multiples of {round_to}' if round_to else ''}), not "
+                         f"{target_macs:.1%}", "prune less: a smaller --amount per round, or a smaller --round-to")
     new_heads = None
     if heads is not None and exit_model is not None:
         new_shapes = exit_model.exit_shapes(input_shape)
@@ -370,6 +373,12 @@ class ChannelPruner:
         self.records.append(record)
         self.done = index + 1
         return record
+
+    def check_first_round(self) -> None:
+        """Refuse, before any training, an --amount (and --round-to) that the first round cannot reach: it prunes a
+        copy of the unpruned backbone to its target."""
+        prune_channels(self.model, self.spec.input_shape, target_macs=round_targets(self.settings.amount, 1)[0],
+                       heads=self.heads, round_to=self.settings.round_to)
 
     def _prune_to(self, target: float) -> None:
         """Prune the backbone (heads rebuilt) to ``target`` of the unpruned MACs, then re-estimate batch norm."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -444,6 +445,10 @@ def _root_can_write(out: Path) -> str | None:
     return "this user writes into a 0o555 folder (root)" if os.access(out / "read-only", os.W_OK) else None
 
 
+def _no_torch_pruning(out: Path) -> str | None:
+    return None if importlib.util.find_spec("torch_pruning") else "Torch-Pruning is not installed"
+
+
 def _cuda_present(out: Path) -> str | None:
     return "a CUDA device is present" if torch.cuda.is_available() else None
 
@@ -650,12 +655,21 @@ CASES = [
     Case("prune-weights-channel-plot", [*PRUNE_WEIGHTS, "--structure", "channel", "--plot", "{out}/p.png"], USAGE,
          says="--plot"),
     Case("prune-weights-channel-not-savable", ["prune-weights", "-c", "{inp}/mobilenet.safetensors", "-d", "{data}",
-                                               "-o", "{out}/pruned.safetensors", "--structure", "channel"], USAGE,
+                                               "-o", "{out}/pruned.safetensors", "--structure", "channel"], MISMATCH,
          says="mobilenet_v3_small cannot be saved"),
+    Case("prune-weights-channel-segmentation", ["prune-weights", "-c", "{inp}/seg.safetensors", "-d", SEG_DATA, "-o",
+                                                "{out}/pruned.safetensors", "--structure", "channel"], MISMATCH),
+    Case("prune-weights-unstructured-segmentation", ["prune-weights", "-c", "{inp}/seg.safetensors", "-d", SEG_DATA,
+                                                     "-o", "{out}/pruned.safetensors"], MISMATCH),
     Case("prune-weights-final-phases-joint", [*PRUNE_WEIGHTS, "--final-layer-phases", "backbone"], USAGE,
          says="--approach ordered"),
     Case("prune-weights-final-phases-unknown", [*PRUNE_WEIGHTS, "--approach", "ordered", "--final-layer-phases",
                                                 "heads"], USAGE, says="--final-layer-phases"),
+    Case("prune-weights-channel-amount-out-of-reach", [*PRUNE_WEIGHTS, "--structure", "channel", "--amount", "0.999"],
+         USAGE, says="at most (removing 98% of every layer's channels), not 0.1%", skip=_no_torch_pruning),
+    Case("prune-weights-channel-round-to-wider-than-every-layer", [*PRUNE_WEIGHTS, "--structure", "channel",
+                                                                   "--round-to", "1000"],
+         USAGE, says="reaches 100.0% of the MACs at most", skip=_no_torch_pruning),
     Case("prune-weights-round-to-unstructured", [*PRUNE_WEIGHTS, "--round-to", "8"], USAGE, says="--round-to"),
     Case("evaluate-baseline-other-input", [*EVAL, "--baseline", "{inp}/mobilenet.safetensors"], MISMATCH,
          says="cannot be timed on the same data"),

@@ -365,6 +365,8 @@ def _prune_channels(run: Run, o: Request, ckpt: Any, heads: Any, heads_sha: str,
     original = {"macs": pruner.dense_macs, "parameters": cp.parameter_count(ckpt.model),
                 "widths": cp.widths(ckpt.model)}
     target = cp.round_targets(o.amount, o.rounds)[-1]
+    if not o.resume:
+        pruner.check_first_round()
     state_dir, expected = _resumable(run, o, ckpt, train_data, pruner)
     run.reporter.log(f"channel-pruning {ckpt.label}: {o.rounds} rounds of {o.amount:g} of the remaining "
                      f"MACs (to {target:.1%} of them); state after every step in {state_dir}")
