@@ -12,7 +12,7 @@ from eetool.artifacts import Provenance
 from eetool.channel_pruning import PIP_HINT, check_savable, prune_channels, pruned_spec
 from eetool.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from eetool.costs import count_macs, measure
-from eetool.errors import UsageError
+from eetool.errors import ModelMismatchError, UsageError
 from eetool.exits import SPLIT, build_exit_model
 from eetool.heads import ExitHeads, HeadsSpec, load_heads, save_heads
 from eetool.models import build_model
@@ -186,7 +186,7 @@ def test_heads_made_for_another_model_are_refused(dense) -> None:  # type: ignor
 
 def test_only_cifar_resnets_can_be_saved_pruned() -> None:
     check_savable(SPEC)
-    with pytest.raises(UsageError, match="resnet18"):
+    with pytest.raises(ModelMismatchError, match="resnet18"):
         check_savable(ModelSpec(arch="resnet18", num_classes=10, input_shape=(3, 32, 32), mean=[0.5], std=[0.5]))
 
 
