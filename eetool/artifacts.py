@@ -422,10 +422,11 @@ def verify(path: str, prov: Provenance, *, checkpoint: CheckpointIdentity | None
         if not prov.exits:
             raise ProvenanceError(f"{path} records no exits", remake)
         if list(prov.exits) != list(exits):
-            raise ProvenanceError(
-                f"{path} was made for exits {','.join(prov.exits)}, not {','.join(exits)}",
-                f"pass the same --exits or re-make it with `{maker}`",
-            )
+            wanted = ",".join(exits)
+            # Only the commands that choose exits take --exits; the others follow their inputs' exits.
+            how = f"`{maker} --exits {wanted}`" if prov.kind in ("class-means", "exit-heads") else f"`{maker}`"
+            raise ProvenanceError(f"{path} was made for exits {','.join(prov.exits)}, not {wanted}",
+                                  f"re-make it for these exits with {how}")
     if dataset is not None:
         if not prov.dataset:
             raise ProvenanceError(f"{path} records no dataset", remake)
