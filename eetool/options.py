@@ -58,6 +58,17 @@ class Count(str, Enum):
     flops = "flops"
 
 
+def within(low: float, high: float) -> Callable[[float | None], float | None]:
+    """A typer callback that refuses a float option outside [low, high], NaN and infinities included (click's
+    own ranges let NaN through to a misleading message)."""
+    def check(value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            raise typer.BadParameter(f"{value} is not a number from {low:g} to {high:g}")
+        return value
+
+    return check
+
+
 def prefix_completer(choices: typing.Sequence[str]) -> Callable[[str], list[str]]:
     """Tab completion of an option's value from a fixed list of names."""
 

@@ -19,6 +19,7 @@ from eetool.options import (
     complete_data,
     eetool_command,
     prefix_completer,
+    within,
 )
 
 SEARCH = "Search"
@@ -60,7 +61,7 @@ def command(
                                                        rich_help_panel=SEARCH)] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Fit every budget from 0 to 1 in steps of --step and keep "
                                         "the convex hull.", rich_help_panel=SEARCH)] = False,
-    step: Annotated[float, typer.Option("--step", min=1e-6, max=1.0, help="Budget granularity of --sweep.",
+    step: Annotated[float, typer.Option("--step", callback=within(1e-6, 1.0), help="Budget granularity of --sweep.",
                                         rich_help_panel=SEARCH)] = 0.001,
     search: Annotated[str, typer.Option("--search", help="greedy (one walk for all budgets) or bisect (the "
                                         "thesis's per-component binary search).", rich_help_panel=SEARCH,

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from eetool.commands.common import format_fields, format_table
-from eetool.options import INPUT, BatchOpt, ForceOpt, OutputOpt, Run, eetool_command
+from eetool.options import INPUT, BatchOpt, ForceOpt, OutputOpt, Run, eetool_command, within
 
 LM = "Language model"
 HEAD = "Exit head"
@@ -87,7 +87,7 @@ def command(
     mix: Annotated[Mix | None, typer.Option("--mix", help="Eq. 5.8: mix with a random head (torch's Linear "
                                             "default) or a copy of the LM head, W = alpha W_CA + (1-alpha) W_B "
                                             "(and the bias alike); needs --alpha.", rich_help_panel=HEAD)] = None,
-    alpha: Annotated[float | None, typer.Option("--alpha", min=0.0, max=1.0, help="Weight of the class-aware "
+    alpha: Annotated[float | None, typer.Option("--alpha", callback=within(0.0, 1.0), help="Weight of the class-aware "
                                                 "head in --mix (0: the baseline alone).",
                                                 rich_help_panel=HEAD)] = None,
     context: ContextOpt = 128,
