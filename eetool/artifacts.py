@@ -474,8 +474,25 @@ class _BoundedLoader(yaml.SafeLoader):
             _check_expanded_size(node)
         return node
 
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # PyYAML keeps the last of two equal keys; a file that says one thing twice is refused instead.
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue
+            if key in seen:
+                raise YamlDuplicateKey(f"the key {key!r} appears twice in one mapping "
+                                       f"(line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
 
 class YamlTooLarge(yaml.YAMLError):
+    pass
+
+
+class YamlDuplicateKey(yaml.YAMLError):
     pass
 
 
@@ -518,6 +535,8 @@ def load_yaml(text: str, what: str, error: type[EetoolError] = InputError) -> An
         return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: safe types only
     except YamlTooLarge as e:
         raise error(f"{what} is refused: {e}", "write it without anchors and aliases (&name, *name)") from None
+    except YamlDuplicateKey as e:
+        raise error(f"{what} is refused: {e}", "keep one of the two") from None
     except RecursionError:
         raise error(f"{what} nests too deep", "write it with fewer nested lists and mappings") from None
 

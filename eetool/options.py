@@ -567,6 +567,9 @@ def _apply_config(ctx: typer.Context, kwargs: dict[str, Any]) -> dict[str, Any]:
             value = [value]
         elif isinstance(value, dict):  # e.g. arch-args: {width: 32}
             value = json.dumps(value)
+        if isinstance(value, bool) and not getattr(params[key], "is_flag", False):  # click would take true as 1
+            raise UsageError(f"bad value {value!r} for {raw_key!r} in config {path}: not a switch",
+                             "fix the config")
         try:
             out[key] = params[key].process_value(ctx, value)  # the type conversion and checks of the flag
         except Exception as e:  # click's BadParameter and friends

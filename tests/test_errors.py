@@ -72,6 +72,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
         "schema: eetool/evaluation@1\nsamples: 64\nprovenance:\n  kind: evaluation\n  schema: 1\n  args: {}\n")
     (d / "plain.yaml").write_text("just: a mapping\n")
     (d / "unknown-key.yaml").write_text("format: json\nepochs: 3\n")
+    (d / "repeats-true.yaml").write_text("repeats: true\n")
+    (d / "repeats-twice.yaml").write_text("repeats: 2\nrepeats: 3\n")
     (d / "invalid.yaml").write_text("format: [json\n")
     (d / "bad-value.yaml").write_text("threads: 0\n")
     (d / "not-mapping.yaml").write_text("- format\n- json\n")
@@ -783,6 +785,10 @@ CASES = [
     Case("unknown-command", ["evaluation", "-c", "{ckpt}"], USAGE),
     # --config
     Case("config-unknown-key", [*EVAL, "--config", "{inp}/unknown-key.yaml"], USAGE, says="unknown key 'epochs'"),
+    Case("config-a-switch-for-a-count", [*EVAL, "--config", "{inp}/repeats-true.yaml"], USAGE,
+         says="bad value True for 'repeats'"),
+    Case("config-a-key-twice", [*EVAL, "--config", "{inp}/repeats-twice.yaml"], BAD_INPUT,
+         says="the key 'repeats' appears twice"),
     Case("config-invalid-yaml", [*EVAL, "--config", "{inp}/invalid.yaml"], BAD_INPUT),
     Case("config-missing", [*EVAL, "--config", "{inp}/missing.yaml"], BAD_INPUT),
     Case("config-bad-value", [*EVAL, "--config", "{inp}/bad-value.yaml"], USAGE),
