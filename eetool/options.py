@@ -403,7 +403,7 @@ def eetool_command(kind: str, *, model_options: bool = False, data_options: bool
                         quiet = bool(kwargs["quiet"])
                         _check_required(ctx, kwargs, required)
                         run = Run(
-                            command=func.__name__ if func.__name__ != "command" else kind,
+                            command=ctx.info_name or kind,  # the name the user typed: init-exit-head, not lm-exit-head
                             schema=f"eetool/{kind}@1",
                             quiet=kwargs["quiet"], verbose=kwargs["verbose"], format=kwargs["format"],
                             progress=not kwargs["no_progress"], seed=kwargs["seed"], device_name=kwargs["device"],
