@@ -311,6 +311,7 @@ def _load_state(spec: ModelSpec, state: dict[str, torch.Tensor], ref: str) -> nn
         model = spec.build()
         skeleton = model
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    floating = {k for k, v in skeleton.state_dict().items() if v.is_floating_point()}
     state = _strip_prefixes(state, set(expected))
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -328,6 +329,9 @@ def _load_state(spec: ModelSpec, state: dict[str, torch.Tensor], ref: str) -> nn
             hint,
         )
     for k, v in state.items():
+        if k in floating and not v.is_floating_point():  # load_state_dict would cast them without a word
+            raise ModelMismatchError(f"weights do not fit {spec.arch}: {k} holds {v.dtype} values in {ref}, the "
+                                     "model's are floating-point numbers", "give the model's real (float) weights")
         # A float64 sum of float32 values cannot overflow, so it is finite exactly when every value is.
         if v.is_floating_point() and not (math.isfinite(float(v.sum(dtype=torch.float64)))
                                           or bool(torch.isfinite(v).all())):

@@ -42,6 +42,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
     torch.manual_seed(0)
     model = tiny_spec.build()
     torch.save(model.state_dict(), d / "state.pt")  # foreign weights that fit resnet20 width 4, 10 classes
+    torch.save({k: v.to(torch.int64) if k == "stem.0.weight" else v for k, v in model.state_dict().items()},
+               d / "int-state.pt")
     torch.save(model, d / "whole-model.pt")  # a pickled nn.Module
     torch.save({"epoch": 3, "names": ["a", "b"], "lr": 0.1}, d / "no-tensors.pt")
     (d / "plain-pickle.pt").write_bytes(pickle.dumps({"epoch": 3, "names": {"a", "b"}}, protocol=4))
@@ -979,6 +981,9 @@ CASES = [
          says="--arch"),
     Case("import-wrong-class-count", ["import", "-c", "{ckpt}", "-o", "{out}/m.safetensors", "--classes", "a,b"],
          USAGE, says="--classes"),
+    Case("import-integer-weights", ["import", "-c", "{inp}/int-state.pt", "-o", "{out}/m.safetensors", "--arch",
+                                    "resnet20", "--arch-args", "{{width: 4}}", "--num-classes", "10", "--input-shape",
+                                    "1,28,28"], MISMATCH, says="holds torch.int64 values"),
     Case("import-over-the-checkpoint", ["import", "-c", "{ckpt}", "-o", "{ckpt}", "--force"], OUTPUT,
          says="also an input"),
     # the embedded demo files are inputs no output may replace
