@@ -638,6 +638,8 @@ CASES = [
     Case("prune-weights-amount-one", [*PRUNE_WEIGHTS, "--amount", "1"], USAGE, says="--amount"),
     Case("prune-weights-amount-zero", [*PRUNE_WEIGHTS, "--amount", "0"], USAGE, says="--amount"),
     Case("prune-weights-amount-negative", [*PRUNE_WEIGHTS, "--amount", "-0.1"], USAGE, says="--amount"),
+    Case("prune-weights-amount-prunes-nothing", [*PRUNE_WEIGHTS, "--amount", "1e-12"], USAGE,
+         says="prunes none of the"),
     Case("prune-weights-zero-rounds", [*PRUNE_WEIGHTS, "--rounds", "0"], USAGE, says="--rounds"),
     Case("prune-weights-a-trillion-rounds", [*PRUNE_WEIGHTS, "--rounds", "1000000000000"], USAGE,
          says="'--rounds'"),

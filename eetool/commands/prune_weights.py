@@ -297,7 +297,12 @@ def _prune(run: Run, o: Request) -> None:
     pruner = wp.Pruner(em, heads, weights, settings, train_data, preprocess, eval_data=eval_data, device=device,
                        reporter=run.reporter)
     # The checkpoint's own weights decide: heads made here start dense whatever the checkpoint is.
-    already = wp.sparsity_of(wp.participating(pruner.layers, (wp.BACKBONE,)))
+    backbone = wp.participating(pruner.layers, (wp.BACKBONE,))
+    remaining = sum(int(layer.weight.ne(0).sum()) for layer in backbone)
+    if wp.pruned_count(remaining, o.amount) == 0:
+        raise UsageError(f"--amount {o.amount:g} prunes none of the {remaining:,} weights taking part in a round",
+                         "give a larger --amount, e.g. 0.1")
+    already = wp.sparsity_of(backbone)
     target = wp.target_sparsity(o.amount, o.rounds)
     if already >= target:
         raise UsageError(f"{o.checkpoint} is already {already:.1%} sparse in its weights taking part, at or beyond "
