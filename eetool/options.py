@@ -248,7 +248,8 @@ class Run:
     debug: bool = False
     config: Path | None = None
     args: dict[str, Any] = field(default_factory=dict)
-    resumable: str = ""  # set by a command once its resumable state exists: how to continue after Ctrl-C
+    resumable: str = ""  # set by a command that saves resumable state: how to continue after Ctrl-C
+    resume_state: str = ""  # where that state goes: the hint is given only once something was saved there
     model_options: ModelOptions = field(default_factory=ModelOptions)  # for checkpoints that do not record them
     data_options: DataOptions = field(default_factory=DataOptions)  # how folder data is decoded and fed
     distributed: bool = False  # the command runs under torchrun (eetool.distributed); others refuse to
@@ -320,6 +321,16 @@ class Run:
             out = text(doc)
             sys.stdout.write(out if out.endswith("\n") else out + "\n")
         sys.stdout.flush()
+
+
+def state_saved(path: str) -> bool:
+    """Whether a resume-state file, or a state folder with a file besides eetool's marker, exists at ``path``."""
+    from eetool.owned_folders import MARKER
+
+    if not path:
+        return False
+    p = Path(path)
+    return p.is_file() or p.is_dir() and any(f.name != MARKER for f in p.iterdir())
 
 
 def _finite(value: Any) -> Any:
@@ -443,7 +454,8 @@ def eetool_command(kind: str, *, model_options: bool = False, data_options: bool
                         # torchrun ends the other ranks when one fails: that rank's error is the one to read
                         _fail(ExitCode.INTERRUPTED, "", debug)
                     by = f" by {e.signal_name}" if isinstance(e, Interrupted) and e.signal_name != "SIGINT" else ""
-                    resume = f" (hint: {run.resumable})" if run is not None and run.resumable else ""
+                    resume = f" (hint: {run.resumable})" if run is not None and run.resumable and \
+                        state_saved(run.resume_state) else ""
                     _fail(ExitCode.INTERRUPTED, f"interrupted{by}: no output was written (partial files are "
                           f"removed){resume}", debug, caught if verbose else [])
                 except (typer.Exit, typer.Abort):

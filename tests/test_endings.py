@@ -238,7 +238,9 @@ def test_sigterm_and_sighup_end_training_as_ctrl_c_does(signum: int, tiny_data: 
                   "--no-progress", cwd=tmp_path, stdout=subprocess.PIPE)
     try:
         assert stderr_line(proc).startswith("training resnet20")
-        time.sleep(0.3)  # inside the training loop
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "m.safetensors.resume.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # until an epoch has finished and its state is saved: the hint names it
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=60)
     finally:

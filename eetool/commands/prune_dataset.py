@@ -247,6 +247,7 @@ def _train(run: Run, device: Any, ckpt: Any, ds: Any, settings: Any, proxy_arch:
             fresh_state_folder(state_dir, "dataset-pruning-state")
         run.reporter.log(f"pruning phase: {method} on {ds.spec} ({len(ds)} samples); state after every epoch "
                          f"in {state_dir}")
+        run.resume_state = str(state_dir)
         run.resumable = f"the state of every finished epoch is in {state_dir}: rerun with --resume"
     result = dp.pruning_phase(settings, build, ds, Preprocess(spec.input_shape, spec.mean, spec.std),
                               num_classes=spec.num_classes, device=device,

@@ -467,6 +467,7 @@ def _resumable(run: Run, o: Request, ckpt: Any, train_data: Any, pruner: Any
         run.reporter.log(f"resuming after step {pruner.done} of {len(pruner.steps())}")
     else:
         fresh_state_folder(state_dir, "weight-pruning-state")
+    run.resume_state = str(state_dir)
     run.resumable = f"the state of every finished round is in {state_dir}: rerun with --resume"
     return state_dir, expected
 

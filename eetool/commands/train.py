@@ -109,6 +109,7 @@ def command(
         check_labels(train_data, spec.num_classes)
     run.reporter.log(f"training {spec.arch} on {train_data.spec} ({len(train_data)} samples) for {epochs} epochs "
                      f"on {device}")
+    run.resume_state = str(resume_path)
     run.resumable = f"the state of every finished epoch goes to {resume_path}: rerun with --resume"
     result = fit(model, train_data, Preprocess(spec.input_shape, spec.mean, spec.std), cfg, device=device,
                  eval_data=eval_data, resume_path=resume_path, resume=resume, reporter=run.reporter, step=step,

@@ -125,6 +125,7 @@ def command(
                      f"{len(held_contexts)} held-out contexts every {eval_every} steps")
     identity = {"head_sha256": head_sha, "model_sha256": source_sha, "text": corpus.fingerprint,
                 "held_out": held_name, "context": context}
+    run.resume_state = str(resume_path)
     run.resumable = f"the state at every evaluation goes to {resume_path}: rerun with --resume"
     result = train_exit_lm(exit_lm, train_contexts, held_contexts, settings, device=device, resume_path=resume_path,
                            resume=resume, identity=identity, reporter=run.reporter)
