@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import torch
 
-from eetool.artifacts import Provenance
-from eetool.checkpoint import ModelSpec, save_checkpoint
+from eetool.core.artifacts import Provenance
+from eetool.core.checkpoint import ModelSpec, save_checkpoint
 from tests.cli_helpers import invoke, ok
 from tests.lm_helpers import make_tiny_lm
 from tests.test_segmentation import write_mask_file

@@ -13,8 +13,8 @@ import torch
 from cli_helpers import invoke, ok, one_error_line
 from safetensors.torch import save_file
 
-from eetool.archs import TORCHVISION_SEGMENTATION_ARCHS, ModelOptions
-from eetool.models import build_model
+from eetool.core.archs import TORCHVISION_SEGMENTATION_ARCHS, ModelOptions
+from eetool.core.models import build_model
 from eetool.segmentation.model import early_exit_forward, first_exit_macs, plain_macs
 from eetool.segmentation.tv import TorchvisionSegNet, dense_costs
 
@@ -71,7 +71,7 @@ def test_inference_runs_a_channels_last_copy_that_leaves_the_network_as_it_is(ne
 def test_a_torchvision_state_dict_loads_as_it_is(tmp_path: Path) -> None:
     from torchvision.models import segmentation
 
-    from eetool.checkpoint import load_checkpoint
+    from eetool.core.checkpoint import load_checkpoint
 
     torch.manual_seed(1)
     tv = segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=6).eval()

@@ -9,8 +9,8 @@ import statistics
 import pytest
 import torch
 
-from eetool.errors import UsageError
-from eetool.thresholds import (
+from eetool.core.errors import UsageError
+from eetool.core.thresholds import (
     ExitStats,
     Point,
     bisect,

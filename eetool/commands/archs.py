@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from eetool.archs import EETOOL_ARCHS, TORCHVISION_ARCHS, TORCHVISION_SEGMENTATION_ARCHS
-from eetool.options import Run, eetool_command
-from eetool.sources import SOURCES
+from eetool.core.archs import EETOOL_ARCHS, TORCHVISION_ARCHS, TORCHVISION_SEGMENTATION_ARCHS
+from eetool.core.options import Run, eetool_command
+from eetool.core.sources import SOURCES
 
 
 @eetool_command("archs")

@@ -7,8 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
-from eetool.options import (
+from eetool.core.options import (
     BatchOpt,
     CheckpointOpt,
     Count,
@@ -22,6 +21,8 @@ from eetool.options import (
     SplitOpt,
     eetool_command,
 )
+from eetool.core.reporting import format_fields, format_table
+from eetool.core.run_inputs import data_path, open_checkpoint
 
 POOL = "Pooling"
 
@@ -64,7 +65,7 @@ def command(
     `fit-thresholds --method cbt|cbt-ns --means`. Writes -o (safetensors)."""
     import math
 
-    from eetool.segmentation.commands import is_segmentation_checkpoint
+    from eetool.segmentation.inputs import is_segmentation_checkpoint
 
     if is_segmentation_checkpoint(run, checkpoint):
         from eetool.segmentation.statistics import StatisticsRequest, calibrate_statistics
@@ -76,12 +77,12 @@ def command(
              "--predict": predict != Predict.auto, "--count": count != Count.macs}))
         return
 
-    from eetool.artifacts import Provenance
-    from eetool.commands.common import load_data
-    from eetool.costs import effective, in_unit, measure
-    from eetool.datasets import Preprocess, check_labels
-    from eetool.e2cm import ClassMeans, Pooling, calibrate
-    from eetool.exits import build_exit_model
+    from eetool.classification.e2cm import ClassMeans, Pooling, calibrate
+    from eetool.core.artifacts import Provenance
+    from eetool.core.costs import effective, in_unit, measure
+    from eetool.core.datasets import Preprocess, check_labels
+    from eetool.core.exits import build_exit_model
+    from eetool.core.run_inputs import load_data
 
     run.check_output(output, force=force, inputs=(checkpoint, indices, data_path(data)), binary=True)
     ckpt = open_checkpoint(run, checkpoint)
@@ -89,7 +90,7 @@ def command(
     ds = load_data(run, data, split, indices, ckpt.spec)
     check_labels(ds, ckpt.spec.num_classes)
     if clusters is not None and clusters != ckpt.spec.num_classes:
-        from eetool.errors import UsageError
+        from eetool.core.errors import UsageError
 
         raise UsageError(f"--clusters {clusters} differs from the model's {ckpt.spec.num_classes} outputs",
                          f"use --clusters {ckpt.spec.num_classes}: exits predict in the head's terms")
@@ -102,7 +103,7 @@ def command(
     if clusters:
         import torch
 
-        from eetool.clustering import cluster_centres
+        from eetool.classification.e2cm import cluster_centres
 
         centres, _ = cluster_centres(em, ds, preprocess, clusters, pooling=pooling, batch_size=batch_size,
                                      device=device, generator=torch.Generator().manual_seed(run.seed),

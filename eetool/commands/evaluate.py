@@ -6,8 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
-from eetool.options import (
+from eetool.core.options import (
     INPUT,
     BatchOpt,
     CheckpointOpt,
@@ -23,6 +22,8 @@ from eetool.options import (
     eetool_command,
     prefix_completer,
 )
+from eetool.core.reporting import format_fields, format_table
+from eetool.core.run_inputs import data_path, open_checkpoint
 
 
 @eetool_command("evaluation", model_options=True, data_options=True, distributed=True)
@@ -58,12 +59,12 @@ def command(
     per-class accuracy, cost, measured throughput. Writes -o if given."""
     import torch
 
-    from eetool.artifacts import STDOUT, Provenance, write_yaml
-    from eetool.commands.common import load_data
-    from eetool.costs import count_macs, effective_macs, in_unit, is_pruned
-    from eetool.datasets import Preprocess, check_labels, require_labels
-    from eetool.errors import ModelMismatchError, UsageError
-    from eetool.inference import (
+    from eetool.classification.rules import Thresholded
+    from eetool.core.artifacts import STDOUT, Provenance, write_yaml
+    from eetool.core.costs import count_macs, effective_macs, in_unit, is_pruned
+    from eetool.core.datasets import Preprocess, check_labels, require_labels
+    from eetool.core.errors import ModelMismatchError, UsageError
+    from eetool.core.inference import (
         BUSY_SPREAD,
         evaluate_exits,
         interleaved,
@@ -72,9 +73,10 @@ def command(
         speeds,
         timing_spread,
     )
-    from eetool.rules import Thresholded
-    from eetool.segmentation.commands import SegmentationEvaluation, evaluate_segmentation, is_segmentation_checkpoint
+    from eetool.core.run_inputs import load_data
     from eetool.segmentation.data import is_segmentation
+    from eetool.segmentation.evaluation import SegmentationEvaluation, evaluate_segmentation
+    from eetool.segmentation.inputs import is_segmentation_checkpoint
     from eetool.segmentation.training import require_same_task
 
     if is_segmentation_checkpoint(run, checkpoint):
@@ -163,7 +165,7 @@ def command(
         """Cluster ids under their best one-to-one matching to the labels (clustering accuracy), else as they are."""
         if not clusters:
             return predictions
-        from eetool.clustering import best_mapping
+        from eetool.classification.clustering import best_mapping
 
         return best_mapping(predictions, ds.labels, ckpt.spec.num_classes)[predictions]
 
@@ -236,7 +238,7 @@ def command(
     if not run.world.main:  # under torchrun rank 0 writes and prints
         return
     if plot:
-        from eetool.plotting import accuracy_cost_png
+        from eetool.core.plotting import accuracy_cost_png
 
         accuracy_cost_png(plot, doc["points"], f"{ckpt.spec.arch} on {ds.spec} ({len(ds)} samples)")
         run.reporter.log(f"wrote {plot}")
@@ -316,14 +318,13 @@ def _early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thre
     """Load and cross-check the thresholds and what they were fitted with; pick the operating points to run.
     Returns the exit model, the rule, its cost models (dense, then effective: the same one unless the network is
     pruned), the chosen points, whether it predicts cluster ids and what cost the thresholds' budgets are of."""
-    from eetool.artifacts import read_tensors, read_yaml, sha256_file, verify
-    from eetool.choices import COMBINES, EXIT_METHODS
-    from eetool.commands.common import exit_rule
-    from eetool.costs import effective
-    from eetool.e2cm import ClassMeans
-    from eetool.errors import InputError, UsageError
-    from eetool.heads import load_heads
-    from eetool.rules import cost_models
+    from eetool.classification.e2cm import ClassMeans
+    from eetool.classification.heads import load_heads
+    from eetool.classification.rules import cost_models, exit_rule
+    from eetool.core.artifacts import read_tensors, read_yaml, sha256_file, verify
+    from eetool.core.choices import COMBINES, EXIT_METHODS
+    from eetool.core.costs import effective
+    from eetool.core.errors import InputError, UsageError
 
     if thresholds.endswith(".safetensors"):  # another eetool artifact (tensors) given where thresholds belong
         read_tensors(thresholds, "thresholds")  # raises the provenance error naming the kind found
@@ -380,7 +381,7 @@ def _operating_points(path: str, doc: dict[str, Any], num_exits: int) -> list[di
     file (a NaN threshold lets no sample leave, a string one fails mid-run) is refused before anything runs."""
     import math
 
-    from eetool.errors import InputError
+    from eetool.core.errors import InputError
 
     remake = "re-make it with `eetool fit-thresholds`"
 
@@ -409,12 +410,12 @@ def _shards(run: Run, ds: Any, batch_size: int) -> tuple[Any, Any]:
     (predictions in order, the slowest rank's seconds), and the share. One process: the identity and the data."""
     import dataclasses
 
-    from eetool.commands.common import local_share
-    from eetool.distributed import all_max
+    from eetool.core.distributed import all_max
+    from eetool.core.run_inputs import local_share
 
     world = run.world
     if -(-len(ds) // batch_size) < world.size:
-        from eetool.errors import UsageError
+        from eetool.core.errors import UsageError
 
         raise UsageError(f"{len(ds)} samples make fewer batches of {batch_size} than the {world.size} processes",
                          "use fewer processes or a smaller --batch-size")

@@ -8,10 +8,10 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.commands.common import format_fields, format_table
 from eetool.commands.init_exit_head import ContextOpt, MaxTokensOpt, ModelOpt, TextOpt
+from eetool.core.options import INPUT, BatchOpt, ForceOpt, OptionalOutputOpt, Run, eetool_command
+from eetool.core.reporting import format_fields, format_table
 from eetool.lm.temperature import HOLDOUT_EVERY, HOLDOUT_MAX
-from eetool.options import INPUT, BatchOpt, ForceOpt, OptionalOutputOpt, Run, eetool_command
 
 CURVE = "Accuracy-cost curve"
 SWEEP_STEP = 0.01
@@ -51,7 +51,7 @@ def command(
     """Next-token accuracy and perplexity, on held-out text, of exit heads (--head) and of the model's final
     head, the perplexity at each head's temperature, and with --budget or --sweep the accuracy-cost curve of a
     confidence threshold on each exit head. Writes -o if given."""
-    from eetool.errors import ProvenanceError, UsageError
+    from eetool.core.errors import ProvenanceError, UsageError
     from eetool.lm.temperature import parse_temperature
 
     if not head:
@@ -66,13 +66,13 @@ def command(
         if not (budgets or sweep):
             raise UsageError("--plot draws the accuracy-cost curve, and no curve was asked for",
                              "add --sweep or --budget B")
-        from eetool.plotting import require_matplotlib
+        from eetool.core.plotting import require_matplotlib
 
         require_matplotlib()
         run.check_output(plot, force=force, inputs=(model, *text, *head), flag="--plot", binary=True)
     if output is not None:
         run.check_output(output, force=force, inputs=(model, *text, *head, plot))
-    from eetool.artifacts import Provenance, write_yaml
+    from eetool.core.artifacts import Provenance, write_yaml
     from eetool.lm.corpus import load_corpus
     from eetool.lm.curve import curve, exit_stats, token_costs
     from eetool.lm.evaluate import evaluate_heads, fit_temperatures
@@ -98,7 +98,7 @@ def command(
     if budgets:
         import torch
 
-        from eetool.thresholds import check_budget
+        from eetool.core.thresholds import check_budget
 
         for h, _ in loaded.values():  # a budget below an exit's floor is refused before any forward pass
             no_tokens = exit_stats(torch.zeros(0), torch.zeros(0), torch.zeros(0), costs.exit_costs(h.layer))
@@ -147,7 +147,7 @@ def command(
                            "macs_per_token": {"block": costs.block, "head": costs.head, "model": costs.full},
                            "heads": rows}
     if plot is not None:
-        from eetool.plotting import lm_curves_png
+        from eetool.core.plotting import lm_curves_png
 
         lm_curves_png(plot, {r["head"]: r["curve"]["points"] for r in rows if "curve" in r},
                       final_score.accuracy, f"{model}: exit heads with a confidence threshold")

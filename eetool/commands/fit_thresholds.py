@@ -7,9 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.choices import COMBINES, EXIT_METHODS, OVERHEADS, SEARCH_OVER, SEARCHES, SEGMENTATION_METHODS, SPLITS
-from eetool.commands.common import data_path, format_fields, format_table
-from eetool.options import (
+from eetool.core.choices import COMBINES, EXIT_METHODS, OVERHEADS, SEARCH_OVER, SEARCHES, SEGMENTATION_METHODS, SPLITS
+from eetool.core.options import (
     INPUT,
     BatchOpt,
     ForceOpt,
@@ -20,6 +19,8 @@ from eetool.options import (
     eetool_command,
     prefix_completer,
 )
+from eetool.core.reporting import format_fields, format_table
+from eetool.core.run_inputs import data_path
 
 SEARCH = "Search"
 # What a point's cost is, by the artifact's cost_basis (formatted with its wall_time record).
@@ -103,17 +104,17 @@ def command(
     network's pixel thresholds (--method cbt, cbt-ns, adp-c). Writes -o (YAML)."""
     import torch
 
-    from eetool.artifacts import STDOUT, Provenance, sha256_file, write_yaml
-    from eetool.e2cm import ClassMeans
-    from eetool.errors import UsageError
-    from eetool.heads import load_heads
-    from eetool.rules import COMBINES, METHODS
-    from eetool.thresholds import ExitStats, check_budget, hull, operating_point
-    from eetool.thresholds import sweep as sweep_budgets
-    from eetool.wall_costs import WALL_TIME, WallPoint
+    from eetool.classification.e2cm import ClassMeans
+    from eetool.classification.heads import load_heads
+    from eetool.classification.rules import COMBINES, METHODS
+    from eetool.classification.wall_costs import WALL_TIME, WallPoint
+    from eetool.core.artifacts import STDOUT, Provenance, sha256_file, write_yaml
+    from eetool.core.errors import UsageError
+    from eetool.core.thresholds import ExitStats, check_budget, hull, operating_point
+    from eetool.core.thresholds import sweep as sweep_budgets
 
     if method in SEGMENTATION_METHODS:
-        from eetool.segmentation.commands import ThresholdRequest, fit_segmentation_thresholds
+        from eetool.segmentation.threshold_fitting import ThresholdRequest, fit_segmentation_thresholds
 
         given = [flag for flag, value in (("--means", means if method == "adp-c" else None),
                                           ("--exit-heads", exit_heads), ("--sweep", sweep),
@@ -178,7 +179,7 @@ def command(
     wall = None
     if measured:
         # Budgets are fitted on measured wall-time costs; the analytic ones (MACs) are reported beside them.
-        from eetool.wall_costs import measure_wall_costs, measured_batch_sizes
+        from eetool.classification.wall_costs import measure_wall_costs, measured_batch_sizes
 
         assert model is not None
         smaller = ", ".join(str(n) for n in measured_batch_sizes(batch_size)[:-1])
@@ -197,7 +198,7 @@ def command(
     def fit(budgets: list[float]) -> list[Any]:
         if wall is None:
             return sweep_budgets(stats, budgets, search, seed=run.seed)
-        from eetool.wall_costs import sweep_wall
+        from eetool.classification.wall_costs import sweep_wall
 
         # later stages run on the smaller batches compaction leaves: fitted by re-costing at those batch sizes
         return sweep_wall(stats, wall, budgets, search, seed=run.seed)
@@ -290,10 +291,11 @@ def _open_model(run: Run, missing: tuple[str, str], method: str, combine: str, m
                 data: str | None, split: str, indices: str | None) -> _Model:
     """--checkpoint with the exit rule of --method, and --data decoded for it (``missing``: the error, and its
     hint, when either is not given)."""
-    from eetool.archs import SEGMENTATION_ARCHS
-    from eetool.commands.common import exit_rule, load_data, open_checkpoint
-    from eetool.datasets import Preprocess
-    from eetool.errors import ModelMismatchError, UsageError
+    from eetool.classification.rules import exit_rule
+    from eetool.core.archs import SEGMENTATION_ARCHS
+    from eetool.core.datasets import Preprocess
+    from eetool.core.errors import ModelMismatchError, UsageError
+    from eetool.core.run_inputs import load_data, open_checkpoint
 
     if not checkpoint or not data:
         raise UsageError(*missing)
@@ -313,10 +315,10 @@ def _scored_stats(run: Run, model: _Model, method: str, cm: Any, means_prov: Any
     dense costs of the exits where the statistics' costs are a pruned network's effective ones (else None)."""
     import torch
 
-    from eetool.commands.common import local_share
-    from eetool.datasets import check_labels
-    from eetool.rules import HeadsRule, cost_models, rule_scores
-    from eetool.thresholds import ExitStats
+    from eetool.classification.rules import HeadsRule, cost_models, rule_scores
+    from eetool.core.datasets import check_labels
+    from eetool.core.run_inputs import local_share
+    from eetool.core.thresholds import ExitStats
 
     ckpt, em, rule, ds = model.checkpoint, model.exit_model, model.rule, model.data
     check_labels(ds, ckpt.spec.num_classes)

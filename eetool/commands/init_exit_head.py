@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.commands.common import format_fields, format_table
-from eetool.options import INPUT, BatchOpt, ForceOpt, OutputOpt, Run, eetool_command
+from eetool.core.options import INPUT, BatchOpt, ForceOpt, OutputOpt, Run, eetool_command
+from eetool.core.reporting import format_fields, format_table
 
 LM = "Language model"
 HEAD = "Exit head"
@@ -49,7 +49,7 @@ HOLDOUT_MAX = 64
 
 def parse_n0(text: str) -> float | None:
     """--n0: 'auto' (None) or a finite number >= 0."""
-    from eetool.errors import UsageError
+    from eetool.core.errors import UsageError
 
     if text == "auto":
         return None
@@ -98,7 +98,7 @@ def command(
     """Initialise an early-exit LM head after decoder block K from the mean layer-K state of each token (one
     pass through the first K blocks only). Writes -o (safetensors) with the model, layer and text it was made
     from."""
-    from eetool.errors import UsageError
+    from eetool.core.errors import UsageError
 
     if (mix is None) != (alpha is None):
         raise UsageError("--mix and --alpha go together", "give both, e.g. --mix copy --alpha 0.4, or neither")
@@ -106,7 +106,7 @@ def command(
     run.check_output(output, force=force, inputs=(model, *text), binary=True)
     import torch
 
-    from eetool.artifacts import Provenance
+    from eetool.core.artifacts import Provenance
     from eetool.lm.corpus import load_corpus, split_held_out
     from eetool.lm.head import ExitHead, baseline_head, choose_n0, class_aware_head, mixed
     from eetool.lm.models import load_language_model

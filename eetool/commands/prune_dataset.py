@@ -7,10 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.archs import ALL_ARCHS
-from eetool.choices import EEPRUNE_FAMILY, EXIT_LOCATIONS, PRUNING_BASELINES
-from eetool.commands.common import data_path, format_fields, format_table
-from eetool.options import (
+from eetool.core.archs import ALL_ARCHS
+from eetool.core.choices import EEPRUNE_FAMILY, EXIT_LOCATIONS, PRUNING_BASELINES
+from eetool.core.options import (
     TRAINING,
     AugmentOpt,
     CheckpointOpt,
@@ -28,6 +27,8 @@ from eetool.options import (
     eetool_command,
     prefix_completer,
 )
+from eetool.core.reporting import format_fields, format_table
+from eetool.core.run_inputs import data_path
 
 PRUNING = "Pruning"
 METHOD_NAMES = EEPRUNE_FAMILY + PRUNING_BASELINES
@@ -94,9 +95,9 @@ def command(
     force: ForceOpt = False,
 ) -> None:
     """Choose the samples to drop from a training set (EEPrune or a baseline) and write the ones to keep. Writes -o."""
-    from eetool.artifacts import STDOUT
-    from eetool.errors import InputError, UsageError
-    from eetool.options import parse_floats
+    from eetool.core.artifacts import STDOUT
+    from eetool.core.errors import InputError, UsageError
+    from eetool.core.options import parse_floats
 
     if method not in METHOD_NAMES:
         raise UsageError(f"unknown --method {method!r}", f"use one of {', '.join(METHOD_NAMES)}")
@@ -139,12 +140,12 @@ def command(
 
     import torch
 
-    from eetool import dataset_pruning as dp
-    from eetool.artifacts import Provenance, output_set, sha256_file, write_tensors, write_yaml
-    from eetool.commands.common import load_data, open_checkpoint
-    from eetool.datasets import check_labels, load_indices, require_labels
-    from eetool.distributed import reported_by_main
-    from eetool.training import TrainConfig
+    from eetool.classification import dataset_pruning as dp
+    from eetool.core.artifacts import Provenance, output_set, sha256_file, write_tensors, write_yaml
+    from eetool.core.datasets import check_labels, load_indices, require_labels
+    from eetool.core.distributed import reported_by_main
+    from eetool.core.run_inputs import load_data, open_checkpoint
+    from eetool.core.training import TrainConfig
 
     cfg = TrainConfig(epochs=epochs or dp.DEFAULT_EPOCHS[method] or 1, batch_size=batch_size, optimizer=optimizer,
                       lr=lr, weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
@@ -221,10 +222,10 @@ def _train(run: Run, device: Any, ckpt: Any, ds: Any, settings: Any, proxy_arch:
 
     import torch
 
-    from eetool import dataset_pruning as dp
-    from eetool.checkpoint import ModelSpec
-    from eetool.datasets import Preprocess
-    from eetool.options import parse_mapping
+    from eetool.classification import dataset_pruning as dp
+    from eetool.core.checkpoint import ModelSpec
+    from eetool.core.datasets import Preprocess
+    from eetool.core.options import parse_mapping
 
     method = settings.method
     spec = ckpt.spec
@@ -286,8 +287,8 @@ def _reuse(path: str, dataset: str, positions: Any, family: str, exit_location: 
            ) -> tuple[dict[str, Any], dict[str, Any], str | None, str | None]:
     import torch
 
-    from eetool.artifacts import read_tensors, verify
-    from eetool.errors import InputError, ProvenanceError, UsageError
+    from eetool.core.artifacts import read_tensors, verify
+    from eetool.core.errors import InputError, ProvenanceError, UsageError
 
     remake = "re-make it with `eetool prune-dataset`"
     tensors, prov, _ = read_tensors(path, "indices")

@@ -9,9 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.choices import FINAL_LAYER_PHASES, PRUNING_APPROACHES, SPLITS, WEIGHT_STRUCTURES
-from eetool.commands.common import data_path, format_fields, format_table
-from eetool.options import (
+from eetool.core.choices import FINAL_LAYER_PHASES, PRUNING_APPROACHES, SPLITS, WEIGHT_STRUCTURES
+from eetool.core.options import (
     INPUT,
     TRAINING,
     AugmentOpt,
@@ -29,6 +28,8 @@ from eetool.options import (
     eetool_command,
     prefix_completer,
 )
+from eetool.core.reporting import format_fields, format_table
+from eetool.core.run_inputs import data_path
 
 PRUNING = "Pruning"
 
@@ -113,8 +114,8 @@ def command(
 ) -> None:
     """Prune an early-exit network (backbone and exit heads) in rounds of global L1 magnitude pruning and
     fine-tuning, jointly or backbone first. Writes -o, the heads, the report and optionally the masks."""
-    from eetool.artifacts import STDOUT
-    from eetool.errors import InputError, UsageError
+    from eetool.core.artifacts import STDOUT
+    from eetool.core.errors import InputError, UsageError
 
     if structure not in WEIGHT_STRUCTURES:
         raise UsageError(f"unknown --structure {structure!r}", f"use one of {', '.join(WEIGHT_STRUCTURES)}")
@@ -157,11 +158,11 @@ def command(
         if path is not None:
             run.check_output(path, force=force or resume, inputs=inputs, flag=flag, binary=True)
     if plot:
-        from eetool.plotting import require_matplotlib
+        from eetool.core.plotting import require_matplotlib
 
         require_matplotlib()
     if structure == "channel":
-        from eetool.channel_pruning import require_torch_pruning
+        from eetool.classification.channel_pruning import require_torch_pruning
 
         require_torch_pruning()
     state_dir = Path(f"{output}.resume")
@@ -217,7 +218,7 @@ class Request:
 def _refuse_for_channels(approach: str, masks_output: str | None, plot: str | None, first_conv: bool,
                          final_layer: bool) -> None:
     """What --structure channel cannot do, refused before any work, each with why."""
-    from eetool.errors import UsageError
+    from eetool.core.errors import UsageError
 
     if approach == "ordered":
         raise UsageError("--approach ordered prunes the heads in rounds of their own with the backbone fixed, but "
@@ -238,14 +239,14 @@ def _refuse_for_channels(approach: str, masks_output: str | None, plot: str | No
 def _prune(run: Run, o: Request) -> None:
     import shutil
 
-    from eetool import weight_pruning as wp
-    from eetool.artifacts import Provenance, output_set, sha256_file, verify, write_tensors
-    from eetool.commands.common import load_data, open_checkpoint
-    from eetool.datasets import Preprocess, check_labels, require_labels
-    from eetool.errors import UsageError
-    from eetool.exits import build_exit_model
-    from eetool.heads import ExitHeads, HeadsSpec, load_heads, parse_weights
-    from eetool.training import TrainConfig
+    from eetool.classification import weight_pruning as wp
+    from eetool.classification.heads import ExitHeads, HeadsSpec, load_heads, parse_weights
+    from eetool.core.artifacts import Provenance, output_set, sha256_file, verify, write_tensors
+    from eetool.core.datasets import Preprocess, check_labels, require_labels
+    from eetool.core.errors import UsageError
+    from eetool.core.exits import build_exit_model
+    from eetool.core.run_inputs import load_data, open_checkpoint
+    from eetool.core.training import TrainConfig
 
     cfg = TrainConfig(epochs=o.finetune_epochs, batch_size=o.batch_size, optimizer=o.optimizer, lr=o.lr,
                       weight_decay=o.weight_decay, schedule=o.schedule, augment=o.augment, seed=run.seed,
@@ -253,7 +254,7 @@ def _prune(run: Run, o: Request) -> None:
     cfg.validate()  # before any data is loaded
     ckpt = open_checkpoint(run, o.checkpoint)
     if o.structure == "channel":
-        from eetool.channel_pruning import check_savable
+        from eetool.classification.channel_pruning import check_savable
 
         check_savable(ckpt.spec)
     device = run.torch()
@@ -337,7 +338,7 @@ def _prune(run: Run, o: Request) -> None:
             write_tensors(written[o.masks_output], packed,
                           Provenance(**{**vars(made_from), "kind": "masks", "schema": 0}), extra=meta)
         if o.plot:
-            from eetool.plotting import pruning_png
+            from eetool.core.plotting import pruning_png
 
             pruning_png(written[o.plot], layers, final["accuracy"], pruner.baseline,
                         f"{ckpt.spec.arch}, {o.approach}: {o.rounds} rounds of {o.amount:g}")
@@ -351,8 +352,8 @@ def _prune_channels(run: Run, o: Request, ckpt: Any, heads: Any, heads_sha: str,
     """--structure channel: rounds of channel pruning and joint fine-tuning; writes a smaller dense checkpoint."""
     import shutil
 
-    from eetool import channel_pruning as cp
-    from eetool.artifacts import output_set
+    from eetool.classification import channel_pruning as cp
+    from eetool.core.artifacts import output_set
 
     settings = cp.ChannelSettings(o.rounds, o.amount, cfg, train_heads=not o.exit_heads,
                                   round_to=o.round_to)
@@ -401,9 +402,9 @@ def _write_pruned(written: dict[str, str], o: Request, ckpt: Any, spec: Any, mod
                   exits: list[str], dataset: str, args: dict[str, Any], heads_sha: str, doc: dict[str, Any]) -> Any:
     """Write the pruned checkpoint, its heads (whose provenance names it) and the report where ``written`` says
     (temp files of one output set); return the heads' provenance, which the other members share."""
-    from eetool.artifacts import Provenance, sha256_file, write_yaml
-    from eetool.checkpoint import model_sha256, save_checkpoint
-    from eetool.heads import save_heads
+    from eetool.classification.heads import save_heads
+    from eetool.core.artifacts import Provenance, sha256_file, write_yaml
+    from eetool.core.checkpoint import model_sha256, save_checkpoint
 
     save_checkpoint(written[o.output], model, spec,
                     Provenance(kind="checkpoint", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
@@ -417,7 +418,7 @@ def _write_pruned(written: dict[str, str], o: Request, ckpt: Any, spec: Any, mod
 
 def _exit_macs(em: Any, heads: Any, input_shape: Any) -> list[int]:
     """MACs of leaving at each exit (its head included), then of the whole model."""
-    from eetool.rules import HeadsRule, cost_models
+    from eetool.classification.rules import HeadsRule, cost_models
 
     dense, _ = cost_models(HeadsRule(heads, "sdn"), em, input_shape)
     return [round(c * dense.model_macs) for c in dense.normalised_exit_costs()]
@@ -448,7 +449,7 @@ def _resumable(run: Run, o: Request, ckpt: Any, train_data: Any, pruner: Any
     with other settings, checkpoint or data), else made afresh."""
     import shutil
 
-    from eetool.training import read_state
+    from eetool.core.training import read_state
 
     state_dir = Path(f"{o.output}.resume")
     expected = _expected(run, ckpt, train_data)
@@ -472,8 +473,8 @@ def _expected(run: Run, ckpt: Any, train_data: Any) -> dict[str, Any]:
 
 def _saver(state_dir: Path, expected: dict[str, Any]) -> Any:
     """Saves a pruner's state and its report so far after every step."""
-    from eetool.artifacts import Provenance, write_yaml
-    from eetool.training import write_state
+    from eetool.core.artifacts import Provenance, write_yaml
+    from eetool.core.training import write_state
 
     def save(p: Any) -> None:
         write_state(str(state_dir / "state.pt"), {**expected, **p.state_dict()})
@@ -485,7 +486,7 @@ def _saver(state_dir: Path, expected: dict[str, Any]) -> Any:
 def _costs(em: Any, heads: Any, input_shape: Any) -> dict[str, Any]:
     """Dense and effective MACs of the pruned network: the model, and leaving at each exit (head included),
     normalised by the dense model's MACs."""
-    from eetool.rules import HeadsRule, cost_models
+    from eetool.classification.rules import HeadsRule, cost_models
 
     dense, sparse = cost_models(HeadsRule(heads, "sdn"), em, input_shape)
     model_macs = dense.model_macs

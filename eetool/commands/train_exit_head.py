@@ -7,9 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.commands.common import format_fields, format_table
 from eetool.commands.init_exit_head import ContextOpt, MaxTokensOpt, ModelOpt, TextOpt
-from eetool.options import INPUT, TRAINING, BatchOpt, ForceOpt, LrOpt, OutputOpt, Run, eetool_command
+from eetool.core.options import INPUT, TRAINING, BatchOpt, ForceOpt, LrOpt, OutputOpt, Run, eetool_command
+from eetool.core.reporting import format_fields, format_table
 
 
 @eetool_command("lm-training")
@@ -56,7 +56,7 @@ def command(
     """Train an early-exit LM head (--head) together with the model's final head under the sum of their
     next-token losses, scoring both on held-out text as it goes. Writes -o (the trained exit head) and, with
     --model-output, the trained model."""
-    from eetool.errors import InputError, UsageError
+    from eetool.core.errors import InputError, UsageError
 
     if steps <= 0:
         raise UsageError(f"--steps {steps} trains nothing", "give a number of steps >= 1, e.g. --steps 200")
@@ -75,20 +75,20 @@ def command(
     if model_output is not None:
         _check_folder_output(model_output, force=force or resume, model=model)
     if plot:
-        from eetool.plotting import require_matplotlib
+        from eetool.core.plotting import require_matplotlib
 
         require_matplotlib()
     resume_path = f"{output}.resume.pt"
     if resume and not Path(resume_path).is_file():
         raise InputError(f"no resumable state at {resume_path}", "run without --resume to start afresh")
 
-    from eetool.artifacts import Provenance, output_set, sha256_file, write_yaml
-    from eetool.errors import ProvenanceError
+    from eetool.core.artifacts import Provenance, output_set, sha256_file, write_yaml
+    from eetool.core.errors import ProvenanceError
+    from eetool.core.plotting import lm_training_png
     from eetool.lm.corpus import load_corpus, split_held_out
     from eetool.lm.head import ExitHead
     from eetool.lm.models import load_language_model, model_sha256
     from eetool.lm.training import ExitLM, TrainSettings, save_model_folder, train_exit_lm
-    from eetool.plotting import lm_training_png
 
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, seed=run.seed, freeze=freeze,
                              eval_every=eval_every, cache_mb=cache_mb)
@@ -186,7 +186,7 @@ def command(
 def _check_folder_output(folder: str, *, force: bool, model: str) -> None:
     """--model-output: refused when it is the input model, exists without --force, is a file, or its parent is
     missing."""
-    from eetool.errors import OutputError
+    from eetool.core.errors import OutputError
 
     path = Path(folder)
     if Path(model).exists() and path.resolve() == Path(model).resolve():

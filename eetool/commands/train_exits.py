@@ -6,9 +6,8 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.choices import HEAD_KINDS, SPLITS
-from eetool.commands.common import data_path, format_fields, format_table
-from eetool.options import (
+from eetool.core.choices import HEAD_KINDS, SPLITS
+from eetool.core.options import (
     TRAINING,
     AugmentOpt,
     CheckpointOpt,
@@ -27,6 +26,8 @@ from eetool.options import (
     eetool_command,
     prefix_completer,
 )
+from eetool.core.reporting import format_fields, format_table
+from eetool.core.run_inputs import data_path
 
 HEADS = "Exit heads"
 
@@ -71,17 +72,17 @@ def command(
     force: ForceOpt = False,
 ) -> None:
     """Attach heads at the exits of a checkpoint and train them (frozen backbone or jointly). Writes -o."""
-    from eetool.artifacts import Provenance, output_set, sha256_file, verify
-    from eetool.checkpoint import model_sha256, save_checkpoint
-    from eetool.commands.common import load_data, open_checkpoint
-    from eetool.datasets import Preprocess, check_labels
-    from eetool.e2cm import ClassMeans
-    from eetool.errors import UsageError
-    from eetool.exit_training import ExitTrainer, exit_accuracies
-    from eetool.exits import build_exit_model
-    from eetool.heads import ExitHeads, HeadsSpec, parse_weights, save_heads
-    from eetool.segmentation.commands import is_segmentation_checkpoint
-    from eetool.training import TrainConfig, fit
+    from eetool.classification.e2cm import ClassMeans
+    from eetool.classification.exit_training import ExitTrainer, exit_accuracies
+    from eetool.classification.heads import ExitHeads, HeadsSpec, parse_weights, save_heads
+    from eetool.core.artifacts import Provenance, output_set, sha256_file, verify
+    from eetool.core.checkpoint import model_sha256, save_checkpoint
+    from eetool.core.datasets import Preprocess, check_labels
+    from eetool.core.errors import UsageError
+    from eetool.core.exits import build_exit_model
+    from eetool.core.run_inputs import load_data, open_checkpoint
+    from eetool.core.training import TrainConfig, fit
+    from eetool.segmentation.inputs import is_segmentation_checkpoint
 
     if is_segmentation_checkpoint(run, checkpoint):
         from eetool.segmentation.exit_training import ExitTrainingRequest, train_segmentation_exits
@@ -149,7 +150,7 @@ def command(
             save_heads(temps[0], heads.cpu(), prov)
     run.reporter.log(f"wrote {output}" + (f" and {backbone_output}" if joint and backbone_output else ""))
 
-    from eetool.costs import measure
+    from eetool.core.costs import measure
 
     costs = measure(em, ckpt.spec.input_shape)
     head_macs = heads.macs()

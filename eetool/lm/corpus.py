@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eetool.errors import InputError
+from eetool.core.errors import InputError
 
 if TYPE_CHECKING:
     import torch

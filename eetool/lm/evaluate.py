@@ -9,7 +9,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from eetool.reporting import Reporter
+from eetool.core.reporting import Reporter
 
 if TYPE_CHECKING:
     import torch

@@ -14,12 +14,12 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from eetool.errors import ModelMismatchError, ProvenanceError
+from eetool.core.errors import ModelMismatchError, ProvenanceError
 
 if TYPE_CHECKING:
     import torch
 
-    from eetool.artifacts import Provenance
+    from eetool.core.artifacts import Provenance
     from eetool.lm.stats import TokenStats
 
 UNSEEN_POLICIES = ("copy", "impossible")
@@ -126,7 +126,7 @@ class ExitHead:
         return states @ self.weight.T + self.bias
 
     def save(self, path: str, prov: Provenance) -> None:
-        from eetool.artifacts import write_tensors
+        from eetool.core.artifacts import write_tensors
 
         # .contiguous().clone(): a copied tied LM head must not share storage with the embedding in the file
         write_tensors(path, {"weight": self.weight.contiguous().clone(), "bias": self.bias.contiguous().clone()},
@@ -135,7 +135,7 @@ class ExitHead:
 
     @classmethod
     def load(cls, path: str) -> tuple[ExitHead, Provenance]:
-        from eetool.artifacts import read_tensors
+        from eetool.core.artifacts import read_tensors
 
         tensors, prov, meta = read_tensors(path, KIND)
         remake = "re-make it with `eetool init-exit-head`"

@@ -23,8 +23,8 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from eetool.errors import InputError, UsageError
-from eetool.reporting import Reporter
+from eetool.core.errors import InputError, UsageError
+from eetool.core.reporting import Reporter
 
 if TYPE_CHECKING:
     import torch
@@ -350,7 +350,7 @@ def _announce(point: CurvePoint, reporter: Reporter, on_point: Callable[[CurvePo
 
 def _save_state(path: str, expected: dict[str, Any], step: int, model: ExitLM, opt: torch.optim.Optimizer,
                 result: TrainResult) -> None:
-    from eetool.training import write_state
+    from eetool.core.training import write_state
 
     trained = ({"final_weight": model.final_weight.detach().cpu()} if model.freeze
                else {k: v.detach().cpu() for k, v in model.lm.model.state_dict().items()})
@@ -363,7 +363,7 @@ def _load_state(path: str, expected: dict[str, Any], model: ExitLM, opt: torch.o
                 result: TrainResult) -> int:
     import torch
 
-    from eetool.training import read_state
+    from eetool.core.training import read_state
 
     state = read_state(path, expected)
     with torch.no_grad():
@@ -384,8 +384,8 @@ def save_model_folder(lm: LanguageModel, folder: str) -> None:
     moved aside first and removed after."""
     import shutil
 
-    from eetool.errors import OutputError
-    from eetool.interrupts import deferred
+    from eetool.core.errors import OutputError
+    from eetool.core.interrupts import deferred
 
     target = os.path.abspath(folder)
     parent = os.path.dirname(target)

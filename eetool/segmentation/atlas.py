@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eetool.datasets import Dataset
-from eetool.errors import InputError
+from eetool.core.datasets import Dataset
+from eetool.core.errors import InputError
 from eetool.segmentation.nifti import read_nifti
 
 NAME = "brain-atlas"

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eetool.datasets import FASHION_MNIST_CLASSES, Dataset, _find, _root, read_idx
-from eetool.errors import InputError, ModelMismatchError, UsageError
+from eetool.core.datasets import FASHION_MNIST_CLASSES, Dataset, _find, _root, read_idx
+from eetool.core.errors import InputError, ModelMismatchError, UsageError
 from eetool.segmentation import IGNORE
 
 SCENE_SIDE = 64
@@ -97,8 +97,8 @@ def make_scenes(garments: np.ndarray, labels: np.ndarray, count: int, seed: int)
 
 
 def _load_masks_file(path: str, split: str) -> Dataset:
-    from eetool.archs import MAX_INPUT_SIDE
-    from eetool.artifacts import read_safetensors
+    from eetool.core.archs import MAX_INPUT_SIDE
+    from eetool.core.artifacts import read_safetensors
 
     tensors, meta = read_safetensors(path)
     hint = "store images (uint8 N x C x H x W) and masks (integer N x H x W) as described in `eetool --help`"

@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
-from eetool.errors import ModelMismatchError, UsageError
+from eetool.core.errors import ModelMismatchError, UsageError
+from eetool.core.reporting import format_fields, format_table
+from eetool.core.run_inputs import data_path, open_checkpoint
 from eetool.segmentation import IGNORE
 from eetool.segmentation.model import EXIT_NAMES, EESegNet, upsample
 
 if TYPE_CHECKING:
-    from eetool.options import Run
-    from eetool.training import Mix
+    from eetool.core.options import Run
+    from eetool.core.training import Mix
 
 
 @dataclass
@@ -65,12 +66,12 @@ def frozen_backbone_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mix
 
 
 def train_segmentation_exits(run: Run, req: ExitTrainingRequest) -> None:
-    from eetool.artifacts import Provenance
-    from eetool.checkpoint import save_checkpoint
-    from eetool.datasets import Preprocess
-    from eetool.segmentation.commands import load_masks
+    from eetool.core.artifacts import Provenance
+    from eetool.core.checkpoint import save_checkpoint
+    from eetool.core.datasets import Preprocess
+    from eetool.core.training import TrainConfig, fit
+    from eetool.segmentation.inputs import load_masks
     from eetool.segmentation.tv import TorchvisionSegNet, dense_costs
-    from eetool.training import TrainConfig, fit
 
     given = [name for name, value in req.classification_only.items() if value]
     if given:

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eetool.datasets import Dataset
-from eetool.errors import InputError
+from eetool.core.datasets import Dataset
+from eetool.core.errors import InputError
 from eetool.segmentation.data import DEFAULT_IGNORE_LABEL, LabelledMasks, masks_dataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -80,7 +80,7 @@ def _check_headers(images: dict[str, Path], masks: dict[str, Path], stems: list[
     """The one image size (height, width) and whether every image is grey; every mask checked against it."""
     from PIL import Image
 
-    from eetool.archs import MAX_INPUT_SIDE
+    from eetool.core.archs import MAX_INPUT_SIDE
 
     size: tuple[int, int] | None = None
     grey = True

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from eetool.errors import UsageError
+from eetool.core.errors import UsageError
 from eetool.segmentation.masked import (
     FeatureMap,
     conv_rows,

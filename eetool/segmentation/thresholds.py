@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eetool.errors import UsageError
+from eetool.core.errors import UsageError
 from eetool.segmentation import IGNORE
 
 

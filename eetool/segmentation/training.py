@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eetool.errors import ModelMismatchError, UsageError
+from eetool.core.errors import ModelMismatchError, UsageError
+from eetool.core.training import Mix, Step, TrainConfig
 from eetool.segmentation import IGNORE
 from eetool.segmentation.model import EESegNet
-from eetool.training import Mix, Step, TrainConfig
 
 
 def exit_losses_step(label_smoothing: float = 0.0) -> Step:

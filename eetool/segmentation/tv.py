@@ -25,8 +25,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from eetool.archs import TORCHVISION_SEGMENTATION_ARCHS
-from eetool.errors import ModelMismatchError, UsageError
+from eetool.core.archs import TORCHVISION_SEGMENTATION_ARCHS
+from eetool.core.errors import ModelMismatchError, UsageError
 from eetool.segmentation.model import EarlyExitResult, Head, InferenceCopy, upsample
 
 EXIT_POINTS = {"resnet": ("layer1", "layer2", "layer3"), "mobilenet": ("3", "6", "12")}
@@ -38,7 +38,7 @@ class TorchvisionSegNet(nn.Module):
         super().__init__()
         from torchvision.models import segmentation
 
-        from eetool.models import STEM_ARGS, _adapt_stem, refuse_downloads
+        from eetool.core.models import STEM_ARGS, _adapt_stem, refuse_downloads
 
         args = dict(arch_args)
         exits = args.pop("exits", False)
