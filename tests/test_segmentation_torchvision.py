@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from eetool.core.archs import TORCHVISION_SEGMENTATION_ARCHS, ModelOptions
 from eetool.core.models import build_model
-from eetool.segmentation.model import early_exit_forward, first_exit_macs, plain_macs
+from eetool.segmentation.networks import early_exit_forward, first_exit_macs, plain_macs
 from eetool.segmentation.tv import TorchvisionSegNet, dense_costs
 
 ARCH = "lraspp_mobilenet_v3_large"

@@ -21,6 +21,7 @@ from eetool.core.options import (
 )
 from eetool.core.reporting import format_fields, format_table
 from eetool.core.run_inputs import data_path
+from eetool.core.sources import source_list
 
 SEARCH = "Search"
 # What a point's cost is, by the artifact's cost_basis (formatted with its wall_time record).
@@ -77,10 +78,8 @@ def command(
                                                    "for exit heads, and for cbt, cbt-ns and adp-c).")] = None,
     data: Annotated[str | None, typer.Option("--data", "-d", help="Data to fit on (with --validation, for exit "
                                              "heads; cbt and cbt-ns without --means, and --budget of a segmentation "
-                                             "method), NAME[:PATH]: mnist, fashion-mnist, kmnist, cifar10, cifar100, "
-                                             "folder:PATH, safetensors:FILE or demo; for segmentation "
-                                             "fashion-mnist-scenes, brain-atlas, segmentation:FILE or "
-                                             "segmentation-folder:PATH.", autocompletion=complete_data)] = None,
+                                             f"method), NAME[:PATH]: {source_list()}.",
+                                             autocompletion=complete_data)] = None,
     split: Annotated[str | None, typer.Option("--split", help="Split of --data.  [default: train]",
                                               autocompletion=prefix_completer(SPLITS), show_default=False)] = None,
     indices: IndicesOpt = None,

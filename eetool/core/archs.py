@@ -5,34 +5,30 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-TORCHVISION_ARCHS: tuple[str, ...] = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-    "mobilenet_v3_large",
-    "mobilenet_v3_small",
-    *(f"efficientnet_b{i}" for i in range(8)),
-    *(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")),
-)
+from eetool.core.registry import CLASSIFICATION, SEGMENTATION, Registry
 
+# One registration per architecture: its builder, called as build(arch, num_classes, in_channels, arch_args)
+# -> nn.Module and imported only when the architecture is built, and its family (what `eetool archs` groups by).
+ARCHITECTURES = Registry("architecture")
 # CIFAR-style ResNets (He et al. 2016, section 4.2) as used by SDN and the pruning literature.
-CIFAR_RESNET_DEPTHS: dict[str, int] = {"resnet8": 8, "resnet20": 20, "resnet32": 32, "resnet56": 56, "resnet110": 110}
-
+for _depth in (8, 20, 32, 56, 110):
+    ARCHITECTURES.register(f"resnet{_depth}", "eetool.core.models:build_cifar_resnet", family="eetool", depth=_depth)
+# Early-exit segmentation network (eetool.segmentation.model): per-pixel logits, three early exits and a final.
+ARCHITECTURES.register("eeseg", "eetool.segmentation.model:build", task=SEGMENTATION, family="eetool")
+for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2",
+              "mobilenet_v3_large", "mobilenet_v3_small", *(f"efficientnet_b{i}" for i in range(8)),
+              *(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn"))):
+    ARCHITECTURES.register(_name, "eetool.core.models:build_torchvision", family="torchvision")
 # torchvision's segmentation networks (eetool.segmentation.tv), with per-pixel exit heads once `train-exits` adds them.
-TORCHVISION_SEGMENTATION_ARCHS: tuple[str, ...] = (
-    "fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large",
-)
+for _name in ("fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"):
+    ARCHITECTURES.register(_name, "eetool.segmentation.tv:build", task=SEGMENTATION, family="torchvision")
 
-# Early-exit segmentation networks (eetool.segmentation.model): per-pixel logits, three early exits and a final.
-SEGMENTATION_ARCHS: tuple[str, ...] = ("eeseg", *TORCHVISION_SEGMENTATION_ARCHS)
-
-EETOOL_ARCHS: tuple[str, ...] = (*CIFAR_RESNET_DEPTHS, "eeseg")
-
-ALL_ARCHS: tuple[str, ...] = EETOOL_ARCHS + TORCHVISION_ARCHS + TORCHVISION_SEGMENTATION_ARCHS
+TORCHVISION_ARCHS = ARCHITECTURES.names(CLASSIFICATION, family="torchvision")
+CIFAR_RESNET_DEPTHS: dict[str, int] = {e.name: e.info["depth"] for e in ARCHITECTURES if "depth" in e.info}
+TORCHVISION_SEGMENTATION_ARCHS = ARCHITECTURES.names(SEGMENTATION, family="torchvision")
+SEGMENTATION_ARCHS = ARCHITECTURES.names(SEGMENTATION)
+EETOOL_ARCHS = ARCHITECTURES.names(family="eetool")
+ALL_ARCHS = EETOOL_ARCHS + TORCHVISION_ARCHS + TORCHVISION_SEGMENTATION_ARCHS
 
 # torchvision's builders expect ImageNet-sized RGB input normalised with ImageNet statistics.
 IMAGENET_INPUT_SHAPE = (3, 224, 224)

@@ -31,10 +31,9 @@ from eetool.core.errors import InputError, ModelMismatchError, UsageError
 from eetool.core.loading import IN_MEMORY_LIMIT_BYTES, DataLoading, DataOptions, Geometry
 from eetool.core.sources import (
     DATA_ROOT_ENV,
+    DATA_SOURCES,
     DEBIAN_PACKAGES,
     DEFAULT_PATHS,
-    IDX_SOURCES,
-    SEGMENTATION_SOURCES,
     SOURCES,
     demo_path,
 )
@@ -212,24 +211,7 @@ def load_dataset(spec: str, split: str = "test", indices: str | None = None, opt
     if split not in ("train", "test"):
         raise UsageError(f"unknown split {split!r}", "use --split train or --split test")
     name, path = parse_spec(spec)
-    if name in IDX_SOURCES:
-        ds = _load_idx(name, _root(name, path), split)
-    elif name in ("cifar10", "cifar100"):
-        ds = _load_cifar(name, _root(name, path), split)
-    elif name in SEGMENTATION_SOURCES:
-        from eetool.segmentation.data import load_segmentation
-
-        ds = load_segmentation(name, path, split)
-    elif name == "folder":
-        if not path:
-            raise UsageError("--data folder needs a path", "write --data folder:PATH (PATH/train/<class>/*.png ...)")
-        ds = _load_folder(Path(path), split, options or DataOptions(), geometry)
-    elif name == "safetensors":
-        if not path:
-            raise UsageError("--data safetensors needs a path", "write --data safetensors:FILE")
-        ds = _load_safetensors(path, split, name="safetensors")
-    else:  # demo
-        ds = _load_safetensors(str(demo_path("demo-data.safetensors")), split, name="demo")
+    ds = DATA_SOURCES.get(name).load()(name, path, split, options or DataOptions(), geometry)
     if len(ds) == 0:
         raise InputError(f"dataset {spec} has no {split} samples", "check the path and --split")
     if indices:
@@ -242,7 +224,38 @@ def load_dataset(spec: str, split: str = "test", indices: str | None = None, opt
     return ds
 
 
-def _root(name: str, path: str | None) -> Path:
+# The loaders DATA_SOURCES registers (eetool.core.sources), each called as loader(name, path, split, options,
+# geometry); the IDX, CIFAR, safetensors and demo files take no folder-image options.
+def load_idx_source(name: str, path: str | None, split: str, options: DataOptions, geometry: Geometry | None
+                    ) -> Dataset:
+    return _load_idx(name, source_root(name, path), split)
+
+
+def load_cifar_source(name: str, path: str | None, split: str, options: DataOptions, geometry: Geometry | None
+                      ) -> Dataset:
+    return _load_cifar(name, source_root(name, path), split)
+
+
+def load_folder_source(name: str, path: str | None, split: str, options: DataOptions, geometry: Geometry | None
+                       ) -> Dataset:
+    if not path:
+        raise UsageError("--data folder needs a path", "write --data folder:PATH (PATH/train/<class>/*.png ...)")
+    return _load_folder(Path(path), split, options, geometry)
+
+
+def load_safetensors_source(name: str, path: str | None, split: str, options: DataOptions,
+                            geometry: Geometry | None) -> Dataset:
+    if not path:
+        raise UsageError("--data safetensors needs a path", "write --data safetensors:FILE")
+    return _load_safetensors(path, split, name="safetensors")
+
+
+def load_demo_source(name: str, path: str | None, split: str, options: DataOptions, geometry: Geometry | None
+                     ) -> Dataset:
+    return _load_safetensors(str(demo_path("demo-data.safetensors")), split, name="demo")
+
+
+def source_root(name: str, path: str | None) -> Path:
     if path:
         root = Path(path)
     elif os.environ.get(DATA_ROOT_ENV):
@@ -258,7 +271,7 @@ def _root(name: str, path: str | None) -> Path:
     return root
 
 
-def _find(root: Path, stems: tuple[str, ...]) -> Path:
+def find_idx_file(root: Path, stems: tuple[str, ...]) -> Path:
     for stem in stems:
         for candidate in (root / stem, root / f"{stem}.gz", root / stem.replace("-idx", ".idx")):
             if candidate.is_file():
@@ -309,8 +322,8 @@ def read_idx(path: Path) -> torch.Tensor:
 
 def _load_idx(name: str, root: Path, split: str) -> Dataset:
     prefix = "train" if split == "train" else "t10k"
-    images = read_idx(_find(root, (f"{prefix}-images-idx3-ubyte",)))
-    labels = read_idx(_find(root, (f"{prefix}-labels-idx1-ubyte",))).to(torch.int64)
+    images = read_idx(find_idx_file(root, (f"{prefix}-images-idx3-ubyte",)))
+    labels = read_idx(find_idx_file(root, (f"{prefix}-labels-idx1-ubyte",))).to(torch.int64)
     if images.shape[0] != labels.shape[0]:
         raise InputError(f"{root}: {images.shape[0]} images but {labels.shape[0]} labels", "check the files")
     classes = {"fashion-mnist": FASHION_MNIST_CLASSES, "kmnist": KMNIST_CLASSES}.get(name, [str(i) for i in range(10)])

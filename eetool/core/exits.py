@@ -156,10 +156,13 @@ def _capture(store: dict[str, torch.Tensor], name: str) -> Callable[..., None]:
     return hook
 
 
-def build_exit_model(model: nn.Module, selection: str = "every") -> ExitModel:
-    from eetool.segmentation.model import is_segmentation_model
+def has_pixel_exits(model: nn.Module) -> bool:
+    """A segmentation network with per-pixel exits of its own marks its class with ``pixel_exits = True``."""
+    return getattr(type(model), "pixel_exits", False) is True
 
-    if is_segmentation_model(model):  # per-pixel exits of its own; class means and exit heads are for classifiers
+
+def build_exit_model(model: nn.Module, selection: str = "every") -> ExitModel:
+    if has_pixel_exits(model):  # per-pixel exits of its own; class means and exit heads are for classifiers
         raise ModelMismatchError("this command is for classifiers, and the checkpoint is a segmentation network "
                                  "with per-pixel exits",
                                  "use `eetool fit-thresholds --method cbt|cbt-ns|adp-c` and `eetool evaluate`")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,10 +12,8 @@ from torch import nn
 
 from eetool.core.archs import (
     ALL_ARCHS,
+    ARCHITECTURES,
     CIFAR_RESNET_DEPTHS,
-    SEGMENTATION_ARCHS,
-    TORCHVISION_ARCHS,
-    TORCHVISION_SEGMENTATION_ARCHS,
     is_custom_arch,
 )
 from eetool.core.errors import UsageError
@@ -83,36 +82,32 @@ class CifarResNet(nn.Module):
 
 
 def build_model(arch: str, num_classes: int, in_channels: int, arch_args: dict[str, Any] | None = None) -> nn.Module:
-    """Build an untrained model; weights are loaded by ``eetool.core.checkpoint``."""
+    """Build an untrained model; weights are loaded by ``eetool.core.checkpoint``. A registered architecture
+    (eetool.core.archs) is built by its builder, a user's own by its ``package.module:callable``."""
     arch_args = dict(arch_args or {})
-    if arch in CIFAR_RESNET_DEPTHS:
-        width = arch_args.get("width", 16)
-        if not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= 1024:
-            raise UsageError(f"--arch-args width must be a whole number from 1 to 1024, not {width!r}",
-                             "e.g. '{width: 16}' (the standard CIFAR ResNet)")
-        _check_pruned_widths(arch_args, (CIFAR_RESNET_DEPTHS[arch] - 2) // 6)
-        try:
-            return CifarResNet(CIFAR_RESNET_DEPTHS[arch], num_classes=num_classes, in_channels=in_channels, **arch_args)
-        except TypeError as e:
-            raise UsageError(f"bad --arch-args for {arch}: {e}",
-                             "eetool's CIFAR ResNets take width (or a pruned one's stage_widths and block_widths)"
-                             ) from None
-    if arch in TORCHVISION_SEGMENTATION_ARCHS:
-        from eetool.segmentation.tv import build as build_torchvision_segmentation
-
-        return build_torchvision_segmentation(arch, num_classes, in_channels, arch_args)
-    if arch in SEGMENTATION_ARCHS:
-        from eetool.segmentation.model import build
-
-        return build(num_classes, in_channels, arch_args)
-    if arch in TORCHVISION_ARCHS:
-        return _build_torchvision(arch, num_classes, in_channels, arch_args)
+    if arch in ARCHITECTURES:
+        builder: Callable[..., nn.Module] = ARCHITECTURES.get(arch).load()
+        return builder(arch, num_classes, in_channels, arch_args)
     if is_custom_arch(arch):
         return _build_custom(arch, num_classes, in_channels, arch_args)
     raise UsageError(
         f"unknown architecture {arch!r}",
         f"choose one of {', '.join(ALL_ARCHS[:6])}, ... (`eetool archs` lists all) or give package.module:callable",
     )
+
+
+def build_cifar_resnet(arch: str, num_classes: int, in_channels: int, arch_args: dict[str, Any]) -> CifarResNet:
+    width = arch_args.get("width", 16)
+    if not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= 1024:
+        raise UsageError(f"--arch-args width must be a whole number from 1 to 1024, not {width!r}",
+                         "e.g. '{width: 16}' (the standard CIFAR ResNet)")
+    _check_pruned_widths(arch_args, (CIFAR_RESNET_DEPTHS[arch] - 2) // 6)
+    try:
+        return CifarResNet(CIFAR_RESNET_DEPTHS[arch], num_classes=num_classes, in_channels=in_channels, **arch_args)
+    except TypeError as e:
+        raise UsageError(f"bad --arch-args for {arch}: {e}",
+                         "eetool's CIFAR ResNets take width (or a pruned one's stage_widths and block_widths)"
+                         ) from None
 
 
 # The widest stream a CIFAR ResNet of the largest width (1024) has: a pruned one is never wider.
@@ -155,7 +150,7 @@ def refuse_downloads(arch_args: dict[str, Any]) -> None:
                              "load the weights you have with --checkpoint")
 
 
-def _build_torchvision(arch: str, num_classes: int, in_channels: int, arch_args: dict[str, Any]) -> nn.Module:
+def build_torchvision(arch: str, num_classes: int, in_channels: int, arch_args: dict[str, Any]) -> nn.Module:
     import torchvision
 
     refuse_downloads(arch_args)
@@ -165,7 +160,7 @@ def _build_torchvision(arch: str, num_classes: int, in_channels: int, arch_args:
     except (TypeError, ValueError) as e:
         raise UsageError(f"bad --arch-args for {arch}: {e}", "see torchvision's documentation of the builder") from None
     if in_channels != 3 or stem:
-        _adapt_stem(model, arch, in_channels, **stem)
+        adapt_stem(model, arch, in_channels, **stem)
     return model
 
 
@@ -183,7 +178,7 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
     return found
 
 
-def _adapt_stem(model: nn.Module, arch: str, in_channels: int, stem_kernel: Any = None, stem_stride: Any = None,
+def adapt_stem(model: nn.Module, arch: str, in_channels: int, stem_kernel: Any = None, stem_stride: Any = None,
                 stem_pool: Any = True) -> None:
     """Replace the first convolution for ``in_channels`` inputs (and another kernel or stride)."""
     found = first_conv(model)

@@ -35,6 +35,7 @@ from eetool.core.errors import EetoolError, ExitCode, UsageError
 from eetool.core.interrupts import Interrupted, interrupts_raise
 from eetool.core.loading import DataLoading, DataOptions
 from eetool.core.reporting import ConsoleReporter
+from eetool.core.sources import source_list
 
 if TYPE_CHECKING:
     import torch
@@ -69,10 +70,9 @@ def prefix_completer(choices: typing.Sequence[str]) -> Callable[[str], list[str]
 
 def complete_data(incomplete: str) -> list[str]:
     """--data: the source names, with a colon where a path follows."""
-    from eetool.core.sources import SOURCES
+    from eetool.core.sources import data_completions
 
-    needs_path = ("folder", "safetensors", "cifar10", "cifar100", "segmentation", "segmentation-folder")
-    return prefix_completer([f"{s}:" if s in needs_path else s for s in SOURCES])(incomplete)
+    return prefix_completer(data_completions())(incomplete)
 
 
 COMMON = "Common options"
@@ -81,11 +81,9 @@ INPUT = "Inputs"
 # Options that several commands share, declared once.
 CheckpointOpt = Annotated[str, typer.Option("--checkpoint", "-c", help="Checkpoint file (.safetensors/.pt) or 'demo'.",
                                             rich_help_panel=INPUT)]
-DataOpt = Annotated[str, typer.Option("--data", "-d", help="Dataset NAME[:PATH]: mnist, fashion-mnist, kmnist, "
-                                      "cifar10, cifar100, folder:PATH, safetensors:FILE or demo; for segmentation "
-                                      "fashion-mnist-scenes, brain-atlas, segmentation:FILE or "
-                                      "segmentation-folder:PATH.",
-                                      rich_help_panel=INPUT, autocompletion=complete_data)]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help=f"Dataset NAME[:PATH]: {source_list()}.",
+                                      rich_help_panel=INPUT,
+                                      autocompletion=complete_data)]
 SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split: train or test.", rich_help_panel=INPUT,
                                        autocompletion=prefix_completer(SPLITS))]
 IndicesOpt = Annotated[str | None, typer.Option("--indices", help="Restrict the dataset to these sample indices "

@@ -31,7 +31,7 @@ import torch
 from eetool.segmentation.model import EESegNet, upsample
 
 if TYPE_CHECKING:
-    from eetool.segmentation.model import SegmentationNet
+    from eetool.segmentation.networks import SegmentationNet
     from eetool.segmentation.thresholds import ClassStats
 
 # Probabilities (pixels x exits x classes) handled at once: about 4 MB of float32, so that a chunk's phases,

@@ -18,12 +18,8 @@ from eetool.segmentation.inputs import (
     preprocessed_batches,
     require_segmentation,
 )
-from eetool.segmentation.model import (
-    EXIT_NAMES,
-    EESegNet,
-    early_exit_forward,
-    plain_macs,
-)
+from eetool.segmentation.model import EXIT_NAMES, EESegNet
+from eetool.segmentation.networks import early_exit_forward, plain_macs
 from eetool.segmentation.threshold_fitting import read_thresholds
 
 if TYPE_CHECKING:

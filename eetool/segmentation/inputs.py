@@ -9,10 +9,7 @@ import torch
 
 from eetool.core.errors import ModelMismatchError
 from eetool.segmentation.calibration import add_batch
-from eetool.segmentation.model import (
-    EXIT_NAMES,
-    EESegNet,
-)
+from eetool.segmentation.model import EXIT_NAMES, EESegNet
 from eetool.segmentation.thresholds import (
     ClassStats,
 )
@@ -21,7 +18,7 @@ if TYPE_CHECKING:
     from eetool.core.checkpoint import Checkpoint
     from eetool.core.datasets import Dataset, Preprocess
     from eetool.core.options import Run
-    from eetool.segmentation.model import SegmentationNet
+    from eetool.segmentation.networks import SegmentationNet
 
 def is_segmentation_checkpoint(run: Run, ref: str) -> bool:
     """Whether --checkpoint names a segmentation network, from its metadata alone (no weights are read); a file

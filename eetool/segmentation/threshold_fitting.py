@@ -19,12 +19,8 @@ from eetool.segmentation.inputs import (
     preprocessed_batches,
     require_segmentation,
 )
-from eetool.segmentation.model import (
-    EXIT_NAMES,
-    early_exit_forward,
-    first_exit_macs,
-    plain_macs,
-)
+from eetool.segmentation.model import EXIT_NAMES
+from eetool.segmentation.networks import early_exit_forward, first_exit_macs, plain_macs
 from eetool.segmentation.thresholds import (
     BudgetFit,
     ClassStats,
@@ -40,7 +36,7 @@ if TYPE_CHECKING:
     from eetool.core.checkpoint import Checkpoint
     from eetool.core.datasets import Dataset, Preprocess
     from eetool.core.options import Run
-    from eetool.segmentation.model import SegmentationNet
+    from eetool.segmentation.networks import SegmentationNet
 
 KIND = "segmentation-thresholds"  # the thresholds file fit-thresholds writes and evaluate reads
 EARLY_EXITS = EXIT_NAMES[:-1]
