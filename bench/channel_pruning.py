@@ -29,7 +29,7 @@ from eetool.core.costs import measure
 from eetool.core.datasets import Preprocess, load_dataset
 from eetool.core.errors import EetoolError
 from eetool.core.exits import build_exit_model
-from eetool.core.training import TrainConfig, accuracy, fit
+from eetool.core.training_loop import TrainConfig, accuracy, fit
 
 MIDDLE_EXIT = "layer2.0"
 # Channel counts as the MACs target leaves them, and rounded to multiples of 8 (what vectorised CPU kernels like).

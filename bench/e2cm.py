@@ -24,12 +24,12 @@ import torch
 
 from eetool.classification.e2cm import ClassMeans, MeansRule, Pooling, calibrate
 from eetool.classification.rules import Thresholded
+from eetool.core.budget_search import hull, sweep
 from eetool.core.checkpoint import load_checkpoint
 from eetool.core.costs import measure
 from eetool.core.datasets import Preprocess, load_dataset
 from eetool.core.exits import build_exit_model
 from eetool.core.inference import evaluate_exits, predict
-from eetool.core.thresholds import hull, sweep
 
 
 def _default_data() -> str:

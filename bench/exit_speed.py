@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from eetool.classification.e2cm import ClassMeans
-from eetool.classification.heads import load_heads
+from eetool.classification.exit_heads import load_heads
 from eetool.classification.rules import HeadsRule, MeansRule, Thresholded, cost_models
 from eetool.core.checkpoint import load_checkpoint
 from eetool.core.costs import measure

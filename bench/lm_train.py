@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 from eetool.core.artifacts import Provenance
+from eetool.lm.class_aware_head import ExitHead, baseline_head, choose_n0, class_aware_head, mixed
 from eetool.lm.corpus import load_corpus, split_held_out
-from eetool.lm.head import ExitHead, baseline_head, choose_n0, class_aware_head, mixed
+from eetool.lm.exit_lm_training import CachedStates, ExitLM, TrainSettings, cache_states, train_exit_lm
 from eetool.lm.models import load_language_model
 from eetool.lm.stats import collect_stats, grouped, run_to_block
-from eetool.lm.training import CachedStates, ExitLM, TrainSettings, cache_states, train_exit_lm
 
 HEADS = ("class-aware", "random", "copy", "ca+copy-0.2")
 

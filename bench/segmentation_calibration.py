@@ -35,7 +35,7 @@ from eetool.core.reporting import Reporter
 from eetool.segmentation import calibration
 from eetool.segmentation.inputs import class_statistics
 from eetool.segmentation.model import EESegNet
-from eetool.segmentation.thresholds import ClassStats
+from eetool.segmentation.pixel_thresholds import ClassStats
 
 
 def main() -> None:

@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from eetool.classification.channel_pruning import PIP_HINT, check_savable, prune_channels, pruned_spec
-from eetool.classification.heads import ExitHeads, HeadsSpec, load_heads, save_heads
+from eetool.classification.exit_heads import ExitHeads, HeadsSpec, load_heads, save_heads
 from eetool.core.artifacts import Provenance
+from eetool.core.builders import build_model
 from eetool.core.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from eetool.core.costs import count_macs, measure
 from eetool.core.errors import UsageError
 from eetool.core.exits import SPLIT, build_exit_model
-from eetool.core.models import build_model
 
 pytest.importorskip("torch_pruning")
 

@@ -121,7 +121,7 @@ def training(tmp_path_factory: pytest.TempPathFactory, tiny_data: str) -> dict[s
 
     The resume refuses state saved with other settings or data, so it also checks that the config gave the
     same values as the flags."""
-    import eetool.core.training as training_module
+    import eetool.core.training_loop as training_module
 
     folder = tmp_path_factory.mktemp("train")
     out = folder / "model.safetensors"

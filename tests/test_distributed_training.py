@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from eetool.core.distributed import World, share
-from eetool.core.training import Augmentation, augment_batch
+from eetool.core.training_loop import Augmentation, augment_batch
 from tests.cli_helpers import invoke, ok, one_error_line
 from tests.test_distributed import torchrun
 
@@ -63,7 +63,7 @@ def test_train_resumed_under_torchrun_equals_one_process(tmp_path: Path, tiny_da
     of 15 from 96 samples: shares of 8 and 7, and a last batch of 6 (3 and 3); augmentation on. The model has no
     batch norm, so the DDP run is the one-process run to float rounding at any rate (see the ResNet case of
     the prune-dataset test for batch norm)."""
-    import eetool.core.training as training_module
+    import eetool.core.training_loop as training_module
 
     flags = ("-d", tiny_data, "--arch", "tests.plain_models:convnet", "--arch-args", "{width: 4}", "--epochs", "2",
              "-b", "15", "--optimizer", "sgd", "--lr", "0.05", "--format", "json")

@@ -16,11 +16,11 @@ from typer.testing import Result
 
 from eetool.classification.e2cm import ClassMeans, Pooling, distance_macs
 from eetool.core.artifacts import Provenance
+from eetool.core.budget_search import operating_point
 from eetool.core.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from eetool.core.datasets import Preprocess, load_dataset
 from eetool.core.errors import ExitCode
 from eetool.core.exits import build_exit_model
-from eetool.core.thresholds import operating_point
 
 K = 10
 

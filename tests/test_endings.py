@@ -27,7 +27,7 @@ from eetool.core.datasets import Preprocess, load_dataset
 from eetool.core.errors import ExitCode, InputError, OutputError, UsageError
 from eetool.core.exits import build_exit_model
 from eetool.core.interrupts import Interrupted, deferred, interrupts_raise
-from eetool.core.training import TrainConfig, fit
+from eetool.core.training_loop import TrainConfig, fit
 from tests.cli_helpers import invoke, ok, one_error_line
 
 REPO = Path(__file__).resolve().parent.parent

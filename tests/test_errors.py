@@ -131,8 +131,8 @@ def make_segmentation_inputs(d: Path) -> None:
     # another number of classes
     from eetool.core.artifacts import sha256_file
     from eetool.segmentation.model import EXIT_NAMES
+    from eetool.segmentation.pixel_thresholds import ClassStats
     from eetool.segmentation.statistics import KIND, save_statistics
-    from eetool.segmentation.thresholds import ClassStats
 
     def statistics(name: str, classes: list[str], checkpoint_sha256: str) -> None:
         stats = ClassStats.empty(len(EXIT_NAMES), len(classes))
@@ -186,7 +186,7 @@ def edited_tensors(source: Path, target: Path, edit: Callable[[dict[str, torch.T
 
 def make_hand_edited_artifacts(d: Path, tiny_checkpoint: str, tiny_data: str) -> None:
     """Artifacts as a hand edit leaves them: wrong types, missing keys, inconsistent shapes, empty provenance."""
-    from eetool.classification.heads import ExitHeads, HeadsSpec, save_heads
+    from eetool.classification.exit_heads import ExitHeads, HeadsSpec, save_heads
     from eetool.core.artifacts import sha256_file
     from eetool.core.checkpoint import load_checkpoint
     from eetool.core.datasets import load_dataset
@@ -248,9 +248,9 @@ def make_hand_edited_artifacts(d: Path, tiny_checkpoint: str, tiny_data: str) ->
 
     def heads_spec(change: Callable[[dict[str, Any]], object]) -> Callable[..., object]:
         def edit(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-            d = json.loads(meta["eetool.classification.heads"])
+            d = json.loads(meta["eetool.classification.exit_heads"])
             change(d)
-            meta["eetool.classification.heads"] = json.dumps(d)
+            meta["eetool.classification.exit_heads"] = json.dumps(d)
         return edit
 
     for name, edit in {

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from eetool.classification.e2cm import ClassMeans, MeansRule, Pooling, calibrate, decide, distances
-from eetool.classification.heads import ExitHead, ExitHeads, HeadsSpec
+from eetool.classification.exit_heads import ExitHead, ExitHeads, HeadsSpec
 from eetool.classification.rules import HeadsRule, Thresholded
 from eetool.core.checkpoint import load_checkpoint
 from eetool.core.datasets import Dataset, Preprocess, load_dataset

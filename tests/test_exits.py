@@ -7,9 +7,9 @@ import torch
 import torchvision
 from torch import nn
 
+from eetool.core.builders import build_model
 from eetool.core.errors import UsageError
 from eetool.core.exits import HOOK, SPLIT, build_exit_model, candidate_exits, chain_units, select_exits
-from eetool.core.models import build_model
 
 
 class WithUnits(nn.Module):

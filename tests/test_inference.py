@@ -42,7 +42,7 @@ def well_separated_threshold(scores: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def setup() -> tuple[ExitModel, torch.Tensor]:
-    from eetool.core.models import build_model
+    from eetool.core.builders import build_model
 
     torch.manual_seed(0)
     model = build_model("resnet20", 10, 1, {"width": 4})

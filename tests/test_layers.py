@@ -90,13 +90,14 @@ def inside(module: str, packages: tuple[str, ...] | str) -> bool:
 
 def test_the_reader_sees_every_kind_of_import(tmp_path: Path) -> None:
     known = {"eetool.core": Path(), "eetool.core.errors": Path(), "eetool.segmentation": Path(),
-             "eetool.segmentation.model": Path(), "eetool.lm.head": Path()}
+             "eetool.segmentation.model": Path(), "eetool.lm.class_aware_head": Path()}
     source = tmp_path / "m.py"
     source.write_text("from typing import TYPE_CHECKING\nfrom eetool.core import errors\nif TYPE_CHECKING:\n"
-                      "    from eetool.segmentation import IGNORE\ndef f():\n    import eetool.lm.head\n"
+                      "    from eetool.segmentation import IGNORE\ndef f():\n    import eetool.lm.class_aware_head\n"
                       "    from .model import x\n")
     assert imports_of("eetool.segmentation.m", source, known) == {
-        "eetool.core", "eetool.core.errors", "eetool.segmentation", "eetool.lm.head", "eetool.segmentation.model"}
+        "eetool.core", "eetool.core.errors", "eetool.segmentation", "eetool.lm.class_aware_head",
+        "eetool.segmentation.model"}
 
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
@@ -134,9 +135,10 @@ def test_no_private_name_is_imported_from_another_package() -> None:
 
 
 def test_every_registered_name_resolves() -> None:
-    from eetool.core.archs import ARCHITECTURES
+    from eetool.core.architectures import ARCHITECTURES
+    from eetool.core.exit_methods import EXIT_METHODS
     from eetool.core.sources import DATA_SOURCES
 
-    for registry in (ARCHITECTURES, DATA_SOURCES):
+    for registry in (ARCHITECTURES, DATA_SOURCES, EXIT_METHODS):
         for entry in registry:
             assert callable(entry.load()), f"{registry.kind} {entry.name}: {entry.target}"

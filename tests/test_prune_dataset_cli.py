@@ -222,7 +222,7 @@ def test_from_weights_starts_from_the_checkpoint(tiny_checkpoint: str, easy_data
 def test_an_interrupted_pruning_phase_resumes_to_the_same_result(tiny_checkpoint: str, easy_data: str,
                                                                   tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from eetool.core import training
+    from eetool.core import training_loop as training
 
     args = ("prune-dataset", "-c", tiny_checkpoint, "-d", easy_data, "--ratio", "0.2", "-m", "eeprune-soft",
             "--epochs", "2", *FAST)

@@ -12,7 +12,7 @@ import yaml
 from cli_helpers import invoke, ok, one_error_line, sha256
 from safetensors import safe_open
 
-from eetool.classification.heads import load_heads
+from eetool.classification.exit_heads import load_heads
 from eetool.classification.weight_pruning import pack_masks, unpack_masks
 from eetool.core.checkpoint import load_checkpoint
 from eetool.core.errors import ExitCode

@@ -10,7 +10,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from eetool.classification.heads import ExitHeads, HeadsSpec
+from eetool.classification.exit_heads import ExitHeads, HeadsSpec
 from eetool.classification.rules import HeadsRule, Thresholded
 from eetool.cli import app
 from eetool.core.errors import ExitCode, UsageError

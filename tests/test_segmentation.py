@@ -31,7 +31,7 @@ from eetool.segmentation.model import (
     grid_size,
     plain_macs,
 )
-from eetool.segmentation.thresholds import ClassStats, adp_c, cbt, cbt_ns, check_range
+from eetool.segmentation.pixel_thresholds import ClassStats, adp_c, cbt, cbt_ns, check_range
 
 runner = CliRunner()
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -466,7 +466,7 @@ def test_a_segmentation_checkpoint_records_its_spec(tmp_path: Path) -> None:
 
 
 def test_budget_bisection_keeps_a_bracket_around_the_budget() -> None:
-    from eetool.segmentation.thresholds import BUDGET_TOLERANCE, fit_budget
+    from eetool.segmentation.pixel_thresholds import BUDGET_TOLERANCE, fit_budget
 
     tried: list[float] = []
 
@@ -514,7 +514,7 @@ def test_budget_search_meets_the_budget_and_a_larger_value_would_not(
         tmp_path: Path, budget_inputs: tuple[Path, Path, EESegNet, torch.Tensor], method: str) -> None:
     import yaml
 
-    from eetool.segmentation.thresholds import BUDGET_TOLERANCE
+    from eetool.segmentation.pixel_thresholds import BUDGET_TOLERANCE
 
     ckpt, data, model, x = budget_inputs
     everyone_first = mean_cost(model, x, [[0.0] * 3] * 3)
@@ -536,7 +536,7 @@ def test_budget_search_meets_the_budget_and_a_larger_value_would_not(
         from eetool.core.datasets import Preprocess, load_dataset
         from eetool.core.reporting import Reporter
         from eetool.segmentation.inputs import class_statistics
-        from eetool.segmentation.thresholds import cbt
+        from eetool.segmentation.pixel_thresholds import cbt
 
         assert 0 <= value < doc["beta"] == 0.998
         assert min(doc["thresholds"][0]) == pytest.approx(value) and max(doc["thresholds"][0]) == pytest.approx(0.998)
@@ -574,7 +574,7 @@ def test_budget_search_over_beta_meets_the_budget_and_a_larger_beta_would_not(
     from eetool.core.datasets import Preprocess, load_dataset
     from eetool.core.reporting import Reporter
     from eetool.segmentation.inputs import class_statistics
-    from eetool.segmentation.thresholds import BUDGET_TOLERANCE, cbt
+    from eetool.segmentation.pixel_thresholds import BUDGET_TOLERANCE, cbt
 
     ckpt, data, model, x = budget_inputs
     at_alpha = mean_cost(model, x, [[0.3] * 3] * 3)  # beta = alpha: every class at alpha

@@ -162,7 +162,7 @@ def test_a_torchvision_checkpoint_sees_what_torchvisions_reference_evaluation_se
     from torchvision import datasets as tv_datasets
     from torchvision import models, transforms
 
-    from eetool.core.archs import IMAGENET_MEAN, IMAGENET_STD, ModelOptions
+    from eetool.core.architectures import IMAGENET_MEAN, IMAGENET_STD, ModelOptions
     from eetool.core.checkpoint import load_checkpoint
 
     rng = np.random.RandomState(1)

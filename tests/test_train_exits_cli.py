@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import invoke, ok, one_error_line, sha256
 
-from eetool.classification.heads import load_heads
+from eetool.classification.exit_heads import load_heads
 from eetool.core.checkpoint import load_checkpoint
 from eetool.core.errors import ExitCode
 from eetool.core.exits import build_exit_model

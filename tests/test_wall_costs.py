@@ -11,7 +11,7 @@ import torch
 import yaml
 from cli_helpers import invoke, ok
 
-from eetool.classification.heads import load_heads
+from eetool.classification.exit_heads import load_heads
 from eetool.classification.rules import HeadsRule
 from eetool.classification.wall_costs import (
     MAX_FITS,
@@ -22,10 +22,10 @@ from eetool.classification.wall_costs import (
     reach_fractions,
     sweep_wall,
 )
+from eetool.core.budget_search import ExitStats, exit_index, greedy, sweep
 from eetool.core.checkpoint import load_checkpoint
 from eetool.core.datasets import Preprocess, load_dataset
 from eetool.core.exits import build_exit_model
-from eetool.core.thresholds import ExitStats, exit_index, greedy, sweep
 
 
 @pytest.fixture(scope="module")

@@ -37,17 +37,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from eetool.classification.exit_training import ExitTrainer, exit_accuracies
-from eetool.classification.heads import ExitHead, ExitHeads
-from eetool.core.archs import CIFAR_RESNET_DEPTHS
+from eetool.classification.exit_heads import ExitHead, ExitHeads
+from eetool.classification.head_training import ExitTrainer, exit_accuracies
+from eetool.core.architectures import CIFAR_RESNET_DEPTHS
+from eetool.core.builders import BasicBlock, CifarResNet, last_linear
 from eetool.core.checkpoint import ModelSpec
 from eetool.core.costs import count_macs
 from eetool.core.datasets import Dataset, Preprocess
 from eetool.core.errors import UsageError
 from eetool.core.exits import ExitModel, build_exit_model
-from eetool.core.models import BasicBlock, CifarResNet, last_linear
 from eetool.core.reporting import Reporter
-from eetool.core.training import TrainConfig, fit
+from eetool.core.training_loop import TrainConfig, fit
 
 PIP_HINT = "pip install 'eetool[prune]'"
 # The step of the per-layer ratio on the way to a MACs target: 2% of each layer's channels (finer than one

@@ -39,7 +39,7 @@ from eetool.core.distributed import World, all_sum
 from eetool.core.errors import UsageError
 from eetool.core.exits import ExitModel, build_exit_model, candidate_exits, select_exits
 from eetool.core.reporting import Reporter
-from eetool.core.training import Mix, Tracker, TrainConfig, fit, read_state, write_state
+from eetool.core.training_loop import Mix, Tracker, TrainConfig, fit, read_state, write_state
 
 BASELINES = PRUNING_BASELINES
 METHODS = EEPRUNE_FAMILY + BASELINES

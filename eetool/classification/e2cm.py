@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from eetool.classification.clustering import best_mapping, kmeans
 from eetool.classification.distances import distances
 from eetool.core.artifacts import Provenance, read_tensors, read_yaml, write_tensors
+from eetool.core.budget_search import ExitStats
 from eetool.core.costs import EFFECTIVE, CostModel
 from eetool.core.datasets import Dataset, Preprocess, require_labels
 from eetool.core.distributed import World, all_sum, gather_rows, shard_batches
 from eetool.core.errors import InputError, UsageError
 from eetool.core.exits import ExitModel
 from eetool.core.reporting import Reporter
-from eetool.core.thresholds import ExitStats
 
 
 @dataclass(frozen=True)

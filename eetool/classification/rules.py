@@ -1,7 +1,8 @@
-"""Exit rules beside E²CM's: trained heads alone (``sdn``, ``entropy``) or consulted with E²CM.
+"""Exit rules beside E²CM's: trained heads alone (``sdn``, ``entropy``) or consulted with E²CM, and the rule of any
+registered method (eetool.core.exit_methods).
 
 A rule gives, at exit j, a confidence in [0, 1] and a prediction for each sample; a sample leaves
-when the confidence exceeds T_j, so the threshold search of ``eetool.core.thresholds`` serves every
+when the confidence exceeds T_j, so the threshold search of ``eetool.core.budget_search`` serves every
 method. ``sdn`` exits on the head's largest softmax probability; ``entropy`` on 1 - H(p) / log K,
 so that T in [0, 1] stands for an entropy threshold (1 - T) log K in [0, log K] (BranchyNet's
 rule); ``e2cm+sdn`` asks both the head and E²CM (thesis 2.3.2): with ``and`` a sample leaves only
@@ -12,24 +13,50 @@ counts); the prediction is the head's.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from eetool.classification.e2cm import ClassMeans, MeansRule, distance_macs, distances
-from eetool.classification.heads import ExitHeads
-from eetool.core.choices import COMBINES, EXIT_METHODS
+from eetool.classification.exit_heads import ExitHeads
+from eetool.core.choices import COMBINES
 from eetool.core.costs import EFFECTIVE, CostModel, effective_stage_macs, is_pruned, measure
 from eetool.core.datasets import Dataset, Preprocess
 from eetool.core.errors import UsageError
+from eetool.core.exit_methods import CLASSIFICATION_METHODS, EXIT_METHODS, HEADS, MEANS, reads
 from eetool.core.exits import ExitModel, build_exit_model
 from eetool.core.reporting import Reporter
 
 if TYPE_CHECKING:
     from eetool.core.checkpoint import Checkpoint
 
-METHODS = EXIT_METHODS
+HEAD_METHODS = tuple(m for m in CLASSIFICATION_METHODS if reads(m, HEADS))
+
+
+class ExitRule(Protocol):
+    """What ``Thresholded`` and the threshold search need of an exit method (registered in
+    eetool.core.exit_methods): at exit j, a confidence in [0, 1] and a prediction for each sample of features h."""
+
+    def scores(self, j: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def max_probability(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDN's confidence: the largest softmax probability, and its class."""
+    conf, pred = p.max(1)
+    return conf, pred
+
+
+def normalised_entropy(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BranchyNet's rule as a confidence: 1 - H(p) / log K, and the most probable class."""
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(1)
+    return 1 - entropy / math.log(p.shape[1]), p.argmax(1)
+
+
+# the registrations' ``confidence`` names
+CONFIDENCES: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
+    "max-probability": max_probability, "normalised-entropy": normalised_entropy}
 
 
 class HeadsRule:
@@ -37,14 +64,17 @@ class HeadsRule:
 
     def __init__(self, heads: ExitHeads, method: str, means: ClassMeans | None = None, combine: str = "and",
                  device: torch.device | str = "cpu") -> None:
-        if method not in METHODS[1:]:
-            raise UsageError(f"unknown method {method!r} for exit heads", f"use one of {', '.join(METHODS[1:])}")
+        if method not in HEAD_METHODS:
+            raise UsageError(f"unknown method {method!r} for exit heads", f"use one of {', '.join(HEAD_METHODS)}")
         if combine not in COMBINES:
             raise UsageError(f"unknown --combine {combine!r}", "use and or or")
-        if means is None and (method == "e2cm+sdn" or heads.spec.with_distances):
+        if means is None and (reads(method, MEANS) or heads.spec.with_distances):
             raise UsageError(f"{method} with these heads needs the class means", "pass --means")
         self.heads = heads.to(device).eval()
         self.method, self.combine = method, combine
+        info = EXIT_METHODS.get(method).info
+        self.confidence = CONFIDENCES[info["confidence"]]
+        self.with_means = bool(info.get("with_means"))
         self.means = means
         self.means_rule = MeansRule(means, device) if means is not None else None
 
@@ -54,13 +84,8 @@ class HeadsRule:
             r = self.means_rule
             normalised = distances(r.pooling.apply(h), r.means[j], r.means_sq[j]) / r.normalisers[j]
         logits = self.heads.heads[j](h, normalised if self.heads.spec.with_distances else None)
-        p = torch.softmax(logits, dim=1)
-        if self.method == "entropy":
-            entropy = -(p * p.clamp_min(1e-12).log()).sum(1)
-            conf, pred = 1 - entropy / math.log(p.shape[1]), p.argmax(1)
-        else:
-            conf, pred = p.max(1)
-        if self.method == "e2cm+sdn":
+        conf, pred = self.confidence(torch.softmax(logits, dim=1))
+        if self.with_means:
             assert normalised is not None
             e2cm_conf, _ = torch.softmax(-normalised, dim=-1).max(-1)  # decide() with normaliser 1: the same values
             conf = torch.minimum(conf, e2cm_conf) if self.combine == "and" else torch.maximum(conf, e2cm_conf)
@@ -135,6 +160,16 @@ def exit_rule(ckpt: Checkpoint, method: str, combine: str, means: str | None, cm
         if heads.spec.with_distances and means:
             verify(exit_heads, heads_prov, inputs={"class-means": sha256_file(means)})
     em = build_exit_model(ckpt.model.to(device), ",".join(exits))
-    if method == "e2cm":
-        return em, MeansRule(cm, device)
-    return em, HeadsRule(heads, method, cm, combine, device)
+    make: Callable[..., ExitRule] = EXIT_METHODS.get(method).load()
+    return em, make(method, cm, heads, combine, device)
+
+
+# The factories eetool.core.exit_methods registers, called as make(method, means, heads, combine, device).
+def means_rule(method: str, means: ClassMeans, heads: ExitHeads | None, combine: str, device: torch.device | str
+               ) -> MeansRule:
+    return MeansRule(means, device)
+
+
+def heads_rule(method: str, means: ClassMeans | None, heads: ExitHeads, combine: str, device: torch.device | str
+               ) -> HeadsRule:
+    return HeadsRule(heads, method, means, combine, device)

@@ -49,12 +49,12 @@ from dataclasses import dataclass
 
 import torch
 
+from eetool.core.budget_search import ExitStats, GreedyPath, Point, bisect, exit_index, greedy, greedy_path
 from eetool.core.choices import OVERHEADS, SEARCHES
 from eetool.core.datasets import Dataset, Preprocess
 from eetool.core.errors import UsageError
 from eetool.core.exits import ExitModel
 from eetool.core.inference import ExitBatch
-from eetool.core.thresholds import ExitStats, GreedyPath, Point, bisect, exit_index, greedy, greedy_path
 
 ANALYTIC, MEASURED = OVERHEADS
 WALL_TIME = "wall-time"
@@ -219,7 +219,7 @@ def sweep_wall(stats: ExitStats, wall: WallCosts, budgets: list[float], search: 
                tol: float = 5e-4, max_fits: int = MAX_FITS) -> list[WallPoint]:
     """An operating point for every budget reachable under the wall-time model, fitted by the loop of the module
     docstring; ``stats``' own costs are not used. Greedy points are within their budget under the model; bisect's,
-    as in ``eetool.core.thresholds.bisect``, within ``tol`` of it or below."""
+    as in ``eetool.core.budget_search.bisect``, within ``tol`` of it or below."""
     if search not in SEARCHES:
         raise UsageError(f"unknown search {search!r}", f"use one of {', '.join(SEARCHES)}")
     n_exits = stats.num_exits

@@ -36,13 +36,13 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from eetool.classification.exit_training import ExitTrainer, exit_accuracies
-from eetool.classification.heads import ExitHeads
+from eetool.classification.exit_heads import ExitHeads
+from eetool.classification.head_training import ExitTrainer, exit_accuracies
+from eetool.core.builders import first_conv, last_linear
 from eetool.core.datasets import Dataset, Preprocess
 from eetool.core.exits import ExitModel
-from eetool.core.models import first_conv, last_linear
 from eetool.core.reporting import Reporter
-from eetool.core.training import TrainConfig, TrainResult, accuracy, cross_entropy_step, fit
+from eetool.core.training_loop import TrainConfig, TrainResult, accuracy, cross_entropy_step, fit
 
 BACKBONE, HEADS = "backbone", "heads"
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

@@ -73,10 +73,10 @@ def command(
     if output is not None:
         run.check_output(output, force=force, inputs=(model, *text, *head, plot))
     from eetool.core.artifacts import Provenance, write_yaml
+    from eetool.lm.class_aware_head import ExitHead
     from eetool.lm.corpus import load_corpus
     from eetool.lm.curve import curve, exit_stats, token_costs
-    from eetool.lm.evaluate import evaluate_heads, fit_temperatures
-    from eetool.lm.head import ExitHead
+    from eetool.lm.head_evaluation import evaluate_heads, fit_temperatures
     from eetool.lm.models import load_language_model
     from eetool.lm.temperature import split_for_temperature
 
@@ -98,7 +98,7 @@ def command(
     if budgets:
         import torch
 
-        from eetool.core.thresholds import check_budget
+        from eetool.core.budget_search import check_budget
 
         for h, _ in loaded.values():  # a budget below an exit's floor is refused before any forward pass
             no_tokens = exit_stats(torch.zeros(0), torch.zeros(0), torch.zeros(0), costs.exit_costs(h.layer))

@@ -107,8 +107,8 @@ def command(
     import torch
 
     from eetool.core.artifacts import Provenance
+    from eetool.lm.class_aware_head import ExitHead, baseline_head, choose_n0, class_aware_head, mixed
     from eetool.lm.corpus import load_corpus, split_held_out
-    from eetool.lm.head import ExitHead, baseline_head, choose_n0, class_aware_head, mixed
     from eetool.lm.models import load_language_model
     from eetool.lm.stats import collect_stats, full_forward_seconds, grouped, run_to_block
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.core.archs import ALL_ARCHS
+from eetool.core.architectures import ALL_ARCHS
 from eetool.core.choices import EEPRUNE_FAMILY, EXIT_LOCATIONS, PRUNING_BASELINES
 from eetool.core.options import (
     TRAINING,
@@ -145,7 +145,7 @@ def command(
     from eetool.core.datasets import check_labels, load_indices, require_labels
     from eetool.core.distributed import reported_by_main
     from eetool.core.run_inputs import load_data, open_checkpoint
-    from eetool.core.training import TrainConfig
+    from eetool.core.training_loop import TrainConfig
 
     cfg = TrainConfig(epochs=epochs or dp.DEFAULT_EPOCHS[method] or 1, batch_size=batch_size, optimizer=optimizer,
                       lr=lr, weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,

@@ -240,13 +240,13 @@ def _prune(run: Run, o: Request) -> None:
     import shutil
 
     from eetool.classification import weight_pruning as wp
-    from eetool.classification.heads import ExitHeads, HeadsSpec, load_heads, parse_weights
+    from eetool.classification.exit_heads import ExitHeads, HeadsSpec, load_heads, parse_weights
     from eetool.core.artifacts import Provenance, output_set, sha256_file, verify, write_tensors
     from eetool.core.datasets import Preprocess, check_labels, require_labels
     from eetool.core.errors import UsageError
     from eetool.core.exits import build_exit_model
     from eetool.core.run_inputs import load_data, open_checkpoint
-    from eetool.core.training import TrainConfig
+    from eetool.core.training_loop import TrainConfig
 
     cfg = TrainConfig(epochs=o.finetune_epochs, batch_size=o.batch_size, optimizer=o.optimizer, lr=o.lr,
                       weight_decay=o.weight_decay, schedule=o.schedule, augment=o.augment, seed=run.seed,
@@ -402,7 +402,7 @@ def _write_pruned(written: dict[str, str], o: Request, ckpt: Any, spec: Any, mod
                   exits: list[str], dataset: str, args: dict[str, Any], heads_sha: str, doc: dict[str, Any]) -> Any:
     """Write the pruned checkpoint, its heads (whose provenance names it) and the report where ``written`` says
     (temp files of one output set); return the heads' provenance, which the other members share."""
-    from eetool.classification.heads import save_heads
+    from eetool.classification.exit_heads import save_heads
     from eetool.core.artifacts import Provenance, sha256_file, write_yaml
     from eetool.core.checkpoint import model_sha256, save_checkpoint
 
@@ -449,7 +449,7 @@ def _resumable(run: Run, o: Request, ckpt: Any, train_data: Any, pruner: Any
     with other settings, checkpoint or data), else made afresh."""
     import shutil
 
-    from eetool.core.training import read_state
+    from eetool.core.training_loop import read_state
 
     state_dir = Path(f"{o.output}.resume")
     expected = _expected(run, ckpt, train_data)
@@ -474,7 +474,7 @@ def _expected(run: Run, ckpt: Any, train_data: Any) -> dict[str, Any]:
 def _saver(state_dir: Path, expected: dict[str, Any]) -> Any:
     """Saves a pruner's state and its report so far after every step."""
     from eetool.core.artifacts import Provenance, write_yaml
-    from eetool.core.training import write_state
+    from eetool.core.training_loop import write_state
 
     def save(p: Any) -> None:
         write_state(str(state_dir / "state.pt"), {**expected, **p.state_dict()})

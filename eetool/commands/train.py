@@ -59,15 +59,15 @@ def command(
     force: ForceOpt = False,
 ) -> None:
     """Train a model (or fine-tune --checkpoint) and write an eetool checkpoint. Reads a dataset; writes -o."""
-    from eetool.core.archs import SEGMENTATION_ARCHS
+    from eetool.core.architectures import SEGMENTATION_ARCHS
     from eetool.core.artifacts import Provenance
     from eetool.core.checkpoint import save_checkpoint
     from eetool.core.datasets import Preprocess, check_labels, require_labels
     from eetool.core.errors import InputError
     from eetool.core.run_inputs import load_data, open_checkpoint
-    from eetool.core.training import TrainConfig, fit
+    from eetool.core.training_loop import TrainConfig, fit
     from eetool.segmentation.data import check_masks, is_segmentation
-    from eetool.segmentation.training import exit_losses_step, require_same_task, segmentation_config
+    from eetool.segmentation.exit_losses import exit_losses_step, require_same_task, segmentation_config
 
     run.check_output(output, force=force or resume, inputs=(checkpoint, indices, data_path(data)), binary=True)
     resume_path = f"{output}.resume.pt"

@@ -85,10 +85,10 @@ def command(
     from eetool.core.artifacts import Provenance, output_set, sha256_file, write_yaml
     from eetool.core.errors import ProvenanceError
     from eetool.core.plotting import lm_training_png
+    from eetool.lm.class_aware_head import ExitHead
     from eetool.lm.corpus import load_corpus, split_held_out
-    from eetool.lm.head import ExitHead
+    from eetool.lm.exit_lm_training import ExitLM, TrainSettings, save_model_folder, train_exit_lm
     from eetool.lm.models import load_language_model, model_sha256
-    from eetool.lm.training import ExitLM, TrainSettings, save_model_folder, train_exit_lm
 
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, seed=run.seed, freeze=freeze,
                              eval_every=eval_every, cache_mb=cache_mb)

@@ -73,19 +73,19 @@ def command(
 ) -> None:
     """Attach heads at the exits of a checkpoint and train them (frozen backbone or jointly). Writes -o."""
     from eetool.classification.e2cm import ClassMeans
-    from eetool.classification.exit_training import ExitTrainer, exit_accuracies
-    from eetool.classification.heads import ExitHeads, HeadsSpec, parse_weights, save_heads
+    from eetool.classification.exit_heads import ExitHeads, HeadsSpec, parse_weights, save_heads
+    from eetool.classification.head_training import ExitTrainer, exit_accuracies
     from eetool.core.artifacts import Provenance, output_set, sha256_file, verify
     from eetool.core.checkpoint import model_sha256, save_checkpoint
     from eetool.core.datasets import Preprocess, check_labels
     from eetool.core.errors import UsageError
     from eetool.core.exits import build_exit_model
     from eetool.core.run_inputs import load_data, open_checkpoint
-    from eetool.core.training import TrainConfig, fit
+    from eetool.core.training_loop import TrainConfig, fit
     from eetool.segmentation.inputs import is_segmentation_checkpoint
 
     if is_segmentation_checkpoint(run, checkpoint):
-        from eetool.segmentation.exit_training import ExitTrainingRequest, train_segmentation_exits
+        from eetool.segmentation.pixel_head_training import ExitTrainingRequest, train_segmentation_exits
 
         train_segmentation_exits(run, ExitTrainingRequest(
             checkpoint, data, output, split, indices, eval_split, epochs, samples, batch_size, optimizer, lr,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from eetool.core.archs import (
+from eetool.core.architectures import (
     IMAGENET_INPUT_SHAPE,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -33,8 +33,8 @@ from eetool.core.archs import (
     is_custom_arch,
 )
 from eetool.core.artifacts import CheckpointIdentity, Provenance, read_safetensors, sha256_file, write_tensors
+from eetool.core.builders import build_model, first_conv, last_linear
 from eetool.core.errors import InputError, ModelMismatchError, UsageError
-from eetool.core.models import build_model, first_conv, last_linear
 from eetool.core.sources import demo_path
 
 DEMO_CHECKPOINT = "demo-resnet20-fashion-mnist.safetensors"

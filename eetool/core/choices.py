@@ -5,8 +5,6 @@ from __future__ import annotations
 
 SPLITS = ("train", "test")
 EXIT_SELECTIONS = ("every", "half", "quartiles")  # or module names
-EXIT_METHODS = ("e2cm", "sdn", "entropy", "e2cm+sdn")
-SEGMENTATION_METHODS = ("cbt", "cbt-ns", "adp-c")  # pixel exits of segmentation networks
 COMBINES = ("and", "or")
 SEARCHES = ("greedy", "bisect")
 SEARCH_OVER = ("alpha", "beta", "both")  # fit-thresholds --method cbt|cbt-ns --budget: what the search varies

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from eetool.core.builders import CifarResNet
 from eetool.core.choices import EXIT_SELECTIONS
 from eetool.core.errors import ModelMismatchError, UsageError
-from eetool.core.models import CifarResNet
 
 SPLIT, HOOK = "split", "hook"
 SELECTIONS = EXIT_SELECTIONS

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from enum import Enum
 
-from eetool.core.archs import TORCHVISION_ARCHS
+from eetool.core.architectures import TORCHVISION_ARCHS
 
 # Decoded folder data above this many bytes streams from disk in batches instead of being held in memory.
 IN_MEMORY_LIMIT_BYTES = 2 * 2**30

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.models import OptionInfo
 
-from eetool.core.archs import ALL_ARCHS, MAX_CLASSES, MAX_INPUT_CHANNELS, MAX_INPUT_SIDE, ModelOptions
+from eetool.core.architectures import ALL_ARCHS, MAX_CLASSES, MAX_INPUT_CHANNELS, MAX_INPUT_SIDE, ModelOptions
 from eetool.core.choices import EXIT_SELECTIONS, OPTIMIZERS, SCHEDULES, SPLITS
 from eetool.core.distributed import PeerFailed, World
 from eetool.core.errors import EetoolError, ExitCode, UsageError

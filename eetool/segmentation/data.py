@@ -93,7 +93,7 @@ def make_scenes(garments: np.ndarray, labels: np.ndarray, count: int, seed: int)
 
 
 def _load_masks_file(path: str, split: str) -> Dataset:
-    from eetool.core.archs import MAX_INPUT_SIDE
+    from eetool.core.architectures import MAX_INPUT_SIDE
     from eetool.core.artifacts import read_safetensors
 
     tensors, meta = read_safetensors(path)

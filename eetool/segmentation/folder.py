@@ -90,7 +90,7 @@ def _check_headers(images: dict[str, Path], masks: dict[str, Path], stems: list[
     """The one image size (height, width) and whether every image is grey; every mask checked against it."""
     from PIL import Image
 
-    from eetool.core.archs import MAX_INPUT_SIDE
+    from eetool.core.architectures import MAX_INPUT_SIDE
 
     size: tuple[int, int] | None = None
     grey = True

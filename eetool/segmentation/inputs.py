@@ -10,7 +10,7 @@ import torch
 from eetool.core.errors import ModelMismatchError
 from eetool.segmentation.calibration import add_batch
 from eetool.segmentation.model import EXIT_NAMES, EESegNet
-from eetool.segmentation.thresholds import (
+from eetool.segmentation.pixel_thresholds import (
     ClassStats,
 )
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 def is_segmentation_checkpoint(run: Run, ref: str) -> bool:
     """Whether --checkpoint names a segmentation network, from its metadata alone (no weights are read); a file
     that cannot be read this way is left to the checkpoint loader to refuse."""
-    from eetool.core.archs import SEGMENTATION_ARCHS
+    from eetool.core.architectures import SEGMENTATION_ARCHS
     from eetool.core.checkpoint import SPEC_KEY, resolve_path
 
     if run.model_options.arch in SEGMENTATION_ARCHS:

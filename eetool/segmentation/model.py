@@ -221,7 +221,7 @@ def upsample(logits: torch.Tensor, size: Any) -> torch.Tensor:
 
 
 def build(arch: str, num_classes: int, in_channels: int, arch_args: dict[str, Any]) -> EESegNet:
-    """The builder eetool.core.archs registers for ``eeseg`` (the one architecture it builds)."""
+    """The builder eetool.core.architectures registers for ``eeseg`` (the one architecture it builds)."""
     allowed = {"width": 256, "head_width": 256, "blocks": 8}
     for key, value in arch_args.items():
         if key not in allowed:

@@ -21,7 +21,7 @@ from eetool.core.errors import InputError, UsageError
 from eetool.core.reporting import format_fields, format_table
 from eetool.core.run_inputs import data_path, open_checkpoint
 from eetool.segmentation.model import EXIT_NAMES
-from eetool.segmentation.thresholds import ClassStats, margins
+from eetool.segmentation.pixel_thresholds import ClassStats, margins
 
 if TYPE_CHECKING:
     from eetool.core.artifacts import Provenance

@@ -21,7 +21,7 @@ from eetool.segmentation.inputs import (
 )
 from eetool.segmentation.model import EXIT_NAMES
 from eetool.segmentation.networks import early_exit_forward, first_exit_macs, plain_macs
-from eetool.segmentation.thresholds import (
+from eetool.segmentation.pixel_thresholds import (
     BudgetFit,
     ClassStats,
     adp_c,
@@ -332,7 +332,7 @@ def _fit_adp_c_budget(run: Run, req: ThresholdRequest, model: SegmentationNet, c
 
 
 def _exit_scores(stats: ClassStats) -> torch.Tensor:
-    from eetool.segmentation.thresholds import margins
+    from eetool.segmentation.pixel_thresholds import margins
 
     return margins(stats.exit_means())
 

@@ -25,7 +25,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from eetool.core.archs import TORCHVISION_SEGMENTATION_ARCHS
+from eetool.core.architectures import TORCHVISION_SEGMENTATION_ARCHS
 from eetool.core.errors import ModelMismatchError, UsageError
 from eetool.segmentation.model import Head, InferenceCopy, upsample
 
@@ -40,7 +40,7 @@ class TorchvisionSegNet(nn.Module):
         super().__init__()
         from torchvision.models import segmentation
 
-        from eetool.core.models import STEM_ARGS, adapt_stem, refuse_downloads
+        from eetool.core.builders import STEM_ARGS, adapt_stem, refuse_downloads
 
         args = dict(arch_args)
         exits = args.pop("exits", False)

@@ -242,7 +242,7 @@ def parse_weights(text: str | None, n: int) -> list[float]:
     return weights
 
 
-HEADS_KEY = "eetool.classification.heads"
+HEADS_KEY = "eetool.classification.exit_heads"
 
 
 def save_heads(path: str, heads: ExitHeads, prov: Provenance) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from eetool.core.archs import (
+from eetool.core.architectures import (
     ALL_ARCHS,
     ARCHITECTURES,
     CIFAR_RESNET_DEPTHS,
@@ -83,7 +83,7 @@ class CifarResNet(nn.Module):
 
 def build_model(arch: str, num_classes: int, in_channels: int, arch_args: dict[str, Any] | None = None) -> nn.Module:
     """Build an untrained model; weights are loaded by ``eetool.core.checkpoint``. A registered architecture
-    (eetool.core.archs) is built by its builder, a user's own by its ``package.module:callable``."""
+    (eetool.core.architectures) is built by its builder, a user's own by its ``package.module:callable``."""
     arch_args = dict(arch_args or {})
     if arch in ARCHITECTURES:
         builder: Callable[..., nn.Module] = ARCHITECTURES.get(arch).load()

@@ -12,13 +12,13 @@ from eetool.core.registry import CLASSIFICATION, SEGMENTATION, Registry
 ARCHITECTURES = Registry("architecture")
 # CIFAR-style ResNets (He et al. 2016, section 4.2) as used by SDN and the pruning literature.
 for _depth in (8, 20, 32, 56, 110):
-    ARCHITECTURES.register(f"resnet{_depth}", "eetool.core.models:build_cifar_resnet", family="eetool", depth=_depth)
+    ARCHITECTURES.register(f"resnet{_depth}", "eetool.core.builders:build_cifar_resnet", family="eetool", depth=_depth)
 # Early-exit segmentation network (eetool.segmentation.model): per-pixel logits, three early exits and a final.
 ARCHITECTURES.register("eeseg", "eetool.segmentation.model:build", task=SEGMENTATION, family="eetool")
 for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2",
               "mobilenet_v3_large", "mobilenet_v3_small", *(f"efficientnet_b{i}" for i in range(8)),
               *(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn"))):
-    ARCHITECTURES.register(_name, "eetool.core.models:build_torchvision", family="torchvision")
+    ARCHITECTURES.register(_name, "eetool.core.builders:build_torchvision", family="torchvision")
 # torchvision's segmentation networks (eetool.segmentation.tv), with per-pixel exit heads once `train-exits` adds them.
 for _name in ("fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"):
     ARCHITECTURES.register(_name, "eetool.segmentation.tv:build", task=SEGMENTATION, family="torchvision")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eetool.core.errors import ModelMismatchError, UsageError
-from eetool.core.training import Mix, Step, TrainConfig
+from eetool.core.training_loop import Mix, Step, TrainConfig
 from eetool.segmentation import IGNORE
 from eetool.segmentation.model import EESegNet
 

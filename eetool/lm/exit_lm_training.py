@@ -29,7 +29,7 @@ from eetool.core.reporting import Reporter
 if TYPE_CHECKING:
     import torch
 
-    from eetool.lm.head import ExitHead
+    from eetool.lm.class_aware_head import ExitHead
     from eetool.lm.models import LanguageModel
 
 
@@ -350,7 +350,7 @@ def _announce(point: CurvePoint, reporter: Reporter, on_point: Callable[[CurvePo
 
 def _save_state(path: str, expected: dict[str, Any], step: int, model: ExitLM, opt: torch.optim.Optimizer,
                 result: TrainResult) -> None:
-    from eetool.core.training import write_state
+    from eetool.core.training_loop import write_state
 
     trained = ({"final_weight": model.final_weight.detach().cpu()} if model.freeze
                else {k: v.detach().cpu() for k, v in model.lm.model.state_dict().items()})
@@ -363,7 +363,7 @@ def _load_state(path: str, expected: dict[str, Any], model: ExitLM, opt: torch.o
                 result: TrainResult) -> int:
     import torch
 
-    from eetool.core.training import read_state
+    from eetool.core.training_loop import read_state
 
     state = read_state(path, expected)
     with torch.no_grad():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eetool.classification.e2cm import ClassMeans, distances
-from eetool.classification.heads import ExitHeads
+from eetool.classification.exit_heads import ExitHeads
 from eetool.core.datasets import Dataset, Preprocess
 from eetool.core.distributed import World, all_sum
 from eetool.core.exits import ExitModel

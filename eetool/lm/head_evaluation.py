@@ -14,7 +14,7 @@ from eetool.core.reporting import Reporter
 if TYPE_CHECKING:
     import torch
 
-    from eetool.lm.head import ExitHead
+    from eetool.lm.class_aware_head import ExitHead
     from eetool.lm.models import LanguageModel
     from eetool.lm.temperature import TemperatureFit
 

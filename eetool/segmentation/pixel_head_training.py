@@ -22,7 +22,7 @@ from eetool.segmentation.model import EXIT_NAMES, EESegNet, upsample
 
 if TYPE_CHECKING:
     from eetool.core.options import Run
-    from eetool.core.training import Mix
+    from eetool.core.training_loop import Mix
 
 
 @dataclass
@@ -69,7 +69,7 @@ def train_segmentation_exits(run: Run, req: ExitTrainingRequest) -> None:
     from eetool.core.artifacts import Provenance
     from eetool.core.checkpoint import save_checkpoint
     from eetool.core.datasets import Preprocess
-    from eetool.core.training import TrainConfig, fit
+    from eetool.core.training_loop import TrainConfig, fit
     from eetool.segmentation.inputs import load_masks
     from eetool.segmentation.tv import TorchvisionSegNet, dense_costs
 
