@@ -4,7 +4,7 @@ of its early exits at the operating points of a thresholds file, optionally time
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from eetool.core.options import Run
 from eetool.core.reporting import format_fields, format_table
@@ -82,7 +82,7 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
     early = _early_exit_setup(ckpt, means, exit_heads, thresholds, point, device) if thresholds else None
     # A pruned network (eetool prune-weights) is reported at its dense and its effective cost; its zeros do not
     # make dense kernels faster, so the measured throughput is that of the dense computation.
-    pruned = is_pruned(ckpt.model) or (early is not None and early[2][1].basis == "effective")
+    pruned = is_pruned(ckpt.model) or (early is not None and early.cost_models[1].basis == "effective")
     sparse_macs = effective_macs(ckpt.model, ckpt.spec.input_shape, macs) if pruned else macs
     whole, local = _shards(run, ds, batch_size)
     # warm up (allocator, kernels) so the timed runs compare like with like
@@ -91,7 +91,7 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
     if base is not None:
         base_preprocess = Preprocess(base.spec.input_shape, base.spec.mean, base.spec.std)
         predict(base.model, warm_up, base_preprocess, batch_size=batch_size, device=device)
-    chosen = early[3] if early is not None else []
+    chosen = early.chosen if early is not None else []
 
     def plain_run() -> Any:
         return whole(predict(ckpt.model, local, preprocess, batch_size=batch_size, device=device,
@@ -99,7 +99,7 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
 
     def point_run(thresholds: list[float]) -> Any:
         assert early is not None
-        return lambda: whole(evaluate_exits(early[0], local, preprocess, Thresholded(early[1], thresholds),
+        return lambda: whole(evaluate_exits(early.exit_model, local, preprocess, Thresholded(early.rule, thresholds),
                                             batch_size=batch_size, device=device, reporter=run.reporter))
 
     def baseline_run() -> Any:
@@ -128,7 +128,7 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
     base_result = rounds[0][-1]
     if base is not None:
         rounds = [results[:-1] for results in rounds]
-    clusters = early is not None and early[4]
+    clusters = early is not None and early.clusters
 
     def labelled(predictions: torch.Tensor) -> torch.Tensor:
         """Cluster ids under their best one-to-one matching to the labels (clustering accuracy), else as they are."""
@@ -282,11 +282,22 @@ def _per_class_dict(classes: list[str], accuracy: Any) -> dict[str, float | None
     return {name: (None if acc != acc else round(float(acc), 6)) for name, acc in zip(classes, accuracy, strict=False)}
 
 
+class EarlyExits(NamedTuple):
+    """Early exits as a thresholds file sets them up: the exit model, the rule, its cost models (dense, then
+    effective: the same one unless the network is pruned), the chosen operating points (index, point), whether it
+    predicts cluster ids, and what cost the thresholds' budgets are of."""
+
+    exit_model: Any
+    rule: Any
+    cost_models: tuple[Any, Any]
+    chosen: list[Any]
+    clusters: bool
+    fitted_basis: dict[str, Any]
+
+
 def _early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thresholds: str, point: str,
-                      device: Any) -> tuple[Any, Any, Any, list[Any], bool, dict[str, Any]]:
-    """Load and cross-check the thresholds and what they were fitted with; pick the operating points to run.
-    Returns the exit model, the rule, its cost models (dense, then effective: the same one unless the network is
-    pruned), the chosen points, whether it predicts cluster ids and what cost the thresholds' budgets are of."""
+                      device: Any) -> EarlyExits:
+    """Load and cross-check the thresholds and what they were fitted with; pick the operating points to run."""
     from eetool.classification.e2cm import ClassMeans
     from eetool.classification.exit_heads import load_heads
     from eetool.classification.rules import cost_models, exit_rule
@@ -332,8 +343,8 @@ def _early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thre
         # for class means made before they were recorded (the means were verified to be made from this checkpoint)
         sparse = (cm.cost_model(effective=True) if cm.effective_stage_macs
                   else effective(cm.cost_model(), em, ckpt.spec.input_shape))
-        return em, rule, (cm.cost_model(), sparse), chosen, cm.clusters, _fitted_basis(doc)
-    return em, rule, cost_models(rule, em, ckpt.spec.input_shape), chosen, False, _fitted_basis(doc)
+        return EarlyExits(em, rule, (cm.cost_model(), sparse), chosen, cm.clusters, _fitted_basis(doc))
+    return EarlyExits(em, rule, cost_models(rule, em, ckpt.spec.input_shape), chosen, False, _fitted_basis(doc))
 
 
 def _fitted_basis(doc: dict[str, Any]) -> dict[str, Any]:

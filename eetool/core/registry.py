@@ -40,7 +40,7 @@ class Registry:
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str, target: str, *, task: str = CLASSIFICATION, help: str = "",
-                 **info: Any) -> Entry:
+                 **info: object) -> Entry:
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         if ":" not in target:
@@ -58,7 +58,7 @@ class Registry:
     def get(self, name: str) -> Entry:
         return self._entries[name]
 
-    def names(self, task: str | None = None, **info: Any) -> tuple[str, ...]:
+    def names(self, task: str | None = None, **info: object) -> tuple[str, ...]:
         """The names of one task (or all), optionally only those whose ``info`` has the given values."""
         return tuple(e.name for e in self._entries.values() if (task is None or e.task == task)
                      and all(e.info.get(k) == v for k, v in info.items()))

@@ -13,11 +13,11 @@ from typing import Any, Protocol
 
 
 class Bar(Protocol):
-    def advance(self, n: int = 1, **fields: Any) -> None: ...
+    def advance(self, n: int = 1, **fields: object) -> None: ...
 
 
 class _NullBar:
-    def advance(self, n: int = 1, **fields: Any) -> None:
+    def advance(self, n: int = 1, **fields: object) -> None:
         pass
 
 
@@ -42,7 +42,7 @@ class _RichBar:
     def __init__(self, progress: Any, task: Any) -> None:
         self._progress, self._task = progress, task
 
-    def advance(self, n: int = 1, **fields: Any) -> None:
+    def advance(self, n: int = 1, **fields: object) -> None:
         status = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
         self._progress.update(self._task, advance=n, status=status)
 

@@ -4,10 +4,13 @@ the data under torchrun (imports torch lazily)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from eetool.core.checkpoint import Checkpoint
+    import torch
+
+    from eetool.core.checkpoint import Checkpoint, ModelSpec
+    from eetool.core.datasets import Dataset
     from eetool.core.options import Run
 
 
@@ -28,7 +31,8 @@ def data_path(spec: str) -> str | None:
     return spec
 
 
-def load_data(run: Run, data: str, split: str, indices: str | None = None, spec: Any = None) -> Any:
+def load_data(run: Run, data: str, split: str, indices: str | None = None, spec: ModelSpec | None = None
+              ) -> Dataset:
     """``--data`` for the model of ``spec`` (its recipe for folder images), held or streamed as the data
     options say; without a spec, folder images keep the first image's size (or --crop's)."""
     from eetool.core.datasets import load_dataset
@@ -44,7 +48,8 @@ def load_data(run: Run, data: str, split: str, indices: str | None = None, spec:
     return load_dataset(data, split, indices, opts, geometry)
 
 
-def local_share(run: Run, ds: Any, batch_size: int) -> tuple[Any, Callable[[Any], Any]]:
+def local_share(run: Run, ds: Dataset, batch_size: int
+                ) -> tuple[Dataset, Callable[[torch.Tensor], torch.Tensor]]:
     """Under torchrun: this rank's whole batches of ``ds`` (as a dataset), and a function that puts every rank's
     per-sample rows back in the order of ``ds``. One process: ``ds`` and the identity."""
     from eetool.core.distributed import gather_rows, shard_positions
