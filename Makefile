@@ -35,7 +35,7 @@ demo-checkpoint: ## re-make the shipped checkpoint from Debian's Fashion-MNIST (
 	  -o $(DEMO_CHECKPOINT) --force
 
 demo-data: ## re-make the embedded demo images from Debian's Fashion-MNIST
-	$(PYTHON) -m eetool.demo_data $(FMNIST) eetool/demo/demo-data.safetensors
+	$(PYTHON) -m eetool.core.demo_data $(FMNIST) eetool/demo/demo-data.safetensors
 
 # E²CM on the shipped checkpoint: class means on the training split, thresholds for budgets 0.25,
 # 0.5 and 0.75 (and a full sweep with its convex hull), then the test split with exits that stop.

@@ -23,13 +23,13 @@ import time
 import torch
 from torch import nn
 
-from eetool.channel_pruning import prune_channels, pruned_spec, recalibrate_batch_norm
-from eetool.checkpoint import load_checkpoint
-from eetool.costs import measure
-from eetool.datasets import Preprocess, load_dataset
-from eetool.errors import EetoolError
-from eetool.exits import build_exit_model
-from eetool.training import TrainConfig, accuracy, fit
+from eetool.classification.channel_pruning import prune_channels, pruned_spec, recalibrate_batch_norm
+from eetool.core.checkpoint import load_checkpoint
+from eetool.core.costs import measure
+from eetool.core.datasets import Preprocess, load_dataset
+from eetool.core.errors import EetoolError
+from eetool.core.exits import build_exit_model
+from eetool.core.training_loop import TrainConfig, accuracy, fit
 
 MIDDLE_EXIT = "layer2.0"
 # Channel counts as the MACs target leaves them, and rounded to multiples of 8 (what vectorised CPU kernels like).

@@ -24,10 +24,10 @@ import time
 
 import torch
 
-from eetool import dataset_pruning as dp
-from eetool.checkpoint import ModelSpec
-from eetool.datasets import Preprocess, load_dataset
-from eetool.training import TrainConfig, fit
+from eetool.classification import dataset_pruning as dp
+from eetool.core.checkpoint import ModelSpec
+from eetool.core.datasets import Preprocess, load_dataset
+from eetool.core.training_loop import TrainConfig, fit
 
 
 def phase(method: str, spec: ModelSpec, data: object, pre: Preprocess, epochs: int, models: int = 1

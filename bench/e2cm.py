@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from eetool.checkpoint import load_checkpoint
-from eetool.costs import measure
-from eetool.datasets import Preprocess, load_dataset
-from eetool.e2cm import ClassMeans, MeansRule, Pooling, calibrate
-from eetool.exits import build_exit_model
-from eetool.inference import evaluate_exits, predict
-from eetool.rules import Thresholded
-from eetool.thresholds import hull, sweep
+from eetool.classification.e2cm import ClassMeans, MeansRule, Pooling, calibrate
+from eetool.classification.rules import Thresholded
+from eetool.core.budget_search import hull, sweep
+from eetool.core.checkpoint import load_checkpoint
+from eetool.core.costs import measure
+from eetool.core.datasets import Preprocess, load_dataset
+from eetool.core.exits import build_exit_model
+from eetool.core.inference import evaluate_exits, predict
 
 
 def _default_data() -> str:
@@ -40,10 +40,10 @@ def _peak_rss_mb(checkpoint: str, data: str, n: int) -> float:
     """Peak RSS growth (MB) of a fresh process while it calibrates on the first n training samples (Linux)."""
     code = f"""
 import resource, torch
-from eetool.checkpoint import load_checkpoint
-from eetool.datasets import Preprocess, load_dataset
-from eetool.e2cm import calibrate
-from eetool.exits import build_exit_model
+from eetool.core.checkpoint import load_checkpoint
+from eetool.core.datasets import Preprocess, load_dataset
+from eetool.classification.e2cm import calibrate
+from eetool.core.exits import build_exit_model
 ck = load_checkpoint({checkpoint!r})
 ds = load_dataset({data!r}, "train")
 ds = ds.subset(torch.arange(min({n}, len(ds))))

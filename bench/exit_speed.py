@@ -39,14 +39,14 @@ from typing import Any
 
 import torch
 
-from eetool.checkpoint import load_checkpoint
-from eetool.costs import measure
-from eetool.datasets import Dataset, Preprocess, load_dataset
-from eetool.e2cm import ClassMeans
-from eetool.exits import ExitModel, build_exit_model
-from eetool.heads import load_heads
-from eetool.inference import Decision, evaluate_exits, predict
-from eetool.rules import HeadsRule, MeansRule, Thresholded, cost_models
+from eetool.classification.e2cm import ClassMeans
+from eetool.classification.exit_heads import load_heads
+from eetool.classification.rules import HeadsRule, MeansRule, Thresholded, cost_models
+from eetool.core.checkpoint import load_checkpoint
+from eetool.core.costs import measure
+from eetool.core.datasets import Dataset, Preprocess, load_dataset
+from eetool.core.exits import ExitModel, build_exit_model
+from eetool.core.inference import Decision, evaluate_exits, predict
 
 BUDGETS = (0.15, 0.25, 0.5, 0.75, 0.9)
 METHODS = ("e2cm", "sdn", "entropy", "e2cm+sdn")

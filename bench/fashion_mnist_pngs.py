@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from eetool.datasets import load_dataset
+from eetool.core.datasets import load_dataset
 
 
 def main() -> None:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
+from eetool.lm.class_aware_head import ExitHead, baseline_head, choose_n0, class_aware_head, mixed
 from eetool.lm.corpus import load_corpus, split_held_out
 from eetool.lm.curve import curve, exit_stats, token_costs
-from eetool.lm.evaluate import evaluate_heads, fit_temperatures
-from eetool.lm.head import ExitHead, baseline_head, choose_n0, class_aware_head, mixed
+from eetool.lm.head_evaluation import evaluate_heads, fit_temperatures
 from eetool.lm.models import load_language_model
 from eetool.lm.stats import collect_variants, full_forward_seconds, grouped, run_to_block
 from eetool.lm.temperature import split_for_temperature

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from eetool.artifacts import Provenance
+from eetool.core.artifacts import Provenance
+from eetool.lm.class_aware_head import ExitHead, baseline_head, choose_n0, class_aware_head, mixed
 from eetool.lm.corpus import load_corpus, split_held_out
-from eetool.lm.head import ExitHead, baseline_head, choose_n0, class_aware_head, mixed
+from eetool.lm.exit_lm_training import CachedStates, ExitLM, TrainSettings, cache_states, train_exit_lm
 from eetool.lm.models import load_language_model
 from eetool.lm.stats import collect_stats, grouped, run_to_block
-from eetool.lm.training import CachedStates, ExitLM, TrainSettings, cache_states, train_exit_lm
 
 HEADS = ("class-aware", "random", "copy", "ca+copy-0.2")
 
@@ -156,7 +156,7 @@ def speed_only(args: argparse.Namespace) -> dict[str, object]:
 def plot(args: argparse.Namespace) -> dict[str, object]:
     """The exit head's accuracy against steps from the JSON documents of `train` runs (--runs), freezing and no
     freezing side by side, to --png."""
-    from eetool.plotting import _pyplot
+    from eetool.core.plotting import _pyplot
 
     plt = _pyplot()
     docs = [json.loads(Path(p).read_text()) for p in args.runs.split(",")]

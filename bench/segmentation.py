@@ -26,10 +26,10 @@ from collections.abc import Callable
 
 import torch
 
-from eetool.checkpoint import load_checkpoint
-from eetool.datasets import Preprocess, load_dataset
-from eetool.reporting import Reporter
-from eetool.segmentation.commands import class_statistics
+from eetool.core.checkpoint import load_checkpoint
+from eetool.core.datasets import Preprocess, load_dataset
+from eetool.core.reporting import Reporter
+from eetool.segmentation.inputs import class_statistics
 from eetool.segmentation.masked import FeatureMap
 from eetool.segmentation.model import DILATIONS, EESegNet, PositionCosts, _sparse_block, early_exit_forward, plain_macs
 

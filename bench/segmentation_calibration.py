@@ -29,13 +29,13 @@ from collections.abc import Callable
 import torch
 from segmentation import interleaved_best  # bench/ is on the path: this runs as a script in it
 
-from eetool.checkpoint import load_checkpoint
-from eetool.datasets import Preprocess, load_dataset
-from eetool.reporting import Reporter
+from eetool.core.checkpoint import load_checkpoint
+from eetool.core.datasets import Preprocess, load_dataset
+from eetool.core.reporting import Reporter
 from eetool.segmentation import calibration
-from eetool.segmentation.commands import class_statistics
+from eetool.segmentation.inputs import class_statistics
 from eetool.segmentation.model import EESegNet
-from eetool.segmentation.thresholds import ClassStats
+from eetool.segmentation.pixel_thresholds import ClassStats
 
 
 def main() -> None:

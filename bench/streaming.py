@@ -26,8 +26,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from eetool.artifacts import Provenance
-from eetool.checkpoint import ModelSpec, save_checkpoint
+from eetool.core.artifacts import Provenance
+from eetool.core.checkpoint import ModelSpec, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_IMAGES = 60_000

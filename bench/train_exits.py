@@ -15,12 +15,12 @@ import sys
 
 import torch
 
-from eetool.checkpoint import load_checkpoint
-from eetool.datasets import Preprocess, load_dataset
-from eetool.exit_training import ExitTrainer
-from eetool.exits import build_exit_model
-from eetool.heads import ExitHeads, HeadsSpec, sdn_weights
-from eetool.training import TrainConfig, fit
+from eetool.classification.exit_heads import ExitHeads, HeadsSpec, sdn_weights
+from eetool.classification.head_training import ExitTrainer
+from eetool.core.checkpoint import load_checkpoint
+from eetool.core.datasets import Preprocess, load_dataset
+from eetool.core.exits import build_exit_model
+from eetool.core.training_loop import TrainConfig, fit
 
 
 def samples_per_second(checkpoint: str, data: str, samples: int, batch_size: int, *, joint: bool) -> float:

@@ -23,13 +23,13 @@ import torch
 import yaml
 from exit_speed import method_rule  # bench/ is on the path: this script runs as bench/wall_model_check.py
 
-from eetool.checkpoint import load_checkpoint
-from eetool.datasets import Preprocess, load_dataset
-from eetool.e2cm import ClassMeans
-from eetool.exits import ExitModel, build_exit_model
-from eetool.inference import ExitBatch, run_early_exit
-from eetool.rules import Thresholded
-from eetool.wall_costs import PartSeconds, WallCosts, _interpolate
+from eetool.classification.e2cm import ClassMeans
+from eetool.classification.rules import Thresholded
+from eetool.classification.wall_costs import PartSeconds, WallCosts, _interpolate
+from eetool.core.checkpoint import load_checkpoint
+from eetool.core.datasets import Preprocess, load_dataset
+from eetool.core.exits import ExitModel, build_exit_model
+from eetool.core.inference import ExitBatch, run_early_exit
 
 PARTS = ("stage", "decide", "compact")
 

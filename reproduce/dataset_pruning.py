@@ -122,7 +122,7 @@ def make_subset(path: Path, data: str, size: int, seed: int) -> None:
     """A class-balanced random subset of the training split, as an --indices text file."""
     if path.exists():
         return
-    from eetool.datasets import load_dataset
+    from eetool.core.datasets import load_dataset
 
     ds = load_dataset(data, "train")
     gen = torch.Generator().manual_seed(seed)

@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 from steps import Step, run_steps  # reproduce/steps.py, beside this script
 
-from eetool.archs import SEGMENTATION_ARCHS
+from eetool.core.architectures import SEGMENTATION_ARCHS
 
 EXITS = ("exit1", "exit2", "exit3", "final")
 BETA = 0.998

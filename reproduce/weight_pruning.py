@@ -83,7 +83,7 @@ def make_data(path: Path, data: str, eval_size: int, seed: int) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from eetool.datasets import load_dataset
+    from eetool.core.datasets import load_dataset
 
     train, test = load_dataset(data, "train"), load_dataset(data, "test")
     gen = torch.Generator().manual_seed(seed)

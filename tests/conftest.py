@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from eetool.artifacts import Provenance
-from eetool.checkpoint import ModelSpec, save_checkpoint
+from eetool.core.artifacts import Provenance
+from eetool.core.checkpoint import ModelSpec, save_checkpoint
 
 CLASSES = [f"c{k}" for k in range(10)]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from eetool import artifacts
-from eetool.artifacts import (
+from eetool.core import artifacts
+from eetool.core.artifacts import (
     CheckpointIdentity,
     Provenance,
     check_output,
@@ -17,8 +17,8 @@ from eetool.artifacts import (
     read_yaml_text,
     verify,
 )
-from eetool.errors import InputError, OutputError, ProvenanceError, UsageError
-from eetool.sources import demo_path
+from eetool.core.errors import InputError, OutputError, ProvenanceError, UsageError
+from eetool.core.sources import demo_path
 
 
 def laughs(levels: int, width: int = 9) -> str:

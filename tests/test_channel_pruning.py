@@ -1,4 +1,4 @@
-"""Channel pruning (eetool.channel_pruning): a smaller dense network whose exits still fit their heads."""
+"""Channel pruning (classification.channel_pruning): a smaller dense network whose exits still fit their heads."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from eetool.artifacts import Provenance
-from eetool.channel_pruning import PIP_HINT, check_savable, prune_channels, pruned_spec
-from eetool.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
-from eetool.costs import count_macs, measure
-from eetool.errors import ModelMismatchError, UsageError
-from eetool.exits import SPLIT, build_exit_model
-from eetool.heads import ExitHeads, HeadsSpec, load_heads, save_heads
-from eetool.models import build_model
+from eetool.classification.channel_pruning import PIP_HINT, check_savable, prune_channels, pruned_spec
+from eetool.classification.exit_heads import ExitHeads, HeadsSpec, load_heads, save_heads
+from eetool.core.artifacts import Provenance
+from eetool.core.builders import build_model
+from eetool.core.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from eetool.core.costs import count_macs, measure
+from eetool.core.errors import ModelMismatchError, UsageError
+from eetool.core.exits import SPLIT, build_exit_model
 
 pytest.importorskip("torch_pruning")
 
@@ -216,7 +216,7 @@ def test_bad_pruned_widths_are_refused_before_anything_is_built(arch_args) -> No
 
 
 def test_batch_norm_recalibration_averages_the_batches_it_sees() -> None:
-    from eetool.channel_pruning import recalibrate_batch_norm
+    from eetool.classification.channel_pruning import recalibrate_batch_norm
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3)).eval()

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from eetool.archs import ModelOptions
-from eetool.artifacts import Provenance
-from eetool.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
-from eetool.errors import InputError, ModelMismatchError, UsageError
-from eetool.models import build_model
+from eetool.core.architectures import ModelOptions
+from eetool.core.artifacts import Provenance
+from eetool.core.builders import build_model
+from eetool.core.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from eetool.core.errors import InputError, ModelMismatchError, UsageError
 
 SHAPE = (1, 12, 12)
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner, Result
 from eetool import __version__
 from eetool.cli import app
 from eetool.commands import COMMANDS
-from eetool.errors import ExitCode
+from eetool.core.errors import ExitCode
 
 runner = CliRunner()
 
@@ -121,7 +121,7 @@ def training(tmp_path_factory: pytest.TempPathFactory, tiny_data: str) -> dict[s
 
     The resume refuses state saved with other settings or data, so it also checks that the config gave the
     same values as the flags."""
-    import eetool.training as training_module
+    import eetool.core.training_loop as training_module
 
     folder = tmp_path_factory.mktemp("train")
     out = folder / "model.safetensors"
@@ -474,7 +474,7 @@ def test_train_interrupted_leaves_resume_state_and_no_output(training: dict[str,
 def test_train_resumes_and_writes_a_complete_checkpoint(training: dict[str, object], tiny_data: str) -> None:
     from safetensors import safe_open
 
-    from eetool.checkpoint import SPEC_KEY, ModelSpec
+    from eetool.core.checkpoint import SPEC_KEY, ModelSpec
 
     out = training["out"]
     assert isinstance(out, Path) and out.is_file()

@@ -9,9 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from eetool.classification.clustering import best_mapping, clustering_accuracy, hungarian, kmeans
+from eetool.classification.e2cm import ClassMeans, distances
 from eetool.cli import app
-from eetool.clustering import best_mapping, clustering_accuracy, hungarian, kmeans
-from eetool.e2cm import ClassMeans, distances
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 6])

@@ -38,7 +38,7 @@ def test_the_training_recipe_runs_with_its_values(tmp_path: Path, tiny_data: str
     """The recipe goes through --config with a tiny override: the run records the recipe's values."""
     from typer.testing import CliRunner
 
-    from eetool.artifacts import read_safetensors
+    from eetool.core.artifacts import read_safetensors
 
     recipe = next(p for p in CONFIGS if p.stem.startswith("train-"))
     out = tmp_path / "m.safetensors"

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from eetool.costs import CostModel, count_macs, in_unit, measure
-from eetool.exits import HOOK, build_exit_model
-from eetool.models import build_model
+from eetool.core.builders import build_model
+from eetool.core.costs import CostModel, count_macs, in_unit, measure
+from eetool.core.exits import HOOK, build_exit_model
 
 MODELS = {
     "resnet20": (lambda: build_model("resnet20", 10, 1, {"width": 4}), (1, 28, 28)),

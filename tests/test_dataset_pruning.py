@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eetool import dataset_pruning as dp
-from eetool import training
-from eetool.checkpoint import ModelSpec
-from eetool.datasets import Dataset, Preprocess
-from eetool.errors import UsageError
-from eetool.training import TrainConfig, fit
+from eetool.classification import dataset_pruning as dp
+from eetool.core import training_loop as training
+from eetool.core.checkpoint import ModelSpec
+from eetool.core.datasets import Dataset, Preprocess
+from eetool.core.errors import UsageError
+from eetool.core.training_loop import TrainConfig, fit
 
 
 def easy_dataset(n: int = 120, seed: int = 0) -> Dataset:

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from eetool.artifacts import Provenance, write_tensors
-from eetool.datasets import Dataset, Preprocess, fingerprint, load_dataset, read_idx
-from eetool.errors import InputError, ProvenanceError, UsageError
+from eetool.core.artifacts import Provenance, write_tensors
+from eetool.core.datasets import Dataset, Preprocess, fingerprint, load_dataset, read_idx
+from eetool.core.errors import InputError, ProvenanceError, UsageError
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from eetool.artifacts import read_tensors
-from eetool.distributed import World, join, shard_positions
-from eetool.errors import UsageError
+from eetool.core.artifacts import read_tensors
+from eetool.core.distributed import World, join, shard_positions
+from eetool.core.errors import UsageError
 from tests.cli_helpers import invoke, ok, one_error_line
 from tests.test_streaming import mixed_folder
 

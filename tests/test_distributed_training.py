@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from eetool.distributed import World, share
-from eetool.training import Augmentation, augment_batch
+from eetool.core.distributed import World, share
+from eetool.core.training_loop import Augmentation, augment_batch
 from tests.cli_helpers import invoke, ok, one_error_line
 from tests.test_distributed import torchrun
 
@@ -63,7 +63,7 @@ def test_train_resumed_under_torchrun_equals_one_process(tmp_path: Path, tiny_da
     of 15 from 96 samples: shares of 8 and 7, and a last batch of 6 (3 and 3); augmentation on. The model has no
     batch norm, so the DDP run is the one-process run to float rounding at any rate (see the ResNet case of
     the prune-dataset test for batch norm)."""
-    import eetool.training as training_module
+    import eetool.core.training_loop as training_module
 
     flags = ("-d", tiny_data, "--arch", "tests.plain_models:convnet", "--arch-args", "{width: 4}", "--epochs", "2",
              "-b", "15", "--optimizer", "sgd", "--lr", "0.05", "--format", "json")
@@ -122,8 +122,8 @@ def test_prune_dataset_under_torchrun_prunes_the_same_samples(batch_norm: bool, 
     --lr 0.01: at 0.05 its training on random pixels amplifies float rounding so much that one process on 1 and
     on 2 threads already prunes different samples (records 2e-2 apart); at 0.01 one process, another thread
     count and two processes agree to 1e-6, while batch norm over each process's share alone is 7e-2 off."""
-    from eetool.artifacts import Provenance, read_tensors
-    from eetool.checkpoint import ModelSpec, save_checkpoint
+    from eetool.core.artifacts import Provenance, read_tensors
+    from eetool.core.checkpoint import ModelSpec, save_checkpoint
 
     checkpoint: Path | str = tiny_checkpoint
     model_flags: tuple[str, ...] = ("--lr", "0.01")
@@ -158,7 +158,7 @@ def test_calibrate_means_with_clusters_under_torchrun_equals_one_process(tmp_pat
     """k-means centres: each rank computes the features of its batches (5 batches of 20: 3 and 2), the rows are
     gathered and every rank clusters the same features, so centres and means are bit-identical to one process
     on one thread (torchrun gives each process one)."""
-    from eetool.artifacts import read_tensors
+    from eetool.core.artifacts import read_tensors
 
     flags = ("calibrate-means", "-c", tiny_checkpoint, "-d", tiny_data, "--clusters", "10", "-b", "20", "-q")
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"

@@ -11,7 +11,7 @@ import typer
 
 from eetool.cli import app
 from eetool.commands import COMMANDS
-from eetool.errors import ExitCode
+from eetool.core.errors import ExitCode
 
 ROOT = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.M | re.S)

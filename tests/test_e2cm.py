@@ -10,10 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eetool.artifacts import Provenance
-from eetool.checkpoint import Checkpoint, load_checkpoint
-from eetool.datasets import Dataset, Preprocess, load_dataset
-from eetool.e2cm import (
+from eetool.classification.e2cm import (
     NEAREST,
     SOFTMAX,
     ClassMeans,
@@ -26,10 +23,13 @@ from eetool.e2cm import (
     distance_macs,
     distances,
 )
-from eetool.errors import InputError, UsageError
-from eetool.exits import ExitModel, build_exit_model
-from eetool.inference import run_early_exit
-from eetool.rules import Thresholded, rule_scores
+from eetool.classification.rules import Thresholded, rule_scores
+from eetool.core.artifacts import Provenance
+from eetool.core.checkpoint import Checkpoint, load_checkpoint
+from eetool.core.datasets import Dataset, Preprocess, load_dataset
+from eetool.core.errors import InputError, UsageError
+from eetool.core.exits import ExitModel, build_exit_model
+from eetool.core.inference import run_early_exit
 
 K = 10
 
@@ -117,7 +117,7 @@ def test_pooling_leaves_small_maps_and_indivisible_requests_alone_or_refuses() -
     torch.testing.assert_close(Pooling(channels=8).apply(x), x.flatten(1))  # fewer channels than asked
     assert Pooling(spatial=1, channels=1).apply(x).tolist() == x.flatten(1).amax(1, keepdim=True).tolist()
     assert Pooling(spatial=1).out_dim((4, 5, 5)) == 4
-    from eetool.errors import UsageError
+    from eetool.core.errors import UsageError
 
     with pytest.raises(UsageError, match="does not divide"):
         Pooling(channels=3).apply(x)
@@ -495,7 +495,7 @@ def test_thresholds_of_zero_exit_everyone_at_the_first_exit(setup: Setup, calibr
 
 
 def test_cost_model_adds_the_distance_overhead_of_each_exit(setup: Setup, calibrated: ClassMeans) -> None:
-    from eetool.costs import measure
+    from eetool.core.costs import measure
 
     cm = dataclasses.replace(calibrated, stage_macs=measure(setup.em, setup.ckpt.spec.input_shape).stage_macs)
     model = cm.cost_model()
@@ -511,7 +511,7 @@ def test_cost_model_adds_the_distance_overhead_of_each_exit(setup: Setup, calibr
 
 def test_measuring_costs_leaves_the_model_as_it_was(setup: Setup, tiny_checkpoint: str) -> None:
     """Counting MACs stage by stage must not touch the shared BatchNorm statistics the class means depend on."""
-    from eetool.costs import measure
+    from eetool.core.costs import measure
 
     ckpt = load_checkpoint(tiny_checkpoint)
     em = build_exit_model(ckpt.model, "every")

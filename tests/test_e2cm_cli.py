@@ -14,13 +14,13 @@ import yaml
 from cli_helpers import invoke, ok, one_error_line, sha256
 from typer.testing import Result
 
-from eetool.artifacts import Provenance
-from eetool.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
-from eetool.datasets import Preprocess, load_dataset
-from eetool.e2cm import ClassMeans, Pooling, distance_macs
-from eetool.errors import ExitCode
-from eetool.exits import build_exit_model
-from eetool.thresholds import operating_point
+from eetool.classification.e2cm import ClassMeans, Pooling, distance_macs
+from eetool.core.artifacts import Provenance
+from eetool.core.budget_search import operating_point
+from eetool.core.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from eetool.core.datasets import Preprocess, load_dataset
+from eetool.core.errors import ExitCode
+from eetool.core.exits import build_exit_model
 
 K = 10
 
@@ -299,7 +299,7 @@ def test_evaluate_repeats_time_again_but_predict_once(made: Made) -> None:
 def fake_timings(monkeypatch: pytest.MonkeyPatch, plain: list[float], point: float) -> None:
     """Runs that take ``plain[r]`` seconds for the plain model in round r and ``point`` for every operating point;
     the warm-up (one batch of 16) keeps its own time."""
-    import eetool.inference as inference
+    import eetool.core.inference as inference
 
     real_predict, real_exits = inference.predict, inference.evaluate_exits
     plain_times = iter(plain)

@@ -19,15 +19,15 @@ from typing import Any
 import pytest
 import torch
 
-import eetool.artifacts
-from eetool.artifacts import STDOUT, OutputLock, Provenance, atomic_write, output_set, write_tensors, write_yaml
-from eetool.checkpoint import ModelSpec
-from eetool.datasets import Preprocess, load_dataset
-from eetool.e2cm import calibrate
-from eetool.errors import ExitCode, InputError, OutputError, UsageError
-from eetool.exits import build_exit_model
-from eetool.interrupts import Interrupted, deferred, interrupts_raise
-from eetool.training import TrainConfig, fit
+import eetool.core.artifacts
+from eetool.classification.e2cm import calibrate
+from eetool.core.artifacts import STDOUT, OutputLock, Provenance, atomic_write, output_set, write_tensors, write_yaml
+from eetool.core.checkpoint import ModelSpec
+from eetool.core.datasets import Preprocess, load_dataset
+from eetool.core.errors import ExitCode, InputError, OutputError, UsageError
+from eetool.core.exits import build_exit_model
+from eetool.core.interrupts import Interrupted, deferred, interrupts_raise
+from eetool.core.training_loop import TrainConfig, fit
 from tests.cli_helpers import invoke, ok, one_error_line
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +63,8 @@ def test_a_signal_during_an_atomic_write_leaves_no_temp_file(where: str, tmp_pat
     """Inside mkstemp (the temp file exists but its name is not yet known) and between the write and the rename."""
     target = tmp_path / "out.bin"
     target.write_bytes(b"old")
-    module = {"mkstemp": eetool.artifacts.tempfile, "fsync": eetool.artifacts.os, "chmod": eetool.artifacts.os}[where]
+    artifacts = eetool.core.artifacts
+    module = {"mkstemp": artifacts.tempfile, "fsync": artifacts.os, "chmod": artifacts.os}[where]
     monkeypatch.setattr(module, where, with_signal(getattr(module, where), after=where == "mkstemp"))
     with interrupts_raise(), pytest.raises(Interrupted) as caught:
         atomic_write(str(target), b"new" * 100_000)
@@ -75,7 +76,7 @@ def test_a_signal_during_an_atomic_write_leaves_no_temp_file(where: str, tmp_pat
 def test_a_signal_during_the_rename_lets_it_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The rename is not cut off: the interrupt comes after it, with the whole new file in place."""
     target = tmp_path / "out.bin"
-    monkeypatch.setattr(eetool.artifacts.os, "replace", with_signal(os.replace, signal.SIGHUP))
+    monkeypatch.setattr(eetool.core.artifacts.os, "replace", with_signal(os.replace, signal.SIGHUP))
     with interrupts_raise(), pytest.raises(Interrupted, match="SIGHUP"):
         atomic_write(str(target), b"new" * 100_000)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
@@ -129,7 +130,7 @@ def test_a_set_that_fails_half_way_leaves_nothing(failure: BaseException, tmp_pa
 def test_prune_dataset_writes_kept_pruned_and_summary_together(tiny_checkpoint: str, tiny_data: str, workdir: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The summary (the last member) fails: neither indices file appears, and nothing else is left."""
-    import eetool.artifacts as artifacts
+    import eetool.core.artifacts as artifacts
 
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")

@@ -22,11 +22,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner, Result
 
-from eetool.artifacts import Provenance, write_tensors
-from eetool.checkpoint import ModelSpec
 from eetool.cli import app
-from eetool.errors import ExitCode
-from eetool.sources import demo_path
+from eetool.core.artifacts import Provenance, write_tensors
+from eetool.core.checkpoint import ModelSpec
+from eetool.core.errors import ExitCode
+from eetool.core.sources import demo_path
 
 runner = CliRunner()
 
@@ -90,7 +90,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
     assert made.exit_code == 0, made.stderr
     blob = means.read_bytes()
     (d / "truncated-means.safetensors").write_bytes(blob[: len(blob) // 2])
-    from eetool.e2cm import ClassMeans
+    from eetool.classification.e2cm import ClassMeans
 
     made = runner.invoke(app, ["prune-dataset", "-c", tiny_checkpoint, "-d", tiny_data, "-m", "random", "--ratio",
                                "0.5", "-o", str(d / "random-kept.safetensors"), "-q"])
@@ -111,7 +111,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
         for m in zeroed.modules():
             if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
                 m.weight.zero_()
-    from eetool.checkpoint import save_checkpoint
+    from eetool.core.checkpoint import save_checkpoint
 
     save_checkpoint(str(d / "zeroed.safetensors"), zeroed, tiny_spec, Provenance(kind="checkpoint"))
     # Not a CIFAR ResNet (no channel-pruned widths to record) and of another input shape than the tiny data's.
@@ -124,7 +124,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
 
 def make_segmentation_inputs(d: Path) -> None:
     """A tiny segmentation checkpoint (3 classes, 16 x 16) and mask files, good and bad."""
-    from eetool.checkpoint import save_checkpoint
+    from eetool.core.checkpoint import save_checkpoint
 
     seg = ModelSpec(arch="eeseg", num_classes=3, input_shape=(1, 16, 16), mean=[0.5], std=[0.25],
                     arch_args={"width": 4, "head_width": 4}, classes=["bg", "a", "b"])
@@ -140,10 +140,10 @@ def make_segmentation_inputs(d: Path) -> None:
     save_file({"images": images, "masks": masks * 9}, str(d / "seg-label-out.safetensors"), metadata=meta)
     # CBT's class statistics (as `calibrate-means` writes them) for this checkpoint, for another one, and of
     # another number of classes
-    from eetool.artifacts import sha256_file
+    from eetool.core.artifacts import sha256_file
     from eetool.segmentation.model import EXIT_NAMES
+    from eetool.segmentation.pixel_thresholds import ClassStats
     from eetool.segmentation.statistics import KIND, save_statistics
-    from eetool.segmentation.thresholds import ClassStats
 
     def statistics(name: str, classes: list[str], checkpoint_sha256: str) -> None:
         stats = ClassStats.empty(len(EXIT_NAMES), len(classes))
@@ -197,11 +197,11 @@ def edited_tensors(source: Path, target: Path, edit: Callable[[dict[str, torch.T
 
 def make_hand_edited_artifacts(d: Path, tiny_checkpoint: str, tiny_data: str) -> None:
     """Artifacts as a hand edit leaves them: wrong types, missing keys, inconsistent shapes, empty provenance."""
-    from eetool.artifacts import sha256_file
-    from eetool.checkpoint import load_checkpoint
-    from eetool.datasets import load_dataset
-    from eetool.exits import build_exit_model
-    from eetool.heads import ExitHeads, HeadsSpec, save_heads
+    from eetool.classification.exit_heads import ExitHeads, HeadsSpec, save_heads
+    from eetool.core.artifacts import sha256_file
+    from eetool.core.checkpoint import load_checkpoint
+    from eetool.core.datasets import load_dataset
+    from eetool.core.exits import build_exit_model
 
     (d / "laughs.yaml").write_text(LAUGHS)
     assert len(LAUGHS) < 400
@@ -259,9 +259,9 @@ def make_hand_edited_artifacts(d: Path, tiny_checkpoint: str, tiny_data: str) ->
 
     def heads_spec(change: Callable[[dict[str, Any]], object]) -> Callable[..., object]:
         def edit(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-            d = json.loads(meta["eetool.heads"])
+            d = json.loads(meta["eetool.classification.exit_heads"])
             change(d)
-            meta["eetool.heads"] = json.dumps(d)
+            meta["eetool.classification.exit_heads"] = json.dumps(d)
         return edit
 
     for name, edit in {
@@ -331,7 +331,7 @@ def make_crafted_lms(d: Path) -> None:
 
     from safetensors.torch import load_file
 
-    from eetool.lm.head import ExitHead
+    from eetool.lm.class_aware_head import ExitHead
 
     tiny = d / "tiny-lm"
     weights = load_file(str(tiny / "model.safetensors"))
@@ -1097,14 +1097,14 @@ def test_unwritable_output_folder_even_for_root(tiny_checkpoint: str, tiny_data:
 def test_failed_write_leaves_no_temp_file(tiny_checkpoint: str, tiny_data: str, workdir: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A write that fails half-way (disk full) removes its temp file and keeps the old output."""
-    import eetool.artifacts
+    import eetool.core.artifacts
 
     (workdir / "r.yaml").write_text("old\n")
 
     def replace(src: str, dst: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(eetool.artifacts.os, "replace", replace)
+    monkeypatch.setattr(eetool.core.artifacts.os, "replace", replace)
     result = runner.invoke(app, ["evaluate", "-c", tiny_checkpoint, "-d", tiny_data, "-o", "r.yaml", "--force"])
     assert "No space left" in check_one_error_line(result, ExitCode.OUTPUT)
     assert sorted(p.name for p in workdir.iterdir()) == ["r.yaml"]
@@ -1192,15 +1192,15 @@ def test_warnings_stay_off_an_error_and_off_quiet_runs(tiny_checkpoint: str, tin
     """A library warning before a failure stays off stderr (unless -v), so the error is still one line."""
     import warnings
 
-    import eetool.datasets
+    import eetool.core.datasets
 
-    real = eetool.datasets.load_dataset
+    real = eetool.core.datasets.load_dataset
 
     def noisy(*args: object, **kwargs: object) -> object:
         warnings.warn("something deprecated", UserWarning, stacklevel=1)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(eetool.datasets, "load_dataset", noisy)
+    monkeypatch.setattr(eetool.core.datasets, "load_dataset", noisy)
     bad = ["evaluate", "-c", tiny_checkpoint, "-d", tiny_data, "--indices", "missing.txt"]
     check_one_error_line(runner.invoke(app, bad), ExitCode.BAD_INPUT)
     verbose = runner.invoke(app, [*bad, "-v"])

@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eetool.checkpoint import load_checkpoint
-from eetool.datasets import Dataset, Preprocess, load_dataset
-from eetool.e2cm import ClassMeans, MeansRule, Pooling, calibrate, decide, distances
-from eetool.exits import ExitModel, build_exit_model
-from eetool.heads import ExitHead, ExitHeads, HeadsSpec
-from eetool.inference import Decision, evaluate_exits
-from eetool.rules import HeadsRule, Thresholded
+from eetool.classification.e2cm import ClassMeans, MeansRule, Pooling, calibrate, decide, distances
+from eetool.classification.exit_heads import ExitHead, ExitHeads, HeadsSpec
+from eetool.classification.rules import HeadsRule, Thresholded
+from eetool.core.checkpoint import load_checkpoint
+from eetool.core.datasets import Dataset, Preprocess, load_dataset
+from eetool.core.exits import ExitModel, build_exit_model
+from eetool.core.inference import Decision, evaluate_exits
 
 
 @torch.no_grad()

@@ -7,9 +7,9 @@ import torch
 import torchvision
 from torch import nn
 
-from eetool.errors import UsageError
-from eetool.exits import HOOK, SPLIT, build_exit_model, candidate_exits, chain_units, select_exits
-from eetool.models import build_model
+from eetool.core.builders import build_model
+from eetool.core.errors import UsageError
+from eetool.core.exits import HOOK, SPLIT, build_exit_model, candidate_exits, chain_units, select_exits
 
 
 class WithUnits(nn.Module):

@@ -11,7 +11,7 @@ import yaml
 from cli_helpers import invoke, ok, one_error_line
 from torch import nn
 
-from eetool.errors import ExitCode
+from eetool.core.errors import ExitCode
 
 NORM = ["--mean", "0.3", "--std", "0.35"]
 FOREIGN = ["--arch", "resnet18", "--input-shape", "1,28,28", *NORM]

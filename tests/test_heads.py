@@ -11,14 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eetool.artifacts import Provenance, write_tensors
-from eetool.checkpoint import load_checkpoint
-from eetool.datasets import Preprocess, load_dataset
-from eetool.errors import InputError, ProvenanceError, UsageError
-from eetool.exit_training import ExitTrainer, exit_accuracies
-from eetool.exits import build_exit_model
-from eetool.heads import ExitHead, ExitHeads, HeadsSpec, MixedPool, load_heads, parse_weights, save_heads, sdn_weights
-from eetool.training import TrainConfig, fit
+from eetool.classification.exit_heads import (
+    ExitHead,
+    ExitHeads,
+    HeadsSpec,
+    MixedPool,
+    load_heads,
+    parse_weights,
+    save_heads,
+    sdn_weights,
+)
+from eetool.classification.head_training import ExitTrainer, exit_accuracies
+from eetool.core.artifacts import Provenance, write_tensors
+from eetool.core.checkpoint import load_checkpoint
+from eetool.core.datasets import Preprocess, load_dataset
+from eetool.core.errors import InputError, ProvenanceError, UsageError
+from eetool.core.exits import build_exit_model
+from eetool.core.training_loop import TrainConfig, fit
 
 K = 10
 
@@ -188,7 +197,7 @@ def test_load_heads_refuses_missing_tensors_or_spec(tmp_path: Path) -> None:
     state = ExitHeads(spec).state_dict()
     no_linear = str(tmp_path / "partial.safetensors")
     write_tensors(no_linear, {k: v for k, v in state.items() if "linear" not in k}, heads_prov(),
-                  extra={"eetool.heads": spec.to_json()})
+                  extra={"eetool.classification.exit_heads": spec.to_json()})
     no_spec = str(tmp_path / "no-spec.safetensors")
     write_tensors(no_spec, dict(state), heads_prov())
     for path in (no_linear, no_spec):
@@ -290,7 +299,7 @@ def test_exit_accuracies_match_a_per_sample_count(tiny_checkpoint: str, tiny_dat
 @pytest.mark.parametrize("shape", [(5, 3, 28, 28), (5, 3, 14, 14), (5, 3, 7, 7), (4, 2, 13, 11), (3, 2, 9, 6),
                                    (2, 3, 5, 6), (1, 4, 28, 28)])
 def test_exact_pools_equal_the_adaptive_nchw_kernels_bit_for_bit(shape: tuple[int, int, int, int]) -> None:
-    from eetool.heads import avg_plan, exact_pools
+    from eetool.classification.exit_heads import avg_plan, exact_pools
 
     gen = torch.Generator().manual_seed(0)
     plan = avg_plan(shape[2], shape[3], 4)
@@ -308,7 +317,7 @@ def test_exact_pools_equal_the_adaptive_nchw_kernels_bit_for_bit(shape: tuple[in
 def test_avg_plan_uses_the_faster_kernels_on_the_demo_exits() -> None:
     """28 -> 4 and 7 -> 4 as sum poolings (windows of 7, and of 2, 3, 3, 2), 14 -> 4 (windows of 4 starting at
     0, 3, 7, 10: no plain pooling) by the channels-last kernel, whose single division by 16 is exact."""
-    from eetool.heads import avg_plan
+    from eetool.classification.exit_heads import avg_plan
 
     for size, sum_pool in ((28, ((7, 7), (7, 7), (0, 0))), (7, ((3, 3), (2, 2), (1, 1)))):
         plan = avg_plan(size, size, 4)

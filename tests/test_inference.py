@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from eetool.datasets import Preprocess, load_dataset
-from eetool.exits import HOOK, ExitModel, build_exit_model
-from eetool.inference import (
+from eetool.core.datasets import Preprocess, load_dataset
+from eetool.core.exits import HOOK, ExitModel, build_exit_model
+from eetool.core.inference import (
     BUSY_SPREAD,
     evaluate_exits,
     interleaved,
@@ -42,7 +42,7 @@ def well_separated_threshold(scores: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def setup() -> tuple[ExitModel, torch.Tensor]:
-    from eetool.models import build_model
+    from eetool.core.builders import build_model
 
     torch.manual_seed(0)
     model = build_model("resnet20", 10, 1, {"width": 4})
@@ -161,7 +161,7 @@ def test_exited_samples_leave_the_batch(setup: tuple[ExitModel, torch.Tensor]) -
 
 
 def test_evaluate_exits_batches_like_one_big_batch(tiny_checkpoint: str, tiny_data: str) -> None:
-    from eetool.checkpoint import load_checkpoint
+    from eetool.core.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(tiny_checkpoint)
     ds = load_dataset(tiny_data, "test")

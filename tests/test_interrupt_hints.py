@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import eetool.training as training_module
-from eetool.errors import ExitCode
-from eetool.options import state_saved
-from eetool.owned_folders import make_owned_folder
+import eetool.core.training_loop as training_module
+from eetool.core.errors import ExitCode
+from eetool.core.options import state_saved
+from eetool.core.owned_folders import make_owned_folder
 from tests.cli_helpers import invoke
 
 

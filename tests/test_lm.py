@@ -17,9 +17,7 @@ from tests.lm_helpers import DATA, LAYERS
 pytest.importorskip("transformers")
 
 from eetool.cli import app  # noqa: E402
-from eetool.lm.corpus import load_corpus, split_held_out  # noqa: E402
-from eetool.lm.evaluate import Score, evaluate_heads  # noqa: E402
-from eetool.lm.head import (  # noqa: E402
+from eetool.lm.class_aware_head import (  # noqa: E402
     N0_FACTORS,
     ExitHead,
     baseline_head,
@@ -28,6 +26,8 @@ from eetool.lm.head import (  # noqa: E402
     log_prior,
     mixed,
 )
+from eetool.lm.corpus import load_corpus, split_held_out  # noqa: E402
+from eetool.lm.head_evaluation import Score, evaluate_heads  # noqa: E402
 from eetool.lm.models import LanguageModel  # noqa: E402
 from eetool.lm.stats import TokenStats, collect_stats, collect_variants  # noqa: E402
 

@@ -13,7 +13,7 @@ from tests.lm_helpers import DATA
 
 pytest.importorskip("transformers")
 
-from eetool.errors import InputError  # noqa: E402
+from eetool.core.errors import InputError  # noqa: E402
 from eetool.lm import corpus  # noqa: E402
 from eetool.lm.corpus import load_corpus  # noqa: E402
 

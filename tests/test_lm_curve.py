@@ -17,10 +17,10 @@ from tests.lm_helpers import DATA
 pytest.importorskip("transformers")
 
 from eetool.cli import app  # noqa: E402
+from eetool.lm.class_aware_head import ExitHead  # noqa: E402
 from eetool.lm.corpus import load_corpus  # noqa: E402
 from eetool.lm.curve import curve, exit_stats, token_costs  # noqa: E402
-from eetool.lm.evaluate import Score, fit_temperatures  # noqa: E402
-from eetool.lm.head import ExitHead  # noqa: E402
+from eetool.lm.head_evaluation import Score, fit_temperatures  # noqa: E402
 from eetool.lm.models import LanguageModel  # noqa: E402
 from eetool.lm.temperature import fit_temperature, mean_nll, split_for_temperature  # noqa: E402
 

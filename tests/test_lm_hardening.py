@@ -13,8 +13,8 @@ from tests.lm_helpers import DATA
 
 pytest.importorskip("transformers")
 
-from eetool.errors import ExitCode, InputError  # noqa: E402
-from eetool.lm import training  # noqa: E402
+from eetool.core.errors import ExitCode, InputError  # noqa: E402
+from eetool.lm import exit_lm_training as training  # noqa: E402
 from eetool.lm.model_files import SIZE_LIMITS, check_gguf  # noqa: E402
 
 HAMLET = DATA / "hamlet-act1.txt"

@@ -16,10 +16,9 @@ from tests.lm_helpers import DATA, make_tiny_lm
 pytest.importorskip("transformers")
 
 from eetool.cli import app  # noqa: E402
+from eetool.lm.class_aware_head import ExitHead  # noqa: E402
 from eetool.lm.corpus import load_corpus  # noqa: E402
-from eetool.lm.head import ExitHead  # noqa: E402
-from eetool.lm.models import LanguageModel, load_language_model  # noqa: E402
-from eetool.lm.training import (  # noqa: E402
+from eetool.lm.exit_lm_training import (  # noqa: E402
     CurvePoint,
     ExitLM,
     TrainSettings,
@@ -27,6 +26,7 @@ from eetool.lm.training import (  # noqa: E402
     cache_states,
     train_exit_lm,
 )
+from eetool.lm.models import LanguageModel, load_language_model  # noqa: E402
 
 runner = CliRunner()
 HAMLET, MACBETH = str(DATA / "hamlet-act1.txt"), str(DATA / "macbeth-act1.txt")

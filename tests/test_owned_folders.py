@@ -9,8 +9,8 @@ import pytest
 from cli_helpers import invoke, ok, one_error_line
 from lm_helpers import DATA, make_tiny_lm
 
-from eetool.errors import ExitCode, OutputError
-from eetool.owned_folders import (
+from eetool.core.errors import ExitCode, OutputError
+from eetool.core.owned_folders import (
     MARKER,
     check_folder_output,
     fresh_state_folder,

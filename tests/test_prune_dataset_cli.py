@@ -12,12 +12,12 @@ import yaml
 from cli_helpers import invoke, ok, one_error_line, sha256
 from safetensors.torch import save_file
 
-from eetool import dataset_pruning as dp
-from eetool.artifacts import Provenance, read_tensors
-from eetool.checkpoint import ModelSpec, save_checkpoint
+from eetool.classification import dataset_pruning as dp
 from eetool.commands.prune_dataset import METHOD_NAMES
-from eetool.datasets import load_dataset
-from eetool.errors import ExitCode
+from eetool.core.artifacts import Provenance, read_tensors
+from eetool.core.checkpoint import ModelSpec, save_checkpoint
+from eetool.core.datasets import load_dataset
+from eetool.core.errors import ExitCode
 
 FAST = ("--batch-size", "20", "--no-augment", "--lr", "0.05", "--device", "cpu", "--no-progress")
 
@@ -222,7 +222,7 @@ def test_from_weights_starts_from_the_checkpoint(tiny_checkpoint: str, easy_data
 def test_an_interrupted_pruning_phase_resumes_to_the_same_result(tiny_checkpoint: str, easy_data: str,
                                                                   tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from eetool import training
+    from eetool.core import training_loop as training
 
     args = ("prune-dataset", "-c", tiny_checkpoint, "-d", easy_data, "--ratio", "0.2", "-m", "eeprune-soft",
             "--epochs", "2", *FAST)

@@ -12,10 +12,10 @@ import yaml
 from cli_helpers import invoke, ok, one_error_line, sha256
 from safetensors import safe_open
 
-from eetool.checkpoint import load_checkpoint
-from eetool.errors import ExitCode
-from eetool.heads import load_heads
-from eetool.weight_pruning import pack_masks, unpack_masks
+from eetool.classification.exit_heads import load_heads
+from eetool.classification.weight_pruning import pack_masks, unpack_masks
+from eetool.core.checkpoint import load_checkpoint
+from eetool.core.errors import ExitCode
 
 FAST = ("--batch-size", "32", "--no-augment", "--device", "cpu", "--no-progress", "--finetune-samples", "32",
         "--exits", "half")
@@ -137,7 +137,7 @@ def test_plot_without_matplotlib_is_refused_before_any_work(tiny_checkpoint: str
 def test_resume_finishes_an_interrupted_run_as_an_uninterrupted_one(tiny_checkpoint: str, tiny_data: str,
                                                                     workdir: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from eetool import weight_pruning as wp
+    from eetool.classification import weight_pruning as wp
 
     args = ("prune-weights", "-c", tiny_checkpoint, "-d", tiny_data, "--rounds", "2", "-q", *FAST)
     ok(invoke(*args, "-o", "whole.safetensors"))
@@ -175,7 +175,7 @@ def channel_pruned(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: st
 
 
 def test_channel_rounds_reach_their_macs_targets(channel_pruned: tuple[Path, dict], tiny_checkpoint: str) -> None:
-    from eetool.costs import count_macs
+    from eetool.core.costs import count_macs
 
     d, doc = channel_pruned
     assert sorted(p.name for p in d.iterdir()) == ["c-heads.safetensors", "c.safetensors", "c.yaml"]
@@ -195,8 +195,8 @@ def test_channel_rounds_reach_their_macs_targets(channel_pruned: tuple[Path, dic
 
 
 def test_a_channel_pruned_checkpoint_reloads_smaller_and_dense(channel_pruned: tuple[Path, dict]) -> None:
-    from eetool.costs import count_macs, is_pruned
-    from eetool.exits import build_exit_model
+    from eetool.core.costs import count_macs, is_pruned
+    from eetool.core.exits import build_exit_model
 
     d, doc = channel_pruned
     ckpt = load_checkpoint(str(d / "c.safetensors"))
@@ -226,7 +226,7 @@ def test_fit_thresholds_and_evaluate_read_the_channel_pruned_network(channel_pru
 def test_channel_resume_finishes_an_interrupted_run_as_an_uninterrupted_one(
         channel_pruned: tuple[Path, dict], tiny_checkpoint: str, tiny_data: str, workdir: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from eetool import channel_pruning as cp
+    from eetool.classification import channel_pruning as cp
 
     d, _ = channel_pruned
     args = ("prune-weights", "-c", tiny_checkpoint, "-d", tiny_data, "-q", "-o", "part.safetensors", *CHANNEL)
@@ -261,7 +261,7 @@ def torch_equal_states(a: Path, b: Path) -> bool:
 
 def fake_times_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each plain run takes one second per 10,000 parameters of its model: speed-ups are parameter ratios."""
-    import eetool.inference as inference
+    import eetool.core.inference as inference
 
     real_predict = inference.predict
 

@@ -10,10 +10,10 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from eetool.classification.exit_heads import ExitHeads, HeadsSpec
+from eetool.classification.rules import HeadsRule, Thresholded
 from eetool.cli import app
-from eetool.errors import ExitCode, UsageError
-from eetool.heads import ExitHeads, HeadsSpec
-from eetool.rules import HeadsRule, Thresholded
+from eetool.core.errors import ExitCode, UsageError
 
 runner = CliRunner()
 
@@ -43,7 +43,7 @@ def test_head_confidences_match_a_direct_computation(method: str) -> None:
 
 @pytest.mark.parametrize("combine", ["and", "or"])
 def test_e2cm_plus_sdn_takes_the_lower_or_higher_confidence(combine: str) -> None:
-    from eetool.e2cm import ClassMeans, Pooling, decide, distances
+    from eetool.classification.e2cm import ClassMeans, Pooling, decide, distances
 
     heads = heads_for([[4, 6, 6]])
     means = ClassMeans(["e0"], [torch.randn(5, 144)], torch.rand(1, 5) + 0.5, torch.ones(5, dtype=torch.int64),
@@ -68,7 +68,7 @@ def test_combined_rules_need_the_class_means() -> None:
 
 
 def test_cost_model_counts_each_head_and_the_distances() -> None:
-    from eetool.e2cm import ClassMeans, Pooling, distance_macs
+    from eetool.classification.e2cm import ClassMeans, Pooling, distance_macs
 
     heads = heads_for([[4, 6, 6], [8, 3, 3]])
     plain = HeadsRule(heads, "sdn").cost_model([100, 200, 300])
@@ -123,8 +123,8 @@ def test_fit_and_evaluate_on_heads_through_the_cli(tiny_checkpoint: str, tiny_da
 
 def test_heads_of_another_checkpoint_are_refused(tiny_spec, tiny_checkpoint: str, tiny_data: str,  # type: ignore[no-untyped-def]
                                                  tmp_path: Path) -> None:
-    from eetool.artifacts import Provenance
-    from eetool.checkpoint import save_checkpoint
+    from eetool.core.artifacts import Provenance
+    from eetool.core.checkpoint import save_checkpoint
 
     torch.manual_seed(3)
     other = tmp_path / "other.safetensors"

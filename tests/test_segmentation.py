@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from eetool.artifacts import Provenance
-from eetool.checkpoint import ModelSpec, save_checkpoint
 from eetool.cli import app
-from eetool.errors import InputError, UsageError
+from eetool.core.artifacts import Provenance
+from eetool.core.checkpoint import ModelSpec, save_checkpoint
+from eetool.core.errors import InputError, UsageError
 from eetool.segmentation import IGNORE
 from eetool.segmentation.data import SOLID, make_scenes
 from eetool.segmentation.masked import FeatureMap
@@ -31,7 +31,7 @@ from eetool.segmentation.model import (
     grid_size,
     plain_macs,
 )
-from eetool.segmentation.thresholds import ClassStats, adp_c, cbt, cbt_ns, check_range
+from eetool.segmentation.pixel_thresholds import ClassStats, adp_c, cbt, cbt_ns, check_range
 
 runner = CliRunner()
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -399,7 +399,7 @@ def write_mask_file(path: Path, *, masks: torch.Tensor | None = None, classes: s
 
 
 def test_mask_file_maps_the_ignore_label(tmp_path: Path) -> None:
-    from eetool.datasets import load_dataset
+    from eetool.core.datasets import load_dataset
 
     write_mask_file(tmp_path / "seg.safetensors")
     ds = load_dataset(f"segmentation:{tmp_path / 'seg.safetensors'}", "train")
@@ -414,7 +414,7 @@ def test_mask_file_maps_the_ignore_label(tmp_path: Path) -> None:
     (torch.zeros(24, 16, 16), "masks are torch.float32"),
 ])
 def test_bad_mask_files_are_refused(tmp_path: Path, masks: torch.Tensor, says: str) -> None:
-    from eetool.datasets import load_dataset
+    from eetool.core.datasets import load_dataset
 
     write_mask_file(tmp_path / "bad.safetensors", masks=masks)
     with pytest.raises(InputError, match=says):
@@ -460,13 +460,13 @@ def test_a_segmentation_checkpoint_records_its_spec(tmp_path: Path) -> None:
                      arch_args={"width": 4, "head_width": 4})
     path = tmp_path / "m.safetensors"
     save_checkpoint(str(path), spec.build(), spec, Provenance(kind="checkpoint"))
-    from eetool.checkpoint import load_checkpoint
+    from eetool.core.checkpoint import load_checkpoint
 
     assert isinstance(load_checkpoint(str(path)).model, EESegNet)
 
 
 def test_budget_bisection_keeps_a_bracket_around_the_budget() -> None:
-    from eetool.segmentation.thresholds import BUDGET_TOLERANCE, fit_budget
+    from eetool.segmentation.pixel_thresholds import BUDGET_TOLERANCE, fit_budget
 
     tried: list[float] = []
 
@@ -488,7 +488,7 @@ def test_budget_bisection_keeps_a_bracket_around_the_budget() -> None:
 @pytest.fixture(scope="module")
 def budget_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, EESegNet, torch.Tensor]:
     """An untrained-but-not-trivial network on the square scenes, and the inputs as the commands see them."""
-    from eetool.datasets import Preprocess, load_dataset
+    from eetool.core.datasets import Preprocess, load_dataset
 
     d = tmp_path_factory.mktemp("budget")
     write_mask_file(d / "seg-data.safetensors")
@@ -514,7 +514,7 @@ def test_budget_search_meets_the_budget_and_a_larger_value_would_not(
         tmp_path: Path, budget_inputs: tuple[Path, Path, EESegNet, torch.Tensor], method: str) -> None:
     import yaml
 
-    from eetool.segmentation.thresholds import BUDGET_TOLERANCE
+    from eetool.segmentation.pixel_thresholds import BUDGET_TOLERANCE
 
     ckpt, data, model, x = budget_inputs
     everyone_first = mean_cost(model, x, [[0.0] * 3] * 3)
@@ -533,10 +533,10 @@ def test_budget_search_meets_the_budget_and_a_larger_value_would_not(
     # the nearest value tried above it spends more than the budget
     assert 0 < fitted["over"] - value <= BUDGET_TOLERANCE and fitted["over_cost"] > budget
     if method == "cbt":
-        from eetool.datasets import Preprocess, load_dataset
-        from eetool.reporting import Reporter
-        from eetool.segmentation.commands import class_statistics
-        from eetool.segmentation.thresholds import cbt
+        from eetool.core.datasets import Preprocess, load_dataset
+        from eetool.core.reporting import Reporter
+        from eetool.segmentation.inputs import class_statistics
+        from eetool.segmentation.pixel_thresholds import cbt
 
         assert 0 <= value < doc["beta"] == 0.998
         assert min(doc["thresholds"][0]) == pytest.approx(value) and max(doc["thresholds"][0]) == pytest.approx(0.998)
@@ -571,10 +571,10 @@ def test_budget_search_over_beta_meets_the_budget_and_a_larger_beta_would_not(
         tmp_path: Path, budget_inputs: tuple[Path, Path, EESegNet, torch.Tensor]) -> None:
     import yaml
 
-    from eetool.datasets import Preprocess, load_dataset
-    from eetool.reporting import Reporter
-    from eetool.segmentation.commands import class_statistics
-    from eetool.segmentation.thresholds import BUDGET_TOLERANCE, cbt
+    from eetool.core.datasets import Preprocess, load_dataset
+    from eetool.core.reporting import Reporter
+    from eetool.segmentation.inputs import class_statistics
+    from eetool.segmentation.pixel_thresholds import BUDGET_TOLERANCE, cbt
 
     ckpt, data, model, x = budget_inputs
     at_alpha = mean_cost(model, x, [[0.3] * 3] * 3)  # beta = alpha: every class at alpha
@@ -601,8 +601,8 @@ def test_budget_search_over_both_keeps_the_pair_of_best_miou_within_the_budget(
         tmp_path: Path, budget_inputs: tuple[Path, Path, EESegNet, torch.Tensor]) -> None:
     import yaml
 
-    from eetool.datasets import load_dataset
-    from eetool.segmentation.commands import BETA_GRID
+    from eetool.core.datasets import load_dataset
+    from eetool.segmentation.threshold_fitting import BETA_GRID
 
     ckpt, data, model, x = budget_inputs
     masks = next(iter(load_dataset(f"segmentation:{data}", "train").batches(256)))[1]

@@ -28,7 +28,7 @@ from eetool.segmentation.calibration import (
     upsampled_phases,
 )
 from eetool.segmentation.model import EESegNet
-from eetool.segmentation.thresholds import ClassStats
+from eetool.segmentation.pixel_thresholds import ClassStats
 
 TOLERANCE = 1e-5
 

@@ -13,8 +13,8 @@ import torch
 from cli_helpers import invoke, one_error_line
 from PIL import Image
 
-from eetool.datasets import load_dataset
-from eetool.errors import InputError
+from eetool.core.datasets import load_dataset
+from eetool.core.errors import InputError
 from eetool.segmentation import IGNORE
 from eetool.segmentation.atlas import GAP_SLICES, SIDE, class_names, slab_split
 from eetool.segmentation.nifti import read_nifti

@@ -13,13 +13,13 @@ import yaml
 from test_segmentation import trained_like, write_mask_file
 from typer.testing import CliRunner
 
-from eetool.artifacts import read_tensors, sha256_file
-from eetool.checkpoint import ModelSpec, save_checkpoint
 from eetool.cli import app
-from eetool.datasets import Preprocess, load_dataset
-from eetool.reporting import Reporter
+from eetool.core.artifacts import read_tensors, sha256_file
+from eetool.core.checkpoint import ModelSpec, save_checkpoint
+from eetool.core.datasets import Preprocess, load_dataset
+from eetool.core.reporting import Reporter
 from eetool.segmentation import IGNORE
-from eetool.segmentation.commands import class_statistics
+from eetool.segmentation.inputs import class_statistics
 from eetool.segmentation.statistics import KIND
 
 runner = CliRunner()
@@ -30,7 +30,7 @@ SPEC = ModelSpec(arch="eeseg", num_classes=3, input_shape=(1, 16, 16), mean=[0.5
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, Path]:
     """A network that is not trivial in eval mode, its mask data, and the statistics `calibrate-means` wrote."""
-    from eetool.artifacts import Provenance
+    from eetool.core.artifacts import Provenance
 
     d = tmp_path_factory.mktemp("statistics")
     write_mask_file(d / "seg-data.safetensors")
@@ -48,7 +48,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, Path]:
 
 def test_the_file_holds_the_statistics_of_one_pass_with_their_provenance(
         inputs: tuple[Path, str, Path]) -> None:
-    from eetool.checkpoint import load_checkpoint
+    from eetool.core.checkpoint import load_checkpoint
 
     ckpt, data, stats_file = inputs
     tensors, prov, meta = read_tensors(str(stats_file), KIND)
@@ -100,7 +100,7 @@ def test_every_data_option_names_every_source() -> None:
     """--data's help lists what its completion offers, the segmentation sources included."""
     import typer
 
-    from eetool.sources import SOURCES
+    from eetool.core.sources import SOURCES
 
     group = typer.main.get_command(app)
     commands = getattr(group, "commands", {})

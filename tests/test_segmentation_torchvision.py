@@ -13,9 +13,9 @@ import torch
 from cli_helpers import invoke, ok, one_error_line
 from safetensors.torch import save_file
 
-from eetool.archs import TORCHVISION_SEGMENTATION_ARCHS, ModelOptions
-from eetool.models import build_model
-from eetool.segmentation.model import early_exit_forward, first_exit_macs, plain_macs
+from eetool.core.architectures import TORCHVISION_SEGMENTATION_ARCHS, ModelOptions
+from eetool.core.builders import build_model
+from eetool.segmentation.networks import early_exit_forward, first_exit_macs, plain_macs
 from eetool.segmentation.tv import TorchvisionSegNet, dense_costs
 
 ARCH = "lraspp_mobilenet_v3_large"
@@ -71,7 +71,7 @@ def test_inference_runs_a_channels_last_copy_that_leaves_the_network_as_it_is(ne
 def test_a_torchvision_state_dict_loads_as_it_is(tmp_path: Path) -> None:
     from torchvision.models import segmentation
 
-    from eetool.checkpoint import load_checkpoint
+    from eetool.core.checkpoint import load_checkpoint
 
     torch.manual_seed(1)
     tv = segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=6).eval()
@@ -170,7 +170,7 @@ def test_train_exits_fit_thresholds_and_evaluate_on_a_torchvision_network(tmp_pa
 def test_train_without_exit_heads_trains_the_final_exit_alone() -> None:
     import torch.nn.functional as F
 
-    from eetool.segmentation.training import exit_losses_step
+    from eetool.segmentation.exit_losses import exit_losses_step
 
     torch.manual_seed(4)
     net = build_model(ARCH, 4, 3, {})
@@ -181,7 +181,7 @@ def test_train_without_exit_heads_trains_the_final_exit_alone() -> None:
 
 
 def test_the_frozen_backbone_step_trains_the_heads_alone(network: TorchvisionSegNet) -> None:
-    from eetool.segmentation.exit_training import frozen_backbone_step
+    from eetool.segmentation.pixel_head_training import frozen_backbone_step
 
     network.zero_grad()
     before = {k: v.clone() for k, v in network.state_dict().items() if not k.startswith("exit_heads.")}

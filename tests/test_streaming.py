@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from eetool import datasets
-from eetool.artifacts import read_tensors
-from eetool.datasets import Preprocess, load_dataset
-from eetool.errors import InputError
-from eetool.loading import DataLoading, DataOptions, Geometry, default_resize
-from eetool.streaming import centre_crop, decode_image
+from eetool.core import datasets
+from eetool.core.artifacts import read_tensors
+from eetool.core.datasets import Preprocess, load_dataset
+from eetool.core.errors import InputError
+from eetool.core.loading import DataLoading, DataOptions, Geometry, default_resize
+from eetool.core.streaming import centre_crop, decode_image
 from tests.cli_helpers import invoke, ok, one_error_line
 
 MEMORY = DataOptions(loading=DataLoading.memory, workers=0)
@@ -162,8 +162,8 @@ def test_a_torchvision_checkpoint_sees_what_torchvisions_reference_evaluation_se
     from torchvision import datasets as tv_datasets
     from torchvision import models, transforms
 
-    from eetool.archs import IMAGENET_MEAN, IMAGENET_STD, ModelOptions
-    from eetool.checkpoint import load_checkpoint
+    from eetool.core.architectures import IMAGENET_MEAN, IMAGENET_STD, ModelOptions
+    from eetool.core.checkpoint import load_checkpoint
 
     rng = np.random.RandomState(1)
     for i, (h, w) in enumerate([(300, 250), (240, 320), (200, 410)]):

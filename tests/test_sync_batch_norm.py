@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from eetool.sync_batch_norm import SyncBatchNorm, synchronised_batch_norm
+from eetool.core.sync_batch_norm import SyncBatchNorm, synchronised_batch_norm
 
 TOLERANCE = 1e-5
 CHANNELS = 3

@@ -9,8 +9,7 @@ import statistics
 import pytest
 import torch
 
-from eetool.errors import UsageError
-from eetool.thresholds import (
+from eetool.core.budget_search import (
     ExitStats,
     Point,
     bisect,
@@ -22,6 +21,7 @@ from eetool.thresholds import (
     operating_point,
     sweep,
 )
+from eetool.core.errors import UsageError
 
 
 def synthetic(n: int, j: int, seed: int, *, ties: bool = False, dtype: torch.dtype = torch.float32) -> ExitStats:

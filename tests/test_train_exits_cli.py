@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from cli_helpers import invoke, ok, one_error_line, sha256
 
-from eetool.checkpoint import load_checkpoint
-from eetool.errors import ExitCode
-from eetool.exits import build_exit_model
-from eetool.heads import load_heads
+from eetool.classification.exit_heads import load_heads
+from eetool.core.checkpoint import load_checkpoint
+from eetool.core.errors import ExitCode
+from eetool.core.exits import build_exit_model
 
 FAST = ("--batch-size", "48", "--no-augment", "--device", "cpu", "--no-progress")
 

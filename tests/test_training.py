@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from eetool.datasets import Dataset, Preprocess, load_dataset
-from eetool.errors import InputError, UsageError
-from eetool.training import (
+from eetool.core.datasets import Dataset, Preprocess, load_dataset
+from eetool.core.errors import InputError, UsageError
+from eetool.core.training_loop import (
     EpochRecord,
     Mix,
     TrainConfig,
@@ -263,8 +263,8 @@ def test_onecycle_needs_a_few_steps() -> None:
 
 def test_a_budget_in_samples_stops_inside_an_epoch(tiny_spec, tiny_data: str) -> None:  # type: ignore[no-untyped-def]
     """--samples N trains on exactly N samples (the last batch cut short), and the schedule ends there."""
-    from eetool.datasets import Preprocess, load_dataset
-    from eetool.training import TrainConfig, fit, make_optimizer, make_schedule
+    from eetool.core.datasets import Preprocess, load_dataset
+    from eetool.core.training_loop import TrainConfig, fit, make_optimizer, make_schedule
 
     data = load_dataset(f"safetensors:{tiny_data}", "train")  # 96 samples
     cfg = TrainConfig(epochs=1, batch_size=40, samples=250, augment=False, optimizer="adamw", lr=1e-3,

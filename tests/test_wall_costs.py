@@ -11,13 +11,9 @@ import torch
 import yaml
 from cli_helpers import invoke, ok
 
-from eetool.checkpoint import load_checkpoint
-from eetool.datasets import Preprocess, load_dataset
-from eetool.exits import build_exit_model
-from eetool.heads import load_heads
-from eetool.rules import HeadsRule
-from eetool.thresholds import ExitStats, exit_index, greedy, sweep
-from eetool.wall_costs import (
+from eetool.classification.exit_heads import load_heads
+from eetool.classification.rules import HeadsRule
+from eetool.classification.wall_costs import (
     MAX_FITS,
     PartSeconds,
     WallCosts,
@@ -26,6 +22,10 @@ from eetool.wall_costs import (
     reach_fractions,
     sweep_wall,
 )
+from eetool.core.budget_search import ExitStats, exit_index, greedy, sweep
+from eetool.core.checkpoint import load_checkpoint
+from eetool.core.datasets import Preprocess, load_dataset
+from eetool.core.exits import build_exit_model
 
 
 @pytest.fixture(scope="module")

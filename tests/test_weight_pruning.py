@@ -1,4 +1,4 @@
-"""Weight pruning of early-exit networks (eetool.weight_pruning) and the effective costs of pruned networks."""
+"""Weight pruning of early-exit networks (classification.weight_pruning) and the effective costs of pruned networks."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from eetool import weight_pruning as wp
-from eetool.checkpoint import ModelSpec
-from eetool.costs import count_macs, effective, effective_macs, is_pruned, measure
-from eetool.datasets import Dataset, Preprocess
-from eetool.exits import build_exit_model
-from eetool.heads import ExitHeads, HeadsSpec
-from eetool.training import TrainConfig
+from eetool.classification import weight_pruning as wp
+from eetool.classification.exit_heads import ExitHeads, HeadsSpec
+from eetool.core.checkpoint import ModelSpec
+from eetool.core.costs import count_macs, effective, effective_macs, is_pruned, measure
+from eetool.core.datasets import Dataset, Preprocess
+from eetool.core.exits import build_exit_model
+from eetool.core.training_loop import TrainConfig
 
 FINETUNE = TrainConfig(epochs=1, batch_size=16, optimizer="adamw", lr=1e-3, augment=False, samples=16)
 
@@ -146,7 +146,7 @@ def test_ordered_prunes_the_final_layer_in_both_phases(tiny_spec: ModelSpec) -> 
 
 
 def test_the_final_layer_trains_alone_on_a_frozen_backbone(tiny_spec: ModelSpec) -> None:
-    from eetool.exit_training import ExitTrainer
+    from eetool.classification.head_training import ExitTrainer
 
     em, heads = network(tiny_spec)
     trainer = ExitTrainer(em, heads, None, [1.0] * len(heads.spec.exits), joint=False,  # type: ignore[arg-type]

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from eetool.archs import EETOOL_ARCHS, TORCHVISION_ARCHS, TORCHVISION_SEGMENTATION_ARCHS
-from eetool.options import Run, eetool_command
-from eetool.sources import SOURCES
+from eetool.core.architectures import ARCHITECTURES
+from eetool.core.options import Run, eetool_command
+from eetool.core.sources import DATA_SOURCES
 
 
 @eetool_command("archs")
 def command(run: Run) -> None:
     """List architectures (--arch) and dataset sources (--data). Reads and writes nothing."""
-    doc = {"eetool": list(EETOOL_ARCHS), "torchvision": [*TORCHVISION_ARCHS, *TORCHVISION_SEGMENTATION_ARCHS],
-           "datasets": list(SOURCES), "custom": "package.module:callable"}
+    doc = {"eetool": list(ARCHITECTURES.names(family="eetool")),
+           "torchvision": list(ARCHITECTURES.names(family="torchvision")),
+           "datasets": list(DATA_SOURCES.names()), "custom": "package.module:callable"}
     run.emit(doc, lambda d: "\n".join([
         "eetool (28x28 / 32x32 inputs): " + ", ".join(d["eetool"]),
         "torchvision: " + ", ".join(d["torchvision"]),

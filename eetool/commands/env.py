@@ -6,8 +6,8 @@ import platform
 import sys
 
 from eetool import __version__
-from eetool.commands.common import format_fields
-from eetool.options import Run, eetool_command
+from eetool.core.options import Run, eetool_command
+from eetool.core.reporting import format_fields
 
 
 @eetool_command("env")

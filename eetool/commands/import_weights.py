@@ -6,8 +6,9 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.commands.common import format_fields, open_checkpoint
-from eetool.options import CheckpointOpt, ForceOpt, Run, eetool_command
+from eetool.core.options import CheckpointOpt, ForceOpt, Run, eetool_command
+from eetool.core.reporting import format_fields
+from eetool.core.run_inputs import open_checkpoint
 
 
 @eetool_command("checkpoint", model_options=True)
@@ -21,9 +22,9 @@ def command(
 ) -> None:
     """Turn foreign weights (a state dict .pt/.pth/.safetensors) and --arch and friends into an eetool checkpoint
     that records them, so later commands need only --checkpoint. Writes -o."""
-    from eetool.artifacts import STDOUT, Provenance, sha256_file
-    from eetool.checkpoint import save_checkpoint
-    from eetool.errors import UsageError
+    from eetool.core.artifacts import STDOUT, Provenance, sha256_file
+    from eetool.core.checkpoint import save_checkpoint
+    from eetool.core.errors import UsageError
 
     if output == STDOUT or not output.endswith(".safetensors"):
         raise UsageError(f"-o {output}: an eetool checkpoint is a .safetensors file",

@@ -7,14 +7,15 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.commands.common import format_fields, format_table, open_checkpoint
-from eetool.options import (
+from eetool.core.options import (
     Count,
     CountOpt,
     ExitsOpt,
     Run,
     eetool_command,
 )
+from eetool.core.reporting import format_fields, format_table
+from eetool.core.run_inputs import open_checkpoint
 
 
 @eetool_command("inspect", model_options=True)
@@ -28,7 +29,7 @@ def command(
     count: CountOpt = Count.macs,
 ) -> None:
     """Describe a checkpoint (its exits, output shapes and cumulative costs) or an artifact. Writes nothing."""
-    from eetool.errors import UsageError
+    from eetool.core.errors import UsageError
 
     target = checkpoint or file
     if not target:
@@ -40,8 +41,8 @@ def command(
 
 
 def _is_checkpoint(path: str) -> bool:
-    from eetool.artifacts import read_safetensors
-    from eetool.checkpoint import SPEC_KEY
+    from eetool.core.artifacts import read_safetensors
+    from eetool.core.checkpoint import SPEC_KEY
 
     if path == "demo":
         return True
@@ -52,8 +53,8 @@ def _is_checkpoint(path: str) -> bool:
 
 
 def _describe_checkpoint(run: Run, ref: str, exits: str, unit: str) -> None:
-    from eetool.costs import effective, in_unit, measure, zero_fraction
-    from eetool.exits import HOOK, build_exit_model
+    from eetool.core.costs import effective, in_unit, measure, zero_fraction
+    from eetool.core.exits import HOOK, build_exit_model
 
     ckpt = open_checkpoint(run, ref)
     run.torch()
@@ -61,7 +62,7 @@ def _describe_checkpoint(run: Run, ref: str, exits: str, unit: str) -> None:
     costs = measure(em, ckpt.spec.input_shape)
     shapes = em.exit_shapes(ckpt.spec.input_shape)
     cumulative = costs.backbone_cumulative()
-    # A pruned checkpoint's effective cost (zero weights cost nothing, see eetool.costs) beside the dense one;
+    # A pruned checkpoint's effective cost (zero weights cost nothing, see eetool.core.costs) beside the dense one;
     # equal to it for an unpruned checkpoint.
     sparse = effective(costs, em, ckpt.spec.input_shape)
     pruned = sparse is not costs
@@ -127,8 +128,8 @@ def _classes(count: int, names: list[str]) -> str:
 
 
 def _describe_artifact(run: Run, path: str) -> None:
-    from eetool.artifacts import KINDS, read_safetensors, read_tensors
-    from eetool.errors import InputError, ProvenanceError
+    from eetool.core.artifacts import KINDS, read_safetensors, read_tensors
+    from eetool.core.errors import InputError, ProvenanceError
 
     if path.endswith(".safetensors"):
         _, meta = read_safetensors(path)
@@ -143,7 +144,7 @@ def _describe_artifact(run: Run, path: str) -> None:
     else:
         import yaml
 
-        from eetool.artifacts import load_yaml, read_yaml_text, require_file
+        from eetool.core.artifacts import load_yaml, read_yaml_text, require_file
 
         require_file(path)
         try:

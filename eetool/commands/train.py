@@ -7,9 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.choices import SPLITS
-from eetool.commands.common import data_path, format_fields
-from eetool.options import (
+from eetool.core.choices import SPLITS
+from eetool.core.options import (
     MAX_EPOCHS,
     TRAINING,
     AugmentOpt,
@@ -28,6 +27,8 @@ from eetool.options import (
     eetool_command,
     prefix_completer,
 )
+from eetool.core.reporting import format_fields
+from eetool.core.run_inputs import data_path
 
 
 @eetool_command("train", model_options=True, data_options=True, distributed=True)
@@ -60,15 +61,15 @@ def command(
     force: ForceOpt = False,
 ) -> None:
     """Train a model (or fine-tune --checkpoint) and write an eetool checkpoint. Reads a dataset; writes -o."""
-    from eetool.archs import SEGMENTATION_ARCHS
-    from eetool.artifacts import Provenance
-    from eetool.checkpoint import save_checkpoint
-    from eetool.commands.common import load_data, open_checkpoint
-    from eetool.datasets import Preprocess, check_labels, require_labels
-    from eetool.errors import InputError
+    from eetool.core.architectures import SEGMENTATION_ARCHS
+    from eetool.core.artifacts import Provenance
+    from eetool.core.checkpoint import save_checkpoint
+    from eetool.core.datasets import Preprocess, check_labels, require_labels
+    from eetool.core.errors import InputError
+    from eetool.core.run_inputs import load_data, open_checkpoint
+    from eetool.core.training_loop import TrainConfig, fit
     from eetool.segmentation.data import check_masks, is_segmentation
-    from eetool.segmentation.training import exit_losses_step, require_same_task, segmentation_config
-    from eetool.training import TrainConfig, fit
+    from eetool.segmentation.exit_losses import exit_losses_step, require_same_task, segmentation_config
 
     run.check_output(output, force=force or resume, inputs=(checkpoint, indices, data_path(data)), binary=True)
     resume_path = f"{output}.resume.pt"
@@ -141,7 +142,7 @@ def command(
 def _fed_as(run: Run) -> Any:
     """A stand-in spec saying how to decode folder images for a model trained from scratch: by --input-shape
     if given; None (the first image's size, or --crop's) if not."""
-    from eetool.checkpoint import ModelSpec
+    from eetool.core.checkpoint import ModelSpec
 
     opts = run.model_options
     if opts.input_shape is None:
@@ -153,7 +154,7 @@ def _fed_as(run: Run) -> Any:
 def _fresh_spec(run: Run, train_data: Any, default_arch: str) -> Any:
     """What to train from scratch: --arch (default resnet20, eeseg for segmentation data) fed as the data is,
     unless the options say otherwise."""
-    from eetool.checkpoint import ModelSpec
+    from eetool.core.checkpoint import ModelSpec
 
     opts = run.model_options
     mean, std = (opts.mean, opts.std) if opts.mean and opts.std else train_data.channel_stats()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from eetool.choices import HEAD_KINDS, SPLITS
-from eetool.commands.common import data_path, format_fields, format_table
-from eetool.options import (
+from eetool.core.choices import HEAD_KINDS, SPLITS
+from eetool.core.options import (
     MAX_EPOCHS,
     MAX_POOL_SIZE,
     TRAINING,
@@ -75,20 +74,10 @@ def command(
     force: ForceOpt = False,
 ) -> None:
     """Attach heads at the exits of a checkpoint and train them (frozen backbone or jointly). Writes -o."""
-    from eetool.artifacts import Provenance, output_set, sha256_file, verify
-    from eetool.checkpoint import model_sha256, save_checkpoint
-    from eetool.commands.common import load_data, open_checkpoint
-    from eetool.datasets import Preprocess, check_labels
-    from eetool.e2cm import ClassMeans
-    from eetool.errors import UsageError
-    from eetool.exit_training import ExitTrainer, exit_accuracies
-    from eetool.exits import build_exit_model
-    from eetool.heads import ExitHeads, HeadsSpec, parse_weights, save_heads
-    from eetool.segmentation.commands import is_segmentation_checkpoint
-    from eetool.training import TrainConfig, fit
+    from eetool.segmentation.inputs import is_segmentation_checkpoint
 
     if is_segmentation_checkpoint(run, checkpoint):
-        from eetool.segmentation.exit_training import ExitTrainingRequest, train_segmentation_exits
+        from eetool.segmentation.pixel_head_training import ExitTrainingRequest, train_segmentation_exits
 
         train_segmentation_exits(run, ExitTrainingRequest(
             checkpoint, data, output, split, indices, eval_split, epochs, samples, batch_size, optimizer, lr,
@@ -96,85 +85,9 @@ def command(
                 "--head": head != "sdn", "--pool-size": pool_size != 4, "--means": means, "--joint": joint,
                 "--exit-weights": exit_weights, "--backbone-output": backbone_output, "--exits": exits != "every"}))
         return
-    if joint and not backbone_output:
-        raise UsageError("--joint changes the backbone, so it needs --backbone-output FILE",
-                         "name a file for the fine-tuned checkpoint, or train with --frozen")
-    if backbone_output and not joint:
-        raise UsageError("--backbone-output is only written with --joint", "drop it, or add --joint")
-    inputs = (checkpoint, indices, data_path(data), means)
-    run.check_output(output, force=force, inputs=inputs, binary=True)
-    if backbone_output:
-        if backbone_output == output:
-            raise UsageError("-o and --backbone-output name the same file", "give each its own name")
-        run.check_output(backbone_output, force=force, inputs=(*inputs, output), flag="--backbone-output",
-                         binary=True)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-                      schedule=schedule, augment=augment, seed=run.seed, samples=samples or 0)
-    cfg.validate()  # before any data is loaded
-    cfg.check_world(run.world)  # and before the processes meet: rank 0 alone reports it
-    ckpt = open_checkpoint(run, checkpoint)
-    device = run.torch()
-    train_data = load_data(run, data, split, indices, ckpt.spec)
-    check_labels(train_data, ckpt.spec.num_classes)
-    eval_data = load_data(run, data, eval_split, spec=ckpt.spec) if eval_split else None
-    em = build_exit_model(ckpt.model, exits)
-    cm = None
-    if means:
-        cm, means_prov = ClassMeans.load(means)
-        verify(means, means_prov, checkpoint=ckpt.identity, exits=list(em.exits))
-    shapes = [list(s) for s in em.exit_shapes(ckpt.spec.input_shape)]
-    spec = HeadsSpec(head, list(em.exits), shapes, ckpt.spec.num_classes, pool_size, cm is not None,
-                     parse_weights(exit_weights, len(em.exits)))
-    heads = ExitHeads(spec)
-    trainer = ExitTrainer(em, heads, cm, spec.weights, joint=joint)
-    preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
-    run.reporter.log(f"training {head} heads at {len(em.exits)} exits of {ckpt.label} "
-                     f"({'jointly' if joint else 'backbone frozen'}) on {train_data.spec}")
-    result = fit(trainer, train_data, preprocess, cfg, device=device, params=trainer.trainable_parameters(),
-                 step=trainer.step, resume_path=None, reporter=run.reporter, world=run.world)
-    training = {"samples_seen": result.samples_seen, "epochs": len(result.history), "seconds": round(result.seconds, 1),
-                "loss": round(result.last.loss, 6),
-                "processes": run.world.size}  # --batch-size is the global batch, shared out among them
-    # The heads name the backbone they were trained with: with --joint both files appear together or neither.
-    # Under torchrun every rank holds the same weights; rank 0 writes them.
-    if run.world.main:
-        with output_set([output, *([backbone_output] if joint and backbone_output else [])]) as temps:
-            backbone_sha, backbone_model_sha = ckpt.sha256, ckpt.model_sha256
-            if joint and backbone_output:
-                save_checkpoint(temps[1], ckpt.model.cpu(), ckpt.spec,
-                                Provenance(kind="checkpoint", checkpoint_sha256=ckpt.sha256,
-                                           model_sha256=ckpt.model_sha256, dataset=train_data.fingerprint,
-                                           args={**run.args, "training": {"samples_seen": result.samples_seen}}))
-                backbone_sha, backbone_model_sha = sha256_file(temps[1]), model_sha256(ckpt.spec, ckpt.model)
-            prov = Provenance(kind="exit-heads", checkpoint_sha256=backbone_sha, model_sha256=backbone_model_sha,
-                              exits=list(em.exits), dataset=train_data.fingerprint,
-                              args={**run.args, "training": training},
-                              inputs={"class-means": sha256_file(means)} if means else {})
-            save_heads(temps[0], heads.cpu(), prov)
-    run.reporter.log(f"wrote {output}" + (f" and {backbone_output}" if joint and backbone_output else ""))
 
-    from eetool.costs import measure
+    from eetool.classification.exit_head_fitting import ExitHeadsRequest, fit_exit_heads
 
-    costs = measure(em, ckpt.spec.input_shape)
-    head_macs = heads.macs()
-    cumulative = costs.backbone_cumulative()
-    accs = (exit_accuracies(trainer.to(device), eval_data, preprocess, device=device, world=run.world)
-            if eval_data else None)
-    rows: list[dict[str, Any]] = [{
-        "exit": name, "head_macs": m, "cost_normalised": round((cumulative[j] + m) / costs.model_macs, 6),
-        "accuracy": None if accs is None else round(accs[j], 6),
-    } for j, (name, m) in enumerate(zip(em.exits, head_macs, strict=True))]
-    doc = {"output": output, "head": head, "joint": joint, "with_distances": cm is not None, **training,
-           "eval_split": eval_split, "head_accuracy": None if accs is None else round(accs[-1], 6), "exits": rows}
-
-    def text(d: dict[str, Any]) -> str:
-        head_rows = [[r["exit"], f"{r['head_macs']:,}", r["cost_normalised"], r["accuracy"]] for r in d["exits"]]
-        return format_fields([
-            ("exit heads", d["output"]), ("head", d["head"] + (" + E²CM distances" if d["with_distances"] else "")),
-            ("training", f"{'joint' if d['joint'] else 'frozen backbone'}, {d['epochs']} epochs, "
-                         f"{d['samples_seen']} samples, {d['seconds']:.1f} s"),
-            *([(f"{eval_split} accuracy of the model's head", d["head_accuracy"])] if eval_split else []),
-        ]) + "\n\n" + format_table(["exit", "head macs", "cost to exit", f"{eval_split or 'eval'} accuracy"],
-                                   head_rows)
-
-    run.emit(doc, text)
+    fit_exit_heads(run, ExitHeadsRequest(checkpoint, data, output, split, indices, exits, head, pool_size, means,
+                                         joint, exit_weights, backbone_output, eval_split, epochs, samples,
+                                         batch_size, optimizer, lr, weight_decay, schedule, augment, force))

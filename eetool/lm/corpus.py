@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eetool.artifacts import require_file
-from eetool.errors import InputError
+from eetool.core.artifacts import require_file
+from eetool.core.errors import InputError
 
 if TYPE_CHECKING:
     import torch

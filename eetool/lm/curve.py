@@ -2,7 +2,7 @@
 
 A token leaves at the exit after block K when the exit's largest softmax probability (at the head's
 temperature) exceeds the threshold T; the others run on to the final head. The thresholds come from
-eetool.thresholds (one exit: ExitStats with J = 1, the greedy walk, its convex hull), as for the
+eetool.core.budget_search (one exit: ExitStats with J = 1, the greedy walk, its convex hull), as for the
 classification methods.
 
 Cost is MACs per token, normalised to the whole model (L blocks and the final LM head): a token that
@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from eetool.core.budget_search import ExitStats
     from eetool.lm.models import LanguageModel
-    from eetool.thresholds import ExitStats
 
 
 @dataclass
@@ -66,10 +66,10 @@ def token_costs(lm: LanguageModel, context: int) -> TokenCosts:
 
 def exit_stats(confidence: torch.Tensor, exit_correct: torch.Tensor, final_correct: torch.Tensor,
                costs: tuple[float, float]) -> ExitStats:
-    """One exit's per-token confidences and correctness, and the final head's, as eetool.thresholds wants them."""
+    """One exit's per-token confidences and correctness, and the final head's, as core.budget_search wants them."""
     import torch
 
-    from eetool.thresholds import ExitStats
+    from eetool.core.budget_search import ExitStats
 
     return ExitStats(confidence.float()[:, None], torch.stack([exit_correct.bool(), final_correct.bool()], 1),
                      torch.tensor(costs, dtype=torch.float64))
@@ -94,7 +94,7 @@ def point_at(stats: ExitStats, threshold: float, budget: float | None = None) ->
     """The operating point of one threshold, recomputed from the per-token data."""
     import math
 
-    from eetool.thresholds import operating_point
+    from eetool.core.budget_search import operating_point
 
     t = stats.confidence.new_tensor([threshold])
     cost, accuracy = operating_point(stats, t)
@@ -107,7 +107,7 @@ def point_at(stats: ExitStats, threshold: float, budget: float | None = None) ->
 def curve(stats: ExitStats, budgets: list[float], *, sweep_step: float | None = None) -> list[CurvePoint]:
     """Operating points for the budgets (each checked reachable), and with ``sweep_step`` the convex hull of a
     sweep over every budget from 0 to 1 in those steps; in cost order."""
-    from eetool.thresholds import check_budget, hull, sweep
+    from eetool.core.budget_search import check_budget, hull, sweep
 
     for b in budgets:
         check_budget(stats, b)

@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from eetool.errors import InputError
+from eetool.core.errors import InputError
 
 MODEL_HINT = "give a Hugging Face model folder (config.json, *.safetensors, tokenizer), a .gguf file or demo-lm"
 # Sizes a config (or a GGUF header) may give: above any released causal LM, far below what would exhaust memory.

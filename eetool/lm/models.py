@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eetool.errors import InputError, ModelMismatchError, UsageError
+from eetool.core.errors import InputError, ModelMismatchError, UsageError
+from eetool.core.owned_folders import mark_folder
+from eetool.core.reporting import Reporter
 from eetool.lm.model_files import MODEL_HINT, check_config, check_gguf, check_weights
-from eetool.owned_folders import mark_folder
-from eetool.reporting import Reporter
 
 if TYPE_CHECKING:
     import torch
@@ -126,7 +126,7 @@ def load_language_model(source: str, log: Callable[[str], None] | None = None) -
 def converted_demo(log: Callable[[str], None]) -> Path:
     """The demo GGUF converted to a safetensors folder, made on first use (atomically: a temp folder renamed)."""
     gguf = demo_gguf()
-    from eetool.artifacts import sha256_file
+    from eetool.core.artifacts import sha256_file
 
     digest = sha256_file(gguf)
     target = cache_root() / f"smollm2-135m-{digest[:16]}"

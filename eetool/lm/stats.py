@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from eetool.reporting import Reporter
+from eetool.core.reporting import Reporter
 
 if TYPE_CHECKING:
     import torch

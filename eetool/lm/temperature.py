@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from eetool.errors import InputError, UsageError
+from eetool.core.errors import InputError, UsageError
 
 if TYPE_CHECKING:
     import torch

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eetool.datasets import Dataset
-from eetool.errors import InputError
+from eetool.core.datasets import Dataset, source_root
+from eetool.core.errors import InputError
+from eetool.core.loading import DataOptions, Geometry
 from eetool.segmentation.nifti import read_nifti
 
 NAME = "brain-atlas"
@@ -47,6 +48,12 @@ def slab_split(count: int, split: str) -> list[int]:
     first = 0 if split == "train" else TRAIN_SLICES + GAP_SLICES
     length = TRAIN_SLICES if split == "train" else TEST_SLICES
     return [i for i in range(count) if first <= i % PERIOD < first + length]
+
+
+def load_atlas_source(name: str, path: str | None, split: str, options: DataOptions, geometry: Geometry | None
+                      ) -> Dataset:
+    """The loader eetool.core.sources registers for ``brain-atlas[:PATH]`` (folder-image options do not apply)."""
+    return brain_atlas(source_root(name, path), split)
 
 
 def brain_atlas(root: Path, split: str) -> Dataset:

@@ -31,8 +31,8 @@ import torch
 from eetool.segmentation.model import EESegNet, upsample
 
 if TYPE_CHECKING:
-    from eetool.segmentation.model import SegmentationNet
-    from eetool.segmentation.thresholds import ClassStats
+    from eetool.segmentation.networks import SegmentationNet
+    from eetool.segmentation.pixel_thresholds import ClassStats
 
 # Probabilities (pixels x exits x classes) handled at once: about 4 MB of float32, so that a chunk's phases,
 # softmax and per-class sums stay in a core's cache (fewer images per chunk add per-call overhead, more spill).

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eetool.datasets import FASHION_MNIST_CLASSES, Dataset, _find, _root, read_idx
-from eetool.errors import InputError, ModelMismatchError, UsageError
+from eetool.core.datasets import FASHION_MNIST_CLASSES, Dataset, find_idx_file, read_idx, source_root
+from eetool.core.errors import InputError, ModelMismatchError, UsageError
+from eetool.core.loading import DataOptions, Geometry
 from eetool.segmentation import IGNORE
 
 SCENE_SIDE = 64
@@ -41,20 +42,15 @@ def is_segmentation(ds: Dataset) -> bool:
     return ds.labels.dim() == 3
 
 
-def load_segmentation(name: str, path: str | None, split: str) -> Dataset:
-    if name == "fashion-mnist-scenes":
-        return fashion_mnist_scenes(_root("fashion-mnist", path), split)
-    if name == "brain-atlas":
-        from eetool.segmentation.atlas import brain_atlas
+# The loaders eetool.core.sources registers, called as loader(name, path, split, options, geometry): the
+# options and geometry of folder images do not apply to scenes or mask files.
+def load_scenes_source(name: str, path: str | None, split: str, options: DataOptions, geometry: Geometry | None
+                       ) -> Dataset:
+    return fashion_mnist_scenes(source_root("fashion-mnist", path), split)
 
-        return brain_atlas(_root(name, path), split)
-    if name == "segmentation-folder":
-        from eetool.segmentation.folder import load_folder
 
-        if not path:
-            raise UsageError("--data segmentation-folder needs a path",
-                             "write --data segmentation-folder:PATH (PATH/<split>/images/*.png and masks/*.png)")
-        return load_folder(Path(path), split)
+def load_masks_source(name: str, path: str | None, split: str, options: DataOptions, geometry: Geometry | None
+                      ) -> Dataset:
     if not path:
         raise UsageError("--data segmentation needs a path", "write --data segmentation:FILE.safetensors")
     return _load_masks_file(path, split)
@@ -62,8 +58,8 @@ def load_segmentation(name: str, path: str | None, split: str) -> Dataset:
 
 def fashion_mnist_scenes(root: Path, split: str, count: int | None = None) -> Dataset:
     prefix = "train" if split == "train" else "t10k"
-    garments = read_idx(_find(root, (f"{prefix}-images-idx3-ubyte",)))
-    labels = read_idx(_find(root, (f"{prefix}-labels-idx1-ubyte",)))
+    garments = read_idx(find_idx_file(root, (f"{prefix}-images-idx3-ubyte",)))
+    labels = read_idx(find_idx_file(root, (f"{prefix}-labels-idx1-ubyte",)))
     if garments.dim() != 3 or tuple(garments.shape[1:]) != (GARMENT_SIDE, GARMENT_SIDE):
         raise InputError(f"{root}: {prefix} images are {tuple(garments.shape)}, not N x 28 x 28",
                          "point --data fashion-mnist-scenes:PATH at the Fashion-MNIST IDX files")
@@ -97,8 +93,8 @@ def make_scenes(garments: np.ndarray, labels: np.ndarray, count: int, seed: int)
 
 
 def _load_masks_file(path: str, split: str) -> Dataset:
-    from eetool.archs import MAX_INPUT_SIDE
-    from eetool.artifacts import read_safetensors
+    from eetool.core.architectures import MAX_INPUT_SIDE
+    from eetool.core.artifacts import read_safetensors
 
     tensors, meta = read_safetensors(path)
     hint = "store images (uint8 N x C x H x W) and masks (integer N x H x W) as described in `eetool --help`"

@@ -22,14 +22,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eetool.datasets import Dataset
-from eetool.errors import InputError
+from eetool.core.datasets import Dataset
+from eetool.core.errors import InputError, UsageError
+from eetool.core.loading import DataOptions, Geometry
 from eetool.segmentation.data import DEFAULT_IGNORE_LABEL, LabelledMasks, masks_dataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MASK_MODES = ("L", "P", "I;16", "I", "1")  # one integer a pixel; RGB masks (colour-coded classes) are not read
 METADATA = "segmentation.yaml"
 MAX_BYTES = 2 * 2**30  # decoded images and masks held in memory
+
+
+def load_folder_source(name: str, path: str | None, split: str, options: DataOptions, geometry: Geometry | None
+                       ) -> Dataset:
+    """The loader eetool.core.sources registers for ``segmentation-folder:PATH`` (images keep their size)."""
+    if not path:
+        raise UsageError("--data segmentation-folder needs a path",
+                         "write --data segmentation-folder:PATH (PATH/<split>/images/*.png and masks/*.png)")
+    return load_folder(Path(path), split)
 
 
 def load_folder(root: Path, split: str) -> Dataset:
@@ -80,7 +90,7 @@ def _check_headers(images: dict[str, Path], masks: dict[str, Path], stems: list[
     """The one image size (height, width) and whether every image is grey; every mask checked against it."""
     from PIL import Image
 
-    from eetool.archs import MAX_INPUT_SIDE
+    from eetool.core.architectures import MAX_INPUT_SIDE
 
     size: tuple[int, int] | None = None
     grey = True

@@ -48,14 +48,14 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from eetool.errors import UsageError
+from eetool.core.errors import UsageError
 from eetool.segmentation.masked import (
     FeatureMap,
     conv_rows,
@@ -65,13 +65,6 @@ from eetool.segmentation.masked import (
     read_mask,
     tap_rows,
 )
-
-if TYPE_CHECKING:
-    from typing import TypeAlias
-
-    from eetool.segmentation.tv import TorchvisionSegNet
-
-    SegmentationNet: TypeAlias = "EESegNet | TorchvisionSegNet"
 
 SEGMENTATION_ARCH = "eeseg"
 EXIT_NAMES = ["exit1", "exit2", "exit3", "final"]
@@ -138,6 +131,8 @@ class InferenceCopy(Generic[NetT]):
 
 
 class EESegNet(nn.Module):
+    pixel_exits = True  # per-pixel exits of its own: not a classifier for class means or exit heads
+
     def __init__(self, num_classes: int, in_channels: int = 1, width: int = 32, head_width: int = 32,
                  blocks: int = 1) -> None:
         super().__init__()
@@ -225,7 +220,8 @@ def upsample(logits: torch.Tensor, size: Any) -> torch.Tensor:
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def build(num_classes: int, in_channels: int, arch_args: dict[str, Any]) -> EESegNet:
+def build(arch: str, num_classes: int, in_channels: int, arch_args: dict[str, Any]) -> EESegNet:
+    """The builder eetool.core.architectures registers for ``eeseg`` (the one architecture it builds)."""
     allowed = {"width": 256, "head_width": 256, "blocks": 8}
     for key, value in arch_args.items():
         if key not in allowed:
@@ -235,12 +231,6 @@ def build(num_classes: int, in_channels: int, arch_args: dict[str, Any]) -> EESe
             raise UsageError(f"--arch-args {key} must be a whole number from 1 to {allowed[key]}, not {value!r}",
                              "e.g. '{width: 32, blocks: 1}'")
     return EESegNet(num_classes, in_channels, **arch_args)
-
-
-def is_segmentation_model(model: nn.Module) -> bool:
-    from eetool.segmentation.tv import TorchvisionSegNet
-
-    return isinstance(model, EESegNet | TorchvisionSegNet)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,24 +256,16 @@ def grid_size(model: EESegNet, height: int, width: int) -> tuple[int, int]:
     return (height + 1) // 2, (width + 1) // 2
 
 
-def plain_macs(model: SegmentationNet, input_shape: tuple[int, int, int]) -> int:
+def plain_macs(model: EESegNet, input_shape: tuple[int, int, int]) -> int:
     """Multiply-adds of the plain network on one image: every position through the stem, every block and the
     final head."""
-    if not isinstance(model, EESegNet):
-        from eetool.segmentation import tv
-
-        return tv.plain_macs(model, input_shape)
     costs = PositionCosts.of(model)
     h, w = grid_size(model, *input_shape[1:])
     return h * w * (costs.stem + 2 * len(DILATIONS) * model.blocks * costs.conv + costs.head)
 
 
-def first_exit_macs(model: SegmentationNet, input_shape: tuple[int, int, int]) -> int:
+def first_exit_macs(model: EESegNet, input_shape: tuple[int, int, int]) -> int:
     """Multiply-adds on one image when every pixel leaves at the first exit: the cheapest any thresholds get."""
-    if not isinstance(model, EESegNet):
-        from eetool.segmentation import tv
-
-        return tv.first_exit_macs(model, input_shape)
     costs = PositionCosts.of(model)
     h, w = grid_size(model, *input_shape[1:])
     return h * w * (costs.stem + 2 * model.blocks * costs.conv + costs.head)
@@ -425,16 +407,11 @@ def head_rows(head: Head, rows: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torch.Tensor,
+def early_exit_forward(model: EESegNet, x: torch.Tensor, thresholds: torch.Tensor,
                        dense_above: float = DENSE_ABOVE) -> EarlyExitResult:
     """Pixel-level early exit with ``thresholds`` (early exits x classes): a pixel predicted as class j at early
     exit n leaves there when its largest probability exceeds ``thresholds[n, j]``; pixels left at the end take
-    the final exit's prediction. Only active positions are computed after the stem (see the module's doc);
-    a torchvision network is masked after its first exit (``eetool.segmentation.tv_masked``)."""
-    if not isinstance(model, EESegNet):
-        from eetool.segmentation import tv
-
-        return tv.early_exit_forward(model, x, thresholds)
+    the final exit's prediction. Only active positions are computed after the stem (see the module's doc)."""
     model = model.eval().inference_net()
     costs = PositionCosts.of(model)
     batch, _, height, width = x.shape

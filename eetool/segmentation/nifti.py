@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eetool.errors import InputError
+from eetool.core.errors import InputError
 
 HEADER_BYTES = 348
 FIRST_DATA_BYTE = 352  # the header and the 4-byte extension flag of a single-file NIfTI-1

@@ -17,22 +17,23 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
-from eetool.errors import InputError, UsageError
+from eetool.core.errors import InputError, UsageError
+from eetool.core.reporting import format_fields, format_table
+from eetool.core.run_inputs import data_path, open_checkpoint
 from eetool.segmentation.model import EXIT_NAMES
-from eetool.segmentation.thresholds import ClassStats, margins
+from eetool.segmentation.pixel_thresholds import ClassStats, margins
 
 if TYPE_CHECKING:
-    from eetool.artifacts import Provenance
-    from eetool.checkpoint import Checkpoint
-    from eetool.options import Run
+    from eetool.core.artifacts import Provenance
+    from eetool.core.checkpoint import Checkpoint
+    from eetool.core.options import Run
 
 KIND = "segmentation-class-statistics"
 CLASSES_KEY = "eetool.classes"
 
 
 def save_statistics(path: str, stats: ClassStats, classes: list[str], prov: Provenance) -> None:
-    from eetool.artifacts import write_tensors
+    from eetool.core.artifacts import write_tensors
 
     write_tensors(path, {"sums": stats.sums, "counts": stats.counts}, prov,
                   extra={CLASSES_KEY: json.dumps(classes)})
@@ -41,7 +42,7 @@ def save_statistics(path: str, stats: ClassStats, classes: list[str], prov: Prov
 def load_statistics(path: str, ckpt: Checkpoint, num_classes: int) -> tuple[ClassStats, Provenance]:
     """The statistics of ``path``, refused (with the documented exit codes) when the file is another kind of
     artifact, was made from another checkpoint or for other exits, or its tensors do not fit the network."""
-    from eetool.artifacts import read_tensors, read_yaml, verify
+    from eetool.core.artifacts import read_tensors, read_yaml, verify
 
     if path.endswith((".yaml", ".yml")):  # a YAML artifact given where the statistics belong
         read_yaml(path, KIND)  # raises the provenance error naming the kind found
@@ -75,9 +76,9 @@ class StatisticsRequest:
 
 def calibrate_statistics(run: Run, req: StatisticsRequest) -> None:
     """One streaming pass over ``req.data``: eq. 3.1's sums and counts at every exit, written to ``req.output``."""
-    from eetool.artifacts import Provenance
-    from eetool.datasets import Preprocess
-    from eetool.segmentation.commands import class_statistics, load_masks, require_segmentation
+    from eetool.core.artifacts import Provenance
+    from eetool.core.datasets import Preprocess
+    from eetool.segmentation.inputs import class_statistics, load_masks, require_segmentation
 
     given = [flag for flag, value in req.classification_only.items() if value]
     if given:

@@ -25,20 +25,22 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from eetool.archs import TORCHVISION_SEGMENTATION_ARCHS
-from eetool.errors import ModelMismatchError, UsageError
-from eetool.segmentation.model import EarlyExitResult, Head, InferenceCopy, upsample
+from eetool.core.architectures import TORCHVISION_SEGMENTATION_ARCHS
+from eetool.core.errors import ModelMismatchError, UsageError
+from eetool.segmentation.model import Head, InferenceCopy, upsample
 
 EXIT_POINTS = {"resnet": ("layer1", "layer2", "layer3"), "mobilenet": ("3", "6", "12")}
 DEFAULT_HEAD_WIDTH = 64
 
 
 class TorchvisionSegNet(nn.Module):
+    pixel_exits = True  # per-pixel exits of its own: not a classifier for class means or exit heads
+
     def __init__(self, arch: str, num_classes: int, in_channels: int, arch_args: dict[str, Any]) -> None:
         super().__init__()
         from torchvision.models import segmentation
 
-        from eetool.models import STEM_ARGS, _adapt_stem, refuse_downloads
+        from eetool.core.builders import STEM_ARGS, adapt_stem, refuse_downloads
 
         args = dict(arch_args)
         exits = args.pop("exits", False)
@@ -57,7 +59,7 @@ class TorchvisionSegNet(nn.Module):
                              "torchvision's segmentation builders take aux_loss; eetool adds exits and head_width"
                              ) from None
         if in_channels != 3 or stem:
-            _adapt_stem(net, arch, in_channels, **stem)
+            adapt_stem(net, arch, in_channels, **stem)
         self.arch, self.num_classes, self.in_channels = arch, num_classes, in_channels
         self.backbone = cast(nn.ModuleDict, net.backbone)  # torchvision's IntermediateLayerGetter
         self.classifier = net.classifier
@@ -223,12 +225,3 @@ def first_exit_macs(model: TorchvisionSegNet, input_shape: tuple[int, int, int])
     """Every pixel leaving at the first exit: the first stage and head (both costs agree there)."""
     costs = dense_costs(model, input_shape)
     return costs.stages[0] + costs.heads[0]
-
-
-def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: torch.Tensor) -> EarlyExitResult:
-    """Pixel-level early exit with ``thresholds`` (early exits x classes), as eeseg's: a pixel predicted as class j
-    at early exit n leaves when its largest probability exceeds ``thresholds[n, j]``; later layers compute only
-    the positions still active (``eetool.segmentation.tv_masked``)."""
-    from eetool.segmentation import tv_masked
-
-    return tv_masked.early_exit_forward(model, x, thresholds)

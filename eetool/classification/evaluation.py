@@ -1,0 +1,412 @@
+"""`evaluate` on a classifier: accuracy, per-class accuracy, cost and measured throughput of the plain network and
+of its early exits at the operating points of a thresholds file, optionally timed against a baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from eetool.core.options import Run
+from eetool.core.reporting import format_fields, format_table
+from eetool.core.run_inputs import data_path, open_checkpoint
+
+
+@dataclass
+class ClassifierEvaluation:
+    checkpoint: str
+    data: str
+    split: str
+    indices: str | None
+    batch_size: int
+    unit: str
+    output: str | None
+    force: bool
+    means: str | None
+    thresholds: str | None
+    exit_heads: str | None
+    point: str
+    plot: str | None
+    repeats: int
+    baseline: str | None
+
+
+def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
+    import torch
+
+    from eetool.classification.rules import Thresholded
+    from eetool.core.artifacts import STDOUT, Provenance, write_yaml
+    from eetool.core.costs import count_macs, effective_macs, in_unit, is_pruned
+    from eetool.core.datasets import Preprocess, check_labels, require_labels
+    from eetool.core.errors import ModelMismatchError, UsageError
+    from eetool.core.inference import (
+        BUSY_SPREAD,
+        evaluate_exits,
+        interleaved,
+        per_class_accuracy,
+        predict,
+        speeds,
+        timing_spread,
+    )
+    from eetool.core.run_inputs import load_data
+    from eetool.segmentation.data import is_segmentation
+    from eetool.segmentation.exit_losses import require_same_task
+
+    checkpoint, data, split, indices, batch_size = req.checkpoint, req.data, req.split, req.indices, req.batch_size
+    unit, output, force, means, thresholds = req.unit, req.output, req.force, req.means, req.thresholds
+    exit_heads, point, plot, repeats, baseline = req.exit_heads, req.point, req.plot, req.repeats, req.baseline
+    if bool(means or exit_heads) != bool(thresholds):
+        raise UsageError("early exits need --means and --thresholds (or --exit-heads and --thresholds)",
+                         "pass them together, or none for the plain model")
+    inputs = (checkpoint, indices, data_path(data), means, thresholds, exit_heads, baseline)
+    if output:
+        run.check_output(output, force=force, inputs=inputs)
+    if plot:
+        if plot == STDOUT:
+            raise UsageError("--plot - would put a PNG among the data on stdout", "give the plot a file name")
+        run.check_output(plot, force=force, inputs=inputs)
+    ckpt = open_checkpoint(run, checkpoint)
+    base = open_checkpoint(run, baseline) if baseline else None
+    if base is not None and (base.spec.input_shape, base.spec.num_classes) != (ckpt.spec.input_shape,
+                                                                                ckpt.spec.num_classes):
+        raise ModelMismatchError(f"--baseline {baseline} takes inputs of shape {list(base.spec.input_shape)} into "
+                         f"{base.spec.num_classes} classes, {checkpoint} {list(ckpt.spec.input_shape)} into "
+                         f"{ckpt.spec.num_classes}: they cannot be timed on the same data",
+                         "give a baseline made for the same data (the checkpoint it was pruned from)")
+    device = run.torch()
+    ds = load_data(run, data, split, indices, ckpt.spec)
+    require_same_task(False, is_segmentation(ds), ckpt.spec.arch, ds.spec)
+    check_labels(ds, ckpt.spec.num_classes)
+    require_labels(ds, "evaluate on a labelled dataset")
+    macs = count_macs(ckpt.model, ckpt.spec.input_shape)
+    preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
+    early = _early_exit_setup(ckpt, means, exit_heads, thresholds, point, device) if thresholds else None
+    # A pruned network (eetool prune-weights) is reported at its dense and its effective cost; its zeros do not
+    # make dense kernels faster, so the measured throughput is that of the dense computation.
+    pruned = is_pruned(ckpt.model) or (early is not None and early.cost_models[1].basis == "effective")
+    sparse_macs = effective_macs(ckpt.model, ckpt.spec.input_shape, macs) if pruned else macs
+    whole, local = _shards(run, ds, batch_size)
+    # warm up (allocator, kernels) so the timed runs compare like with like
+    warm_up = local.subset(torch.arange(min(len(local), batch_size)))
+    predict(ckpt.model, warm_up, preprocess, batch_size=batch_size, device=device)
+    if base is not None:
+        base_preprocess = Preprocess(base.spec.input_shape, base.spec.mean, base.spec.std)
+        predict(base.model, warm_up, base_preprocess, batch_size=batch_size, device=device)
+    chosen = early.chosen if early is not None else []
+
+    def plain_run() -> Any:
+        return whole(predict(ckpt.model, local, preprocess, batch_size=batch_size, device=device,
+                             reporter=run.reporter))
+
+    def point_run(thresholds: list[float]) -> Any:
+        assert early is not None
+        return lambda: whole(evaluate_exits(early.exit_model, local, preprocess, Thresholded(early.rule, thresholds),
+                                            batch_size=batch_size, device=device, reporter=run.reporter))
+
+    def baseline_run() -> Any:
+        assert base is not None
+        return whole(predict(base.model, local, base_preprocess, batch_size=batch_size, device=device,
+                             reporter=run.reporter))
+
+    # Interleaved rounds: a machine that gets busier (or idler) mid-way slows every run of a round alike. The
+    # runs are deterministic, so the first round's predictions are every round's. The baseline runs last.
+    runs = [plain_run, *(point_run(p["thresholds"]) for _, p in chosen), *([baseline_run] if base else [])]
+    # Early exits compact batches to sizes of their own, whose kernels are set up on first use: one untimed pass
+    # of every operating point first, or the first timed round would be the slowest by 20-40% on an idle machine.
+    for point_pass in runs[1:len(runs) - bool(base)]:
+        point_pass()
+    rounds = interleaved(runs, repeats)
+    seconds = [[r.seconds for r in results] for results in rounds]
+    timing = speeds([s[:len(runs) - bool(base)] for s in seconds], len(ds))
+    # Against the baseline: the same rounds with the baseline's time as each round's reference.
+    against = speeds([[s[-1], *s[:-1]] for s in seconds], len(ds)) if base else []
+    # The warning is about the speed-ups: the plain model alone has none to mislead.
+    spread = timing_spread(against) if base else timing_spread(timing) if chosen else 1.0
+    if spread > BUSY_SPREAD:
+        run.reporter.warn(f"timings varied by a factor {spread:.2f} across the {repeats} rounds: the machine was busy "
+                          "and the speed-ups are unreliable; rerun on an idle machine or with more --repeats")
+    result = rounds[0][0]
+    base_result = rounds[0][-1]
+    if base is not None:
+        rounds = [results[:-1] for results in rounds]
+    clusters = early is not None and early.clusters
+
+    def labelled(predictions: torch.Tensor) -> torch.Tensor:
+        """Cluster ids under their best one-to-one matching to the labels (clustering accuracy), else as they are."""
+        if not clusters:
+            return predictions
+        from eetool.classification.clustering import best_mapping
+
+        return best_mapping(predictions, ds.labels, ckpt.spec.num_classes)[predictions]
+
+    plain_predictions = labelled(result.predictions)
+    correct = plain_predictions == ds.labels
+    classes = ckpt.spec.classes or [str(k) for k in range(ckpt.spec.num_classes)]
+    per_class = per_class_accuracy(plain_predictions, ds.labels, ckpt.spec.num_classes)
+    doc: dict[str, Any] = {
+        "checkpoint": ckpt.path,
+        "checkpoint_sha256": ckpt.sha256,
+        "dataset": ds.fingerprint,
+        "samples": len(ds),
+        "unit": unit,
+        "repeats": repeats,
+        "accuracy_kind": "clustering (Hungarian matching)" if clusters else "classification",
+        "cost_basis": "effective" if pruned else "dense",
+        **({"speed_note": SPEED_NOTE} if pruned else {}),
+        "points": [{
+            "name": "plain",
+            "accuracy": round(float(correct.double().mean()), 6),
+            "cost": 1.0,
+            unit: int(in_unit(macs, unit)),
+            "effective_cost": round(sparse_macs / macs, 6),
+            f"effective_{unit}": int(in_unit(sparse_macs, unit)),
+            **_speed_fields(timing[0]),
+        }],
+        "per_class": {"plain": _per_class_dict(classes, per_class)},
+    }
+    if early is not None:
+        em, _, (cost_model, sparse_cost_model), _, _, fitted_basis = early
+        doc.update(fitted_basis)
+        for (index, p), r, speed in zip(chosen, rounds[0][1:], timing[1:], strict=True):
+            counts = torch.bincount(r.exit_index, minlength=len(em.exits) + 1)
+            cost = cost_model.average(counts)
+            sparse_cost = sparse_cost_model.average(counts)
+            predictions = labelled(r.predictions)
+            name = f"{index}: budget {p['budget']:g}"
+            doc["points"].append({
+                "name": name,
+                "budget": p["budget"],
+                "accuracy": round(float((predictions == ds.labels).double().mean()), 6),
+                "cost": round(cost, 6),
+                unit: int(in_unit(cost * macs, unit)),
+                "effective_cost": round(sparse_cost, 6),
+                f"effective_{unit}": int(in_unit(sparse_cost * macs, unit)),
+                **_speed_fields(speed),
+                "exit_shares": {e: round(int(c) / len(ds), 6)
+                                for e, c in zip([*em.exits, "head"], counts.tolist(), strict=True)},
+            })
+            doc["per_class"][name] = _per_class_dict(
+                classes, per_class_accuracy(predictions, ds.labels, ckpt.spec.num_classes))
+    if base is not None:
+        base_macs = count_macs(base.model, base.spec.input_shape)
+        doc["baseline"] = {
+            "checkpoint": base.path,
+            "checkpoint_sha256": base.sha256,
+            "accuracy": round(float((base_result.predictions == ds.labels).double().mean()), 6),
+            unit: int(in_unit(base_macs, unit)),
+            "throughput": round(against[0].throughput, 1),
+            "seconds": [round(t, 4) for t in against[0].seconds],
+        }
+        for p, speed in zip(doc["points"], against[1:], strict=True):
+            # Dense MACs on both sides: the time is the dense computation's (zero weights included).
+            macs_ratio = base_macs / (p["cost"] * macs)
+            p.update({"speedup_vs_baseline": round(speed.speedup, 3),
+                      "speedup_vs_baseline_min": round(speed.speedup_min, 3),
+                      "speedup_vs_baseline_max": round(speed.speedup_max, 3),
+                      "macs_ratio": round(macs_ratio, 4),
+                      "speedup_per_macs_ratio": round(speed.speedup / macs_ratio, 3)})
+    if not run.world.main:  # under torchrun rank 0 writes and prints
+        return
+    if plot:
+        from eetool.core.plotting import accuracy_cost_png
+
+        accuracy_cost_png(plot, doc["points"], f"{ckpt.spec.arch} on {ds.spec} ({len(ds)} samples)")
+        run.reporter.log(f"wrote {plot}")
+    if output:
+        prov = Provenance(kind="evaluation", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
+                          dataset=ds.fingerprint, args=run.args)
+        write_yaml(output, {k: v for k, v in doc.items()}, prov)
+        if output == STDOUT:  # the YAML is the data on stdout; nothing else goes there
+            return
+        run.reporter.log(f"wrote {output}")
+
+    def text(d: dict[str, Any]) -> str:
+        sparse = d["cost_basis"] == "effective"
+        b = d.get("baseline")
+        head = format_fields([("checkpoint", ckpt.label), ("dataset", f"{d['dataset']} ({d['samples']} samples)"),
+                              *([("pruned", d["speed_note"])] if sparse else []),
+                              *([("budgets", _wall_time_text(d["thresholds_wall_time"]))]
+                                if d.get("thresholds_cost_basis") == "wall-time" else []),
+                              *([("baseline", f"{base.label if base else ''}: accuracy {b['accuracy']:.4f}, "
+                                              f"{b[unit]:,} {unit}/sample, {b['throughput']:.1f} samples/s")]
+                                if b else [])])
+        points = format_table(["point", "accuracy", "cost", f"{unit}/sample",
+                               *(["effective cost", f"effective {unit}"] if sparse else []), "samples/s", "speedup",
+                               *(["vs baseline", f"{unit} ratio", "speed-up / ratio"] if b else [])],
+                              [[p["name"], p["accuracy"], p["cost"], f"{p[unit]:,}",
+                                *([p["effective_cost"], f"{p[f'effective_{unit}']:,}"] if sparse else []),
+                                f"{p['throughput']:.1f}", _speedup_text(p, d["repeats"]),
+                                *([_against_text(p, d["repeats"]), f"{p['macs_ratio']:.2f}",
+                                   f"{p['speedup_per_macs_ratio']:.2f}"] if b else [])] for p in d["points"]])
+        names = list(d["per_class"])
+        per = format_table(["class", *(n.split(":")[0] for n in names)],
+                           [[c, *(d["per_class"][n][c] for n in names)] for c in classes])
+        return f"{head}\n\n{points}\n\n{per}"
+
+    run.emit(doc, text)
+
+
+SPEED_NOTE = ("its zero weights lower the effective cost (what sparse kernels would compute), not the time: "
+              "dense kernels multiply by the zeros too, so samples/s and speed-ups are measured on the dense "
+              "computation")
+
+
+def _wall_time_text(wall_time: Any) -> str:
+    measured = (f"batch {wall_time.get('batch_size')}, {wall_time.get('threads')} threads"
+                if isinstance(wall_time, dict) else "a measurement not recorded")
+    return (f"fitted on measured wall time ({measured}); the costs below are MACs, the speed-ups measured "
+            "here")
+
+
+def _speed_fields(speed: Any) -> dict[str, Any]:
+    return {"throughput": round(speed.throughput, 1), "speedup": round(speed.speedup, 3),
+            "speedup_min": round(speed.speedup_min, 3), "speedup_max": round(speed.speedup_max, 3),
+            "seconds": [round(t, 4) for t in speed.seconds]}
+
+
+def _speedup_text(point: dict[str, Any], repeats: int) -> str:
+    """The median speed-up, with its range over the rounds where there are several (none for the plain model)."""
+    if repeats == 1 or point["name"] == "plain":
+        return f"{point['speedup']:.2f}x"
+    return f"{point['speedup']:.2f}x ({point['speedup_min']:.2f}\u2013{point['speedup_max']:.2f})"
+
+
+def _against_text(point: dict[str, Any], repeats: int) -> str:
+    """The median speed-up against the baseline, with its range over the rounds where there are several."""
+    text = f"{point['speedup_vs_baseline']:.2f}x"
+    if repeats == 1:
+        return text
+    return f"{text} ({point['speedup_vs_baseline_min']:.2f}\u2013{point['speedup_vs_baseline_max']:.2f})"
+
+
+def _per_class_dict(classes: list[str], accuracy: Any) -> dict[str, float | None]:
+    return {name: (None if acc != acc else round(float(acc), 6)) for name, acc in zip(classes, accuracy, strict=False)}
+
+
+class EarlyExits(NamedTuple):
+    """Early exits as a thresholds file sets them up: the exit model, the rule, its cost models (dense, then
+    effective: the same one unless the network is pruned), the chosen operating points (index, point), whether it
+    predicts cluster ids, and what cost the thresholds' budgets are of."""
+
+    exit_model: Any
+    rule: Any
+    cost_models: tuple[Any, Any]
+    chosen: list[Any]
+    clusters: bool
+    fitted_basis: dict[str, Any]
+
+
+def _early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thresholds: str, point: str,
+                      device: Any) -> EarlyExits:
+    """Load and cross-check the thresholds and what they were fitted with; pick the operating points to run."""
+    from eetool.classification.e2cm import ClassMeans
+    from eetool.classification.exit_heads import load_heads
+    from eetool.classification.rules import cost_models, exit_rule
+    from eetool.core.artifacts import read_tensors, read_yaml, sha256_file, verify
+    from eetool.core.choices import COMBINES
+    from eetool.core.costs import effective
+    from eetool.core.errors import InputError, UsageError
+    from eetool.core.exit_methods import CLASSIFICATION_METHODS, HEADS, MEANS, reads
+
+    if thresholds.endswith(".safetensors"):  # another eetool artifact (tensors) given where thresholds belong
+        read_tensors(thresholds, "thresholds")  # raises the provenance error naming the kind found
+    doc, prov = read_yaml(thresholds, "thresholds")
+    method, combine = str(doc.get("method", "e2cm")), str(doc.get("combine", "and"))
+    if method not in CLASSIFICATION_METHODS or combine not in COMBINES:
+        raise InputError(f"{thresholds} records an unknown method {method!r} or combine {combine!r}",
+                         "re-make it with `eetool fit-thresholds`")
+    if reads(method, MEANS) and not means:
+        raise UsageError(f"{thresholds} was fitted with {method}, which needs --means", "pass the same --means")
+    if reads(method, HEADS) and not exit_heads:
+        raise UsageError(f"{thresholds} was fitted with {method}, which needs --exit-heads",
+                         "pass the same --exit-heads")
+    cm, means_prov = ClassMeans.load(means) if means else (None, None)
+    heads, heads_prov = load_heads(exit_heads) if exit_heads else (None, None)
+    em, rule = exit_rule(ckpt, method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, device)
+    # the artifacts the method was fitted with, each of which the thresholds must record
+    inputs = {"class-means": sha256_file(means)} if means and reads(method, MEANS) else {}
+    if exit_heads and reads(method, HEADS):
+        inputs["exit-heads"] = sha256_file(exit_heads)
+    verify(thresholds, prov, checkpoint=ckpt.identity, exits=list(em.exits), inputs=inputs)
+    points = _operating_points(thresholds, doc, len(em.exits))
+    if point == "all":
+        chosen = list(enumerate(points))
+    else:
+        try:
+            picked = [int(v) for v in point.split(",")]
+        except ValueError:
+            picked = [-1]
+        if any(not 0 <= i < len(points) for i in picked):
+            raise UsageError(f"--point {point!r} is not all or indices below {len(points)}", "e.g. --point 0,2")
+        chosen = [(i, points[i]) for i in picked]
+    if cm is not None and not reads(method, HEADS):
+        # a pruned network's effective costs: recorded by calibrate-means (and fitted on), or from its weights
+        # for class means made before they were recorded (the means were verified to be made from this checkpoint)
+        sparse = (cm.cost_model(effective=True) if cm.effective_stage_macs
+                  else effective(cm.cost_model(), em, ckpt.spec.input_shape))
+        return EarlyExits(em, rule, (cm.cost_model(), sparse), chosen, cm.clusters, _fitted_basis(doc))
+    return EarlyExits(em, rule, cost_models(rule, em, ckpt.spec.input_shape), chosen, False, _fitted_basis(doc))
+
+
+def _fitted_basis(doc: dict[str, Any]) -> dict[str, Any]:
+    """What the thresholds' budgets were costs of: MACs (dense or effective), or measured wall time with the
+    measurement (fit-thresholds --overhead measured). This evaluation reports MACs costs and measured speed-ups
+    either way."""
+    basis = {"thresholds_cost_basis": str(doc.get("cost_basis", "dense"))}
+    if isinstance(doc.get("wall_time"), dict):
+        basis["thresholds_wall_time"] = doc["wall_time"]
+    return basis
+
+
+def _operating_points(path: str, doc: dict[str, Any], num_exits: int) -> list[dict[str, Any]]:
+    """A thresholds artifact's points, each with a finite budget and one finite threshold per exit: a hand-edited
+    file (a NaN threshold lets no sample leave, a string one fails mid-run) is refused before anything runs."""
+    import math
+
+    from eetool.core.errors import InputError
+
+    remake = "re-make it with `eetool fit-thresholds`"
+
+    def finite(v: object) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    points = doc.get("points")
+    if not isinstance(points, list) or not points:
+        raise InputError(f"{path} holds no list of operating points", remake)
+    for i, p in enumerate(points):
+        if not isinstance(p, dict):
+            raise InputError(f"{path}: operating point {i} is not a mapping", remake)
+        t = p.get("thresholds")
+        if not isinstance(t, list) or len(t) != num_exits:
+            held = f"{len(t)} thresholds" if isinstance(t, list) else "no list of thresholds"
+            raise InputError(f"{path}: operating point {i} has {held} for {num_exits} exits", remake)
+        if not all(finite(v) for v in t):
+            raise InputError(f"{path}: operating point {i} has thresholds that are not finite numbers ({t})", remake)
+        if not finite(p.get("budget")):
+            raise InputError(f"{path}: operating point {i} has no budget that is a finite number", remake)
+    return points
+
+
+def _shards(run: Run, ds: Any, batch_size: int) -> tuple[Any, Any]:
+    """Under torchrun: a function that turns a run over this rank's share into the run over every sample
+    (predictions in order, the slowest rank's seconds), and the share. One process: the identity and the data."""
+    import dataclasses
+
+    from eetool.core.distributed import all_max
+    from eetool.core.run_inputs import local_share
+
+    world = run.world
+    if -(-len(ds) // batch_size) < world.size:
+        from eetool.core.errors import UsageError
+
+        raise UsageError(f"{len(ds)} samples make fewer batches of {batch_size} than the {world.size} processes",
+                         "use fewer processes or a smaller --batch-size")
+    local, gather = local_share(run, ds, batch_size)
+
+    def whole(result: Any) -> Any:
+        if not world.distributed:
+            return result
+        per_sample = {f.name: gather(getattr(result, f.name)) for f in dataclasses.fields(result)
+                      if f.name in ("predictions", "exit_index")}
+        return dataclasses.replace(result, seconds=all_max(result.seconds, world), **per_sample)
+
+    return whole, local

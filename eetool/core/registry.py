@@ -1,0 +1,64 @@
+"""Registries of named things (architectures, data sources, exit methods) in the style of timm's register_model.
+
+An entry holds what the command line needs without importing torch (its name, the task it belongs to, its help
+text) and where its implementation lives, as ``package.module:attribute``, imported only when it is used. The
+core looks implementations up here by name, so it never imports a task package; adding an architecture, a data
+source or an exit method is one implementation and one ``register`` line in the table that lists its kind.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+CLASSIFICATION, SEGMENTATION, LANGUAGE = "classification", "segmentation", "lm"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered name: its task, help, where its implementation lives, and facts the CLI reads (``info``)."""
+
+    name: str
+    target: str  # package.module:attribute
+    task: str = CLASSIFICATION
+    help: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Any:
+        """The implementation, imported now."""
+        module, _, attribute = self.target.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+class Registry:
+    """Entries by name, in the order they were registered (the order help texts and listings show)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str, target: str, *, task: str = CLASSIFICATION, help: str = "",
+                 **info: object) -> Entry:
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        if ":" not in target:
+            raise ValueError(f"{self.kind} {name!r}: the target {target!r} is not package.module:attribute")
+        entry = Entry(name, target, task, help, dict(info))
+        self._entries[name] = entry
+        return entry
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self._entries.values())
+
+    def get(self, name: str) -> Entry:
+        return self._entries[name]
+
+    def names(self, task: str | None = None, **info: object) -> tuple[str, ...]:
+        """The names of one task (or all), optionally only those whose ``info`` has the given values."""
+        return tuple(e.name for e in self._entries.values() if (task is None or e.task == task)
+                     and all(e.info.get(k) == v for k, v in info.items()))

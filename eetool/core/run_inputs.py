@@ -1,0 +1,61 @@
+"""A run's inputs: its --checkpoint and --data opened with the run's model and data options, and its share of
+the data under torchrun (imports torch lazily)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from eetool.core.checkpoint import Checkpoint, ModelSpec
+    from eetool.core.datasets import Dataset
+    from eetool.core.options import Run
+
+
+def open_checkpoint(run: Run, checkpoint: str) -> Checkpoint:
+    """The --checkpoint, built with the command's foreign-checkpoint options where the file does not record them."""
+    from eetool.core.checkpoint import load_checkpoint
+
+    return load_checkpoint(checkpoint, run.model_options)
+
+
+def data_path(spec: str) -> str | None:
+    """The file or folder a ``--data NAME[:PATH]`` spec reads, so that no output replaces it."""
+    from eetool.core.sources import SOURCES
+
+    name, sep, path = spec.partition(":")
+    if name in SOURCES:
+        return (path or None) if sep else None
+    return spec
+
+
+def load_data(run: Run, data: str, split: str, indices: str | None = None, spec: ModelSpec | None = None
+              ) -> Dataset:
+    """``--data`` for the model of ``spec`` (its recipe for folder images), held or streamed as the data
+    options say; without a spec, folder images keep the first image's size (or --crop's)."""
+    from eetool.core.datasets import load_dataset
+    from eetool.core.loading import Geometry, default_resize
+
+    opts = run.data_options
+    if spec is not None:
+        geometry = opts.geometry(spec.arch, (spec.input_shape[1], spec.input_shape[2]), spec.resize)
+    elif opts.crop is not None:
+        geometry = Geometry(opts.resize or default_resize(run.model_options.arch or "", opts.crop), opts.crop)
+    else:
+        geometry = None
+    return load_dataset(data, split, indices, opts, geometry)
+
+
+def local_share(run: Run, ds: Dataset, batch_size: int
+                ) -> tuple[Dataset, Callable[[torch.Tensor], torch.Tensor]]:
+    """Under torchrun: this rank's whole batches of ``ds`` (as a dataset), and a function that puts every rank's
+    per-sample rows back in the order of ``ds``. One process: ``ds`` and the identity."""
+    from eetool.core.distributed import gather_rows, shard_positions
+
+    world = run.world
+    if not world.distributed:
+        return ds, lambda rows: rows
+    positions = shard_positions(len(ds), batch_size, world)
+    return ds.subset(positions), lambda rows: gather_rows(rows, positions, len(ds), world)
