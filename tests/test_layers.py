@@ -142,3 +142,10 @@ def test_every_registered_name_resolves() -> None:
     for registry in (ARCHITECTURES, DATA_SOURCES, EXIT_METHODS):
         for entry in registry:
             assert callable(entry.load()), f"{registry.kind} {entry.name}: {entry.target}"
+
+
+def test_no_two_modules_share_a_name() -> None:
+    by_name: dict[str, list[str]] = {}
+    for module in module_names():
+        by_name.setdefault(module.rpartition(".")[2], []).append(module)
+    assert {leaf: ms for leaf, ms in by_name.items() if len(ms) > 1} == {}

@@ -57,7 +57,7 @@ def command(
 ) -> None:
     """Evaluate a checkpoint, plain or with early exits (--means, --thresholds), on a dataset: accuracy,
     per-class accuracy, cost, measured throughput. Writes -o if given."""
-    from eetool.classification.evaluation import ClassifierEvaluation, evaluate_classifier
+    from eetool.classification.early_exit_evaluation import ClassifierEvaluation, evaluate_classifier
     from eetool.segmentation.evaluation import SegmentationEvaluation, evaluate_segmentation
     from eetool.segmentation.inputs import is_segmentation_checkpoint
 
