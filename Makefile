@@ -7,10 +7,10 @@ DEMO_CHECKPOINT := eetool/demo/demo-resnet20-fashion-mnist.safetensors
 RESULTS ?= results
 BUDGETS := --budget 0.25 --budget 0.5 --budget 0.75
 
-.PHONY: help test lint bench completions demo-checkpoint demo-data e2cm-demo e2cm-fashion-mnist e2cm-run fixed-budget dataset-pruning weight-pruning segmentation segmentation-atlas segmentation-torchvision
+.PHONY: help test lint bench completions docs-reference docs demo-checkpoint demo-data e2cm-demo e2cm-fashion-mnist e2cm-run fixed-budget dataset-pruning weight-pruning segmentation segmentation-atlas segmentation-torchvision
 
 help:
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 test: ## run the test suite (as CI does)
 	$(PYTHON) -m pytest -q
@@ -29,6 +29,12 @@ bench: ## benchmarks (ratios within one run)
 
 completions: ## regenerate completions/ from the app
 	$(PYTHON) -m eetool.completion_scripts completions
+
+docs-reference: ## regenerate docs/cli.md from every command's --help
+	$(PYTHON) -m eetool.cli_reference docs/cli.md
+
+docs: docs-reference ## build the documentation site into site/ (pip install -e '.[docs]')
+	$(PYTHON) -m mkdocs build --strict
 
 demo-checkpoint: ## re-make the shipped checkpoint from Debian's Fashion-MNIST (about 30 min on 2 CPU cores)
 	$(EETOOL) train --config eetool/configs/train-resnet20-fashion-mnist.yaml --data $(FMNIST) --no-progress \
