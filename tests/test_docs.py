@@ -1,4 +1,4 @@
-"""README.md, docs/ and CHANGELOG.md stay in step with the code: commands, options, exit codes, quickstart, changelog."""
+"""README.md, docs/ and CHANGELOG.md stay in step with the code: commands, options, exit codes, changelog."""
 
 from __future__ import annotations
 
