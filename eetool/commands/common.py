@@ -46,6 +46,11 @@ def _cell(v: object) -> str:
     return "" if v is None else str(v)
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``: a count and its noun, plural unless the count is one."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
 def format_fields(pairs: list[tuple[str, object]]) -> str:
     width = max(len(k) for k, _ in pairs)
     return "\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in pairs)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.commands.common import format_fields, format_table
+from eetool.commands.common import counted, format_fields, format_table
 from eetool.commands.init_exit_head import ContextOpt, MaxTokensOpt, ModelOpt, TextOpt
 from eetool.lm.temperature import HOLDOUT_EVERY, HOLDOUT_MAX
 from eetool.options import INPUT, BatchOpt, ForceOpt, OptionalOutputOpt, Run, eetool_command
@@ -162,9 +162,11 @@ def command(
         t = d["temperature"]
         fields = format_fields([
             ("model", f"{d['model']} ({d['model_sha256'][:12]})"),
-            ("text", f"{d['contexts']} contexts of {d['context']} tokens from {d['files']} files ({d['text']})"),
-            ("temperature", f"fitted per head on {d['temperature_contexts']} contexts, {d['scored_contexts']} scored"
-             if t == "auto" else f"{t:g}, all {d['scored_contexts']} contexts scored")])
+            ("text", f"{counted(d['contexts'], 'context')} of {d['context']} tokens from {counted(d['files'], 'file')} "
+                     f"({d['text']})"),
+            ("temperature", f"fitted per head on {counted(d['temperature_contexts'], 'context')}, "
+             f"{d['scored_contexts']} scored" if t == "auto"
+             else f"{t:g}, all {counted(d['scored_contexts'], 'context')} scored")])
         table = format_table(["head", "after block", "init", "accuracy", "perplexity", "T", "perplexity at T",
                               "tokens"],
                              [[r["head"], r["layer"], r["init"], r["accuracy"], r["perplexity"], r["temperature"],

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from eetool.choices import SPLITS
-from eetool.commands.common import data_path, format_fields
+from eetool.commands.common import counted, data_path, format_fields
 from eetool.options import (
     TRAINING,
     AugmentOpt,
@@ -105,8 +105,8 @@ def command(
         if train_data.geometry is not None:
             spec.resize = train_data.geometry.resize  # recorded: later commands decode folder images the same way
         check_labels(train_data, spec.num_classes)
-    run.reporter.log(f"training {spec.arch} on {train_data.spec} ({len(train_data)} samples) for {epochs} epochs "
-                     f"on {device}")
+    run.reporter.log(f"training {spec.arch} on {train_data.spec} ({len(train_data)} samples) for "
+                     f"{counted(epochs, 'epoch')} on {device}")
     run.resumable = f"the state of every finished epoch goes to {resume_path}: rerun with --resume"
     result = fit(model, train_data, Preprocess(spec.input_shape, spec.mean, spec.std), cfg, device=device,
                  eval_data=eval_data, resume_path=resume_path, resume=resume, reporter=run.reporter, step=step,

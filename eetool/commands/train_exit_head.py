@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from eetool.commands.common import format_fields, format_table
+from eetool.commands.common import counted, format_fields, format_table
 from eetool.commands.init_exit_head import ContextOpt, MaxTokensOpt, ModelOpt, TextOpt
 from eetool.options import INPUT, TRAINING, BatchOpt, ForceOpt, LrOpt, OutputOpt, Run, eetool_command
 
@@ -116,9 +116,9 @@ def command(
     source_sha = lm.sha256
     exit_lm = ExitLM(lm, start_head, freeze)
     run.reporter.log(f"training the exit head after block {start_head.layer} of {lm.num_layers} and the final head "
-                     f"({'freezing: only the two heads' if freeze else 'no freezing: every parameter'}) for {steps} "
-                     f"steps on {len(train_contexts)} contexts of {context} tokens, scoring "
-                     f"{len(held_contexts)} held-out contexts every {eval_every} steps")
+                     f"({'freezing: only the two heads' if freeze else 'no freezing: every parameter'}) for "
+                     f"{counted(steps, 'step')} on {counted(len(train_contexts), 'context')} of {context} tokens, "
+                     f"scoring {counted(len(held_contexts), 'held-out context')} every {counted(eval_every, 'step')}")
     identity = {"head_sha256": head_sha, "model_sha256": source_sha, "text": corpus.fingerprint,
                 "held_out": held_name, "context": context}
     run.resumable = f"the state at every evaluation goes to {resume_path}: rerun with --resume"
@@ -171,9 +171,9 @@ def command(
         fields = format_fields([
             ("exit head", f"{d['output']} ({d['init']}, after block {d['layer']} of {d['blocks']})"),
             ("model", f"{d['model_output'] or d['model']} ({d['model_sha256'][:12]})"),
-            ("training", f"{d['steps']} steps, {'freezing' if d['freeze'] else 'no freezing'}, lr {d['lr']}, "
-                         f"batch {d['batch_size']}, {d['seconds_per_step']} s/step"),
-            ("held out", f"{d['held_out_contexts']} contexts ({d['held_out']})"),
+            ("training", f"{counted(d['steps'], 'step')}, {'freezing' if d['freeze'] else 'no freezing'}, "
+                         f"lr {d['lr']}, batch {d['batch_size']}, {d['seconds_per_step']} s/step"),
+            ("held out", f"{counted(d['held_out_contexts'], 'context')} ({d['held_out']})"),
         ])
         table = format_table(["step", "exit accuracy", "final accuracy", "train loss"],
                              [[p["step"], p["exit_accuracy"], p["final_accuracy"],

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from eetool.choices import HEAD_KINDS, SPLITS
-from eetool.commands.common import data_path, format_fields, format_table
+from eetool.commands.common import counted, data_path, format_fields, format_table
 from eetool.options import (
     TRAINING,
     AugmentOpt,
@@ -167,7 +167,7 @@ def command(
         head_rows = [[r["exit"], f"{r['head_macs']:,}", r["cost_normalised"], r["accuracy"]] for r in d["exits"]]
         return format_fields([
             ("exit heads", d["output"]), ("head", d["head"] + (" + E²CM distances" if d["with_distances"] else "")),
-            ("training", f"{'joint' if d['joint'] else 'frozen backbone'}, {d['epochs']} epochs, "
+            ("training", f"{'joint' if d['joint'] else 'frozen backbone'}, {counted(d['epochs'], 'epoch')}, "
                          f"{d['samples_seen']} samples, {d['seconds']:.1f} s"),
             *([(f"{eval_split} accuracy of the model's head", d["head_accuracy"])] if eval_split else []),
         ]) + "\n\n" + format_table(["exit", "head macs", "cost to exit", f"{eval_split or 'eval'} accuracy"],

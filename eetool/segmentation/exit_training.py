@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
+from eetool.commands.common import counted, data_path, format_fields, format_table, open_checkpoint
 from eetool.errors import ModelMismatchError, UsageError
 from eetool.segmentation import IGNORE
 from eetool.segmentation.model import EXIT_NAMES, EESegNet, upsample
@@ -121,7 +121,8 @@ def train_segmentation_exits(run: Run, req: ExitTrainingRequest) -> None:
     def text(d: dict[str, Any]) -> str:
         return format_fields([
             ("checkpoint with exits", d["output"]),
-            ("training", f"frozen backbone, {d['epochs']} epochs, {d['samples_seen']} images, {d['seconds']:.1f} s"),
+            ("training", f"frozen backbone, {counted(d['epochs'], 'epoch')}, {d['samples_seen']} images, "
+                         f"{d['seconds']:.1f} s"),
         ]) + "\n\n" + format_table(["exit", "head macs", "cost to exit", f"{req.eval_split or 'eval'} mIoU"],
                                    [[r["exit"], f"{r['head_macs']:,}", r["cost_normalised"], r["miou"]]
                                     for r in d["exits"]])
