@@ -247,8 +247,8 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
                               *([("alpha, beta", f"{d['alpha']}, {d['beta']}"), ("fitted on", d["fitted_on"]),
                                  ("spread (sigma)", d["spread"])] if "alpha" in d else
                                 [("threshold", d["threshold"])]),
-                              *([("budget, cost", f"{d['budget']['target']}, {d['budget']['cost']} (of the plain "
-                                  "network, on the fitting data)")] if "budget" in d else [])])
+                              *([("budget, cost", f"{d['budget']['target']}, {d['budget']['cost']:.4f} (of the "
+                                  "plain network, on the fitting data)")] if "budget" in d else [])])
         table = format_table(["class", *d["exits"]],
                              [[c, *(row[k] for row in d["thresholds"])] for k, c in enumerate(d["classes"])])
         return f"{head}\n\n{table}"
@@ -590,7 +590,7 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
         points = format_table(["point", "mIoU", "pixel acc", "cost", f"{unit}/image", "GFLOPs", "images/s", "speedup",
                                *(f"share {e}" for e in EXIT_NAMES)],
                               [[q["name"], q["miou"], q["pixel_accuracy"],
-                                f"{q['cost']} (ran {q['executed_cost']})" if "executed_cost" in q else q["cost"],
+                                f"{q['cost']:.4f} (ran {q['executed_cost']:.4f})" if "executed_cost" in q else q["cost"],
                                 f"{q[unit]:,}", q["gflops"],
                                 f"{q['throughput']:.1f}", f"{q['speedup']:.2f}x",
                                 *((q["exit_shares"][e] for e in EXIT_NAMES) if "exit_shares" in q
