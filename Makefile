@@ -7,10 +7,10 @@ DEMO_CHECKPOINT := eetool/demo/demo-resnet20-fashion-mnist.safetensors
 RESULTS ?= results
 BUDGETS := --budget 0.25 --budget 0.5 --budget 0.75
 
-.PHONY: help test lint bench completions demo-checkpoint demo-data e2cm-demo e2cm-fashion-mnist e2cm-run fixed-budget dataset-pruning weight-pruning segmentation segmentation-atlas segmentation-torchvision
+.PHONY: help test lint bench completions docs-reference docs demo-checkpoint demo-data e2cm-demo e2cm-fashion-mnist e2cm-run fixed-budget dataset-pruning weight-pruning segmentation segmentation-atlas segmentation-torchvision
 
 help:
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 test: ## run the test suite (as CI does)
 	$(PYTHON) -m pytest -q
@@ -30,19 +30,25 @@ bench: ## benchmarks (ratios within one run)
 completions: ## regenerate completions/ from the app
 	$(PYTHON) -m eetool.completion_scripts completions
 
-demo-checkpoint: ## re-make the shipped checkpoint from Debian's Fashion-MNIST (about 30 min on 2 CPU cores)
+docs-reference: ## regenerate docs/cli.md from every command's --help
+	$(PYTHON) -m eetool.cli_reference docs/cli.md
+
+docs: docs-reference ## build the documentation site into site/ (pip install -e '.[docs]')
+	$(PYTHON) -m mkdocs build --strict
+
+demo-checkpoint: ## re-make the shipped checkpoint from Debian's Fashion-MNIST (about 30 min on 2 idle CPU cores, an hour shared)
 	$(EETOOL) train --config eetool/configs/train-resnet20-fashion-mnist.yaml --data $(FMNIST) --no-progress \
 	  -o $(DEMO_CHECKPOINT) --force
 
-demo-data: ## re-make the embedded demo images from Debian's Fashion-MNIST
+demo-data: ## re-make the embedded demo images from Debian's Fashion-MNIST (about 15 s)
 	$(PYTHON) -m eetool.core.demo_data $(FMNIST) eetool/demo/demo-data.safetensors
 
 # E²CM on the shipped checkpoint: class means on the training split, thresholds for budgets 0.25,
 # 0.5 and 0.75 (and a full sweep with its convex hull), then the test split with exits that stop.
-e2cm-demo: ## E²CM results on the embedded demo set (a minute)
+e2cm-demo: ## E²CM results on the embedded demo set (1–2 min on 2 idle CPU cores, about 4 under heavy load)
 	$(MAKE) e2cm-run NAME=demo DATA=demo
 
-e2cm-fashion-mnist: ## E²CM results on the full Fashion-MNIST (60,000 calibration, 10,000 test images)
+e2cm-fashion-mnist: ## E²CM results on the full Fashion-MNIST (60,000 calibration, 10,000 test images; a few minutes)
 	$(MAKE) e2cm-run NAME=fashion-mnist DATA=$(FMNIST)
 
 e2cm-run:
@@ -65,7 +71,7 @@ FB_BUDGETS := --budget 0.15 --budget 0.2 --budget 0.25 --budget 0.3
 FB_FIT = $(EETOOL) fit-thresholds --checkpoint demo --data $(FMNIST) --split train $(FB_BUDGETS) --force -q --no-progress
 FB_EVAL = $(EETOOL) evaluate --checkpoint demo --data $(FMNIST) --split test --force -q --no-progress
 
-fixed-budget: ## the thesis's fixed-training-budget comparison on Fashion-MNIST (about 25 min on 2 CPU cores)
+fixed-budget: ## the thesis's fixed-training-budget comparison on Fashion-MNIST (20–25 min on 2 CPU cores)
 	@mkdir -p $(FB)
 	$(EETOOL) calibrate-means --checkpoint demo --data $(FMNIST) --split train -o $(FB)/means.safetensors --force -q --no-progress
 	$(EETOOL) fit-thresholds --means $(FB)/means.safetensors $(FB_BUDGETS) -o $(FB)/e2cm.yaml --force -q
@@ -117,7 +123,7 @@ segmentation: ## CBT against ADP-C on Fashion-MNIST scenes (about 9 min on 2 qui
 # The same rows on the brain atlas slices (Debian mricron-data: 76 training and 28 test slices of 112 x 112, 117
 # classes, many like ADE20K's 150): 76 slices make a short epoch, so eeseg (width 32) trains for SEG_ATLAS_EPOCHS.
 SEG_ATLAS_EPOCHS ?= 60
-segmentation-atlas: ## CBT against ADP-C on the brain atlas slices (Debian mricron-data)
+segmentation-atlas: ## CBT against ADP-C on the brain atlas slices (Debian mricron-data; about 22 min on 2 quiet CPU cores, 41 shared)
 	$(PYTHON) reproduce/segmentation.py $(RESULTS)/segmentation-atlas --data brain-atlas --epochs $(SEG_ATLAS_EPOCHS) \
 		--width 32 --head-width 64 --batch-size 4 --eval-batch-size 8
 
@@ -128,6 +134,6 @@ segmentation-atlas: ## CBT against ADP-C on the brain atlas slices (Debian mricr
 SEG_TV_ARCH ?= lraspp_mobilenet_v3_large
 SEG_TV_EPOCHS ?= 6
 SEG_TV_EXIT_EPOCHS ?= 3
-segmentation-torchvision: ## CBT against ADP-C on a torchvision network (SEG_TV_ARCH) on Fashion-MNIST scenes
+segmentation-torchvision: ## CBT against ADP-C on a torchvision network (SEG_TV_ARCH) on Fashion-MNIST scenes (about 23 min for LR-ASPP on 2 CPU cores)
 	$(PYTHON) reproduce/segmentation.py $(RESULTS)/segmentation-$(SEG_TV_ARCH) --arch $(SEG_TV_ARCH) \
 		--epochs $(SEG_TV_EPOCHS) --exit-epochs $(SEG_TV_EXIT_EPOCHS)

@@ -1,4 +1,4 @@
-"""README.md and CHANGELOG.md stay in step with the code: commands, exit codes, quickstart, changelog format."""
+"""README.md, docs/ and CHANGELOG.md stay in step with the code: commands, options, exit codes, changelog."""
 
 from __future__ import annotations
 
@@ -52,11 +52,17 @@ def test_readme_lists_every_command(readme: str) -> None:
     assert not missing, f"README.md's table of subcommands lacks rows starting with | `NAME` for: {missing}"
 
 
-def test_readme_lists_every_exit_code(readme: str) -> None:
-    lines = readme.splitlines()
+def test_failures_page_lists_every_exit_code() -> None:
+    lines = _read("docs/failures.md").splitlines()
     missing = [f"{code.value} {code.name}" for code in ExitCode
                if not any(f"| {code.value} |" in line and code.name.lower() in line.lower() for line in lines)]
-    assert not missing, f"README.md's exit code table lacks rows like '| 3 | `BAD_INPUT` | ...' for: {missing}"
+    assert not missing, f"docs/failures.md's exit code table lacks rows like '| 3 | `BAD_INPUT` | ...' for: {missing}"
+
+
+def test_commands_page_lists_every_command() -> None:
+    lines = _read("docs/commands.md").splitlines()
+    missing = [name for name in COMMANDS if not any(line.startswith(f"| `{name}`") for line in lines)]
+    assert not missing, f"docs/commands.md's table of subcommands lacks rows starting with | `NAME` for: {missing}"
 
 
 def test_readme_quickstart_runs_real_commands(readme: str) -> None:
@@ -67,12 +73,18 @@ def test_readme_quickstart_runs_real_commands(readme: str) -> None:
     assert any(_invocations(b) for b in blocks), "README.md's Quickstart has no fenced block with an eetool command"
 
 
-def test_readme_commands_use_real_subcommands_and_options(readme: str) -> None:
+PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md") if p.name != "cli.md")]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_pages_use_real_subcommands_and_options(page: str) -> None:
+    """Every `eetool ...` line in a fenced block of README.md and docs/ (the generated docs/cli.md aside)."""
+    text = _read(page)
     group = typer.main.get_command(app)
     subcommands = group.commands  # type: ignore[attr-defined]
     root_opts = {opt for p in group.params for opt in (*p.opts, *p.secondary_opts)} | {"-h", "--help"}
     problems = []
-    for block in FENCE.findall(readme):
+    for block in FENCE.findall(text):
         for args in _invocations(block):
             if not args or args[0].startswith("-"):
                 problems += [f"eetool {a}" for a in args if a.startswith("-") and a.split("=")[0] not in root_opts]
@@ -85,7 +97,7 @@ def test_readme_commands_use_real_subcommands_and_options(readme: str) -> None:
             problems += [f"eetool {args[0]} {a}: no such option" for a in args[1:]
                          if a.startswith("-") and a != "-" and not re.fullmatch(r"-\d.*", a)
                          and a.split("=")[0] not in opts]
-    assert not problems, f"README.md shows commands the CLI does not have: {problems}"
+    assert not problems, f"{page} shows commands the CLI does not have: {problems}"
 
 
 def test_changelog_keeps_a_changelog() -> None:

@@ -443,8 +443,10 @@ class ChannelPruner:
             record = self.run_step(index)
             if kind == TRAIN_HEADS:  # the heads just trained, nothing pruned yet
                 self.baseline = record["accuracy"]
+            accuracies = record["accuracy"] or {}
             self.reporter.log(f"  MACs {record['macs_fraction']:.1%} of the unpruned network's, widths "
-                              f"{record['widths']['stage_widths']}; accuracy {record['accuracy']}")
+                              f"{'/'.join(map(str, record['widths']['stage_widths']))}; accuracy "
+                              + (", ".join(f"{name} {a:.4f}" for name, a in accuracies.items()) or "not evaluated"))
             if after_step is not None:
                 after_step(self)
         return self.records

@@ -237,10 +237,14 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
                                 f"{p['throughput']:.1f}", _speedup_text(p, d["repeats"]),
                                 *([_against_text(p, d["repeats"]), f"{p['macs_ratio']:.2f}",
                                    f"{p['speedup_per_macs_ratio']:.2f}"] if b else [])] for p in d["points"]])
+        early = [p for p in d["points"] if "exit_shares" in p]
+        shares = ("\n\n" + format_table(["share leaving at", *(p["name"].split(":")[0] for p in early)],
+                                          [[e, *(p["exit_shares"][e] for p in early)] for e in early[0]["exit_shares"]])
+                  if early else "")
         names = list(d["per_class"])
         per = format_table(["class", *(n.split(":")[0] for n in names)],
                            [[c, *(d["per_class"][n][c] for n in names)] for c in classes])
-        return f"{head}\n\n{points}\n\n{per}"
+        return f"{head}\n\n{points}{shares}\n\n{per}"
 
     run.emit(doc, text)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from eetool.core.options import Run
-from eetool.core.reporting import format_fields, format_table
+from eetool.core.reporting import counted, format_fields, format_table
 from eetool.core.run_inputs import data_path
 
 
@@ -129,7 +129,7 @@ def fit_exit_heads(run: Run, req: ExitHeadsRequest) -> None:
         head_rows = [[r["exit"], f"{r['head_macs']:,}", r["cost_normalised"], r["accuracy"]] for r in d["exits"]]
         return format_fields([
             ("exit heads", d["output"]), ("head", d["head"] + (" + E²CM distances" if d["with_distances"] else "")),
-            ("training", f"{'joint' if d['joint'] else 'frozen backbone'}, {d['epochs']} epochs, "
+            ("training", f"{'joint' if d['joint'] else 'frozen backbone'}, {counted(d['epochs'], 'epoch')}, "
                          f"{d['samples_seen']} samples, {d['seconds']:.1f} s"),
             *([(f"{eval_split} accuracy of the model's head", d["head_accuracy"])] if eval_split else []),
         ]) + "\n\n" + format_table(["exit", "head macs", "cost to exit", f"{eval_split or 'eval'} accuracy"],

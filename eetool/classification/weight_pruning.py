@@ -321,7 +321,14 @@ class Pruner:
             if index == 0 and kind == TRAIN_HEADS:  # joint: the heads just trained, nothing pruned yet
                 self.baseline = record["accuracy"]
             self.reporter.log(f"  sparsity: backbone {record['sparsity']['backbone']:.4f}, heads "
-                              f"{record['sparsity']['heads']:.4f}; accuracy {record['accuracy']}")
+                              f"{record['sparsity']['heads']:.4f}; accuracy {accuracies_text(record['accuracy'])}")
             if after_step is not None:
                 after_step(self)
         return self.records
+
+
+def accuracies_text(accuracies: dict[str, float] | None) -> str:
+    """Each exit's accuracy for a log line: ``stem 0.7032, layer1.0 0.7122, ..., final 0.9375``."""
+    if not accuracies:
+        return "not evaluated"
+    return ", ".join(f"{name} {accuracy:.4f}" for name, accuracy in accuracies.items())

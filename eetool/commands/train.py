@@ -27,7 +27,7 @@ from eetool.core.options import (
     eetool_command,
     prefix_completer,
 )
-from eetool.core.reporting import format_fields
+from eetool.core.reporting import counted, format_fields
 from eetool.core.run_inputs import data_path
 
 
@@ -108,8 +108,8 @@ def command(
         if train_data.geometry is not None:
             spec.resize = train_data.geometry.resize  # recorded: later commands decode folder images the same way
         check_labels(train_data, spec.num_classes)
-    run.reporter.log(f"training {spec.arch} on {train_data.spec} ({len(train_data)} samples) for {epochs} epochs "
-                     f"on {device}")
+    run.reporter.log(f"training {spec.arch} on {train_data.spec} ({len(train_data)} samples) for "
+                     f"{counted(epochs, 'epoch')} on {device}")
     run.resume_state = str(resume_path)
     run.resumable = f"the state of every finished epoch goes to {resume_path}: rerun with --resume"
     result = fit(model, train_data, Preprocess(spec.input_shape, spec.mean, spec.std), cfg, device=device,

@@ -95,8 +95,15 @@ def format_table(headers: list[str], rows: list[list[object]]) -> str:
 
 def _cell(v: object) -> str:
     if isinstance(v, float):
-        return f"{v:.4f}"
+        # a million and more (a class-aware head's raw perplexity reaches 1e230) in 4 significant digits, not
+        # hundreds of integer digits; inf and nan as they are
+        return f"{v:.4g}" if abs(v) >= 1e6 else f"{v:.4f}"
     return "" if v is None else str(v)
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``: a count and its noun, plural unless the count is one."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
 def format_fields(pairs: list[tuple[str, object]]) -> str:

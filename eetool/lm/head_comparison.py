@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from eetool.core.options import Run
-from eetool.core.reporting import format_fields, format_table
+from eetool.core.reporting import counted, format_fields, format_table
 
 SWEEP_STEP = 0.01
 
@@ -145,9 +145,11 @@ def compare_heads(run: Run, req: HeadComparisonRequest) -> None:
         t = d["temperature"]
         fields = format_fields([
             ("model", f"{d['model']} ({d['model_sha256'][:12]})"),
-            ("text", f"{d['contexts']} contexts of {d['context']} tokens from {d['files']} files ({d['text']})"),
-            ("temperature", f"fitted per head on {d['temperature_contexts']} contexts, {d['scored_contexts']} scored"
-             if t == "auto" else f"{t:g}, all {d['scored_contexts']} contexts scored")])
+            ("text", f"{counted(d['contexts'], 'context')} of {d['context']} tokens from {counted(d['files'], 'file')} "
+                     f"({d['text']})"),
+            ("temperature", f"fitted per head on {counted(d['temperature_contexts'], 'context')}, "
+             f"{d['scored_contexts']} scored" if t == "auto"
+             else f"{t:g}, all {counted(d['scored_contexts'], 'context')} scored")])
         table = format_table(["head", "after block", "init", "accuracy", "perplexity", "T", "perplexity at T",
                               "tokens"],
                              [[r["head"], r["layer"], r["init"], r["accuracy"], r["perplexity"], r["temperature"],

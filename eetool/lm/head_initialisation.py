@@ -8,7 +8,7 @@ from enum import Enum
 from typing import Any
 
 from eetool.core.options import Run
-from eetool.core.reporting import format_fields, format_table
+from eetool.core.reporting import counted, format_fields, format_table
 
 
 def parse_n0(text: str) -> float | None:
@@ -89,7 +89,8 @@ def initialise_exit_head(run: Run, req: HeadInitRequest) -> None:
     if fixed_n0 is None:
         contexts, held_out = split_held_out(corpus.contexts)
     run.reporter.log(f"{lm.source}: {lm.num_layers} blocks, {lm.vocab_size} tokens x {lm.hidden_size} dims; "
-                     f"{len(contexts)} contexts of {context} tokens from {len(corpus.files)} files")
+                     f"{counted(len(contexts), 'context')} of {context} tokens from "
+                     f"{counted(len(corpus.files), 'file')}")
     stats = collect_stats(lm, contexts, k, grouping=group.value, final_norm=final_norm, batch_size=batch_size,
                           device=device, reporter=run.reporter)
     timed = contexts[: 2 * batch_size]  # the full model on the first batches, for the speed of the K-block pass

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from eetool.core.options import Run
-from eetool.core.reporting import format_fields, format_table
+from eetool.core.reporting import counted, format_fields, format_table
 
 
 @dataclass
@@ -101,9 +101,9 @@ def train_exit_head(run: Run, req: TrainingSessionRequest) -> None:
     source_sha = lm.sha256
     exit_lm = ExitLM(lm, start_head, freeze)
     run.reporter.log(f"training the exit head after block {start_head.layer} of {lm.num_layers} and the final head "
-                     f"({'freezing: only the two heads' if freeze else 'no freezing: every parameter'}) for {steps} "
-                     f"steps on {len(train_contexts)} contexts of {context} tokens, scoring "
-                     f"{len(held_contexts)} held-out contexts every {eval_every} steps")
+                     f"({'freezing: only the two heads' if freeze else 'no freezing: every parameter'}) for "
+                     f"{counted(steps, 'step')} on {counted(len(train_contexts), 'context')} of {context} tokens, "
+                     f"scoring {counted(len(held_contexts), 'held-out context')} every {counted(eval_every, 'step')}")
     identity = {"head_sha256": head_sha, "model_sha256": source_sha, "text": corpus.fingerprint,
                 "held_out": held_name, "context": context}
     run.resume_state = str(resume_path)
@@ -157,9 +157,9 @@ def train_exit_head(run: Run, req: TrainingSessionRequest) -> None:
         fields = format_fields([
             ("exit head", f"{d['output']} ({d['init']}, after block {d['layer']} of {d['blocks']})"),
             ("model", f"{d['model_output'] or d['model']} ({d['model_sha256'][:12]})"),
-            ("training", f"{d['steps']} steps, {'freezing' if d['freeze'] else 'no freezing'}, lr {d['lr']}, "
-                         f"batch {d['batch_size']}, {d['seconds_per_step']} s/step"),
-            ("held out", f"{d['held_out_contexts']} contexts ({d['held_out']})"),
+            ("training", f"{counted(d['steps'], 'step')}, {'freezing' if d['freeze'] else 'no freezing'}, "
+                         f"lr {d['lr']}, batch {d['batch_size']}, {d['seconds_per_step']} s/step"),
+            ("held out", f"{counted(d['held_out_contexts'], 'context')} ({d['held_out']})"),
         ])
         table = format_table(["step", "exit accuracy", "final accuracy", "train loss"],
                              [[p["step"], p["exit_accuracy"], p["final_accuracy"],

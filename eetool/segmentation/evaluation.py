@@ -184,7 +184,8 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
         points = format_table(["point", "mIoU", "pixel acc", "cost", f"{unit}/image", "GFLOPs", "images/s", "speedup",
                                *(f"share {e}" for e in EXIT_NAMES)],
                               [[q["name"], q["miou"], q["pixel_accuracy"],
-                                f"{q['cost']} (ran {q['executed_cost']})" if "executed_cost" in q else q["cost"],
+                                (f"{q['cost']:.4f} (ran {q['executed_cost']:.4f})" if "executed_cost" in q
+                                 else q["cost"]),
                                 f"{q[unit]:,}", q["gflops"],
                                 f"{q['throughput']:.1f}", f"{q['speedup']:.2f}x",
                                 *((q["exit_shares"][e] for e in EXIT_NAMES) if "exit_shares" in q

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eetool.core.errors import ModelMismatchError, UsageError
-from eetool.core.reporting import format_fields, format_table
+from eetool.core.reporting import counted, format_fields, format_table
 from eetool.core.run_inputs import data_path, open_checkpoint
 from eetool.segmentation import IGNORE
 from eetool.segmentation.model import EXIT_NAMES, EESegNet, upsample
@@ -122,7 +122,8 @@ def train_segmentation_exits(run: Run, req: ExitTrainingRequest) -> None:
     def text(d: dict[str, Any]) -> str:
         return format_fields([
             ("checkpoint with exits", d["output"]),
-            ("training", f"frozen backbone, {d['epochs']} epochs, {d['samples_seen']} images, {d['seconds']:.1f} s"),
+            ("training", f"frozen backbone, {counted(d['epochs'], 'epoch')}, {d['samples_seen']} images, "
+                         f"{d['seconds']:.1f} s"),
         ]) + "\n\n" + format_table(["exit", "head macs", "cost to exit", f"{req.eval_split or 'eval'} mIoU"],
                                    [[r["exit"], f"{r['head_macs']:,}", r["cost_normalised"], r["miou"]]
                                     for r in d["exits"]])

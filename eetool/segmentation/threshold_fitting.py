@@ -179,8 +179,8 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
                               *([("alpha, beta", f"{d['alpha']}, {d['beta']}"), ("fitted on", d["fitted_on"]),
                                  ("spread (sigma)", d["spread"])] if "alpha" in d else
                                 [("threshold", d["threshold"])]),
-                              *([("budget, cost", f"{d['budget']['target']}, {d['budget']['cost']} (of the plain "
-                                  "network, on the fitting data)")] if "budget" in d else [])])
+                              *([("budget, cost", f"{d['budget']['target']}, {d['budget']['cost']:.4f} (of the "
+                                  "plain network, on the fitting data)")] if "budget" in d else [])])
         table = format_table(["class", *d["exits"]],
                              [[c, *(row[k] for row in d["thresholds"])] for k, c in enumerate(d["classes"])])
         return f"{head}\n\n{table}"
