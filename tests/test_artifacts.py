@@ -110,3 +110,9 @@ def test_no_output_lands_in_the_demo_folder(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="demo folder"):
         check_output(str(link), force=True)
     check_output(str(tmp_path / "fine.yaml"), force=False)
+
+
+def test_a_key_twice_is_refused_but_a_merged_key_may_be_overridden() -> None:
+    assert load_yaml("base: &b {lr: 0.1}\nrun: {<<: *b, lr: 0.2}\n", "config")["run"] == {"lr": 0.2}
+    with pytest.raises(InputError, match="the key 'lr' appears twice"):
+        load_yaml("lr: 0.1\nepochs: 3\nlr: 0.2\n", "config")

@@ -240,16 +240,16 @@ def _prune(run: Run, o: Request) -> None:
                        reporter=run.reporter)
     # The checkpoint's own weights decide: heads made here start dense whatever the checkpoint is.
     backbone = wp.participating(pruner.layers, (wp.BACKBONE,))
-    remaining = sum(int(layer.weight.ne(0).sum()) for layer in backbone)
-    if wp.pruned_count(remaining, o.amount) == 0:
-        raise UsageError(f"--amount {o.amount:g} prunes none of the {remaining:,} weights taking part in a round",
-                         "give a larger --amount, e.g. 0.1")
     already = wp.sparsity_of(backbone)
     target = wp.target_sparsity(o.amount, o.rounds)
     if already >= target:
         raise UsageError(f"{o.checkpoint} is already {already:.1%} sparse in its weights taking part, at or beyond "
                          f"the {target:.1%} that {o.rounds} rounds of {o.amount:g} ask for",
                          "start from the unpruned checkpoint, or ask for more --rounds or a larger --amount")
+    remaining = sum(int(layer.weight.ne(0).sum()) for layer in backbone)
+    if wp.pruned_count(remaining, o.amount) == 0:
+        raise UsageError(f"--amount {o.amount:g} prunes none of the {remaining:,} weights taking part in a round",
+                         "give a larger --amount, e.g. 0.1")
 
     state_dir, expected = _resumable(run, o, ckpt, train_data, pruner)
     run.reporter.log(f"pruning {ckpt.label}, {o.approach}: {o.rounds} rounds of {o.amount:g} of the "

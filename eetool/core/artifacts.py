@@ -478,6 +478,8 @@ class _BoundedLoader(yaml.SafeLoader):
         # PyYAML keeps the last of two equal keys; a file that says one thing twice is refused instead.
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                continue
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, (str, int, float, bool)):
                 continue
