@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "eetool"
 TASKS = ("eetool.classification", "eetool.segmentation", "eetool.lm")
-COMMAND_LINE = ("eetool.cli", "eetool.commands", "eetool.completion_scripts", "eetool.__main__")
+COMMAND_LINE = ("eetool.cli", "eetool.commands", "eetool.completion_scripts", "eetool.cli_reference", "eetool.__main__")
 
 
 def module_names() -> dict[str, Path]:
