@@ -66,6 +66,7 @@ def _script(block: Block, tiny_lm: Path | None) -> str:
     return body
 
 
+@pytest.mark.docs  # about 20 CPU-minutes in all: `-m "not docs"` leaves them out locally; CI runs them
 @pytest.mark.parametrize("page", RUNNABLE, ids=[str(p.relative_to(ROOT)) for p in RUNNABLE])
 def test_page_examples_run(page: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     runnable = [b for b in blocks(page) if b.kind == "run"]
