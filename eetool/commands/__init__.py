@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "inspect",
     "import": "import_weights",
     "evaluate": "evaluate",
+    "predict": "predict",
     "calibrate-means": "calibrate_means",
     "fit-thresholds": "fit_thresholds",
     "train": "train",
