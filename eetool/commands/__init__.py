@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "import": "import_weights",
     "evaluate": "evaluate",
     "predict": "predict",
+    "export": "export",
     "calibrate-means": "calibrate_means",
     "fit-thresholds": "fit_thresholds",
     "train": "train",
