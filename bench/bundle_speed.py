@@ -164,17 +164,20 @@ def install_size() -> dict[str, Any]:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
         subprocess.run([*pip, str(ROOT / "runtime")], check=True)
-        code = ("import importlib.metadata as m, pathlib, sys\n"
-                "skip = {'pip', 'setuptools'}\n"
-                "total = sum(pathlib.Path(str(d.locate_file(f))).stat().st_size for d in m.distributions()\n"
-                "            if d.metadata['Name'].lower() not in skip for f in (d.files or [])\n"
-                "            if pathlib.Path(str(d.locate_file(f))).is_file())\n"
-                "print(total)")
-        runtime_bytes = int(subprocess.run([str(venv / "bin" / "python"), "-c", code], check=True,
-                                           capture_output=True, text=True).stdout)
+        code = ("import importlib.metadata as m, json, pathlib\n"
+                "def size(d):\n"
+                "    paths = (pathlib.Path(str(d.locate_file(f))) for f in (d.files or []))\n"
+                "    return sum(p.stat().st_size for p in paths if p.is_file())\n"
+                "print(json.dumps({d.metadata['Name']: size(d) for d in m.distributions()\n"
+                "                  if d.metadata['Name'].lower() not in ('pip', 'setuptools')}))")
+        sizes = json.loads(subprocess.run([str(venv / "bin" / "python"), "-c", code], check=True,
+                                          capture_output=True, text=True).stdout)
+    runtime_bytes = sum(sizes.values())
     eetool_bytes = _dist_size("eetool", set())
     return {"runtime_mb": round(runtime_bytes / 2**20, 1), "eetool_mb": round(eetool_bytes / 2**20, 1),
-            "runtime_goal_met": runtime_bytes / 2**20 < 150}
+            "runtime_goal_met": runtime_bytes / 2**20 < 150,
+            "runtime_by_distribution_mb": {k: round(v / 2**20, 1) for k, v in sorted(sizes.items(),
+                                                                                     key=lambda kv: -kv[1])}}
 
 
 def main() -> None:

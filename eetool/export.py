@@ -88,10 +88,46 @@ class _ExitDecision(nn.Module):
         return confidence.float(), prediction, exit_probabilities(self.rule, self.j, h)
 
 
+def _static_adaptive(reduce: str) -> Any:
+    """Adaptive max or average pooling as slices of the (static) input: ONNX has no adaptive pooling to sizes
+    other than 1, and torch's exporter no translation of it. The windows are torch's (eetool.heads.adaptive_windows),
+    so max-pooling gives the same values and averaging the same up to the order of its sums."""
+    from eetool.heads import adaptive_windows
+
+    original = getattr(torch.nn.functional, f"adaptive_{reduce}_pool2d")
+
+    def pool(x: torch.Tensor, output_size: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
+        out_h, out_w = out_h or x.shape[-2], out_w or x.shape[-1]
+        if (out_h, out_w) == (1, 1) or args or kwargs:  # global pooling exports as it is
+            return original(x, output_size, *args, **kwargs)
+        rows = adaptive_windows(int(x.shape[-2]), out_h)
+        cols = adaptive_windows(int(x.shape[-1]), out_w)
+        cells = [x[..., r0:r1, c0:c1].amax((-2, -1)) if reduce == "max" else x[..., r0:r1, c0:c1].mean((-2, -1))
+                 for r0, r1 in rows for c0, c1 in cols]
+        return torch.stack(cells, -1).unflatten(-1, (out_h, out_w))
+
+    return pool
+
+
+@contextlib.contextmanager
+def _exportable_pooling() -> Any:
+    functional = torch.nn.functional
+    saved = functional.adaptive_max_pool2d, functional.adaptive_avg_pool2d
+    functional.adaptive_max_pool2d = _static_adaptive("max")  # type: ignore[assignment]
+    functional.adaptive_avg_pool2d = _static_adaptive("avg")  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        functional.adaptive_max_pool2d, functional.adaptive_avg_pool2d = saved  # type: ignore[assignment]
+
+
 def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_names: list[str]) -> None:
     """One graph with a dynamic batch axis; the exporter's progress lines go to stderr, not among the data."""
     batch = torch.export.Dim("batch", min=1)
-    with contextlib.redirect_stdout(sys.stderr), torch.no_grad():
+    # Traced with autograd on: modules with a CPU inference fast path of their own kernels (eetool.heads.MixedPool)
+    # then take their plain, traceable one, which gives the same values.
+    with contextlib.redirect_stdout(sys.stderr), torch.enable_grad(), _exportable_pooling():
         torch.onnx.export(module.eval(), (example,), str(path), dynamo=True, input_names=[input_name],
                           output_names=output_names, dynamic_shapes=({0: batch},), opset_version=OPSET,
                           external_data=False, verbose=False)

@@ -46,7 +46,7 @@ class Demo:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
+def demo(tmp_path_factory: pytest.TempPathFactory, no_torch: dict[str, str]) -> Demo:
     from eetool.datasets import load_dataset
 
     d = tmp_path_factory.mktemp("export-demo")
@@ -61,24 +61,29 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
     (d / "pngs").mkdir()
     for i, image in enumerate(ds.images):
         Image.fromarray(image[0].numpy(), mode="L").save(d / "pngs" / f"{i:04d}.png")
-    blocker = d / "blocker"
-    blocker.mkdir()
+    return Demo(d, means, thresholds, bundle, d / "pngs", no_torch)
+
+
+@pytest.fixture(scope="module")
+def no_torch(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of a runtime process: torch blocked, the runtime importable."""
+    blocker = tmp_path_factory.mktemp("blocker")
     (blocker / "sitecustomize.py").write_text(BLOCK_TORCH)
-    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{ROOT / 'runtime'}"}
-    return Demo(d, means, thresholds, bundle, d / "pngs", env)
+    return {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{ROOT / 'runtime'}"}
 
 
-def runtime(demo: Demo, *args: object, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def runtime(demo: Demo | dict[str, str], *args: object, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = demo.env if isinstance(demo, Demo) else demo
     return subprocess.run([sys.executable, "-m", "eetool_runtime", "predict", *(str(a) for a in args)],
-                          capture_output=True, text=True, env=demo.env, input=stdin, timeout=600)
+                          capture_output=True, text=True, env=env, input=stdin, timeout=600)
 
 
 def records(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-def test_the_torch_blocker_blocks(demo: Demo) -> None:
-    proc = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=demo.env)
+def test_the_torch_blocker_blocks(no_torch: dict[str, str]) -> None:
+    proc = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=no_torch)
     assert proc.returncode != 0 and "blocked" in proc.stderr
 
 
@@ -239,3 +244,39 @@ def test_runtime_writes_csv_as_eetool_predict(demo: Demo) -> None:
     assert [without_confidence(x) for x in theirs] == [without_confidence(x) for x in ours]
     assert np.allclose([float(x.split(",")[3]) for x in theirs[1:]], [float(x.split(",")[3]) for x in ours[1:]],
                        atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["sdn", "entropy", "e2cm+sdn"])
+def test_exit_heads_export_and_run_as_eetool_predict(method: str, heads_made: dict[str, Path],
+                                                     no_torch: dict[str, str], tmp_path: Path) -> None:
+    """Trained heads (and E²CM with them, combined): the bundle's classes and exit indices are eetool predict's."""
+    thresholds = tmp_path / "thresholds.yaml"
+    means = ["--means", heads_made["means"]] if method == "e2cm+sdn" else []
+    ok(invoke("fit-thresholds", "--method", method, "--exit-heads", heads_made["heads"], *means, "-c",
+              heads_made["ckpt"], "-d", heads_made["data"], "--budget", 0.6, "-o", thresholds, "-q"))
+    model = ["-c", heads_made["ckpt"], "--exit-heads", heads_made["heads"], *means, "--thresholds", thresholds]
+    ok(invoke("export", *model, "-d", heads_made["data"], "-o", tmp_path / "bundle", "-q"))
+    ours = records(ok(invoke("predict", *model, heads_made["pngs"])).stdout)
+    proc = runtime(no_torch, tmp_path / "bundle", heads_made["pngs"])
+    assert proc.returncode == 0, proc.stderr
+    theirs = records(proc.stdout)
+    assert [(r["class"], r["exit_index"]) for r in theirs] == [(r["class"], r["exit_index"]) for r in ours]
+    assert len({r["exit_index"] for r in ours}) > 1
+
+
+@pytest.fixture(scope="module")
+def heads_made(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: str, tiny_data: str) -> dict[str, Path]:
+    from eetool.datasets import load_dataset
+
+    d = tmp_path_factory.mktemp("export-heads")
+    heads, means = d / "heads.safetensors", d / "means.safetensors"
+    ok(invoke("train-exits", "-c", tiny_checkpoint, "-d", tiny_data, "--exits", "half", "--epochs", 1,
+              "--no-augment", "-o", heads, "-q"))
+    ok(invoke("calibrate-means", "-c", tiny_checkpoint, "-d", tiny_data, "--exits", "half", "-o", means, "-q"))
+    ds = load_dataset(tiny_data, "test")
+    assert ds.images is not None
+    (d / "pngs").mkdir()
+    for i, image in enumerate(ds.images):
+        Image.fromarray(image[0].numpy(), mode="L").save(d / "pngs" / f"{i:03d}.png")
+    return {"ckpt": Path(tiny_checkpoint), "data": Path(tiny_data), "heads": heads, "means": means,
+            "pngs": d / "pngs"}
