@@ -280,3 +280,39 @@ def heads_made(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: str, t
         Image.fromarray(image[0].numpy(), mode="L").save(d / "pngs" / f"{i:03d}.png")
     return {"ckpt": Path(tiny_checkpoint), "data": Path(tiny_data), "heads": heads, "means": means,
             "pngs": d / "pngs"}
+
+
+def test_a_foreign_torchvision_resnet18_state_dict(no_torch: dict[str, str], tmp_path: Path) -> None:
+    """Foreign weights (a torchvision ResNet-18 state dict, the model options on every command), 3 channels at
+    224 x 224 from 28 x 28 PNG files (resized and cropped by the ImageNet recipe): runtime and eetool predict agree."""
+    import torch
+    import torchvision
+
+    from eetool.datasets import load_dataset
+
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
+    model = ["-c", weights, "--arch", "resnet18", "--num-classes", 10]
+    (tmp_path / "calibration.txt").write_text("\n".join(str(i) for i in range(160)))
+    means, thresholds = tmp_path / "means.safetensors", tmp_path / "thresholds.yaml"
+    ok(invoke("calibrate-means", *model, "-d", "demo", "--split", "train", "--indices", tmp_path / "calibration.txt",
+              "--exits", "quartiles", "--pool-spatial", 4, "-o", means, "-q"))
+    ok(invoke("fit-thresholds", "--means", means, "--budget", 0.5, "-o", thresholds, "-q"))
+    early = [*model, "--means", means, "--thresholds", thresholds]
+    ok(invoke("export", *early, "-o", tmp_path / "bundle", "--check-samples", 32, "-q"))
+    ds = load_dataset("demo", "test")
+    assert ds.images is not None
+    (tmp_path / "pngs").mkdir()
+    for i, image in enumerate(ds.images[:48]):
+        Image.fromarray(image[0].numpy(), mode="L").save(tmp_path / "pngs" / f"{i:02d}.png")
+    ours = records(ok(invoke("predict", *early, tmp_path / "pngs", "--batch-size", 16)).stdout)
+    proc = runtime(no_torch, tmp_path / "bundle", tmp_path / "pngs", "--batch-size", 16)
+    assert proc.returncode == 0, proc.stderr
+    theirs = records(proc.stdout)
+    limits = yaml.safe_load(thresholds.read_text())["points"][0]["thresholds"]
+    differ = [(a, b) for a, b in zip(ours, theirs, strict=True)
+              if (a["class"], a["exit_index"]) != (b["class"], b["exit_index"])]
+    assert all(any(r["exit_index"] < len(limits) and abs(r["confidence"] - limits[r["exit_index"]]) <= 1e-5
+                   for r in pair) for pair in differ), differ
+    assert len(differ) <= len(ours) // 1000, f"{len(differ)} of {len(ours)} differ, each within 1e-5 of a threshold"
