@@ -81,11 +81,10 @@ INPUT = "Inputs"
 # Options that several commands share, declared once.
 CheckpointOpt = Annotated[str, typer.Option("--checkpoint", "-c", help="Checkpoint file (.safetensors/.pt) or 'demo'.",
                                             rich_help_panel=INPUT)]
-DataOpt = Annotated[str, typer.Option("--data", "-d", help="Dataset NAME[:PATH]: mnist, fashion-mnist, kmnist, "
-                                      "cifar10, cifar100, folder:PATH, safetensors:FILE or demo; for segmentation "
-                                      "fashion-mnist-scenes, brain-atlas, segmentation:FILE or "
-                                      "segmentation-folder:PATH.",
-                                      rich_help_panel=INPUT, autocompletion=complete_data)]
+DATA_HELP = ("Dataset NAME[:PATH]: mnist, fashion-mnist, kmnist, cifar10, cifar100, folder:PATH, safetensors:FILE or "
+             "demo; for segmentation fashion-mnist-scenes, brain-atlas, segmentation:FILE or segmentation-folder:PATH.")
+DataOpt = Annotated[str, typer.Option("--data", "-d", help=DATA_HELP, rich_help_panel=INPUT,
+                                      autocompletion=complete_data)]
 SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split: train or test.", rich_help_panel=INPUT,
                                        autocompletion=prefix_completer(SPLITS))]
 IndicesOpt = Annotated[str | None, typer.Option("--indices", help="Restrict the dataset to these sample indices "

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from eetool.commands.common import open_checkpoint
-from eetool.options import INPUT, CheckpointOpt, ForceOpt, Run, ThresholdsOpt, eetool_command
+from eetool.options import DATA_HELP, INPUT, CheckpointOpt, ForceOpt, Run, ThresholdsOpt, complete_data, eetool_command
 
 
 @eetool_command("export", model_options=True, data_options=True)
@@ -20,9 +20,10 @@ def command(
     exit_heads: Annotated[str | None, typer.Option("--exit-heads", "--exits-checkpoint", help="Exit-heads artifact "
                                                    "(with --thresholds fitted on it).", rich_help_panel=INPUT)] = None,
     thresholds: ThresholdsOpt = None,
-    data: Annotated[str | None, typer.Option("--data", "-d", help="Check the bundle on samples of this dataset "
-                                             "NAME[:PATH] (default: the demo set where it fits the model's input, "
-                                             "else seeded random images).", rich_help_panel=INPUT)] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help=f"Check the bundle on samples of this {DATA_HELP} "
+                                             "Default: the demo set where it fits the model's input, else seeded "
+                                             "random images.", rich_help_panel=INPUT,
+                                             autocompletion=complete_data)] = None,
     split: Annotated[str, typer.Option("--split", help="With --data: train or test.", rich_help_panel=INPUT)] = "test",
     check_samples: Annotated[int, typer.Option("--check-samples", min=1, help="Samples the bundle is checked on "
                                                "against eetool's own pass.")] = 512,

@@ -8,7 +8,17 @@ from typing import Annotated
 import typer
 
 from eetool.commands.common import data_path, open_checkpoint
-from eetool.options import INPUT, BatchOpt, CheckpointOpt, ForceOpt, Run, ThresholdsOpt, eetool_command
+from eetool.options import (
+    DATA_HELP,
+    INPUT,
+    BatchOpt,
+    CheckpointOpt,
+    ForceOpt,
+    Run,
+    ThresholdsOpt,
+    complete_data,
+    eetool_command,
+)
 
 
 class OutputFormat(str, Enum):
@@ -29,9 +39,9 @@ def command(
     inputs: Annotated[list[str] | None, typer.Argument(help="Image files, folders of images (recursive, sorted) or "
                                                       "'-' for paths on stdin, one a line.", show_default=False)
                       ] = None,
-    data: Annotated[str | None, typer.Option("--data", "-d", help="Instead of INPUTS: a dataset NAME[:PATH] as "
-                                             "evaluate takes it (labels, where it has them, go into the output).",
-                                             rich_help_panel=INPUT)] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help=f"Instead of INPUTS: {DATA_HELP} Labels, where "
+                                             "it has them, go into the output.", rich_help_panel=INPUT,
+                                             autocompletion=complete_data)] = None,
     split: Annotated[str, typer.Option("--split", help="With --data: train or test.", rich_help_panel=INPUT)] = "test",
     means: Annotated[str | None, typer.Option("--means", help="Class-means artifact (with --thresholds).",
                                               rich_help_panel=INPUT)] = None,
