@@ -26,6 +26,7 @@ bench: ## benchmarks (ratios within one run)
 	$(PYTHON) bench/dataset_pruning.py
 	$(PYTHON) bench/channel_pruning.py
 	$(PYTHON) bench/exit_speed.py --threads 1
+	$(PYTHON) bench/bundle_speed.py --install-size
 
 completions: ## regenerate completions/ from the app
 	$(PYTHON) -m eetool.completion_scripts completions

@@ -181,6 +181,8 @@ def command_args(tiny_checkpoint: str, tiny_data: str, class_means: Path, tmp_pa
         "inspect": ["--checkpoint", tiny_checkpoint],
         "import": ["-c", tiny_checkpoint, "-o", str(tmp_path / "imported.safetensors")],
         "evaluate": ["-c", tiny_checkpoint, "-d", tiny_data],
+        "predict": ["-c", tiny_checkpoint, "-d", tiny_data],
+        "export": ["-c", tiny_checkpoint, "-o", str(tmp_path / "bundle"), "--check-samples", "8"],
         "calibrate-means": ["-c", tiny_checkpoint, "-d", tiny_data, "-o", str(tmp_path / "means.safetensors")],
         "fit-thresholds": ["--means", str(class_means), "-o", str(tmp_path / "thresholds.yaml"), "--budget", "0.5"],
         "train-exits": ["-c", tiny_checkpoint, "-d", tiny_data, "--exits", "half", "--no-augment",
@@ -209,7 +211,7 @@ def test_the_table_below_covers_every_command(command_args: dict[str, list[str]]
 
 @pytest.mark.parametrize("command", ["archs", "env", "inspect", "import", "evaluate", "calibrate-means",
                                      "fit-thresholds", "train-exits", "prune-dataset", "prune-weights",
-                                     "init-exit-head", "evaluate-lm", "train-exit-head"])
+                                     "init-exit-head", "evaluate-lm", "train-exit-head", "export"])
 def test_common_options_after_the_subcommand(command: str, command_args: dict[str, list[str]]) -> None:
     result = invoke(command, *command_args[command], "-q", "-v", "--format", "json", "--no-progress", "--seed", "3",
                     "--device", "cpu", "--threads", "1", "--debug")
@@ -217,6 +219,17 @@ def test_common_options_after_the_subcommand(command: str, command_args: dict[st
     assert result.stderr == ""  # -q: nothing but data
     doc = json_doc(result)
     assert doc["schema"] == f"eetool/{SCHEMA_KINDS.get(command, command)}@1"
+
+
+def test_predict_takes_the_common_options_with_its_own_formats(command_args: dict[str, list[str]]) -> None:
+    """predict's records are JSON Lines (or CSV, TSV), not a document with a schema."""
+    result = invoke("predict", *command_args["predict"], "-q", "-v", "--format", "jsonl", "--no-progress", "--seed",
+                    "3", "--device", "cpu", "--threads", "1", "--debug")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    assert [json.loads(line)["input"] for line in result.stdout.splitlines()][:2] == ["safetensors/test#0",
+                                                                                      "safetensors/test#1"]
+    assert invoke("predict", *command_args["predict"], "--format", "json").exit_code == ExitCode.USAGE
 
 
 def test_train_accepts_the_common_options_and_emits_json(training: dict[str, object]) -> None:

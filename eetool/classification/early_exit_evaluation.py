@@ -79,7 +79,7 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
     require_labels(ds, "evaluate on a labelled dataset")
     macs = count_macs(ckpt.model, ckpt.spec.input_shape)
     preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
-    early = _early_exit_setup(ckpt, means, exit_heads, thresholds, point, device) if thresholds else None
+    early = early_exit_setup(ckpt, means, exit_heads, thresholds, point, device) if thresholds else None
     # A pruned network (eetool prune-weights) is reported at its dense and its effective cost; its zeros do not
     # make dense kernels faster, so the measured throughput is that of the dense computation.
     pruned = is_pruned(ckpt.model) or (early is not None and early.cost_models[1].basis == "effective")
@@ -299,7 +299,7 @@ class EarlyExits(NamedTuple):
     fitted_basis: dict[str, Any]
 
 
-def _early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thresholds: str, point: str,
+def early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thresholds: str, point: str,
                       device: Any) -> EarlyExits:
     """Load and cross-check the thresholds and what they were fitted with; pick the operating points to run."""
     from eetool.classification.e2cm import ClassMeans

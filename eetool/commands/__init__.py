@@ -15,6 +15,8 @@ COMMANDS: dict[str, str] = {
     "inspect": "inspect",
     "import": "import_weights",
     "evaluate": "evaluate",
+    "predict": "predict",
+    "export": "export",
     "calibrate-means": "calibrate_means",
     "fit-thresholds": "fit_thresholds",
     "train": "train",

@@ -17,6 +17,7 @@ class ExitCode(IntEnum):
     MODEL_MISMATCH = 4  # weights that do not fit the architecture, classes or input shape
     PROVENANCE = 5  # an artifact of the wrong kind, or made from another checkpoint/exits/dataset
     OUTPUT = 6  # output exists, is an input, or cannot be written
+    INPUTS_FAILED = 7  # predict --on-error skip: some inputs could not be read (each named on stderr), the rest done
     INTERRUPTED = 130  # Ctrl-C, SIGTERM or SIGHUP; nothing half-written is left behind
     BROKEN_PIPE = 141  # the reader of stdout went away (| head); 128 + SIGPIPE, as the shell reports such tools
 

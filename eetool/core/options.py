@@ -92,8 +92,8 @@ INPUT = "Inputs"
 # Options that several commands share, declared once.
 CheckpointOpt = Annotated[str, typer.Option("--checkpoint", "-c", help="Checkpoint file (.safetensors/.pt) or 'demo'.",
                                             rich_help_panel=INPUT)]
-DataOpt = Annotated[str, typer.Option("--data", "-d", help=f"Dataset NAME[:PATH]: {source_list()}.",
-                                      rich_help_panel=INPUT,
+DATA_HELP = f"Dataset NAME[:PATH]: {source_list()}."
+DataOpt = Annotated[str, typer.Option("--data", "-d", help=DATA_HELP, rich_help_panel=INPUT,
                                       autocompletion=complete_data)]
 SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split: train or test.", rich_help_panel=INPUT,
                                        autocompletion=prefix_completer(SPLITS))]
@@ -238,7 +238,7 @@ class Run:
     schema: str
     quiet: bool = False
     verbose: bool = False
-    format: Format = Format.text
+    format: Enum = Format.text  # a command's own formats where it has them (eetool_command's ``formats``)
     progress: bool = True
     seed: int = 0
     device_name: Device = Device.auto
@@ -347,7 +347,13 @@ MAX_SEED = 2**63 - 1
 MAX_THREADS = 4096
 
 
-def _common_parameters() -> list[inspect.Parameter]:
+def _common_parameters(formats: type[Enum] = Format) -> list[inspect.Parameter]:
+    """``formats``: the values --format takes, the first its default (text or json, unless a command writes
+    records of its own, as predict's JSON Lines or CSV)."""
+    first = next(iter(formats))
+    format_help = ("Output on stdout: text table or JSON." if formats is Format
+                   else f"Output on stdout: {', '.join(f.value for f in formats)}.")
+
     def opt(name: str, annotation: Any, default: Any) -> inspect.Parameter:
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
@@ -356,8 +362,8 @@ def _common_parameters() -> list[inspect.Parameter]:
                                                   rich_help_panel=COMMON)], False),
         opt("verbose", Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr.",
                                                     rich_help_panel=COMMON)], False),
-        opt("format", Annotated[Format, typer.Option("--format", help="Output on stdout: text table or JSON.",
-                                                     rich_help_panel=COMMON)], Format.text),
+        opt("format", Annotated[formats, typer.Option("--format", help=format_help,  # type: ignore[valid-type]
+                                                      rich_help_panel=COMMON)], first),
         opt("no_progress", Annotated[bool, typer.Option("--no-progress", help="Hide progress bars (also hidden when "
                                                         "stderr is not a terminal).", rich_help_panel=COMMON)], False),
         opt("seed", Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, help="Random seed.",
@@ -377,14 +383,15 @@ def _common_parameters() -> list[inspect.Parameter]:
 COMMON_NAMES = ("quiet", "verbose", "format", "no_progress", "seed", "device", "threads", "config", "debug")
 
 
-def eetool_command(kind: str, *, model_options: bool = False, data_options: bool = False, distributed: bool = False
-                   ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def eetool_command(kind: str, *, model_options: bool = False, data_options: bool = False, distributed: bool = False,
+                   formats: type[Enum] = Format) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Make ``func(run, **options)`` a CLI command whose JSON output has schema ``eetool/<kind>@1``.
 
     With ``model_options`` the command reads a checkpoint: it also takes the foreign-checkpoint options
     (--arch, --arch-args, --num-classes, --input-shape, --mean, --std), handed over as ``run.model_options``.
     With ``data_options`` it reads data: --data-loading, --workers, --resize and --crop, as ``run.data_options``.
-    With ``distributed`` it runs under torchrun (``eetool.core.distributed``); other commands refuse to."""
+    With ``distributed`` it runs under torchrun (``eetool.core.distributed``); other commands refuse to.
+    ``formats``: the values of its --format (default text and json), the first the default."""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(func)
@@ -469,7 +476,7 @@ def eetool_command(kind: str, *, model_options: bool = False, data_options: bool
 
         ctx_param = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
         params = [ctx_param, *own, *(_model_parameters() if model_options else []),
-                  *(_data_parameters() if data_options else []), *_common_parameters()]
+                  *(_data_parameters() if data_options else []), *_common_parameters(formats)]
         wrapper.__signature__ = sig.replace(parameters=params, return_annotation=None)  # type: ignore[attr-defined]
         # typer reads resolved annotations of the new signature, not func's string annotations.
         wrapper.__annotations__ = {p.name: p.annotation for p in params}

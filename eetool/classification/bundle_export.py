@@ -1,0 +1,347 @@
+"""An early-exit bundle (``eetool export``): ONNX graphs per backbone stage and per exit decision, and a manifest.
+
+The bundle is what the PyTorch-free runtime (``runtime/``, ``eetool-runtime predict``) runs: the stages in order,
+after each exit the decision graph, the batch compacted to the samples that stay, as eetool's own early-exit pass
+does. Every graph comes from ``torch.onnx.export`` of the very modules and rules eetool runs:
+
+- stage 0 takes the decoded images (uint8 N x 3 x H x W, as ``eetool.streaming.decode_image`` makes them) and
+  applies the checkpoint's ``Preprocess`` (channels, mean, std) before the first stage, so that the runtime needs
+  no preprocessing of its own beyond decoding, resizing and cropping;
+- exit j's graph maps the stage's features to the rule's confidence, prediction and class probabilities (E²CM:
+  distances to the class means and the recorded prediction rule; heads: the head, its softmax or entropy; e2cm+sdn:
+  both, combined); the threshold comparison conf > T_j is the runtime's, so one bundle holds every operating point;
+- the last stage gives the logits.
+
+``manifest.yaml`` records the classes, input, preprocessing, stages and exits in order, every operating point with
+its thresholds and costs, the provenance of the sources and the sha256 of every graph; ``SHA256SUMS`` (the format of
+``sha256sum -c``) covers the graphs and the manifest, so that a changed graph, threshold or manifest is refused. The
+manifest's ``format: eetool-bundle`` is how eetool knows a folder as one it wrote, and the only kind of folder it
+replaces (``--force``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from eetool import __version__
+from eetool.classification.prediction import HEAD, Predictor, exit_probabilities
+from eetool.core.datasets import Preprocess
+from eetool.core.errors import EetoolError, ExitCode, ModelMismatchError, OutputError, UsageError
+from eetool.core.interrupts import deferred
+from eetool.core.owned_folders import check_folder_output, publish_folder
+
+BUNDLE_FORMAT = "eetool-bundle"
+BUNDLE_SCHEMA = 1
+MANIFEST = "manifest.yaml"
+SUMS = "SHA256SUMS"
+# Within this of its threshold, a confidence may fall on either side between onnxruntime's float rounding and
+# torch's: a different exit (and class) there is rounding, not a wrong graph.
+THRESHOLD_TOLERANCE = 1e-5
+OPSET = 18
+
+
+class BundleMismatchError(EetoolError):
+    """The exported graphs disagree with eetool's own pass beyond rounding at a threshold."""
+
+    exit_code = ExitCode.PROVENANCE
+
+
+# ---------------------------------------------------------------------------------------------
+# The modules that become graphs
+
+
+class _PreprocessedStage(nn.Module):
+    """Decoded uint8 images through the checkpoint's preprocessing and the first stage."""
+
+    def __init__(self, stage: nn.Module, preprocess: Preprocess) -> None:
+        super().__init__()
+        self.stage, self.preprocess = stage, preprocess
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.stage(self.preprocess(images))
+
+
+class _ExitDecision(nn.Module):
+    """Exit j's rule on the features: confidence, prediction and class probabilities."""
+
+    def __init__(self, rule: Any, j: int) -> None:
+        super().__init__()
+        self.rule, self.j = rule, j
+        heads = getattr(rule, "heads", None)
+        if heads is not None:
+            self.heads = heads  # registered, so that export sees the head's parameters as the module's
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        confidence, prediction = self.rule.scores(self.j, h)
+        return confidence.float(), prediction, exit_probabilities(self.rule, self.j, h)
+
+
+def _static_adaptive(reduce: str) -> Any:
+    """Adaptive max or average pooling as slices of the (static) input: ONNX has no adaptive pooling to sizes
+    other than 1, and torch's exporter no translation of it. The windows are torch's (eetool.heads.adaptive_windows),
+    so max-pooling gives the same values and averaging the same up to the order of its sums."""
+    from eetool.classification.exit_heads import adaptive_windows
+
+    original = getattr(torch.nn.functional, f"adaptive_{reduce}_pool2d")
+
+    def pool(x: torch.Tensor, output_size: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
+        out_h, out_w = out_h or x.shape[-2], out_w or x.shape[-1]
+        if (out_h, out_w) == (1, 1) or args or kwargs:  # global pooling exports as it is
+            return original(x, output_size, *args, **kwargs)
+        rows = adaptive_windows(int(x.shape[-2]), out_h)
+        cols = adaptive_windows(int(x.shape[-1]), out_w)
+        cells = [x[..., r0:r1, c0:c1].amax((-2, -1)) if reduce == "max" else x[..., r0:r1, c0:c1].mean((-2, -1))
+                 for r0, r1 in rows for c0, c1 in cols]
+        return torch.stack(cells, -1).unflatten(-1, (out_h, out_w))
+
+    return pool
+
+
+@contextlib.contextmanager
+def _exportable_pooling() -> Any:
+    functional = torch.nn.functional
+    saved = functional.adaptive_max_pool2d, functional.adaptive_avg_pool2d
+    functional.adaptive_max_pool2d = _static_adaptive("max")  # type: ignore[assignment]
+    functional.adaptive_avg_pool2d = _static_adaptive("avg")  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        functional.adaptive_max_pool2d, functional.adaptive_avg_pool2d = saved  # type: ignore[assignment]
+
+
+def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_names: list[str]) -> None:
+    """One graph with a dynamic batch axis; the exporter's progress lines go to stderr, not among the data."""
+    batch = torch.export.Dim("batch", min=1)
+    # Traced with autograd on: modules with a CPU inference fast path of their own kernels (eetool.heads.MixedPool)
+    # then take their plain, traceable one, which gives the same values.
+    with contextlib.redirect_stdout(sys.stderr), torch.enable_grad(), _exportable_pooling():
+        torch.onnx.export(module.eval(), (example,), str(path), dynamo=True, input_names=[input_name],
+                          output_names=output_names, dynamic_shapes=({0: batch},), opset_version=OPSET,
+                          external_data=False, verbose=False)
+
+
+@dataclass
+class BundleSpec:
+    """What goes into a bundle: the model (split into stages), the rule and its operating points."""
+
+    model: nn.Module
+    preprocess: Preprocess
+    input_hw: tuple[int, int]
+    classes: list[str]
+    stages: list[nn.Module]  # len(exits) + 1; the plain model is one stage
+    exits: list[str]
+    rule: Any  # None for the plain model
+    method: str  # e2cm, sdn, entropy, e2cm+sdn, or plain
+    points: list[dict[str, Any]]  # budget, thresholds, cost and accuracy where the thresholds record them
+    exit_costs: list[float]  # per exit, then the head: a fraction of the plain model's MACs
+    preprocessing: dict[str, Any]  # decode, resize, crop, mean, std
+    provenance: dict[str, Any]
+
+
+def write_graphs(spec: BundleSpec, folder: Path) -> list[dict[str, Any]]:
+    """Every stage's and exit's graph into ``folder``; the manifest's entries for them, in order."""
+    h, w = spec.input_hw
+    x = torch.zeros(2, 3, h, w, dtype=torch.uint8)
+    entries: list[dict[str, Any]] = []
+    for j, stage in enumerate(spec.stages):
+        module = _PreprocessedStage(stage, spec.preprocess) if j == 0 else stage
+        last = j == len(spec.stages) - 1
+        name = f"stage_{j}.onnx"
+        _export(module, x, folder / name, "images" if j == 0 else "features", ["logits" if last else "output"])
+        with torch.no_grad():
+            out = module.eval()(x)
+        entry: dict[str, Any] = {"stage": name}
+        if not last:
+            exit_name = f"exit_{j}.onnx"
+            _export(_ExitDecision(spec.rule, j), out, folder / exit_name, "features",
+                    ["confidence", "prediction", "probabilities"])
+            entry.update({"exit": spec.exits[j], "decision": exit_name})
+        else:
+            entry["exit"] = HEAD
+        entry["cost"] = round(spec.exit_costs[j], 6)
+        entries.append(entry)
+        x = out
+    return entries
+
+
+def manifest(spec: BundleSpec, stages: list[dict[str, Any]], files: dict[str, str]) -> dict[str, Any]:
+    h, w = spec.input_hw
+    return {
+        "format": BUNDLE_FORMAT,
+        "schema": BUNDLE_SCHEMA,
+        "written_by": f"eetool {__version__}",
+        "classes": list(spec.classes),
+        "input": {"name": "images", "dtype": "uint8", "shape": ["batch", 3, h, w], "layout": "NCHW, RGB"},
+        "preprocessing": spec.preprocessing,
+        "method": spec.method,
+        "stages": stages,
+        "points": spec.points,
+        "provenance": spec.provenance,
+        "files": files,
+    }
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_bundle(spec: BundleSpec, folder: Path) -> dict[str, Any]:
+    """Graphs, manifest and SHA256SUMS into an empty ``folder``; returns the manifest."""
+    stages = write_graphs(spec, folder)
+    files = {p.name: sha256_of(p) for p in sorted(folder.iterdir())}
+    doc = manifest(spec, stages, files)
+    (folder / MANIFEST).write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    sums = {**files, MANIFEST: sha256_of(folder / MANIFEST)}
+    (folder / SUMS).write_text("".join(f"{sha}  {name}\n" for name, sha in sums.items()), encoding="utf-8")
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------
+# The self-check: the bundle under onnxruntime against eetool's own pass
+
+
+@dataclass
+class BundleRun:
+    classes: np.ndarray
+    exit_index: np.ndarray
+    decided_confidence: np.ndarray  # the confidence at the sample's exit (where it left), NaN at the head
+
+
+def run_bundle(folder: Path, doc: dict[str, Any], images: np.ndarray, thresholds: list[float]) -> BundleRun:
+    """The bundle's stages and decisions under onnxruntime, one thread, the batch compacted after each exit."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    sessions = [(ort.InferenceSession(str(folder / s["stage"]), options, providers=["CPUExecutionProvider"]),
+                 ort.InferenceSession(str(folder / s["decision"]), options, providers=["CPUExecutionProvider"])
+                 if "decision" in s else None) for s in doc["stages"]]
+    n = images.shape[0]
+    classes = np.empty(n, dtype=np.int64)
+    exit_index = np.full(n, len(sessions) - 1, dtype=np.int64)
+    decided = np.full(n, np.nan, dtype=np.float32)
+    remaining = np.arange(n)
+    x = images
+    for j, (stage, decision) in enumerate(sessions):
+        x = stage.run(None, {stage.get_inputs()[0].name: x})[0]
+        if decision is None:
+            classes[remaining] = x.argmax(1)
+            break
+        confidence, prediction, _ = decision.run(None, {"features": x})
+        leave = confidence > thresholds[j]
+        gone = remaining[leave]
+        classes[gone], exit_index[gone], decided[gone] = prediction[leave], j, confidence[leave]
+        remaining, x = remaining[~leave], x[~leave]
+        if not len(remaining):
+            break
+    return BundleRun(classes, exit_index, decided)
+
+
+def self_check(spec: BundleSpec, folder: Path, doc: dict[str, Any], images: torch.Tensor,
+               exit_model: Any) -> list[dict[str, Any]]:
+    """Each operating point (or the plain model) on ``images`` (uint8 N x 3 x H x W) through the bundle and through
+    eetool's pass: classes and exit indices must agree, except where a confidence lies within THRESHOLD_TOLERANCE of
+    its threshold. Returns a line of figures per point; raises BundleMismatchError with what differed."""
+    x = spec.preprocess(images)
+    report = []
+    for i, point in enumerate(spec.points or [{"thresholds": []}]):
+        thresholds = list(point["thresholds"])
+        predictor = Predictor(spec.model, exit_model if spec.rule is not None else None, spec.rule, thresholds)
+        ours = predictor(x)
+        theirs = run_bundle(folder, doc, images.numpy(), thresholds)
+        differ = np.flatnonzero((ours.classes.numpy() != theirs.classes)
+                                | (ours.exit_index.numpy() != theirs.exit_index))
+        near = [int(k) for k in differ if _near_threshold(int(k), ours, theirs, thresholds)]
+        if len(near) != len(differ):
+            far = [int(k) for k in differ if k not in near]
+            k = far[0]
+            raise BundleMismatchError(
+                f"the exported bundle disagrees with eetool's pass on {len(far)} of {len(images)} check samples "
+                f"beyond rounding at a threshold (sample {k}: class {int(ours.classes[k])} at exit "
+                f"{int(ours.exit_index[k])} in eetool, class {int(theirs.classes[k])} at exit "
+                f"{int(theirs.exit_index[k])} in onnxruntime{_point_name(i, point)})",
+                "report this with the checkpoint's architecture; nothing was written")
+        report.append({"point": i if spec.points else "plain", "samples": len(images), "agree": len(images) - len(near),
+                       "differ_within_tolerance": len(near)})
+    return report
+
+
+def _point_name(i: int, point: dict[str, Any]) -> str:
+    return f", operating point {i} (budget {point['budget']:g})" if "budget" in point else ""
+
+
+def _near_threshold(k: int, ours: Any, theirs: BundleRun, thresholds: list[float]) -> bool:
+    """Whether sample k's first differing decision is a confidence within the tolerance of its threshold: the
+    exit where one of the two passes let it leave and the other did not."""
+    e = int(min(int(ours.exit_index[k]), int(theirs.exit_index[k])))
+    if e >= len(thresholds):  # both reached the head and predicted differently: not a threshold's doing
+        return False
+    confidences = [float(ours.confidence[k]) if int(ours.exit_index[k]) == e else None,
+                   float(theirs.decided_confidence[k]) if int(theirs.exit_index[k]) == e else None]
+    return any(c is not None and abs(c - thresholds[e]) <= THRESHOLD_TOLERANCE for c in confidences)
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder: written beside the target, renamed into place
+
+
+def check_target(target: Path, force: bool, inputs: tuple[str | None, ...] = ()) -> None:
+    """Refuse a bundle folder that exists without --force, that eetool did not write, that overlaps an input, or
+    whose parent is missing (the rules of every folder eetool writes: eetool.core.owned_folders)."""
+    check_folder_output(str(target), flag="-o", force=force, inputs=inputs)
+
+
+@contextlib.contextmanager
+def bundle_folder(target: Path, force: bool, inputs: tuple[str | None, ...] = ()) -> Any:
+    """A temp folder beside ``target`` to write the bundle in; published onto ``target`` when the block ends
+    normally (marked as eetool's; an older bundle there replaced only when eetool wrote it), removed when it fails
+    or is interrupted."""
+    check_target(target, force, inputs)
+    with deferred():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; give the folder the usual permissions
+        yield tmp
+        publish_folder(tmp, target, "bundle")
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write bundle {target}: {e.strerror}",
+                              "check the disk space and permissions") from None
+        raise
+
+
+def check_exportable(exit_model: Any) -> None:
+    if exit_model is not None and exit_model.stages is None:
+        raise ModelMismatchError("this model cannot be split into stages (eetool runs it whole, with hooks), so its "
+                                 "exits cannot stop computation in a bundle",
+                                 "export a model eetool splits (see `eetool inspect`), or export the plain model")
+
+
+def require_onnx() -> None:
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            __import__(name)
+        except ImportError:
+            raise UsageError(f"eetool export needs {name}, which is not installed",
+                             "pip install 'eetool[export]'") from None

@@ -1,0 +1,151 @@
+"""eetool export: an early-exit bundle (ONNX graphs and a manifest) for the PyTorch-free runtime."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from eetool.core.options import (
+    DATA_HELP,
+    INPUT,
+    CheckpointOpt,
+    ForceOpt,
+    Run,
+    ThresholdsOpt,
+    complete_data,
+    eetool_command,
+)
+from eetool.core.run_inputs import open_checkpoint
+
+
+@eetool_command("export", model_options=True, data_options=True)
+def command(
+    run: Run,
+    checkpoint: CheckpointOpt,
+    output: Annotated[str, typer.Option("--output", "-o", help="The bundle folder to write.")],
+    means: Annotated[str | None, typer.Option("--means", help="Class-means artifact (with --thresholds).",
+                                              rich_help_panel=INPUT)] = None,
+    exit_heads: Annotated[str | None, typer.Option("--exit-heads", "--exits-checkpoint", help="Exit-heads artifact "
+                                                   "(with --thresholds fitted on it).", rich_help_panel=INPUT)] = None,
+    thresholds: ThresholdsOpt = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help=f"Check the bundle on samples of this {DATA_HELP} "
+                                             "Default: the demo set where it fits the model's input, else seeded "
+                                             "random images.", rich_help_panel=INPUT,
+                                             autocompletion=complete_data)] = None,
+    split: Annotated[str, typer.Option("--split", help="With --data: train or test.", rich_help_panel=INPUT)] = "test",
+    check_samples: Annotated[int, typer.Option("--check-samples", min=1, help="Samples the bundle is checked on "
+                                               "against eetool's own pass.")] = 512,
+    force: ForceOpt = False,
+) -> None:
+    """Export a checkpoint, plain or with its exits and every operating point of --thresholds, as a bundle folder:
+    an ONNX graph per backbone stage and per exit decision, manifest.yaml, SHA256SUMS. The bundle is checked with
+    onnxruntime against eetool's own pass before it is written (exit 5 when they disagree)."""
+    from pathlib import Path
+
+    import torch
+
+    from eetool.classification.bundle_export import (
+        BundleSpec,
+        bundle_folder,
+        check_exportable,
+        check_target,
+        require_onnx,
+        self_check,
+    )
+    from eetool.classification.bundle_export import write_bundle as write
+    from eetool.classification.early_exit_evaluation import early_exit_setup
+    from eetool.core.artifacts import sha256_file
+    from eetool.core.datasets import Preprocess
+    from eetool.core.errors import UsageError
+    from eetool.segmentation.inputs import is_segmentation_checkpoint
+
+    if bool(means or exit_heads) != bool(thresholds):
+        raise UsageError("early exits need --means and --thresholds (or --exit-heads and --thresholds)",
+                         "pass them together, or none for the plain model")
+    require_onnx()
+    target = Path(output)
+    check_target(target, force, (checkpoint, means, exit_heads, thresholds))
+    if is_segmentation_checkpoint(run, checkpoint):
+        from eetool.core.errors import ModelMismatchError
+
+        raise ModelMismatchError("export takes classifiers; this checkpoint is a segmentation network",
+                                 "segmentation bundles are not made yet")
+    ckpt = open_checkpoint(run, checkpoint)
+    run.torch()
+    ckpt.model.eval()
+    spec = ckpt.spec
+    preprocess = Preprocess(spec.input_shape, spec.mean, spec.std)
+    input_hw = (spec.input_shape[1], spec.input_shape[2])
+    geometry = run.data_options.geometry(spec.arch, input_hw, spec.resize)
+    if geometry.crop != input_hw:
+        raise UsageError(f"--crop {geometry.crop} differs from the model's input {input_hw}",
+                         "a bundle takes images at the model's input size: drop --crop")
+    sources = {"checkpoint": {"path": ckpt.path, "sha256": ckpt.sha256, "model_sha256": ckpt.model_sha256}}
+    for kind, path in (("class-means", means), ("exit-heads", exit_heads), ("thresholds", thresholds)):
+        if path:
+            sources[kind] = {"path": path, "sha256": sha256_file(path)}
+    if thresholds:
+        import yaml
+
+        em, rule, (cost_model, _), chosen, clusters, _ = early_exit_setup(ckpt, means, exit_heads, thresholds, "all",
+                                                                           "cpu")
+        check_exportable(em)
+        with open(thresholds, encoding="utf-8") as f:
+            method = str(yaml.safe_load(f).get("method", "e2cm"))
+        points = [{k: p[k] for k in ("budget", "cost", "accuracy", "thresholds") if k in p} for _, p in chosen]
+        stages, exits, costs = list(em.stages), list(em.exits), cost_model.normalised_exit_costs()
+    else:
+        em, rule, clusters, method, points = None, None, False, "plain", []
+        stages, exits, costs = [ckpt.model], [], [1.0]
+    classes = [f"cluster {k}" for k in range(spec.num_classes)] if clusters else (
+        spec.classes or [str(k) for k in range(spec.num_classes)])
+    bundle = BundleSpec(
+        model=ckpt.model, preprocess=preprocess, input_hw=input_hw, classes=classes, stages=stages, exits=exits,
+        rule=rule, method=method, points=points, exit_costs=costs,
+        preprocessing={"decode": "RGB (PIL), 8 bits per channel", "resize": geometry.resize,
+                       "resize_rule": "shorter side to resize pixels, PIL bilinear",
+                       "crop": list(geometry.crop), "crop_rule": "centre crop, zero padding where smaller",
+                       "in_graph": "stage 0: x / 255, channels to the model's (ITU-R 601 luma for one), "
+                                   "(x - mean) / std",
+                       "channels": spec.input_shape[0], "mean": list(spec.mean), "std": list(spec.std)},
+        provenance={"sources": sources, "args": run.args, "torch": str(torch.__version__)})
+    images, sample_name = _check_sample(run, data, split, spec, check_samples)
+    with bundle_folder(target, force, (checkpoint, means, exit_heads, thresholds)) as tmp:
+        run.reporter.log(f"exporting {len(stages)} stages and {len(exits)} exit decisions")
+        doc = write(bundle, tmp)
+        report = self_check(bundle, tmp, doc, images, em)
+    for r in report:
+        run.reporter.log(f"checked point {r['point']} on {r['samples']} samples of {sample_name}: "
+                         f"{r['agree']} agree, {r['differ_within_tolerance']} differ within 1e-5 of a threshold")
+    run.reporter.log(f"wrote {output}")
+    run.emit({"bundle": output, "stages": len(stages), "exits": exits, "points": len(points),
+              "check": {"data": sample_name, "points": report}, "files": doc["files"]},
+             lambda d: "\n".join(f"{name}  {sha}" for name, sha in d["files"].items()))
+
+
+def _check_sample(run: Run, data: str | None, split: str, spec: Any, count: int) -> tuple[Any, str]:
+    """uint8 N x 3 x H x W images to check the bundle on, and what they are."""
+    import torch
+
+    from eetool.core.run_inputs import load_data
+
+    _, h, w = spec.input_shape
+    if data is None:
+        from eetool.core.datasets import load_dataset
+
+        ds = load_dataset("demo", "test")
+        assert ds.images is not None
+        if tuple(ds.image_shape[1:]) != (h, w):
+            gen = torch.Generator().manual_seed(run.seed)
+            return torch.randint(0, 256, (count, 3, h, w), dtype=torch.uint8, generator=gen), "seeded random images"
+    else:
+        ds = load_data(run, data, split, None, spec)
+    n = min(count, len(ds))
+    images = next(ds.batches(n))[0]
+    if tuple(images.shape[2:]) != (h, w):
+        from eetool.core.errors import InputError
+
+        raise InputError(f"{ds.spec}'s images are {tuple(images.shape[2:])}, the model takes {(h, w)}",
+                         "check the bundle on data of the model's input size")
+    return images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images[:, :3], f"{ds.spec}"

@@ -1,0 +1,3 @@
+from eetool_runtime.cli import main
+
+main()

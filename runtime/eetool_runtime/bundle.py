@@ -1,0 +1,183 @@
+"""A bundle written by ``eetool export``, checked and run with onnxruntime.
+
+The driver is eetool's early-exit pass over ONNX sessions: the stages run in order on the samples still in the
+batch; after each stage but the last, the exit's decision graph gives every remaining sample a confidence and a
+prediction, the samples whose confidence exceeds the operating point's threshold leave with their prediction, and
+the batch is compacted to the others before the next stage. Samples that reach the last stage take the argmax of
+its logits, with the softmax maximum as their confidence.
+
+Every file the manifest names, and the manifest itself, is checked against ``SHA256SUMS`` before a session is made:
+a changed graph, threshold or manifest is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from eetool_runtime.errors import BundleError, UsageError
+
+BUNDLE_FORMAT = "eetool-bundle"
+SCHEMA = 1
+MANIFEST = "manifest.yaml"
+SUMS = "SHA256SUMS"
+HEAD = "head"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest, after every file's sha256 (the manifest's included) is checked against SHA256SUMS."""
+    remake = "export the bundle again with `eetool export`"
+    if not folder.is_dir():
+        raise BundleError(f"bundle {folder} is not a folder", "give the folder `eetool export -o` wrote")
+    try:
+        lines = (folder / SUMS).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(f"bundle {folder} has no readable {SUMS} ({e})", remake) from None
+    sums = {}
+    for line in lines:
+        sha, _, name = line.partition("  ")
+        if len(sha) != 64 or not name or "/" in name or name.startswith("."):
+            raise BundleError(f"{folder / SUMS} has a malformed line: {line[:80]!r}", remake)
+        sums[name] = sha
+    if MANIFEST not in sums:
+        raise BundleError(f"{folder / SUMS} does not cover {MANIFEST}", remake)
+    for name, sha in sums.items():
+        path = folder / name
+        try:
+            found = _sha256(path)
+        except OSError as e:
+            raise BundleError(f"cannot read {path}: {e.strerror}", remake) from None
+        if found != sha:
+            raise BundleError(f"{path} has changed since export (sha256 {found[:12]}, recorded {sha[:12]})", remake)
+    try:
+        doc = yaml.safe_load((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise BundleError(f"{folder / MANIFEST} is not valid YAML ({e})", remake) from None
+    if not isinstance(doc, dict) or doc.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{folder} is not an eetool bundle (its manifest's format is not {BUNDLE_FORMAT})", remake)
+    if doc.get("schema") != SCHEMA:
+        raise BundleError(f"{folder} is a bundle of schema {doc.get('schema')}, this runtime reads {SCHEMA}",
+                          "install the eetool-runtime of the eetool that exported it")
+    files = doc.get("files")
+    if not isinstance(files, dict) or any(sums.get(name) != sha for name, sha in files.items()):
+        raise BundleError(f"{folder / MANIFEST}'s files do not match {SUMS}", remake)
+    for stage in doc.get("stages") or []:
+        for key in ("stage", "decision"):
+            if key in stage and stage[key] not in files:
+                raise BundleError(f"{folder / MANIFEST} names {stage[key]}, which it does not record", remake)
+    return doc
+
+
+@dataclass
+class Predictions:
+    classes: np.ndarray  # int64 per sample
+    confidence: np.ndarray  # float32 per sample
+    exit_index: np.ndarray  # int64 per sample; len(stages) - 1 is the model's head
+    top_classes: np.ndarray | None = None
+    top_probabilities: np.ndarray | None = None
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+class Bundle:
+    """The sessions of a checked bundle, and its operating points."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        m = self.manifest
+        self.classes: list[str] = list(m["classes"])
+        self.stages: list[dict[str, Any]] = list(m["stages"])
+        self.points: list[dict[str, Any]] = list(m.get("points") or [])
+        self.exits = [str(s["exit"]) for s in self.stages]
+        self.costs = [float(s["cost"]) for s in self.stages]
+        pre = m["preprocessing"]
+        self.resize, self.crop = int(pre["resize"]), (int(pre["crop"][0]), int(pre["crop"][1]))
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+
+        def session(name: str) -> Any:
+            return ort.InferenceSession(str(self.folder / name), options, providers=providers)
+
+        self.sessions = [(session(s["stage"]), session(s["decision"]) if "decision" in s else None)
+                         for s in self.stages]
+        self.input_names = [stage.get_inputs()[0].name for stage, _ in self.sessions]
+
+    def thresholds(self, point: int | None) -> list[float]:
+        if not self.points:
+            if point is not None:
+                raise UsageError(f"--point {point}: bundle {self.folder} holds the plain model, no operating points",
+                                 "drop --point")
+            return []
+        if point is None:
+            if len(self.points) > 1:
+                budgets = ", ".join(f"{i}: budget {p['budget']:g}" for i, p in enumerate(self.points))
+                raise UsageError(f"bundle {self.folder} holds {len(self.points)} operating points ({budgets})",
+                                 "choose one: --point N")
+            point = 0
+        if not 0 <= point < len(self.points):
+            raise UsageError(f"--point {point} is not below the bundle's {len(self.points)} operating points",
+                             f"use 0 to {len(self.points) - 1}")
+        return [float(t) for t in self.points[point]["thresholds"]]
+
+    def __call__(self, images: np.ndarray, thresholds: list[float], top_k: int = 0) -> Predictions:
+        """Predictions for uint8 images N x 3 x H x W, the batch compacted after each exit."""
+        n = images.shape[0]
+        out = Predictions(np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32),
+                          np.full(n, len(self.sessions) - 1, dtype=np.int64))
+        if top_k:
+            out.top_classes = np.empty((n, top_k), dtype=np.int64)
+            out.top_probabilities = np.empty((n, top_k), dtype=np.float32)
+        remaining = np.arange(n)
+        x = images
+        for j, (stage, decision) in enumerate(self.sessions):
+            x = stage.run(None, {self.input_names[j]: x})[0]
+            if decision is None:
+                p = softmax(x.astype(np.float32))
+                out.classes[remaining] = p.argmax(1)
+                out.confidence[remaining] = p.max(1)
+                self._top(out, remaining, p, top_k)
+                break
+            confidence, prediction, probabilities = decision.run(None, {"features": x})
+            leave = confidence > thresholds[j]
+            if leave.any():
+                gone = remaining[leave]
+                out.classes[gone], out.confidence[gone], out.exit_index[gone] = (prediction[leave], confidence[leave],
+                                                                                 j)
+                self._top(out, gone, probabilities[leave], top_k)
+                if leave.all():
+                    break
+                stay = ~leave
+                remaining, x = remaining[stay], x[stay]
+        return out
+
+    @staticmethod
+    def _top(out: Predictions, rows: np.ndarray, probabilities: np.ndarray, top_k: int) -> None:
+        if not top_k:
+            return
+        assert out.top_classes is not None and out.top_probabilities is not None
+        # the K largest, highest first; ties by the lower class index, as torch.topk on CPU gives them
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+        out.top_classes[rows] = order
+        out.top_probabilities[rows] = np.take_along_axis(probabilities, order, 1)

@@ -1,0 +1,318 @@
+"""eetool export and the PyTorch-free runtime (runtime/, eetool-runtime): the bundle's manifest against its sources,
+its refusal to replace what it did not write and to write graphs that disagree with eetool's pass, and the runtime's
+parity with eetool predict (classes and exit indices) with ``import torch`` made to fail."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from cli_helpers import invoke, ok, one_error_line, sha256
+from PIL import Image
+
+from eetool.core.errors import ExitCode
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+ROOT = Path(__file__).resolve().parents[1]
+# The runtime must not need torch: this sitecustomize makes every import of torch fail in its process.
+BLOCK_TORCH = '''
+import importlib.abc, sys
+class _NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith(("torch.", "torchvision")):
+            raise ImportError(f"{name} is blocked: the runtime must run without PyTorch")
+sys.meta_path.insert(0, _NoTorch())
+'''
+
+
+@dataclass
+class Demo:
+    folder: Path
+    means: Path
+    thresholds: Path
+    bundle: Path
+    pngs: Path  # the demo test split, 2000 PNG files
+    env: dict[str, str]  # a runtime process's: torch blocked, the runtime importable
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory, no_torch: dict[str, str]) -> Demo:
+    from eetool.core.datasets import load_dataset
+
+    d = tmp_path_factory.mktemp("export-demo")
+    (d / "calibration.txt").write_text("\n".join(str(i) for i in range(1500)))
+    means, thresholds, bundle = d / "means.safetensors", d / "thresholds.yaml", d / "bundle"
+    ok(invoke("calibrate-means", "-c", "demo", "-d", "demo", "--split", "train", "--indices", d / "calibration.txt",
+              "-o", means, "-q"))
+    ok(invoke("fit-thresholds", "--means", means, "-o", thresholds, "--budget", 0.25, "--budget", 0.5, "-q"))
+    ok(invoke("export", "-c", "demo", "--means", means, "--thresholds", thresholds, "-o", bundle, "-q"))
+    ds = load_dataset("demo", "test")
+    assert ds.images is not None
+    (d / "pngs").mkdir()
+    for i, image in enumerate(ds.images):
+        Image.fromarray(image[0].numpy(), mode="L").save(d / "pngs" / f"{i:04d}.png")
+    return Demo(d, means, thresholds, bundle, d / "pngs", no_torch)
+
+
+@pytest.fixture(scope="module")
+def no_torch(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of a runtime process: torch blocked, the runtime importable."""
+    blocker = tmp_path_factory.mktemp("blocker")
+    (blocker / "sitecustomize.py").write_text(BLOCK_TORCH)
+    return {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{ROOT / 'runtime'}"}
+
+
+def runtime(demo: Demo | dict[str, str], *args: object, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = demo.env if isinstance(demo, Demo) else demo
+    return subprocess.run([sys.executable, "-m", "eetool_runtime", "predict", *(str(a) for a in args)],
+                          capture_output=True, text=True, env=env, input=stdin, timeout=600)
+
+
+def records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_the_torch_blocker_blocks(no_torch: dict[str, str]) -> None:
+    proc = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=no_torch)
+    assert proc.returncode != 0 and "blocked" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The bundle
+
+
+def test_manifest_records_the_model_the_points_and_every_files_sha256(demo: Demo) -> None:
+    from eetool.classification.early_exit_evaluation import early_exit_setup
+    from eetool.core.checkpoint import load_checkpoint
+
+    doc = yaml.safe_load((demo.bundle / "manifest.yaml").read_text())
+    ckpt = load_checkpoint("demo")
+    em, _, (cost_model, _), chosen, _, _ = early_exit_setup(ckpt, str(demo.means), None, str(demo.thresholds),
+                                                             "all", "cpu")
+    assert doc["format"] == "eetool-bundle" and doc["method"] == "e2cm"
+    assert doc["classes"] == ckpt.spec.classes
+    assert doc["input"]["shape"] == ["batch", 3, 28, 28]
+    assert doc["preprocessing"]["mean"] == ckpt.spec.mean and doc["preprocessing"]["crop"] == [28, 28]
+    assert [s["exit"] for s in doc["stages"]] == [*em.exits, "head"]
+    assert [s["cost"] for s in doc["stages"]] == [round(c, 6) for c in cost_model.normalised_exit_costs()]
+    assert [p["thresholds"] for p in doc["points"]] == [p["thresholds"] for _, p in chosen]
+    assert [p["budget"] for p in doc["points"]] == [0.25, 0.5]
+    sources = doc["provenance"]["sources"]
+    assert sources["class-means"]["sha256"] == sha256(demo.means)
+    assert sources["thresholds"]["sha256"] == sha256(demo.thresholds)
+    assert sources["checkpoint"]["sha256"] == ckpt.sha256
+    on_disk = {p.name for p in demo.bundle.iterdir()}
+    assert on_disk == {*doc["files"], "manifest.yaml", "SHA256SUMS"}
+    assert all(sha256(demo.bundle / name) == sha for name, sha in doc["files"].items())
+    sums = dict(reversed(line.split("  ")) for line in (demo.bundle / "SHA256SUMS").read_text().splitlines())
+    assert sums == {**doc["files"], "manifest.yaml": sha256(demo.bundle / "manifest.yaml")}
+
+
+def test_export_replaces_only_a_bundle_it_wrote_and_only_with_force(tiny_checkpoint: str, tmp_path: Path) -> None:
+    target = tmp_path / "plain"
+    ok(invoke("export", "-c", tiny_checkpoint, "-o", target, "-q", "--check-samples", 16))
+    assert "already exists" in one_error_line(invoke("export", "-c", tiny_checkpoint, "-o", target), ExitCode.OUTPUT)
+    ok(invoke("export", "-c", tiny_checkpoint, "-o", target, "-q", "--force", "--check-samples", 16))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]  # no temp folder left beside it
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    line = one_error_line(invoke("export", "-c", tiny_checkpoint, "-o", mine, "--force"), ExitCode.OUTPUT)
+    assert "not written by eetool" in line
+    assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_export_refuses_a_bundle_that_disagrees_with_eetools_pass(tiny_checkpoint: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import eetool.classification.bundle_export as export
+
+    real = export.run_bundle
+
+    def off_by_one(*args: object, **kwargs: object) -> export.BundleRun:
+        out = real(*args, **kwargs)  # type: ignore[arg-type]
+        out.classes[3] = (out.classes[3] + 1) % 10
+        return out
+
+    monkeypatch.setattr(export, "run_bundle", off_by_one)
+    result = invoke("export", "-c", tiny_checkpoint, "-o", tmp_path / "b", "--check-samples", 16, "-q")
+    line = one_error_line(result, ExitCode.PROVENANCE)
+    assert "disagrees with eetool's pass on 1 of 16" in line and "sample 3" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The runtime
+
+
+@pytest.mark.parametrize("point", [0, 1])
+def test_runtime_matches_eetool_predict_on_the_demo_test_set(demo: Demo, point: int) -> None:
+    """Classes and exit indices: equal on at least 99.9% of the 2000 inputs, every difference a confidence within
+    1e-5 of its threshold (none seen here so far)."""
+    ours = records(ok(invoke("predict", "-c", "demo", "--means", demo.means, "--thresholds", demo.thresholds,
+                             "--point", point, demo.pngs, "--batch-size", 256)).stdout)
+    proc = runtime(demo, demo.bundle, demo.pngs, "--point", point, "--batch-size", 256)
+    assert proc.returncode == 0, proc.stderr
+    theirs = records(proc.stdout)
+    assert [r["input"] for r in theirs] == [r["input"] for r in ours]
+    thresholds = yaml.safe_load(demo.thresholds.read_text())["points"][point]["thresholds"]
+    differ = [(a, b) for a, b in zip(ours, theirs, strict=True)
+              if (a["class"], a["exit_index"]) != (b["class"], b["exit_index"])]
+    near = [(a, b) for a, b in differ
+            if any(r["exit_index"] < len(thresholds) and abs(r["confidence"] - thresholds[r["exit_index"]]) <= 1e-5
+                   for r in (a, b))]
+    assert len(differ) <= len(ours) // 1000 and len(near) == len(differ), (
+        f"{len(differ)} of {len(ours)} differ, {len(near)} of them within 1e-5 of a threshold: {differ[:3]}")
+    assert len({r["exit_index"] for r in theirs}) > 3, "samples leave at several exits"
+    same = [(a["cost"], a["exit"], a["class_name"]) == (b["cost"], b["exit"], b["class_name"])
+            for a, b in zip(ours, theirs, strict=True)
+            if (a["class"], a["exit_index"]) == (b["class"], b["exit_index"])]
+    assert all(same)
+    assert max(abs(a["confidence"] - b["confidence"]) for a, b in zip(ours, theirs, strict=True)) < 1e-4
+
+
+def test_runtime_batch_size_does_not_change_results(demo: Demo) -> None:
+    files = sorted(str(p) for p in demo.pngs.iterdir())[:40]
+    one = runtime(demo, demo.bundle, *files, "--point", 1, "--batch-size", 1, "--top-k", 3)
+    many = runtime(demo, demo.bundle, *files, "--point", 1, "--batch-size", 16, "--top-k", 3)
+    assert one.returncode == many.returncode == 0, one.stderr + many.stderr
+    a, b = records(one.stdout), records(many.stdout)
+    assert [(r["class"], r["exit_index"]) for r in a] == [(r["class"], r["exit_index"]) for r in b]
+    assert all(len(r["top_k"]) == 3 and r["top_k"][0]["probability"] >= r["top_k"][2]["probability"] for r in a)
+
+
+def test_runtime_refuses_a_changed_threshold_or_graph(demo: Demo, tmp_path: Path) -> None:
+    changed = tmp_path / "threshold"
+    shutil.copytree(demo.bundle, changed)
+    manifest = (changed / "manifest.yaml").read_text()
+    doc = yaml.safe_load(manifest)
+    doc["points"][0]["thresholds"][0] = 0.5
+    (changed / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    proc = runtime(demo, changed, demo.pngs / "0000.png", "--point", 0)
+    assert proc.returncode == ExitCode.PROVENANCE and proc.stdout == ""
+    assert proc.stderr.startswith("error: ") and "manifest.yaml has changed since export" in proc.stderr
+    graph = tmp_path / "graph"
+    shutil.copytree(demo.bundle, graph)
+    data = bytearray((graph / "stage_3.onnx").read_bytes())
+    data[-10] ^= 1
+    (graph / "stage_3.onnx").write_bytes(bytes(data))
+    proc = runtime(demo, graph, demo.pngs / "0000.png", "--point", 0)
+    assert proc.returncode == ExitCode.PROVENANCE and "stage_3.onnx has changed since export" in proc.stderr
+
+
+def test_runtime_bad_inputs_as_eetool_predict(demo: Demo, tmp_path: Path) -> None:
+    good = [str(demo.pngs / "0000.png"), str(demo.pngs / "0001.png")]
+    (tmp_path / "text.png").write_text("not an image")
+    order = [good[0], str(tmp_path / "text.png"), str(tmp_path / "missing.png"), good[1]]
+    ours = invoke("predict", "-c", "demo", *order)
+    theirs = runtime(demo, demo.bundle, *order, "--point", 0)
+    assert ours.exit_code == theirs.returncode == ExitCode.INPUTS_FAILED
+    skipped = [line for line in theirs.stderr.splitlines() if line.startswith("skipped: ")]
+    assert skipped == [line for line in ours.stderr.splitlines() if line.startswith("skipped: ")]
+    assert len(skipped) == 2 and [r["input"] for r in records(theirs.stdout)] == good
+    assert theirs.stderr.splitlines()[-1] == ours.stderr.splitlines()[-1]
+    stop = runtime(demo, demo.bundle, *order, "--point", 0, "--on-error", "stop", "--batch-size", 1, "-o",
+                   tmp_path / "out.jsonl")
+    assert stop.returncode == ExitCode.BAD_INPUT
+    assert [r["input"] for r in records((tmp_path / "out.jsonl").read_text())] == good[:1]
+    empty = runtime(demo, demo.bundle, "-", "--point", 0, stdin="\n")
+    assert empty.returncode == ExitCode.BAD_INPUT and "no inputs to predict on" in empty.stderr
+    several = runtime(demo, demo.bundle, good[0])
+    assert several.returncode == ExitCode.USAGE and "--point" in several.stderr
+
+
+def test_runtime_writes_csv_as_eetool_predict(demo: Demo) -> None:
+    files = [str(p) for p in sorted(demo.pngs.iterdir())[:20]]
+    ours = ok(invoke("predict", "-c", "demo", "--means", demo.means, "--thresholds", demo.thresholds, "--point", 0,
+                     *files, "--format", "csv")).stdout.splitlines()
+    theirs = runtime(demo, demo.bundle, *files, "--point", 0, "--format", "csv").stdout.splitlines()
+    assert theirs[0] == ours[0]
+
+    def without_confidence(line: str) -> list[str]:
+        cells = line.split(",")
+        return cells[:3] + cells[4:]
+
+    assert [without_confidence(x) for x in theirs] == [without_confidence(x) for x in ours]
+    assert np.allclose([float(x.split(",")[3]) for x in theirs[1:]], [float(x.split(",")[3]) for x in ours[1:]],
+                       atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["sdn", "entropy", "e2cm+sdn"])
+def test_exit_heads_export_and_run_as_eetool_predict(method: str, heads_made: dict[str, Path],
+                                                     no_torch: dict[str, str], tmp_path: Path) -> None:
+    """Trained heads (and E²CM with them, combined): the bundle's classes and exit indices are eetool predict's."""
+    thresholds = tmp_path / "thresholds.yaml"
+    means = ["--means", heads_made["means"]] if method == "e2cm+sdn" else []
+    ok(invoke("fit-thresholds", "--method", method, "--exit-heads", heads_made["heads"], *means, "-c",
+              heads_made["ckpt"], "-d", heads_made["data"], "--budget", 0.6, "-o", thresholds, "-q"))
+    model = ["-c", heads_made["ckpt"], "--exit-heads", heads_made["heads"], *means, "--thresholds", thresholds]
+    ok(invoke("export", *model, "-d", heads_made["data"], "-o", tmp_path / "bundle", "-q"))
+    ours = records(ok(invoke("predict", *model, heads_made["pngs"])).stdout)
+    proc = runtime(no_torch, tmp_path / "bundle", heads_made["pngs"])
+    assert proc.returncode == 0, proc.stderr
+    theirs = records(proc.stdout)
+    assert [(r["class"], r["exit_index"]) for r in theirs] == [(r["class"], r["exit_index"]) for r in ours]
+    assert len({r["exit_index"] for r in ours}) > 1
+
+
+@pytest.fixture(scope="module")
+def heads_made(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: str, tiny_data: str) -> dict[str, Path]:
+    from eetool.core.datasets import load_dataset
+
+    d = tmp_path_factory.mktemp("export-heads")
+    heads, means = d / "heads.safetensors", d / "means.safetensors"
+    ok(invoke("train-exits", "-c", tiny_checkpoint, "-d", tiny_data, "--exits", "half", "--epochs", 1,
+              "--no-augment", "-o", heads, "-q"))
+    ok(invoke("calibrate-means", "-c", tiny_checkpoint, "-d", tiny_data, "--exits", "half", "-o", means, "-q"))
+    ds = load_dataset(tiny_data, "test")
+    assert ds.images is not None
+    (d / "pngs").mkdir()
+    for i, image in enumerate(ds.images):
+        Image.fromarray(image[0].numpy(), mode="L").save(d / "pngs" / f"{i:03d}.png")
+    return {"ckpt": Path(tiny_checkpoint), "data": Path(tiny_data), "heads": heads, "means": means,
+            "pngs": d / "pngs"}
+
+
+def test_a_foreign_torchvision_resnet18_state_dict(no_torch: dict[str, str], tmp_path: Path) -> None:
+    """Foreign weights (a torchvision ResNet-18 state dict, the model options on every command), 3 channels at
+    224 x 224 from 28 x 28 PNG files (resized and cropped by the ImageNet recipe): runtime and eetool predict agree."""
+    import torch
+    import torchvision
+
+    from eetool.core.datasets import load_dataset
+
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
+    model = ["-c", weights, "--arch", "resnet18", "--num-classes", 10]
+    (tmp_path / "calibration.txt").write_text("\n".join(str(i) for i in range(160)))
+    means, thresholds = tmp_path / "means.safetensors", tmp_path / "thresholds.yaml"
+    ok(invoke("calibrate-means", *model, "-d", "demo", "--split", "train", "--indices", tmp_path / "calibration.txt",
+              "--exits", "quartiles", "--pool-spatial", 4, "-o", means, "-q"))
+    ok(invoke("fit-thresholds", "--means", means, "--budget", 0.5, "-o", thresholds, "-q"))
+    early = [*model, "--means", means, "--thresholds", thresholds]
+    ok(invoke("export", *early, "-o", tmp_path / "bundle", "--check-samples", 32, "-q"))
+    ds = load_dataset("demo", "test")
+    assert ds.images is not None
+    (tmp_path / "pngs").mkdir()
+    for i, image in enumerate(ds.images[:48]):
+        Image.fromarray(image[0].numpy(), mode="L").save(tmp_path / "pngs" / f"{i:02d}.png")
+    ours = records(ok(invoke("predict", *early, tmp_path / "pngs", "--batch-size", 16)).stdout)
+    proc = runtime(no_torch, tmp_path / "bundle", tmp_path / "pngs", "--batch-size", 16)
+    assert proc.returncode == 0, proc.stderr
+    theirs = records(proc.stdout)
+    limits = yaml.safe_load(thresholds.read_text())["points"][0]["thresholds"]
+    differ = [(a, b) for a, b in zip(ours, theirs, strict=True)
+              if (a["class"], a["exit_index"]) != (b["class"], b["exit_index"])]
+    assert all(any(r["exit_index"] < len(limits) and abs(r["confidence"] - limits[r["exit_index"]]) <= 1e-5
+                   for r in pair) for pair in differ), differ
+    assert len(differ) <= len(ours) // 1000, f"{len(differ)} of {len(ours)} differ, each within 1e-5 of a threshold"
