@@ -145,7 +145,7 @@ class Predictor:
 
     model: torch.nn.Module
     exit_model: ExitModel | None = None
-    rule: Any = None  # eetool.e2cm.MeansRule or eetool.rules.HeadsRule
+    rule: Any = None  # eetool.classification.e2cm.MeansRule or eetool.classification.rules.HeadsRule
     thresholds: list[float] = field(default_factory=list)
     top_k: int = 0
 
@@ -222,7 +222,7 @@ def exit_probabilities(rule: Any, j: int, h: torch.Tensor) -> torch.Tensor:
     """The class probabilities at exit j that the rule's confidence is the maximum of: E²CM's softmax of the
     normalised negative distances (eq. 2.5), a head's softmax otherwise (for e2cm+sdn the head's, whose prediction
     the rule takes)."""
-    from eetool.e2cm import MeansRule, distances
+    from eetool.classification.e2cm import MeansRule, distances
 
     if isinstance(rule, MeansRule):
         d = distances(rule.pooling.apply(h), rule.means[j], rule.means_sq[j])
