@@ -130,7 +130,7 @@ def crossover(model: EESegNet, batch: int, repeat: int) -> None:
         row: dict[str, object] = {"active_share": round(float(active.float().mean()), 3)}
         for d, stage in zip(DILATIONS, model.stages, strict=True):
             for name, dense_above in (("gathered", float("inf")), ("dense", 0.0)):
-                fmap = FeatureMap.of(grid, max(DILATIONS))
+                fmap = FeatureMap.of(grid)
 
                 def block(b: torch.nn.Module = next(stage.children()), f: FeatureMap = fmap, a: torch.Tensor = active,
                           t: float = dense_above) -> None:
