@@ -9,6 +9,7 @@ EXIT_METHODS = ("e2cm", "sdn", "entropy", "e2cm+sdn")
 SEGMENTATION_METHODS = ("cbt", "cbt-ns", "adp-c")  # pixel exits of segmentation networks
 COMBINES = ("and", "or")
 SEARCHES = ("greedy", "bisect")
+DECIDE_AT = ("pixel", "feature")  # segmentation exits: decide per image pixel (the thesis) or per head position
 SEARCH_OVER = ("alpha", "beta", "both")  # fit-thresholds --method cbt|cbt-ns --budget: what the search varies
 OVERHEADS = ("analytic", "measured")  # fit-thresholds: exit costs in MACs, or in measured wall time
 HEAD_KINDS = ("sdn", "branchy")

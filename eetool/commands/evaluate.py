@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
+from eetool.choices import DECIDE_AT
 from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
 from eetool.options import (
     INPUT,
@@ -49,6 +50,10 @@ def command(
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timing rounds: each runs the plain model and "
                                          "every operating point in turn; speed-ups are medians over the rounds, "
                                          "with their range.")] = 3,
+    decide_at: Annotated[str | None, typer.Option("--decide-at", help="Segmentation thresholds: where a pixel's exit "
+                                                  "is decided, pixel or feature; it must be the rule the --thresholds "
+                                                  "file was fitted for.  [default: the file's]", show_default=False,
+                                                  autocompletion=prefix_completer(DECIDE_AT))] = None,
     baseline: Annotated[str | None, typer.Option("--baseline", help="Another checkpoint (the unpruned network, "
                                                  "say) timed in the same rounds: the speed-up of the plain model "
                                                  "and every operating point against it, beside its MACs ratio.",
@@ -80,8 +85,11 @@ def command(
     if is_segmentation_checkpoint(run, checkpoint):
         evaluate_segmentation(run, SegmentationEvaluation(
             checkpoint, data, split, indices, batch_size, count.value, output, force, thresholds, repeats, plot,
-            {"--means": means, "--exit-heads": exit_heads, "--baseline": baseline, "--point": point}))
+            {"--means": means, "--exit-heads": exit_heads, "--baseline": baseline, "--point": point}, decide_at))
         return
+    if decide_at is not None:
+        raise UsageError("--decide-at applies to segmentation thresholds", "drop --decide-at: a classifier's "
+                         "exits decide per sample")
     if bool(means or exit_heads) != bool(thresholds):
         raise UsageError("early exits need --means and --thresholds (or --exit-heads and --thresholds)",
                          "pass them together, or none for the plain model")

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from eetool.choices import SEARCH_OVER
+from eetool.choices import DECIDE_AT, SEARCH_OVER
 from eetool.commands.common import data_path, format_fields, format_table, open_checkpoint
-from eetool.errors import InputError, ModelMismatchError, UsageError
+from eetool.errors import InputError, ModelMismatchError, ProvenanceError, UsageError
 from eetool.segmentation.calibration import add_batch
 from eetool.segmentation.model import (
     EXIT_NAMES,
@@ -94,6 +94,46 @@ def _batches(ds: Dataset, preprocess: Preprocess, batch_size: int, device: torch
         yield preprocess(images, device), masks
 
 
+def require_rule(model: SegmentationNet, decide_at: str) -> None:
+    if decide_at == "feature" and not isinstance(model, EESegNet):
+        raise UsageError("--decide-at feature is for eeseg; the torchvision networks decide per pixel",
+                         "drop --decide-at, or use an eeseg checkpoint")
+
+
+# Timing rounds of fit-thresholds --budget's check of the fitted point against the plain network
+SPEED_ROUNDS = 3
+
+
+def measured_speedup(model: SegmentationNet, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                     thresholds: torch.Tensor, decide_at: str, rounds: int = SPEED_ROUNDS) -> float:
+    """Images/s of early exit with ``thresholds`` over the plain network's on ``batches``, the median over
+    ``rounds`` interleaved rounds (wall clock), each after one warm-up pass."""
+    import statistics
+
+    def plain() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x).max(1)
+        return time.perf_counter() - start
+
+    def early() -> float:
+        start = time.perf_counter()
+        for x, _ in batches:
+            early_exit_forward(model, x, thresholds, decide_at=decide_at)
+        return time.perf_counter() - start
+
+    plain(), early()
+    return statistics.median(p / e for p, e in ((plain(), early()) for _ in range(rounds)))
+
+
+def warn_if_slower(run: Run, what: str, speedup: float, measured: str) -> None:
+    """One warning line when an operating point ran slower than the plain network."""
+    if speedup < 1:
+        run.reporter.warn(f"{what} ran at {speedup:.2f}x the plain network's images/s ({measured}): slower than "
+                          "the plain network on this machine; its cost counts multiply-adds, not time")
+
+
 # ---------------------------------------------------------------------------------------------
 # fit-thresholds
 
@@ -115,6 +155,7 @@ class ThresholdRequest:
     search_over: str = "alpha"  # cbt, cbt-ns with a budget: alpha (beta fixed), beta (alpha fixed) or both
     means: str | None = None  # cbt, cbt-ns: class statistics from `calibrate-means` instead of a pass over --data
     split_given: bool = False  # --split was given (on the command line or in a config), not left at its default
+    decide_at: str = "pixel"  # where the exit decision is taken (DECIDE_AT): --budget's runs, and recorded for evaluate
 
 
 def class_statistics(model: SegmentationNet, ds: Dataset, preprocess: Preprocess, batch_size: int,
@@ -135,6 +176,8 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
 
     if req.search_over not in SEARCH_OVER:
         raise UsageError(f"unknown --search-over {req.search_over!r}", f"use one of {', '.join(SEARCH_OVER)}")
+    if req.decide_at not in DECIDE_AT:
+        raise UsageError(f"unknown --decide-at {req.decide_at!r}", f"use one of {', '.join(DECIDE_AT)}")
     if req.search_over != "alpha" and (req.budget is None or req.method == "adp-c"):
         raise UsageError(f"--search-over {req.search_over} applies to --method cbt or cbt-ns with --budget",
                          "drop --search-over, or give --method cbt --budget B")
@@ -167,8 +210,11 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
                      inputs=(req.checkpoint, req.indices, data_path(req.data) if req.data else None, req.means))
     ckpt = open_checkpoint(run, req.checkpoint)
     model = require_segmentation(ckpt, f"--method {req.method}", exits=True)
+    require_rule(model, req.decide_at)
     classes = ckpt.spec.classes or [str(k) for k in range(model.num_classes)]
-    doc: dict[str, Any] = {"method": req.method, "exits": list(EARLY_EXITS), "classes": classes}
+    # the rule the thresholds are for: evaluate refuses to run them by the other
+    doc: dict[str, Any] = {"method": req.method, "exits": list(EARLY_EXITS), "classes": classes,
+                           "decide_at": req.decide_at}
     dataset = ""
     inputs: dict[str, str] = {}
     fitted: BudgetFit | None = None
@@ -234,6 +280,13 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
                              "evaluations": fitted.evaluations}
             if req.method != "adp-c":
                 doc["budget"].update({"miou": round(searched.miou, 6), "candidates": searched.candidates})
+            assert ds is not None
+            speedup = measured_speedup(model, list(_batches(ds, preprocess, req.batch_size, device)),
+                                       thresholds.float(), req.decide_at)
+            # images/s against the plain network on the fitting data, on this machine (median of SPEED_ROUNDS)
+            doc["budget"]["measured_speedup"] = round(speedup, 3)
+            warn_if_slower(run, f"{req.method} at budget {fitted.budget:g} (cost {fitted.cost:.4f})", speedup,
+                           f"{SPEED_ROUNDS} rounds on the fitting data")
     doc["thresholds"] = [[float(v) for v in row] for row in thresholds.tolist()]
     prov = Provenance(kind=KIND, checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
                       exits=list(EARLY_EXITS), dataset=dataset, args=run.args, inputs=inputs)
@@ -257,7 +310,7 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
 
 
 def _budget_costs(model: SegmentationNet, ckpt: Checkpoint, ds: Dataset, preprocess: Preprocess, batch_size: int,
-                  device: torch.device) -> Any:
+                  device: torch.device, decide_at: str = "pixel") -> Any:
     """The mean cost of thresholds on ``ds`` (normalised to the plain network) and their mIoU there, by the masked
     inference that `evaluate` runs: its exit decisions read features that inactive positions keep, so they are not
     those of the dense exits, and each candidate is run."""
@@ -272,7 +325,7 @@ def _budget_costs(model: SegmentationNet, ckpt: Checkpoint, ds: Dataset, preproc
         t = thresholds.float()  # float32, as `evaluate` reads them back from the YAML
         macs, matrix = 0, torch.zeros(k, k, dtype=torch.int64)
         for x, masks in batches:
-            result = early_exit_forward(model, x, t)
+            result = early_exit_forward(model, x, t, decide_at=decide_at)
             macs += result.macs
             matrix += confusion(result.exit_predictions[-1].cpu(), masks, k)  # the final class map: the logits' argmax
         return macs / dense, mean_iou(matrix)
@@ -309,7 +362,7 @@ def _fit_cbt_budget(run: Run, req: ThresholdRequest, model: SegmentationNet, ckp
     or beta raises every threshold, so the cost rises with either and a bisection finds it."""
     budget = req.budget
     assert budget is not None
-    cost_of = _budget_costs(model, ckpt, ds, preprocess, req.batch_size, device)
+    cost_of = _budget_costs(model, ckpt, ds, preprocess, req.batch_size, device, req.decide_at)
     fit = cbt if req.method == "cbt" else cbt_ns
     early = len(EARLY_EXITS)
     costs: dict[tuple[float, float], float] = {}
@@ -381,7 +434,7 @@ def _fit_cbt_budget(run: Run, req: ThresholdRequest, model: SegmentationNet, ckp
 def _fit_adp_c_budget(run: Run, req: ThresholdRequest, model: SegmentationNet, ckpt: Checkpoint, ds: Dataset,
                       preprocess: Preprocess, device: torch.device) -> BudgetFit:
     assert req.budget is not None
-    cost_of = _budget_costs(model, ckpt, ds, preprocess, req.batch_size, device)
+    cost_of = _budget_costs(model, ckpt, ds, preprocess, req.batch_size, device, req.decide_at)
 
     def unmet(cost: float) -> UsageError:
         return UsageError(f"--budget {req.budget:g} cannot be met: {_floor_hint(model, ckpt)}",
@@ -431,6 +484,7 @@ class SegmentationEvaluation:
     repeats: int
     plot: str | None
     classification_only: dict[str, Any] = field(default_factory=dict)  # options given that do not apply
+    decide_at: str | None = None  # --decide-at: must match the thresholds file's rule (None: the file's)
 
 
 @dataclass
@@ -460,6 +514,20 @@ def read_thresholds(path: str, ckpt: Checkpoint, num_classes: int) -> tuple[dict
     return doc, torch.tensor(rows, dtype=torch.float32)
 
 
+def rule_of(doc: dict[str, Any], req: SegmentationEvaluation) -> str:
+    """The exit rule the thresholds file was fitted for (files from before the option: pixel); --decide-at must
+    agree with it."""
+    recorded = doc.get("decide_at", "pixel")
+    if recorded not in DECIDE_AT:
+        raise InputError(f"{req.thresholds} records an unknown decide_at {recorded!r}",
+                         "re-make it with `eetool fit-thresholds --method cbt|cbt-ns|adp-c`")
+    if req.decide_at is not None and req.decide_at != recorded:
+        raise ProvenanceError(f"{req.thresholds} was fitted for --decide-at {recorded}, not {req.decide_at}",
+                              f"drop --decide-at (evaluate takes the file's rule), or re-make the thresholds with "
+                              f"`eetool fit-thresholds --decide-at {req.decide_at}`")
+    return recorded
+
+
 def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
     from eetool.artifacts import STDOUT, Provenance, write_yaml
     from eetool.costs import in_unit
@@ -479,10 +547,16 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
         if req.plot == STDOUT:
             raise UsageError("--plot - would put a PNG among the data on stdout", "give the plot a file name")
         run.check_output(req.plot, force=req.force, inputs=inputs)
+    if req.decide_at is not None and not req.thresholds:
+        raise UsageError("--decide-at applies to early exits", "give --thresholds, or drop --decide-at for the "
+                         "plain network")
+    if req.decide_at is not None and req.decide_at not in DECIDE_AT:
+        raise UsageError(f"unknown --decide-at {req.decide_at!r}", f"use one of {', '.join(DECIDE_AT)}")
     ckpt = open_checkpoint(run, req.checkpoint)
     model = require_segmentation(ckpt, "this evaluation")
     threshold_doc, thresholds = read_thresholds(req.thresholds, ckpt, model.num_classes) if req.thresholds else ({},
                                                                                                                None)
+    decide_at = rule_of(threshold_doc, req) if req.thresholds else "pixel"
     device = run.torch()
     ds = load_masks(req.data, req.split, req.indices, ckpt)
     preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
@@ -508,7 +582,7 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
         matrix = torch.zeros(k, k, dtype=torch.int64)
         exits = torch.zeros(len(EXIT_NAMES), dtype=torch.int64)
         start = time.perf_counter()
-        results = [early_exit_forward(model, x, thresholds) for x, _ in batches]
+        results = [early_exit_forward(model, x, thresholds, decide_at=decide_at) for x, _ in batches]
         seconds = time.perf_counter() - start
         macs, executed = 0, 0
         exit_matrices = [torch.zeros(k, k, dtype=torch.int64) for _ in EXIT_NAMES]
@@ -565,10 +639,13 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
                             "gflops": round(2 * c / len(ds) / 1e9, 6)}
                         for e, m, c in zip(EXIT_NAMES, early.exit_confusions, early.exit_macs, strict=True)}
         p["thresholds"] = req.thresholds
+        p["decide_at"] = decide_at
         if early.executed_macs is not None:
             p["executed_cost"] = round(early.executed_macs / len(ds) / dense, 6)
         doc["points"].append(p)
         doc["per_class_iou"][name] = _per_class(classes, iou(early.confusion))
+        warn_if_slower(run, f"{name} (cost {p['cost']}, decided per {decide_at})", timing[1].speedup,
+                       f"median of {req.repeats} rounds")
     if req.plot:
         from eetool.plotting import accuracy_cost_png
 

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from eetool.choices import DECIDE_AT
 from eetool.errors import UsageError
 from eetool.segmentation.masked import (
     FeatureMap,
@@ -76,9 +77,6 @@ if TYPE_CHECKING:
 SEGMENTATION_ARCH = "eeseg"
 EXIT_NAMES = ["exit1", "exit2", "exit3", "final"]
 DILATIONS = (1, 2, 4, 8)
-# where the exit decision is taken: per image pixel on the upsampled logits (the thesis's rule), or per position of
-# the heads' own grid, upsampling once at the end (``GridExits``)
-DECIDE_AT = ("pixel", "feature")
 # A block with at least this share of active positions runs dense (then keeps the inactive positions' features):
 # on one CPU thread a gathered 3x3 convolution of eeseg's width 16 costs about 6x the dense one per position
 # computed, and the two break even near 0.15 to 0.2 active (dilation 1 to 4; 0.1 at dilation 8), measured with
