@@ -15,6 +15,7 @@ from eetool.commands.common import data_path, format_fields, format_table, open_
 from eetool.errors import InputError, ModelMismatchError, ProvenanceError, UsageError
 from eetool.segmentation.calibration import add_batch
 from eetool.segmentation.model import (
+    DENSE_ABOVE,
     EXIT_NAMES,
     EESegNet,
     early_exit_forward,
@@ -685,8 +686,9 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
 
 COST_NOTE = ("multiply-adds of the positions each part computes (the stem on all; later stages, heads and the "
              "3x3 convolutions' neighbourhoods on active positions only), normalised to the plain network; what "
-             "ran is executed_cost: a block with at least 15% of its positions active runs dense (faster on CPU "
-             "than gathered matrix products) and counts every position; images/s are measured on what ran")
+             f"ran is executed_cost: a block with at least {DENSE_ABOVE:.0%} of its positions active runs dense "
+             "(faster on CPU than gathered matrix products) and counts every position; images/s are measured on "
+             "what ran")
 
 
 TORCHVISION_COST_NOTE = ("analytic masked cost: each part's multiply-adds times the share of the image's pixels "

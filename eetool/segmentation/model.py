@@ -78,10 +78,12 @@ SEGMENTATION_ARCH = "eeseg"
 EXIT_NAMES = ["exit1", "exit2", "exit3", "final"]
 DILATIONS = (1, 2, 4, 8)
 # A block with at least this share of active positions runs dense (then keeps the inactive positions' features):
-# on one CPU thread a gathered 3x3 convolution of eeseg's width 16 costs about 6x the dense one per position
-# computed, and the two break even near 0.15 to 0.2 active (dilation 1 to 4; 0.1 at dilation 8), measured with
-# a 100-scene batch by bench/segmentation.py's --crossover
-DENSE_ABOVE = 0.15
+# on one CPU thread a gathered 3x3 convolution of eeseg's width 16 (im2col in blocks, one product each) costs about
+# 3x the dense one per position computed (the gather alone 1.5-2x), and a block's first convolution also computes
+# the active positions' neighbourhoods, so the two break even near 0.2 to 0.25 active (dilation 1 and 2), 0.15 to
+# 0.2 (4 and 8), measured with a 100-scene batch by bench/segmentation.py's --crossover (before the blocked gather
+# and the unpadded grid: 0.15 to 0.2, and 0.1 at dilation 8)
+DENSE_ABOVE = 0.2
 
 
 class Block(nn.Module):
@@ -424,13 +426,15 @@ class GridExits:
         top, prediction = rows.max(-1)
         confidence = 1 / (rows - top[:, None]).exp_().sum(-1)  # the softmax's largest, without dividing every class
         leave = confidence > thresholds.to(confidence.device)[prediction]
-        if still is None:
-            gone, still = positions(leave), positions(~leave)
+        if still is None:  # masks over every position, without looking up the numbers of those that leave
+            self.exit_grid.view(-1).masked_fill_(leave, len(self._written) - 1)
+            self.active.view(-1).copy_(leave.logical_not_())
+            still = positions(self.active)
         else:
             gone, still = still[leave], still[~leave]
+            self.exit_grid.view(-1)[gone] = len(self._written) - 1
+            self.active.view(-1)[gone] = False
         self._still = still
-        self.exit_grid.view(-1)[gone] = len(self._written) - 1
-        self.active.view(-1)[gone] = False
         return still.numel() > 0
 
     def still(self) -> torch.Tensor | None:
