@@ -44,17 +44,19 @@ from eetool.archs import SEGMENTATION_ARCHS
 
 EXITS = ("exit1", "exit2", "exit3", "final")
 BETA = 0.998
-FEATURE = ["--decide-at", "feature"]
-# (name, label, fit-thresholds arguments); the first seven are the thesis's rows, the rest the ADP-C curve
+PIXEL, FEATURE = ["--decide-at", "pixel"], ["--decide-at", "feature"]
+# (name, label, fit-thresholds arguments); the first seven are the thesis's rows, then the ADP-C curve, all decided per
+# pixel as the thesis does (eeseg's default is per feature), then eeseg's rows decided per feature
 METHODS: list[tuple[str, str, list[str]]] = [
-    ("adpc-0.998", "ADP-C", ["--method", "adp-c", "--threshold", "0.998"]),
-    ("cbt-0.99", "CBT [0.99, 0.998]", ["--method", "cbt", "--alpha", "0.99", "--beta", str(BETA)]),
-    ("cbtns-0.99", "CBT-ns [0.99, 0.998]", ["--method", "cbt-ns", "--alpha", "0.99", "--beta", str(BETA)]),
-    ("cbt-0.95", "CBT [0.95, 0.998]", ["--method", "cbt", "--alpha", "0.95", "--beta", str(BETA)]),
-    ("cbt-0.9", "CBT [0.9, 0.998]", ["--method", "cbt", "--alpha", "0.9", "--beta", str(BETA)]),
-    ("cbtns-0.9", "CBT-ns [0.9, 0.998]", ["--method", "cbt-ns", "--alpha", "0.9", "--beta", str(BETA)]),
-    ("adpc-0.9", "ADP-C β = 0.9", ["--method", "adp-c", "--threshold", "0.9"]),
-    *((f"adpc-{t}", f"ADP-C {t}", ["--method", "adp-c", "--threshold", t]) for t in ("0.95", "0.99", "0.995", "0.999")),
+    ("adpc-0.998", "ADP-C", ["--method", "adp-c", "--threshold", "0.998", *PIXEL]),
+    ("cbt-0.99", "CBT [0.99, 0.998]", ["--method", "cbt", "--alpha", "0.99", "--beta", str(BETA), *PIXEL]),
+    ("cbtns-0.99", "CBT-ns [0.99, 0.998]", ["--method", "cbt-ns", "--alpha", "0.99", "--beta", str(BETA), *PIXEL]),
+    ("cbt-0.95", "CBT [0.95, 0.998]", ["--method", "cbt", "--alpha", "0.95", "--beta", str(BETA), *PIXEL]),
+    ("cbt-0.9", "CBT [0.9, 0.998]", ["--method", "cbt", "--alpha", "0.9", "--beta", str(BETA), *PIXEL]),
+    ("cbtns-0.9", "CBT-ns [0.9, 0.998]", ["--method", "cbt-ns", "--alpha", "0.9", "--beta", str(BETA), *PIXEL]),
+    ("adpc-0.9", "ADP-C β = 0.9", ["--method", "adp-c", "--threshold", "0.9", *PIXEL]),
+    *((f"adpc-{t}", f"ADP-C {t}", ["--method", "adp-c", "--threshold", t, *PIXEL])
+      for t in ("0.95", "0.99", "0.995", "0.999")),
     # beyond the thesis (eeseg only): the exit decided per position of the heads' grid, upsampled once at the end
     ("adpc-0.998-feature", "ADP-C 0.998, per feature", ["--method", "adp-c", "--threshold", "0.998", *FEATURE]),
     ("cbt-0.99-feature", "CBT [0.99, 0.998], per feature",
@@ -122,7 +124,7 @@ def plan(out: Path, a: argparse.Namespace) -> list[Step]:
                                     *subsets["calibration"], *batch, "-o", str(statistics), "--force", "--format",
                                     "json", *common], statistics, [trained]))
     for name, _, method in METHODS:
-        if not eeseg and "--decide-at" in method:  # the torchvision networks decide per pixel
+        if not eeseg and FEATURE[1] in method:  # the torchvision networks decide per pixel
             continue
         cbt = method[1] != "adp-c"
         steps.append(Step(f"fit-{name}", [*eetool, "fit-thresholds", *method, "-c", str(model),

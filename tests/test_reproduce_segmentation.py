@@ -138,7 +138,7 @@ def test_a_torchvision_plan_trains_the_network_then_its_exit_heads(seg: ModuleTy
         assert option(s.argv, "-c") == str(with_exits)
     assert by_name["calibrate"].needs == ["train-exits"]
     for name, _, method in seg.METHODS:
-        if "--decide-at" in method:  # eeseg's feature-level rows: the torchvision networks decide per pixel
+        if "feature" in method:  # eeseg's feature-level rows: the torchvision networks decide per pixel
             assert f"fit-{name}" not in by_name and f"eval-{name}" not in by_name
             continue
         assert by_name[f"fit-{name}"].needs == (["train-exits"] if method[1] == "adp-c" else ["calibrate"])

@@ -504,8 +504,9 @@ def budget_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path,
 
 
 def mean_cost(model: EESegNet, x: torch.Tensor, thresholds: list[list[float]]) -> float:
-    """The cost `evaluate` reports, recomputed from the thresholds as written."""
-    result = early_exit_forward(model, x, torch.tensor(thresholds, dtype=torch.float32))
+    """The cost `evaluate` reports, recomputed from the thresholds as written, by the rule fit-thresholds uses for
+    eeseg unless told (per feature)."""
+    result = early_exit_forward(model, x, torch.tensor(thresholds, dtype=torch.float32), decide_at="feature")
     return result.macs / (x.shape[0] * plain_macs(model, (1, 16, 16)))
 
 
@@ -528,6 +529,7 @@ def test_budget_search_meets_the_budget_and_a_larger_value_would_not(
     fitted = doc["budget"]
     assert fitted["target"] == budget and fitted["searched"] == ("alpha" if method == "cbt" else "threshold")
     value = doc["alpha"] if method == "cbt" else doc["threshold"]
+    assert doc["decide_at"] == "feature"  # eeseg's default rule, which mean_cost follows
     cost = mean_cost(model, x, doc["thresholds"])
     assert cost <= budget and cost == pytest.approx(fitted["cost"], abs=1e-6)
     # the nearest value tried above it spends more than the budget
@@ -620,6 +622,7 @@ def test_budget_search_over_both_keeps_the_pair_of_best_miou_within_the_budget(
     assert met and all(c["cost"] <= budget for c in met)
     best = max(met, key=lambda c: (c["miou"], -c["cost"]))
     assert (doc["alpha"], doc["beta"]) == (best["alpha"], best["beta"]) and fitted["miou"] == best["miou"]
-    result = early_exit_forward(model, x, torch.tensor(doc["thresholds"], dtype=torch.float32))
+    result = early_exit_forward(model, x, torch.tensor(doc["thresholds"], dtype=torch.float32),
+                                decide_at=doc["decide_at"])
     assert result.macs / (x.shape[0] * plain_macs(model, (1, 16, 16))) == pytest.approx(fitted["cost"], abs=1e-6)
     assert mean_iou(confusion(result.logits.argmax(1), masks, 3)) == pytest.approx(fitted["miou"], abs=1e-6)

@@ -194,8 +194,8 @@ def test_the_rule_goes_from_fit_thresholds_to_evaluate_which_refuses_another(tmp
                                "--batch-size", "8", "--arch-args", "{width: 4, head_width: 4}", "-q"])
     assert made.exit_code == 0, made.stderr
     feature, pixel = tmp_path / "feature.yaml", tmp_path / "pixel.yaml"
-    assert fit(ckpt, feature, "--decide-at", "feature").exit_code == 0
-    assert fit(ckpt, pixel).exit_code == 0
+    assert fit(ckpt, feature).exit_code == 0  # eeseg's default rule
+    assert fit(ckpt, pixel, "--decide-at", "pixel").exit_code == 0
     assert yaml.safe_load(feature.read_text())["decide_at"] == "feature"
     assert yaml.safe_load(pixel.read_text())["decide_at"] == "pixel"
     evaluate = ["evaluate", "-c", str(ckpt), "-d", f"segmentation:{data}", "--split", "train", "--repeats", "1",

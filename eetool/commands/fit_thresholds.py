@@ -83,7 +83,8 @@ def command(
                                                   "decided, pixel (each image pixel on the upsampled logits, the "
                                                   "thesis's rule) or feature (each position of the head's grid, "
                                                   "upsampled once at the end; eeseg only), as --budget's runs and "
-                                                  "`evaluate` use it.  [default: pixel]", rich_help_panel=SEARCH,
+                                                  "`evaluate` use it.  [default: feature for eeseg, pixel for the "
+                                                  "torchvision networks]", rich_help_panel=SEARCH,
                                                   show_default=False,
                                                   autocompletion=prefix_completer(DECIDE_AT))] = None,
     validation: Annotated[bool, typer.Option("--validation", help="e2cm: fit on --data/--split (a held-out set) "
@@ -145,7 +146,7 @@ def command(
                                                           batch_size, alpha, beta, threshold, force,
                                                           budget[0] if budget else None, search_over, means,
                                                           split_given=split is not None,
-                                                          decide_at=decide_at or "pixel"))
+                                                          decide_at=decide_at))
         return
     if decide_at is not None:
         raise UsageError(f"--decide-at applies to --method {', '.join(SEGMENTATION_METHODS)}, not {method}",
