@@ -26,6 +26,12 @@ CPU time as the whole plain network, and the early exit about 4.3x the plain net
 checkpoint at ADP-C thresholds 0.9-0.998 (one thread, 100-scene batches); now 2.8-3.2x, with the same decisions
 and logits bit for bit. The dense blocks' in-place update (below) is part of that.
 
+The feature-level rule (``decide_at="feature"``, ``GridExits``; beyond the thesis) decides per grid position on the
+head's own logits instead, and upsamples once, at the end, the grid of the logits each position left with: no
+per-exit work at the image's resolution, and only the positions that have not left are active. It matched the
+per-pixel rule's mIoU within 0.1 points in `make segmentation` at 1.5-1.9x its images/s (still 0.66-0.70x the plain
+network's: docs/results/segmentation-wall-time.md).
+
 Inference folds BatchNorm into the convolutions for real (``EESegNet.inference_net``): in eval mode without
 gradients, ``forward``, ``forward_exits``, ``grid_exits`` and ``early_exit_forward`` run a cached copy of the
 network whose convolutions carry the BatchNorm scale and shift and whose BatchNorms are identities (the same
@@ -33,8 +39,9 @@ outputs up to float32 rounding). BatchNorm and its ReLU were about a sixth of ee
 network, its state dict and the checkpoint are never changed. The copy's weights, and so every map and logit it
 computes, are in channels-last memory format (the same shapes and values up to rounding): on CPU its
 convolutions and upsampling run in 0.3-0.9x the time of NCHW ones, the plain network in about 0.55x. The
-gathering is ``eetool.segmentation.masked``'s, on a grid with a zero border as wide as the largest dilation, so
-that every tap is a fixed row offset.
+gathering is ``eetool.segmentation.masked``'s, on the unpadded grid (its taps looked up in a table kept per shape,
+those outside the grid reading a zero row): a grid padded so that every tap was a fixed row offset made mkldnn
+convolve a strided view in the dense blocks, 2.7x as long as on a contiguous map.
 
 On CPU a gathered convolution of eeseg's narrow blocks costs several times a dense one per position, so a block
 with at least ``DENSE_ABOVE`` of its positions active runs dense over the whole grid, adding its residual in place
