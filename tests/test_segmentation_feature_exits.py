@@ -70,13 +70,17 @@ def thresholds_between(grid_logits: list[torch.Tensor], shares: tuple[float, ...
     return thresholds
 
 
-@pytest.mark.parametrize(("grid", "shares"), [((5, 7), (0.5, 0.5, 0.5)), ((4, 4), (0.3, 0.2, 0.4)),
-                                              ((5, 7), (0.0, 0.6, 1.0))])  # none, then all
-def test_grid_exits_match_the_feature_rule_recomputed_directly(grid: tuple[int, int], shares: tuple[float, ...]
-                                                               ) -> None:
+@pytest.mark.parametrize(("grid", "shares", "per_class"), [((5, 7), (0.5, 0.5, 0.5), False),
+                                                           ((4, 4), (0.3, 0.2, 0.4), False),
+                                                           ((5, 7), (0.7, 0.6, 0.8), True),  # CBT-like
+                                                           ((5, 7), (0.0, 0.6, 1.0), False)])  # none, then all
+def test_grid_exits_match_the_feature_rule_recomputed_directly(grid: tuple[int, int], shares: tuple[float, ...],
+                                                               per_class: bool) -> None:
     gen = torch.Generator().manual_seed(5)
     grid_logits = [3 * torch.randn(3, *grid, 5, generator=gen) for _ in range(4)]
     thresholds = thresholds_between(grid_logits, shares)
+    if per_class:  # a threshold per predicted class: the odd classes never leave early
+        thresholds[:, 1::2] = 2.0
     size = (2 * grid[0], 2 * grid[1])
     exits = GridExits(3, grid, size, 5, 3, grid_logits[0])
     for n, g in enumerate(grid_logits):
