@@ -168,7 +168,7 @@ def test_an_unknown_rule_is_refused(net: EESegNet) -> None:
 @pytest.mark.parametrize("dilation", [1, 2, 4])
 def test_gathered_convolution_in_blocks_is_torch_s_convolution(monkeypatch: pytest.MonkeyPatch, dilation: int
                                                                ) -> None:
-    monkeypatch.setattr(masked, "GATHER_ROWS", 7)  # several blocks, the last one short
+    monkeypatch.setattr(masked, "GATHER_ELEMENTS", 7 * 9 * 6)  # blocks of 7 positions, the last one short
     gen = torch.Generator().manual_seed(dilation)
     conv = torch.nn.Conv2d(6, 4, 3, 1, dilation, dilation).requires_grad_(False)
     x = torch.randn(2, 6, 9, 11, generator=gen)

@@ -117,8 +117,8 @@ def tap_rows(conv: nn.Conv2d, out_rows: torch.Tensor, out_hw: tuple[int, int], s
     return _taps(conv, out_rows, out_hw, src)
 
 
-# Tap tables kept (a few shapes at a time: the batch sizes and dilations of one run)
-TAP_TABLES = 16
+# Tap tables kept (a few shapes at a time: a run's full and last batch at eeseg's four dilations)
+TAP_TABLES = 8
 _tap_tables: dict[tuple[object, ...], torch.Tensor] = {}
 
 
@@ -164,11 +164,11 @@ def kernel_rows(conv: nn.Conv2d) -> torch.Tensor:
     return conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
 
 
-# Output positions whose taps are gathered at once by ``conv_rows``: the gathered block (rows x taps x channels)
-# stays in the core's cache for the product that reads it (2.4 MB for a 3x3 kernel on 16 channels). One CPU thread,
-# eeseg's width 16: the whole gather at once took 3-4x a dense convolution's time per position, blocks of 1,024 to
-# 4,096 rows 2.5-3x, the product alone as fast as the dense convolution.
-GATHER_ROWS = 4096
+# Gathered elements (output positions x taps x channels) that ``conv_rows`` multiplies at once: a block of 2 MB of
+# float32 stays in the core's cache for the product that reads it (3,640 positions of a 3x3 kernel on 16 channels,
+# 113 on 512). One CPU thread, eeseg's width 16: the whole gather at once took 3-4x a dense convolution's time per
+# position, blocks of 1,024 to 4,096 positions 2.5-3x, the product alone as fast as the dense convolution.
+GATHER_ELEMENTS = 1 << 19
 _gather_buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -184,13 +184,13 @@ def gather_buffer(elements: int, like: torch.Tensor) -> torch.Tensor:
 
 def conv_rows(conv: nn.Conv2d, src: FeatureMap, taps: torch.Tensor) -> torch.Tensor:
     """N x Out: ``conv`` at the positions whose taps are ``taps`` (``tap_rows``): the taps' rows gathered
-    (im2col) GATHER_ROWS positions at a time into a kept buffer, each block multiplied by the kernel (with the
-    bias) as one matrix product."""
+    (im2col) GATHER_ELEMENTS at a time into a kept buffer, each block multiplied by the kernel (with the bias) as
+    one matrix product."""
     n, t = taps.shape
     if conv.groups == 1:
         weight = kernel_rows(conv).T
         out = src.rows.new_empty(n, conv.out_channels)
-        block = min(n, GATHER_ROWS)
+        block = max(1, min(n, GATHER_ELEMENTS // (t * src.channels)))
         buffer = gather_buffer(block * t * src.channels, src.rows)
         flat = taps.reshape(-1)
         for start in range(0, n, block):
