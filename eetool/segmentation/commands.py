@@ -308,7 +308,7 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
     run.reporter.log(f"wrote {req.output}")
 
     def text(d: dict[str, Any]) -> str:
-        head = format_fields([("thresholds", req.output), ("method", d["method"]),
+        head = format_fields([("thresholds", req.output), ("method", d["method"]), ("decided per", d["decide_at"]),
                               *([("alpha, beta", f"{d['alpha']}, {d['beta']}"), ("fitted on", d["fitted_on"]),
                                  ("spread (sigma)", d["spread"])] if "alpha" in d else
                                 [("threshold", d["threshold"])]),
