@@ -86,10 +86,10 @@ EXIT_NAMES = ["exit1", "exit2", "exit3", "final"]
 DILATIONS = (1, 2, 4, 8)
 # A block with at least this share of active positions runs dense (then keeps the inactive positions' features):
 # on one CPU thread a gathered 3x3 convolution of eeseg's width 16 (im2col in blocks, one product each) costs about
-# 3x the dense one per position computed (the gather alone 1.5-2x), and a block's first convolution also computes
-# the active positions' neighbourhoods, so the two break even near 0.2 to 0.25 active (dilation 1 and 2), 0.15 to
-# 0.2 (4 and 8), measured with a 100-scene batch by bench/segmentation.py's --crossover (before the blocked gather
-# and the unpadded grid: 0.15 to 0.2, and 0.1 at dilation 8)
+# 3.5x the dense one per position computed (the gather alone 1.5-2x), and a block's first convolution also computes
+# the active positions' neighbourhoods, so the two break even near 0.2 active at dilations 1 and 2 and 0.11 to 0.19
+# at 4 and 8 (load 6 to 13), measured with a 100-scene batch by bench/segmentation.py's --crossover (before the
+# blocked gather and the unpadded grid: 0.15 to 0.2, and 0.1 at dilation 8)
 DENSE_ABOVE = 0.2
 
 
