@@ -29,7 +29,7 @@ and logits bit for bit. The dense blocks' in-place update (below) is part of tha
 The feature-level rule (``decide_at="feature"``, ``GridExits``; beyond the thesis) decides per grid position on the
 head's own logits instead, and upsamples once, at the end, the grid of the logits each position left with: no
 per-exit work at the image's resolution, and only the positions that have not left are active. It matched the
-per-pixel rule's mIoU within 0.1 points in `make segmentation` at 1.5-1.9x its images/s (still 0.66-0.70x the plain
+per-pixel rule's mIoU within 0.1 points in `make segmentation` at 1.7-2x its images/s (still 0.66-0.76x the plain
 network's: docs/results/segmentation-wall-time.md).
 
 Inference folds BatchNorm into the convolutions for real (``EESegNet.inference_net``): in eval mode without
