@@ -233,3 +233,15 @@ def test_a_point_slower_than_the_plain_network_is_said_on_one_line() -> None:
     warn_if_slower(FakeRun(), "adp-c", 0.61, "3 rounds")  # type: ignore[arg-type]
     assert len(said) == 1 and "0.61x" in said[0] and "slower than the plain network" in said[0]
     assert "\n" not in said[0]
+
+
+def test_a_classifier_refuses_decide_at_before_reading_anything(tmp_path: Path) -> None:
+    from eetool.core.sources import demo_path
+
+    fitted = runner.invoke(app, ["fit-thresholds", "--method", "e2cm", "--means", str(tmp_path / "absent"),
+                                 "--budget", "0.5", "-o", str(tmp_path / "t.yaml"), "--decide-at", "pixel"])
+    assert fitted.exit_code == ExitCode.USAGE and "--decide-at applies to --method cbt" in fitted.stderr
+    evaluated = runner.invoke(app, ["evaluate", "-c", str(demo_path("demo-resnet20-fashion-mnist.safetensors")),
+                                    "-d", "demo", "--decide-at", "pixel"])
+    assert evaluated.exit_code == ExitCode.USAGE and "--decide-at applies to segmentation" in evaluated.stderr
+    assert not (tmp_path / "t.yaml").exists()
