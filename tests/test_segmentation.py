@@ -503,9 +503,9 @@ def budget_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path,
     return d / "seg.safetensors", d / "seg-data.safetensors", model, x
 
 
-def mean_cost(model: EESegNet, x: torch.Tensor, thresholds: list[list[float]]) -> float:
-    """The cost `evaluate` reports, recomputed from the thresholds as written."""
-    result = early_exit_forward(model, x, torch.tensor(thresholds, dtype=torch.float32))
+def mean_cost(model: EESegNet, x: torch.Tensor, thresholds: list[list[float]], decide_at: str) -> float:
+    """The cost `evaluate` reports, recomputed from the thresholds as written, by the rule ``decide_at``."""
+    result = early_exit_forward(model, x, torch.tensor(thresholds, dtype=torch.float32), decide_at=decide_at)
     return result.macs / (x.shape[0] * plain_macs(model, (1, 16, 16)))
 
 
@@ -517,18 +517,21 @@ def test_budget_search_meets_the_budget_and_a_larger_value_would_not(
     from eetool.segmentation.pixel_thresholds import BUDGET_TOLERANCE
 
     ckpt, data, model, x = budget_inputs
-    everyone_first = mean_cost(model, x, [[0.0] * 3] * 3)
-    nobody_early = mean_cost(model, x, [[1.0] * 3] * 3)
+    # per feature, asked for (the default, per pixel, is searched in the test of --search-over both)
+    everyone_first = mean_cost(model, x, [[0.0] * 3] * 3, "feature")
+    nobody_early = mean_cost(model, x, [[1.0] * 3] * 3, "feature")
     budget = round((everyone_first + nobody_early) / 2, 4)  # midway: the search has room both ways
     out = tmp_path / "t.yaml"
     made = runner.invoke(app, ["fit-thresholds", "--method", method, "--budget", str(budget), "--beta", "0.998",
-                               "-c", str(ckpt), "-d", f"segmentation:{data}", "-o", str(out), "-q"])
+                               "--decide-at", "feature", "-c", str(ckpt), "-d", f"segmentation:{data}", "-o",
+                               str(out), "-q"])
     assert made.exit_code == 0, made.stderr
     doc = yaml.safe_load(out.read_text())
     fitted = doc["budget"]
     assert fitted["target"] == budget and fitted["searched"] == ("alpha" if method == "cbt" else "threshold")
     value = doc["alpha"] if method == "cbt" else doc["threshold"]
-    cost = mean_cost(model, x, doc["thresholds"])
+    assert doc["decide_at"] == "feature"
+    cost = mean_cost(model, x, doc["thresholds"], "feature")
     assert cost <= budget and cost == pytest.approx(fitted["cost"], abs=1e-6)
     # the nearest value tried above it spends more than the budget
     assert 0 < fitted["over"] - value <= BUDGET_TOLERANCE and fitted["over_cost"] > budget
@@ -545,8 +548,8 @@ def test_budget_search_meets_the_budget_and_a_larger_value_would_not(
         over = cbt(stats, fitted["over"], 0.998, 3)[0].tolist()
     else:
         over = [[fitted["over"]] * 3] * 3
-    assert mean_cost(model, x, over) == pytest.approx(fitted["over_cost"], abs=1e-6)
-    assert mean_cost(model, x, over) > budget
+    assert mean_cost(model, x, over, "feature") == pytest.approx(fitted["over_cost"], abs=1e-6)
+    assert mean_cost(model, x, over, "feature") > budget
     done = runner.invoke(app, ["evaluate", "-c", str(ckpt), "-d", f"segmentation:{data}", "--split", "train",
                                "--thresholds", str(out), "--repeats", "1", "--format", "json", "-q"])
     assert done.exit_code == 0, done.stderr
@@ -577,8 +580,8 @@ def test_budget_search_over_beta_meets_the_budget_and_a_larger_beta_would_not(
     from eetool.segmentation.pixel_thresholds import BUDGET_TOLERANCE, cbt
 
     ckpt, data, model, x = budget_inputs
-    at_alpha = mean_cost(model, x, [[0.3] * 3] * 3)  # beta = alpha: every class at alpha
-    nobody_early = mean_cost(model, x, [[1.0] * 3] * 3)
+    at_alpha = mean_cost(model, x, [[0.3] * 3] * 3, "pixel")  # beta = alpha: every class at alpha
+    nobody_early = mean_cost(model, x, [[1.0] * 3] * 3, "pixel")
     budget = round((at_alpha + nobody_early) / 2, 4)
     out = tmp_path / "t.yaml"
     made = runner.invoke(app, ["fit-thresholds", "--method", "cbt", "--budget", str(budget), "--search-over", "beta",
@@ -587,14 +590,16 @@ def test_budget_search_over_beta_meets_the_budget_and_a_larger_beta_would_not(
     doc = yaml.safe_load(out.read_text())
     fitted = doc["budget"]
     assert fitted["searched"] == "beta" and doc["alpha"] == 0.3 and 0.3 < doc["beta"] < 1
+    assert doc["decide_at"] == "pixel"  # the default for every network
     assert min(doc["thresholds"][0]) == pytest.approx(0.3) and max(doc["thresholds"][0]) == pytest.approx(doc["beta"])
-    cost = mean_cost(model, x, doc["thresholds"])
+    cost = mean_cost(model, x, doc["thresholds"], "pixel")
     assert cost <= budget and cost == pytest.approx(fitted["cost"], abs=1e-6)
     assert 0 < fitted["over"] - doc["beta"] <= BUDGET_TOLERANCE
     stats = class_statistics(model, load_dataset(f"segmentation:{data}", "train"),
                              Preprocess((1, 16, 16), [0.5], [0.25]), 256, torch.device("cpu"), Reporter())
     over = cbt(stats, 0.3, fitted["over"], 3)[0].tolist()
-    assert mean_cost(model, x, over) == pytest.approx(fitted["over_cost"], abs=1e-6) and fitted["over_cost"] > budget
+    assert mean_cost(model, x, over, "pixel") == pytest.approx(fitted["over_cost"], abs=1e-6)
+    assert fitted["over_cost"] > budget
 
 
 def test_budget_search_over_both_keeps_the_pair_of_best_miou_within_the_budget(
@@ -606,8 +611,8 @@ def test_budget_search_over_both_keeps_the_pair_of_best_miou_within_the_budget(
 
     ckpt, data, model, x = budget_inputs
     masks = next(iter(load_dataset(f"segmentation:{data}", "train").batches(256)))[1]
-    everyone_first = mean_cost(model, x, [[0.0] * 3] * 3)
-    nobody_early = mean_cost(model, x, [[1.0] * 3] * 3)
+    everyone_first = mean_cost(model, x, [[0.0] * 3] * 3, "pixel")
+    nobody_early = mean_cost(model, x, [[1.0] * 3] * 3, "pixel")
     budget = round((everyone_first + nobody_early) / 2, 4)
     out = tmp_path / "t.yaml"
     made = runner.invoke(app, ["fit-thresholds", "--method", "cbt", "--budget", str(budget), "--search-over", "both",
@@ -620,6 +625,7 @@ def test_budget_search_over_both_keeps_the_pair_of_best_miou_within_the_budget(
     assert met and all(c["cost"] <= budget for c in met)
     best = max(met, key=lambda c: (c["miou"], -c["cost"]))
     assert (doc["alpha"], doc["beta"]) == (best["alpha"], best["beta"]) and fitted["miou"] == best["miou"]
-    result = early_exit_forward(model, x, torch.tensor(doc["thresholds"], dtype=torch.float32))
+    result = early_exit_forward(model, x, torch.tensor(doc["thresholds"], dtype=torch.float32),
+                                decide_at=doc["decide_at"])
     assert result.macs / (x.shape[0] * plain_macs(model, (1, 16, 16))) == pytest.approx(fitted["cost"], abs=1e-6)
     assert mean_iou(confusion(result.logits.argmax(1), masks, 3)) == pytest.approx(fitted["miou"], abs=1e-6)

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from eetool.core.choices import DECIDE_AT
 from eetool.core.options import (
     INPUT,
     MAX_REPEATS,
@@ -50,6 +51,10 @@ def command(
                                          help="Timing rounds: each runs the plain model and "
                                          "every operating point in turn; speed-ups are medians over the rounds, "
                                          "with their range.")] = 3,
+    decide_at: Annotated[str | None, typer.Option("--decide-at", help="Segmentation thresholds: where a pixel's exit "
+                                                  "is decided, pixel or feature; it must be the rule the --thresholds "
+                                                  "file was fitted for.  [default: the file's]", show_default=False,
+                                                  autocompletion=prefix_completer(DECIDE_AT))] = None,
     baseline: Annotated[str | None, typer.Option("--baseline", help="Another checkpoint (the unpruned network, "
                                                  "say) timed in the same rounds: the speed-up of the plain model "
                                                  "and every operating point against it, beside its MACs ratio.",
@@ -64,8 +69,13 @@ def command(
     if is_segmentation_checkpoint(run, checkpoint):
         evaluate_segmentation(run, SegmentationEvaluation(
             checkpoint, data, split, indices, batch_size, count.value, output, force, thresholds, repeats, plot,
-            {"--means": means, "--exit-heads": exit_heads, "--baseline": baseline, "--point": point}))
+            {"--means": means, "--exit-heads": exit_heads, "--baseline": baseline, "--point": point}, decide_at))
         return
+    if decide_at is not None:
+        from eetool.core.errors import UsageError
+
+        raise UsageError("--decide-at applies to segmentation thresholds", "drop --decide-at: a classifier's "
+                         "exits decide per sample")
     evaluate_classifier(run, ClassifierEvaluation(checkpoint, data, split, indices, batch_size, count.value, output,
                                                   force, means, thresholds, exit_heads, point, plot, repeats,
                                                   baseline))

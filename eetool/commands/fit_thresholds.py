@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from eetool.core.choices import COMBINES, OVERHEADS, SEARCH_OVER, SEARCHES, SPLITS
+from eetool.core.choices import COMBINES, DECIDE_AT, OVERHEADS, SEARCH_OVER, SEARCHES, SPLITS
 from eetool.core.exit_methods import (
     EXIT_METHODS,
     SEGMENTATION_METHODS,
@@ -60,6 +60,13 @@ def command(
                                              "0.99, 0.995, 0.998, 0.999, 0.9995, keeping the pair of best mIoU on "
                                              "the fitting data).", rich_help_panel=SEARCH,
                                              autocompletion=prefix_completer(SEARCH_OVER))] = "alpha",
+    decide_at: Annotated[str | None, typer.Option("--decide-at", help="cbt, cbt-ns, adp-c: where a pixel's exit is "
+                                                  "decided, pixel (each image pixel on the upsampled logits, the "
+                                                  "thesis's rule) or feature (each position of the head's grid, "
+                                                  "upsampled once at the end; eeseg only), as --budget's runs and "
+                                                  "`evaluate` use it.  [default: pixel]", rich_help_panel=SEARCH,
+                                                  show_default=False,
+                                                  autocompletion=prefix_completer(DECIDE_AT))] = None,
     validation: Annotated[bool, typer.Option("--validation", help="e2cm: fit on --data/--split (a held-out set) "
                                              "instead of the calibration samples.")] = False,
     checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", help="Checkpoint (with --validation, "
@@ -109,8 +116,11 @@ def command(
         fit_pixel_thresholds(run, ThresholdRequest(method, output, checkpoint, data, split or "train", indices,
                                                    batch_size, alpha, beta, threshold, force,
                                                    budget[0] if budget else None, search_over, means,
-                                                   split_given=split is not None))
+                                                   split_given=split is not None, decide_at=decide_at))
         return
+    if decide_at is not None:
+        raise UsageError(f"--decide-at applies to --method {', '.join(SEGMENTATION_METHODS)}, not {method}",
+                         "drop --decide-at: a classifier's exits decide per sample")
     if search_over != "alpha":
         raise UsageError(f"--search-over {search_over} applies to --method cbt or cbt-ns with --budget",
                          "drop --search-over; for classifiers --search chooses the budget search")

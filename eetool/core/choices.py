@@ -7,6 +7,7 @@ SPLITS = ("train", "test")
 EXIT_SELECTIONS = ("every", "half", "quartiles")  # or module names
 COMBINES = ("and", "or")
 SEARCHES = ("greedy", "bisect")
+DECIDE_AT = ("pixel", "feature")  # segmentation exits: decide per image pixel (the thesis) or per head position
 SEARCH_OVER = ("alpha", "beta", "both")  # fit-thresholds --method cbt|cbt-ns --budget: what the search varies
 OVERHEADS = ("analytic", "measured")  # fit-thresholds: exit costs in MACs, or in measured wall time
 HEAD_KINDS = ("sdn", "branchy")

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from eetool.core.errors import UsageError
+from eetool.core.choices import DECIDE_AT
+from eetool.core.errors import InputError, ProvenanceError, UsageError
 from eetool.core.reporting import format_fields, format_table
 from eetool.core.run_inputs import data_path, open_checkpoint
 from eetool.segmentation.inputs import (
@@ -18,9 +19,9 @@ from eetool.segmentation.inputs import (
     preprocessed_batches,
     require_segmentation,
 )
-from eetool.segmentation.model import EXIT_NAMES, EESegNet
+from eetool.segmentation.model import DENSE_ABOVE, EXIT_NAMES, EESegNet
 from eetool.segmentation.networks import early_exit_forward, plain_macs
-from eetool.segmentation.threshold_fitting import read_thresholds
+from eetool.segmentation.threshold_fitting import read_thresholds, warn_if_slower
 
 if TYPE_CHECKING:
     from eetool.core.options import Run
@@ -40,6 +41,7 @@ class SegmentationEvaluation:
     repeats: int
     plot: str | None
     classification_only: dict[str, Any] = field(default_factory=dict)  # options given that do not apply
+    decide_at: str | None = None  # --decide-at: must match the thresholds file's rule (None: the file's)
 
 
 @dataclass
@@ -52,6 +54,20 @@ class SegmentationRun:
     exit_confusions: list[torch.Tensor] = field(default_factory=list)
     exit_macs: list[int] = field(default_factory=list)
     executed_macs: int | None = None  # what ran (dense blocks count every position); macs is the masked cost
+
+
+def rule_of(doc: dict[str, Any], req: SegmentationEvaluation) -> str:
+    """The exit rule the thresholds file was fitted for (files from before the option: pixel); --decide-at must
+    agree with it."""
+    recorded = doc.get("decide_at", "pixel")
+    if recorded not in DECIDE_AT:
+        raise InputError(f"{req.thresholds} records an unknown decide_at {recorded!r}",
+                         "re-make it with `eetool fit-thresholds --method cbt|cbt-ns|adp-c`")
+    if req.decide_at is not None and req.decide_at != recorded:
+        raise ProvenanceError(f"{req.thresholds} was fitted for --decide-at {recorded}, not {req.decide_at}",
+                              f"drop --decide-at (evaluate takes the file's rule), or re-make the thresholds with "
+                              f"`eetool fit-thresholds --decide-at {req.decide_at}`")
+    return recorded
 
 
 def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
@@ -73,10 +89,16 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
         if req.plot == STDOUT:
             raise UsageError("--plot - would put a PNG among the data on stdout", "give the plot a file name")
         run.check_output(req.plot, force=req.force, inputs=inputs)
+    if req.decide_at is not None and not req.thresholds:
+        raise UsageError("--decide-at applies to early exits", "give --thresholds, or drop --decide-at for the "
+                         "plain network")
+    if req.decide_at is not None and req.decide_at not in DECIDE_AT:
+        raise UsageError(f"unknown --decide-at {req.decide_at!r}", f"use one of {', '.join(DECIDE_AT)}")
     ckpt = open_checkpoint(run, req.checkpoint)
     model = require_segmentation(ckpt, "this evaluation")
     threshold_doc, thresholds = read_thresholds(req.thresholds, ckpt, model.num_classes) if req.thresholds else ({},
                                                                                                                None)
+    decide_at = rule_of(threshold_doc, req) if req.thresholds else "pixel"
     device = run.torch()
     ds = load_masks(req.data, req.split, req.indices, ckpt)
     preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
@@ -102,7 +124,7 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
         matrix = torch.zeros(k, k, dtype=torch.int64)
         exits = torch.zeros(len(EXIT_NAMES), dtype=torch.int64)
         start = time.perf_counter()
-        results = [early_exit_forward(model, x, thresholds) for x, _ in batches]
+        results = [early_exit_forward(model, x, thresholds, decide_at=decide_at) for x, _ in batches]
         seconds = time.perf_counter() - start
         macs, executed = 0, 0
         exit_matrices = [torch.zeros(k, k, dtype=torch.int64) for _ in EXIT_NAMES]
@@ -159,10 +181,13 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
                             "gflops": round(2 * c / len(ds) / 1e9, 6)}
                         for e, m, c in zip(EXIT_NAMES, early.exit_confusions, early.exit_macs, strict=True)}
         p["thresholds"] = req.thresholds
+        p["decide_at"] = decide_at
         if early.executed_macs is not None:
             p["executed_cost"] = round(early.executed_macs / len(ds) / dense, 6)
         doc["points"].append(p)
         doc["per_class_iou"][name] = _per_class(classes, iou(early.confusion))
+        warn_if_slower(run, f"{name} (cost {p['cost']}, decided per {decide_at})", timing[1].speedup,
+                       f"median of {req.repeats} rounds")
     if req.plot:
         from eetool.core.plotting import accuracy_cost_png
 
@@ -203,8 +228,9 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
 
 COST_NOTE = ("multiply-adds of the positions each part computes (the stem on all; later stages, heads and the "
              "3x3 convolutions' neighbourhoods on active positions only), normalised to the plain network; what "
-             "ran is executed_cost: a block with at least 15% of its positions active runs dense (faster on CPU "
-             "than gathered matrix products) and counts every position; images/s are measured on what ran")
+             f"ran is executed_cost: a block with at least {DENSE_ABOVE:.0%} of its positions active runs dense "
+             "(faster on CPU than gathered matrix products) and counts every position; images/s are measured on "
+             "what ran")
 
 
 TORCHVISION_COST_NOTE = ("analytic masked cost: each part's multiply-adds times the share of the image's pixels "

@@ -26,6 +26,12 @@ CPU time as the whole plain network, and the early exit about 4.3x the plain net
 checkpoint at ADP-C thresholds 0.9-0.998 (one thread, 100-scene batches); now 2.8-3.2x, with the same decisions
 and logits bit for bit. The dense blocks' in-place update (below) is part of that.
 
+The feature-level rule (``decide_at="feature"``, ``GridExits``; beyond the thesis) decides per grid position on the
+head's own logits instead, and upsamples once, at the end, the grid of the logits each position left with: no
+per-exit work at the image's resolution, and only the positions that have not left are active. It matched the
+per-pixel rule's mIoU within 0.1 points in `make segmentation` at 1.7-2x its images/s (still 0.66-0.76x the plain
+network's: docs/results/segmentation-wall-time.md).
+
 Inference folds BatchNorm into the convolutions for real (``EESegNet.inference_net``): in eval mode without
 gradients, ``forward``, ``forward_exits``, ``grid_exits`` and ``early_exit_forward`` run a cached copy of the
 network whose convolutions carry the BatchNorm scale and shift and whose BatchNorms are identities (the same
@@ -33,8 +39,9 @@ outputs up to float32 rounding). BatchNorm and its ReLU were about a sixth of ee
 network, its state dict and the checkpoint are never changed. The copy's weights, and so every map and logit it
 computes, are in channels-last memory format (the same shapes and values up to rounding): on CPU its
 convolutions and upsampling run in 0.3-0.9x the time of NCHW ones, the plain network in about 0.55x. The
-gathering is ``eetool.segmentation.masked``'s, on a grid with a zero border as wide as the largest dilation, so
-that every tap is a fixed row offset.
+gathering is ``eetool.segmentation.masked``'s, on the unpadded grid (its taps looked up in a table kept per shape,
+those outside the grid reading a zero row): a grid padded so that every tap was a fixed row offset made mkldnn
+convolve a strided view in the dense blocks, 2.7x as long as on a contiguous map.
 
 On CPU a gathered convolution of eeseg's narrow blocks costs several times a dense one per position, so a block
 with at least ``DENSE_ABOVE`` of its positions active runs dense over the whole grid, adding its residual in place
@@ -55,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from eetool.core.choices import DECIDE_AT
 from eetool.core.errors import UsageError
 from eetool.segmentation.masked import (
     FeatureMap,
@@ -70,10 +78,12 @@ SEGMENTATION_ARCH = "eeseg"
 EXIT_NAMES = ["exit1", "exit2", "exit3", "final"]
 DILATIONS = (1, 2, 4, 8)
 # A block with at least this share of active positions runs dense (then keeps the inactive positions' features):
-# on one CPU thread a gathered 3x3 convolution of eeseg's width 16 costs about 6x the dense one per position
-# computed, and the two break even near 0.15 to 0.2 active (dilation 1 to 4; 0.1 at dilation 8), measured with
-# a 100-scene batch by bench/segmentation.py's --crossover
-DENSE_ABOVE = 0.15
+# on one CPU thread a gathered 3x3 convolution of eeseg's width 16 (im2col in blocks, one product each) costs about
+# 3.5x the dense one per position computed (the gather alone 1.5-2x), and a block's first convolution also computes
+# the active positions' neighbourhoods, so the two break even near 0.2 active at dilations 1 and 2 and 0.11 to 0.19
+# at 4 and 8 (load 6 to 13), measured with a 100-scene batch by bench/segmentation.py's --crossover (before the
+# blocked gather and the unpadded grid: 0.15 to 0.2, and 0.1 at dilation 8)
+DENSE_ABOVE = 0.2
 
 
 class Block(nn.Module):
@@ -282,13 +292,20 @@ class EarlyExitResult:
     macs: int  # multiply-adds actually computed for the batch
     active_positions: list[int]  # grid positions computed by each stage (the stem's are all of them)
     # ADP-C's anytime predictions: per exit, the B x H x W class map had inference stopped there (pixels that
-    # left before keep their exit's class, the others take this exit's), and the multiply-adds spent up to and
-    # including that exit's head
-    exit_predictions: list[torch.Tensor]
-    exit_macs: list[int]
+    # left before keep their exit's class, the others take this exit's), or a function that makes them when they
+    # are first asked for (``exit_predictions``): the feature-level rule keeps what they need on the grid and
+    # upsamples only the last one on the way
+    anytime: list[torch.Tensor] | Callable[[], list[torch.Tensor]]
+    exit_macs: list[int]  # the multiply-adds spent up to and including each exit's head
     # what ran: blocks run dense above an active share count every position (``macs`` is the masked cost: eeseg's
     # gathered positions, torchvision's analytic share of each part)
     executed_macs: int | None = None
+
+    @property
+    def exit_predictions(self) -> list[torch.Tensor]:
+        if callable(self.anytime):
+            self.anytime = self.anytime()
+        return self.anytime
 
 
 class PixelExits:
@@ -358,37 +375,137 @@ class PixelExits:
         return self._predictions + [self._predictions[-1]] * (exits - len(self._predictions))
 
 
+class GridExits:
+    """The feature-level rule (``decide_at="feature"``, beyond the thesis): the exit decision is taken per position
+    of the grid the head computes, on the head's own logits (their largest softmax probability against the
+    threshold of their predicted class), and a position that leaves keeps those logits; each image pixel's logits
+    are the bilinear upsampling, once at the end, of the grid whose every position holds the logits it left with,
+    and a pixel's exit is that of the position it lies in. Nothing is upsampled per exit, and the positions that
+    stay active are exactly those that have not left (the pixel-level rule keeps a position while any of the pixels
+    it covers stays). Positions that left are never written again.
+
+    ``take`` is called once per exit with the logits of the positions still active, in the order of their flat
+    numbers. The anytime class maps (the grid as it stood after each exit, upsampled) are made on demand from the
+    rows each exit wrote, which are kept as they are (no copy).
+    """
+
+    def __init__(self, batch: int, grid_hw: tuple[int, int], size: tuple[int, int], classes: int, last: int,
+                 like: torch.Tensor) -> None:
+        self.size, self.last = size, last
+        # B x h x w x K, every position written by the first exit
+        self.grid = torch.empty(batch, *grid_hw, classes, dtype=like.dtype, device=like.device)
+        self.exit_grid = torch.full((batch, *grid_hw), last, dtype=torch.uint8, device=like.device)
+        self.active = torch.ones(batch, *grid_hw, dtype=torch.bool, device=like.device)  # positions still active
+        self._still: torch.Tensor | None = None  # their flat numbers; None while every position is
+        self._written: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # per exit: where, and the rows written
+
+    def take(self, rows: torch.Tensor, thresholds: torch.Tensor | None) -> bool:
+        """The next exit: ``rows`` (active positions x K) are the active positions' logits; with ``thresholds``
+        (one per class) those whose largest probability exceeds their predicted class's leave. Returns whether any
+        position is still active."""
+        still = self._still
+        flat = self.grid.view(-1, self.grid.shape[-1])
+        if still is None:
+            flat.copy_(rows)
+        else:
+            flat.index_copy_(0, still, rows)
+        self._written.append((still, rows))
+        if thresholds is None:
+            return False
+        thresholds = thresholds.to(rows.device)
+        if bool(thresholds.min() == thresholds.max()):  # one threshold (ADP-C's): the predicted class is not needed,
+            top = rows.amax(-1)  # and the largest logit alone takes a quarter of the time of the largest with its class
+            bar = thresholds[0]
+        else:
+            top, prediction = rows.max(-1)
+            bar = thresholds[prediction]
+        confidence = 1 / (rows - top[:, None]).exp_().sum(-1)  # the softmax's largest, without dividing every class
+        leave = confidence > bar
+        if still is None:  # masks over every position, without looking up the numbers of those that leave
+            self.exit_grid.view(-1).masked_fill_(leave, len(self._written) - 1)
+            self.active.view(-1).copy_(leave.logical_not_())
+            still = positions(self.active)
+        else:
+            gone, still = still[leave], still[~leave]
+            self.exit_grid.view(-1)[gone] = len(self._written) - 1
+            self.active.view(-1)[gone] = False
+        self._still = still
+        return still.numel() > 0
+
+    def still(self) -> torch.Tensor | None:
+        """The flat numbers of the positions still active, in order; None while every position is."""
+        return self._still
+
+    def logits(self) -> torch.Tensor:
+        """B x K x H x W: the grid of kept logits upsampled to the image (channels-last memory)."""
+        return upsample(self.grid.permute(0, 3, 1, 2), self.size)
+
+    def exit_index(self) -> torch.Tensor:
+        """B x H x W: each pixel's exit, that of the grid position it lies in."""
+        return pixel_grid(self.exit_grid, self.size)
+
+    def predictions(self, final: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
+        """The anytime class maps, made when called: after exit n, the grid with the rows exit n wrote in place of
+        the later ones, upsampled; ``final`` (the last exit's map) is given as computed."""
+        def anytime() -> list[torch.Tensor]:
+            maps = []
+            for still, rows in self._written[:-1]:
+                grid = self.grid.clone()
+                flat = grid.view(-1, grid.shape[-1])
+                if still is None:
+                    flat.copy_(rows)
+                else:
+                    flat.index_copy_(0, still, rows)
+                maps.append(upsample(grid.permute(0, 3, 1, 2), self.size).max(1).indices)
+            maps.append(final)
+            return maps + [final] * (self.last + 1 - len(maps))
+        return anytime
+
+
+def pixel_grid(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """B x H x W: each pixel takes the value of the B x h x w grid position it lies in (the stride is H / h,
+    rounded to a power of two, as ``cover`` has it)."""
+    stride = 2 ** round(math.log2(size[0] / grid.shape[1]))
+    rows = torch.arange(size[0], device=grid.device) // stride
+    cols = torch.arange(size[1], device=grid.device) // stride
+    return grid.index_select(1, rows).index_select(2, cols)
+
+
 def _sparse_block(block: Block, grid: FeatureMap, active: torch.Tensor, costs: PositionCosts,
-                  dense_above: float = 1.0) -> tuple[int, int]:
+                  dense_above: float = 1.0, at: torch.Tensor | None = None) -> tuple[int, int]:
     """One residual block on the active positions of ``grid``, in place (the others keep their features).
     Returns the multiply-adds of the masked computation (the first convolution on the active positions'
     neighbourhoods, the second on the active positions) and those that ran: at or above ``dense_above`` active
     share the block runs dense over the grid and keeps the inactive positions' features (the same result, every
-    position computed twice)."""
+    position computed twice). ``at``: the active positions' rows in ``grid``, when the caller has them."""
     if float(active.float().mean()) >= dense_above:
         features = grid.nchw()  # a view of the grid: the block's output is written in place
-        residual = block.residual(features)
+        # the convolution reads a contiguous map (a padded grid's view would take mkldnn about 2.7x as long)
+        residual = block.residual(features.contiguous(memory_format=torch.channels_last))
         if bool(active.all()):
             features.add_(residual).relu_()
         else:
-            # an inactive position adds zero and is not rectified (its floor is -inf, an active one's 0, as the
-            # block's last ReLU has it), so it keeps its features: in place, without a masked copy of the map
+            # an inactive position adds zero times the residual and is not rectified (its floor is -inf, an active
+            # one's 0, as the block's last ReLU has it), so it keeps its features: in place, in two passes over the
+            # map (a masked fill of the residual, an addition and the clamp took three)
             inactive = ~active[:, None]
             floor = torch.zeros(inactive.shape, dtype=residual.dtype, device=residual.device)
-            features.add_(residual.masked_fill_(inactive, 0.0)).clamp_(min=floor.masked_fill_(inactive, -math.inf))
+            features.addcmul_(residual, active[:, None].to(residual.dtype)).clamp_(
+                min=floor.masked_fill_(inactive, -math.inf))
         needed = neighbourhoods(active, block.dilation)
         return (int(needed.sum()) + int(active.sum())) * costs.conv, 2 * active.numel() * costs.conv
-    at = grid.index(active)
+    if at is None:
+        at = grid.index(active)
     hw = (grid.height, grid.width)
     inner = FeatureMap.empty(grid.batch, *hw, grid.channels, grid.rows, grid.pad)
     taps = tap_rows(block.conv2, at, hw, inner)
     # the first convolution is needed wherever the second reads it: the active positions' neighbourhoods
     needed = inner.index(read_mask(taps, inner))
     # pointwise applies a BatchNorm to rows, or the identity that replaces it once folded
-    inner.rows[needed] = F.relu(pointwise([block.bn1], conv_rows(block.conv1, grid,
-                                                                tap_rows(block.conv1, needed, hw, grid))))
+    inner.rows.index_copy_(0, needed, F.relu(pointwise([block.bn1], conv_rows(block.conv1, grid, tap_rows(
+        block.conv1, needed, hw, grid))), inplace=True))
     rows = pointwise([block.bn2], conv_rows(block.conv2, inner, taps))
-    grid.rows[at] = F.relu(grid.rows[at] + rows)
+    grid.rows.index_copy_(0, at, rows.add_(grid.rows.index_select(0, at)).relu_())
     macs = (needed.numel() + at.numel()) * costs.conv
     return macs, macs
 
@@ -408,14 +525,19 @@ def head_rows(head: Head, rows: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def early_exit_forward(model: EESegNet, x: torch.Tensor, thresholds: torch.Tensor,
-                       dense_above: float = DENSE_ABOVE) -> EarlyExitResult:
+                       dense_above: float = DENSE_ABOVE, decide_at: str = "pixel") -> EarlyExitResult:
     """Pixel-level early exit with ``thresholds`` (early exits x classes): a pixel predicted as class j at early
     exit n leaves there when its largest probability exceeds ``thresholds[n, j]``; pixels left at the end take
-    the final exit's prediction. Only active positions are computed after the stem (see the module's doc)."""
+    the final exit's prediction. Only active positions are computed after the stem (see the module's doc).
+    With ``decide_at="feature"`` the decision is taken per position of the heads' grid instead (``GridExits``)."""
+    if decide_at not in DECIDE_AT:
+        raise UsageError(f"unknown --decide-at {decide_at!r}", f"use one of {', '.join(DECIDE_AT)}")
     model = model.eval().inference_net()
+    if decide_at == "feature":
+        return _feature_exit_forward(model, x, thresholds, dense_above)
     costs = PositionCosts.of(model)
     batch, _, height, width = x.shape
-    grid = FeatureMap.of(model.stem(model._layout(x)), pad=max(DILATIONS))
+    grid = FeatureMap.of(model.stem(model._layout(x)))
     gh, gw = grid.height, grid.width
     macs = batch * gh * gw * costs.stem
     executed = macs
@@ -447,3 +569,43 @@ def early_exit_forward(model: EESegNet, x: torch.Tensor, thresholds: torch.Tenso
         active = cover(exits.pixels, (gh, gw))
     return EarlyExitResult(exits.logits(), exits.exit_index, int(macs), computed, exits.predictions(last + 1),
                            exit_macs, executed_macs=executed)
+
+
+def _feature_exit_forward(model: EESegNet, x: torch.Tensor, thresholds: torch.Tensor, dense_above: float
+                          ) -> EarlyExitResult:
+    """``early_exit_forward`` with the feature-level rule (``GridExits``): the blocks and heads as there, on the
+    positions that have not left."""
+    costs = PositionCosts.of(model)
+    batch, _, height, width = x.shape
+    grid = FeatureMap.of(model.stem(model._layout(x)))
+    gh, gw = grid.height, grid.width
+    macs = executed = batch * gh * gw * costs.stem
+    last = len(model.stages) - 1
+    exits = GridExits(batch, (gh, gw), (height, width), model.num_classes, last, x)
+    active = exits.active
+    computed: list[int] = []
+    exit_macs: list[int] = []
+    for n in range(len(DILATIONS)):
+        stage, head = cast(nn.Sequential, model.stages[n]), cast(Head, model.heads[n])
+        count = int(active.sum())
+        computed.append(count)
+        at = exits.still()  # the active positions' rows (the grid is unpadded): None while every position is
+        for block in cast(list[Block], list(stage)):
+            masked, ran = _sparse_block(block, grid, active, costs, dense_above, at)
+            macs, executed = macs + masked, executed + ran
+        if at is None:  # every position: the head's 1x1 convolutions on the map (mkldnn's: 0.65x the time of the
+            # same products on its rows, and the same values)
+            rows = head(grid.nchw()).permute(0, 2, 3, 1).reshape(-1, model.num_classes)
+        else:
+            rows = head_rows(head, grid.rows.index_select(0, at))
+        macs += count * costs.head
+        executed += count * costs.head
+        exit_macs.append(int(macs))
+        if not exits.take(rows, None if n == last else thresholds[n]):
+            computed.extend([0] * (last - n))
+            exit_macs.extend([int(macs)] * (last - n))
+            break
+    logits = exits.logits()
+    final = logits.max(1).indices  # the class map, as the plain network's is taken
+    return EarlyExitResult(logits, exits.exit_index(), int(macs), computed, exits.predictions(final), exit_macs,
+                           executed_macs=executed)

@@ -1,6 +1,6 @@
 """Either segmentation network, eeseg (``segmentation.model``) or a torchvision one (``segmentation.tv``, masked by
 ``segmentation.tv_masked``), behind the calls the commands make: the plain network's and the first exit's
-multiply-adds, and pixel-level early exit. The torchvision modules are imported only for a torchvision network."""
+multiply-adds, and early exit. The torchvision modules are imported only for a torchvision network."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 
+from eetool.core.choices import DECIDE_AT
+from eetool.core.errors import UsageError
 from eetool.segmentation import model as eeseg
 from eetool.segmentation.model import DENSE_ABOVE, EarlyExitResult, EESegNet
 
@@ -36,12 +38,18 @@ def first_exit_macs(model: SegmentationNet, input_shape: tuple[int, int, int]) -
 
 
 def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torch.Tensor,
-                       dense_above: float = DENSE_ABOVE) -> EarlyExitResult:
+                       dense_above: float = DENSE_ABOVE, decide_at: str = "pixel") -> EarlyExitResult:
     """Pixel-level early exit with ``thresholds`` (early exits x classes): a pixel predicted as class j at early
     exit n leaves when its largest probability exceeds ``thresholds[n, j]``. eeseg computes only active positions
-    after its stem; a torchvision network is masked after its first exit."""
+    after its stem, and with ``decide_at="feature"`` decides per position of its heads' grid; a torchvision network
+    is masked after its first exit and decides per pixel only."""
+    if decide_at not in DECIDE_AT:
+        raise UsageError(f"unknown --decide-at {decide_at!r}", f"use one of {', '.join(DECIDE_AT)}")
     if isinstance(model, EESegNet):
-        return eeseg.early_exit_forward(model, x, thresholds, dense_above)
+        return eeseg.early_exit_forward(model, x, thresholds, dense_above, decide_at=decide_at)
+    if decide_at == "feature":
+        raise UsageError("--decide-at feature is for eeseg; the torchvision networks decide per pixel",
+                         "drop --decide-at, or use an eeseg checkpoint")
     from eetool.segmentation import tv_masked
 
     return tv_masked.early_exit_forward(model, x, thresholds)
