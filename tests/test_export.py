@@ -112,7 +112,7 @@ def test_manifest_records_the_model_the_points_and_every_files_sha256(demo: Demo
     assert sources["thresholds"]["sha256"] == sha256(demo.thresholds)
     assert sources["checkpoint"]["sha256"] == ckpt.sha256
     on_disk = {p.name for p in demo.bundle.iterdir()}
-    assert on_disk == {*doc["files"], "manifest.yaml", "SHA256SUMS"}
+    assert on_disk == {*doc["files"], "manifest.yaml", "SHA256SUMS", ".eetool-folder"}  # the marker: eetool wrote it
     assert all(sha256(demo.bundle / name) == sha for name, sha in doc["files"].items())
     sums = dict(reversed(line.split("  ")) for line in (demo.bundle / "SHA256SUMS").read_text().splitlines())
     assert sums == {**doc["files"], "manifest.yaml": sha256(demo.bundle / "manifest.yaml")}
