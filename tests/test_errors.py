@@ -129,6 +129,15 @@ def make_segmentation_inputs(d: Path) -> None:
     seg = ModelSpec(arch="eeseg", num_classes=3, input_shape=(1, 16, 16), mean=[0.5], std=[0.25],
                     arch_args={"width": 4, "head_width": 4}, classes=["bg", "a", "b"])
     save_checkpoint(str(d / "seg.safetensors"), seg.build(), seg, Provenance(kind="checkpoint"))
+    made = runner.invoke(app, ["fit-thresholds", "--method", "adp-c", "--threshold", "0.9", "-c",
+                               str(d / "seg.safetensors"), "-o", str(d / "seg-thresholds.yaml"), "-q"])
+    assert made.exit_code == 0, made.stderr
+    for name, edit in {  # hand edits a reader must refuse
+        "above-one": lambda t: t["thresholds"][0].__setitem__(0, 1.5),
+        "other-method": lambda t: t.__setitem__("method", "e2cm"),
+        "other-classes": lambda t: t.__setitem__("classes", ["bg", "b", "a"]),
+    }.items():
+        edited_yaml(d / "seg-thresholds.yaml", d / f"seg-thresholds-{name}.yaml", edit)
     images = torch.zeros(8, 1, 16, 16, dtype=torch.uint8)
     masks = torch.zeros(8, 16, 16, dtype=torch.uint8)
     masks[:, 4:8, 4:8] = 1
@@ -509,6 +518,14 @@ CASES = [
          says="`eetool calibrate-means --exits "),
     Case("cbt-with-classification-means", [*CBT_MEANS, "{inp}/means.safetensors"], PROVENANCE,
          says="class-means artifact, not segmentation-class-statistics"),
+    Case("seg-thresholds-above-one", [*SEG_EVAL, "-d", SEG_DATA, "--thresholds",
+                                      "{inp}/seg-thresholds-above-one.yaml"], BAD_INPUT, says="outside 0..1"),
+    Case("seg-thresholds-of-another-method", [*SEG_EVAL, "-d", SEG_DATA, "--thresholds",
+                                              "{inp}/seg-thresholds-other-method.yaml"], BAD_INPUT,
+         says="names the method 'e2cm'"),
+    Case("seg-thresholds-of-other-classes", [*SEG_EVAL, "-d", SEG_DATA, "--thresholds",
+                                             "{inp}/seg-thresholds-other-classes.yaml"], PROVENANCE,
+         says="fitted for the classes"),
     Case("cbt-with-thresholds-as-means", [*CBT_MEANS, "{inp}/thresholds.yaml"], PROVENANCE,
          says="thresholds artifact, not segmentation-class-statistics"),
     Case("cbt-means-of-other-classes", [*CBT_MEANS, "{inp}/seg-stats-two-classes.safetensors"], BAD_INPUT,

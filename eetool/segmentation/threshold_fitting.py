@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from eetool.core.choices import DECIDE_AT, SEARCH_OVER
-from eetool.core.errors import InputError, UsageError
+from eetool.core.errors import InputError, ProvenanceError, UsageError
+from eetool.core.exit_methods import SEGMENTATION_METHODS
 from eetool.core.reporting import format_fields, format_table
 from eetool.core.run_inputs import data_path, open_checkpoint
 from eetool.segmentation.inputs import (
@@ -420,4 +421,13 @@ def read_thresholds(path: str, ckpt: Checkpoint, num_classes: int) -> tuple[dict
         raise InputError(f"{path} holds no {len(EARLY_EXITS)} x {num_classes} thresholds", remake)
     if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for r in rows for v in r):
         raise InputError(f"{path} has thresholds that are not finite numbers", remake)
+    if not all(0 <= v <= 1 for r in rows for v in r):  # thresholds on a softmax confidence (a hand edit otherwise)
+        raise InputError(f"{path} has thresholds outside 0..1, which no confidence can be compared with", remake)
+    if doc.get("method") not in SEGMENTATION_METHODS:
+        raise InputError(f"{path} names the method {doc.get('method')!r}, not one of {', '.join(SEGMENTATION_METHODS)}",
+                         remake)
+    classes = ckpt.spec.classes or [str(k) for k in range(num_classes)]
+    if doc.get("classes") != classes:
+        raise ProvenanceError(f"{path} was fitted for the classes {doc.get('classes')!r}, the checkpoint has {classes}",
+                              remake)
     return doc, torch.tensor(rows, dtype=torch.float32)
