@@ -21,6 +21,15 @@ MARKER = ".eetool-folder"
 _MARKER_HEADER = "eetool-folder"
 
 
+REPLACE_HINT = "eetool replaces only folders it wrote: choose a new name, or remove it yourself"
+STATE_HINT = "remove or rename it yourself, or choose another -o"
+
+
+def not_written_by_eetool(name: str, hint: str, why: str = "") -> OutputError:
+    """The refusal of a folder that lacks eetool's marker: eetool does not replace or remove it."""
+    return OutputError(f"{name} exists and was not written by eetool (it has no {MARKER}){why}", hint)
+
+
 def mark_folder(folder: str | Path, kind: str) -> None:
     """Put eetool's marker into a folder eetool has just created."""
     (Path(folder) / MARKER).write_text(f"{_MARKER_HEADER}\nversion: {__version__}\nkind: {kind}\n")
@@ -98,8 +107,7 @@ def check_folder_output(folder: str, *, flag: str, force: bool, inputs: Iterable
         if not force:
             raise OutputError(f"{flag} {folder} already exists", "pass --force to replace it, or choose another name")
         if not is_owned(path):
-            raise OutputError(f"{flag} {folder} exists and was not written by eetool (it has no {MARKER})",
-                              "eetool replaces only folders it wrote: choose a new name, or remove it yourself")
+            raise not_written_by_eetool(f"{flag} {folder}", REPLACE_HINT)
     parent = target.parent
     if not parent.is_dir():
         raise OutputError(f"folder {path.parent} of {flag} {folder} does not exist", "create it first (mkdir -p)")
@@ -122,16 +130,14 @@ def check_state_folder(folder: str, *, resume: bool) -> None:
     if resume or not os.path.lexists(path):
         return
     if not is_owned(path):
-        raise OutputError(f"{folder} exists and was not written by eetool (it has no {MARKER}); a fresh run keeps its "
-                          "resume state there", "remove or rename it yourself, or choose another -o")
+        raise not_written_by_eetool(f"{folder}", STATE_HINT, "; a fresh run keeps its resume state there")
 
 
 def fresh_state_folder(folder: str | Path, kind: str) -> Path:
     """Start a run's resume-state folder afresh: an earlier one eetool wrote is removed first."""
     path = Path(folder)
     if os.path.lexists(path) and not remove_owned_folder(path):
-        raise OutputError(f"{folder} exists and was not written by eetool (it has no {MARKER})",
-                          "remove or rename it yourself, or choose another -o")
+        raise not_written_by_eetool(f"{folder}", STATE_HINT)
     return make_owned_folder(path, kind)
 
 
@@ -149,8 +155,7 @@ def publish_folder(tmp: str | Path, target: str | Path, kind: str) -> None:
         with deferred():
             if os.path.lexists(target):
                 if not is_owned(target):
-                    raise OutputError(f"{target} exists and was not written by eetool (it has no {MARKER})",
-                                      "eetool replaces only folders it wrote: choose a new name, or remove it yourself")
+                    raise not_written_by_eetool(f"{target}", REPLACE_HINT)
                 old = tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent)
                 os.replace(target, os.path.join(old, "folder"))
             os.replace(tmp, target)
