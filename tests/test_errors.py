@@ -268,9 +268,9 @@ def make_hand_edited_artifacts(d: Path, tiny_checkpoint: str, tiny_data: str) ->
 
     def heads_spec(change: Callable[[dict[str, Any]], object]) -> Callable[..., object]:
         def edit(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-            d = json.loads(meta["eetool.classification.exit_heads"])
+            d = json.loads(meta["eetool.heads"])
             change(d)
-            meta["eetool.classification.exit_heads"] = json.dumps(d)
+            meta["eetool.heads"] = json.dumps(d)
         return edit
 
     for name, edit in {

@@ -197,7 +197,7 @@ def test_load_heads_refuses_missing_tensors_or_spec(tmp_path: Path) -> None:
     state = ExitHeads(spec).state_dict()
     no_linear = str(tmp_path / "partial.safetensors")
     write_tensors(no_linear, {k: v for k, v in state.items() if "linear" not in k}, heads_prov(),
-                  extra={"eetool.classification.exit_heads": spec.to_json()})
+                  extra={"eetool.heads": spec.to_json()})
     no_spec = str(tmp_path / "no-spec.safetensors")
     write_tensors(no_spec, dict(state), heads_prov())
     for path in (no_linear, no_spec):
@@ -358,3 +358,29 @@ def test_mixed_pool_inference_follows_a_changed_mix() -> None:
     both_paths_agree()
     pool.mix.data = torch.tensor([0.25])
     both_paths_agree()
+
+
+def test_heads_files_keep_the_metadata_keys_of_every_release(tmp_path: Path) -> None:
+    """The on-disk keys are a format, not a module path: the layout change once renamed them by accident, and
+    files written under either name must load with their spec and exits."""
+    from safetensors import safe_open
+
+    spec = HeadsSpec("sdn", ["a"], [[4, 8, 8]], K)
+    heads = ExitHeads(spec)
+    current = tmp_path / "heads.safetensors"
+    save_heads(str(current), heads, heads_prov())
+    with safe_open(str(current), "pt") as f:
+        meta = f.metadata()
+    assert set(meta) >= {"format", "eetool.kind", "eetool.exits", "eetool.heads"}
+    assert not any(k.startswith(("eetool.core.", "eetool.classification.")) for k in meta)
+    renamed = tmp_path / "renamed.safetensors"
+    prov = heads_prov()
+    prov_meta = {("eetool.core.exits" if k == "eetool.exits" else k): v for k, v in prov.to_metadata().items()}
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(renamed),
+              metadata={**prov_meta, "eetool.classification.exit_heads": spec.to_json()})
+    for path in (current, renamed):
+        loaded, loaded_prov = load_heads(str(path))
+        assert loaded.spec.exits == spec.exits
+        assert loaded_prov.exits == prov.exits

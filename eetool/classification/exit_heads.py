@@ -242,7 +242,10 @@ def parse_weights(text: str | None, n: int) -> list[float]:
     return weights
 
 
-HEADS_KEY = "eetool.classification.exit_heads"
+# The metadata key of the heads' spec. Exit-heads files written by the releases whose layout change renamed it by
+# accident carry RENAMED_HEADS_KEY; they are still read.
+HEADS_KEY = "eetool.heads"
+RENAMED_HEADS_KEY = "eetool.classification.exit_heads"
 
 
 def save_heads(path: str, heads: ExitHeads, prov: Provenance) -> None:
@@ -259,7 +262,7 @@ def load_heads(path: str) -> tuple[ExitHeads, Provenance]:
     tensors, prov, meta = read_tensors(path, "exit-heads")
     remake = "re-make it with `eetool train-exits`"
     try:
-        spec = HeadsSpec.from_json(meta[HEADS_KEY])
+        spec = HeadsSpec.from_json(meta[HEADS_KEY] if HEADS_KEY in meta else meta[RENAMED_HEADS_KEY])
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"{path} is an incomplete exit-heads artifact ({type(e).__name__}: {e})", remake) from None
     problem = _spec_problem(spec)

@@ -49,6 +49,11 @@ KINDS: dict[str, tuple[int, str]] = {
 
 STDOUT = "-"
 
+# The safetensors metadata key of an artifact's exits. Files written by the releases whose layout change renamed
+# it by accident carry RENAMED_EXITS_KEY; they are still read.
+EXITS_KEY = "eetool.exits"
+RENAMED_EXITS_KEY = "eetool.core.exits"
+
 
 @dataclass
 class Provenance:
@@ -76,7 +81,7 @@ class Provenance:
             "eetool.schema": str(self.schema),
             "eetool.checkpoint_sha256": self.checkpoint_sha256,
             "eetool.model_sha256": self.model_sha256,
-            "eetool.core.exits": json.dumps(self.exits),
+            EXITS_KEY: json.dumps(self.exits),
             "eetool.dataset": self.dataset,
             "eetool.args": json.dumps(self.args, sort_keys=True, default=str),
             "eetool.inputs": json.dumps(self.inputs, sort_keys=True),
@@ -89,7 +94,7 @@ class Provenance:
             kind=meta["eetool.kind"],
             checkpoint_sha256=meta.get("eetool.checkpoint_sha256", ""),
             model_sha256=meta.get("eetool.model_sha256", ""),
-            exits=json.loads(meta.get("eetool.core.exits", "[]")),
+            exits=json.loads(meta.get(EXITS_KEY, meta.get(RENAMED_EXITS_KEY, "[]"))),
             dataset=meta.get("eetool.dataset", ""),
             args=json.loads(meta.get("eetool.args", "{}")),
             inputs=json.loads(meta.get("eetool.inputs", "{}")),
