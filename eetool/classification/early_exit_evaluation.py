@@ -4,11 +4,14 @@ of its early exits at the operating points of a thresholds file, optionally time
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from eetool.core.options import Run
 from eetool.core.reporting import format_fields, format_table
 from eetool.core.run_inputs import data_path, open_checkpoint
+
+if TYPE_CHECKING:
+    from eetool.classification.thresholds_artifact import OperatingPoint
 
 
 @dataclass
@@ -294,7 +297,7 @@ class EarlyExits(NamedTuple):
     exit_model: Any
     rule: Any
     cost_models: tuple[Any, Any]
-    chosen: list[Any]
+    chosen: list[tuple[int, OperatingPoint]]
     clusters: bool
     fitted_basis: dict[str, Any]
 
@@ -305,19 +308,14 @@ def early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thres
     from eetool.classification.e2cm import ClassMeans
     from eetool.classification.exit_heads import load_heads
     from eetool.classification.rules import cost_models, exit_rule
-    from eetool.core.artifacts import read_tensors, read_yaml, sha256_file, verify
-    from eetool.core.choices import COMBINES
+    from eetool.classification.thresholds_artifact import ExitThresholds
+    from eetool.core.artifacts import sha256_file, verify
     from eetool.core.costs import effective
-    from eetool.core.errors import InputError, UsageError
-    from eetool.core.exit_methods import CLASSIFICATION_METHODS, HEADS, MEANS, reads
+    from eetool.core.errors import UsageError
+    from eetool.core.exit_methods import HEADS, MEANS, reads
 
-    if thresholds.endswith(".safetensors"):  # another eetool artifact (tensors) given where thresholds belong
-        read_tensors(thresholds, "thresholds")  # raises the provenance error naming the kind found
-    doc, prov = read_yaml(thresholds, "thresholds")
-    method, combine = str(doc.get("method", "e2cm")), str(doc.get("combine", "and"))
-    if method not in CLASSIFICATION_METHODS or combine not in COMBINES:
-        raise InputError(f"{thresholds} records an unknown method {method!r} or combine {combine!r}",
-                         "re-make it with `eetool fit-thresholds`")
+    fitted = ExitThresholds.load(thresholds)
+    method, combine = fitted.method, fitted.combine
     if reads(method, MEANS) and not means:
         raise UsageError(f"{thresholds} was fitted with {method}, which needs --means", "pass the same --means")
     if reads(method, HEADS) and not exit_heads:
@@ -330,64 +328,16 @@ def early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thres
     inputs = {"class-means": sha256_file(means)} if means and reads(method, MEANS) else {}
     if exit_heads and reads(method, HEADS):
         inputs["exit-heads"] = sha256_file(exit_heads)
-    verify(thresholds, prov, checkpoint=ckpt.identity, exits=list(em.exits), inputs=inputs)
-    points = _operating_points(thresholds, doc, len(em.exits))
-    if point == "all":
-        chosen = list(enumerate(points))
-    else:
-        try:
-            picked = [int(v) for v in point.split(",")]
-        except ValueError:
-            picked = [-1]
-        if any(not 0 <= i < len(points) for i in picked):
-            raise UsageError(f"--point {point!r} is not all or indices below {len(points)}", "e.g. --point 0,2")
-        chosen = [(i, points[i]) for i in picked]
+    verify(thresholds, fitted.provenance, checkpoint=ckpt.identity, exits=list(em.exits), inputs=inputs)
+    fitted.check(len(em.exits))
+    chosen = fitted.pick(point)
     if cm is not None and not reads(method, HEADS):
         # a pruned network's effective costs: recorded by calibrate-means (and fitted on), or from its weights
         # for class means made before they were recorded (the means were verified to be made from this checkpoint)
         sparse = (cm.cost_model(effective=True) if cm.effective_stage_macs
                   else effective(cm.cost_model(), em, ckpt.spec.input_shape))
-        return EarlyExits(em, rule, (cm.cost_model(), sparse), chosen, cm.clusters, _fitted_basis(doc))
-    return EarlyExits(em, rule, cost_models(rule, em, ckpt.spec.input_shape), chosen, False, _fitted_basis(doc))
-
-
-def _fitted_basis(doc: dict[str, Any]) -> dict[str, Any]:
-    """What the thresholds' budgets were costs of: MACs (dense or effective), or measured wall time with the
-    measurement (fit-thresholds --overhead measured). This evaluation reports MACs costs and measured speed-ups
-    either way."""
-    basis = {"thresholds_cost_basis": str(doc.get("cost_basis", "dense"))}
-    if isinstance(doc.get("wall_time"), dict):
-        basis["thresholds_wall_time"] = doc["wall_time"]
-    return basis
-
-
-def _operating_points(path: str, doc: dict[str, Any], num_exits: int) -> list[dict[str, Any]]:
-    """A thresholds artifact's points, each with a finite budget and one finite threshold per exit: a hand-edited
-    file (a NaN threshold lets no sample leave, a string one fails mid-run) is refused before anything runs."""
-    import math
-
-    from eetool.core.errors import InputError
-
-    remake = "re-make it with `eetool fit-thresholds`"
-
-    def finite(v: object) -> bool:
-        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-    points = doc.get("points")
-    if not isinstance(points, list) or not points:
-        raise InputError(f"{path} holds no list of operating points", remake)
-    for i, p in enumerate(points):
-        if not isinstance(p, dict):
-            raise InputError(f"{path}: operating point {i} is not a mapping", remake)
-        t = p.get("thresholds")
-        if not isinstance(t, list) or len(t) != num_exits:
-            held = f"{len(t)} thresholds" if isinstance(t, list) else "no list of thresholds"
-            raise InputError(f"{path}: operating point {i} has {held} for {num_exits} exits", remake)
-        if not all(finite(v) for v in t):
-            raise InputError(f"{path}: operating point {i} has thresholds that are not finite numbers ({t})", remake)
-        if not finite(p.get("budget")):
-            raise InputError(f"{path}: operating point {i} has no budget that is a finite number", remake)
-    return points
+        return EarlyExits(em, rule, (cm.cost_model(), sparse), chosen, cm.clusters, fitted.fitted_basis())
+    return EarlyExits(em, rule, cost_models(rule, em, ckpt.spec.input_shape), chosen, False, fitted.fitted_basis())
 
 
 def _shards(run: Run, ds: Any, batch_size: int) -> tuple[Any, Any]:

@@ -12,7 +12,6 @@ from eetool.core.exit_methods import (
     EXIT_METHODS,
     HEADS,
     MEANS,
-    combines_with_means,
     reads,
 )
 from eetool.core.options import Run
@@ -58,8 +57,9 @@ def fit_exit_thresholds(run: Run, req: ExitThresholdRequest) -> None:
     from eetool.classification.e2cm import ClassMeans
     from eetool.classification.exit_heads import load_heads
     from eetool.classification.rules import COMBINES
+    from eetool.classification.thresholds_artifact import KIND, ExitThresholds, OperatingPoint
     from eetool.classification.wall_costs import WALL_TIME, WallPoint
-    from eetool.core.artifacts import STDOUT, Provenance, sha256_file, write_yaml
+    from eetool.core.artifacts import STDOUT, Provenance, sha256_file
     from eetool.core.budget_search import ExitStats, check_budget, hull, operating_point
     from eetool.core.budget_search import sweep as sweep_budgets
     from eetool.core.errors import UsageError
@@ -155,37 +155,32 @@ def fit_exit_thresholds(run: Run, req: ExitThresholdRequest) -> None:
         cost, _ = operating_point(dense_stats, torch.tensor(thresholds, dtype=stats.confidence.dtype))
         return {beside: round(cost, 6)}
 
-    doc: dict[str, Any] = {
-        "method": method,
-        **({"combine": combine} if combines_with_means(method) else {}),
-        "search": search,
-        # Budgets and costs are fractions of the dense model's MACs; for a pruned network (eetool prune-weights)
-        # they are its effective MACs (zero weights cost nothing), with each point's dense cost beside.
-        # With --overhead measured they are fractions of the plain model's measured wall time, measured as recorded
-        # under wall_time, and each point's analytic cost (MACs) is beside.
-        "cost_basis": WALL_TIME if measured else "dense" if dense_stats is None else "effective",
-        **({"wall_time": wall.record()} if wall is not None else {}),
-        "fitted_on": dataset,
-        "reachable": [round(low, 6), round(min(high, 1.0), 6)],
-        "swept": len(swept),
-        # Thresholds are written unrounded: each lies one float32 step below a calibration confidence, and
-        # any rounding could let that sample (or another) through differently from the fitted point.
-        "points": [{"budget": round(p.budget, 6), "cost": round(p.cost, 6), "accuracy": round(p.accuracy, 6),
-                    **dense_cost(list(p.thresholds)),
-                    # the fits the wall-time loop made for the point, and whether it reached a fixed point
-                    **({"fits": p.fits, "converged": p.converged} if isinstance(p, WallPoint) else {}),
-                    "thresholds": list(p.thresholds)} for p in points],
-    }
     inputs = {"class-means": sha256_file(means)} if means else {}
     if exit_heads:
         inputs["exit-heads"] = sha256_file(exit_heads)
     exits = list(cm.exits) if cm is not None else list(heads.spec.exits) if heads is not None else []
-    prov = Provenance(kind="thresholds", checkpoint_sha256=made_from.checkpoint_sha256,
-                      model_sha256=made_from.model_sha256, exits=exits,
-                      dataset=dataset, args=run.args, inputs=inputs)
+    fitted = ExitThresholds(
+        method=method, combine=combine, search=search,
+        # Budgets and costs are fractions of the dense model's MACs; for a pruned network (eetool prune-weights)
+        # they are its effective MACs (zero weights cost nothing), with each point's dense cost beside.
+        # With --overhead measured they are fractions of the plain model's measured wall time, measured as recorded
+        # under wall_time, and each point's analytic cost (MACs) is beside.
+        cost_basis=WALL_TIME if measured else "dense" if dense_stats is None else "effective",
+        wall_time=wall.record() if wall is not None else None,
+        fitted_on=dataset, reachable=(low, min(high, 1.0)), swept=len(swept),
+        # Thresholds are written unrounded: each lies one float32 step below a calibration confidence, and
+        # any rounding could let that sample (or another) through differently from the fitted point.
+        points=[OperatingPoint(budget=round(p.budget, 6), cost=round(p.cost, 6), accuracy=round(p.accuracy, 6),
+                               **dense_cost(list(p.thresholds)),  # type: ignore[typeddict-item]
+                               # the fits the wall-time loop made for the point, and whether it converged
+                               **({"fits": p.fits, "converged": p.converged} if isinstance(p, WallPoint) else {}),
+                               thresholds=list(p.thresholds)) for p in points],
+        provenance=Provenance(kind=KIND, checkpoint_sha256=made_from.checkpoint_sha256,
+                              model_sha256=made_from.model_sha256, exits=exits, dataset=dataset, args=run.args,
+                              inputs=inputs))
     if not run.world.main:  # under torchrun rank 0 writes and prints
         return
-    write_yaml(output, doc, prov)
+    fitted.save(output)
     if output == STDOUT:
         return
     run.reporter.log(f"wrote {output}")
@@ -205,7 +200,7 @@ def fit_exit_thresholds(run: Run, req: ExitThresholdRequest) -> None:
                               for p in d["points"]])
         return f"{head}\n\n{table}"
 
-    run.emit(doc, text)
+    run.emit(fitted.to_doc(), text)
 
 
 @dataclass

@@ -86,14 +86,14 @@ def command(
         if path:
             sources[kind] = {"path": path, "sha256": sha256_file(path)}
     if thresholds:
-        import yaml
+        from eetool.classification.thresholds_artifact import ExitThresholds
 
         em, rule, (cost_model, _), chosen, clusters, _ = early_exit_setup(ckpt, means, exit_heads, thresholds, "all",
                                                                            "cpu")
         check_exportable(em)
-        with open(thresholds, encoding="utf-8") as f:
-            method = str(yaml.safe_load(f).get("method", "e2cm"))
-        points = [{k: p[k] for k in ("budget", "cost", "accuracy", "thresholds") if k in p} for _, p in chosen]
+        method = ExitThresholds.load(thresholds).method
+        points: list[dict[str, Any]] = [{k: p[k] for k in ("budget", "cost", "accuracy", "thresholds") if k in p}
+                                        for _, p in chosen]
         stages, exits, costs = list(em.stages), list(em.exits), cost_model.normalised_exit_costs()
     else:
         em, rule, clusters, method, points = None, None, False, "plain", []
