@@ -100,7 +100,7 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
         predict(peer.model, warm_up, peer_pre, batch_size=batch_size, device=device)
     chosen = early.chosen if early is not None else []
 
-    def plain_run(model: Any, pre: Any) -> Any:
+    def model_run(model: Any, pre: Any) -> Any:
         return lambda: whole(predict(model, local, pre, batch_size=batch_size, device=device, reporter=run.reporter))
 
     def point_run(thresholds: list[float]) -> Any:
@@ -111,8 +111,8 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
     # Interleaved rounds: a machine that gets busier (or idler) mid-way slows every run of a round alike. The
     # runs are deterministic, so the first round's predictions are every round's.
     own = 1 + len(chosen)  # the plain model and the operating points
-    runs = [plain_run(ckpt.model, preprocess), *(point_run(p["thresholds"]) for _, p in chosen),
-            *(plain_run(p.model, pre) for p, pre in zip(peers, peer_preprocess, strict=True))]
+    runs = [model_run(ckpt.model, preprocess), *(point_run(p["thresholds"]) for _, p in chosen),
+            *(model_run(p.model, pre) for p, pre in zip(peers, peer_preprocess, strict=True))]
     # Early exits compact batches to sizes of their own, whose kernels are set up on first use: one untimed pass
     # of every operating point first, or the first timed round would be the slowest by 20-40% on an idle machine.
     for point_pass in runs[1:own]:
