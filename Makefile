@@ -7,7 +7,8 @@ DEMO_CHECKPOINT := eetool/demo/demo-resnet20-fashion-mnist.safetensors
 RESULTS ?= results
 BUDGETS := --budget 0.25 --budget 0.5 --budget 0.75
 
-.PHONY: help test lint bench completions docs-reference docs demo-checkpoint demo-data e2cm-demo e2cm-fashion-mnist e2cm-run fixed-budget dataset-pruning weight-pruning segmentation segmentation-atlas segmentation-torchvision
+.PHONY: help test lint bench completions docs-reference docs demo-checkpoint demo-data e2cm-demo e2cm-fashion-mnist e2cm-run fixed-budget dataset-pruning weight-pruning segmentation segmentation-atlas segmentation-torchvision \
+	budgeted budgeted-family budgeted-methods budgeted-small budgeted-scratch budgeted-msdnet budgeted-page
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -138,3 +139,137 @@ SEG_TV_EXIT_EPOCHS ?= 3
 segmentation-torchvision: ## CBT against ADP-C on a torchvision network (SEG_TV_ARCH) on Fashion-MNIST scenes (about 23 min for LR-ASPP on 2 CPU cores)
 	$(PYTHON) reproduce/segmentation.py $(RESULTS)/segmentation-$(SEG_TV_ARCH) --arch $(SEG_TV_ARCH) \
 		--epochs $(SEG_TV_EPOCHS) --exit-epochs $(SEG_TV_EXIT_EPOCHS)
+
+# Budgeted classification against a family of plain networks (issue 25) on all of Fashion-MNIST: the plain family
+# trained with the shipped recipe for EPOCHS (ResNet-20 at widths 4 to 16, ResNet-8 and ResNet-32 at width 16), every
+# eetool method that makes a network cheaper, exits on the width-8 network, and early-exit networks trained from
+# scratch; each evaluated on the test split with --compare on the plain family (the same interleaved rounds), then
+# the results page docs/results/budgeted.md with its figure. Every step is a file: an interrupted run continues
+# where it stopped (trainings and prunings from their last epoch or round). The groups run on their own too:
+# budgeted-family, budgeted-methods, budgeted-small, budgeted-scratch, budgeted-msdnet, budgeted-page.
+EPOCHS ?= 12
+BUDGETED ?= $(RESULTS)/budgeted
+BUDGETED_DATA ?= $(FMNIST)
+BUDGETED_RECIPE ?= eetool/configs/train-resnet20-fashion-mnist.yaml
+BUDGETED_REPEATS ?= 3
+BUDGETED_HEAD_EPOCHS ?= 6
+BUDGETED_FINETUNE ?= 10000
+# budgets (MACs, of the network the exits are on) from 0.1 to 1; on the width-8 network (0.254 of the width-16
+# MACs) 0.2 to 0.8 reach overall costs of 0.05 to 0.2
+BUDGETED_BUDGETS ?= 0.1 0.15 0.2 0.25 0.3 0.35 0.4 0.5 0.6 0.8 1
+BUDGETED_SMALL_BUDGETS ?= 0.2 0.3 0.4 0.5 0.6 0.7 0.8
+BUDGETED_SCRATCH_BUDGETS ?= $(BUDGETED_BUDGETS)
+BUDGETED_MSDNET_BUDGETS ?= $(BUDGETED_BUDGETS)
+# more fit-thresholds options for every fit, e.g. --search bisect
+BUDGETED_FIT_ARGS ?=
+BUDGETED_SCRATCH_NETS ?= resnet20-w16 resnet20-w8
+BUDGETED_MSDNET_ARGS ?=
+BUDGETED_PAGE ?= docs/results/budgeted.md
+BUDGETED_FIGURE ?= docs/budgeted.png
+
+BT := $(BUDGETED)
+BT_FAMILY := $(foreach w,4 6 8 12 16,$(BT)/plain-resnet20-w$(w).safetensors) $(BT)/plain-resnet8-w16.safetensors \
+	$(BT)/plain-resnet32-w16.safetensors
+BT_REFERENCE := $(BT)/plain-resnet20-w16.safetensors
+BT_SMALL := $(BT)/plain-resnet20-w8.safetensors
+BT_SPLIT = $(subst -w, ,$(1))
+BT_ARCH = --arch $(word 1,$(BT_SPLIT)) --arch-args '{width: $(word 2,$(BT_SPLIT))}'
+BT_RESUME = $(if $(wildcard $@.resume.pt $@.resume),--resume)
+BT_COMMON := --no-progress -q
+BT_TRAIN = $(EETOOL) train --config $(BUDGETED_RECIPE) --data $(BUDGETED_DATA) --epochs $(EPOCHS) $(BT_COMMON)
+# thresholds from class means alone, or (BT_FIT_ON) from a pass of the checkpoint with its heads on the training split
+BT_FIT = $(EETOOL) fit-thresholds $(BUDGETED_FIT_ARGS) --force $(BT_COMMON)
+BT_FIT_ON = $(BT_FIT) --data $(BUDGETED_DATA) --split train
+# evaluate CHECKPOINT ($(1)) with the options $(2) beside the family (less CHECKPOINT itself), the load read before
+# and after
+BT_EVAL = uptime >> $(BT)/load.txt && $(EETOOL) evaluate -c $(1) $(2) --data $(BUDGETED_DATA) --split test \
+	--repeats $(BUDGETED_REPEATS) $(foreach c,$(filter-out $(1),$(BT_FAMILY)),--compare $(c)) $(BT_COMMON) \
+	-o $@ --force && uptime >> $(BT)/load.txt
+BT_METHODS := e2cm-softmax e2cm-nearest sdn entropy e2cm-sdn-and e2cm-sdn-or channel-50 channel-25
+BT_SCRATCH := $(foreach n,$(BUDGETED_SCRATCH_NETS),joint-$(n) distill-$(n))
+# every step's output is kept (make would delete the pattern rules' intermediate files)
+.SECONDARY:
+
+budgeted: budgeted-family budgeted-methods budgeted-small budgeted-scratch budgeted-msdnet ## every method against plain ResNets on Fashion-MNIST, and the results page (hours on 2 CPU cores: EPOCHS=12 trains seven plain and five early-exit networks)
+	$(MAKE) budgeted-page
+
+budgeted-family: $(BT_FAMILY) $(BT)/eval-family.yaml ## the plain family (ResNet-20 widths 4-16, ResNet-8 and -32), timed together
+budgeted-methods: $(foreach m,$(BT_METHODS),$(BT)/eval-$(m).yaml) ## E²CM (both rules), SDN heads, entropy, E²CM+SDN, channel pruning on the width-16 ResNet-20
+budgeted-small: $(BT)/eval-w8-e2cm.yaml $(BT)/eval-w8-sdn.yaml ## E²CM and SDN heads on the width-8 ResNet-20
+budgeted-scratch: $(foreach n,$(BT_SCRATCH),$(BT)/eval-$(n).yaml) ## early-exit networks trained from scratch (joint, + self-distillation)
+budgeted-msdnet: $(BT)/eval-msdnet.yaml ## the MSDNet-style network trained from scratch
+budgeted-page: ## the results page and figure from the evaluations made so far
+	$(PYTHON) reproduce/budgeted.py $(BT) --epochs $(EPOCHS) --data $(BUDGETED_DATA) --config $(BUDGETED_RECIPE) \
+	  --page $(BUDGETED_PAGE) --figure $(BUDGETED_FIGURE)
+
+$(BT)/plain-%.safetensors:
+	@mkdir -p $(@D)
+	$(BT_TRAIN) $(call BT_ARCH,$*) -o $@ $(BT_RESUME) > $(@:.safetensors=.txt)
+
+$(BT)/eval-family.yaml: $(BT_FAMILY)
+	$(call BT_EVAL,$(BT_REFERENCE))
+
+# E²CM with each prediction rule, SDN heads, entropy and E²CM+SDN on the width-16 ResNet-20 of the family
+$(BT)/means-%.safetensors: $(BT_REFERENCE)
+	$(EETOOL) calibrate-means -c $< --data $(BUDGETED_DATA) --split train --predict $* -o $@ --force $(BT_COMMON)
+$(BT)/heads.safetensors: $(BT_REFERENCE)
+	$(EETOOL) train-exits -c $< --data $(BUDGETED_DATA) --split train --epochs $(BUDGETED_HEAD_EPOCHS) \
+	  -o $@ --force $(BT_COMMON)
+$(BT)/thresholds-e2cm-%.yaml: $(BT)/means-%.safetensors
+	$(BT_FIT) --means $< $(foreach b,$(BUDGETED_BUDGETS),--budget $(b)) -o $@
+$(BT)/eval-e2cm-%.yaml: $(BT)/thresholds-e2cm-%.yaml $(BT_FAMILY)
+	$(call BT_EVAL,$(BT_REFERENCE),--means $(BT)/means-$*.safetensors --thresholds $<)
+$(BT)/thresholds-sdn.yaml $(BT)/thresholds-entropy.yaml: $(BT)/thresholds-%.yaml: $(BT)/heads.safetensors
+	$(BT_FIT_ON) --method $* -c $(BT_REFERENCE) --exit-heads $< $(foreach b,$(BUDGETED_BUDGETS),--budget $(b)) -o $@
+$(BT)/thresholds-e2cm-sdn-%.yaml: $(BT)/heads.safetensors $(BT)/means-nearest.safetensors
+	$(BT_FIT_ON) --method e2cm+sdn --combine $* -c $(BT_REFERENCE) --exit-heads $< --means $(BT)/means-nearest.safetensors \
+	  $(foreach b,$(BUDGETED_BUDGETS),--budget $(b)) -o $@
+$(BT)/eval-sdn.yaml $(BT)/eval-entropy.yaml: $(BT)/eval-%.yaml: $(BT)/thresholds-%.yaml $(BT_FAMILY)
+	$(call BT_EVAL,$(BT_REFERENCE),--exit-heads $(BT)/heads.safetensors --thresholds $<)
+$(BT)/eval-e2cm-sdn-%.yaml: $(BT)/thresholds-e2cm-sdn-%.yaml $(BT_FAMILY)
+	$(call BT_EVAL,$(BT_REFERENCE),--exit-heads $(BT)/heads.safetensors \
+	  --means $(BT)/means-nearest.safetensors --thresholds $<)
+
+# channel pruning to 50% (2 rounds) and 25% (4 rounds) of the MACs, each round removing 29.29% of what remains
+$(BT)/channel-50.safetensors $(BT)/channel-25.safetensors: $(BT)/channel-%.safetensors: $(BT_REFERENCE)
+	$(EETOOL) prune-weights -c $< --data $(BUDGETED_DATA) --split train --structure channel --amount 0.2929 \
+	  --rounds $(if $(filter 50,$*),2,4) --finetune-samples $(BUDGETED_FINETUNE) -o $@ $(BT_RESUME) $(BT_COMMON)
+$(BT)/eval-channel-%.yaml: $(BT)/channel-%.safetensors $(BT_FAMILY)
+	$(call BT_EVAL,$<)
+
+# exits on the width-8 ResNet-20 (E²CM with the rule calibrate-means picks per exit, and SDN heads)
+$(BT)/w8-means.safetensors: $(BT_SMALL)
+	$(EETOOL) calibrate-means -c $< --data $(BUDGETED_DATA) --split train -o $@ --force $(BT_COMMON)
+$(BT)/w8-heads.safetensors: $(BT_SMALL)
+	$(EETOOL) train-exits -c $< --data $(BUDGETED_DATA) --split train --epochs $(BUDGETED_HEAD_EPOCHS) \
+	  -o $@ --force $(BT_COMMON)
+$(BT)/w8-thresholds-e2cm.yaml: $(BT)/w8-means.safetensors
+	$(BT_FIT) --means $< $(foreach b,$(BUDGETED_SMALL_BUDGETS),--budget $(b)) -o $@
+$(BT)/w8-thresholds-sdn.yaml: $(BT)/w8-heads.safetensors
+	$(BT_FIT_ON) --method sdn -c $(BT_SMALL) --exit-heads $< $(foreach b,$(BUDGETED_SMALL_BUDGETS),--budget $(b)) -o $@
+$(BT)/eval-w8-e2cm.yaml: $(BT)/w8-thresholds-e2cm.yaml $(BT_FAMILY)
+	$(call BT_EVAL,$(BT_SMALL),--means $(BT)/w8-means.safetensors --thresholds $<)
+$(BT)/eval-w8-sdn.yaml: $(BT)/w8-thresholds-sdn.yaml $(BT_FAMILY)
+	$(call BT_EVAL,$(BT_SMALL),--exit-heads $(BT)/w8-heads.safetensors --thresholds $<)
+
+# early-exit networks trained from scratch with every exit in the loss (SDN's weights), and with the final exit
+# teaching the early ones (self-distillation); the recipe's optimiser and schedule, EPOCHS epochs
+BT_SCRATCH_TRAIN = $(EETOOL) train-exits --joint --from-scratch --config $(BUDGETED_RECIPE) --data $(BUDGETED_DATA) \
+	--epochs $(EPOCHS) --exit-weights sdn $(BT_COMMON) --force
+$(BT)/joint-%-heads.safetensors:
+	@mkdir -p $(@D)
+	$(BT_SCRATCH_TRAIN) $(call BT_ARCH,$*) --backbone-output $(BT)/joint-$*.safetensors -o $@
+$(BT)/distill-%-heads.safetensors:
+	@mkdir -p $(@D)
+	$(BT_SCRATCH_TRAIN) $(call BT_ARCH,$*) --distill 0.5 --distill-temperature 3 \
+	  --backbone-output $(BT)/distill-$*.safetensors -o $@
+$(BT)/msdnet-heads.safetensors:
+	@mkdir -p $(@D)
+	$(BT_SCRATCH_TRAIN) --arch msdnet $(if $(BUDGETED_MSDNET_ARGS),--arch-args '$(BUDGETED_MSDNET_ARGS)') \
+	  --backbone-output $(BT)/msdnet.safetensors -o $@
+# (the scratch networks' names: joint-resnet20-w16, distill-resnet20-w16, ..., msdnet)
+$(BT)/%-thresholds.yaml: $(BT)/%-heads.safetensors
+	$(BT_FIT_ON) --method sdn -c $(BT)/$*.safetensors --exit-heads $< \
+	  $(foreach b,$(if $(filter msdnet,$*),$(BUDGETED_MSDNET_BUDGETS),$(BUDGETED_SCRATCH_BUDGETS)),--budget $(b)) -o $@
+$(BT)/eval-%.yaml: $(BT)/%-thresholds.yaml $(BT_FAMILY)
+	$(call BT_EVAL,$(BT)/$*.safetensors,--exit-heads $(BT)/$*-heads.safetensors --thresholds $<)

@@ -118,6 +118,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
     rgb = ModelSpec(arch="mobilenet_v3_small", num_classes=10, input_shape=(3, 32, 32), mean=[0.5] * 3,
                     std=[0.25] * 3)
     save_checkpoint(str(d / "mobilenet.safetensors"), rgb.build(), rgb, Provenance(kind="checkpoint"))
+    # The tiny data's input shape, but five classes: a network for another task, not a peer of the tiny checkpoint.
+    five = ModelSpec(arch="resnet8", num_classes=5, input_shape=(1, 28, 28), mean=[0.3], std=[0.35],
+                     arch_args={"width": 4})
+    save_checkpoint(str(d / "five-classes.safetensors"), five.build(), five, Provenance(kind="checkpoint"))
     make_segmentation_inputs(d)
     return d
 
@@ -703,6 +707,14 @@ CASES = [
     Case("prune-weights-round-to-unstructured", [*PRUNE_WEIGHTS, "--round-to", "8"], USAGE, says="--round-to"),
     Case("evaluate-baseline-other-input", [*EVAL, "--baseline", "{inp}/mobilenet.safetensors"], MISMATCH,
          says="cannot be timed on the same data"),
+    Case("evaluate-compare-other-input", [*EVAL, "--compare", "{inp}/mobilenet.safetensors"], MISMATCH,
+         says="cannot be timed on the same data"),
+    Case("evaluate-compare-other-classes", [*EVAL, "--compare", "{ckpt}", "--compare",
+                                            "{inp}/five-classes.safetensors"], MISMATCH, says="into 5 classes"),
+    Case("evaluate-compare-segmentation", [*EVAL, "--compare", "{inp}/seg.safetensors"], MISMATCH,
+         says="is a segmentation network"),
+    Case("evaluate-compare-on-segmentation", ["evaluate", "-c", "{inp}/seg.safetensors", "-d", SEG_DATA, "--compare",
+                                              "{ckpt}"], USAGE, says="--compare apply to classifiers"),
     Case("prune-weights-output-not-safetensors", ["prune-weights", "-c", "{ckpt}", "-d", "{data}", "-o",
                                                   "{out}/pruned.pt"], USAGE, says=".safetensors"),
     Case("prune-weights-masks-to-stdout", [*PRUNE_WEIGHTS, "--masks-output", "-"], USAGE, says="stdout"),

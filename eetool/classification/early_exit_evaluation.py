@@ -1,9 +1,15 @@
 """`evaluate` on a classifier: accuracy, per-class accuracy, cost and measured throughput of the plain network and
-of its early exits at the operating points of a thresholds file, optionally timed against a baseline."""
+of its early exits at the operating points of a thresholds file, beside other plain networks (``--compare``: the
+peers a user would pick instead, a smaller network say) and optionally against a baseline.
+
+Every network and operating point runs in the same interleaved rounds. ``--compare`` and ``--baseline`` are both
+peers: other checkpoints for the same data, timed in those rounds. A compared peer is a row of its own, with its
+speed-up against the plain model; the baseline is the reference of a second set of speed-ups (every row's against
+it), and its own figures are kept apart from the rows."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from eetool.core.options import Run
@@ -31,6 +37,7 @@ class ClassifierEvaluation:
     plot: str | None
     repeats: int
     baseline: str | None
+    compare: list[str] = field(default_factory=list)
 
 
 def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
@@ -40,7 +47,7 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
     from eetool.core.artifacts import STDOUT, Provenance, write_yaml
     from eetool.core.costs import count_macs, effective_macs, in_unit, is_pruned
     from eetool.core.datasets import Preprocess, check_labels, require_labels
-    from eetool.core.errors import ModelMismatchError, UsageError
+    from eetool.core.errors import UsageError
     from eetool.core.inference import (
         BUSY_SPREAD,
         evaluate_exits,
@@ -60,7 +67,7 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
     if bool(means or exit_heads) != bool(thresholds):
         raise UsageError("early exits need --means and --thresholds (or --exit-heads and --thresholds)",
                          "pass them together, or none for the plain model")
-    inputs = (checkpoint, indices, data_path(data), means, thresholds, exit_heads, baseline)
+    inputs = (checkpoint, indices, data_path(data), means, thresholds, exit_heads, baseline, *req.compare)
     if output:
         run.check_output(output, force=force, inputs=inputs)
     if plot:
@@ -68,13 +75,13 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
             raise UsageError("--plot - would put a PNG among the data on stdout", "give the plot a file name")
         run.check_output(plot, force=force, inputs=inputs)
     ckpt = open_checkpoint(run, checkpoint)
-    base = open_checkpoint(run, baseline) if baseline else None
-    if base is not None and (base.spec.input_shape, base.spec.num_classes) != (ckpt.spec.input_shape,
-                                                                                ckpt.spec.num_classes):
-        raise ModelMismatchError(f"--baseline {baseline} takes inputs of shape {list(base.spec.input_shape)} into "
-                         f"{base.spec.num_classes} classes, {checkpoint} {list(ckpt.spec.input_shape)} into "
-                         f"{ckpt.spec.num_classes}: they cannot be timed on the same data",
-                         "give a baseline made for the same data (the checkpoint it was pruned from)")
+    compared = [_open_peer(run, path, "--compare", ckpt, checkpoint) for path in req.compare]
+    base = _open_peer(run, baseline, "--baseline", ckpt, checkpoint) if baseline else None
+    for path, peer in zip(req.compare, compared, strict=True):
+        if peer.sha256 == ckpt.sha256:
+            run.reporter.warn(f"--compare {path} is the checkpoint being evaluated: its row repeats the plain model's")
+    # the peers run after the plain model and the operating points in every round, the baseline last
+    peers = [*compared, *([base] if base else [])]
     device = run.torch()
     ds = load_data(run, data, split, indices, ckpt.spec)
     require_same_task(False, is_segmentation(ds), ckpt.spec.arch, ds.spec)
@@ -91,46 +98,41 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
     # warm up (allocator, kernels) so the timed runs compare like with like
     warm_up = local.subset(torch.arange(min(len(local), batch_size)))
     predict(ckpt.model, warm_up, preprocess, batch_size=batch_size, device=device)
-    if base is not None:
-        base_preprocess = Preprocess(base.spec.input_shape, base.spec.mean, base.spec.std)
-        predict(base.model, warm_up, base_preprocess, batch_size=batch_size, device=device)
+    peer_preprocess = [Preprocess(p.spec.input_shape, p.spec.mean, p.spec.std) for p in peers]
+    for peer, peer_pre in zip(peers, peer_preprocess, strict=True):
+        predict(peer.model, warm_up, peer_pre, batch_size=batch_size, device=device)
     chosen = early.chosen if early is not None else []
 
-    def plain_run() -> Any:
-        return whole(predict(ckpt.model, local, preprocess, batch_size=batch_size, device=device,
-                             reporter=run.reporter))
+    def model_run(model: Any, pre: Any) -> Any:
+        return lambda: whole(predict(model, local, pre, batch_size=batch_size, device=device, reporter=run.reporter))
 
     def point_run(thresholds: list[float]) -> Any:
         assert early is not None
         return lambda: whole(evaluate_exits(early.exit_model, local, preprocess, Thresholded(early.rule, thresholds),
                                             batch_size=batch_size, device=device, reporter=run.reporter))
 
-    def baseline_run() -> Any:
-        assert base is not None
-        return whole(predict(base.model, local, base_preprocess, batch_size=batch_size, device=device,
-                             reporter=run.reporter))
-
     # Interleaved rounds: a machine that gets busier (or idler) mid-way slows every run of a round alike. The
-    # runs are deterministic, so the first round's predictions are every round's. The baseline runs last.
-    runs = [plain_run, *(point_run(p["thresholds"]) for _, p in chosen), *([baseline_run] if base else [])]
+    # runs are deterministic, so the first round's predictions are every round's.
+    own = 1 + len(chosen)  # the plain model and the operating points
+    runs = [model_run(ckpt.model, preprocess), *(point_run(p["thresholds"]) for _, p in chosen),
+            *(model_run(p.model, pre) for p, pre in zip(peers, peer_preprocess, strict=True))]
     # Early exits compact batches to sizes of their own, whose kernels are set up on first use: one untimed pass
     # of every operating point first, or the first timed round would be the slowest by 20-40% on an idle machine.
-    for point_pass in runs[1:len(runs) - bool(base)]:
+    for point_pass in runs[1:own]:
         point_pass()
     rounds = interleaved(runs, repeats)
     seconds = [[r.seconds for r in results] for results in rounds]
-    timing = speeds([s[:len(runs) - bool(base)] for s in seconds], len(ds))
+    # Against the plain model: its own operating points and the compared networks.
+    timing = speeds([s[:own + len(compared)] for s in seconds], len(ds))
     # Against the baseline: the same rounds with the baseline's time as each round's reference.
     against = speeds([[s[-1], *s[:-1]] for s in seconds], len(ds)) if base else []
     # The warning is about the speed-ups: the plain model alone has none to mislead.
-    spread = timing_spread(against) if base else timing_spread(timing) if chosen else 1.0
+    spread = timing_spread(against) if base else timing_spread(timing) if len(timing) > 1 else 1.0
     if spread > BUSY_SPREAD:
         run.reporter.warn(f"timings varied by a factor {spread:.2f} across the {repeats} rounds: the machine was busy "
                           "and the speed-ups are unreliable; rerun on an idle machine or with more --repeats")
     result = rounds[0][0]
     base_result = rounds[0][-1]
-    if base is not None:
-        rounds = [results[:-1] for results in rounds]
     clusters = early is not None and early.clusters
 
     def labelled(predictions: torch.Tensor) -> torch.Tensor:
@@ -169,7 +171,7 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
     if early is not None:
         em, _, (cost_model, sparse_cost_model), _, _, fitted_basis = early
         doc.update(fitted_basis)
-        for (index, p), r, speed in zip(chosen, rounds[0][1:], timing[1:], strict=True):
+        for (index, p), r, speed in zip(chosen, rounds[0][1:own], timing[1:own], strict=True):
             counts = torch.bincount(r.exit_index, minlength=len(em.exits) + 1)
             cost = cost_model.average(counts)
             sparse_cost = sparse_cost_model.average(counts)
@@ -189,6 +191,10 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
             })
             doc["per_class"][name] = _per_class_dict(
                 classes, per_class_accuracy(predictions, ds.labels, ckpt.spec.num_classes))
+    if compared:
+        doc["compared"] = [_compared_fields(peer, r, speed, macs, unit, ds.labels, name)
+                           for peer, r, speed, name in zip(compared, rounds[0][own:own + len(compared)], timing[own:],
+                                                           _peer_names(req.compare, compared), strict=True)]
     if base is not None:
         base_macs = count_macs(base.model, base.spec.input_shape)
         doc["baseline"] = {
@@ -199,7 +205,7 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
             "throughput": round(against[0].throughput, 1),
             "seconds": [round(t, 4) for t in against[0].seconds],
         }
-        for p, speed in zip(doc["points"], against[1:], strict=True):
+        for p, speed in zip([*doc["points"], *doc.get("compared", [])], against[1:], strict=True):
             # Dense MACs on both sides: the time is the dense computation's (zero weights included).
             macs_ratio = base_macs / (p["cost"] * macs)
             p.update({"speedup_vs_baseline": round(speed.speedup, 3),
@@ -212,7 +218,8 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
     if plot:
         from eetool.core.plotting import accuracy_cost_png
 
-        accuracy_cost_png(plot, doc["points"], f"{ckpt.spec.arch} on {ds.spec} ({len(ds)} samples)")
+        accuracy_cost_png(plot, doc["points"], f"{ckpt.spec.arch} on {ds.spec} ({len(ds)} samples)",
+                          doc.get("compared", []))
         run.reporter.log(f"wrote {plot}")
     if output:
         prov = Provenance(kind="evaluation", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
@@ -239,7 +246,9 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
                                 *([p["effective_cost"], f"{p[f'effective_{unit}']:,}"] if sparse else []),
                                 f"{p['throughput']:.1f}", _speedup_text(p, d["repeats"]),
                                 *([_against_text(p, d["repeats"]), f"{p['macs_ratio']:.2f}",
-                                   f"{p['speedup_per_macs_ratio']:.2f}"] if b else [])] for p in d["points"]])
+                                   f"{p['speedup_per_macs_ratio']:.2f}"] if b else [])]
+                               for p in [*d["points"], *({**c, "name": f"compared: {c['name']}"}
+                                                         for c in d.get("compared", []))]])
         early = [p for p in d["points"] if "exit_shares" in p]
         shares = ("\n\n" + format_table(["share leaving at", *(p["name"].split(":")[0] for p in early)],
                                           [[e, *(p["exit_shares"][e] for p in early)] for e in early[0]["exit_shares"]])
@@ -250,6 +259,52 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
         return f"{head}\n\n{points}{shares}\n\n{per}"
 
     run.emit(doc, text)
+
+
+def _open_peer(run: Run, path: str, flag: str, ckpt: Any, checkpoint: str) -> Any:
+    """Another checkpoint to time beside ``ckpt`` (--compare, --baseline): a classifier of the same inputs and
+    classes, so that it runs on the same data."""
+    from eetool.core.architectures import SEGMENTATION_ARCHS
+    from eetool.core.errors import ModelMismatchError
+
+    peer = open_checkpoint(run, path)
+    if peer.spec.arch in SEGMENTATION_ARCHS:
+        raise ModelMismatchError(f"{flag} {path} is a segmentation network ({peer.spec.arch}) and {checkpoint} a "
+                                 "classifier: they cannot be timed on the same data",
+                                 f"give {flag} a classifier made for the same data")
+    if (peer.spec.input_shape, peer.spec.num_classes) != (ckpt.spec.input_shape, ckpt.spec.num_classes):
+        hint = ("give a baseline made for the same data (the checkpoint it was pruned from)" if flag == "--baseline"
+                else "compare networks made for the same data (its input shape and classes)")
+        raise ModelMismatchError(f"{flag} {path} takes inputs of shape {list(peer.spec.input_shape)} into "
+                                 f"{peer.spec.num_classes} classes, {checkpoint} {list(ckpt.spec.input_shape)} into "
+                                 f"{ckpt.spec.num_classes}: they cannot be timed on the same data", hint)
+    return peer
+
+
+def _peer_names(paths: list[str], peers: list[Any]) -> list[str]:
+    """Each compared checkpoint's file name, or the path as given where two share a file name."""
+    from collections import Counter
+    from pathlib import Path
+
+    names = [Path(p.path).name for p in peers]
+    repeated = Counter(names)
+    return [name if repeated[name] == 1 else path for name, path in zip(names, paths, strict=True)]
+
+
+def _compared_fields(peer: Any, result: Any, speed: Any, macs: int, unit: str, labels: Any,
+                     name: str) -> dict[str, Any]:
+    """A compared network's row: its accuracy, its MACs (dense and effective) as a fraction of the evaluated
+    checkpoint's plain model, and its speed against that model in the same rounds."""
+    from eetool.core.costs import count_macs, effective_macs, in_unit, is_pruned
+
+    peer_macs = count_macs(peer.model, peer.spec.input_shape)
+    sparse = effective_macs(peer.model, peer.spec.input_shape, peer_macs) if is_pruned(peer.model) else peer_macs
+    return {"name": name, "checkpoint": peer.path, "checkpoint_sha256": peer.sha256, "arch": peer.spec.arch,
+            "arch_args": dict(peer.spec.arch_args),
+            "accuracy": round(float((result.predictions == labels).double().mean()), 6),
+            "cost": round(peer_macs / macs, 6), unit: int(in_unit(peer_macs, unit)),
+            "effective_cost": round(sparse / macs, 6), f"effective_{unit}": int(in_unit(sparse, unit)),
+            **_speed_fields(speed)}
 
 
 SPEED_NOTE = ("its zero weights lower the effective cost (what sparse kernels would compute), not the time: "

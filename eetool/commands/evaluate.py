@@ -59,6 +59,11 @@ def command(
                                                  "say) timed in the same rounds: the speed-up of the plain model "
                                                  "and every operating point against it, beside its MACs ratio.",
                                                  rich_help_panel=INPUT)] = None,
+    compare: Annotated[list[str] | None, typer.Option("--compare", help="A plain checkpoint to put beside this one "
+                                                      "(repeatable): the network a user would pick instead, a "
+                                                      "smaller one say, for the same inputs and classes; its "
+                                                      "accuracy, MACs as a fraction of this checkpoint's and speed-up "
+                                                      "timed in the same rounds.", rich_help_panel=INPUT)] = None,
 ) -> None:
     """Evaluate a checkpoint, plain or with early exits (--means, --thresholds), on a dataset: accuracy,
     per-class accuracy, cost, measured throughput. Writes -o if given."""
@@ -69,7 +74,8 @@ def command(
     if is_segmentation_checkpoint(run, checkpoint):
         evaluate_segmentation(run, SegmentationEvaluation(
             checkpoint, data, split, indices, batch_size, count.value, output, force, thresholds, repeats, plot,
-            {"--means": means, "--exit-heads": exit_heads, "--baseline": baseline, "--point": point}, decide_at))
+            {"--means": means, "--exit-heads": exit_heads, "--baseline": baseline, "--compare": compare or None,
+             "--point": point}, decide_at))
         return
     if decide_at is not None:
         from eetool.core.errors import UsageError
@@ -78,4 +84,4 @@ def command(
                          "exits decide per sample")
     evaluate_classifier(run, ClassifierEvaluation(checkpoint, data, split, indices, batch_size, count.value, output,
                                                   force, means, thresholds, exit_heads, point, plot, repeats,
-                                                  baseline))
+                                                  baseline, compare or []))

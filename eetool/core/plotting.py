@@ -58,8 +58,10 @@ def pruning_png(path: str, layers: list[dict[str, Any]], accuracy: dict[str, flo
     _save(plt, fig, path)
 
 
-def accuracy_cost_png(path: str, points: list[dict[str, Any]], title: str) -> None:
-    """Operating points joined in cost order, the plain model marked; written atomically."""
+def accuracy_cost_png(path: str, points: list[dict[str, Any]], title: str,
+                      compared: list[dict[str, Any]] | None = None) -> None:
+    """Operating points joined in cost order, the plain model marked, and other plain networks (``compared``: each
+    with its name) as squares; written atomically."""
     plt = _pyplot()
     plain = [p for p in points if p["name"] == "plain"]
     early = sorted((p for p in points if p["name"] != "plain"), key=lambda p: p["cost"])
@@ -68,6 +70,12 @@ def accuracy_cost_png(path: str, points: list[dict[str, Any]], title: str) -> No
         ax.plot([p["cost"] for p in early], [p["accuracy"] for p in early], "o-", label="early exits")
     for p in plain:
         ax.plot([p["cost"]], [p["accuracy"]], "k*", markersize=12, label="plain model")
+    if compared:
+        ax.plot([c["cost"] for c in compared], [c["accuracy"] for c in compared], "s", color="tab:gray",
+                label="compared networks")
+        for c in compared:
+            ax.annotate(c["name"].removesuffix(".safetensors"), (c["cost"], c["accuracy"]),
+                        textcoords="offset points", xytext=(4, -8), fontsize=6, color="tab:gray")
     ax.set_xlabel("cost (normalised to the plain model)")
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=9)
