@@ -129,6 +129,7 @@ def command(
     if run.world.main:  # under torchrun every rank holds the same weights; rank 0 writes them
         save_checkpoint(output, model.cpu(), spec, prov)
         Path(resume_path).unlink(missing_ok=True)
+        run.wrote(output)
     doc = {"output": output, "arch": spec.arch, **training,
            "history": [vars(r) for r in result.history]}
     run.emit(doc, lambda d: format_fields([

@@ -101,7 +101,7 @@ def calibrate_statistics(run: Run, req: StatisticsRequest) -> None:
     prov = Provenance(kind=KIND, checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
                       exits=list(EXIT_NAMES), dataset=ds.fingerprint, args=run.args)
     save_statistics(req.output, stats, classes, prov)
-    run.reporter.log(f"wrote {req.output}")
+    run.wrote(req.output)
     present = stats.present
     scores = margins(stats.exit_means().mean(0))  # c_k of P_k (eq. 3.2), the score CBT scales
     doc: dict[str, Any] = {

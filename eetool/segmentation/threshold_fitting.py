@@ -236,7 +236,7 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
     write_yaml(req.output, doc, prov)
     if req.output == STDOUT:
         return
-    run.reporter.log(f"wrote {req.output}")
+    run.wrote(req.output)
 
     def text(d: dict[str, Any]) -> str:
         head = format_fields([("thresholds", req.output), ("method", d["method"]), ("decided per", d["decide_at"]),
