@@ -147,6 +147,10 @@ def make_segmentation_inputs(d: Path) -> None:
     save_file({"images": images, "masks": masks[:, :, :15].contiguous()}, str(d / "seg-mask-size.safetensors"),
               metadata=meta)
     save_file({"images": images, "masks": masks * 9}, str(d / "seg-label-out.safetensors"), metadata=meta)
+    for name, classes in {"four-classes": "bg\na\nb\nc", "other-order": "bg\nb\na", "unnamed": None}.items():
+        # labels 0 and 1 only: within every one of these class lists, so only the list itself can be refused
+        save_file({"images": images, "masks": masks}, str(d / f"seg-data-{name}.safetensors"),
+                  metadata={"classes": classes} if classes else None)
     # CBT's class statistics (as `calibrate-means` writes them) for this checkpoint, for another one, and of
     # another number of classes
     from eetool.core.artifacts import sha256_file
@@ -446,6 +450,14 @@ SEG_DATA = "segmentation:{inp}/seg-data.safetensors"
 SEG_EVAL = ["evaluate", "-c", "{inp}/seg.safetensors", "-o", "{out}/result.yaml", "--repeats", "1"]
 CBT = ["fit-thresholds", "--method", "cbt", "-c", "{inp}/seg.safetensors", "-d", SEG_DATA, "-o", "{out}/t.yaml"]
 CBT_MEANS = [*CBT[:5], "-o", "{out}/t.yaml", "--means"]  # then the statistics file
+# every command that reads segmentation data with an eeseg checkpoint, -d DATA to follow (train-exits, which
+# takes torchvision networks: tests/test_segmentation_torchvision.py)
+SEG_DATA_READERS = [
+    SEG_EVAL,
+    ["calibrate-means", "-c", "{inp}/seg.safetensors", "-o", "{out}/m.safetensors"],
+    [*CBT[:5], "-o", "{out}/t.yaml"],
+    ["train", "-c", "{inp}/seg.safetensors", "-o", "{out}/s.safetensors", "--epochs", "1"],
+]
 LM_TEXT = str(Path(__file__).parent / "data" / "hamlet-act1.txt")
 LM_MODEL = ["init-exit-head", "-m", "{inp}/tiny-lm", "-o", "{out}/head.safetensors", "--context", "32"]
 LM_INIT = [*LM_MODEL, "-t", LM_TEXT]
@@ -476,6 +488,11 @@ CASES = [
     Case("seg-label-out-of-range", [*SEG_EVAL, "-d", "segmentation:{inp}/seg-label-out.safetensors"], BAD_INPUT,
          says="outside the classes"),
     Case("seg-on-classification-data", [*SEG_EVAL, "-d", "{data}"], MISMATCH, says="one label per image"),
+    # segmentation data whose class list is not the checkpoint's, in every command that reads both
+    *[Case(f"seg-{args[0]}-data-{name}", [*args, "-d", f"segmentation:{{inp}}/seg-data-{name}.safetensors"], MISMATCH,
+           says=says) for args in SEG_DATA_READERS
+      for name, says in (("four-classes", "has 4 classes but the model has 3"),
+                         ("other-order", "names class 1 'b' where the model has 'a' (2 of 3 classes differ)"))],
     Case("seg-evaluate-with-means", [*SEG_EVAL, "-d", SEG_DATA, *MEANS], USAGE, says="--means"),
     Case("seg-evaluate-classification-thresholds", [*SEG_EVAL, "-d", SEG_DATA, "--thresholds",
                                                     "{inp}/thresholds.yaml"], PROVENANCE,

@@ -101,7 +101,9 @@ def command(
     require_same_task(spec.arch in SEGMENTATION_ARCHS, segmentation, spec.arch, train_data.spec)
     step = None
     if segmentation:
-        check_masks(train_data, spec.num_classes, spec.input_shape[1:])
+        for ds in (train_data, eval_data):
+            if ds is not None:
+                check_masks(ds, spec)
         cfg = segmentation_config(cfg, run.reporter.log)
         step = exit_losses_step(label_smoothing)
     else:

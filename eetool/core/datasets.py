@@ -59,6 +59,7 @@ class Dataset:
     classes: list[str]
     source: str
     fingerprint: str = ""
+    classes_named: bool = True  # False: the source names no classes, and ``classes`` counts up to its top label
     indices: torch.Tensor | None = None  # positions in the full split, when restricted by --indices
     extra: dict[str, Any] = field(default_factory=dict)
     stream: FolderImages | None = None
@@ -97,6 +98,7 @@ class Dataset:
         h.update(idx.numpy().tobytes())
         return Dataset(self.name, self.split, None if self.images is None else self.images[idx], self.labels[idx],
                        self.classes, self.source, fingerprint=f"{self.fingerprint}+{h.hexdigest()[:12]}",
+                       classes_named=self.classes_named,
                        indices=base, stream=None if self.stream is None else self.stream.subset(idx),
                        geometry=self.geometry)
 

@@ -62,7 +62,7 @@ def load_masks(spec: str, split: str, indices: str | None, ckpt: Checkpoint) -> 
     from eetool.segmentation.data import check_masks
 
     ds = load_dataset(spec, split, indices)
-    check_masks(ds, ckpt.spec.num_classes, ckpt.spec.input_shape[1:])
+    check_masks(ds, ckpt.spec)
     return ds
 
 
