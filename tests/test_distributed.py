@@ -126,3 +126,21 @@ def test_a_failing_rank_brings_the_other_down(tmp_path: Path, tiny_checkpoint: s
     assert len(errors) == 1 and "1b.png" in errors[0] and "(hint: " in errors[0], result.stderr
     assert "internal error" not in result.stderr and "interrupted" not in result.stderr
     assert not out.exists() and not list(tmp_path.glob("means.safetensors*"))
+
+
+def test_an_error_every_rank_meets_after_joining_is_printed_once(tmp_path: Path, tiny_checkpoint: str) -> None:
+    """Labels past the checkpoint's classes: each rank finds them once it has joined the others and loaded the data;
+    rank 0 alone says so, and the run (every rank) ends with the error's code."""
+    from safetensors.torch import save_file
+
+    save_file({"test.images": torch.zeros(4, 1, 28, 28, dtype=torch.uint8), "test.labels": torch.tensor([0, 1, 2, 25])},
+              str(tmp_path / "labels-25.safetensors"))
+    out = tmp_path / "means.safetensors"
+    result = torchrun("calibrate-means", "-c", tiny_checkpoint, "-d", tmp_path / "labels-25.safetensors", "--split",
+                      "test", "-o", out, cwd=tmp_path)
+    assert result.returncode != 0 and result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "labels up to 25" in errors[0], result.stderr
+    assert result.stderr.count("exitcode  : 4") == 2  # torchrun reports each rank that failed, and its code
+    assert not out.exists()
+

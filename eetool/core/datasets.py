@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from eetool.core.distributed import World, shard_batches
-from eetool.core.errors import InputError, ModelMismatchError, UsageError
+from eetool.core.errors import EetoolError, InputError, ModelMismatchError, UsageError
 from eetool.core.loading import IN_MEMORY_LIMIT_BYTES, DataLoading, DataOptions, Geometry
 from eetool.core.sources import (
     DATA_ROOT_ENV,
@@ -120,7 +120,11 @@ class Dataset:
         if self.stream is not None:
             decoded = self.stream.batches([pos for pos in positions if len(pos)])
             for pos in positions:  # an empty share (a batch smaller than torchrun's world) decodes nothing
-                images = next(decoded) if len(pos) else torch.empty((0, *self.image_shape), dtype=torch.uint8)
+                try:
+                    images = next(decoded) if len(pos) else torch.empty((0, *self.image_shape), dtype=torch.uint8)
+                except EetoolError as e:
+                    e.own_share = True  # under torchrun these files are this rank's alone: it reports the error
+                    raise
                 yield images, self.labels[pos], pos
             return
         assert self.images is not None

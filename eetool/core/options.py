@@ -456,14 +456,17 @@ def eetool_command(kind: str, *, model_options: bool = False, data_options: bool
 
                             leave()
                 except EetoolError as e:
-                    # Under torchrun every rank meets the same arguments and files before it joins the others:
-                    # rank 0 alone reports what goes wrong then. Afterwards a rank's error can be its own.
-                    quiet_rank = run is not None and not run.world.main and not run.joined
+                    # Under torchrun every rank meets the same arguments, files and checks, before it joins the
+                    # others and after: rank 0 alone reports those (every rank still exits with the code). An error
+                    # in a rank's own share of the data is that rank's alone to report.
+                    quiet_rank = run is not None and not run.world.main and not e.own_share
                     _fail(e.exit_code, "" if quiet_rank else f"error: {e}", debug, caught if verbose else [])
                 except KeyboardInterrupt as e:
                     if run is not None and run.world.distributed and (
-                            isinstance(e, PeerFailed) or isinstance(e, Interrupted) and e.signal_name == "SIGTERM"):
-                        # torchrun ends the other ranks when one fails: that rank's error is the one to read
+                            isinstance(e, PeerFailed) or isinstance(e, Interrupted) and e.signal_name == "SIGTERM"
+                            or not run.world.main):
+                        # torchrun ends the other ranks when one fails: that rank's error is the one to read; and
+                        # Ctrl-C reaches every rank from the terminal: rank 0 alone says so
                         _fail(ExitCode.INTERRUPTED, "", debug)
                     by = f" by {e.signal_name}" if isinstance(e, Interrupted) and e.signal_name != "SIGINT" else ""
                     if run is not None and run.written:  # the outputs are complete; what came after them is not
