@@ -388,6 +388,16 @@ def make_crafted_lms(d: Path) -> None:
     (pickled / "model.safetensors").unlink()
     torch.save(weights, pickled / "pytorch_model.bin")
     (variant("lm-malformed-tokenizer") / "tokenizer.json").write_text('{"version": "1.0", "added_tokens": ')
+    tokenizer = json.loads((tiny / "tokenizer.json").read_text())
+    for name, edit in {  # valid JSON that lacks what transformers indexes without a check (a KeyError there)
+        "no-added-tokens": lambda t: t.pop("added_tokens"),
+        "added-token-without-id": lambda t: t["added_tokens"][0].pop("id"),
+        "no-model": lambda t: t.pop("model"),
+        "bpe-without-merges": lambda t: t["model"].pop("merges"),
+    }.items():
+        edited = json.loads(json.dumps(tokenizer))
+        edit(edited)
+        (variant(f"lm-tokenizer-{name}") / "tokenizer.json").write_text(json.dumps(edited))
     (d / "huge-count.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1 << 60, 0))
     (d / "huge-string.gguf").write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 1 << 62) + b"key")
     nan_head, _ = ExitHead.load(str(d / "lm-head.safetensors"))
@@ -464,6 +474,8 @@ LM_INIT = [*LM_MODEL, "-t", LM_TEXT]
 LM_TRAIN = ["train-exit-head", "-m", "{inp}/tiny-lm", "--context", "32", "-o", "{out}/trained.safetensors",
             "--head", "{inp}/lm-head.safetensors", "--steps", "2"]
 LM_EVAL = ["evaluate-lm", "-m", "{inp}/tiny-lm", "-t", LM_TEXT, "--context", "32"]
+LM_READERS = [[arg for arg in args if arg not in ("-m", "{inp}/tiny-lm")]  # every command that reads a model folder
+              for args in (LM_INIT, [*LM_TRAIN, "-t", LM_TEXT], [*LM_EVAL, "--head", "{inp}/lm-head.safetensors"])]
 
 
 def _root_can_write(out: Path) -> str | None:
@@ -594,6 +606,11 @@ CASES = [
         ("gguf-of-2-to-the-60-tensors", "huge-count.gguf", "claims 1,152,921,504,606,846,976 tensors"),
         ("gguf-string-past-the-end", "huge-string.gguf", "a string claims"),
     )],
+    # a tokenizer.json that lacks a key, in every command that reads a model folder
+    *[Case(f"lm-{args[0]}-tokenizer-{name}", [*args, "-m", f"{{inp}}/lm-tokenizer-{name}"], BAD_INPUT,
+           says=f"tokenizer.json lacks the key {says}") for args in LM_READERS for name, says in (
+        ("no-added-tokens", "'added_tokens'"), ("added-token-without-id", "'id' in added_tokens[0]"),
+        ("no-model", "'model'"), ("bpe-without-merges", "'merges' in its BPE model"))],
     Case("lm-nan-exit-head", [*LM_EVAL, "--head", "{inp}/nan-lm-head.safetensors"], BAD_INPUT,
          says="nan-lm-head.safetensors holds a weight that is not finite"),
     Case("lm-not-a-causal-lm", ["init-exit-head", "-m", "{inp}/resnet-config", "-t", LM_TEXT, "-o",
