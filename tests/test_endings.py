@@ -124,8 +124,8 @@ def test_a_signal_after_the_output_is_written_names_it_as_complete(tiny_checkpoi
     assert result.exit_code == ExitCode.INTERRUPTED
     assert result.stderr.splitlines() == [
         "wrote m.safetensors",
-        "interrupted by SIGHUP after writing m.safetensors, which is complete and kept; the report that follows "
-        "was not finished"]
+        "interrupted by SIGHUP after writing m.safetensors, which is complete and kept; nothing after it was "
+        "written (partial files are removed)"]
     assert result.stdout == ""
     monkeypatch.setattr(Run, "wrote", wrote)
     ok(invoke("fit-thresholds", "--means", "m.safetensors", "-o", "t.yaml", "--budget", 0.5, "-q"))  # whole, usable

@@ -471,8 +471,8 @@ def eetool_command(kind: str, *, model_options: bool = False, data_options: bool
                     by = f" by {e.signal_name}" if isinstance(e, Interrupted) and e.signal_name != "SIGINT" else ""
                     if run is not None and run.written:  # the outputs are complete; what came after them is not
                         _fail(ExitCode.INTERRUPTED, f"interrupted{by} after writing {', '.join(run.written)}, which "
-                              f"{'is' if len(run.written) == 1 else 'are'} complete and kept; the report that "
-                              "follows was not finished", debug, caught if verbose else [])
+                              f"{'is' if len(run.written) == 1 else 'are'} complete and kept; nothing after it was "
+                              "written (partial files are removed)", debug, caught if verbose else [])
                     resume = f" (hint: {run.resumable})" if run is not None and run.resumable and \
                         state_saved(run.resume_state) else ""
                     _fail(ExitCode.INTERRUPTED, f"interrupted{by}: no output was written (partial files are "
