@@ -17,6 +17,7 @@ from typer.core import TyperGroup
 
 from eetool import __version__
 from eetool.commands import COMMANDS, load_command
+from eetool.core.interrupts import own_process
 
 
 class _Group(TyperGroup):
@@ -76,7 +77,8 @@ for _name in COMMANDS:
 def main() -> None:
     if sys.stdout is None:  # started with stdout closed (>&-): what goes there is dropped, like > /dev/null
         _stdout_to_devnull()
-    app(prog_name="eetool")
+    with own_process():  # once a command has ended, no signal changes the exit code it reports
+        app(prog_name="eetool")
 
 
 def _stdout_to_devnull() -> None:

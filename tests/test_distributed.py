@@ -126,3 +126,48 @@ def test_a_failing_rank_brings_the_other_down(tmp_path: Path, tiny_checkpoint: s
     assert len(errors) == 1 and "1b.png" in errors[0] and "(hint: " in errors[0], result.stderr
     assert "internal error" not in result.stderr and "interrupted" not in result.stderr
     assert not out.exists() and not list(tmp_path.glob("means.safetensors*"))
+
+
+def test_an_error_every_rank_meets_after_joining_is_printed_once(tmp_path: Path, tiny_checkpoint: str) -> None:
+    """Labels past the checkpoint's classes: each rank finds them once it has joined the others and loaded the data;
+    rank 0 alone says so, and the run (every rank) ends with the error's code."""
+    from safetensors.torch import save_file
+
+    save_file({"test.images": torch.zeros(4, 1, 28, 28, dtype=torch.uint8), "test.labels": torch.tensor([0, 1, 2, 25])},
+              str(tmp_path / "labels-25.safetensors"))
+    out = tmp_path / "means.safetensors"
+    result = torchrun("calibrate-means", "-c", tiny_checkpoint, "-d", tmp_path / "labels-25.safetensors", "--split",
+                      "test", "-o", out, cwd=tmp_path)
+    assert result.returncode != 0 and result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "labels up to 25" in errors[0], result.stderr
+    assert result.stderr.count("exitcode  : 4") == 2  # torchrun reports each rank that failed, and its code
+    assert not out.exists()
+
+
+def test_segmentation_class_statistics_under_torchrun_equal_one_process(tmp_path: Path) -> None:
+    """24 mask images in batches of 8: 2 batches on rank 0, 1 on rank 1. The pixel counts are one process's exactly;
+    the float64 sums differ from it only by the order in which the ranks' totals are added (far below 1e-12)."""
+    from eetool.core.artifacts import Provenance
+    from eetool.core.checkpoint import ModelSpec, save_checkpoint
+    from tests.test_segmentation import trained_like, write_mask_file
+
+    spec = ModelSpec(arch="eeseg", num_classes=3, input_shape=(1, 16, 16), mean=[0.5], std=[0.25],
+                     arch_args={"width": 8, "head_width": 8}, classes=["bg", "square", "bar"])
+    write_mask_file(tmp_path / "masks.safetensors")
+    torch.manual_seed(2)
+    save_checkpoint(str(tmp_path / "seg.safetensors"), trained_like(spec.build(), seed=2), spec,
+                    Provenance(kind="checkpoint"))
+    data = f"segmentation:{tmp_path / 'masks.safetensors'}"
+    args = ["calibrate-means", "-c", tmp_path / "seg.safetensors", "-d", data, "-b", "8"]
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    ok(invoke(*args, "-o", one, "--threads", "1", "-q"))
+    result = torchrun(*args, "-o", two, "--format", "json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["samples"] == 24 and result.stderr.count(f"wrote {two}") == 1
+    (single, made_by_one, _), (double, made_by_two, _) = (read_tensors(str(one), "segmentation-class-statistics"),
+                                                          read_tensors(str(two), "segmentation-class-statistics"))
+    assert (made_by_one.processes, made_by_two.processes) == (1, 2)
+    assert torch.equal(single["counts"], double["counts"]) and int(single["counts"].sum()) > 0
+    assert torch.allclose(single["sums"], double["sums"], rtol=1e-12, atol=0)
+

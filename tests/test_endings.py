@@ -26,7 +26,8 @@ from eetool.core.checkpoint import ModelSpec
 from eetool.core.datasets import Preprocess, load_dataset
 from eetool.core.errors import ExitCode, InputError, OutputError, UsageError
 from eetool.core.exits import build_exit_model
-from eetool.core.interrupts import Interrupted, deferred, interrupts_raise
+from eetool.core.interrupts import SIGNALS, Interrupted, deferred, interrupts_raise, own_process
+from eetool.core.options import Run
 from eetool.core.training_loop import TrainConfig, fit
 from tests.cli_helpers import invoke, ok, one_error_line
 
@@ -96,6 +97,56 @@ def test_handlers_are_restored_and_deferred_signals_are_raised_once() -> None:
         with deferred():  # the held signal was raised once, not again
             pass
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_in_eetools_own_process_the_signals_are_ignored_once_a_run_has_ended() -> None:
+    """The CLI's main: after the run its outcome stands; a signal then would kill the process (129 for SIGHUP)."""
+    before = {s: signal.getsignal(s) for s in SIGNALS}
+    try:
+        with own_process():
+            with interrupts_raise():
+                pass
+            assert all(signal.getsignal(s) == signal.SIG_IGN for s in SIGNALS)
+            os.kill(os.getpid(), signal.SIGHUP)  # dropped: this test goes on
+            time.sleep(0.01)
+    finally:
+        for s, old in before.items():
+            signal.signal(s, old)
+
+
+def test_a_signal_after_the_output_is_written_names_it_as_complete(tiny_checkpoint: str, tiny_data: str,
+                                                                   workdir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between "wrote ..." and the end of the report: not "no output was written", which would be false."""
+    wrote = Run.wrote
+    monkeypatch.setattr(Run, "wrote", with_signal(wrote, signal.SIGHUP, after=True))
+    result = invoke("calibrate-means", "-c", tiny_checkpoint, "-d", tiny_data, "-o", "m.safetensors")
+    assert result.exit_code == ExitCode.INTERRUPTED
+    assert result.stderr.splitlines() == [
+        "wrote m.safetensors",
+        "interrupted by SIGHUP after writing m.safetensors, which is complete and kept; nothing after it was "
+        "written (partial files are removed)"]
+    assert result.stdout == ""
+    monkeypatch.setattr(Run, "wrote", wrote)
+    ok(invoke("fit-thresholds", "--means", "m.safetensors", "-o", "t.yaml", "--budget", 0.5, "-q"))  # whole, usable
+    assert leftovers(workdir) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT], ids=["SIGHUP", "SIGTERM", "SIGINT"])
+def test_a_signal_once_the_run_has_ended_leaves_its_exit_code(signum: int, tiny_checkpoint: str, tiny_data: str,
+                                                              tmp_path: Path) -> None:
+    """The signal comes at exit (an atexit hook sends it): the run had finished, so it still exits 0, not 129."""
+    script = ("import atexit, os, signal, sys; from eetool.cli import main; "
+              f"atexit.register(lambda: (os.kill(os.getpid(), {int(signum)}), sys.stderr.write('sent\\n'))); "
+              "sys.argv[0] = 'eetool'; main()")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", script, "calibrate-means", "-c", tiny_checkpoint, "-d", tiny_data,
+                           "-o", "m.safetensors", "--no-progress"], cwd=tmp_path, env=env, capture_output=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stderr.decode().splitlines() == ["wrote m.safetensors", "sent"]
+    assert done.stdout.decode().startswith("class means")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
 
 
 def test_write_tensors_refuses_stdout() -> None:

@@ -151,6 +151,10 @@ def make_segmentation_inputs(d: Path) -> None:
     save_file({"images": images, "masks": masks[:, :, :15].contiguous()}, str(d / "seg-mask-size.safetensors"),
               metadata=meta)
     save_file({"images": images, "masks": masks * 9}, str(d / "seg-label-out.safetensors"), metadata=meta)
+    for name, classes in {"four-classes": "bg\na\nb\nc", "other-order": "bg\nb\na", "unnamed": None}.items():
+        # labels 0 and 1 only: within every one of these class lists, so only the list itself can be refused
+        save_file({"images": images, "masks": masks}, str(d / f"seg-data-{name}.safetensors"),
+                  metadata={"classes": classes} if classes else None)
     # CBT's class statistics (as `calibrate-means` writes them) for this checkpoint, for another one, and of
     # another number of classes
     from eetool.core.artifacts import sha256_file
@@ -388,6 +392,16 @@ def make_crafted_lms(d: Path) -> None:
     (pickled / "model.safetensors").unlink()
     torch.save(weights, pickled / "pytorch_model.bin")
     (variant("lm-malformed-tokenizer") / "tokenizer.json").write_text('{"version": "1.0", "added_tokens": ')
+    tokenizer = json.loads((tiny / "tokenizer.json").read_text())
+    for name, edit in {  # valid JSON that lacks what transformers indexes without a check (a KeyError there)
+        "no-added-tokens": lambda t: t.pop("added_tokens"),
+        "added-token-without-id": lambda t: t["added_tokens"][0].pop("id"),
+        "no-model": lambda t: t.pop("model"),
+        "bpe-without-merges": lambda t: t["model"].pop("merges"),
+    }.items():
+        edited = json.loads(json.dumps(tokenizer))
+        edit(edited)
+        (variant(f"lm-tokenizer-{name}") / "tokenizer.json").write_text(json.dumps(edited))
     (d / "huge-count.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1 << 60, 0))
     (d / "huge-string.gguf").write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 1 << 62) + b"key")
     nan_head, _ = ExitHead.load(str(d / "lm-head.safetensors"))
@@ -450,12 +464,22 @@ SEG_DATA = "segmentation:{inp}/seg-data.safetensors"
 SEG_EVAL = ["evaluate", "-c", "{inp}/seg.safetensors", "-o", "{out}/result.yaml", "--repeats", "1"]
 CBT = ["fit-thresholds", "--method", "cbt", "-c", "{inp}/seg.safetensors", "-d", SEG_DATA, "-o", "{out}/t.yaml"]
 CBT_MEANS = [*CBT[:5], "-o", "{out}/t.yaml", "--means"]  # then the statistics file
+# every command that reads segmentation data with an eeseg checkpoint, -d DATA to follow (train-exits, which
+# takes torchvision networks: tests/test_segmentation_torchvision.py)
+SEG_DATA_READERS = [
+    SEG_EVAL,
+    ["calibrate-means", "-c", "{inp}/seg.safetensors", "-o", "{out}/m.safetensors"],
+    [*CBT[:5], "-o", "{out}/t.yaml"],
+    ["train", "-c", "{inp}/seg.safetensors", "-o", "{out}/s.safetensors", "--epochs", "1"],
+]
 LM_TEXT = str(Path(__file__).parent / "data" / "hamlet-act1.txt")
 LM_MODEL = ["init-exit-head", "-m", "{inp}/tiny-lm", "-o", "{out}/head.safetensors", "--context", "32"]
 LM_INIT = [*LM_MODEL, "-t", LM_TEXT]
 LM_TRAIN = ["train-exit-head", "-m", "{inp}/tiny-lm", "--context", "32", "-o", "{out}/trained.safetensors",
             "--head", "{inp}/lm-head.safetensors", "--steps", "2"]
 LM_EVAL = ["evaluate-lm", "-m", "{inp}/tiny-lm", "-t", LM_TEXT, "--context", "32"]
+LM_READERS = [[arg for arg in args if arg not in ("-m", "{inp}/tiny-lm")]  # every command that reads a model folder
+              for args in (LM_INIT, [*LM_TRAIN, "-t", LM_TEXT], [*LM_EVAL, "--head", "{inp}/lm-head.safetensors"])]
 
 
 def _root_can_write(out: Path) -> str | None:
@@ -480,6 +504,11 @@ CASES = [
     Case("seg-label-out-of-range", [*SEG_EVAL, "-d", "segmentation:{inp}/seg-label-out.safetensors"], BAD_INPUT,
          says="outside the classes"),
     Case("seg-on-classification-data", [*SEG_EVAL, "-d", "{data}"], MISMATCH, says="one label per image"),
+    # segmentation data whose class list is not the checkpoint's, in every command that reads both
+    *[Case(f"seg-{args[0]}-data-{name}", [*args, "-d", f"segmentation:{{inp}}/seg-data-{name}.safetensors"], MISMATCH,
+           says=says) for args in SEG_DATA_READERS
+      for name, says in (("four-classes", "has 4 classes but the model has 3"),
+                         ("other-order", "names class 1 'b' where the model has 'a' (2 of 3 classes differ)"))],
     Case("seg-evaluate-with-means", [*SEG_EVAL, "-d", SEG_DATA, *MEANS], USAGE, says="--means"),
     Case("seg-evaluate-classification-thresholds", [*SEG_EVAL, "-d", SEG_DATA, "--thresholds",
                                                     "{inp}/thresholds.yaml"], PROVENANCE,
@@ -581,6 +610,11 @@ CASES = [
         ("gguf-of-2-to-the-60-tensors", "huge-count.gguf", "claims 1,152,921,504,606,846,976 tensors"),
         ("gguf-string-past-the-end", "huge-string.gguf", "a string claims"),
     )],
+    # a tokenizer.json that lacks a key, in every command that reads a model folder
+    *[Case(f"lm-{args[0]}-tokenizer-{name}", [*args, "-m", f"{{inp}}/lm-tokenizer-{name}"], BAD_INPUT,
+           says=f"tokenizer.json lacks the key {says}") for args in LM_READERS for name, says in (
+        ("no-added-tokens", "'added_tokens'"), ("added-token-without-id", "'id' in added_tokens[0]"),
+        ("no-model", "'model'"), ("bpe-without-merges", "'merges' in its BPE model"))],
     Case("lm-nan-exit-head", [*LM_EVAL, "--head", "{inp}/nan-lm-head.safetensors"], BAD_INPUT,
          says="nan-lm-head.safetensors holds a weight that is not finite"),
     Case("lm-not-a-causal-lm", ["init-exit-head", "-m", "{inp}/resnet-config", "-t", LM_TEXT, "-o",

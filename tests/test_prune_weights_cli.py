@@ -159,6 +159,43 @@ def test_resume_finishes_an_interrupted_run_as_an_uninterrupted_one(tiny_checkpo
     assert not Path("part.safetensors.resume").exists()
 
 
+@pytest.mark.parametrize("stop_at", [1, 4], ids=["after-backbone-round-1", "after-heads-round-1"])
+def test_ordered_resume_finishes_an_interrupted_run_as_an_uninterrupted_one(
+        stop_at: int, tiny_checkpoint: str, tiny_data: str, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--approach ordered, 2 rounds: backbone rounds 1 and 2, the heads trained, heads rounds 1 and 2. Interrupted in
+    either phase after its round 1 and resumed, it writes the weights, heads, masks and steps an uninterrupted run
+    writes, bit for bit."""
+    from eetool.classification import weight_pruning as wp
+
+    args = ("prune-weights", "-c", tiny_checkpoint, "-d", tiny_data, "--approach", "ordered", "--rounds", "2",
+            "--amount", "0.3", "--format", "json", *FAST)
+    whole_doc = json.loads(ok(invoke(*args, "-o", "whole.safetensors", "--masks-output", "whole-masks.safetensors"))
+                           .stdout)
+    run_step = wp.Pruner.run_step
+
+    def interrupted(self: wp.Pruner, index: int) -> dict:
+        if index == stop_at:
+            raise KeyboardInterrupt
+        return run_step(self, index)
+
+    monkeypatch.setattr(wp.Pruner, "run_step", interrupted)
+    result = invoke(*args, "-o", "part.safetensors", "--masks-output", "part-masks.safetensors")
+    assert result.exit_code == ExitCode.INTERRUPTED and "--resume" in result.stderr
+    assert not Path("part.safetensors").exists() and Path("part.safetensors.resume/state.pt").is_file()
+    monkeypatch.setattr(wp.Pruner, "run_step", run_step)
+    part_doc = json.loads(ok(invoke(*args, "-o", "part.safetensors", "--masks-output", "part-masks.safetensors",
+                                    "--resume")).stdout)
+    whole, part = load_checkpoint("whole.safetensors"), load_checkpoint("part.safetensors")
+    assert whole.model_sha256 == part.model_sha256
+    assert torch_equal_states(Path("whole-heads.safetensors"), Path("part-heads.safetensors"))
+    with safe_open("whole-masks.safetensors", "pt") as a, safe_open("part-masks.safetensors", "pt") as b:
+        assert a.keys() == b.keys() and all(a.get_tensor(k).equal(b.get_tensor(k)) for k in a.keys())
+
+    assert [s["phase"] for s in part_doc["steps"]] == ["backbone", "backbone", "train-heads", "heads", "heads"]
+    assert without_times(part_doc) == without_times(whole_doc)
+    assert not Path("part.safetensors.resume").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # --structure channel: a smaller dense network, its heads rebuilt
 
@@ -228,7 +265,7 @@ def test_channel_resume_finishes_an_interrupted_run_as_an_uninterrupted_one(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from eetool.classification import channel_pruning as cp
 
-    d, _ = channel_pruned
+    d, whole_doc = channel_pruned
     args = ("prune-weights", "-c", tiny_checkpoint, "-d", tiny_data, "-q", "-o", "part.safetensors", *CHANNEL)
     run_step = cp.ChannelPruner.run_step
 
@@ -242,10 +279,17 @@ def test_channel_resume_finishes_an_interrupted_run_as_an_uninterrupted_one(
     assert result.exit_code == ExitCode.INTERRUPTED and "--resume" in result.stderr
     assert not Path("part.safetensors").exists() and Path("part.safetensors.resume/state.pt").is_file()
     monkeypatch.setattr(cp.ChannelPruner, "run_step", run_step)
-    ok(invoke(*args, "--resume"))
+    part_doc = json.loads(ok(invoke(*args, "--resume", "--format", "json")).stdout)
     whole, part = load_checkpoint(str(d / "c.safetensors")), load_checkpoint("part.safetensors")
     assert whole.spec.arch_args == part.spec.arch_args and whole.model_sha256 == part.model_sha256
     assert torch_equal_states(d / "c-heads.safetensors", Path("part-heads.safetensors"))
+    assert without_times(part_doc) == without_times(whole_doc) and len(part_doc["steps"]) == 3
+    assert not Path("part.safetensors.resume").exists()
+
+
+def without_times(doc: dict) -> list[dict]:
+    """A run's step records without their wall times, which no two runs share."""
+    return [{k: v for k, v in step.items() if k != "seconds"} for step in doc["steps"]]
 
 
 def torch_equal_states(a: Path, b: Path) -> bool:

@@ -167,6 +167,23 @@ def test_train_exits_fit_thresholds_and_evaluate_on_a_torchvision_network(tmp_pa
     assert sum(cbt["exit_shares"].values()) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_train_exits_refuses_data_of_more_classes_than_the_network(tmp_path: Path) -> None:
+    """Masks whose labels all fit (0..2) but whose file names four classes: not the data this network was made for."""
+    from safetensors.torch import load_file
+    from torchvision.models import segmentation
+
+    write_squares(tmp_path / "three.safetensors")
+    save_file(load_file(tmp_path / "three.safetensors"), str(tmp_path / "four.safetensors"),
+              metadata={"classes": "bg\nsquare\nbar\ncircle"})
+    tv = segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3)
+    torch.save(tv.state_dict(), tmp_path / "tv.pt")
+    data = f"segmentation:{tmp_path / 'four.safetensors'}"
+    line = one_error_line(invoke("train-exits", "-c", tmp_path / "tv.pt", "--arch", ARCH, "--input-shape", "3,32,32",
+                                 "-d", data, "-o", tmp_path / "e.safetensors", "--epochs", "1"), 4)
+    assert "has 4 classes but the model has 3" in line
+    assert not (tmp_path / "e.safetensors").exists()
+
+
 def test_train_without_exit_heads_trains_the_final_exit_alone() -> None:
     import torch.nn.functional as F
 

@@ -84,7 +84,7 @@ def calibrate_class_means(run: Run, req: MeansCalibrationRequest) -> None:
                       dataset=ds.fingerprint, args=run.args)
     if run.world.main:  # under torchrun every rank holds the whole result; rank 0 writes it
         cm.save(output, prov)
-        run.reporter.log(f"wrote {output}")
+        run.wrote(output)
 
     unit = count.value
     model_bytes = sum(p.numel() * p.element_size() for p in ckpt.model.parameters())

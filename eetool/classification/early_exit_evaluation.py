@@ -220,14 +220,14 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
 
         accuracy_cost_png(plot, doc["points"], f"{ckpt.spec.arch} on {ds.spec} ({len(ds)} samples)",
                           doc.get("compared", []))
-        run.reporter.log(f"wrote {plot}")
+        run.wrote(plot)
     if output:
         prov = Provenance(kind="evaluation", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
                           dataset=ds.fingerprint, args=run.args)
         write_yaml(output, {k: v for k, v in doc.items()}, prov)
         if output == STDOUT:  # the YAML is the data on stdout; nothing else goes there
             return
-        run.reporter.log(f"wrote {output}")
+        run.wrote(output)
 
     def text(d: dict[str, Any]) -> str:
         sparse = d["cost_basis"] == "effective"

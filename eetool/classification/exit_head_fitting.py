@@ -109,7 +109,7 @@ def fit_exit_heads(run: Run, req: ExitHeadsRequest) -> None:
                               args={**run.args, "training": training},
                               inputs={"class-means": sha256_file(means)} if means else {})
             save_heads(temps[0], heads.cpu(), prov)
-    run.reporter.log(f"wrote {output}" + (f" and {backbone_output}" if joint and backbone_output else ""))
+    run.wrote(output, *([backbone_output] if joint and backbone_output else []))
 
     from eetool.core.costs import measure
 

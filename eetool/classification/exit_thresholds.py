@@ -183,7 +183,7 @@ def fit_exit_thresholds(run: Run, req: ExitThresholdRequest) -> None:
     fitted.save(output)
     if output == STDOUT:
         return
-    run.reporter.log(f"wrote {output}")
+    run.wrote(output)
 
     def text(d: dict[str, Any]) -> str:
         head = format_fields([("thresholds", output), ("method", d["method"] + (f" ({d['combine']})" if "combine" in d

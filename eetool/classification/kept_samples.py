@@ -170,7 +170,7 @@ def choose_kept_samples(run: Run, req: KeptSamplesRequest) -> None:
                           Provenance(**{**vars(prov), "args": {**prov.args, "role": "pruned"}}))
         write_yaml(written[summary], {**result_doc, "output": output, "pruned_output": pruned_output}, prov)
     remove_state_folder(state_dir, run.reporter.warn)
-    run.reporter.log(f"wrote {', '.join(p for p in (output, pruned_output, summary) if p)}")
+    run.wrote(*(p for p in (output, pruned_output, summary) if p))
     run.emit({"output": output, "pruned_output": pruned_output, "summary": summary, **result_doc}, _text)
 
 

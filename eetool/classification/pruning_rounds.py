@@ -294,7 +294,7 @@ def _prune(run: Run, o: Request) -> None:
             pruning_png(written[o.plot], layers, final["accuracy"], pruner.baseline,
                         f"{ckpt.spec.arch}, {o.approach}: {o.rounds} rounds of {o.amount:g}")
     remove_state_folder(state_dir, run.reporter.warn)
-    run.reporter.log(f"wrote {', '.join(outputs)}")
+    run.wrote(*outputs)
     run.emit(doc, _text)
 
 
@@ -345,7 +345,7 @@ def _prune_channels(run: Run, o: Request, ckpt: Any, heads: Any, heads_sha: str,
         _write_pruned(dict(zip(outputs, temps, strict=True)), o, ckpt, pruner.spec, model, heads, list(em.exits),
                       dataset, args, heads_sha, doc)
     remove_state_folder(state_dir, run.reporter.warn)
-    run.reporter.log(f"wrote {', '.join(outputs)}")
+    run.wrote(*outputs)
     run.emit(doc, _channel_text)
 
 

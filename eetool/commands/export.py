@@ -118,7 +118,7 @@ def command(
     for r in report:
         run.reporter.log(f"checked point {r['point']} on {r['samples']} samples of {sample_name}: "
                          f"{r['agree']} agree, {r['differ_within_tolerance']} differ within 1e-5 of a threshold")
-    run.reporter.log(f"wrote {output}")
+    run.wrote(output)
     run.emit({"bundle": output, "stages": len(stages), "exits": exits, "points": len(points),
               "check": {"data": sample_name, "points": report}, "files": doc["files"]},
              lambda d: "\n".join(f"{name}  {sha}" for name, sha in d["files"].items()))

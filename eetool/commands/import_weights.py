@@ -40,7 +40,7 @@ def command(
     prov = Provenance(kind="checkpoint", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
                       args={**run.args, "imported_from": ckpt.path})
     save_checkpoint(output, ckpt.model, spec, prov)
-    run.reporter.log(f"wrote {output}")
+    run.wrote(output)
     doc: dict[str, Any] = {
         "output": output, "sha256": sha256_file(output), "imported_from": ckpt.path,
         "source_sha256": ckpt.sha256, "model_sha256": ckpt.model_sha256, "arch": spec.arch,

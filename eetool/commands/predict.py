@@ -162,7 +162,7 @@ def command(
         target.commit()
     run.reporter.log(tally.summary())
     if output:
-        run.reporter.log(f"wrote {output}")
+        run.wrote(output)
     if tally.failed:
         raise InputsFailedError(f"{tally.failed} of {tally.failed + tally.predicted} inputs could not be read "
                                 "(each is named above); the others were predicted",

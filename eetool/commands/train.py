@@ -101,7 +101,9 @@ def command(
     require_same_task(spec.arch in SEGMENTATION_ARCHS, segmentation, spec.arch, train_data.spec)
     step = None
     if segmentation:
-        check_masks(train_data, spec.num_classes, spec.input_shape[1:])
+        for ds in (train_data, eval_data):
+            if ds is not None:
+                check_masks(ds, spec)
         cfg = segmentation_config(cfg, run.reporter.log)
         step = exit_losses_step(label_smoothing)
     else:
@@ -129,6 +131,7 @@ def command(
     if run.world.main:  # under torchrun every rank holds the same weights; rank 0 writes them
         save_checkpoint(output, model.cpu(), spec, prov)
         Path(resume_path).unlink(missing_ok=True)
+        run.wrote(output)
     doc = {"output": output, "arch": spec.arch, **training,
            "history": [vars(r) for r in result.history]}
     run.emit(doc, lambda d: format_fields([

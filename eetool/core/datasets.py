@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from eetool.core.distributed import World, shard_batches
-from eetool.core.errors import InputError, ModelMismatchError, UsageError
+from eetool.core.errors import EetoolError, InputError, ModelMismatchError, UsageError
 from eetool.core.loading import IN_MEMORY_LIMIT_BYTES, DataLoading, DataOptions, Geometry
 from eetool.core.sources import (
     DATA_ROOT_ENV,
@@ -59,6 +59,7 @@ class Dataset:
     classes: list[str]
     source: str
     fingerprint: str = ""
+    classes_named: bool = True  # False: the source names no classes, and ``classes`` counts up to its top label
     indices: torch.Tensor | None = None  # positions in the full split, when restricted by --indices
     extra: dict[str, Any] = field(default_factory=dict)
     stream: FolderImages | None = None
@@ -97,6 +98,7 @@ class Dataset:
         h.update(idx.numpy().tobytes())
         return Dataset(self.name, self.split, None if self.images is None else self.images[idx], self.labels[idx],
                        self.classes, self.source, fingerprint=f"{self.fingerprint}+{h.hexdigest()[:12]}",
+                       classes_named=self.classes_named,
                        indices=base, stream=None if self.stream is None else self.stream.subset(idx),
                        geometry=self.geometry)
 
@@ -118,7 +120,11 @@ class Dataset:
         if self.stream is not None:
             decoded = self.stream.batches([pos for pos in positions if len(pos)])
             for pos in positions:  # an empty share (a batch smaller than torchrun's world) decodes nothing
-                images = next(decoded) if len(pos) else torch.empty((0, *self.image_shape), dtype=torch.uint8)
+                try:
+                    images = next(decoded) if len(pos) else torch.empty((0, *self.image_shape), dtype=torch.uint8)
+                except EetoolError as e:
+                    e.own_share = True  # under torchrun these files are this rank's alone: it reports the error
+                    raise
                 yield images, self.labels[pos], pos
             return
         assert self.images is not None

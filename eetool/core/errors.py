@@ -24,6 +24,9 @@ class ExitCode(IntEnum):
 
 class EetoolError(Exception):
     exit_code: ExitCode = ExitCode.INTERNAL
+    # Met in this process's own share of the data: under torchrun each rank decodes only its batches, so no other
+    # rank meets it and this one reports it. Any other error every rank meets alike, and rank 0 alone reports.
+    own_share: bool = False
 
     def __init__(self, problem: str, hint: str | None = None) -> None:
         super().__init__(problem)

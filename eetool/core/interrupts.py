@@ -5,6 +5,10 @@
 ``deferred()`` marks a critical section (creating a temp file and remembering its name, the
 final renames of an atomic write): a signal that arrives inside it is held and raised when the
 section ends, so the cleanup always knows which temp files exist and a rename is never cut off.
+In eetool's own process (``own_process()``, entered by the CLI's ``main``) a run's outcome is settled once its
+block ends: success, or the error or interruption it reports. The three signals are then ignored until the
+process exits, so that none can turn a finished run (or its error's exit code) into a death by signal (129,
+143) with no message, as Python's default handlers would once the old handlers were back.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class Interrupted(KeyboardInterrupt):
         self.signal_name = signal_name
 
 
+_own_process = False  # the CLI's main: nothing after a run needs the old handlers back
 _depth = 0  # nesting of deferred() sections (the main thread's; handlers run only there)
 _held: int | None = None  # a signal that arrived inside a deferred() section
 
@@ -59,11 +64,26 @@ def deferred() -> Iterator[None]:
 
 
 @contextmanager
+def own_process() -> Iterator[None]:
+    """Mark this block as eetool's own process (the CLI's ``main``): a run ending in it settles the process's
+    outcome, so ``interrupts_raise`` ignores the signals after the run instead of handing them back."""
+    global _own_process
+    _own_process = True
+    try:
+        yield
+    finally:
+        _own_process = False
+
+
+@contextmanager
 def interrupts_raise() -> Iterator[None]:
-    """Make SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` in this block, and restore the old handlers after.
+    """Make SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` in this block, and restore the old handlers after;
+    in eetool's own process (``own_process``) ignore them after instead, and drop one that came while that
+    was being done: the run has ended, and what it reports (its exit code) is what the process ends with.
 
     Signal handlers belong to the main thread; elsewhere (a command run from a worker thread) nothing changes.
     """
+    global _held
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -73,6 +93,12 @@ def interrupts_raise() -> Iterator[None]:
             previous[signum] = signal.signal(signum, _handler)
         yield
     finally:
-        with deferred():  # a signal now is raised once every old handler is back
-            for signum, old in previous.items():
-                signal.signal(signum, old if old is not None else signal.SIG_DFL)
+        if _own_process:
+            with deferred():
+                for signum in previous:
+                    signal.signal(signum, signal.SIG_IGN)  # SIG_IGN, unlike a handler, holds through shutdown
+                _held = None
+        else:
+            with deferred():  # a signal now is raised once every old handler is back
+                for signum, old in previous.items():
+                    signal.signal(signum, old if old is not None else signal.SIG_DFL)

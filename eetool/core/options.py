@@ -255,6 +255,7 @@ class Run:
     joined: bool = False  # this process has joined torchrun's process group
     reporter: ConsoleReporter = field(init=False)
     locks: list[OutputLock] = field(default_factory=list)  # of the outputs, held until the command ends
+    written: list[str] = field(default_factory=list)  # outputs already complete: an interrupt now names them
 
     def __post_init__(self) -> None:
         # Under torchrun only rank 0 shows progress, logs and warnings: the others would repeat them.
@@ -300,6 +301,12 @@ class Run:
         check_output(output, force=force, inputs=(*inputs, str(self.config) if self.config else None))
         if output != STDOUT and self.world.main:  # under torchrun rank 0 writes, and locks, alone
             self.locks.append(OutputLock(output))
+
+    def wrote(self, *paths: str) -> None:
+        """Say on stderr that ``paths`` are written, and remember them: an interrupt after this names them as
+        complete, where before it would say that nothing was written."""
+        self.written.extend(paths)
+        self.reporter.log(f"wrote {', '.join(paths)}")
 
     def release(self) -> None:
         """Release the outputs' locks (the wrapper calls it however the command ends)."""
@@ -449,16 +456,23 @@ def eetool_command(kind: str, *, model_options: bool = False, data_options: bool
 
                             leave()
                 except EetoolError as e:
-                    # Under torchrun every rank meets the same arguments and files before it joins the others:
-                    # rank 0 alone reports what goes wrong then. Afterwards a rank's error can be its own.
-                    quiet_rank = run is not None and not run.world.main and not run.joined
+                    # Under torchrun every rank meets the same arguments, files and checks, before it joins the
+                    # others and after: rank 0 alone reports those (every rank still exits with the code). An error
+                    # in a rank's own share of the data is that rank's alone to report.
+                    quiet_rank = run is not None and not run.world.main and not e.own_share
                     _fail(e.exit_code, "" if quiet_rank else f"error: {e}", debug, caught if verbose else [])
                 except KeyboardInterrupt as e:
                     if run is not None and run.world.distributed and (
-                            isinstance(e, PeerFailed) or isinstance(e, Interrupted) and e.signal_name == "SIGTERM"):
-                        # torchrun ends the other ranks when one fails: that rank's error is the one to read
+                            isinstance(e, PeerFailed) or isinstance(e, Interrupted) and e.signal_name == "SIGTERM"
+                            or not run.world.main):
+                        # torchrun ends the other ranks when one fails: that rank's error is the one to read; and
+                        # Ctrl-C reaches every rank from the terminal: rank 0 alone says so
                         _fail(ExitCode.INTERRUPTED, "", debug)
                     by = f" by {e.signal_name}" if isinstance(e, Interrupted) and e.signal_name != "SIGINT" else ""
+                    if run is not None and run.written:  # the outputs are complete; what came after them is not
+                        _fail(ExitCode.INTERRUPTED, f"interrupted{by} after writing {', '.join(run.written)}, which "
+                              f"{'is' if len(run.written) == 1 else 'are'} complete and kept; nothing after it was "
+                              "written (partial files are removed)", debug, caught if verbose else [])
                     resume = f" (hint: {run.resumable})" if run is not None and run.resumable and \
                         state_saved(run.resume_state) else ""
                     _fail(ExitCode.INTERRUPTED, f"interrupted{by}: no output was written (partial files are "

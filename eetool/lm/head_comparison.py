@@ -134,12 +134,12 @@ def compare_heads(run: Run, req: HeadComparisonRequest) -> None:
 
         lm_curves_png(plot, {r["head"]: r["curve"]["points"] for r in rows if "curve" in r},
                       final_score.accuracy, f"{model}: exit heads with a confidence threshold")
-        run.reporter.log(f"wrote {plot}")
+        run.wrote(plot)
     if output is not None:
         write_yaml(output, doc, Provenance(kind="lm-evaluation", checkpoint_sha256=lm.sha256, model_sha256=lm.sha256,
                                            exits=sorted({f"block{h.layer}" for h in heads.values()}),
                                            dataset=corpus.fingerprint, args=run.args))
-        run.reporter.log(f"wrote {output}")
+        run.wrote(output)
 
     def text_out(d: dict[str, Any]) -> str:
         t = d["temperature"]

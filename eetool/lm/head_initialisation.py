@@ -122,7 +122,7 @@ def initialise_exit_head(run: Run, req: HeadInitRequest) -> None:
     prov = Provenance(kind="lm-exit-head", checkpoint_sha256=lm.sha256, model_sha256=lm.sha256,
                       exits=[f"block{k}"], dataset=corpus.fingerprint, args=run.args)
     head.save(output, prov)
-    run.reporter.log(f"wrote {output}")
+    run.wrote(output)
 
     calibration_tokens = len(contexts) * context
     doc: dict[str, Any] = {

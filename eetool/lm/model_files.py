@@ -35,6 +35,7 @@ MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on its JSON header
 FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 OTHER_DTYPES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8,
                 "F8_E4M3": 1, "F8_E5M2": 1}
+TOKENIZER_MODELS = ("BPE", "WordPiece", "WordLevel", "Unigram")  # the tokenizers library's models
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -44,8 +45,56 @@ def check_config(folder: Path) -> dict[str, Any]:
     check_sizes(folder / "config.json", config)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json"):
         if (folder / name).exists():
-            read_json(folder / name, MAX_TOKENIZER_BYTES, "tokenizer file")
+            doc = read_json(folder / name, MAX_TOKENIZER_BYTES, "tokenizer file")
+            if name == "tokenizer.json":
+                check_tokenizer(folder / name, doc)
     return config
+
+
+def check_tokenizer(path: Path, doc: dict[str, Any]) -> None:
+    """The keys of tokenizer.json that transformers and the tokenizers library index without a check of their own
+    (a KeyError or "Model missing. at line 1 column 891" otherwise): ``added_tokens``, a list of objects with an
+    ``id`` and a ``content``; ``model``, an object with a known ``type`` (where it has one), a ``vocab`` (a list for
+    Unigram, an object for the others) and for BPE a list of ``merges``; and ``version`` 1.0 where it is given."""
+
+    def bad(problem: str) -> InputError:
+        return InputError(f"{path} {problem}", "give the tokenizer.json that came with the model, or re-download it "
+                                               "(this one is damaged or not a tokenizer's)")
+
+    if "version" in doc and doc["version"] != "1.0":
+        raise bad(f"is of version {doc['version']!r}, where the tokenizers library reads version '1.0'")
+    added = doc.get("added_tokens")
+    if added is None:
+        raise bad("lacks the key 'added_tokens' (the list of the tokens added to the vocabulary, [] for none)")
+    if not isinstance(added, list):
+        raise bad(f"has added_tokens of type {type(added).__name__}, not a list")
+    for n, token in enumerate(added):
+        if not isinstance(token, dict):
+            raise bad(f"has added_tokens[{n}] of type {type(token).__name__}, not an object")
+        for key, kind in (("id", int), ("content", str)):
+            if key not in token:
+                raise bad(f"lacks the key '{key}' in added_tokens[{n}]")
+            if not isinstance(token[key], kind) or isinstance(token[key], bool):
+                wanted = "a whole number" if kind is int else "a string"
+                raise bad(f"has added_tokens[{n}].{key} = {token[key]!r}, not {wanted}")
+    model = doc.get("model")
+    if model is None:
+        raise bad("lacks the key 'model' (the tokenizer's vocabulary and how it splits text)")
+    if not isinstance(model, dict):
+        raise bad(f"has a model of type {type(model).__name__}, not an object")
+    model_type = model.get("type")
+    if model_type is not None and model_type not in TOKENIZER_MODELS:
+        raise bad(f"has a model of type {model_type!r}, not one of {', '.join(TOKENIZER_MODELS)}")
+    if "vocab" not in model:
+        raise bad("lacks the key 'vocab' in its model")
+    vocab_type, wanted = (list, "a list") if model_type == "Unigram" else (dict, "an object")
+    if not isinstance(model["vocab"], vocab_type):
+        raise bad(f"has a model vocab of type {type(model['vocab']).__name__}, not {wanted}")
+    if model_type == "BPE":
+        if "merges" not in model:
+            raise bad("lacks the key 'merges' in its BPE model")
+        if not isinstance(model["merges"], list):
+            raise bad(f"has BPE merges of type {type(model['merges']).__name__}, not a list")
 
 
 def check_weights(folder: Path, config: dict[str, Any]) -> None:

@@ -151,7 +151,7 @@ def train_exit_head(run: Run, req: TrainingSessionRequest) -> None:
         if model_output is not None:  # last: if it fails, the temp files go and no output appears
             save_model_folder(lm, model_output)
     Path(resume_path).unlink(missing_ok=True)
-    run.reporter.log(f"wrote {', '.join([*files, *([model_output] if model_output else [])])}")
+    run.wrote(*files, *([model_output] if model_output else []))
 
     def text_out(d: dict[str, Any]) -> str:
         fields = format_fields([

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from eetool.core.datasets import FASHION_MNIST_CLASSES, Dataset, find_idx_file, 
 from eetool.core.errors import InputError, ModelMismatchError, UsageError
 from eetool.core.loading import DataOptions, Geometry
 from eetool.segmentation import IGNORE
+
+if TYPE_CHECKING:
+    from eetool.core.checkpoint import ModelSpec
 
 SCENE_SIDE = 64
 GARMENT_SIDE = 28
@@ -162,12 +166,14 @@ def masks_dataset(raw: LabelledMasks, fix: str) -> Dataset:
     converted = torch.where(masks == ignore_label, 0, masks).to(torch.int16)  # in range now: labels fit int16
     converted[masks == ignore_label] = IGNORE
     return Dataset(raw.name, raw.split, raw.images.contiguous(), converted.contiguous(),
-                   raw.classes or [str(k) for k in range(num_classes)], path)
+                   raw.classes or [str(k) for k in range(num_classes)], path, classes_named=bool(raw.classes))
 
 
-def check_masks(ds: Dataset, num_classes: int, input_size: tuple[int, int]) -> None:
+def check_masks(ds: Dataset, spec: ModelSpec) -> None:
     """Refuse data that is not segmentation, whose masks are not of the model's input size (the predictions are
-    made at that size), or whose labels go beyond the model's classes."""
+    made at that size), whose labels go beyond the model's classes, or that names other classes than the model:
+    another number of them, or (where the checkpoint names its classes) other names or another order."""
+    num_classes, input_size = spec.num_classes, spec.input_shape[1:]
     if not is_segmentation(ds):
         raise ModelMismatchError(f"{ds.spec} holds one label per image, the segmentation model needs per-pixel masks",
                                  "use segmentation data (--data fashion-mnist-scenes or segmentation:FILE)")
@@ -178,3 +184,14 @@ def check_masks(ds: Dataset, num_classes: int, input_size: tuple[int, int]) -> N
     if ds.labels.numel() and int(ds.labels.max()) >= num_classes:
         raise ModelMismatchError(f"{ds.spec} has mask labels up to {int(ds.labels.max())} but the model has "
                                  f"{num_classes} classes", "use the dataset the checkpoint was trained for")
+    if not ds.classes_named:  # only numbers up to the top label: nothing more to compare
+        return
+    if len(ds.classes) != num_classes:
+        raise ModelMismatchError(f"{ds.spec} has {len(ds.classes)} classes but the model has {num_classes}",
+                                 "use the dataset the checkpoint was trained for, or train a checkpoint on this one")
+    differ = [k for k, (ours, theirs) in enumerate(zip(ds.classes, spec.classes, strict=False)) if ours != theirs]
+    if spec.classes and differ:
+        k = differ[0]
+        raise ModelMismatchError(f"{ds.spec} names class {k} {ds.classes[k]!r} where the model has "
+                                 f"{spec.classes[k]!r} ({len(differ)} of {num_classes} classes differ)",
+                                 "use the dataset the checkpoint was trained for, with its classes in the same order")

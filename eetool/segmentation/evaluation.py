@@ -193,14 +193,14 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
 
         accuracy_cost_png(req.plot, [{**q, "accuracy": q["miou"]} for q in doc["points"]],
                           f"mIoU against cost: {ckpt.spec.arch} on {ds.spec} ({len(ds)} images)")
-        run.reporter.log(f"wrote {req.plot}")
+        run.wrote(req.plot)
     if req.output:
         prov = Provenance(kind="evaluation", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
                           dataset=ds.fingerprint, args=run.args)
         write_yaml(req.output, doc, prov)
         if req.output == STDOUT:
             return
-        run.reporter.log(f"wrote {req.output}")
+        run.wrote(req.output)
 
     def text(d: dict[str, Any]) -> str:
         head = format_fields([("checkpoint", ckpt.label), ("dataset", f"{d['dataset']} ({d['samples']} images, "

@@ -17,6 +17,7 @@ from eetool.segmentation.pixel_thresholds import (
 if TYPE_CHECKING:
     from eetool.core.checkpoint import Checkpoint
     from eetool.core.datasets import Dataset, Preprocess
+    from eetool.core.distributed import World
     from eetool.core.options import Run
     from eetool.segmentation.networks import SegmentationNet
 
@@ -62,7 +63,7 @@ def load_masks(spec: str, split: str, indices: str | None, ckpt: Checkpoint) -> 
     from eetool.segmentation.data import check_masks
 
     ds = load_dataset(spec, split, indices)
-    check_masks(ds, ckpt.spec.num_classes, ckpt.spec.input_shape[1:])
+    check_masks(ds, ckpt.spec)
     return ds
 
 
@@ -73,12 +74,20 @@ def preprocessed_batches(ds: Dataset, preprocess: Preprocess, batch_size: int, d
 
 
 def class_statistics(model: SegmentationNet, ds: Dataset, preprocess: Preprocess, batch_size: int,
-                     device: torch.device, reporter: Any) -> ClassStats:
-    """One streaming pass: every exit's softmax summed per ground-truth class (float64)."""
+                     device: torch.device, reporter: Any, world: World | None = None) -> ClassStats:
+    """One streaming pass: every exit's softmax summed per ground-truth class (float64). Under torchrun (``world``)
+    each rank sums its whole batches and the float64 sums and the counts are added up over the ranks: the counts
+    are one process's, the sums one process's but for the order of float64 additions."""
+    from eetool.core.distributed import all_sum, shard_batches
+
     stats = ClassStats.empty(len(EXIT_NAMES), model.num_classes)
     model.eval().to(device)
-    with torch.no_grad(), reporter.bar(-(-len(ds) // batch_size), "class statistics") as bar:
-        for x, masks in preprocessed_batches(ds, preprocess, batch_size, device):
-            add_batch(stats, model, x, masks)
+    batches = len(shard_batches(list(range(-(-len(ds) // batch_size))), world)) if world else -(-len(ds) // batch_size)
+    with torch.no_grad(), reporter.bar(batches, "class statistics") as bar:
+        for images, masks, _ in ds.batches(batch_size, world=world):
+            add_batch(stats, model, preprocess(images, device), masks)
             bar.advance()
+    if world is not None:
+        all_sum(stats.sums, world)
+        all_sum(stats.counts, world)
     return stats

@@ -109,7 +109,7 @@ def train_segmentation_exits(run: Run, req: ExitTrainingRequest) -> None:
     prov = Provenance(kind="checkpoint", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
                       dataset=train_data.fingerprint, args={**run.args, "training": training})
     save_checkpoint(req.output, model.cpu(), spec, prov)
-    run.reporter.log(f"wrote {req.output}")
+    run.wrote(req.output)
     costs = dense_costs(model, spec.input_shape)
     plain = sum(costs.stages)
     mious = exit_mious(model, eval_data, preprocess, req.batch_size, device) if eval_data is not None else None

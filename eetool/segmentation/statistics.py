@@ -78,15 +78,13 @@ def calibrate_statistics(run: Run, req: StatisticsRequest) -> None:
     """One streaming pass over ``req.data``: eq. 3.1's sums and counts at every exit, written to ``req.output``."""
     from eetool.core.artifacts import Provenance
     from eetool.core.datasets import Preprocess
+    from eetool.core.distributed import all_max
     from eetool.segmentation.inputs import class_statistics, load_masks, require_segmentation
 
     given = [flag for flag, value in req.classification_only.items() if value]
     if given:
         raise UsageError(f"{', '.join(given)} apply to classifiers, not to a segmentation checkpoint",
                          "drop them: a segmentation checkpoint's statistics are per exit and class at every exit")
-    if run.world.distributed:
-        raise UsageError("the class statistics of a segmentation network are computed in one process",
-                         "run `eetool calibrate-means` without torchrun")
     run.check_output(req.output, force=req.force, inputs=(req.checkpoint, req.indices, data_path(req.data)),
                      binary=True)
     ckpt = open_checkpoint(run, req.checkpoint)
@@ -95,13 +93,14 @@ def calibrate_statistics(run: Run, req: StatisticsRequest) -> None:
     ds = load_masks(req.data, req.split, req.indices, ckpt)
     preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
     start = time.perf_counter()
-    stats = class_statistics(model, ds, preprocess, req.batch_size, device, run.reporter)
-    seconds = time.perf_counter() - start
+    stats = class_statistics(model, ds, preprocess, req.batch_size, device, run.reporter, run.world)
+    seconds = all_max(time.perf_counter() - start, run.world)  # the pass ends with its slowest rank
     classes = ckpt.spec.classes or [str(k) for k in range(model.num_classes)]
     prov = Provenance(kind=KIND, checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
                       exits=list(EXIT_NAMES), dataset=ds.fingerprint, args=run.args)
-    save_statistics(req.output, stats, classes, prov)
-    run.reporter.log(f"wrote {req.output}")
+    if run.world.main:  # under torchrun every rank holds the summed statistics; rank 0 writes them
+        save_statistics(req.output, stats, classes, prov)
+        run.wrote(req.output)
     present = stats.present
     scores = margins(stats.exit_means().mean(0))  # c_k of P_k (eq. 3.2), the score CBT scales
     doc: dict[str, Any] = {

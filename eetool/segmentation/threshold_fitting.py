@@ -186,7 +186,8 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
                 dataset = dataset or calibrated_on  # without --budget, the statistics are all it is fitted on
             else:
                 assert ds is not None
-                stats = class_statistics(model, ds, preprocess, req.batch_size, device, run.reporter)
+                stats = class_statistics(model, ds, preprocess, req.batch_size, device, run.reporter,
+                                         run.world)
                 calibrated_on = dataset
             fit = cbt if req.method == "cbt" else cbt_ns
             alpha, beta = req.alpha, req.beta
@@ -236,7 +237,7 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
     write_yaml(req.output, doc, prov)
     if req.output == STDOUT:
         return
-    run.reporter.log(f"wrote {req.output}")
+    run.wrote(req.output)
 
     def text(d: dict[str, Any]) -> str:
         head = format_fields([("thresholds", req.output), ("method", d["method"]), ("decided per", d["decide_at"]),
