@@ -1,7 +1,7 @@
 """The one cost model: MACs of each stage from ptflops at the real input shape, the exits' decision overheads
 (``with_overheads``), and a pruned network's effective cost (MACs times each layer's non-zero fraction).
 
-Method: docs/exits-and-costs.md (cost model), docs/exits-and-costs.md#the-cost-of-a-pruned-network
+Method: docs/exits-and-costs.md; pruned networks: docs/weight-pruning.md#costs-of-a-pruned-network
 """
 
 from __future__ import annotations
