@@ -118,9 +118,9 @@ class EESegNet(nn.Module):
         self._inference: InferenceCopy[EESegNet] = InferenceCopy()
 
     def inference_net(self) -> EESegNet:
-        """The network inference runs: in eval mode without gradients, a cached copy with each BatchNorm folded into the
-        convolution before it, channels last (the same outputs up to float32 rounding), remade when a parameter or buffer
-        changes; otherwise this network itself, which is never changed.
+        """The network inference runs: in eval mode without gradients, a cached copy with each BatchNorm folded into
+        the convolution before it, channels last (the same outputs up to float32 rounding), remade when a parameter or
+        buffer changes; otherwise this network itself, which is never changed.
         Method: docs/methods/segmentation-inference.md#batchnorm-folded-channels-last
         """
         if self.folded or self.training or torch.is_grad_enabled():

@@ -1,7 +1,8 @@
 """Pixel exit thresholds: ADP-C (one for every pixel), CBT (one per class, thesis eq. 3.1-3.3) and CBT-ns
 (one per exit and class). Thresholds are a tensor of early exits x classes; ``ClassStats`` streams CBT's sums.
 
-Method (equations, and the edge cases the thesis leaves open): docs/methods/segmentation-inference.md#pixel-thresholds-adp-c-cbt-and-cbt-ns
+Method (equations, edge cases the thesis leaves open):
+docs/methods/segmentation-inference.md#pixel-thresholds-adp-c-cbt-and-cbt-ns
 """
 
 from __future__ import annotations
