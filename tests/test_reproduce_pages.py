@@ -103,3 +103,37 @@ def test_dataset_pruning_page_tables_on_fake_results(load_script: Callable[[str]
                           "| svp (ResNet-8) | 1 × 3 | 60,000 | 0 | 44 | |", "| random | – | 0 | 0 | 0 | |"]
     assert all(row in page for row in phases[2:])
     assert dp.page_parts(tmp_path / "nothing") is None
+
+
+def table_rows(table: str) -> list[list[str]]:
+    return [[c.strip() for c in row.strip("|").split("|")] for row in table.splitlines()[2:]]
+
+
+@pytest.mark.parametrize("page", ["segmentation", "segmentation-atlas", "segmentation-torchvision"])
+def test_segmentation_pages_tables_from_their_numbers_are_the_pages_tables(
+        page: str, load_script: Callable[[str], ModuleType]) -> None:
+    """Evaluations made of the numbers on the committed page give back its tables, row for row."""
+    seg = load_script("reproduce/segmentation.py")
+    committed = (ROOT / f"docs/results/{page}.md").read_text(encoding="utf-8")
+    parts = parts_of((ROOT / f"reproduce/pages/{page}.md").read_text(encoding="utf-8"), committed)
+    assert parts is not None
+    by_label = {seg.page_label(name): name for name, _, _ in seg.METHODS}
+    evals: dict[str, Any] = {}
+    for cells in table_rows(parts["last_exit_table"]):
+        shares = [float(x) for x in cells[4].split(" / ")] if len(cells) == 7 else [0.25] * 4
+        # a cost that rounds to the page's and whose inverse rounds to its analytic speed-up (the run's unrounded one)
+        cost = next(c for c in (float(cells[2]) + k / 1e6 for k in range(-500, 500))
+                    if f"{c:.3f}" == cells[2] and f"{1 / c:.2f}x" == cells[-1])
+        evals[by_label[cells[0]]] = {"points": [{}, {
+            "miou": float(cells[1]) / 100, "cost": cost, "executed_cost": float(cells[3]),
+            "speedup": float(cells[-2].rstrip("x")), "exit_shares": dict(zip(seg.EXITS, shares, strict=True))}]}
+    for cells in table_rows(parts.get("anytime_table", "\n\n")):
+        if cells[0].endswith("(this run)"):
+            pairs = [tuple(float(x) for x in cell.split(" / ")) for cell in cells[2:]]
+            evals[by_label[cells[1]]]["points"][1]["anytime"] = {
+                e: {"miou": m / 100, "gflops": g} for e, (m, g) in zip(seg.EXITS, pairs, strict=True)}
+    assert seg.page_parts(page, evals) == parts
+    assert seg.page_name("fashion-mnist-scenes", "eeseg") == "segmentation"
+    assert seg.page_name("brain-atlas", "eeseg") == "segmentation-atlas"
+    assert seg.page_name("fashion-mnist-scenes", "lraspp_mobilenet_v3_large") == "segmentation-torchvision"
+    assert seg.page_name("fashion-mnist-scenes", "fcn_resnet50") is None  # no page reports that network
