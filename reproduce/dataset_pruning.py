@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 import torch
+from pages import write_page  # reproduce/pages.py, beside this script
 from steps import Step, run_steps  # reproduce/steps.py, beside this script
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
@@ -153,28 +155,10 @@ def tabulate(out: Path, a: argparse.Namespace) -> str:
     if base is None:
         return "no results"
     base_acc = base["eval_accuracy"]
-    target = base_acc - 0.005
     lines += [f"No pruning: {100 * base_acc:.2f}% test accuracy after {base['samples_seen']:,} samples "
               f"({a.epochs} epochs on {a.train_size:,} images).", "",
               "Test accuracy (samples seen in retraining; samples seen until the test accuracy first came within "
-              "0.5 points of no pruning's final accuracy, – if never):", "",
-              "| method | " + " | ".join(f"{pct(r)}% pruned" for r in RATIOS) + " |",
-              "|---|" + "---|" * len(RATIOS)]
-    rows = [*METHODS, *(f"eeprune-{loc}" for loc in ABLATION)]
-    for method in rows:
-        cells = []
-        for r in RATIOS:
-            t = load(out, f"train-{method}-{pct(r)}")
-            if t is None:
-                cells.append("failed")
-                continue
-            reach = samples_to_reach(t["history"], target)
-            cells.append(f"**{100 * t['eval_accuracy']:.2f}%**" if t["eval_accuracy"] >= base_acc else
-                         f"{100 * t['eval_accuracy']:.2f}%")
-            cells[-1] += f" ({t['samples_seen']:,}; {'–' if reach is None else f'{reach:,}'})"
-        label = {"eeprune-before": "EEPrune, exit before (ablation)",
-                 "eeprune-after": "EEPrune, exit after (ablation)"}.get(method, method)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+              "0.5 points of no pruning's final accuracy, – if never):", "", *accuracy_table(out, base_acc)]
     lines += ["", "Cost of each pruning phase (one phase serves every ratio):", "",
               "| method | runs × epochs | samples trained | samples scored | seconds | EEPrune threshold t at "
               + ", ".join(f"{pct(r)}%" for r in RATIOS) + " |", "|---|---|---|---|---|---|"]
@@ -215,6 +199,65 @@ def tabulate(out: Path, a: argparse.Namespace) -> str:
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
     return table
+
+
+def accuracy_table(out: Path, base_acc: float) -> list[str]:
+    """Test accuracy after retraining on what each method keeps at each ratio (bold: at or above no pruning), with
+    the samples trained on and the samples until it first came within 0.5 points of no pruning's accuracy."""
+    lines = ["| method | " + " | ".join(f"{pct(r)}% pruned" for r in RATIOS) + " |", "|---|" + "---|" * len(RATIOS)]
+    for method in [*METHODS, *(f"eeprune-{loc}" for loc in ABLATION)]:
+        cells = []
+        for r in RATIOS:
+            t = load(out, f"train-{method}-{pct(r)}")
+            if t is None:
+                cells.append("failed")
+                continue
+            reach = samples_to_reach(t["history"], base_acc - 0.005)
+            cells.append(f"**{100 * t['eval_accuracy']:.2f}%**" if t["eval_accuracy"] >= base_acc else
+                         f"{100 * t['eval_accuracy']:.2f}%")
+            cells[-1] += f" ({t['samples_seen']:,}; {'–' if reach is None else f'{reach:,}'})"
+        label = {"eeprune-before": "EEPrune, exit before (ablation)",
+                 "eeprune-after": "EEPrune, exit after (ablation)"}.get(method, method)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def phase_table(out: Path) -> list[str]:
+    """The results page's table of each pruning phase's cost, and EEPrune's threshold t at every ratio."""
+    lines = [f"| method | runs × epochs | samples trained | samples scored | seconds | threshold t at "
+             f"{pct(RATIOS[0])}% … {pct(RATIOS[-1])}% |", "|---|---|---|---|---|---|"]
+    exits = {"eeprune": "mid", "eeprune-before": "before", "eeprune-after": "after"}
+    for method in ("eeprune", "eeprune-before", "eeprune-after", "el2n", "forgetting", "svp", "random"):
+        p = load(out, f"{method}-{pct(RATIOS[0])}")
+        if p is None:
+            continue
+        ph = p["pruning_phase"]
+        ts = ""
+        if method in exits:
+            vals = [load(out, f"{method}-{pct(r)}") for r in RATIOS]
+            ts = ", ".join("–" if v is None or v["threshold"] is None else f"{v['threshold']:.4f}" for v in vals)
+            label = (f"eeprune (exit after `{p['exit']}`, {exits[method]})" if method == "eeprune" else
+                     f"eeprune, exit after `{p['exit']}` ({exits[method]})")
+        elif method == "svp":
+            proxy = re.sub(r"^resnet(\d+)$", r"ResNet-\1", str(ph.get("proxy_arch", "proxy")))
+            label = f"svp ({proxy})"
+        else:
+            label = method
+        runs = "–" if not ph["runs"] or not ph["epochs"] else f"{ph['runs']} × {ph['epochs']}"
+        lines.append(f"| {label} | {runs} | {ph['samples_seen']:,} | {ph['samples_scored']:,} | {ph['seconds']:.0f} |"
+                     + (f" {ts} |" if ts else " |"))
+    return lines
+
+
+def page_parts(out: Path) -> dict[str, str] | None:
+    """The generated parts of docs/results/dataset-pruning.md (reproduce/pages/dataset-pruning.md holds the rest),
+    or None before no pruning's run has finished."""
+    base = load(out, "train-none")
+    if base is None:
+        return None
+    return {"baseline": f"{100 * base['eval_accuracy']:.2f}% after {base['samples_seen']:,} samples",
+            "accuracy_table": "\n".join(accuracy_table(out, base["eval_accuracy"])),
+            "phase_table": "\n".join(phase_table(out))}
 
 
 def plot(out: Path, a: argparse.Namespace, figure: Path) -> None:
@@ -281,12 +324,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--figure", type=Path, default=Path("docs/dataset-pruning.png"))
+    p.add_argument("--page", type=Path, default=None, help="the results page (default docs/results/dataset-pruning.md)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     make_subset(a.out / "subset.txt", a.data, a.train_size, a.seed)
     run_steps(plan(a.out, a), a.jobs)
     print(tabulate(a.out, a))
     plot(a.out, a, a.figure)
+    parts = page_parts(a.out)
+    if parts is not None:
+        print(f"wrote {write_page('dataset-pruning', parts, a.page)}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
-"""Tabulate the fixed-training-budget comparison (make fixed-budget) as Markdown and a plot.
+"""Tabulate the fixed-training-budget comparison (make fixed-budget) as Markdown and a plot, and write its results
+page (docs/results/fixed-budget.md, from reproduce/pages/fixed-budget.md) with the figure (docs/fixed-budget.png).
 
     python reproduce/fixed_budget_table.py results/fixed-budget
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import shutil
 from pathlib import Path
+from typing import Any
 
 import yaml
+from pages import write_page  # reproduce/pages.py, beside this script
 
 BUDGETS = (0.15, 0.2, 0.25, 0.3)
 ROWS = [
@@ -22,21 +26,23 @@ ROWS = [
 ]
 
 
-def main(folder: Path) -> None:
+def tabulate(evaluations: dict[str, Any]) -> tuple[str, dict[str, list[tuple[float, float]]]]:
+    """The Markdown table (test accuracy and cost at each budget, one row per method that was evaluated) and each
+    method's (cost, accuracy) points; ``evaluations`` maps a row's name to its ``evaluate`` YAML."""
     lines = ["| method | " + " | ".join(f"budget {b:g}" for b in BUDGETS) + " |",
              "|---|" + "---|" * len(BUDGETS)]
     curves = {}
     for label, name in ROWS:
-        path = folder / f"{name}-evaluation.yaml"
-        if not path.is_file():
+        if not evaluations.get(name):
             continue
-        points = [p for p in yaml.safe_load(path.read_text())["points"] if p["name"] != "plain"]
+        points = [p for p in evaluations[name]["points"] if p["name"] != "plain"]
         cells = [f"{100 * p['accuracy']:.2f}% ({p['cost']:.3f})" for p in points]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
         curves[label] = [(p["cost"], p["accuracy"]) for p in points]
-    table = "\n".join(lines)
-    (folder / "table.md").write_text(table + "\n")
-    print(table)
+    return "\n".join(lines), curves
+
+
+def plot(curves: dict[str, list[tuple[float, float]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,8 +57,26 @@ def main(folder: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(folder / "fixed-budget.png")
+    fig.savefig(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folder", type=Path)
+    p.add_argument("--figure", type=Path, default=Path("docs/fixed-budget.png"), help="the page's figure")
+    p.add_argument("--page", type=Path, default=None, help="the results page (default docs/results/fixed-budget.md)")
+    a = p.parse_args()
+    evaluations = {}
+    for _, name in ROWS:
+        path = a.folder / f"{name}-evaluation.yaml"
+        evaluations[name] = yaml.safe_load(path.read_text()) if path.is_file() else None
+    table, curves = tabulate(evaluations)
+    (a.folder / "table.md").write_text(table + "\n")
+    print(table)
+    plot(curves, a.folder / "fixed-budget.png")
+    shutil.copyfile(a.folder / "fixed-budget.png", a.figure)
+    print(f"wrote {write_page('fixed-budget', {'table': table}, a.page)}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main()

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pages import write_page  # reproduce/pages.py, beside this script
 from steps import Step, run_steps  # reproduce/steps.py, beside this script
 
 from eetool.core.architectures import SEGMENTATION_ARCHS
@@ -293,6 +294,71 @@ def claims(evals: dict[str, Any], fits: dict[str, Any]) -> list[str]:
     return out
 
 
+# The results pages' rows and columns (docs/results/<page>.md; their prose is reproduce/pages/<page>.md)
+PAGE_ANYTIME_ROWS = ("adpc-0.998", "cbt-0.99", "cbt-0.95", "cbt-0.9", "adpc-0.9")
+PAGE_THESIS_ROWS = ("ADP-C", "CBT [0.99, 0.998]", "CBT [0.9, 0.998]")  # Table III's HRNetV2-W48 rows
+PAGE_LAST_ROWS = ("adpc-0.998", "cbt-0.99", "cbtns-0.99", "cbt-0.95", "cbt-0.9", "cbtns-0.9", "adpc-0.9")
+PAGE_TORCHVISION_ARCH = "lraspp_mobilenet_v3_large"  # the network docs/results/segmentation-torchvision.md is about
+
+
+def page_name(data: str, arch: str) -> str | None:
+    """The results page a run writes (None for a run no page reports)."""
+    if arch == "eeseg":
+        return {"fashion-mnist-scenes": "segmentation", "brain-atlas": "segmentation-atlas"}.get(data)
+    return "segmentation-torchvision" if arch == PAGE_TORCHVISION_ARCH and data == "fashion-mnist-scenes" else None
+
+
+def page_label(name: str) -> str:
+    """A method as the results pages name it: ADP-C with its threshold."""
+    label = next(label for n, label, _ in METHODS if n == name)
+    return f"ADP-C {name.split('-')[1]}" if name.startswith("adpc-") and not name.endswith("-feature") else label
+
+
+def last_exit_table(evals: dict[str, Any], names: tuple[str, ...], shares: bool = True,
+                    measured: str = "measured speed-up") -> str:
+    """The results page's last-exit table: mIoU, analytic and executed cost, optionally the share of pixels leaving
+    at each exit, the measured and the analytic speed-up, one row per method in ``names`` that was evaluated."""
+    columns = ["method", "mIoU", "cost", "executed", *(["pixels leaving at exit 1 / 2 / 3 / final"] if shares else []),
+               measured, "analytic"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for name in names:
+        if not evals.get(name):
+            continue
+        p = evals[name]["points"][1]
+        cells = [page_label(name), f"{100 * p['miou']:.2f}", f"{p['cost']:.3f}", f"{p['executed_cost']:.3f}",
+                 *([" / ".join(f"{p['exit_shares'][x]:.3f}" for x in EXITS)] if shares else []),
+                 f"{p['speedup']:.2f}x", f"{1 / p['cost']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def anytime_table(evals: dict[str, Any], model: str = "eeseg") -> str:
+    """The results page's anytime table: mIoU (%) / GFLOPs after each exit, this run beside Table III's W48 rows."""
+    lines = ["| model | method | " + " | ".join(f"exit {i}" for i in range(1, 5)) + " |", "|---|---|" + "---|" * 4]
+    for name in PAGE_ANYTIME_ROWS:
+        if evals.get(name):
+            lines.append(f"| {model} (this run) | {page_label(name)} | " + " | ".join(
+                f"{100 * m:.2f} / {g:.4f}" for m, g in anytime(evals[name])) + " |")
+    for model_name, label, cells in THESIS_TABLE_III:
+        if model_name == "HRNetV2-W48" and label in PAGE_THESIS_ROWS:
+            lines.append(f"| {model_name} (thesis) | {'ADP-C 0.998' if label == 'ADP-C' else label} | "
+                         + " | ".join(f"{m:.2f} / {g:.2f}" for m, g in cells) + " |")
+    return "\n".join(lines)
+
+
+def page_parts(page: str, evals: dict[str, Any]) -> dict[str, str]:
+    """The generated parts of a results page (reproduce/pages/PAGE.md holds the rest)."""
+    if page == "segmentation":
+        return {"anytime_table": anytime_table(evals),
+                "last_exit_table": last_exit_table(evals, (*PAGE_LAST_ROWS, "adpc-0.99", "adpc-0.999"))}
+    if page == "segmentation-atlas":
+        return {"last_exit_table": last_exit_table(evals, (*PAGE_LAST_ROWS, "adpc-0.99", "adpc-0.999"),
+                                                   shares=False)}
+    return {"last_exit_table": last_exit_table(evals, (*PAGE_LAST_ROWS, *(f"adpc-{t}" for t in
+                                                                          ("0.95", "0.99", "0.995", "0.999"))),
+                                               measured="measured")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
@@ -315,6 +381,8 @@ def main() -> None:
                    "network and the thresholds in turn; a shared machine moves a single round by 2x)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per step")
+    p.add_argument("--page", type=Path, default=None, help="the results page (default: docs/results/ segmentation.md, "
+                   "segmentation-atlas.md or segmentation-torchvision.md, by --data and --arch)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     for part in ("train", "calibration", "test"):
@@ -329,6 +397,9 @@ def main() -> None:
         table = tabulate(evals, fits, a.data.split(":")[0], a.arch)
         (a.out / "table.md").write_text(table + "\n")
         print(table)
+        page = page_name(a.data.split(":")[0], a.arch)
+        if page is not None:
+            print(f"wrote {write_page(page, page_parts(page, evals), a.page)}")
     sys.exit(0 if ok else 1)
 
 

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pages import write_page  # reproduce/pages.py, beside this script
 from steps import Step, run_steps  # reproduce/steps.py, beside this script
 
 APPROACHES = ("joint", "ordered")
@@ -175,36 +177,26 @@ def speed_text(doc: dict[str, Any] | None) -> str:
     return f"{p['speedup_vs_baseline']:.2f}x ({p['speedup_vs_baseline_min']:.2f}–{p['speedup_vs_baseline_max']:.2f})"
 
 
-def tabulate(reports: dict[str, Any], sweeps: dict[str, Any], speeds: dict[str, Any] | None = None) -> str:
-    """Markdown: each exit's accuracy (unpruned and every pruned network) with its costs, then each network's
-    sparsity, its accuracy-cost curve read off at BUDGETS and its measured speed-up."""
-    speeds = speeds or {}
+def exit_rows(reports: dict[str, Any], label: Callable[[int, str], str] = lambda i, name: name) -> list[str]:
+    """One Markdown row per exit: its dense cost, the unpruned network's accuracy and each pruned network's accuracy
+    and cost there; ``label(i, name)`` names exit ``i``."""
     first = next(r for r in reports.values() if r)
-    exits = [e["exit"] for e in first["costs"]["exits"]]
     base = first["baseline_accuracy"]
     dense = next((r for r in reports.values() if r and r.get("structure") != CHANNEL), None)
-    lines = ["Each exit's test accuracy when every image leaves there (cost: dense, effective for the unstructured "
-             "networks and the smaller network's for channel pruning, as a fraction of the unpruned backbone's MACs; "
-             "leaving at an exit includes every head before it, so the last exits cost more than the backbone "
-             "alone):", "",
-             "| exit | dense cost | unpruned | " + " | ".join(f"{a} | {a} cost" for a in PRUNED) + " |",
-             "|---|---|---|" + "---|---|" * len(PRUNED)]
-    for i, name in enumerate(exits):
-        cells = [name, f"{dense['costs']['exits'][i]['dense']:.3f}" if dense else "–", pct(base.get(name))]
+    lines = []
+    for i, name in enumerate(e["exit"] for e in first["costs"]["exits"]):
+        cells = [label(i, name), f"{dense['costs']['exits'][i]['dense']:.3f}" if dense else "–", pct(base.get(name))]
         for a in PRUNED:
             r = reports.get(a)
             cells += [pct(r["accuracy"].get(name)), f"{exit_cost(r, i):.3f}"] if r else ["–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def network_rows(reports: dict[str, Any], sweeps: dict[str, Any], speeds: dict[str, Any]) -> list[str]:
+    """One Markdown row per network: sparsity, its accuracy-cost curve read off at BUDGETS and its speed-up."""
     best_unpruned = max(p["accuracy"] for p in sweeps["unpruned"]["points"]) if sweeps.get("unpruned") else None
-    lines += ["", "Sparsity of the weights taking part (backbone conv and linear, heads; channel pruning: the widths "
-              "kept), the accuracy-cost curves (convex hull of the test-split sweep, costs as above) and the full "
-              "model's measured speed-up against the unpruned network (1 thread, batch 256, median and range over "
-              "the rounds):", "",
-              "| network | sparsity (backbone; heads) | backbone conv by depth thirds | final layer | heads "
-              "(first → last) | full-model cost | best accuracy | "
-              + " | ".join(f"accuracy at cost {b:g}" for b in BUDGETS)
-              + f" | cost for best unpruned − {round(100 * ACCURACY_DROP)} points | measured speed-up |",
-              "|---|---|---|---|---|---|---|" + "---|" * len(BUDGETS) + "---|---|"]
+    lines = []
     for network in NETWORKS:
         r = reports.get(network)
         speed = speed_text(speeds.get(network))
@@ -237,8 +229,50 @@ def tabulate(reports: dict[str, Any], sweeps: dict[str, Any], speeds: dict[str, 
             read = ["–"] * (len(BUDGETS) + 2)
         lines.append(f"| {network} | {sparsity} | {thirds} | {final} | {heads} | {full} | " + " | ".join(read)
                      + f" | {speed} |")
+    return lines
+
+
+def tabulate(reports: dict[str, Any], sweeps: dict[str, Any], speeds: dict[str, Any] | None = None) -> str:
+    """Markdown: each exit's accuracy (unpruned and every pruned network) with its costs, then each network's
+    sparsity, its accuracy-cost curve read off at BUDGETS and its measured speed-up."""
+    speeds = speeds or {}
+    lines = ["Each exit's test accuracy when every image leaves there (cost: dense, effective for the unstructured "
+             "networks and the smaller network's for channel pruning, as a fraction of the unpruned backbone's MACs; "
+             "leaving at an exit includes every head before it, so the last exits cost more than the backbone "
+             "alone):", "",
+             "| exit | dense cost | unpruned | " + " | ".join(f"{a} | {a} cost" for a in PRUNED) + " |",
+             "|---|---|---|" + "---|---|" * len(PRUNED), *exit_rows(reports)]
+    lines += ["", "Sparsity of the weights taking part (backbone conv and linear, heads; channel pruning: the widths "
+              "kept), the accuracy-cost curves (convex hull of the test-split sweep, costs as above) and the full "
+              "model's measured speed-up against the unpruned network (1 thread, batch 256, median and range over "
+              "the rounds):", "",
+              "| network | sparsity (backbone; heads) | backbone conv by depth thirds | final layer | heads "
+              "(first → last) | full-model cost | best accuracy | "
+              + " | ".join(f"accuracy at cost {b:g}" for b in BUDGETS)
+              + f" | cost for best unpruned − {round(100 * ACCURACY_DROP)} points | measured speed-up |",
+              "|---|---|---|---|---|---|---|" + "---|" * len(BUDGETS) + "---|---|",
+              *network_rows(reports, sweeps, speeds)]
     return "\n".join(lines)
 
+
+def page_exit_label(i: int, name: str) -> str:
+    """An exit as the results page names it: its number (the stem's marked), or "final"."""
+    return "final" if name == "final" else f"{i + 1} (stem)" if name == "stem" else str(i + 1)
+
+
+def page_parts(reports: dict[str, Any], sweeps: dict[str, Any], speeds: dict[str, Any]) -> dict[str, str]:
+    """The generated parts of docs/results/weight-pruning.md (reproduce/pages/weight-pruning.md holds the rest)."""
+    best = max(p["accuracy"] for p in sweeps["unpruned"]["points"]) if sweeps.get("unpruned") else None
+    target = "–" if best is None else pct(best - ACCURACY_DROP)
+    exits = ["| exit | dense cost | unpruned | " + " | ".join(f"{a} | {a} cost" for a in PRUNED) + " |",
+             "|---|---|---|" + "---|---|" * len(PRUNED), *exit_rows(reports, page_exit_label)]
+    networks = ["| network | sparsity (backbone; heads) | backbone convs by depth thirds | final layer | heads, "
+                "first → last | full-model cost | best accuracy | "
+                + " | ".join(f"at cost {b:g}" if k == 0 else f"at {b:g}" for k, b in enumerate(BUDGETS))
+                + f" | cost for unpruned best − {round(100 * ACCURACY_DROP)} points ({target}) | measured speed-up |",
+                "|---|---|---|---|---|---|---|" + "---|" * len(BUDGETS) + "---|---|",
+                *network_rows(reports, sweeps, speeds)]
+    return {"exit_table": "\n".join(exits), "network_table": "\n".join(networks)}
 
 def save(fig: Any, prefix: Path, name: str) -> Path:
     """Write a finished figure as PREFIX-NAME.png and close it."""
@@ -328,6 +362,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per step")
     p.add_argument("--figures", type=Path, default=Path("docs/weight-pruning"), help="figure prefix")
+    p.add_argument("--page", type=Path, default=None, help="the results page (default docs/results/weight-pruning.md)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     make_data(a.out / "data.safetensors", a.data, a.eval_size, a.seed)
@@ -340,6 +375,7 @@ def main() -> None:
         (a.out / "table.md").write_text(table + "\n")
         print(table)
         plot(reports, sweeps, a.figures)
+        print(f"wrote {write_page('weight-pruning', page_parts(reports, sweeps, speeds), a.page)}")
     sys.exit(0 if ok else 1)
 
 

@@ -124,3 +124,22 @@ def test_plot_writes_the_three_figures(wp: ModuleType, tmp_path: Path) -> None:
     written = wp.plot(reports, sweeps, tmp_path / "wp")
     assert [p.name for p in written] == ["wp-sparsity.png", "wp-exits.png", "wp-cost.png"]
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_the_results_page_gets_the_pages_headers_and_exit_numbers(wp: ModuleType) -> None:
+    reports = {"joint": report(0.88, 5), "ordered": report(0.86, 2), "channel": channel_report(0.87)}
+    for r in reports.values():  # the shipped ResNet-20's exit names: the stem first, the final exit last
+        r["costs"]["exits"][0]["exit"] = "stem"
+        for key in ("accuracy", "baseline_accuracy"):
+            r[key]["stem"] = r[key].pop("e1")
+    sweeps = {"unpruned": sweep((0.3, 0.6), (1.0, 0.9)), "joint": sweep((0.1, 0.7), (0.4, 0.88))}
+    parts = wp.page_parts(reports, sweeps, {})
+    page = (Path(__file__).resolve().parents[1] / "docs/results/weight-pruning.md").read_text()
+    exits, networks = parts["exit_table"].splitlines(), parts["network_table"].splitlines()
+    assert exits[0] in page and exits[1] in page
+    assert [row.split(" | ")[0] for row in exits[2:]] == ["| 1 (stem)", "| 2", "| final"]
+    assert exits[2] == "| 1 (stem) | 0.300 | 60.00% | 70.00% | 0.100 | 70.00% | 0.100 | 65.00% | 0.150 |"
+    # the header names the accuracy mark: the unpruned network's best (90%) less 4 points
+    assert networks[0] in page.replace("(89.84%)", "(86.00%)")
+    assert networks[3] == ("| joint | 55.0% (50.0%; 60.0%) | 20.0% / 50.0% / 80.0% | 10.0% | 50.0% → 90.0% | "
+                           "0.400 | 88.00% | 70.00% | 73.00% | 76.00% | 88.00% | 0.367 | – |")

@@ -1,22 +1,8 @@
-"""An early-exit bundle (``eetool export``): ONNX graphs per backbone stage and per exit decision, and a manifest.
+"""An early-exit bundle (``eetool export``): ONNX graphs per backbone stage and per exit decision, a manifest and
+SHA256SUMS, for the PyTorch-free runtime (``runtime/``). Every graph is ``torch.onnx.export`` of the very modules and
+rules eetool runs; stage 0 applies the checkpoint's preprocessing, and the threshold comparison is the runtime's.
 
-The bundle is what the PyTorch-free runtime (``runtime/``, ``eetool-runtime predict``) runs: the stages in order,
-after each exit the decision graph, the batch compacted to the samples that stay, as eetool's own early-exit pass
-does. Every graph comes from ``torch.onnx.export`` of the very modules and rules eetool runs:
-
-- stage 0 takes the decoded images (uint8 N x 3 x H x W, as ``eetool.streaming.decode_image`` makes them) and
-  applies the checkpoint's ``Preprocess`` (channels, mean, std) before the first stage, so that the runtime needs
-  no preprocessing of its own beyond decoding, resizing and cropping;
-- exit j's graph maps the stage's features to the rule's confidence, prediction and class probabilities (E²CM:
-  distances to the class means and the recorded prediction rule; heads: the head, its softmax or entropy; e2cm+sdn:
-  both, combined); the threshold comparison conf > T_j is the runtime's, so one bundle holds every operating point;
-- the last stage gives the logits.
-
-``manifest.yaml`` records the classes, input, preprocessing, stages and exits in order, every operating point with
-its thresholds and costs, the provenance of the sources and the sha256 of every graph; ``SHA256SUMS`` (the format of
-``sha256sum -c``) covers the graphs and the manifest, so that a changed graph, threshold or manifest is refused. The
-manifest's ``format: eetool-bundle`` is how eetool knows a folder as one it wrote, and the only kind of folder it
-replaces (``--force``).
+Layout: docs/predict-and-export.md#eetool-export
 """
 
 from __future__ import annotations

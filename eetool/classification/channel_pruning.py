@@ -1,26 +1,8 @@
-"""Structured (channel) pruning: a smaller dense network that really runs faster.
+"""Structured (channel) pruning: a smaller dense network that really runs faster. L1-norm filter pruning with
+Torch-Pruning's dependency graph (an optional extra, imported only here), heads rebuilt for the channels their
+exits keep; ``ChannelPruner`` runs the rounds of ``eetool prune-weights --structure channel``.
 
-Unstructured pruning (thesis 2.5) zeroes weights, which dense kernels still multiply. Here whole
-channels go: L1-norm filter pruning (Li et al. 2017) with Torch-Pruning's dependency graph
-(Fang et al. 2023), which removes a channel from every layer that reads or writes it, so the
-residual additions of a ResNet (a stream shared by the stem, every block's last convolution and
-the projection shortcut) stay consistent. Each layer keeps the same fraction of its channels (the
-uniform, per-layer variant of L1-norm pruning), stepped up until the backbone's MACs reach the target.
-
-Exit heads are not part of the graph: each exit gets an identity 1x1 probe convolution that the graph
-prunes like any reader of the exit's channels, and what is left of the probe's input side says which
-channels the exit kept; each head is then rebuilt from its ``HeadsSpec`` with the new channel count
-and the matching slices of its weights. So the heads' spec still rebuilds them, whatever the head kind
-(SDN, BranchyNet, with E²CM distances concatenated), and the heads do not sway which channels the
-backbone keeps (it is pruned as it would be alone).
-
-In rounds (``ChannelPruner``, the engine of ``eetool prune-weights --structure channel``): round k prunes the
-backbone to ``(1 - amount)^k`` of the unpruned network's MACs (each round removes ``amount`` of the MACs that
-remain, as the unstructured rounds remove ``amount`` of the remaining weights), re-estimates the batch norm
-statistics, then fine-tunes backbone and heads jointly. Between rounds the architecture changes, so the resume
-state records the widths (``arch_args``) and the heads' input shapes that rebuild the network.
-
-Torch-Pruning is an optional extra (``pip install 'eetool[prune]'``), imported only here.
+Method: docs/weight-pruning.md#channel-pruning
 """
 
 from __future__ import annotations

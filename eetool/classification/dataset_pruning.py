@@ -1,24 +1,8 @@
-"""Dataset pruning: EEPrune (thesis chapter 4), its two variants and the baselines it is compared with.
+"""Dataset pruning: EEPrune (thesis chapter 4), its variants ``eeprune-loss`` and ``eeprune-soft``, and the baselines
+``random``, ``el2n``, ``forgetting`` and ``svp``. Each method turns a short training phase into per-sample records
+and the records into a priority (highest pruned); the records are kept, so another ratio needs no training.
 
-Every method turns a short training phase into per-sample *records* (O(N) tensors updated in
-place once per batch) and the records into a *priority*: the samples with the highest priority
-are pruned. Records are kept in the artifact, so another ratio or another member of the EEPrune
-family is a selection over the same records, without training again.
-
-- ``eeprune``: an early-exit network (one linear exit at ``before``/``mid``/``after`` = the first
-  quartile, middle or third quartile of the exit points) trained for E epochs on the sum of both
-  exits' cross-entropies (Algorithm 2). A sample qualifies at threshold t when at some training
-  step both exits predict it correctly and the early exit's largest probability exceeds t. The
-  priority is the highest early-exit confidence at which it ever qualified, kept as log-odds
-  log(p / (1 - p)) so that confidences that round to 1.0 in float32 still rank; pruning exactly a
-  fraction r sets t to the largest value that a fraction r of the samples exceed.
-- ``eeprune-loss``: after E epochs, the samples with the lowest sum of the two exits' losses.
-- ``eeprune-soft``: after E epochs, w1·[early correct] + w2·[final correct] + w3·[early
-  confidence > t] + w4·(early + final confidence); the highest scores are pruned.
-- ``random``; ``el2n`` (Paul et al. 2021: mean L2 norm of softmax - one-hot over an ensemble
-  trained a few epochs, lowest pruned); ``forgetting`` (Toneva et al. 2019: forgetting events
-  over a training run, never-learned samples count as forgotten infinitely often, least forgotten
-  pruned); ``svp`` (Coleman et al. 2020: forgetting on a smaller proxy model).
+Method: docs/dataset-pruning.md
 """
 
 from __future__ import annotations

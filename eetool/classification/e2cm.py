@@ -1,19 +1,8 @@
-"""E²CM, early exit via class means (thesis chapter 2): calibration.
+"""E²CM, early exit via class means (thesis chapter 2): calibration. Per exit, class means of the (optionally
+pooled) features from float64 sums and counts, normalised distances, each sample's confidence (eq. 2.5) and
+prediction (eq. 2.7, or the nearest class mean, recorded per exit by ``calibrate``).
 
-For exit j and class k the class mean c_jk is the mean of exit j's (optionally max-pooled)
-features over the calibration samples of class k (eq. 2.2). A sample's distances
-d_jk = ||x_j - c_jk||_2 (eq. 2.3) are divided by the mean of d_jk over all N calibration
-samples (eq. 2.4) and turned into probabilities by softmax(-d) (eq. 2.5); the sample leaves at
-exit j when max_k P(k) > T_j (eq. 2.6) with label argmax_k P(k) (eq. 2.7).
-
-The label can instead be the nearest class mean, argmin_k of the raw distance (the thesis's
-official code predicts so): the normalisation rescales each class's distances differently, so
-the two rules can disagree, and on the demo checkpoint the raw rule is the more accurate at every
-exit. ``calibrate`` records per exit which rule predicts (``--predict auto`` takes the one more
-accurate on the calibration samples); the confidence is eq. 2.5's in either case.
-
-Accumulations are float64 sums and counts that add across shards, so calibration can later be
-spread over processes and combined with an all-reduce.
+Method: docs/e2cm.md
 """
 
 from __future__ import annotations

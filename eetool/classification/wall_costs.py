@@ -1,43 +1,9 @@
 """Exit costs in wall time: what ``fit-thresholds --overhead measured`` fits budgets on.
 
-The analytic cost model (eetool.core.costs) counts MACs, and a decision's Python dispatch, synchronisation
-and small kernels cost time its MACs do not show. Here each stage of the backbone, each exit's decision and
-the compaction after it are timed on the checkpoint, on a few batches of the data being fitted, at the batch
-size asked for and at smaller ones (a half, a quarter and a sixteenth of it, and 1): after an exit the batch
-is compacted to the samples that stay, so later stages run on fewer samples, each at a higher cost per sample.
-After one untimed warm-up round, ``repeats`` rounds each run every batch, cut to every batch size in turn,
-through the stages, timing each stage, the decision after it and the compaction that follows a decision (as
-``eetool.core.inference.ExitBatch`` does it, with every other sample leaving), so that a change of load hits every
-part and every batch size of a round alike; each part's time is the median over rounds and batches.
+Stages, decisions and compactions are timed at several batch sizes; ``sweep_wall`` refits on the per-sample costs
+at the batch sizes each fit lets through. The numbers hold for the machine, thread count and batch size measured.
 
-The model. Step j is stage j with exit j's decision and compaction (the last step is the model's head alone); T_j(n)
-is its time on a batch of n samples, linear between the measured batch sizes and from (0, 0) to the smallest. Each
-decision is timed as ``Thresholded`` makes it (the rule's scores, then the comparison with the threshold), and the
-pass's own bookkeeping (starting the batch, writing the head's predictions back), paid once per batch, is timed too
-and charged to step 0, which every sample reaches. A larger batch never takes less time: where a measurement says so
-(noise), the smaller batch's time is kept for it too, so that T_j is non-decreasing in n. (Time per sample is not
-made monotone: on a CPU a large batch can cost more per sample than a middling one, its features no longer fitting
-the caches.) Thresholds that let a fraction r_j of the samples reach step j cost, per batch of B, sum_j T_j(r_j B);
-divided by the plain model's time at B (its stages' times: the plain model run stage by stage) this is the cost a
-budget bounds, and the plain model is 1. Because T_j is non-decreasing, letting a sample leave earlier never raises
-the cost.
-
-The fit. That cost is not a mean of per-sample exit costs, which is what the threshold searches take: the
-per-sample cost of step j, T_j(r_j B) / (r_j B), depends on the thresholds through r_j. So thresholds are
-fitted on per-sample costs at the full batch, the fraction of samples reaching each step under them gives
-the batch size each step then sees, the per-sample costs at those sizes are the next fit's, and so on
-(``sweep_wall``), at most ``MAX_FITS`` fits. A fit whose model cost is over the budget (the per-sample costs it
-was fitted on were those of other thresholds) is replaced by the most accurate step of the greedy walk on the
-same costs whose model cost is within it; the model cost only falls along the walk, so that step is found by
-bisection. The loop has converged when a fit lets the same number of samples reach every step as the fit
-before it: its per-sample costs are then its own, the next fit would be the same, and its cost as a mean of
-per-sample costs is its model cost. The greedy walk's discrete choices can also make the fits go round a cycle
-(on the demo, fits alternating between two or five points); the loop stops when a fit repeats any earlier one.
-Of the fits made, the most accurate one is kept, and every one is within the budget under the model. At
-batch 1 no batch shrinks: T_j(r_j) = r_j T_j(1), the per-sample costs do not depend on the thresholds and the
-first fit is the fixed point.
-
-The numbers hold for the machine, thread count and batch size they were measured at.
+Method: docs/exits-and-costs.md#how-wall-time-costs-are-measured-and-fitted
 """
 
 from __future__ import annotations

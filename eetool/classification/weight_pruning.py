@@ -1,25 +1,8 @@
 """Pruning early-exit networks (thesis 2.5): global unstructured L1 magnitude pruning in rounds, each followed
-by fine-tuning, in two approaches.
+by fine-tuning, ``joint`` (thesis Approach 1) or ``ordered`` (Approach 2: backbone first, then the heads with the
+final layer). Pruned weights stay zero through fine-tuning by a boolean mask per layer.
 
-- ``joint`` (thesis Approach 1): backbone and exit heads are ranked together and fine-tuned together with the
-  heads' and the final exit's losses.
-- ``ordered`` (thesis Approach 2): the backbone alone is pruned and fine-tuned with the final exit's loss for
-  the rounds; then the heads are trained on the pruned backbone and pruned and fine-tuned for the rounds with
-  the backbone fixed (frozen: its weights, zeros included, do not change). The final layer, the final exit's
-  own head, takes part in both phases by default (the thesis's final exit "went through two pruning phases"):
-  in the heads phase it is ranked with the heads and fine-tuned with the final exit's loss beside theirs, on the
-  frozen backbone's features (``final_phases="backbone"`` keeps it fixed there with the rest of the backbone).
-
-Which weights take part: the weights of convolutions and linear layers (biases, batch norm and the heads'
-pooling mix never), the first convolution and the final layer by choice. One round prunes ``amount`` of the
-weights still remaining among those taking part, ``round(amount * remaining)`` of them, by
-``torch.nn.utils.prune.global_unstructured`` with ``L1Unstructured``: after k rounds from dense,
-``remaining_k = remaining_{k-1} - round(amount * remaining_{k-1})``, which is ``(1 - amount)^k`` of the
-weights up to the rounding of each round's count (``remaining_after``).
-
-Between rounds the pruning is kept permanent (zeros in the weights) with a boolean mask per layer beside it;
-fine-tuning re-applies the masks as torch's reparametrisation (``masked``), so pruned weights stay zero while
-the others train. A run and a resumed run (state saved after every step) follow the same code path.
+Method: docs/weight-pruning.md
 """
 
 from __future__ import annotations

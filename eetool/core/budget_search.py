@@ -1,17 +1,7 @@
-"""Thresholds that meet a compute budget, and the convex hull of a sweep (thesis 2.4.1).
+"""Thresholds that meet a compute budget (``bisect``, the thesis's reference, or the ``greedy`` walk that gives every
+budget's operating point at once), and the convex hull of a sweep (thesis 2.4.1).
 
-A sample leaves at the first exit j whose confidence exceeds T_j; the mean normalised cost of
-the calibration samples is monotone in each T_j. Two searches:
-
-- ``bisect`` is the thesis's reference: T drawn uniformly from [0, 1]^J, then binary search on
-  each component in turn (alternating optimisation): when the thresholds cost more than the
-  budget the component is lowered, otherwise raised, until the cost is within ``tol``.
-- ``greedy`` walks down from "nobody exits" one sample (with its ties) at a time: at each step,
-  of the J moves that lower one threshold just below the highest confidence still passing that
-  exit, it takes the one that loses the least calibration accuracy per unit of cost saved. Every step is a
-  valid threshold vector, so one walk yields the operating points for every budget at once.
-
-Both return threshold vectors; ``hull`` keeps the upper concave frontier of accuracy against cost.
+Method: docs/exits-and-costs.md#threshold-searches
 """
 
 from __future__ import annotations

@@ -1,18 +1,7 @@
-"""The one cost model: MACs of each stage from ptflops at the real input shape.
+"""The one cost model: MACs of each stage from ptflops at the real input shape, the exits' decision overheads
+(``with_overheads``), and a pruned network's effective cost (MACs times each layer's non-zero fraction).
 
-A sample that leaves at exit j pays the backbone up to exit j plus the decision overhead of
-every exit it passed (exits 0..j); a sample that reaches the end pays the whole model plus
-all exits' overheads. Methods add their own overhead terms (a class-means head, a linear
-classifier) with ``with_overheads``. ``--count flops`` reports 2 x MACs; normalised costs
-divide by the whole model's cost (= 1.0).
-
-A pruned network (weights set to zero, as ``eetool prune-weights`` writes it) also has an effective cost:
-a convolution or linear layer costs its MACs times its fraction of non-zero weights. That is the work a
-sparse kernel would do, not what dense kernels do (they multiply by the zeros too). A network counts as
-pruned when at least ``PRUNED_FRACTION`` of its convolution and linear weights are exactly zero; below
-that (a trained dense network has next to no exact zeros) its effective cost is its dense cost, so the
-numbers of unpruned checkpoints do not move by a stray zero. Effective costs are normalised by the dense
-cost of the same network, so that a pruned network's costs read as fractions of the unpruned one's.
+Method: docs/exits-and-costs.md; pruned networks: docs/weight-pruning.md#costs-of-a-pruned-network
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
-"""The exit methods ``fit-thresholds --method`` and ``evaluate`` know, registered by name (torch-free).
+"""The exit methods ``fit-thresholds --method`` and ``evaluate`` know, registered by name (torch-free): what each
+reads, where its rule is made or its thresholds fitted, its help and how it scores. Adding a method is its
+implementation and one registration here.
 
-Each registration says what the method reads (``reads``: the class means of ``calibrate-means``, the exit heads of
-``train-exits``, or, for a segmentation network, the checkpoint and data), where its rule is made or fitted
-(the target: for classification a factory ``(method, means, heads, combine, device) -> ExitRule``; for
-segmentation the function that fits its thresholds), how its help reads, and, for a rule on exit heads, how it
-scores (``confidence``: a head's largest softmax probability, or one minus its normalised entropy; ``with_means``:
-combined with E²CM's confidence). Adding a method is its implementation and one registration here.
-
-Every classification rule follows ``ExitRule`` (eetool.classification.rules): at exit j it gives a confidence in
-[0, 1] and a prediction per sample, and its cost model prices the backbone, heads and distances it computes;
-thresholds are fitted by the one budget search of ``eetool.core.budget_search``.
+How: docs/development.md#adding-an-exit-method
 """
 
 from __future__ import annotations

@@ -1,24 +1,9 @@
 """Beyond the thesis: the accuracy-cost curve of a confidence threshold on an exit head, per token.
 
-A token leaves at the exit after block K when the exit's largest softmax probability (at the head's
-temperature) exceeds the threshold T; the others run on to the final head. The thresholds come from
-eetool.core.budget_search (one exit: ExitStats with J = 1, the greedy walk, its convex hull), as for the
-classification methods.
+A token leaves after block K when the exit's largest softmax probability (at the head's temperature) exceeds the
+threshold; cost is MACs per token, normalised to the whole model. Per-token decisions only: no KV-cache repair.
 
-Cost is MACs per token, normalised to the whole model (L blocks and the final LM head): a token that
-leaves pays K blocks and the exit head; one that goes on pays all L blocks, the exit head (it was
-computed to decide) and the final head. The heads are V x D matmuls, as dear as several blocks on a small
-model with a large vocabulary (SmolLM2-135M: 28.3M MACs each against 3.6M per block), so that no threshold
-reaches K / L. A block's MACs are its Linear weights (one MAC per weight per token) and attention's QK^T and
-AV products at the mean number of positions a token of a C-token context attends to, (C + 1) / 2.
-
-Caveat: this evaluates the per-token exit decision only. In autoregressive decoding a token that leaves at
-block K has no keys and values in blocks K+1..L for later tokens to attend to. The thesis (chapter 5) names the
-problem and leaves it to the literature it cites [108-110]: CALM (Schuster et al. 2022) copies the exited
-token's block-K state up into the skipped blocks to fill their caches, SkipDecode (Del Corro et al. 2023)
-makes later tokens exit no deeper than earlier ones so that no entry is ever missing, and Bae et al. 2023
-compute the skipped blocks later in parallel. Here every token's later blocks still run, so the final head's
-predictions for the tokens that go on are the full model's, with no copied state.
+Method: docs/language-models.md (the accuracy-cost curve)
 """
 
 from __future__ import annotations

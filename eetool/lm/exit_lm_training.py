@@ -1,15 +1,8 @@
-"""Training the early-exit LM (thesis section 5.5.3): both LM heads, the exit's and the final one's, under the
-sum of their next-token cross-entropies (eq. 4.3 with lambda_1 = lambda_2 = 1; chapter 5 states no weights).
+"""Training the early-exit LM (thesis section 5.5.3): the exit's and the final LM head under the sum of their
+next-token cross-entropies. "freezing" trains the two heads on states cached once; "no freezing" trains every
+parameter. Batches depend only on the seed and the step, so a resumed run continues exactly.
 
-"freezing": only the two LM heads train. The trunk is frozen, so the states the heads read (the layer-K state,
-normed when the head says so, and the final-normed last state) never change: they are computed ONCE for the
-training and held-out contexts and every step is two matrix products on cached states. The final LM head of a
-tied model is the embedding matrix, which the trunk reads; freezing unties it (a trainable copy), so the trunk
-stays frozen. "no freezing": every parameter trains, the model's tying kept, and the trunk runs every step.
-
-Steps draw contexts from seeded permutations of the training contexts (step s uses positions s*B..s*B+B-1 of
-their concatenation), so a batch depends only on the seed and the step: a resumed run continues exactly. The
-model stays in eval mode (Llama-style LMs have no dropout). The optimiser is AdamW at a constant rate.
+Method: docs/language-models.md#training-the-early-exit-lm-train-exit-head
 """
 
 from __future__ import annotations

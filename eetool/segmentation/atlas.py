@@ -1,24 +1,8 @@
-"""``brain-atlas[:PATH]``: axial slices of a T1 brain template labelled by the AAL atlas (Debian mricron-data).
+"""``brain-atlas[:PATH]``: axial slices of a T1 brain template labelled by the AAL atlas (Debian mricron-data),
+split by slab (``PERIOD``, ``TRAIN_SLICES``, ``GAP_SLICES``, ``TEST_SLICES``) and resized to ``SIDE`` x ``SIDE``.
+Deterministic; the fingerprint is of the resulting pixels and masks.
 
-PATH (default /usr/share/mricron/templates) holds ``ch2.nii.gz`` (the Colin27 T1 template) and ``aal.nii.gz``
-(the AAL atlas: 0 outside the regions, 1..116 the regions) on the same 181 x 217 x 181 grid of 1 mm voxels,
-and ``aal.nii.txt`` (``value name code`` a line), which names the classes; without it, class k is
-``region k``. Class 0 is background (no region, including the skull and the space around the head).
-
-- Slices: the axial slices (one z each) that hold at least one labelled voxel, numbered from the lowest.
-- Split by slab so that neighbouring slices, which look nearly alike, do not leak from training into test:
-  the slices run in periods of ``PERIOD``; in each, the first ``TRAIN_SLICES`` are training slices, then
-  ``GAP_SLICES`` are dropped, then ``TEST_SLICES`` are test slices, then ``GAP_SLICES`` are dropped again.
-  Every test slice is thus at least ``GAP_SLICES + 1`` mm from every training slice. On mricron-data's
-  atlas (146 labelled slices): 76 training and 28 test slices.
-- Image: the T1 intensities scaled linearly to 0..255 by the whole volume's minimum and maximum (so that
-  slices are comparable), uint8, one channel. Mask: the AAL label.
-- Size: each slice (217 rows, anterior up, x 181) is zero-padded to a centred square (background) and resized
-  to ``SIDE`` x ``SIDE``: the image with antialiased bilinear interpolation, the mask by nearest neighbour
-  (labels are not averaged). At 112 a pixel is about 1.9 mm; regions smaller than that in a slice vanish
-  there, and their IoU is computed on the slices where they remain.
-
-Deterministic (no randomness at all); the fingerprint is of the resulting pixels and masks.
+Source: docs/data-sources.md#segmentation-sources-in-detail
 """
 
 from __future__ import annotations

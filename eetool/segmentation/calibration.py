@@ -1,25 +1,9 @@
 """CBT's calibration pass: every exit's softmax at the input's size, summed per ground-truth class (eq. 3.1).
 
-For eeseg, whose exits are logits on a half-resolution grid upsampled 2x bilinearly, the pass avoids the
-full-resolution image layout altogether. Bilinear 2x upsampling (align_corners=False) is a fixed stencil: image
-pixel (2i + r, 2j + c) is 3/4 of grid position (i, j) and 1/4 of its neighbour towards the pixel, first along
-the rows, then along the columns (the border repeats its edge). The four pixel phases (r, c) are therefore four
-grid-sized tensors, each made by two ``lerp``s, and eq. 3.1 only sums over pixels, so the pixels need not be put
-back in image order: the masks are split into the same four phases instead (a cheap integer slice).
+For eeseg the 2x bilinear upsampling is done as four pixel phases on the grid, channels last, a few images at a
+time, with a base-2 softmax; float32 per image, float64 across images.
 
-The maps are channels last, as eeseg's folded network computes them: one row per pixel holding every exit's
-logits, so that each pixel's probabilities are added to its class's row by one ``index_add_`` (E K additions per
-pixel; a one-hot matrix product makes (K + 1) E K multiply-adds, 3.5x slower for the atlas's 117 classes). The
-softmax is taken in base 2 (``exp2`` is the cheaper function). The phases, softmax and sums run on a few images at
-a time (``CHUNK_ELEMENTS``), so the intermediates stay in the CPU's cache instead of streaming the whole batch
-through memory several times.
-
-Precision: probabilities are float32 (as the network's logits). One image's pixels (4 h w of them) are summed in
-float32; those partial sums go to float64 before anything else is added to them, so a class sum's relative
-rounding error is at most (4 h w - 1) 2^-24 (2.4e-4 for a 64 x 64 image in the worst case; about
-sqrt(4 h w) 2^-24 = 4e-6 typically), however many images are streamed. The upsampled logits and the softmax
-differ from ``F.interpolate``'s and ``Tensor.softmax``'s by float32 rounding (a few units in the last place, and
-|logit| 2^-24 relatively from scaling the logits to base 2).
+Method (and the precision bound): docs/methods/segmentation-inference.md#cbts-calibration-pass
 """
 
 from __future__ import annotations
@@ -144,13 +128,11 @@ def class_sums_by_rows(probs: torch.Tensor, labels: torch.Tensor, k: int) -> tor
 
 
 def softmax_of_bounded(logits: torch.Tensor, bound: float, dim: int = -1) -> torch.Tensor:
-    """Softmax over dimension ``dim``, in place, of logits given in base 2 (natural logits times LOG2_E) when their
-    natural magnitude ``bound`` is below EXP_SAFE. Such logits need no shift by their maximum: 2 to the power of
-    each is a normal float32 and the sums stay finite, so one ``exp2`` and one multiplication by the sums'
-    reciprocals give the probabilities (the same values up to rounding; the shift costs a full pass for the
-    maximum). ``exp2`` because on CPU it takes about a quarter of ``exp``'s time (a rounding of the scaled logit
-    moves a probability by at most |logit| 2^-24 relatively, 4e-6 at EXP_SAFE). Larger logits are given in
-    natural units and take ``Tensor.softmax``."""
+    """Softmax over ``dim``, in place, of logits given in base 2 (natural logits times LOG2_E) when their natural
+    magnitude ``bound`` is below EXP_SAFE: one ``exp2`` and no shift by the maximum (the same values up to rounding).
+    Larger logits are given in natural units and take ``Tensor.softmax``.
+    Method: docs/methods/segmentation-inference.md#cbts-calibration-pass
+    """
     if not bound < EXP_SAFE:  # NaN included
         return logits.softmax(dim)
     exps = logits.exp2_()

@@ -1,17 +1,8 @@
-"""Segmentation sources: per-pixel label masks (int16, N x H x W, ``IGNORE`` where unlabelled) in a ``Dataset``.
+"""Segmentation sources: per-pixel label masks (int16, N x H x W, ``IGNORE`` where unlabelled) in a ``Dataset``:
+``fashion-mnist-scenes[:PATH]`` and ``segmentation:FILE`` here; ``brain-atlas`` and ``segmentation-folder`` share
+the label checks of ``masks_dataset``.
 
-- ``fashion-mnist-scenes[:PATH]``: scenes made deterministically from the Fashion-MNIST IDX files (Debian's
-  dataset-fashion-mnist by default): 2-4 garments pasted at random places on a 64 x 64 black canvas, later
-  ones on top. A pixel is labelled with its garment's class (1..10) where the garment's intensity is at least
-  ``SOLID``, background (0) where no garment covers it, and ignored where only a garment's faint rim
-  (intensity 1 to ``SOLID`` - 1) covers it. Training scenes use the training split's garments, test scenes
-  the test split's; the generator is seeded per split, so a scene set is the same on every machine and its
-  fingerprint (of the pixels and masks) says so.
-- ``segmentation:FILE``: a safetensors file with ``images`` (uint8 N[xC]xHxW) and ``masks`` (integer N x H x W),
-  or ``<split>.images`` and ``<split>.masks``; metadata ``classes`` (one name a line) and ``ignore_label``
-  (default 255). Every size is checked against the images before a mask is converted.
-- ``brain-atlas[:PATH]`` (``eetool.segmentation.atlas``) and ``segmentation-folder:PATH``
-  (``eetool.segmentation.folder``) share the label checks of ``masks_dataset``.
+Sources: docs/data-sources.md#segmentation-sources-in-detail
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
-"""``segmentation-folder:PATH``: image and mask PNG pairs in a folder.
+"""``segmentation-folder:PATH``: image and mask PNG pairs in a folder (``PATH/<split>/images/NAME.png`` with
+``PATH/<split>/masks/NAME.png``, optional ``classes.txt`` and ``segmentation.yaml``), paired by name; sizes are
+checked from the headers before any pixel is decoded, and masks are never resized.
 
-Layout::
-
-    PATH/classes.txt              optional: one class name a line, class 0 first
-    PATH/segmentation.yaml        optional: ``ignore_label: N`` (default 255)
-    PATH/<split>/images/NAME.png  the image (grey or colour; .png, .jpg or .jpeg)
-    PATH/<split>/masks/NAME.png   its mask: one class id a pixel (8- or 16-bit grey, or palette indices)
-
-An image and a mask pair by name (the stem); an image without a mask or a mask without an image is refused,
-naming the file. Every image must be of one size (the model's input) and its mask of that size; masks are not
-resized, because resizing labels would invent boundaries. Without classes.txt, the highest label decides how
-many classes there are. Labels beyond the classes (other than the ignore label) are refused as for
-``segmentation:FILE``. Images are grey (one channel) when all are, else RGB. Sizes are read from the headers
-and checked before any pixel is decoded.
+Layout and checks: docs/data-sources.md#segmentation-sources-in-detail
 """
 
 from __future__ import annotations

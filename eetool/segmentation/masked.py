@@ -1,14 +1,8 @@
 """Masked execution: convolutions computed at chosen output positions only, shared by eeseg and the torchvision
-backbones (``cover`` maps the pixels still active to the positions of a coarser grid).
+backbones. A ``FeatureMap`` is flat channels-last rows plus one zero row (the padding); ``conv_rows`` gathers a
+kernel's taps (``tap_rows``) and multiplies them as one matrix product.
 
-A ``FeatureMap`` holds B x H x W x C features as flat rows (one per position, channels last) followed by one row
-of zeros: a convolution's taps that fall outside the map read that row, which is zero padding without padding
-or copying the map. ``tap_rows`` lists, for each output position to compute, the rows its kernel reads (stride,
-padding and dilation as the convolution has them); ``conv_rows`` gathers them with one ``index_select`` and
-multiplies by the kernel as one matrix product (a depthwise kernel: one weighted sum per channel). ``read_mask``
-says which input positions those taps read, so that a preceding pointwise convolution is computed there and
-nowhere else. BatchNorm (eval mode) is applied per row; activations and eval-mode dropout act on rows as they
-are. Multiply-adds are counted per computed row: ``macs_per_position`` of each convolution.
+Method: docs/methods/segmentation-inference.md#masked-execution
 """
 
 from __future__ import annotations

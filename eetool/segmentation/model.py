@@ -1,52 +1,9 @@
-"""An early-exit segmentation network and its pixel-level early-exit inference (ADP-C's masking).
+"""An early-exit segmentation network (``eeseg``) and its pixel-level early-exit inference (ADP-C's masking).
 
-``eeseg``: a stride-2 stem (two 3x3 convolutions) to a half-resolution grid, then four stages of residual
-blocks at that resolution whose 3x3 convolutions are dilated 1, 2, 4 and 8 (the receptive field grows without
-losing resolution, as HRNet's high-resolution branch keeps it), and after each stage a pixelwise head (1x1
-convolutions) whose logits are upsampled bilinearly to the input size. The first three heads are the early
-exits, the fourth the network's own output; `eetool train` trains all four on the sum of their losses.
+``EESegNet``: a stride-2 stem, four dilated residual stages at half resolution, a pixelwise head after each.
+``early_exit_forward`` computes only the positions whose pixels are still active (``PixelExits``, ``GridExits``).
 
-Early-exit inference (``early_exit_forward``): after each early exit, an image pixel whose largest class
-probability exceeds its threshold (one per exit and predicted class) keeps that prediction and leaves. A
-position of the half-resolution grid stays active while any of its 2 x 2 pixels does. Later stages compute
-only active positions: each 3x3 convolution gathers the (dilated) 3x3 neighbourhoods of the positions it
-computes and multiplies them by the kernel as one matrix product, so the multiply-adds of inactive positions
-are not done at all; a block's first convolution is computed on the active positions and their neighbours
-(the second reads it there), its second on the active positions only. An inactive position keeps its
-features (the residual block passes them through unchanged) and its last logits, which neighbouring active
-pixels read when they are upsampled. The heads are pixelwise and run on active positions only. The stem
-always runs on every position. ``macs`` counts exactly this work (convolution and head multiply-adds;
-BatchNorm folds into the convolutions and costs none).
-
-The per-pixel bookkeeping (``PixelExits``, shared with the torchvision networks) follows the pixels too: each exit's
-logits are upsampled over the whole image by torch's kernel, but the confidence, the decision, the anytime
-prediction and the logits kept are computed or written for the rows of the pixels still active only, and a pixel
-that has left is never touched again. Done for every pixel at every exit, this bookkeeping took about as much
-CPU time as the whole plain network, and the early exit about 4.3x the plain network's time on the trained
-checkpoint at ADP-C thresholds 0.9-0.998 (one thread, 100-scene batches); now 2.8-3.2x, with the same decisions
-and logits bit for bit. The dense blocks' in-place update (below) is part of that.
-
-The feature-level rule (``decide_at="feature"``, ``GridExits``; beyond the thesis) decides per grid position on the
-head's own logits instead, and upsamples once, at the end, the grid of the logits each position left with: no
-per-exit work at the image's resolution, and only the positions that have not left are active. It matched the
-per-pixel rule's mIoU within 0.1 points in `make segmentation` at 1.7-2x its images/s (still 0.66-0.76x the plain
-network's: docs/results/segmentation-wall-time.md).
-
-Inference folds BatchNorm into the convolutions for real (``EESegNet.inference_net``): in eval mode without
-gradients, ``forward``, ``forward_exits``, ``grid_exits`` and ``early_exit_forward`` run a cached copy of the
-network whose convolutions carry the BatchNorm scale and shift and whose BatchNorms are identities (the same
-outputs up to float32 rounding). BatchNorm and its ReLU were about a sixth of eeseg's CPU time; the trained
-network, its state dict and the checkpoint are never changed. The copy's weights, and so every map and logit it
-computes, are in channels-last memory format (the same shapes and values up to rounding): on CPU its
-convolutions and upsampling run in 0.3-0.9x the time of NCHW ones, the plain network in about 0.55x. The
-gathering is ``eetool.segmentation.masked``'s, on the unpadded grid (its taps looked up in a table kept per shape,
-those outside the grid reading a zero row): a grid padded so that every tap was a fixed row offset made mkldnn
-convolve a strided view in the dense blocks, 2.7x as long as on a contiguous map.
-
-On CPU a gathered convolution of eeseg's narrow blocks costs several times a dense one per position, so a block
-with at least ``DENSE_ABOVE`` of its positions active runs dense over the whole grid, adding its residual in place
-with zeros at the inactive positions, which keep their features: the same result, and ``executed_macs`` counts
-what ran.
+Method: docs/methods/segmentation-inference.md#the-eeseg-network
 """
 
 from __future__ import annotations
@@ -161,13 +118,11 @@ class EESegNet(nn.Module):
         self._inference: InferenceCopy[EESegNet] = InferenceCopy()
 
     def inference_net(self) -> EESegNet:
-        """The network inference runs: in eval mode without gradients, a copy with every BatchNorm folded into
-        the convolution before it (a convolution with the BatchNorm's scale in its weights and its shift as
-        bias; the BatchNorm an identity): the same outputs up to float32 rounding, the plain network in about
-        18% less CPU time on one thread. Otherwise (training, or gradients wanted, which the BatchNorm
-        parameters would not get through the copy) this network itself. The copy is made on first use and
-        remade whenever a parameter or buffer has changed since (an optimiser step, ``load_state_dict``, a move
-        to another device or dtype); this network, its state dict and its checkpoint stay as they are."""
+        """The network inference runs: in eval mode without gradients, a cached copy with each BatchNorm folded into
+        the convolution before it, channels last (the same outputs up to float32 rounding), remade when a parameter or
+        buffer changes; otherwise this network itself, which is never changed.
+        Method: docs/methods/segmentation-inference.md#batchnorm-folded-channels-last
+        """
         if self.folded or self.training or torch.is_grad_enabled():
             return self
         return self._inference.of(self, self._folded_copy)
@@ -312,11 +267,8 @@ class PixelExits:
     """The per-pixel side of pixel-level early exit, shared by eeseg and the torchvision networks: which pixels
     have left, by which exit and with what logits, and the anytime predictions.
 
-    ``take`` is called once per exit with the exit's grid logits. It upsamples them over the whole image (torch's
-    kernel, so that every pixel's logits are exactly the dense upsampling's), then works on the rows of the pixels
-    still active only: their largest class probability, the decision to leave, their prediction in the anytime
-    map and, for the pixels that leave, their logits. Pixels that left before are not touched again (see
-    ``eetool.segmentation.model``'s doc for what that saves).
+    ``take`` is called once per exit with the exit's grid logits; only the pixels still active are worked on.
+    Method: docs/methods/segmentation-inference.md#the-per-pixel-bookkeeping
     """
 
     def __init__(self, batch: int, height: int, width: int, last: int, device: torch.device) -> None:
@@ -376,17 +328,10 @@ class PixelExits:
 
 
 class GridExits:
-    """The feature-level rule (``decide_at="feature"``, beyond the thesis): the exit decision is taken per position
-    of the grid the head computes, on the head's own logits (their largest softmax probability against the
-    threshold of their predicted class), and a position that leaves keeps those logits; each image pixel's logits
-    are the bilinear upsampling, once at the end, of the grid whose every position holds the logits it left with,
-    and a pixel's exit is that of the position it lies in. Nothing is upsampled per exit, and the positions that
-    stay active are exactly those that have not left (the pixel-level rule keeps a position while any of the pixels
-    it covers stays). Positions that left are never written again.
-
-    ``take`` is called once per exit with the logits of the positions still active, in the order of their flat
-    numbers. The anytime class maps (the grid as it stood after each exit, upsampled) are made on demand from the
-    rows each exit wrote, which are kept as they are (no copy).
+    """The feature-level rule (``decide_at="feature"``, beyond the thesis): decided per grid position on the head's own
+    logits; the grid of the logits each position left with is upsampled once, at the end. ``take`` gets the logits
+    of the positions still active, in the order of their flat numbers.
+    Method: docs/methods/segmentation-inference.md#the-feature-level-rule-beyond-the-thesis
     """
 
     def __init__(self, batch: int, grid_hw: tuple[int, int], size: tuple[int, int], classes: int, last: int,

@@ -1,21 +1,8 @@
 """Pixel exit thresholds: ADP-C (one for every pixel), CBT (one per class, thesis eq. 3.1-3.3) and CBT-ns
-(one per exit and class, the thesis's ablation without sharing across exits).
+(one per exit and class). Thresholds are a tensor of early exits x classes; ``ClassStats`` streams CBT's sums.
 
-Thresholds are a tensor of early exits x classes: a pixel predicted as class j at early exit n leaves when its
-largest probability exceeds ``T[n, j]``. The final exit has none (every pixel left leaves there).
-
-CBT's statistics come from one streaming pass over the training pixels (``ClassStats``): per exit n and ground
-truth class k, the float64 sum of the softmax vectors of the pixels labelled k, and per class the number of
-those pixels. Memory is exits x K x K, whatever the number of pixels. Then
-  p_{n,k} = sum / count                                   (eq. 3.1, for every exit n, the final one included)
-  P_k = mean over the exits of p_{n,k}                    (eq. 3.2)
-  c_k = top1(P_k) - top2(P_k)                             (the confidence score)
-  T_k = (1 - (c_k - min c) / (max c - min c)) (beta - alpha) + alpha    (eq. 3.3)
-so the class the network is surest of gets alpha and the least sure beta. CBT-ns applies eq. 3.3 to each early
-exit's p_{n,k} alone. Two cases the thesis leaves open, decided here:
-- every present class has the same score (max c = min c, also the case of a single present class): eq. 3.3 is
-  0/0; nothing tells the classes apart, so every class gets beta (the cautious end: ADP-C at beta);
-- a class with no calibration pixel has no p_{n,k}: it gets beta, and takes no part in min c and max c.
+Method (equations, edge cases the thesis leaves open):
+docs/methods/segmentation-inference.md#pixel-thresholds-adp-c-cbt-and-cbt-ns
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
 """torchvision's segmentation networks (FCN, DeepLabV3, LR-ASPP) as eetool checkpoints, with per-pixel exit heads.
 
-``TorchvisionSegNet`` holds the torchvision model's ``backbone``, ``classifier`` and ``aux_classifier`` under
-torchvision's own names, so a torchvision state dict loads as it is (``--arch fcn_resnet50`` and friends, built
-with random initialisation: eetool never downloads weights). ``forward`` is torchvision's ``out``. With
-``--arch-args '{exits: true}'`` (what `train-exits` writes) it also has three exit heads (1x1 convolution,
-BatchNorm, ReLU, 1x1 convolution to the classes, logits upsampled bilinearly to the input) after three
-backbone stages: ResNet-50's layer1, layer2 and layer3 (strides 4, 8, 8: the segmentation ResNets are dilated),
-MobileNetV3-Large's blocks 3, 6 and 12 (strides 4, 8, 16).
+``TorchvisionSegNet`` loads a torchvision state dict under torchvision's own names (random initialisation, nothing
+downloaded); with ``--arch-args '{exits: true}'`` it has three exit heads after three backbone stages.
 
-Early exit (``early_exit_forward``) decides per pixel as for eeseg. The backbones compute only active positions
-after the first exit (``eetool.segmentation.tv_masked``; the MobileNets' classifier runs dense on the final
-maps). Two costs are reported: ``macs``, the analytic masked cost (each part's multiply-adds times the share of
-the image's pixels still active when it runs, as ADP-C counts: the work a masked convolution would do, leaving
-out the neighbourhoods a 3x3 convolution reads), and ``executed_macs``, what actually ran (the positions
-computed, neighbourhoods included; blocks run dense above an active share count every position).
+Method: docs/methods/segmentation-inference.md#torchvision-networks
 """
 
 from __future__ import annotations
@@ -76,13 +66,11 @@ class TorchvisionSegNet(nn.Module):
         self._inference: InferenceCopy[TorchvisionSegNet] = InferenceCopy()
 
     def inference_net(self) -> TorchvisionSegNet:
-        """The network inference runs: in eval mode without gradients, a copy whose weights, and so every map it
-        computes, are in channels-last memory format (the same outputs up to float32 rounding; on one CPU thread
-        at 64 x 64, batch 100, the plain LR-ASPP in 0.64x the time and DeepLabV3-MobileNetV3 in 0.45x: mkldnn's
-        NCHW convolutions are the slow ones). Otherwise (training, or gradients wanted) this network itself. The
-        copy is made on first use and remade whenever a parameter or buffer has changed since (``train-exits``'
-        steps, ``load_state_dict``, a move); it holds a second set of weights. This network, its state dict and
-        its checkpoint stay as they are (safetensors stores contiguous tensors)."""
+        """The network inference runs: in eval mode without gradients, a cached copy in channels-last memory format (the
+        same outputs up to float32 rounding); otherwise this network itself. The copy is remade whenever a parameter or
+        buffer has changed; this network, its state dict and its checkpoint stay as they are.
+        Method: docs/methods/segmentation-inference.md#torchvision-networks
+        """
         if self.channels_last or self.training or torch.is_grad_enabled():
             return self
         return self._inference.of(self, self._channels_last_copy)

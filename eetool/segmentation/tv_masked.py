@@ -1,48 +1,8 @@
-"""Masked early exit for torchvision's segmentation networks: the ResNets (fcn_resnet50, deeplabv3_resnet50) and
-the MobileNetV3s (deeplabv3_mobilenet_v3_large, lraspp_mobilenet_v3_large).
+"""Masked early exit for torchvision's segmentation ResNets (fcn_resnet50, deeplabv3_resnet50) and MobileNetV3s
+(deeplabv3_mobilenet_v3_large, lraspp_mobilenet_v3_large): after the first exit, blocks compute only active
+positions, or run dense above their crossover.
 
-ResNets. The stem and layer1 run dense up to the first exit, on every pixel. After it, layer2, layer3, layer4 and
-the classifier compute only active positions: a position of a stage's grid (stride 8: the segmentation ResNets
-dilate layer3 and layer4 instead of striding) stays active while any input pixel it covers has not left.
-
-- A Bottleneck's 3x3 convolution (strided in layer2's first block, dilated 2 and 4 in layer3 and layer4) and
-  its 1x1 convolutions and shortcut run on the active positions of the block's output grid; its first 1x1
-  convolution runs where the 3x3 reads it (the active positions' neighbourhoods). An inactive position keeps
-  its features through a block whose input and output have the same shape; the first block of a layer changes
-  the channels (and, in layer2, the resolution), so there an inactive position's features were never computed
-  and are zero, as padding reads.
-- The exit heads run on active positions; an inactive position keeps the previous exit's logits (bilinearly
-  resampled to this grid), which active pixels near it read when the logits are upsampled. Per exit, the
-  confidence, the decisions and the logits kept are computed for the pixels still active only (eeseg's
-  ``PixelExits``).
-- The classifier: FCN's 3x3 convolution on the active positions; DeepLabV3's ASPP on the positions its
-  following 3x3 convolution reads, with the image pooling branch reading the current layer4 map as it stands
-  (the active positions' new features, the inactive ones' zeros) and computed once per image still active.
-
-MobileNetV3s. Blocks 0 to 3 run dense up to the first exit. After it, blocks 4 to 16 compute only active
-positions (a position of a block's output grid is active while any input pixel it covers has not left):
-
-- An InvertedResidual's depthwise convolution (strided, or dilated in the last stage) and its projection run on
-  the active positions of the block's output grid, its expansion where the depthwise convolution reads it; the
-  residual is added where torchvision has it, and an inactive position then keeps its features. A block that
-  changes the channels or the resolution has no residual, and there an inactive position's features were never
-  computed and are zero, as padding reads (so too after block 16, the final 1x1 convolution).
-- Squeeze-excitation pools the depthwise output over the active positions of the block's grid: that map is
-  inside the block, so an inactive position has no kept features there to pool (computing them would be the
-  dense work masking saves), and averaging in zeros for them would pull the scale towards that of an empty
-  image. Where every position is active this is torchvision's pooling. It is computed once per image still
-  active.
-- The exit heads run on active positions as for the ResNets.
-- The classifier (DeepLabV3's head, or LR-ASPP's with its low-level branch from block 4 and its resampling) runs
-  dense on the maps as they stand (the active positions' new features, the inactive ones' kept features or
-  zeros), for the images still active: masking its global pooling and resampling is not straightforward, and
-  ``executed_macs`` counts it whole.
-
-A block (or the ResNets' classifier) whose share of active positions is at least ``dense_above`` (the measured
-crossover: 0.6 for the ResNets, 0.1 for the MobileNets) runs dense over the whole grid and then keeps the
-inactive positions' previous features: the same result (the MobileNets' squeeze-excitation pooling the active
-positions as the gathered block does), and ``executed_macs`` counts the dense work. ``macs`` stays the analytic
-masked cost (each part's multiply-adds times the share of pixels still active), as ADP-C counts it.
+Method: docs/methods/segmentation-inference.md#masked-resnets-fcn_resnet50-deeplabv3_resnet50
 """
 
 from __future__ import annotations
