@@ -221,6 +221,7 @@ TRAINING = "Training"
 OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="sgd (Nesterov momentum) or adamw.",
                                            rich_help_panel=TRAINING, autocompletion=prefix_completer(OPTIMIZERS))]
 LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=TRAINING)]
+MomentumOpt = Annotated[float, typer.Option("--momentum", help="SGD momentum.", rich_help_panel=TRAINING)]
 WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", help="Weight decay.", rich_help_panel=TRAINING)]
 ScheduleOpt = Annotated[str, typer.Option("--schedule", help="cosine, onecycle or constant.",
                                           rich_help_panel=TRAINING, autocompletion=prefix_completer(SCHEDULES))]
