@@ -180,3 +180,22 @@ def test_the_shipped_recipe_configures_training_from_scratch(tiny_data: str, wor
     args = load_checkpoint("b.safetensors").provenance.args
     assert (args["optimizer"], args["lr"], args["momentum"], args["warmup_epochs"]) == ("sgd", 0.1, 0.9, 1.0)
     assert json.loads(result.stdout)["from_scratch"] and args["epochs"] == 12  # the recipe's (unknown keys are refused)
+
+
+def test_a_multi_scale_network_from_scratch_through_thresholds_evaluation_and_export(tiny_data: str,
+                                                                                    workdir: Path) -> None:
+    ok(invoke("train-exits", "--joint", "--from-scratch", "--arch", "msdnet", "--arch-args",
+              "{width: 2, growth: 2, blocks: 3, layers: 1}", "-d", tiny_data, "--distill", "0.5",
+              "--backbone-output", "m.safetensors", "-o", "h.safetensors", "-q", *FAST))
+    heads, _ = load_heads("h.safetensors")
+    assert heads.spec.exits == ["blocks.0", "blocks.1", "blocks.2"]
+    # measured overheads time each stage, decision and compaction of the scales the stages hand on
+    ok(invoke("fit-thresholds", "--method", "sdn", "--exit-heads", "h.safetensors", "-c", "m.safetensors",
+              "-d", tiny_data, "--split", "train", "--budget", "0.9", "--overhead", "measured", "-o", "t.yaml", "-q"))
+    result = ok(invoke("evaluate", "-c", "m.safetensors", "-d", tiny_data, "--split", "test", "--exit-heads",
+                       "h.safetensors", "--thresholds", "t.yaml", "--repeats", "1", "--format", "json", "-q"))
+    assert json.loads(result.stdout)["points"]
+    pytest.importorskip("onnxscript")
+    line = one_error_line(invoke("export", "-c", "m.safetensors", "--exit-heads", "h.safetensors", "--thresholds",
+                                 "t.yaml", "-o", "bundle", "-q"), ExitCode.MODEL_MISMATCH)
+    assert "several tensors" in line and not Path("bundle").exists()
