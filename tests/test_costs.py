@@ -17,6 +17,10 @@ MODELS = {
     "resnet20": (lambda: build_model("resnet20", 10, 1, {"width": 4}), (1, 28, 28)),
     "resnet18": (lambda: build_model("resnet18", 10, 3), (3, 64, 64)),
     "mobilenet_v3_small": (lambda: build_model("mobilenet_v3_small", 10, 3), (3, 64, 64)),
+    # its stages after the first hand on several scales, which ptflops cannot feed a module: the per-module rules
+    # counted on them must add up to ptflops' count of the whole model, which takes one tensor
+    "msdnet": (lambda: build_model("msdnet", 10, 1, {"width": 4, "growth": 4}), (1, 28, 28)),
+    "msdnet-cifar": (lambda: build_model("msdnet", 10, 3), (3, 32, 32)),
 }
 
 

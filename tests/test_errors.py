@@ -460,6 +460,9 @@ RECORDS = ["--from-scores", "{inp}/random-kept.safetensors"]
 DEMO_CHECKPOINT = str(demo_path("demo-resnet20-fashion-mnist.safetensors"))
 DEMO_DATA = str(demo_path("demo-data.safetensors"))
 EXITS = ["train-exits", "-c", "{ckpt}", "-d", "{data}"]
+SCRATCH = ["-o", "{out}/h.safetensors", "--from-scratch", "--joint", "--arch-args", "{{width: 4}}"]
+SCRATCH_EXITS = ["train-exits", "-d", "{data}", "-o", "{out}/h.safetensors", "--from-scratch", "--arch-args",
+                 "{{width: 4}}"]
 SEG_DATA = "segmentation:{inp}/seg-data.safetensors"
 SEG_EVAL = ["evaluate", "-c", "{inp}/seg.safetensors", "-o", "{out}/result.yaml", "--repeats", "1"]
 CBT = ["fit-thresholds", "--method", "cbt", "-c", "{inp}/seg.safetensors", "-d", SEG_DATA, "-o", "{out}/t.yaml"]
@@ -1063,6 +1066,28 @@ CASES = [
     Case("train-exits-backbone-output-is-the-output", [*EXITS, "-o", "{out}/heads.safetensors", "--joint",
                                                        "--backbone-output", "{out}/heads.safetensors"], USAGE,
          says="same file"),
+    # train-exits --from-scratch and --distill: a backbone from one source, the settings training it needs
+    Case("train-exits-without-checkpoint", ["train-exits", "-d", "{data}", "-o", "{out}/h.safetensors"], USAGE,
+         says="--checkpoint"),
+    Case("train-exits-from-scratch-and-checkpoint", [*EXITS, *SCRATCH, "--backbone-output", "{out}/b.safetensors"],
+         USAGE, says="--from-scratch"),
+    Case("train-exits-from-scratch-without-joint", [*SCRATCH_EXITS, "--backbone-output", "{out}/b.safetensors"],
+         USAGE, says="--joint"),
+    Case("train-exits-from-scratch-without-backbone-output", [*SCRATCH_EXITS, "--joint"], USAGE,
+         says="--backbone-output"),
+    Case("train-exits-from-scratch-segmentation-arch", [*SCRATCH_EXITS, "--joint", "--backbone-output",
+                                                        "{out}/b.safetensors", "--arch", "eeseg"], USAGE,
+         says="segmentation"),
+    Case("train-exits-from-scratch-with-means", [*SCRATCH_EXITS, "--joint", "--backbone-output", "{out}/b.safetensors",
+                                                 *MEANS], USAGE, says="--means"),
+    Case("train-exits-distill-without-joint", [*EXITS, "-o", "{out}/h.safetensors", "--distill", "0.5"], USAGE,
+         says="--distill needs --joint"),
+    Case("train-exits-distill-above-one", [*SCRATCH_EXITS, "--joint", "--backbone-output", "{out}/b.safetensors",
+                                           "--distill", "1.5"], USAGE, says="--distill"),
+    Case("train-exits-distill-temperature-zero", [*EXITS, "-o", "{out}/h.safetensors", "--joint",
+                                                  "--backbone-output", "{out}/b.safetensors", "--distill", "0.5",
+                                                  "--distill-temperature", "0"], USAGE,
+         says="--distill-temperature"),
     Case("prune-pruned-output-to-stdout", [*PRUNE, "--pruned-output", "-"], USAGE),
     Case("prune-summary-to-stdout", [*PRUNE, "--summary", "-"], USAGE, says="--summary"),
     # training options that are not numbers, or out of their range

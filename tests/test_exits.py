@@ -9,7 +9,15 @@ from torch import nn
 
 from eetool.core.builders import build_model
 from eetool.core.errors import UsageError
-from eetool.core.exits import HOOK, SPLIT, build_exit_model, candidate_exits, chain_units, select_exits
+from eetool.core.exits import (
+    HOOK,
+    SPLIT,
+    build_exit_model,
+    candidate_exits,
+    chain_units,
+    exit_input,
+    select_exits,
+)
 
 
 class WithUnits(nn.Module):
@@ -66,7 +74,7 @@ def reference_exit_outputs(model: nn.Module, exits: list[str],
     # torchvision's ResNet has no `stem` module: its stem ends at the max pooling.
     module = {"stem": "maxpool"} if isinstance(model, torchvision.models.ResNet) else {}
     handles = [model.get_submodule(module.get(name, name)).register_forward_hook(
-        lambda m, a, out, name=name: captured.__setitem__(name, out.clone())) for name in exits]
+        lambda m, a, out, name=name: captured.__setitem__(name, exit_input(out).clone())) for name in exits]
     try:
         logits = model(x)
     finally:
@@ -83,6 +91,9 @@ SPLITTABLE = {
     "vgg11": (lambda: build_model("vgg11", 10, 3), (3, 64, 64)),
     "sequential": (plain_sequential, (3, 16, 16)),
     "eetool_units": (WithUnits, (3, 16, 16)),
+    "msdnet": (lambda: build_model("msdnet", 10, 1, {"width": 4, "growth": 4}), (1, 28, 28)),
+    "msdnet-5-blocks": (lambda: build_model("msdnet", 10, 3, {"width": 2, "growth": 3, "blocks": 5, "layers": 1}),
+                        (3, 32, 32)),
 }
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from eetool.core.datasets import Preprocess, load_dataset
-from eetool.core.exits import HOOK, ExitModel, build_exit_model
+from eetool.core.exits import HOOK, ExitModel, build_exit_model, exit_input
 from eetool.core.inference import (
     BUSY_SPREAD,
     evaluate_exits,
@@ -40,19 +40,25 @@ def well_separated_threshold(scores: torch.Tensor) -> float:
     return float((s[k] + s[k + 1]) / 2)
 
 
-@pytest.fixture(scope="module")
-def setup() -> tuple[ExitModel, torch.Tensor]:
+# Each architecture with the exits the tests take: a chain of single tensors, and one that carries several scales.
+ARCHS = {"resnet20": ({"width": 4}, "stem,layer1.2,layer2.1,layer3.0"),
+         "msdnet": ({"width": 4, "growth": 4}, "every")}
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def setup(request: pytest.FixtureRequest) -> tuple[ExitModel, torch.Tensor]:
     from eetool.core.builders import build_model
 
+    arch_args, exits = ARCHS[request.param]
     torch.manual_seed(0)
-    model = build_model("resnet20", 10, 1, {"width": 4})
+    model = build_model(request.param, 10, 1, arch_args)
     gen = torch.Generator().manual_seed(1)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
     model.eval()
-    return build_exit_model(model, "stem,layer1.2,layer2.1,layer3.0"), torch.randn(40, 1, 12, 12, generator=gen)
+    return build_exit_model(model, exits), torch.randn(40, 1, 12, 12, generator=gen)
 
 
 def thresholds_for(em: ExitModel, x: torch.Tensor) -> list[float]:
@@ -126,7 +132,7 @@ def test_always_exiting_first(setup: tuple[ExitModel, torch.Tensor]) -> None:
 
     preds, exits = run_early_exit(em, x, always)
     with torch.no_grad():
-        first = em.model.stem(x)
+        first = exit_input(em.stages[0](x))
     assert exits.tolist() == [0] * x.shape[0]
     assert preds.tolist() == guess(first).tolist()
     assert calls == [0]  # nobody is left to decide about later
@@ -147,7 +153,8 @@ def test_exited_samples_leave_the_batch(setup: tuple[ExitModel, torch.Tensor]) -
     thresholds = thresholds_for(em, x)
     _, want_exits = brute_force(em, x, thresholds)
     seen: list[int] = []
-    handles = [stage.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0])) for stage in em.stages]
+    handles = [stage.register_forward_pre_hook(lambda m, args: seen.append(exit_input(args[0]).shape[0]))
+               for stage in em.stages]
     try:
         run_early_exit(em, x, threshold_rule(thresholds))
     finally:

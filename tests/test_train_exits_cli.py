@@ -139,3 +139,63 @@ def test_a_budget_in_samples(tiny_checkpoint: str, tiny_data: str, workdir: Path
                        "--batch-size", 64, "-o", "h.safetensors", "--format", "json", "-q"))
     doc = json.loads(result.stdout)
     assert doc["samples_seen"] == 150 and doc["epochs"] == 2  # 96 samples, then 54 of the second epoch
+
+
+SCRATCH = ("--joint", "--from-scratch", "--arch", "resnet20", "--arch-args", "{width: 4}")
+
+
+def test_from_scratch_trains_a_new_backbone_that_other_commands_read(tiny_data: str, workdir: Path) -> None:
+    result = ok(invoke("train-exits", *SCRATCH, "-d", tiny_data, "--exits", "half", "--exit-weights", "sdn",
+                       "--distill", "0.5", "--distill-temperature", "2", "--backbone-output", "b.safetensors",
+                       "-o", "h.safetensors", "--format", "json", *FAST))
+    doc = json.loads(result.stdout)
+    assert doc["joint"] and doc["from_scratch"] and doc["distill"] == 0.5 and doc["distill_temperature"] == 2.0
+    backbone = load_checkpoint("b.safetensors")
+    assert backbone.spec.arch == "resnet20" and backbone.spec.arch_args == {"width": 4}
+    assert backbone.spec.input_shape == (1, 28, 28) and len(backbone.spec.classes) == 10
+    prov = backbone.provenance
+    assert prov is not None and prov.kind == "checkpoint" and prov.checkpoint_sha256 == ""  # no parent
+    assert prov.args["training"]["samples_seen"] == 96 and prov.args["distill"] == 0.5
+    heads, heads_prov = load_heads("h.safetensors")
+    assert heads_prov.checkpoint_sha256 == sha256("b.safetensors") and heads.spec.weights[0] == 0.15
+    ok(invoke("fit-thresholds", "--method", "sdn", "--exit-heads", "h.safetensors", "-c", "b.safetensors",
+              "-d", tiny_data, "--split", "train", "--budget", "0.6", "-o", "t.yaml", "-q"))
+    ok(invoke("evaluate", "-c", "b.safetensors", "-d", tiny_data, "--split", "test", "--exit-heads",
+              "h.safetensors", "--thresholds", "t.yaml", "--repeats", "1", "-q"))
+
+
+def test_from_scratch_starts_from_the_weights_the_seed_gives(tiny_data: str, workdir: Path) -> None:
+    def backbone(seed: int, name: str) -> str:
+        ok(invoke("train-exits", *SCRATCH, "-d", tiny_data, "--exits", "half", "--samples", 48, "--seed", seed,
+                  "--backbone-output", f"{name}.safetensors", "-o", f"{name}-heads.safetensors", "-q", *FAST))
+        return load_checkpoint(f"{name}.safetensors").model_sha256
+
+    assert backbone(3, "a") == backbone(3, "b") != backbone(4, "c")
+
+
+def test_the_shipped_recipe_configures_training_from_scratch(tiny_data: str, workdir: Path) -> None:
+    recipe = Path(__file__).parents[1] / "eetool" / "configs" / "train-resnet20-fashion-mnist.yaml"
+    result = ok(invoke("train-exits", "--config", recipe, *SCRATCH, "-d", tiny_data, "--samples", 48,
+                       "--backbone-output", "b.safetensors", "-o", "h.safetensors", "--format", "json", *FAST))
+    args = load_checkpoint("b.safetensors").provenance.args
+    assert (args["optimizer"], args["lr"], args["momentum"], args["warmup_epochs"]) == ("sgd", 0.1, 0.9, 1.0)
+    assert json.loads(result.stdout)["from_scratch"] and args["epochs"] == 12  # the recipe's (unknown keys are refused)
+
+
+def test_a_multi_scale_network_from_scratch_through_thresholds_evaluation_and_export(tiny_data: str,
+                                                                                    workdir: Path) -> None:
+    ok(invoke("train-exits", "--joint", "--from-scratch", "--arch", "msdnet", "--arch-args",
+              "{width: 2, growth: 2, blocks: 3, layers: 1}", "-d", tiny_data, "--distill", "0.5",
+              "--backbone-output", "m.safetensors", "-o", "h.safetensors", "-q", *FAST))
+    heads, _ = load_heads("h.safetensors")
+    assert heads.spec.exits == ["blocks.0", "blocks.1", "blocks.2"]
+    # measured overheads time each stage, decision and compaction of the scales the stages hand on
+    ok(invoke("fit-thresholds", "--method", "sdn", "--exit-heads", "h.safetensors", "-c", "m.safetensors",
+              "-d", tiny_data, "--split", "train", "--budget", "0.9", "--overhead", "measured", "-o", "t.yaml", "-q"))
+    result = ok(invoke("evaluate", "-c", "m.safetensors", "-d", tiny_data, "--split", "test", "--exit-heads",
+                       "h.safetensors", "--thresholds", "t.yaml", "--repeats", "1", "--format", "json", "-q"))
+    assert json.loads(result.stdout)["points"]
+    pytest.importorskip("onnxscript")
+    line = one_error_line(invoke("export", "-c", "m.safetensors", "--exit-heads", "h.safetensors", "--thresholds",
+                                 "t.yaml", "-o", "bundle", "-q"), ExitCode.MODEL_MISMATCH)
+    assert "several tensors" in line and not Path("bundle").exists()

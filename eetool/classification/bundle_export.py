@@ -150,6 +150,10 @@ def write_graphs(spec: BundleSpec, folder: Path) -> list[dict[str, Any]]:
         _export(module, x, folder / name, "images" if j == 0 else "features", ["logits" if last else "output"])
         with torch.no_grad():
             out = module.eval()(x)
+        if isinstance(out, tuple):
+            raise ModelMismatchError(f"the stages of {spec.model.__class__.__name__} hand on several tensors (scales), "
+                                     "and a bundle's runtime carries one from stage to stage",
+                                     "export the plain model (without --thresholds)")
         entry: dict[str, Any] = {"stage": name}
         if not last:
             exit_name = f"exit_{j}.onnx"

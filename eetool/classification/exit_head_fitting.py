@@ -1,19 +1,25 @@
 """Exit heads (SDN internal classifiers or BranchyNet branches) trained on a classifier's exits, its backbone
-frozen or trained jointly; the exit-heads artifact (and the fine-tuned backbone) written."""
+frozen or trained jointly (optionally with the final exit teaching the early ones), or a new network trained from
+scratch with its heads; the exit-heads artifact (and the trained backbone) written."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from eetool.core.errors import UsageError
 from eetool.core.options import Run
 from eetool.core.reporting import counted, format_fields, format_table
 from eetool.core.run_inputs import data_path
 
+if TYPE_CHECKING:
+    from eetool.core.checkpoint import Checkpoint
+    from eetool.core.datasets import Dataset
+
 
 @dataclass
 class ExitHeadsRequest:
-    checkpoint: str
+    checkpoint: str | None  # None: a new backbone, built from --arch (--from-scratch)
     data: str
     output: str
     split: str
@@ -35,6 +41,28 @@ class ExitHeadsRequest:
     schedule: str
     augment: bool
     force: bool
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    distill: float = 0.0
+    distill_temperature: float = 3.0
+
+
+def check_backbone_source(checkpoint: str | None, from_scratch: bool, joint: bool, backbone_output: str | None
+                          ) -> None:
+    """Either --checkpoint, or --from-scratch with what training a new backbone needs."""
+    if from_scratch:
+        if checkpoint is not None:
+            raise UsageError("--from-scratch builds a new backbone, and --checkpoint names one to start from",
+                             "drop --checkpoint to train from scratch, or --from-scratch to start from it")
+        if not joint:
+            raise UsageError("--from-scratch trains the backbone with its heads, so it needs --joint",
+                             "add --joint")
+        if not backbone_output:
+            raise UsageError("--from-scratch needs --backbone-output FILE for the trained backbone",
+                             "name a file for it, e.g. --backbone-output model.safetensors")
+    elif checkpoint is None:
+        raise UsageError("train-exits needs --checkpoint (or --from-scratch with --arch)",
+                         "give the checkpoint whose exits get heads, e.g. --checkpoint demo")
 
 
 def fit_exit_heads(run: Run, req: ExitHeadsRequest) -> None:
@@ -46,14 +74,22 @@ def fit_exit_heads(run: Run, req: ExitHeadsRequest) -> None:
     from eetool.classification.e2cm import ClassMeans
     from eetool.classification.exit_heads import ExitHeads, HeadsSpec, parse_weights, save_heads
     from eetool.classification.head_training import ExitTrainer, exit_accuracies
+    from eetool.classification.self_distillation import check_distillation
     from eetool.core.artifacts import Provenance, output_set, sha256_file, verify
     from eetool.core.checkpoint import model_sha256, save_checkpoint
     from eetool.core.datasets import Preprocess, check_labels
-    from eetool.core.errors import UsageError
     from eetool.core.exits import build_exit_model
     from eetool.core.run_inputs import load_data, open_checkpoint
     from eetool.core.training_loop import TrainConfig, fit
 
+    from_scratch = checkpoint is None
+    if req.distill and not joint:
+        raise UsageError("--distill needs --joint: the final exit teaches the early ones while they train together",
+                         "add --joint, or drop --distill")
+    check_distillation(req.distill, req.distill_temperature)
+    if from_scratch and means:
+        raise UsageError("--means are class means of a trained checkpoint, and --from-scratch trains a new one",
+                         "drop --means, or train from that checkpoint with --checkpoint")
     if joint and not backbone_output:
         raise UsageError("--joint changes the backbone, so it needs --backbone-output FILE",
                          "name a file for the fine-tuned checkpoint, or train with --frozen")
@@ -66,13 +102,20 @@ def fit_exit_heads(run: Run, req: ExitHeadsRequest) -> None:
             raise UsageError("-o and --backbone-output name the same file", "give each its own name")
         run.check_output(backbone_output, force=force, inputs=(*inputs, output), flag="--backbone-output",
                          binary=True)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-                      schedule=schedule, augment=augment, seed=run.seed, samples=samples or 0)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=req.momentum,
+                      weight_decay=weight_decay, schedule=schedule, warmup_epochs=req.warmup_epochs, augment=augment,
+                      seed=run.seed, samples=samples or 0)
     cfg.validate()  # before any data is loaded
     cfg.check_world(run.world)  # and before the processes meet: rank 0 alone reports it
-    ckpt = open_checkpoint(run, checkpoint)
-    device = run.torch()
-    train_data = load_data(run, data, split, indices, ckpt.spec)
+    # run.torch() applies --seed: before a new backbone's random weights are drawn, and after a checkpoint is
+    # built (building draws weights its file then replaces), so that the heads' weights are the seed's first draws
+    if checkpoint is None:
+        device = run.torch()
+        ckpt, train_data = _new_backbone(run, data, split, indices)
+    else:
+        ckpt = open_checkpoint(run, checkpoint)
+        device = run.torch()
+        train_data = load_data(run, data, split, indices, ckpt.spec)
     check_labels(train_data, ckpt.spec.num_classes)
     eval_data = load_data(run, data, eval_split, spec=ckpt.spec) if eval_split else None
     em = build_exit_model(ckpt.model, exits)
@@ -84,10 +127,14 @@ def fit_exit_heads(run: Run, req: ExitHeadsRequest) -> None:
     spec = HeadsSpec(head, list(em.exits), shapes, ckpt.spec.num_classes, pool_size, cm is not None,
                      parse_weights(exit_weights, len(em.exits)))
     heads = ExitHeads(spec)
-    trainer = ExitTrainer(em, heads, cm, spec.weights, joint=joint)
+    trainer = ExitTrainer(em, heads, cm, spec.weights, joint=joint, distill=req.distill,
+                          temperature=req.distill_temperature)
     preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
-    run.reporter.log(f"training {head} heads at {len(em.exits)} exits of {ckpt.label} "
-                     f"({'jointly' if joint else 'backbone frozen'}) on {train_data.spec}")
+    how = "jointly" if joint else "backbone frozen"
+    if req.distill:
+        how += f", the final exit teaching with weight {req.distill:g} at temperature {req.distill_temperature:g}"
+    backbone = f"a new {ckpt.spec.arch}" if from_scratch else ckpt.label
+    run.reporter.log(f"training {head} heads at {len(em.exits)} exits of {backbone} ({how}) on {train_data.spec}")
     result = fit(trainer, train_data, preprocess, cfg, device=device, params=trainer.trainable_parameters(),
                  step=trainer.step, resume_path=None, reporter=run.reporter, world=run.world)
     training = {"samples_seen": result.samples_seen, "epochs": len(result.history), "seconds": round(result.seconds, 1),
@@ -99,10 +146,12 @@ def fit_exit_heads(run: Run, req: ExitHeadsRequest) -> None:
         with output_set([output, *([backbone_output] if joint and backbone_output else [])]) as temps:
             backbone_sha, backbone_model_sha = ckpt.sha256, ckpt.model_sha256
             if joint and backbone_output:
+                # a new backbone has no parent: its provenance records the whole training, as `train`'s does
+                backbone_training = training if from_scratch else {"samples_seen": result.samples_seen}
                 save_checkpoint(temps[1], ckpt.model.cpu(), ckpt.spec,
                                 Provenance(kind="checkpoint", checkpoint_sha256=ckpt.sha256,
                                            model_sha256=ckpt.model_sha256, dataset=train_data.fingerprint,
-                                           args={**run.args, "training": {"samples_seen": result.samples_seen}}))
+                                           args={**run.args, "training": backbone_training}))
                 backbone_sha, backbone_model_sha = sha256_file(temps[1]), model_sha256(ckpt.spec, ckpt.model)
             prov = Provenance(kind="exit-heads", checkpoint_sha256=backbone_sha, model_sha256=backbone_model_sha,
                               exits=list(em.exits), dataset=train_data.fingerprint,
@@ -122,17 +171,43 @@ def fit_exit_heads(run: Run, req: ExitHeadsRequest) -> None:
         "exit": name, "head_macs": m, "cost_normalised": round((cumulative[j] + m) / costs.model_macs, 6),
         "accuracy": None if accs is None else round(accs[j], 6),
     } for j, (name, m) in enumerate(zip(em.exits, head_macs, strict=True))]
-    doc = {"output": output, "head": head, "joint": joint, "with_distances": cm is not None, **training,
+    doc = {"output": output, "head": head, "joint": joint, "from_scratch": from_scratch,
+           "with_distances": cm is not None, **training,
+           "distill": req.distill, "distill_temperature": req.distill_temperature if req.distill else None,
            "eval_split": eval_split, "head_accuracy": None if accs is None else round(accs[-1], 6), "exits": rows}
 
     def text(d: dict[str, Any]) -> str:
         head_rows = [[r["exit"], f"{r['head_macs']:,}", r["cost_normalised"], r["accuracy"]] for r in d["exits"]]
         return format_fields([
             ("exit heads", d["output"]), ("head", d["head"] + (" + E²CM distances" if d["with_distances"] else "")),
-            ("training", f"{'joint' if d['joint'] else 'frozen backbone'}, {counted(d['epochs'], 'epoch')}, "
+            ("training", f"{'joint' if d['joint'] else 'frozen backbone'}"
+                         f"{' from scratch' if d['from_scratch'] else ''}, {counted(d['epochs'], 'epoch')}, "
                          f"{d['samples_seen']} samples, {d['seconds']:.1f} s"),
+            *([("self-distillation", f"weight {d['distill']:g}, temperature {d['distill_temperature']:g}")]
+              if d["distill"] else []),
             *([(f"{eval_split} accuracy of the model's head", d["head_accuracy"])] if eval_split else []),
         ]) + "\n\n" + format_table(["exit", "head macs", "cost to exit", f"{eval_split or 'eval'} accuracy"],
                                    head_rows)
 
     run.emit(doc, text)
+
+
+def _new_backbone(run: Run, data: str, split: str, indices: str | None) -> tuple[Checkpoint, Dataset]:
+    """--from-scratch: the model --arch and --arch-args describe (default resnet20), fed as the training data is,
+    with the random weights --seed gives; and that data. It has no file yet, so no sha256."""
+    from eetool.core.architectures import SEGMENTATION_ARCHS
+    from eetool.core.checkpoint import Checkpoint
+    from eetool.core.datasets import require_labels
+    from eetool.core.run_inputs import fed_as, fresh_spec, load_data
+
+    arch = run.model_options.arch or "resnet20"
+    if arch in SEGMENTATION_ARCHS:
+        raise UsageError(f"--from-scratch trains a classifier with exit heads, and {arch} is a segmentation network",
+                         f"train {arch} with `eetool train`, whose loss covers its per-pixel exits")
+    train_data = load_data(run, data, split, indices, fed_as(run))
+    require_labels(train_data, "train on labelled data")
+    spec = fresh_spec(run, train_data, "resnet20")
+    if train_data.geometry is not None:
+        spec.resize = train_data.geometry.resize  # recorded: later commands decode folder images the same way
+    model = spec.build()
+    return Checkpoint(path="", sha256="", spec=spec, model=model), train_data

@@ -2,7 +2,8 @@
 
 With a frozen backbone the backbone runs in eval mode under ``torch.no_grad`` (no backward pass
 through it, and its batch-norm statistics stay as they are); jointly, the backbone's own
-cross-entropy joins the weighted exit losses. A frozen backbone may still train its final layer
+cross-entropy joins the weighted exit losses, and the final exit may teach the early ones
+(``eetool.classification.self_distillation``). A frozen backbone may still train its final layer
 (``final_layer``: ordered weight pruning's heads phase): its logits are recomputed with grad from the
 input the no-grad pass gave it, and the final cross-entropy joins the loss.
 """
@@ -19,6 +20,7 @@ from torch import nn
 
 from eetool.classification.e2cm import ClassMeans, distances
 from eetool.classification.exit_heads import ExitHeads
+from eetool.classification.self_distillation import DEFAULT_TEMPERATURE, joint_exit_loss
 from eetool.core.datasets import Dataset, Preprocess
 from eetool.core.distributed import World, all_sum
 from eetool.core.exits import ExitModel
@@ -26,10 +28,15 @@ from eetool.core.exits import ExitModel
 
 class ExitTrainer(nn.Module):
     def __init__(self, exit_model: ExitModel, heads: ExitHeads, means: ClassMeans | None, weights: list[float], *,
-                 joint: bool, final_layer: nn.Linear | None = None) -> None:
+                 joint: bool, final_layer: nn.Linear | None = None, distill: float = 0.0,
+                 temperature: float = DEFAULT_TEMPERATURE) -> None:
         super().__init__()
         if joint and final_layer is not None:
             raise ValueError("jointly the final layer trains with the backbone already")
+        if distill and not joint:
+            raise ValueError("the final exit teaches the early ones only when they train together")
+        self.distill = distill
+        self.temperature = temperature
         self.final_layer = final_layer
         self.exit_model = exit_model
         self.backbone = exit_model.model
@@ -88,11 +95,15 @@ class ExitTrainer(nn.Module):
 
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              mix: object) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weighted sum of the exits' cross-entropies (train-exits offers no mixup, so ``mix`` is None)."""
+        """The weighted sum of the exits' cross-entropies, jointly with the final one's and any distillation
+        (train-exits offers no mixup, so ``mix`` is None)."""
         outs, logits = model(x)  # this trainer, or DistributedDataParallel's wrapper of it under torchrun
+        if self.joint:
+            return joint_exit_loss(outs, logits, y, self.weights, distill=self.distill,
+                                   temperature=self.temperature), outs[-1]
         loss = sum((w * F.cross_entropy(o, y) for w, o in zip(self.weights, outs, strict=True)),
                    torch.zeros((), device=x.device))
-        if self.joint or self.final_layer is not None:
+        if self.final_layer is not None:
             loss = loss + F.cross_entropy(logits, y)
         return loss, outs[-1]
 

@@ -19,7 +19,7 @@ from eetool.core.budget_search import ExitStats, GreedyPath, Point, bisect, exit
 from eetool.core.choices import OVERHEADS, SEARCHES
 from eetool.core.datasets import Dataset, Preprocess
 from eetool.core.errors import UsageError
-from eetool.core.exits import ExitModel
+from eetool.core.exits import Carried, ExitModel, exit_input
 from eetool.core.inference import ExitBatch
 
 ANALYTIC, MEASURED = OVERHEADS
@@ -280,7 +280,7 @@ def measure_wall_costs(exit_model: ExitModel, decide: Callable[[int, torch.Tenso
     for round_ in range(repeats + 1):  # round 0 warms up (allocator, kernels) and is not kept
         for x in inputs:
             for k, size in enumerate(sizes):
-                h = x[:size]
+                h: Carried = x[:size]
                 start = clock()
                 started = ExitBatch.start(h, n_exits)
                 bookkeeping = clock() - start
@@ -292,11 +292,11 @@ def measure_wall_costs(exit_model: ExitModel, decide: Callable[[int, torch.Tenso
                         stage_times[k][j].append(after_stage - start)
                     if j < n_exits:
                         # as ``Thresholded`` decides: the rule's scores, then the comparison with the threshold
-                        confidence, pred = decide(j, h)
+                        confidence, pred = decide(j, exit_input(h))
                         _ = confidence > 0.5
                         after_decision = clock()
                         batch = ExitBatch.start(h, n_exits)
-                        leave = torch.arange(h.shape[0], device=h.device) % 2 == 0
+                        leave = torch.arange(size, device=x.device) % 2 == 0
                         start = clock()
                         batch.take_leavers(j, leave, pred)
                         if round_:
@@ -304,7 +304,7 @@ def measure_wall_costs(exit_model: ExitModel, decide: Callable[[int, torch.Tenso
                             compaction_times[k][j].append(clock() - start)
                     else:
                         start = clock()
-                        started.predictions.index_copy_(0, started.remaining, h.argmax(1))
+                        started.predictions.index_copy_(0, started.remaining, exit_input(h).argmax(1))
                         if round_:
                             pass_times[k].append(bookkeeping + clock() - start)
 

@@ -17,6 +17,7 @@ from eetool.core.options import (
     GlobalBatchOpt,
     IndicesOpt,
     LrOpt,
+    MomentumOpt,
     OptimizerOpt,
     OutputOpt,
     Run,
@@ -48,7 +49,7 @@ def command(
     batch_size: GlobalBatchOpt = 128,
     optimizer: OptimizerOpt = "sgd",
     lr: LrOpt = 0.1,
-    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.", rich_help_panel=TRAINING)] = 0.9,
+    momentum: MomentumOpt = 0.9,
     weight_decay: WeightDecayOpt = 5e-4,
     schedule: ScheduleOpt = "cosine",
     warmup_epochs: WarmupEpochsOpt = 1.0,
@@ -66,7 +67,7 @@ def command(
     from eetool.core.checkpoint import save_checkpoint
     from eetool.core.datasets import Preprocess, check_labels, require_labels
     from eetool.core.errors import InputError
-    from eetool.core.run_inputs import load_data, open_checkpoint
+    from eetool.core.run_inputs import fed_as, fresh_spec, load_data, open_checkpoint
     from eetool.core.training_loop import TrainConfig, fit
     from eetool.segmentation.data import check_masks, is_segmentation
     from eetool.segmentation.exit_losses import exit_losses_step, require_same_task, segmentation_config
@@ -83,7 +84,7 @@ def command(
     device = run.torch()
     ckpt = open_checkpoint(run, checkpoint) if checkpoint else None
     # folder images are decoded for the model: its recipe, or the one --input-shape, --crop and --resize give
-    fed = ckpt.spec if ckpt is not None else _fed_as(run)
+    fed = ckpt.spec if ckpt is not None else fed_as(run)
     train_data = load_data(run, data, split, indices, fed)
     eval_data = load_data(run, data, eval_split, spec=fed) if eval_split else None
     segmentation = is_segmentation(train_data)
@@ -96,7 +97,7 @@ def command(
         if not spec.classes and len(train_data.classes) == spec.num_classes:
             spec.classes = list(train_data.classes)  # foreign weights: name the classes after the data
     else:
-        spec = _fresh_spec(run, train_data, "eeseg" if segmentation else "resnet20")
+        spec = fresh_spec(run, train_data, "eeseg" if segmentation else "resnet20")
         model = spec.build()
     require_same_task(spec.arch in SEGMENTATION_ARCHS, segmentation, spec.arch, train_data.spec)
     step = None
@@ -141,32 +142,3 @@ def command(
         ("seconds", f"{d['seconds']:.1f}"),
     ]))
 
-
-def _fed_as(run: Run) -> Any:
-    """A stand-in spec saying how to decode folder images for a model trained from scratch: by --input-shape
-    if given; None (the first image's size, or --crop's) if not."""
-    from eetool.core.checkpoint import ModelSpec
-
-    opts = run.model_options
-    if opts.input_shape is None:
-        return None
-    return ModelSpec(arch=opts.arch or "resnet20", num_classes=1, input_shape=opts.input_shape, mean=[0.5],
-                     std=[0.5])
-
-
-def _fresh_spec(run: Run, train_data: Any, default_arch: str) -> Any:
-    """What to train from scratch: --arch (default resnet20, eeseg for segmentation data) fed as the data is,
-    unless the options say otherwise."""
-    from eetool.core.checkpoint import ModelSpec
-
-    opts = run.model_options
-    mean, std = (opts.mean, opts.std) if opts.mean and opts.std else train_data.channel_stats()
-    c, h, w = train_data.image_shape
-    spec = ModelSpec(arch=opts.arch or default_arch, arch_args=dict(opts.arch_args),
-                     num_classes=opts.num_classes or train_data.num_classes,
-                     input_shape=opts.input_shape or (c, h, w), mean=list(opts.mean or mean),
-                     std=list(opts.std or std), classes=list(train_data.classes))
-    if len(spec.classes) != spec.num_classes:
-        spec.classes = []
-    spec.check("the model to train", "check --num-classes, --input-shape, --mean and --std")
-    return spec

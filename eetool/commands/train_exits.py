@@ -1,4 +1,5 @@
-"""eetool train-exits: train exit heads (SDN internal classifiers or BranchyNet branches) on a checkpoint."""
+"""eetool train-exits: train exit heads (SDN internal classifiers or BranchyNet branches) on a checkpoint, or an
+early-exit network from scratch with all its exits in the loss."""
 
 from __future__ import annotations
 
@@ -8,22 +9,24 @@ import typer
 
 from eetool.core.choices import HEAD_KINDS, SPLITS
 from eetool.core.options import (
+    INPUT,
     MAX_EPOCHS,
     MAX_POOL_SIZE,
     TRAINING,
     AugmentOpt,
-    CheckpointOpt,
     DataOpt,
     ExitsOpt,
     ForceOpt,
     GlobalBatchOpt,
     IndicesOpt,
     LrOpt,
+    MomentumOpt,
     OptimizerOpt,
     OutputOpt,
     Run,
     ScheduleOpt,
     SplitOpt,
+    WarmupEpochsOpt,
     WeightDecayOpt,
     eetool_command,
     prefix_completer,
@@ -35,9 +38,14 @@ HEADS = "Exit heads"
 @eetool_command("exit-heads", model_options=True, data_options=True, distributed=True)
 def command(
     run: Run,
-    checkpoint: CheckpointOpt,
     data: DataOpt,
     output: OutputOpt,
+    checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", help="Checkpoint file (.safetensors/.pt) "
+                                                   "or 'demo' whose exits get heads.", rich_help_panel=INPUT)] = None,
+    from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Instead of --checkpoint: build a new "
+                                               "backbone from --arch and --arch-args (random weights, seeded by "
+                                               "--seed) and train it with its heads; needs --joint and "
+                                               "--backbone-output.", rich_help_panel=INPUT)] = False,
     split: SplitOpt = "train",
     indices: IndicesOpt = None,
     exits: ExitsOpt = "every",
@@ -55,8 +63,13 @@ def command(
     exit_weights: Annotated[str | None, typer.Option("--exit-weights", help="Loss weight per exit, "
                                                      "comma-separated, or 'sdn' (0.15, 0.3, ...).",
                                                      rich_help_panel=TRAINING)] = None,
+    distill: Annotated[float, typer.Option("--distill", help="With --joint: self-distillation weight (0 to 1; 0 = "
+                                           "off): each early exit also learns the final exit's softened "
+                                           "predictions.", rich_help_panel=TRAINING)] = 0.0,
+    distill_temperature: Annotated[float, typer.Option("--distill-temperature", help="Softmax temperature of "
+                                                       "--distill.", rich_help_panel=TRAINING)] = 3.0,
     backbone_output: Annotated[str | None, typer.Option("--backbone-output", help="With --joint: where the "
-                                                        "fine-tuned backbone checkpoint goes.")] = None,
+                                                        "trained backbone checkpoint goes.")] = None,
     eval_split: Annotated[str | None, typer.Option("--eval-split", help="Report each exit's accuracy on this "
                                                    "split after training.",
                                                    autocompletion=prefix_completer(SPLITS))] = None,
@@ -68,26 +81,31 @@ def command(
     batch_size: GlobalBatchOpt = 128,
     optimizer: OptimizerOpt = "adamw",
     lr: LrOpt = 1e-3,
+    momentum: MomentumOpt = 0.9,
     weight_decay: WeightDecayOpt = 5e-4,
     schedule: ScheduleOpt = "cosine",
+    warmup_epochs: WarmupEpochsOpt = 1.0,
     augment: AugmentOpt = True,
     force: ForceOpt = False,
 ) -> None:
-    """Attach heads at the exits of a checkpoint and train them (frozen backbone or jointly). Writes -o."""
+    """Attach heads at the exits of a checkpoint and train them (frozen backbone or jointly), or train a new
+    network and its heads from scratch. Writes -o (and --backbone-output)."""
+    from eetool.classification.exit_head_fitting import ExitHeadsRequest, check_backbone_source, fit_exit_heads
     from eetool.segmentation.inputs import is_segmentation_checkpoint
 
-    if is_segmentation_checkpoint(run, checkpoint):
+    check_backbone_source(checkpoint, from_scratch, joint, backbone_output)
+    if checkpoint is not None and is_segmentation_checkpoint(run, checkpoint):
         from eetool.segmentation.pixel_head_training import ExitTrainingRequest, train_segmentation_exits
 
         train_segmentation_exits(run, ExitTrainingRequest(
             checkpoint, data, output, split, indices, eval_split, epochs, samples, batch_size, optimizer, lr,
-            weight_decay, schedule, force, classification_only={
+            weight_decay, schedule, force, momentum, warmup_epochs, classification_only={
                 "--head": head != "sdn", "--pool-size": pool_size != 4, "--means": means, "--joint": joint,
-                "--exit-weights": exit_weights, "--backbone-output": backbone_output, "--exits": exits != "every"}))
+                "--exit-weights": exit_weights, "--backbone-output": backbone_output, "--exits": exits != "every",
+                "--distill": distill != 0, "--distill-temperature": distill_temperature != 3}))
         return
-
-    from eetool.classification.exit_head_fitting import ExitHeadsRequest, fit_exit_heads
 
     fit_exit_heads(run, ExitHeadsRequest(checkpoint, data, output, split, indices, exits, head, pool_size, means,
                                          joint, exit_weights, backbone_output, eval_split, epochs, samples,
-                                         batch_size, optimizer, lr, weight_decay, schedule, augment, force))
+                                         batch_size, optimizer, lr, weight_decay, schedule, augment, force,
+                                         momentum, warmup_epochs, distill, distill_temperature))

@@ -13,6 +13,8 @@ ARCHITECTURES = Registry("architecture")
 # CIFAR-style ResNets (He et al. 2016, section 4.2) as used by SDN and the pruning literature.
 for _depth in (8, 20, 32, 56, 110):
     ARCHITECTURES.register(f"resnet{_depth}", "eetool.core.builders:build_cifar_resnet", family="eetool", depth=_depth)
+# A small multi-scale dense early-exit network after MSDNet (eetool.classification.msdnet): exits on its coarsest scale.
+ARCHITECTURES.register("msdnet", "eetool.classification.msdnet:build", family="eetool")
 # Early-exit segmentation network (eetool.segmentation.model): per-pixel logits, three early exits and a final.
 ARCHITECTURES.register("eeseg", "eetool.segmentation.model:build", task=SEGMENTATION, family="eetool")
 for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2",

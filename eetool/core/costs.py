@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from eetool.core.errors import UsageError
-from eetool.core.exits import HOOK, ExitModel
+from eetool.core.exits import HOOK, Carried, ExitModel
 
 UNITS = ("macs", "flops")
 DENSE, EFFECTIVE = "dense", "effective"
@@ -114,28 +114,32 @@ def measure(exit_model: ExitModel, input_shape: tuple[int, int, int]) -> CostMod
         return _measure_hooked(exit_model, input_shape)
     assert exit_model.stages is not None
     macs = []
-    x = torch.zeros(1, *input_shape)
+    x: Carried = torch.zeros(1, *input_shape)
     # The stages share the model's modules: run them in eval mode and leave a training model training.
     was_training = exit_model.model.training
     exit_model.model.eval()
     try:
         with torch.no_grad():
             for stage in exit_model.stages:
-                macs.append(count_macs(stage, tuple(x.shape[1:])))
-                x = stage(x)
+                if isinstance(x, torch.Tensor):
+                    macs.append(count_macs(stage, tuple(x.shape[1:])))
+                    x = stage(x)
+                else:  # several scales in: ptflops feeds a module one tensor, so its rules are applied here
+                    with _counted_by_module_rules(stage) as counted:
+                        x = stage(x)
+                    macs.append(counted[0])
     finally:
         exit_model.model.train(was_training)
     return CostModel(list(exit_model.exits), macs, mode=exit_model.mode)
 
 
-def _measure_hooked(exit_model: ExitModel, input_shape: tuple[int, int, int]) -> CostModel:
-    """MACs of every leaf module in execution order (ptflops' per-module rules), summed up to each exit."""
+@contextlib.contextmanager
+def _counted_by_module_rules(module: nn.Module) -> Iterator[list[int]]:
+    """MACs of the leaf modules of ``module`` that run meanwhile, by ptflops' per-module rules (those
+    ``count_macs`` counts with), summed into the one entry of the list it yields."""
     from ptflops.pytorch_ops import MODULES_MAPPING
 
-    model = exit_model.model
     running = [0]
-    at_exit: dict[str, int] = {}
-    handles = []
 
     def leaf_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         module.__flops__ = 0  # type: ignore[assignment]
@@ -143,21 +147,33 @@ def _measure_hooked(exit_model: ExitModel, input_shape: tuple[int, int, int]) ->
         running[0] += int(module.__flops__)  # type: ignore[arg-type]
         del module.__flops__
 
+    handles = [m.register_forward_hook(leaf_hook) for m in module.modules()
+               if type(m) in MODULES_MAPPING and not list(m.children())]
+    try:
+        yield running
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _measure_hooked(exit_model: ExitModel, input_shape: tuple[int, int, int]) -> CostModel:
+    """MACs of every leaf module in execution order (ptflops' per-module rules), summed up to each exit."""
+    model = exit_model.model
+    at_exit: dict[str, int] = {}
+
     def exit_hook(name: str):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, inputs: object, output: object) -> None:
             at_exit[name] = running[0]
         return hook
 
     modules = dict(model.named_modules())
-    for m in model.modules():
-        if type(m) in MODULES_MAPPING and not list(m.children()):
-            handles.append(m.register_forward_hook(leaf_hook))
-    for name in exit_model.exits:
-        handles.append(modules[name].register_forward_hook(exit_hook(name)))
+    handles = []
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _counted_by_module_rules(model) as running:
+            # after the leaves' hooks: an exit at a leaf module counts that module's MACs
+            handles = [modules[name].register_forward_hook(exit_hook(name)) for name in exit_model.exits]
             model(torch.zeros(1, *input_shape))
     finally:
         for h in handles:

@@ -3,7 +3,9 @@
 A model of a known family (eetool's CIFAR ResNets, torchvision's ResNets, MobileNetV3,
 EfficientNet, VGG, any ``nn.Sequential``, or a model with an ``eetool_units()`` method) is
 split into a chain of units whose composition is the model itself; the chosen exits cut the
-chain into consecutive stages, so inference can really stop after any exit. Other models run
+chain into consecutive stages, so inference can really stop after any exit. A unit hands the next one
+tensor, or a tuple of tensors (a multi-scale network's scales, finest first; ``Carried``): an exit then
+reads the last of them, and stopping carries all of them on for the samples that stay. Other models run
 whole, with their features tapped by forward hooks ("hook" mode); their costs are accounted
 analytically and an exit there saves compute only on paper, which ``eetool inspect`` says.
 """
@@ -24,6 +26,20 @@ SPLIT, HOOK = "split", "hook"
 SELECTIONS = EXIT_SELECTIONS
 
 Unit = tuple[str, nn.Module]
+# What a stage hands the next: one tensor, or several (a multi-scale network's scales, finest first).
+Carried = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def exit_input(h: Carried) -> torch.Tensor:
+    """What the exit after a stage reads of its output: the output itself, or the last (coarsest) of several."""
+    return h[-1] if isinstance(h, tuple) else h
+
+
+def select_rows(h: Carried, rows: torch.Tensor) -> Carried:
+    """The samples at positions ``rows`` of every tensor a stage hands on."""
+    if isinstance(h, tuple):
+        return tuple(t.index_select(0, rows) for t in h)
+    return h.index_select(0, rows)
 
 
 def chain_units(model: nn.Module) -> list[Unit] | None:
@@ -122,11 +138,13 @@ class ExitModel:
     def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         if self.stages is not None:
             outs = []
+            carried: Carried = x
             for stage in self.stages[:-1]:
-                x = stage(x)
-                outs.append(x)
-                x = x.clone()  # the next stage may start in place (ReLU(inplace=True)) and overwrite the exit's output
-            return outs, self.stages[-1](x)
+                carried = stage(carried)
+                outs.append(exit_input(carried))
+                # the next stage may start in place (ReLU(inplace=True)) and overwrite the exit's output
+                carried = (*carried[:-1], carried[-1].clone()) if isinstance(carried, tuple) else carried.clone()
+            return outs, self.stages[-1](carried)
         captured: dict[str, torch.Tensor] = {}
         modules = dict(self.model.named_modules())
         handles = [modules[name].register_forward_hook(_capture(captured, name)) for name in self.exits]
@@ -150,8 +168,9 @@ class ExitModel:
 
 
 def _capture(store: dict[str, torch.Tensor], name: str) -> Callable[..., None]:
-    def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
-        store[name] = output.clone()  # a later in-place op (ReLU(inplace=True)) would overwrite the output
+    def hook(module: nn.Module, args: object, output: Carried) -> None:
+        # cloned: a later in-place op (ReLU(inplace=True)) would overwrite the output
+        store[name] = exit_input(output).clone()
 
     return hook
 

@@ -17,7 +17,7 @@ from typing import TypeVar
 import torch
 
 from eetool.core.datasets import Dataset, Preprocess
-from eetool.core.exits import ExitModel
+from eetool.core.exits import Carried, ExitModel, exit_input, select_rows
 from eetool.core.reporting import Reporter
 
 # decide(exit index, features of the remaining samples) -> (leave mask, predicted labels)
@@ -41,13 +41,14 @@ class ExitBatch:
     predictions: torch.Tensor  # int64, per sample of the batch
     exit_index: torch.Tensor  # int64, per sample; len(exits) until the sample leaves
     remaining: torch.Tensor  # positions in the batch of the samples still in it
-    h: torch.Tensor  # their features
+    h: Carried  # their features (several tensors where the stages carry several scales)
 
     @classmethod
-    def start(cls, x: torch.Tensor, n_exits: int) -> ExitBatch:
-        n = x.shape[0]
-        return cls(torch.empty(n, dtype=torch.int64, device=x.device),
-                   torch.full((n,), n_exits, dtype=torch.int64, device=x.device), torch.arange(n, device=x.device), x)
+    def start(cls, x: Carried, n_exits: int) -> ExitBatch:
+        first = exit_input(x)
+        n, device = first.shape[0], first.device
+        return cls(torch.empty(n, dtype=torch.int64, device=device),
+                   torch.full((n,), n_exits, dtype=torch.int64, device=device), torch.arange(n, device=device), x)
 
     def take_leavers(self, j: int, leave: torch.Tensor, pred: torch.Tensor) -> bool:
         """Records the samples that ``leave`` at exit j with their ``pred`` and compacts the batch to the others,
@@ -61,10 +62,10 @@ class ExitBatch:
         gone = self.remaining.index_select(0, left)
         self.predictions.index_copy_(0, gone, pred.index_select(0, left))
         self.exit_index.index_fill_(0, gone, j)
-        if left.numel() == self.h.shape[0]:
+        if left.numel() == self.remaining.numel():
             return True
         stay = (~leave).nonzero().squeeze(1)
-        self.remaining, self.h = self.remaining.index_select(0, stay), self.h.index_select(0, stay)
+        self.remaining, self.h = self.remaining.index_select(0, stay), select_rows(self.h, stay)
         return False
 
 
@@ -87,7 +88,7 @@ def run_early_exit(exit_model: ExitModel, x: torch.Tensor, decide: Decision) -> 
     batch = ExitBatch.start(x, n_exits)
     for j, stage in enumerate(exit_model.stages[:-1]):
         batch.h = stage(batch.h)
-        if batch.take_leavers(j, *decide(j, batch.h)):
+        if batch.take_leavers(j, *decide(j, exit_input(batch.h))):
             return batch.predictions, batch.exit_index
     batch.predictions.index_copy_(0, batch.remaining, exit_model.stages[-1](batch.h).argmax(1))
     return batch.predictions, batch.exit_index

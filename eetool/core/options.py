@@ -134,8 +134,9 @@ def _model_parameters() -> list[inspect.Parameter]:
     return [
         opt("arch", Annotated[str | None, typer.Option(
             "--arch", help="Architecture of weights that do not record it (see `eetool archs`), or "
-            "package.module:callable (only ever imported when named here or in --config). train: the "
-            "architecture to train from scratch (default resnet20).", rich_help_panel=FOREIGN,
+            "package.module:callable (only ever imported when named here or in --config). train (and "
+            "train-exits --from-scratch): the architecture to train from scratch (default resnet20).",
+            rich_help_panel=FOREIGN,
             autocompletion=prefix_completer(ALL_ARCHS))]),
         opt("arch_args", Annotated[str | None, typer.Option(
             "--arch-args", help="Builder arguments as YAML/JSON, e.g. '{width: 32}'.", rich_help_panel=FOREIGN)]),
@@ -221,6 +222,7 @@ TRAINING = "Training"
 OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="sgd (Nesterov momentum) or adamw.",
                                            rich_help_panel=TRAINING, autocompletion=prefix_completer(OPTIMIZERS))]
 LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=TRAINING)]
+MomentumOpt = Annotated[float, typer.Option("--momentum", help="SGD momentum.", rich_help_panel=TRAINING)]
 WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", help="Weight decay.", rich_help_panel=TRAINING)]
 ScheduleOpt = Annotated[str, typer.Option("--schedule", help="cosine, onecycle or constant.",
                                           rich_help_panel=TRAINING, autocompletion=prefix_completer(SCHEDULES))]

@@ -59,3 +59,33 @@ def local_share(run: Run, ds: Dataset, batch_size: int
         return ds, lambda rows: rows
     positions = shard_positions(len(ds), batch_size, world)
     return ds.subset(positions), lambda rows: gather_rows(rows, positions, len(ds), world)
+
+
+def fed_as(run: Run) -> ModelSpec | None:
+    """A stand-in spec saying how to decode folder images for a model trained from scratch: by --input-shape
+    if given; None (the first image's size, or --crop's) if not."""
+    from eetool.core.checkpoint import ModelSpec
+
+    opts = run.model_options
+    if opts.input_shape is None:
+        return None
+    return ModelSpec(arch=opts.arch or "resnet20", num_classes=1, input_shape=opts.input_shape, mean=[0.5],
+                     std=[0.5])
+
+
+def fresh_spec(run: Run, train_data: Dataset, default_arch: str) -> ModelSpec:
+    """What to train from scratch: --arch (default ``default_arch``) fed as the data is, unless the options say
+    otherwise."""
+    from eetool.core.checkpoint import ModelSpec
+
+    opts = run.model_options
+    mean, std = (opts.mean, opts.std) if opts.mean and opts.std else train_data.channel_stats()
+    c, h, w = train_data.image_shape
+    spec = ModelSpec(arch=opts.arch or default_arch, arch_args=dict(opts.arch_args),
+                     num_classes=opts.num_classes or train_data.num_classes,
+                     input_shape=opts.input_shape or (c, h, w), mean=list(opts.mean or mean),
+                     std=list(opts.std or std), classes=list(train_data.classes))
+    if len(spec.classes) != spec.num_classes:
+        spec.classes = []
+    spec.check("the model to train", "check --num-classes, --input-shape, --mean and --std")
+    return spec

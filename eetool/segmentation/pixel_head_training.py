@@ -41,6 +41,8 @@ class ExitTrainingRequest:
     weight_decay: float
     schedule: str
     force: bool
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
     classification_only: dict[str, Any] = field(default_factory=dict)  # options given that do not apply
 
 
@@ -80,7 +82,8 @@ def train_segmentation_exits(run: Run, req: ExitTrainingRequest) -> None:
     run.check_output(req.output, force=req.force, inputs=(req.checkpoint, req.indices, data_path(req.data)),
                      binary=True)
     cfg = TrainConfig(epochs=req.epochs, batch_size=req.batch_size, optimizer=req.optimizer, lr=req.lr,
-                      weight_decay=req.weight_decay, schedule=req.schedule, augment=False, seed=run.seed,
+                      momentum=req.momentum, weight_decay=req.weight_decay, schedule=req.schedule,
+                      warmup_epochs=req.warmup_epochs, augment=False, seed=run.seed,
                       samples=req.samples or 0)
     cfg.validate()  # before any data is loaded
     ckpt = open_checkpoint(run, req.checkpoint)
