@@ -2,6 +2,7 @@
 
     python bench/bundle_speed.py                       # batch 1 and 256, budgets 0.25 and 0.5, one thread
     python bench/bundle_speed.py --install-size        # also pip install runtime/ into a fresh venv and measure it
+    python bench/bundle_speed.py --int8                # also the int8 bundles (export --quantize int8) against float
 
 On the shipped checkpoint and the demo test split (decoded once: decoding is not timed), with class means
 calibrated on the demo training split and thresholds at budgets 0.25 and 0.5 (made once with the CLI and cached
@@ -13,6 +14,11 @@ size and point: images/s of each, the bundle's speed-up over eetool at the same 
 ratio within a round), and speed-up x cost of each against its own plain model (1.0: the time tracks the MACs).
 Goals (issue 23): bundle/eetool >= 3 at batch 1 and >= 1.5 at batch 256; the bundle's speed-up x cost >= 0.7 at
 batch 1 and >= 0.8 at batch 256; the runtime's install under 150 MB.
+
+With ``--int8``, int8 versions of both bundles (``--quantize int8``, calibrated on 512 samples of the demo training
+split) join the same rounds, and each point (and the plain model) also reports the int8 bundle's speed over the
+float bundle's: the median over rounds of the ratio within a round, with its range (ratios only: > 1 means int8 is
+faster).
 """
 
 from __future__ import annotations
@@ -42,10 +48,12 @@ def _eetool(*args: str) -> None:
         sys.exit(2)
 
 
-def artifacts(cache: Path) -> dict[str, Path]:
+def artifacts(cache: Path, int8: bool) -> dict[str, Path]:
     cache.mkdir(parents=True, exist_ok=True)
     made = {"means": cache / "means.safetensors", "thresholds": cache / "thresholds.yaml",
             "bundle": cache / "bundle", "plain": cache / "plain-bundle"}
+    if int8:
+        made.update({"bundle-int8": cache / "bundle-int8", "plain-int8": cache / "plain-bundle-int8"})
     if not made["means"].exists():
         _eetool("calibrate-means", "-c", "demo", "-d", "demo", "--split", "train", "-o", str(made["means"]))
     if not made["thresholds"].exists():
@@ -56,6 +64,12 @@ def artifacts(cache: Path) -> dict[str, Path]:
                 "-o", str(made["bundle"]))
     if not made["plain"].exists():
         _eetool("export", "-c", "demo", "-o", str(made["plain"]))
+    quantize = ["--quantize", "int8", "--calibration-data", "demo"]
+    if "bundle-int8" in made and not made["bundle-int8"].exists():
+        _eetool("export", "-c", "demo", "--means", str(made["means"]), "--thresholds", str(made["thresholds"]),
+                "-o", str(made["bundle-int8"]), *quantize)
+    if "plain-int8" in made and not made["plain-int8"].exists():
+        _eetool("export", "-c", "demo", "-o", str(made["plain-int8"]), *quantize)
     return made
 
 
@@ -100,12 +114,16 @@ def speeds(made: dict[str, Path], batch: int, samples: int, rounds: int) -> dict
         return lambda: [b(x, t) for x in np_batches]
 
     runs = [eetool_run(p) for p in ours] + [bundle_run(plain_bundle, [])] + [bundle_run(bundle, t) for t in thresholds]
+    int8 = "bundle-int8" in made
+    if int8:  # after the float runs, so that the indices above hold; the same rounds time them
+        bundle8, plain8 = Bundle(made["bundle-int8"], threads=1), Bundle(made["plain-int8"], threads=1)
+        runs += [bundle_run(plain8, [])] + [bundle_run(bundle8, t) for t in thresholds]
     # exit counts (costs) from one untimed pass of each point, which also warms both up
     costs = []
-    for run in runs[len(ours) + 1:]:
+    for run in runs[len(ours) + 1:2 * len(ours)]:
         exits = np.concatenate([o.exit_index for o in run()])
         costs.append(float(np.mean(np.array(cost_model.normalised_exit_costs())[exits])))
-    for run in runs[:len(ours) + 1]:
+    for run in runs[:len(ours) + 1] + runs[2 * len(ours):]:
         run()
     seconds = [[timed(run) for run in runs] for _ in range(rounds)]
     k = len(ours)
@@ -129,6 +147,11 @@ def speeds(made: dict[str, Path], batch: int, samples: int, rounds: int) -> dict
         })
     out["plain"] = {"eetool_images_per_s": round(samples / statistics.median(r[0] for r in seconds), 1),
                     "bundle_images_per_s": round(samples / statistics.median(r[k] for r in seconds), 1)}
+    if int8:
+        for i, row in enumerate([out["plain"], *out["points"]]):
+            ratio = [r[k + i] / r[2 * k + i] for r in seconds]  # float seconds / int8 seconds: int8's speed-up
+            row["int8_over_float_bundle"] = round(statistics.median(ratio), 2)
+            row["int8_over_float_bundle_range"] = [round(min(ratio), 2), round(max(ratio), 2)]
     return out
 
 
@@ -186,11 +209,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--samples-batch-1", type=int, default=300)
     parser.add_argument("--install-size", action="store_true")
+    parser.add_argument("--int8", action="store_true", help="also the int8 bundles, against the float ones")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 256], choices=[1, 256])
     args = parser.parse_args()
-    made = artifacts(Path(args.cache))
+    made = artifacts(Path(args.cache), args.int8)
     load = os.getloadavg()[0]
     doc = {"load_average": round(load, 2),
-           "runs": [speeds(made, 1, args.samples_batch_1, args.rounds), speeds(made, 256, 2000, args.rounds)]}
+           "runs": [speeds(made, batch, args.samples_batch_1 if batch == 1 else 2000, args.rounds)
+                    for batch in args.batches]}
     if args.install_size:
         doc["install"] = install_size()
     print(json.dumps(doc, indent=2))

@@ -418,6 +418,7 @@ def make_crafted_data(d: Path) -> None:
         "zero-size": {"test.images": torch.zeros(4, 1, 0, 0, dtype=torch.uint8), "test.labels": labels},
         "labels-2d": {"test.images": u8, "test.labels": torch.zeros(4, 2, dtype=torch.int64)},
         "labels-float": {"test.images": u8, "test.labels": torch.tensor([0.0, 1.5, 2.0, 3.0])},
+        "size-32": {"test.images": torch.zeros(4, 1, 32, 32, dtype=torch.uint8), "test.labels": labels},
     }.items():
         save_file(tensors, str(d / f"{name}.safetensors"))
     idx = d / "mnist-huge"
@@ -497,6 +498,8 @@ def _cuda_present(out: Path) -> str | None:
     return "a CUDA device is present" if torch.cuda.is_available() else None
 
 
+EXPORT = ["export", "-c", "{ckpt}", "-o", "{out}/bundle", "--check-samples", "8"]
+INT8 = [*EXPORT, "--quantize", "int8", "--calibration-data", "{data}", "--calibration-split", "train"]
 PRUNE_WEIGHTS = ["prune-weights", "-c", "{ckpt}", "-d", "{data}", "-o", "{out}/pruned.safetensors", "--rounds", "1",
                  "--finetune-samples", "8", "--exits", "half"]
 
@@ -1110,6 +1113,15 @@ CASES = [
     Case("prune-unlabelled", ["prune-dataset", "-c", "{ckpt}", "-d", "safetensors:{inp}/unlabelled.safetensors",
                               "--split", "test", "-o", "{out}/k.safetensors", "--ratio", "0.5", "-m", "random"],
          BAD_INPUT, says="unlabelled"),
+    Case("export-int8-without-calibration-data", [*INT8[:-4]], USAGE, says="needs --calibration-data"),
+    Case("export-quantize-unknown", [*EXPORT, "--quantize", "int4"], USAGE, says="--quantize"),
+    Case("export-calibration-data-without-quantize", [*EXPORT, *INT8[-4:]], USAGE, says="only with --quantize"),
+    Case("export-calibration-data-of-other-classes", [*INT8[:-3], "{inp}/two-classes.safetensors",
+                                                      "--calibration-split", "test"], MISMATCH, says="classes"),
+    Case("export-calibration-data-of-another-size", [*INT8[:-3], "{inp}/size-32.safetensors",
+                                                     "--calibration-split", "test"], MISMATCH, says="32 x 32"),
+    Case("export-calibration-samples-zero", [*INT8, "--calibration-samples", "0"], USAGE,
+         says="--calibration-samples"),
 ]
 
 

@@ -282,6 +282,123 @@ def heads_made(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: str, t
             "pngs": d / "pngs"}
 
 
+# ---------------------------------------------------------------------------------------------
+# int8 (export --quantize int8)
+
+CALIBRATION_SAMPLES = 256
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(demo: Demo) -> Path:
+    bundle = demo.folder / "bundle-int8"
+    ok(invoke("export", "-c", "demo", "--means", demo.means, "--thresholds", demo.thresholds, "-o", bundle,
+              "--quantize", "int8", "--calibration-data", "demo", "--calibration-samples", CALIBRATION_SAMPLES, "-q"))
+    return bundle
+
+
+@pytest.mark.parametrize("point", [0, 1])
+def test_int8_bundle_agrees_with_the_float_bundle_without_torch(demo: Demo, int8_bundle: Path, point: int) -> None:
+    """The runtime, torch blocked, on the first 600 demo test images: the int8 bundle's classes are the float
+    bundle's on at least 95% of them (quantisation moves features, so some samples cross a threshold or flip a
+    close class: agreement, not equality), and it still lets samples leave at several exits."""
+    files = [str(p) for p in sorted(demo.pngs.iterdir())[:600]]
+    runs = [runtime(demo, bundle, *files, "--point", point, "--batch-size", 64) for bundle in (demo.bundle,
+                                                                                               int8_bundle)]
+    assert all(proc.returncode == 0 for proc in runs), runs[1].stderr
+    assert "int8 stages" in runs[1].stderr and "int8" not in runs[0].stderr
+    floats, int8s = records(runs[0].stdout), records(runs[1].stdout)
+    assert [r["input"] for r in int8s] == files
+    same_class = sum(a["class"] == b["class"] for a, b in zip(floats, int8s, strict=True)) / len(files)
+    same_exit = sum(a["exit_index"] == b["exit_index"] for a, b in zip(floats, int8s, strict=True)) / len(files)
+    assert same_class >= 0.95, f"classes agree on {same_class:.1%}, exits on {same_exit:.1%}"
+    assert len({r["exit_index"] for r in int8s}) > 3
+
+
+def test_int8_graphs_are_quantised_and_the_decisions_float(demo: Demo, int8_bundle: Path) -> None:
+    import onnx
+
+    doc = yaml.safe_load((int8_bundle / "manifest.yaml").read_text())
+    for stage in doc["stages"]:
+        ops = {n.op_type for n in onnx.load(str(int8_bundle / stage["stage"])).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops and ops & {"Conv", "Gemm", "MatMul"}, stage["stage"]
+        if "decision" in stage:  # the very graph of the float bundle
+            assert sha256(int8_bundle / stage["decision"]) == sha256(demo.bundle / stage["decision"])
+    assert doc["points"] == yaml.safe_load((demo.bundle / "manifest.yaml").read_text())["points"]
+
+
+def test_int8_manifest_records_the_quantization_and_its_calibration_data(int8_bundle: Path) -> None:
+    """method, calibration data (the fingerprint of the very samples: the seeded draw re-made here) and samples;
+    and the export's own check against the float bundle."""
+    import torch
+
+    from eetool.core.datasets import load_dataset
+
+    record = yaml.safe_load((int8_bundle / "manifest.yaml").read_text())["provenance"]["quantization"]
+    train = load_dataset("demo", "train")
+    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:CALIBRATION_SAMPLES]
+    assert record["method"] == "int8" and record["format"] == "QDQ"
+    assert record["calibration"] == {"data": "demo/train", "samples": CALIBRATION_SAMPLES,
+                                     "fingerprint": train.subset(chosen.sort().values).fingerprint}
+    check = record["check"]
+    assert check["data"] == "demo/test" and len(check["points"]) == 2
+    assert all(p["class_agreement"] >= check["min_agreement"] == 0.95 for p in check["points"])
+
+
+def test_runtime_verifies_the_int8_provenance(demo: Demo, int8_bundle: Path, tmp_path: Path) -> None:
+    """A changed quantization record is refused by its sha256; one rewritten with consistent sums but without its
+    calibration data, or with a method this runtime does not know, is refused by what it says."""
+    image = demo.pngs / "0000.png"
+    changed = tmp_path / "changed"
+    shutil.copytree(int8_bundle, changed)
+    doc = yaml.safe_load((changed / "manifest.yaml").read_text())
+    doc["provenance"]["quantization"]["calibration"]["samples"] = 10_000
+    (changed / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    proc = runtime(demo, changed, image, "--point", 0)
+    assert proc.returncode == ExitCode.PROVENANCE and "manifest.yaml has changed since export" in proc.stderr
+
+    def resealed(name: str, edit: object) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(int8_bundle, folder)
+        doc = yaml.safe_load((folder / "manifest.yaml").read_text())
+        edit(doc["provenance"]["quantization"])  # type: ignore[operator]
+        (folder / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        sums = (folder / "SHA256SUMS").read_text().splitlines()
+        (folder / "SHA256SUMS").write_text("".join(
+            f"{sha256(folder / 'manifest.yaml')}  manifest.yaml\n" if line.endswith("  manifest.yaml") else f"{line}\n"
+            for line in sums))
+        return folder
+
+    no_calibration = resealed("no-calibration", lambda q: q.pop("calibration"))
+    proc = runtime(demo, no_calibration, image, "--point", 0)
+    assert proc.returncode == ExitCode.PROVENANCE and proc.stdout == ""
+    assert "int8 stages without their calibration data" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    unknown = resealed("int4", lambda q: q.update(method="int4"))
+    proc = runtime(demo, unknown, image, "--point", 0)
+    assert proc.returncode == ExitCode.PROVENANCE and "does not know ('int4')" in proc.stderr
+
+
+def test_int8_export_is_refused_when_it_disagrees_with_the_float_bundle(tiny_checkpoint: str, tiny_data: str,
+                                                                        tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import eetool.classification.bundle_quantization as quantization
+
+    real = quantization.run_bundle
+
+    def int8_flips_classes(folder: Path, doc: dict, images: np.ndarray, thresholds: list[float],
+                           stage_folder: Path | None = None) -> object:
+        out = real(folder, doc, images, thresholds, stage_folder)
+        if stage_folder is None:  # the int8 bundle: a tenth of its classes changed
+            out.classes[::10] = (out.classes[::10] + 1) % 10
+        return out
+
+    monkeypatch.setattr(quantization, "run_bundle", int8_flips_classes)
+    result = invoke("export", "-c", tiny_checkpoint, "-o", tmp_path / "b", "--check-samples", 40, "--quantize", "int8",
+                    "--calibration-data", tiny_data, "--calibration-samples", 16, "-q")
+    line = one_error_line(result, ExitCode.PROVENANCE)
+    assert "agree with the float bundle's on 90.0% of 40 check samples" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_foreign_torchvision_resnet18_state_dict(no_torch: dict[str, str], tmp_path: Path) -> None:
     """Foreign weights (a torchvision ResNet-18 state dict, the model options on every command), 3 channels at
     224 x 224 from 28 x 28 PNG files (resized and cropped by the ImageNet recipe): runtime and eetool predict agree."""

@@ -168,7 +168,8 @@ def write_graphs(spec: BundleSpec, folder: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def manifest(spec: BundleSpec, stages: list[dict[str, Any]], files: dict[str, str]) -> dict[str, Any]:
+def manifest(spec: BundleSpec, stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest but for ``files`` (the graphs' sha256, which ``seal`` records)."""
     h, w = spec.input_hw
     return {
         "format": BUNDLE_FORMAT,
@@ -181,7 +182,7 @@ def manifest(spec: BundleSpec, stages: list[dict[str, Any]], files: dict[str, st
         "stages": stages,
         "points": spec.points,
         "provenance": spec.provenance,
-        "files": files,
+        "files": {},
     }
 
 
@@ -196,10 +197,15 @@ def sha256_of(path: Path) -> str:
 def write_bundle(spec: BundleSpec, folder: Path) -> dict[str, Any]:
     """Graphs, manifest and SHA256SUMS into an empty ``folder``; returns the manifest."""
     stages = write_graphs(spec, folder)
-    files = {p.name: sha256_of(p) for p in sorted(folder.iterdir())}
-    doc = manifest(spec, stages, files)
+    return seal(folder, manifest(spec, stages))
+
+
+def seal(folder: Path, doc: dict[str, Any]) -> dict[str, Any]:
+    """Record the sha256 of every graph in ``folder`` in ``doc``, and write it as the manifest with SHA256SUMS over
+    both (again, after the graphs were replaced by their int8 versions); returns ``doc``."""
+    doc["files"] = {p.name: sha256_of(p) for p in sorted(folder.iterdir()) if p.suffix == ".onnx"}
     (folder / MANIFEST).write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    sums = {**files, MANIFEST: sha256_of(folder / MANIFEST)}
+    sums = {**doc["files"], MANIFEST: sha256_of(folder / MANIFEST)}
     (folder / SUMS).write_text("".join(f"{sha}  {name}\n" for name, sha in sums.items()), encoding="utf-8")
     return doc
 
@@ -215,13 +221,16 @@ class BundleRun:
     decided_confidence: np.ndarray  # the confidence at the sample's exit (where it left), NaN at the head
 
 
-def run_bundle(folder: Path, doc: dict[str, Any], images: np.ndarray, thresholds: list[float]) -> BundleRun:
-    """The bundle's stages and decisions under onnxruntime, one thread, the batch compacted after each exit."""
+def run_bundle(folder: Path, doc: dict[str, Any], images: np.ndarray, thresholds: list[float],
+               stage_folder: Path | None = None) -> BundleRun:
+    """The bundle's stages and decisions under onnxruntime, one thread, the batch compacted after each exit; the
+    stage graphs from ``stage_folder`` where given (the float ones, beside an int8 bundle)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
-    sessions = [(ort.InferenceSession(str(folder / s["stage"]), options, providers=["CPUExecutionProvider"]),
+    stages = stage_folder or folder
+    sessions = [(ort.InferenceSession(str(stages / s["stage"]), options, providers=["CPUExecutionProvider"]),
                  ort.InferenceSession(str(folder / s["decision"]), options, providers=["CPUExecutionProvider"])
                  if "decision" in s else None) for s in doc["stages"]]
     n = images.shape[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Any
 
 import typer
@@ -17,6 +18,11 @@ from eetool.core.options import (
     eetool_command,
 )
 from eetool.core.run_inputs import open_checkpoint
+
+
+class Quantize(str, Enum):
+    none = "none"
+    int8 = "int8"
 
 
 @eetool_command("export", model_options=True, data_options=True)
@@ -36,6 +42,17 @@ def command(
     split: Annotated[str, typer.Option("--split", help="With --data: train or test.", rich_help_panel=INPUT)] = "test",
     check_samples: Annotated[int, typer.Option("--check-samples", min=1, help="Samples the bundle is checked on "
                                                "against eetool's own pass.")] = 512,
+    quantize: Annotated[Quantize, typer.Option("--quantize", help="int8: the stage graphs quantised by onnxruntime "
+                                               "(static, QDQ, int8 weights per channel), calibrated on "
+                                               "--calibration-data; the exit decisions stay float.")] = Quantize.none,
+    calibration_data: Annotated[str | None, typer.Option("--calibration-data", help=f"With --quantize int8: the "
+                                                         f"{DATA_HELP} whose images set the int8 ranges (the "
+                                                         "model's own data, e.g. its training set).",
+                                                         rich_help_panel=INPUT, autocompletion=complete_data)] = None,
+    calibration_split: Annotated[str, typer.Option("--calibration-split", help="With --calibration-data: train or "
+                                                   "test.", rich_help_panel=INPUT)] = "train",
+    calibration_samples: Annotated[int, typer.Option("--calibration-samples", min=1, help="Samples drawn (seeded) "
+                                                     "from --calibration-data to calibrate on.")] = 512,
     force: ForceOpt = False,
 ) -> None:
     """Export a checkpoint, plain or with its exits and every operating point of --thresholds, as a bundle folder:
@@ -63,6 +80,11 @@ def command(
     if bool(means or exit_heads) != bool(thresholds):
         raise UsageError("early exits need --means and --thresholds (or --exit-heads and --thresholds)",
                          "pass them together, or none for the plain model")
+    if quantize == Quantize.int8 and calibration_data is None:
+        raise UsageError("--quantize int8 needs --calibration-data: images of the model's own data set the int8 "
+                         "ranges of every stage", "add --calibration-data NAME[:PATH] (e.g. the training data)")
+    if quantize == Quantize.none and calibration_data is not None:
+        raise UsageError("--calibration-data is read only with --quantize int8", "add --quantize int8, or drop it")
     require_onnx()
     target = Path(output)
     check_target(target, force, (checkpoint, means, exit_heads, thresholds))
@@ -110,22 +132,44 @@ def command(
                                    "(x - mean) / std",
                        "channels": spec.input_shape[0], "mean": list(spec.mean), "std": list(spec.std)},
         provenance={"sources": sources, "args": run.args, "torch": str(torch.__version__)})
-    images, sample_name = _check_sample(run, data, split, spec, check_samples)
+    images, labels, sample_name = _check_sample(run, data, split, spec, check_samples)
+    calibration = (_calibration(run, calibration_data, calibration_split, calibration_samples, spec)
+                   if calibration_data is not None else None)
     with bundle_folder(target, force, (checkpoint, means, exit_heads, thresholds)) as tmp:
         run.reporter.log(f"exporting {len(stages)} stages and {len(exits)} exit decisions")
         doc = write(bundle, tmp)
         report = self_check(bundle, tmp, doc, images, em)
+        quantized = None
+        if calibration is not None:
+            from eetool.classification.bundle_export import seal
+            from eetool.classification.bundle_quantization import quantize_bundle
+
+            run.reporter.log(f"quantising {len(stages)} stages to int8 on {len(calibration.images)} samples of "
+                             f"{calibration.data}")
+            quantized = quantize_bundle(tmp, doc, calibration, images.numpy(),
+                                        None if labels is None else labels.numpy(), sample_name)
+            doc["provenance"]["quantization"] = quantized
+            seal(tmp, doc)
     for r in report:
         run.reporter.log(f"checked point {r['point']} on {r['samples']} samples of {sample_name}: "
                          f"{r['agree']} agree, {r['differ_within_tolerance']} differ within 1e-5 of a threshold")
+    for q in quantized["check"]["points"] if quantized else []:
+        accuracy = (f"; accuracy {q['accuracy']['float']:.4f} float, {q['accuracy']['int8']:.4f} int8"
+                    if "accuracy" in q else "")
+        run.reporter.log(f"int8 at point {q['point']}: the same class as the float bundle on "
+                         f"{q['class_agreement']:.1%}, the same exit on {q['exit_agreement']:.1%}; mean cost "
+                         f"{q['cost']['float']:.4f} float, {q['cost']['int8']:.4f} int8{accuracy}")
     run.wrote(output)
-    run.emit({"bundle": output, "stages": len(stages), "exits": exits, "points": len(points),
-              "check": {"data": sample_name, "points": report}, "files": doc["files"]},
-             lambda d: "\n".join(f"{name}  {sha}" for name, sha in d["files"].items()))
+    result = {"bundle": output, "stages": len(stages), "exits": exits, "points": len(points),
+              "check": {"data": sample_name, "points": report}, "files": doc["files"]}
+    if quantized:
+        result["quantization"] = quantized
+    run.emit(result, lambda d: "\n".join(f"{name}  {sha}" for name, sha in d["files"].items()))
 
 
-def _check_sample(run: Run, data: str | None, split: str, spec: Any, count: int) -> tuple[Any, str]:
-    """uint8 N x 3 x H x W images to check the bundle on, and what they are."""
+def _check_sample(run: Run, data: str | None, split: str, spec: Any, count: int) -> tuple[Any, Any, str]:
+    """uint8 N x 3 x H x W images to check the bundle on, their labels (None where there are none) and what they
+    are."""
     import torch
 
     from eetool.core.run_inputs import load_data
@@ -138,14 +182,53 @@ def _check_sample(run: Run, data: str | None, split: str, spec: Any, count: int)
         assert ds.images is not None
         if tuple(ds.image_shape[1:]) != (h, w):
             gen = torch.Generator().manual_seed(run.seed)
-            return torch.randint(0, 256, (count, 3, h, w), dtype=torch.uint8, generator=gen), "seeded random images"
+            return (torch.randint(0, 256, (count, 3, h, w), dtype=torch.uint8, generator=gen), None,
+                    "seeded random images")
     else:
         ds = load_data(run, data, split, None, spec)
     n = min(count, len(ds))
-    images = next(ds.batches(n))[0]
+    images, labels, _ = next(ds.batches(n))
     if tuple(images.shape[2:]) != (h, w):
         from eetool.core.errors import InputError
 
         raise InputError(f"{ds.spec}'s images are {tuple(images.shape[2:])}, the model takes {(h, w)}",
                          "check the bundle on data of the model's input size")
-    return images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images[:, :3], f"{ds.spec}"
+    known = None if bool((labels < 0).any()) else labels
+    return _rgb(images), known, f"{ds.spec}"
+
+
+def _rgb(images: Any) -> Any:
+    """uint8 N x C x H x W as the bundle's first stage takes them (as decoded from files): three channels."""
+    return images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images[:, :3]
+
+
+def _calibration(run: Run, data: str, split: str, count: int, spec: Any) -> Any:
+    """``count`` samples (seeded) of --calibration-data, refused unless they are images of the model's input size
+    and classes: int8 ranges set on other data would not be the model's."""
+    import torch
+
+    from eetool.classification.bundle_quantization import Calibration
+    from eetool.core.datasets import check_labels
+    from eetool.core.errors import ModelMismatchError
+    from eetool.core.run_inputs import load_data
+
+    ds = load_data(run, data, split, None, spec)
+    channels, h, w = ds.image_shape
+    if (h, w) != tuple(spec.input_shape[1:]) or channels not in (1, 3):
+        raise ModelMismatchError(f"calibration data {ds.spec} holds {channels} x {h} x {w} images, the model takes "
+                                 f"{spec.input_shape[1]} x {spec.input_shape[2]} (1 or 3 channels)",
+                                 "calibrate on the model's own data, at its input size")
+    classes = spec.classes or [str(k) for k in range(spec.num_classes)]
+    if len(ds.classes) != spec.num_classes or (spec.classes and list(ds.classes) != list(spec.classes)):
+        raise ModelMismatchError(f"calibration data {ds.spec} has the classes {_names(ds.classes)}, the model "
+                                 f"{_names(classes)}", "calibrate on the model's own data")
+    check_labels(ds, spec.num_classes)
+    n = min(count, len(ds))
+    chosen = ds.subset(torch.randperm(len(ds), generator=torch.Generator().manual_seed(run.seed))[:n].sort().values)
+    images = torch.cat([batch for batch, _, _ in chosen.batches(256)])
+    return Calibration(_rgb(images).numpy(), chosen.spec, chosen.fingerprint)
+
+
+def _names(classes: list[str]) -> str:
+    shown = ", ".join(classes[:4]) + (", ..." if len(classes) > 4 else "")
+    return f"{len(classes)} ({shown})"

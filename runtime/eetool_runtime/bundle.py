@@ -7,7 +7,9 @@ the batch is compacted to the others before the next stage. Samples that reach t
 its logits, with the softmax maximum as their confidence.
 
 Every file the manifest names, and the manifest itself, is checked against ``SHA256SUMS`` before a session is made:
-a changed graph, threshold or manifest is refused.
+a changed graph, threshold or manifest is refused. An int8 bundle (``eetool export --quantize int8``) runs the same
+way, its stage graphs being QDQ graphs that onnxruntime executes as they are; its manifest's provenance must record
+how it was quantised and on what data.
 """
 
 from __future__ import annotations
@@ -81,6 +83,29 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return doc
 
 
+QUANTIZATIONS = ("none", "int8")
+
+
+def quantization(doc: dict[str, Any], folder: Path) -> str:
+    """How the bundle's stage graphs are quantised (``none`` without a record), after checking that an int8
+    bundle's provenance records its method and calibration data."""
+    provenance = doc.get("provenance")
+    record = provenance.get("quantization") if isinstance(provenance, dict) else None
+    if record is None:
+        return "none"
+    remake = "export the bundle again with `eetool export --quantize int8`"
+    method = record.get("method") if isinstance(record, dict) else None
+    if method not in QUANTIZATIONS:
+        raise BundleError(f"{folder / MANIFEST} records a quantization this runtime does not know ({method!r})",
+                          "install the eetool-runtime of the eetool that exported it")
+    calibration = record.get("calibration")
+    if method != "none" and not (isinstance(calibration, dict) and calibration.get("fingerprint")
+                                 and isinstance(calibration.get("samples"), int) and calibration["samples"] > 0):
+        raise BundleError(f"{folder / MANIFEST} records {method} stages without their calibration data "
+                          "(fingerprint and samples)", remake)
+    return str(method)
+
+
 @dataclass
 class Predictions:
     classes: np.ndarray  # int64 per sample
@@ -107,6 +132,7 @@ class Bundle:
         self.classes: list[str] = list(m["classes"])
         self.stages: list[dict[str, Any]] = list(m["stages"])
         self.points: list[dict[str, Any]] = list(m.get("points") or [])
+        self.quantization = quantization(m, self.folder)
         self.exits = [str(s["exit"]) for s in self.stages]
         self.costs = [float(s["cost"]) for s in self.stages]
         pre = m["preprocessing"]

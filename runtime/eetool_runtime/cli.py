@@ -115,7 +115,7 @@ def predict(args: argparse.Namespace) -> None:
     if args.top_k > len(bundle.classes):
         raise UsageError(f"--top-k {args.top_k} is more than the bundle's {len(bundle.classes)} classes",
                          f"use at most {len(bundle.classes)}")
-    tally = _Tally(bundle.exits, bundle.costs)
+    tally = _Tally(bundle.exits, bundle.costs, bundle.quantization)
 
     def failed(e: InputError) -> None:
         tally.failed += 1
@@ -268,8 +268,8 @@ class _AtomicTextFile:
 
 
 class _Tally:
-    def __init__(self, exits: list[str], costs: list[float]) -> None:
-        self.exits, self.costs = exits, costs
+    def __init__(self, exits: list[str], costs: list[float], quantization: str) -> None:
+        self.exits, self.costs, self.quantization = exits, costs, quantization
         self.counts = [0] * len(exits)
         self.predicted = self.failed = 0
         self.model_seconds = self.decode_seconds = 0.0
@@ -286,6 +286,7 @@ class _Tally:
         rate = self.predicted / self.model_seconds if self.model_seconds > 0 else math.inf
         overall = self.predicted / (self.model_seconds + self.decode_seconds) if self.predicted else 0.0
         failed = f", {self.failed} failed" if self.failed else ""
-        return (f"predicted {self.predicted} inputs{failed}; exits: {shares}; mean cost {mean_cost:.4f}; "
+        stages = "; int8 stages" if self.quantization == "int8" else ""
+        return (f"predicted {self.predicted} inputs{failed}{stages}; exits: {shares}; mean cost {mean_cost:.4f}; "
                 f"{rate:.1f} images/s in the model, {overall:.1f} with decoding "
                 f"({self.decode_seconds:.2f} s decoding, {self.model_seconds:.2f} s model)")

@@ -1,0 +1,157 @@
+"""int8 stage graphs for a bundle (``eetool export --quantize int8``).
+
+Each stage graph is replaced by onnxruntime's static quantisation of it: QDQ format (QuantizeLinear /
+DequantizeLinear pairs around the quantised operators, which onnxruntime's CPU provider fuses into integer kernels),
+int8 weights with one scale per output channel, uint8 activations with one scale per tensor from the min-max range
+seen on calibration images. Stage j is calibrated on what it receives in the float bundle: the calibration images
+through the float stages 0..j-1.
+
+Only the stages are quantised. The exit decisions stay float graphs reading the int8 stages' (dequantised)
+features: a decision's confidence is compared with thresholds that were fitted on eetool's float pass (E²CM's
+confidence is a softmax of distances to the class means), so the rule itself is computed exactly as fitted and only
+the features it reads carry the quantisation error. How far that moves each operating point is measured before
+the bundle is written: on the check sample, the int8 bundle against the float one (classes, exits, mean cost and,
+with labels, accuracy); a bundle whose classes agree with the float bundle's on less than MIN_AGREEMENT of the
+sample at some point is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eetool.classification.bundle_export import BundleMismatchError, run_bundle
+
+MIN_AGREEMENT = 0.95
+CALIBRATION_BATCH = 64
+
+
+@dataclass
+class Calibration:
+    images: np.ndarray  # uint8 N x 3 x H x W, as the bundle's first stage takes them
+    data: str  # the source and split, e.g. fashion-mnist/train
+    fingerprint: str  # the dataset's fingerprint, of the chosen samples
+
+
+class _StageInputs:
+    """onnxruntime's CalibrationDataReader for stage j: the calibration images through the float stages before
+    it, a batch at a time (recomputed per stage rather than held: early features of large inputs are big)."""
+
+    def __init__(self, before: list[Any], input_name: str, images: np.ndarray) -> None:
+        self.batches = self._batches(before, input_name, images)
+
+    @staticmethod
+    def _batches(before: list[Any], input_name: str, images: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, len(images), CALIBRATION_BATCH):
+            x = images[start:start + CALIBRATION_BATCH]
+            for session in before:
+                x = session.run(None, {session.get_inputs()[0].name: x})[0]
+            yield {input_name: x}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.batches, None)
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """onnxruntime's quantiser logs advice (pre-processing, unused initialisers) on the root logger and its C++
+    logger: nothing a user of export can act on, so neither reaches the terminal; its prints go to stderr."""
+    import onnxruntime as ort
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    ort.set_default_logger_severity(3)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        root.setLevel(level)
+        ort.set_default_logger_severity(2)
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def quantize_bundle(folder: Path, doc: dict[str, Any], calibration: Calibration, images: np.ndarray,
+                    labels: np.ndarray | None, sample_name: str) -> dict[str, Any]:
+    """Replace every stage graph of the bundle in ``folder`` (written, not yet sealed) by its int8 version, then
+    compare the int8 bundle with the float one on ``images`` at every operating point. Returns the record for the
+    manifest's provenance; raises BundleMismatchError when the classes agree on less than MIN_AGREEMENT."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    stages = [s["stage"] for s in doc["stages"]]
+    with tempfile.TemporaryDirectory(prefix=f".{folder.name}.float.", dir=folder.parent) as scratch:
+        float_folder = Path(scratch)
+        for name in stages:
+            shutil.copyfile(folder / name, float_folder / name)
+        float_sessions = [_session(float_folder / name) for name in stages]
+        with _quiet_quantizer():
+            for j, name in enumerate(stages):
+                reader = _StageInputs(float_sessions[:j], float_sessions[j].get_inputs()[0].name, calibration.images)
+                quantize_static(str(float_folder / name), str(folder / name), reader, quant_format=QuantFormat.QDQ,
+                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=CalibrationMethod.MinMax)
+        check = compare(folder, float_folder, doc, images, labels)
+    record = {
+        "method": "int8",
+        "tool": f"onnxruntime {ort.__version__} quantize_static",
+        "format": "QDQ",
+        "weights": "int8, symmetric, one scale per output channel",
+        "activations": "uint8, one scale per tensor, min-max over the calibration samples",
+        "graphs": "stages (the exit decisions stay float)",
+        "calibration": {"data": calibration.data, "fingerprint": calibration.fingerprint,
+                        "samples": int(len(calibration.images))},
+        "check": {"data": sample_name, "samples": int(len(images)), "min_agreement": MIN_AGREEMENT,
+                  "points": check},
+    }
+    return record
+
+
+def compare(folder: Path, float_folder: Path, doc: dict[str, Any], images: np.ndarray,
+            labels: np.ndarray | None) -> list[dict[str, Any]]:
+    """The int8 bundle (``folder``) against the float one (its stage graphs in ``float_folder``, the decisions
+    shared) at each operating point, or the plain model: the share of samples with the same class and with the same
+    exit, the mean cost of each and, with labels, the accuracy of each."""
+    points = doc.get("points") or [{"thresholds": []}]
+    costs = np.array([float(s["cost"]) for s in doc["stages"]])
+    rows = []
+    for i, point in enumerate(points):
+        thresholds = [float(t) for t in point["thresholds"]]
+        ref = run_bundle(folder, doc, images, thresholds, stage_folder=float_folder)
+        q = run_bundle(folder, doc, images, thresholds)
+        agreement = float(np.mean(ref.classes == q.classes))
+        row: dict[str, Any] = {
+            "point": i if doc.get("points") else "plain",
+            "class_agreement": round(agreement, 4),
+            "exit_agreement": round(float(np.mean(ref.exit_index == q.exit_index)), 4),
+            "cost": {"float": round(float(costs[ref.exit_index].mean()), 4),
+                     "int8": round(float(costs[q.exit_index].mean()), 4)},
+        }
+        if labels is not None:
+            row["accuracy"] = {"float": round(float(np.mean(ref.classes == labels)), 4),
+                               "int8": round(float(np.mean(q.classes == labels)), 4)}
+        if agreement < MIN_AGREEMENT:
+            name = f"operating point {i}" if doc.get("points") else "the plain model"
+            raise BundleMismatchError(
+                f"the int8 bundle's classes agree with the float bundle's on {agreement:.1%} of "
+                f"{len(images)} check samples at {name}, below {MIN_AGREEMENT:.0%}",
+                "export without --quantize, or calibrate on more samples of the model's own data; nothing was "
+                "written")
+        rows.append(row)
+    return rows
