@@ -1113,6 +1113,9 @@ CASES = [
     Case("prune-unlabelled", ["prune-dataset", "-c", "{ckpt}", "-d", "safetensors:{inp}/unlabelled.safetensors",
                               "--split", "test", "-o", "{out}/k.safetensors", "--ratio", "0.5", "-m", "random"],
          BAD_INPUT, says="unlabelled"),
+    # an input hashed for the provenance before it is read: the usual one-line error, not an internal one
+    Case("export-means-missing", [*EXPORT, "--means", "{out}/missing.safetensors", "--thresholds",
+                                  "{out}/missing.yaml"], BAD_INPUT, says="missing.safetensors does not exist"),
     Case("export-int8-without-calibration-data", [*INT8[:-4]], USAGE, says="needs --calibration-data"),
     Case("export-quantize-unknown", [*EXPORT, "--quantize", "int4"], USAGE, says="--quantize"),
     Case("export-calibration-data-without-quantize", [*EXPORT, *INT8[-4:]], USAGE, says="only with --quantize"),

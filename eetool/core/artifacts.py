@@ -148,8 +148,9 @@ class CheckpointIdentity:
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The file's sha256; a missing or unreadable input is the usual one-line error, whoever hashes it first."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(require_file(path), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
