@@ -325,7 +325,7 @@ def write_tensors(path: str, tensors: dict[str, torch.Tensor], prov: Provenance,
     atomic_write(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
 
 
-def require_file(path: str | Path, what: str = "", hint: str = "check the path") -> Path:
+def require_file(path: str | os.PathLike[str], what: str = "", hint: str = "check the path") -> Path:
     """``path`` as a Path, refused unless it is a regular file: missing, a folder, or a pipe, device or socket
     (which would block or never end) each get their own message. ``what`` names the file's role."""
     p = Path(path)
