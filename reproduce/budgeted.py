@@ -35,6 +35,10 @@ REFERENCE = "plain-resnet20-w16.safetensors"
 FAMILY_GLOB = "plain-*.safetensors"
 GAP_BUDGETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)
 LEVEL = 0.5  # points: within this of the plain curve counts as on it (the issue's goal)
+# the plain family the Makefile trains (plain-<name>.safetensors), in the page's words
+FAMILY = {"resnet20-w4": "ResNet-20 width 4", "resnet20-w6": "ResNet-20 width 6", "resnet20-w8": "ResNet-20 width 8",
+          "resnet20-w12": "ResNet-20 width 12", "resnet20-w16": "ResNet-20 width 16",
+          "resnet8-w16": "ResNet-8 width 16", "resnet32-w16": "ResNet-32 width 16"}
 FAMILY_RUN = "family"  # eval-family.yaml: the reference network with the rest of the family compared
 # The evaluations the Makefile writes (eval-<stem>.yaml), in the page's order; others found are added by stem.
 METHODS = {
@@ -272,6 +276,12 @@ def load_range(text: str) -> tuple[float, float] | None:
     return (min(loads), max(loads)) if loads else None
 
 
+def left_out(recipe: dict[str, Any]) -> str:
+    """What the Makefile makes that this run did not: a page from a partial run says so where it is read."""
+    missing = [*recipe.get("missing_family", []), *recipe.get("missing_methods", [])]
+    return f" This run left out: {'; '.join(missing)}." if missing else ""
+
+
 def page(family: Sequence[Point], points: Sequence[Point], by_method: dict[str, list[Gap]],
          plain: Sequence[Gap], sentences: Sequence[str], recipe: dict[str, Any]) -> str:
     """The results page (Markdown)."""
@@ -295,7 +305,7 @@ timing is [`evaluate --compare`](../e2cm.md#beside-the-network-you-would-pick-in
 
 "Why not just train a smaller network?" On all of {recipe['data']} (test split, {recipe['samples']:,} images),
 every eetool method that makes a network cheaper against plain ResNets trained with the same recipe
-(`{recipe['config']}`, {epochs}): ResNet-20 at widths 4, 6, 8, 12 and 16, ResNet-8 and ResNet-32 at width 16.
+(`{recipe['config']}`, {epochs}): {', '.join(recipe['family'])}.{left_out(recipe)}
 Each `evaluate` ran with `--compare` on the plain family, so every speed-up below is a ratio within one run
 (interleaved rounds, `--repeats` {recipe['repeats']}), against the width-16 ResNet-20 of that run; the wall cost
 is 1 / speed-up and the MACs cost is MACs over that network's.
@@ -414,7 +424,10 @@ def main() -> None:
               "samples": family_doc["samples"], "config": a.config, "epochs": a.epochs,
               "repeats": family_doc["repeats"], "cpus": os.cpu_count(),
               "load": load_range(load_file.read_text()) if load_file.is_file() else None,
-              "figure": os.path.relpath(a.figure, a.page.parent)}
+              "figure": os.path.relpath(a.figure, a.page.parent),
+              "family": [FAMILY.get(n, n) for n in FAMILY if f"plain-{n}.safetensors" in family.values()],
+              "missing_family": [FAMILY[n] for n in FAMILY if f"plain-{n}.safetensors" not in family.values()],
+              "missing_methods": [label for stem, label in METHODS.items() if stem not in stems]}
     plot(a.figure, family_points, hull, by_method_points)
     sentences = [verdict(m, g) for m, g in by_method.items()]
     text = page(family_points, all_points, by_method, plain, sentences, recipe)

@@ -139,8 +139,10 @@ def test_the_page_holds_the_tables_the_sentences_and_the_goal(bt: ModuleType, tm
     by_method = {"m": bt.gaps(early, hull)}
     sentences = [bt.verdict("m", by_method["m"])]
     recipe = {"data": "Fashion-MNIST", "samples": 10000, "config": "eetool/configs/x.yaml", "epochs": 12,
-              "repeats": 3, "cpus": 2, "load": (1.5, 2.5), "figure": "../budgeted.png"}
+              "repeats": 3, "cpus": 2, "load": (1.5, 2.5), "figure": "../budgeted.png",
+              "family": ["ResNet-20 width 4", "ResNet-20 width 16"], "missing_family": [], "missing_methods": []}
     text = bt.page(family, early, by_method, bt.gaps([], hull), sentences, recipe)
+    assert "left out" not in text  # a run of everything the Makefile makes
     assert "12 epochs" in text and "eetool/configs/x.yaml" in text and "1.50 to 2.50" in text
     assert "| m | 0: budget 0.2 | 90.00% |" in text and f"- {sentences[0]}" in text
     assert "![accuracy against wall time and MACs](../budgeted.png)" in text
@@ -193,3 +195,6 @@ def test_main_writes_the_page_from_the_evaluations_found(bt: ModuleType, tmp_pat
     assert ("SDN heads: level with the plain curve (within 0.5 points) at 0.4\u20130.6; faster than every plain "
             "network at 0.3; no point that fast at 0.1\u20130.25.") in text and "3 epochs" in text
     assert "![accuracy against wall time and MACs](../budgeted.png)" in text and figure.is_file()
+    # a partial run says what it left out: five of the seven plain networks and every method but SDN heads
+    assert "3 epochs): ResNet-20 width 8, ResNet-20 width 16. This run left out: ResNet-20 width 4;" in text
+    assert "ResNet-32 width 16; E²CM, softmax rule;" in text and "SDN heads;" not in text
