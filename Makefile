@@ -152,6 +152,8 @@ BUDGETED ?= $(RESULTS)/budgeted
 BUDGETED_DATA ?= $(FMNIST)
 BUDGETED_RECIPE ?= eetool/configs/train-resnet20-fashion-mnist.yaml
 BUDGETED_REPEATS ?= 3
+# torch threads of every timed evaluation (one: the setting of the wall-time figures elsewhere in these docs)
+BUDGETED_THREADS ?= 1
 BUDGETED_HEAD_EPOCHS ?= 6
 BUDGETED_FINETUNE ?= 10000
 # budgets (MACs, of the network the exits are on) from 0.1 to 1; on the width-8 network (0.254 of the width-16
@@ -183,7 +185,7 @@ BT_FIT_ON = $(BT_FIT) --data $(BUDGETED_DATA) --split train
 # evaluate CHECKPOINT ($(1)) with the options $(2) beside the family (less CHECKPOINT itself), the load read before
 # and after
 BT_EVAL = uptime >> $(BT)/load.txt && $(EETOOL) evaluate -c $(1) $(2) --data $(BUDGETED_DATA) --split test \
-	--repeats $(BUDGETED_REPEATS) $(foreach c,$(filter-out $(1),$(BT_FAMILY)),--compare $(c)) $(BT_COMMON) \
+	--repeats $(BUDGETED_REPEATS) --threads $(BUDGETED_THREADS) $(foreach c,$(filter-out $(1),$(BT_FAMILY)),--compare $(c)) $(BT_COMMON) \
 	-o $@ --force && uptime >> $(BT)/load.txt
 BT_METHODS := e2cm-softmax e2cm-nearest sdn entropy e2cm-sdn-and e2cm-sdn-or channel-50 channel-25
 BT_SCRATCH := $(foreach n,$(BUDGETED_SCRATCH_NETS),joint-$(n) distill-$(n))
@@ -200,7 +202,7 @@ budgeted-scratch: $(foreach n,$(BT_SCRATCH),$(BT)/eval-$(n).yaml) ## early-exit 
 budgeted-msdnet: $(BT)/eval-msdnet.yaml ## the MSDNet-style network trained from scratch
 budgeted-page: ## the results page and figure from the evaluations made so far
 	$(PYTHON) reproduce/budgeted.py $(BT) --epochs $(EPOCHS) --data $(BUDGETED_DATA) --config $(BUDGETED_RECIPE) \
-	  --page $(BUDGETED_PAGE) --figure $(BUDGETED_FIGURE)
+	  --threads $(BUDGETED_THREADS) --page $(BUDGETED_PAGE) --figure $(BUDGETED_FIGURE)
 
 $(BT)/plain-%.safetensors:
 	@mkdir -p $(@D)

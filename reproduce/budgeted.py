@@ -297,6 +297,7 @@ def page(family: Sequence[Point], points: Sequence[Point], by_method: dict[str, 
                  f"{load[1]:.2f} on {recipe['cpus']} CPUs" if load else f"no load was recorded ({recipe['cpus']} "
                  "CPUs)")
     epochs = f"{recipe['epochs']} epoch{'' if recipe['epochs'] == 1 else 's'}"
+    threads = f"{recipe['threads']} torch thread{'' if recipe['threads'] == 1 else 's'}"
     figure = f"![accuracy against wall time and MACs]({recipe['figure']})\n\n" if recipe.get("figure") else ""
     return f"""# Results: budgeted classification against a family of plain networks
 
@@ -344,7 +345,7 @@ step is a file, so an interrupted run continues where it stopped.
 
 ## Caveats
 
-Wall time is this machine's: {load_text}; torch's default threads, batch 256.
+Wall time is this machine's: {load_text}; {threads}, batch 256.
 Speed-ups are medians over the rounds with their range; a busy machine widens the range (and `evaluate` warns).
 The plain curve is read from the run of each method, so a method is compared with the family under the same load.
 MACs costs do not depend on the machine; at equal MACs, early exits pay for their decisions and for compaction
@@ -396,6 +397,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, required=True, help="epochs the networks were trained for")
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--config", default="eetool/configs/train-resnet20-fashion-mnist.yaml")
+    p.add_argument("--threads", type=int, default=1, help="torch threads the evaluations ran on")
     p.add_argument("--page", type=Path, default=Path("docs/results/budgeted.md"))
     p.add_argument("--figure", type=Path, default=Path("docs/budgeted.png"))
     a = p.parse_args()
@@ -421,7 +423,7 @@ def main() -> None:
     plain = gaps([], hull)
     load_file = a.folder / "load.txt"
     recipe = {"data": "Fashion-MNIST" if a.data.startswith("fashion-mnist") else a.data,
-              "samples": family_doc["samples"], "config": a.config, "epochs": a.epochs,
+              "samples": family_doc["samples"], "config": a.config, "epochs": a.epochs, "threads": a.threads,
               "repeats": family_doc["repeats"], "cpus": os.cpu_count(),
               "load": load_range(load_file.read_text()) if load_file.is_file() else None,
               "figure": os.path.relpath(a.figure, a.page.parent),

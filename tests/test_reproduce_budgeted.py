@@ -138,7 +138,7 @@ def test_the_page_holds_the_tables_the_sentences_and_the_goal(bt: ModuleType, tm
     hull = bt.envelope(family)
     by_method = {"m": bt.gaps(early, hull)}
     sentences = [bt.verdict("m", by_method["m"])]
-    recipe = {"data": "Fashion-MNIST", "samples": 10000, "config": "eetool/configs/x.yaml", "epochs": 12,
+    recipe = {"data": "Fashion-MNIST", "samples": 10000, "config": "eetool/configs/x.yaml", "epochs": 12, "threads": 1,
               "repeats": 3, "cpus": 2, "load": (1.5, 2.5), "figure": "../budgeted.png",
               "family": ["ResNet-20 width 4", "ResNet-20 width 16"], "missing_family": [], "missing_methods": []}
     text = bt.page(family, early, by_method, bt.gaps([], hull), sentences, recipe)
