@@ -83,12 +83,10 @@ def export_bundle(run: Run, req: ExportRequest) -> None:
         if path:
             sources[kind] = {"path": path, "sha256": sha256_file(path)}
     if thresholds:
-        from eetool.classification.thresholds_artifact import ExitThresholds
-
-        em, rule, (cost_model, _), chosen, clusters, _ = early_exit_setup(ckpt, means, exit_heads, thresholds, "all",
-                                                                           "cpu")
+        em, rule, (cost_model, _), chosen, clusters, fitted = early_exit_setup(ckpt, means, exit_heads, thresholds,
+                                                                                "all", "cpu")
         check_exportable(em)
-        method = ExitThresholds.load(thresholds).method
+        method = fitted.method
         points: list[dict[str, Any]] = [{k: p[k] for k in ("budget", "cost", "accuracy", "thresholds") if k in p}
                                         for _, p in chosen]
         stages, exits, costs = list(em.stages), list(em.exits), cost_model.normalised_exit_costs()

@@ -17,7 +17,7 @@ from eetool.core.reporting import format_fields, format_table
 from eetool.core.run_inputs import data_path, open_checkpoint
 
 if TYPE_CHECKING:
-    from eetool.classification.thresholds_artifact import OperatingPoint
+    from eetool.classification.thresholds_artifact import ExitThresholds, OperatingPoint
 
 
 @dataclass
@@ -169,8 +169,8 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
         "per_class": {"plain": _per_class_dict(classes, per_class)},
     }
     if early is not None:
-        em, _, (cost_model, sparse_cost_model), _, _, fitted_basis = early
-        doc.update(fitted_basis)
+        em, _, (cost_model, sparse_cost_model), _, _, fitted = early
+        doc.update(fitted.fitted_basis())
         for (index, p), r, speed in zip(chosen, rounds[0][1:own], timing[1:own], strict=True):
             counts = torch.bincount(r.exit_index, minlength=len(em.exits) + 1)
             cost = cost_model.average(counts)
@@ -347,14 +347,14 @@ def _per_class_dict(classes: list[str], accuracy: Any) -> dict[str, float | None
 class EarlyExits(NamedTuple):
     """Early exits as a thresholds file sets them up: the exit model, the rule, its cost models (dense, then
     effective: the same one unless the network is pruned), the chosen operating points (index, point), whether it
-    predicts cluster ids, and what cost the thresholds' budgets are of."""
+    predicts cluster ids, and the thresholds file they come from."""
 
     exit_model: Any
     rule: Any
     cost_models: tuple[Any, Any]
     chosen: list[tuple[int, OperatingPoint]]
     clusters: bool
-    fitted_basis: dict[str, Any]
+    thresholds: ExitThresholds
 
 
 def early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thresholds: str, point: str,
@@ -391,8 +391,8 @@ def early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thres
         # for class means made before they were recorded (the means were verified to be made from this checkpoint)
         sparse = (cm.cost_model(effective=True) if cm.effective_stage_macs
                   else effective(cm.cost_model(), em, ckpt.spec.input_shape))
-        return EarlyExits(em, rule, (cm.cost_model(), sparse), chosen, cm.clusters, fitted.fitted_basis())
-    return EarlyExits(em, rule, cost_models(rule, em, ckpt.spec.input_shape), chosen, False, fitted.fitted_basis())
+        return EarlyExits(em, rule, (cm.cost_model(), sparse), chosen, cm.clusters, fitted)
+    return EarlyExits(em, rule, cost_models(rule, em, ckpt.spec.input_shape), chosen, False, fitted)
 
 
 def _shards(run: Run, ds: Any, batch_size: int) -> tuple[Any, Any]:
