@@ -4,7 +4,7 @@ scratch with its heads; the exit-heads artifact (and the trained backbone) writt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from eetool.core.errors import UsageError
@@ -17,34 +17,64 @@ if TYPE_CHECKING:
     from eetool.core.datasets import Dataset
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class ExitHeadsRequest:
     checkpoint: str | None  # None: a new backbone, built from --arch (--from-scratch)
+    from_scratch: bool = False
     data: str
     output: str
     split: str
     indices: str | None
-    exits: str
-    head: str
-    pool_size: int
-    means: str | None
-    joint: bool
-    exit_weights: str | None
-    backbone_output: str | None
+    # the options that apply to classifiers alone, with their defaults (a segmentation checkpoint refuses others)
+    exits: str = "every"
+    head: str = "sdn"
+    pool_size: int = 4
+    means: str | None = None
+    joint: bool = False
+    exit_weights: str | None = None
+    backbone_output: str | None = None
+    distill: float = 0.0
+    distill_temperature: float = 3.0
     eval_split: str | None
     epochs: int
     samples: int | None
     batch_size: int
     optimizer: str
     lr: float
+    momentum: float
     weight_decay: float
     schedule: str
+    warmup_epochs: float
     augment: bool
     force: bool
-    momentum: float = 0.9
-    warmup_epochs: float = 1.0
-    distill: float = 0.0
-    distill_temperature: float = 3.0
+
+
+CLASSIFIER_ONLY = ("head", "pool_size", "means", "joint", "exit_weights", "backbone_output", "exits", "distill",
+                   "distill_temperature")  # in the order a segmentation checkpoint's refusal names them
+
+
+def train_exits(run: Run, req: ExitHeadsRequest) -> None:
+    """Exit heads for ``req.checkpoint``: a classifier's (fit_exit_heads), or a segmentation network's three
+    pixel heads, which take none of the classifier's options."""
+    from eetool.segmentation.inputs import is_segmentation_checkpoint
+
+    check_backbone_source(req.checkpoint, req.from_scratch, req.joint, req.backbone_output)
+    if req.checkpoint is None or not is_segmentation_checkpoint(run, req.checkpoint):
+        fit_exit_heads(run, req)
+        return
+    from eetool.segmentation.pixel_head_training import ExitTrainingRequest, train_segmentation_exits
+
+    defaults = {f.name: f.default for f in fields(ExitHeadsRequest)}
+    train_segmentation_exits(run, ExitTrainingRequest(
+        req.checkpoint, req.data, req.output, req.split, req.indices, req.eval_split, req.epochs, req.samples,
+        req.batch_size, req.optimizer, req.lr, req.weight_decay, req.schedule, req.force, req.momentum,
+        req.warmup_epochs, classification_only={
+            f"--{name.replace('_', '-')}": _given(getattr(req, name), defaults[name]) for name in CLASSIFIER_ONLY}))
+
+
+def _given(value: Any, default: Any) -> bool:
+    """Whether an option differs from its default (an empty file name counts as not given)."""
+    return value != default and (default is not None or bool(value))
 
 
 def check_backbone_source(checkpoint: str | None, from_scratch: bool, joint: bool, backbone_output: str | None

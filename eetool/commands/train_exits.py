@@ -13,23 +13,18 @@ from eetool.core.options import (
     MAX_EPOCHS,
     MAX_POOL_SIZE,
     TRAINING,
-    AugmentOpt,
     DataOpt,
     ExitsOpt,
     ForceOpt,
     GlobalBatchOpt,
     IndicesOpt,
-    LrOpt,
-    MomentumOpt,
-    OptimizerOpt,
     OutputOpt,
     Run,
-    ScheduleOpt,
     SplitOpt,
-    WarmupEpochsOpt,
-    WeightDecayOpt,
+    TrainingOptions,
     eetool_command,
     prefix_completer,
+    training_options,
 )
 
 HEADS = "Exit heads"
@@ -79,33 +74,15 @@ def command(
                                                 "(a fixed training budget) instead of --epochs.",
                                                 rich_help_panel=TRAINING)] = None,
     batch_size: GlobalBatchOpt = 128,
-    optimizer: OptimizerOpt = "adamw",
-    lr: LrOpt = 1e-3,
-    momentum: MomentumOpt = 0.9,
-    weight_decay: WeightDecayOpt = 5e-4,
-    schedule: ScheduleOpt = "cosine",
-    warmup_epochs: WarmupEpochsOpt = 1.0,
-    augment: AugmentOpt = True,
+    training: TrainingOptions = training_options("momentum", "warmup_epochs", optimizer="adamw", lr=1e-3),
     force: ForceOpt = False,
 ) -> None:
     """Attach heads at the exits of a checkpoint and train them (frozen backbone or jointly), or train a new
     network and its heads from scratch. Writes -o (and --backbone-output)."""
-    from eetool.classification.exit_head_fitting import ExitHeadsRequest, check_backbone_source, fit_exit_heads
-    from eetool.segmentation.inputs import is_segmentation_checkpoint
+    from eetool.classification.exit_head_fitting import ExitHeadsRequest, train_exits
 
-    check_backbone_source(checkpoint, from_scratch, joint, backbone_output)
-    if checkpoint is not None and is_segmentation_checkpoint(run, checkpoint):
-        from eetool.segmentation.pixel_head_training import ExitTrainingRequest, train_segmentation_exits
-
-        train_segmentation_exits(run, ExitTrainingRequest(
-            checkpoint, data, output, split, indices, eval_split, epochs, samples, batch_size, optimizer, lr,
-            weight_decay, schedule, force, momentum, warmup_epochs, classification_only={
-                "--head": head != "sdn", "--pool-size": pool_size != 4, "--means": means, "--joint": joint,
-                "--exit-weights": exit_weights, "--backbone-output": backbone_output, "--exits": exits != "every",
-                "--distill": distill != 0, "--distill-temperature": distill_temperature != 3}))
-        return
-
-    fit_exit_heads(run, ExitHeadsRequest(checkpoint, data, output, split, indices, exits, head, pool_size, means,
-                                         joint, exit_weights, backbone_output, eval_split, epochs, samples,
-                                         batch_size, optimizer, lr, weight_decay, schedule, augment, force,
-                                         momentum, warmup_epochs, distill, distill_temperature))
+    train_exits(run, ExitHeadsRequest(
+        checkpoint=checkpoint, from_scratch=from_scratch, data=data, output=output, split=split, indices=indices,
+        exits=exits, head=head, pool_size=pool_size, means=means, joint=joint, exit_weights=exit_weights,
+        backbone_output=backbone_output, distill=distill, distill_temperature=distill_temperature,
+        eval_split=eval_split, epochs=epochs, samples=samples, batch_size=batch_size, **training.given(), force=force))

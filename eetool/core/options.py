@@ -230,6 +230,57 @@ WarmupEpochsOpt = Annotated[float, typer.Option("--warmup-epochs", help="Linear 
                                                 rich_help_panel=TRAINING)]
 AugmentOpt = Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop and flip.",
                                           rich_help_panel=TRAINING)]
+LabelSmoothingOpt = Annotated[float, typer.Option("--label-smoothing", help="Label smoothing.",
+                                                 rich_help_panel=TRAINING)]
+MixupOpt = Annotated[float, typer.Option("--mixup", help="Mixup alpha (0 = off).", rich_help_panel=TRAINING)]
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """The training loop's optimiser settings as one option group, declared once: a command's parameter
+    ``training: TrainingOptions = training_options(...)`` becomes these flags, in this order, and the command gets
+    their values back as one object. Every command offers --optimizer, --lr, --weight-decay, --schedule and
+    --augment; the others only where named (None where not offered)."""
+
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float | None = None
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float | None = None
+    label_smoothing: float | None = None
+    mixup: float | None = None
+    augment: bool = True
+
+    def given(self, *leave_out: str) -> dict[str, Any]:
+        """The offered options as keyword arguments (of a request whose fields bear their names), less
+        ``leave_out``."""
+        return {k: v for k, v in vars(self).items() if v is not None and k not in leave_out}
+
+
+TRAINING_FLAGS: dict[str, Any] = {"optimizer": OptimizerOpt, "lr": LrOpt, "momentum": MomentumOpt,
+                                  "weight_decay": WeightDecayOpt, "schedule": ScheduleOpt,
+                                  "warmup_epochs": WarmupEpochsOpt, "label_smoothing": LabelSmoothingOpt,
+                                  "mixup": MixupOpt, "augment": AugmentOpt}
+OPTIONAL_TRAINING = ("momentum", "warmup_epochs", "label_smoothing", "mixup")
+_TRAINING_DEFAULTS = {"momentum": 0.9, "warmup_epochs": 1.0, "label_smoothing": 0.0, "mixup": 0.0}
+
+
+def training_options(*offered: str, **defaults: Any) -> TrainingOptions:
+    """The training option group of a command: ``offered`` names the optional flags it takes (of
+    OPTIONAL_TRAINING), ``defaults`` its own defaults where they differ from the training loop's."""
+    unknown = set(offered) - set(OPTIONAL_TRAINING) or set(defaults) - set(TRAINING_FLAGS)
+    if unknown:
+        raise TypeError(f"not training options: {sorted(unknown)}")
+    return TrainingOptions(**{**{k: _TRAINING_DEFAULTS[k] for k in offered}, **defaults})
+
+
+def _group_parameters(p: inspect.Parameter) -> list[inspect.Parameter]:
+    """An option group's parameter as the parameters of its flags (a plain parameter as itself)."""
+    if not isinstance(p.default, TrainingOptions):
+        return [p]
+    return [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v, annotation=TRAINING_FLAGS[k])
+            for k, v in vars(p.default).items() if v is not None]
 
 
 @dataclass
@@ -407,6 +458,8 @@ def eetool_command(kind: str, *, model_options: bool = False, data_options: bool
         hints = typing.get_type_hints(func, include_extras=True)  # resolve `from __future__` string annotations
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(n, p.annotation))
                for n, p in sig.parameters.items() if n != "run"]
+        groups = {p.name: [g.name for g in _group_parameters(p)] for p in own if isinstance(p.default, TrainingOptions)}
+        own = [g for p in own for g in _group_parameters(p)]
         # Required options may come from --config too, so click sees them as optional and they are
         # checked once the config is applied.
         required = {p.name for p in own if p.default is inspect.Parameter.empty and _option_info(p.annotation)}
@@ -449,6 +502,8 @@ def eetool_command(kind: str, *, model_options: bool = False, data_options: bool
                         if run.world.distributed and not distributed:
                             raise UsageError(f"{run.command} does not run under torchrun yet",
                                              "run it as one process, without torchrun")
+                        for group, members in groups.items():  # provenance keeps the flags; func gets the group
+                            own_kwargs[group] = TrainingOptions(**{k: own_kwargs.pop(k) for k in members})
                         try:
                             func(run, **own_kwargs)
                         finally:
