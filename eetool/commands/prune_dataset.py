@@ -13,21 +13,17 @@ from eetool.core.options import (
     MAX_EPOCHS,
     MAX_MODELS,
     TRAINING,
-    AugmentOpt,
     CheckpointOpt,
     DataOpt,
     ForceOpt,
     GlobalBatchOpt,
     IndicesOpt,
-    LrOpt,
-    OptimizerOpt,
     Run,
-    ScheduleOpt,
     SplitOpt,
-    WarmupEpochsOpt,
-    WeightDecayOpt,
+    TrainingOptions,
     eetool_command,
     prefix_completer,
+    training_options,
 )
 
 PRUNING = "Pruning"
@@ -84,12 +80,7 @@ def command(
                                                "the thesis's: 10 for eeprune*, 15 per el2n model, 200 for "
                                                "forgetting, 50 for svp).", rich_help_panel=TRAINING)] = None,
     batch_size: GlobalBatchOpt = 128,
-    optimizer: OptimizerOpt = "sgd",
-    lr: LrOpt = 0.1,
-    weight_decay: WeightDecayOpt = 5e-4,
-    schedule: ScheduleOpt = "cosine",
-    warmup_epochs: WarmupEpochsOpt = 1.0,
-    augment: AugmentOpt = True,
+    training: TrainingOptions = training_options("warmup_epochs"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted pruning phase from "
                                          "OUTPUT.resume/ (saved after every epoch).")] = False,
     force: ForceOpt = False,
@@ -97,8 +88,9 @@ def command(
     """Choose the samples to drop from a training set (EEPrune or a baseline) and write the ones to keep. Writes -o."""
     from eetool.classification.kept_samples import KeptSamplesRequest, choose_kept_samples
 
-    choose_kept_samples(run, KeptSamplesRequest(checkpoint, data, output, ratio, method, split, indices, balanced,
-                                                exit, soft_weights, soft_threshold, models, proxy_arch,
-                                                proxy_arch_args, from_scores, pruned_output, summary, from_weights,
-                                                epochs, batch_size, optimizer, lr, weight_decay, schedule,
-                                                warmup_epochs, augment, resume, force))
+    choose_kept_samples(run, KeptSamplesRequest(
+        checkpoint=checkpoint, data=data, output=output, ratio=ratio, method=method, split=split, indices=indices,
+        balanced=balanced, exit=exit, soft_weights=soft_weights, soft_threshold=soft_threshold, models=models,
+        proxy_arch=proxy_arch, proxy_arch_args=proxy_arch_args, from_scores=from_scores, pruned_output=pruned_output,
+        summary=summary, from_weights=from_weights, epochs=epochs, batch_size=batch_size, **training.given(),
+        resume=resume, force=force))

@@ -15,6 +15,7 @@ from eetool.core.options import (
     TRAINING,
     DataOpt,
     ExitsOpt,
+    ExitWeightsOpt,
     ForceOpt,
     GlobalBatchOpt,
     IndicesOpt,
@@ -55,9 +56,7 @@ def command(
     joint: Annotated[bool, typer.Option("--joint/--frozen", help="Train backbone and heads together, or only the "
                                         "heads (the backbone runs without gradients).", rich_help_panel=TRAINING)
                      ] = False,
-    exit_weights: Annotated[str | None, typer.Option("--exit-weights", help="Loss weight per exit, "
-                                                     "comma-separated, or 'sdn' (0.15, 0.3, ...).",
-                                                     rich_help_panel=TRAINING)] = None,
+    exit_weights: ExitWeightsOpt = None,
     distill: Annotated[float, typer.Option("--distill", help="With --joint: self-distillation weight (0 to 1; 0 = "
                                            "off): each early exit also learns the final exit's softened "
                                            "predictions.", rich_help_panel=TRAINING)] = 0.0,

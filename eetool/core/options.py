@@ -233,6 +233,8 @@ AugmentOpt = Annotated[bool, typer.Option("--augment/--no-augment", help="Random
 LabelSmoothingOpt = Annotated[float, typer.Option("--label-smoothing", help="Label smoothing.",
                                                  rich_help_panel=TRAINING)]
 MixupOpt = Annotated[float, typer.Option("--mixup", help="Mixup alpha (0 = off).", rich_help_panel=TRAINING)]
+ExitWeightsOpt = Annotated[str | None, typer.Option("--exit-weights", help="Loss weight per exit, comma-separated, "
+                                                  "or 'sdn' (0.15, 0.3, ...).", rich_help_panel=TRAINING)]
 
 
 @dataclass(frozen=True)
