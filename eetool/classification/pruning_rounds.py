@@ -8,16 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from eetool.core.choices import FINAL_LAYER_PHASES, PRUNING_APPROACHES, WEIGHT_STRUCTURES
-from eetool.core.options import (
-    Run,
-)
+from eetool.core.options import Run
 from eetool.core.owned_folders import check_state_folder, fresh_state_folder, remove_state_folder
 from eetool.core.reporting import format_fields, format_table
 from eetool.core.run_inputs import data_path
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class WeightPruningRequest:
+    """What prune-weights is asked for, its flags as given: prune_weights checks them before any work."""
+
     checkpoint: str
     data: str
     output: str
@@ -26,16 +26,16 @@ class WeightPruningRequest:
     exit_heads: str | None
     exits: str | None
     approach: str
-    final_layer_phases: str | None
+    final_layer_phases: str | None  # --approach ordered only; None: both (see phases)
     structure: str
     rounds: int
     amount: float
     prune_first_conv: bool
     prune_final_layer: bool
     round_to: int | None
-    heads_output: str | None
+    heads_output: str | None  # None: next to -o (see heads_file)
     masks_output: str | None
-    report: str | None
+    report: str | None  # None: next to -o (see report_file)
     plot: str | None
     eval_split: str
     exit_weights: str | None
@@ -50,17 +50,27 @@ class WeightPruningRequest:
     resume: bool
     force: bool
 
+    @property
+    def heads_file(self) -> str:
+        """--heads-output, or OUTPUT with -heads.safetensors."""
+        return self.heads_output or f"{self.output.removesuffix('.safetensors')}-heads.safetensors"
+
+    @property
+    def report_file(self) -> str:
+        """--report, or OUTPUT with .yaml."""
+        return self.report or f"{self.output.removesuffix('.safetensors')}.yaml"
+
+    @property
+    def phases(self) -> str:
+        """--final-layer-phases of --approach ordered: both unless given."""
+        return self.final_layer_phases or "both"
+
 
 def prune_weights(run: Run, req: WeightPruningRequest) -> None:
-    checkpoint, data, output, split, indices = req.checkpoint, req.data, req.output, req.split, req.indices
-    exit_heads, exits, approach = req.exit_heads, req.exits, req.approach
-    final_layer_phases, structure, rounds, amount = req.final_layer_phases, req.structure, req.rounds, req.amount
-    prune_first_conv, prune_final_layer, round_to = req.prune_first_conv, req.prune_final_layer, req.round_to
-    heads_output, masks_output, report, plot = req.heads_output, req.masks_output, req.report, req.plot
-    eval_split, exit_weights, finetune_epochs = req.eval_split, req.exit_weights, req.finetune_epochs
-    finetune_samples, batch_size, optimizer, lr = req.finetune_samples, req.batch_size, req.optimizer, req.lr
-    weight_decay, schedule, augment, resume = req.weight_decay, req.schedule, req.augment, req.resume
-    force = req.force
+    """Check the request's options and outputs before any work, then prune in rounds and write the outputs."""
+    checkpoint, data, output, indices, exit_heads = req.checkpoint, req.data, req.output, req.indices, req.exit_heads
+    structure, approach, final_layer_phases = req.structure, req.approach, req.final_layer_phases
+    rounds, amount, masks_output, plot, resume = req.rounds, req.amount, req.masks_output, req.plot, req.resume
     from eetool.core.artifacts import STDOUT
     from eetool.core.errors import InputError, UsageError
 
@@ -75,8 +85,8 @@ def prune_weights(run: Run, req: WeightPruningRequest) -> None:
         raise UsageError("--final-layer-phases chooses the phases of --approach ordered, and joint has one phase",
                          "drop --final-layer-phases, or add --approach ordered")
     if structure == "channel":
-        _refuse_for_channels(approach, masks_output, plot, prune_first_conv, prune_final_layer)
-    elif round_to is not None:
+        _refuse_for_channels(approach, masks_output, plot, req.prune_first_conv, req.prune_final_layer)
+    elif req.round_to is not None:
         raise UsageError("--round-to rounds channel counts, which unstructured pruning keeps",
                          "drop --round-to, or add --structure channel")
     if not 0 < amount < 1:
@@ -84,15 +94,12 @@ def prune_weights(run: Run, req: WeightPruningRequest) -> None:
                          "e.g. --amount 0.1 prunes 10% of the remaining weights per round")
     if rounds < 1:
         raise UsageError(f"--rounds must be at least 1, not {rounds}", "e.g. --rounds 20 (the thesis's)")
-    if exit_heads and exits:
+    if exit_heads and req.exits:
         raise UsageError("--exits chooses where new heads go, but --exit-heads brings its own",
                          "drop --exits (the heads' exits are used)")
     if not output.endswith(".safetensors"):
         raise UsageError(f"-o {output}: checkpoints are .safetensors files", "end the name in .safetensors")
-    stem = output[: -len(".safetensors")]
-    heads_output = heads_output or f"{stem}-heads.safetensors"
-    report = report or f"{stem}.yaml"
-    outputs = [p for p in (output, heads_output, report, masks_output, plot) if p]
+    outputs = [p for p in (output, req.heads_file, req.report_file, masks_output, plot) if p]
     if STDOUT in outputs:
         raise UsageError("the outputs of prune-weights are written together, as files, not to stdout",
                          "give each a file name")
@@ -100,10 +107,10 @@ def prune_weights(run: Run, req: WeightPruningRequest) -> None:
         raise UsageError("-o, --heads-output, --report, --masks-output and --plot name the same file",
                          "give each its own name")
     inputs = (checkpoint, indices, data_path(data), exit_heads)
-    for flag, path in (("-o", output), ("--heads-output", heads_output), ("--report", report),
+    for flag, path in (("-o", output), ("--heads-output", req.heads_file), ("--report", req.report_file),
                        ("--masks-output", masks_output), ("--plot", plot)):
         if path is not None:
-            run.check_output(path, force=force or resume, inputs=inputs, flag=flag, binary=True)
+            run.check_output(path, force=req.force or resume, inputs=inputs, flag=flag, binary=True)
     if plot:
         from eetool.core.plotting import require_matplotlib
 
@@ -116,51 +123,7 @@ def prune_weights(run: Run, req: WeightPruningRequest) -> None:
     if resume and not (state_dir / "state.pt").is_file():
         raise InputError(f"no resumable state in {state_dir}", "run without --resume to start afresh")
     check_state_folder(str(state_dir), resume=resume)
-    _prune(run, Request(checkpoint=checkpoint, data=data, output=output, heads_output=heads_output,
-                        report=report, split=split, indices=indices, exit_heads=exit_heads, exits=exits,
-                        approach=approach, final_layer_phases=final_layer_phases or "both",
-                        structure=structure, rounds=rounds, amount=amount,
-                        prune_first_conv=prune_first_conv, prune_final_layer=prune_final_layer,
-                        round_to=round_to, masks_output=masks_output, plot=plot, eval_split=eval_split,
-                        exit_weights=exit_weights, finetune_epochs=finetune_epochs,
-                        finetune_samples=finetune_samples, batch_size=batch_size, optimizer=optimizer, lr=lr,
-                        weight_decay=weight_decay, schedule=schedule, augment=augment, resume=resume))
-
-
-@dataclass(frozen=True)
-class Request:
-    """What prune-weights was asked for, its flags checked and its default output names filled in."""
-
-    checkpoint: str
-    data: str
-    output: str
-    heads_output: str
-    report: str
-    split: str
-    indices: str | None
-    exit_heads: str | None
-    exits: str | None
-    approach: str
-    final_layer_phases: str  # ordered only
-    structure: str
-    rounds: int
-    amount: float
-    prune_first_conv: bool
-    prune_final_layer: bool
-    round_to: int | None
-    masks_output: str | None
-    plot: str | None
-    eval_split: str
-    exit_weights: str | None
-    finetune_epochs: int
-    finetune_samples: int | None
-    batch_size: int
-    optimizer: str
-    lr: float
-    weight_decay: float
-    schedule: str
-    augment: bool
-    resume: bool
+    _prune(run, req)
 
 
 def _refuse_for_channels(approach: str, masks_output: str | None, plot: str | None, first_conv: bool,
@@ -184,7 +147,7 @@ def _refuse_for_channels(approach: str, masks_output: str | None, plot: str | No
                          "drop --no-prune-first-conv and --no-prune-final-layer")
 
 
-def _prune(run: Run, o: Request) -> None:
+def _prune(run: Run, o: WeightPruningRequest) -> None:
     from eetool.classification import weight_pruning as wp
     from eetool.classification.exit_heads import ExitHeads, HeadsSpec, load_heads, parse_weights
     from eetool.core.artifacts import Provenance, output_set, sha256_file, verify, write_tensors
@@ -225,7 +188,7 @@ def _prune(run: Run, o: Request) -> None:
         heads.spec.weights or [1.0] * len(em.exits))
     settings = wp.Settings(o.approach, o.rounds, o.amount, cfg, first_conv=o.prune_first_conv,
                            final_layer=o.prune_final_layer, train_heads=not o.exit_heads,
-                           final_phases=o.final_layer_phases)
+                           final_phases=o.phases)
     train_data = load_data(run, o.data, o.split, o.indices, ckpt.spec)
     check_labels(train_data, ckpt.spec.num_classes)
     require_labels(train_data, "pruning fine-tunes on a labelled training set")
@@ -264,10 +227,10 @@ def _prune(run: Run, o: Request) -> None:
     taking_part = [la for la in pruner.layers if la.takes_part]
     weights_in = sum(la.weight.numel() for la in taking_part)
     doc: dict[str, Any] = {
-        "output": o.output, "heads_output": o.heads_output, "masks_output": o.masks_output,
-        "report": o.report, "plot": o.plot,
+        "output": o.output, "heads_output": o.heads_file, "masks_output": o.masks_output,
+        "report": o.report_file, "plot": o.plot,
         "approach": o.approach, "structure": o.structure, "rounds": o.rounds, "amount": o.amount,
-        **({"final_layer_phases": o.final_layer_phases} if o.approach == "ordered" else {}),
+        **({"final_layer_phases": o.phases} if o.approach == "ordered" else {}),
         "requested_sparsity": round(target, 6),
         "sparsity": final["sparsity"],
         "weights_taking_part": weights_in,
@@ -279,7 +242,7 @@ def _prune(run: Run, o: Request) -> None:
     }
     dataset = train_data.fingerprint
     args = {**run.args, "pruning": {"requested_sparsity": doc["requested_sparsity"], "sparsity": final["sparsity"]}}
-    outputs = [p for p in (o.output, o.heads_output, o.report, o.masks_output, o.plot) if p]
+    outputs = [p for p in (o.output, o.heads_file, o.report_file, o.masks_output, o.plot) if p]
     with output_set(outputs) as temps:  # every output appears, or none
         written = dict(zip(outputs, temps, strict=True))
         made_from = _write_pruned(written, o, ckpt, ckpt.spec, model, heads, list(em.exits), dataset, args, heads_sha,
@@ -298,8 +261,9 @@ def _prune(run: Run, o: Request) -> None:
     run.emit(doc, _text)
 
 
-def _prune_channels(run: Run, o: Request, ckpt: Any, heads: Any, heads_sha: str, weights: list[float],
-                    cfg: Any, train_data: Any, eval_data: Any, preprocess: Any, device: Any) -> None:
+def _prune_channels(run: Run, o: WeightPruningRequest, ckpt: Any, heads: Any, heads_sha: str,
+                    weights: list[float], cfg: Any, train_data: Any, eval_data: Any, preprocess: Any,
+                    device: Any) -> None:
     """--structure channel: rounds of channel pruning and joint fine-tuning; writes a smaller dense checkpoint."""
     from eetool.classification import channel_pruning as cp
     from eetool.core.artifacts import output_set
@@ -323,7 +287,7 @@ def _prune_channels(run: Run, o: Request, ckpt: Any, heads: Any, heads_sha: str,
     final = pruner.records[-1]
     exit_macs = _exit_macs(em, heads, ckpt.spec.input_shape)
     doc: dict[str, Any] = {
-        "output": o.output, "heads_output": o.heads_output, "report": o.report,
+        "output": o.output, "heads_output": o.heads_file, "report": o.report_file,
         "approach": o.approach, "structure": o.structure, "rounds": o.rounds, "amount": o.amount,
         "round_to": o.round_to,
         "requested_macs_fraction": round(target, 6),
@@ -340,7 +304,7 @@ def _prune_channels(run: Run, o: Request, ckpt: Any, heads: Any, heads_sha: str,
     dataset = train_data.fingerprint
     args = {**run.args, "pruning": {"requested_macs_fraction": doc["requested_macs_fraction"],
                                     "macs_fraction": final["macs_fraction"]}}
-    outputs = [o.output, o.heads_output, o.report]
+    outputs = [o.output, o.heads_file, o.report_file]
     with output_set(outputs) as temps:  # every output appears, or none
         _write_pruned(dict(zip(outputs, temps, strict=True)), o, ckpt, pruner.spec, model, heads, list(em.exits),
                       dataset, args, heads_sha, doc)
@@ -349,8 +313,9 @@ def _prune_channels(run: Run, o: Request, ckpt: Any, heads: Any, heads_sha: str,
     run.emit(doc, _channel_text)
 
 
-def _write_pruned(written: dict[str, str], o: Request, ckpt: Any, spec: Any, model: Any, heads: Any,
-                  exits: list[str], dataset: str, args: dict[str, Any], heads_sha: str, doc: dict[str, Any]) -> Any:
+def _write_pruned(written: dict[str, str], o: WeightPruningRequest, ckpt: Any, spec: Any, model: Any,
+                  heads: Any, exits: list[str], dataset: str, args: dict[str, Any], heads_sha: str,
+                  doc: dict[str, Any]) -> Any:
     """Write the pruned checkpoint, its heads (whose provenance names it) and the report where ``written`` says
     (temp files of one output set); return the heads' provenance, which the other members share."""
     from eetool.classification.exit_heads import save_heads
@@ -362,8 +327,8 @@ def _write_pruned(written: dict[str, str], o: Request, ckpt: Any, spec: Any, mod
                                dataset=dataset, args=args, inputs={"exit-heads": heads_sha} if heads_sha else {}))
     made_from = Provenance(kind="exit-heads", checkpoint_sha256=sha256_file(written[o.output]),
                            model_sha256=model_sha256(spec, model), exits=exits, dataset=dataset, args=args)
-    save_heads(written[o.heads_output], heads, made_from)
-    write_yaml(written[o.report], doc, Provenance(**{**vars(made_from), "kind": "weight-pruning", "schema": 0}))
+    save_heads(written[o.heads_file], heads, made_from)
+    write_yaml(written[o.report_file], doc, Provenance(**{**vars(made_from), "kind": "weight-pruning", "schema": 0}))
     return made_from
 
 
@@ -394,7 +359,7 @@ def _channel_text(d: dict[str, Any]) -> str:
     return f"{head}\n\n{table}"
 
 
-def _resumable(run: Run, o: Request, ckpt: Any, train_data: Any, pruner: Any
+def _resumable(run: Run, o: WeightPruningRequest, ckpt: Any, train_data: Any, pruner: Any
                ) -> tuple[Path, dict[str, Any]]:
     """The state directory of a run, ``pruner`` loaded from it when resuming (refused when it was saved by a run
     with other settings, checkpoint or data), else made afresh."""
