@@ -12,6 +12,7 @@ from eetool.core.exit_methods import (
     EXIT_METHODS,
     HEADS,
     MEANS,
+    SEGMENTATION_METHODS,
     reads,
 )
 from eetool.core.options import Run
@@ -19,8 +20,11 @@ from eetool.core.reporting import format_fields, format_table
 from eetool.core.run_inputs import data_path
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class ExitThresholdRequest:
+    """What fit-thresholds is asked for: a classifier's exit thresholds, or (--method cbt, cbt-ns, adp-c) a
+    segmentation network's pixel thresholds; ``fit_thresholds`` refuses the options of the other kind."""
+
     output: str
     means: str | None
     exit_heads: str | None
@@ -33,11 +37,51 @@ class ExitThresholdRequest:
     validation: bool
     checkpoint: str | None
     data: str | None
-    split: str | None
+    split: str | None  # None: not given (train)
     indices: str | None
     batch_size: int
     overhead: str
     force: bool
+    # the segmentation methods' own, with their defaults
+    alpha: float = 0.9
+    beta: float = 0.998
+    threshold: float = 0.998
+    search_over: str = "alpha"
+    decide_at: str | None = None
+
+
+def fit_thresholds(run: Run, req: ExitThresholdRequest) -> None:
+    """fit-thresholds: the method's options checked against its kind, then its thresholds fitted and written."""
+    from eetool.core.errors import UsageError
+
+    if req.method in SEGMENTATION_METHODS:
+        from eetool.segmentation.threshold_fitting import ThresholdRequest
+
+        method, budget = req.method, req.budget
+        given = [flag for flag, value in (("--means", req.means if method == "adp-c" else None),
+                                          ("--exit-heads", req.exit_heads), ("--sweep", req.sweep),
+                                          ("--validation", req.validation)) if value]
+        if given:
+            raise UsageError(f"{', '.join(given)} do not apply to --method {method}",
+                             "drop them: cbt, cbt-ns and adp-c take --checkpoint, --data, --alpha, --beta, --threshold "
+                             "and --budget (cbt and cbt-ns also --means)")
+        if budget and len(set(budget)) > 1:
+            raise UsageError(f"--method {method} takes one --budget, not {len(set(budget))}",
+                             "a segmentation thresholds file holds one operating point: fit one file per budget")
+        fit_pixel_thresholds = EXIT_METHODS.get(method).load()
+        fit_pixel_thresholds(run, ThresholdRequest(method, req.output, req.checkpoint, req.data, req.split or "train",
+                                                   req.indices, req.batch_size, req.alpha, req.beta, req.threshold,
+                                                   req.force, budget[0] if budget else None, req.search_over,
+                                                   req.means, split_given=req.split is not None,
+                                                   decide_at=req.decide_at))
+        return
+    if req.decide_at is not None:
+        raise UsageError(f"--decide-at applies to --method {', '.join(SEGMENTATION_METHODS)}, not {req.method}",
+                         "drop --decide-at: a classifier's exits decide per sample")
+    if req.search_over != "alpha":
+        raise UsageError(f"--search-over {req.search_over} applies to --method cbt or cbt-ns with --budget",
+                         "drop --search-over; for classifiers --search chooses the budget search")
+    fit_exit_thresholds(run, req)
 
 
 # What a point's cost is, by the artifact's cost_basis (formatted with its wall_time record).

@@ -9,7 +9,6 @@ import typer
 from eetool.core.choices import COMBINES, DECIDE_AT, OVERHEADS, SEARCH_OVER, SEARCHES, SPLITS
 from eetool.core.exit_methods import (
     EXIT_METHODS,
-    SEGMENTATION_METHODS,
     method_help,
 )
 from eetool.core.options import (
@@ -27,6 +26,44 @@ from eetool.core.options import (
 from eetool.core.sources import source_list
 
 SEARCH = "Search"
+# The search's options, declared here so that the command's signature reads as its list of options.
+MethodOpt = Annotated[str, typer.Option("--method", help=method_help(), rich_help_panel=SEARCH,
+                                        autocompletion=prefix_completer(EXIT_METHODS.names()))]
+CombineOpt = Annotated[str, typer.Option("--combine", help="e2cm+sdn: 'and' leaves when both are confident, 'or' "
+                                         "when either is.", rich_help_panel=SEARCH,
+                                         autocompletion=prefix_completer(COMBINES))]
+BudgetOpt = Annotated[list[float] | None, typer.Option(
+    "--budget", help="Target mean cost, normalised to the whole model (repeat for several; one for cbt, cbt-ns, "
+    "adp-c, which search alpha or the threshold for it).", rich_help_panel=SEARCH)]
+SweepOpt = Annotated[bool, typer.Option("--sweep", help="Fit every budget from 0 to 1 in steps of --step and keep "
+                                        "the convex hull.", rich_help_panel=SEARCH)]
+StepOpt = Annotated[float, typer.Option("--step", callback=within(1e-6, 1.0), help="Budget granularity of --sweep.",
+                                        rich_help_panel=SEARCH)]
+SearchOpt = Annotated[str, typer.Option("--search", help="greedy (one walk for all budgets) or bisect (the "
+                                        "thesis's per-component binary search).", rich_help_panel=SEARCH,
+                                        autocompletion=prefix_completer(SEARCHES))]
+SearchOverOpt = Annotated[str, typer.Option(
+    "--search-over", help="cbt, cbt-ns with --budget: alpha (below --beta), beta (above --alpha), or both (alpha "
+    "below each beta of 0.99, 0.995, 0.998, 0.999, 0.9995, keeping the pair of best mIoU on the fitting data).",
+    rich_help_panel=SEARCH, autocompletion=prefix_completer(SEARCH_OVER))]
+DecideAtOpt = Annotated[str | None, typer.Option(
+    "--decide-at", help="cbt, cbt-ns, adp-c: where a pixel's exit is decided, pixel (each image pixel on the "
+    "upsampled logits, the thesis's rule) or feature (each position of the head's grid, upsampled once at the end; "
+    "eeseg only), as --budget's runs and `evaluate` use it.  [default: pixel]", rich_help_panel=SEARCH,
+    show_default=False, autocompletion=prefix_completer(DECIDE_AT))]
+AlphaOpt = Annotated[float, typer.Option("--alpha", help="cbt, cbt-ns: the threshold of the class the network is "
+                                         "surest of (the lower end).", rich_help_panel=SEARCH)]
+BetaOpt = Annotated[float, typer.Option("--beta", help="cbt, cbt-ns: the threshold of the class it is least sure "
+                                        "of (the upper end).", rich_help_panel=SEARCH)]
+ThresholdOpt = Annotated[float, typer.Option("--threshold", help="adp-c: the one threshold of every pixel.",
+                                             rich_help_panel=SEARCH)]
+OverheadOpt = Annotated[str, typer.Option(
+    "--overhead", help="analytic: costs are MACs (stages and decisions, from the cost model); measured: each "
+    "stage's, exit decision's and compaction's wall time, timed on --checkpoint with --data at --batch-size and at "
+    "the smaller batch sizes compaction leaves, so that budgets are met in wall time on this machine, thread count "
+    "and batch size.", rich_help_panel=SEARCH, autocompletion=prefix_completer(OVERHEADS))]
+
+
 @eetool_command("thresholds", model_options=True, data_options=True, distributed=True)
 def command(
     run: Run,
@@ -39,34 +76,14 @@ def command(
                                                    help="Exit-heads artifact from `eetool train-exits` (methods sdn, "
                                                    "entropy, e2cm+sdn).",
                                                    rich_help_panel=INPUT)] = None,
-    method: Annotated[str, typer.Option("--method", help=method_help(), rich_help_panel=SEARCH,
-                                        autocompletion=prefix_completer(EXIT_METHODS.names()))] = "e2cm",
-    combine: Annotated[str, typer.Option("--combine", help="e2cm+sdn: 'and' leaves when both are confident, 'or' "
-                                         "when either is.", rich_help_panel=SEARCH,
-                                         autocompletion=prefix_completer(COMBINES))] = "and",
-    budget: Annotated[list[float] | None, typer.Option("--budget", help="Target mean cost, normalised to the whole "
-                                                       "model (repeat for several; one for cbt, cbt-ns, adp-c, "
-                                                       "which search alpha or the threshold for it).",
-                                                       rich_help_panel=SEARCH)] = None,
-    sweep: Annotated[bool, typer.Option("--sweep", help="Fit every budget from 0 to 1 in steps of --step and keep "
-                                        "the convex hull.", rich_help_panel=SEARCH)] = False,
-    step: Annotated[float, typer.Option("--step", callback=within(1e-6, 1.0), help="Budget granularity of --sweep.",
-                                        rich_help_panel=SEARCH)] = 0.001,
-    search: Annotated[str, typer.Option("--search", help="greedy (one walk for all budgets) or bisect (the "
-                                        "thesis's per-component binary search).", rich_help_panel=SEARCH,
-                                        autocompletion=prefix_completer(SEARCHES))] = "greedy",
-    search_over: Annotated[str, typer.Option("--search-over", help="cbt, cbt-ns with --budget: alpha (below "
-                                             "--beta), beta (above --alpha), or both (alpha below each beta of "
-                                             "0.99, 0.995, 0.998, 0.999, 0.9995, keeping the pair of best mIoU on "
-                                             "the fitting data).", rich_help_panel=SEARCH,
-                                             autocompletion=prefix_completer(SEARCH_OVER))] = "alpha",
-    decide_at: Annotated[str | None, typer.Option("--decide-at", help="cbt, cbt-ns, adp-c: where a pixel's exit is "
-                                                  "decided, pixel (each image pixel on the upsampled logits, the "
-                                                  "thesis's rule) or feature (each position of the head's grid, "
-                                                  "upsampled once at the end; eeseg only), as --budget's runs and "
-                                                  "`evaluate` use it.  [default: pixel]", rich_help_panel=SEARCH,
-                                                  show_default=False,
-                                                  autocompletion=prefix_completer(DECIDE_AT))] = None,
+    method: MethodOpt = "e2cm",
+    combine: CombineOpt = "and",
+    budget: BudgetOpt = None,
+    sweep: SweepOpt = False,
+    step: StepOpt = 0.001,
+    search: SearchOpt = "greedy",
+    search_over: SearchOverOpt = "alpha",
+    decide_at: DecideAtOpt = None,
     validation: Annotated[bool, typer.Option("--validation", help="e2cm: fit on --data/--split (a held-out set) "
                                              "instead of the calibration samples.")] = False,
     checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", help="Checkpoint (with --validation, "
@@ -79,51 +96,18 @@ def command(
                                               autocompletion=prefix_completer(SPLITS), show_default=False)] = None,
     indices: IndicesOpt = None,
     batch_size: BatchOpt = 256,
-    alpha: Annotated[float, typer.Option("--alpha", help="cbt, cbt-ns: the threshold of the class the network is "
-                                         "surest of (the lower end).", rich_help_panel=SEARCH)] = 0.9,
-    beta: Annotated[float, typer.Option("--beta", help="cbt, cbt-ns: the threshold of the class it is least sure "
-                                        "of (the upper end).", rich_help_panel=SEARCH)] = 0.998,
-    threshold: Annotated[float, typer.Option("--threshold", help="adp-c: the one threshold of every pixel.",
-                                             rich_help_panel=SEARCH)] = 0.998,
-    overhead: Annotated[str, typer.Option("--overhead", help="analytic: costs are MACs (stages and decisions, from "
-                                          "the cost model); measured: each stage's, exit decision's and compaction's "
-                                          "wall time, timed on --checkpoint with --data at --batch-size and at the "
-                                          "smaller batch sizes compaction leaves, so that budgets are met in wall "
-                                          "time on this machine, thread count and batch size.",
-                                          rich_help_panel=SEARCH,
-                                          autocompletion=prefix_completer(OVERHEADS))] = "analytic",
+    alpha: AlphaOpt = 0.9,
+    beta: BetaOpt = 0.998,
+    threshold: ThresholdOpt = 0.998,
+    overhead: OverheadOpt = "analytic",
     force: ForceOpt = False,
 ) -> None:
     """Find per-exit thresholds for budgets (--budget, or --sweep with its convex hull), or a segmentation
     network's pixel thresholds (--method cbt, cbt-ns, adp-c). Writes -o (YAML)."""
-    from eetool.classification.exit_thresholds import ExitThresholdRequest, fit_exit_thresholds
-    from eetool.core.errors import UsageError
+    from eetool.classification.exit_thresholds import ExitThresholdRequest, fit_thresholds
 
-    if method in SEGMENTATION_METHODS:
-        from eetool.segmentation.threshold_fitting import ThresholdRequest
-
-        given = [flag for flag, value in (("--means", means if method == "adp-c" else None),
-                                          ("--exit-heads", exit_heads), ("--sweep", sweep),
-                                          ("--validation", validation)) if value]
-        if given:
-            raise UsageError(f"{', '.join(given)} do not apply to --method {method}",
-                             "drop them: cbt, cbt-ns and adp-c take --checkpoint, --data, --alpha, --beta, --threshold "
-                             "and --budget (cbt and cbt-ns also --means)")
-        if budget and len(set(budget)) > 1:
-            raise UsageError(f"--method {method} takes one --budget, not {len(set(budget))}",
-                             "a segmentation thresholds file holds one operating point: fit one file per budget")
-        fit_pixel_thresholds = EXIT_METHODS.get(method).load()
-        fit_pixel_thresholds(run, ThresholdRequest(method, output, checkpoint, data, split or "train", indices,
-                                                   batch_size, alpha, beta, threshold, force,
-                                                   budget[0] if budget else None, search_over, means,
-                                                   split_given=split is not None, decide_at=decide_at))
-        return
-    if decide_at is not None:
-        raise UsageError(f"--decide-at applies to --method {', '.join(SEGMENTATION_METHODS)}, not {method}",
-                         "drop --decide-at: a classifier's exits decide per sample")
-    if search_over != "alpha":
-        raise UsageError(f"--search-over {search_over} applies to --method cbt or cbt-ns with --budget",
-                         "drop --search-over; for classifiers --search chooses the budget search")
-    fit_exit_thresholds(run, ExitThresholdRequest(output, means, exit_heads, method, combine, budget, sweep, step,
-                                                  search, validation, checkpoint, data, split, indices, batch_size,
-                                                  overhead, force))
+    fit_thresholds(run, ExitThresholdRequest(
+        output=output, means=means, exit_heads=exit_heads, method=method, combine=combine, budget=budget,
+        sweep=sweep, step=step, search=search, validation=validation, checkpoint=checkpoint, data=data, split=split,
+        indices=indices, batch_size=batch_size, overhead=overhead, force=force, alpha=alpha, beta=beta,
+        threshold=threshold, search_over=search_over, decide_at=decide_at))
