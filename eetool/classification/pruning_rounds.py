@@ -150,7 +150,8 @@ def _refuse_for_channels(approach: str, masks_output: str | None, plot: str | No
 def _prune(run: Run, o: WeightPruningRequest) -> None:
     from eetool.classification import weight_pruning as wp
     from eetool.classification.exit_heads import ExitHeads, HeadsSpec, load_heads, parse_weights
-    from eetool.core.artifacts import Provenance, output_set, sha256_file, verify, write_tensors
+    from eetool.classification.pruning_artifacts import MASKS_KIND, PruningMasks
+    from eetool.core.artifacts import Provenance, output_set, sha256_file, verify
     from eetool.core.datasets import Preprocess, check_labels, require_labels
     from eetool.core.errors import UsageError
     from eetool.core.exits import build_exit_model
@@ -248,9 +249,8 @@ def _prune(run: Run, o: WeightPruningRequest) -> None:
         made_from = _write_pruned(written, o, ckpt, ckpt.spec, model, heads, list(em.exits), dataset, args, heads_sha,
                                   doc)
         if o.masks_output:
-            packed, meta = wp.pack_masks(pruner.masks)
-            write_tensors(written[o.masks_output], packed,
-                          Provenance(**{**vars(made_from), "kind": "masks", "schema": 0}), extra=meta)
+            PruningMasks(pruner.masks, Provenance(**{**vars(made_from), "kind": MASKS_KIND, "schema": 0})
+                         ).save(written[o.masks_output])
         if o.plot:
             from eetool.core.plotting import pruning_png
 
@@ -319,7 +319,8 @@ def _write_pruned(written: dict[str, str], o: WeightPruningRequest, ckpt: Any, s
     """Write the pruned checkpoint, its heads (whose provenance names it) and the report where ``written`` says
     (temp files of one output set); return the heads' provenance, which the other members share."""
     from eetool.classification.exit_heads import save_heads
-    from eetool.core.artifacts import Provenance, sha256_file, write_yaml
+    from eetool.classification.pruning_artifacts import REPORT_KIND, PruningReport
+    from eetool.core.artifacts import Provenance, sha256_file
     from eetool.core.checkpoint import model_sha256, save_checkpoint
 
     save_checkpoint(written[o.output], model, spec,
@@ -328,7 +329,7 @@ def _write_pruned(written: dict[str, str], o: WeightPruningRequest, ckpt: Any, s
     made_from = Provenance(kind="exit-heads", checkpoint_sha256=sha256_file(written[o.output]),
                            model_sha256=model_sha256(spec, model), exits=exits, dataset=dataset, args=args)
     save_heads(written[o.heads_file], heads, made_from)
-    write_yaml(written[o.report_file], doc, Provenance(**{**vars(made_from), "kind": "weight-pruning", "schema": 0}))
+    PruningReport(doc, Provenance(**{**vars(made_from), "kind": REPORT_KIND, "schema": 0})).save(written[o.report_file])
     return made_from
 
 
