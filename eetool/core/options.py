@@ -453,6 +453,8 @@ def eetool_command(kind: str, *, model_options: bool = False, data_options: bool
     (--arch, --arch-args, --num-classes, --input-shape, --mean, --std), handed over as ``run.model_options``.
     With ``data_options`` it reads data: --data-loading, --workers, --resize and --crop, as ``run.data_options``.
     With ``distributed`` it runs under torchrun (``eetool.core.distributed``); other commands refuse to.
+    A parameter whose default is a ``training_options(...)`` group becomes the group's flags, in place, and
+    ``func`` gets them back as one ``TrainingOptions`` (``run.args`` records each flag).
     ``formats``: the values of its --format (default text and json), the first the default."""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
