@@ -99,9 +99,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
                                "--epochs", "1", "--ratio", "0.5", "-o", str(d / "loss-kept.safetensors"), "-q"])
     assert made.exit_code == 0, made.stderr
     (d / "first-half.txt").write_text("\n".join(str(i) for i in range(48)))
-    cm, prov = ClassMeans.load(str(means))
+    cm = ClassMeans.load(str(means))
     cm.calibration = None
-    cm.save(str(d / "means-without-cache.safetensors"), prov)
+    cm.save(str(d / "means-without-cache.safetensors"))
     make_hand_edited_artifacts(d, tiny_checkpoint, tiny_data)
     make_crafted_data(d)
     make_lm_inputs(d)
@@ -214,7 +214,7 @@ def edited_tensors(source: Path, target: Path, edit: Callable[[dict[str, torch.T
 
 def make_hand_edited_artifacts(d: Path, tiny_checkpoint: str, tiny_data: str) -> None:
     """Artifacts as a hand edit leaves them: wrong types, missing keys, inconsistent shapes, empty provenance."""
-    from eetool.classification.exit_heads import ExitHeads, HeadsSpec, save_heads
+    from eetool.classification.exit_heads import ExitHeads, ExitHeadsArtifact, HeadsSpec
     from eetool.core.artifacts import sha256_file
     from eetool.core.checkpoint import load_checkpoint
     from eetool.core.datasets import load_dataset
@@ -272,7 +272,7 @@ def make_hand_edited_artifacts(d: Path, tiny_checkpoint: str, tiny_data: str) ->
     spec = HeadsSpec("sdn", list(em.exits), [list(s) for s in em.exit_shapes(ckpt.spec.input_shape)], 10)
     heads = d / "heads.safetensors"
     made_for = Provenance(kind="exit-heads", checkpoint_sha256=sha256_file(tiny_checkpoint), exits=list(em.exits))
-    save_heads(str(heads), ExitHeads(spec), made_for)
+    ExitHeadsArtifact(ExitHeads(spec), made_for).save(str(heads))
 
     def heads_spec(change: Callable[[dict[str, Any]], object]) -> Callable[..., object]:
         def edit(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:

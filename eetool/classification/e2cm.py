@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from eetool.classification.clustering import best_mapping, kmeans
 from eetool.classification.distances import distances
-from eetool.core.artifacts import Provenance, read_tensors, read_yaml, write_tensors
+from eetool.core.artifacts import ArtifactFile, Provenance, read_tensors, read_yaml, write_tensors
 from eetool.core.budget_search import ExitStats
 from eetool.core.costs import EFFECTIVE, CostModel
 from eetool.core.datasets import Dataset, Preprocess, require_labels
@@ -238,7 +238,7 @@ def _require_finite(values: torch.Tensor, what: str) -> None:
 
 
 @dataclass
-class ClassMeans:
+class ClassMeans(ArtifactFile):
     """A class-means artifact: what evaluate needs to exit, and the calibration cache for fit-thresholds."""
 
     exits: list[str]
@@ -253,6 +253,8 @@ class ClassMeans:
     rules: list[str] = field(default_factory=list)  # prediction rule per exit; none given: softmax (eq. 2.7)
     # A pruned network's stage MACs with zero weights costing nothing (eetool.core.costs): thresholds are fitted on them
     effective_stage_macs: list[int] = field(default_factory=list)
+    provenance: Provenance = field(default_factory=lambda: Provenance(kind="class-means"))
+    source: str = ""  # the file it was loaded from, for messages
 
     def __post_init__(self) -> None:
         if not self.rules:
@@ -292,7 +294,8 @@ class ClassMeans:
         costs = torch.tensor(self.cost_model(effective=True).normalised_exit_costs(), dtype=torch.float64)
         return ExitStats(confidence, correct, costs)
 
-    def save(self, path: str, prov: Provenance) -> None:
+    def save(self, path: str) -> None:
+        """Atomically, as safetensors with the provenance."""
         tensors = {f"means.{j}": m for j, m in enumerate(self.means)}
         tensors |= {"normalisers": self.normalisers, "counts": self.counts,
                     "stage_macs": torch.tensor(self.stage_macs, dtype=torch.int64)}
@@ -306,10 +309,11 @@ class ClassMeans:
                         "calibration.final_prediction": c.final_prediction, "calibration.labels": c.labels}
         extra = {"eetool.pooling": json.dumps({"spatial": self.pooling.spatial, "channels": self.pooling.channels}),
                  "eetool.clusters": json.dumps(self.clusters), "eetool.predict": json.dumps(self.rules)}
-        write_tensors(path, tensors, prov, extra=extra)
+        write_tensors(path, tensors, self.provenance, extra=extra)
 
     @classmethod
-    def load(cls, path: str) -> tuple[ClassMeans, Provenance]:
+    def load(cls, path: str) -> ClassMeans:
+        """Read a class-means file and check that its tensors agree with each other (against a model: ``verify``)."""
         if path.endswith((".yaml", ".yml")):  # another eetool artifact (YAML) given where class means belong
             read_yaml(path, "class-means")  # raises the provenance error naming the kind found
         tensors, prov, meta = read_tensors(path, "class-means")
@@ -329,12 +333,12 @@ class ClassMeans:
                      feature_sizes=tensors["feature_sizes"].tolist() if "feature_sizes" in tensors else [],
                      effective_stage_macs=(tensors["effective_stage_macs"].tolist()
                                            if "effective_stage_macs" in tensors else []),
-                     rules=_read_rules(meta, j))
+                     rules=_read_rules(meta, j), provenance=prov, source=path)
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{path} is an incomplete class-means artifact ({e})",
                              "re-make it with `eetool calibrate-means`") from None
         _check_consistent(cm, path)
-        return cm, prov
+        return cm
 
 
 def _check_consistent(cm: ClassMeans, path: str) -> None:

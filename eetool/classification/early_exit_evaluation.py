@@ -361,8 +361,8 @@ def early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thres
                       device: Any) -> EarlyExits:
     """Load and cross-check the thresholds and what they were fitted with; pick the operating points to run."""
     from eetool.classification.e2cm import ClassMeans
-    from eetool.classification.exit_heads import load_heads
-    from eetool.classification.rules import cost_models, exit_rule
+    from eetool.classification.exit_heads import ExitHeadsArtifact
+    from eetool.classification.rules import HeadsRule, cost_models, exit_rule
     from eetool.classification.thresholds_artifact import ExitThresholds
     from eetool.core.artifacts import sha256_file, verify
     from eetool.core.costs import effective
@@ -376,9 +376,9 @@ def early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thres
     if reads(method, HEADS) and not exit_heads:
         raise UsageError(f"{thresholds} was fitted with {method}, which needs --exit-heads",
                          "pass the same --exit-heads")
-    cm, means_prov = ClassMeans.load(means) if means else (None, None)
-    heads, heads_prov = load_heads(exit_heads) if exit_heads else (None, None)
-    em, rule = exit_rule(ckpt, method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, device)
+    cm = ClassMeans.load(means) if means else None
+    heads = ExitHeadsArtifact.load(exit_heads) if exit_heads else None
+    em, rule = exit_rule(ckpt, method, combine, cm, heads, device)
     # the artifacts the method was fitted with, each of which the thresholds must record
     inputs = {"class-means": sha256_file(means)} if means and reads(method, MEANS) else {}
     if exit_heads and reads(method, HEADS):
@@ -392,6 +392,7 @@ def early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thres
         sparse = (cm.cost_model(effective=True) if cm.effective_stage_macs
                   else effective(cm.cost_model(), em, ckpt.spec.input_shape))
         return EarlyExits(em, rule, (cm.cost_model(), sparse), chosen, cm.clusters, fitted)
+    assert isinstance(rule, HeadsRule), "a method that reads no class means reads exit heads"
     return EarlyExits(em, rule, cost_models(rule, em, ckpt.spec.input_shape), chosen, False, fitted)
 
 

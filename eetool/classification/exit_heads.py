@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eetool.core.artifacts import Provenance, read_tensors, write_tensors
+from eetool.core.artifacts import ArtifactFile, Provenance, read_tensors, write_tensors
 from eetool.core.choices import HEAD_KINDS
 from eetool.core.errors import InputError, UsageError
 
@@ -248,37 +248,60 @@ HEADS_KEY = "eetool.heads"
 RENAMED_HEADS_KEY = "eetool.classification.exit_heads"
 
 
-def save_heads(path: str, heads: ExitHeads, prov: Provenance) -> None:
-    state = {k: v.detach().cpu() for k, v in heads.state_dict().items()}
-    write_tensors(path, state, prov, extra={HEADS_KEY: heads.spec.to_json()})
-
-
 # No exit's feature map is larger (elements per sample): a bound on what a spec read from a file may make
 # the heads allocate while they are built.
 MAX_FEATURE_ELEMENTS = 1 << 26
+REMAKE = "re-make it with `eetool train-exits`"
+
+
+@dataclass
+class ExitHeadsArtifact(ArtifactFile):
+    """An exit-heads artifact (kind ``exit-heads``, safetensors): the heads' weights, the spec that rebuilds them
+    and the provenance naming the backbone they were trained on. This class owns the format."""
+
+    heads: ExitHeads
+    provenance: Provenance = field(default_factory=lambda: Provenance(kind="exit-heads"))
+    source: str = ""  # the file it was loaded from, for messages
+
+    def save(self, path: str) -> None:
+        """Atomically, with the spec in the metadata."""
+        state = {k: v.detach().cpu() for k, v in self.heads.state_dict().items()}
+        write_tensors(path, state, self.provenance, extra={HEADS_KEY: self.heads.spec.to_json()})
+
+    @classmethod
+    def load(cls, path: str) -> ExitHeadsArtifact:
+        """The heads in eval mode, refused when the spec or the weights are malformed or do not fit each other."""
+        tensors, prov, meta = read_tensors(path, "exit-heads")
+        try:
+            spec = HeadsSpec.from_json(meta[HEADS_KEY] if HEADS_KEY in meta else meta[RENAMED_HEADS_KEY])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{path} is an incomplete exit-heads artifact ({type(e).__name__}: {e})",
+                             REMAKE) from None
+        problem = _spec_problem(spec)
+        if problem:
+            raise InputError(f"{path} is a malformed exit-heads artifact ({problem})", REMAKE)
+        bad = [k for k, v in tensors.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise InputError(f"{path} holds weights that are not finite numbers ({bad[0]})", REMAKE)
+        try:
+            heads = ExitHeads(spec)
+            heads.load_state_dict(tensors)
+        except RuntimeError as e:  # missing, unexpected or misshapen tensors: the first one, under torch's heading
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            reason = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
+            raise InputError(f"{path} is an incomplete exit-heads artifact ({reason})", REMAKE) from None
+        return cls(heads.eval(), prov, path)
+
+
+def save_heads(path: str, heads: ExitHeads, prov: Provenance) -> None:
+    """``ExitHeadsArtifact(heads, prov).save(path)``, for the callers not yet moved to the class (pruning_rounds)."""
+    ExitHeadsArtifact(heads, prov).save(path)
 
 
 def load_heads(path: str) -> tuple[ExitHeads, Provenance]:
-    tensors, prov, meta = read_tensors(path, "exit-heads")
-    remake = "re-make it with `eetool train-exits`"
-    try:
-        spec = HeadsSpec.from_json(meta[HEADS_KEY] if HEADS_KEY in meta else meta[RENAMED_HEADS_KEY])
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{path} is an incomplete exit-heads artifact ({type(e).__name__}: {e})", remake) from None
-    problem = _spec_problem(spec)
-    if problem:
-        raise InputError(f"{path} is a malformed exit-heads artifact ({problem})", remake)
-    bad = [k for k, v in tensors.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise InputError(f"{path} holds weights that are not finite numbers ({bad[0]})", remake)
-    try:
-        heads = ExitHeads(spec)
-        heads.load_state_dict(tensors)
-    except RuntimeError as e:  # missing, unexpected or misshapen tensors: the first one, under torch's heading
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        reason = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
-        raise InputError(f"{path} is an incomplete exit-heads artifact ({reason})", remake) from None
-    return heads.eval(), prov
+    """``ExitHeadsArtifact.load(path)`` as a pair, for the callers not yet moved to the class (pruning_rounds)."""
+    loaded = ExitHeadsArtifact.load(path)
+    return loaded.heads, loaded.provenance
 
 
 def _spec_problem(spec: HeadsSpec) -> str | None:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from eetool.classification.e2cm import ClassMeans, MeansRule, distance_macs, distances
-from eetool.classification.exit_heads import ExitHeads
+from eetool.classification.exit_heads import ExitHeads, ExitHeadsArtifact
 from eetool.core.choices import COMBINES
 from eetool.core.costs import EFFECTIVE, CostModel, effective_stage_macs, is_pruned, measure
 from eetool.core.datasets import Dataset, Preprocess
@@ -146,22 +146,26 @@ def rule_scores(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, ru
     return conf, pred, final
 
 
-def exit_rule(ckpt: Checkpoint, method: str, combine: str, means: str | None, cm: Any, means_prov: Any,
-              exit_heads: str | None, heads: Any, heads_prov: Any, device: Any) -> tuple[Any, Any]:
+def exit_rule(ckpt: Checkpoint, method: str, combine: str, means: ClassMeans | None, heads: ExitHeadsArtifact | None,
+              device: torch.device | str) -> tuple[ExitModel, ExitRule]:
     """The exit model and the (unthresholded) rule of a method, after checking that the class means and
     exit heads were made for this checkpoint and for the same exits."""
-    from eetool.core.artifacts import sha256_file, verify
+    from eetool.core.artifacts import sha256_file
 
-    exits = list(heads.spec.exits) if heads is not None else list(cm.exits)
-    if means:
-        verify(means, means_prov, checkpoint=ckpt.identity, exits=exits)
-    if exit_heads:
-        verify(exit_heads, heads_prov, checkpoint=ckpt.identity)
-        if heads.spec.with_distances and means:
-            verify(exit_heads, heads_prov, inputs={"class-means": sha256_file(means)})
+    if heads is not None:
+        exits = list(heads.heads.spec.exits)
+    else:
+        assert means is not None, "a method reads class means, exit heads or both"
+        exits = list(means.exits)
+    if means is not None:
+        means.verify(checkpoint=ckpt.identity, exits=exits)
+    if heads is not None:
+        heads.verify(checkpoint=ckpt.identity)
+        if heads.heads.spec.with_distances and means is not None:
+            heads.verify(inputs={"class-means": sha256_file(means.source)})
     em = build_exit_model(ckpt.model.to(device), ",".join(exits))
     make: Callable[..., ExitRule] = EXIT_METHODS.get(method).load()
-    return em, make(method, cm, heads, combine, device)
+    return em, make(method, means, heads.heads if heads is not None else None, combine, device)
 
 
 # The factories eetool.core.exit_methods registers, called as make(method, means, heads, combine, device).

@@ -147,6 +147,19 @@ class CheckpointIdentity:
                                                              prov.model_sha256 == self.model_sha256)
 
 
+class ArtifactFile:
+    """What every artifact class shares: the provenance it carries and the file it was loaded from (for
+    messages), checked against what a run uses by ``verify``. Each class declares both as its own fields."""
+
+    provenance: Provenance
+    source: str
+
+    def verify(self, *, checkpoint: CheckpointIdentity | None = None, exits: list[str] | None = None,
+               dataset: str | None = None, inputs: dict[str, str] | None = None) -> None:
+        """Refuse the artifact where it was made from another checkpoint, exits, dataset or input artifacts."""
+        verify(self.source, self.provenance, checkpoint=checkpoint, exits=exits, dataset=dataset, inputs=inputs)
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """The file's sha256; a missing or unreadable input is the usual one-line error, whoever hashes it first."""
     h = hashlib.sha256()

@@ -462,39 +462,10 @@ def _load_safetensors(path: str, split: str, name: str) -> Dataset:
 
 
 def load_indices(path: str, ds: Dataset) -> torch.Tensor:
-    """An ``--indices`` file: an eetool indices artifact (safetensors) or a text file, one index per line."""
-    if path.endswith(".safetensors"):
-        from eetool.core.artifacts import read_tensors, verify
+    """An ``--indices`` file's positions in ``ds`` (eetool.core.sample_indices reads and checks it)."""
+    from eetool.core.sample_indices import SampleIndices
 
-        tensors, prov, _ = read_tensors(path, "indices")
-        if "indices" not in tensors:
-            raise InputError(f"{path} has no 'indices' tensor", "make it with `eetool prune-dataset`")
-        verify(path, prov, dataset=ds.fingerprint)
-        idx = tensors["indices"]
-    else:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise InputError(f"cannot read indices file {path}: {e.strerror}", "check the path") from None
-        try:
-            idx = torch.tensor([int(tok) for tok in text.split()], dtype=torch.int64)
-        except ValueError:
-            if "provenance:" in text:  # another eetool artifact (YAML) given where indices belong
-                from eetool.core.artifacts import read_yaml
-
-                read_yaml(path, "indices")  # raises the provenance error naming the kind found
-            raise InputError(f"{path} holds something other than integers", "write one index per line") from None
-    if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
-        raise InputError(f"{path}: indices must be a 1-D integer tensor", "make it with `eetool prune-dataset`")
-    if idx.numel() == 0:
-        raise InputError(f"{path} holds no indices", "a subset needs at least one sample")
-    if int(idx.min()) < 0 or int(idx.max()) >= len(ds):
-        raise InputError(
-            f"{path} has indices outside 0..{len(ds) - 1} of {ds.spec}", "use indices made for this dataset and split"
-        )
-    if torch.unique(idx).numel() != idx.numel():
-        raise InputError(f"{path} repeats indices", "list each sample once")
-    return idx.to(torch.int64)
+    return SampleIndices.load(path).positions_in(ds.spec, len(ds), ds.fingerprint)
 
 
 def require_labels(ds: Dataset, hint: str) -> None:
