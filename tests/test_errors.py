@@ -160,12 +160,13 @@ def make_segmentation_inputs(d: Path) -> None:
     from eetool.core.artifacts import sha256_file
     from eetool.segmentation.model import EXIT_NAMES
     from eetool.segmentation.pixel_thresholds import ClassStats
-    from eetool.segmentation.statistics import KIND, save_statistics
+    from eetool.segmentation.statistics import KIND, SegmentationClassStatistics
 
     def statistics(name: str, classes: list[str], checkpoint_sha256: str) -> None:
         stats = ClassStats.empty(len(EXIT_NAMES), len(classes))
-        save_statistics(str(d / name), stats, classes, Provenance(kind=KIND, checkpoint_sha256=checkpoint_sha256,
-                                                                  exits=list(EXIT_NAMES), dataset="seg-data"))
+        SegmentationClassStatistics(stats, classes, Provenance(kind=KIND, checkpoint_sha256=checkpoint_sha256,
+                                                               exits=list(EXIT_NAMES), dataset="seg-data")
+                                    ).save(str(d / name))
 
     statistics("seg-stats.safetensors", ["bg", "a", "b"], sha256_file(d / "seg.safetensors"))
     statistics("seg-stats-other-checkpoint.safetensors", ["bg", "a", "b"], "0" * 64)
