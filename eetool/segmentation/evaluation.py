@@ -14,6 +14,7 @@ from eetool.core.choices import DECIDE_AT
 from eetool.core.errors import InputError, ProvenanceError, UsageError
 from eetool.core.reporting import format_fields, format_table
 from eetool.core.run_inputs import data_path, open_checkpoint
+from eetool.segmentation.class_thresholds import SegmentationThresholds
 from eetool.segmentation.inputs import (
     load_masks,
     preprocessed_batches,
@@ -22,7 +23,6 @@ from eetool.segmentation.inputs import (
 from eetool.segmentation.model import DENSE_ABOVE, EXIT_NAMES, EESegNet
 from eetool.segmentation.networks import early_exit_forward, plain_macs
 from eetool.segmentation.threshold_fitting import warn_if_slower
-from eetool.segmentation.thresholds_artifact import SegmentationThresholds
 
 if TYPE_CHECKING:
     from eetool.core.options import Run

@@ -14,6 +14,7 @@ from eetool.core.choices import DECIDE_AT, SEARCH_OVER
 from eetool.core.errors import UsageError
 from eetool.core.reporting import format_fields, format_table
 from eetool.core.run_inputs import data_path, open_checkpoint
+from eetool.segmentation.class_thresholds import EARLY_EXITS, KIND, SegmentationThresholds
 from eetool.segmentation.inputs import (
     class_statistics,
     load_masks,
@@ -32,7 +33,6 @@ from eetool.segmentation.pixel_thresholds import (
     check_range,
     fit_budget,
 )
-from eetool.segmentation.thresholds_artifact import EARLY_EXITS, KIND, SegmentationThresholds
 
 if TYPE_CHECKING:
     from eetool.core.checkpoint import Checkpoint
