@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 
@@ -164,7 +164,7 @@ def exit_rule(ckpt: Checkpoint, method: str, combine: str, means: ClassMeans | N
         if heads.heads.spec.with_distances and means is not None:
             heads.verify(inputs={"class-means": sha256_file(means.source)})
     em = build_exit_model(ckpt.model.to(device), ",".join(exits))
-    make: Callable[..., ExitRule] = EXIT_METHODS.get(method).load()
+    make = cast("Callable[..., ExitRule]", EXIT_METHODS.get(method).load())
     return em, make(method, means, heads.heads if heads is not None else None, combine, device)
 
 

@@ -14,11 +14,11 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
@@ -48,6 +48,7 @@ KINDS: dict[str, tuple[int, str]] = {
 }
 
 STDOUT = "-"
+Source = TypeVar("Source")  # what a provenance is parsed from: safetensors metadata or a YAML mapping
 
 # The safetensors metadata key of an artifact's exits. Files written by the releases whose layout change renamed
 # it by accident carry RENAMED_EXITS_KEY; they are still read.
@@ -375,7 +376,7 @@ def read_tensors(path: str, kind: str) -> tuple[dict[str, torch.Tensor], Provena
     return tensors, _well_formed(path, kind, Provenance.from_metadata, meta), meta
 
 
-def _well_formed(path: str, kind: str, parse: Any, source: Any) -> Provenance:
+def _well_formed(path: str, kind: str, parse: Callable[[Source], Provenance], source: Source) -> Provenance:
     """The provenance parsed from an artifact, refused when a field has the wrong type (a hand edit)."""
     remake = f"re-make it with `{KINDS[kind][1]}`"
     try:
@@ -463,16 +464,16 @@ def verify(path: str, prov: Provenance, *, checkpoint: CheckpointIdentity | None
 class _PlainDumper(yaml.SafeDumper):
     """Writes a value that appears twice (a result also kept in the provenance) twice, not as an &anchor."""
 
-    def ignore_aliases(self, data: Any) -> bool:
+    def ignore_aliases(self, data: object) -> bool:
         return True
 
 
-def dump_yaml(data: dict[str, Any], prov: Provenance) -> bytes:
+def dump_yaml(data: Mapping[str, object], prov: Provenance) -> bytes:
     doc = {"schema": f"eetool/{prov.kind}@{prov.schema}", **data, "provenance": prov.to_dict()}
     return yaml.dump(doc, Dumper=_PlainDumper, sort_keys=False, allow_unicode=True).encode()
 
 
-def write_yaml(path: str, data: dict[str, Any], prov: Provenance) -> None:
+def write_yaml(path: str, data: Mapping[str, object], prov: Provenance) -> None:
     atomic_write(path, dump_yaml(data, prov))
 
 
@@ -546,7 +547,7 @@ def _check_expanded_size(root: yaml.Node) -> None:
             stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
 
 
-def load_yaml(text: str, what: str, error: type[EetoolError] = InputError) -> Any:
+def load_yaml(text: str, what: str, error: type[EetoolError] = InputError) -> object:
     """The one YAML parser of eetool: safe types only, alias expansion and nesting bounded.
 
     A document refused for its size raises ``error`` naming ``what``; a syntax error raises yaml.YAMLError,

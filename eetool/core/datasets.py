@@ -18,10 +18,10 @@ import math
 import os
 import pickle
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,6 @@ class Dataset:
     fingerprint: str = ""
     classes_named: bool = True  # False: the source names no classes, and ``classes`` counts up to its top label
     indices: torch.Tensor | None = None  # positions in the full split, when restricted by --indices
-    extra: dict[str, Any] = field(default_factory=dict)
     stream: FolderImages | None = None
     geometry: Geometry | None = None  # how folder images were decoded; None for sources stored as tensors
 
@@ -217,7 +216,8 @@ def load_dataset(spec: str, split: str = "test", indices: str | None = None, opt
     if split not in ("train", "test"):
         raise UsageError(f"unknown split {split!r}", "use --split train or --split test")
     name, path = parse_spec(spec)
-    ds = DATA_SOURCES.get(name).load()(name, path, split, options or DataOptions(), geometry)
+    loader = cast("Callable[..., Dataset]", DATA_SOURCES.get(name).load())
+    ds = loader(name, path, split, options or DataOptions(), geometry)
     if len(ds) == 0:
         raise InputError(f"dataset {spec} has no {split} samples", "check the path and --split")
     if indices:
@@ -386,7 +386,7 @@ class _CifarUnpickler(pickle.Unpickler):
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype")}
 
-    def find_class(self, module: str, name: str) -> Any:
+    def find_class(self, module: str, name: str) -> Callable[..., object]:
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"it names {module}.{name}")
         import importlib
@@ -399,7 +399,7 @@ class _CifarUnpickler(pickle.Unpickler):
         return getattr(importlib.import_module("numpy"), name)
 
 
-def _unpickle(path: Path) -> dict[bytes, Any]:
+def _unpickle(path: Path) -> dict[bytes, object]:
     # CIFAR's official format is a Python 2 pickle (protocol 2) of numpy arrays and lists.
     if not path.is_file():
         raise InputError(f"{path} does not exist", "point --data cifar10:PATH at the extracted cifar-10-batches-py")

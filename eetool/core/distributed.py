@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from eetool.core.errors import UsageError
 from eetool.core.interrupts import Interrupted
 
 if TYPE_CHECKING:
     import torch
+    import torch.distributed as dist
 
 Batch = TypeVar("Batch")
 # A rank that waits this long for the others gives up, should torchrun fail to end them after a failure.
@@ -130,7 +131,7 @@ def all_max(value: float, world: World) -> float:
     return float(buffer.item())
 
 
-def _reduce(buffer: torch.Tensor, op: Any) -> None:
+def _reduce(buffer: torch.Tensor, op: dist.ReduceOp.RedOpType) -> None:
     import torch.distributed as dist
 
     try:

@@ -11,13 +11,16 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 CLASSIFICATION, SEGMENTATION, LANGUAGE = "classification", "segmentation", "lm"
 
 
+Implementation = TypeVar("Implementation")
+
+
 @dataclass(frozen=True)
-class Entry:
+class Entry(Generic[Implementation]):
     """One registered name: its task, help, where its implementation lives, and facts the CLI reads (``info``)."""
 
     name: str
@@ -26,36 +29,37 @@ class Entry:
     help: str = ""
     info: dict[str, Any] = field(default_factory=dict)
 
-    def load(self) -> Any:
+    def load(self) -> Implementation:
         """The implementation, imported now."""
         module, _, attribute = self.target.partition(":")
-        return getattr(importlib.import_module(module), attribute)
+        implementation: Implementation = getattr(importlib.import_module(module), attribute)
+        return implementation
 
 
-class Registry:
+class Registry(Generic[Implementation]):
     """Entries by name, in the order they were registered (the order help texts and listings show)."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._entries: dict[str, Entry] = {}
+        self._entries: dict[str, Entry[Implementation]] = {}
 
     def register(self, name: str, target: str, *, task: str = CLASSIFICATION, help: str = "",
-                 **info: object) -> Entry:
+                 **info: object) -> Entry[Implementation]:
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         if ":" not in target:
             raise ValueError(f"{self.kind} {name!r}: the target {target!r} is not package.module:attribute")
-        entry = Entry(name, target, task, help, dict(info))
+        entry: Entry[Implementation] = Entry(name, target, task, help, dict(info))
         self._entries[name] = entry
         return entry
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
-    def __iter__(self) -> Iterator[Entry]:
+    def __iter__(self) -> Iterator[Entry[Implementation]]:
         return iter(self._entries.values())
 
-    def get(self, name: str) -> Entry:
+    def get(self, name: str) -> Entry[Implementation]:
         return self._entries[name]
 
     def names(self, task: str | None = None, **info: object) -> tuple[str, ...]:

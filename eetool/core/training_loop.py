@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -392,14 +392,14 @@ def _diverged(what: str, world: World = World()) -> BaseException:
                                        "lower --lr (e.g. 10 times)"), world)
 
 
-def write_state(path: str, state: dict[str, Any]) -> None:
+def write_state(path: str, state: Mapping[str, object]) -> None:
     """Resumable state, written atomically: an interrupted write leaves the previous epoch's."""
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write(path, buf.getvalue())
 
 
-def read_state(path: str | Path, expected: dict[str, Any]) -> dict[str, Any]:
+def read_state(path: str | Path, expected: Mapping[str, object]) -> dict[str, Any]:
     """Resumable state, refused when unreadable or when its ``expected`` entries (the settings and data of the
     run that saved it) differ from this run's."""
     try:
@@ -413,7 +413,8 @@ def read_state(path: str | Path, expected: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def _save_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator,
+def _save_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                gen: torch.Generator,
                 result: TrainResult, cfg: TrainConfig, data_fingerprint: str, epoch: int,
                 tracker: Tracker | None = None) -> None:
     write_state(path, {
@@ -434,7 +435,8 @@ def _save_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: 
     })
 
 
-def _load_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator,
+def _load_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                gen: torch.Generator,
                 result: TrainResult, cfg: TrainConfig, data_fingerprint: str, tracker: Tracker | None = None) -> int:
     state = read_state(path, {"config": asdict(cfg), "data": data_fingerprint})
     model.load_state_dict(state["model"])
