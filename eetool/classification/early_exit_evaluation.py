@@ -1,11 +1,9 @@
-"""`evaluate` on a classifier: accuracy, per-class accuracy, cost and measured throughput of the plain network and
-of its early exits at the operating points of a thresholds file, beside other plain networks (``--compare``: the
-peers a user would pick instead, a smaller network say) and optionally against a baseline.
+"""`evaluate` on a classifier: accuracy, per-class accuracy, cost and measured throughput of the plain network
+and of its early exits at a thresholds file's operating points, beside ``--compare`` peers and a
+``--baseline``, all timed in the same interleaved rounds.
 
-Every network and operating point runs in the same interleaved rounds. ``--compare`` and ``--baseline`` are both
-peers: other checkpoints for the same data, timed in those rounds. A compared peer is a row of its own, with its
-speed-up against the plain model; the baseline is the reference of a second set of speed-ups (every row's against
-it), and its own figures are kept apart from the rows."""
+Method: docs/e2cm.md#beside-the-network-you-would-pick-instead
+"""
 
 from __future__ import annotations
 

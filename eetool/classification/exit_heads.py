@@ -1,10 +1,8 @@
-"""Trained exit heads: Shallow-Deep Network internal classifiers and BranchyNet branches.
+"""Trained exit heads: Shallow-Deep Network internal classifiers (Kaya et al. 2019) and BranchyNet branches
+(Teerapittayanon et al. 2016), optionally reading E²CM's distances (thesis 2.3.2), and their artifact
+(``ExitHeadsArtifact``).
 
-An internal classifier (Kaya et al. 2019, as the thesis uses it) reduces an exit's feature map
-with a learned mix of max and average pooling to a small spatial size, then applies one linear
-layer. With E²CM (thesis 2.3.2) the normalised distances to the class means at that exit are
-concatenated to its input. A BranchyNet branch (Teerapittayanon et al. 2016) adds a 3x3
-convolution with batch norm and ReLU before the same reduction.
+Method: docs/trained-exits.md
 """
 
 from __future__ import annotations
@@ -23,11 +21,8 @@ from eetool.core.errors import InputError, UsageError
 
 
 class MixedPool(nn.Module):
-    """alpha * max-pool + (1 - alpha) * average-pool to ``size`` x ``size``, alpha learned in (0, 1).
-
-    Out of training on the CPU, both poolings run on channels-last copies, whose kernels are an order of
-    magnitude faster than the NCHW ones on these small maps, with the same values bit for bit
-    (``exact_pools``); with autograd on, or on another device, the adaptive NCHW kernels run as they always did."""
+    """alpha * max-pool + (1 - alpha) * average-pool to ``size`` x ``size``, alpha learned in (0, 1). Out of
+    training on the CPU it pools channels-last (``exact_pools``), with the same values bit for bit."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -75,10 +70,9 @@ def adaptive_windows(n_in: int, n_out: int) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class AvgPlan:
-    """How to reproduce adaptive average pooling from faster kernels: a plain sum pooling (kernel, stride,
-    padding per axis) whose windows, clipped to the input, are the adaptive ones, followed by the division by
-    the window heights, then widths; or (``sum_pool`` None) the channels-last adaptive kernel, which divides by
-    height x width at once, the same where every window height or every width is a power of two."""
+    """How to reproduce adaptive average pooling from faster kernels: a sum pooling (kernel, stride, padding per
+    axis) divided by the window heights, then widths; or (``sum_pool`` None) the channels-last adaptive kernel.
+    Method: docs/performance.md#exact-pooling-in-the-exit-heads"""
 
     sum_pool: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None
     rows: torch.Tensor  # size x 1: window heights
@@ -114,16 +108,9 @@ def avg_plan(height: int, width: int, size: int) -> AvgPlan | None:
 
 
 def exact_pools(x: torch.Tensor, size: int, plan: AvgPlan | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adaptive max and average pooling of N x C x H x W ``x`` to ``size`` x ``size``, equal bit for bit to
-    ``F.adaptive_max_pool2d`` and ``F.adaptive_avg_pool2d`` on the NCHW tensor, from faster kernels.
-
-    A maximum is the same in any order, so the channels-last kernels give the same values: the plain max pooling
-    over the sum pooling's windows where there is one (its padding never wins), else the adaptive one. The NCHW average
-    kernel adds each window's elements in row-major order in float and divides by the window's height, then
-    by its width; a sum pooling (``divisor_override=1``) over the same windows adds in the same order, so
-    dividing its sums the same way gives the same values, and where a window's height or width is a power
-    of two (an exact division) one division by their product is the same too (bar sums so close to zero that
-    the quotient is subnormal). Where neither holds (``plan`` is None), the NCHW average kernel runs."""
+    """Adaptive max and average pooling of N x C x H x W ``x`` to ``size`` x ``size`` from faster kernels, equal bit
+    for bit to ``F.adaptive_max_pool2d`` and ``F.adaptive_avg_pool2d`` on the NCHW tensor (``plan`` None: the
+    NCHW average kernel). Method: docs/performance.md#exact-pooling-in-the-exit-heads"""
     channels_last = x.contiguous(memory_format=torch.channels_last)
     if plan is None or plan.sum_pool is None:
         pooled_max = F.adaptive_max_pool2d(channels_last, size)

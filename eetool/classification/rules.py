@@ -1,13 +1,8 @@
-"""Exit rules beside E²CM's: trained heads alone (``sdn``, ``entropy``) or consulted with E²CM, and the rule of any
-registered method (eetool.core.exit_methods).
+"""Exit rules beside E²CM's: trained heads alone (``sdn``, ``entropy``) or with E²CM (``e2cm+sdn``), and the
+rule of any registered method (eetool.core.exit_methods). A rule gives a confidence in [0, 1] and a prediction
+per sample at each exit; the sample leaves when the confidence exceeds T_j.
 
-A rule gives, at exit j, a confidence in [0, 1] and a prediction for each sample; a sample leaves
-when the confidence exceeds T_j, so the threshold search of ``eetool.core.budget_search`` serves every
-method. ``sdn`` exits on the head's largest softmax probability; ``entropy`` on 1 - H(p) / log K,
-so that T in [0, 1] stands for an entropy threshold (1 - T) log K in [0, log K] (BranchyNet's
-rule); ``e2cm+sdn`` asks both the head and E²CM (thesis 2.3.2): with ``and`` a sample leaves only
-when both are confident (the lower confidence counts), with ``or`` when either is (the higher
-counts); the prediction is the head's.
+Method: docs/trained-exits.md
 """
 
 from __future__ import annotations

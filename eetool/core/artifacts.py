@@ -1,10 +1,7 @@
-"""The one module that writes and reads eetool's artifacts.
+"""The one module that writes and reads eetool's artifacts: safetensors and YAML with their provenance, atomic
+writes and output sets, and the checks a reader makes (kind, schema, provenance).
 
-Tensors go to safetensors (metadata: string to string, ``format: pt``, plus ``eetool.*`` keys);
-small human-readable results go to YAML with a ``provenance`` mapping. Every artifact records
-the eetool version, its kind and schema version, the checkpoint's sha256, the exits, the
-dataset fingerprint and the arguments that made it. Writes are atomic: a temp file in the
-target folder, fsync, ``os.replace``; an interrupted run leaves the old file (or none).
+Formats: docs/artifacts.md
 """
 
 from __future__ import annotations
@@ -233,15 +230,9 @@ def atomic_write(path: str, data: bytes) -> None:
 
 @contextmanager
 def output_set(paths: Sequence[str]) -> Iterator[list[str]]:
-    """Outputs that appear together or not at all (prune-dataset's kept, pruned and summary files).
-
-    Yields one temp path (in the target's folder) per output; the block writes each member to its temp
-    path with the usual writers. When the block ends normally every temp file is renamed onto its
-    output; when it fails or is interrupted, every temp file is removed and no output changes. The
-    renames themselves are the one window that is not atomic: they run one after another with
-    interrupts held, so only an error of the file system in the middle of them (a disk pulled out)
-    could leave some members renamed and others not.
-    """
+    """Outputs that appear together or not at all: yields one temp path per output for the block to write; renamed
+    onto the outputs when it ends normally, removed when it fails or is interrupted. docs/artifacts.md says what
+    is not atomic."""
     if STDOUT in paths:
         raise OutputError("outputs written together cannot go to stdout", "give file names")
     temps: list[str] = []

@@ -1,9 +1,8 @@
-"""The one checkpoint loader (and writer) shared by every command.
+"""The one checkpoint loader (and writer): eetool's safetensors checkpoints record how to build the model, so
+later commands need only ``--checkpoint FILE``; foreign weights load with ``--arch`` and friends; ``demo`` is
+the embedded one.
 
-eetool's own checkpoints are safetensors files whose metadata records the architecture, its
-arguments, the number of classes and their names, the input shape and the normalisation, so
-later commands need only ``--checkpoint FILE``. Foreign weights (.safetensors, .pt, .pth state
-dicts) load with ``--arch`` and friends; ``demo`` names the embedded checkpoint.
+Format: docs/architectures.md
 """
 
 from __future__ import annotations

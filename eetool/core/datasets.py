@@ -1,13 +1,7 @@
-"""The one dataset loader: every source is decoded once into in-memory tensors.
+"""The one dataset loader: ``--data NAME[:PATH]`` (IDX, CIFAR, folder, safetensors, the demo) decoded into uint8
+N x C x H x W tensors, or folder images streamed (``eetool.core.streaming``); ``--indices`` subsets.
 
-``--data NAME[:PATH]`` names a source: mnist, fashion-mnist, kmnist (IDX files, gzipped or
-not), cifar10, cifar100 (the python pickle batches), folder (torchvision ImageFolder layout),
-safetensors (a file with ``images`` and ``labels``) or demo (the embedded set). Images are
-kept as uint8 N x C x H x W; the checkpoint's preprocessing turns batches into model input.
-Folder images are decoded with the model's recipe (``eetool.core.loading``) and, beyond a size limit,
-streamed from disk in batches by worker processes (``eetool.core.streaming``) instead of held here.
-Per-sample work is vectorised; accumulations elsewhere are plain sums and counts so that they
-can later be sharded over processes and all-reduced.
+Sources: docs/data-sources.md
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
-"""Registries of named things (architectures, data sources, exit methods) in the style of timm's register_model.
+"""Registries of named things (architectures, data sources, exit methods) in the style of timm's register_model:
+each entry holds what the CLI needs without torch and where its implementation lives (``package.module:attr``),
+imported only when used, so the core never imports a task package.
 
-An entry holds what the command line needs without importing torch (its name, the task it belongs to, its help
-text) and where its implementation lives, as ``package.module:attribute``, imported only when it is used. The
-core looks implementations up here by name, so it never imports a task package; adding an architecture, a data
-source or an exit method is one implementation and one ``register`` line in the table that lists its kind.
+How: docs/development.md#adding-an-exit-method
 """
 
 from __future__ import annotations

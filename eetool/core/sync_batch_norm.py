@@ -1,11 +1,8 @@
-"""Batch norm synchronised over torchrun's processes, on CPU (gloo) as on GPU (NCCL).
+"""Batch norm synchronised over torchrun's processes, on CPU (gloo) as on GPU (NCCL): in train mode each share
+of a batch is normalised with the whole batch's mean and variance (float64 sums, gradients all-reduced); eval
+mode is plain batch norm.
 
-In train mode each process's share of a batch is normalised with the mean and variance of the whole batch:
-every rank's per-channel count, sum and sum of squares are all-reduced with autograd's all_reduce, whose
-backward all-reduces the gradients, so the forward and the gradients are those of one process on the whole
-batch (up to the order of float sums). torch's own SyncBatchNorm runs on CUDA only. Eval mode is plain batch
-norm. The sums are taken in float64, so that the variance from the sum of squares loses nothing to the
-cancellation that float32 would suffer when the mean is large against the spread.
+Method: docs/scale-out.md#how-the-processes-share-the-work
 """
 
 from __future__ import annotations

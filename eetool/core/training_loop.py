@@ -232,19 +232,11 @@ def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfi
         eval_data: Dataset | None = None, resume_path: str | None = None, resume: bool = False,
         reporter: Reporter | None = None, on_epoch: Callable[[EpochRecord], None] | None = None,
         tracker: Tracker | None = None, world: World = World()) -> TrainResult:
-    """Train ``model`` in place. With ``resume_path`` the state is saved after every epoch.
+    """Train ``model`` in place; with ``resume_path`` the state is saved after every epoch. A ``tracker`` receives
+    each batch's dataset positions after its step, and is saved and resumed with the model. Under torchrun
+    (``world``) it trains under DistributedDataParallel with ``cfg.batch_size`` the global batch.
 
-    A ``tracker`` receives each batch's dataset positions after its step (per-sample records, such as
-    dataset pruning keeps); its state is saved and resumed with the model's.
-
-    Under torchrun (a ``world`` of several processes) the model trains under DistributedDataParallel:
-    ``cfg.batch_size`` is the global batch. Every rank draws the epoch's order and the augmentation of the
-    whole batch from the same seeded generator, as one process does, and takes its contiguous share of each
-    batch; each rank's loss is weighted by its share of the batch, so the gradient DDP averages is the one
-    process's gradient of the whole batch (up to the order of float sums). Batch norm in train mode
-    normalises over the whole batch (eetool.core.sync_batch_norm, on CPU as on GPU), so that it too is the one
-    process's; its running statistics are rank 0's. Rank 0 alone writes the resumable state.
-    """
+    Method: docs/scale-out.md#how-the-processes-share-the-work"""
     cfg.validate()
     cfg.check_world(world)
     reporter = reporter or Reporter()

@@ -1,9 +1,7 @@
-"""Checks of a language model's files before transformers reads them: sizes against the files and sane limits.
+"""Checks of a language model's files before transformers reads them: headers and small JSON files only, read
+bounded, each size against the file and sane limits, refused with a one-line error (exit 3) naming the file.
 
-transformers builds a model from its config before it reads a weight, so a config that claims a million
-blocks allocates until memory runs out; a safetensors header or a GGUF header can claim any size. Everything
-here reads only headers and small JSON files, bounded, and refuses what would not load with eetool's own
-one-line error (exit 3) naming the file.
+Limits: docs/failures.md
 """
 
 from __future__ import annotations

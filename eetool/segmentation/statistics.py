@@ -1,11 +1,8 @@
-"""CBT's class statistics as an artifact: `eetool calibrate-means` on a segmentation checkpoint computes them in
-one pass, and `fit-thresholds --method cbt|cbt-ns --means FILE` fits from the file without another pass, as E²CM
-fits from its class means.
+"""CBT's class statistics as an artifact (``SegmentationClassStatistics``, kind
+``segmentation-class-statistics``): eq. 3.1's sums (exits x K x K float64) and pixel counts (K int64), made by
+`calibrate-means` on a segmentation checkpoint and read by `fit-thresholds --method cbt|cbt-ns --means`.
 
-The file (safetensors, kind ``segmentation-class-statistics``) holds eq. 3.1's streaming sums: ``sums``, exits x K
-x K float64 (per exit and ground-truth class, the sum of the pixels' softmax vectors) and ``counts``, K int64 (the
-pixels of each class), with the classes' names in the metadata and the usual provenance (checkpoint, the four
-exits, the dataset fingerprint with its split and indices, the arguments).
+Method: docs/segmentation.md
 """
 
 from __future__ import annotations
