@@ -139,15 +139,9 @@ def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_
               reporter: Reporter | None = None, raw_cache_bytes: int = 256 * 2**20,
               centres: list[torch.Tensor] | None = None, predict: str = SOFTMAX, world: World = World()
               ) -> Calibration:
-    """Streaming passes: class means; then normalisers, confidences and predictions (see below).
-
-    ``predict`` is the prediction rule (softmax, nearest, or auto: per exit, the more accurate on
-    these samples; see ``choose_rules``). With ``centres`` (cluster centres, for unsupervised use)
-    the first pass is skipped and no labels are needed (nor used: auto keeps softmax); the counts
-    are then the cluster sizes as the model's head assigns them.
-
-    With a ``world`` of several processes each computes its share of the batches; sums are all-reduced
-    and per-sample records put in order (``eetool.core.distributed``), so every rank returns the whole result."""
+    """Streaming passes: class means; then normalisers, confidences and predictions. ``predict``: softmax,
+    nearest, or auto (per exit, the more accurate here; ``choose_rules``). With ``centres`` (clusters) the first
+    pass is skipped and no labels are used. Under torchrun every rank returns the whole result."""
     import time
 
     reporter = reporter or Reporter()
@@ -425,16 +419,9 @@ def cluster_centres(exit_model: ExitModel, data: Dataset, preprocess: Preprocess
                     generator: torch.Generator | None = None, max_bytes: int = 2 * 2**30,
                     reporter: Reporter | None = None, world: World = World()
                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """k-means centres at every exit, numbered like the model's own outputs, and the head's predictions.
-
-    No labels are used. Exit j's clusters are matched one-to-one to the head's predicted classes
-    (Hungarian matching on how often they co-occur), so that every exit predicts in the head's terms.
-
-    Under torchrun (a ``world`` of several processes) each rank computes the features of its share of the
-    batches and the rows are gathered in order; every rank then runs the same k-means on the same features,
-    so the centres are one process's (the network's pass is the costly part; the features are bounded by
-    ``max_bytes`` already).
-    """
+    """k-means centres at every exit, matched one-to-one to the head's predicted classes (Hungarian matching on
+    their co-occurrence), and the head's predictions; no labels are used. Under torchrun the features are gathered
+    in order and every rank runs the same k-means (docs/scale-out.md)."""
 
     reporter = reporter or Reporter()
     dims = [pooling.out_dim(s) for s in exit_model.exit_shapes(preprocess.input_shape)]

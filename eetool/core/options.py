@@ -396,13 +396,10 @@ COMMON_NAMES = ("quiet", "verbose", "format", "no_progress", "seed", "device", "
 
 def eetool_command(kind: str, *, model_options: bool = False, data_options: bool = False, distributed: bool = False,
                    formats: type[Enum] = Format) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Make ``func(run, **options)`` a CLI command whose JSON output has schema ``eetool/<kind>@1``.
-
-    With ``model_options`` the command reads a checkpoint: it also takes the foreign-checkpoint options
-    (--arch, --arch-args, --num-classes, --input-shape, --mean, --std), handed over as ``run.model_options``.
-    With ``data_options`` it reads data: --data-loading, --workers, --resize and --crop, as ``run.data_options``.
-    With ``distributed`` it runs under torchrun (``eetool.core.distributed``); other commands refuse to.
-    ``formats``: the values of its --format (default text and json), the first the default."""
+    """Make ``func(run, **options)`` a CLI command whose JSON output has schema ``eetool/<kind>@1``, with the
+    foreign-checkpoint options (``model_options``: ``run.model_options``), the data-loading options
+    (``data_options``: ``run.data_options``), torchrun allowed (``distributed``) and its --format values
+    (``formats``, the first the default)."""
 
     def decorate(func: Callable[..., None]) -> Callable[..., None]:
         sig = inspect.signature(func)

@@ -50,10 +50,9 @@ def check_config(folder: Path) -> dict[str, Any]:
 
 
 def check_tokenizer(path: Path, doc: dict[str, Any]) -> None:
-    """The keys of tokenizer.json that transformers and the tokenizers library index without a check of their own
-    (a KeyError or "Model missing. at line 1 column 891" otherwise): ``added_tokens``, a list of objects with an
-    ``id`` and a ``content``; ``model``, an object with a known ``type`` (where it has one), a ``vocab`` (a list for
-    Unigram, an object for the others) and for BPE a list of ``merges``; and ``version`` 1.0 where it is given."""
+    """The keys of tokenizer.json that transformers and tokenizers index unchecked: ``added_tokens`` (objects with
+    ``id`` and ``content``), ``model`` (a known ``type``, a ``vocab``, for BPE ``merges``) and ``version`` 1.0
+    where given; a missing one is a one-line error naming it."""
 
     def bad(problem: str) -> InputError:
         return InputError(f"{path} {problem}", "give the tokenizer.json that came with the model, or re-download it "

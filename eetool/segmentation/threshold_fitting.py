@@ -299,10 +299,9 @@ class CbtBudgetFit:
 
 def _fit_cbt_budget(run: Run, req: ThresholdRequest, model: SegmentationNet, ckpt: Checkpoint, ds: Dataset,
                     preprocess: Preprocess, device: torch.device, stats: ClassStats) -> CbtBudgetFit:
-    """--budget for cbt and cbt-ns. alpha: the largest alpha below --beta that meets the budget; beta: the largest
-    beta above --alpha (beta = alpha is every class at alpha, ADP-C's limit); both: for each beta of BETA_GRID the
-    largest alpha, then the pair with the highest mIoU on the fitting data (the cheaper on a tie). Raising alpha
-    or beta raises every threshold, so the cost rises with either and a bisection finds it."""
+    """--budget for cbt and cbt-ns by bisection (the cost rises with alpha and beta): the largest alpha below --beta,
+    the largest beta above --alpha, or (both) for each beta of BETA_GRID the largest alpha, then the pair with the
+    highest mIoU on the fitting data."""
     budget = req.budget
     assert budget is not None
     cost_of = _budget_costs(model, ckpt, ds, preprocess, req.batch_size, device, req.decide_at or DEFAULT_RULE)
