@@ -15,7 +15,14 @@ from eetool.core.reporting import format_fields, format_table
 from eetool.core.run_inputs import data_path, open_checkpoint
 
 if TYPE_CHECKING:
+    import torch
+
+    from eetool.classification.e2cm import MeansRule
+    from eetool.classification.rules import HeadsRule
     from eetool.classification.thresholds_artifact import ExitThresholds, OperatingPoint
+    from eetool.core.checkpoint import Checkpoint
+    from eetool.core.costs import CostModel
+    from eetool.core.exits import ExitModel
 
 
 @dataclass
@@ -347,16 +354,16 @@ class EarlyExits(NamedTuple):
     effective: the same one unless the network is pruned), the chosen operating points (index, point), whether it
     predicts cluster ids, and the thresholds file they come from."""
 
-    exit_model: Any
-    rule: Any
-    cost_models: tuple[Any, Any]
+    exit_model: ExitModel
+    rule: HeadsRule | MeansRule
+    cost_models: tuple[CostModel, CostModel]
     chosen: list[tuple[int, OperatingPoint]]
     clusters: bool
     thresholds: ExitThresholds
 
 
-def early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thresholds: str, point: str,
-                      device: Any) -> EarlyExits:
+def early_exit_setup(ckpt: Checkpoint, means: str | None, exit_heads: str | None, thresholds: str, point: str,
+                      device: torch.device | str) -> EarlyExits:
     """Load and cross-check the thresholds and what they were fitted with; pick the operating points to run."""
     from eetool.classification.e2cm import ClassMeans
     from eetool.classification.exit_heads import ExitHeadsArtifact

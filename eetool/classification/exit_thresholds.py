@@ -19,8 +19,14 @@ from eetool.core.reporting import format_fields, format_table
 from eetool.core.run_inputs import data_path
 
 if TYPE_CHECKING:
-    from eetool.classification.e2cm import ClassMeans
+    import torch
+
+    from eetool.classification.e2cm import ClassMeans, MeansRule
     from eetool.classification.exit_heads import ExitHeadsArtifact
+    from eetool.classification.rules import HeadsRule
+    from eetool.core.checkpoint import Checkpoint
+    from eetool.core.datasets import Dataset, Preprocess
+    from eetool.core.exits import ExitModel
 
 
 @dataclass
@@ -210,12 +216,12 @@ def fit_exit_thresholds(run: Run, req: ExitThresholdRequest) -> None:
 class _Model:
     """The checkpoint with its exit rule, and the data it runs on: opened once, for scoring and for timing."""
 
-    checkpoint: Any
-    exit_model: Any
-    rule: Any
-    data: Any
-    preprocess: Any
-    device: Any
+    checkpoint: Checkpoint
+    exit_model: ExitModel
+    rule: HeadsRule | MeansRule
+    data: Dataset
+    preprocess: Preprocess
+    device: torch.device
 
 
 def _open_model(run: Run, missing: tuple[str, str], method: str, combine: str, cm: ClassMeans | None,
@@ -271,7 +277,7 @@ def _scored_stats(run: Run, model: _Model, method: str, cm: ClassMeans | None, b
             None if costs is dense else normalised(dense))
 
 
-def _dense_means_costs(cm: Any) -> Any:
+def _dense_means_costs(cm: ClassMeans) -> torch.Tensor | None:
     """The dense exit costs of class means made from a pruned network (whose statistics carry the effective
     ones the budgets are fitted on), else None."""
     import torch

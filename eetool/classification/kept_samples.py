@@ -5,13 +5,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eetool.core.choices import EEPRUNE_FAMILY, PRUNING_BASELINES
 from eetool.core.options import Run
 from eetool.core.owned_folders import check_state_folder, fresh_state_folder, remove_state_folder
 from eetool.core.reporting import format_fields, format_table
 from eetool.core.run_inputs import data_path
+
+if TYPE_CHECKING:
+    import torch
+
+    from eetool.classification.dataset_pruning import PhaseSettings
+    from eetool.core.checkpoint import Checkpoint, ModelSpec
+    from eetool.core.datasets import Dataset
 
 METHOD_NAMES = EEPRUNE_FAMILY + PRUNING_BASELINES
 
@@ -175,11 +182,10 @@ def choose_kept_samples(run: Run, req: KeptSamplesRequest) -> None:
     run.emit({"output": output, "pruned_output": pruned_output, "summary": summary, **result_doc}, _text)
 
 
-def _train(run: Run, device: Any, ckpt: Any, ds: Any, settings: Any, proxy_arch: str, proxy_arch_args: str | None,
-           from_weights: bool, state_dir: str, resume: bool) -> tuple[dict[str, Any], dict[str, Any], str | None,
-                                                                      str | None]:
+def _train(run: Run, device: torch.device, ckpt: Checkpoint, ds: Dataset, settings: PhaseSettings, proxy_arch: str,
+           proxy_arch_args: str | None, from_weights: bool, state_dir: str, resume: bool
+           ) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None, str | None]:
     """The pruning phase: the records, its cost, and the early exit where EEPrune put it."""
-    import torch
 
     from eetool.classification import dataset_pruning as dp
     from eetool.core.checkpoint import ModelSpec
@@ -222,7 +228,7 @@ def _train(run: Run, device: Any, ckpt: Any, ds: Any, settings: Any, proxy_arch:
 
 
 
-def _model_record(spec: Any) -> dict[str, Any]:
+def _model_record(spec: ModelSpec) -> dict[str, Any]:
     """What a pruning phase's records depend on besides the data: the model trained (its weights too with
     --from-weights), as the provenance's JSON holds it."""
     import json
@@ -243,8 +249,8 @@ RECORD_KINDS = {
 }
 
 
-def _reuse(path: str, dataset: str, positions: Any, family: str, exit_location: str | None, ckpt: Any
-           ) -> tuple[dict[str, Any], dict[str, Any], str | None, str | None]:
+def _reuse(path: str, dataset: str, positions: torch.Tensor, family: str, exit_location: str | None,
+           ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None, str | None]:
     import torch
 
     from eetool.core.errors import InputError, ProvenanceError, UsageError

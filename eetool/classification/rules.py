@@ -142,7 +142,7 @@ def rule_scores(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, ru
 
 
 def exit_rule(ckpt: Checkpoint, method: str, combine: str, means: ClassMeans | None, heads: ExitHeadsArtifact | None,
-              device: torch.device | str) -> tuple[ExitModel, ExitRule]:
+              device: torch.device | str) -> tuple[ExitModel, HeadsRule | MeansRule]:
     """The exit model and the (unthresholded) rule of a method, after checking that the class means and
     exit heads were made for this checkpoint and for the same exits."""
     from eetool.core.artifacts import sha256_file
@@ -159,7 +159,7 @@ def exit_rule(ckpt: Checkpoint, method: str, combine: str, means: ClassMeans | N
         if heads.heads.spec.with_distances and means is not None:
             heads.verify(inputs={"class-means": sha256_file(means.source)})
     em = build_exit_model(ckpt.model.to(device), ",".join(exits))
-    make = cast("Callable[..., ExitRule]", EXIT_METHODS.get(method).load())
+    make = cast("Callable[..., HeadsRule | MeansRule]", EXIT_METHODS.get(method).load())
     return em, make(method, means, heads.heads if heads is not None else None, combine, device)
 
 
