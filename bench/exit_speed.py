@@ -339,7 +339,7 @@ def main() -> None:
     test = load_dataset("demo", "test")
     small = test.subset(torch.arange(min(args.batch1_samples, len(test))))
     em = build_exit_model(ck.model)
-    cm, _ = ClassMeans.load(str(paths["means"]))
+    cm = ClassMeans.load(str(paths["means"]))
     results: dict[str, object] = {"threads": torch.get_num_threads(), "samples": len(test),
                                   "loadavg_start": Path("/proc/loadavg").read_text().split()[:3], "points": []}
     print(f"threads {torch.get_num_threads()}, load {' '.join(results['loadavg_start'])}", file=sys.stderr)  # type: ignore[arg-type]

@@ -90,7 +90,7 @@ def main() -> None:
     test = test.subset(torch.arange(min(args.samples, len(test))))
     em = build_exit_model(ck.model)
     assert em.stages is not None
-    cm, _ = ClassMeans.load(str(Path(args.cache) / "means.safetensors"))
+    cm = ClassMeans.load(str(Path(args.cache) / "means.safetensors"))
     rule = method_rule(args.method, cm, Path(args.cache) / "heads-1.safetensors")
     decide = Thresholded(rule, point["thresholds"])
     n_exits = len(em.exits)

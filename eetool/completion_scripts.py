@@ -1,10 +1,6 @@
-"""Shell completion scripts for eetool, generated from the typer app.
-
-``python -m eetool.completion_scripts DIR`` (``make completions``) writes the bash, zsh and fish
-scripts and a README saying how to install them; ``--check`` only reports whether DIR is current.
-The scripts are typer's: they call back into ``eetool`` with ``_EETOOL_COMPLETE=complete_<shell>``
-set, so they complete whatever commands and options the installed eetool has. Completion imports
-the CLI only, never torch.
+"""Shell completion scripts for eetool, generated from the typer app: ``python -m eetool.completion_scripts DIR``
+(``make completions``) writes bash, zsh and fish scripts and their README; ``--check`` reports whether DIR is
+current. Completion imports the CLI only, never torch.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def test_calibrate_means_with_clusters_needs_no_labels(tiny_checkpoint: str, tmp
     result = runner.invoke(app, ["calibrate-means", "-c", tiny_checkpoint, "-d", f"safetensors:{data}", "--clusters",
                                  "10", "--pool-spatial", "2", "-o", str(out), "-q"])
     assert result.exit_code == 0, result.stderr
-    cm, _ = ClassMeans.load(str(out))
+    cm = ClassMeans.load(str(out))
     assert cm.clusters and cm.calibration is not None
     assert int(cm.counts.sum()) == 60  # cluster sizes as the head assigns them
     # without labels, an exit is right when it agrees with the head

@@ -333,10 +333,14 @@ def test_exit_stats_mark_each_exit_and_the_head(calibrated: ClassMeans) -> None:
 
 def test_class_means_round_trip(calibrated: ClassMeans, tmp_path: Path) -> None:
     path = str(tmp_path / "means.safetensors")
-    cm = dataclasses.replace(calibrated, pooling=Pooling(spatial=3, channels=None))
-    cm.save(path, Provenance(kind="class-means", checkpoint_sha256="ab" * 32, exits=list(cm.exits),
-                             dataset="safetensors/train:0123456789abcdef", args={"batch_size": 32}))
-    loaded, prov = ClassMeans.load(path)
+    cm = dataclasses.replace(calibrated, pooling=Pooling(spatial=3, channels=None),
+                             provenance=Provenance(kind="class-means", checkpoint_sha256="ab" * 32,
+                                                   exits=list(calibrated.exits),
+                                                   dataset="safetensors/train:0123456789abcdef",
+                                                   args={"batch_size": 32}))
+    cm.save(path)
+    loaded = ClassMeans.load(path)
+    prov = loaded.provenance
     assert prov.kind == "class-means" and prov.checkpoint_sha256 == "ab" * 32
     assert prov.dataset == "safetensors/train:0123456789abcdef" and prov.args == {"batch_size": 32}
     assert loaded.exits == cm.exits and prov.exits == cm.exits
@@ -354,9 +358,9 @@ def test_class_means_round_trip(calibrated: ClassMeans, tmp_path: Path) -> None:
 
 def test_class_means_without_calibration_cache_round_trip(calibrated: ClassMeans, tmp_path: Path) -> None:
     path = str(tmp_path / "means.safetensors")
-    dataclasses.replace(calibrated, calibration=None).save(path, Provenance(kind="class-means",
-                                                                            exits=list(calibrated.exits)))
-    loaded, _ = ClassMeans.load(path)
+    dataclasses.replace(calibrated, calibration=None,
+                        provenance=Provenance(kind="class-means", exits=list(calibrated.exits))).save(path)
+    loaded = ClassMeans.load(path)
     assert loaded.calibration is None and loaded.pooling == Pooling()
     assert all(torch.equal(a, b) for a, b in zip(loaded.means, calibrated.means, strict=True))
 
@@ -367,10 +371,11 @@ def test_effective_stage_costs_round_trip_and_are_what_thresholds_fit_on(calibra
     them, normalised by the dense MACs; class means without them (unpruned, or made before) stay dense."""
     assert calibrated.cost_model(effective=True) == calibrated.cost_model()
     half = [m // 2 for m in calibrated.stage_macs]
-    cm = dataclasses.replace(calibrated, effective_stage_macs=half)
+    cm = dataclasses.replace(calibrated, effective_stage_macs=half,
+                             provenance=Provenance(kind="class-means", exits=list(calibrated.exits)))
     path = str(tmp_path / "means.safetensors")
-    cm.save(path, Provenance(kind="class-means", exits=list(cm.exits)))
-    loaded, _ = ClassMeans.load(path)
+    cm.save(path)
+    loaded = ClassMeans.load(path)
     assert loaded.effective_stage_macs == half
     dense, sparse = loaded.cost_model(), loaded.cost_model(effective=True)
     assert sparse.basis == "effective" and sparse.reference_macs == sum(calibrated.stage_macs)
@@ -390,16 +395,17 @@ def test_prediction_rules_round_trip_and_old_artifacts_read_as_softmax(calibrate
     from safetensors.torch import save_file
 
     path = str(tmp_path / "means.safetensors")
-    cm = mixed_rules(calibrated)
-    cm.save(path, Provenance(kind="class-means", exits=list(cm.exits)))
-    assert ClassMeans.load(path)[0].rules == cm.rules
+    cm = dataclasses.replace(mixed_rules(calibrated), provenance=Provenance(kind="class-means",
+                                                                            exits=list(calibrated.exits)))
+    cm.save(path)
+    assert ClassMeans.load(path).rules == cm.rules
     # as written before the rules were recorded: the same file without the key
     with safe_open(path, "pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
     old = str(tmp_path / "old.safetensors")
     save_file(tensors, old, metadata={k: v for k, v in meta.items() if k != "eetool.predict"})
-    loaded, _ = ClassMeans.load(old)
+    loaded = ClassMeans.load(old)
     assert loaded.rules == [SOFTMAX] * len(cm.exits)
     assert MeansRule(loaded).rules == [SOFTMAX] * len(cm.exits)
     bad = str(tmp_path / "bad.safetensors")
@@ -411,7 +417,8 @@ def test_prediction_rules_round_trip_and_old_artifacts_read_as_softmax(calibrate
 def test_class_means_missing_a_tensor_is_a_bad_input(calibrated: ClassMeans, tmp_path: Path) -> None:
     path = str(tmp_path / "means.safetensors")
     # Provenance naming one exit more than the file holds means for.
-    calibrated.save(path, Provenance(kind="class-means", exits=[*calibrated.exits, "layer9.9"]))
+    dataclasses.replace(calibrated, provenance=Provenance(kind="class-means",
+                                                          exits=[*calibrated.exits, "layer9.9"])).save(path)
     with pytest.raises(InputError, match="incomplete class-means"):
         ClassMeans.load(path)
 

@@ -84,7 +84,8 @@ def load_points(path: Path) -> tuple[dict, dict]:
 
 def test_calibrate_means_writes_the_class_means_of_the_checkpoint(made: Made) -> None:
     assert made.means_result.stderr == f"wrote {made.means}\n"
-    cm, prov = ClassMeans.load(str(made.means))
+    cm = ClassMeans.load(str(made.means))
+    prov = cm.provenance
     ckpt = load_checkpoint(made.ckpt)  # fresh, so that nothing the command did to its model can hide here
     em = build_exit_model(ckpt.model, "every")
     ds = load_dataset(made.data, "train")
@@ -100,7 +101,7 @@ def test_calibrate_means_writes_the_class_means_of_the_checkpoint(made: Made) ->
 
 
 def test_calibrate_means_prints_a_table_per_exit(made: Made) -> None:
-    cm, _ = ClassMeans.load(str(made.means))
+    cm = ClassMeans.load(str(made.means))
     lines = made.means_result.stdout.splitlines()
     assert re.match(r"^class means\s+\S+ \(96 samples of safetensors/train:[0-9a-f]{16}, split mode\)$", lines[0])
     header = next(i for i, line in enumerate(lines) if line.startswith("exit "))
@@ -117,7 +118,8 @@ def test_calibrate_means_prints_a_table_per_exit(made: Made) -> None:
 def test_calibrate_means_json(made: Made, tiny_checkpoint: str) -> None:
     doc = made.other_exits_doc
     assert doc["schema"] == "eetool/class-means@1"
-    cm, prov = ClassMeans.load(str(made.other_exits))
+    cm = ClassMeans.load(str(made.other_exits))
+    prov = cm.provenance
     assert cm.pooling == Pooling(spatial=2) and prov.args["pool_spatial"] == 2
     em = build_exit_model(load_checkpoint(tiny_checkpoint).model, "half")
     rows = doc["exits"]
@@ -143,9 +145,9 @@ def test_calibrate_means_json(made: Made, tiny_checkpoint: str) -> None:
 def test_calibrate_means_predicts_by_the_rule_asked(made: Made, workdir: Path, rule: str) -> None:
     doc = json_doc(invoke("calibrate-means", "-c", made.ckpt, "-d", made.data, "-o", "m.safetensors", "--predict",
                           rule, "--format", "json", "-q", "--device", "cpu"))
-    cm, _ = ClassMeans.load("m.safetensors")
+    cm = ClassMeans.load("m.safetensors")
     assert cm.rules == [rule] * len(cm.exits) and doc["predict"] == rule
-    auto, _ = ClassMeans.load(str(made.means))
+    auto = ClassMeans.load(str(made.means))
     assert cm.calibration is not None and auto.calibration is not None
     for j, r in enumerate(doc["exits"]):
         assert r["predict"] == rule and r["calibration_accuracy"] == r[f"{rule}_accuracy"]
@@ -165,7 +167,8 @@ def test_calibrate_means_refuses_an_unknown_prediction_rule(made: Made, workdir:
 
 def test_fit_thresholds_for_a_budget(made: Made) -> None:
     doc, prov = load_points(made.thresholds)
-    cm, means_prov = ClassMeans.load(str(made.means))
+    cm = ClassMeans.load(str(made.means))
+    means_prov = cm.provenance
     assert doc["schema"] == "eetool/thresholds@1" and prov["kind"] == "thresholds"
     assert prov["inputs"] == {"class-means": sha256(made.means)}
     assert prov["checkpoint_sha256"] == sha256(made.ckpt) and prov["exits"] == cm.exits
@@ -206,7 +209,7 @@ def test_fit_thresholds_json_and_bisect(made: Made, workdir: Path) -> None:
 
 
 def test_fit_thresholds_refuses_an_unreachable_budget(made: Made, workdir: Path) -> None:
-    cm, _ = ClassMeans.load(str(made.means))
+    cm = ClassMeans.load(str(made.means))
     first = cm.cost_model().normalised_exit_costs()[0]
     result = invoke("fit-thresholds", "--means", made.means, "-o", "t.yaml", "--budget", round(first / 2, 4))
     line = one_error_line(result, ExitCode.USAGE)
@@ -242,7 +245,7 @@ def test_fit_thresholds_refuses_to_overwrite_the_class_means(made: Made) -> None
 def test_evaluate_with_exits_reports_every_operating_point(made: Made) -> None:
     doc = json_doc(invoke("evaluate", "-c", made.ckpt, "-d", made.data, "--means", made.means, "--thresholds",
                           made.sweep, "--format", "json", "--batch-size", 32))
-    cm, _ = ClassMeans.load(str(made.means))
+    cm = ClassMeans.load(str(made.means))
     fitted, _ = load_points(made.sweep)
     points = doc["points"]
     assert points[0]["name"] == "plain" and points[0]["cost"] == 1.0
@@ -264,7 +267,7 @@ def test_evaluate_on_the_calibration_samples_reproduces_the_fitted_point(made: M
                           "--thresholds", made.thresholds, "--format", "json", "--batch-size", 32))
     fitted, _ = load_points(made.thresholds)
     [point] = doc["points"][1:]
-    costs = ClassMeans.load(str(made.means))[0].cost_model().normalised_exit_costs()
+    costs = ClassMeans.load(str(made.means)).cost_model().normalised_exit_costs()
     # equal up to the samples whose confidences the thresholds sit just below (one per exit): evaluate's batches
     # round them differently
     boundary = len(fitted["points"][0]["thresholds"])

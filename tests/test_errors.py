@@ -99,9 +99,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_spec: ModelSpec, tiny_
                                "--epochs", "1", "--ratio", "0.5", "-o", str(d / "loss-kept.safetensors"), "-q"])
     assert made.exit_code == 0, made.stderr
     (d / "first-half.txt").write_text("\n".join(str(i) for i in range(48)))
-    cm, prov = ClassMeans.load(str(means))
+    cm = ClassMeans.load(str(means))
     cm.calibration = None
-    cm.save(str(d / "means-without-cache.safetensors"), prov)
+    cm.save(str(d / "means-without-cache.safetensors"))
     make_hand_edited_artifacts(d, tiny_checkpoint, tiny_data)
     make_crafted_data(d)
     make_lm_inputs(d)
@@ -160,12 +160,13 @@ def make_segmentation_inputs(d: Path) -> None:
     from eetool.core.artifacts import sha256_file
     from eetool.segmentation.model import EXIT_NAMES
     from eetool.segmentation.pixel_thresholds import ClassStats
-    from eetool.segmentation.statistics import KIND, save_statistics
+    from eetool.segmentation.statistics import KIND, SegmentationClassStatistics
 
     def statistics(name: str, classes: list[str], checkpoint_sha256: str) -> None:
         stats = ClassStats.empty(len(EXIT_NAMES), len(classes))
-        save_statistics(str(d / name), stats, classes, Provenance(kind=KIND, checkpoint_sha256=checkpoint_sha256,
-                                                                  exits=list(EXIT_NAMES), dataset="seg-data"))
+        SegmentationClassStatistics(stats, classes, Provenance(kind=KIND, checkpoint_sha256=checkpoint_sha256,
+                                                               exits=list(EXIT_NAMES), dataset="seg-data")
+                                    ).save(str(d / name))
 
     statistics("seg-stats.safetensors", ["bg", "a", "b"], sha256_file(d / "seg.safetensors"))
     statistics("seg-stats-other-checkpoint.safetensors", ["bg", "a", "b"], "0" * 64)
@@ -214,7 +215,7 @@ def edited_tensors(source: Path, target: Path, edit: Callable[[dict[str, torch.T
 
 def make_hand_edited_artifacts(d: Path, tiny_checkpoint: str, tiny_data: str) -> None:
     """Artifacts as a hand edit leaves them: wrong types, missing keys, inconsistent shapes, empty provenance."""
-    from eetool.classification.exit_heads import ExitHeads, HeadsSpec, save_heads
+    from eetool.classification.exit_heads import ExitHeads, ExitHeadsArtifact, HeadsSpec
     from eetool.core.artifacts import sha256_file
     from eetool.core.checkpoint import load_checkpoint
     from eetool.core.datasets import load_dataset
@@ -272,7 +273,7 @@ def make_hand_edited_artifacts(d: Path, tiny_checkpoint: str, tiny_data: str) ->
     spec = HeadsSpec("sdn", list(em.exits), [list(s) for s in em.exit_shapes(ckpt.spec.input_shape)], 10)
     heads = d / "heads.safetensors"
     made_for = Provenance(kind="exit-heads", checkpoint_sha256=sha256_file(tiny_checkpoint), exits=list(em.exits))
-    save_heads(str(heads), ExitHeads(spec), made_for)
+    ExitHeadsArtifact(ExitHeads(spec), made_for).save(str(heads))
 
     def heads_spec(change: Callable[[dict[str, Any]], object]) -> Callable[..., object]:
         def edit(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:

@@ -14,11 +14,10 @@ from torch import nn
 from eetool.classification.exit_heads import (
     ExitHead,
     ExitHeads,
+    ExitHeadsArtifact,
     HeadsSpec,
     MixedPool,
-    load_heads,
     parse_weights,
-    save_heads,
     sdn_weights,
 )
 from eetool.classification.head_training import ExitTrainer, exit_accuracies
@@ -163,8 +162,9 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
             p.add_(torch.randn_like(p))
         heads.heads[0].branch[1].running_mean.add_(1.0)  # buffers travel too
     path = str(tmp_path / "heads.safetensors")
-    save_heads(path, heads, heads_prov())
-    loaded, prov = load_heads(path)
+    ExitHeadsArtifact(heads, heads_prov()).save(path)
+    artifact = ExitHeadsArtifact.load(path)
+    loaded, prov = artifact.heads, artifact.provenance
     assert prov.kind == "exit-heads" and prov.exits == ["a", "b"] and prov.checkpoint_sha256 == "0" * 64
     assert loaded.spec == spec and not loaded.training
     feats = [torch.randn(3, 4, 14, 14), torch.randn(3, 8, 7, 7)]
@@ -176,20 +176,20 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
 
 def test_load_heads_refuses_another_kind(tmp_path: Path, tiny_checkpoint: str) -> None:
     with pytest.raises(ProvenanceError):
-        load_heads(tiny_checkpoint)
+        ExitHeadsArtifact.load(tiny_checkpoint)
     path = str(tmp_path / "means.safetensors")
     write_tensors(path, {"x": torch.zeros(1)}, Provenance(kind="class-means"))
     with pytest.raises(ProvenanceError):
-        load_heads(path)
+        ExitHeadsArtifact.load(path)
 
 
 def test_load_heads_refuses_corrupt_files(tmp_path: Path) -> None:
     path = tmp_path / "heads.safetensors"
-    save_heads(str(path), ExitHeads(HeadsSpec("sdn", ["a"], [[4, 8, 8]], K)), heads_prov())
+    ExitHeadsArtifact(ExitHeads(HeadsSpec("sdn", ["a"], [[4, 8, 8]], K)), heads_prov()).save(str(path))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError):
-        load_heads(str(path))
+        ExitHeadsArtifact.load(str(path))
 
 
 def test_load_heads_refuses_missing_tensors_or_spec(tmp_path: Path) -> None:
@@ -202,7 +202,7 @@ def test_load_heads_refuses_missing_tensors_or_spec(tmp_path: Path) -> None:
     write_tensors(no_spec, dict(state), heads_prov())
     for path in (no_linear, no_spec):
         with pytest.raises(InputError):
-            load_heads(path)
+            ExitHeadsArtifact.load(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def test_heads_files_keep_the_metadata_keys_of_every_release(tmp_path: Path) -> 
     spec = HeadsSpec("sdn", ["a"], [[4, 8, 8]], K)
     heads = ExitHeads(spec)
     current = tmp_path / "heads.safetensors"
-    save_heads(str(current), heads, heads_prov())
+    ExitHeadsArtifact(heads, heads_prov()).save(str(current))
     with safe_open(str(current), "pt") as f:
         meta = f.metadata()
     assert set(meta) >= {"format", "eetool.kind", "eetool.exits", "eetool.heads"}
@@ -381,6 +381,6 @@ def test_heads_files_keep_the_metadata_keys_of_every_release(tmp_path: Path) -> 
     save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(renamed),
               metadata={**prov_meta, "eetool.classification.exit_heads": spec.to_json()})
     for path in (current, renamed):
-        loaded, loaded_prov = load_heads(str(path))
-        assert loaded.spec.exits == spec.exits
-        assert loaded_prov.exits == prov.exits
+        loaded = ExitHeadsArtifact.load(str(path))
+        assert loaded.heads.spec.exits == spec.exits
+        assert loaded.provenance.exits == prov.exits

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,11 @@ from eetool.core.datasets import Preprocess
 from eetool.core.errors import EetoolError, ExitCode, ModelMismatchError, OutputError, UsageError
 from eetool.core.interrupts import deferred
 from eetool.core.owned_folders import check_folder_output, publish_folder
+
+if TYPE_CHECKING:
+    from eetool.classification.e2cm import MeansRule
+    from eetool.classification.rules import HeadsRule
+    from eetool.core.exits import ExitModel
 
 BUNDLE_FORMAT = "eetool-bundle"
 BUNDLE_SCHEMA = 1
@@ -63,7 +68,7 @@ class _PreprocessedStage(nn.Module):
 class _ExitDecision(nn.Module):
     """Exit j's rule on the features: confidence, prediction and class probabilities."""
 
-    def __init__(self, rule: Any, j: int) -> None:
+    def __init__(self, rule: HeadsRule | MeansRule, j: int) -> None:
         super().__init__()
         self.rule, self.j = rule, j
         heads = getattr(rule, "heads", None)
@@ -130,7 +135,7 @@ class BundleSpec:
     classes: list[str]
     stages: list[nn.Module]  # len(exits) + 1; the plain model is one stage
     exits: list[str]
-    rule: Any  # None for the plain model
+    rule: HeadsRule | MeansRule | None  # None for the plain model
     method: str  # e2cm, sdn, entropy, e2cm+sdn, or plain
     points: list[dict[str, Any]]  # budget, thresholds, cost and accuracy where the thresholds record them
     exit_costs: list[float]  # per exit, then the head: a fraction of the plain model's MACs
@@ -156,6 +161,7 @@ def write_graphs(spec: BundleSpec, folder: Path) -> list[dict[str, Any]]:
                                      "export the plain model (without --thresholds)")
         entry: dict[str, Any] = {"stage": name}
         if not last:
+            assert spec.rule is not None, "a bundle with exits has their rule"
             exit_name = f"exit_{j}.onnx"
             _export(_ExitDecision(spec.rule, j), out, folder / exit_name, "features",
                     ["confidence", "prediction", "probabilities"])
@@ -255,7 +261,7 @@ def run_bundle(folder: Path, doc: dict[str, Any], images: np.ndarray, thresholds
 
 
 def self_check(spec: BundleSpec, folder: Path, doc: dict[str, Any], images: torch.Tensor,
-               exit_model: Any) -> list[dict[str, Any]]:
+               exit_model: ExitModel | None) -> list[dict[str, Any]]:
     """Each operating point (or the plain model) on ``images`` (uint8 N x 3 x H x W) through the bundle and through
     eetool's pass: classes and exit indices must agree, except where a confidence lies within THRESHOLD_TOLERANCE of
     its threshold. Returns a line of figures per point; raises BundleMismatchError with what differed."""
@@ -330,7 +336,7 @@ def bundle_folder(target: Path, force: bool, inputs: tuple[str | None, ...] = ()
         raise
 
 
-def check_exportable(exit_model: Any) -> None:
+def check_exportable(exit_model: ExitModel | None) -> None:
     if exit_model is not None and exit_model.stages is None:
         raise ModelMismatchError("this model cannot be split into stages (eetool runs it whole, with hooks), so its "
                                  "exits cannot stop computation in a bundle",

@@ -86,6 +86,7 @@ def export_bundle(run: Run, req: ExportRequest) -> None:
         em, rule, (cost_model, _), chosen, clusters, fitted = early_exit_setup(ckpt, means, exit_heads, thresholds,
                                                                                 "all", "cpu")
         check_exportable(em)
+        assert em.stages is not None  # check_exportable refuses a model run whole
         method = fitted.method
         points: list[dict[str, Any]] = [{k: p[k] for k in ("budget", "cost", "accuracy", "thresholds") if k in p}
                                         for _, p in chosen]

@@ -1,18 +1,8 @@
-"""int8 stage graphs for a bundle (``eetool export --quantize int8``).
+"""int8 stage graphs for a bundle (``eetool export --quantize int8``): onnxruntime's static QDQ quantisation of
+each stage, calibrated on what it receives in the float bundle; the exit decisions stay float. A bundle whose
+classes agree with the float one's on less than MIN_AGREEMENT of the check sample is refused.
 
-Each stage graph is replaced by onnxruntime's static quantisation of it: QDQ format (QuantizeLinear /
-DequantizeLinear pairs around the quantised operators, which onnxruntime's CPU provider fuses into integer kernels),
-int8 weights with one scale per output channel, uint8 activations with one scale per tensor from the min-max range
-seen on calibration images. Stage j is calibrated on what it receives in the float bundle: the calibration images
-through the float stages 0..j-1.
-
-Only the stages are quantised. The exit decisions stay float graphs reading the int8 stages' (dequantised)
-features: a decision's confidence is compared with thresholds that were fitted on eetool's float pass (E²CM's
-confidence is a softmax of distances to the class means), so the rule itself is computed exactly as fitted and only
-the features it reads carry the quantisation error. How far that moves each operating point is measured before
-the bundle is written: on the check sample, the int8 bundle against the float one (classes, exits, mean cost and,
-with labels, accuracy); a bundle whose classes agree with the float bundle's on less than MIN_AGREEMENT of the
-sample at some point is refused.
+Method: docs/predict-and-export.md#int8-bundles-quantize-int8
 """
 
 from __future__ import annotations

@@ -73,13 +73,9 @@ class ChannelPruning:
 def prune_channels(model: nn.Module, input_shape: tuple[int, int, int], *, target_macs: float | None = None,
                    channel_ratio: float | None = None, heads: ExitHeads | None = None,
                    round_to: int | None = None) -> ChannelPruning:
-    """L1-norm channel pruning of a copy of ``model`` to ``target_macs`` (a fraction of its MACs: every layer's
-    ratio of removed channels rises 2% at a time until the MACs are at or under it) or by ``channel_ratio``
-    (the fraction of every layer's channels removed).
-
-    The final classifier keeps its outputs, the stem its inputs. ``heads`` (at the exits they name) are
-    rebuilt to the channels their exits keep. ``round_to`` keeps channel counts multiples of it.
-    """
+    """L1-norm channel pruning of a copy of ``model`` to ``target_macs`` (a fraction of its MACs, every layer's
+    removed share rising 2% at a time) or by ``channel_ratio``. The classifier keeps its outputs, the stem its
+    inputs; ``heads`` are rebuilt to their exits' channels; ``round_to`` rounds the channel counts."""
     if (target_macs is None) == (channel_ratio is None):
         raise UsageError("give a MACs target or a channel ratio, not both or neither", "e.g. target_macs=0.5")
     for name, value in (("target MACs", target_macs), ("channel ratio", channel_ratio)):

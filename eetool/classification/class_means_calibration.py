@@ -79,11 +79,10 @@ def calibrate_class_means(run: Run, req: MeansCalibrationRequest) -> None:
     cm = ClassMeans(list(em.exits), calib.means, calib.normalisers, calib.counts, pooling, costs.stage_macs, calib,
                     effective_stage_macs=list(sparse.stage_macs) if sparse is not costs else [],
                     clusters=clusters is not None, feature_sizes=feature_sizes, rules=calib.rules)
-    prov = Provenance(kind="class-means", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
-                      exits=list(em.exits),
-                      dataset=ds.fingerprint, args=run.args)
+    cm.provenance = Provenance(kind="class-means", checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
+                               exits=list(em.exits), dataset=ds.fingerprint, args=run.args)
     if run.world.main:  # under torchrun every rank holds the whole result; rank 0 writes it
-        cm.save(output, prov)
+        cm.save(output)
         run.wrote(output)
 
     unit = count.value

@@ -1,9 +1,7 @@
-"""k-means, Hungarian matching and clustering accuracy, for unsupervised early exits.
+"""k-means, Hungarian matching and clustering accuracy (DEC, Xie et al. 2016), for unsupervised early exits:
+``calibrate-means --clusters K`` (thesis 2.4.4).
 
-With ``calibrate-means --clusters K`` the centres of k-means at each exit (``e2cm.cluster_centres``) stand in
-for the class means (the thesis uses early exits for deep clustering, section 2.4.4). Clustering accuracy is
-the accuracy under the best one-to-one mapping of clusters to labels (Hungarian matching), as in
-DEC (Xie et al. 2016).
+Method: docs/e2cm.md
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from eetool.classification.clustering import best_mapping, kmeans
 from eetool.classification.distances import distances
-from eetool.core.artifacts import Provenance, read_tensors, read_yaml, write_tensors
+from eetool.core.artifacts import ArtifactFile, Provenance, read_tensors, read_yaml, write_tensors
 from eetool.core.budget_search import ExitStats
 from eetool.core.costs import EFFECTIVE, CostModel
 from eetool.core.datasets import Dataset, Preprocess, require_labels
@@ -139,15 +139,9 @@ def calibrate(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, num_
               reporter: Reporter | None = None, raw_cache_bytes: int = 256 * 2**20,
               centres: list[torch.Tensor] | None = None, predict: str = SOFTMAX, world: World = World()
               ) -> Calibration:
-    """Streaming passes: class means; then normalisers, confidences and predictions (see below).
-
-    ``predict`` is the prediction rule (softmax, nearest, or auto: per exit, the more accurate on
-    these samples; see ``choose_rules``). With ``centres`` (cluster centres, for unsupervised use)
-    the first pass is skipped and no labels are needed (nor used: auto keeps softmax); the counts
-    are then the cluster sizes as the model's head assigns them.
-
-    With a ``world`` of several processes each computes its share of the batches; sums are all-reduced
-    and per-sample records put in order (``eetool.core.distributed``), so every rank returns the whole result."""
+    """Streaming passes: class means; then normalisers, confidences and predictions. ``predict``: softmax,
+    nearest, or auto (per exit, the more accurate here; ``choose_rules``). With ``centres`` (clusters) the first
+    pass is skipped and no labels are used. Under torchrun every rank returns the whole result."""
     import time
 
     reporter = reporter or Reporter()
@@ -238,7 +232,7 @@ def _require_finite(values: torch.Tensor, what: str) -> None:
 
 
 @dataclass
-class ClassMeans:
+class ClassMeans(ArtifactFile):
     """A class-means artifact: what evaluate needs to exit, and the calibration cache for fit-thresholds."""
 
     exits: list[str]
@@ -253,6 +247,8 @@ class ClassMeans:
     rules: list[str] = field(default_factory=list)  # prediction rule per exit; none given: softmax (eq. 2.7)
     # A pruned network's stage MACs with zero weights costing nothing (eetool.core.costs): thresholds are fitted on them
     effective_stage_macs: list[int] = field(default_factory=list)
+    provenance: Provenance = field(default_factory=lambda: Provenance(kind="class-means"))
+    source: str = ""  # the file it was loaded from, for messages
 
     def __post_init__(self) -> None:
         if not self.rules:
@@ -292,7 +288,8 @@ class ClassMeans:
         costs = torch.tensor(self.cost_model(effective=True).normalised_exit_costs(), dtype=torch.float64)
         return ExitStats(confidence, correct, costs)
 
-    def save(self, path: str, prov: Provenance) -> None:
+    def save(self, path: str) -> None:
+        """Atomically, as safetensors with the provenance."""
         tensors = {f"means.{j}": m for j, m in enumerate(self.means)}
         tensors |= {"normalisers": self.normalisers, "counts": self.counts,
                     "stage_macs": torch.tensor(self.stage_macs, dtype=torch.int64)}
@@ -306,10 +303,11 @@ class ClassMeans:
                         "calibration.final_prediction": c.final_prediction, "calibration.labels": c.labels}
         extra = {"eetool.pooling": json.dumps({"spatial": self.pooling.spatial, "channels": self.pooling.channels}),
                  "eetool.clusters": json.dumps(self.clusters), "eetool.predict": json.dumps(self.rules)}
-        write_tensors(path, tensors, prov, extra=extra)
+        write_tensors(path, tensors, self.provenance, extra=extra)
 
     @classmethod
-    def load(cls, path: str) -> tuple[ClassMeans, Provenance]:
+    def load(cls, path: str) -> ClassMeans:
+        """Read a class-means file and check that its tensors agree with each other (against a model: ``verify``)."""
         if path.endswith((".yaml", ".yml")):  # another eetool artifact (YAML) given where class means belong
             read_yaml(path, "class-means")  # raises the provenance error naming the kind found
         tensors, prov, meta = read_tensors(path, "class-means")
@@ -329,12 +327,12 @@ class ClassMeans:
                      feature_sizes=tensors["feature_sizes"].tolist() if "feature_sizes" in tensors else [],
                      effective_stage_macs=(tensors["effective_stage_macs"].tolist()
                                            if "effective_stage_macs" in tensors else []),
-                     rules=_read_rules(meta, j))
+                     rules=_read_rules(meta, j), provenance=prov, source=path)
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{path} is an incomplete class-means artifact ({e})",
                              "re-make it with `eetool calibrate-means`") from None
         _check_consistent(cm, path)
-        return cm, prov
+        return cm
 
 
 def _check_consistent(cm: ClassMeans, path: str) -> None:
@@ -421,16 +419,9 @@ def cluster_centres(exit_model: ExitModel, data: Dataset, preprocess: Preprocess
                     generator: torch.Generator | None = None, max_bytes: int = 2 * 2**30,
                     reporter: Reporter | None = None, world: World = World()
                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """k-means centres at every exit, numbered like the model's own outputs, and the head's predictions.
-
-    No labels are used. Exit j's clusters are matched one-to-one to the head's predicted classes
-    (Hungarian matching on how often they co-occur), so that every exit predicts in the head's terms.
-
-    Under torchrun (a ``world`` of several processes) each rank computes the features of its share of the
-    batches and the rows are gathered in order; every rank then runs the same k-means on the same features,
-    so the centres are one process's (the network's pass is the costly part; the features are bounded by
-    ``max_bytes`` already).
-    """
+    """k-means centres at every exit, matched one-to-one to the head's predicted classes (Hungarian matching on
+    their co-occurrence), and the head's predictions; no labels are used. Under torchrun the features are gathered
+    in order and every rank runs the same k-means (docs/scale-out.md)."""
 
     reporter = reporter or Reporter()
     dims = [pooling.out_dim(s) for s in exit_model.exit_shapes(preprocess.input_shape)]

@@ -1,11 +1,9 @@
-"""`evaluate` on a classifier: accuracy, per-class accuracy, cost and measured throughput of the plain network and
-of its early exits at the operating points of a thresholds file, beside other plain networks (``--compare``: the
-peers a user would pick instead, a smaller network say) and optionally against a baseline.
+"""`evaluate` on a classifier: accuracy, per-class accuracy, cost and measured throughput of the plain network
+and of its early exits at a thresholds file's operating points, beside ``--compare`` peers and a
+``--baseline``, all timed in the same interleaved rounds.
 
-Every network and operating point runs in the same interleaved rounds. ``--compare`` and ``--baseline`` are both
-peers: other checkpoints for the same data, timed in those rounds. A compared peer is a row of its own, with its
-speed-up against the plain model; the baseline is the reference of a second set of speed-ups (every row's against
-it), and its own figures are kept apart from the rows."""
+Method: docs/e2cm.md#beside-the-network-you-would-pick-instead
+"""
 
 from __future__ import annotations
 
@@ -17,7 +15,14 @@ from eetool.core.reporting import format_fields, format_table
 from eetool.core.run_inputs import data_path, open_checkpoint
 
 if TYPE_CHECKING:
+    import torch
+
+    from eetool.classification.e2cm import MeansRule
+    from eetool.classification.rules import HeadsRule
     from eetool.classification.thresholds_artifact import ExitThresholds, OperatingPoint
+    from eetool.core.checkpoint import Checkpoint
+    from eetool.core.costs import CostModel
+    from eetool.core.exits import ExitModel
 
 
 @dataclass
@@ -349,20 +354,20 @@ class EarlyExits(NamedTuple):
     effective: the same one unless the network is pruned), the chosen operating points (index, point), whether it
     predicts cluster ids, and the thresholds file they come from."""
 
-    exit_model: Any
-    rule: Any
-    cost_models: tuple[Any, Any]
+    exit_model: ExitModel
+    rule: HeadsRule | MeansRule
+    cost_models: tuple[CostModel, CostModel]
     chosen: list[tuple[int, OperatingPoint]]
     clusters: bool
     thresholds: ExitThresholds
 
 
-def early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thresholds: str, point: str,
-                      device: Any) -> EarlyExits:
+def early_exit_setup(ckpt: Checkpoint, means: str | None, exit_heads: str | None, thresholds: str, point: str,
+                      device: torch.device | str) -> EarlyExits:
     """Load and cross-check the thresholds and what they were fitted with; pick the operating points to run."""
     from eetool.classification.e2cm import ClassMeans
-    from eetool.classification.exit_heads import load_heads
-    from eetool.classification.rules import cost_models, exit_rule
+    from eetool.classification.exit_heads import ExitHeadsArtifact
+    from eetool.classification.rules import HeadsRule, cost_models, exit_rule
     from eetool.classification.thresholds_artifact import ExitThresholds
     from eetool.core.artifacts import sha256_file, verify
     from eetool.core.costs import effective
@@ -376,9 +381,9 @@ def early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thres
     if reads(method, HEADS) and not exit_heads:
         raise UsageError(f"{thresholds} was fitted with {method}, which needs --exit-heads",
                          "pass the same --exit-heads")
-    cm, means_prov = ClassMeans.load(means) if means else (None, None)
-    heads, heads_prov = load_heads(exit_heads) if exit_heads else (None, None)
-    em, rule = exit_rule(ckpt, method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, device)
+    cm = ClassMeans.load(means) if means else None
+    heads = ExitHeadsArtifact.load(exit_heads) if exit_heads else None
+    em, rule = exit_rule(ckpt, method, combine, cm, heads, device)
     # the artifacts the method was fitted with, each of which the thresholds must record
     inputs = {"class-means": sha256_file(means)} if means and reads(method, MEANS) else {}
     if exit_heads and reads(method, HEADS):
@@ -392,6 +397,7 @@ def early_exit_setup(ckpt: Any, means: str | None, exit_heads: str | None, thres
         sparse = (cm.cost_model(effective=True) if cm.effective_stage_macs
                   else effective(cm.cost_model(), em, ckpt.spec.input_shape))
         return EarlyExits(em, rule, (cm.cost_model(), sparse), chosen, cm.clusters, fitted)
+    assert isinstance(rule, HeadsRule), "a method that reads no class means reads exit heads"
     return EarlyExits(em, rule, cost_models(rule, em, ckpt.spec.input_shape), chosen, False, fitted)
 
 

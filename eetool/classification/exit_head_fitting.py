@@ -102,10 +102,10 @@ def fit_exit_heads(run: Run, req: ExitHeadsRequest) -> None:
     epochs, samples, batch_size, optimizer, lr = req.epochs, req.samples, req.batch_size, req.optimizer, req.lr
     weight_decay, schedule, augment, force = req.weight_decay, req.schedule, req.augment, req.force
     from eetool.classification.e2cm import ClassMeans
-    from eetool.classification.exit_heads import ExitHeads, HeadsSpec, parse_weights, save_heads
+    from eetool.classification.exit_heads import ExitHeads, ExitHeadsArtifact, HeadsSpec, parse_weights
     from eetool.classification.head_training import ExitTrainer, exit_accuracies
     from eetool.classification.self_distillation import check_distillation
-    from eetool.core.artifacts import Provenance, output_set, sha256_file, verify
+    from eetool.core.artifacts import Provenance, output_set, sha256_file
     from eetool.core.checkpoint import model_sha256, save_checkpoint
     from eetool.core.datasets import Preprocess, check_labels
     from eetool.core.exits import build_exit_model
@@ -151,8 +151,8 @@ def fit_exit_heads(run: Run, req: ExitHeadsRequest) -> None:
     em = build_exit_model(ckpt.model, exits)
     cm = None
     if means:
-        cm, means_prov = ClassMeans.load(means)
-        verify(means, means_prov, checkpoint=ckpt.identity, exits=list(em.exits))
+        cm = ClassMeans.load(means)
+        cm.verify(checkpoint=ckpt.identity, exits=list(em.exits))
     shapes = [list(s) for s in em.exit_shapes(ckpt.spec.input_shape)]
     spec = HeadsSpec(head, list(em.exits), shapes, ckpt.spec.num_classes, pool_size, cm is not None,
                      parse_weights(exit_weights, len(em.exits)))
@@ -187,7 +187,7 @@ def fit_exit_heads(run: Run, req: ExitHeadsRequest) -> None:
                               exits=list(em.exits), dataset=train_data.fingerprint,
                               args={**run.args, "training": training},
                               inputs={"class-means": sha256_file(means)} if means else {})
-            save_heads(temps[0], heads.cpu(), prov)
+            ExitHeadsArtifact(heads.cpu(), prov, output).save(temps[0])
     run.wrote(output, *([backbone_output] if joint and backbone_output else []))
 
     from eetool.core.costs import measure

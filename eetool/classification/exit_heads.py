@@ -1,10 +1,8 @@
-"""Trained exit heads: Shallow-Deep Network internal classifiers and BranchyNet branches.
+"""Trained exit heads: Shallow-Deep Network internal classifiers (Kaya et al. 2019) and BranchyNet branches
+(Teerapittayanon et al. 2016), optionally reading E²CM's distances (thesis 2.3.2), and their artifact
+(``ExitHeadsArtifact``).
 
-An internal classifier (Kaya et al. 2019, as the thesis uses it) reduces an exit's feature map
-with a learned mix of max and average pooling to a small spatial size, then applies one linear
-layer. With E²CM (thesis 2.3.2) the normalised distances to the class means at that exit are
-concatenated to its input. A BranchyNet branch (Teerapittayanon et al. 2016) adds a 3x3
-convolution with batch norm and ReLU before the same reduction.
+Method: docs/trained-exits.md
 """
 
 from __future__ import annotations
@@ -17,17 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eetool.core.artifacts import Provenance, read_tensors, write_tensors
+from eetool.core.artifacts import ArtifactFile, Provenance, read_tensors, write_tensors
 from eetool.core.choices import HEAD_KINDS
 from eetool.core.errors import InputError, UsageError
 
 
 class MixedPool(nn.Module):
-    """alpha * max-pool + (1 - alpha) * average-pool to ``size`` x ``size``, alpha learned in (0, 1).
-
-    Out of training on the CPU, both poolings run on channels-last copies, whose kernels are an order of
-    magnitude faster than the NCHW ones on these small maps, with the same values bit for bit
-    (``exact_pools``); with autograd on, or on another device, the adaptive NCHW kernels run as they always did."""
+    """alpha * max-pool + (1 - alpha) * average-pool to ``size`` x ``size``, alpha learned in (0, 1). Out of
+    training on the CPU it pools channels-last (``exact_pools``), with the same values bit for bit."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -75,10 +70,9 @@ def adaptive_windows(n_in: int, n_out: int) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class AvgPlan:
-    """How to reproduce adaptive average pooling from faster kernels: a plain sum pooling (kernel, stride,
-    padding per axis) whose windows, clipped to the input, are the adaptive ones, followed by the division by
-    the window heights, then widths; or (``sum_pool`` None) the channels-last adaptive kernel, which divides by
-    height x width at once, the same where every window height or every width is a power of two."""
+    """How to reproduce adaptive average pooling from faster kernels: a sum pooling (kernel, stride, padding per
+    axis) divided by the window heights, then widths; or (``sum_pool`` None) the channels-last adaptive kernel.
+    Method: docs/performance.md#exact-pooling-in-the-exit-heads"""
 
     sum_pool: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None
     rows: torch.Tensor  # size x 1: window heights
@@ -114,16 +108,9 @@ def avg_plan(height: int, width: int, size: int) -> AvgPlan | None:
 
 
 def exact_pools(x: torch.Tensor, size: int, plan: AvgPlan | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adaptive max and average pooling of N x C x H x W ``x`` to ``size`` x ``size``, equal bit for bit to
-    ``F.adaptive_max_pool2d`` and ``F.adaptive_avg_pool2d`` on the NCHW tensor, from faster kernels.
-
-    A maximum is the same in any order, so the channels-last kernels give the same values: the plain max pooling
-    over the sum pooling's windows where there is one (its padding never wins), else the adaptive one. The NCHW average
-    kernel adds each window's elements in row-major order in float and divides by the window's height, then
-    by its width; a sum pooling (``divisor_override=1``) over the same windows adds in the same order, so
-    dividing its sums the same way gives the same values, and where a window's height or width is a power
-    of two (an exact division) one division by their product is the same too (bar sums so close to zero that
-    the quotient is subnormal). Where neither holds (``plan`` is None), the NCHW average kernel runs."""
+    """Adaptive max and average pooling of N x C x H x W ``x`` to ``size`` x ``size`` from faster kernels, equal bit
+    for bit to ``F.adaptive_max_pool2d`` and ``F.adaptive_avg_pool2d`` on the NCHW tensor (``plan`` None: the
+    NCHW average kernel). Method: docs/performance.md#exact-pooling-in-the-exit-heads"""
     channels_last = x.contiguous(memory_format=torch.channels_last)
     if plan is None or plan.sum_pool is None:
         pooled_max = F.adaptive_max_pool2d(channels_last, size)
@@ -248,37 +235,60 @@ HEADS_KEY = "eetool.heads"
 RENAMED_HEADS_KEY = "eetool.classification.exit_heads"
 
 
-def save_heads(path: str, heads: ExitHeads, prov: Provenance) -> None:
-    state = {k: v.detach().cpu() for k, v in heads.state_dict().items()}
-    write_tensors(path, state, prov, extra={HEADS_KEY: heads.spec.to_json()})
-
-
 # No exit's feature map is larger (elements per sample): a bound on what a spec read from a file may make
 # the heads allocate while they are built.
 MAX_FEATURE_ELEMENTS = 1 << 26
+REMAKE = "re-make it with `eetool train-exits`"
+
+
+@dataclass
+class ExitHeadsArtifact(ArtifactFile):
+    """An exit-heads artifact (kind ``exit-heads``, safetensors): the heads' weights, the spec that rebuilds them
+    and the provenance naming the backbone they were trained on. This class owns the format."""
+
+    heads: ExitHeads
+    provenance: Provenance = field(default_factory=lambda: Provenance(kind="exit-heads"))
+    source: str = ""  # the file it was loaded from, for messages
+
+    def save(self, path: str) -> None:
+        """Atomically, with the spec in the metadata."""
+        state = {k: v.detach().cpu() for k, v in self.heads.state_dict().items()}
+        write_tensors(path, state, self.provenance, extra={HEADS_KEY: self.heads.spec.to_json()})
+
+    @classmethod
+    def load(cls, path: str) -> ExitHeadsArtifact:
+        """The heads in eval mode, refused when the spec or the weights are malformed or do not fit each other."""
+        tensors, prov, meta = read_tensors(path, "exit-heads")
+        try:
+            spec = HeadsSpec.from_json(meta[HEADS_KEY] if HEADS_KEY in meta else meta[RENAMED_HEADS_KEY])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{path} is an incomplete exit-heads artifact ({type(e).__name__}: {e})",
+                             REMAKE) from None
+        problem = _spec_problem(spec)
+        if problem:
+            raise InputError(f"{path} is a malformed exit-heads artifact ({problem})", REMAKE)
+        bad = [k for k, v in tensors.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise InputError(f"{path} holds weights that are not finite numbers ({bad[0]})", REMAKE)
+        try:
+            heads = ExitHeads(spec)
+            heads.load_state_dict(tensors)
+        except RuntimeError as e:  # missing, unexpected or misshapen tensors: the first one, under torch's heading
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            reason = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
+            raise InputError(f"{path} is an incomplete exit-heads artifact ({reason})", REMAKE) from None
+        return cls(heads.eval(), prov, path)
+
+
+def save_heads(path: str, heads: ExitHeads, prov: Provenance) -> None:
+    """``ExitHeadsArtifact(heads, prov).save(path)``, for the callers not yet moved to the class (pruning_rounds)."""
+    ExitHeadsArtifact(heads, prov).save(path)
 
 
 def load_heads(path: str) -> tuple[ExitHeads, Provenance]:
-    tensors, prov, meta = read_tensors(path, "exit-heads")
-    remake = "re-make it with `eetool train-exits`"
-    try:
-        spec = HeadsSpec.from_json(meta[HEADS_KEY] if HEADS_KEY in meta else meta[RENAMED_HEADS_KEY])
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{path} is an incomplete exit-heads artifact ({type(e).__name__}: {e})", remake) from None
-    problem = _spec_problem(spec)
-    if problem:
-        raise InputError(f"{path} is a malformed exit-heads artifact ({problem})", remake)
-    bad = [k for k, v in tensors.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise InputError(f"{path} holds weights that are not finite numbers ({bad[0]})", remake)
-    try:
-        heads = ExitHeads(spec)
-        heads.load_state_dict(tensors)
-    except RuntimeError as e:  # missing, unexpected or misshapen tensors: the first one, under torch's heading
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        reason = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
-        raise InputError(f"{path} is an incomplete exit-heads artifact ({reason})", remake) from None
-    return heads.eval(), prov
+    """``ExitHeadsArtifact.load(path)`` as a pair, for the callers not yet moved to the class (pruning_rounds)."""
+    loaded = ExitHeadsArtifact.load(path)
+    return loaded.heads, loaded.provenance
 
 
 def _spec_problem(spec: HeadsSpec) -> str | None:

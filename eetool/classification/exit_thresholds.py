@@ -4,7 +4,7 @@ compute budgets, or a sweep of budgets and its convex hull, fitted on the statis
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eetool.core.choices import OVERHEADS
 from eetool.core.exit_methods import (
@@ -18,6 +18,16 @@ from eetool.core.exit_methods import (
 from eetool.core.options import Run
 from eetool.core.reporting import format_fields, format_table
 from eetool.core.run_inputs import data_path
+
+if TYPE_CHECKING:
+    import torch
+
+    from eetool.classification.e2cm import ClassMeans, MeansRule
+    from eetool.classification.exit_heads import ExitHeadsArtifact
+    from eetool.classification.rules import HeadsRule
+    from eetool.core.checkpoint import Checkpoint
+    from eetool.core.datasets import Dataset, Preprocess
+    from eetool.core.exits import ExitModel
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,7 +109,7 @@ def fit_exit_thresholds(run: Run, req: ExitThresholdRequest) -> None:
     import torch
 
     from eetool.classification.e2cm import ClassMeans
-    from eetool.classification.exit_heads import load_heads
+    from eetool.classification.exit_heads import ExitHeadsArtifact
     from eetool.classification.rules import COMBINES
     from eetool.classification.thresholds_artifact import KIND, ExitThresholds, OperatingPoint
     from eetool.classification.wall_costs import WALL_TIME, WallPoint
@@ -127,9 +137,9 @@ def fit_exit_thresholds(run: Run, req: ExitThresholdRequest) -> None:
         raise UsageError(f"--method {method} needs --exit-heads", "make it with `eetool train-exits`")
     run.check_output(output, force=force,
                      inputs=(means, exit_heads, checkpoint, indices, data_path(data) if data else None))
-    cm, means_prov = ClassMeans.load(means) if means else (None, None)
-    heads, heads_prov = load_heads(exit_heads) if exit_heads else (None, None)
-    made_from = means_prov or heads_prov
+    cm = ClassMeans.load(means) if means else None
+    heads = ExitHeadsArtifact.load(exit_heads) if exit_heads else None
+    made_from = cm.provenance if cm is not None else heads.provenance if heads is not None else None
     assert made_from is not None
     dataset = made_from.dataset
     dense_costs = None  # a pruned network's dense costs, beside the effective ones the budgets are fitted on
@@ -146,14 +156,13 @@ def fit_exit_thresholds(run: Run, req: ExitThresholdRequest) -> None:
         # the checkpoint and data only time the stages and decisions
         model = _open_model(run, ("--overhead measured needs --checkpoint and --data",
                                   "name the model and the data to time"),
-                            method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, checkpoint, data,
-                            split or "train", indices) if measured else None
+                            method, combine, cm, heads, checkpoint, data, split or "train",
+                            indices) if measured else None
     else:
         model = _open_model(run, (f"--method {method}{' with --validation' if method == 'e2cm' else ''} needs "
                                   "--checkpoint and --data", "name the model and the data to fit on"),
-                            method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, checkpoint, data,
-                            split or "train", indices)
-        stats, dataset, dense_costs = _scored_stats(run, model, method, cm, means_prov, batch_size)
+                            method, combine, cm, heads, checkpoint, data, split or "train", indices)
+        stats, dataset, dense_costs = _scored_stats(run, model, method, cm, batch_size)
     wall = None
     if measured:
         # Budgets are fitted on measured wall-time costs; the analytic ones (MACs) are reported beside them.
@@ -202,7 +211,7 @@ def fit_exit_thresholds(run: Run, req: ExitThresholdRequest) -> None:
     inputs = {"class-means": sha256_file(means)} if means else {}
     if exit_heads:
         inputs["exit-heads"] = sha256_file(exit_heads)
-    exits = list(cm.exits) if cm is not None else list(heads.spec.exits) if heads is not None else []
+    exits = list(cm.exits) if cm is not None else list(heads.heads.spec.exits) if heads is not None else []
     fitted = ExitThresholds(
         method=method, combine=combine, search=search,
         # Budgets and costs are fractions of the dense model's MACs; for a pruned network (eetool prune-weights)
@@ -251,16 +260,16 @@ def fit_exit_thresholds(run: Run, req: ExitThresholdRequest) -> None:
 class _Model:
     """The checkpoint with its exit rule, and the data it runs on: opened once, for scoring and for timing."""
 
-    checkpoint: Any
-    exit_model: Any
-    rule: Any
-    data: Any
-    preprocess: Any
-    device: Any
+    checkpoint: Checkpoint
+    exit_model: ExitModel
+    rule: HeadsRule | MeansRule
+    data: Dataset
+    preprocess: Preprocess
+    device: torch.device
 
 
-def _open_model(run: Run, missing: tuple[str, str], method: str, combine: str, means: str | None, cm: Any,
-                means_prov: Any, exit_heads: str | None, heads: Any, heads_prov: Any, checkpoint: str | None,
+def _open_model(run: Run, missing: tuple[str, str], method: str, combine: str, cm: ClassMeans | None,
+                heads: ExitHeadsArtifact | None, checkpoint: str | None,
                 data: str | None, split: str, indices: str | None) -> _Model:
     """--checkpoint with the exit rule of --method, and --data decoded for it (``missing``: the error, and its
     hint, when either is not given)."""
@@ -277,13 +286,12 @@ def _open_model(run: Run, missing: tuple[str, str], method: str, combine: str, m
         raise ModelMismatchError(f"--method {method} is for classifiers, and {ckpt.label} is a segmentation network",
                                  "use --method cbt, cbt-ns or adp-c")
     device = run.torch()
-    em, rule = exit_rule(ckpt, method, combine, means, cm, means_prov, exit_heads, heads, heads_prov, device)
+    em, rule = exit_rule(ckpt, method, combine, cm, heads, device)
     ds = load_data(run, data, split, indices, ckpt.spec)
     return _Model(ckpt, em, rule, ds, Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std), device)
 
 
-def _scored_stats(run: Run, model: _Model, method: str, cm: Any, means_prov: Any,
-                  batch_size: int) -> tuple[Any, str, Any]:
+def _scored_stats(run: Run, model: _Model, method: str, cm: ClassMeans | None, batch_size: int) -> tuple[Any, str, Any]:
     """Exit statistics from one pass over --data: E²CM on held-out data, or any method with exit heads; and the
     dense costs of the exits where the statistics' costs are a pruned network's effective ones (else None)."""
     import torch
@@ -295,12 +303,13 @@ def _scored_stats(run: Run, model: _Model, method: str, cm: Any, means_prov: Any
 
     ckpt, em, rule, ds = model.checkpoint, model.exit_model, model.rule, model.data
     check_labels(ds, ckpt.spec.num_classes)
-    if not reads(method, HEADS) and ds.fingerprint == means_prov.dataset:
+    if not reads(method, HEADS) and cm is not None and ds.fingerprint == cm.provenance.dataset:
         run.reporter.warn("the validation data is the calibration data; thresholds are not held out")
     local, gather = local_share(run, ds, batch_size)  # under torchrun: this rank's batches, then every rank's rows
     conf, pred, final = (gather(t) for t in rule_scores(em, local, model.preprocess, rule, batch_size=batch_size,
                                                         device=model.device, reporter=run.reporter))
     if not isinstance(rule, HeadsRule):
+        assert cm is not None, "a rule without heads is the class means' rule"
         return cm.exit_stats(conf, pred, final, ds.labels), ds.fingerprint, _dense_means_costs(cm)
     correct = torch.cat([pred == ds.labels[:, None], (final == ds.labels)[:, None]], 1)
     dense, costs = cost_models(rule, em, ckpt.spec.input_shape)
@@ -312,7 +321,7 @@ def _scored_stats(run: Run, model: _Model, method: str, cm: Any, means_prov: Any
             None if costs is dense else normalised(dense))
 
 
-def _dense_means_costs(cm: Any) -> Any:
+def _dense_means_costs(cm: ClassMeans) -> torch.Tensor | None:
     """The dense exit costs of class means made from a pruned network (whose statistics carry the effective
     ones the budgets are fitted on), else None."""
     import torch

@@ -1,11 +1,8 @@
-"""Training exit heads with the one training loop: what ``fit`` trains and the loss it minimises.
+"""Training exit heads with the one training loop: what ``fit`` trains and the loss it minimises, with the
+backbone frozen (eval mode, no gradients; optionally its final layer trained) or jointly (its cross-entropy
+joins, and the final exit may teach the early ones).
 
-With a frozen backbone the backbone runs in eval mode under ``torch.no_grad`` (no backward pass
-through it, and its batch-norm statistics stay as they are); jointly, the backbone's own
-cross-entropy joins the weighted exit losses, and the final exit may teach the early ones
-(``eetool.classification.self_distillation``). A frozen backbone may still train its final layer
-(``final_layer``: ordered weight pruning's heads phase): its logits are recomputed with grad from the
-input the no-grad pass gave it, and the final cross-entropy joins the loss.
+Method: docs/trained-exits.md
 """
 
 from __future__ import annotations

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eetool.core.choices import EEPRUNE_FAMILY, PRUNING_BASELINES
 from eetool.core.options import Run
 from eetool.core.owned_folders import check_state_folder, fresh_state_folder, remove_state_folder
 from eetool.core.reporting import format_fields, format_table
 from eetool.core.run_inputs import data_path
+
+if TYPE_CHECKING:
+    import torch
+
+    from eetool.classification.dataset_pruning import PhaseSettings
+    from eetool.core.checkpoint import Checkpoint, ModelSpec
+    from eetool.core.datasets import Dataset
 
 METHOD_NAMES = EEPRUNE_FAMILY + PRUNING_BASELINES
 
@@ -102,10 +109,11 @@ def choose_kept_samples(run: Run, req: KeptSamplesRequest) -> None:
     import torch
 
     from eetool.classification import dataset_pruning as dp
-    from eetool.core.artifacts import Provenance, output_set, sha256_file, write_tensors, write_yaml
+    from eetool.core.artifacts import Provenance, output_set, sha256_file, write_yaml
     from eetool.core.datasets import check_labels, load_indices, require_labels
     from eetool.core.distributed import reported_by_main
     from eetool.core.run_inputs import load_data, open_checkpoint
+    from eetool.core.sample_indices import SampleIndices
     from eetool.core.training_loop import TrainConfig
 
     cfg = TrainConfig(epochs=epochs or dp.DEFAULT_EPOCHS[method] or 1, batch_size=batch_size, optimizer=optimizer,
@@ -158,27 +166,26 @@ def choose_kept_samples(run: Run, req: KeptSamplesRequest) -> None:
                       dataset=full.fingerprint, args={**run.args, **{k: v for k, v in result_doc.items()
                                                                      if k != "per_class"}},
                       inputs=input_shas)
-    tensors = {"indices": kept, "pruned": pruned, "positions": positions, "priority": scores,
-               **{f"records.{k}": v for k, v in records.items()}}
+    kept_file = SampleIndices(kept, prov, output, pruned=pruned, positions=positions, priority=scores,
+                              records=records)
     if not run.world.main:  # under torchrun every rank holds the same records; rank 0 writes and prints
         return
     with output_set(outputs) as temps:  # kept, pruned and summary appear together or not at all
         written = dict(zip(outputs, temps, strict=True))
-        write_tensors(written[output], tensors, prov)
+        kept_file.save(written[output])
         if pruned_output:
-            write_tensors(written[pruned_output], {"indices": pruned},
-                          Provenance(**{**vars(prov), "args": {**prov.args, "role": "pruned"}}))
+            SampleIndices(pruned, Provenance(**{**vars(prov), "args": {**prov.args, "role": "pruned"}}),
+                          pruned_output).save(written[pruned_output])
         write_yaml(written[summary], {**result_doc, "output": output, "pruned_output": pruned_output}, prov)
     remove_state_folder(state_dir, run.reporter.warn)
     run.wrote(*(p for p in (output, pruned_output, summary) if p))
     run.emit({"output": output, "pruned_output": pruned_output, "summary": summary, **result_doc}, _text)
 
 
-def _train(run: Run, device: Any, ckpt: Any, ds: Any, settings: Any, proxy_arch: str, proxy_arch_args: str | None,
-           from_weights: bool, state_dir: str, resume: bool) -> tuple[dict[str, Any], dict[str, Any], str | None,
-                                                                      str | None]:
+def _train(run: Run, device: torch.device, ckpt: Checkpoint, ds: Dataset, settings: PhaseSettings, proxy_arch: str,
+           proxy_arch_args: str | None, from_weights: bool, state_dir: str, resume: bool
+           ) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None, str | None]:
     """The pruning phase: the records, its cost, and the early exit where EEPrune put it."""
-    import torch
 
     from eetool.classification import dataset_pruning as dp
     from eetool.core.checkpoint import ModelSpec
@@ -221,7 +228,7 @@ def _train(run: Run, device: Any, ckpt: Any, ds: Any, settings: Any, proxy_arch:
 
 
 
-def _model_record(spec: Any) -> dict[str, Any]:
+def _model_record(spec: ModelSpec) -> dict[str, Any]:
     """What a pruning phase's records depend on besides the data: the model trained (its weights too with
     --from-weights), as the provenance's JSON holds it."""
     import json
@@ -242,28 +249,29 @@ RECORD_KINDS = {
 }
 
 
-def _reuse(path: str, dataset: str, positions: Any, family: str, exit_location: str | None, ckpt: Any
-           ) -> tuple[dict[str, Any], dict[str, Any], str | None, str | None]:
+def _reuse(path: str, dataset: str, positions: torch.Tensor, family: str, exit_location: str | None,
+           ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None, str | None]:
     import torch
 
-    from eetool.core.artifacts import read_tensors, verify
     from eetool.core.errors import InputError, ProvenanceError, UsageError
+    from eetool.core.sample_indices import SampleIndices
 
     remake = "re-make it with `eetool prune-dataset`"
-    tensors, prov, _ = read_tensors(path, "indices")
-    verify(path, prov, dataset=dataset)
+    reused = SampleIndices.load(path)
+    reused.verify(dataset=dataset)
+    prov = reused.provenance
     phase = prov.args.get("pruning_phase")
-    if "positions" not in tensors or not isinstance(phase, dict):
+    if reused.positions is None or not isinstance(phase, dict):
         raise InputError(f"{path} holds indices but no per-sample records", "give an output of `eetool prune-dataset`")
     if phase.get("method") != family:
         raise UsageError(f"{path} holds the records of a {phase.get('method')} pruning phase, not of {family}",
                          "reuse records of the same method (the eeprune variants share theirs)")
-    if not torch.equal(tensors["positions"], positions):
+    if not torch.equal(reused.positions, positions):
         raise UsageError(f"{path} was made on other samples of the dataset (another --indices)",
                          "pass the same --indices as the run that made it")
     if family != "random":  # random records depend on the seed alone
         if phase.get("from_weights") or not isinstance(phase.get("model"), dict):
-            verify(path, prov, checkpoint=ckpt.identity)  # the trained weights themselves came in
+            reused.verify(checkpoint=ckpt.identity)  # the trained weights themselves came in
         elif phase["model"] != _model_record(ckpt.spec):
             made = phase["model"]
             raise ProvenanceError(f"{path} holds records of a {made.get('arch')} {made.get('arch_args')} with "
@@ -277,7 +285,7 @@ def _reuse(path: str, dataset: str, positions: Any, family: str, exit_location: 
     if exit_location is not None and exit_location not in (exit_name, location):
         raise UsageError(f"{path} has records from the exit after {exit_name}, not --exit {exit_location}",
                          "drop --exit, or train afresh for another exit")
-    records = {k.removeprefix("records."): v for k, v in tensors.items() if k.startswith("records.")}
+    records = reused.records
     for name, kind in RECORD_KINDS[family].items():
         values = records.get(name)
         if values is None:

@@ -1,18 +1,8 @@
 """A small multi-scale dense early-exit network in the spirit of MSDNet (Huang et al. 2018), for 28x28 and
-32x32 inputs.
+32x32 inputs: three scales, dense layers, blocks that drop the finest scales, an exit after every block on the
+coarsest scale. Its units (``eetool_units``) hand on the tuple of scales still in use.
 
-Features are kept at three scales at once (full, 1/2 and 1/4 resolution; 1, 2 and 4 times ``width`` channels
-after the stem). Each dense layer adds ``growth`` times the scale's factor new channels at every scale, from the
-scale itself (a 1x1 bottleneck then a 3x3 convolution) and, at the coarser scales, half of them from the next
-finer scale (the same with a strided 3x3), and concatenates them to what the scale had (dense connections). A
-block is ``layers`` such layers; a 1x1 transition halves every scale's channels between blocks. Later blocks
-drop the finest scales (the exits read only the coarsest, and the fine features have by then fed it), so the
-last block runs at the coarsest scale alone. The exits are at the end of each block, on the coarsest scale; the
-model's own classifier is MSDNet's: two strided 3x3 convolutions, average pooling and a linear layer.
-
-For eetool the network is a chain of units (``eetool_units``): block 0 (with the stem), block 1, ..., the
-classifier. The units hand on the tuple of the scales still in use, finest first; an exit reads its last entry
-(eetool.core.exits), so inference that stops at an exit has computed the blocks up to it and nothing else.
+Method: docs/trained-exits.md#early-exit-networks-trained-from-scratch
 """
 
 from __future__ import annotations

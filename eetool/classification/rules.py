@@ -1,13 +1,8 @@
-"""Exit rules beside E²CM's: trained heads alone (``sdn``, ``entropy``) or consulted with E²CM, and the rule of any
-registered method (eetool.core.exit_methods).
+"""Exit rules beside E²CM's: trained heads alone (``sdn``, ``entropy``) or with E²CM (``e2cm+sdn``), and the
+rule of any registered method (eetool.core.exit_methods). A rule gives a confidence in [0, 1] and a prediction
+per sample at each exit; the sample leaves when the confidence exceeds T_j.
 
-A rule gives, at exit j, a confidence in [0, 1] and a prediction for each sample; a sample leaves
-when the confidence exceeds T_j, so the threshold search of ``eetool.core.budget_search`` serves every
-method. ``sdn`` exits on the head's largest softmax probability; ``entropy`` on 1 - H(p) / log K,
-so that T in [0, 1] stands for an entropy threshold (1 - T) log K in [0, log K] (BranchyNet's
-rule); ``e2cm+sdn`` asks both the head and E²CM (thesis 2.3.2): with ``and`` a sample leaves only
-when both are confident (the lower confidence counts), with ``or`` when either is (the higher
-counts); the prediction is the head's.
+Method: docs/trained-exits.md
 """
 
 from __future__ import annotations
@@ -15,12 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 
 from eetool.classification.e2cm import ClassMeans, MeansRule, distance_macs, distances
-from eetool.classification.exit_heads import ExitHeads
+from eetool.classification.exit_heads import ExitHeads, ExitHeadsArtifact
 from eetool.core.choices import COMBINES
 from eetool.core.costs import EFFECTIVE, CostModel, effective_stage_macs, is_pruned, measure
 from eetool.core.datasets import Dataset, Preprocess
@@ -146,22 +141,26 @@ def rule_scores(exit_model: ExitModel, data: Dataset, preprocess: Preprocess, ru
     return conf, pred, final
 
 
-def exit_rule(ckpt: Checkpoint, method: str, combine: str, means: str | None, cm: Any, means_prov: Any,
-              exit_heads: str | None, heads: Any, heads_prov: Any, device: Any) -> tuple[Any, Any]:
+def exit_rule(ckpt: Checkpoint, method: str, combine: str, means: ClassMeans | None, heads: ExitHeadsArtifact | None,
+              device: torch.device | str) -> tuple[ExitModel, HeadsRule | MeansRule]:
     """The exit model and the (unthresholded) rule of a method, after checking that the class means and
     exit heads were made for this checkpoint and for the same exits."""
-    from eetool.core.artifacts import sha256_file, verify
+    from eetool.core.artifacts import sha256_file
 
-    exits = list(heads.spec.exits) if heads is not None else list(cm.exits)
-    if means:
-        verify(means, means_prov, checkpoint=ckpt.identity, exits=exits)
-    if exit_heads:
-        verify(exit_heads, heads_prov, checkpoint=ckpt.identity)
-        if heads.spec.with_distances and means:
-            verify(exit_heads, heads_prov, inputs={"class-means": sha256_file(means)})
+    if heads is not None:
+        exits = list(heads.heads.spec.exits)
+    else:
+        assert means is not None, "a method reads class means, exit heads or both"
+        exits = list(means.exits)
+    if means is not None:
+        means.verify(checkpoint=ckpt.identity, exits=exits)
+    if heads is not None:
+        heads.verify(checkpoint=ckpt.identity)
+        if heads.heads.spec.with_distances and means is not None:
+            heads.verify(inputs={"class-means": sha256_file(means.source)})
     em = build_exit_model(ckpt.model.to(device), ",".join(exits))
-    make: Callable[..., ExitRule] = EXIT_METHODS.get(method).load()
-    return em, make(method, cm, heads, combine, device)
+    make = cast("Callable[..., HeadsRule | MeansRule]", EXIT_METHODS.get(method).load())
+    return em, make(method, means, heads.heads if heads is not None else None, combine, device)
 
 
 # The factories eetool.core.exit_methods registers, called as make(method, means, heads, combine, device).

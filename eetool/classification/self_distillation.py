@@ -1,12 +1,8 @@
 """The joint loss of an early-exit network, with the final exit teaching the early ones ("Be Your Own Teacher",
-Zhang et al. 2019).
+Zhang et al. 2019): each early exit adds w_j [(1 - a) CE + a T^2 KL(final / T || exit / T)], the final exit
+its plain cross-entropy.
 
-Every early exit j with weight w_j adds
-    w_j * [(1 - a) * CE(z_j, y) + a * T^2 * KL(softmax(z_K / T) || softmax(z_j / T))],
-where z_K are the final exit's logits, detached (the teacher learns from the labels only), a the distillation
-weight and T the temperature; the final exit adds its own plain cross-entropy. T^2 keeps the soft term's
-gradients on the scale of the hard term's as T grows (Hinton et al. 2015). With a = 0 this is the plain joint
-loss: the weighted sum of the exits' cross-entropies and the final one.
+Method: docs/trained-exits.md
 """
 
 from __future__ import annotations

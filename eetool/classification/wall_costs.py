@@ -255,10 +255,9 @@ def measure_wall_costs(exit_model: ExitModel, decide: Callable[[int, torch.Tenso
                        data: Dataset,
                        preprocess: Preprocess, *, batch_size: int, device: torch.device | str = "cpu",
                        batches: int | None = None, repeats: int = 5) -> WallCosts:
-    """Each stage's, exit decision's and compaction's wall time on the first ``batches`` batches of ``data``, cut
-    to each of ``measured_batch_sizes(batch_size)`` (see the module docstring); ``decide(j, features)`` is the
-    exit rule's work at exit j. By default 3 batches, or as many as make 64 samples where batches are smaller:
-    a small batch's parts take microseconds, and more of them steady the medians at no great cost."""
+    """Each stage's, exit decision's and compaction's wall time on the first ``batches`` batches of ``data`` (3, or
+    enough for 64 samples), cut to each of ``measured_batch_sizes(batch_size)``; ``decide(j, features)`` is the
+    exit rule's work at exit j."""
     batches = batches or max(3, 64 // batch_size)
     if exit_model.stages is None:
         raise UsageError("--overhead measured times the model stage by stage, and this model cannot be split at "

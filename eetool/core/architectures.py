@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eetool.core.registry import CLASSIFICATION, SEGMENTATION, Registry
 
+if TYPE_CHECKING:
+    from torch import nn
+
 # One registration per architecture: its builder, called as build(arch, num_classes, in_channels, arch_args)
 # -> nn.Module and imported only when the architecture is built, and its family (what `eetool archs` groups by).
-ARCHITECTURES = Registry("architecture")
+ARCHITECTURES: Registry[Callable[..., nn.Module]] = Registry("architecture")
 # CIFAR-style ResNets (He et al. 2016, section 4.2) as used by SDN and the pruning literature.
 for _depth in (8, 20, 32, 56, 110):
     ARCHITECTURES.register(f"resnet{_depth}", "eetool.core.builders:build_cifar_resnet", family="eetool", depth=_depth)
@@ -64,6 +68,6 @@ class ModelOptions:
     mean: list[float] | None = None
     std: list[float] | None = None
 
-    def given(self) -> dict[str, Any]:
+    def given(self) -> dict[str, object]:
         """The options that were set, by flag name (what provenance records of them)."""
         return {k.replace("_", "-"): v for k, v in asdict(self).items() if v not in (None, {})}

@@ -1,10 +1,7 @@
-"""The one module that writes and reads eetool's artifacts.
+"""The one module that writes and reads eetool's artifacts: safetensors and YAML with their provenance, atomic
+writes and output sets, and the checks a reader makes (kind, schema, provenance).
 
-Tensors go to safetensors (metadata: string to string, ``format: pt``, plus ``eetool.*`` keys);
-small human-readable results go to YAML with a ``provenance`` mapping. Every artifact records
-the eetool version, its kind and schema version, the checkpoint's sha256, the exits, the
-dataset fingerprint and the arguments that made it. Writes are atomic: a temp file in the
-target folder, fsync, ``os.replace``; an interrupted run leaves the old file (or none).
+Formats: docs/artifacts.md
 """
 
 from __future__ import annotations
@@ -14,11 +11,11 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
@@ -48,6 +45,7 @@ KINDS: dict[str, tuple[int, str]] = {
 }
 
 STDOUT = "-"
+Source = TypeVar("Source")  # what a provenance is parsed from: safetensors metadata or a YAML mapping
 
 # The safetensors metadata key of an artifact's exits. Files written by the releases whose layout change renamed
 # it by accident carry RENAMED_EXITS_KEY; they are still read.
@@ -147,6 +145,19 @@ class CheckpointIdentity:
                                                              prov.model_sha256 == self.model_sha256)
 
 
+class ArtifactFile:
+    """What every artifact class shares: the provenance it carries and the file it was loaded from (for
+    messages), checked against what a run uses by ``verify``. Each class declares both as its own fields."""
+
+    provenance: Provenance
+    source: str
+
+    def verify(self, *, checkpoint: CheckpointIdentity | None = None, exits: list[str] | None = None,
+               dataset: str | None = None, inputs: dict[str, str] | None = None) -> None:
+        """Refuse the artifact where it was made from another checkpoint, exits, dataset or input artifacts."""
+        verify(self.source, self.provenance, checkpoint=checkpoint, exits=exits, dataset=dataset, inputs=inputs)
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """The file's sha256; a missing or unreadable input is the usual one-line error, whoever hashes it first."""
     h = hashlib.sha256()
@@ -219,15 +230,9 @@ def atomic_write(path: str, data: bytes) -> None:
 
 @contextmanager
 def output_set(paths: Sequence[str]) -> Iterator[list[str]]:
-    """Outputs that appear together or not at all (prune-dataset's kept, pruned and summary files).
-
-    Yields one temp path (in the target's folder) per output; the block writes each member to its temp
-    path with the usual writers. When the block ends normally every temp file is renamed onto its
-    output; when it fails or is interrupted, every temp file is removed and no output changes. The
-    renames themselves are the one window that is not atomic: they run one after another with
-    interrupts held, so only an error of the file system in the middle of them (a disk pulled out)
-    could leave some members renamed and others not.
-    """
+    """Outputs that appear together or not at all: yields one temp path per output for the block to write; renamed
+    onto the outputs when it ends normally, removed when it fails or is interrupted. docs/artifacts.md says what
+    is not atomic."""
     if STDOUT in paths:
         raise OutputError("outputs written together cannot go to stdout", "give file names")
     temps: list[str] = []
@@ -362,7 +367,7 @@ def read_tensors(path: str, kind: str) -> tuple[dict[str, torch.Tensor], Provena
     return tensors, _well_formed(path, kind, Provenance.from_metadata, meta), meta
 
 
-def _well_formed(path: str, kind: str, parse: Any, source: Any) -> Provenance:
+def _well_formed(path: str, kind: str, parse: Callable[[Source], Provenance], source: Source) -> Provenance:
     """The provenance parsed from an artifact, refused when a field has the wrong type (a hand edit)."""
     remake = f"re-make it with `{KINDS[kind][1]}`"
     try:
@@ -450,16 +455,16 @@ def verify(path: str, prov: Provenance, *, checkpoint: CheckpointIdentity | None
 class _PlainDumper(yaml.SafeDumper):
     """Writes a value that appears twice (a result also kept in the provenance) twice, not as an &anchor."""
 
-    def ignore_aliases(self, data: Any) -> bool:
+    def ignore_aliases(self, data: object) -> bool:
         return True
 
 
-def dump_yaml(data: dict[str, Any], prov: Provenance) -> bytes:
+def dump_yaml(data: Mapping[str, object], prov: Provenance) -> bytes:
     doc = {"schema": f"eetool/{prov.kind}@{prov.schema}", **data, "provenance": prov.to_dict()}
     return yaml.dump(doc, Dumper=_PlainDumper, sort_keys=False, allow_unicode=True).encode()
 
 
-def write_yaml(path: str, data: dict[str, Any], prov: Provenance) -> None:
+def write_yaml(path: str, data: Mapping[str, object], prov: Provenance) -> None:
     atomic_write(path, dump_yaml(data, prov))
 
 
@@ -533,7 +538,7 @@ def _check_expanded_size(root: yaml.Node) -> None:
             stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
 
 
-def load_yaml(text: str, what: str, error: type[EetoolError] = InputError) -> Any:
+def load_yaml(text: str, what: str, error: type[EetoolError] = InputError) -> object:
     """The one YAML parser of eetool: safe types only, alias expansion and nesting bounded.
 
     A document refused for its size raises ``error`` naming ``what``; a syntax error raises yaml.YAMLError,

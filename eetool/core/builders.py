@@ -114,9 +114,18 @@ def build_cifar_resnet(arch: str, num_classes: int, in_channels: int, arch_args:
 MAX_PRUNED_WIDTH = 4 * 1024
 
 
+def _stem_size(key: str, value: object, default: int, top: int) -> int:
+    """An --arch-args stem size: ``default`` when not given, else a whole number from 1 to ``top``."""
+    size = default if value is None else value
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= top:
+        raise UsageError(f"--arch-args {key} must be a whole number from 1 to {top}, not {size!r}",
+                         f"e.g. '{{{key}: 3}}'")
+    return size
+
+
 def _check_pruned_widths(arch_args: dict[str, Any], blocks: int) -> None:
     """A channel-pruned ResNet's widths (see CifarResNet), checked before anything is built from them."""
-    def whole(v: Any) -> bool:
+    def whole(v: object) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_PRUNED_WIDTH
 
     hint = "leave them as `eetool` wrote them, or give width alone"
@@ -178,18 +187,15 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
     return found
 
 
-def adapt_stem(model: nn.Module, arch: str, in_channels: int, stem_kernel: Any = None, stem_stride: Any = None,
-                stem_pool: Any = True) -> None:
-    """Replace the first convolution for ``in_channels`` inputs (and another kernel or stride)."""
+def adapt_stem(model: nn.Module, arch: str, in_channels: int, stem_kernel: object = None,
+                stem_stride: object = None, stem_pool: object = True) -> None:
+    """Replace the first convolution for ``in_channels`` inputs (and another kernel or stride); the stem options
+    are --arch-args values, checked here."""
     found = first_conv(model)
     assert found is not None  # every torchvision classifier eetool lists starts with a convolution
     name, conv = found
-    kernel = stem_kernel if stem_kernel is not None else conv.kernel_size[0]
-    stride = stem_stride if stem_stride is not None else conv.stride[0]
-    for key, value, top in (("stem_kernel", kernel, 15), ("stem_stride", stride, 8)):
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
-            raise UsageError(f"--arch-args {key} must be a whole number from 1 to {top}, not {value!r}",
-                             f"e.g. '{{{key}: 3}}'")
+    kernel = _stem_size("stem_kernel", stem_kernel, conv.kernel_size[0], 15)
+    stride = _stem_size("stem_stride", stem_stride, conv.stride[0], 8)
     if not isinstance(stem_pool, bool):
         raise UsageError(f"--arch-args stem_pool must be true or false, not {stem_pool!r}", "e.g. '{stem_pool: false}'")
     new = nn.Conv2d(in_channels, conv.out_channels, kernel, stride, kernel // 2, bias=conv.bias is not None)

@@ -1,9 +1,8 @@
-"""The one checkpoint loader (and writer) shared by every command.
+"""The one checkpoint loader (and writer): eetool's safetensors checkpoints record how to build the model, so
+later commands need only ``--checkpoint FILE``; foreign weights load with ``--arch`` and friends; ``demo`` is
+the embedded one.
 
-eetool's own checkpoints are safetensors files whose metadata records the architecture, its
-arguments, the number of classes and their names, the input shape and the normalisation, so
-later commands need only ``--checkpoint FILE``. Foreign weights (.safetensors, .pt, .pth state
-dicts) load with ``--arch`` and friends; ``demo`` names the embedded checkpoint.
+Format: docs/architectures.md
 """
 
 from __future__ import annotations
@@ -63,7 +62,7 @@ class ModelSpec:
     # None: the architecture's default. Left out of the JSON when None, so that older files keep their hashes.
     resize: int | None = None
 
-    def _fields(self) -> dict[str, Any]:
+    def _fields(self) -> dict[str, object]:
         return {k: v for k, v in asdict(self).items() if not (k == "resize" and v is None)}
 
     def to_json(self) -> str:
@@ -117,7 +116,7 @@ class ModelSpec:
         return build_model(self.arch, self.num_classes, self.input_shape[0], self.arch_args)
 
 
-def _whole(v: Any) -> bool:
+def _whole(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -290,7 +289,7 @@ def _load_torch_state(path: str) -> dict[str, torch.Tensor]:
     return _unwrap_state(obj, path)
 
 
-def _unwrap_state(obj: Any, path: str) -> dict[str, torch.Tensor]:
+def _unwrap_state(obj: object, path: str) -> dict[str, torch.Tensor]:
     """Find the state dict in the usual training-script wrappers."""
     for key in ("state_dict", "model", "model_state_dict", "net"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

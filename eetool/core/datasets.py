@@ -1,13 +1,7 @@
-"""The one dataset loader: every source is decoded once into in-memory tensors.
+"""The one dataset loader: ``--data NAME[:PATH]`` (IDX, CIFAR, folder, safetensors, the demo) decoded into uint8
+N x C x H x W tensors, or folder images streamed (``eetool.core.streaming``); ``--indices`` subsets.
 
-``--data NAME[:PATH]`` names a source: mnist, fashion-mnist, kmnist (IDX files, gzipped or
-not), cifar10, cifar100 (the python pickle batches), folder (torchvision ImageFolder layout),
-safetensors (a file with ``images`` and ``labels``) or demo (the embedded set). Images are
-kept as uint8 N x C x H x W; the checkpoint's preprocessing turns batches into model input.
-Folder images are decoded with the model's recipe (``eetool.core.loading``) and, beyond a size limit,
-streamed from disk in batches by worker processes (``eetool.core.streaming``) instead of held here.
-Per-sample work is vectorised; accumulations elsewhere are plain sums and counts so that they
-can later be sharded over processes and all-reduced.
+Sources: docs/data-sources.md
 """
 
 from __future__ import annotations
@@ -18,10 +12,10 @@ import math
 import os
 import pickle
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +55,6 @@ class Dataset:
     fingerprint: str = ""
     classes_named: bool = True  # False: the source names no classes, and ``classes`` counts up to its top label
     indices: torch.Tensor | None = None  # positions in the full split, when restricted by --indices
-    extra: dict[str, Any] = field(default_factory=dict)
     stream: FolderImages | None = None
     geometry: Geometry | None = None  # how folder images were decoded; None for sources stored as tensors
 
@@ -217,7 +210,8 @@ def load_dataset(spec: str, split: str = "test", indices: str | None = None, opt
     if split not in ("train", "test"):
         raise UsageError(f"unknown split {split!r}", "use --split train or --split test")
     name, path = parse_spec(spec)
-    ds = DATA_SOURCES.get(name).load()(name, path, split, options or DataOptions(), geometry)
+    loader = cast("Callable[..., Dataset]", DATA_SOURCES.get(name).load())
+    ds = loader(name, path, split, options or DataOptions(), geometry)
     if len(ds) == 0:
         raise InputError(f"dataset {spec} has no {split} samples", "check the path and --split")
     if indices:
@@ -386,7 +380,7 @@ class _CifarUnpickler(pickle.Unpickler):
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype")}
 
-    def find_class(self, module: str, name: str) -> Any:
+    def find_class(self, module: str, name: str) -> Callable[..., object]:
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"it names {module}.{name}")
         import importlib
@@ -399,7 +393,7 @@ class _CifarUnpickler(pickle.Unpickler):
         return getattr(importlib.import_module("numpy"), name)
 
 
-def _unpickle(path: Path) -> dict[bytes, Any]:
+def _unpickle(path: Path) -> dict[bytes, object]:
     # CIFAR's official format is a Python 2 pickle (protocol 2) of numpy arrays and lists.
     if not path.is_file():
         raise InputError(f"{path} does not exist", "point --data cifar10:PATH at the extracted cifar-10-batches-py")
@@ -462,39 +456,10 @@ def _load_safetensors(path: str, split: str, name: str) -> Dataset:
 
 
 def load_indices(path: str, ds: Dataset) -> torch.Tensor:
-    """An ``--indices`` file: an eetool indices artifact (safetensors) or a text file, one index per line."""
-    if path.endswith(".safetensors"):
-        from eetool.core.artifacts import read_tensors, verify
+    """An ``--indices`` file's positions in ``ds`` (eetool.core.sample_indices reads and checks it)."""
+    from eetool.core.sample_indices import SampleIndices
 
-        tensors, prov, _ = read_tensors(path, "indices")
-        if "indices" not in tensors:
-            raise InputError(f"{path} has no 'indices' tensor", "make it with `eetool prune-dataset`")
-        verify(path, prov, dataset=ds.fingerprint)
-        idx = tensors["indices"]
-    else:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise InputError(f"cannot read indices file {path}: {e.strerror}", "check the path") from None
-        try:
-            idx = torch.tensor([int(tok) for tok in text.split()], dtype=torch.int64)
-        except ValueError:
-            if "provenance:" in text:  # another eetool artifact (YAML) given where indices belong
-                from eetool.core.artifacts import read_yaml
-
-                read_yaml(path, "indices")  # raises the provenance error naming the kind found
-            raise InputError(f"{path} holds something other than integers", "write one index per line") from None
-    if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
-        raise InputError(f"{path}: indices must be a 1-D integer tensor", "make it with `eetool prune-dataset`")
-    if idx.numel() == 0:
-        raise InputError(f"{path} holds no indices", "a subset needs at least one sample")
-    if int(idx.min()) < 0 or int(idx.max()) >= len(ds):
-        raise InputError(
-            f"{path} has indices outside 0..{len(ds) - 1} of {ds.spec}", "use indices made for this dataset and split"
-        )
-    if torch.unique(idx).numel() != idx.numel():
-        raise InputError(f"{path} repeats indices", "list each sample once")
-    return idx.to(torch.int64)
+    return SampleIndices.load(path).positions_in(ds.spec, len(ds), ds.fingerprint)
 
 
 def require_labels(ds: Dataset, hint: str) -> None:

@@ -1,15 +1,8 @@
-"""torch.distributed under torchrun: one process per rank, gloo on CPU, NCCL on CUDA; the same code either way.
+"""torch.distributed under torchrun: one process per rank, gloo on CPU, NCCL on CUDA. Work is shared out by
+whole batches; sums and counts are all-reduced in float64 and per-sample records put back in order; rank 0
+alone prints and writes. Free of torch at import, so that the CLI reads the environment cheaply.
 
-``torchrun --nproc-per-node N -m eetool COMMAND ...`` starts N processes with RANK, WORLD_SIZE and a
-rendezvous in their environment; each joins the process group here. Work is split by whole batches:
-rank r takes batches r, r + N, r + 2N, ... of the single-process order, so every sample is computed in
-the same batch as in one process (identical per-sample results), no sample is counted twice and a
-batch count that N does not divide leaves some ranks one batch fewer. Sums and counts are all-reduced
-in float64; per-sample records are put back in the original order by writing each rank's rows into
-zeros and all-reducing (exact: every row has one non-zero contributor). Only rank 0 prints data,
-progress and warnings, and writes artifacts.
-
-The module is free of torch at import, so that the CLI can read the environment cheaply.
+Method: docs/scale-out.md#how-the-processes-share-the-work
 """
 
 from __future__ import annotations
@@ -17,13 +10,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from eetool.core.errors import UsageError
 from eetool.core.interrupts import Interrupted
 
 if TYPE_CHECKING:
     import torch
+    import torch.distributed as dist
 
 Batch = TypeVar("Batch")
 # A rank that waits this long for the others gives up, should torchrun fail to end them after a failure.
@@ -130,7 +124,7 @@ def all_max(value: float, world: World) -> float:
     return float(buffer.item())
 
 
-def _reduce(buffer: torch.Tensor, op: Any) -> None:
+def _reduce(buffer: torch.Tensor, op: dist.ReduceOp.RedOpType) -> None:
     import torch.distributed as dist
 
     try:

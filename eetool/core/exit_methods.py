@@ -7,11 +7,14 @@ How: docs/development.md#adding-an-exit-method
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from eetool.core.registry import CLASSIFICATION, SEGMENTATION, Registry
 
 MEANS, HEADS = "means", "exit-heads"
 
-EXIT_METHODS = Registry("exit method")
+# A classification method's rule factory, or a segmentation method's fitting function: callers know which.
+EXIT_METHODS: Registry[Callable[..., object]] = Registry("exit method")
 EXIT_METHODS.register("e2cm", "eetool.classification.rules:means_rule", reads=(MEANS,), help="e2cm")
 EXIT_METHODS.register("sdn", "eetool.classification.rules:heads_rule", reads=(HEADS,),
                       help="sdn (largest probability of a head)", confidence="max-probability")

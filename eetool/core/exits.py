@@ -1,13 +1,8 @@
-"""Exit points and stages.
+"""Exit points and stages: a model of a known family is split into a chain of units whose composition is the
+model, and the chosen exits cut it into stages, so inference really stops at an exit; other models run whole
+with hooked features ("hook" mode).
 
-A model of a known family (eetool's CIFAR ResNets, torchvision's ResNets, MobileNetV3,
-EfficientNet, VGG, any ``nn.Sequential``, or a model with an ``eetool_units()`` method) is
-split into a chain of units whose composition is the model itself; the chosen exits cut the
-chain into consecutive stages, so inference can really stop after any exit. A unit hands the next one
-tensor, or a tuple of tensors (a multi-scale network's scales, finest first; ``Carried``): an exit then
-reads the last of them, and stopping carries all of them on for the samples that stay. Other models run
-whole, with their features tapped by forward hooks ("hook" mode); their costs are accounted
-analytically and an exit there saves compute only on paper, which ``eetool inspect`` says.
+Method: docs/exits-and-costs.md
 """
 
 from __future__ import annotations

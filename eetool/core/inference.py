@@ -1,9 +1,7 @@
-"""Batched inference that really stops: samples that exit leave the batch.
+"""Batched inference that really stops: after each exit the samples that leave drop out of the batch and the
+rest move on; in hook mode the whole model runs and the same decisions are applied after.
 
-``run_early_exit`` walks the stages of an ``ExitModel``; after each exit a decision rule says
-which samples leave and with which prediction; the rest of the batch is compacted and moves
-on. In hook mode (models that cannot be split) the whole model runs and the same decisions
-are applied afterwards, so predictions agree and only the wall-clock savings are missing.
+Method: docs/exits-and-costs.md
 """
 
 from __future__ import annotations

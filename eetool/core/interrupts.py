@@ -1,24 +1,17 @@
-"""Ctrl-C, SIGTERM and SIGHUP end a run the same way, and never in the middle of a rename.
+"""Ctrl-C, SIGTERM and SIGHUP end a run the same way, and never in the middle of a rename: ``interrupts_raise``
+makes them raise ``Interrupted``, ``deferred`` holds them through a critical section, and ``own_process``
+ignores them once a run's outcome is settled.
 
-``interrupts_raise()`` (the CLI wraps every command in it) makes the three signals raise
-``Interrupted``, a ``KeyboardInterrupt``, so that one code path cleans up after all of them.
-``deferred()`` marks a critical section (creating a temp file and remembering its name, the
-final renames of an atomic write): a signal that arrives inside it is held and raised when the
-section ends, so the cleanup always knows which temp files exist and a rename is never cut off.
-In eetool's own process (``own_process()``, entered by the CLI's ``main``) a run's outcome is settled once its
-block ends: success, or the error or interruption it reports. The three signals are then ignored until the
-process exits, so that none can turn a finished run (or its error's exit code) into a death by signal (129,
-143) with no message, as Python's default handlers would once the old handlers were back.
+Method: docs/failures.md#how-interrupts-are-handled
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
 
 SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
@@ -77,17 +70,14 @@ def own_process() -> Iterator[None]:
 
 @contextmanager
 def interrupts_raise() -> Iterator[None]:
-    """Make SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` in this block, and restore the old handlers after;
-    in eetool's own process (``own_process``) ignore them after instead, and drop one that came while that
-    was being done: the run has ended, and what it reports (its exit code) is what the process ends with.
-
-    Signal handlers belong to the main thread; elsewhere (a command run from a worker thread) nothing changes.
-    """
+    """Make SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` in this block; after it, restore the old handlers, or
+    in eetool's own process ignore the signals (docs/failures.md#how-interrupts-are-handled). Off the main thread
+    nothing changes."""
     global _held
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous: dict[int, Any] = {}
+    previous: dict[int, Callable[[int, FrameType | None], object] | int | None] = {}
     try:
         for signum in SIGNALS:
             previous[signum] = signal.signal(signum, _handler)

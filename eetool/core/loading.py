@@ -1,13 +1,8 @@
-"""How folder data is decoded and fed: the options, and the choice between memory and streaming.
+"""How folder data is decoded and fed: the options (``DataOptions``, ``Geometry``) and the choice between memory
+and streaming. Torch-free, so that the CLI declares the options cheaply; the decoding is
+``eetool.core.streaming``.
 
-Torch-free so that the CLI can declare the options cheaply; the decoding itself is ``eetool.core.streaming``.
-
-Folder images come in many sizes. Each is decoded on its own with the torchvision ImageNet recipe:
-its shorter side resized to ``resize`` pixels (PIL bilinear, as ``torchvision.transforms.Resize(int)``),
-then a centre crop of ``crop`` (as ``CenterCrop``, padding with zeros where the image is smaller), so
-that no image is stretched to another's shape. A checkpoint records ``resize``; the crop is the model's
-input size. torchvision architectures resize to 256/224 of the crop (256 for 224, their reference
-evaluation), others to the crop's shorter side.
+Recipe: docs/data-sources.md#large-image-folders-streaming-and-the-imagenet-recipe
 """
 
 from __future__ import annotations

@@ -19,11 +19,11 @@ import sys
 import traceback
 import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from typer.models import OptionInfo
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     import torch
 
     from eetool.core.artifacts import OutputLock
+
+Doc = TypeVar("Doc", bound=Mapping[str, object])  # a command's result, as emit writes it
 
 
 class Format(str, Enum):
@@ -128,7 +130,7 @@ FOREIGN = "Foreign checkpoints"
 
 
 def _model_parameters() -> list[inspect.Parameter]:
-    def opt(name: str, annotation: Any) -> inspect.Parameter:
+    def opt(name: str, annotation: object) -> inspect.Parameter:
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 
     return [
@@ -162,7 +164,7 @@ MAX_WORKERS = 256
 
 
 def _data_parameters() -> list[inspect.Parameter]:
-    def opt(name: str, annotation: Any, default: Any = None) -> inspect.Parameter:
+    def opt(name: str, annotation: object, default: object = None) -> inspect.Parameter:
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
     return [
@@ -368,7 +370,7 @@ class Run:
         while self.locks:
             self.locks.pop().release()
 
-    def emit(self, doc: dict[str, Any], text: Callable[[dict[str, Any]], str]) -> None:
+    def emit(self, doc: Doc, text: Callable[[Doc], str]) -> None:
         """Write the command's result to stdout: JSON led by its schema, or text made by ``text``.
         Under torchrun rank 0 alone writes it."""
         if not self.world.main:
@@ -393,7 +395,7 @@ def state_saved(path: str) -> bool:
     return p.is_file() or p.is_dir() and any(f.name != MARKER for f in p.iterdir())
 
 
-def _finite(value: Any) -> Any:
+def _finite(value: object) -> object:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -416,7 +418,7 @@ def _common_parameters(formats: type[Enum] = Format) -> list[inspect.Parameter]:
     format_help = ("Output on stdout: text table or JSON." if formats is Format
                    else f"Output on stdout: {', '.join(f.value for f in formats)}.")
 
-    def opt(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    def opt(name: str, annotation: object, default: object) -> inspect.Parameter:
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
     return [
@@ -446,18 +448,14 @@ COMMON_NAMES = ("quiet", "verbose", "format", "no_progress", "seed", "device", "
 
 
 def eetool_command(kind: str, *, model_options: bool = False, data_options: bool = False, distributed: bool = False,
-                   formats: type[Enum] = Format) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Make ``func(run, **options)`` a CLI command whose JSON output has schema ``eetool/<kind>@1``.
+                   formats: type[Enum] = Format) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Make ``func(run, **options)`` a CLI command whose JSON output has schema ``eetool/<kind>@1``, with the
+    foreign-checkpoint options (``model_options``: ``run.model_options``), the data-loading options
+    (``data_options``: ``run.data_options``), torchrun allowed (``distributed``) and its --format values
+    (``formats``, the first the default). A parameter whose default is a ``training_options(...)`` group
+    becomes the group's flags, and ``func`` gets them back as one ``TrainingOptions``."""
 
-    With ``model_options`` the command reads a checkpoint: it also takes the foreign-checkpoint options
-    (--arch, --arch-args, --num-classes, --input-shape, --mean, --std), handed over as ``run.model_options``.
-    With ``data_options`` it reads data: --data-loading, --workers, --resize and --crop, as ``run.data_options``.
-    With ``distributed`` it runs under torchrun (``eetool.core.distributed``); other commands refuse to.
-    A parameter whose default is a ``training_options(...)`` group becomes the group's flags, in place, and
-    ``func`` gets them back as one ``TrainingOptions`` (``run.args`` records each flag).
-    ``formats``: the values of its --format (default text and json), the first the default."""
-
-    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+    def decorate(func: Callable[..., None]) -> Callable[..., None]:
         sig = inspect.signature(func)
         hints = typing.get_type_hints(func, include_extras=True)  # resolve `from __future__` string annotations
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(n, p.annotation))
@@ -470,7 +468,7 @@ def eetool_command(kind: str, *, model_options: bool = False, data_options: bool
         own = [_optional(p) if p.name in required else p for p in own]
 
         @functools.wraps(func)
-        def wrapper(**kwargs: Any) -> None:
+        def wrapper(**kwargs: Any) -> None:  # option values as click parsed them, one type per option
             ctx: typer.Context = kwargs.pop("ctx")
             debug, quiet = bool(kwargs.get("debug")), bool(kwargs.get("quiet"))
             verbose = debug or bool(kwargs.get("verbose"))
@@ -561,7 +559,7 @@ def eetool_command(kind: str, *, model_options: bool = False, data_options: bool
     return decorate
 
 
-def _option_info(annotation: Any) -> OptionInfo | None:
+def _option_info(annotation: object) -> OptionInfo | None:
     for meta in getattr(annotation, "__metadata__", ()):
         if isinstance(meta, OptionInfo):
             return meta

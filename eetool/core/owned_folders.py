@@ -1,8 +1,7 @@
-"""Folders that eetool writes (model folders, resume state, bundles): it replaces or removes only those.
+"""Folders that eetool writes (model folders, resume state, bundles) carry a ``.eetool-folder`` marker; it
+replaces or removes only those, never one that holds or lies inside an input or another output of the run.
 
-Every folder eetool creates holds a small marker file, ``.eetool-folder``. ``--force`` replaces a folder only
-when it carries the marker; a folder without it (one the user made, the current folder, a home directory) is
-never deleted, and neither is one that holds, or lies inside, an input or another output of the run.
+Rules: docs/failures.md
 """
 
 from __future__ import annotations

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import io
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from eetool.core.artifacts import atomic_write
 from eetool.core.errors import UsageError
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def _pyplot() -> Any:
+
+def _pyplot() -> ModuleType:
     try:
         import matplotlib
 
@@ -20,7 +24,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(plt: Any, fig: Any, path: str) -> None:
+def _save(plt: ModuleType, fig: Figure, path: str) -> None:
     """Lay the figure out, write it as PNG atomically, and free it."""
     fig.tight_layout()
     buf = io.BytesIO()

@@ -1,9 +1,8 @@
-"""Registries of named things (architectures, data sources, exit methods) in the style of timm's register_model.
+"""Registries of named things (architectures, data sources, exit methods) in the style of timm's register_model:
+each entry holds what the CLI needs without torch and where its implementation lives (``package.module:attr``),
+imported only when used, so the core never imports a task package.
 
-An entry holds what the command line needs without importing torch (its name, the task it belongs to, its help
-text) and where its implementation lives, as ``package.module:attribute``, imported only when it is used. The
-core looks implementations up here by name, so it never imports a task package; adding an architecture, a data
-source or an exit method is one implementation and one ``register`` line in the table that lists its kind.
+How: docs/development.md#adding-an-exit-method
 """
 
 from __future__ import annotations
@@ -11,13 +10,16 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 CLASSIFICATION, SEGMENTATION, LANGUAGE = "classification", "segmentation", "lm"
 
 
+Implementation = TypeVar("Implementation")
+
+
 @dataclass(frozen=True)
-class Entry:
+class Entry(Generic[Implementation]):
     """One registered name: its task, help, where its implementation lives, and facts the CLI reads (``info``)."""
 
     name: str
@@ -26,36 +28,37 @@ class Entry:
     help: str = ""
     info: dict[str, Any] = field(default_factory=dict)
 
-    def load(self) -> Any:
+    def load(self) -> Implementation:
         """The implementation, imported now."""
         module, _, attribute = self.target.partition(":")
-        return getattr(importlib.import_module(module), attribute)
+        implementation: Implementation = getattr(importlib.import_module(module), attribute)
+        return implementation
 
 
-class Registry:
+class Registry(Generic[Implementation]):
     """Entries by name, in the order they were registered (the order help texts and listings show)."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._entries: dict[str, Entry] = {}
+        self._entries: dict[str, Entry[Implementation]] = {}
 
     def register(self, name: str, target: str, *, task: str = CLASSIFICATION, help: str = "",
-                 **info: object) -> Entry:
+                 **info: object) -> Entry[Implementation]:
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         if ":" not in target:
             raise ValueError(f"{self.kind} {name!r}: the target {target!r} is not package.module:attribute")
-        entry = Entry(name, target, task, help, dict(info))
+        entry: Entry[Implementation] = Entry(name, target, task, help, dict(info))
         self._entries[name] = entry
         return entry
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
-    def __iter__(self) -> Iterator[Entry]:
+    def __iter__(self) -> Iterator[Entry[Implementation]]:
         return iter(self._entries.values())
 
-    def get(self, name: str) -> Entry:
+    def get(self, name: str) -> Entry[Implementation]:
         return self._entries[name]
 
     def names(self, task: str | None = None, **info: object) -> tuple[str, ...]:

@@ -9,7 +9,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 
 class Bar(Protocol):
@@ -39,7 +42,7 @@ class Reporter:
 
 
 class _RichBar:
-    def __init__(self, progress: Any, task: Any) -> None:
+    def __init__(self, progress: Progress, task: TaskID) -> None:
         self._progress, self._task = progress, task
 
     def advance(self, n: int = 1, **fields: object) -> None:

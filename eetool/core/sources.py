@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from eetool.core.registry import CLASSIFICATION, SEGMENTATION, Registry
 
 # --data NAME[:PATH], one registration per source: the loader (called as loader(name, path, split, options,
 # geometry) -> Dataset), how help shows it (``usage``) and whether completion adds the colon a path follows.
-DATA_SOURCES = Registry("data source")
+DATA_SOURCES: Registry[Callable[..., object]] = Registry("data source")  # eetool.core.datasets casts the Dataset
 for _idx in ("mnist", "fashion-mnist", "kmnist"):
     DATA_SOURCES.register(_idx, "eetool.core.datasets:load_idx_source", idx=True)
 for _cifar in ("cifar10", "cifar100"):

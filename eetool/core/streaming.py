@@ -1,11 +1,7 @@
-"""Folder images decoded per batch by a torch DataLoader with worker processes.
+"""Folder images decoded per batch by a DataLoader with worker processes: memory bounded by the batch and the
+workers, the same uint8 batches as in memory, and a fingerprint over names, sizes and modification times.
 
-Memory is bounded by the batch size and the workers (each holds at most two batches ahead), not by
-the number of images. Held in memory or streamed, a folder gives the same uint8 batches: both decode
-every image with ``decode_image`` and the same loader, the in-memory path once, up front.
-
-A folder's fingerprint is over its class names and each file's relative path, size and modification
-time, so that fingerprints and ``--indices`` checks do not read the pixels a second time.
+Method: docs/data-sources.md#large-image-folders-streaming-and-the-imagenet-recipe
 """
 
 from __future__ import annotations

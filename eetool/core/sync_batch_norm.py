@@ -1,22 +1,19 @@
-"""Batch norm synchronised over torchrun's processes, on CPU (gloo) as on GPU (NCCL).
+"""Batch norm synchronised over torchrun's processes, on CPU (gloo) as on GPU (NCCL): in train mode each share
+of a batch is normalised with the whole batch's mean and variance (float64 sums, gradients all-reduced); eval
+mode is plain batch norm.
 
-In train mode each process's share of a batch is normalised with the mean and variance of the whole batch:
-every rank's per-channel count, sum and sum of squares are all-reduced with autograd's all_reduce, whose
-backward all-reduces the gradients, so the forward and the gradients are those of one process on the whole
-batch (up to the order of float sums). torch's own SyncBatchNorm runs on CUDA only. Eval mode is plain batch
-norm. The sums are taken in float64, so that the variance from the sum of squares loses nothing to the
-cancellation that float32 would suffer when the mean is large against the spread.
+Method: docs/scale-out.md#how-the-processes-share-the-work
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.function import FunctionCtx
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from eetool.core.distributed import PeerFailed
@@ -27,13 +24,13 @@ class _AllSum(torch.autograd.Function):
     depends on every rank's input through the sum)."""
 
     @staticmethod
-    def forward(ctx: Any, local: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: FunctionCtx, local: torch.Tensor) -> torch.Tensor:
         total = local.clone()
         dist.all_reduce(total)
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
         total = grad.clone()
         dist.all_reduce(total)
         return total

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -232,19 +232,11 @@ def fit(model: nn.Module, data: Dataset, preprocess: Preprocess, cfg: TrainConfi
         eval_data: Dataset | None = None, resume_path: str | None = None, resume: bool = False,
         reporter: Reporter | None = None, on_epoch: Callable[[EpochRecord], None] | None = None,
         tracker: Tracker | None = None, world: World = World()) -> TrainResult:
-    """Train ``model`` in place. With ``resume_path`` the state is saved after every epoch.
+    """Train ``model`` in place; with ``resume_path`` the state is saved after every epoch. A ``tracker`` receives
+    each batch's dataset positions after its step, and is saved and resumed with the model. Under torchrun
+    (``world``) it trains under DistributedDataParallel with ``cfg.batch_size`` the global batch.
 
-    A ``tracker`` receives each batch's dataset positions after its step (per-sample records, such as
-    dataset pruning keeps); its state is saved and resumed with the model's.
-
-    Under torchrun (a ``world`` of several processes) the model trains under DistributedDataParallel:
-    ``cfg.batch_size`` is the global batch. Every rank draws the epoch's order and the augmentation of the
-    whole batch from the same seeded generator, as one process does, and takes its contiguous share of each
-    batch; each rank's loss is weighted by its share of the batch, so the gradient DDP averages is the one
-    process's gradient of the whole batch (up to the order of float sums). Batch norm in train mode
-    normalises over the whole batch (eetool.core.sync_batch_norm, on CPU as on GPU), so that it too is the one
-    process's; its running statistics are rank 0's. Rank 0 alone writes the resumable state.
-    """
+    Method: docs/scale-out.md#how-the-processes-share-the-work"""
     cfg.validate()
     cfg.check_world(world)
     reporter = reporter or Reporter()
@@ -392,14 +384,14 @@ def _diverged(what: str, world: World = World()) -> BaseException:
                                        "lower --lr (e.g. 10 times)"), world)
 
 
-def write_state(path: str, state: dict[str, Any]) -> None:
+def write_state(path: str, state: Mapping[str, object]) -> None:
     """Resumable state, written atomically: an interrupted write leaves the previous epoch's."""
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write(path, buf.getvalue())
 
 
-def read_state(path: str | Path, expected: dict[str, Any]) -> dict[str, Any]:
+def read_state(path: str | Path, expected: Mapping[str, object]) -> dict[str, Any]:
     """Resumable state, refused when unreadable or when its ``expected`` entries (the settings and data of the
     run that saved it) differ from this run's."""
     try:
@@ -413,7 +405,8 @@ def read_state(path: str | Path, expected: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def _save_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator,
+def _save_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                gen: torch.Generator,
                 result: TrainResult, cfg: TrainConfig, data_fingerprint: str, epoch: int,
                 tracker: Tracker | None = None) -> None:
     write_state(path, {
@@ -434,7 +427,8 @@ def _save_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: 
     })
 
 
-def _load_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator,
+def _load_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                gen: torch.Generator,
                 result: TrainResult, cfg: TrainConfig, data_fingerprint: str, tracker: Tracker | None = None) -> int:
     state = read_state(path, {"config": asdict(cfg), "data": data_fingerprint})
     model.load_state_dict(state["model"])

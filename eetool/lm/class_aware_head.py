@@ -1,10 +1,7 @@
-"""The class-aware exit head of eq. 5.4-5.8, its baselines and mixes, and its artifact.
+"""The class-aware exit head of eq. 5.4-5.8 (logits ``R @ W.T + b``, W's rows the per-token means), its
+baselines and mixes, and its artifact (kind ``lm-exit-head``).
 
-Logits of the exit head are ``R @ W.T + b`` (W is V x D, as torch's Linear stores it; the thesis's
-W-bar is its transpose). Class-aware: W's rows are the per-token means M_v (eq. 5.4, 5.7) and
-b_v = N0/2 ln P(v) - 1/2 ||M_v||^2 (eq. 5.6). Mixed: W = alpha W_CA + (1 - alpha) W_B and likewise b
-(eq. 5.8), W_B random (torch's Linear default, U[-1/sqrt(D), 1/sqrt(D)], bias too) or copied from the
-backbone's LM head (no bias).
+Method: docs/language-models.md
 """
 
 from __future__ import annotations

@@ -254,12 +254,10 @@ def train_exit_lm(model: ExitLM, train: torch.Tensor, held_out: torch.Tensor, se
                   resume: bool = False, identity: dict[str, Any] | None = None, reporter: Reporter | None = None,
                   on_point: Callable[[CurvePoint], None] | None = None,
                   cached: tuple[CachedStates, CachedStates] | None = None) -> TrainResult:
-    """Train ``model`` in place for ``settings.steps`` steps on the ``train`` contexts (N x C token ids), scoring
-    both heads on ``held_out`` at step 0, every ``eval_every`` steps and at the end. ``cache`` (default: under
-    freezing) computes the states once; False recomputes the trunk every step (the benchmark's baseline). With
-    ``resume_path`` the state is saved atomically at every point; ``identity`` (the starting head, the text ...)
-    must match on resume. ``on_point`` hears each point after its state is saved. ``cached`` gives the states of
-    ``train`` and ``held_out`` already computed (by ``cache_states`` for the same trunk), to share between runs."""
+    """Train ``model`` in place for ``settings.steps`` steps on ``train`` (N x C token ids), scoring both heads on
+    ``held_out`` at step 0, every ``eval_every`` steps and at the end. ``cache``: trunk states computed once
+    (``cached``: already computed); ``resume_path``: state saved at every point, ``identity`` checked on resume;
+    ``on_point`` hears each saved point."""
     import torch
 
     settings.validate()

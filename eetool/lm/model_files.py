@@ -1,9 +1,7 @@
-"""Checks of a language model's files before transformers reads them: sizes against the files and sane limits.
+"""Checks of a language model's files before transformers reads them: headers and small JSON files only, read
+bounded, each size against the file and sane limits, refused with a one-line error (exit 3) naming the file.
 
-transformers builds a model from its config before it reads a weight, so a config that claims a million
-blocks allocates until memory runs out; a safetensors header or a GGUF header can claim any size. Everything
-here reads only headers and small JSON files, bounded, and refuses what would not load with eetool's own
-one-line error (exit 3) naming the file.
+Limits: docs/failures.md
 """
 
 from __future__ import annotations
@@ -52,10 +50,9 @@ def check_config(folder: Path) -> dict[str, Any]:
 
 
 def check_tokenizer(path: Path, doc: dict[str, Any]) -> None:
-    """The keys of tokenizer.json that transformers and the tokenizers library index without a check of their own
-    (a KeyError or "Model missing. at line 1 column 891" otherwise): ``added_tokens``, a list of objects with an
-    ``id`` and a ``content``; ``model``, an object with a known ``type`` (where it has one), a ``vocab`` (a list for
-    Unigram, an object for the others) and for BPE a list of ``merges``; and ``version`` 1.0 where it is given."""
+    """The keys of tokenizer.json that transformers and tokenizers index unchecked: ``added_tokens`` (objects with
+    ``id`` and ``content``), ``model`` (a known ``type``, a ``vocab``, for BPE ``merges``) and ``version`` 1.0
+    where given; a missing one is a one-line error naming it."""
 
     def bad(problem: str) -> InputError:
         return InputError(f"{path} {problem}", "give the tokenizer.json that came with the model, or re-download it "

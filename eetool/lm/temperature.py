@@ -1,10 +1,7 @@
-"""One temperature per head, fitted on held-out tokens, so that a head's perplexity means something.
+"""One temperature per head, fitted on held-out tokens by golden-section search over ln T (the NLL is convex in
+1/T), so that a class-aware head's perplexity means something; it changes no prediction.
 
-A class-aware head's logits are eq. 5.6's Gaussian log-posterior times N0/2: the argmax is right but the
-softmax is far too sure, and its perplexity is astronomic. Dividing the logits by one scalar T changes no
-prediction and no accuracy. The mean NLL of logits / T is convex in 1/T (a log-sum-exp of functions linear
-in 1/T, minus one), hence unimodal in ln T, so a golden-section search over ln T in [TEMPERATURE_MIN,
-TEMPERATURE_MAX] finds its minimum.
+Method: docs/language-models.md
 """
 
 from __future__ import annotations

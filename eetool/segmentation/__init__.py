@@ -1,11 +1,8 @@
-"""Early-exit semantic segmentation (thesis chapter 3): pixel-level exits (ADP-C) and class-based thresholds (CBT).
+"""Early-exit semantic segmentation (thesis chapter 3): the sources, the eeseg network and torchvision networks
+with exit heads and their masked inference, CBT, CBT-ns and ADP-C thresholds, metrics, and what
+`calibrate-means`, `fit-thresholds`, `train-exits` and `evaluate` do for a segmentation checkpoint.
 
-``data`` holds the segmentation sources (Fashion-MNIST scenes, a safetensors file of images and masks;
-``atlas`` the brain-atlas slices, read by ``nifti``; ``folder`` folders of PNG pairs), ``model`` the early-exit
-network and its masked inference, ``tv`` torchvision's segmentation networks with exit heads (trained by
-``exit_training``), ``thresholds`` CBT, CBT-ns and ADP-C, ``metrics``
-mIoU and pixel accuracy, ``commands`` what `fit-thresholds` and `evaluate` do for a segmentation checkpoint.
-Shared modules only dispatch here.
+Method: docs/segmentation.md, docs/methods/segmentation-inference.md
 """
 
 from __future__ import annotations

@@ -145,10 +145,9 @@ def pixel_phases(masks: torch.Tensor) -> torch.Tensor:
 
 
 def upsampled_phases(x: torch.Tensor) -> torch.Tensor:
-    """B x h x w x C -> B x 4 x h x w x C: ``F.interpolate`` (bilinear, size (2h, 2w))'s pixels (2i + r, 2j + c)
-    as phase 2r + c, of the channels-last maps ``x``. Even output rows and columns take 1/4 of the previous grid
-    row or column, odd ones 1/4 of the next; the edge is repeated (the interpolation clamps its source index
-    there). Every slice is a run of whole rows or pixels, contiguous in memory."""
+    """B x h x w x C -> B x 4 x h x w x C: bilinear ``F.interpolate`` to (2h, 2w) of channels-last ``x``, pixel
+    (2i + r, 2j + c) as phase 2r + c. Even rows and columns take 1/4 of the previous grid row or column, odd ones
+    of the next; the edge is repeated."""
     b, h, w, channels = x.shape
     padded = x.new_empty(b, h + 2, w + 2, channels)
     padded[:, 1:h + 1, 1:w + 1] = x

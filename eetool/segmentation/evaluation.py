@@ -14,6 +14,7 @@ from eetool.core.choices import DECIDE_AT
 from eetool.core.errors import InputError, ProvenanceError, UsageError
 from eetool.core.reporting import format_fields, format_table
 from eetool.core.run_inputs import data_path, open_checkpoint
+from eetool.segmentation.class_thresholds import SegmentationThresholds
 from eetool.segmentation.inputs import (
     load_masks,
     preprocessed_batches,
@@ -21,7 +22,7 @@ from eetool.segmentation.inputs import (
 )
 from eetool.segmentation.model import DENSE_ABOVE, EXIT_NAMES, EESegNet
 from eetool.segmentation.networks import early_exit_forward, plain_macs
-from eetool.segmentation.threshold_fitting import read_thresholds, warn_if_slower
+from eetool.segmentation.threshold_fitting import warn_if_slower
 
 if TYPE_CHECKING:
     from eetool.core.options import Run
@@ -56,10 +57,10 @@ class SegmentationRun:
     executed_macs: int | None = None  # what ran (dense blocks count every position); macs is the masked cost
 
 
-def rule_of(doc: dict[str, Any], req: SegmentationEvaluation) -> str:
+def rule_of(fitted: SegmentationThresholds, req: SegmentationEvaluation) -> str:
     """The exit rule the thresholds file was fitted for (files from before the option: pixel); --decide-at must
     agree with it."""
-    recorded = doc.get("decide_at", "pixel")
+    recorded = fitted.record.get("decide_at", "pixel")
     if recorded not in DECIDE_AT:
         raise InputError(f"{req.thresholds} records an unknown decide_at {recorded!r}",
                          "re-make it with `eetool fit-thresholds --method cbt|cbt-ns|adp-c`")
@@ -96,9 +97,9 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
         raise UsageError(f"unknown --decide-at {req.decide_at!r}", f"use one of {', '.join(DECIDE_AT)}")
     ckpt = open_checkpoint(run, req.checkpoint)
     model = require_segmentation(ckpt, "this evaluation")
-    threshold_doc, thresholds = read_thresholds(req.thresholds, ckpt, model.num_classes) if req.thresholds else ({},
-                                                                                                               None)
-    decide_at = rule_of(threshold_doc, req) if req.thresholds else "pixel"
+    fitted = SegmentationThresholds.load_for(req.thresholds, ckpt, model.num_classes) if req.thresholds else None
+    thresholds = fitted.thresholds if fitted is not None else None
+    decide_at = rule_of(fitted, req) if fitted is not None else "pixel"
     device = run.torch()
     ds = load_masks(req.data, req.split, req.indices, ckpt)
     preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
@@ -168,10 +169,10 @@ def evaluate_segmentation(run: Run, req: SegmentationEvaluation) -> None:
         "points": [point("plain", plain, dense, timing[0])],
         "per_class_iou": {"plain": _per_class(classes, iou(plain.confusion))},
     }
-    if thresholds is not None:
+    if fitted is not None:
         early = rounds[0][1]
         assert early.exit_pixels is not None
-        name = f"{threshold_doc.get('method', 'early exit')}"
+        name = fitted.method
         p = point(name, early, early.macs / len(ds), timing[1])
         p["exit_shares"] = {e: round(int(c) / int(early.exit_pixels.sum()), 6)
                             for e, c in zip(EXIT_NAMES, early.exit_pixels.tolist(), strict=True)}

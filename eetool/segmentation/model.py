@@ -418,11 +418,9 @@ def pixel_grid(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def _sparse_block(block: Block, grid: FeatureMap, active: torch.Tensor, costs: PositionCosts,
                   dense_above: float = 1.0, at: torch.Tensor | None = None) -> tuple[int, int]:
-    """One residual block on the active positions of ``grid``, in place (the others keep their features).
-    Returns the multiply-adds of the masked computation (the first convolution on the active positions'
-    neighbourhoods, the second on the active positions) and those that ran: at or above ``dense_above`` active
-    share the block runs dense over the grid and keeps the inactive positions' features (the same result, every
-    position computed twice). ``at``: the active positions' rows in ``grid``, when the caller has them."""
+    """One residual block on the active positions of ``grid``, in place; returns the multiply-adds of the masked
+    computation and those that ran (at or above ``dense_above`` active share the block runs dense and keeps the
+    inactive positions' features). ``at``: the active positions' rows, where the caller has them."""
     if float(active.float().mean()) >= dense_above:
         features = grid.nchw()  # a view of the grid: the block's output is written in place
         # the convolution reads a contiguous map (a padded grid's view would take mkldnn about 2.7x as long)
@@ -471,10 +469,9 @@ def head_rows(head: Head, rows: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def early_exit_forward(model: EESegNet, x: torch.Tensor, thresholds: torch.Tensor,
                        dense_above: float = DENSE_ABOVE, decide_at: str = "pixel") -> EarlyExitResult:
-    """Pixel-level early exit with ``thresholds`` (early exits x classes): a pixel predicted as class j at early
-    exit n leaves there when its largest probability exceeds ``thresholds[n, j]``; pixels left at the end take
-    the final exit's prediction. Only active positions are computed after the stem (see the module's doc).
-    With ``decide_at="feature"`` the decision is taken per position of the heads' grid instead (``GridExits``)."""
+    """Pixel-level early exit with ``thresholds`` (early exits x classes): a pixel predicted as class j at exit n
+    leaves there when its largest probability exceeds ``thresholds[n, j]``; the rest take the final exit's class.
+    ``decide_at="feature"`` decides per position of the heads' grid (``GridExits``)."""
     if decide_at not in DECIDE_AT:
         raise UsageError(f"unknown --decide-at {decide_at!r}", f"use one of {', '.join(DECIDE_AT)}")
     model = model.eval().inference_net()

@@ -1,12 +1,8 @@
-"""A reader for single-file NIfTI-1 volumes (``.nii`` or ``.nii.gz``), enough for the brain-atlas source.
+"""A reader for single-file NIfTI-1 volumes (``.nii`` or ``.nii.gz``), enough for the brain-atlas source: the
+header and the data's size are checked before anything is allocated, and anything else is refused with a
+one-line error. No nibabel.
 
-The 348-byte header is read and checked (its size field tells the byte order; magic ``n+1``; 1 to 3 spatial
-dimensions of at least one voxel and no time or further dimensions beyond one; a plain integer or float data
-type whose bit width matches; the data starting at ``vox_offset``, at or after byte 352) and the data's size is
-checked against the file and ``MAX_VOXEL_BYTES`` before anything is allocated. A gzip file is decompressed no
-further than the header declares. Anything else (NIfTI-2, a header/image pair, complex or RGB voxels) is
-refused with a one-line error instead of being guessed at. No nibabel: two files of one known layout do not
-need it.
+Checks: docs/segmentation.md (more data)
 """
 
 from __future__ import annotations

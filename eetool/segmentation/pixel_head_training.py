@@ -1,9 +1,9 @@
 """`eetool train-exits` on a torchvision segmentation checkpoint: per-pixel exit heads after three backbone
-stages (``eetool.segmentation.tv``), trained on the sum of the three exits' per-pixel cross-entropies (weight 1
-each, as the thesis trains its exits) with the backbone and the final classifier frozen (run without gradients
-and in evaluation mode, so that their BatchNorm statistics stay those of the checkpoint). The output is a whole
-checkpoint (the network with its heads, ``--arch-args`` recording ``exits: true``), which `fit-thresholds
---method cbt|cbt-ns|adp-c` and `evaluate` take as they take an eeseg checkpoint."""
+stages, trained on the sum of their cross-entropies with the backbone and classifier frozen. The output is a
+whole checkpoint that `fit-thresholds` and `evaluate` take as they take an eeseg one.
+
+Method: docs/segmentation.md
+"""
 
 from __future__ import annotations
 

@@ -30,11 +30,9 @@ class ClassStats:
                    torch.zeros(num_classes, dtype=torch.int64))
 
     def update(self, probabilities: list[torch.Tensor], masks: torch.Tensor) -> None:
-        """Add a batch: one B x K x H x W softmax per exit, and the B x H x W ground truth (IGNORE left out).
-
-        A batch's sums are one matrix product per exit, of the pixels' one-hot ground truth (made once for all
-        exits) and their probabilities in the probabilities' own layout and precision (no copy of them), added to
-        the float64 totals: rounding stays that of one batch's sum, however many batches are streamed."""
+        """Add a batch: one B x K x H x W softmax per exit and the B x H x W ground truth (IGNORE left out), as one
+        matrix product per exit of the one-hot truth and the probabilities, added to float64 totals (rounding stays
+        that of one batch's sum)."""
         k = self.counts.shape[0]
         batch = masks.shape[0]
         labelled = (masks != IGNORE).reshape(batch, 1, -1)
@@ -130,11 +128,9 @@ def budget_evaluations(low: float, high: float, tol: float = BUDGET_TOLERANCE) -
 
 def fit_budget(cost_of: Callable[[float], float], budget: float, low: float, high: float,
                unmet: Callable[[float], UsageError], tol: float = BUDGET_TOLERANCE) -> BudgetFit:
-    """The largest value in [low, high) whose mean cost is at most ``budget``, by bisection: raising a threshold
-    keeps pixels longer, so the cost falls as the value falls (the search does not rely on it: it keeps a bracket
-    whose lower end meets the budget and whose upper end, once tried, does not, and stops when it is ``tol``
-    wide). ``high`` itself is never tried (alpha must stay below beta). A budget that even ``low`` misses raises
-    ``unmet(cost at low)``."""
+    """The largest value in [low, high) whose mean cost is at most ``budget``, by bisection on a bracket whose
+    lower end meets the budget and whose upper end does not, down to ``tol``; ``high`` is never tried. A budget
+    that ``low`` misses raises ``unmet(cost at low)``."""
     if not (math.isfinite(budget) and budget > 0):
         raise UsageError(f"--budget {budget} is not a positive cost", "budgets are fractions of the plain "
                          "network's cost, e.g. --budget 0.7")

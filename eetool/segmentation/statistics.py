@@ -1,22 +1,20 @@
-"""CBT's class statistics as an artifact: `eetool calibrate-means` on a segmentation checkpoint computes them in
-one pass, and `fit-thresholds --method cbt|cbt-ns --means FILE` fits from the file without another pass, as E²CM
-fits from its class means.
+"""CBT's class statistics as an artifact (``SegmentationClassStatistics``, kind
+``segmentation-class-statistics``): eq. 3.1's sums (exits x K x K float64) and pixel counts (K int64), made by
+`calibrate-means` on a segmentation checkpoint and read by `fit-thresholds --method cbt|cbt-ns --means`.
 
-The file (safetensors, kind ``segmentation-class-statistics``) holds eq. 3.1's streaming sums: ``sums``, exits x K
-x K float64 (per exit and ground-truth class, the sum of the pixels' softmax vectors) and ``counts``, K int64 (the
-pixels of each class), with the classes' names in the metadata and the usual provenance (checkpoint, the four
-exits, the dataset fingerprint with its split and indices, the arguments).
+Method: docs/segmentation.md
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from eetool.core.artifacts import ArtifactFile, Provenance
 from eetool.core.errors import InputError, UsageError
 from eetool.core.reporting import format_fields, format_table
 from eetool.core.run_inputs import data_path, open_checkpoint
@@ -24,7 +22,6 @@ from eetool.segmentation.model import EXIT_NAMES
 from eetool.segmentation.pixel_thresholds import ClassStats, margins
 
 if TYPE_CHECKING:
-    from eetool.core.artifacts import Provenance
     from eetool.core.checkpoint import Checkpoint
     from eetool.core.options import Run
 
@@ -32,32 +29,47 @@ KIND = "segmentation-class-statistics"
 CLASSES_KEY = "eetool.classes"
 
 
-def save_statistics(path: str, stats: ClassStats, classes: list[str], prov: Provenance) -> None:
-    from eetool.core.artifacts import write_tensors
+@dataclass
+class SegmentationClassStatistics(ArtifactFile):
+    """A ``segmentation-class-statistics`` file: eq. 3.1's sums and counts with the classes' names. This class
+    owns the format."""
 
-    write_tensors(path, {"sums": stats.sums, "counts": stats.counts}, prov,
-                  extra={CLASSES_KEY: json.dumps(classes)})
+    stats: ClassStats
+    classes: list[str]
+    provenance: Provenance = field(default_factory=lambda: Provenance(kind=KIND))
+    source: str = ""  # the file it was loaded from, for messages
 
+    def save(self, path: str) -> None:
+        """Atomically, as safetensors with the provenance."""
+        from eetool.core.artifacts import write_tensors
 
-def load_statistics(path: str, ckpt: Checkpoint, num_classes: int) -> tuple[ClassStats, Provenance]:
-    """The statistics of ``path``, refused (with the documented exit codes) when the file is another kind of
-    artifact, was made from another checkpoint or for other exits, or its tensors do not fit the network."""
-    from eetool.core.artifacts import read_tensors, read_yaml, verify
+        write_tensors(path, {"sums": self.stats.sums, "counts": self.stats.counts}, self.provenance,
+                      extra={CLASSES_KEY: json.dumps(self.classes)})
 
-    if path.endswith((".yaml", ".yml")):  # a YAML artifact given where the statistics belong
-        read_yaml(path, KIND)  # raises the provenance error naming the kind found
-    tensors, prov, _ = read_tensors(path, KIND)
-    verify(path, prov, checkpoint=ckpt.identity, exits=list(EXIT_NAMES))
-    sums, counts = tensors.get("sums"), tensors.get("counts")
-    shape = (len(EXIT_NAMES), num_classes, num_classes)
-    remake = "re-make it with `eetool calibrate-means -c CHECKPOINT -d DATA -o FILE`"
-    if (sums is None or counts is None or sums.dtype != torch.float64 or counts.dtype != torch.int64
-            or tuple(sums.shape) != shape or tuple(counts.shape) != (num_classes,)):
-        raise InputError(f"{path} holds no {' x '.join(map(str, shape))} float64 sums with {num_classes} int64 "
-                         "pixel counts", remake)
-    if not bool(torch.isfinite(sums).all()) or bool((sums < 0).any()) or bool((counts < 0).any()):
-        raise InputError(f"{path} has sums or counts that are negative or not finite", remake)
-    return ClassStats(sums, counts), prov
+    @classmethod
+    def load_for(cls, path: str, ckpt: Checkpoint, num_classes: int) -> SegmentationClassStatistics:
+        """The statistics of ``path``, refused (with the documented exit codes) when the file is another kind of
+        artifact, was made from another checkpoint or for other exits, or its tensors do not fit the network."""
+        from eetool.core.artifacts import read_tensors, read_yaml, verify
+
+        if path.endswith((".yaml", ".yml")):  # a YAML artifact given where the statistics belong
+            read_yaml(path, KIND)  # raises the provenance error naming the kind found
+        tensors, prov, meta = read_tensors(path, KIND)
+        verify(path, prov, checkpoint=ckpt.identity, exits=list(EXIT_NAMES))
+        sums, counts = tensors.get("sums"), tensors.get("counts")
+        shape = (len(EXIT_NAMES), num_classes, num_classes)
+        remake = "re-make it with `eetool calibrate-means -c CHECKPOINT -d DATA -o FILE`"
+        if (sums is None or counts is None or sums.dtype != torch.float64 or counts.dtype != torch.int64
+                or tuple(sums.shape) != shape or tuple(counts.shape) != (num_classes,)):
+            raise InputError(f"{path} holds no {' x '.join(map(str, shape))} float64 sums with {num_classes} int64 "
+                             "pixel counts", remake)
+        if not bool(torch.isfinite(sums).all()) or bool((sums < 0).any()) or bool((counts < 0).any()):
+            raise InputError(f"{path} has sums or counts that are negative or not finite", remake)
+        try:
+            classes = json.loads(meta.get(CLASSES_KEY, "[]"))
+        except ValueError:  # the names are for readers of the file; the checkpoint's are the ones used
+            classes = []
+        return cls(ClassStats(sums, counts), classes if isinstance(classes, list) else [], prov, path)
 
 
 @dataclass
@@ -76,7 +88,6 @@ class StatisticsRequest:
 
 def calibrate_statistics(run: Run, req: StatisticsRequest) -> None:
     """One streaming pass over ``req.data``: eq. 3.1's sums and counts at every exit, written to ``req.output``."""
-    from eetool.core.artifacts import Provenance
     from eetool.core.datasets import Preprocess
     from eetool.core.distributed import all_max
     from eetool.segmentation.inputs import class_statistics, load_masks, require_segmentation
@@ -99,7 +110,7 @@ def calibrate_statistics(run: Run, req: StatisticsRequest) -> None:
     prov = Provenance(kind=KIND, checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
                       exits=list(EXIT_NAMES), dataset=ds.fingerprint, args=run.args)
     if run.world.main:  # under torchrun every rank holds the summed statistics; rank 0 writes them
-        save_statistics(req.output, stats, classes, prov)
+        SegmentationClassStatistics(stats, classes, prov).save(req.output)
         run.wrote(req.output)
     present = stats.present
     scores = margins(stats.exit_means().mean(0))  # c_k of P_k (eq. 3.2), the score CBT scales

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from eetool.core.choices import DECIDE_AT, SEARCH_OVER
-from eetool.core.errors import InputError, ProvenanceError, UsageError
-from eetool.core.exit_methods import SEGMENTATION_METHODS
+from eetool.core.errors import UsageError
 from eetool.core.reporting import format_fields, format_table
 from eetool.core.run_inputs import data_path, open_checkpoint
+from eetool.segmentation.class_thresholds import EARLY_EXITS, KIND, SegmentationThresholds
 from eetool.segmentation.inputs import (
     class_statistics,
     load_masks,
@@ -40,8 +40,6 @@ if TYPE_CHECKING:
     from eetool.core.options import Run
     from eetool.segmentation.networks import SegmentationNet
 
-KIND = "segmentation-thresholds"  # the thresholds file fit-thresholds writes and evaluate reads
-EARLY_EXITS = EXIT_NAMES[:-1]
 
 # The exit rule fit-thresholds uses unless told, for every network: the thesis's per pixel. Per feature (eeseg
 # only) matched its mIoU within 0.06-0.10 points at ADP-C 0.998, CBT [0.99, 0.998] and ADP-C 0.9 in `make
@@ -113,7 +111,7 @@ class ThresholdRequest:
 
 
 def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
-    from eetool.core.artifacts import STDOUT, Provenance, write_yaml
+    from eetool.core.artifacts import STDOUT, Provenance
     from eetool.core.datasets import Preprocess
 
     if req.search_over not in SEARCH_OVER:
@@ -178,11 +176,12 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
             if req.means:
                 from eetool.core.artifacts import sha256_file
                 from eetool.segmentation.statistics import KIND as STATISTICS
-                from eetool.segmentation.statistics import load_statistics
+                from eetool.segmentation.statistics import SegmentationClassStatistics
 
-                stats, made_on = load_statistics(req.means, ckpt, model.num_classes)
+                calibrated = SegmentationClassStatistics.load_for(req.means, ckpt, model.num_classes)
+                stats = calibrated.stats
                 inputs[STATISTICS] = sha256_file(req.means)
-                calibrated_on = made_on.dataset
+                calibrated_on = calibrated.provenance.dataset
                 dataset = dataset or calibrated_on  # without --budget, the statistics are all it is fitted on
             else:
                 assert ds is not None
@@ -231,10 +230,10 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
                                        thresholds.float(), rule)
             warn_if_slower(run, f"{req.method} at budget {fitted.budget:g} (cost {fitted.cost:.4f})", speedup,
                            f"{SPEED_ROUNDS} rounds on the fitting data")
-    doc["thresholds"] = [[float(v) for v in row] for row in thresholds.tolist()]
-    prov = Provenance(kind=KIND, checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256,
-                      exits=list(EARLY_EXITS), dataset=dataset, args=run.args, inputs=inputs)
-    write_yaml(req.output, doc, prov)
+    fitted_file = SegmentationThresholds(thresholds, doc, Provenance(
+        kind=KIND, checkpoint_sha256=ckpt.sha256, model_sha256=ckpt.model_sha256, exits=list(EARLY_EXITS),
+        dataset=dataset, args=run.args, inputs=inputs))
+    fitted_file.save(req.output)
     if req.output == STDOUT:
         return
     run.wrote(req.output)
@@ -250,7 +249,7 @@ def fit_segmentation_thresholds(run: Run, req: ThresholdRequest) -> None:
                              [[c, *(row[k] for row in d["thresholds"])] for k, c in enumerate(d["classes"])])
         return f"{head}\n\n{table}"
 
-    run.emit(doc, text)
+    run.emit(fitted_file.to_doc(), text)
 
 
 def _budget_costs(model: SegmentationNet, ckpt: Checkpoint, ds: Dataset, preprocess: Preprocess, batch_size: int,
@@ -300,10 +299,9 @@ class CbtBudgetFit:
 
 def _fit_cbt_budget(run: Run, req: ThresholdRequest, model: SegmentationNet, ckpt: Checkpoint, ds: Dataset,
                     preprocess: Preprocess, device: torch.device, stats: ClassStats) -> CbtBudgetFit:
-    """--budget for cbt and cbt-ns. alpha: the largest alpha below --beta that meets the budget; beta: the largest
-    beta above --alpha (beta = alpha is every class at alpha, ADP-C's limit); both: for each beta of BETA_GRID the
-    largest alpha, then the pair with the highest mIoU on the fitting data (the cheaper on a tie). Raising alpha
-    or beta raises every threshold, so the cost rises with either and a bisection finds it."""
+    """--budget for cbt and cbt-ns by bisection (the cost rises with alpha and beta): the largest alpha below --beta,
+    the largest beta above --alpha, or (both) for each beta of BETA_GRID the largest alpha, then the pair with the
+    highest mIoU on the fitting data."""
     budget = req.budget
     assert budget is not None
     cost_of = _budget_costs(model, ckpt, ds, preprocess, req.batch_size, device, req.decide_at or DEFAULT_RULE)
@@ -408,27 +406,3 @@ def _rounded(t: torch.Tensor) -> Any:
 
     values = t.tolist()
     return [one(v) for v in values] if t.dim() == 1 else [[one(v) for v in row] for row in values]
-
-
-def read_thresholds(path: str, ckpt: Checkpoint, num_classes: int) -> tuple[dict[str, Any], torch.Tensor]:
-    from eetool.core.artifacts import read_yaml, verify
-
-    doc, prov = read_yaml(path, KIND)
-    verify(path, prov, checkpoint=ckpt.identity, exits=list(EARLY_EXITS))
-    rows = doc.get("thresholds")
-    remake = "re-make it with `eetool fit-thresholds --method cbt|cbt-ns|adp-c`"
-    if (not isinstance(rows, list) or len(rows) != len(EARLY_EXITS)
-            or not all(isinstance(r, list) and len(r) == num_classes for r in rows)):
-        raise InputError(f"{path} holds no {len(EARLY_EXITS)} x {num_classes} thresholds", remake)
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for r in rows for v in r):
-        raise InputError(f"{path} has thresholds that are not finite numbers", remake)
-    if not all(0 <= v <= 1 for r in rows for v in r):  # thresholds on a softmax confidence (a hand edit otherwise)
-        raise InputError(f"{path} has thresholds outside 0..1, which no confidence can be compared with", remake)
-    if doc.get("method") not in SEGMENTATION_METHODS:
-        raise InputError(f"{path} names the method {doc.get('method')!r}, not one of {', '.join(SEGMENTATION_METHODS)}",
-                         remake)
-    classes = ckpt.spec.classes or [str(k) for k in range(num_classes)]
-    if doc.get("classes") != classes:
-        raise ProvenanceError(f"{path} was fitted for the classes {doc.get('classes')!r}, the checkpoint has {classes}",
-                              remake)
-    return doc, torch.tensor(rows, dtype=torch.float32)

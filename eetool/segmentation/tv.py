@@ -66,11 +66,9 @@ class TorchvisionSegNet(nn.Module):
         self._inference: InferenceCopy[TorchvisionSegNet] = InferenceCopy()
 
     def inference_net(self) -> TorchvisionSegNet:
-        """The network inference runs: in eval mode without gradients, a cached copy in channels-last memory format (the
-        same outputs up to float32 rounding); otherwise this network itself. The copy is remade whenever a parameter or
-        buffer has changed; this network, its state dict and its checkpoint stay as they are.
-        Method: docs/methods/segmentation-inference.md#torchvision-networks
-        """
+        """The network inference runs: in eval mode without gradients, a cached channels-last copy (remade when a
+        parameter or buffer changes); otherwise this network itself.
+        Method: docs/methods/segmentation-inference.md#torchvision-networks"""
         if self.channels_last or self.training or torch.is_grad_enabled():
             return self
         return self._inference.of(self, self._channels_last_copy)
