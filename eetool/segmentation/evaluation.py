@@ -25,6 +25,7 @@ from eetool.segmentation.threshold_fitting import read_thresholds, warn_if_slowe
 
 if TYPE_CHECKING:
     from eetool.core.options import Run
+    from eetool.core.prediction_io import PredictRequest
 
 
 @dataclass
@@ -56,7 +57,7 @@ class SegmentationRun:
     executed_macs: int | None = None  # what ran (dense blocks count every position); macs is the masked cost
 
 
-def rule_of(doc: dict[str, Any], req: SegmentationEvaluation) -> str:
+def rule_of(doc: dict[str, Any], req: SegmentationEvaluation | PredictRequest) -> str:
     """The exit rule the thresholds file was fitted for (files from before the option: pixel); --decide-at must
     agree with it."""
     recorded = doc.get("decide_at", "pixel")
