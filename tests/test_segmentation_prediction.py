@@ -237,3 +237,19 @@ def test_the_fixed_palette_is_pascal_vocs() -> None:
     assert len(palette) == 768
     assert palette[3 * 15:3 * 16] == [192, 128, 128]  # VOC's "person"
     assert len({tuple(palette[i:i + 3]) for i in range(0, 768, 3)}) == 256
+
+
+def test_torchvision_image_costs_add_up_to_the_pass() -> None:
+    from eetool.core.builders import build_model
+
+    torch.manual_seed(0)
+    net = build_model("lraspp_mobilenet_v3_large", 4, 3, {"exits": True, "head_width": 8}).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    x[0] *= 0  # an image unlike the others, so that images' pixels leave at different stages
+    with torch.no_grad():
+        outs = net.forward_exits(x)
+    thresholds = torch.stack([o.softmax(1).amax(1).median().expand(4) for o in outs[:3]])
+    result = early_exit_forward(net, x, thresholds)
+    per_image = image_macs(net, result.exit_index, (3, 32, 32))
+    assert abs(float(per_image.sum()) - result.macs) <= 1  # the pass rounds its float total
+    assert float(per_image.min()) < float(per_image.max())
