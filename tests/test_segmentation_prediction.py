@@ -21,9 +21,9 @@ from eetool.core.datasets import Preprocess, load_dataset
 from eetool.core.errors import ExitCode
 from eetool.segmentation import IGNORE
 from eetool.segmentation.data import SCENE_CLASSES, make_scenes
+from eetool.segmentation.mask_prediction import file_mask_names, image_macs, voc_palette
 from eetool.segmentation.model import EXIT_NAMES
 from eetool.segmentation.networks import early_exit_forward, plain_macs
-from eetool.segmentation.prediction import file_mask_names, image_macs, voc_palette
 from eetool.segmentation.threshold_fitting import read_thresholds
 
 BATCH = 16

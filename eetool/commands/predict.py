@@ -76,7 +76,7 @@ def command(
     from eetool.classification.prediction import predict_classes
     from eetool.core.prediction_io import PredictRequest
     from eetool.segmentation.inputs import is_segmentation_checkpoint
-    from eetool.segmentation.prediction import predict_masks
+    from eetool.segmentation.mask_prediction import predict_masks
 
     req = PredictRequest(checkpoint=checkpoint, inputs=list(inputs or []), data=data, split=split, means=means,
                          exit_heads=exit_heads, thresholds=thresholds, point=point, top_k=top_k,
