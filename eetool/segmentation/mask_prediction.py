@@ -85,10 +85,11 @@ def file_mask_names(files: list[str]) -> list[str]:
     return names
 
 
-def dataset_mask_name(ds: Dataset, index: int) -> str:
-    """SOURCE-SPLIT-INDEX.png, the index in the whole split, zero-padded to the split's size."""
-    digits = len(str(max(len(ds) - 1, 0) if ds.indices is None else int(ds.indices.max())))
-    return f"{ds.name}-{ds.split}-{index:0{digits}d}.png"
+def dataset_mask_names(ds: Dataset) -> dict[int, str]:
+    """SOURCE-SPLIT-INDEX.png for each sample, by its index in the whole split (zero-padded to the largest)."""
+    indices = ds.indices.tolist() if ds.indices is not None else list(range(len(ds)))
+    digits = len(str(max(indices, default=0)))
+    return {i: f"{ds.name}-{ds.split}-{i:0{digits}d}.png" for i in indices}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,8 +304,7 @@ def predict_masks(run: Run, req: PredictRequest) -> None:
     preprocess = Preprocess(shape, ckpt.spec.mean, ckpt.spec.std)
     if req.data:
         ds = load_masks(req.data, req.split, None, ckpt)
-        positions = ds.indices.tolist() if ds.indices is not None else range(len(ds))
-        names = {p: dataset_mask_name(ds, p) for p in positions}
+        names = dataset_mask_names(ds)
         palette = source_palette(ds) or voc_palette()
     else:
         names = dict(enumerate(file_mask_names(files)))
@@ -328,6 +328,7 @@ def predict_masks(run: Run, req: PredictRequest) -> None:
 
     def produce(writer: RecordWriter) -> int:
         predict_batches(batches, predictor, preprocess, device, masks, writer, tally)
+        run.wrote(f"{tally.predicted} masks in {folder}")
         return tally.predicted
 
     def summary() -> str:
@@ -335,7 +336,6 @@ def predict_masks(run: Run, req: PredictRequest) -> None:
         return tally.summary()
 
     write_records(run, RecordOutput(output, run.format.value, _columns(req), flat_record), failed, produce, summary)
-    run.wrote(str(folder))
 
 
 def _columns(req: PredictRequest) -> list[str]:
@@ -382,13 +382,20 @@ def _check_folder(output_dir: str) -> Path:
 
 
 def _check_mask_paths(masks: MaskOutputs, inputs: tuple[str | None, ...], force: bool, output: str | None) -> None:
-    """Before any mask is written: none replaces an input or -o, and none exists unless --force."""
-    from eetool.core.artifacts import check_output
+    """Before any mask is written: none replaces an input or -o, and none exists unless --force (the rules of
+    ``eetool.core.artifacts.check_output``, each input resolved once)."""
+    from eetool.core.artifacts import STDOUT, check_output
 
     if output is not None and Path(output).resolve().parent == masks.folder.resolve() and Path(
             output).name in set(masks.names.values()):
         raise OutputError(f"-o {output} is also the mask of an input", "write the records to another file")
-    if not masks.folder.is_dir():
+    if not masks.folder.is_dir() or not masks.names:
         return  # a new folder: nothing in it to replace
+    check_output(masks.path(next(iter(masks.names))), force=True)  # the folder: writable, not eetool's demo
+    read = {Path(p).resolve() for p in inputs if p and p != STDOUT and Path(p).exists()}
     for position in masks.names:
-        check_output(masks.path(position), force=force, inputs=inputs)
+        path = Path(masks.path(position))
+        if path.exists() and path.resolve() in read:
+            raise OutputError(f"output {path} is also an input", "write the result to another file")
+        if path.exists():
+            check_output(str(path), force=force)
