@@ -1,12 +1,6 @@
 """Predictions of a classifier on new inputs (``eetool predict``): the plain model or its exits at one operating
-point, batch by batch, one record per input.
-
-The model is evaluate's: the same checkpoint loader, exit rules and thresholds, and the early-exit pass of
-``eetool.core.inference.run_early_exit`` (exits stop computation: the batch is compacted after each one). What a
-record adds beyond evaluate's per-sample predictions is read beside that pass, not by another one: the confidence
-of the decision that let a sample leave (the rule's score at its exit, the softmax maximum at the model's own
-head), taken from the rule's scores and from a forward hook on the last stage, in the order in which the pass
-compacts its batch. Inputs and records: ``eetool.core.prediction_io``.
+point, with evaluate's checkpoint loader, exit rules and early-exit pass; one record per input. Inputs and records:
+``eetool.core.prediction_io``. Method: docs/predict-and-export.md#eetool-predict
 """
 
 from __future__ import annotations

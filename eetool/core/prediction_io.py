@@ -1,9 +1,6 @@
-"""`eetool predict`'s inputs and outputs, for classifiers and segmentation networks alike: inputs listed and decoded
-by batch, records written as JSON Lines, CSV or TSV (flushed batch by batch, or to ``-o`` atomically), and inputs
-that cannot be read counted under ``--on-error``.
-
-Images are decoded by the folder datasets' own ``eetool.core.streaming.decode_image`` (resize, centre crop), so a
-file gives the pixels it would as part of a ``--data folder:PATH`` dataset.
+"""`eetool predict`'s inputs and outputs, for classifiers and segmentation networks: inputs listed and decoded by
+batch (as folder datasets decode them), records as JSON Lines, CSV or TSV flushed batch by batch (or ``-o``,
+atomically), and the inputs ``--on-error`` skips.
 """
 
 from __future__ import annotations

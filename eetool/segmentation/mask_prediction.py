@@ -1,10 +1,6 @@
-"""Masks of a segmentation network on new inputs (``eetool predict`` on a segmentation checkpoint): the plain
-network, or its pixel exits under a thresholds file, batch by batch; one mask PNG and one record per input.
-
-The class maps are evaluate's: the plain network's argmax, or the final class map of the early-exit pass
-(``eetool.segmentation.networks.early_exit_forward``: after the first exit only the pixels still active are
-computed). Each input's cost is that pass's cost accounting per image, from the exit each of its pixels left by.
-Palette and file names: docs/predict-and-export.md#segmentation-masks
+"""Masks of a segmentation network on new inputs (``eetool predict`` on a segmentation checkpoint): evaluate's
+plain or early-exit pass, batch by batch; one mask PNG and one record (exit shares, cost) per input.
+Method, palette and file names: docs/predict-and-export.md#segmentation-masks
 """
 
 from __future__ import annotations
@@ -130,9 +126,7 @@ class MaskPredictor:
 
 def image_macs(model: SegmentationNet, exit_index: torch.Tensor, input_shape: tuple[int, int, int]) -> torch.Tensor:
     """float64, B: each image's multiply-adds in the early-exit pass, from the exit each pixel left by; they add up
-    to the pass's ``macs``. eeseg: the stem everywhere, each stage's blocks on the grid positions still active
-    (the first convolution on their neighbourhoods) and its head on them. Torchvision: the first stage and head,
-    then each part's multiply-adds times the share of the image's pixels still active (ADP-C's accounting)."""
+    to the pass's ``macs``. Accounting: docs/predict-and-export.md#segmentation-masks"""
     last = len(EXIT_NAMES) - 1
     if isinstance(model, EESegNet):
         from typing import cast
