@@ -1144,6 +1144,8 @@ CASES = [
          says="is not a folder"),
     Case("predict-segmentation-classifier-data", [*SEG_PREDICT[:3], "-d", "{data}", *SEG_PREDICT[5:]], MISMATCH,
          says="one label per image"),
+    Case("export-segmentation", ["export", "-c", "{inp}/seg.safetensors", "-o", "{out}/bundle"], MISMATCH,
+         says="export takes classifiers"),
     Case("predict-decide-at-with-a-classifier", ["predict", "-c", "{ckpt}", "-d", "{data}", "--decide-at", "pixel"],
          USAGE, says="--decide-at applies to segmentation thresholds"),
 ]

@@ -177,6 +177,7 @@ class MaskTally:
     cost: float = 0.0  # summed over the images
     model_seconds: float = 0.0
     decode_seconds: float = 0.0
+    write_seconds: float = 0.0  # the mask PNGs'
 
     def summary(self) -> str:
         total = max(sum(self.pixels), 1)
@@ -186,7 +187,8 @@ class MaskTally:
         failed = f", {self.failed} failed" if self.failed else ""
         return (f"predicted {self.predicted} masks{failed}; pixels leaving at: {shares}; mean cost "
                 f"{self.cost / max(self.predicted, 1):.4f}; {rate:.1f} images/s in the model, {overall:.1f} with "
-                f"decoding ({self.decode_seconds:.2f} s decoding, {self.model_seconds:.2f} s model)")
+                f"decoding ({self.decode_seconds:.2f} s decoding, {self.model_seconds:.2f} s model, "
+                f"{self.write_seconds:.2f} s writing masks)")
 
 
 @dataclass
@@ -240,8 +242,10 @@ def predict_batches(batches: Iterator[Batch], predictor: MaskPredictor, preproce
         start = time.perf_counter()
         out = predictor(preprocess(batch.images, device))
         tally.model_seconds += time.perf_counter() - start
+        start = time.perf_counter()
         for i, position in enumerate(batch.positions):
             atomic_write(masks.path(position), mask_png(out.classes[i], masks.palette))
+        tally.write_seconds += time.perf_counter() - start
         batch_records = records(batch, out, masks, dense)
         for r, e in zip(batch_records, out.exit_index, strict=True):
             tally.cost += r["cost"]
