@@ -467,6 +467,7 @@ SCRATCH_EXITS = ["train-exits", "-d", "{data}", "-o", "{out}/h.safetensors", "--
                  "{{width: 4}}"]
 SEG_DATA = "segmentation:{inp}/seg-data.safetensors"
 SEG_EVAL = ["evaluate", "-c", "{inp}/seg.safetensors", "-o", "{out}/result.yaml", "--repeats", "1"]
+SEG_PREDICT = ["predict", "-c", "{inp}/seg.safetensors", "-d", SEG_DATA, "--output-dir", "{out}/masks"]
 CBT = ["fit-thresholds", "--method", "cbt", "-c", "{inp}/seg.safetensors", "-d", SEG_DATA, "-o", "{out}/t.yaml"]
 CBT_MEANS = [*CBT[:5], "-o", "{out}/t.yaml", "--means"]  # then the statistics file
 # every command that reads segmentation data with an eeseg checkpoint, -d DATA to follow (train-exits, which
@@ -1126,6 +1127,28 @@ CASES = [
                                                      "--calibration-split", "test"], MISMATCH, says="32 x 32"),
     Case("export-calibration-samples-zero", [*INT8, "--calibration-samples", "0"], USAGE,
          says="--calibration-samples"),
+    # predict on a segmentation checkpoint: masks into --output-dir
+    Case("predict-segmentation-without-output-dir", [*SEG_PREDICT[:-2]], USAGE, says="--output-dir is needed"),
+    Case("predict-output-dir-with-a-classifier", ["predict", "-c", "{ckpt}", "-d", "{data}", "--output-dir",
+                                                  "{out}/masks"], USAGE, says="this checkpoint is a classifier"),
+    Case("predict-segmentation-top-k", [*SEG_PREDICT, "--top-k", "2"], USAGE, says="--top-k apply to classifiers"),
+    Case("predict-segmentation-means", [*SEG_PREDICT, "--means", "{inp}/means.safetensors"], USAGE,
+         says="--means apply to classifiers"),
+    Case("predict-segmentation-point-1", [*SEG_PREDICT, "--thresholds", "{inp}/seg-thresholds.yaml", "--point", "1"],
+         USAGE, says="holds one operating point"),
+    Case("predict-segmentation-decide-at-without-thresholds", [*SEG_PREDICT, "--decide-at", "feature"], USAGE,
+         says="--decide-at applies to early exits"),
+    Case("predict-segmentation-decide-at-other-rule", [*SEG_PREDICT, "--thresholds", "{inp}/seg-thresholds.yaml",
+                                                       "--decide-at", "feature"], PROVENANCE,
+         says="fitted for --decide-at pixel"),
+    Case("predict-segmentation-output-dir-is-a-file", [*SEG_PREDICT[:-1], "{out}/existing.yaml"], OUTPUT,
+         says="is not a folder"),
+    Case("predict-segmentation-classifier-data", [*SEG_PREDICT[:3], "-d", "{data}", *SEG_PREDICT[5:]], MISMATCH,
+         says="one label per image"),
+    Case("export-segmentation", ["export", "-c", "{inp}/seg.safetensors", "-o", "{out}/bundle"], MISMATCH,
+         says="export takes classifiers"),
+    Case("predict-decide-at-with-a-classifier", ["predict", "-c", "{ckpt}", "-d", "{data}", "--decide-at", "pixel"],
+         USAGE, says="--decide-at applies to segmentation thresholds"),
 ]
 
 

@@ -67,7 +67,8 @@ def export_bundle(run: Run, req: ExportRequest) -> None:
         from eetool.core.errors import ModelMismatchError
 
         raise ModelMismatchError("export takes classifiers; this checkpoint is a segmentation network",
-                                 "segmentation bundles are not made yet")
+                                 "segmentation bundles are not made yet: write its masks with `eetool predict "
+                                 "--output-dir DIR` (docs/predict-and-export.md)")
     ckpt = open_checkpoint(run, checkpoint)
     run.torch()
     ckpt.model.eval()

@@ -1,126 +1,26 @@
-"""Predictions on new inputs (``eetool predict``): inputs listed, decoded, classified by batch, written as records.
-
-The model is evaluate's: the same checkpoint loader, exit rules and thresholds, and the early-exit pass of
-``eetool.inference.run_early_exit`` (exits stop computation: the batch is compacted after each one). What a
-record adds beyond evaluate's per-sample predictions is read beside that pass, not by another one: the confidence
-of the decision that let a sample leave (the rule's score at its exit, the softmax maximum at the model's own
-head), taken from the rule's scores and from a forward hook on the last stage, in the order in which the pass
-compacts its batch.
-
-Images are decoded by the folder datasets' own ``eetool.streaming.decode_image`` (resize, centre crop) and fed
-through the checkpoint's ``Preprocess`` (channels, mean, std), so a file gives the pixels it would as part of a
-``--data folder:PATH`` dataset.
+"""Predictions of a classifier on new inputs (``eetool predict``): the plain model or its exits at one operating
+point, with evaluate's checkpoint loader, exit rules and early-exit pass; one record per input. Inputs and records:
+``eetool.core.prediction_io``. Method: docs/predict-and-export.md#eetool-predict
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
-import os
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from eetool.core.errors import EetoolError, ExitCode, InputError, OutputError
 from eetool.core.exits import ExitModel
-from eetool.core.interrupts import deferred
-from eetool.core.loading import Geometry
-from eetool.core.streaming import IMAGE_SUFFIXES, decode_image
+from eetool.core.prediction_io import Batch, RecordWriter
+
+if TYPE_CHECKING:
+    from eetool.core.options import Run
+    from eetool.core.prediction_io import PredictRequest
 
 HEAD = "head"  # the exit name of the model's own final layer
-
-
-FORMATS = ("jsonl", "csv", "tsv")  # JSON Lines, or a table with a header row, separated by commas or tabs
-
-
-class InputsFailedError(EetoolError):
-    """Some inputs could not be read; every other input's record was written."""
-
-    exit_code = ExitCode.INPUTS_FAILED
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-
-
-def list_inputs(paths: Sequence[str], stdin: IO[str] | None = None) -> list[str]:
-    """Files as given, folders as their image files (recursive, sorted by path), ``-`` as the paths on stdin (one a
-    line, blank lines skipped). A path that does not exist stays in the list: reading it fails as for any
-    unreadable input, with its own line on stderr. An empty list is an error."""
-    out: list[str] = []
-    for path in paths:
-        if path == "-":
-            lines = (stdin or sys.stdin).read().splitlines()
-            out += [p for line in lines if (p := line.strip())]
-        elif os.path.isdir(path):
-            out += folder_images(path)
-        else:
-            out.append(path)
-    if not out:
-        given = " ".join(paths) if paths else "nothing"
-        raise InputError(f"no inputs to predict on (given: {given})",
-                         "name image files or folders of images, '-' for paths on stdin, or --data NAME[:PATH]")
-    return out
-
-
-def folder_images(folder: str) -> list[str]:
-    """The image files under ``folder`` (the suffixes of folder datasets), sorted by their path."""
-    found = []
-    for root, dirs, files in os.walk(folder, onerror=_raise_unreadable):
-        dirs.sort()
-        found += [os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
-    return sorted(found)
-
-
-def _raise_unreadable(e: OSError) -> None:
-    raise InputError(f"cannot read folder {e.filename}: {e.strerror}", "check its permissions")
-
-
-@dataclass
-class Batch:
-    """Decoded inputs, their names and labels (-1 where unknown)."""
-
-    images: torch.Tensor  # uint8 N x C x H x W
-    names: list[str]
-    labels: list[int]
-
-
-def file_batches(files: Sequence[str], geometry: Geometry, batch_size: int,
-                 failed: Callable[[InputError], None]) -> Iterator[Batch]:
-    """Batches of ``batch_size`` decodable files, in order; each file that cannot be decoded goes to ``failed``
-    (which raises to stop the run, or returns to go on without it)."""
-    images: list[torch.Tensor] = []
-    names: list[str] = []
-    for path in files:
-        try:
-            images.append(decode_image(path, geometry))
-        except InputError as e:
-            failed(e)
-            continue
-        names.append(path)
-        if len(images) == batch_size:
-            yield Batch(torch.stack(images), names, [-1] * len(names))
-            images, names = [], []
-    if images:
-        yield Batch(torch.stack(images), names, [-1] * len(names))
-
-
-def dataset_batches(ds: Any, batch_size: int) -> Iterator[Batch]:
-    """A loaded dataset's batches, each sample named by its file (streamed folder data) or SOURCE/SPLIT#INDEX."""
-    files = ds.stream.files if ds.stream is not None else None
-    for images, labels, pos in ds.batches(batch_size):
-        index = ds.indices[pos] if ds.indices is not None else pos
-        names = ([files[i] for i in pos.tolist()] if files is not None
-                 else [f"{ds.spec}#{i}" for i in index.tolist()])
-        yield Batch(images, names, labels.tolist())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,79 +166,6 @@ def _name(class_names: list[str] | None, k: int) -> str | None:
     return class_names[k] if class_names is not None and 0 <= k < len(class_names) else None
 
 
-class RecordWriter:
-    """Records to a text stream, JSON Lines or CSV/TSV with a header, flushed after each batch."""
-
-    def __init__(self, stream: IO[str], fmt: str, labelled: bool, top_k: int) -> None:
-        self.stream, self.fmt = stream, fmt
-        self.columns = ["input", "class", "class_name", "confidence", "exit", "exit_index", "cost",
-                        *(["label"] if labelled else []),
-                        *(f"top{i}_{f}" for i in range(1, top_k + 1) for f in ("class", "class_name", "probability"))]
-        self.header_written = False
-
-    def write(self, batch_records: list[dict[str, Any]]) -> None:
-        if self.fmt == "jsonl":
-            text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in batch_records)
-        else:
-            buffer = io.StringIO()
-            writer = csv.writer(buffer, delimiter="," if self.fmt == "csv" else "\t", lineterminator="\n")
-            if not self.header_written:
-                writer.writerow(self.columns)
-                self.header_written = True
-            for r in batch_records:
-                writer.writerow([_cell(v) for v in _flat(r, self.columns)])
-            text = buffer.getvalue()
-        self.stream.write(text)
-        self.stream.flush()
-
-    def finish(self) -> None:
-        """A CSV/TSV of no records still has its header."""
-        if self.fmt != "jsonl" and not self.header_written:
-            self.write([])
-
-
-def _flat(record: dict[str, Any], columns: list[str]) -> list[Any]:
-    flat = dict(record)
-    for i, t in enumerate(record.get("top_k", []), start=1):
-        flat.update({f"top{i}_class": t["class"], f"top{i}_class_name": t["class_name"],
-                     f"top{i}_probability": t["probability"]})
-    return [flat.get(c) for c in columns]
-
-
-def _cell(v: Any) -> str:
-    return "" if v is None else str(v)
-
-
-class AtomicTextFile:
-    """``-o FILE``: records go to a temp file beside FILE, renamed onto it by ``commit``; ``discard`` removes it."""
-
-    def __init__(self, path: str) -> None:
-        target = Path(path)
-        self.path = path
-        with deferred():
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-            self.stream: IO[str] = os.fdopen(fd, "w", encoding="utf-8", newline="")
-
-    def commit(self) -> None:
-        try:
-            self.stream.flush()
-            os.fsync(self.stream.fileno())
-            self.stream.close()
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(self.tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the file the usual permissions
-            with deferred():
-                os.replace(self.tmp, self.path)
-        except OSError as e:
-            self.discard()
-            raise OutputError(f"cannot write {self.path}: {e.strerror}",
-                              "check the disk space and permissions") from None
-
-    def discard(self) -> None:
-        self.stream.close()
-        Path(self.tmp).unlink(missing_ok=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # The run and its summary
 
@@ -391,3 +218,98 @@ def predict_batches(batches: Iterator[Batch], predictor: Predictor, preprocess: 
         tally.model_seconds += time.perf_counter() - start
         tally.add(out.exit_index)
         writer.write(records(batch, out, tally.exits, tally.costs, class_names))
+
+
+def record_columns(labelled: bool, top_k: int) -> list[str]:
+    """The CSV/TSV header: a record's fields, the K best classes' flattened."""
+    return ["input", "class", "class_name", "confidence", "exit", "exit_index", "cost",
+            *(["label"] if labelled else []),
+            *(f"top{i}_{f}" for i in range(1, top_k + 1) for f in ("class", "class_name", "probability"))]
+
+
+def flat_record(record: dict[str, Any]) -> dict[str, Any]:
+    flat = dict(record)
+    for i, t in enumerate(record.get("top_k", []), start=1):
+        flat.update({f"top{i}_class": t["class"], f"top{i}_class_name": t["class_name"],
+                     f"top{i}_probability": t["probability"]})
+    return flat
+
+
+def predict_classes(run: Run, req: PredictRequest) -> None:
+    """Predict the classes of req's inputs with the plain model or at one operating point, writing one record per
+    input batch by batch and a summary on stderr (exit 7 when inputs were skipped)."""
+    from eetool.classification.early_exit_evaluation import early_exit_setup
+    from eetool.core.artifacts import STDOUT
+    from eetool.core.datasets import Preprocess, check_labels
+    from eetool.core.errors import UsageError
+    from eetool.core.prediction_io import (
+        FailedInputs,
+        RecordOutput,
+        dataset_batches,
+        file_batches,
+        list_inputs,
+        write_records,
+    )
+    from eetool.core.run_inputs import load_data, open_checkpoint
+
+    req.check_inputs()
+    if bool(req.means or req.exit_heads) != bool(req.thresholds):
+        raise UsageError("early exits need --means and --thresholds (or --exit-heads and --thresholds)",
+                         "pass them together, or none for the plain model")
+    if req.point is not None and not req.thresholds:
+        raise UsageError("--point chooses an operating point of --thresholds", "pass --thresholds, or drop --point")
+    if req.output_dir is not None:
+        raise UsageError("--output-dir is where a segmentation network's masks go; this checkpoint is a classifier",
+                         "drop --output-dir: a classifier's records carry its classes")
+    if req.decide_at is not None:
+        raise UsageError("--decide-at applies to segmentation thresholds", "drop --decide-at: a classifier's "
+                         "exits decide per sample")
+    output = None if req.output == STDOUT else req.output
+    if output:
+        run.check_output(output, force=req.force, inputs=req.input_paths())
+    files = list_inputs(req.inputs) if req.inputs else []
+    ckpt = open_checkpoint(run, req.checkpoint)
+    if req.top_k > ckpt.spec.num_classes:
+        raise UsageError(f"--top-k {req.top_k} is more than the model's {ckpt.spec.num_classes} classes",
+                         f"use at most {ckpt.spec.num_classes}")
+    device = run.torch()
+    ckpt.model.eval().to(device)
+    preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
+    if req.thresholds:
+        em, rule, (cost_model, _), chosen, clusters, _ = early_exit_setup(
+            ckpt, req.means, req.exit_heads, req.thresholds, "all" if req.point is None else str(req.point), device)
+        if req.point is None and len(chosen) > 1:
+            budgets = ", ".join(f"{i}: budget {p['budget']:g}" for i, p in chosen)
+            raise UsageError(f"{req.thresholds} holds {len(chosen)} operating points ({budgets})",
+                             "choose one: --point N")
+        _, chosen_point = chosen[0]
+        predictor = Predictor(ckpt.model, em, rule, list(chosen_point["thresholds"]), req.top_k)
+        costs = cost_model.normalised_exit_costs()
+    else:
+        predictor, costs, clusters = Predictor(ckpt.model, top_k=req.top_k), [1.0], False
+    # cluster ids (E²CM on clustered means) have no class names
+    class_names = None if clusters else (ckpt.spec.classes or [str(k) for k in range(ckpt.spec.num_classes)])
+    tally = Tally(predictor.exits, costs)
+    failed = FailedInputs(req.stop_on_error)
+    labelled = False
+    if req.data:
+        ds = load_data(run, req.data, req.split, None, ckpt.spec)
+        check_labels(ds, ckpt.spec.num_classes)
+        labelled = bool((ds.labels >= 0).any())
+        batches = dataset_batches(ds, req.batch_size)
+    else:
+        geometry = run.data_options.geometry(ckpt.spec.arch, (ckpt.spec.input_shape[1], ckpt.spec.input_shape[2]),
+                                           ckpt.spec.resize)
+        batches = file_batches(files, geometry, req.batch_size, failed)
+
+    def produce(writer: RecordWriter) -> int:
+        with torch.inference_mode():
+            predict_batches(batches, predictor, preprocess, device, writer, tally, class_names)
+        return tally.predicted
+
+    def summary() -> str:
+        tally.failed = failed.count
+        return tally.summary()
+
+    write_records(run, RecordOutput(output, run.format.value, record_columns(labelled, req.top_k), flat_record),
+                  failed, produce, summary)

@@ -1,4 +1,5 @@
-"""eetool predict: classes of new, unlabelled inputs, one record per input on stdout (or -o)."""
+"""eetool predict: classes (or a segmentation network's masks) of new, unlabelled inputs, one record per input on
+stdout (or -o)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from eetool.core.choices import DECIDE_AT
 from eetool.core.options import (
     DATA_HELP,
     INPUT,
@@ -17,8 +19,8 @@ from eetool.core.options import (
     ThresholdsOpt,
     complete_data,
     eetool_command,
+    prefix_completer,
 )
-from eetool.core.run_inputs import data_path, open_checkpoint
 
 
 class OutputFormat(str, Enum):
@@ -49,7 +51,8 @@ def command(
                                                    "(with --thresholds fitted on it).", rich_help_panel=INPUT)] = None,
     thresholds: ThresholdsOpt = None,
     point: Annotated[int | None, typer.Option("--point", min=0, help="Operating point of --thresholds (its index; "
-                                              "may be left out when it holds one).")] = None,
+                                              "may be left out when it holds one, as a segmentation file does).")
+                      ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Also the K most probable classes with their "
                                        "probabilities, at the exit the input left by.")] = 0,
     batch_size: BatchOpt = 64,
@@ -59,111 +62,24 @@ def command(
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write the records to this file (atomically, "
                                                "when the run ends) instead of stdout.")] = None,
     force: ForceOpt = False,
+    output_dir: Annotated[str | None, typer.Option("--output-dir", help="Segmentation checkpoints: the folder the "
+                                                   "mask PNGs go to, one per input (created if missing).")] = None,
+    decide_at: Annotated[str | None, typer.Option("--decide-at", help="Segmentation thresholds: where a pixel's exit "
+                                                  "is decided, pixel or feature; it must be the rule the --thresholds "
+                                                  "file was fitted for.  [default: the file's]", show_default=False,
+                                                  autocompletion=prefix_completer(DECIDE_AT))] = None,
 ) -> None:
     """Predict the classes of images (files, folders, '-' for paths on stdin) or of a --data set, with the plain
     model or with early exits at one operating point (--thresholds, --point): one record per input, JSON Lines
-    (default), CSV or TSV, written batch by batch; a summary on stderr."""
-    import sys
-
-    import torch
-
-    from eetool.classification.early_exit_evaluation import early_exit_setup
-    from eetool.classification.prediction import (
-        AtomicTextFile,
-        InputsFailedError,
-        Predictor,
-        RecordWriter,
-        Tally,
-        dataset_batches,
-        file_batches,
-        list_inputs,
-        predict_batches,
-    )
-    from eetool.core.artifacts import STDOUT
-    from eetool.core.datasets import Preprocess, check_labels
-    from eetool.core.errors import InputError, ModelMismatchError, UsageError
-    from eetool.core.run_inputs import load_data
+    (default), CSV or TSV, written batch by batch; a summary on stderr. A segmentation checkpoint writes one mask
+    PNG per input into --output-dir, and its record gives the share of pixels leaving at each exit and the cost."""
+    from eetool.classification.prediction import predict_classes
+    from eetool.core.prediction_io import PredictRequest
     from eetool.segmentation.inputs import is_segmentation_checkpoint
+    from eetool.segmentation.mask_prediction import predict_masks
 
-    if bool(inputs) == bool(data):
-        raise UsageError("predict takes INPUTS or --data, one of the two",
-                         "name image files or folders (or '-' for paths on stdin), or give --data NAME[:PATH]")
-    if bool(means or exit_heads) != bool(thresholds):
-        raise UsageError("early exits need --means and --thresholds (or --exit-heads and --thresholds)",
-                         "pass them together, or none for the plain model")
-    if point is not None and not thresholds:
-        raise UsageError("--point chooses an operating point of --thresholds", "pass --thresholds, or drop --point")
-    if output == STDOUT:
-        output = None
-    if output:
-        run.check_output(output, force=force, inputs=(checkpoint, means, exit_heads, thresholds,
-                                                      data_path(data) if data else None, *(inputs or [])))
-    files = list_inputs(inputs) if inputs else []
-    if is_segmentation_checkpoint(run, checkpoint):
-        raise ModelMismatchError("predict takes classifiers; this checkpoint is a segmentation network",
-                                 "use `eetool evaluate` on segmentation data")
-    ckpt = open_checkpoint(run, checkpoint)
-    if top_k > ckpt.spec.num_classes:
-        raise UsageError(f"--top-k {top_k} is more than the model's {ckpt.spec.num_classes} classes",
-                         f"use at most {ckpt.spec.num_classes}")
-    device = run.torch()
-    ckpt.model.eval().to(device)
-    preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
-    if thresholds:
-        em, rule, (cost_model, _), chosen, clusters, _ = early_exit_setup(
-            ckpt, means, exit_heads, thresholds, "all" if point is None else str(point), device)
-        if point is None and len(chosen) > 1:
-            budgets = ", ".join(f"{i}: budget {p['budget']:g}" for i, p in chosen)
-            raise UsageError(f"{thresholds} holds {len(chosen)} operating points ({budgets})", "choose one: --point N")
-        _, chosen_point = chosen[0]
-        predictor = Predictor(ckpt.model, em, rule, list(chosen_point["thresholds"]), top_k)
-        costs = cost_model.normalised_exit_costs()
-    else:
-        predictor, costs, clusters = Predictor(ckpt.model, top_k=top_k), [1.0], False
-    # cluster ids (E²CM on clustered means) have no class names
-    class_names = None if clusters else (ckpt.spec.classes or [str(k) for k in range(ckpt.spec.num_classes)])
-    tally = Tally(predictor.exits, costs)
-
-    def failed(e: InputError) -> None:
-        tally.failed += 1
-        if on_error == OnError.stop:
-            raise e
-        sys.stderr.write(f"skipped: {e}\n")  # an error about an input: shown under -q too
-
-    labelled = False
-    if data:
-        ds = load_data(run, data, split, None, ckpt.spec)
-        check_labels(ds, ckpt.spec.num_classes)
-        labelled = bool((ds.labels >= 0).any())
-        batches = dataset_batches(ds, batch_size)
-    else:
-        geometry = run.data_options.geometry(ckpt.spec.arch, (ckpt.spec.input_shape[1], ckpt.spec.input_shape[2]),
-                                           ckpt.spec.resize)
-        batches = file_batches(files, geometry, batch_size, failed)
-    target = AtomicTextFile(output) if output else None
-    writer = RecordWriter(target.stream if target else sys.stdout, run.format.value, labelled, top_k)
-    try:
-        with torch.inference_mode():
-            predict_batches(batches, predictor, preprocess, device, writer, tally, class_names)
-    except InputError as e:
-        if target is not None and tally.failed:  # --on-error stop: the records before the bad input stand
-            writer.finish()
-            target.commit()
-        elif target is not None:
-            target.discard()
-        run.reporter.log(tally.summary())
-        raise e from None
-    except BaseException:
-        if target is not None:
-            target.discard()
-        raise
-    writer.finish()
-    if target is not None:
-        target.commit()
-    run.reporter.log(tally.summary())
-    if output:
-        run.wrote(output)
-    if tally.failed:
-        raise InputsFailedError(f"{tally.failed} of {tally.failed + tally.predicted} inputs could not be read "
-                                "(each is named above); the others were predicted",
-                                "remove or re-encode those files")
+    req = PredictRequest(checkpoint=checkpoint, inputs=list(inputs or []), data=data, split=split, means=means,
+                         exit_heads=exit_heads, thresholds=thresholds, point=point, top_k=top_k,
+                         batch_size=batch_size, stop_on_error=on_error == OnError.stop, output=output, force=force,
+                         output_dir=output_dir, decide_at=decide_at)
+    (predict_masks if is_segmentation_checkpoint(run, checkpoint) else predict_classes)(run, req)

@@ -26,6 +26,7 @@ from eetool.segmentation.threshold_fitting import warn_if_slower
 
 if TYPE_CHECKING:
     from eetool.core.options import Run
+    from eetool.core.prediction_io import PredictRequest
 
 
 @dataclass
@@ -57,7 +58,7 @@ class SegmentationRun:
     executed_macs: int | None = None  # what ran (dense blocks count every position); macs is the masked cost
 
 
-def rule_of(fitted: SegmentationThresholds, req: SegmentationEvaluation) -> str:
+def rule_of(fitted: SegmentationThresholds, req: SegmentationEvaluation | PredictRequest) -> str:
     """The exit rule the thresholds file was fitted for (files from before the option: pixel); --decide-at must
     agree with it."""
     recorded = fitted.record.get("decide_at", "pixel")

@@ -1,5 +1,5 @@
 """`fit-thresholds --method cbt|cbt-ns|adp-c` on a segmentation checkpoint: fixed or budget-searched pixel-exit
-thresholds, and the thresholds file (its kind, written here and read by ``read_thresholds``)."""
+thresholds, and the thresholds file (``SegmentationThresholds`` in class_thresholds.py)."""
 
 from __future__ import annotations
 
