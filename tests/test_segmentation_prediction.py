@@ -20,11 +20,11 @@ from eetool.core.checkpoint import load_checkpoint
 from eetool.core.datasets import Preprocess, load_dataset
 from eetool.core.errors import ExitCode
 from eetool.segmentation import IGNORE
+from eetool.segmentation.class_thresholds import SegmentationThresholds
 from eetool.segmentation.data import SCENE_CLASSES, make_scenes
 from eetool.segmentation.mask_prediction import file_mask_names, image_macs, voc_palette
 from eetool.segmentation.model import EXIT_NAMES
 from eetool.segmentation.networks import early_exit_forward, plain_macs
-from eetool.segmentation.threshold_fitting import read_thresholds
 
 BATCH = 16
 
@@ -97,8 +97,8 @@ def pass_on_data(made: Made, name: str | None) -> tuple[list[torch.Tensor], list
                 exits += [torch.full((64, 64), 3, dtype=torch.uint8)] * len(x)
                 macs += [plain_macs(model, ckpt.spec.input_shape)] * len(x)
                 continue
-            doc, thresholds = read_thresholds(str(made.thresholds[name]), ckpt, model.num_classes)
-            r = early_exit_forward(model, x, thresholds, decide_at=doc.get("decide_at", "pixel"))
+            fitted = SegmentationThresholds.load_for(str(made.thresholds[name]), ckpt, model.num_classes)
+            r = early_exit_forward(model, x, fitted.thresholds, decide_at=fitted.record.get("decide_at", "pixel"))
             per_image = image_macs(model, r.exit_index, ckpt.spec.input_shape)
             assert int(per_image.sum()) == r.macs  # the pass's cost, split by image
             classes += list(r.exit_predictions[-1])
