@@ -6,7 +6,8 @@ int8 weights with one scale per output channel, uint8 activations with one scale
 seen on calibration images. Stage j is calibrated on what it receives in the float bundle: the calibration images
 through the float stages 0..j-1.
 
-Only the stages are quantised. The exit decisions stay float graphs reading the int8 stages' (dequantised)
+Only the stages are quantised: each stage's own graph is quantised before it is joined with its exit's decision
+(eetool.classification.bundle_export.join_stage), so the decisions stay float, reading the int8 stages' (dequantised)
 features: a decision's confidence is compared with thresholds that were fitted on eetool's float pass (E²CM's
 confidence is a softmax of distances to the class means), so the rule itself is computed exactly as fitted and only
 the features it reads carry the quantisation error. How far that moves each operating point is measured before
@@ -87,26 +88,32 @@ def _session(path: Path) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def quantize_bundle(folder: Path, doc: dict[str, Any], calibration: Calibration, images: np.ndarray,
+def quantize_bundle(folder: Path, parts: Path, doc: dict[str, Any], calibration: Calibration, images: np.ndarray,
                     labels: np.ndarray | None, sample_name: str) -> dict[str, Any]:
-    """Replace every stage graph of the bundle in ``folder`` (written, not yet sealed) by its int8 version, then
-    compare the int8 bundle with the float one on ``images`` at every operating point. Returns the record for the
-    manifest's provenance; raises BundleMismatchError when the classes agree on less than MIN_AGREEMENT."""
+    """Replace every stage graph of the bundle in ``folder`` (written, not yet sealed) by its int8 version: the
+    stage's part in ``parts`` quantised, joined again with its exit's float decision. Then compare the int8 bundle
+    with the float one on ``images`` at every operating point. Returns the record for the manifest's provenance;
+    raises BundleMismatchError when the classes agree on less than MIN_AGREEMENT."""
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    from eetool.classification.bundle_export import join_stage
+
     stages = [s["stage"] for s in doc["stages"]]
     with tempfile.TemporaryDirectory(prefix=f".{folder.name}.float.", dir=folder.parent) as scratch:
-        float_folder = Path(scratch)
+        float_folder, int8_parts = Path(scratch) / "float", Path(scratch) / "int8"
+        float_folder.mkdir()
+        int8_parts.mkdir()
         for name in stages:
             shutil.copyfile(folder / name, float_folder / name)
-        float_sessions = [_session(float_folder / name) for name in stages]
+        float_sessions = [_session(parts / name) for name in stages]  # the stages alone: their features
         with _quiet_quantizer():
             for j, name in enumerate(stages):
                 reader = _StageInputs(float_sessions[:j], float_sessions[j].get_inputs()[0].name, calibration.images)
-                quantize_static(str(float_folder / name), str(folder / name), reader, quant_format=QuantFormat.QDQ,
+                quantize_static(str(parts / name), str(int8_parts / name), reader, quant_format=QuantFormat.QDQ,
                                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.MinMax)
+                join_stage(parts, name, folder, stage_parts=int8_parts)
         check = compare(folder, float_folder, doc, images, labels)
     record = {
         "method": "int8",
