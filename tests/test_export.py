@@ -209,6 +209,37 @@ def test_runtime_refuses_a_changed_threshold_or_graph(demo: Demo, tmp_path: Path
     assert proc.returncode == ExitCode.PROVENANCE and "stage_3.onnx has changed since export" in proc.stderr
 
 
+def _resealed(bundle: Path, folder: Path, edit: object) -> Path:
+    """A copy of ``bundle`` with its manifest edited and SHA256SUMS made to match: what a changed manifest's sums do
+    not catch, the runtime must refuse by what it says."""
+    shutil.copytree(bundle, folder)
+    doc = yaml.safe_load((folder / "manifest.yaml").read_text())
+    edit(doc)  # type: ignore[operator]
+    (folder / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    sums = (folder / "SHA256SUMS").read_text().splitlines()
+    (folder / "SHA256SUMS").write_text("".join(
+        f"{sha256(folder / 'manifest.yaml')}  manifest.yaml\n" if line.endswith("  manifest.yaml") else f"{line}\n"
+        for line in sums))
+    return folder
+
+
+def test_runtime_refuses_an_older_schema_and_unknown_stage_outputs(demo: Demo, tmp_path: Path) -> None:
+    """A schema 1 bundle (a graph per decision beside each stage) is refused with the advice to export it again;
+    a stage whose recorded outputs are not the ones the runtime reads, as inconsistent."""
+    image = demo.pngs / "0000.png"
+    old = _resealed(demo.bundle, tmp_path / "old", lambda doc: doc.update(schema=1))
+    proc = runtime(demo, old, image, "--point", 0)
+    assert proc.returncode == ExitCode.PROVENANCE and proc.stdout == "" and len(proc.stderr.splitlines()) == 1
+    assert "schema 1" in proc.stderr and "export the bundle again" in proc.stderr
+
+    def drop_probabilities(doc: dict) -> None:
+        doc["stages"][2]["outputs"] = doc["stages"][2]["outputs"][:3]
+
+    outputs = _resealed(demo.bundle, tmp_path / "outputs", drop_probabilities)
+    proc = runtime(demo, outputs, image, "--point", 0)
+    assert proc.returncode == ExitCode.PROVENANCE and "stage 2's graph gives" in proc.stderr
+
+
 def test_runtime_bad_inputs_as_eetool_predict(demo: Demo, tmp_path: Path) -> None:
     good = [str(demo.pngs / "0000.png"), str(demo.pngs / "0001.png")]
     (tmp_path / "text.png").write_text("not an image")
@@ -315,14 +346,27 @@ def test_int8_bundle_agrees_with_the_float_bundle_without_torch(demo: Demo, int8
 
 
 def test_int8_graphs_are_quantised_and_the_decisions_float(demo: Demo, int8_bundle: Path) -> None:
+    """Each stage's part of its graph is quantised; the exit decision joined to it is the float bundle's, node for
+    node and weight for weight."""
     import onnx
+    from onnx import numpy_helper
+
+    def decision(graph: onnx.GraphProto) -> tuple[list[str], dict[str, np.ndarray]]:
+        ops = [n.op_type for n in graph.node if n.name.startswith("decision/")]
+        weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name.startswith("decision/")}
+        return ops, weights
 
     doc = yaml.safe_load((int8_bundle / "manifest.yaml").read_text())
-    for stage in doc["stages"]:
-        ops = {n.op_type for n in onnx.load(str(int8_bundle / stage["stage"])).graph.node}
+    for j, stage in enumerate(doc["stages"]):
+        graph = onnx.load(str(int8_bundle / stage["stage"])).graph
+        ops = {n.op_type for n in graph.node if not n.name.startswith("decision/")}
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops and ops & {"Conv", "Gemm", "MatMul"}, stage["stage"]
-        if "decision" in stage:  # the very graph of the float bundle
-            assert sha256(int8_bundle / stage["decision"]) == sha256(demo.bundle / stage["decision"])
+        int8_ops, int8_weights = decision(graph)
+        float_ops, float_weights = decision(onnx.load(str(demo.bundle / stage["stage"])).graph)
+        assert int8_ops == float_ops and (len(float_ops) > 5) == (j < len(doc["stages"]) - 1), stage["stage"]
+        assert not {"QuantizeLinear", "DequantizeLinear"} & set(int8_ops)
+        assert int8_weights.keys() == float_weights.keys()
+        assert all(np.array_equal(int8_weights[k], float_weights[k]) for k in float_weights)
     assert doc["points"] == yaml.safe_load((demo.bundle / "manifest.yaml").read_text())["points"]
 
 
@@ -356,23 +400,13 @@ def test_runtime_verifies_the_int8_provenance(demo: Demo, int8_bundle: Path, tmp
     proc = runtime(demo, changed, image, "--point", 0)
     assert proc.returncode == ExitCode.PROVENANCE and "manifest.yaml has changed since export" in proc.stderr
 
-    def resealed(name: str, edit: object) -> Path:
-        folder = tmp_path / name
-        shutil.copytree(int8_bundle, folder)
-        doc = yaml.safe_load((folder / "manifest.yaml").read_text())
-        edit(doc["provenance"]["quantization"])  # type: ignore[operator]
-        (folder / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-        sums = (folder / "SHA256SUMS").read_text().splitlines()
-        (folder / "SHA256SUMS").write_text("".join(
-            f"{sha256(folder / 'manifest.yaml')}  manifest.yaml\n" if line.endswith("  manifest.yaml") else f"{line}\n"
-            for line in sums))
-        return folder
-
-    no_calibration = resealed("no-calibration", lambda q: q.pop("calibration"))
+    no_calibration = _resealed(int8_bundle, tmp_path / "no-calibration",
+                               lambda doc: doc["provenance"]["quantization"].pop("calibration"))
     proc = runtime(demo, no_calibration, image, "--point", 0)
     assert proc.returncode == ExitCode.PROVENANCE and proc.stdout == ""
     assert "int8 stages without their calibration data" in proc.stderr and len(proc.stderr.splitlines()) == 1
-    unknown = resealed("int4", lambda q: q.update(method="int4"))
+    unknown = _resealed(int8_bundle, tmp_path / "int4",
+                        lambda doc: doc["provenance"]["quantization"].update(method="int4"))
     proc = runtime(demo, unknown, image, "--point", 0)
     assert proc.returncode == ExitCode.PROVENANCE and "does not know ('int4')" in proc.stderr
 

@@ -1,6 +1,9 @@
-"""An early-exit bundle (``eetool export``): ONNX graphs per backbone stage and per exit decision, a manifest and
-SHA256SUMS, for the PyTorch-free runtime (``runtime/``). Every graph is ``torch.onnx.export`` of the very modules and
-rules eetool runs; stage 0 applies the checkpoint's preprocessing, and the threshold comparison is the runtime's.
+"""An early-exit bundle (``eetool export``): one ONNX graph per backbone stage that also computes its exit's decision
+(the stage's features, then the exit's confidence, prediction and class probabilities from them), a manifest and
+SHA256SUMS, for the PyTorch-free runtime (``runtime/``). Each stage and each decision is ``torch.onnx.export`` of the
+very modules and rules eetool runs, exported apart and then joined into one graph (``onnx.compose``), so that an exit
+costs the runtime one onnxruntime call instead of two, and an int8 export can quantise the stage's part alone;
+stage 0 applies the checkpoint's preprocessing, and the threshold comparison is the runtime's.
 
 Layout: docs/predict-and-export.md#eetool-export
 """
@@ -35,13 +38,18 @@ if TYPE_CHECKING:
     from eetool.core.exits import ExitModel
 
 BUNDLE_FORMAT = "eetool-bundle"
-BUNDLE_SCHEMA = 1
+# 2: a stage and its exit's decision in one graph (schema 1 had a graph per decision beside each stage's)
+BUNDLE_SCHEMA = 2
 MANIFEST = "manifest.yaml"
 SUMS = "SHA256SUMS"
 # Within this of its threshold, a confidence may fall on either side between onnxruntime's float rounding and
 # torch's: a different exit (and class) there is rounding, not a wrong graph.
 THRESHOLD_TOLERANCE = 1e-5
 OPSET = 18
+# The outputs of a stage graph with an exit, in order, and of the last stage
+EXIT_OUTPUTS = ["output", "confidence", "prediction", "probabilities"]
+HEAD_OUTPUTS = ["logits"]
+DECISION_PREFIX = "decision/"  # the names of the decision's nodes and values inside a joined graph
 
 
 class BundleMismatchError(EetoolError):
@@ -78,6 +86,43 @@ class _ExitDecision(nn.Module):
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         confidence, prediction = self.rule.scores(self.j, h)
         return confidence.float(), prediction, exit_probabilities(self.rule, self.j, h)
+
+
+class _MeansDecision(nn.Module):
+    """E²CM's decision at exit j (eetool.classification.e2cm.MeansRule.scores and exit_probabilities), with the
+    squared distances as one Gemm: ||x||^2 + x.(-2M)^T + ||m||^2, the -2 and the means' squared norms folded into
+    the Gemm's weight and bias (scaling by -2 is exact, so only the order of the sums differs from eetool's
+    ||x||^2 - 2 x.M^T + ||m||^2)."""
+
+    def __init__(self, rule: MeansRule, j: int) -> None:
+        from eetool.classification.e2cm import NEAREST
+
+        super().__init__()
+        self.pooling = rule.pooling
+        self.register_buffer("weight", -2 * rule.means[j].float())
+        self.register_buffer("bias", rule.means_sq[j].float().clone())
+        self.register_buffer("normaliser", rule.normalisers[j].float().clone())
+        self.nearest = rule.rules[j] == NEAREST
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    normaliser: torch.Tensor
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.pooling.apply(h)
+        squared = torch.nn.functional.linear(x, self.weight, self.bias) + (x * x).sum(1, keepdim=True)
+        d = squared.clamp_min(0).sqrt()
+        p = torch.softmax(-d / self.normaliser, dim=-1)
+        confidence, prediction = p.max(-1)
+        if self.nearest:
+            prediction = d.argmin(-1)
+        return confidence, prediction, p
+
+
+def _decision(rule: HeadsRule | MeansRule, j: int) -> nn.Module:
+    from eetool.classification.e2cm import MeansRule
+
+    return _MeansDecision(rule, j) if isinstance(rule, MeansRule) else _ExitDecision(rule, j)
 
 
 def _static_adaptive(reduce: str) -> Any:
@@ -143,8 +188,9 @@ class BundleSpec:
     provenance: dict[str, Any]
 
 
-def write_graphs(spec: BundleSpec, folder: Path) -> list[dict[str, Any]]:
-    """Every stage's and exit's graph into ``folder``; the manifest's entries for them, in order."""
+def write_graphs(spec: BundleSpec, folder: Path, parts: Path) -> list[dict[str, Any]]:
+    """Every stage's and exit decision's graph into ``parts``, each stage joined with its exit's decision into
+    ``folder``; the manifest's entries for them, in order."""
     h, w = spec.input_hw
     x = torch.zeros(2, 3, h, w, dtype=torch.uint8)
     entries: list[dict[str, Any]] = []
@@ -152,7 +198,8 @@ def write_graphs(spec: BundleSpec, folder: Path) -> list[dict[str, Any]]:
         module = _PreprocessedStage(stage, spec.preprocess) if j == 0 else stage
         last = j == len(spec.stages) - 1
         name = f"stage_{j}.onnx"
-        _export(module, x, folder / name, "images" if j == 0 else "features", ["logits" if last else "output"])
+        _export(module, x, parts / name, "images" if j == 0 else "features",
+                HEAD_OUTPUTS if last else EXIT_OUTPUTS[:1])
         with torch.no_grad():
             out = module.eval()(x)
         if isinstance(out, tuple):
@@ -162,16 +209,39 @@ def write_graphs(spec: BundleSpec, folder: Path) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"stage": name}
         if not last:
             assert spec.rule is not None, "a bundle with exits has their rule"
-            exit_name = f"exit_{j}.onnx"
-            _export(_ExitDecision(spec.rule, j), out, folder / exit_name, "features",
-                    ["confidence", "prediction", "probabilities"])
-            entry.update({"exit": spec.exits[j], "decision": exit_name})
+            _export(_decision(spec.rule, j), out, parts / decision_part(name), "features", EXIT_OUTPUTS[1:])
+            entry.update({"exit": spec.exits[j], "outputs": EXIT_OUTPUTS})
         else:
-            entry["exit"] = HEAD
+            entry.update({"exit": HEAD, "outputs": HEAD_OUTPUTS})
         entry["cost"] = round(spec.exit_costs[j], 6)
+        join_stage(parts, name, folder)
         entries.append(entry)
         x = out
     return entries
+
+
+def decision_part(stage_name: str) -> str:
+    """The file in the parts folder holding the decision of the exit after the stage ``stage_name``."""
+    return stage_name.replace("stage_", "decision_")
+
+
+def join_stage(parts: Path, name: str, folder: Path, stage_parts: Path | None = None) -> None:
+    """``folder / name``: the stage graph ``name`` (from ``stage_parts``, default ``parts``) with its exit's decision
+    from ``parts`` where it has one, the decision reading the stage's features; its nodes and values are named
+    under DECISION_PREFIX, and the graph's outputs are EXIT_OUTPUTS. The last stage is copied as it is."""
+    import onnx
+    from onnx import compose
+
+    stage = onnx.load(str((stage_parts or parts) / name))
+    if not (parts / decision_part(name)).exists():
+        onnx.save(stage, str(folder / name))
+        return
+    decision = compose.add_prefix(onnx.load(str(parts / decision_part(name))), DECISION_PREFIX, rename_outputs=False)
+    # onnxruntime's quantiser may record another IR version for the stage; the decision's graph is valid in both
+    decision.ir_version = stage.ir_version
+    joined = compose.merge_models(stage, decision, io_map=[(EXIT_OUTPUTS[0], f"{DECISION_PREFIX}features")],
+                                  outputs=EXIT_OUTPUTS)
+    onnx.save(joined, str(folder / name))
 
 
 def manifest(spec: BundleSpec, stages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -200,9 +270,10 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_bundle(spec: BundleSpec, folder: Path) -> dict[str, Any]:
-    """Graphs, manifest and SHA256SUMS into an empty ``folder``; returns the manifest."""
-    stages = write_graphs(spec, folder)
+def write_bundle(spec: BundleSpec, folder: Path, parts: Path) -> dict[str, Any]:
+    """Graphs, manifest and SHA256SUMS into an empty ``folder`` (the stages and decisions apart into ``parts``, where
+    an int8 export quantises the stages); returns the manifest."""
+    stages = write_graphs(spec, folder, parts)
     return seal(folder, manifest(spec, stages))
 
 
@@ -229,28 +300,26 @@ class BundleRun:
 
 def run_bundle(folder: Path, doc: dict[str, Any], images: np.ndarray, thresholds: list[float],
                stage_folder: Path | None = None) -> BundleRun:
-    """The bundle's stages and decisions under onnxruntime, one thread, the batch compacted after each exit; the
-    stage graphs from ``stage_folder`` where given (the float ones, beside an int8 bundle)."""
+    """The bundle's stage graphs (each with its exit's decision) under onnxruntime, one thread, the batch compacted
+    after each exit; the graphs from ``stage_folder`` where given (the float ones, beside an int8 bundle)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     stages = stage_folder or folder
-    sessions = [(ort.InferenceSession(str(stages / s["stage"]), options, providers=["CPUExecutionProvider"]),
-                 ort.InferenceSession(str(folder / s["decision"]), options, providers=["CPUExecutionProvider"])
-                 if "decision" in s else None) for s in doc["stages"]]
+    sessions = [ort.InferenceSession(str(stages / s["stage"]), options, providers=["CPUExecutionProvider"])
+                for s in doc["stages"]]
     n = images.shape[0]
     classes = np.empty(n, dtype=np.int64)
     exit_index = np.full(n, len(sessions) - 1, dtype=np.int64)
     decided = np.full(n, np.nan, dtype=np.float32)
     remaining = np.arange(n)
     x = images
-    for j, (stage, decision) in enumerate(sessions):
-        x = stage.run(None, {stage.get_inputs()[0].name: x})[0]
-        if decision is None:
-            classes[remaining] = x.argmax(1)
+    for j, session in enumerate(sessions):
+        if j == len(sessions) - 1:
+            classes[remaining] = session.run(HEAD_OUTPUTS, {session.get_inputs()[0].name: x})[0].argmax(1)
             break
-        confidence, prediction, _ = decision.run(None, {"features": x})
+        x, confidence, prediction = session.run(EXIT_OUTPUTS[:3], {session.get_inputs()[0].name: x})
         leave = confidence > thresholds[j]
         gone = remaining[leave]
         classes[gone], exit_index[gone], decided[gone] = prediction[leave], j, confidence[leave]

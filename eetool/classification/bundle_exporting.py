@@ -33,6 +33,7 @@ def export_bundle(run: Run, req: ExportRequest) -> None:
     checkpoint, output, means, exit_heads, thresholds = (req.checkpoint, req.output, req.means, req.exit_heads,
                                                          req.thresholds)
     force = req.force
+    import tempfile
     from pathlib import Path
 
     import torch
@@ -110,9 +111,10 @@ def export_bundle(run: Run, req: ExportRequest) -> None:
     images, labels, sample_name = _check_sample(run, req.data, req.split, spec, req.check_samples)
     calibration = (_calibration(run, req.calibration_data, req.calibration_split, req.calibration_samples, spec)
                    if req.calibration_data is not None else None)
-    with bundle_folder(target, force, (checkpoint, means, exit_heads, thresholds)) as tmp:
+    with bundle_folder(target, force, (checkpoint, means, exit_heads, thresholds)) as tmp, \
+            tempfile.TemporaryDirectory(prefix=f".{target.name}.parts.", dir=target.parent) as parts:
         run.reporter.log(f"exporting {len(stages)} stages and {len(exits)} exit decisions")
-        doc = write(bundle, tmp)
+        doc = write(bundle, tmp, Path(parts))
         report = self_check(bundle, tmp, doc, images, em)
         quantized = None
         if calibration is not None:
@@ -121,7 +123,7 @@ def export_bundle(run: Run, req: ExportRequest) -> None:
 
             run.reporter.log(f"quantising {len(stages)} stages to int8 on {len(calibration.images)} samples of "
                              f"{calibration.data}")
-            quantized = quantize_bundle(tmp, doc, calibration, images.numpy(),
+            quantized = quantize_bundle(tmp, Path(parts), doc, calibration, images.numpy(),
                                         None if labels is None else labels.numpy(), sample_name)
             doc["provenance"]["quantization"] = quantized
             seal(tmp, doc)

@@ -1,6 +1,7 @@
 """int8 stage graphs for a bundle (``eetool export --quantize int8``): onnxruntime's static QDQ quantisation of
-each stage, calibrated on what it receives in the float bundle; the exit decisions stay float. A bundle whose
-classes agree with the float one's on less than MIN_AGREEMENT of the check sample is refused.
+each stage, calibrated on what it receives in the float bundle, and quantised before it is joined with its exit's
+decision, so the decisions stay float. A bundle whose classes agree with the float one's on less than
+MIN_AGREEMENT of the check sample is refused.
 
 Method: docs/predict-and-export.md#int8-bundles-quantize-int8
 """
@@ -77,26 +78,32 @@ def _session(path: Path) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def quantize_bundle(folder: Path, doc: dict[str, Any], calibration: Calibration, images: np.ndarray,
+def quantize_bundle(folder: Path, parts: Path, doc: dict[str, Any], calibration: Calibration, images: np.ndarray,
                     labels: np.ndarray | None, sample_name: str) -> dict[str, Any]:
-    """Replace every stage graph of the bundle in ``folder`` (written, not yet sealed) by its int8 version, then
-    compare the int8 bundle with the float one on ``images`` at every operating point. Returns the record for the
-    manifest's provenance; raises BundleMismatchError when the classes agree on less than MIN_AGREEMENT."""
+    """Replace every stage graph of the bundle in ``folder`` (written, not yet sealed) by its int8 version: the
+    stage's part in ``parts`` quantised, joined again with its exit's float decision. Then compare the int8 bundle
+    with the float one on ``images`` at every operating point. Returns the record for the manifest's provenance;
+    raises BundleMismatchError when the classes agree on less than MIN_AGREEMENT."""
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    from eetool.classification.bundle_export import join_stage
+
     stages = [s["stage"] for s in doc["stages"]]
     with tempfile.TemporaryDirectory(prefix=f".{folder.name}.float.", dir=folder.parent) as scratch:
-        float_folder = Path(scratch)
+        float_folder, int8_parts = Path(scratch) / "float", Path(scratch) / "int8"
+        float_folder.mkdir()
+        int8_parts.mkdir()
         for name in stages:
             shutil.copyfile(folder / name, float_folder / name)
-        float_sessions = [_session(float_folder / name) for name in stages]
+        float_sessions = [_session(parts / name) for name in stages]  # the stages alone: their features
         with _quiet_quantizer():
             for j, name in enumerate(stages):
                 reader = _StageInputs(float_sessions[:j], float_sessions[j].get_inputs()[0].name, calibration.images)
-                quantize_static(str(float_folder / name), str(folder / name), reader, quant_format=QuantFormat.QDQ,
+                quantize_static(str(parts / name), str(int8_parts / name), reader, quant_format=QuantFormat.QDQ,
                                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.MinMax)
+                join_stage(parts, name, folder, stage_parts=int8_parts)
         check = compare(folder, float_folder, doc, images, labels)
     record = {
         "method": "int8",

@@ -1,10 +1,11 @@
 """A bundle written by ``eetool export``, checked and run with onnxruntime.
 
 The driver is eetool's early-exit pass over ONNX sessions: the stages run in order on the samples still in the
-batch; after each stage but the last, the exit's decision graph gives every remaining sample a confidence and a
-prediction, the samples whose confidence exceeds the operating point's threshold leave with their prediction, and
-the batch is compacted to the others before the next stage. Samples that reach the last stage take the argmax of
-its logits, with the softmax maximum as their confidence.
+batch, one onnxruntime call each; a stage's graph but the last's also computes its exit's decision, giving every
+remaining sample a confidence and a prediction beside the features; the samples whose confidence exceeds the
+operating point's threshold leave with their prediction, and the batch is compacted to the others before the next
+stage (not at all where none leave, as at batch 1 when the sample stays). Samples that reach the last stage take
+the argmax of its logits, with the softmax maximum as their confidence.
 
 Every file the manifest names, and the manifest itself, is checked against ``SHA256SUMS`` before a session is made:
 a changed graph, threshold or manifest is refused. An int8 bundle (``eetool export --quantize int8``) runs the same
@@ -25,7 +26,9 @@ import yaml
 from eetool_runtime.errors import BundleError, UsageError
 
 BUNDLE_FORMAT = "eetool-bundle"
-SCHEMA = 1
+SCHEMA = 2  # 2: each stage's graph computes its exit's decision (schema 1 had a decision graph beside each stage)
+EXIT_OUTPUTS = ["output", "confidence", "prediction", "probabilities"]  # of a stage graph with an exit, in order
+HEAD_OUTPUTS = ["logits"]  # of the last stage's graph
 MANIFEST = "manifest.yaml"
 SUMS = "SHA256SUMS"
 HEAD = "head"
@@ -70,16 +73,25 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise BundleError(f"{folder / MANIFEST} is not valid YAML ({e})", remake) from None
     if not isinstance(doc, dict) or doc.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{folder} is not an eetool bundle (its manifest's format is not {BUNDLE_FORMAT})", remake)
-    if doc.get("schema") != SCHEMA:
-        raise BundleError(f"{folder} is a bundle of schema {doc.get('schema')}, this runtime reads {SCHEMA}",
+    schema = doc.get("schema")
+    if isinstance(schema, int) and schema < SCHEMA:
+        raise BundleError(f"{folder} is a bundle of schema {schema} (a graph per exit decision), this runtime reads "
+                          f"schema {SCHEMA} (each stage's graph with its exit's decision)",
+                          "export the bundle again with the eetool of this runtime's version")
+    if schema != SCHEMA:
+        raise BundleError(f"{folder} is a bundle of schema {schema}, this runtime reads {SCHEMA}",
                           "install the eetool-runtime of the eetool that exported it")
     files = doc.get("files")
     if not isinstance(files, dict) or any(sums.get(name) != sha for name, sha in files.items()):
         raise BundleError(f"{folder / MANIFEST}'s files do not match {SUMS}", remake)
-    for stage in doc.get("stages") or []:
-        for key in ("stage", "decision"):
-            if key in stage and stage[key] not in files:
-                raise BundleError(f"{folder / MANIFEST} names {stage[key]}, which it does not record", remake)
+    stages = doc.get("stages") or []
+    for j, stage in enumerate(stages):
+        if stage.get("stage") not in files:
+            raise BundleError(f"{folder / MANIFEST} names {stage.get('stage')}, which it does not record", remake)
+        expected = HEAD_OUTPUTS if j == len(stages) - 1 else EXIT_OUTPUTS
+        if stage.get("outputs") != expected:
+            raise BundleError(f"{folder / MANIFEST}: stage {j}'s graph gives {stage.get('outputs')}, this runtime "
+                              f"reads {expected}", remake)
     return doc
 
 
@@ -138,17 +150,16 @@ class Bundle:
         pre = m["preprocessing"]
         self.resize, self.crop = int(pre["resize"]), (int(pre["crop"][0]), int(pre["crop"][1]))
         options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # a stage is a chain: no branches to overlap
+        options.enable_cpu_mem_arena = True  # batches of one size reuse their buffers
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         providers = ["CPUExecutionProvider"]
-
-        def session(name: str) -> Any:
-            return ort.InferenceSession(str(self.folder / name), options, providers=providers)
-
-        self.sessions = [(session(s["stage"]), session(s["decision"]) if "decision" in s else None)
+        self.sessions = [ort.InferenceSession(str(self.folder / s["stage"]), options, providers=providers)
                          for s in self.stages]
-        self.input_names = [stage.get_inputs()[0].name for stage, _ in self.sessions]
+        self.input_names = [session.get_inputs()[0].name for session in self.sessions]
 
     def thresholds(self, point: int | None) -> list[float]:
         if not self.points:
@@ -177,25 +188,27 @@ class Bundle:
             out.top_probabilities = np.empty((n, top_k), dtype=np.float32)
         remaining = np.arange(n)
         x = images
-        for j, (stage, decision) in enumerate(self.sessions):
-            x = stage.run(None, {self.input_names[j]: x})[0]
-            if decision is None:
-                p = softmax(x.astype(np.float32))
+        last = len(self.sessions) - 1
+        fetch = EXIT_OUTPUTS if top_k else EXIT_OUTPUTS[:3]  # the probabilities only for --top-k
+        for j, session in enumerate(self.sessions):
+            if j == last:
+                p = softmax(session.run(HEAD_OUTPUTS, {self.input_names[j]: x})[0].astype(np.float32))
                 out.classes[remaining] = p.argmax(1)
                 out.confidence[remaining] = p.max(1)
                 self._top(out, remaining, p, top_k)
                 break
-            confidence, prediction, probabilities = decision.run(None, {"features": x})
+            x, confidence, prediction, *probabilities = session.run(fetch, {self.input_names[j]: x})
             leave = confidence > thresholds[j]
-            if leave.any():
+            leaving = int(np.count_nonzero(leave))
+            if leaving:
                 gone = remaining[leave]
-                out.classes[gone], out.confidence[gone], out.exit_index[gone] = (prediction[leave], confidence[leave],
-                                                                                 j)
-                self._top(out, gone, probabilities[leave], top_k)
-                if leave.all():
+                out.classes[gone], out.confidence[gone], out.exit_index[gone] = prediction[leave], confidence[leave], j
+                if top_k:
+                    self._top(out, gone, probabilities[0][leave], top_k)
+                if leaving == len(remaining):
                     break
-                stay = ~leave
-                remaining, x = remaining[stay], x[stay]
+                stay = np.flatnonzero(~leave)
+                remaining, x = remaining[stay], x.take(stay, axis=0)  # rows gathered once, into a new array
         return out
 
     @staticmethod
