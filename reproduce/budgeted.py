@@ -270,6 +270,33 @@ def plain_row(found: Sequence[Gap]) -> str:
     return "| plain family (curve) | " + " | ".join(cells) + " |"
 
 
+def partial_runs(family: Sequence[Point], by_method_family: dict[str, Sequence[Point]]) -> dict[str, list[str]]:
+    """Methods whose run timed only part of the family (an evaluation made before the family grew; make budgeted
+    redoes it, a page from a partial run may hold it), each with the members its run lacks, in the family's order.
+    Their curve is that part's envelope, so it can lie under the whole family's at some budgets."""
+    names = [p.name for p in family]
+    out = {}
+    for method, fam in by_method_family.items():
+        missing = [n for n in names if n not in {p.name for p in fam}]
+        if missing:
+            out[method] = missing
+    return out
+
+
+def partial_text(partial: dict[str, list[str]]) -> str:
+    """The page's sentence on ``partial_runs`` (empty when every method was timed beside the whole family)."""
+    if not partial:
+        return ""
+
+    def member(name: str) -> str:
+        stem = name.removeprefix("plain-").removesuffix(".safetensors")
+        return FAMILY.get(stem, name)
+
+    listed = "; ".join(f"{m} (without {', '.join(member(n) for n in missing)})" for m, missing in partial.items())
+    return (f"Timed beside part of the plain family, their curve that part's envelope (it can lie under the whole "
+            f"family's, so their gaps can look better than they are): {listed}.\n\n")
+
+
 def load_range(text: str) -> tuple[float, float] | None:
     """The least and greatest 1-minute load average in ``uptime`` lines (None without any)."""
     loads = [float(m.group(1)) for m in re.finditer(r"load average:\s*([\d.]+)", text)]
@@ -283,8 +310,9 @@ def left_out(recipe: dict[str, Any]) -> str:
 
 
 def page(family: Sequence[Point], points: Sequence[Point], by_method: dict[str, list[Gap]],
-         plain: Sequence[Gap], sentences: Sequence[str], recipe: dict[str, Any]) -> str:
-    """The results page (Markdown)."""
+         plain: Sequence[Gap], sentences: Sequence[str], recipe: dict[str, Any],
+         partial: dict[str, list[str]] | None = None) -> str:
+    """The results page (Markdown); ``partial``: methods timed beside part of the family (``partial_runs``)."""
     best = best_of_all(by_method)
     reached = [g.budget for g in best if g.points is not None and g.points >= -LEVEL]
     missed = [g for g in best if g.points is not None and g.points < -LEVEL]
@@ -329,7 +357,7 @@ at a budget is that of its best single point within that wall cost; in brackets,
 {gaps_table(by_method)}
 {plain_row(plain)}
 
-{goal}
+{partial_text(partial or {})}{goal}
 
 {chr(10).join(f"- {s}" for s in sentences)}
 
@@ -411,7 +439,7 @@ def main() -> None:
                                                                                                  FAMILY_RUN)]
     family_doc = yaml.safe_load((a.folder / f"eval-{FAMILY_RUN}.yaml").read_text())
     _, family_points = collect(FAMILY_RUN, family_doc, reference, family)
-    all_points, by_method, by_method_points = [], {}, {}
+    all_points, by_method, by_method_points, by_method_family = [], {}, {}, {}
     for stem in stems:
         label = METHODS.get(stem, stem)
         doc = yaml.safe_load((a.folder / f"eval-{stem}.yaml").read_text())
@@ -419,6 +447,7 @@ def main() -> None:
         all_points += pts
         by_method[label] = gaps(pts, envelope(fam))
         by_method_points[label] = pts
+        by_method_family[label] = fam
     hull = envelope(family_points)
     plain = gaps([], hull)
     load_file = a.folder / "load.txt"
@@ -432,7 +461,8 @@ def main() -> None:
               "missing_methods": [label for stem, label in METHODS.items() if stem not in stems]}
     plot(a.figure, family_points, hull, by_method_points)
     sentences = [verdict(m, g) for m, g in by_method.items()]
-    text = page(family_points, all_points, by_method, plain, sentences, recipe)
+    text = page(family_points, all_points, by_method, plain, sentences, recipe,
+                partial_runs(family_points, by_method_family))
     tmp = a.page.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(a.page)

@@ -198,3 +198,25 @@ def test_main_writes_the_page_from_the_evaluations_found(bt: ModuleType, tmp_pat
     # a partial run says what it left out: five of the seven plain networks and every method but SDN heads
     assert "3 epochs): ResNet-20 width 8, ResNet-20 width 16. This run left out: ResNet-20 width 4;" in text
     assert "ResNet-32 width 16; E²CM, softmax rule;" in text and "SDN heads;" not in text
+
+
+def test_a_run_timed_beside_part_of_the_family_is_named_with_what_it_lacks(bt: ModuleType) -> None:
+    """An evaluation from before the family grew: the page names it and the members its run did not time."""
+    family = [point(bt, 0.1, 0.85, "plain-resnet20-w4.safetensors"),
+              point(bt, 0.6, 0.92, "plain-resnet20-w12.safetensors"), point(bt, 1.0, 0.93, REFERENCE_NAME),
+              point(bt, 1.6, 0.935, "plain-resnet32-w16.safetensors")]
+    stale, whole = [family[0], family[2]], family
+    partial = bt.partial_runs(family, {"old": stale, "new": whole})
+    assert partial == {"old": ["plain-resnet20-w12.safetensors", "plain-resnet32-w16.safetensors"]}
+    text = bt.partial_text(partial)
+    assert "old (without ResNet-20 width 12, ResNet-32 width 16)" in text and "new" not in text
+    assert bt.partial_text({}) == ""
+    # the stale run's curve at 0.6 is the chord from width 4 to width 16, 2.6 points under the whole family's
+    assert 100 * (bt.curve_accuracy(bt.envelope(whole), 0.6) - bt.curve_accuracy(bt.envelope(stale), 0.6)) > 2
+    early = [point(bt, 0.5, 0.90, "0: budget 0.5")]
+    by_method = {"old": bt.gaps(early, bt.envelope(stale))}
+    recipe = {"data": "Fashion-MNIST", "samples": 10000, "config": "c.yaml", "epochs": 3, "threads": 1,
+              "repeats": 1, "cpus": 2, "load": None, "figure": None, "family": [], "missing_family": [],
+              "missing_methods": []}
+    page = bt.page(family, early, by_method, bt.gaps([], bt.envelope(family)), ["old: ..."], recipe, partial)
+    assert text in page and page.index(text) < page.index("The best early-exit configuration")
