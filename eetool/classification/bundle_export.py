@@ -89,6 +89,10 @@ class _MeansDecision(nn.Module):
     the Gemm's weight and bias (scaling by -2 is exact, so only the order of the sums differs from eetool's
     ||x||^2 - 2 x.M^T + ||m||^2)."""
 
+    weight: torch.Tensor
+    bias: torch.Tensor
+    normaliser: torch.Tensor
+
     def __init__(self, rule: Any, j: int) -> None:
         from eetool.classification.e2cm import NEAREST
 
