@@ -303,6 +303,31 @@ def load_range(text: str) -> tuple[float, float] | None:
     return (min(loads), max(loads)) if loads else None
 
 
+# The SDN heads trained on the frozen plain networks (budgeted-methods, budgeted-small): their epochs are the run's,
+# read from each file's recorded arguments, since BUDGETED_HEAD_EPOCHS may have been set otherwise.
+FROZEN_HEADS = {"heads.safetensors": "width 16", "w8-heads.safetensors": "width 8"}
+
+
+def recorded_epochs(path: Path) -> int | None:
+    """The --epochs an eetool artifact was made with (its safetensors metadata ``eetool.args``), None if absent."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        args = json.loads((f.metadata() or {}).get("eetool.args", "{}"))
+    epochs = args.get("epochs")
+    return epochs if isinstance(epochs, int) else None
+
+
+def head_epochs_text(head_epochs: dict[str, int]) -> str:
+    """The frozen SDN heads' epochs as this run trained them, for the page ("" when none were found)."""
+    if not head_epochs:
+        return ""
+    each = ", ".join(f"{net} {n} epoch{'' if n == 1 else 's'}" for net, n in head_epochs.items())
+    return f"\nThis run's SDN heads on the frozen networks were trained for: {each}."
+
+
 def left_out(recipe: dict[str, Any]) -> str:
     """What the Makefile makes that this run did not: a page from a partial run says so where it is read."""
     missing = [*recipe.get("missing_family", []), *recipe.get("missing_methods", [])]
@@ -369,7 +394,7 @@ Its groups run on their own: `budgeted-family` (the seven plain networks, timed 
 entropy, E²CM+SDN with `and` and `or`, channel pruning to 50% and 25% of the MACs), `budgeted-small` (E²CM and
 SDN heads on the width-8 network), `budgeted-scratch` (`train-exits --joint --from-scratch` with SDN's exit
 weights, and with `--distill 0.5`), `budgeted-msdnet`, and `budgeted-page` (this page from what exists). Every
-step is a file, so an interrupted run continues where it stopped.
+step is a file, so an interrupted run continues where it stopped.{head_epochs_text(recipe.get('head_epochs', {}))}
 
 ## Caveats
 
@@ -458,7 +483,9 @@ def main() -> None:
               "figure": os.path.relpath(a.figure, a.page.parent),
               "family": [FAMILY.get(n, n) for n in FAMILY if f"plain-{n}.safetensors" in family.values()],
               "missing_family": [FAMILY[n] for n in FAMILY if f"plain-{n}.safetensors" not in family.values()],
-              "missing_methods": [label for stem, label in METHODS.items() if stem not in stems]}
+              "missing_methods": [label for stem, label in METHODS.items() if stem not in stems],
+              "head_epochs": {net: n for name, net in FROZEN_HEADS.items()
+                              if (a.folder / name).is_file() and (n := recorded_epochs(a.folder / name)) is not None}}
     plot(a.figure, family_points, hull, by_method_points)
     sentences = [verdict(m, g) for m, g in by_method.items()]
     text = page(family_points, all_points, by_method, plain, sentences, recipe,

@@ -220,3 +220,18 @@ def test_a_run_timed_beside_part_of_the_family_is_named_with_what_it_lacks(bt: M
               "missing_methods": []}
     page = bt.page(family, early, by_method, bt.gaps([], bt.envelope(family)), ["old: ..."], recipe, partial)
     assert text in page and page.index(text) < page.index("The best early-exit configuration")
+
+
+def test_the_page_says_how_many_epochs_this_runs_heads_were_trained(bt: ModuleType, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    heads = tmp_path / "heads.safetensors"
+    save_file({"w": torch.zeros(1)}, str(heads), metadata={"format": "pt", "eetool.args": '{"epochs": 1}'})
+    bare = tmp_path / "bare.safetensors"
+    save_file({"w": torch.zeros(1)}, str(bare), metadata={"format": "pt"})
+    assert bt.recorded_epochs(heads) == 1
+    assert bt.recorded_epochs(bare) is None
+    assert bt.head_epochs_text({}) == ""
+    text = bt.head_epochs_text({"width 16": 1, "width 8": 6})
+    assert text.endswith("trained for: width 16 1 epoch, width 8 6 epochs.")
