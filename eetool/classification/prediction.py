@@ -6,7 +6,6 @@ point, with evaluate's checkpoint loader, exit rules and early-exit pass; one re
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -207,15 +206,9 @@ class Tally:
 def predict_batches(batches: Iterator[Batch], predictor: Predictor, preprocess: Any, device: Any,
                     writer: RecordWriter, tally: Tally, class_names: list[str] | None) -> None:
     """Run every batch through the predictor and write its records before the next batch is read."""
-    while True:
-        start = time.perf_counter()
-        batch = next(batches, None)
-        tally.decode_seconds += time.perf_counter() - start
-        if batch is None:
-            return
-        start = time.perf_counter()
-        out = predictor(preprocess(batch.images, device))
-        tally.model_seconds += time.perf_counter() - start
+    from eetool.core.prediction_io import timed_predictions
+
+    for batch, out in timed_predictions(batches, predictor, preprocess, device, tally):
         tally.add(out.exit_index)
         writer.write(records(batch, out, tally.exits, tally.costs, class_names))
 

@@ -11,10 +11,11 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
@@ -80,6 +81,33 @@ class Batch:
     labels: list[int]
     positions: list[int]  # each input's place in the input list (files) or in the dataset
     masks: torch.Tensor | None = None  # int16 N x H x W, IGNORE where unlabelled
+
+
+class Timings(Protocol):
+    """Where a prediction run adds the seconds it spent decoding inputs and in the model."""
+
+    decode_seconds: float
+    model_seconds: float
+
+
+Output = TypeVar("Output")
+
+
+def timed_predictions(batches: Iterator[Batch], predict: Callable[[torch.Tensor], Output],
+                      preprocess: Callable[[torch.Tensor, torch.device], torch.Tensor], device: torch.device,
+                      timings: Timings) -> Iterator[tuple[Batch, Output]]:
+    """Each batch with ``predict``'s output on it, the next batch read only once the caller has handled this one;
+    the seconds decoding and in the model are added to ``timings``."""
+    while True:
+        start = time.perf_counter()
+        batch = next(batches, None)
+        timings.decode_seconds += time.perf_counter() - start
+        if batch is None:
+            return
+        start = time.perf_counter()
+        out = predict(preprocess(batch.images, device))
+        timings.model_seconds += time.perf_counter() - start
+        yield batch, out
 
 
 class FailedInputs:

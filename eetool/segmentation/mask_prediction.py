@@ -230,18 +230,11 @@ def predict_batches(batches: Iterator[Batch], predictor: MaskPredictor, preproce
     """Run every batch through the predictor, write its masks (each atomically), then its records, before the next
     batch is read."""
     from eetool.core.artifacts import atomic_write
+    from eetool.core.prediction_io import timed_predictions
     from eetool.segmentation.networks import plain_macs
 
     dense = float(plain_macs(predictor.model, predictor.input_shape))
-    while True:
-        start = time.perf_counter()
-        batch = next(batches, None)
-        tally.decode_seconds += time.perf_counter() - start
-        if batch is None:
-            return
-        start = time.perf_counter()
-        out = predictor(preprocess(batch.images, device))
-        tally.model_seconds += time.perf_counter() - start
+    for batch, out in timed_predictions(batches, predictor, preprocess, device, tally):
         start = time.perf_counter()
         for i, position in enumerate(batch.positions):
             atomic_write(masks.path(position), mask_png(out.classes[i], masks.palette))
