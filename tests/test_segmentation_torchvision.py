@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from cli_helpers import invoke, ok, one_error_line
 from safetensors.torch import save_file
 
@@ -354,3 +355,134 @@ def test_a_masked_inverted_residual_computes_the_active_positions_only(name: str
     assert torch.equal(gathered.nchw().permute(0, 2, 3, 1)[~active], kept.permute(0, 2, 3, 1)[~active])
     # every position active: torchvision's block, squeeze-excitation pooling the whole map
     assert torch.allclose(whole.nchw(), expected_whole, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The feature-level rule on grids of different strides (``decide_at="feature"``, ``StridedGridExits``)
+
+
+def strided_feature_exits_by_definition(grids: list[torch.Tensor], thresholds: torch.Tensor,
+                                        size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                        list[torch.Tensor]]:
+    """The rule on every exit's full grid (B x h x w x K each, the first the finest): a cell (a position of the first
+    grid) leaves at the first early exit where the position covering it was computed (it covers a cell still
+    active) and passes its predicted class's threshold; exit n's grid holds its logits where computed and the
+    previous exit's grid resampled elsewhere; a pixel's logits are its cell's exit's grid upsampled; the anytime
+    map after exit n keeps the class of the pixels that left before and takes exit n's grid upsampled elsewhere."""
+    last = len(grids) - 1
+    batch, h0, w0 = grids[0].shape[:3]
+    exit_cell = torch.full((batch, h0, w0), last)
+    kept: list[torch.Tensor] = []
+    for n, g in enumerate(grids):
+        ratio = h0 // g.shape[1]
+        active = (exit_cell == last).view(batch, g.shape[1], ratio, g.shape[2], ratio).any(4).any(2)
+        if n == 0:
+            kept.append(g)
+        else:
+            resampled = F.interpolate(kept[-1].permute(0, 3, 1, 2), g.shape[1:3], mode="bilinear",
+                                      align_corners=False).permute(0, 2, 3, 1)
+            kept.append(torch.where(active[..., None], g, resampled))
+        if n < last:
+            confidence, prediction = g.softmax(-1).max(-1)
+            passes = active & (confidence > thresholds[n][prediction])
+            cells = passes.repeat_interleave(ratio, 1).repeat_interleave(ratio, 2)
+            exit_cell = torch.where(cells & (exit_cell == last), n, exit_cell)
+    stride = size[0] // h0
+    exit_index = exit_cell.repeat_interleave(stride, 1).repeat_interleave(stride, 2)
+    images = torch.stack([F.interpolate(k.permute(0, 3, 1, 2), size, mode="bilinear", align_corners=False)
+                          for k in kept])  # exits x B x K x H x W
+    logits = images.gather(0, exit_index[None, :, None].expand(1, *images.shape[1:]))[0]
+    own = logits.argmax(1)
+    anytime = [torch.where(exit_index < n, own, images[n].argmax(1)) for n in range(last + 1)]
+    return logits, exit_index, anytime
+
+
+@pytest.mark.parametrize(("strides", "shares"), [((1, 2, 4, 2), (0.5, 0.5, 0.5)),  # LR-ASPP's 4, 8, 16 and 8
+                                                 ((1, 2, 2, 2), (0.3, 0.4, 0.6)),  # the ResNets' 4, 8, 8 and 8
+                                                 ((1, 2, 4, 4), (0.0, 0.6, 1.0))])  # none, then all
+def test_strided_grid_exits_match_the_feature_rule_recomputed_directly(strides: tuple[int, ...],
+                                                                       shares: tuple[float, ...]) -> None:
+    from test_segmentation_feature_exits import thresholds_between
+
+    from eetool.segmentation.masked import cover, positions
+    from eetool.segmentation.tv_masked import StridedGridExits
+
+    gen = torch.Generator().manual_seed(12)
+    cells, size = (8, 8), (32, 32)
+    grids = [3 * torch.randn(3, 8 // s, 8 // s, 5, generator=gen) for s in strides]
+    thresholds = thresholds_between(grids, shares)
+    exits = StridedGridExits(3, cells, size, 3, torch.device("cpu"))
+    grid = grids[0]
+    for n, g in enumerate(grids):  # as the network's loop builds each exit's grid
+        at = None
+        if n > 0:
+            computed = cover(exits.pixels, tuple(g.shape[1:3]))
+            at = positions(computed)
+            grid = F.interpolate(grid.permute(0, 3, 1, 2), g.shape[1:3], mode="bilinear",
+                                 align_corners=False).permute(0, 2, 3, 1).contiguous()
+            grid.view(-1, 5)[at] = g.reshape(-1, 5)[at]
+        if not exits.take(grid, thresholds[n] if n < 3 else None, at):
+            break
+    logits, exit_index, anytime = strided_feature_exits_by_definition(grids, thresholds, size)
+    assert torch.equal(exits.exit_index().long(), exit_index)
+    assert torch.equal(exits.pixels, exit_index == 3)
+    final = exits.logits()
+    assert torch.allclose(final, logits, atol=1e-5)
+    predictions = exits.predictions(final.argmax(1))()
+    assert all(torch.equal(p, q) for p, q in zip(predictions, anytime, strict=True))
+    if shares[0] == 0:  # nobody at the first exit, everybody left by the third
+        assert bool((exit_index > 0).all()) and bool((exit_index < 3).all())
+    else:
+        assert len(set(exit_index.flatten().tolist())) == 4  # cells leave at every exit
+
+
+def test_feature_rule_nobody_leaving_is_the_dense_network_everybody_the_first_exit(
+        tv_net: TorchvisionSegNet) -> None:
+    from eetool.segmentation import tv_masked
+
+    x = torch.randn(2, *MASKED_SHAPE, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        outs = tv_net.forward_exits(x)
+    stay = tv_masked.early_exit_forward(tv_net, x, torch.full((3, 4), 2.0), decide_at="feature")
+    assert bool((stay.exit_index == 3).all())
+    assert float((stay.logits - outs[-1]).abs().max()) <= 1e-4 * float(outs[-1].abs().max()) + 1e-5
+    assert torch.equal(stay.exit_predictions[-1], stay.logits.argmax(1))
+    assert stay.macs == stay.executed_macs == 2 * (plain_macs(tv_net, MASKED_SHAPE)
+                                                   + sum(dense_costs(tv_net, MASKED_SHAPE).heads))
+    leave = tv_masked.early_exit_forward(tv_net, x, torch.zeros(3, 4), decide_at="feature")
+    assert bool((leave.exit_index == 0).all()) and torch.allclose(leave.logits, outs[0], atol=1e-5)
+    assert leave.macs == 2 * first_exit_macs(tv_net, MASKED_SHAPE) and leave.active_positions[1:] == [0, 0, 0]
+
+
+def test_feature_rule_gathered_or_dense_is_the_same_and_cells_that_left_never_change(
+        tv_net: TorchvisionSegNet) -> None:
+    from eetool.segmentation import tv_masked
+
+    x = torch.randn(2, *MASKED_SHAPE, generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        first = tv_net.require_exits()[0](tv_net.run_stage(0, x, {})).softmax(1).amax(1)
+    cut = float(first.median())  # about half the first exit's positions leave there
+    thresholds = torch.tensor([[cut] * 4, [0.0] * 4, [0.0] * 4])
+    gathered = tv_masked.early_exit_forward(tv_net, x, thresholds, dense_above=float("inf"), decide_at="feature")
+    dense = tv_masked.early_exit_forward(tv_net, x, thresholds, dense_above=0.0, decide_at="feature")
+    assert torch.equal(gathered.exit_index, dense.exit_index)
+    assert torch.allclose(gathered.logits, dense.logits, atol=1e-4)
+    assert gathered.macs == dense.macs and gathered.executed_macs is not None
+    assert dense.executed_macs is not None and gathered.executed_macs < dense.executed_macs
+    stay = thresholds.clone()
+    stay[1:] = 2.0
+    later = tv_masked.early_exit_forward(tv_net, x, stay, dense_above=float("inf"), decide_at="feature")
+    left = gathered.exit_index == 0
+    assert torch.equal(left, later.exit_index == 0) and 0.2 < float(left.float().mean()) < 0.8
+    # a pixel reads the exit's grid positions within one of its own: where all of them left at the first exit,
+    # what happens after it does not touch the pixel (the first exit's grid has stride 4 at this size)
+    gone = (gathered.exit_index[:, ::4, ::4] == 0).float()
+    settled = (-F.max_pool2d(-gone[:, None], 3, 1, 1)[:, 0] > 0).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    assert int(settled.sum()) > 0
+    assert torch.equal(gathered.logits.permute(0, 2, 3, 1)[settled], later.logits.permute(0, 2, 3, 1)[settled])
+    # the analytic cost: each part's multiply-adds times the share of its image's pixels still active
+    costs = dense_costs(tv_net, MASKED_SHAPE)
+    parts = [s + h for s, h in zip(costs.stages, [*costs.heads, 0], strict=True)]
+    analytic = sum(float((image >= s).float().mean()) * part for image in later.exit_index
+                   for s, part in enumerate(parts))
+    assert later.macs == pytest.approx(analytic, rel=1e-7)

@@ -357,15 +357,7 @@ class GridExits:
         self._written.append((still, rows))
         if thresholds is None:
             return False
-        thresholds = thresholds.to(rows.device)
-        if bool(thresholds.min() == thresholds.max()):  # one threshold (ADP-C's): the predicted class is not needed,
-            top = rows.amax(-1)  # and the largest logit alone takes a quarter of the time of the largest with its class
-            bar = thresholds[0]
-        else:
-            top, prediction = rows.max(-1)
-            bar = thresholds[prediction]
-        confidence = 1 / (rows - top[:, None]).exp_().sum(-1)  # the softmax's largest, without dividing every class
-        leave = confidence > bar
+        leave = leaving(rows, thresholds)
         if still is None:  # masks over every position, without looking up the numbers of those that leave
             self.exit_grid.view(-1).masked_fill_(leave, len(self._written) - 1)
             self.active.view(-1).copy_(leave.logical_not_())
@@ -405,6 +397,20 @@ class GridExits:
             maps.append(final)
             return maps + [final] * (self.last + 1 - len(maps))
         return anytime
+
+
+def leaving(rows: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Which of ``rows`` (N x K logits) leave: those whose softmax's largest probability exceeds the threshold of
+    their predicted class (``thresholds``: one per class)."""
+    thresholds = thresholds.to(rows.device)
+    if bool(thresholds.min() == thresholds.max()):  # one threshold (ADP-C's): the predicted class is not needed,
+        top = rows.amax(-1)  # and the largest logit alone takes a quarter of the time of the largest with its class
+        bar = thresholds[0]
+    else:
+        top, prediction = rows.max(-1)
+        bar = thresholds[prediction]
+    confidence = 1 / (rows - top[:, None]).exp_().sum(-1)  # the softmax's largest, without dividing every class
+    return confidence > bar
 
 
 def pixel_grid(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

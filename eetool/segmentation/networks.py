@@ -41,15 +41,12 @@ def early_exit_forward(model: SegmentationNet, x: torch.Tensor, thresholds: torc
                        dense_above: float = DENSE_ABOVE, decide_at: str = "pixel") -> EarlyExitResult:
     """Pixel-level early exit with ``thresholds`` (early exits x classes): a pixel predicted as class j at early
     exit n leaves when its largest probability exceeds ``thresholds[n, j]``. eeseg computes only active positions
-    after its stem, and with ``decide_at="feature"`` decides per position of its heads' grid; a torchvision network
-    is masked after its first exit and decides per pixel only."""
+    after its stem, a torchvision network after its first exit; with ``decide_at="feature"`` either decides per
+    position of its heads' grids."""
     if decide_at not in DECIDE_AT:
         raise UsageError(f"unknown --decide-at {decide_at!r}", f"use one of {', '.join(DECIDE_AT)}")
     if isinstance(model, EESegNet):
         return eeseg.early_exit_forward(model, x, thresholds, dense_above, decide_at=decide_at)
-    if decide_at == "feature":
-        raise UsageError("--decide-at feature is for eeseg; the torchvision networks decide per pixel",
-                         "drop --decide-at, or use an eeseg checkpoint")
     from eetool.segmentation import tv_masked
 
-    return tv_masked.early_exit_forward(model, x, thresholds)
+    return tv_masked.early_exit_forward(model, x, thresholds, decide_at=decide_at)

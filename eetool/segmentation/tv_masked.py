@@ -1,12 +1,14 @@
 """Masked early exit for torchvision's segmentation ResNets (fcn_resnet50, deeplabv3_resnet50) and MobileNetV3s
 (deeplabv3_mobilenet_v3_large, lraspp_mobilenet_v3_large): after the first exit, blocks compute only active
-positions, or run dense above their crossover.
+positions, or run dense above their crossover. The exit decision is taken per image pixel (``PixelExits``, the
+thesis's rule) or per position of each exit's own grid (``StridedGridExits``).
 
 Method: docs/methods/segmentation-inference.md#masked-resnets-fcn_resnet50-deeplabv3_resnet50
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -30,7 +32,16 @@ from eetool.segmentation.masked import (
     tap_rows,
     write_active,
 )
-from eetool.segmentation.model import EXIT_NAMES, EarlyExitResult, Head, PixelExits, head_rows
+from eetool.segmentation.model import (
+    EXIT_NAMES,
+    EarlyExitResult,
+    Head,
+    PixelExits,
+    head_rows,
+    leaving,
+    pixel_grid,
+    upsample,
+)
 from eetool.segmentation.tv import TorchvisionSegNet, dense_costs
 
 # A block computes dense at or above this share of active positions: on one CPU thread a gathered Bottleneck of
@@ -242,11 +253,86 @@ def _counted_classifier(model: TorchvisionSegNet, saved: dict[str, torch.Tensor]
     return out, spent[0]
 
 
+class StridedGridExits:
+    """The feature-level rule (``decide_at="feature"``) on networks whose exits compute grids of different strides
+    (the torchvision networks': 4, 8 and 16 or 8, the final 8 or 16). Each exit decides per position of its own
+    grid, on its logits there; the first exit's grid, the finest, is the unit that leaves (a cell). A later exit
+    computes the positions that cover a cell still active, and a position that passes its threshold takes every
+    active cell it covers with it. Each exit's grid holds its logits where it computed them and, elsewhere, the
+    previous exit's grid resampled to it (the network's loop builds it so); a pixel's logits are its exit's grid
+    upsampled bilinearly to the image, once at the end, and its exit is that of its cell.
+    Method: docs/methods/segmentation-inference.md#the-feature-level-rule-on-the-torchvision-networks
+    """
+
+    def __init__(self, batch: int, cells_hw: tuple[int, int], size: tuple[int, int], last: int,
+                 device: torch.device) -> None:
+        self.size, self.last = size, last
+        self.cells = torch.ones(batch, *cells_hw, dtype=torch.bool, device=device)  # still active
+        self.exit_cells = torch.full((batch, *cells_hw), last, dtype=torch.uint8, device=device)
+        # the image pixels of the active cells (updated in place): what the masked blocks cover
+        self.pixels = torch.ones(batch, *size, dtype=torch.bool, device=device)
+        self._grids: list[torch.Tensor] = []  # per exit taken: its B x h x w x K grid
+
+    def take(self, grid_logits: torch.Tensor, thresholds: torch.Tensor | None, at: torch.Tensor | None = None
+             ) -> bool:
+        """The next exit: ``grid_logits`` (B x h x w x K) is its grid, computed at the flat positions ``at`` (None:
+        every position); with ``thresholds`` (one per class) the computed positions whose largest probability
+        passes their predicted class's leave with the active cells they cover. Returns whether a cell is still
+        active."""
+        self._grids.append(grid_logits)
+        if thresholds is None:
+            return False
+        flat = grid_logits.reshape(-1, grid_logits.shape[-1])
+        leave = leaving(flat if at is None else flat.index_select(0, at), thresholds)
+        gone = torch.zeros(grid_logits.shape[:3], dtype=torch.bool, device=grid_logits.device)
+        if at is None:
+            gone.view(-1).copy_(leave)
+        else:
+            gone.view(-1)[at[leave]] = True
+        cells = pixel_grid(gone, (int(self.cells.shape[1]), int(self.cells.shape[2]))) & self.cells
+        self.exit_cells.masked_fill_(cells, len(self._grids) - 1)
+        self.cells &= ~cells
+        self.pixels.copy_(pixel_grid(self.cells, self.size))
+        return bool(self.cells.any())
+
+    def exit_index(self) -> torch.Tensor:
+        """B x H x W: each pixel's exit, that of its cell."""
+        return pixel_grid(self.exit_cells, self.size)
+
+    def _image(self, grid: torch.Tensor) -> torch.Tensor:
+        return upsample(grid.permute(0, 3, 1, 2), self.size)
+
+    def logits(self) -> torch.Tensor:
+        """B x K x H x W: each pixel's logits, its exit's grid upsampled (one upsampling per exit some pixel took;
+        channels-last memory)."""
+        exit_index = self.exit_index()[:, None]
+        logits = self._image(self._grids[-1])
+        for n in reversed(range(len(self._grids) - 1)):
+            here = exit_index == n
+            if bool(here.any()):
+                logits = torch.where(here, self._image(self._grids[n]), logits)
+        return logits
+
+    def predictions(self, final: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
+        """The anytime class maps, made when called: after exit n, the pixels that left before keep their class
+        and the others take exit n's grid upsampled; ``final`` (the last exit's map) is given as computed."""
+        def anytime() -> list[torch.Tensor]:
+            exit_index = self.exit_index()
+            maps: list[torch.Tensor] = []
+            for n, grid in enumerate(self._grids[:-1]):
+                here = self._image(grid).max(1).indices
+                maps.append(here if n == 0 else torch.where(exit_index < n, maps[-1], here))
+            maps.append(final)
+            return maps + [final] * (self.last + 1 - len(maps))
+        return anytime
+
+
 @torch.no_grad()
 def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: torch.Tensor,
-                       dense_above: float | None = None) -> EarlyExitResult:
+                       dense_above: float | None = None, decide_at: str = "pixel") -> EarlyExitResult:
     """Pixel-level early exit with ``thresholds`` (early exits x classes) on a torchvision segmentation network,
-    masked after the first exit (see the module's doc); ``dense_above`` defaults to the family's crossover."""
+    masked after the first exit (see the module's doc); ``dense_above`` defaults to the family's crossover.
+    ``decide_at="feature"`` decides per position of each exit's grid (``StridedGridExits``)."""
     model = model.eval().inference_net()  # channels last, as the plain network runs
     heads = model.require_exits()
     x = x.contiguous(memory_format=torch.channels_last)
@@ -257,12 +343,14 @@ def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: to
     batch, _, height, width = x.shape
     last = len(EXIT_NAMES) - 1
     returned = cast(dict[str, str], model.backbone.return_layers)  # type: ignore[attr-defined]
-    exits = PixelExits(batch, height, width, last, x.device)
+    saved: dict[str, torch.Tensor] = {}
+    h = model.run_stage(0, x, saved)
+    exits: PixelExits | StridedGridExits = (
+        StridedGridExits(batch, (int(h.shape[2]), int(h.shape[3])), (height, width), last, x.device)
+        if decide_at == "feature" else PixelExits(batch, height, width, last, x.device))
     pixels = exits.pixels  # the pixels still active: ``exits`` updates it in place
     exit_macs: list[int] = []
     computed: list[int] = []
-    saved: dict[str, torch.Tensor] = {}
-    h = model.run_stage(0, x, saved)
     grid_logits = heads[0](h).permute(0, 2, 3, 1)  # B x h x w x K
     fmap = FeatureMap.of(h)
     analytic = float(batch * (costs.stages[0] + costs.heads[0]))
@@ -301,10 +389,16 @@ def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: to
                 analytic += share * costs.stages[n]
             executed += spent
         exit_macs.append(round(analytic))
-        if not exits.take(grid_logits, None if n == last else thresholds[n]):
+        bar = None if n == last else thresholds[n]
+        if not (exits.take(grid_logits, bar, None if n == 0 else at) if isinstance(exits, StridedGridExits)
+                else exits.take(grid_logits, bar)):
             # the final exit, or every pixel has left: later exits would compute nothing and change nothing
             computed.extend([0] * (last - n))
             exit_macs.extend([round(analytic)] * (last - n))
             break
+    if isinstance(exits, StridedGridExits):
+        logits = exits.logits()
+        return EarlyExitResult(logits, exits.exit_index(), round(analytic), computed,
+                               exits.predictions(logits.max(1).indices), exit_macs, executed_macs=executed)
     return EarlyExitResult(exits.logits(), exits.exit_index, round(analytic), computed, exits.predictions(last + 1),
                            exit_macs, executed_macs=executed)
