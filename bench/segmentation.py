@@ -1,7 +1,8 @@
 """Segmentation: CBT's calibration pass against plain inference, and pixel-level early exit's measured speed-up
-against its analytic cost, in one run on the same scenes.
+against its analytic cost, in one run on the same scenes, on eeseg or a torchvision network with exit heads.
 
     python bench/segmentation.py --checkpoint eeseg.safetensors            # 300 Fashion-MNIST test scenes
+    python bench/segmentation.py --checkpoint lraspp-exits.safetensors --threads 1  # from `eetool train-exits`
     python bench/segmentation.py --checkpoint eeseg.safetensors --threads 1 # on a busy machine
     python bench/segmentation.py --checkpoint eeseg.safetensors --threads 1 --crossover  # gathered or dense blocks
 
@@ -11,7 +12,7 @@ The calibration pass runs every exit and adds each pixel's softmax to float64 su
 the same test scenes), each by both rules (``--decide-at``: the thesis's per pixel, and per position of the heads'
 grid), with the goals of issue 24: at least 1.0x the plain network's images/s at ADP-C 0.998 and CBT [0.99,
 0.998], and at least 0.7 of the analytic speed-up at the cheapest point (ADP-C 0.9 in `make segmentation`'s
-table). Its floor, ``every_head_over_plain``, is the trunk with
+table). Its floor, ``every_head_over_plain`` (eeseg only), is the trunk with
 every exit's head on every position and nothing upsampled: the plain network runs only the final head. Every
 timed part runs once per round, the rounds interleaved, and each reports its least CPU seconds over the rounds
 (see ``interleaved_best``). The early exits compute active positions by gathered matrix
@@ -37,7 +38,8 @@ from eetool.core.datasets import Preprocess, load_dataset
 from eetool.core.reporting import Reporter
 from eetool.segmentation.inputs import class_statistics
 from eetool.segmentation.masked import FeatureMap
-from eetool.segmentation.model import DILATIONS, EESegNet, PositionCosts, _sparse_block, early_exit_forward, plain_macs
+from eetool.segmentation.model import DILATIONS, EESegNet, PositionCosts, _sparse_block
+from eetool.segmentation.networks import early_exit_forward, plain_macs
 from eetool.segmentation.pixel_thresholds import adp_c, cbt
 
 
@@ -93,7 +95,9 @@ def main() -> None:
         class_statistics(model, ds, pre, args.batch_size, torch.device("cpu"), Reporter())
 
     dense = plain_macs(model, ck.spec.input_shape)
-    parts: dict[str, Callable[[], object]] = {"plain": plain, "heads": heads, "calibration": calibrate}
+    parts: dict[str, Callable[[], object]] = {"plain": plain, "calibration": calibrate}
+    if isinstance(model, EESegNet):  # a torchvision network has no grid exits without upsampling
+        parts["heads"] = heads
     operating = {f"ADP-C {t}": adp_c(float(t), 3, model.num_classes).float() for t in args.thresholds.split(",") if t}
     if args.cbt_alpha:
         stats = class_statistics(model, ds, pre, args.batch_size, torch.device("cpu"), Reporter())
@@ -126,7 +130,8 @@ def main() -> None:
                                   "plain_images_per_s": round(len(ds) / t_plain, 1),
                                   "calibration_images_per_s": round(len(ds) / t_cal, 1),
                                   "calibration_over_plain": round(t_plain / t_cal, 3),
-                                  "every_head_over_plain": round(t_plain / best["heads"], 3), "points": points}
+                                  "every_head_over_plain": (round(t_plain / best["heads"], 3) if "heads" in best
+                                                            else None), "points": points}
     results["calibration_goal_met"] = t_plain / t_cal >= 0.85
     print(json.dumps(results, indent=2))
 

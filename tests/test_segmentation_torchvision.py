@@ -367,8 +367,9 @@ def strided_feature_exits_by_definition(grids: list[torch.Tensor], thresholds: t
     """The rule on every exit's full grid (B x h x w x K each, the first the finest): a cell (a position of the first
     grid) leaves at the first early exit where the position covering it was computed (it covers a cell still
     active) and passes its predicted class's threshold; exit n's grid holds its logits where computed and the
-    previous exit's grid resampled elsewhere; a pixel's logits are its cell's exit's grid upsampled; the anytime
-    map after exit n keeps the class of the pixels that left before and takes exit n's grid upsampled elsewhere."""
+    previous exit's grid resampled elsewhere. A pixel that reached the final exit takes its grid upsampled; one that
+    left early, the grid of the cells upsampled, each cell holding its exit's grid resampled to the cells. The
+    anytime map after early exit n: the same grid of cells with the cells still active at exit n taking exit n's."""
     last = len(grids) - 1
     batch, h0, w0 = grids[0].shape[:3]
     exit_cell = torch.full((batch, h0, w0), last)
@@ -387,13 +388,21 @@ def strided_feature_exits_by_definition(grids: list[torch.Tensor], thresholds: t
             passes = active & (confidence > thresholds[n][prediction])
             cells = passes.repeat_interleave(ratio, 1).repeat_interleave(ratio, 2)
             exit_cell = torch.where(cells & (exit_cell == last), n, exit_cell)
+
+    def up(grid: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(grid.permute(0, 3, 1, 2), hw, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+
+    on_cells = torch.stack([up(k, (h0, w0)) for k in kept])  # exits x B x h0 x w0 x K
+
+    def cells_image(exits: torch.Tensor) -> torch.Tensor:
+        cells = on_cells.gather(0, exits[None, ..., None].expand(1, *on_cells.shape[1:]))[0]
+        return up(cells, size).permute(0, 3, 1, 2)
+
     stride = size[0] // h0
     exit_index = exit_cell.repeat_interleave(stride, 1).repeat_interleave(stride, 2)
-    images = torch.stack([F.interpolate(k.permute(0, 3, 1, 2), size, mode="bilinear", align_corners=False)
-                          for k in kept])  # exits x B x K x H x W
-    logits = images.gather(0, exit_index[None, :, None].expand(1, *images.shape[1:]))[0]
-    own = logits.argmax(1)
-    anytime = [torch.where(exit_index < n, own, images[n].argmax(1)) for n in range(last + 1)]
+    final = up(kept[-1], size).permute(0, 3, 1, 2)
+    logits = torch.where((exit_index == last)[:, None], final, cells_image(exit_cell))
+    anytime = [cells_image(exit_cell.clamp(max=n)).argmax(1) for n in range(last)] + [logits.argmax(1)]
     return logits, exit_index, anytime
 
 

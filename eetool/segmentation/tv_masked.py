@@ -21,6 +21,7 @@ from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
 from eetool.segmentation.masked import (
     FeatureMap,
+    add_active,
     bn_rows,
     conv_rows,
     cover,
@@ -176,7 +177,7 @@ def inverted_residual(block: InvertedResidual, src: FeatureMap, active: torch.Te
         h = src.nchw()
         for layer in layers:
             h = _squeeze_excite_dense(layer, h, active) if isinstance(layer, SqueezeExcitation) else layer(h)
-        write_active(active, h + src.nchw() if residual else h, out)
+        add_active(active, h, out, residual)
         return out, src.batch * (src.height * src.width * expand_macs + out_hw[0] * out_hw[1] * per_output
                                  + se_macs)
     at = positions(active)
@@ -209,7 +210,7 @@ def pointwise_block(block: Conv2dNormActivation, src: FeatureMap, active: torch.
     conv = cast(nn.Conv2d, modules[0])
     out = FeatureMap.zeros(src.batch, src.height, src.width, conv.out_channels, src.rows)
     if float(active.float().mean()) >= dense_above:
-        write_active(active, block(src.nchw()), out)
+        add_active(active, block(src.nchw()), out, residual=False)
         return out, active.numel() * macs_per_position(conv)
     at = positions(active)
     out.rows[at] = pointwise(modules, src.rows[at])
@@ -259,8 +260,10 @@ class StridedGridExits:
     grid, on its logits there; the first exit's grid, the finest, is the unit that leaves (a cell). A later exit
     computes the positions that cover a cell still active, and a position that passes its threshold takes every
     active cell it covers with it. Each exit's grid holds its logits where it computed them and, elsewhere, the
-    previous exit's grid resampled to it (the network's loop builds it so); a pixel's logits are its exit's grid
-    upsampled bilinearly to the image, once at the end, and its exit is that of its cell.
+    previous exit's grid resampled to it (the network's loop builds it so). As eeseg's ``GridExits`` has it, the
+    cells hold the logits they left with (their exit's grid resampled to the cells) and that grid is upsampled once,
+    at the end, for the pixels that left early; those that reached the final exit take its grid upsampled, as the
+    plain network does. A pixel's exit is its cell's.
     Method: docs/methods/segmentation-inference.md#the-feature-level-rule-on-the-torchvision-networks
     """
 
@@ -302,26 +305,36 @@ class StridedGridExits:
     def _image(self, grid: torch.Tensor) -> torch.Tensor:
         return upsample(grid.permute(0, 3, 1, 2), self.size)
 
+    def _kept(self, upto: int) -> torch.Tensor:
+        """B x h x w x K on the cells: each cell's logits from exit min(its exit, ``upto``), that exit's grid
+        resampled to the cells (bilinearly, as the network's loop resamples)."""
+        cells_hw = (int(self.cells.shape[1]), int(self.cells.shape[2]))
+        kept: torch.Tensor | None = None
+        for n in reversed(range(min(upto, len(self._grids) - 1) + 1)):
+            grid = self._grids[n]
+            if tuple(grid.shape[1:3]) != cells_hw:
+                grid = F.interpolate(grid.permute(0, 3, 1, 2), cells_hw, mode="bilinear",
+                                     align_corners=False).permute(0, 2, 3, 1)
+            kept = grid if kept is None else torch.where((self.exit_cells == n)[..., None], grid, kept)
+        assert kept is not None, "no exit taken"
+        return kept
+
     def logits(self) -> torch.Tensor:
-        """B x K x H x W: each pixel's logits, its exit's grid upsampled (one upsampling per exit some pixel took;
-        channels-last memory)."""
-        exit_index = self.exit_index()[:, None]
-        logits = self._image(self._grids[-1])
-        for n in reversed(range(len(self._grids) - 1)):
-            here = exit_index == n
-            if bool(here.any()):
-                logits = torch.where(here, self._image(self._grids[n]), logits)
-        return logits
+        """B x K x H x W: the cells' kept logits upsampled for the pixels that left early, the final exit's grid
+        upsampled for the others (channels-last memory)."""
+        final = self.exit_cells == self.last
+        if bool(final.all()):
+            return self._image(self._grids[-1])
+        early = self._image(self._kept(self.last))
+        if not bool(final.any()):
+            return early
+        return torch.where(pixel_grid(final, self.size)[:, None], self._image(self._grids[-1]), early)
 
     def predictions(self, final: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
-        """The anytime class maps, made when called: after exit n, the pixels that left before keep their class
-        and the others take exit n's grid upsampled; ``final`` (the last exit's map) is given as computed."""
+        """The anytime class maps, made when called: after early exit n, the cells still active then take exit n's
+        logits, and the cells are upsampled; ``final`` (the last exit's map) is given as computed."""
         def anytime() -> list[torch.Tensor]:
-            exit_index = self.exit_index()
-            maps: list[torch.Tensor] = []
-            for n, grid in enumerate(self._grids[:-1]):
-                here = self._image(grid).max(1).indices
-                maps.append(here if n == 0 else torch.where(exit_index < n, maps[-1], here))
+            maps = [self._image(self._kept(n)).max(1).indices for n in range(len(self._grids) - 1)]
             maps.append(final)
             return maps + [final] * (self.last + 1 - len(maps))
         return anytime
