@@ -48,8 +48,8 @@ SearchOverOpt = Annotated[str, typer.Option(
     rich_help_panel=SEARCH, autocompletion=prefix_completer(SEARCH_OVER))]
 DecideAtOpt = Annotated[str | None, typer.Option(
     "--decide-at", help="cbt, cbt-ns, adp-c: where a pixel's exit is decided, pixel (each image pixel on the "
-    "upsampled logits, the thesis's rule) or feature (each position of the head's grid, upsampled once at the end; "
-    "eeseg only), as --budget's runs and `evaluate` use it.  [default: pixel]", rich_help_panel=SEARCH,
+    "upsampled logits, the thesis's rule) or feature (each position of the head's grid, upsampled once at the end), "
+    "as --budget's runs and `evaluate` use it.  [default: pixel]", rich_help_panel=SEARCH,
     show_default=False, autocompletion=prefix_completer(DECIDE_AT))]
 AlphaOpt = Annotated[float, typer.Option("--alpha", help="cbt, cbt-ns: the threshold of the class the network is "
                                          "surest of (the lower end).", rich_help_panel=SEARCH)]
