@@ -7,8 +7,8 @@ calibrates on the training set), and `fit-thresholds` makes from them (with --me
 CBT with [0.99, 0.998], [0.95, 0.998] and [0.9, 0.998] and CBT-ns at [0.99, 0.998] (Table III's) and [0.9, 0.998]
 (Table IV's), and ADP-C at 0.998 and at 0.9. Beyond the thesis, ADP-C at 0.95, 0.99,
 0.995 and 0.999 as well, so that CBT can be compared with ADP-C at equal mIoU on a curve rather than at two
-points, and for eeseg ADP-C 0.998, CBT [0.99, 0.998] and ADP-C 0.9 with the exit decided per position of the heads'
-grid (`--decide-at feature`) beside the thesis's per-pixel rule.
+points, and ADP-C 0.998, CBT [0.99, 0.998] and ADP-C 0.9 with the exit decided per position of the heads' grid
+(`--decide-at feature`) beside the thesis's per-pixel rule.
 `evaluate` scores each on the test scenes: mIoU and cost at the last exit, and the anytime view of the
 thesis's tables (stopping after each exit: the class map so far and the GFLOPs spent up to it), with the
 measured speed beside the plain network's. Every step is an `eetool` command line; a step whose output exists is
@@ -47,7 +47,7 @@ EXITS = ("exit1", "exit2", "exit3", "final")
 BETA = 0.998
 PIXEL, FEATURE = ["--decide-at", "pixel"], ["--decide-at", "feature"]
 # (name, label, fit-thresholds arguments); the first seven are the thesis's rows, then the ADP-C curve, all decided per
-# pixel as the thesis does (the default for every network), then eeseg's rows decided per feature
+# pixel as the thesis does (the default for every network), then three rows decided per feature
 METHODS: list[tuple[str, str, list[str]]] = [
     ("adpc-0.998", "ADP-C", ["--method", "adp-c", "--threshold", "0.998", *PIXEL]),
     ("cbt-0.99", "CBT [0.99, 0.998]", ["--method", "cbt", "--alpha", "0.99", "--beta", str(BETA), *PIXEL]),
@@ -58,7 +58,7 @@ METHODS: list[tuple[str, str, list[str]]] = [
     ("adpc-0.9", "ADP-C β = 0.9", ["--method", "adp-c", "--threshold", "0.9", *PIXEL]),
     *((f"adpc-{t}", f"ADP-C {t}", ["--method", "adp-c", "--threshold", t, *PIXEL])
       for t in ("0.95", "0.99", "0.995", "0.999")),
-    # beyond the thesis (eeseg only): the exit decided per position of the heads' grid, upsampled once at the end
+    # beyond the thesis: the exit decided per position of the heads' grid, upsampled once at the end
     ("adpc-0.998-feature", "ADP-C 0.998, per feature", ["--method", "adp-c", "--threshold", "0.998", *FEATURE]),
     ("cbt-0.99-feature", "CBT [0.99, 0.998], per feature",
      ["--method", "cbt", "--alpha", "0.99", "--beta", str(BETA), *FEATURE]),
@@ -125,8 +125,6 @@ def plan(out: Path, a: argparse.Namespace) -> list[Step]:
                                     *subsets["calibration"], *batch, "-o", str(statistics), "--force", "--format",
                                     "json", *common], statistics, [trained]))
     for name, _, method in METHODS:
-        if not eeseg and FEATURE[1] in method:  # the torchvision networks decide per pixel
-            continue
         cbt = method[1] != "adp-c"
         steps.append(Step(f"fit-{name}", [*eetool, "fit-thresholds", *method, "-c", str(model),
                                           *(["--means", str(statistics)] if cbt else []),

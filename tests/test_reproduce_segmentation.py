@@ -137,14 +137,11 @@ def test_a_torchvision_plan_trains_the_network_then_its_exit_heads(seg: ModuleTy
     for s in steps[2:]:
         assert option(s.argv, "-c") == str(with_exits)
     assert by_name["calibrate"].needs == ["train-exits"]
-    for name, _, method in seg.METHODS:
-        if "feature" in method:  # eeseg's feature-level rows: the torchvision networks decide per pixel
-            assert f"fit-{name}" not in by_name and f"eval-{name}" not in by_name
-            continue
+    for name, _, method in seg.METHODS:  # the feature-level rows too, as for eeseg
         assert by_name[f"fit-{name}"].needs == (["train-exits"] if method[1] == "adp-c" else ["calibrate"])
         assert by_name[f"eval-{name}"].needs == [f"fit-{name}"]
     # the same steps after training as eeseg's, argument for argument but the checkpoint
-    eeseg = [s for s in seg.plan(tmp_path, plan_args(train_scenes=2)) if not s.name.endswith("-feature")]
+    eeseg = seg.plan(tmp_path, plan_args(train_scenes=2))
     assert [s.name for s in eeseg[1:]] == [s.name for s in steps[2:]]
     for ours, theirs in zip(steps[2:], eeseg[1:], strict=True):
         assert [str(with_exits) if x == str(tmp_path / "eeseg.safetensors") else x for x in theirs.argv] == ours.argv

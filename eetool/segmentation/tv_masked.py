@@ -171,9 +171,11 @@ def inverted_residual(block: InvertedResidual, src: FeatureMap, active: torch.Te
     per_output = macs_per_position(dw_conv) + macs_per_position(cast(nn.Conv2d, project[0]))
     se_macs = 0 if se is None else macs_per_position(se.fc1) + macs_per_position(se.fc2)
     residual = bool(block.use_res_connect)
-    out = src if residual else FeatureMap.zeros(src.batch, *out_hw, cast(nn.Conv2d, project[0]).out_channels,
-                                                src.rows)
-    if float(active.float().mean()) >= dense_above:
+    dense = float(active.float().mean()) >= dense_above
+    # without a residual the inactive positions are zero: written so by the dense pass, or zeros beforehand
+    new = FeatureMap.empty if dense else FeatureMap.zeros
+    out = src if residual else new(src.batch, *out_hw, cast(nn.Conv2d, project[0]).out_channels, src.rows)
+    if dense:
         h = src.nchw()
         for layer in layers:
             h = _squeeze_excite_dense(layer, h, active) if isinstance(layer, SqueezeExcitation) else layer(h)
@@ -208,10 +210,11 @@ def pointwise_block(block: Conv2dNormActivation, src: FeatureMap, active: torch.
     positions; inactive positions are zero."""
     modules = list(block)
     conv = cast(nn.Conv2d, modules[0])
-    out = FeatureMap.zeros(src.batch, src.height, src.width, conv.out_channels, src.rows)
-    if float(active.float().mean()) >= dense_above:
+    if float(active.float().mean()) >= dense_above:  # every position written: the inactive ones' zeros too
+        out = FeatureMap.empty(src.batch, src.height, src.width, conv.out_channels, src.rows)
         add_active(active, block(src.nchw()), out, residual=False)
         return out, active.numel() * macs_per_position(conv)
+    out = FeatureMap.zeros(src.batch, src.height, src.width, conv.out_channels, src.rows)
     at = positions(active)
     out.rows[at] = pointwise(modules, src.rows[at])
     return out, at.numel() * macs_per_position(conv)
@@ -219,8 +222,8 @@ def pointwise_block(block: Conv2dNormActivation, src: FeatureMap, active: torch.
 
 def masked_block(block: nn.Module, src: FeatureMap, pixels: torch.Tensor, dense_above: float
                  ) -> tuple[FeatureMap, torch.Tensor, int]:
-    """A backbone block on the positions of its output grid that cover active ``pixels``: its output, those
-    positions and the multiply-adds computed."""
+    """A backbone block on the positions of its output grid that cover active ``pixels`` (image pixels, or the
+    cells of a finer grid): its output, those positions and the multiply-adds computed."""
     if isinstance(block, Bottleneck):
         active = cover(pixels, out_size(block.conv2, src.height, src.width))
         out, spent = bottleneck(block, src, active, dense_above)
@@ -362,6 +365,9 @@ def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: to
         StridedGridExits(batch, (int(h.shape[2]), int(h.shape[3])), (height, width), last, x.device)
         if decide_at == "feature" else PixelExits(batch, height, width, last, x.device))
     pixels = exits.pixels  # the pixels still active: ``exits`` updates it in place
+    # what the blocks' active positions cover: the cells, when they are the unit (the same positions as their
+    # pixels cover, from a 16x smaller map)
+    units = exits.cells if isinstance(exits, StridedGridExits) else pixels
     exit_macs: list[int] = []
     computed: list[int] = []
     grid_logits = heads[0](h).permute(0, 2, 3, 1)  # B x h x w x K
@@ -376,7 +382,7 @@ def early_exit_forward(model: TorchvisionSegNet, x: torch.Tensor, thresholds: to
             for name in model.stage_names[n]:
                 module = model.backbone[name]
                 for block in list(module) if type(module) is nn.Sequential else [module]:
-                    fmap, active, spent = masked_block(block, fmap, pixels, dense_above)
+                    fmap, active, spent = masked_block(block, fmap, units, dense_above)
                     executed += spent
                 if not masked_classifier and name in returned:  # kept as it stands for the dense classifier
                     saved[returned[name]] = fmap.nchw().clone()
