@@ -166,6 +166,14 @@ def test_train_exits_fit_thresholds_and_evaluate_on_a_torchvision_network(tmp_pa
     assert plain["cost"] == 1.0 and "executed_cost" not in plain
     assert 0 < cbt["cost"] <= cbt["executed_cost"]
     assert sum(cbt["exit_shares"].values()) == pytest.approx(1.0, abs=1e-5)
+    # the feature-level rule, from fit-thresholds to evaluate, as for eeseg
+    ok(invoke("fit-thresholds", "--method", "cbt", "-c", out, "-d", data, "--split", "train", "-o",
+              tmp_path / "feature.yaml", "--alpha", "0.5", "--beta", "0.9", "--decide-at", "feature", "-q"))
+    doc = json.loads(ok(invoke("evaluate", "-c", out, "-d", data, "--split", "train", "--thresholds",
+                               tmp_path / "feature.yaml", "--repeats", "1", "--format", "json", "-q")).stdout)
+    feature = doc["points"][1]
+    assert feature["decide_at"] == "feature" and 0 < feature["cost"] <= feature["executed_cost"]
+    assert sum(feature["exit_shares"].values()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_train_exits_refuses_data_of_more_classes_than_the_network(tmp_path: Path) -> None:
