@@ -171,7 +171,7 @@ def test_runtime_refuses_a_segmentation_manifest_it_cannot_run(made: Made, tmp_p
 
     image = made.pngs / "scene00.png"
     for name, edit, says in [
-        ("short-palette", lambda d: d["segmentation"]["palette"].update(rgb="00" * 30), "256 colours"),
+        ("odd-palette", lambda d: d["segmentation"]["palette"].update(rgb="00" * 31), "1 to 256 colours"),
         ("other-task", lambda d: d.update(task="detection"), "task 'detection'"),
     ]:
         bundle = tmp_path / name
@@ -232,3 +232,36 @@ def test_export_refuses_pixel_exits_and_a_graph_that_disagrees(made: Made, tmp_p
     line = one_error_line(result, ExitCode.PROVENANCE)
     assert "disagrees with eetool's pass on 64 of 16384 check pixels" in line and "image 0 pixel (0, " in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adp-c.yaml"]
+
+
+def test_a_folder_sources_palette_goes_into_the_bundle_and_its_masks(made: Made, tmp_path: Path) -> None:
+    """Exported with --data segmentation-folder whose masks are palette PNGs: the manifest records that palette,
+    and the runtime's masks carry it as eetool predict --data's do."""
+    from eetool.core.datasets import load_dataset
+    from eetool.segmentation import IGNORE
+    from eetool.segmentation.data import SCENE_CLASSES
+
+    ds = load_dataset(made.data, "test")
+    assert ds.images is not None
+    root = tmp_path / "folder"
+    palette = [v for k in range(11) for v in (k * 20, 255 - k * 20, 7)]
+    for sub in ("images", "masks"):
+        (root / "test" / sub).mkdir(parents=True)
+    (root / "classes.txt").write_text("\n".join(SCENE_CLASSES) + "\n")
+    for i in range(3):
+        Image.fromarray(ds.images[i, 0].numpy()).save(root / "test" / "images" / f"s{i}.png")
+        mask = Image.fromarray(torch.where(ds.labels[i] == IGNORE, 0, ds.labels[i]).to(torch.uint8).numpy())
+        mask.putpalette(palette)
+        mask.save(root / "test" / "masks" / f"s{i}.png")
+    source = f"segmentation-folder:{root}"
+    ok(invoke("export", "-c", made.ckpt, "-d", source, "-o", tmp_path / "bundle", "-q"))
+    doc = yaml.safe_load((tmp_path / "bundle" / "manifest.yaml").read_text())
+    assert doc["segmentation"]["palette"] == {"source": f"--data {source} --split test", "rgb": bytes(palette).hex()}
+    ours = jsonl(ok(invoke("predict", "-c", made.ckpt, "-d", source, "--output-dir", tmp_path / "eetool",
+                           "-q")).stdout)
+    proc = runtime(made, tmp_path / "bundle", root / "test" / "images", "--output-dir", tmp_path / "runtime")
+    assert proc.returncode == 0, proc.stderr
+    theirs = jsonl(proc.stdout)
+    assert len(ours) == len(theirs) == 3
+    for a, b in zip(ours, theirs, strict=True):
+        assert read_mask(b["mask"])[1] == read_mask(a["mask"])[1] == palette

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from eetool.core.checkpoint import Checkpoint
     from eetool.core.datasets import Preprocess
     from eetool.core.options import Run
+    from eetool.segmentation.networks import SegmentationNet
 
 TASK = "segmentation"
 GRAPH = "stage_0.onnx"
@@ -68,7 +69,8 @@ class _MaskGraph(nn.Module):
 
 
 def palette_hex(palette: list[int]) -> str:
-    """768 values (256 colours of red, green, blue) as 1,536 hex digits, one line of the manifest."""
+    """A PNG palette (red, green, blue of up to 256 colours: PASCAL VOC's 256, a source's as its masks hold it) as
+    6 hex digits a colour, one line of the manifest."""
     return bytes(palette).hex()
 
 
@@ -94,7 +96,7 @@ class MaskCheck:
     differ_at_ties: int  # pixels of another class in onnxruntime, each a tie of eetool's logits
 
 
-def self_check(folder: Path, model: nn.Module, preprocess: Preprocess, input_shape: tuple[int, int, int],
+def self_check(folder: Path, model: SegmentationNet, preprocess: Preprocess, input_shape: tuple[int, int, int],
                images: torch.Tensor) -> MaskCheck:
     """The bundle's class maps under onnxruntime (one thread) against eetool predict's plain pass on ``images``
     (uint8 N x 3 x H x W): every pixel of another class must be a tie of eetool's logits (TIE_TOLERANCE), else
@@ -104,7 +106,7 @@ def self_check(folder: Path, model: nn.Module, preprocess: Preprocess, input_sha
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(folder / GRAPH), options, providers=["CPUExecutionProvider"])
-    predictor = MaskPredictor(model, input_shape)  # type: ignore[arg-type]
+    predictor = MaskPredictor(model, input_shape)
     ties = far = 0
     first_far = ""
     for start in range(0, len(images), CHECK_BATCH):
@@ -237,5 +239,5 @@ def _check_images(run: Run, req: ExportRequest, ckpt: Checkpoint) -> tuple[torch
         raise InputError(f"{ds.spec}'s images are {tuple(batch.shape[2:])}, the model takes {(h, w)}",
                          "check the bundle on data of the model's input size")
     rgb = batch.expand(-1, 3, -1, -1).contiguous() if batch.shape[1] == 1 else batch[:, :3].contiguous()
-    return rgb, f"{ds.spec}", own or voc_palette(), f"{ds.spec}" if own else "pascal-voc"
+    return rgb, f"{ds.spec}", own or voc_palette(), f"--data {req.data} --split {req.split}" if own else "pascal-voc"
 

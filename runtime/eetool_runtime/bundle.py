@@ -122,8 +122,9 @@ def _check_segmentation(doc: dict[str, Any], manifest: Path, remake: str) -> Non
     if not (isinstance(exits, list) and exits and exits[-1] == stages[0].get("exit")):
         raise BundleError(f"{manifest}: the segmentation exits {exits!r} do not end with the stage's exit "
                           f"{stages[0].get('exit')!r}", remake)
-    if not (isinstance(rgb, str) and len(rgb) == 2 * 768 and all(c in "0123456789abcdef" for c in rgb)):
-        raise BundleError(f"{manifest}: the masks' palette is not 256 colours as 1,536 hex digits", remake)
+    if not (isinstance(rgb, str) and 0 < len(rgb) <= 6 * 256 and len(rgb) % 6 == 0
+            and all(c in "0123456789abcdef" for c in rgb)):
+        raise BundleError(f"{manifest}: the masks' palette is not 1 to 256 colours of 6 hex digits", remake)
     if not isinstance(doc.get("classes"), list) or len(doc["classes"]) > 256:
         raise BundleError(f"{manifest}: a segmentation bundle names at most 256 classes (mask PNGs hold a byte a "
                           "pixel)", remake)
