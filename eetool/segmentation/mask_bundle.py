@@ -120,9 +120,9 @@ def self_check(folder: Path, model: SegmentationNet, preprocess: Preprocess, inp
         with torch.no_grad():
             logits = model(x).movedim(1, -1)[differ]  # the differing pixels' logits, P x K
         mine, other = ours[differ], theirs[differ]
-        gap = (logits.gather(1, mine[:, None]) - logits.gather(1, other[:, None])).squeeze(1).abs()
-        scale = logits.gather(1, mine[:, None]).squeeze(1).abs().clamp_min(1.0)
-        tie = gap <= TIE_TOLERANCE * scale
+        pair = torch.cat([logits.gather(1, mine[:, None]), logits.gather(1, other[:, None])], 1)  # P x 2
+        scale = pair.abs().amax(1).clamp_min(1.0)
+        tie = (pair[:, 0] - pair[:, 1]).abs() <= TIE_TOLERANCE * scale
         ties += int(tie.sum())
         if not bool(tie.all()):
             far += int((~tie).sum())

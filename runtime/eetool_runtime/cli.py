@@ -64,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
                    "per input (created if missing)")
     p.add_argument("-o", "--output", default=None, help="write the records to this file (atomically) instead of "
                    "stdout")
-    p.add_argument("--force", action="store_true", help="replace an existing --output")
+    p.add_argument("--force", action="store_true", help="replace an existing --output (and existing masks in "
+                   "--output-dir)")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
     return top
 
