@@ -5,7 +5,6 @@ parity with eetool predict (classes and exit indices) with ``import torch`` made
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,22 +16,12 @@ import pytest
 import yaml
 from cli_helpers import invoke, ok, one_error_line, sha256
 from PIL import Image
+from runtime_helpers import no_torch_env
 
 from eetool.core.errors import ExitCode
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
-
-ROOT = Path(__file__).resolve().parents[1]
-# The runtime must not need torch: this sitecustomize makes every import of torch fail in its process.
-BLOCK_TORCH = '''
-import importlib.abc, sys
-class _NoTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith(("torch.", "torchvision")):
-            raise ImportError(f"{name} is blocked: the runtime must run without PyTorch")
-sys.meta_path.insert(0, _NoTorch())
-'''
 
 
 @dataclass
@@ -67,9 +56,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory, no_torch: dict[str, str]) -> 
 @pytest.fixture(scope="module")
 def no_torch(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The environment of a runtime process: torch blocked, the runtime importable."""
-    blocker = tmp_path_factory.mktemp("blocker")
-    (blocker / "sitecustomize.py").write_text(BLOCK_TORCH)
-    return {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{ROOT / 'runtime'}"}
+    return no_torch_env(tmp_path_factory.mktemp("blocker"))
 
 
 def runtime(demo: Demo | dict[str, str], *args: object, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -251,6 +251,7 @@ def manifest(spec: BundleSpec, stages: list[dict[str, Any]]) -> dict[str, Any]:
         "format": BUNDLE_FORMAT,
         "schema": BUNDLE_SCHEMA,
         "written_by": f"eetool {__version__}",
+        "task": "classification",
         "classes": list(spec.classes),
         "input": {"name": "images", "dtype": "uint8", "shape": ["batch", 3, h, w], "layout": "NCHW, RGB"},
         "preprocessing": spec.preprocessing,

@@ -7,6 +7,9 @@ operating point's threshold leave with their prediction, and the batch is compac
 stage (not at all where none leave, as at batch 1 when the sample stays). Samples that reach the last stage take
 the argmax of its logits, with the softmax maximum as their confidence.
 
+A segmentation bundle (``task: segmentation``) holds one graph, the plain network, which gives the class of every
+pixel (``class_maps``); ``eetool_runtime.masks`` writes its masks.
+
 Every file the manifest names, and the manifest itself, is checked against ``SHA256SUMS`` before a session is made:
 a changed graph, threshold or manifest is refused. An int8 bundle (``eetool export --quantize int8``) runs the same
 way, its stage graphs being QDQ graphs that onnxruntime executes as they are; its manifest's provenance must record
@@ -29,6 +32,10 @@ BUNDLE_FORMAT = "eetool-bundle"
 SCHEMA = 2  # 2: each stage's graph computes its exit's decision (schema 1 had a decision graph beside each stage)
 EXIT_OUTPUTS = ["output", "confidence", "prediction", "probabilities"]  # of a stage graph with an exit, in order
 HEAD_OUTPUTS = ["logits"]  # of the last stage's graph
+# A segmentation bundle (task: segmentation) holds one graph, the plain network: the class of every pixel (uint8
+# N x H x W) and the logits it is the argmax of
+MASK_OUTPUTS = ["classes", "logits"]
+TASKS = ("classification", "segmentation")
 MANIFEST = "manifest.yaml"
 SUMS = "SHA256SUMS"
 HEAD = "head"
@@ -84,15 +91,43 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     files = doc.get("files")
     if not isinstance(files, dict) or any(sums.get(name) != sha for name, sha in files.items()):
         raise BundleError(f"{folder / MANIFEST}'s files do not match {SUMS}", remake)
+    task = doc.get("task", TASKS[0])  # bundles written before segmentation exported name no task
+    if task not in TASKS:
+        raise BundleError(f"{folder} is a bundle for the task {task!r}, this runtime reads {' and '.join(TASKS)}",
+                          "install the eetool-runtime of the eetool that exported it")
     stages = doc.get("stages") or []
+    if task == "segmentation":
+        _check_segmentation(doc, folder / MANIFEST, remake)
     for j, stage in enumerate(stages):
         if stage.get("stage") not in files:
             raise BundleError(f"{folder / MANIFEST} names {stage.get('stage')}, which it does not record", remake)
-        expected = HEAD_OUTPUTS if j == len(stages) - 1 else EXIT_OUTPUTS
+        expected = MASK_OUTPUTS if task == "segmentation" else HEAD_OUTPUTS if j == len(stages) - 1 else EXIT_OUTPUTS
         if stage.get("outputs") != expected:
             raise BundleError(f"{folder / MANIFEST}: stage {j}'s graph gives {stage.get('outputs')}, this runtime "
                               f"reads {expected}", remake)
     return doc
+
+
+def _check_segmentation(doc: dict[str, Any], manifest: Path, remake: str) -> None:
+    """A segmentation bundle's manifest: one stage (the plain network, no operating points), the network's exits
+    ending with that stage's, a palette of 256 colours, at most 256 classes (mask PNGs hold a byte a pixel)."""
+    seg = doc.get("segmentation")
+    stages = doc.get("stages") or []
+    exits = seg.get("exits") if isinstance(seg, dict) else None
+    palette = seg.get("palette") if isinstance(seg, dict) else None
+    rgb = palette.get("rgb") if isinstance(palette, dict) else None
+    if len(stages) != 1 or doc.get("points"):
+        raise BundleError(f"{manifest}: a segmentation bundle holds the plain network (one stage, no operating "
+                          f"points), not {len(stages)} stages and {len(doc.get('points') or [])} points", remake)
+    if not (isinstance(exits, list) and exits and exits[-1] == stages[0].get("exit")):
+        raise BundleError(f"{manifest}: the segmentation exits {exits!r} do not end with the stage's exit "
+                          f"{stages[0].get('exit')!r}", remake)
+    if not (isinstance(rgb, str) and 0 < len(rgb) <= 6 * 256 and len(rgb) % 6 == 0
+            and all(c in "0123456789abcdef" for c in rgb)):
+        raise BundleError(f"{manifest}: the masks' palette is not 1 to 256 colours of 6 hex digits", remake)
+    if not isinstance(doc.get("classes"), list) or len(doc["classes"]) > 256:
+        raise BundleError(f"{manifest}: a segmentation bundle names at most 256 classes (mask PNGs hold a byte a "
+                          "pixel)", remake)
 
 
 QUANTIZATIONS = ("none", "int8")
@@ -147,6 +182,10 @@ class Bundle:
         self.quantization = quantization(m, self.folder)
         self.exits = [str(s["exit"]) for s in self.stages]
         self.costs = [float(s["cost"]) for s in self.stages]
+        self.task: str = m.get("task", TASKS[0])
+        if self.task == "segmentation":
+            self.mask_exits = [str(e) for e in m["segmentation"]["exits"]]  # the network's, for the records
+            self.palette = list(bytes.fromhex(m["segmentation"]["palette"]["rgb"]))
         pre = m["preprocessing"]
         self.resize, self.crop = int(pre["resize"]), (int(pre["crop"][0]), int(pre["crop"][1]))
         options = ort.SessionOptions()
@@ -177,6 +216,10 @@ class Bundle:
             raise UsageError(f"--point {point} is not below the bundle's {len(self.points)} operating points",
                              f"use 0 to {len(self.points) - 1}")
         return [float(t) for t in self.points[point]["thresholds"]]
+
+    def class_maps(self, images: np.ndarray) -> np.ndarray:
+        """A segmentation bundle's class of every pixel of uint8 images N x 3 x H x W: uint8 N x H x W."""
+        return self.sessions[0].run(MASK_OUTPUTS[:1], {self.input_names[0]: images})[0]
 
     def __call__(self, images: np.ndarray, thresholds: list[float], top_k: int = 0) -> Predictions:
         """Predictions for uint8 images N x 3 x H x W, the batch compacted after each exit."""
