@@ -195,7 +195,8 @@ class Bundle:
         return [float(t) for t in self.points[point]["thresholds"]]
 
     def __call__(self, images: np.ndarray, thresholds: list[float], top_k: int = 0) -> Predictions:
-        """Predictions for uint8 images N x 3 x H x W, the batch compacted after each exit."""
+        """Predictions for uint8 images N x 3 x H x W: one image through the single-image graph, several through
+        the stage graphs with the batch compacted after each exit."""
         n = images.shape[0]
         out = Predictions(np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32),
                           np.full(n, len(self.sessions) - 1, dtype=np.int64))
