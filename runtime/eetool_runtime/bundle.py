@@ -4,8 +4,11 @@ The driver is eetool's early-exit pass over ONNX sessions: the stages run in ord
 batch, one onnxruntime call each; a stage's graph but the last's also computes its exit's decision, giving every
 remaining sample a confidence and a prediction beside the features; the samples whose confidence exceeds the
 operating point's threshold leave with their prediction, and the batch is compacted to the others before the next
-stage (not at all where none leave, as at batch 1 when the sample stays). Samples that reach the last stage take
-the argmax of its logits, with the softmax maximum as their confidence.
+stage (not at all where none leave). Samples that reach the last stage take the argmax of its logits, with the softmax
+maximum as their confidence. A single image instead goes through the bundle's single-image graph in one
+onnxruntime call: the same stage graphs nested in ONNX If branches, each later stage in the else branch of the exit
+decision before it, which gives the image's class, confidence, exit index and class probabilities; the stage graphs'
+calls cost a session call each, which at batch 1 weighs as much as an exit saves.
 
 A segmentation bundle (``task: segmentation``) holds one graph, the plain network, which gives the class of every
 pixel (``class_maps``); ``eetool_runtime.masks`` writes its masks.
@@ -29,13 +32,17 @@ import yaml
 from eetool_runtime.errors import BundleError, UsageError
 
 BUNDLE_FORMAT = "eetool-bundle"
-SCHEMA = 2  # 2: each stage's graph computes its exit's decision (schema 1 had a decision graph beside each stage)
+# 3: the stages also nested in one graph for a single image (2: without it; 1: a decision graph beside each stage)
+SCHEMA = 3
 EXIT_OUTPUTS = ["output", "confidence", "prediction", "probabilities"]  # of a stage graph with an exit, in order
 HEAD_OUTPUTS = ["logits"]  # of the last stage's graph
 # A segmentation bundle (task: segmentation) holds one graph, the plain network: the class of every pixel (uint8
 # N x H x W) and the logits it is the argmax of
 MASK_OUTPUTS = ["classes", "logits"]
 TASKS = ("classification", "segmentation")
+NETWORK_INPUTS = ["images", "thresholds"]  # of the single-image graph (batch_1 in the manifest)
+NETWORK_OUTPUTS = ["class", "confidence", "exit_index", "probabilities"]
+OLDER_SCHEMAS = {1: "a graph per exit decision", 2: "no single-image graph"}
 MANIFEST = "manifest.yaml"
 SUMS = "SHA256SUMS"
 HEAD = "head"
@@ -82,8 +89,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise BundleError(f"{folder} is not an eetool bundle (its manifest's format is not {BUNDLE_FORMAT})", remake)
     schema = doc.get("schema")
     if isinstance(schema, int) and schema < SCHEMA:
-        raise BundleError(f"{folder} is a bundle of schema {schema} (a graph per exit decision), this runtime reads "
-                          f"schema {SCHEMA} (each stage's graph with its exit's decision)",
+        layout = f" ({OLDER_SCHEMAS[schema]})" if schema in OLDER_SCHEMAS else ""
+        raise BundleError(f"{folder} is a bundle of schema {schema}{layout}, this runtime reads schema {SCHEMA} "
+                          "(each stage's graph with its exit's decision, and the stages nested for a single image)",
                           "export the bundle again with the eetool of this runtime's version")
     if schema != SCHEMA:
         raise BundleError(f"{folder} is a bundle of schema {schema}, this runtime reads {SCHEMA}",
@@ -105,6 +113,12 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         if stage.get("outputs") != expected:
             raise BundleError(f"{folder / MANIFEST}: stage {j}'s graph gives {stage.get('outputs')}, this runtime "
                               f"reads {expected}", remake)
+    network = doc.get("batch_1")
+    if len(stages) > 1 and not (isinstance(network, dict) and network.get("graph") in files
+                                and network.get("inputs") == NETWORK_INPUTS
+                                and network.get("outputs") == NETWORK_OUTPUTS):
+        raise BundleError(f"{folder / MANIFEST} records no single-image graph this runtime reads (batch_1: graph "
+                          f"in its files, inputs {NETWORK_INPUTS}, outputs {NETWORK_OUTPUTS})", remake)
     return doc
 
 
@@ -199,6 +213,8 @@ class Bundle:
         self.sessions = [ort.InferenceSession(str(self.folder / s["stage"]), options, providers=providers)
                          for s in self.stages]
         self.input_names = [session.get_inputs()[0].name for session in self.sessions]
+        self.network = (ort.InferenceSession(str(self.folder / m["batch_1"]["graph"]), options, providers=providers)
+                        if len(self.stages) > 1 else None)  # the plain model's one stage is already one call
 
     def thresholds(self, point: int | None) -> list[float]:
         if not self.points:
@@ -222,13 +238,21 @@ class Bundle:
         return self.sessions[0].run(MASK_OUTPUTS[:1], {self.input_names[0]: images})[0]
 
     def __call__(self, images: np.ndarray, thresholds: list[float], top_k: int = 0) -> Predictions:
-        """Predictions for uint8 images N x 3 x H x W, the batch compacted after each exit."""
+        """Predictions for uint8 images N x 3 x H x W: one image through the single-image graph, several through
+        the stage graphs with the batch compacted after each exit."""
         n = images.shape[0]
         out = Predictions(np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32),
                           np.full(n, len(self.sessions) - 1, dtype=np.int64))
         if top_k:
             out.top_classes = np.empty((n, top_k), dtype=np.int64)
             out.top_probabilities = np.empty((n, top_k), dtype=np.float32)
+        if n == 1 and self.network is not None:
+            fetched = NETWORK_OUTPUTS if top_k else NETWORK_OUTPUTS[:3]
+            out.classes[:], out.confidence[:], out.exit_index[:], *probabilities = self.network.run(
+                fetched, {NETWORK_INPUTS[0]: images, NETWORK_INPUTS[1]: np.asarray(thresholds, dtype=np.float32)})
+            if top_k:
+                self._top(out, np.arange(1), probabilities[0], top_k)
+            return out
         remaining = np.arange(n)
         x = images
         last = len(self.sessions) - 1
