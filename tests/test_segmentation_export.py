@@ -79,7 +79,7 @@ def test_manifest_records_the_plain_network_its_classes_palette_and_every_files_
 
     doc = yaml.safe_load((made.bundle / "manifest.yaml").read_text())
     ckpt = load_checkpoint(made.ckpt)
-    assert doc["format"] == "eetool-bundle" and doc["schema"] == 2
+    assert doc["format"] == "eetool-bundle" and doc["schema"] == 3
     assert doc["task"] == "segmentation" and doc["method"] == "plain" and doc["points"] == []
     assert doc["classes"] == ckpt.spec.classes and len(doc["classes"]) == 11
     assert doc["input"]["shape"] == ["batch", 3, 64, 64]
