@@ -161,7 +161,8 @@ BUDGETED_FINETUNE ?= 10000
 BUDGETED_BUDGETS ?= 0.1 0.15 0.2 0.25 0.3 0.35 0.4 0.5 0.6 0.8 1
 BUDGETED_SMALL_BUDGETS ?= 0.2 0.3 0.4 0.5 0.6 0.7 0.8
 BUDGETED_SCRATCH_BUDGETS ?= $(BUDGETED_BUDGETS)
-BUDGETED_MSDNET_BUDGETS ?= $(BUDGETED_BUDGETS)
+# MSDNet's first exit comes after its first block, at about a third of its MACs: no budget below it can be met
+BUDGETED_MSDNET_BUDGETS ?= 0.35 0.4 0.5 0.6 0.7 0.8 0.9 1
 # more fit-thresholds options for every fit, e.g. --search bisect
 BUDGETED_FIT_ARGS ?=
 BUDGETED_SCRATCH_NETS ?= resnet20-w16 resnet20-w8
