@@ -179,28 +179,72 @@ def _dist_size(name: str, seen: set[str]) -> int:
     return size
 
 
-def install_size() -> dict[str, Any]:
-    """The runtime installed into a fresh venv (its site-packages, pip and setuptools left out), beside the
-    distributions eetool itself requires in this environment."""
+# What a fresh venv holds before anything is installed: not the runtime's.
+VENV_OWN = ("pip", "setuptools")
+# onnxruntime's requirements that running a bundle never imports (its converters and quantisation tools do).
+ONNXRUNTIME_TOOLS_ONLY = ("protobuf", "flatbuffers", "packaging")
+# Per distribution: bytes of its files, and of those its compiled bytecode (.pyc).
+SIZES = """import importlib.metadata as m, json, pathlib
+out = {}
+for d in m.distributions():
+    root = pathlib.Path(str(d.locate_file("")))
+    files = {pathlib.Path(str(d.locate_file(f))).resolve() for f in d.files or []}
+    # the folders it installs, whole: the bytecode Python wrote there on import since is in no file list
+    for top in {f.parts[0] for f in d.files or [] if len(f.parts) > 1 and f.parts[0] != ".."}:
+        files |= {p.resolve() for p in (root / top).rglob("*")}
+    files = {p for p in files if p.is_file()}
+    out[d.metadata["Name"]] = [sum(p.stat().st_size for p in files),
+                               sum(p.stat().st_size for p in files if p.suffix == ".pyc")]
+print(json.dumps(out))
+"""
+
+
+def _venv_sizes(python: Path) -> dict[str, list[int]]:
+    sizes = json.loads(subprocess.run([str(python), "-c", SIZES], check=True, capture_output=True,
+                                      text=True).stdout)
+    return {k: v for k, v in sizes.items() if k.lower() not in VENV_OWN}
+
+
+def _mb(n: int) -> float:
+    return round(n / 2**20, 1)
+
+
+def _summary(sizes: dict[str, list[int]]) -> dict[str, Any]:
+    total = sum(v[0] for v in sizes.values())
+    return {"mb": _mb(total), "goal_met": total / 2**20 < 150,
+            "by_distribution_mb": {k: _mb(v[0]) for k, v in sorted(sizes.items(), key=lambda kv: -kv[1][0])},
+            "of_which_bytecode_mb": _mb(sum(v[1] for v in sizes.values()))}
+
+
+def install_size(bundle: Path) -> dict[str, Any]:
+    """The runtime pip-installed into fresh venvs (pip and setuptools, which every venv holds, left out), beside
+    the distributions eetool itself requires in this environment: as ``pip install runtime/`` installs it (pip
+    compiles every module to bytecode); with ``--no-compile``, measured after one prediction through ``bundle``
+    (Python writes the bytecode of what it imports); and that again without onnxruntime's requirements that a
+    bundle's run never imports, after a second prediction that shows it runs without them."""
     with tempfile.TemporaryDirectory() as tmp:
-        venv = Path(tmp) / "venv"
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-        subprocess.run([*pip, str(ROOT / "runtime")], check=True)
-        code = ("import importlib.metadata as m, json, pathlib\n"
-                "def size(d):\n"
-                "    paths = (pathlib.Path(str(d.locate_file(f))) for f in (d.files or []))\n"
-                "    return sum(p.stat().st_size for p in paths if p.is_file())\n"
-                "print(json.dumps({d.metadata['Name']: size(d) for d in m.distributions()\n"
-                "                  if d.metadata['Name'].lower() not in ('pip', 'setuptools')}))")
-        sizes = json.loads(subprocess.run([str(venv / "bin" / "python"), "-c", code], check=True,
-                                          capture_output=True, text=True).stdout)
-    runtime_bytes = sum(sizes.values())
+        image = Path(tmp) / "input.png"
+        default, lean = Path(tmp) / "default", Path(tmp) / "lean"
+        for venv in (default, lean):
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(default / "bin" / "python"), "-m", "pip", "install", "-q", str(ROOT / "runtime")],
+                       check=True)
+        as_installed = _venv_sizes(default / "bin" / "python")
+        subprocess.run([str(lean / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile",
+                        str(ROOT / "runtime")], check=True)
+        subprocess.run([str(lean / "bin" / "python"), "-c", "import sys; from PIL import Image; "
+                        "Image.new('L', (28, 28), 128).save(sys.argv[1])", str(image)], check=True)
+        predict = [str(lean / "bin" / "eetool-runtime"), "predict", str(bundle), str(image), "--point", "0"]
+        subprocess.run(predict, check=True, capture_output=True)
+        no_compile = _venv_sizes(lean / "bin" / "python")
+        subprocess.run([str(lean / "bin" / "python"), "-m", "pip", "uninstall", "-q", "-y",
+                        *ONNXRUNTIME_TOOLS_ONLY], check=True)
+        subprocess.run(predict, check=True, capture_output=True)
+        without_tools = _venv_sizes(lean / "bin" / "python")
     eetool_bytes = _dist_size("eetool", set())
-    return {"runtime_mb": round(runtime_bytes / 2**20, 1), "eetool_mb": round(eetool_bytes / 2**20, 1),
-            "runtime_goal_met": runtime_bytes / 2**20 < 150,
-            "runtime_by_distribution_mb": {k: round(v / 2**20, 1) for k, v in sorted(sizes.items(),
-                                                                                     key=lambda kv: -kv[1])}}
+    return {"eetool_mb": _mb(eetool_bytes), "runtime": _summary(as_installed),
+            "runtime_no_compile_after_one_prediction": _summary(no_compile),
+            "runtime_no_compile_without_onnxruntime_tools_requirements": _summary(without_tools)}
 
 
 def main() -> None:
@@ -218,7 +262,7 @@ def main() -> None:
            "runs": [speeds(made, batch, args.samples_batch_1 if batch == 1 else 2000, args.rounds)
                     for batch in args.batches]}
     if args.install_size:
-        doc["install"] = install_size()
+        doc["install"] = install_size(made["bundle"])
     print(json.dumps(doc, indent=2))
 
 
