@@ -8,10 +8,11 @@ On the shipped checkpoint and the demo test split (decoded once: decoding is not
 E²CM points at budgets 0.25 and 0.5 (class means calibrated on the demo training split, thresholds fitted with the
 CLI, cached under ``--cache``), each run by eetool.classification.prediction.Predictor as `eetool predict` runs it,
 unfolded and folded (Predictor.folded). In interleaved rounds (one thread: torch.set_num_threads(1)), every round
-runs each pass in turn; reported per batch size and pass: images/s of each (median over rounds) and folded over
-unfolded (median over rounds of the ratio within a round, with its range); and, from one untimed pass of each,
-how many samples got another class or exit folded. ``--resnet18``: the plain torchvision ResNet-18, its batch norms
-given non-trivial statistics, on 3x64x64 noise (256 images at batch 256, 64 at batch 1).
+runs each pass in turn (every other round in reverse order); reported per batch size and pass: images/s of each
+(median over rounds) and folded over unfolded (median over rounds of the ratio within a round, with its range);
+and, from one untimed pass of each, how many samples got another class or exit folded. ``--resnet18``: the plain
+torchvision ResNet-18, its batch norms given non-trivial statistics, on 3x64x64 noise (256 images at batch 256, 64
+at batch 1).
 """
 
 from __future__ import annotations
@@ -66,7 +67,12 @@ def compare(pairs: dict[str, tuple[Any, Any]], batches: list[Any], rounds: int) 
 
     runs = [run(p) for pair in pairs.values() for p in pair]
     outputs = [r() for r in runs]  # untimed: warms up, and gives the predictions compared
-    seconds = [[timed(r) for r in runs] for _ in range(rounds)]
+    seconds = []
+    for i in range(rounds):
+        # every other round in reverse order, so that neither of a pair always runs first
+        order = list(range(len(runs)))[::-1 if i % 2 else 1]
+        times = {k: timed(runs[k]) for k in order}
+        seconds.append([times[k] for k in range(len(runs))])
     samples = sum(len(b) for b in batches)
     out = {}
     for i, name in enumerate(pairs):

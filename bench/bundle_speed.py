@@ -1,19 +1,23 @@
 """An exported bundle under onnxruntime against eetool predict's PyTorch pass, and the runtime's install size.
 
     python bench/bundle_speed.py                       # batch 1 and 256, budgets 0.25 and 0.5, one thread
-    python bench/bundle_speed.py --install-size        # also pip install runtime/ into a fresh venv and measure it
+    python bench/bundle_speed.py --install-size        # also pip install runtime/ into fresh venvs and measure it
+    python bench/bundle_speed.py --only-install-size   # that alone, no timing
     python bench/bundle_speed.py --int8                # also the int8 bundles (export --quantize int8) against float
 
 On the shipped checkpoint and the demo test split (decoded once: decoding is not timed), with class means
 calibrated on the demo training split and thresholds at budgets 0.25 and 0.5 (made once with the CLI and cached
 under ``--cache``), the bundle exported from them and a plain bundle of the same checkpoint. In interleaved rounds
 (one thread for both: torch.set_num_threads(1) and onnxruntime's intra-op threads 1), each round runs in turn:
-eetool's plain model and each point (eetool.prediction.Predictor, the pass of `eetool predict`), then the bundles'
-plain model and each point (eetool_runtime.bundle.Bundle, the pass of `eetool-runtime predict`). Reported per batch
-size and point: images/s of each, the bundle's speed-up over eetool at the same point (median over rounds of the
-ratio within a round), and speed-up x cost of each against its own plain model (1.0: the time tracks the MACs).
+eetool's plain model and each point (eetool.prediction.Predictor with its batch norms folded, the pass of `eetool
+predict`), then the bundles' plain model and each point (eetool_runtime.bundle.Bundle, the pass of
+`eetool-runtime predict`). Reported per batch size and point: images/s of each, the bundle's speed-up over eetool
+at the same point (median over rounds of the ratio within a round), and speed-up x cost of each against its own
+plain model (1.0: the time tracks the MACs).
 Goals (issue 23): bundle/eetool >= 3 at batch 1 and >= 1.5 at batch 256; the bundle's speed-up x cost >= 0.7 at
-batch 1 and >= 0.8 at batch 256; the runtime's install under 150 MB.
+batch 1 and >= 0.8 at batch 256; the runtime's install under 150 MB (as pip installs it; also measured with
+``--no-compile`` after one prediction, and without onnxruntime's requirements that running a bundle never imports:
+see install_size).
 
 With ``--int8``, int8 versions of both bundles (``--quantize int8``, calibrated on 512 samples of the demo training
 split) join the same rounds, and each point (and the plain model) also reports the int8 bundle's speed over the
@@ -102,7 +106,8 @@ def speeds(made: dict[str, Path], batch: int, samples: int, rounds: int) -> dict
     np_batches = [b.numpy() for b in batches]
     bundle, plain_bundle = Bundle(made["bundle"], threads=1), Bundle(made["plain"], threads=1)
     thresholds = [list(p["thresholds"]) for _, p in chosen]
-    ours = [Predictor(ckpt.model)] + [Predictor(ckpt.model, em, rule, t) for t in thresholds]
+    # as `eetool predict` runs them: batch norm folded into the convolutions
+    ours = [Predictor(ckpt.model).folded()] + [Predictor(ckpt.model, em, rule, t).folded() for t in thresholds]
 
     def eetool_run(predictor: Predictor) -> Callable[[], Any]:
         def run() -> list[Any]:
@@ -253,15 +258,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--samples-batch-1", type=int, default=300)
     parser.add_argument("--install-size", action="store_true")
+    parser.add_argument("--only-install-size", action="store_true", help="the install size, no timing")
     parser.add_argument("--int8", action="store_true", help="also the int8 bundles, against the float ones")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 256], choices=[1, 256])
     args = parser.parse_args()
     made = artifacts(Path(args.cache), args.int8)
     load = os.getloadavg()[0]
     doc = {"load_average": round(load, 2),
-           "runs": [speeds(made, batch, args.samples_batch_1 if batch == 1 else 2000, args.rounds)
-                    for batch in args.batches]}
-    if args.install_size:
+           "runs": [] if args.only_install_size else
+           [speeds(made, batch, args.samples_batch_1 if batch == 1 else 2000, args.rounds) for batch in args.batches]}
+    if args.install_size or args.only_install_size:
         doc["install"] = install_size(made["bundle"])
     print(json.dumps(doc, indent=2))
 

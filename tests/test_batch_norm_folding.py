@@ -246,12 +246,15 @@ def test_predict_folded_and_unfolded_agree_on_the_demo(demo_exits: tuple[Path, P
     assert max(abs(a["confidence"] - b["confidence"]) for a, b in zip(folded, saved, strict=True)) < NEAR
 
 
-def test_evaluate_records_the_flag_and_gives_the_same_accuracy(demo_exits: tuple[Path, Path]) -> None:
+def test_evaluate_gives_the_same_accuracy_and_exits_folded(demo_exits: tuple[Path, Path], tmp_path: Path) -> None:
     means, thresholds = demo_exits
-    args = ["evaluate", "-c", "demo", "-d", "demo", "--means", means, "--thresholds", thresholds, "--repeats", 1,
-            "--format", "json", "-q"]
+    indices = tmp_path / "indices.txt"
+    indices.write_text("\n".join(str(i) for i in range(0, 2000, 4)))  # 500 of the demo test images
+    args = ["evaluate", "-c", "demo", "-d", "demo", "--indices", indices, "--means", means, "--thresholds",
+            thresholds, "--point", 0, "--repeats", 1, "--format", "json", "-q"]
     folded = json.loads(ok(invoke(*args)).stdout)
     saved = json.loads(ok(invoke(*args, "--no-fold-batch-norm")).stdout)
+    assert len(folded["points"]) == 2 and folded["samples"] == 500
     for a, b in zip(folded["points"], saved["points"], strict=True):
         assert (a["name"], a["accuracy"], a["cost"], a.get("exit_shares")) == \
             (b["name"], b["accuracy"], b["cost"], b.get("exit_shares"))
