@@ -225,7 +225,7 @@ def install_size(bundle: Path) -> dict[str, Any]:
     """The runtime pip-installed into fresh venvs (pip and setuptools, which every venv holds, left out), beside
     the distributions eetool itself requires in this environment: as ``pip install runtime/`` installs it (pip
     compiles every module to bytecode); with ``--no-compile``, measured after one prediction through ``bundle``
-    (Python writes the bytecode of what it imports); and that again without onnxruntime's requirements that a
+    (a plain bundle: Python writes the bytecode of what a prediction imports, the same modules as at a point); and that again without onnxruntime's requirements that a
     bundle's run never imports, after a second prediction that shows it runs without them."""
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "input.png"
@@ -239,12 +239,14 @@ def install_size(bundle: Path) -> dict[str, Any]:
                         str(ROOT / "runtime")], check=True)
         subprocess.run([str(lean / "bin" / "python"), "-c", "import sys; from PIL import Image; "
                         "Image.new('L', (28, 28), 128).save(sys.argv[1])", str(image)], check=True)
-        predict = [str(lean / "bin" / "eetool-runtime"), "predict", str(bundle), str(image), "--point", "0"]
-        subprocess.run(predict, check=True, capture_output=True)
+        predict = [str(lean / "bin" / "eetool-runtime"), "predict", str(bundle), str(image)]
+        # as on a box where Python writes bytecode (the default; this environment may have turned it off)
+        writes_bytecode = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        subprocess.run(predict, check=True, capture_output=True, env=writes_bytecode)
         no_compile = _venv_sizes(lean / "bin" / "python")
         subprocess.run([str(lean / "bin" / "python"), "-m", "pip", "uninstall", "-q", "-y",
                         *ONNXRUNTIME_TOOLS_ONLY], check=True)
-        subprocess.run(predict, check=True, capture_output=True)
+        subprocess.run(predict, check=True, capture_output=True, env=writes_bytecode)
         without_tools = _venv_sizes(lean / "bin" / "python")
     eetool_bytes = _dist_size("eetool", set())
     return {"eetool_mb": _mb(eetool_bytes), "runtime": _summary(as_installed),
@@ -268,7 +270,7 @@ def main() -> None:
            "runs": [] if args.only_install_size else
            [speeds(made, batch, args.samples_batch_1 if batch == 1 else 2000, args.rounds) for batch in args.batches]}
     if args.install_size or args.only_install_size:
-        doc["install"] = install_size(made["bundle"])
+        doc["install"] = install_size(made["plain"])
     print(json.dumps(doc, indent=2))
 
 
