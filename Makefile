@@ -8,7 +8,7 @@ RESULTS ?= results
 BUDGETS := --budget 0.25 --budget 0.5 --budget 0.75
 
 .PHONY: help test lint bench completions docs-reference docs demo-checkpoint demo-data e2cm-demo e2cm-fashion-mnist e2cm-run fixed-budget dataset-pruning weight-pruning segmentation segmentation-atlas segmentation-torchvision \
-	budgeted budgeted-family budgeted-methods budgeted-small budgeted-scratch budgeted-msdnet budgeted-page
+	budgeted budgeted-family budgeted-methods budgeted-small budgeted-scratch budgeted-msdnet budgeted-bundles budgeted-page
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -193,7 +193,7 @@ BT_SCRATCH := $(foreach n,$(BUDGETED_SCRATCH_NETS),joint-$(n) distill-$(n))
 # every step's output is kept (make would delete the pattern rules' intermediate files)
 .SECONDARY:
 
-budgeted: budgeted-family budgeted-methods budgeted-small budgeted-scratch budgeted-msdnet ## every method against plain ResNets on Fashion-MNIST, and the results page (hours on 2 CPU cores: EPOCHS=12 trains seven plain and five early-exit networks)
+budgeted: budgeted-family budgeted-methods budgeted-small budgeted-scratch budgeted-msdnet budgeted-bundles ## every method against plain ResNets on Fashion-MNIST, and the results page (hours on 2 CPU cores: EPOCHS=12 trains seven plain and five early-exit networks)
 	$(MAKE) budgeted-page
 
 budgeted-family: $(BT_FAMILY) $(BT)/eval-family.yaml ## the plain family (ResNet-20 widths 4-16, ResNet-8 and -32), timed together
@@ -201,6 +201,9 @@ budgeted-methods: $(foreach m,$(BT_METHODS),$(BT)/eval-$(m).yaml) ## E²CM (both
 budgeted-small: $(BT)/eval-w8-e2cm.yaml $(BT)/eval-w8-sdn.yaml ## E²CM and SDN heads on the width-8 ResNet-20
 budgeted-scratch: $(foreach n,$(BT_SCRATCH),$(BT)/eval-$(n).yaml) ## early-exit networks trained from scratch (joint, + self-distillation)
 budgeted-msdnet: $(BT)/eval-msdnet.yaml ## the MSDNet-style network trained from scratch
+budgeted-bundles: budgeted-family budgeted-methods budgeted-scratch ## the plain family and the SDN-headed networks exported (float, int8) and timed in onnxruntime
+	$(PYTHON) reproduce/budgeted_bundles.py $(BT) --data $(BUDGETED_DATA) --rounds $(BUDGETED_REPEATS) \
+	  --threads $(BUDGETED_THREADS)
 budgeted-page: ## the results page and figure from the evaluations made so far
 	$(PYTHON) reproduce/budgeted.py $(BT) --epochs $(EPOCHS) --data $(BUDGETED_DATA) --config $(BUDGETED_RECIPE) \
 	  --threads $(BUDGETED_THREADS) --page $(BUDGETED_PAGE) --figure $(BUDGETED_FIGURE)

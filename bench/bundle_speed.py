@@ -19,6 +19,11 @@ batch 1 and >= 0.8 at batch 256; the runtime's install under 150 MB (as pip inst
 ``--no-compile`` after one prediction, and without onnxruntime's requirements that running a bundle never imports:
 see install_size).
 
+At batch 1 the bundle runs each image through its single-image graph (schema 3: the stages nested in If branches,
+one onnxruntime call); the same bundle driven stage graph by stage graph (a call per exit, as schema 2 ran an image)
+joins the same rounds, and each point reports the single graph's speed over it (the median of the rounds' ratios,
+with its range) and the stage calls' speed-up x cost.
+
 With ``--int8``, int8 versions of both bundles (``--quantize int8``, calibrated on 512 samples of the demo training
 split) join the same rounds, and each point (and the plain model) also reports the int8 bundle's speed over the
 float bundle's: the median over rounds of the ratio within a round, with its range (ratios only: > 1 means int8 is
@@ -123,6 +128,12 @@ def speeds(made: dict[str, Path], batch: int, samples: int, rounds: int) -> dict
     if int8:  # after the float runs, so that the indices above hold; the same rounds time them
         bundle8, plain8 = Bundle(made["bundle-int8"], threads=1), Bundle(made["plain-int8"], threads=1)
         runs += [bundle_run(plain8, [])] + [bundle_run(bundle8, t) for t in thresholds]
+    staged = batch == 1  # at batch 1, also the stage graphs a call each, as bundles before schema 3 ran an image
+    if staged:
+        stage_driver = Bundle(made["bundle"], threads=1)
+        stage_driver.network = None
+        first_staged = len(runs)
+        runs += [bundle_run(stage_driver, t) for t in thresholds]
     # exit counts (costs) from one untimed pass of each point, which also warms both up
     costs = []
     for run in runs[len(ours) + 1:2 * len(ours)]:
@@ -130,6 +141,9 @@ def speeds(made: dict[str, Path], batch: int, samples: int, rounds: int) -> dict
         costs.append(float(np.mean(np.array(cost_model.normalised_exit_costs())[exits])))
     for run in runs[:len(ours) + 1] + runs[2 * len(ours):]:
         run()
+    # the share of images whose exit the single-image graph and the stage calls agree on (1.0 but for rounding)
+    same_exits = [float(np.mean([bundle(x, t).exit_index[0] == stage_driver(x, t).exit_index[0] for x in np_batches]))
+                  for t in thresholds] if staged else []
     seconds = [[timed(run) for run in runs] for _ in range(rounds)]
     k = len(ours)
     out: dict[str, Any] = {"batch": batch, "samples": samples, "rounds": rounds, "points": []}
@@ -152,6 +166,14 @@ def speeds(made: dict[str, Path], batch: int, samples: int, rounds: int) -> dict
         })
     out["plain"] = {"eetool_images_per_s": round(samples / statistics.median(r[0] for r in seconds), 1),
                     "bundle_images_per_s": round(samples / statistics.median(r[k] for r in seconds), 1)}
+    if staged:
+        for i, row in enumerate(out["points"]):
+            ratio = [r[first_staged + i] / r[k + 1 + i] for r in seconds]  # stage driver seconds / bundle seconds
+            row["single_graph_over_stage_calls"] = round(statistics.median(ratio), 2)
+            row["single_graph_over_stage_calls_range"] = [round(min(ratio), 2), round(max(ratio), 2)]
+            row["single_graph_same_exits"] = same_exits[i]
+            row["stage_calls_speedup_x_cost"] = round(
+                statistics.median(r[k] / r[first_staged + i] for r in seconds) * row["cost"], 2)
     if int8:
         for i, row in enumerate([out["plain"], *out["points"]]):
             ratio = [r[k + i] / r[2 * k + i] for r in seconds]  # float seconds / int8 seconds: int8's speed-up
@@ -225,8 +247,9 @@ def install_size(bundle: Path) -> dict[str, Any]:
     """The runtime pip-installed into fresh venvs (pip and setuptools, which every venv holds, left out), beside
     the distributions eetool itself requires in this environment: as ``pip install runtime/`` installs it (pip
     compiles every module to bytecode); with ``--no-compile``, measured after one prediction through ``bundle``
-    (a plain bundle: Python writes the bytecode of what a prediction imports, the same modules as at a point); and that again without onnxruntime's requirements that a
-    bundle's run never imports, after a second prediction that shows it runs without them."""
+    (a plain bundle: Python writes the bytecode of what a prediction imports, the same modules as at a point); and
+    that again without onnxruntime's requirements that a bundle's run never imports, after a second prediction
+    that shows it runs without them."""
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "input.png"
         default, lean = Path(tmp) / "default", Path(tmp) / "lean"

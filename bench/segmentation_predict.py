@@ -7,6 +7,12 @@ thread, each round runs in turn: the plain network, evaluate's early-exit pass (
 ``MaskPredictor`` (that pass and each image's cost) and the writing of the masks (PNG encoding and an atomic write
 each, fsync included) into a temp folder. Reported: seconds per image of each (median over --rounds rounds) and
 its ratio to the pass in the same round (median over rounds), with the load average before and after.
+
+With --bundle (`eetool export` of the same checkpoint: its plain network) the rounds also run the bundle's graph
+under onnxruntime (one thread) on the decoded uint8 images, as eetool-runtime does (its preprocessing is in the
+graph, where the torch runs are given preprocessed images), and report the plain network's time over the
+bundle's in the same round (``plain_over_bundle``, median over rounds: the bundle's images/s as a multiple of the
+plain network's in PyTorch).
 """
 
 from __future__ import annotations
@@ -24,9 +30,9 @@ import torch
 from eetool.core.artifacts import atomic_write
 from eetool.core.checkpoint import load_checkpoint
 from eetool.core.datasets import Preprocess, load_dataset
+from eetool.segmentation.class_thresholds import SegmentationThresholds
 from eetool.segmentation.mask_prediction import MaskPredictor, mask_png, voc_palette
 from eetool.segmentation.networks import early_exit_forward
-from eetool.segmentation.threshold_fitting import read_thresholds
 
 
 def main() -> None:
@@ -37,12 +43,13 @@ def main() -> None:
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--bundle", default=None, help="the checkpoint's segmentation bundle (eetool export), timed too")
     a = p.parse_args()
     torch.set_num_threads(1)
     ckpt = load_checkpoint(a.checkpoint)
     model = ckpt.model.eval()
-    doc, thresholds = read_thresholds(a.thresholds, ckpt, model.num_classes)
-    decide_at = doc.get("decide_at", "pixel")
+    fitted = SegmentationThresholds.load_for(a.thresholds, ckpt, model.num_classes)
+    thresholds, decide_at = fitted.thresholds, fitted.record.get("decide_at", "pixel")
     ds = load_dataset(a.data, "test")
     assert ds.images is not None
     preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
@@ -76,6 +83,21 @@ def main() -> None:
 
     runs: dict[str, Callable[[], None]] = {"plain": plain, "pass": early_exit_pass, "predictor": mask_predictor,
                                            "mask_writing": mask_writing}
+    if a.bundle:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        session = ort.InferenceSession(os.path.join(a.bundle, "stage_0.onnx"), options,
+                                       providers=["CPUExecutionProvider"])
+        decoded = [ds.images[i:min(i + a.batch_size, a.images)].expand(-1, 3, -1, -1).contiguous().numpy()
+                   for i in range(0, a.images, a.batch_size)]
+
+        def bundle() -> None:
+            for images in decoded:
+                session.run(["classes"], {"images": images})
+
+        runs["bundle"] = bundle
     load_before = os.getloadavg()[0]
     for run in runs.values():  # warm-up
         run()
@@ -91,6 +113,8 @@ def main() -> None:
         "ms_per_image": {n: round(1000 * statistics.median(s) / a.images, 3) for n, s in seconds.items()},
         "ratio_to_pass": {n: round(statistics.median(t / p for t, p in zip(s, seconds["pass"], strict=True)), 3)
                           for n, s in seconds.items()},
+        **({"plain_over_bundle": round(statistics.median(
+            p / b for p, b in zip(seconds["plain"], seconds["bundle"], strict=True)), 3)} if a.bundle else {}),
     }, indent=2))
 
 

@@ -139,6 +139,57 @@ def collect(method: str, doc: dict[str, Any], reference_sha: str,
     return method_points, family_points
 
 
+def bundle_points(doc: dict[str, Any]) -> tuple[list[Point], dict[str, list[Point]]]:
+    """``bundles.yaml`` (reproduce/budgeted_bundles.py) as the plain family's points and each bundled method's,
+    every run against the reference's plain bundle round by round (all timed in the same rounds)."""
+    runs = doc["runs"]
+    reference = next((r for r in runs if r["bundle"] == doc["reference"]), None)
+    if reference is None:
+        raise ValueError(f"bundles.yaml: the reference bundle {doc['reference']} is not in the run")
+    family, methods = [], {}
+    for r in runs:
+        up, low, high = speedups(reference["seconds"], r["seconds"])
+        if r["kind"] == "family":
+            family.append(Point(FAMILY_RUN, r["bundle"].removeprefix("bundle-") + ".safetensors", r["accuracy"],
+                                r["macs"] / reference["macs"], up, low, high))
+        else:
+            label = r["method"]
+            methods.setdefault(label, []).append(Point(label, r["name"], r["accuracy"], r["macs"] / reference["macs"],
+                                                       up, low, high))
+    return family, methods
+
+
+def bundles_section(doc: dict[str, Any] | None) -> str:
+    """The page's section on the exported bundles (empty without ``bundles.yaml``)."""
+    if doc is None:
+        return ""
+    family, methods = bundle_points(doc)
+    hull = envelope(family)
+    by_method = {m: gaps(pts, hull) for m, pts in methods.items()}
+    sentences = "\n".join(f"- {verdict(m, g)}" for m, g in by_method.items())
+    points = [p for pts in methods.values() for p in pts]
+    return f"""## In onnxruntime: exported bundles, float and int8
+
+An edge box runs the exported bundle (`eetool export`, run by `eetool-runtime`), and onnxruntime speeds up the plain
+networks too, so here every network is a bundle: the plain family exported plain, and the early-exit configurations
+exported float and int8 (`--quantize int8`, calibrated on 512 training images, thresholds refitted on the int8
+bundle's own confidences by `export`). All timed in the same {doc['rounds']} interleaved rounds by
+`reproduce/budgeted_bundles.py` ({doc['runtime']}, {doc['threads']} thread, batch {doc['batch']}, all
+{doc['samples']:,} test images; 1-minute load average {doc['load'][0]:.2f} before, {doc['load'][1]:.2f} after),
+against the width-16 ResNet-20's plain bundle.
+
+{points_table(family)}
+
+{points_table(points)}
+
+{gaps_table(by_method)}
+{plain_row(gaps([], hull))}
+
+{sentences}
+
+"""
+
+
 def envelope(points: Sequence[Point]) -> list[tuple[float, float]]:
     """The upper concave envelope of (wall cost, accuracy), by cost: the members on it, joined by straight lines
     (running each of two neighbours on a share of the inputs), from the cheapest member to the most accurate."""
@@ -336,8 +387,9 @@ def left_out(recipe: dict[str, Any]) -> str:
 
 def page(family: Sequence[Point], points: Sequence[Point], by_method: dict[str, list[Gap]],
          plain: Sequence[Gap], sentences: Sequence[str], recipe: dict[str, Any],
-         partial: dict[str, list[str]] | None = None) -> str:
-    """The results page (Markdown); ``partial``: methods timed beside part of the family (``partial_runs``)."""
+         partial: dict[str, list[str]] | None = None, bundles: dict[str, Any] | None = None) -> str:
+    """The results page (Markdown); ``partial``: methods timed beside part of the family (``partial_runs``);
+    ``bundles``: reproduce/budgeted_bundles.py's timings of the exported bundles, if it ran."""
     best = best_of_all(by_method)
     reached = [g.budget for g in best if g.points is not None and g.points >= -LEVEL]
     missed = [g for g in best if g.points is not None and g.points < -LEVEL]
@@ -386,14 +438,15 @@ at a budget is that of its best single point within that wall cost; in brackets,
 
 {chr(10).join(f"- {s}" for s in sentences)}
 
-{figure}## Reproduce
+{figure}{bundles_section(bundles)}## Reproduce
 
 `make budgeted EPOCHS={recipe['epochs']}` (results under `results/budgeted/`, then this page and its figure).
 Its groups run on their own: `budgeted-family` (the seven plain networks, timed together), `budgeted-methods`
 (E²CM with each prediction rule, SDN heads trained for `BUDGETED_HEAD_EPOCHS` epochs on the frozen network,
 entropy, E²CM+SDN with `and` and `or`, channel pruning to 50% and 25% of the MACs), `budgeted-small` (E²CM and
 SDN heads on the width-8 network), `budgeted-scratch` (`train-exits --joint --from-scratch` with SDN's exit
-weights, and with `--distill 0.5`), `budgeted-msdnet`, and `budgeted-page` (this page from what exists). Every
+weights, and with `--distill 0.5`), `budgeted-msdnet`, `budgeted-bundles` (the exported bundles, float and int8,
+timed beside the exported family), and `budgeted-page` (this page from what exists). Every
 step is a file, so an interrupted run continues where it stopped.{head_epochs_text(recipe.get('head_epochs', {}))}
 
 ## Caveats
@@ -488,8 +541,10 @@ def main() -> None:
                               if (a.folder / name).is_file() and (n := recorded_epochs(a.folder / name)) is not None}}
     plot(a.figure, family_points, hull, by_method_points)
     sentences = [verdict(m, g) for m, g in by_method.items()]
+    bundles_file = a.folder / "bundles.yaml"
+    bundles = yaml.safe_load(bundles_file.read_text()) if bundles_file.is_file() else None
     text = page(family_points, all_points, by_method, plain, sentences, recipe,
-                partial_runs(family_points, by_method_family))
+                partial_runs(family_points, by_method_family), bundles)
     tmp = a.page.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(a.page)

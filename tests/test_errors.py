@@ -1145,8 +1145,15 @@ CASES = [
          says="is not a folder"),
     Case("predict-segmentation-classifier-data", [*SEG_PREDICT[:3], "-d", "{data}", *SEG_PREDICT[5:]], MISMATCH,
          says="one label per image"),
-    Case("export-segmentation", ["export", "-c", "{inp}/seg.safetensors", "-o", "{out}/bundle"], MISMATCH,
-         says="export takes classifiers"),
+    # export of a segmentation checkpoint: the plain network only
+    Case("export-segmentation-pixel-exits", ["export", "-c", "{inp}/seg.safetensors", "--thresholds",
+                                             "{inp}/seg-thresholds.yaml", "-o", "{out}/bundle"], USAGE,
+         says="pixel exits do not export yet"),
+    Case("export-segmentation-means", ["export", "-c", "{inp}/seg.safetensors", "--means", "{inp}/means.safetensors",
+                                       "-o", "{out}/bundle"], USAGE, says="--means apply to classifiers"),
+    Case("export-segmentation-int8", ["export", "-c", "{inp}/seg.safetensors", "--quantize", "int8",
+                                      "--calibration-data", "{data}", "-o", "{out}/bundle"], USAGE,
+         says="--quantize and --calibration-data apply to classifier bundles"),
     Case("predict-decide-at-with-a-classifier", ["predict", "-c", "{ckpt}", "-d", "{data}", "--decide-at", "pixel"],
          USAGE, says="--decide-at applies to segmentation thresholds"),
 ]

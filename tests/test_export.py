@@ -5,7 +5,6 @@ parity with eetool predict (classes and exit indices) with ``import torch`` made
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,22 +16,12 @@ import pytest
 import yaml
 from cli_helpers import invoke, ok, one_error_line, sha256
 from PIL import Image
+from runtime_helpers import no_torch_env
 
 from eetool.core.errors import ExitCode
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
-
-ROOT = Path(__file__).resolve().parents[1]
-# The runtime must not need torch: this sitecustomize makes every import of torch fail in its process.
-BLOCK_TORCH = '''
-import importlib.abc, sys
-class _NoTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith(("torch.", "torchvision")):
-            raise ImportError(f"{name} is blocked: the runtime must run without PyTorch")
-sys.meta_path.insert(0, _NoTorch())
-'''
 
 
 @dataclass
@@ -67,9 +56,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory, no_torch: dict[str, str]) -> 
 @pytest.fixture(scope="module")
 def no_torch(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The environment of a runtime process: torch blocked, the runtime importable."""
-    blocker = tmp_path_factory.mktemp("blocker")
-    (blocker / "sitecustomize.py").write_text(BLOCK_TORCH)
-    return {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{ROOT / 'runtime'}"}
+    return no_torch_env(tmp_path_factory.mktemp("blocker"))
 
 
 def runtime(demo: Demo | dict[str, str], *args: object, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -116,6 +103,35 @@ def test_manifest_records_the_model_the_points_and_every_files_sha256(demo: Demo
     assert all(sha256(demo.bundle / name) == sha for name, sha in doc["files"].items())
     sums = dict(reversed(line.split("  ")) for line in (demo.bundle / "SHA256SUMS").read_text().splitlines())
     assert sums == {**doc["files"], "manifest.yaml": sha256(demo.bundle / "manifest.yaml")}
+    assert doc["schema"] == 3 and doc["batch_1"] == {"graph": "batch_1.onnx", "inputs": ["images", "thresholds"],
+                                                     "outputs": ["class", "confidence", "exit_index", "probabilities"]}
+
+
+def test_single_image_graph_runs_a_stage_only_after_its_exit_let_the_image_on(demo: Demo) -> None:
+    """batch_1.onnx nests the stage graphs: its main graph holds stage 0 and one If on exit 0's decision; that If's
+    then branch (the image leaves) runs no stage, its else branch holds stage 1 (the same convolutions, weights in
+    that branch) and the If on exit 1, and so on to the head. So a stage runs only for an image that went on."""
+    import onnx
+    from onnx import numpy_helper
+
+    doc = yaml.safe_load((demo.bundle / "manifest.yaml").read_text())
+    graph = onnx.load(str(demo.bundle / "batch_1.onnx")).graph
+    for j, stage in enumerate(doc["stages"]):
+        own = onnx.load(str(demo.bundle / stage["stage"])).graph
+        convs = [numpy_helper.to_array(t) for t in own.initializer if t.name.endswith("weight") and t.dims[-1] == 3]
+        convolutions = [n.op_type for n in own.node].count("Conv")
+        assert [n.op_type for n in graph.node].count("Conv") == convolutions and (convolutions > 0) == bool(convs)
+        nested = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        assert all(any(np.array_equal(w, v) for v in nested.values()) for w in convs), stage["stage"]
+        branches = [n for n in graph.node if n.op_type == "If"]
+        if j == len(doc["stages"]) - 1:
+            assert branches == [] and {"Softmax", "ArgMax"} <= {n.op_type for n in graph.node}
+            break
+        assert len(branches) == 1
+        branch = {a.name: onnx.helper.get_attribute_value(a) for a in branches[0].attribute}
+        leave, go_on = branch["then_branch"], branch["else_branch"]
+        assert leave.name == f"exit_{j}" and not {"Conv", "If"} & {n.op_type for n in leave.node}
+        graph = go_on
 
 
 def test_export_replaces_only_a_bundle_it_wrote_and_only_with_force(tiny_checkpoint: str, tmp_path: Path) -> None:
@@ -162,9 +178,26 @@ def test_runtime_matches_eetool_predict_on_the_demo_test_set(demo: Demo, point: 
                              "--point", point, demo.pngs, "--batch-size", 256)).stdout)
     proc = runtime(demo, demo.bundle, demo.pngs, "--point", point, "--batch-size", 256)
     assert proc.returncode == 0, proc.stderr
-    theirs = records(proc.stdout)
+    _assert_parity(ours, records(proc.stdout), yaml.safe_load(demo.thresholds.read_text())["points"][point])
+
+
+@pytest.mark.parametrize("point", [0, 1])
+def test_runtime_single_image_graph_matches_eetool_predict(demo: Demo, point: int) -> None:
+    """At batch 1 the runtime runs the single-image graph (the stages nested in If branches): on 500 demo test
+    inputs, classes and exit indices as eetool predict's, under the same allowance as the stage graphs'."""
+    files = sorted(demo.pngs.iterdir())[:500]
+    ours = records(ok(invoke("predict", "-c", "demo", "--means", demo.means, "--thresholds", demo.thresholds,
+                             "--point", point, *files)).stdout)
+    proc = runtime(demo, demo.bundle, *files, "--point", point, "--batch-size", 1)
+    assert proc.returncode == 0, proc.stderr
+    _assert_parity(ours, records(proc.stdout), yaml.safe_load(demo.thresholds.read_text())["points"][point])
+
+
+def _assert_parity(ours: list[dict], theirs: list[dict], point: dict) -> None:
+    """Classes and exit indices: equal on at least 99.9% of the inputs, every difference a confidence within 1e-5 of
+    its threshold; where they are equal, the same cost, exit and class name, and confidences within 1e-4."""
     assert [r["input"] for r in theirs] == [r["input"] for r in ours]
-    thresholds = yaml.safe_load(demo.thresholds.read_text())["points"][point]["thresholds"]
+    thresholds = point["thresholds"]
     differ = [(a, b) for a, b in zip(ours, theirs, strict=True)
               if (a["class"], a["exit_index"]) != (b["class"], b["exit_index"])]
     near = [(a, b) for a, b in differ
@@ -207,6 +240,13 @@ def test_runtime_refuses_a_changed_threshold_or_graph(demo: Demo, tmp_path: Path
     (graph / "stage_3.onnx").write_bytes(bytes(data))
     proc = runtime(demo, graph, demo.pngs / "0000.png", "--point", 0)
     assert proc.returncode == ExitCode.PROVENANCE and "stage_3.onnx has changed since export" in proc.stderr
+    network = tmp_path / "network"
+    shutil.copytree(demo.bundle, network)
+    data = bytearray((network / "batch_1.onnx").read_bytes())
+    data[-10] ^= 1
+    (network / "batch_1.onnx").write_bytes(bytes(data))
+    proc = runtime(demo, network, demo.pngs / "0000.png", "--point", 0)
+    assert proc.returncode == ExitCode.PROVENANCE and "batch_1.onnx has changed since export" in proc.stderr
 
 
 def _resealed(bundle: Path, folder: Path, edit: object) -> Path:
@@ -224,13 +264,19 @@ def _resealed(bundle: Path, folder: Path, edit: object) -> Path:
 
 
 def test_runtime_refuses_an_older_schema_and_unknown_stage_outputs(demo: Demo, tmp_path: Path) -> None:
-    """A schema 1 bundle (a graph per decision beside each stage) is refused with the advice to export it again;
-    a stage whose recorded outputs are not the ones the runtime reads, as inconsistent."""
+    """A schema 1 bundle (a graph per decision beside each stage) or 2 (without the single-image graph) is refused
+    with the advice to export it again; a manifest of schema 3 without its single-image graph, or with a stage
+    whose recorded outputs are not the ones the runtime reads, as inconsistent."""
     image = demo.pngs / "0000.png"
-    old = _resealed(demo.bundle, tmp_path / "old", lambda doc: doc.update(schema=1))
-    proc = runtime(demo, old, image, "--point", 0)
-    assert proc.returncode == ExitCode.PROVENANCE and proc.stdout == "" and len(proc.stderr.splitlines()) == 1
-    assert "schema 1" in proc.stderr and "export the bundle again" in proc.stderr
+    for schema in (1, 2):
+        old = _resealed(demo.bundle, tmp_path / f"schema-{schema}",
+                        lambda doc, schema=schema: doc.update(schema=schema))
+        proc = runtime(demo, old, image, "--point", 0)
+        assert proc.returncode == ExitCode.PROVENANCE and proc.stdout == "" and len(proc.stderr.splitlines()) == 1
+        assert f"schema {schema} (" in proc.stderr and "export the bundle again" in proc.stderr
+    no_network = _resealed(demo.bundle, tmp_path / "no-network", lambda doc: doc.pop("batch_1"))
+    proc = runtime(demo, no_network, image, "--point", 0)
+    assert proc.returncode == ExitCode.PROVENANCE and "records no single-image graph" in proc.stderr
 
     def drop_probabilities(doc: dict) -> None:
         doc["stages"][2]["outputs"] = doc["stages"][2]["outputs"][:3]
@@ -288,10 +334,11 @@ def test_exit_heads_export_and_run_as_eetool_predict(method: str, heads_made: di
     model = ["-c", heads_made["ckpt"], "--exit-heads", heads_made["heads"], *means, "--thresholds", thresholds]
     ok(invoke("export", *model, "-d", heads_made["data"], "-o", tmp_path / "bundle", "-q"))
     ours = records(ok(invoke("predict", *model, heads_made["pngs"])).stdout)
-    proc = runtime(no_torch, tmp_path / "bundle", heads_made["pngs"])
-    assert proc.returncode == 0, proc.stderr
-    theirs = records(proc.stdout)
-    assert [(r["class"], r["exit_index"]) for r in theirs] == [(r["class"], r["exit_index"]) for r in ours]
+    for batch in ("64", "1"):  # the stage graphs, and the single-image graph
+        proc = runtime(no_torch, tmp_path / "bundle", heads_made["pngs"], "--batch-size", batch)
+        assert proc.returncode == 0, proc.stderr
+        theirs = records(proc.stdout)
+        assert [(r["class"], r["exit_index"]) for r in theirs] == [(r["class"], r["exit_index"]) for r in ours]
     assert len({r["exit_index"] for r in ours}) > 1
 
 

@@ -235,3 +235,39 @@ def test_the_page_says_how_many_epochs_this_runs_heads_were_trained(bt: ModuleTy
     assert bt.head_epochs_text({}) == ""
     text = bt.head_epochs_text({"width 16": 1, "width 8": 6})
     assert text.endswith("trained for: width 16 1 epoch, width 8 6 epochs.")
+
+
+def bundles_doc(runs: list[tuple[str, str, str, str, float, float, list[float]]]) -> dict[str, Any]:
+    """A bundles.yaml (reproduce/budgeted_bundles.py): (bundle, method, kind, name, accuracy, macs, seconds)."""
+    return {"runtime": "onnxruntime 1.0", "threads": 1, "batch": 256, "rounds": 2, "samples": 100,
+            "reference": "bundle-plain-resnet20-w16", "load": [1.0, 2.0],
+            "runs": [{"bundle": b, "method": m, "kind": k, "name": n, "accuracy": a, "macs": c, "seconds": s}
+                     for b, m, k, n, a, c, s in runs]}
+
+
+def test_bundles_are_set_against_the_exported_family_round_by_round(bt: ModuleType) -> None:
+    doc = bundles_doc([
+        ("bundle-plain-resnet20-w16", "family", "family", "bundle-plain-resnet20-w16", 0.93, 1000.0, [2.0, 4.0]),
+        ("bundle-plain-resnet20-w8", "family", "family", "bundle-plain-resnet20-w8", 0.90, 250.0, [0.5, 1.0]),
+        ("bundle-sdn", "sdn (float)", "point", "0: budget 0.25", 0.91, 260.0, [0.5, 2.0]),
+        ("bundle-sdn-int8", "sdn (int8)", "point", "0: budget 0.25", 0.904, 260.0, [0.25, 0.5]),
+    ])
+    family, methods = bt.bundle_points(doc)
+    assert [p.name for p in family] == ["plain-resnet20-w16.safetensors", "plain-resnet20-w8.safetensors"]
+    assert family[1].speedup == 4.0 and family[1].macs_cost == 0.25
+    # round by round: 2/0.5 = 4 and 4/2 = 2, median 3; int8 8x in both rounds
+    assert methods["sdn (float)"][0].speedup == 3.0 and methods["sdn (int8)"][0].speedup == 8.0
+    text = bt.bundles_section(doc)
+    assert "sdn (int8): " in text and "| sdn (int8) | 0: budget 0.25 | 90.40% | 0.260 | 8.00x" in text
+    # int8 at wall cost 0.125, 90.4%: the curve runs from the width-8 bundle (0.25, 90%) to the width-16 one (1, 93%),
+    # 90.2% at 0.3, 90.6% at 0.4, 91.0% at 0.5, 91.4% at 0.6; below 0.25 no plain bundle is that fast
+    assert ("sdn (int8): level with the plain curve (within 0.5 points) at 0.25\u20130.4; behind it at 0.5\u20130.6 "
+            "(by up to 1.0 points, at 0.6); faster than every plain network at 0.15\u20130.2; no point that fast "
+            "at 0.1.") in text
+    assert bt.bundles_section(None) == ""
+
+
+def test_bundles_need_their_reference(bt: ModuleType) -> None:
+    doc = bundles_doc([("bundle-plain-resnet20-w8", "family", "family", "x", 0.9, 250.0, [1.0])])
+    with pytest.raises(ValueError, match="reference bundle"):
+        bt.bundle_points(doc)

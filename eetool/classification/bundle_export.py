@@ -3,7 +3,10 @@
 SHA256SUMS, for the PyTorch-free runtime (``runtime/``). Each stage and each decision is ``torch.onnx.export`` of the
 very modules and rules eetool runs, exported apart and then joined into one graph (``onnx.compose``), so that an exit
 costs the runtime one onnxruntime call instead of two, and an int8 export can quantise the stage's part alone;
-stage 0 applies the checkpoint's preprocessing, and the threshold comparison is the runtime's.
+stage 0 applies the checkpoint's preprocessing, and the threshold comparison is the runtime's. A bundle with exits
+also holds those stage graphs nested into one graph for a single image (``batch_1.onnx``): each later stage sits in
+the else branch of an ONNX ``If`` on the exit decision before it, so one onnxruntime call runs an image as far as it
+goes, where the stage graphs cost a call per exit (their compaction serves batches of several images).
 
 Layout: docs/predict-and-export.md#eetool-export
 """
@@ -38,8 +41,9 @@ if TYPE_CHECKING:
     from eetool.core.exits import ExitModel
 
 BUNDLE_FORMAT = "eetool-bundle"
-# 2: a stage and its exit's decision in one graph (schema 1 had a graph per decision beside each stage's)
-BUNDLE_SCHEMA = 2
+# 2: a stage and its exit's decision in one graph (schema 1 had a graph per decision beside each stage's);
+# 3: and the stages nested in If branches as one graph for a single image (batch_1.onnx)
+BUNDLE_SCHEMA = 3
 MANIFEST = "manifest.yaml"
 SUMS = "SHA256SUMS"
 # Within this of its threshold, a confidence may fall on either side between onnxruntime's float rounding and
@@ -50,6 +54,10 @@ OPSET = 18
 EXIT_OUTPUTS = ["output", "confidence", "prediction", "probabilities"]
 HEAD_OUTPUTS = ["logits"]
 DECISION_PREFIX = "decision/"  # the names of the decision's nodes and values inside a joined graph
+# The graph for a single image: its file, inputs (the images, the operating point's thresholds) and outputs
+NETWORK = "batch_1.onnx"
+NETWORK_INPUTS = ["images", "thresholds"]
+NETWORK_OUTPUTS = ["class", "confidence", "exit_index", "probabilities"]
 
 
 class BundleMismatchError(EetoolError):
@@ -244,18 +252,104 @@ def join_stage(parts: Path, name: str, folder: Path, stage_parts: Path | None = 
     onnx.save(joined, str(folder / name))
 
 
-def manifest(spec: BundleSpec, stages: list[dict[str, Any]]) -> dict[str, Any]:
-    """The manifest but for ``files`` (the graphs' sha256, which ``seal`` records)."""
+def write_network(folder: Path, stages: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:
+    """``folder / NETWORK``: the stage graphs in ``folder`` (float or int8) as one graph for a single image, and its
+    manifest entry. Stage 0 runs in the main graph; the exit decision after stage j feeds an If whose then branch
+    gives that exit's prediction, confidence, index and probabilities, and whose else branch runs stage j + 1 (and
+    the If after it), so a stage after an image's exit is never run. The last stage's branch gives the argmax of
+    the logits and their softmax. ``thresholds`` holds the operating point's per-exit thresholds; an image leaves
+    where its confidence is greater, as in the runtime's driver. Each stage's weights are initialisers of the
+    branch that runs it, not of the outer graph: onnxruntime's blocked-layout convolutions (NCHWc) are only chosen
+    for weights it finds in the convolution's own graph."""
+    import onnx
+    from onnx import TensorProto, compose, helper, numpy_helper
+
+    models = [onnx.load(str(folder / s["stage"])) for s in stages]
+    body_of, weights_of, outputs_of = [], [], []
+    features = NETWORK_INPUTS[0]
+    for j, model in enumerate(models):
+        graph = compose.add_prefix_graph(model.graph, f"stage_{j}/")
+        own_input = graph.input[0].name
+        for node in graph.node:
+            node.input[:] = [features if name == own_input else name for name in node.input]
+        body_of.append(list(graph.node))
+        weights_of.append(list(graph.initializer))
+        outputs_of.append([o.name for o in graph.output])
+        features = outputs_of[-1][0]
+
+    def constant(name: str, value: np.ndarray) -> Any:
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value))
+
+    kinds = [(TensorProto.INT64, [1]), (TensorProto.FLOAT, [1]), (TensorProto.INT64, [1]),
+             (TensorProto.FLOAT, [1, num_classes])]
+
+    def results(names: list[str]) -> list[Any]:
+        return [helper.make_tensor_value_info(n, kind, shape) for n, (kind, shape) in zip(names, kinds, strict=True)]
+
+    last = len(models) - 1
+    p = f"stage_{last}/head/"  # the stage graphs name nothing under head/ or exit_test/
+    logits = outputs_of[last][0]
+    body = body_of[last] + [
+        helper.make_node("Softmax", [logits], [p + "probabilities"], axis=1),
+        helper.make_node("ArgMax", [logits], [p + "class"], axis=1, keepdims=0),
+        constant(p + "axis", np.array([1], np.int64)),
+        helper.make_node("ReduceMax", [p + "probabilities", p + "axis"], [p + "confidence"], keepdims=0),
+        constant(p + "exit_index", np.array([last], np.int64)),
+    ]
+    body_outputs = [p + "class", p + "confidence", p + "exit_index", p + "probabilities"]
+    for j in range(last - 1, -1, -1):
+        p = f"stage_{j}/exit_test/"
+        _, confidence, prediction, probabilities = outputs_of[j]
+        leave = [p + f"leave/{n}" for n in NETWORK_OUTPUTS]
+        exit_branch = helper.make_graph(
+            [helper.make_node("Identity", [prediction], [leave[0]]),
+             helper.make_node("Identity", [confidence], [leave[1]]),
+             constant(leave[2], np.array([j], np.int64)),
+             helper.make_node("Identity", [probabilities], [leave[3]])],
+            f"exit_{j}", [], results(leave))
+        go_on = helper.make_graph(body, f"after_exit_{j}", [], results(body_outputs), initializer=weights_of[j + 1])
+        names = list(NETWORK_OUTPUTS) if j == 0 else [p + f"go_on/{n}" for n in NETWORK_OUTPUTS]
+        body = body_of[j] + [
+            constant(p + "exit", np.array(j, np.int64)),
+            constant(p + "first", np.array(0, np.int64)),
+            helper.make_node("Gather", [NETWORK_INPUTS[1], p + "exit"], [p + "threshold"]),
+            helper.make_node("Gather", [confidence, p + "first"], [p + "confidence"]),
+            helper.make_node("Greater", [p + "confidence", p + "threshold"], [p + "leaves"]),
+            helper.make_node("If", [p + "leaves"], names, name=p + "if", then_branch=exit_branch, else_branch=go_on),
+        ]
+        body_outputs = names
+    h, w = (d.dim_value for d in models[0].graph.input[0].type.tensor_type.shape.dim[2:])
+    main = helper.make_graph(
+        body, "early_exit_network_batch_1",
+        [helper.make_tensor_value_info(NETWORK_INPUTS[0], TensorProto.UINT8, [1, 3, h, w]),
+         helper.make_tensor_value_info(NETWORK_INPUTS[1], TensorProto.FLOAT, [last])],
+        results(list(NETWORK_OUTPUTS)), initializer=weights_of[0])
+    opsets: dict[str, int] = {}
+    for model in models:
+        for opset in model.opset_import:
+            opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
+    network = helper.make_model(main, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
+                                ir_version=max(m.ir_version for m in models), producer_name="eetool")
+    onnx.checker.check_model(network)
+    onnx.save(network, str(folder / NETWORK))
+    return {"graph": NETWORK, "inputs": NETWORK_INPUTS, "outputs": NETWORK_OUTPUTS}
+
+
+def manifest(spec: BundleSpec, stages: list[dict[str, Any]], network: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest but for ``files`` (the graphs' sha256, which ``seal`` records); ``network`` is the entry of the
+    single-image graph (None for the plain model, one graph already)."""
     h, w = spec.input_hw
     return {
         "format": BUNDLE_FORMAT,
         "schema": BUNDLE_SCHEMA,
         "written_by": f"eetool {__version__}",
+        "task": "classification",
         "classes": list(spec.classes),
         "input": {"name": "images", "dtype": "uint8", "shape": ["batch", 3, h, w], "layout": "NCHW, RGB"},
         "preprocessing": spec.preprocessing,
         "method": spec.method,
         "stages": stages,
+        **({"batch_1": network} if network else {}),
         "points": spec.points,
         "provenance": spec.provenance,
         "files": {},
@@ -274,7 +368,8 @@ def write_bundle(spec: BundleSpec, folder: Path, parts: Path) -> dict[str, Any]:
     """Graphs, manifest and SHA256SUMS into an empty ``folder`` (the stages and decisions apart into ``parts``, where
     an int8 export quantises the stages); returns the manifest."""
     stages = write_graphs(spec, folder, parts)
-    return seal(folder, manifest(spec, stages))
+    network = write_network(folder, stages, len(spec.classes)) if len(stages) > 1 else None
+    return seal(folder, manifest(spec, stages, network))
 
 
 def seal(folder: Path, doc: dict[str, Any]) -> dict[str, Any]:
@@ -299,13 +394,17 @@ class BundleRun:
 
 
 def run_bundle(folder: Path, doc: dict[str, Any], images: np.ndarray, thresholds: list[float],
-               stage_folder: Path | None = None) -> BundleRun:
+               stage_folder: Path | None = None, one_by_one: bool = False) -> BundleRun:
     """The bundle's stage graphs (each with its exit's decision) under onnxruntime, one thread, the batch compacted
-    after each exit; the graphs from ``stage_folder`` where given (the float ones, beside an int8 bundle)."""
+    after each exit; the graphs from ``stage_folder`` where given (the float ones, beside an int8 bundle). With
+    ``one_by_one``, the bundle's single-image graph instead, on each image in turn."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
+    if one_by_one:
+        return _run_network(ort.InferenceSession(str(folder / doc["batch_1"]["graph"]), options,
+                                                 providers=["CPUExecutionProvider"]), images, thresholds)
     stages = stage_folder or folder
     sessions = [ort.InferenceSession(str(stages / s["stage"]), options, providers=["CPUExecutionProvider"])
                 for s in doc["stages"]]
@@ -329,30 +428,48 @@ def run_bundle(folder: Path, doc: dict[str, Any], images: np.ndarray, thresholds
     return BundleRun(classes, exit_index, decided)
 
 
+def _run_network(session: Any, images: np.ndarray, thresholds: list[float]) -> BundleRun:
+    n = images.shape[0]
+    out = BundleRun(np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), np.full(n, np.nan, dtype=np.float32))
+    feed = {NETWORK_INPUTS[1]: np.asarray(thresholds, dtype=np.float32)}
+    for k in range(n):
+        classes, confidence, exit_index = session.run(NETWORK_OUTPUTS[:3], {**feed, NETWORK_INPUTS[0]: images[k:k + 1]})
+        out.classes[k], out.exit_index[k] = classes[0], exit_index[0]
+        if exit_index[0] < len(thresholds):
+            out.decided_confidence[k] = confidence[0]
+    return out
+
+
 def self_check(spec: BundleSpec, folder: Path, doc: dict[str, Any], images: torch.Tensor,
                exit_model: ExitModel | None) -> list[dict[str, Any]]:
-    """Each operating point (or the plain model) on ``images`` (uint8 N x 3 x H x W) through the bundle and through
-    eetool's pass: classes and exit indices must agree, except where a confidence lies within THRESHOLD_TOLERANCE of
-    its threshold. Returns a line of figures per point; raises BundleMismatchError with what differed."""
+    """Each operating point (or the plain model) on ``images`` (uint8 N x 3 x H x W) through the bundle (its stage
+    graphs on the batch, and its single-image graph on each image) and through eetool's pass: classes and exit
+    indices must agree, except where a confidence lies within THRESHOLD_TOLERANCE of its threshold. Returns a line
+    of figures per point (``agree``: samples on which both of the bundle's ways agree with eetool); raises
+    BundleMismatchError with what differed."""
     x = spec.preprocess(images)
     report = []
     for i, point in enumerate(spec.points or [{"thresholds": []}]):
         thresholds = list(point["thresholds"])
         predictor = Predictor(spec.model, exit_model if spec.rule is not None else None, spec.rule, thresholds)
         ours = predictor(x)
-        theirs = run_bundle(folder, doc, images.numpy(), thresholds)
-        differ = np.flatnonzero((ours.classes.numpy() != theirs.classes)
-                                | (ours.exit_index.numpy() != theirs.exit_index))
-        near = [int(k) for k in differ if _near_threshold(int(k), ours, theirs, thresholds)]
-        if len(near) != len(differ):
-            far = [int(k) for k in differ if k not in near]
-            k = far[0]
-            raise BundleMismatchError(
-                f"the exported bundle disagrees with eetool's pass on {len(far)} of {len(images)} check samples "
-                f"beyond rounding at a threshold (sample {k}: class {int(ours.classes[k])} at exit "
-                f"{int(ours.exit_index[k])} in eetool, class {int(theirs.classes[k])} at exit "
-                f"{int(theirs.exit_index[k])} in onnxruntime{_point_name(i, point)})",
-                "report this with the checkpoint's architecture; nothing was written")
+        near: set[int] = set()
+        for one_by_one in (False, True) if "batch_1" in doc else (False,):
+            theirs = run_bundle(folder, doc, images.numpy(), thresholds, one_by_one=one_by_one)
+            differ = np.flatnonzero((ours.classes.numpy() != theirs.classes)
+                                    | (ours.exit_index.numpy() != theirs.exit_index))
+            close = {int(k) for k in differ if _near_threshold(int(k), ours, theirs, thresholds)}
+            if len(close) != len(differ):
+                far = [int(k) for k in differ if k not in close]
+                k = far[0]
+                graphs = f" ({doc['batch_1']['graph']}, image by image)" if one_by_one else ""
+                raise BundleMismatchError(
+                    f"the exported bundle{graphs} disagrees with eetool's pass on {len(far)} of {len(images)} check "
+                    f"samples beyond rounding at a threshold (sample {k}: class {int(ours.classes[k])} at exit "
+                    f"{int(ours.exit_index[k])} in eetool, class {int(theirs.classes[k])} at exit "
+                    f"{int(theirs.exit_index[k])} in onnxruntime{_point_name(i, point)})",
+                    "report this with the checkpoint's architecture; nothing was written")
+            near |= close
         report.append({"point": i if spec.points else "plain", "samples": len(images), "agree": len(images) - len(near),
                        "differ_within_tolerance": len(near)})
     return report

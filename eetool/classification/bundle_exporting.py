@@ -51,7 +51,6 @@ def export_bundle(run: Run, req: ExportRequest) -> None:
     from eetool.core.artifacts import sha256_file
     from eetool.core.datasets import Preprocess
     from eetool.core.errors import UsageError
-    from eetool.segmentation.inputs import is_segmentation_checkpoint
 
     if bool(means or exit_heads) != bool(thresholds):
         raise UsageError("early exits need --means and --thresholds (or --exit-heads and --thresholds)",
@@ -64,12 +63,6 @@ def export_bundle(run: Run, req: ExportRequest) -> None:
     require_onnx()
     target = Path(output)
     check_target(target, force, (checkpoint, means, exit_heads, thresholds))
-    if is_segmentation_checkpoint(run, checkpoint):
-        from eetool.core.errors import ModelMismatchError
-
-        raise ModelMismatchError("export takes classifiers; this checkpoint is a segmentation network",
-                                 "segmentation bundles are not made yet: write its masks with `eetool predict "
-                                 "--output-dir DIR` (docs/predict-and-export.md)")
     ckpt = open_checkpoint(run, checkpoint)
     run.torch()
     ckpt.model.eval()
@@ -101,12 +94,7 @@ def export_bundle(run: Run, req: ExportRequest) -> None:
     bundle = BundleSpec(
         model=ckpt.model, preprocess=preprocess, input_hw=input_hw, classes=classes, stages=stages, exits=exits,
         rule=rule, method=method, points=points, exit_costs=costs,
-        preprocessing={"decode": "RGB (PIL), 8 bits per channel", "resize": geometry.resize,
-                       "resize_rule": "shorter side to resize pixels, PIL bilinear",
-                       "crop": list(geometry.crop), "crop_rule": "centre crop, zero padding where smaller",
-                       "in_graph": "stage 0: x / 255, channels to the model's (ITU-R 601 luma for one), "
-                                   "(x - mean) / std",
-                       "channels": spec.input_shape[0], "mean": list(spec.mean), "std": list(spec.std)},
+        preprocessing=preprocessing_record(spec, geometry),
         provenance={"sources": sources, "args": run.args, "torch": str(torch.__version__)})
     images, labels, sample_name = _check_sample(run, req.data, req.split, spec, req.check_samples)
     calibration = (_calibration(run, req.calibration_data, req.calibration_split, req.calibration_samples, spec)
@@ -144,6 +132,14 @@ def export_bundle(run: Run, req: ExportRequest) -> None:
     run.emit(result, lambda d: "\n".join(f"{name}  {sha}" for name, sha in d["files"].items()))
 
 
+def preprocessing_record(spec: Any, geometry: Any) -> dict[str, Any]:
+    """The manifest's ``preprocessing``: how the runtime decodes, resizes and crops an image file (as eetool's
+    folder datasets do), and what stage 0's graph does to it (the checkpoint's Preprocess)."""
+    return {"decode": "RGB (PIL), 8 bits per channel", "resize": geometry.resize,
+            "resize_rule": "shorter side to resize pixels, PIL bilinear",
+            "crop": list(geometry.crop), "crop_rule": "centre crop, zero padding where smaller",
+            "in_graph": "stage 0: x / 255, channels to the model's (ITU-R 601 luma for one), (x - mean) / std",
+            "channels": spec.input_shape[0], "mean": list(spec.mean), "std": list(spec.std)}
 
 
 def _check_sample(run: Run, data: str | None, split: str, spec: Any, count: int) -> tuple[Any, Any, str]:

@@ -1,7 +1,8 @@
 """int8 stage graphs for a bundle (``eetool export --quantize int8``): onnxruntime's static QDQ quantisation of
 each stage, calibrated on what it receives in the float bundle, and quantised before it is joined with its exit's
-decision, so the decisions stay float. A bundle whose classes agree with the float one's on less than
-MIN_AGREEMENT of the check sample is refused.
+decision, so the decisions stay float; the single-image graph is nested again from the int8 stages. A bundle whose
+classes agree with the float one's on less than MIN_AGREEMENT of the check sample is refused, and one whose
+single-image graph and stage graphs disagree beyond rounding at a threshold.
 
 Method: docs/predict-and-export.md#int8-bundles-quantize-int8
 """
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from eetool.classification.bundle_export import BundleMismatchError, run_bundle
+from eetool.classification.bundle_export import THRESHOLD_TOLERANCE, BundleMismatchError, BundleRun, run_bundle
 
 MIN_AGREEMENT = 0.95
 CALIBRATION_BATCH = 64
@@ -87,7 +88,7 @@ def quantize_bundle(folder: Path, parts: Path, doc: dict[str, Any], calibration:
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from eetool.classification.bundle_export import join_stage
+    from eetool.classification.bundle_export import join_stage, write_network
 
     stages = [s["stage"] for s in doc["stages"]]
     with tempfile.TemporaryDirectory(prefix=f".{folder.name}.float.", dir=folder.parent) as scratch:
@@ -104,6 +105,8 @@ def quantize_bundle(folder: Path, parts: Path, doc: dict[str, Any], calibration:
                                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.MinMax)
                 join_stage(parts, name, folder, stage_parts=int8_parts)
+        if "batch_1" in doc:
+            write_network(folder, doc["stages"], len(doc["classes"]))
         check = compare(folder, float_folder, doc, images, labels)
     record = {
         "method": "int8",
@@ -132,6 +135,8 @@ def compare(folder: Path, float_folder: Path, doc: dict[str, Any], images: np.nd
         thresholds = [float(t) for t in point["thresholds"]]
         ref = run_bundle(folder, doc, images, thresholds, stage_folder=float_folder)
         q = run_bundle(folder, doc, images, thresholds)
+        if "batch_1" in doc:
+            _check_single_image_graph(q, run_bundle(folder, doc, images, thresholds, one_by_one=True), thresholds)
         agreement = float(np.mean(ref.classes == q.classes))
         row: dict[str, Any] = {
             "point": i if doc.get("points") else "plain",
@@ -152,3 +157,17 @@ def compare(folder: Path, float_folder: Path, doc: dict[str, Any], images: np.nd
                 "written")
         rows.append(row)
     return rows
+
+
+def _check_single_image_graph(stages: BundleRun, network: BundleRun, thresholds: list[float]) -> None:
+    """The int8 single-image graph nests the very int8 stage graphs: their classes and exits must agree, but where
+    a confidence lies within THRESHOLD_TOLERANCE of its threshold (the two graphs' kernels may round apart)."""
+    for k in np.flatnonzero((stages.classes != network.classes) | (stages.exit_index != network.exit_index)):
+        e = int(min(stages.exit_index[k], network.exit_index[k]))
+        decided = [run.decided_confidence[k] for run in (stages, network) if run.exit_index[k] == e]
+        if e >= len(thresholds) or not any(abs(float(c) - thresholds[e]) <= THRESHOLD_TOLERANCE for c in decided):
+            raise BundleMismatchError(
+                f"the int8 bundle's single-image graph disagrees with its stage graphs on check sample {k} (class "
+                f"{int(network.classes[k])} at exit {int(network.exit_index[k])}, the stages class "
+                f"{int(stages.classes[k])} at exit {int(stages.exit_index[k])})",
+                "report this with the checkpoint's architecture; nothing was written")

@@ -56,11 +56,15 @@ def command(
 ) -> None:
     """Export a checkpoint, plain or with its exits and every operating point of --thresholds, as a bundle folder:
     an ONNX graph per backbone stage and per exit decision, manifest.yaml, SHA256SUMS. The bundle is checked with
-    onnxruntime against eetool's own pass before it is written (exit 5 when they disagree)."""
+    onnxruntime against eetool's own pass before it is written (exit 5 when they disagree). A segmentation
+    checkpoint exports its plain network (class map per pixel) for mask PNGs; its pixel exits do not export."""
     from eetool.classification.bundle_exporting import ExportRequest, export_bundle
+    from eetool.segmentation.inputs import is_segmentation_checkpoint
+    from eetool.segmentation.mask_bundle import export_mask_bundle
 
-    export_bundle(run, ExportRequest(checkpoint=checkpoint, output=output, means=means, exit_heads=exit_heads,
-                                     thresholds=thresholds, data=data, split=split, check_samples=check_samples,
-                                     quantize=quantize.value, calibration_data=calibration_data,
-                                     calibration_split=calibration_split,
-                                     calibration_samples=calibration_samples, force=force))
+    export = export_mask_bundle if is_segmentation_checkpoint(run, checkpoint) else export_bundle
+    export(run, ExportRequest(checkpoint=checkpoint, output=output, means=means, exit_heads=exit_heads,
+                              thresholds=thresholds, data=data, split=split, check_samples=check_samples,
+                              quantize=quantize.value, calibration_data=calibration_data,
+                              calibration_split=calibration_split, calibration_samples=calibration_samples,
+                              force=force))

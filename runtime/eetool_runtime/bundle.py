@@ -4,8 +4,14 @@ The driver is eetool's early-exit pass over ONNX sessions: the stages run in ord
 batch, one onnxruntime call each; a stage's graph but the last's also computes its exit's decision, giving every
 remaining sample a confidence and a prediction beside the features; the samples whose confidence exceeds the
 operating point's threshold leave with their prediction, and the batch is compacted to the others before the next
-stage (not at all where none leave, as at batch 1 when the sample stays). Samples that reach the last stage take
-the argmax of its logits, with the softmax maximum as their confidence.
+stage (not at all where none leave). Samples that reach the last stage take the argmax of its logits, with the softmax
+maximum as their confidence. A single image instead goes through the bundle's single-image graph in one
+onnxruntime call: the same stage graphs nested in ONNX If branches, each later stage in the else branch of the exit
+decision before it, which gives the image's class, confidence, exit index and class probabilities; the stage graphs'
+calls cost a session call each, which at batch 1 weighs as much as an exit saves.
+
+A segmentation bundle (``task: segmentation``) holds one graph, the plain network, which gives the class of every
+pixel (``class_maps``); ``eetool_runtime.masks`` writes its masks.
 
 Every file the manifest names, and the manifest itself, is checked against ``SHA256SUMS`` before a session is made:
 a changed graph, threshold or manifest is refused. An int8 bundle (``eetool export --quantize int8``) runs the same
@@ -26,9 +32,17 @@ import yaml
 from eetool_runtime.errors import BundleError, UsageError
 
 BUNDLE_FORMAT = "eetool-bundle"
-SCHEMA = 2  # 2: each stage's graph computes its exit's decision (schema 1 had a decision graph beside each stage)
+# 3: the stages also nested in one graph for a single image (2: without it; 1: a decision graph beside each stage)
+SCHEMA = 3
 EXIT_OUTPUTS = ["output", "confidence", "prediction", "probabilities"]  # of a stage graph with an exit, in order
 HEAD_OUTPUTS = ["logits"]  # of the last stage's graph
+# A segmentation bundle (task: segmentation) holds one graph, the plain network: the class of every pixel (uint8
+# N x H x W) and the logits it is the argmax of
+MASK_OUTPUTS = ["classes", "logits"]
+TASKS = ("classification", "segmentation")
+NETWORK_INPUTS = ["images", "thresholds"]  # of the single-image graph (batch_1 in the manifest)
+NETWORK_OUTPUTS = ["class", "confidence", "exit_index", "probabilities"]
+OLDER_SCHEMAS = {1: "a graph per exit decision", 2: "no single-image graph"}
 MANIFEST = "manifest.yaml"
 SUMS = "SHA256SUMS"
 HEAD = "head"
@@ -75,8 +89,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise BundleError(f"{folder} is not an eetool bundle (its manifest's format is not {BUNDLE_FORMAT})", remake)
     schema = doc.get("schema")
     if isinstance(schema, int) and schema < SCHEMA:
-        raise BundleError(f"{folder} is a bundle of schema {schema} (a graph per exit decision), this runtime reads "
-                          f"schema {SCHEMA} (each stage's graph with its exit's decision)",
+        layout = f" ({OLDER_SCHEMAS[schema]})" if schema in OLDER_SCHEMAS else ""
+        raise BundleError(f"{folder} is a bundle of schema {schema}{layout}, this runtime reads schema {SCHEMA} "
+                          "(each stage's graph with its exit's decision, and the stages nested for a single image)",
                           "export the bundle again with the eetool of this runtime's version")
     if schema != SCHEMA:
         raise BundleError(f"{folder} is a bundle of schema {schema}, this runtime reads {SCHEMA}",
@@ -84,15 +99,49 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     files = doc.get("files")
     if not isinstance(files, dict) or any(sums.get(name) != sha for name, sha in files.items()):
         raise BundleError(f"{folder / MANIFEST}'s files do not match {SUMS}", remake)
+    task = doc.get("task", TASKS[0])  # bundles written before segmentation exported name no task
+    if task not in TASKS:
+        raise BundleError(f"{folder} is a bundle for the task {task!r}, this runtime reads {' and '.join(TASKS)}",
+                          "install the eetool-runtime of the eetool that exported it")
     stages = doc.get("stages") or []
+    if task == "segmentation":
+        _check_segmentation(doc, folder / MANIFEST, remake)
     for j, stage in enumerate(stages):
         if stage.get("stage") not in files:
             raise BundleError(f"{folder / MANIFEST} names {stage.get('stage')}, which it does not record", remake)
-        expected = HEAD_OUTPUTS if j == len(stages) - 1 else EXIT_OUTPUTS
+        expected = MASK_OUTPUTS if task == "segmentation" else HEAD_OUTPUTS if j == len(stages) - 1 else EXIT_OUTPUTS
         if stage.get("outputs") != expected:
             raise BundleError(f"{folder / MANIFEST}: stage {j}'s graph gives {stage.get('outputs')}, this runtime "
                               f"reads {expected}", remake)
+    network = doc.get("batch_1")
+    if len(stages) > 1 and not (isinstance(network, dict) and network.get("graph") in files
+                                and network.get("inputs") == NETWORK_INPUTS
+                                and network.get("outputs") == NETWORK_OUTPUTS):
+        raise BundleError(f"{folder / MANIFEST} records no single-image graph this runtime reads (batch_1: graph "
+                          f"in its files, inputs {NETWORK_INPUTS}, outputs {NETWORK_OUTPUTS})", remake)
     return doc
+
+
+def _check_segmentation(doc: dict[str, Any], manifest: Path, remake: str) -> None:
+    """A segmentation bundle's manifest: one stage (the plain network, no operating points), the network's exits
+    ending with that stage's, a palette of 256 colours, at most 256 classes (mask PNGs hold a byte a pixel)."""
+    seg = doc.get("segmentation")
+    stages = doc.get("stages") or []
+    exits = seg.get("exits") if isinstance(seg, dict) else None
+    palette = seg.get("palette") if isinstance(seg, dict) else None
+    rgb = palette.get("rgb") if isinstance(palette, dict) else None
+    if len(stages) != 1 or doc.get("points"):
+        raise BundleError(f"{manifest}: a segmentation bundle holds the plain network (one stage, no operating "
+                          f"points), not {len(stages)} stages and {len(doc.get('points') or [])} points", remake)
+    if not (isinstance(exits, list) and exits and exits[-1] == stages[0].get("exit")):
+        raise BundleError(f"{manifest}: the segmentation exits {exits!r} do not end with the stage's exit "
+                          f"{stages[0].get('exit')!r}", remake)
+    if not (isinstance(rgb, str) and 0 < len(rgb) <= 6 * 256 and len(rgb) % 6 == 0
+            and all(c in "0123456789abcdef" for c in rgb)):
+        raise BundleError(f"{manifest}: the masks' palette is not 1 to 256 colours of 6 hex digits", remake)
+    if not isinstance(doc.get("classes"), list) or len(doc["classes"]) > 256:
+        raise BundleError(f"{manifest}: a segmentation bundle names at most 256 classes (mask PNGs hold a byte a "
+                          "pixel)", remake)
 
 
 QUANTIZATIONS = ("none", "int8")
@@ -147,6 +196,10 @@ class Bundle:
         self.quantization = quantization(m, self.folder)
         self.exits = [str(s["exit"]) for s in self.stages]
         self.costs = [float(s["cost"]) for s in self.stages]
+        self.task: str = m.get("task", TASKS[0])
+        if self.task == "segmentation":
+            self.mask_exits = [str(e) for e in m["segmentation"]["exits"]]  # the network's, for the records
+            self.palette = list(bytes.fromhex(m["segmentation"]["palette"]["rgb"]))
         pre = m["preprocessing"]
         self.resize, self.crop = int(pre["resize"]), (int(pre["crop"][0]), int(pre["crop"][1]))
         options = ort.SessionOptions()
@@ -160,6 +213,8 @@ class Bundle:
         self.sessions = [ort.InferenceSession(str(self.folder / s["stage"]), options, providers=providers)
                          for s in self.stages]
         self.input_names = [session.get_inputs()[0].name for session in self.sessions]
+        self.network = (ort.InferenceSession(str(self.folder / m["batch_1"]["graph"]), options, providers=providers)
+                        if len(self.stages) > 1 else None)  # the plain model's one stage is already one call
 
     def thresholds(self, point: int | None) -> list[float]:
         if not self.points:
@@ -178,14 +233,26 @@ class Bundle:
                              f"use 0 to {len(self.points) - 1}")
         return [float(t) for t in self.points[point]["thresholds"]]
 
+    def class_maps(self, images: np.ndarray) -> np.ndarray:
+        """A segmentation bundle's class of every pixel of uint8 images N x 3 x H x W: uint8 N x H x W."""
+        return self.sessions[0].run(MASK_OUTPUTS[:1], {self.input_names[0]: images})[0]
+
     def __call__(self, images: np.ndarray, thresholds: list[float], top_k: int = 0) -> Predictions:
-        """Predictions for uint8 images N x 3 x H x W, the batch compacted after each exit."""
+        """Predictions for uint8 images N x 3 x H x W: one image through the single-image graph, several through
+        the stage graphs with the batch compacted after each exit."""
         n = images.shape[0]
         out = Predictions(np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32),
                           np.full(n, len(self.sessions) - 1, dtype=np.int64))
         if top_k:
             out.top_classes = np.empty((n, top_k), dtype=np.int64)
             out.top_probabilities = np.empty((n, top_k), dtype=np.float32)
+        if n == 1 and self.network is not None:
+            fetched = NETWORK_OUTPUTS if top_k else NETWORK_OUTPUTS[:3]
+            out.classes[:], out.confidence[:], out.exit_index[:], *probabilities = self.network.run(
+                fetched, {NETWORK_INPUTS[0]: images, NETWORK_INPUTS[1]: np.asarray(thresholds, dtype=np.float32)})
+            if top_k:
+                self._top(out, np.arange(1), probabilities[0], top_k)
+            return out
         remaining = np.arange(n)
         x = images
         last = len(self.sessions) - 1

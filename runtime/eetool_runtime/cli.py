@@ -13,7 +13,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
@@ -30,6 +30,7 @@ from eetool_runtime.errors import (
     UsageError,
 )
 from eetool_runtime.images import decode_image, list_inputs
+from eetool_runtime.masks import MaskPredictions
 
 FORMATS = ("jsonl", "csv", "tsv")
 
@@ -47,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classes of images, one record per input",
                        description="Predict the classes of images (files, folders, '-' for paths on stdin) with a "
                        "bundle at one operating point: one record per input, JSON Lines (default), CSV or TSV, "
-                       "written batch by batch; a summary on stderr.")
+                       "written batch by batch; a summary on stderr. A segmentation bundle writes one mask PNG per "
+                       "input into --output-dir, and its record names the mask.")
     p.add_argument("bundle", help="the folder `eetool export -o` wrote")
     p.add_argument("inputs", nargs="+", help="image files, folders of images (recursive, sorted) or '-'")
     p.add_argument("--point", type=_natural, default=None, help="operating point of the bundle (its index; may be "
@@ -58,9 +60,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive, default=None, help="onnxruntime threads (default: its own)")
     p.add_argument("--on-error", choices=("skip", "stop"), default="skip", help="an input that cannot be read: skip "
                    "it (the run ends with exit 7) or stop there (exit 3)")
+    p.add_argument("--output-dir", default=None, help="segmentation bundles: the folder the mask PNGs go to, one "
+                   "per input (created if missing)")
     p.add_argument("-o", "--output", default=None, help="write the records to this file (atomically) instead of "
                    "stdout")
-    p.add_argument("--force", action="store_true", help="replace an existing --output")
+    p.add_argument("--force", action="store_true", help="replace an existing --output (and existing masks in "
+                   "--output-dir)")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
     return top
 
@@ -111,11 +116,9 @@ def predict(args: argparse.Namespace) -> None:
         _check_output(output, args.force)
     files = list_inputs(args.inputs)
     bundle = Bundle(args.bundle, args.threads)
-    thresholds = bundle.thresholds(args.point)
-    if args.top_k > len(bundle.classes):
-        raise UsageError(f"--top-k {args.top_k} is more than the bundle's {len(bundle.classes)} classes",
-                         f"use at most {len(bundle.classes)}")
-    tally = _Tally(bundle.exits, bundle.costs, bundle.quantization)
+    job: _ClassPredictions | MaskPredictions = (MaskPredictions(args, files, bundle, output)
+                                                 if bundle.task == "segmentation" else _ClassPredictions(args, bundle))
+    tally = job.tally
 
     def failed(e: InputError) -> None:
         tally.failed += 1
@@ -123,16 +126,13 @@ def predict(args: argparse.Namespace) -> None:
             raise e
         sys.stderr.write(f"skipped: {e}\n")
 
+    job.start()
     target = _AtomicTextFile(output) if output else None
-    writer = _RecordWriter(target.stream if target else sys.stdout, args.format, args.top_k)
+    writer = _RecordWriter(target.stream if target else sys.stdout, args.format, job.columns, job.flatten)
     try:
-        for names, images, decode_seconds in _batches(files, bundle, args.batch_size, failed):
+        for names, positions, images, decode_seconds in _batches(files, bundle, args.batch_size, failed):
             tally.decode_seconds += decode_seconds
-            start = time.perf_counter()
-            out = bundle(images, thresholds, args.top_k)
-            tally.model_seconds += time.perf_counter() - start
-            tally.add(out.exit_index)
-            writer.write(_records(names, out, bundle))
+            writer.write(job(names, positions, images))
     except InputError:
         if target is not None and tally.failed:  # --on-error stop: the records before the bad input stand
             writer.finish()
@@ -150,7 +150,8 @@ def predict(args: argparse.Namespace) -> None:
     if target is not None:
         target.commit()
     if not args.quiet:
-        sys.stderr.write(tally.summary() + "\n")
+        wrote = job.wrote()
+        sys.stderr.write((f"{wrote}\n" if wrote else "") + tally.summary() + "\n")
         if output is not None:
             sys.stderr.write(f"wrote {output}\n")
     if tally.failed:
@@ -158,24 +159,67 @@ def predict(args: argparse.Namespace) -> None:
                                 "(each is named above); the others were predicted", "remove or re-encode those files")
 
 
+class _ClassPredictions:
+    """``predict`` on a classifier's bundle: a record per input at the chosen operating point."""
+
+    def __init__(self, args: argparse.Namespace, bundle: Bundle) -> None:
+        self.thresholds = bundle.thresholds(args.point)
+        if args.top_k > len(bundle.classes):
+            raise UsageError(f"--top-k {args.top_k} is more than the bundle's {len(bundle.classes)} classes",
+                             f"use at most {len(bundle.classes)}")
+        if args.output_dir is not None:
+            raise UsageError("--output-dir is where a segmentation network's masks go; this bundle holds a "
+                             "classifier", "drop --output-dir: a classifier's records carry its classes")
+        self.bundle, self.top_k = bundle, args.top_k
+        self.tally = _Tally(bundle.exits, bundle.costs, bundle.quantization)
+        self.columns = ["input", "class", "class_name", "confidence", "exit", "exit_index", "cost",
+                        *(f"top{i}_{f}" for i in range(1, args.top_k + 1)
+                          for f in ("class", "class_name", "probability"))]
+
+    def start(self) -> None:
+        """Nothing to prepare: the records are the only output."""
+
+    @staticmethod
+    def flatten(record: dict[str, Any]) -> dict[str, Any]:
+        flat = dict(record)
+        for i, t in enumerate(record.get("top_k", []), start=1):
+            flat.update({f"top{i}_class": t["class"], f"top{i}_class_name": t["class_name"],
+                         f"top{i}_probability": t["probability"]})
+        return flat
+
+    def __call__(self, names: list[str], positions: list[int], images: np.ndarray) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        out = self.bundle(images, self.thresholds, self.top_k)
+        self.tally.model_seconds += time.perf_counter() - start
+        self.tally.add(out.exit_index)
+        return _records(names, out, self.bundle)
+
+    def wrote(self) -> str | None:
+        return None
+
+
 def _batches(files: list[str], bundle: Bundle, batch_size: int, failed: Any
-             ) -> Iterator[tuple[list[str], np.ndarray, float]]:
+             ) -> Iterator[tuple[list[str], list[int], np.ndarray, float]]:
+    """Batches of decodable files: their names, their places in ``files``, the images and the seconds decoding
+    them took; a file that cannot be decoded goes to ``failed``."""
     names: list[str] = []
+    positions: list[int] = []
     images: list[np.ndarray] = []
     start = time.perf_counter()
-    for path in files:
+    for position, path in enumerate(files):
         try:
             images.append(decode_image(path, bundle.resize, bundle.crop))
         except InputError as e:
             failed(e)
             continue
         names.append(path)
+        positions.append(position)
         if len(images) == batch_size:
-            yield names, np.stack(images), time.perf_counter() - start
-            names, images = [], []
+            yield names, positions, np.stack(images), time.perf_counter() - start
+            names, positions, images = [], [], []
             start = time.perf_counter()
     if images:
-        yield names, np.stack(images), time.perf_counter() - start
+        yield names, positions, np.stack(images), time.perf_counter() - start
 
 
 def _records(names: list[str], out: Predictions, bundle: Bundle) -> list[dict[str, Any]]:
@@ -200,10 +244,12 @@ def _name(classes: list[str], k: int) -> str | None:
 
 
 class _RecordWriter:
-    def __init__(self, stream: IO[str], fmt: str, top_k: int) -> None:
-        self.stream, self.fmt = stream, fmt
-        self.columns = ["input", "class", "class_name", "confidence", "exit", "exit_index", "cost",
-                        *(f"top{i}_{f}" for i in range(1, top_k + 1) for f in ("class", "class_name", "probability"))]
+    """Records as JSON Lines, or CSV/TSV rows of ``columns`` (``flatten`` turns a record's nested fields into
+    columns), flushed after each batch."""
+
+    def __init__(self, stream: IO[str], fmt: str, columns: list[str],
+                 flatten: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        self.stream, self.fmt, self.columns, self.flatten = stream, fmt, columns, flatten
         self.header_written = False
 
     def write(self, records: list[dict[str, Any]]) -> None:
@@ -216,10 +262,7 @@ class _RecordWriter:
                 writer.writerow(self.columns)
                 self.header_written = True
             for r in records:
-                flat = dict(r)
-                for i, t in enumerate(r.get("top_k", []), start=1):
-                    flat.update({f"top{i}_class": t["class"], f"top{i}_class_name": t["class_name"],
-                                 f"top{i}_probability": t["probability"]})
+                flat = self.flatten(r)
                 writer.writerow(["" if flat.get(c) is None else str(flat.get(c)) for c in self.columns])
             text = buffer.getvalue()
         self.stream.write(text)
