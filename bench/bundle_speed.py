@@ -1,19 +1,23 @@
 """An exported bundle under onnxruntime against eetool predict's PyTorch pass, and the runtime's install size.
 
     python bench/bundle_speed.py                       # batch 1 and 256, budgets 0.25 and 0.5, one thread
-    python bench/bundle_speed.py --install-size        # also pip install runtime/ into a fresh venv and measure it
+    python bench/bundle_speed.py --install-size        # also pip install runtime/ into fresh venvs and measure it
+    python bench/bundle_speed.py --only-install-size   # that alone, no timing
     python bench/bundle_speed.py --int8                # also the int8 bundles (export --quantize int8) against float
 
 On the shipped checkpoint and the demo test split (decoded once: decoding is not timed), with class means
 calibrated on the demo training split and thresholds at budgets 0.25 and 0.5 (made once with the CLI and cached
 under ``--cache``), the bundle exported from them and a plain bundle of the same checkpoint. In interleaved rounds
 (one thread for both: torch.set_num_threads(1) and onnxruntime's intra-op threads 1), each round runs in turn:
-eetool's plain model and each point (eetool.prediction.Predictor, the pass of `eetool predict`), then the bundles'
-plain model and each point (eetool_runtime.bundle.Bundle, the pass of `eetool-runtime predict`). Reported per batch
-size and point: images/s of each, the bundle's speed-up over eetool at the same point (median over rounds of the
-ratio within a round), and speed-up x cost of each against its own plain model (1.0: the time tracks the MACs).
+eetool's plain model and each point (eetool.prediction.Predictor with its batch norms folded, the pass of `eetool
+predict`), then the bundles' plain model and each point (eetool_runtime.bundle.Bundle, the pass of
+`eetool-runtime predict`). Reported per batch size and point: images/s of each, the bundle's speed-up over eetool
+at the same point (median over rounds of the ratio within a round), and speed-up x cost of each against its own
+plain model (1.0: the time tracks the MACs).
 Goals (issue 23): bundle/eetool >= 3 at batch 1 and >= 1.5 at batch 256; the bundle's speed-up x cost >= 0.7 at
-batch 1 and >= 0.8 at batch 256; the runtime's install under 150 MB.
+batch 1 and >= 0.8 at batch 256; the runtime's install under 150 MB (as pip installs it; also measured with
+``--no-compile`` after one prediction, and without onnxruntime's requirements that running a bundle never imports:
+see install_size).
 
 At batch 1 the bundle runs each image through its single-image graph (schema 3: the stages nested in If branches,
 one onnxruntime call); the same bundle driven stage graph by stage graph (a call per exit, as schema 2 ran an image)
@@ -107,7 +111,8 @@ def speeds(made: dict[str, Path], batch: int, samples: int, rounds: int) -> dict
     np_batches = [b.numpy() for b in batches]
     bundle, plain_bundle = Bundle(made["bundle"], threads=1), Bundle(made["plain"], threads=1)
     thresholds = [list(p["thresholds"]) for _, p in chosen]
-    ours = [Predictor(ckpt.model)] + [Predictor(ckpt.model, em, rule, t) for t in thresholds]
+    # as `eetool predict` runs them: batch norm folded into the convolutions
+    ours = [Predictor(ckpt.model).folded()] + [Predictor(ckpt.model, em, rule, t).folded() for t in thresholds]
 
     def eetool_run(predictor: Predictor) -> Callable[[], Any]:
         def run() -> list[Any]:
@@ -201,28 +206,75 @@ def _dist_size(name: str, seen: set[str]) -> int:
     return size
 
 
-def install_size() -> dict[str, Any]:
-    """The runtime installed into a fresh venv (its site-packages, pip and setuptools left out), beside the
-    distributions eetool itself requires in this environment."""
+# What a fresh venv holds before anything is installed: not the runtime's.
+VENV_OWN = ("pip", "setuptools")
+# onnxruntime's requirements that running a bundle never imports (its converters and quantisation tools do).
+ONNXRUNTIME_TOOLS_ONLY = ("protobuf", "flatbuffers", "packaging")
+# Per distribution: bytes of its files, and of those its compiled bytecode (.pyc).
+SIZES = """import importlib.metadata as m, json, pathlib
+out = {}
+for d in m.distributions():
+    root = pathlib.Path(str(d.locate_file("")))
+    files = {pathlib.Path(str(d.locate_file(f))).resolve() for f in d.files or []}
+    # the folders it installs, whole: the bytecode Python wrote there on import since is in no file list
+    for top in {f.parts[0] for f in d.files or [] if len(f.parts) > 1 and f.parts[0] != ".."}:
+        files |= {p.resolve() for p in (root / top).rglob("*")}
+    files = {p for p in files if p.is_file()}
+    out[d.metadata["Name"]] = [sum(p.stat().st_size for p in files),
+                               sum(p.stat().st_size for p in files if p.suffix == ".pyc")]
+print(json.dumps(out))
+"""
+
+
+def _venv_sizes(python: Path) -> dict[str, list[int]]:
+    sizes = json.loads(subprocess.run([str(python), "-c", SIZES], check=True, capture_output=True,
+                                      text=True).stdout)
+    return {k: v for k, v in sizes.items() if k.lower() not in VENV_OWN}
+
+
+def _mb(n: int) -> float:
+    return round(n / 2**20, 1)
+
+
+def _summary(sizes: dict[str, list[int]]) -> dict[str, Any]:
+    total = sum(v[0] for v in sizes.values())
+    return {"mb": _mb(total), "goal_met": total / 2**20 < 150,
+            "by_distribution_mb": {k: _mb(v[0]) for k, v in sorted(sizes.items(), key=lambda kv: -kv[1][0])},
+            "of_which_bytecode_mb": _mb(sum(v[1] for v in sizes.values()))}
+
+
+def install_size(bundle: Path) -> dict[str, Any]:
+    """The runtime pip-installed into fresh venvs (pip and setuptools, which every venv holds, left out), beside
+    the distributions eetool itself requires in this environment: as ``pip install runtime/`` installs it (pip
+    compiles every module to bytecode); with ``--no-compile``, measured after one prediction through ``bundle``
+    (a plain bundle: Python writes the bytecode of what a prediction imports, the same modules as at a point); and
+    that again without onnxruntime's requirements that a bundle's run never imports, after a second prediction
+    that shows it runs without them."""
     with tempfile.TemporaryDirectory() as tmp:
-        venv = Path(tmp) / "venv"
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-        subprocess.run([*pip, str(ROOT / "runtime")], check=True)
-        code = ("import importlib.metadata as m, json, pathlib\n"
-                "def size(d):\n"
-                "    paths = (pathlib.Path(str(d.locate_file(f))) for f in (d.files or []))\n"
-                "    return sum(p.stat().st_size for p in paths if p.is_file())\n"
-                "print(json.dumps({d.metadata['Name']: size(d) for d in m.distributions()\n"
-                "                  if d.metadata['Name'].lower() not in ('pip', 'setuptools')}))")
-        sizes = json.loads(subprocess.run([str(venv / "bin" / "python"), "-c", code], check=True,
-                                          capture_output=True, text=True).stdout)
-    runtime_bytes = sum(sizes.values())
+        image = Path(tmp) / "input.png"
+        default, lean = Path(tmp) / "default", Path(tmp) / "lean"
+        for venv in (default, lean):
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(default / "bin" / "python"), "-m", "pip", "install", "-q", str(ROOT / "runtime")],
+                       check=True)
+        as_installed = _venv_sizes(default / "bin" / "python")
+        subprocess.run([str(lean / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile",
+                        str(ROOT / "runtime")], check=True)
+        subprocess.run([str(lean / "bin" / "python"), "-c", "import sys; from PIL import Image; "
+                        "Image.new('L', (28, 28), 128).save(sys.argv[1])", str(image)], check=True)
+        predict = [str(lean / "bin" / "eetool-runtime"), "predict", str(bundle), str(image)]
+        # as on a box where Python writes bytecode (the default; this environment may have turned it off)
+        writes_bytecode = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        subprocess.run(predict, check=True, capture_output=True, env=writes_bytecode)
+        no_compile = _venv_sizes(lean / "bin" / "python")
+        subprocess.run([str(lean / "bin" / "python"), "-m", "pip", "uninstall", "-q", "-y",
+                        *ONNXRUNTIME_TOOLS_ONLY], check=True)
+        subprocess.run(predict, check=True, capture_output=True, env=writes_bytecode)
+        without_tools = _venv_sizes(lean / "bin" / "python")
     eetool_bytes = _dist_size("eetool", set())
-    return {"runtime_mb": round(runtime_bytes / 2**20, 1), "eetool_mb": round(eetool_bytes / 2**20, 1),
-            "runtime_goal_met": runtime_bytes / 2**20 < 150,
-            "runtime_by_distribution_mb": {k: round(v / 2**20, 1) for k, v in sorted(sizes.items(),
-                                                                                     key=lambda kv: -kv[1])}}
+    return {"eetool_mb": _mb(eetool_bytes), "runtime": _summary(as_installed),
+            "runtime_no_compile_after_one_prediction": _summary(no_compile),
+            "runtime_no_compile_without_onnxruntime_tools_requirements": _summary(without_tools)}
 
 
 def main() -> None:
@@ -231,16 +283,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--samples-batch-1", type=int, default=300)
     parser.add_argument("--install-size", action="store_true")
+    parser.add_argument("--only-install-size", action="store_true", help="the install size, no timing")
     parser.add_argument("--int8", action="store_true", help="also the int8 bundles, against the float ones")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 256], choices=[1, 256])
     args = parser.parse_args()
     made = artifacts(Path(args.cache), args.int8)
     load = os.getloadavg()[0]
     doc = {"load_average": round(load, 2),
-           "runs": [speeds(made, batch, args.samples_batch_1 if batch == 1 else 2000, args.rounds)
-                    for batch in args.batches]}
-    if args.install_size:
-        doc["install"] = install_size()
+           "runs": [] if args.only_install_size else
+           [speeds(made, batch, args.samples_batch_1 if batch == 1 else 2000, args.rounds) for batch in args.batches]}
+    if args.install_size or args.only_install_size:
+        doc["install"] = install_size(made["plain"])
     print(json.dumps(doc, indent=2))
 
 

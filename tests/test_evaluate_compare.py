@@ -105,7 +105,10 @@ def fake_times_by_size(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def parameters(checkpoint: str) -> int:
-    return sum(p.numel() for p in load_checkpoint(checkpoint).model.parameters())
+    """Of the network evaluate times: the checkpoint's with its batch norms folded (the default)."""
+    from eetool.core.batch_norm_folding import fold_batch_norm
+
+    return sum(p.numel() for p in fold_batch_norm(load_checkpoint(checkpoint).model).parameters())
 
 
 def rounded(speed_up: float) -> object:

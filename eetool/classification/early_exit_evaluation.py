@@ -43,6 +43,7 @@ class ClassifierEvaluation:
     repeats: int
     baseline: str | None
     compare: list[str] = field(default_factory=list)
+    fold_batch_norm: bool = True
 
 
 def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
@@ -100,12 +101,21 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
     pruned = is_pruned(ckpt.model) or (early is not None and early.cost_models[1].basis == "effective")
     sparse_macs = effective_macs(ckpt.model, ckpt.spec.input_shape, macs) if pruned else macs
     whole, local = _shards(run, ds, batch_size)
+    # The networks the passes run (costs are counted on the checkpoints as saved): every one folded, or none,
+    # so that the plain model, the operating points and the peers are timed alike.
+    model, peer_models = ckpt.model, [p.model for p in peers]
+    if req.fold_batch_norm:
+        from eetool.core.batch_norm_folding import fold_batch_norm, folded_exit_model
+
+        model, peer_models = fold_batch_norm(ckpt.model), [fold_batch_norm(m) for m in peer_models]
+        if early is not None:
+            early = early._replace(exit_model=folded_exit_model(early.exit_model))
     # warm up (allocator, kernels) so the timed runs compare like with like
     warm_up = local.subset(torch.arange(min(len(local), batch_size)))
-    predict(ckpt.model, warm_up, preprocess, batch_size=batch_size, device=device)
+    predict(model, warm_up, preprocess, batch_size=batch_size, device=device)
     peer_preprocess = [Preprocess(p.spec.input_shape, p.spec.mean, p.spec.std) for p in peers]
-    for peer, peer_pre in zip(peers, peer_preprocess, strict=True):
-        predict(peer.model, warm_up, peer_pre, batch_size=batch_size, device=device)
+    for peer_model, peer_pre in zip(peer_models, peer_preprocess, strict=True):
+        predict(peer_model, warm_up, peer_pre, batch_size=batch_size, device=device)
     chosen = early.chosen if early is not None else []
 
     def model_run(model: Any, pre: Any) -> Any:
@@ -119,8 +129,8 @@ def evaluate_classifier(run: Run, req: ClassifierEvaluation) -> None:
     # Interleaved rounds: a machine that gets busier (or idler) mid-way slows every run of a round alike. The
     # runs are deterministic, so the first round's predictions are every round's.
     own = 1 + len(chosen)  # the plain model and the operating points
-    runs = [model_run(ckpt.model, preprocess), *(point_run(p["thresholds"]) for _, p in chosen),
-            *(model_run(p.model, pre) for p, pre in zip(peers, peer_preprocess, strict=True))]
+    runs = [model_run(model, preprocess), *(point_run(p["thresholds"]) for _, p in chosen),
+            *(model_run(m, pre) for m, pre in zip(peer_models, peer_preprocess, strict=True))]
     # Early exits compact batches to sizes of their own, whose kernels are set up on first use: one untimed pass
     # of every operating point first, or the first timed round would be the slowest by 20-40% on an idle machine.
     for point_pass in runs[1:own]:

@@ -15,6 +15,7 @@ from eetool.core.options import (
     Count,
     CountOpt,
     DataOpt,
+    FoldBatchNormOpt,
     ForceOpt,
     IndicesOpt,
     OptionalOutputOpt,
@@ -64,6 +65,7 @@ def command(
                                                       "smaller one say, for the same inputs and classes; its "
                                                       "accuracy, MACs as a fraction of this checkpoint's and speed-up "
                                                       "timed in the same rounds.", rich_help_panel=INPUT)] = None,
+    fold_batch_norm: FoldBatchNormOpt = True,
 ) -> None:
     """Evaluate a checkpoint, plain or with early exits (--means, --thresholds), on a dataset: accuracy,
     per-class accuracy, cost, measured throughput. Writes -o if given."""
@@ -84,4 +86,4 @@ def command(
                          "exits decide per sample")
     evaluate_classifier(run, ClassifierEvaluation(checkpoint, data, split, indices, batch_size, count.value, output,
                                                   force, means, thresholds, exit_heads, point, plot, repeats,
-                                                  baseline, compare or []))
+                                                  baseline, compare or [], fold_batch_norm))

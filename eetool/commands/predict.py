@@ -14,6 +14,7 @@ from eetool.core.options import (
     INPUT,
     BatchOpt,
     CheckpointOpt,
+    FoldBatchNormOpt,
     ForceOpt,
     Run,
     ThresholdsOpt,
@@ -68,6 +69,7 @@ def command(
                                                   "is decided, pixel or feature; it must be the rule the --thresholds "
                                                   "file was fitted for.  [default: the file's]", show_default=False,
                                                   autocompletion=prefix_completer(DECIDE_AT))] = None,
+    fold_batch_norm: FoldBatchNormOpt = True,
 ) -> None:
     """Predict the classes of images (files, folders, '-' for paths on stdin) or of a --data set, with the plain
     model or with early exits at one operating point (--thresholds, --point): one record per input, JSON Lines
@@ -81,5 +83,5 @@ def command(
     req = PredictRequest(checkpoint=checkpoint, inputs=list(inputs or []), data=data, split=split, means=means,
                          exit_heads=exit_heads, thresholds=thresholds, point=point, top_k=top_k,
                          batch_size=batch_size, stop_on_error=on_error == OnError.stop, output=output, force=force,
-                         output_dir=output_dir, decide_at=decide_at)
+                         output_dir=output_dir, decide_at=decide_at, fold_batch_norm=fold_batch_norm)
     (predict_masks if is_segmentation_checkpoint(run, checkpoint) else predict_classes)(run, req)

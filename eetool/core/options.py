@@ -713,6 +713,12 @@ def parse_mapping(text: str | None, flag: str) -> dict[str, Any]:
         raise UsageError(f"{flag} {text!r} is not a YAML/JSON mapping", f"write e.g. {flag} '{{width: 32}}'")
     return value
 
+# Inference passes (evaluate, predict): the network as saved, or a copy with its batch norms folded.
+FoldBatchNormOpt = Annotated[bool, typer.Option(
+    "--fold-batch-norm/--no-fold-batch-norm", help="Classifiers: run a copy of the network with each batch norm "
+    "folded into the convolution before it (the same predictions up to float rounding, less time); "
+    "--no-fold-batch-norm runs it as saved. Segmentation networks always run folded.")]
+
 # Artifacts made by earlier commands, passed by flags named after their kind.
 MeansOpt = Annotated[str, typer.Option("--means", help="Class-means artifact from `eetool calibrate-means`.",
                                        rich_help_panel=INPUT)]

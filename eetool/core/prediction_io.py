@@ -288,6 +288,7 @@ class PredictRequest:
     force: bool
     output_dir: str | None = None  # segmentation: the folder of the mask PNGs
     decide_at: str | None = None  # segmentation thresholds: pixel or feature (None: the file's)
+    fold_batch_norm: bool = True  # classifiers: run a copy with batch norm folded into the convolutions
 
     def check_inputs(self) -> None:
         """INPUTS or --data, one of the two."""

@@ -1,0 +1,156 @@
+"""eetool predict's pass with the batch norms folded into the convolutions (the default) against the network as
+saved (--no-fold-batch-norm), and whether their predictions agree.
+
+    python bench/batch_norm_folding.py                  # batch 1 (300 images) and 256 (2,000), one thread
+    python bench/batch_norm_folding.py --resnet18       # also a torchvision ResNet-18 (random weights, 3x64x64)
+
+On the shipped checkpoint and the demo test split (decoded once: decoding is not timed), the plain model and the
+E²CM points at budgets 0.25 and 0.5 (class means calibrated on the demo training split, thresholds fitted with the
+CLI, cached under ``--cache``), each run by eetool.classification.prediction.Predictor as `eetool predict` runs it,
+unfolded and folded (Predictor.folded). In interleaved rounds (one thread: torch.set_num_threads(1)), every round
+runs each pass in turn (every other round in reverse order); reported per batch size and pass: images/s of each
+(median over rounds) and folded over unfolded (median over rounds of the ratio within a round, with its range);
+and, from one untimed pass of each, how many samples got another class or exit folded. ``--resnet18``: the plain
+torchvision ResNet-18, its batch norms given non-trivial statistics, on 3x64x64 noise (256 images at batch 256, 64
+at batch 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BUDGETS = (0.25, 0.5)
+
+
+def _eetool(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "eetool", *args, "-q"], capture_output=True, text=True)
+    if proc.returncode:
+        sys.stderr.write(f"eetool {' '.join(args)} failed: {proc.stderr}")
+        sys.exit(2)
+
+
+def artifacts(cache: Path) -> tuple[Path, Path]:
+    cache.mkdir(parents=True, exist_ok=True)
+    means, thresholds = cache / "means.safetensors", cache / "thresholds.yaml"
+    if not means.exists():
+        _eetool("calibrate-means", "-c", "demo", "-d", "demo", "--split", "train", "-o", str(means))
+    if not thresholds.exists():
+        _eetool("fit-thresholds", "--means", str(means), "-o", str(thresholds),
+                *(a for b in BUDGETS for a in ("--budget", str(b))))
+    return means, thresholds
+
+
+def timed(run: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def compare(pairs: dict[str, tuple[Any, Any]], batches: list[Any], rounds: int) -> dict[str, Any]:
+    """Each (unfolded, folded) predictor over ``batches`` in interleaved rounds: speeds and disagreements."""
+    import torch
+
+    def run(predictor: Any) -> Callable[[], list[Any]]:
+        def go() -> list[Any]:
+            with torch.inference_mode():
+                return [predictor(b) for b in batches]
+        return go
+
+    runs = [run(p) for pair in pairs.values() for p in pair]
+    outputs = [r() for r in runs]  # untimed: warms up, and gives the predictions compared
+    seconds = []
+    for i in range(rounds):
+        # every other round in reverse order, so that neither of a pair always runs first
+        order = list(range(len(runs)))[::-1 if i % 2 else 1]
+        times = {k: timed(runs[k]) for k in order}
+        seconds.append([times[k] for k in range(len(runs))])
+    samples = sum(len(b) for b in batches)
+    out = {}
+    for i, name in enumerate(pairs):
+        unfolded, folded = outputs[2 * i], outputs[2 * i + 1]
+        classes = [torch.cat([o.classes for o in outs]) for outs in (unfolded, folded)]
+        exits = [torch.cat([o.exit_index for o in outs]) for outs in (unfolded, folded)]
+        ratio = [r[2 * i] / r[2 * i + 1] for r in seconds]
+        out[name] = {
+            "unfolded_images_per_s": round(samples / statistics.median(r[2 * i] for r in seconds), 1),
+            "folded_images_per_s": round(samples / statistics.median(r[2 * i + 1] for r in seconds), 1),
+            "folded_over_unfolded": round(statistics.median(ratio), 3),
+            "folded_over_unfolded_range": [round(min(ratio), 3), round(max(ratio), 3)],
+            "samples_differing": int(((classes[0] != classes[1]) | (exits[0] != exits[1])).sum()),
+        }
+    return out
+
+
+def demo(cache: Path, batch: int, samples: int, rounds: int) -> dict[str, Any]:
+    from eetool.classification.early_exit_evaluation import early_exit_setup
+    from eetool.classification.prediction import Predictor
+    from eetool.core.checkpoint import load_checkpoint
+    from eetool.core.datasets import Preprocess, load_dataset
+
+    means, thresholds = artifacts(cache)
+    ckpt = load_checkpoint("demo")
+    ckpt.model.eval()
+    em, rule, _, chosen, _, _ = early_exit_setup(ckpt, str(means), None, str(thresholds), "all", "cpu")
+    preprocess = Preprocess(ckpt.spec.input_shape, ckpt.spec.mean, ckpt.spec.std)
+    ds = load_dataset("demo", "test")
+    assert ds.images is not None
+    batches = [preprocess(b) for b in ds.images[:samples].split(batch)]
+    predictors = {"plain": Predictor(ckpt.model),
+                  **{f"budget {p['budget']:g}": Predictor(ckpt.model, em, rule, list(p["thresholds"]))
+                     for _, p in chosen}}
+    return {"batch": batch, "samples": samples, "rounds": rounds,
+            "demo": compare({k: (p, p.folded()) for k, p in predictors.items()}, batches, rounds)}
+
+
+def resnet18(batch: int, rounds: int) -> dict[str, Any]:
+    import torch
+    import torchvision
+
+    from eetool.classification.prediction import Predictor
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.3, 3.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    model.eval()
+    x = torch.randn(256 if batch > 1 else 64, 3, 64, 64)
+    p = Predictor(model)
+    return compare({"resnet18 plain": (p, p.folded())}, list(x.split(batch)), rounds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", default="results/batch-norm-folding")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--samples-batch-1", type=int, default=300)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 256], choices=[1, 256])
+    parser.add_argument("--resnet18", action="store_true")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    doc: dict[str, Any] = {"load_average_before": round(os.getloadavg()[0], 2), "threads": 1, "runs": []}
+    for batch in args.batches:
+        row = demo(Path(args.cache), batch, args.samples_batch_1 if batch == 1 else 2000, args.rounds)
+        if args.resnet18:
+            row["resnet18"] = resnet18(batch, args.rounds)
+        doc["runs"].append(row)
+    doc["load_average_after"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(doc, indent=2))
+
+
+if __name__ == "__main__":
+    main()
