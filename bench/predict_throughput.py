@@ -13,18 +13,19 @@ each round times, per point, both with their batch norms folded as they run by d
   `eetool evaluate` reports as images/s), and over the demo split's own 1-channel images as `evaluate --data demo`
   reads them (``evaluate_1ch``: no RGB-to-luma conversion to do);
 - predict: eetool.classification.prediction.predict_batches over the same decoded batches, batch 256, as `eetool
-  predict` runs them (records made, JSON Lines written to a null sink, its tally kept);
+  predict` runs them (records made, JSON Lines written to os.devnull, flushed per batch, its tally kept);
 
-and once per round the decoding of the PNG files (file_batches over the folder), reported apart. Reported per
-point: images/s of each (median over rounds), predict over evaluate (the median over rounds of evaluate's seconds
-over predict's within a round, with its range; 1.0: as fast, goal >= 0.9), and whether predict's classes and exits
-equal evaluate's on every image.
+and once per round the decoding of the PNG files (file_batches over the folder), reported apart. Every call is
+timed by the process's CPU time (``cpu``: at one thread it leaves out the time the core spent on other work) and by
+the wall clock (``wall``). Reported per clock and point: images/s of each (median over rounds), predict over
+evaluate (the median over rounds of evaluate's seconds over predict's within a round, with its range; 1.0: as
+fast, goal >= 0.9), predict's images/s with the decoding added; per point, whether predict's classes and exits
+equal evaluate's on every image (from one untimed pass).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
@@ -59,17 +60,12 @@ def artifacts(cache: Path) -> tuple[Path, Path]:
     return means, thresholds
 
 
-def timed(run: Callable[[], Any]) -> float:
-    start = time.perf_counter()
+def timed(run: Callable[[], Any]) -> tuple[float, float]:
+    """Wall seconds and the process's CPU seconds of one call (at one thread the CPU time leaves out the time the
+    core was given to other work, which the wall clock counts)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     run()
-    return time.perf_counter() - start
-
-
-class NullSink(io.TextIOBase):
-    """Where predict's records go: written (formatted, flushed) and dropped."""
-
-    def write(self, s: str) -> int:
-        return len(s)
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def measure(cache: Path, rounds: int, folder: Path) -> dict[str, Any]:
@@ -118,8 +114,8 @@ def measure(cache: Path, rounds: int, folder: Path) -> dict[str, Any]:
     def predict_run(predictor: Predictor) -> Callable[[], Any]:
         def run() -> Tally:
             tally = Tally(predictor.exits, costs)
-            writer = RecordWriter(NullSink(), "jsonl", record_columns(False, 0), flat_record)
-            with torch.inference_mode():
+            with open(os.devnull, "w", encoding="utf-8") as sink, torch.inference_mode():
+                writer = RecordWriter(sink, "jsonl", record_columns(False, 0), flat_record)
                 predict_batches(iter(decoded), predictor, preprocess, "cpu", writer, tally, class_names)
             return tally
         return run
@@ -143,34 +139,37 @@ def measure(cache: Path, rounds: int, folder: Path) -> dict[str, Any]:
                              and torch.equal(torch.cat([o.exit_index for o in outs]), reference.exit_index))
         runs[f"predict {budget:g}"]()
     names = list(runs)
-    seconds: list[dict[str, float]] = []
+    timings: list[dict[str, tuple[float, float]]] = []
     for i in range(rounds):
         order = names[::-1] if i % 2 else names
-        seconds.append({name: timed(runs[name]) for name in order})
+        timings.append({name: timed(runs[name]) for name in order})
     n = len(files)
+    out: dict[str, Any] = {"batch": BATCH, "images": n, "rounds": rounds}
+    for clock, which in (("cpu", 1), ("wall", 0)):
+        seconds = [{name: t[which] for name, t in r.items()} for r in timings]
 
-    def rate(name: str) -> float:
-        return round(n / statistics.median(s[name] for s in seconds), 1)
+        def rate(name: str, seconds: list[dict[str, float]] = seconds) -> float:
+            return round(n / statistics.median(s[name] for s in seconds), 1)
 
-    out: dict[str, Any] = {"batch": BATCH, "images": n, "rounds": rounds, "points": [],
-                           "decode_images_per_s": rate("decode")}
-    for budget, t in zip(BUDGETS, points, strict=True):
-        ev, ev1, pr = (f"{k} {budget:g}" for k in ("evaluate", "evaluate_1ch", "predict"))
-        ratio = [s[ev] / s[pr] for s in seconds]
-        ratio_1ch = [s[ev1] / s[pr] for s in seconds]
-        out["points"].append({
-            "budget": budget, "thresholds": [round(x, 6) for x in t],
-            "evaluate_images_per_s": rate(ev), "evaluate_1ch_images_per_s": rate(ev1),
-            "predict_images_per_s": rate(pr),
-            "predict_over_evaluate": round(statistics.median(ratio), 3),
-            "predict_over_evaluate_range": [round(min(ratio), 3), round(max(ratio), 3)],
-            "predict_over_evaluate_1ch": round(statistics.median(ratio_1ch), 3),
-            "predict_over_evaluate_1ch_range": [round(min(ratio_1ch), 3), round(max(ratio_1ch), 3)],
-            "predict_with_decoding_images_per_s": round(
-                n / statistics.median(s[pr] + s["decode"] for s in seconds), 1),
-            "same_classes_and_exits": agree[budget],
-            "goal_met": statistics.median(ratio) >= GOAL,
-        })
+        out[clock] = {"decode_images_per_s": rate("decode"), "points": []}
+        for budget in BUDGETS:
+            ev, ev1, pr = (f"{k} {budget:g}" for k in ("evaluate", "evaluate_1ch", "predict"))
+            ratio = [s[ev] / s[pr] for s in seconds]
+            ratio_1ch = [s[ev1] / s[pr] for s in seconds]
+            out[clock]["points"].append({
+                "budget": budget,
+                "evaluate_images_per_s": rate(ev), "evaluate_1ch_images_per_s": rate(ev1),
+                "predict_images_per_s": rate(pr),
+                "predict_over_evaluate": round(statistics.median(ratio), 3),
+                "predict_over_evaluate_range": [round(min(ratio), 3), round(max(ratio), 3)],
+                "predict_over_evaluate_1ch": round(statistics.median(ratio_1ch), 3),
+                "predict_over_evaluate_1ch_range": [round(min(ratio_1ch), 3), round(max(ratio_1ch), 3)],
+                "predict_with_decoding_images_per_s": round(
+                    n / statistics.median(s[pr] + s["decode"] for s in seconds), 1),
+                "goal_met": statistics.median(ratio) >= GOAL,
+            })
+    out["points"] = [{"budget": budget, "thresholds": [round(x, 6) for x in t], "same_classes_and_exits": agree[budget]}
+                     for budget, t in zip(BUDGETS, points, strict=True)]
     return out
 
 
