@@ -29,6 +29,7 @@ bench: ## benchmarks (ratios within one run)
 	$(PYTHON) bench/exit_speed.py --threads 1
 	$(PYTHON) bench/bundle_speed.py --install-size
 	$(PYTHON) bench/batch_norm_folding.py --resnet18
+	$(PYTHON) bench/predict_throughput.py
 
 completions: ## regenerate completions/ from the app
 	$(PYTHON) -m eetool.completion_scripts completions
