@@ -153,7 +153,8 @@ def bundle_points(doc: dict[str, Any]) -> tuple[list[Point], dict[str, list[Poin
             family.append(Point(FAMILY_RUN, r["bundle"].removeprefix("bundle-") + ".safetensors", r["accuracy"],
                                 r["macs"] / reference["macs"], up, low, high))
         else:
-            label = r["method"]
+            stem, _, precision = r["method"].partition(" (")  # "sdn (int8)": make budgeted's stem, the bundle's
+            label = f"{METHODS.get(stem, stem)}, {precision.rstrip(')')} bundle"
             methods.setdefault(label, []).append(Point(label, r["name"], r["accuracy"], r["macs"] / reference["macs"],
                                                        up, low, high))
     return family, methods
@@ -460,14 +461,17 @@ in wall time.
 
 
 def plot(path: Path, family: Sequence[Point], hull: Sequence[tuple[float, float]],
-         by_method: dict[str, list[Point]]) -> None:
-    """Accuracy against wall cost (left, with the plain envelope) and against MACs cost (right)."""
+         by_method: dict[str, list[Point]], bundles: dict[str, Any] | None = None) -> None:
+    """Accuracy against wall cost (left, with the plain envelope) and against MACs cost (middle); with
+    ``bundles``, against wall cost in onnxruntime (right: the exported family and the bundles, float and int8)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (wall, macs) = plt.subplots(1, 2, figsize=(13, 4.6), dpi=150, sharey=True)
+    panels = 3 if bundles else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.6), dpi=150, sharey=True)
+    wall, macs = axes[0], axes[1]
     colours = plt.get_cmap("tab20")
     for ax, cost in ((wall, "wall_cost"), (macs, "macs_cost")):
         ax.plot([getattr(p, cost) for p in family], [100 * p.accuracy for p in family], "ks", label="plain family")
@@ -484,6 +488,20 @@ def plot(path: Path, family: Sequence[Point], hull: Sequence[tuple[float, float]
     wall.set(xlabel="wall time (fraction of the width-16 ResNet-20's, same run)", ylabel="test accuracy (%)")
     macs.set(xlabel="MACs (fraction of the width-16 ResNet-20's)")
     macs.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    if bundles:
+        onnx = axes[2]
+        bundle_family, bundle_methods = bundle_points(bundles)
+        onnx.plot([p.wall_cost for p in bundle_family], [100 * p.accuracy for p in bundle_family], "ks",
+                  label="plain family, exported")
+        bundle_hull = envelope(bundle_family)
+        onnx.plot([c for c, _ in bundle_hull], [100 * a for _, a in bundle_hull], "k--", linewidth=1)
+        for k, (method, pts) in enumerate(bundle_methods.items()):
+            ordered = sorted(pts, key=lambda p: p.macs_cost)
+            onnx.plot([p.wall_cost for p in ordered], [100 * p.accuracy for p in ordered],
+                      ".-" if "float" in method else "x:", markersize=4, color=colours((2 * k) % 20), label=method)
+        onnx.set(xlabel="wall time in onnxruntime (fraction of the width-16 plain bundle's)")
+        onnx.grid(alpha=0.3)
+        onnx.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)
@@ -539,10 +557,10 @@ def main() -> None:
               "missing_methods": [label for stem, label in METHODS.items() if stem not in stems],
               "head_epochs": {net: n for name, net in FROZEN_HEADS.items()
                               if (a.folder / name).is_file() and (n := recorded_epochs(a.folder / name)) is not None}}
-    plot(a.figure, family_points, hull, by_method_points)
-    sentences = [verdict(m, g) for m, g in by_method.items()]
     bundles_file = a.folder / "bundles.yaml"
     bundles = yaml.safe_load(bundles_file.read_text()) if bundles_file.is_file() else None
+    plot(a.figure, family_points, hull, by_method_points, bundles)
+    sentences = [verdict(m, g) for m, g in by_method.items()]
     text = page(family_points, all_points, by_method, plain, sentences, recipe,
                 partial_runs(family_points, by_method_family), bundles)
     tmp = a.page.with_suffix(".tmp")

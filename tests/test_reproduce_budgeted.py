@@ -251,19 +251,20 @@ def test_bundles_are_set_against_the_exported_family_round_by_round(bt: ModuleTy
         ("bundle-plain-resnet20-w8", "family", "family", "bundle-plain-resnet20-w8", 0.90, 250.0, [0.5, 1.0]),
         ("bundle-sdn", "sdn (float)", "point", "0: budget 0.25", 0.91, 260.0, [0.5, 2.0]),
         ("bundle-sdn-int8", "sdn (int8)", "point", "0: budget 0.25", 0.904, 260.0, [0.25, 0.5]),
-    ])
+    ])  # methods named by make budgeted's stem and the bundle's precision
     family, methods = bt.bundle_points(doc)
     assert [p.name for p in family] == ["plain-resnet20-w16.safetensors", "plain-resnet20-w8.safetensors"]
     assert family[1].speedup == 4.0 and family[1].macs_cost == 0.25
     # round by round: 2/0.5 = 4 and 4/2 = 2, median 3; int8 8x in both rounds
-    assert methods["sdn (float)"][0].speedup == 3.0 and methods["sdn (int8)"][0].speedup == 8.0
+    assert methods["SDN heads, float bundle"][0].speedup == 3.0
+    assert methods["SDN heads, int8 bundle"][0].speedup == 8.0
     text = bt.bundles_section(doc)
-    assert "sdn (int8): " in text and "| sdn (int8) | 0: budget 0.25 | 90.40% | 0.260 | 8.00x" in text
+    assert "| SDN heads, int8 bundle | 0: budget 0.25 | 90.40% | 0.260 | 8.00x" in text
     # int8 at wall cost 0.125, 90.4%: the curve runs from the width-8 bundle (0.25, 90%) to the width-16 one (1, 93%),
     # 90.2% at 0.3, 90.6% at 0.4, 91.0% at 0.5, 91.4% at 0.6; below 0.25 no plain bundle is that fast
-    assert ("sdn (int8): level with the plain curve (within 0.5 points) at 0.25\u20130.4; behind it at 0.5\u20130.6 "
-            "(by up to 1.0 points, at 0.6); faster than every plain network at 0.15\u20130.2; no point that fast "
-            "at 0.1.") in text
+    assert ("SDN heads, int8 bundle: level with the plain curve (within 0.5 points) at 0.25\u20130.4; "
+            "behind it at 0.5\u20130.6 (by up to 1.0 points, at 0.6); faster than every plain network at "
+            "0.15\u20130.2; no point that fast at 0.1.") in text
     assert bt.bundles_section(None) == ""
 
 
