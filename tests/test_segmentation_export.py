@@ -6,7 +6,6 @@ refused when onnxruntime and eetool's pass disagree."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import yaml
 from cli_helpers import invoke, ok, one_error_line, sha256
 from PIL import Image
 from runtime_helpers import no_torch_env
-from test_segmentation_prediction import scenes_file
+from test_segmentation_prediction import FOLDER_PALETTE, jsonl, palette_folder, scenes_file
 
 from eetool.core.errors import ExitCode
 
@@ -60,10 +59,6 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> Made:
 def runtime(made: Made, *args: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "eetool_runtime", "predict", *(str(a) for a in args)],
                           capture_output=True, text=True, env=made.env, timeout=600)
-
-
-def jsonl(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines()]
 
 
 def read_mask(path: str | Path) -> tuple[np.ndarray, list[int] | None]:
@@ -237,26 +232,12 @@ def test_export_refuses_pixel_exits_and_a_graph_that_disagrees(made: Made, tmp_p
 def test_a_folder_sources_palette_goes_into_the_bundle_and_its_masks(made: Made, tmp_path: Path) -> None:
     """Exported with --data segmentation-folder whose masks are palette PNGs: the manifest records that palette,
     and the runtime's masks carry it as eetool predict --data's do."""
-    from eetool.core.datasets import load_dataset
-    from eetool.segmentation import IGNORE
-    from eetool.segmentation.data import SCENE_CLASSES
-
-    ds = load_dataset(made.data, "test")
-    assert ds.images is not None
     root = tmp_path / "folder"
-    palette = [v for k in range(11) for v in (k * 20, 255 - k * 20, 7)]
-    for sub in ("images", "masks"):
-        (root / "test" / sub).mkdir(parents=True)
-    (root / "classes.txt").write_text("\n".join(SCENE_CLASSES) + "\n")
-    for i in range(3):
-        Image.fromarray(ds.images[i, 0].numpy()).save(root / "test" / "images" / f"s{i}.png")
-        mask = Image.fromarray(torch.where(ds.labels[i] == IGNORE, 0, ds.labels[i]).to(torch.uint8).numpy())
-        mask.putpalette(palette)
-        mask.save(root / "test" / "masks" / f"s{i}.png")
-    source = f"segmentation-folder:{root}"
+    source = palette_folder(made.data, root)
     ok(invoke("export", "-c", made.ckpt, "-d", source, "-o", tmp_path / "bundle", "-q"))
     doc = yaml.safe_load((tmp_path / "bundle" / "manifest.yaml").read_text())
-    assert doc["segmentation"]["palette"] == {"source": f"--data {source} --split test", "rgb": bytes(palette).hex()}
+    assert doc["segmentation"]["palette"] == {"source": f"--data {source} --split test",
+                                              "rgb": bytes(FOLDER_PALETTE).hex()}
     ours = jsonl(ok(invoke("predict", "-c", made.ckpt, "-d", source, "--output-dir", tmp_path / "eetool",
                            "-q")).stdout)
     proc = runtime(made, tmp_path / "bundle", root / "test" / "images", "--output-dir", tmp_path / "runtime")
@@ -264,4 +245,4 @@ def test_a_folder_sources_palette_goes_into_the_bundle_and_its_masks(made: Made,
     theirs = jsonl(proc.stdout)
     assert len(ours) == len(theirs) == 3
     for a, b in zip(ours, theirs, strict=True):
-        assert read_mask(b["mask"])[1] == read_mask(a["mask"])[1] == palette
+        assert read_mask(b["mask"])[1] == read_mask(a["mask"])[1] == FOLDER_PALETTE

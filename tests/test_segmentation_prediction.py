@@ -164,25 +164,32 @@ def test_png_files_give_the_masks_of_the_same_scenes_as_data(made: Made, tmp_pat
         assert mask.getpalette()[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0]  # PASCAL VOC's first colours
 
 
-def test_a_folder_sources_palette_is_kept(made: Made, tmp_path: Path) -> None:
-    ds = load_dataset(made.data, "test")
+FOLDER_PALETTE = [v for k in range(11) for v in (k * 20, 255 - k * 20, 7)]  # 11 scene classes, none VOC's
+
+
+def palette_folder(data: str, root: Path) -> str:
+    """The first 3 test scenes of ``data`` written as a segmentation folder under ``root`` whose masks are palette
+    PNGs (FOLDER_PALETTE); its --data source."""
+    ds = load_dataset(data, "test")
     assert ds.images is not None
-    root = tmp_path / "folder"
-    palette = [v for k in range(11) for v in (k * 20, 255 - k * 20, 7)]
     for sub in ("images", "masks"):
         (root / "test" / sub).mkdir(parents=True)
     (root / "classes.txt").write_text("\n".join(SCENE_CLASSES) + "\n")
     for i in range(3):
         Image.fromarray(ds.images[i, 0].numpy()).save(root / "test" / "images" / f"s{i}.png")
         mask = Image.fromarray(torch.where(ds.labels[i] == IGNORE, 0, ds.labels[i]).to(torch.uint8).numpy())
-        mask.putpalette(palette)
+        mask.putpalette(FOLDER_PALETTE)
         mask.save(root / "test" / "masks" / f"s{i}.png")
-    out = ok(invoke("predict", "-c", made.ckpt, "-d", f"segmentation-folder:{root}", "--output-dir", tmp_path / "m",
-                    "-q"))
+    return f"segmentation-folder:{root}"
+
+
+def test_a_folder_sources_palette_is_kept(made: Made, tmp_path: Path) -> None:
+    source = palette_folder(made.data, tmp_path / "folder")
+    out = ok(invoke("predict", "-c", made.ckpt, "-d", source, "--output-dir", tmp_path / "m", "-q"))
     records = jsonl(out.stdout)
     assert len(records) == 3
     with Image.open(records[0]["mask"]) as written:
-        assert written.getpalette()[:33] == palette
+        assert written.getpalette()[:33] == FOLDER_PALETTE
 
 
 def test_csv_has_a_share_column_per_exit(made: Made, tmp_path: Path) -> None:
