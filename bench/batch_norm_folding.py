@@ -21,38 +21,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-BUDGETS = (0.25, 0.5)
-
-
-def _eetool(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "eetool", *args, "-q"], capture_output=True, text=True)
-    if proc.returncode:
-        sys.stderr.write(f"eetool {' '.join(args)} failed: {proc.stderr}")
-        sys.exit(2)
-
-
-def artifacts(cache: Path) -> tuple[Path, Path]:
-    cache.mkdir(parents=True, exist_ok=True)
-    means, thresholds = cache / "means.safetensors", cache / "thresholds.yaml"
-    if not means.exists():
-        _eetool("calibrate-means", "-c", "demo", "-d", "demo", "--split", "train", "-o", str(means))
-    if not thresholds.exists():
-        _eetool("fit-thresholds", "--means", str(means), "-o", str(thresholds),
-                *(a for b in BUDGETS for a in ("--budget", str(b))))
-    return means, thresholds
-
-
-def timed(run: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
+from demo_points import demo_means_and_thresholds, timed  # bench/, beside this script
 
 
 def compare(pairs: dict[str, tuple[Any, Any]], batches: list[Any], rounds: int) -> dict[str, Any]:
@@ -96,7 +69,7 @@ def demo(cache: Path, batch: int, samples: int, rounds: int) -> dict[str, Any]:
     from eetool.core.checkpoint import load_checkpoint
     from eetool.core.datasets import Preprocess, load_dataset
 
-    means, thresholds = artifacts(cache)
+    means, thresholds = demo_means_and_thresholds(cache)
     ckpt = load_checkpoint("demo")
     ckpt.model.eval()
     em, rule, _, chosen, _, _ = early_exit_setup(ckpt, str(means), None, str(thresholds), "all", "cpu")

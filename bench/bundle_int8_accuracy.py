@@ -16,37 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-BUDGETS = (0.25, 0.5)
-
-
-def _eetool(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "eetool", *args, "-q"], capture_output=True, text=True)
-    if proc.returncode:
-        sys.stderr.write(f"eetool {' '.join(args)} failed: {proc.stderr}")
-        sys.exit(2)
-    return proc.stdout
+from demo_points import demo_means_and_thresholds, eetool  # bench/, beside this script
 
 
 def artifacts(cache: Path, data: str, samples: int) -> dict[str, Path]:
-    cache.mkdir(parents=True, exist_ok=True)
-    made = {"means": cache / "means.safetensors", "thresholds": cache / "thresholds.yaml",
-            "float": cache / "bundle", "int8": cache / "bundle-int8"}
-    model = ["-c", "demo", "--means", str(made["means"]), "--thresholds", str(made["thresholds"])]
-    if not made["means"].exists():
-        _eetool("calibrate-means", "-c", "demo", "-d", data, "--split", "train", "-o", str(made["means"]))
-    if not made["thresholds"].exists():
-        _eetool("fit-thresholds", "--means", str(made["means"]), "-o", str(made["thresholds"]),
-                *(a for b in BUDGETS for a in ("--budget", str(b))))
+    means, thresholds = demo_means_and_thresholds(cache, data)
+    made = {"means": means, "thresholds": thresholds, "float": cache / "bundle", "int8": cache / "bundle-int8"}
+    model = ["-c", "demo", "--means", str(means), "--thresholds", str(thresholds)]
     if not made["float"].exists():
-        _eetool("export", *model, "-d", data, "-o", str(made["float"]))
+        eetool("export", *model, "-d", data, "-o", str(made["float"]))
     if not made["int8"].exists():
-        _eetool("export", *model, "-d", data, "-o", str(made["int8"]), "--quantize", "int8", "--calibration-data",
-                data, "--calibration-samples", str(samples))
+        eetool("export", *model, "-d", data, "-o", str(made["int8"]), "--quantize", "int8", "--calibration-data",
+               data, "--calibration-samples", str(samples))
     return made
 
 
@@ -56,9 +40,9 @@ def measure(made: dict[str, Path], data: str) -> dict[str, Any]:
 
     from eetool.core.datasets import load_dataset
 
-    evaluated = json.loads(_eetool("evaluate", "-c", "demo", "-d", data, "--split", "test", "--means",
-                                   str(made["means"]), "--thresholds", str(made["thresholds"]), "--repeats", "1",
-                                   "--format", "json"))
+    evaluated = json.loads(eetool("evaluate", "-c", "demo", "-d", data, "--split", "test", "--means",
+                                  str(made["means"]), "--thresholds", str(made["thresholds"]), "--repeats", "1",
+                                  "--format", "json"))
     ds = load_dataset(data, "test")
     assert ds.images is not None
     images = ds.images.expand(-1, 3, -1, -1).contiguous().numpy()  # as decoded from files: RGB

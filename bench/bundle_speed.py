@@ -40,52 +40,33 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from demo_points import BUDGETS, demo_means_and_thresholds, eetool, timed  # bench/, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
-BUDGETS = (0.25, 0.5)
 GOALS = {1: (3.0, 0.7), 256: (1.5, 0.8)}  # batch -> (bundle/eetool, bundle speed-up x cost)
 
 
-def _eetool(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "eetool", *args, "-q"], capture_output=True, text=True)
-    if proc.returncode:
-        sys.stderr.write(f"eetool {' '.join(args)} failed: {proc.stderr}")
-        sys.exit(2)
-
-
 def artifacts(cache: Path, int8: bool) -> dict[str, Path]:
-    cache.mkdir(parents=True, exist_ok=True)
-    made = {"means": cache / "means.safetensors", "thresholds": cache / "thresholds.yaml",
-            "bundle": cache / "bundle", "plain": cache / "plain-bundle"}
+    means, thresholds = demo_means_and_thresholds(cache)
+    made = {"means": means, "thresholds": thresholds, "bundle": cache / "bundle", "plain": cache / "plain-bundle"}
     if int8:
         made.update({"bundle-int8": cache / "bundle-int8", "plain-int8": cache / "plain-bundle-int8"})
-    if not made["means"].exists():
-        _eetool("calibrate-means", "-c", "demo", "-d", "demo", "--split", "train", "-o", str(made["means"]))
-    if not made["thresholds"].exists():
-        _eetool("fit-thresholds", "--means", str(made["means"]), "-o", str(made["thresholds"]),
-                *(a for b in BUDGETS for a in ("--budget", str(b))))
     if not made["bundle"].exists():
-        _eetool("export", "-c", "demo", "--means", str(made["means"]), "--thresholds", str(made["thresholds"]),
-                "-o", str(made["bundle"]))
+        eetool("export", "-c", "demo", "--means", str(means), "--thresholds", str(thresholds),
+               "-o", str(made["bundle"]))
     if not made["plain"].exists():
-        _eetool("export", "-c", "demo", "-o", str(made["plain"]))
+        eetool("export", "-c", "demo", "-o", str(made["plain"]))
     quantize = ["--quantize", "int8", "--calibration-data", "demo"]
     if "bundle-int8" in made and not made["bundle-int8"].exists():
-        _eetool("export", "-c", "demo", "--means", str(made["means"]), "--thresholds", str(made["thresholds"]),
-                "-o", str(made["bundle-int8"]), *quantize)
+        eetool("export", "-c", "demo", "--means", str(means), "--thresholds", str(thresholds),
+               "-o", str(made["bundle-int8"]), *quantize)
     if "plain-int8" in made and not made["plain-int8"].exists():
-        _eetool("export", "-c", "demo", "-o", str(made["plain-int8"]), *quantize)
+        eetool("export", "-c", "demo", "-o", str(made["plain-int8"]), *quantize)
     return made
-
-
-def timed(run: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
 
 
 def speeds(made: dict[str, Path], batch: int, samples: int, rounds: int) -> dict[str, Any]:

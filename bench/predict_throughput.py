@@ -29,35 +29,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-BUDGETS = (0.25, 0.5)
+from demo_points import BUDGETS, demo_means_and_thresholds  # bench/, beside this script
+
 BATCH = 256
 GOAL = 0.9  # issue 23: predict's images/s within 10% of evaluate's
-
-
-def _eetool(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "eetool", *args, "-q"], capture_output=True, text=True)
-    if proc.returncode:
-        sys.stderr.write(f"eetool {' '.join(args)} failed: {proc.stderr}")
-        sys.exit(2)
-
-
-def artifacts(cache: Path) -> tuple[Path, Path]:
-    cache.mkdir(parents=True, exist_ok=True)
-    means, thresholds = cache / "means.safetensors", cache / "thresholds.yaml"
-    if not means.exists():
-        _eetool("calibrate-means", "-c", "demo", "-d", "demo", "--split", "train", "-o", str(means))
-    if not thresholds.exists():
-        _eetool("fit-thresholds", "--means", str(means), "-o", str(thresholds),
-                *(a for b in BUDGETS for a in ("--budget", str(b))))
-    return means, thresholds
 
 
 def timed(run: Callable[[], Any]) -> tuple[float, float]:
@@ -82,7 +63,7 @@ def measure(cache: Path, rounds: int, folder: Path) -> dict[str, Any]:
     from eetool.core.loading import Geometry, default_resize
     from eetool.core.prediction_io import Batch, RecordWriter, file_batches, folder_images
 
-    means, thresholds = artifacts(cache)
+    means, thresholds = demo_means_and_thresholds(cache)
     ckpt = load_checkpoint("demo")
     ckpt.model.eval()
     em, rule, (cost_model, _), chosen, _, _ = early_exit_setup(ckpt, str(means), None, str(thresholds), "all", "cpu")
