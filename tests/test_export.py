@@ -16,7 +16,7 @@ import pytest
 import yaml
 from cli_helpers import invoke, ok, one_error_line, sha256
 from PIL import Image
-from runtime_helpers import no_torch_env
+from runtime_helpers import bundle_with_a_byte_changed, no_torch_env
 
 from eetool.core.errors import ExitCode
 
@@ -233,20 +233,10 @@ def test_runtime_refuses_a_changed_threshold_or_graph(demo: Demo, tmp_path: Path
     proc = runtime(demo, changed, demo.pngs / "0000.png", "--point", 0)
     assert proc.returncode == ExitCode.PROVENANCE and proc.stdout == ""
     assert proc.stderr.startswith("error: ") and "manifest.yaml has changed since export" in proc.stderr
-    graph = tmp_path / "graph"
-    shutil.copytree(demo.bundle, graph)
-    data = bytearray((graph / "stage_3.onnx").read_bytes())
-    data[-10] ^= 1
-    (graph / "stage_3.onnx").write_bytes(bytes(data))
-    proc = runtime(demo, graph, demo.pngs / "0000.png", "--point", 0)
-    assert proc.returncode == ExitCode.PROVENANCE and "stage_3.onnx has changed since export" in proc.stderr
-    network = tmp_path / "network"
-    shutil.copytree(demo.bundle, network)
-    data = bytearray((network / "batch_1.onnx").read_bytes())
-    data[-10] ^= 1
-    (network / "batch_1.onnx").write_bytes(bytes(data))
-    proc = runtime(demo, network, demo.pngs / "0000.png", "--point", 0)
-    assert proc.returncode == ExitCode.PROVENANCE and "batch_1.onnx has changed since export" in proc.stderr
+    for name in ("stage_3.onnx", "batch_1.onnx"):  # a stage's graph, the single-image graph
+        graph = bundle_with_a_byte_changed(demo.bundle, tmp_path / name.removesuffix(".onnx"), name)
+        proc = runtime(demo, graph, demo.pngs / "0000.png", "--point", 0)
+        assert proc.returncode == ExitCode.PROVENANCE and f"{name} has changed since export" in proc.stderr
 
 
 def _resealed(bundle: Path, folder: Path, edit: object) -> Path:

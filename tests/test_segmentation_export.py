@@ -18,7 +18,7 @@ import torch
 import yaml
 from cli_helpers import invoke, ok, one_error_line, sha256
 from PIL import Image
-from runtime_helpers import no_torch_env
+from runtime_helpers import bundle_with_a_byte_changed, no_torch_env
 from test_segmentation_prediction import FOLDER_PALETTE, jsonl, palette_folder, scenes_file
 
 from eetool.core.errors import ExitCode
@@ -149,11 +149,7 @@ def test_runtime_refuses_a_changed_palette_or_graph(made: Made, tmp_path: Path) 
     (palette / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     proc = runtime(made, palette, image, "--output-dir", tmp_path / "masks")
     assert proc.returncode == ExitCode.PROVENANCE and "manifest.yaml has changed since export" in proc.stderr
-    graph = tmp_path / "graph"
-    shutil.copytree(made.bundle, graph)
-    data = bytearray((graph / "stage_0.onnx").read_bytes())
-    data[-10] ^= 0xFF
-    (graph / "stage_0.onnx").write_bytes(bytes(data))
+    graph = bundle_with_a_byte_changed(made.bundle, tmp_path / "graph", "stage_0.onnx")
     proc = runtime(made, graph, image, "--output-dir", tmp_path / "masks")
     assert proc.returncode == ExitCode.PROVENANCE and "stage_0.onnx has changed since export" in proc.stderr
     assert not (tmp_path / "masks").exists()
