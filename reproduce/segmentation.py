@@ -62,7 +62,7 @@ METHODS: list[tuple[str, str, list[str]]] = [
     ("adpc-0.998-feature", "ADP-C 0.998, per feature", ["--method", "adp-c", "--threshold", "0.998", *FEATURE]),
     ("cbt-0.99-feature", "CBT [0.99, 0.998], per feature",
      ["--method", "cbt", "--alpha", "0.99", "--beta", str(BETA), *FEATURE]),
-    ("adpc-0.9-feature", "ADP-C β = 0.9, per feature", ["--method", "adp-c", "--threshold", "0.9", *FEATURE]),
+    ("adpc-0.9-feature", "ADP-C 0.9, per feature", ["--method", "adp-c", "--threshold", "0.9", *FEATURE]),
 ]
 ADPC_CURVE = ("adpc-0.9", "adpc-0.95", "adpc-0.99", "adpc-0.995", "adpc-0.998", "adpc-0.999")
 
@@ -296,6 +296,7 @@ def claims(evals: dict[str, Any], fits: dict[str, Any]) -> list[str]:
 PAGE_ANYTIME_ROWS = ("adpc-0.998", "cbt-0.99", "cbt-0.95", "cbt-0.9", "adpc-0.9")
 PAGE_THESIS_ROWS = ("ADP-C", "CBT [0.99, 0.998]", "CBT [0.9, 0.998]")  # Table III's HRNetV2-W48 rows
 PAGE_LAST_ROWS = ("adpc-0.998", "cbt-0.99", "cbtns-0.99", "cbt-0.95", "cbt-0.9", "cbtns-0.9", "adpc-0.9")
+FEATURE_ROWS = ("adpc-0.998-feature", "cbt-0.99-feature", "adpc-0.9-feature")
 PAGE_TORCHVISION_ARCH = "lraspp_mobilenet_v3_large"  # the network docs/results/segmentation-torchvision.md is about
 
 
@@ -353,8 +354,8 @@ def page_parts(page: str, evals: dict[str, Any]) -> dict[str, str]:
         return {"last_exit_table": last_exit_table(evals, (*PAGE_LAST_ROWS, "adpc-0.99", "adpc-0.999"),
                                                    shares=False)}
     return {"last_exit_table": last_exit_table(evals, (*PAGE_LAST_ROWS, *(f"adpc-{t}" for t in
-                                                                          ("0.95", "0.99", "0.995", "0.999"))),
-                                               measured="measured")}
+                                                                          ("0.95", "0.99", "0.995", "0.999")),
+                                                          *FEATURE_ROWS), measured="measured")}
 
 
 def main() -> None:
