@@ -242,6 +242,20 @@ def tv_net(request: pytest.FixtureRequest) -> TorchvisionSegNet:
 MASKED_SHAPE = (3, 48, 48)  # a 6 x 6 grid after layer1's stride 8 (MobileNetV3: 6 x 6 after block 6, then 3 x 3)
 
 
+def test_the_inference_copy_folds_every_batch_norm_the_passes_run_and_computes_the_same_logits(
+        tv_net: TorchvisionSegNet) -> None:
+    x = torch.randn(2, *MASKED_SHAPE, generator=torch.Generator().manual_seed(8))
+    unfolded = tv_net.forward_exits(x)  # with gradients: the network itself
+    with torch.no_grad():
+        folded = tv_net.forward_exits(x)
+        copy = tv_net.inference_net()
+    run = [*copy.backbone.values(), copy.classifier, *(copy.exit_heads or [])]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for region in run for m in region.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in tv_net.modules())  # the network keeps its own
+    for a, b in zip(folded, unfolded, strict=True):
+        assert float((a - b.detach()).abs().max()) <= 1e-4 * float(b.abs().max()) + 1e-5
+
+
 def half_leaving(net: TorchvisionSegNet, x: torch.Tensor) -> torch.Tensor:
     """Thresholds that let about half the pixels still present leave at each early exit."""
     with torch.no_grad():

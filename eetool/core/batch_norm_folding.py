@@ -42,6 +42,15 @@ def fold_batch_norm(model: nn.Module, exits: Iterable[str] = ()) -> nn.Module:
     return folded
 
 
+def fold_batch_norm_within(root: nn.Module, region: nn.Module, kept: Iterable[str] = ()) -> int:
+    """Fold, in place, the provable pairs inside ``region`` (a module of ``root`` that is run as a whole, or module
+    by module in its own order) and return how many were folded. ``kept``: names of modules of ``region`` whose
+    outputs are read from outside (exits); each keeps its output. For a copy made for inference already."""
+    before = folded_pairs(root)
+    _fold_in(root, region, set(kept))
+    return folded_pairs(root) - before
+
+
 def folded_exit_model(exit_model: ExitModel) -> ExitModel:
     """The same exits on a folded copy of the exit model's network (see ``fold_batch_norm``)."""
     hooked = exit_model.exits if exit_model.mode == HOOK else ()

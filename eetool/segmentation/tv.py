@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from eetool.core.architectures import TORCHVISION_SEGMENTATION_ARCHS
+from eetool.core.batch_norm_folding import fold_batch_norm_within
 from eetool.core.errors import ModelMismatchError, UsageError
 from eetool.segmentation.model import Head, InferenceCopy, upsample
 
@@ -62,12 +63,13 @@ class TorchvisionSegNet(nn.Module):
             Head(_out_channels(self.backbone[p]), head_width, num_classes) for p in self.exit_points
         ) if exits else None
         self.dense_cost_cache: dict[tuple[int, int, int], DenseCosts] = {}  # by input shape: one counting pass each
-        self.channels_last = False  # True for inference_net's copy
+        self.channels_last = False  # True for inference_net's copy (channels last, BatchNorm folded)
         self._inference: InferenceCopy[TorchvisionSegNet] = InferenceCopy()
 
     def inference_net(self) -> TorchvisionSegNet:
-        """The network inference runs: in eval mode without gradients, a cached channels-last copy (remade when a
-        parameter or buffer changes); otherwise this network itself.
+        """The network inference runs: in eval mode without gradients, a cached copy in channels last with each
+        BatchNorm that follows a convolution folded into it (remade when a parameter or buffer changes); otherwise
+        this network itself.
         Method: docs/methods/segmentation-inference.md#torchvision-networks"""
         if self.channels_last or self.training or torch.is_grad_enabled():
             return self
@@ -75,6 +77,11 @@ class TorchvisionSegNet(nn.Module):
 
     def _channels_last_copy(self) -> TorchvisionSegNet:
         net = copy.deepcopy(self, {id(self._inference): InferenceCopy()})  # without the cache and its copy
+        # the backbone as one (its stem's convolution and BatchNorm are modules of their own), the exit points'
+        # outputs kept for the heads; the classifier and each head as a whole
+        fold_batch_norm_within(net, net.backbone, net.exit_points)
+        for region in (net.classifier, *(net.exit_heads or [])):
+            fold_batch_norm_within(net, region)
         net.to(memory_format=torch.channels_last).requires_grad_(False)
         net.channels_last = True
         return net

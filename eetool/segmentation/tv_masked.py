@@ -22,7 +22,6 @@ from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 from eetool.segmentation.masked import (
     FeatureMap,
     add_active,
-    bn_rows,
     conv_rows,
     cover,
     macs_per_position,
@@ -78,8 +77,7 @@ def bottleneck(block: Bottleneck, src: FeatureMap, active: torch.Tensor, dense_a
         identity = src.rows[at]
     else:
         shortcut = cast(nn.Conv2d, downsample[0])
-        identity = bn_rows(conv_rows(shortcut, src, tap_rows(shortcut, at, out_hw, src)),
-                           cast(nn.BatchNorm2d, downsample[1]))
+        identity = pointwise([downsample[1]], conv_rows(shortcut, src, tap_rows(shortcut, at, out_hw, src)))
     out.rows[at] = torch.relu(rows + identity)
     return out, needed.numel() * macs_per_position(conv1) + at.numel() * per_output
 
