@@ -158,7 +158,7 @@ def test_runtime_refuses_a_changed_palette_or_graph(made: Made, tmp_path: Path) 
 def test_runtime_refuses_a_segmentation_manifest_it_cannot_run(made: Made, tmp_path: Path) -> None:
     """A manifest whose SHA256SUMS were remade after a hand edit passes the sha256 check, so the runtime must refuse
     it by what it says: a palette that is not 256 colours, a task it does not know."""
-    from eetool.classification.bundle_export import seal
+    from eetool.core.bundles import seal
 
     image = made.pngs / "scene00.png"
     for name, edit, says in [

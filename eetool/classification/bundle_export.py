@@ -14,42 +14,29 @@ Layout: docs/predict-and-export.md#eetool-export
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from eetool import __version__
 from eetool.classification.prediction import HEAD, Predictor, exit_probabilities
+from eetool.core.bundles import BUNDLE_FORMAT, BUNDLE_SCHEMA, OPSET, BundleMismatchError, seal
 from eetool.core.datasets import Preprocess
-from eetool.core.errors import EetoolError, ExitCode, ModelMismatchError, OutputError, UsageError
-from eetool.core.interrupts import deferred
-from eetool.core.owned_folders import check_folder_output, publish_folder
+from eetool.core.errors import ModelMismatchError
 
 if TYPE_CHECKING:
     from eetool.classification.e2cm import MeansRule
     from eetool.classification.rules import HeadsRule
     from eetool.core.exits import ExitModel
 
-BUNDLE_FORMAT = "eetool-bundle"
-# 2: a stage and its exit's decision in one graph (schema 1 had a graph per decision beside each stage's);
-# 3: and the stages nested in If branches as one graph for a single image (batch_1.onnx)
-BUNDLE_SCHEMA = 3
-MANIFEST = "manifest.yaml"
-SUMS = "SHA256SUMS"
 # Within this of its threshold, a confidence may fall on either side between onnxruntime's float rounding and
 # torch's: a different exit (and class) there is rounding, not a wrong graph.
 THRESHOLD_TOLERANCE = 1e-5
-OPSET = 18
 # The outputs of a stage graph with an exit, in order, and of the last stage
 EXIT_OUTPUTS = ["output", "confidence", "prediction", "probabilities"]
 HEAD_OUTPUTS = ["logits"]
@@ -58,12 +45,6 @@ DECISION_PREFIX = "decision/"  # the names of the decision's nodes and values in
 NETWORK = "batch_1.onnx"
 NETWORK_INPUTS = ["images", "thresholds"]
 NETWORK_OUTPUTS = ["class", "confidence", "exit_index", "probabilities"]
-
-
-class BundleMismatchError(EetoolError):
-    """The exported graphs disagree with eetool's own pass beyond rounding at a threshold."""
-
-    exit_code = ExitCode.PROVENANCE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,30 +337,12 @@ def manifest(spec: BundleSpec, stages: list[dict[str, Any]], network: dict[str, 
     }
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_bundle(spec: BundleSpec, folder: Path, parts: Path) -> dict[str, Any]:
     """Graphs, manifest and SHA256SUMS into an empty ``folder`` (the stages and decisions apart into ``parts``, where
     an int8 export quantises the stages); returns the manifest."""
     stages = write_graphs(spec, folder, parts)
     network = write_network(folder, stages, len(spec.classes)) if len(stages) > 1 else None
     return seal(folder, manifest(spec, stages, network))
-
-
-def seal(folder: Path, doc: dict[str, Any]) -> dict[str, Any]:
-    """Record the sha256 of every graph in ``folder`` in ``doc``, and write it as the manifest with SHA256SUMS over
-    both (again, after the graphs were replaced by their int8 versions); returns ``doc``."""
-    doc["files"] = {p.name: sha256_of(p) for p in sorted(folder.iterdir()) if p.suffix == ".onnx"}
-    (folder / MANIFEST).write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    sums = {**doc["files"], MANIFEST: sha256_of(folder / MANIFEST)}
-    (folder / SUMS).write_text("".join(f"{sha}  {name}\n" for name, sha in sums.items()), encoding="utf-8")
-    return doc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,45 +457,8 @@ def _near_threshold(k: int, ours: Any, theirs: BundleRun, thresholds: list[float
 # The folder: written beside the target, renamed into place
 
 
-def check_target(target: Path, force: bool, inputs: tuple[str | None, ...] = ()) -> None:
-    """Refuse a bundle folder that exists without --force, that eetool did not write, that overlaps an input, or
-    whose parent is missing (the rules of every folder eetool writes: eetool.core.owned_folders)."""
-    check_folder_output(str(target), flag="-o", force=force, inputs=inputs)
-
-
-@contextlib.contextmanager
-def bundle_folder(target: Path, force: bool, inputs: tuple[str | None, ...] = ()) -> Any:
-    """A temp folder beside ``target`` to write the bundle in; published onto ``target`` when the block ends
-    normally (marked as eetool's; an older bundle there replaced only when eetool wrote it), removed when it fails
-    or is interrupted."""
-    check_target(target, force, inputs)
-    with deferred():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; give the folder the usual permissions
-        yield tmp
-        publish_folder(tmp, target, "bundle")
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise OutputError(f"cannot write bundle {target}: {e.strerror}",
-                              "check the disk space and permissions") from None
-        raise
-
-
 def check_exportable(exit_model: ExitModel | None) -> None:
     if exit_model is not None and exit_model.stages is None:
         raise ModelMismatchError("this model cannot be split into stages (eetool runs it whole, with hooks), so its "
                                  "exits cannot stop computation in a bundle",
                                  "export a model eetool splits (see `eetool inspect`), or export the plain model")
-
-
-def require_onnx() -> None:
-    for name in ("onnx", "onnxscript", "onnxruntime"):
-        try:
-            __import__(name)
-        except ImportError:
-            raise UsageError(f"eetool export needs {name}, which is not installed",
-                             "pip install 'eetool[export]'") from None

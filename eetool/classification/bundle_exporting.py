@@ -4,28 +4,11 @@ docs/predict-and-export.md."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from eetool.core.bundles import ExportRequest
 from eetool.core.options import Run
 from eetool.core.run_inputs import open_checkpoint
-
-
-@dataclass(frozen=True)
-class ExportRequest:
-    checkpoint: str
-    output: str
-    means: str | None
-    exit_heads: str | None
-    thresholds: str | None
-    data: str | None  # the samples the bundle is checked on (None: the demo set, or seeded random images)
-    split: str
-    check_samples: int
-    quantize: str  # none or int8
-    calibration_data: str | None
-    calibration_split: str
-    calibration_samples: int
-    force: bool
 
 
 def export_bundle(run: Run, req: ExportRequest) -> None:
@@ -38,17 +21,11 @@ def export_bundle(run: Run, req: ExportRequest) -> None:
 
     import torch
 
-    from eetool.classification.bundle_export import (
-        BundleSpec,
-        bundle_folder,
-        check_exportable,
-        check_target,
-        require_onnx,
-        self_check,
-    )
+    from eetool.classification.bundle_export import BundleSpec, check_exportable, self_check
     from eetool.classification.bundle_export import write_bundle as write
     from eetool.classification.early_exit_evaluation import early_exit_setup
     from eetool.core.artifacts import sha256_file
+    from eetool.core.bundles import bundle_folder, check_target, preprocessing_record, require_onnx, seal
     from eetool.core.datasets import Preprocess
     from eetool.core.errors import UsageError
 
@@ -106,7 +83,6 @@ def export_bundle(run: Run, req: ExportRequest) -> None:
         report = self_check(bundle, tmp, doc, images, em)
         quantized = None
         if calibration is not None:
-            from eetool.classification.bundle_export import seal
             from eetool.classification.bundle_quantization import quantize_bundle
 
             run.reporter.log(f"quantising {len(stages)} stages to int8 on {len(calibration.images)} samples of "
@@ -130,16 +106,6 @@ def export_bundle(run: Run, req: ExportRequest) -> None:
     if quantized:
         result["quantization"] = quantized
     run.emit(result, lambda d: "\n".join(f"{name}  {sha}" for name, sha in d["files"].items()))
-
-
-def preprocessing_record(spec: Any, geometry: Any) -> dict[str, Any]:
-    """The manifest's ``preprocessing``: how the runtime decodes, resizes and crops an image file (as eetool's
-    folder datasets do), and what stage 0's graph does to it (the checkpoint's Preprocess)."""
-    return {"decode": "RGB (PIL), 8 bits per channel", "resize": geometry.resize,
-            "resize_rule": "shorter side to resize pixels, PIL bilinear",
-            "crop": list(geometry.crop), "crop_rule": "centre crop, zero padding where smaller",
-            "in_graph": "stage 0: x / 255, channels to the model's (ITU-R 601 luma for one), (x - mean) / std",
-            "channels": spec.input_shape[0], "mean": list(spec.mean), "std": list(spec.std)}
 
 
 def _check_sample(run: Run, data: str | None, split: str, spec: Any, count: int) -> tuple[Any, Any, str]:

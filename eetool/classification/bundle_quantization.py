@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from eetool.classification.bundle_export import THRESHOLD_TOLERANCE, BundleMismatchError, BundleRun, run_bundle
+from eetool.classification.bundle_export import THRESHOLD_TOLERANCE, BundleRun, run_bundle
+from eetool.core.bundles import BundleMismatchError
 
 MIN_AGREEMENT = 0.95
 CALIBRATION_BATCH = 64

@@ -58,7 +58,8 @@ def command(
     an ONNX graph per backbone stage and per exit decision, manifest.yaml, SHA256SUMS. The bundle is checked with
     onnxruntime against eetool's own pass before it is written (exit 5 when they disagree). A segmentation
     checkpoint exports its plain network (class map per pixel) for mask PNGs; its pixel exits do not export."""
-    from eetool.classification.bundle_exporting import ExportRequest, export_bundle
+    from eetool.classification.bundle_exporting import export_bundle
+    from eetool.core.bundles import ExportRequest
     from eetool.segmentation.inputs import is_segmentation_checkpoint
     from eetool.segmentation.mask_bundle import export_mask_bundle
 

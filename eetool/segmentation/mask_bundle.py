@@ -22,13 +22,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from eetool.classification.bundle_export import (
+from eetool.core.bundles import (
     BUNDLE_FORMAT,
     BUNDLE_SCHEMA,
     OPSET,
     BundleMismatchError,
+    ExportRequest,
     bundle_folder,
     check_target,
+    preprocessing_record,
     require_onnx,
     seal,
 )
@@ -37,7 +39,6 @@ from eetool.segmentation.mask_prediction import MAX_MASK_CLASSES, MaskPredictor,
 from eetool.segmentation.model import EXIT_NAMES
 
 if TYPE_CHECKING:
-    from eetool.classification.bundle_exporting import ExportRequest
     from eetool.core.checkpoint import Checkpoint
     from eetool.core.datasets import Preprocess
     from eetool.core.options import Run
@@ -153,7 +154,6 @@ def export_mask_bundle(run: Run, req: ExportRequest) -> None:
     """Write req.output as a checked bundle of the segmentation checkpoint's plain network (exit 5 when
     onnxruntime and eetool disagree beyond ties), then report it."""
     from eetool import __version__
-    from eetool.classification.bundle_exporting import preprocessing_record
     from eetool.core.datasets import Preprocess
     from eetool.core.run_inputs import open_checkpoint
     from eetool.segmentation.inputs import require_segmentation
