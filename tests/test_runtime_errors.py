@@ -77,19 +77,24 @@ def made(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: str, tiny_da
 
 
 def resealed(bundle: Path, folder: Path, edit: Callable[[dict[str, Any], Path], object]) -> None:
-    """A copy of ``bundle`` edited by ``edit`` (the manifest, and the folder for its files), with the manifest's
-    files and SHA256SUMS made to match again."""
+    """A copy of ``bundle`` edited by ``edit`` (the manifest, and the folder for its files; text it returns is
+    added to the manifest as it is), with the manifest's files and SHA256SUMS made to match again."""
     shutil.copytree(bundle, folder)
     doc = yaml.safe_load((folder / "manifest.yaml").read_text())
-    edit(doc, folder)
+    added = edit(doc, folder)
     doc["files"] = {name: sha256_of(folder / name) for name in doc["files"]}
-    (folder / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    (folder / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False)
+                                          + (added if isinstance(added, str) else ""))
     sums = {**doc["files"], "manifest.yaml": sha256_of(folder / "manifest.yaml")}
     (folder / "SHA256SUMS").write_text("".join(f"{sha}  {name}\n" for name, sha in sums.items()))
 
 
 def other_graph(doc: dict[str, Any], folder: Path) -> None:
     shutil.copy(folder.parent / "plain" / "stage_0.onnx", folder / "stage_0.onnx")
+
+
+def nested_deep(doc: dict[str, Any], folder: Path) -> str:
+    return "deep: " + "[" * 100_000 + "]" * 100_000 + "\n"
 
 
 def corrupt_graph(doc: dict[str, Any], folder: Path) -> None:
@@ -109,6 +114,7 @@ EDITS: list[tuple[str, str, Callable[[dict[str, Any], Path], object]]] = [
     ("plain", "stage-without-cost", lambda doc, f: doc["stages"][0].pop("cost")),
     ("plain", "points-on-the-plain-model", lambda doc, f: doc.update(points=[{"budget": 0.5, "thresholds": [0.5]}])),
     ("plain", "corrupt-graph", corrupt_graph),
+    ("plain", "nested-100000-deep", nested_deep),
     ("exits", "thresholds-too-few", lambda doc, f: doc["points"][0].update(thresholds=[0.5])),
     ("exits", "threshold-a-string", lambda doc, f: doc["points"][0]["thresholds"].__setitem__(0, "high")),
     ("exits", "point-without-budget", lambda doc, f: doc["points"][0].pop("budget")),
@@ -136,7 +142,7 @@ CASES = [
            PROVENANCE, says) for (bundle, name, _), says in zip(EDITS, [
                "resize and crop", "resize and crop", "resize and crop", "not the uint8 images of 3 x 32 x 32",
                "resize and crop", "classes is not a list", "classes is not a list", "stages is not a list",
-               "stages is not a list", "no cost", "operating point 0", "onnxruntime cannot load",
+               "stages is not a list", "no cost", "operating point 0", "onnxruntime cannot load", "nests deeper",
                "operating point 0", "operating point 0", "operating point 0", "points is not a list",
                "not what its manifest records", "classes is not a list", "resize and crop"], strict=True)],
     Case("bundle-missing", ["{d}/missing", IMAGE], BAD_INPUT, "does not exist"),

@@ -51,6 +51,7 @@ HEAD = "head"
 # an edited manifest cannot make each decoded image gigabytes
 MAX_SIDE = 4096
 MAX_CLASSES = 1_000_000  # eetool's --num-classes limit
+MAX_MANIFEST_BYTES = 16 << 20  # eetool's limit on a YAML file it reads
 
 
 def _sha256(path: Path) -> str:
@@ -88,10 +89,14 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             raise BundleError(f"cannot read {path}: {e.strerror}", remake) from None
         if found != sha:
             raise BundleError(f"{path} has changed since export (sha256 {found[:12]}, recorded {sha[:12]})", remake)
+    if (folder / MANIFEST).stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{folder / MANIFEST} is over {MAX_MANIFEST_BYTES >> 20} MiB", remake)
     try:
         doc = yaml.safe_load((folder / MANIFEST).read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise BundleError(f"{folder / MANIFEST} is not valid YAML ({e})", remake) from None
+    except RecursionError:
+        raise BundleError(f"{folder / MANIFEST} nests deeper than YAML can be read", remake) from None
     if not isinstance(doc, dict) or doc.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{folder} is not an eetool bundle (its manifest's format is not {BUNDLE_FORMAT})", remake)
     schema = doc.get("schema")
