@@ -1036,10 +1036,6 @@ CASES = [
     Case("dataset-image-decompression-bomb", [*EVAL[:4], "folder:{inp}/image-bomb", *EVAL[5:]], BAD_INPUT),
     Case("dataset-image-too-long-once-resized", [*EVAL[:4], "folder:{inp}/image-tall", *EVAL[5:]], BAD_INPUT,
          says="would be 28 x 3360000 resized to 28 pixels"),
-    Case("predict-image-is-a-fifo", ["predict", "-c", "{ckpt}", "{inp}/fifo.txt", "--on-error", "stop", "-q"],
-         BAD_INPUT, says="is not a regular file (a pipe, device or socket)"),
-    Case("predict-image-is-a-device", ["predict", "-c", "{ckpt}", "{inp}/zeros.txt", "--on-error", "stop", "-q"],
-         BAD_INPUT, says="is not a regular file (a pipe, device or socket)"),
     Case("predict-image-too-long-once-resized", ["predict", "-c", "{ckpt}", "{inp}/image-tall/cls/a.png",
                                                  "--on-error", "stop", "-q"], BAD_INPUT, says="would be 28 x 3360000"),
     # outputs that would replace an image the run reads, with --force

@@ -32,9 +32,6 @@ def decode_image(path: str, geometry: Geometry) -> torch.Tensor:
     torchvision's ``Resize(resize)`` and ``CenterCrop(crop)`` on the PIL image. Raises InputError."""
     from PIL import Image
 
-    if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):  # opening it would block
-        raise InputError(f"image {path} is not a regular file (a pipe, device or socket)",
-                         "give a file; save what a pipe gives to a file first")
     try:
         with Image.open(path) as opened:
             width, height = opened.size  # from the header: checked before anything is decoded
