@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner, Result
@@ -435,6 +437,13 @@ def make_crafted_data(d: Path) -> None:
     header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)
     (bomb / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + header
                                  + struct.pack(">I", zlib.crc32(b"IHDR" + header)))
+    # 1 x 120,000 pixels, under Pillow's limit; resized to 28 pixels on its shorter side it would be 28 x 3,360,000
+    tall = d / "image-tall" / "cls"
+    tall.mkdir(parents=True)
+    Image.fromarray(np.zeros((120_000, 1), dtype=np.uint8)).save(tall / "a.png")
+    (d / "images").mkdir()  # image files a predict run reads from their folder
+    for name in ("a", "b"):
+        Image.fromarray(np.full((28, 28), 100, dtype=np.uint8)).save(d / "images" / f"{name}.png")
 
 
 @dataclass
@@ -1025,6 +1034,20 @@ CASES = [
     Case("dataset-cifar-pickle-runs-code", [*EVAL[:4], "cifar10:{inp}/cifar-code", *EVAL[5:]], BAD_INPUT,
          says="not a CIFAR batch"),
     Case("dataset-image-decompression-bomb", [*EVAL[:4], "folder:{inp}/image-bomb", *EVAL[5:]], BAD_INPUT),
+    Case("dataset-image-too-long-once-resized", [*EVAL[:4], "folder:{inp}/image-tall", *EVAL[5:]], BAD_INPUT,
+         says="would be 28 x 3360000 resized to 28 pixels"),
+    Case("predict-image-too-long-once-resized", ["predict", "-c", "{ckpt}", "{inp}/image-tall/cls/a.png",
+                                                 "--on-error", "stop", "-q"], BAD_INPUT, says="would be 28 x 3360000"),
+    # outputs that would replace an image the run reads, with --force
+    Case("predict-output-is-an-image-of-an-input-folder", ["predict", "-c", "{ckpt}", "{inp}/images", "-o",
+                                                           "{inp}/images/a.png", "--force"], OUTPUT,
+         says="is an image the run reads from the input folder"),
+    Case("predict-segmentation-output-is-an-image-of-an-input-folder",
+         ["predict", "-c", "{inp}/seg.safetensors", "{inp}/images", "--output-dir", "{out}/masks", "-o",
+          "{inp}/images/b.png", "--force"], OUTPUT, says="is an image the run reads from the input folder"),
+    Case("evaluate-output-is-an-image-of-the-data-folder", [*EVAL[:4], "folder:{inp}/image-tall", "-o",
+                                                            "{inp}/image-tall/cls/a.png", "--force"], OUTPUT,
+         says="is an image the run reads from the input folder"),
     # foreign checkpoints and files that name code or sizes
     Case("checkpoint-names-os-system", ["inspect", "{inp}/runs-os-system.safetensors"], USAGE,
          says="--arch os:system"),
@@ -1346,6 +1369,38 @@ def test_warnings_stay_off_an_error_and_off_quiet_runs(tiny_checkpoint: str, tin
     quiet = runner.invoke(app, ["evaluate", "-c", tiny_checkpoint, "-d", tiny_data, "-q"])
     assert quiet.exit_code == 0
     assert quiet.stderr == ""  # -q: only data on stdout and errors on stderr
+
+
+def test_predict_output_named_on_stdin_is_an_input(inputs: Path, tiny_checkpoint: str, workdir: Path) -> None:
+    """An image listed on stdin is an input as much as one named on the command line: -o never replaces it."""
+    before = snapshot(inputs)
+    listed = f"{inputs / 'images' / 'a.png'}\n{inputs / 'images' / 'b.png'}\n"
+    result = runner.invoke(app, ["predict", "-c", tiny_checkpoint, "-", "-o", str(inputs / "images" / "b.png"),
+                                 "--force"], input=listed)
+    assert "is also an input" in check_one_error_line(result, OUTPUT)
+    assert snapshot(inputs) == before
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["folder-it-made", "users-folder"])
+def test_an_interrupted_mask_prediction_leaves_no_masks(existing: bool, inputs: Path, workdir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted after the masks of its first batch were written, before their records: the run removes the masks
+    it created, and --output-dir when it made it; a folder it did not make stays, with the user's files."""
+    from eetool.core.prediction_io import RecordWriter
+
+    def interrupt(self: RecordWriter, records: list[dict[str, Any]]) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RecordWriter, "write", interrupt)
+    masks = workdir / "masks"
+    if existing:
+        masks.mkdir()
+        (masks / "notes.txt").write_text("mine\n")
+    result = runner.invoke(app, ["predict", "-c", str(inputs / "seg.safetensors"), str(inputs / "images"),
+                                 "--output-dir", str(masks), "-b", "1", "-o", str(workdir / "records.jsonl")])
+    assert result.exit_code == ExitCode.INTERRUPTED, result.stderr
+    assert "no output was written" in result.stderr
+    assert [p.name for p in workdir.rglob("*")] == (["masks", "notes.txt"] if existing else [])
 
 
 def test_channel_pruning_without_torch_pruning_is_refused_before_any_work(tiny_checkpoint: str, tiny_data: str,

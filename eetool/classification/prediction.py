@@ -268,9 +268,9 @@ def predict_classes(run: Run, req: PredictRequest) -> None:
         raise UsageError("--decide-at applies to segmentation thresholds", "drop --decide-at: a classifier's "
                          "exits decide per sample")
     output = None if req.output == STDOUT else req.output
-    if output:
-        run.check_output(output, force=req.force, inputs=req.input_paths())
     files = list_inputs(req.inputs) if req.inputs else []
+    if output:  # the files listed too: an image named on stdin is an input as much as one named here
+        run.check_output(output, force=req.force, inputs=(*req.input_paths(), *files))
     ckpt = open_checkpoint(run, req.checkpoint)
     if req.top_k > ckpt.spec.num_classes:
         raise UsageError(f"--top-k {req.top_k} is more than the model's {ckpt.spec.num_classes} classes",

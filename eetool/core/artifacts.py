@@ -186,6 +186,9 @@ def check_output(path: str, *, force: bool, inputs: tuple[str | None, ...] = ())
     for inp in inputs:
         if inp and inp != STDOUT and Path(inp).exists() and out.exists() and out.resolve() == Path(inp).resolve():
             raise OutputError(f"output {path} is also an input", "write the result to another file")
+        if inp and inp != STDOUT and out.exists() and Path(inp).is_dir() and _read_from(out, Path(inp)):
+            raise OutputError(f"output {path} is an image the run reads from the input folder {inp}",
+                              "write the result outside that folder")
     if out.is_dir():
         raise OutputError(f"output {path} is a folder", "give a file name")
     if out.exists() and not force:
@@ -195,6 +198,14 @@ def check_output(path: str, *, force: bool, inputs: tuple[str | None, ...] = ())
         raise OutputError(f"folder {parent} of output {path} does not exist", "create it first (mkdir -p)")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"folder {parent} of output {path} is not writable", "choose a writable folder")
+
+
+def _read_from(out: Path, folder: Path) -> bool:
+    """Whether ``out`` is one of the images a run reads from an input ``folder`` (a folder dataset, predict's
+    folders: every image file under it)."""
+    from eetool.core.streaming import IMAGE_SUFFIXES
+
+    return out.suffix.lower() in IMAGE_SUFFIXES and out.resolve().is_relative_to(folder.resolve())
 
 
 def atomic_write(path: str, data: bytes) -> None:

@@ -38,8 +38,13 @@ def decode_image(path: str, geometry: Geometry) -> torch.Tensor:
             if width < 1 or height < 1 or width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
                 raise InputError(f"image {path} declares {width} x {height} pixels",
                                  f"{DECODE_HINT} (at least 1 x 1, at most {Image.MAX_IMAGE_PIXELS} pixels)")
+            size = _resized(width, height, geometry.resize)
+            # a long, thin image (1 x 40,000,000 pixels) grows by resizing its shorter side: the same limit holds
+            if size[0] * size[1] > (Image.MAX_IMAGE_PIXELS or math.inf):
+                raise InputError(f"image {path} of {width} x {height} pixels would be {size[0]} x {size[1]} resized "
+                                 f"to {geometry.resize} pixels on its shorter side, over {Image.MAX_IMAGE_PIXELS} "
+                                 "pixels", "crop the image nearer to the model's shape, or remove it")
             rgb = opened.convert("RGB")
-        size = _resized(width, height, geometry.resize)
         if size != (width, height):
             rgb = rgb.resize(size, Image.Resampling.BILINEAR)
         hwc = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(size[1], size[0], CHANNELS)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from eetool.core.errors import ModelMismatchError, OutputError, UsageError
+from eetool.core.errors import InputError, ModelMismatchError, OutputError, UsageError
 from eetool.segmentation import IGNORE
 from eetool.segmentation.model import EXIT_NAMES, EESegNet
 
@@ -193,14 +193,35 @@ class MaskTally:
 
 @dataclass
 class MaskOutputs:
-    """Where each input's mask goes, and in which colours."""
+    """Where each input's mask goes, and in which colours; the masks a run has created, to remove when it does not
+    finish."""
 
     folder: Path
     names: dict[int, str]  # an input's position (in the file list or the dataset) to its mask file's name
     palette: list[int]
+    made_folder: bool = False  # this run created the folder
+    created: list[str] = field(default_factory=list)  # the masks this run wrote where no file was
 
     def path(self, position: int) -> str:
         return str(self.folder / self.names[position])
+
+    def write(self, position: int, png: bytes) -> None:
+        """The input's mask, written atomically; noted before it is written, so that an interrupt at any point
+        leaves no mask of this run unnoted."""
+        from eetool.core.artifacts import atomic_write
+
+        path = self.path(position)
+        if not Path(path).exists():
+            self.created.append(path)
+        atomic_write(path, png)
+
+    def remove_unfinished(self) -> None:
+        """Remove the masks this run created, and the folder if this run created it and nothing else is in it; the
+        masks that replaced files under --force stay (what they replaced is gone)."""
+        for path in self.created:
+            Path(path).unlink(missing_ok=True)
+        if self.made_folder and self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()
 
 
 def records(batch: Batch, out: MaskPrediction, masks: MaskOutputs, dense: float) -> list[dict[str, Any]]:
@@ -229,7 +250,6 @@ def predict_batches(batches: Iterator[Batch], predictor: MaskPredictor, preproce
                     masks: MaskOutputs, writer: RecordWriter, tally: MaskTally) -> None:
     """Run every batch through the predictor, write its masks (each atomically), then its records, before the next
     batch is read."""
-    from eetool.core.artifacts import atomic_write
     from eetool.core.prediction_io import timed_predictions
     from eetool.segmentation.networks import plain_macs
 
@@ -237,7 +257,7 @@ def predict_batches(batches: Iterator[Batch], predictor: MaskPredictor, preproce
     for batch, out in timed_predictions(batches, predictor, preprocess, device, tally):
         start = time.perf_counter()
         for i, position in enumerate(batch.positions):
-            atomic_write(masks.path(position), mask_png(out.classes[i], masks.palette))
+            masks.write(position, mask_png(out.classes[i], masks.palette))
         tally.write_seconds += time.perf_counter() - start
         batch_records = records(batch, out, masks, dense)
         for r, e in zip(batch_records, out.exit_index, strict=True):
@@ -275,10 +295,10 @@ def predict_masks(run: Run, req: PredictRequest) -> None:
     _check_options(req)
     output = None if req.output == STDOUT else req.output
     assert req.output_dir is not None
-    if output:
-        run.check_output(output, force=req.force, inputs=req.input_paths())
-    folder = _check_folder(req.output_dir)
     files = list_inputs(req.inputs) if req.inputs else []
+    if output:  # the files listed too: an image named on stdin is an input as much as one named here
+        run.check_output(output, force=req.force, inputs=(*req.input_paths(), *files))
+    folder = _check_folder(req.output_dir)
     ckpt = open_checkpoint(run, req.checkpoint)
     model = require_segmentation(ckpt, "predict with --thresholds" if req.thresholds else "predict",
                                  exits=bool(req.thresholds))
@@ -316,9 +336,13 @@ def predict_masks(run: Run, req: PredictRequest) -> None:
         except OSError as e:
             raise OutputError(f"cannot create the folder {folder}: {e.strerror}",
                               "check the disk space and permissions") from None
+        masks.made_folder = True
+    finished = False
 
     def produce(writer: RecordWriter) -> int:
+        nonlocal finished
         predict_batches(batches, predictor, preprocess, device, masks, writer, tally)
+        finished = True
         run.wrote(f"{tally.predicted} masks in {folder}")
         return tally.predicted
 
@@ -326,7 +350,15 @@ def predict_masks(run: Run, req: PredictRequest) -> None:
         tally.failed = failed.count
         return tally.summary()
 
-    write_records(run, RecordOutput(output, run.format.value, _columns(req), flat_record), failed, produce, summary)
+    try:
+        write_records(run, RecordOutput(output, run.format.value, _columns(req), flat_record), failed, produce,
+                      summary)
+    except BaseException as e:
+        # An interrupted or failed run leaves no masks, as it leaves no -o; --on-error stop keeps the masks of the
+        # records written before the bad input, as it keeps those records.
+        if not finished and not (isinstance(e, InputError) and failed.count):
+            masks.remove_unfinished()
+        raise
 
 
 def _columns(req: PredictRequest) -> list[str]:

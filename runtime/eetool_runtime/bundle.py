@@ -22,6 +22,7 @@ how it was quantised and on what data.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from eetool_runtime.errors import BundleError, UsageError
+from eetool_runtime.errors import BundleError, InputError, UsageError
 
 BUNDLE_FORMAT = "eetool-bundle"
 # 3: the stages also nested in one graph for a single image (2: without it; 1: a decision graph beside each stage)
@@ -46,6 +47,11 @@ OLDER_SCHEMAS = {1: "a graph per exit decision", 2: "no single-image graph"}
 MANIFEST = "manifest.yaml"
 SUMS = "SHA256SUMS"
 HEAD = "head"
+# The largest resize and crop side a manifest may name: eetool's (eetool.core.architectures.MAX_INPUT_SIDE), so that
+# an edited manifest cannot make each decoded image gigabytes
+MAX_SIDE = 4096
+MAX_CLASSES = 1_000_000  # eetool's --num-classes limit
+MAX_MANIFEST_BYTES = 16 << 20  # eetool's limit on a YAML file it reads
 
 
 def _sha256(path: Path) -> str:
@@ -59,6 +65,8 @@ def _sha256(path: Path) -> str:
 def read_manifest(folder: Path) -> dict[str, Any]:
     """The manifest, after every file's sha256 (the manifest's included) is checked against SHA256SUMS."""
     remake = "export the bundle again with `eetool export`"
+    if not folder.exists():
+        raise InputError(f"bundle {folder} does not exist", "check the path: the folder `eetool export -o` wrote")
     if not folder.is_dir():
         raise BundleError(f"bundle {folder} is not a folder", "give the folder `eetool export -o` wrote")
     try:
@@ -81,10 +89,14 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             raise BundleError(f"cannot read {path}: {e.strerror}", remake) from None
         if found != sha:
             raise BundleError(f"{path} has changed since export (sha256 {found[:12]}, recorded {sha[:12]})", remake)
+    if (folder / MANIFEST).stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{folder / MANIFEST} is over {MAX_MANIFEST_BYTES >> 20} MiB", remake)
     try:
         doc = yaml.safe_load((folder / MANIFEST).read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise BundleError(f"{folder / MANIFEST} is not valid YAML ({e})", remake) from None
+    except RecursionError:
+        raise BundleError(f"{folder / MANIFEST} nests deeper than YAML can be read", remake) from None
     if not isinstance(doc, dict) or doc.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{folder} is not an eetool bundle (its manifest's format is not {BUNDLE_FORMAT})", remake)
     schema = doc.get("schema")
@@ -94,7 +106,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
                           "(each stage's graph with its exit's decision, and the stages nested for a single image)",
                           "export the bundle again with the eetool of this runtime's version")
     if schema != SCHEMA:
-        raise BundleError(f"{folder} is a bundle of schema {schema}, this runtime reads {SCHEMA}",
+        raise BundleError(f"{folder} is a bundle of schema {schema!r}, this runtime reads {SCHEMA}",
                           "install the eetool-runtime of the eetool that exported it")
     files = doc.get("files")
     if not isinstance(files, dict) or any(sums.get(name) != sha for name, sha in files.items()):
@@ -103,7 +115,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if task not in TASKS:
         raise BundleError(f"{folder} is a bundle for the task {task!r}, this runtime reads {' and '.join(TASKS)}",
                           "install the eetool-runtime of the eetool that exported it")
-    stages = doc.get("stages") or []
+    _check_fields(doc, folder / MANIFEST, remake)
+    stages = doc["stages"]
     if task == "segmentation":
         _check_segmentation(doc, folder / MANIFEST, remake)
     for j, stage in enumerate(stages):
@@ -122,6 +135,48 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return doc
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _side(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SIDE
+
+
+def _check_fields(doc: dict[str, Any], manifest: Path, remake: str) -> None:
+    """Every field the runtime reads, of the type and within the sizes it reads them as: a manifest whose sums were
+    made to match after an edit is refused by what it says, not by a traceback or an allocation of gigabytes."""
+
+    def refuse(what: str) -> BundleError:
+        return BundleError(f"{manifest}: {what}", remake)
+
+    classes = doc.get("classes")
+    if not (isinstance(classes, list) and 1 <= len(classes) <= MAX_CLASSES
+            and all(isinstance(c, str) for c in classes)):
+        raise refuse(f"classes is not a list of 1 to {MAX_CLASSES} names")
+    stages = doc.get("stages")
+    if not (isinstance(stages, list) and stages and all(isinstance(s, dict) for s in stages)):
+        raise refuse("stages is not a list of one or more stages")
+    for j, stage in enumerate(stages):
+        if not isinstance(stage.get("exit"), str) or not (_number(stage.get("cost")) and stage["cost"] >= 0):
+            raise refuse(f"stage {j} has no exit name or no cost of 0 or more")
+    pre = doc.get("preprocessing")
+    crop = pre.get("crop") if isinstance(pre, dict) else None
+    if not (isinstance(pre, dict) and _side(pre.get("resize")) and isinstance(crop, list) and len(crop) == 2
+            and all(_side(c) for c in crop)):
+        raise refuse(f"preprocessing's resize and crop (height, width) are not whole numbers of 1 to {MAX_SIDE} "
+                     "pixels")
+    points = doc.get("points") or []
+    if not (isinstance(points, list) and all(isinstance(p, dict) for p in points)):
+        raise refuse("points is not a list of operating points")
+    for i, point in enumerate(points):
+        thresholds = point.get("thresholds")
+        if not (_number(point.get("budget")) and isinstance(thresholds, list)
+                and len(thresholds) == len(stages) - 1 and all(_number(t) for t in thresholds)):
+            raise refuse(f"operating point {i} has no budget, or not one threshold (a number) for each of the "
+                         f"{len(stages) - 1} exits")
+
+
 def _check_segmentation(doc: dict[str, Any], manifest: Path, remake: str) -> None:
     """A segmentation bundle's manifest: one stage (the plain network, no operating points), the network's exits
     ending with that stage's, a palette of 256 colours, at most 256 classes (mask PNGs hold a byte a pixel)."""
@@ -133,13 +188,14 @@ def _check_segmentation(doc: dict[str, Any], manifest: Path, remake: str) -> Non
     if len(stages) != 1 or doc.get("points"):
         raise BundleError(f"{manifest}: a segmentation bundle holds the plain network (one stage, no operating "
                           f"points), not {len(stages)} stages and {len(doc.get('points') or [])} points", remake)
-    if not (isinstance(exits, list) and exits and exits[-1] == stages[0].get("exit")):
+    if not (isinstance(exits, list) and exits and all(isinstance(e, str) for e in exits)
+            and exits[-1] == stages[0].get("exit")):
         raise BundleError(f"{manifest}: the segmentation exits {exits!r} do not end with the stage's exit "
                           f"{stages[0].get('exit')!r}", remake)
     if not (isinstance(rgb, str) and 0 < len(rgb) <= 6 * 256 and len(rgb) % 6 == 0
             and all(c in "0123456789abcdef" for c in rgb)):
         raise BundleError(f"{manifest}: the masks' palette is not 1 to 256 colours of 6 hex digits", remake)
-    if not isinstance(doc.get("classes"), list) or len(doc["classes"]) > 256:
+    if len(doc["classes"]) > 256:
         raise BundleError(f"{manifest}: a segmentation bundle names at most 256 classes (mask PNGs hold a byte a "
                           "pixel)", remake)
 
@@ -209,12 +265,34 @@ class Bundle:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        providers = ["CPUExecutionProvider"]
-        self.sessions = [ort.InferenceSession(str(self.folder / s["stage"]), options, providers=providers)
-                         for s in self.stages]
+        self.sessions = [self._session(ort, options, s["stage"], s["outputs"]) for s in self.stages]
         self.input_names = [session.get_inputs()[0].name for session in self.sessions]
-        self.network = (ort.InferenceSession(str(self.folder / m["batch_1"]["graph"]), options, providers=providers)
-                        if len(self.stages) > 1 else None)  # the plain model's one stage is already one call
+        images = self.sessions[0].get_inputs()[0]
+        if images.type != "tensor(uint8)" or list(images.shape[1:]) != [3, *self.crop]:
+            raise BundleError(f"{self.folder / self.stages[0]['stage']} takes {images.type} {images.shape}, not the "
+                              f"uint8 images of 3 x {self.crop[0]} x {self.crop[1]} its manifest's crop gives",
+                              "export the bundle again with `eetool export`")
+        # the plain model's one stage is already one call
+        self.network = (self._session(ort, options, m["batch_1"]["graph"], NETWORK_OUTPUTS, NETWORK_INPUTS)
+                        if len(self.stages) > 1 else None)
+
+    def _session(self, ort: Any, options: Any, name: str, outputs: list[str], inputs: list[str] | None = None
+                 ) -> Any:
+        """The onnxruntime session of the bundle's graph ``name``, which must give ``outputs`` (and take
+        ``inputs``): a graph that onnxruntime cannot load, or of another interface, is refused as the bundle's."""
+        path = self.folder / name
+        remake = "export the bundle again with `eetool export`"
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own exception types, one per status code
+            reason = " ".join(str(e).split())[:200]
+            raise BundleError(f"onnxruntime cannot load {path}: {reason}", remake) from None
+        given = [o.name for o in session.get_outputs()]
+        taken = [i.name for i in session.get_inputs()]
+        if not set(outputs) <= set(given) or (inputs is not None and taken != inputs):
+            raise BundleError(f"{path} takes {taken} and gives {given}, not what its manifest records "
+                              f"({outputs})", remake)
+        return session
 
     def thresholds(self, point: int | None) -> list[float]:
         if not self.points:

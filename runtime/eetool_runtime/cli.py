@@ -13,6 +13,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn
@@ -30,7 +31,7 @@ from eetool_runtime.errors import (
     UsageError,
 )
 from eetool_runtime.images import decode_image, list_inputs
-from eetool_runtime.masks import MaskPredictions
+from eetool_runtime.masks import MaskPredictions, check_outside_bundle
 
 FORMATS = ("jsonl", "csv", "tsv")
 
@@ -67,18 +68,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --output (and existing masks in "
                    "--output-dir)")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return top
 
 
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
 def _natural(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
     return value
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not at least 1")
     return value
@@ -92,29 +101,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         predict(args)
     except RuntimeToolError as e:
-        _fail(e.exit_code, f"error: {e}")
+        _fail(e.exit_code, f"error: {e}", args.debug)
     except KeyboardInterrupt:
-        _fail(ExitCode.INTERRUPTED, "interrupted: no output was written (partial files are removed)")
+        _fail(ExitCode.INTERRUPTED, "interrupted: no output was written (partial files are removed)", args.debug)
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(ExitCode.BROKEN_PIPE)
+    except Exception as e:  # a bug (or memory run out): one line, as eetool's, unless --debug asks for the traceback
+        first = str(e).splitlines()[0] if str(e).strip() else ""
+        _fail(ExitCode.INTERNAL, f"internal error: {type(e).__name__}: {first} (hint: rerun with --debug and report "
+              "the traceback)", args.debug)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _fail(code: int, line: str) -> NoReturn:
+def _fail(code: int, line: str, debug: bool = False) -> NoReturn:
+    if debug:
+        traceback.print_exc()
     sys.stderr.write(line.replace("\n", " ") + "\n")
     sys.exit(code)
 
 
 def predict(args: argparse.Namespace) -> None:
     output = None if args.output in (None, "-") else Path(args.output)
-    if output is not None:
-        _check_output(output, args.force)
     files = list_inputs(args.inputs)
+    if output is not None:
+        _check_output(output, args.force, files, Path(args.bundle))
     bundle = Bundle(args.bundle, args.threads)
     job: _ClassPredictions | MaskPredictions = (MaskPredictions(args, files, bundle, output)
                                                  if bundle.task == "segmentation" else _ClassPredictions(args, bundle))
@@ -139,12 +154,15 @@ def predict(args: argparse.Namespace) -> None:
             target.commit()
         elif target is not None:
             target.discard()
+        if not tally.failed:  # --on-error stop keeps the masks of the records before the bad input, as those
+            job.abandon()
         if not args.quiet:
             sys.stderr.write(tally.summary() + "\n")
         raise
     except BaseException:
         if target is not None:
             target.discard()
+        job.abandon()
         raise
     writer.finish()
     if target is not None:
@@ -178,6 +196,9 @@ class _ClassPredictions:
 
     def start(self) -> None:
         """Nothing to prepare: the records are the only output."""
+
+    def abandon(self) -> None:
+        """Nothing to remove: the records are the only output."""
 
     @staticmethod
     def flatten(record: dict[str, Any]) -> dict[str, Any]:
@@ -273,7 +294,12 @@ class _RecordWriter:
             self.write([])
 
 
-def _check_output(path: Path, force: bool) -> None:
+def _check_output(path: Path, force: bool, inputs: list[str], bundle: Path) -> None:
+    """Refuse an output that is an input, lies in the bundle, is a folder, exists without --force, or whose folder
+    is missing or unwritable."""
+    if path.exists() and path.resolve() in {Path(p).resolve() for p in inputs if os.path.exists(p)}:
+        raise OutputError(f"output {path} is also an input", "write the result to another file")
+    check_outside_bundle(path, bundle, "output")
     if path.is_dir():
         raise OutputError(f"output {path} is a folder", "give a file name")
     if path.exists() and not force:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import IO
 
@@ -48,13 +49,21 @@ def decode_image(path: str, resize: int, crop: tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(path) as opened:
+        with warnings.catch_warnings():  # Pillow warns of a size it still opens; the size is refused just below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened:
             width, height = opened.size
             if width < 1 or height < 1 or width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
                 raise InputError(f"image {path} declares {width} x {height} pixels",
                                  f"{DECODE_HINT} (at least 1 x 1, at most {Image.MAX_IMAGE_PIXELS} pixels)")
+            size = _resized(width, height, resize)
+            # a long, thin image (1 x 40,000,000 pixels) grows by resizing its shorter side: the same limit holds
+            if size[0] * size[1] > (Image.MAX_IMAGE_PIXELS or math.inf):
+                raise InputError(f"image {path} of {width} x {height} pixels would be {size[0]} x {size[1]} resized "
+                                 f"to {resize} pixels on its shorter side, over {Image.MAX_IMAGE_PIXELS} pixels",
+                                 "crop the image nearer to the model's shape, or remove it")
             rgb = opened.convert("RGB")
-        size = _resized(width, height, resize)
         if size != (width, height):
             rgb = rgb.resize(size, Image.Resampling.BILINEAR)
         hwc = np.asarray(rgb, dtype=np.uint8)

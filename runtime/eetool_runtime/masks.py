@@ -70,9 +70,16 @@ def write_atomically(path: Path, data: bytes) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
-def check_folder(output_dir: str) -> Path:
-    """--output-dir: an existing folder, or one to create in an existing, writable folder."""
+def check_outside_bundle(path: Path, bundle: Path, what: str) -> None:
+    """An output in the bundle's folder would change the bundle its sha256 sums seal."""
+    if bundle.is_dir() and path.resolve().is_relative_to(bundle.resolve()):
+        raise OutputError(f"{what} {path} lies inside the bundle {bundle}", "write it outside the bundle's folder")
+
+
+def check_folder(output_dir: str, bundle: Path) -> Path:
+    """--output-dir: an existing folder, or one to create in an existing, writable folder; not in the bundle."""
     folder = Path(output_dir)
+    check_outside_bundle(folder, bundle, "--output-dir")
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"--output-dir {output_dir} is not a folder", "give a folder for the mask PNGs")
     parent = folder if folder.is_dir() else (folder.parent if str(folder.parent) else Path("."))
@@ -144,13 +151,15 @@ class MaskPredictions:
         bundle.thresholds(args.point)  # a plain bundle: no --point
         self.bundle = bundle
         self.exits = bundle.mask_exits
-        self.folder = check_folder(args.output_dir)
+        self.folder = check_folder(args.output_dir, bundle.folder)
         self.names = file_mask_names(files)
         check_mask_paths(self.folder, self.names, files, args.force, output)
         self.columns = ["input", "mask", *(f"share_{e}" for e in self.exits), "cost"]
         self.tally = MaskTally(self.exits)
         self.final = len(self.exits) - 1
         self.cost = bundle.costs[-1]
+        self.made_folder = False
+        self.created: list[Path] = []  # the masks this run wrote where no file was
 
     def start(self) -> None:
         """Create --output-dir where it is missing."""
@@ -160,6 +169,15 @@ class MaskPredictions:
             except OSError as e:
                 raise OutputError(f"cannot create the folder {self.folder}: {e.strerror}",
                                   "check the disk space and permissions") from None
+            self.made_folder = True
+
+    def abandon(self) -> None:
+        """The run did not finish: remove the masks it created, and --output-dir if it created it and nothing else
+        is in it (masks that replaced files under --force stay: what they replaced is gone)."""
+        for path in self.created:
+            path.unlink(missing_ok=True)
+        if self.made_folder and self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()
 
     def flatten(self, record: dict[str, Any]) -> dict[str, Any]:
         return {**record, **{f"share_{e}": s for e, s in record["exit_shares"].items()}}
@@ -172,6 +190,8 @@ class MaskPredictions:
         start = time.perf_counter()
         paths = [str(self.folder / self.names[p]) for p in positions]
         for path, class_map in zip(paths, classes, strict=True):
+            if not os.path.exists(path):  # noted before it is written: an interrupt leaves no mask unnoted
+                self.created.append(Path(path))
             write_atomically(Path(path), mask_png(class_map, self.bundle.palette))
         self.tally.write_seconds += time.perf_counter() - start
         pixels = int(classes[0].size) if len(classes) else 0
