@@ -45,27 +45,38 @@ def compare(pairs: dict[str, tuple[Any, Any]], batches: list[Any], rounds: int) 
 
     runs = [run(p) for pair in pairs.values() for p in pair]
     outputs = [r() for r in runs]  # untimed: warms up, and gives the predictions compared
-    seconds = []
-    for i in range(rounds):
-        # every other round in reverse order, so that neither of a pair always runs first
-        order = list(range(len(runs)))[::-1 if i % 2 else 1]
-        times = {k: timed(runs[k]) for k in order}
-        seconds.append([times[k] for k in range(len(runs))])
+    seconds = interleaved_rounds(runs, rounds, timed)
     samples = sum(len(b) for b in batches)
     out = {}
     for i, name in enumerate(pairs):
         unfolded, folded = outputs[2 * i], outputs[2 * i + 1]
         classes = [torch.cat([o.classes for o in outs]) for outs in (unfolded, folded)]
         exits = [torch.cat([o.exit_index for o in outs]) for outs in (unfolded, folded)]
-        ratio = [r[2 * i] / r[2 * i + 1] for r in seconds]
-        out[name] = {
-            "unfolded_images_per_s": round(samples / statistics.median(r[2 * i] for r in seconds), 1),
-            "folded_images_per_s": round(samples / statistics.median(r[2 * i + 1] for r in seconds), 1),
-            "folded_over_unfolded": round(statistics.median(ratio), 3),
-            "folded_over_unfolded_range": [round(min(ratio), 3), round(max(ratio), 3)],
-            "samples_differing": int(((classes[0] != classes[1]) | (exits[0] != exits[1])).sum()),
-        }
+        out[name] = {**speeds([(r[2 * i], r[2 * i + 1]) for r in seconds], samples),
+                     "samples_differing": int(((classes[0] != classes[1]) | (exits[0] != exits[1])).sum())}
     return out
+
+
+def interleaved_rounds(runs: list[Callable[[], Any]], rounds: int, timer: Callable[[Callable[[], Any]], float]
+                       ) -> list[list[float]]:
+    """Each round's seconds of every run, by ``timer``; every other round in reverse order, so that neither of a
+    pair always runs first."""
+    seconds = []
+    for i in range(rounds):
+        order = list(range(len(runs)))[::-1 if i % 2 else 1]
+        times = {k: timer(runs[k]) for k in order}
+        seconds.append([times[k] for k in range(len(runs))])
+    return seconds
+
+
+def speeds(seconds: list[tuple[float, float]], samples: int) -> dict[str, Any]:
+    """Images/s of the unfolded and the folded pass (median over rounds) and folded over unfolded (median of the
+    ratio within a round, with its range), from each round's (unfolded, folded) seconds."""
+    ratio = [unfolded / folded for unfolded, folded in seconds]
+    return {"unfolded_images_per_s": round(samples / statistics.median(u for u, _ in seconds), 1),
+            "folded_images_per_s": round(samples / statistics.median(f for _, f in seconds), 1),
+            "folded_over_unfolded": round(statistics.median(ratio), 3),
+            "folded_over_unfolded_range": [round(min(ratio), 3), round(max(ratio), 3)]}
 
 
 def demo(cache: Path, batch: int, samples: int, rounds: int) -> dict[str, Any]:
@@ -161,16 +172,8 @@ def segmentation(checkpoint: str, rounds: int) -> dict[str, Any]:
             differing = logits[0].argmax(1) != logits[1].argmax(1)
             if results[0][0][1] is not None:
                 differing |= torch.cat([r[1] for r in results[0]]) != torch.cat([r[1] for r in results[1]])
-            seconds = []
-            for i in range(rounds):
-                order = (before, after)[::-1 if i % 2 else 1]
-                times = {id(r): cpu_seconds(r) for r in order}
-                seconds.append((times[id(before)], times[id(after)]))
-            ratio = [b / a for b, a in seconds]
-            out[name] = {"unfolded_images_per_s": round(200 / statistics.median(b for b, _ in seconds), 1),
-                         "folded_images_per_s": round(200 / statistics.median(a for _, a in seconds), 1),
-                         "folded_over_unfolded": round(statistics.median(ratio), 3),
-                         "folded_over_unfolded_range": [round(min(ratio), 3), round(max(ratio), 3)],
+            seconds = interleaved_rounds([before, after], rounds, cpu_seconds)
+            out[name] = {**speeds([(b, a) for b, a in seconds], 200),
                          "largest_logit_difference": float((logits[0] - logits[1]).abs().max()),
                          "pixels_differing": int(differing.sum())}
     return out
