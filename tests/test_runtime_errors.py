@@ -23,8 +23,7 @@ from runtime_helpers import no_torch_env
 from typer.testing import CliRunner
 
 from eetool.cli import app
-from eetool.core.artifacts import Provenance
-from eetool.core.bundles import sha256_of
+from eetool.core.artifacts import Provenance, sha256_file
 from eetool.core.checkpoint import ModelSpec, save_checkpoint
 from eetool.core.errors import ExitCode
 
@@ -82,10 +81,10 @@ def resealed(bundle: Path, folder: Path, edit: Callable[[dict[str, Any], Path], 
     shutil.copytree(bundle, folder)
     doc = yaml.safe_load((folder / "manifest.yaml").read_text())
     added = edit(doc, folder)
-    doc["files"] = {name: sha256_of(folder / name) for name in doc["files"]}
+    doc["files"] = {name: sha256_file(folder / name) for name in doc["files"]}
     (folder / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False)
                                           + (added if isinstance(added, str) else ""))
-    sums = {**doc["files"], "manifest.yaml": sha256_of(folder / "manifest.yaml")}
+    sums = {**doc["files"], "manifest.yaml": sha256_file(folder / "manifest.yaml")}
     (folder / "SHA256SUMS").write_text("".join(f"{sha}  {name}\n" for name, sha in sums.items()))
 
 

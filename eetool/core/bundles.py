@@ -9,7 +9,6 @@ Layout: docs/predict-and-export.md#eetool-export
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from eetool.core.artifacts import sha256_file
 from eetool.core.errors import EetoolError, ExitCode, OutputError, UsageError
 from eetool.core.interrupts import deferred
 from eetool.core.owned_folders import check_folder_output, publish_folder
@@ -65,20 +65,12 @@ def preprocessing_record(spec: Any, geometry: Any) -> dict[str, Any]:
             "channels": spec.input_shape[0], "mean": list(spec.mean), "std": list(spec.std)}
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def seal(folder: Path, doc: dict[str, Any]) -> dict[str, Any]:
     """Record the sha256 of every graph in ``folder`` in ``doc``, and write it as the manifest with SHA256SUMS over
     both (again, after the graphs were replaced by their int8 versions); returns ``doc``."""
-    doc["files"] = {p.name: sha256_of(p) for p in sorted(folder.iterdir()) if p.suffix == ".onnx"}
+    doc["files"] = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.suffix == ".onnx"}
     (folder / MANIFEST).write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    sums = {**doc["files"], MANIFEST: sha256_of(folder / MANIFEST)}
+    sums = {**doc["files"], MANIFEST: sha256_file(folder / MANIFEST)}
     (folder / SUMS).write_text("".join(f"{sha}  {name}\n" for name, sha in sums.items()), encoding="utf-8")
     return doc
 
