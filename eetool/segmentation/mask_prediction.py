@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from eetool.core.artifacts import atomic_write
 from eetool.core.errors import InputError, ModelMismatchError, OutputError, UsageError
 from eetool.segmentation import IGNORE
 from eetool.segmentation.model import EXIT_NAMES, EESegNet
@@ -208,8 +209,6 @@ class MaskOutputs:
     def write(self, position: int, png: bytes) -> None:
         """The input's mask, written atomically; noted before it is written, so that an interrupt at any point
         leaves no mask of this run unnoted."""
-        from eetool.core.artifacts import atomic_write
-
         path = self.path(position)
         if not Path(path).exists():
             self.created.append(path)
